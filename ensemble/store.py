@@ -1,0 +1,132 @@
+"""Parquet I/O for the stage contracts of ../shared/DESIGN.md.
+
+Every table a stage writes goes through :func:`write_table`: it writes to a temporary
+name next to the target and renames it when complete, so a file that exists is a
+finished shard and a crashed writer never leaves a half file behind. Paths may be local
+paths or URIs that pyarrow's filesystems understand (``s3://``, ``gs://``, ``file://``).
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+MANIFEST_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("path", pa.string()), ("split", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()),
+])
+ERRORS_SCHEMA = pa.schema([("path", pa.string()), ("error", pa.string())])
+PATCHES_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("patch_id", pa.int32()), ("kind", pa.string()),
+    ("x0", pa.float32()), ("y0", pa.float32()), ("x1", pa.float32()), ("y1", pa.float32()),
+    ("rotation", pa.int16()), ("flip", pa.bool_()), ("source_score", pa.float32()),
+])
+CANDIDATES_SCHEMA = pa.schema([
+    ("query_id", pa.string()), ("query_patch", pa.int32()), ("reference_id", pa.string()),
+    ("reference_patch", pa.int32()), ("model", pa.string()), ("score", pa.float32()),
+])
+SPLITS = ("train", "reference", "query")
+
+
+def features_schema(dim: int, dtype: str = "float32") -> pa.Schema:
+    """Schema of a feature shard: one L2-normalised embedding per (image, patch)."""
+    value = pa.float16() if dtype == "float16" else pa.float32()
+    return pa.schema([
+        ("image_id", pa.string()), ("patch_id", pa.int32()), ("model", pa.string()),
+        ("scale", pa.int16()), ("embedding", pa.list_(value, dim)),
+    ])
+
+
+def _fs(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    path = str(path)
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def join(base: str | os.PathLike, *parts: str) -> str:
+    """Join path parts for local paths and URIs alike."""
+    base = str(base)
+    if "://" in base:
+        return "/".join([base.rstrip("/"), *parts])
+    return str(Path(base, *parts))
+
+
+def exists(path: str | os.PathLike) -> bool:
+    fs, p = _fs(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def makedirs(path: str | os.PathLike) -> None:
+    fs, p = _fs(path)
+    fs.create_dir(p, recursive=True)
+
+
+def write_table(table: pa.Table, path: str | os.PathLike) -> str:
+    """Write ``table`` to ``path`` atomically (temp name in the same folder, then rename)."""
+    fs, p = _fs(path)
+    fs.create_dir(os.path.dirname(p), recursive=True)
+    tmp = f"{os.path.dirname(p)}/.{os.path.basename(p)}.{uuid.uuid4().hex[:8]}.tmp"
+    pq.write_table(table, tmp, filesystem=fs)
+    fs.move(tmp, p)
+    return str(path)
+
+
+def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
+    """Read one Parquet file or a folder of shards (hidden temp files are ignored)."""
+    fs, p = _fs(path)
+    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{path}: no such table (has the previous stage run?)")
+    return pq.read_table(p, filesystem=fs, columns=columns)
+
+
+def list_shards(folder: str | os.PathLike) -> list[str]:
+    """Finished shard files in ``folder`` (sorted); temp files are skipped."""
+    fs, p = _fs(folder)
+    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    names = sorted(i.base_name for i in infos if i.base_name.endswith(".parquet")
+                   and not i.base_name.startswith("."))
+    return [join(folder, n) for n in names]
+
+
+def shard_name(index: int) -> str:
+    return f"part-{index:05d}.parquet"
+
+
+def chunks(n: int, size: int) -> Iterator[tuple[int, int, int]]:
+    """Yield ``(shard_index, start, stop)`` covering ``range(n)`` in blocks of ``size``."""
+    for i, start in enumerate(range(0, n, size)):
+        yield i, start, min(start + size, n)
+
+
+def embeddings_to_arrow(emb: np.ndarray, dtype: str = "float32") -> pa.FixedSizeListArray:
+    """Pack an ``(n, d)`` array as ``fixed_size_list<float>[d]``."""
+    emb = np.ascontiguousarray(emb, dtype=np.float16 if dtype == "float16" else np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(emb.reshape(-1)), emb.shape[1])
+
+
+def embeddings_from_arrow(column: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """Unpack a ``fixed_size_list`` column to a float32 ``(n, d)`` array."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    d = column.type.list_size
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, d)
+
+
+def features_table(image_ids: Iterable[str], patch_ids: Iterable[int], model: str, scale: int,
+                   emb: np.ndarray, dtype: str = "float32") -> pa.Table:
+    image_ids, patch_ids = list(image_ids), list(patch_ids)
+    n = len(image_ids)
+    return pa.Table.from_arrays([
+        pa.array(image_ids, pa.string()), pa.array(patch_ids, pa.int32()),
+        pa.array([model] * n, pa.string()), pa.array([scale] * n, pa.int16()),
+        embeddings_to_arrow(emb, dtype),
+    ], schema=features_schema(emb.shape[1], dtype))

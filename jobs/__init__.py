@@ -1,0 +1,1 @@
+"""copydet jobs: the command line and the Ray runners of each stage."""

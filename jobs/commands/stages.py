@@ -1,0 +1,58 @@
+"""``copydet run`` and one command per pipeline stage."""
+from __future__ import annotations
+
+import argparse
+
+from jobs.cli import arg, command, config_from_args
+from jobs.pipeline import evaluate_run, run_pipeline, run_stages
+from jobs.runtime import say
+from jobs.stages.evaluate import evaluate_files, format_metrics
+
+FOLDER_ARGS = (
+    arg("--train", help="folder of unlabeled training images"),
+    arg("--references", help="folder of reference images"),
+    arg("--queries", help="folder of query images"),
+    arg("--ground-truth", help="ISC21 ground-truth CSV (query_id,reference_id)"),
+)
+
+
+def _config(args: argparse.Namespace):
+    sets = list(args.set or [])
+    for key in ("train", "references", "queries", "ground_truth"):
+        if getattr(args, key, None):
+            sets.append(f"data.{key}={getattr(args, key)}")
+    if any(getattr(args, k, None) for k in ("train", "references", "queries")):
+        sets.append("data.root=null")
+    args.set = sets
+    return config_from_args(args)
+
+
+@command("run", "run the whole pipeline (manifest, patch, extract, search, fuse, evaluate) on Ray",
+         *FOLDER_ARGS)
+def run(args: argparse.Namespace) -> None:
+    run_pipeline(_config(args), address=args.address)
+
+
+def _stage(name: str, help: str, *extra: tuple) -> None:
+    @command(name, help, *extra)
+    def fn(args: argparse.Namespace) -> None:
+        run_stages(_config(args), [name], address=args.address)
+
+
+_stage("manifest", "image folders -> manifest.parquet (+ errors.parquet)", *FOLDER_ARGS)
+_stage("patch", "manifest -> patches.parquet (global and geometric views)")
+_stage("extract", "patches x (model, scale) -> sharded feature Parquet (Ray Data actors)")
+_stage("search", "faiss kNN of query patches against reference patches -> candidates")
+_stage("fuse", "candidates -> predictions.csv (max over patches and models, top k per query)")
+
+
+@command("evaluate", "score predictions against a ground truth: μAP, R@P90, R@1, R@10, PR curve",
+         arg("--predictions", help="predictions CSV (default: the run's predictions.csv)"),
+         arg("--ground-truth", help="ground-truth CSV (default: the config's)"),
+         arg("--plot", help="PR-curve PNG to write"))
+def evaluate(args: argparse.Namespace) -> int:
+    if args.predictions and args.ground_truth:
+        m = evaluate_files(args.predictions, args.ground_truth, pr_png=args.plot)
+        say(format_metrics(m))
+        return 0
+    return 0 if evaluate_run(config_from_args(args)) else 1

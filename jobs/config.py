@@ -1,0 +1,184 @@
+"""The YAML pipeline config: typed, strict, and read the same way by every stage.
+
+Unknown keys and bad values are rejected with the dotted key that is wrong, e.g.
+``configs/x.yaml: models.0.scales.1: Input should be a valid integer``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from patchers.views import ViewConfig
+
+SPLIT_FOLDERS = {"train": "train", "reference": "references", "query": "queries"}
+DEFAULT_SAMPLE = Path(__file__).resolve().parent.parent / "bench" / "sample"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(Strict):
+    """Where the images are: an ISC21-layout ``root`` and/or explicit folders."""
+
+    root: str | None = Field(None, description="folder with train/, references/, queries/, ground_truth.csv")
+    train: str | None = None
+    references: str | None = None
+    queries: str | None = None
+    ground_truth: str | None = None
+    limit: int | None = Field(None, ge=1, description="use at most this many images per split")
+
+    def folders(self) -> dict[str, str]:
+        """split -> folder, for the splits that are configured and exist."""
+        out = {}
+        for split, sub in SPLIT_FOLDERS.items():
+            given = getattr(self, sub)
+            path = given or (str(Path(self.root) / sub) if self.root else None)
+            if path and (given or Path(path).is_dir()):
+                out[split] = path
+        return out
+
+    def ground_truth_path(self) -> str | None:
+        if self.ground_truth:
+            return self.ground_truth
+        if self.root and (Path(self.root) / "ground_truth.csv").is_file():
+            return str(Path(self.root) / "ground_truth.csv")
+        return None
+
+
+class RayConfig(Strict):
+    address: str | None = Field(None, description="cluster address; None starts a local Ray")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all)")
+
+
+class PatchSides(Strict):
+    query: ViewConfig = ViewConfig()
+    reference: ViewConfig = ViewConfig()
+    train: ViewConfig = ViewConfig()
+    shard_size: int = Field(1000, ge=1, description="images per manifest/patch shard")
+
+
+class ModelEntry(Strict):
+    name: str = Field(description="registry name, backbone name or checkpoint path")
+    scales: list[int] = Field([224], min_length=1)
+    dim: int | None = Field(None, ge=8, description="projection size for random-init backbones")
+    batch_size: int = Field(32, ge=1)
+    dtype: Literal["float32", "float16"] = "float32"
+
+    @model_validator(mode="after")
+    def _scales(self) -> "ModelEntry":
+        if any(s < 32 or s > 2048 for s in self.scales):
+            raise ValueError(f"scales must be between 32 and 2048 px, got {self.scales}")
+        return self
+
+
+class ExtractConfig(Strict):
+    actors: int | None = Field(None, ge=1, description="model actors; default: one per GPU, else 1 on CPU")
+    cpus_per_actor: float = Field(0.5, gt=0)
+    gpus_per_actor: float = Field(1.0, ge=0, description="used only when the cluster has GPUs")
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    num_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor")
+
+
+class NormalizeConfig(Strict):
+    enabled: bool = False
+    beta: float = Field(1.0, ge=0)
+    neighbours: int = Field(1, ge=1, description="mean of this many nearest train descriptors")
+
+
+class SearchConfig(Strict):
+    k: int = Field(10, ge=1, description="reference patches kept per query patch")
+    normalize: NormalizeConfig = NormalizeConfig()
+
+
+class FuseConfig(Strict):
+    rule: Literal["max", "confidence", "completeness"] = "max"
+    thresholds: dict[str, float] = {}
+    k: int = Field(10, ge=1, description="predictions kept per query")
+
+
+class PipelineConfig(Strict):
+    name: str = "run"
+    output: str = Field("runs/run", description="run folder (local path or pyarrow URI)")
+    registry: str | None = Field(None, description="model registry folder (default: $COPYDET_REGISTRY or models/)")
+    data: DataConfig = DataConfig()
+    ray: RayConfig = RayConfig()
+    patches: PatchSides = PatchSides()
+    models: list[ModelEntry] = Field(min_length=1)
+    extract: ExtractConfig = ExtractConfig()
+    search: SearchConfig = SearchConfig()
+    fuse: FuseConfig = FuseConfig()
+
+    def model_keys(self) -> list[tuple[ModelEntry, int, str]]:
+        """(entry, scale, key) for every model and scale; key names feature folders."""
+        return [(m, s, f"{model_label(m.name)}@{s}") for m in self.models for s in m.scales]
+
+
+def model_label(name: str) -> str:
+    """A folder-safe label for a model name or checkpoint path."""
+    return Path(name).stem if os.sep in name or name.endswith((".safetensors", ".pt", ".pth", ".onnx")) else name
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _format(source: str, err: ValidationError) -> str:
+    lines = [f"{source}: invalid config"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _set(tree: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node: Any = tree
+    for p in parents:
+        node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """``["a.b=3", "c=[1,2]"]`` -> ``[("a.b", 3), ("c", [1, 2])]`` (values parsed as YAML)."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(value)))
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> PipelineConfig:
+    """Read, override and validate a pipeline config (``None``: the smoke config)."""
+    path = Path(path) if path else Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml"
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    for key, value in parse_overrides(list(overrides)):
+        _set(raw, key, value)
+    return validate(raw, str(path))
+
+
+def validate(raw: dict, source: str = "config") -> PipelineConfig:
+    try:
+        cfg = PipelineConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_format(source, e)) from None
+    if cfg.data.root is None and not any([cfg.data.train, cfg.data.references, cfg.data.queries]):
+        cfg.data.root = str(DEFAULT_SAMPLE)
+    return cfg

@@ -1,0 +1,72 @@
+"""The whole pipeline as one Ray job: every stage in order on the same run folder."""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Sequence
+
+import yaml
+
+from ensemble.metrics import Metrics
+from ensemble.store import makedirs
+from jobs.config import PipelineConfig
+from jobs.layout import RunDir
+from jobs.runtime import init_ray, say
+from jobs.stages.evaluate import evaluate_files, format_metrics
+from jobs.stages.extract import run_extract
+from jobs.stages.fuse import run_fuse
+from jobs.stages.manifest import run_manifest
+from jobs.stages.patch import run_patch
+from jobs.stages.search import run_search
+
+Stage = Callable[[PipelineConfig, RunDir], object]
+STAGES: dict[str, Stage] = {
+    "manifest": run_manifest, "patch": run_patch, "extract": run_extract,
+    "search": run_search, "fuse": run_fuse,
+}
+
+
+def save_config(cfg: PipelineConfig, run: RunDir) -> None:
+    makedirs(run.root)
+    with open(run.config, "w") as f:
+        yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
+
+
+def run_stages(cfg: PipelineConfig, stages: Sequence[str] = tuple(STAGES), address: str | None = None) -> dict:
+    """Run ``stages`` in order (each skips the shards it already wrote); returns seconds per stage."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
+    run = RunDir(cfg.output)
+    save_config(cfg, run)
+    init_ray(cfg.ray, address)
+    timings = {}
+    for name in stages:
+        t0 = time.perf_counter()
+        STAGES[name](cfg, run)
+        timings[name] = round(time.perf_counter() - t0, 2)
+        say(f"[{name}] done in {timings[name]:.1f} s")
+    return timings
+
+
+def evaluate_run(cfg: PipelineConfig) -> Metrics | None:
+    """Score the run's predictions if the config names a ground truth."""
+    gt = cfg.data.ground_truth_path()
+    if gt is None:
+        say("evaluate: no ground_truth.csv configured; skipped")
+        return None
+    run = RunDir(cfg.output)
+    m = evaluate_files(run.predictions, gt, run.metrics, run.pr_curve, label=cfg.name)
+    say(f"evaluate: {format_metrics(m)}  ({run.metrics}, {run.pr_curve})")
+    return m
+
+
+def run_pipeline(cfg: PipelineConfig, address: str | None = None) -> Metrics | None:
+    t0 = time.perf_counter()
+    timings = run_stages(cfg, address=address)
+    m = evaluate_run(cfg)
+    timings["total"] = round(time.perf_counter() - t0, 2)
+    with open(RunDir(cfg.output).root + "/timings.json", "w") as f:
+        json.dump(timings, f, indent=2)
+    say(f"pipeline finished in {timings['total']:.1f} s -> {cfg.output}")
+    return m

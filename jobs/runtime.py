@@ -1,0 +1,54 @@
+"""Ray start-up and the small helpers every stage runner shares."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ray
+from tqdm.auto import tqdm
+
+from jobs.config import RayConfig
+
+# Devices are offline: hub look-ups must fail at once instead of retrying for a minute.
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def init_ray(cfg: RayConfig, address: str | None = None) -> None:
+    """Connect to ``address`` (or the config's), or start an embedded local Ray."""
+    for k, v in OFFLINE_ENV.items():
+        os.environ.setdefault(k, v)
+    if ray.is_initialized():
+        return
+    address = address or cfg.address
+    ray.init(address=address, num_cpus=None if address else cfg.num_cpus,
+             include_dashboard=False, logging_level="WARNING", log_to_driver=True,
+             runtime_env={"env_vars": OFFLINE_ENV})
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], desc: str,
+              options: dict | None = None) -> list[Any]:
+    """Run ``fn(*args)`` as Ray tasks for each args tuple, with a progress bar of finished
+    tasks; results in completion order. Tasks are retried by Ray if a worker dies."""
+    if not calls:
+        return []
+    remote = ray.remote(fn).options(max_retries=3, retry_exceptions=False, **(options or {}))
+    pending = [remote.remote(*args) for args in calls]
+    results = []
+    with tqdm(total=len(pending), desc=desc, unit="shard") as bar:
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            results.extend(ray.get(done))
+            bar.update(len(done))
+    return results
+
+
+def say(msg: str) -> None:
+    tqdm.write(msg)
+
+

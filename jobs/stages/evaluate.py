@@ -1,0 +1,28 @@
+"""Stage 6: predictions.csv + ground truth -> metrics.json and pr_curve.png."""
+from __future__ import annotations
+
+import json
+import os
+
+from ensemble.metrics import Metrics, evaluate, plot_pr, read_ground_truth, read_predictions
+
+
+def evaluate_files(predictions: str, ground_truth: str, metrics_json: str | None = None,
+                   pr_png: str | None = None, label: str = "copydet") -> Metrics:
+    preds = read_predictions(predictions)
+    m = evaluate(read_ground_truth(ground_truth), preds.column("query_id").to_pylist(),
+                 preds.column("reference_id").to_pylist(), preds.column("score").to_numpy())
+    if metrics_json:
+        tmp = f"{metrics_json}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(m.summary(), f, indent=2)
+        os.replace(tmp, metrics_json)
+    if pr_png:
+        plot_pr({label: m}, pr_png)
+    return m
+
+
+def format_metrics(m: Metrics) -> str:
+    s = m.summary()
+    return (f"μAP {s['micro_ap']:.4f} | R@P90 {s['recall_at_p90']:.4f} | "
+            f"R@1 {s['recall_at_1']:.4f} | R@10 {s['recall_at_10']:.4f}")

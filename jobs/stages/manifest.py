@@ -1,0 +1,39 @@
+"""Stage 1: image folders -> manifest.parquet/ (+ errors.parquet/ for files that fail)."""
+from __future__ import annotations
+
+import pyarrow as pa
+
+from ensemble.store import ERRORS_SCHEMA, MANIFEST_SCHEMA, chunks, write_table
+from ensemble.store import join
+from jobs.config import PipelineConfig
+from jobs.layout import RunDir, shard_file, shard_names
+from jobs.runtime import run_tasks, say
+from patchers.manifest import describe, scan_folder
+
+
+def manifest_shard(split: str, files: list[tuple[str, str]], run: RunDir, name: str) -> tuple[int, int]:
+    """Decode one block of files; errors are written before the manifest shard, whose
+    existence marks the block done."""
+    rows, errors = [], []
+    for image_id, path in files:
+        row, err = describe(image_id, path, split)
+        (rows if row else errors).append(row or err)
+    write_table(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), join(run.errors, name))
+    write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), join(run.manifest, name))
+    return len(rows), len(errors)
+
+
+def run_manifest(cfg: PipelineConfig, run: RunDir) -> None:
+    done = set(shard_names(run.manifest))
+    calls = []
+    for split, folder in cfg.data.folders().items():
+        files = scan_folder(folder, cfg.data.limit)
+        if not files:
+            say(f"manifest: warning: no images in {folder}")
+        for i, a, b in chunks(len(files), cfg.patches.shard_size):
+            if shard_file(split, i) not in done:
+                calls.append((split, files[a:b], run, shard_file(split, i)))
+    results = run_tasks(manifest_shard, calls, "manifest")
+    bad = sum(e for _, e in results)
+    if bad:
+        say(f"manifest: {bad} file(s) failed to decode, listed in {run.errors}")

@@ -1,0 +1,66 @@
+"""Shared fixtures: offline env, one local Ray for the whole session, tiny image sets."""
+import os
+import tempfile
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("YOLO_OFFLINE", "1")
+os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="yolo-cfg-"))
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray (2 CPUs) shared by every test that needs it."""
+    import ray
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}})
+        ray.data.DataContext.get_current().enable_progress_bars = False
+    yield ray
+    ray.shutdown()
+
+
+def synthetic_photo(seed: int, size=(96, 72)) -> Image.Image:
+    """A random 'photo': coloured background, gradient and a few shapes (distinct per seed)."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    base = rng.integers(0, 255, 3)
+    grad = np.linspace(0, 1, w)[None, :, None] * rng.integers(-120, 120, 3)
+    arr = np.clip(base + grad + rng.normal(0, 8, (h, w, 3)), 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr)
+    d = ImageDraw.Draw(img)
+    for _ in range(5):
+        x0, y0 = rng.integers(0, w - 10), rng.integers(0, h - 10)
+        d.ellipse([x0, y0, x0 + rng.integers(8, 40), y0 + rng.integers(8, 40)],
+                  fill=tuple(int(c) for c in rng.integers(0, 255, 3)))
+    return img
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path) -> Path:
+    """ISC21 layout: 6 train, 8 references, 6 queries (4 edited copies, 2 unrelated)."""
+    root = tmp_path / "data"
+    for sub in ("train", "references", "queries"):
+        (root / sub).mkdir(parents=True)
+    for i in range(6):
+        synthetic_photo(100 + i).save(root / "train" / f"T{i:03d}.jpg")
+    refs = [synthetic_photo(i) for i in range(8)]
+    for i, img in enumerate(refs):
+        img.save(root / "references" / f"R{i:03d}.jpg")
+    edits = [lambda im: im.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+             lambda im: im.crop((10, 8, 86, 66)).resize((96, 72)),
+             lambda im: im.rotate(90, expand=True),
+             lambda im: im.convert("L").convert("RGB")]
+    gt = ["query_id,reference_id"]
+    for q, (r, edit) in enumerate(zip([1, 3, 5, 7], edits)):
+        edit(refs[r]).save(root / "queries" / f"Q{q:03d}.jpg", quality=80)
+        gt.append(f"Q{q:03d},R{r:03d}")
+    for q in (4, 5):
+        synthetic_photo(500 + q).save(root / "queries" / f"Q{q:03d}.jpg")
+    (root / "ground_truth.csv").write_text("\n".join(gt) + "\n")
+    return root

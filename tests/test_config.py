@@ -1,0 +1,49 @@
+"""The pipeline config: shipped configs validate; bad keys/values are named in the error."""
+from pathlib import Path
+
+import pytest
+
+from jobs.config import ConfigError, load_config
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.models and cfg.output
+
+
+def test_smoke_defaults_to_the_bundled_sample():
+    cfg = load_config(None)
+    assert Path(cfg.data.root).name == "sample"
+    assert set(cfg.data.folders()) == {"train", "reference", "query"}
+    assert cfg.data.ground_truth_path().endswith("ground_truth.csv")
+
+
+@pytest.mark.parametrize("override, key", [
+    ("search.kk=3", "search.kk: unknown key"),
+    ("search.k=-1", "search.k:"),
+    ("models.0.scales=[224, big]", "models.0.scales.1:"),
+    ("patches.query.rotations=[45]", "patches.query.rotations.0:"),
+    ("fuse.rule=mean", "fuse.rule:"),
+    ("extract.use_gpu=maybe", "extract.use_gpu:"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert key in str(e.value)
+
+
+def test_bad_yaml_and_missing_file(tmp_path):
+    (tmp_path / "bad.yaml").write_text("models: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "bad.yaml")
+    with pytest.raises(ConfigError, match="no such config"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_overrides_reach_nested_keys():
+    cfg = load_config(None, ["search.normalize.beta=0.5", "models.0.scales=[128, 160]", "output=/tmp/x"])
+    assert cfg.search.normalize.beta == 0.5 and cfg.models[0].scales == [128, 160] and cfg.output == "/tmp/x"
+    assert [k for _, _, k in cfg.model_keys()] == ["resnet18@128", "resnet18@160"]

@@ -1,0 +1,72 @@
+"""End to end on local Ray: a handful of images, bad files among them, then a resume."""
+import csv
+import os
+
+import pyarrow.compute as pc
+import pytest
+
+from ensemble.store import read_table
+from jobs.cli import main
+from jobs.config import load_config
+from jobs.layout import RunDir
+from jobs.pipeline import run_pipeline
+from tests.badimages import EXPECTED, make_bad_images
+
+TINY = ["models.0.name=resnet18", "models.0.scales=[64]", "models.0.batch_size=8", "patches.shard_size=5",
+        "search.k=5", "fuse.k=3"]
+
+
+def _mtimes(folder):
+    return {p: os.stat(os.path.join(folder, p)).st_mtime_ns for p in sorted(os.listdir(folder))}
+
+
+def test_end_to_end_with_bad_inputs_and_resume(ray_local, tiny_dataset, tmp_path):
+    bad = make_bad_images(tiny_dataset / "queries")
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"data.root={tiny_dataset}", f"output={out}", *TINY])
+    m = run_pipeline(cfg)
+    run = RunDir(str(out))
+
+    errors = read_table(run.errors).column("path").to_pylist()
+    manifest = read_table(run.manifest)
+    ids = set(manifest.column("image_id").to_pylist())
+    for name, path in bad.items():
+        if EXPECTED[name]["error"]:
+            assert any(str(path) in e for e in errors), f"{name} not recorded in errors.parquet"
+            assert path.stem not in ids
+        else:
+            assert path.stem in ids, f"{name} should decode"
+            row = manifest.filter(pc.equal(manifest.column("image_id"), path.stem)).to_pylist()[0]
+            assert (row["width"], row["height"]) == EXPECTED[name]["size"], name
+
+    with open(run.predictions) as f:
+        rows = list(csv.DictReader(f))
+    assert rows and set(rows[0]) == {"query_id", "reference_id", "score"}
+    per_query = {}
+    for r in rows:
+        per_query.setdefault(r["query_id"], []).append(float(r["score"]))
+    assert all(len(s) <= 3 for s in per_query.values())
+    assert {r["reference_id"] for r in rows} <= {f"R{i:03d}" for i in range(8)}
+    assert 0.0 <= m.micro_ap <= 1.0 and os.path.getsize(run.pr_curve) > 0
+
+    # Re-running skips every finished shard and gives the same predictions.
+    feats = run.features("resnet18@64")
+    before, preds_before = _mtimes(feats), open(run.predictions).read()
+    run_pipeline(cfg)
+    assert _mtimes(feats) == before
+    assert open(run.predictions).read() == preds_before
+
+
+def test_stage_commands_run_alone(ray_local, tiny_dataset, tmp_path):
+    out = str(tmp_path / "run")
+    assert main(["manifest", "--references", str(tiny_dataset / "references"),
+                 "--queries", str(tiny_dataset / "queries"), "--out", out, *sum((["--set", s] for s in TINY), [])]) == 0
+    assert read_table(RunDir(out).manifest).num_rows == 14
+    assert main(["patch", "--out", out, "--set", f"data.root={tiny_dataset}"]) == 0
+    patches = read_table(RunDir(out).patches)
+    assert set(pc.unique(patches.column("kind")).to_pylist()) == {"full", "crop"}
+
+
+def test_cli_errors_are_clear(capsys):
+    assert main(["fuse", "--set", "search.kk=1"]) == 2
+    assert "search.kk: unknown key" in capsys.readouterr().err

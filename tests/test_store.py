@@ -1,0 +1,37 @@
+"""Parquet contracts: feature round trip, atomic writes, shard listing."""
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from ensemble import store
+
+
+@pytest.mark.parametrize("dtype, tol", [("float32", 0.0), ("float16", 1e-3)])
+def test_features_round_trip_through_parquet(tmp_path, dtype, tol):
+    rng = np.random.default_rng(0)
+    emb = rng.normal(size=(7, 24)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    t = store.features_table([f"q{i}" for i in range(7)], range(7), "resnet18", 224, emb, dtype)
+    path = store.write_table(t, tmp_path / "feats" / store.shard_name(0))
+    back = store.read_table(path)
+    assert back.schema.equals(store.features_schema(24, dtype))
+    np.testing.assert_allclose(store.embeddings_from_arrow(back.column("embedding")), emb, atol=tol)
+    assert back.column("image_id").to_pylist() == [f"q{i}" for i in range(7)]
+    assert set(back.column("scale").to_pylist()) == {224}
+
+
+def test_write_is_atomic_and_temp_files_are_not_shards(tmp_path):
+    t = pa.table({"a": [1, 2]})
+    store.write_table(t, tmp_path / "part-00001.parquet")
+    (tmp_path / ".part-00002.parquet.abcd.tmp").write_bytes(b"half written")
+    assert [p.rsplit("/", 1)[-1] for p in store.list_shards(tmp_path)] == ["part-00001.parquet"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".") and "part-00001" in p.name]
+
+
+def test_missing_table_error_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nothing-here"):
+        store.read_table(tmp_path / "nothing-here.parquet")
+
+
+def test_chunks_cover_the_range():
+    assert list(store.chunks(5, 2)) == [(0, 0, 2), (1, 2, 4), (2, 4, 5)]
