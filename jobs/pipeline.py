@@ -12,7 +12,7 @@ from ensemble.store import makedirs
 from jobs.config import PipelineConfig
 from jobs.layout import RunDir
 from jobs.runtime import init_ray, say
-from jobs.stages.evaluate import evaluate_files, format_metrics
+from jobs.stages.evaluate import evaluate_run_files, format_metrics
 from jobs.stages.extract import run_extract
 from jobs.stages.fuse import run_fuse
 from jobs.stages.manifest import run_manifest
@@ -56,7 +56,7 @@ def evaluate_run(cfg: PipelineConfig) -> Metrics | None:
         say("evaluate: no ground_truth.csv configured; skipped")
         return None
     run = RunDir(cfg.output)
-    m = evaluate_files(run.predictions, gt, run.metrics, run.pr_curve, label=cfg.name)
+    m = evaluate_run_files(run.predictions, gt, run.metrics, run.pr_curve, label=cfg.name)
     say(f"evaluate: {format_metrics(m)}  ({run.metrics}, {run.pr_curve})")
     return m
 

@@ -6,7 +6,7 @@ import argparse
 from jobs.cli import arg, command, config_from_args
 from jobs.pipeline import evaluate_run, run_pipeline, run_stages
 from jobs.runtime import say
-from jobs.stages.evaluate import evaluate_files, format_metrics
+from jobs.stages.evaluate import evaluate_run_files, format_metrics
 
 FOLDER_ARGS = (
     arg("--train", help="folder of unlabeled training images"),
@@ -33,17 +33,17 @@ def run(args: argparse.Namespace) -> None:
     run_pipeline(_config(args), address=args.address)
 
 
-def _stage(name: str, help: str, *extra: tuple) -> None:
+def stage_command(name: str, help: str, *extra: tuple) -> None:
+    """Register `copydet NAME` as a run of that one stage."""
     @command(name, help, *extra)
     def fn(args: argparse.Namespace) -> None:
         run_stages(_config(args), [name], address=args.address)
 
 
-_stage("manifest", "image folders -> manifest.parquet (+ errors.parquet)", *FOLDER_ARGS)
-_stage("patch", "manifest -> patches.parquet (global and geometric views)")
-_stage("extract", "patches x (model, scale) -> sharded feature Parquet (Ray Data actors)")
-_stage("search", "faiss kNN of query patches against reference patches -> candidates")
-_stage("fuse", "candidates -> predictions.csv (max over patches and models, top k per query)")
+stage_command("manifest", "image folders -> manifest.parquet (+ errors.parquet)", *FOLDER_ARGS)
+stage_command("extract", "patches x (model, scale) -> sharded feature Parquet (Ray Data actors)")
+stage_command("search", "faiss kNN of query patches against reference patches -> candidates")
+stage_command("fuse", "candidates -> predictions.csv (max over patches and models, top k per query)")
 
 
 @command("evaluate", "score predictions against a ground truth: μAP, R@P90, R@1, R@10, PR curve",
@@ -52,7 +52,7 @@ _stage("fuse", "candidates -> predictions.csv (max over patches and models, top 
          arg("--plot", help="PR-curve PNG to write"))
 def evaluate(args: argparse.Namespace) -> int:
     if args.predictions and args.ground_truth:
-        m = evaluate_files(args.predictions, args.ground_truth, pr_png=args.plot)
+        m = evaluate_run_files(args.predictions, args.ground_truth, pr_png=args.plot)
         say(format_metrics(m))
         return 0
     return 0 if evaluate_run(config_from_args(args)) else 1

@@ -4,14 +4,13 @@ from __future__ import annotations
 import json
 import os
 
-from ensemble.metrics import Metrics, evaluate, plot_pr, read_ground_truth, read_predictions
+from ensemble.metrics import Metrics, evaluate_files, plot_pr
 
 
-def evaluate_files(predictions: str, ground_truth: str, metrics_json: str | None = None,
-                   pr_png: str | None = None, label: str = "copydet") -> Metrics:
-    preds = read_predictions(predictions)
-    m = evaluate(read_ground_truth(ground_truth), preds.column("query_id").to_pylist(),
-                 preds.column("reference_id").to_pylist(), preds.column("score").to_numpy())
+def evaluate_run_files(predictions: str, ground_truth: str, metrics_json: str | None = None,
+                       pr_png: str | None = None, label: str = "copydet") -> Metrics:
+    """Score a predictions CSV and optionally save the metrics JSON and the PR-curve PNG."""
+    m = evaluate_files(ground_truth, predictions)
     if metrics_json:
         tmp = f"{metrics_json}.tmp"
         with open(tmp, "w") as f:

@@ -5,13 +5,12 @@ once; each query shard is a task that searches them and writes its candidates.
 """
 from __future__ import annotations
 
-import numpy as np
 import pyarrow as pa
 import ray
 
-from ensemble.normalize import neighbour_similarity, normalize_scores
+from ensemble.normalize import bias_table, normalize_scores
 from ensemble.search import search_tables
-from ensemble.store import join, read_table, write_table
+from ensemble.store import embeddings_from_arrow, join, read_table, write_table
 from jobs.config import PipelineConfig, SearchConfig
 from jobs.layout import RunDir, shard_names
 from jobs.runtime import run_tasks, say
@@ -30,12 +29,8 @@ def search_shard(run: RunDir, key: str, name: str, refs: pa.Table, train: pa.Tab
     queries = read_table(join(run.features(key), name))
     cands = search_tables(queries, refs, cfg.k, model=key)
     if train is not None and cfg.normalize.enabled:
-        from ensemble.store import embeddings_from_arrow
-        bias = neighbour_similarity(embeddings_from_arrow(queries.column("embedding")),
-                                    embeddings_from_arrow(train.column("embedding")), cfg.normalize.neighbours)
-        bias_table = pa.table({"image_id": queries.column("image_id"), "patch_id": queries.column("patch_id"),
-                               "bias": pa.array(bias.astype(np.float32))})
-        cands = normalize_scores(cands, bias_table, cfg.normalize.beta)
+        bias = bias_table(queries, embeddings_from_arrow(train.column("embedding")), cfg.normalize.neighbours)
+        cands = normalize_scores(cands, bias, cfg.normalize.beta)
     write_table(cands, join(run.candidates(key), name))
     return cands.num_rows
 

@@ -1,0 +1,82 @@
+"""From patch-level candidates to image-level predictions (the D2LV max-ensembling rules).
+
+1. :func:`max_over_patches`: image-pair score = max over all (query patch, reference patch)
+   pairs, per model.
+2. :func:`fuse_models`: one score per image pair from several models; a rule from
+   :data:`RULES` decides which pairs survive given per-model thresholds α_i.
+3. :func:`top_k_per_query`: at most k predictions per query, best first.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+PAIR = ["query_id", "reference_id"]
+
+
+def _group_max(table: pa.Table, keys: list[str]) -> pa.Table:
+    """Max score per key group, groups in order of first appearance."""
+    out = table.group_by(keys, use_threads=False).aggregate([("score", "max")])
+    return out.rename_columns([*keys, "score"]).select([*keys, "score"])
+
+
+def max_over_patches(candidates: pa.Table) -> pa.Table:
+    """Image-level ``(query_id, reference_id, score[, model])``: max over all patch pairs.
+
+    With a ``model`` column the max is taken per model, so models can be fused afterwards.
+    """
+    keys = PAIR + (["model"] if "model" in candidates.column_names else [])
+    return _group_max(candidates, keys).select([*PAIR, "score", *keys[2:]])
+
+
+# A rule maps (number of listed models that clear their threshold, number listed) to a keep mask.
+Rule = Callable[[np.ndarray, int], np.ndarray]
+RULES: dict[str, Rule] = {
+    "max": lambda passed, n_listed: np.ones(len(passed), dtype=bool),
+    "confidence": lambda passed, n_listed: passed == n_listed,  # every listed model agrees
+    "completeness": lambda passed, n_listed: passed >= 1,  # any listed model is sure
+}
+
+
+def fuse_models(per_model: pa.Table, thresholds: Mapping[str, float], rule: str) -> pa.Table:
+    """``(query_id, reference_id, score)`` with score = max over models, filtered by ``rule``.
+
+    ``per_model`` has columns query_id, reference_id, model, score. For ``confidence`` a pair
+    is kept only if every model in ``thresholds`` scores it >= its threshold (a model with no
+    score for the pair fails); for ``completeness`` one such model is enough. Models absent
+    from ``thresholds`` still contribute to the max but never to the test.
+    """
+    if rule not in RULES:
+        raise ValueError(f"unknown fusion rule {rule!r}; known rules: {sorted(RULES)}")
+    if rule != "max" and not thresholds:
+        raise ValueError(f"fusion rule {rule!r} needs a threshold for at least one model")
+    models = per_model.column("model")
+    listed = pa.array(list(thresholds), pa.string())
+    # thresholds in the score's own precision: float32 0.7 must clear a configured 0.7
+    values = pa.array(list(thresholds.values()), per_model.schema.field("score").type)
+    thr = pc.take(values, pc.index_in(models, value_set=listed))
+    cleared = pc.fill_null(pc.greater_equal(per_model.column("score"), thr), False)
+    marked = per_model.select([*PAIR, "score"]).append_column(
+        "cleared", pc.if_else(cleared, models, pa.scalar(None, pa.string())))
+    grouped = marked.group_by(PAIR, use_threads=False).aggregate(
+        [("score", "max"), ("cleared", "count_distinct")])  # nulls (not cleared) are not counted
+    keep = RULES[rule](grouped.column("cleared_count_distinct").to_numpy(), len(thresholds))
+    out = grouped.filter(pa.array(keep))
+    return pa.table({"query_id": out.column("query_id"), "reference_id": out.column("reference_id"),
+                     "score": out.column("score_max")})
+
+
+def top_k_per_query(pred: pa.Table, k: int) -> pa.Table:
+    """At most ``k`` rows per query, queries sorted by id, scores descending (ties keep input order)."""
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    pred = pred.take(pc.sort_indices(pred, [("query_id", "ascending"), ("score", "descending")]))
+    if pred.num_rows == 0:
+        return pred
+    q = pred.column("query_id")
+    new = np.r_[True, pc.not_equal(q.slice(1), q.slice(0, len(q) - 1)).to_numpy(zero_copy_only=False)]
+    rank = np.arange(len(new)) - np.flatnonzero(new)[np.cumsum(new) - 1]
+    return pred.filter(pa.array(rank < k))

@@ -1,0 +1,206 @@
+"""ISC21 matching-track metrics (μAP, Recall@P90, R@1, R@10), prediction CSV I/O, PR plot.
+
+The definitions follow facebookresearch/isc2021 ``isc/metrics.py``: predictions are ranked
+by decreasing score with ties broken pessimistically (false before true), recall divides by
+the number of ground-truth pairs, so a ground-truth pair that was never predicted lowers
+recall. Everything is vectorised with numpy so a million predictions score in about a second.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.csv as pacsv
+
+PREDICTIONS_SCHEMA = pa.schema([
+    ("query_id", pa.string()), ("reference_id", pa.string()), ("score", pa.float32()),
+])
+_NOT_FOUND = np.iinfo(np.int64).max  # rank of a ground-truth pair that was not predicted
+
+
+@dataclass
+class Metrics:
+    """Scores of one prediction set; ``n_positives`` is the number of ground-truth pairs."""
+
+    micro_ap: float
+    recall_at_p90: float  # 0.0 when precision never reaches 0.9
+    threshold_at_p90: float | None  # None when precision never reaches 0.9
+    recall_at_1: float
+    recall_at_10: float
+    n_predictions: int
+    n_positives: int
+    precisions: np.ndarray  # PR curve, ordered by decreasing score
+    recalls: np.ndarray
+    thresholds: np.ndarray
+
+    def summary(self) -> dict[str, float | int | None]:
+        """The scalar fields as plain Python values (JSON-ready)."""
+        out: dict[str, float | int | None] = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not isinstance(v, np.ndarray):
+                out[f.name] = None if v is None else int(v) if isinstance(v, (int, np.integer)) else float(v)
+        return out
+
+
+def precision_recall(y_true: np.ndarray, scores: np.ndarray,
+                     n_positives: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Precisions, recalls and thresholds by decreasing score (false first among equal scores)."""
+    order = np.lexsort((y_true, -scores))  # primary: score desc; ties: False before True
+    y, t = y_true[order], scores[order]
+    ntp = np.cumsum(y)
+    return ntp / np.arange(1, len(y) + 1), ntp / n_positives, t
+
+
+def average_precision(recalls: np.ndarray, precisions: np.ndarray) -> float:
+    """μAP = sum_i (r_i - r_{i-1}) * p_i with r_0 = 0; recalls must be non-decreasing."""
+    return float((np.diff(recalls, prepend=0.0) * precisions).sum())
+
+
+def _pair_codes(gt: Sequence[tuple[str, str]], query_ids: np.ndarray,
+                reference_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Integer codes for queries of the predictions and int64 keys of GT / predicted pairs."""
+    gq = np.array([g[0] for g in gt], dtype=object)
+    gr = np.array([g[1] for g in gt], dtype=object)
+    q_codes, _ = pd.factorize(np.concatenate([gq, query_ids]))
+    r_codes, r_uniq = pd.factorize(np.concatenate([gr, reference_ids]))
+    keys = q_codes.astype(np.int64) * max(len(r_uniq), 1) + r_codes
+    n = len(gt)
+    return q_codes[n:], keys[:n], keys[n:]
+
+
+def _check_duplicates(pred_keys: np.ndarray, query_ids: np.ndarray, reference_ids: np.ndarray) -> None:
+    uniq, first, counts = np.unique(pred_keys, return_index=True, return_counts=True)
+    if len(uniq) != len(pred_keys):
+        i = first[np.argmax(counts > 1)]
+        raise ValueError(f"predictions contain duplicates: {int((counts > 1).sum())} (query, reference) "
+                         f"pairs appear more than once, e.g. ({query_ids[i]!r}, {reference_ids[i]!r})")
+
+
+def _ranks_in_query(q_codes: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Per prediction: #(predictions of its query with score >= its score) - 1."""
+    order = np.lexsort((-scores, q_codes))
+    q, s = q_codes[order], scores[order]
+    new_group = np.r_[True, q[1:] != q[:-1]]
+    new_run = new_group | np.r_[True, s[1:] != s[:-1]]
+    group_start = np.flatnonzero(new_group)[np.cumsum(new_group) - 1]
+    run_last = np.r_[np.flatnonzero(new_run)[1:] - 1, len(q) - 1][np.cumsum(new_run) - 1]
+    ranks = np.empty(len(q), dtype=np.int64)
+    ranks[order] = run_last - group_start
+    return ranks
+
+
+def evaluate(gt: Sequence[tuple[str, str]], query_ids: Sequence[str], reference_ids: Sequence[str],
+             scores: Sequence[float] | np.ndarray) -> Metrics:
+    """Score predictions ``(query_ids[i], reference_ids[i], scores[i])`` against GT pairs."""
+    if len(gt) == 0:
+        raise ValueError("ground truth is empty: recall is undefined")
+    qids = np.asarray(query_ids, dtype=object)
+    rids = np.asarray(reference_ids, dtype=object)
+    s = np.asarray(scores, dtype=np.float64)
+    if not len(qids) == len(rids) == len(s):
+        raise ValueError(f"predictions: {len(qids)} query ids, {len(rids)} reference ids, {len(s)} scores")
+    if np.isnan(s).any():
+        raise ValueError("predictions: scores contain NaN")
+    q_codes, gt_keys, pred_keys = _pair_codes(gt, qids, rids)
+    _check_duplicates(pred_keys, qids, rids)
+
+    y_true = np.isin(pred_keys, gt_keys)
+    p, r, t = precision_recall(y_true, s, len(gt))
+    valid = p >= 0.9
+    best = int(np.argmax(np.where(valid, r, -1.0))) if valid.any() else None
+
+    # rank of each GT pair among its query's predictions; pairs never predicted are not found
+    at = pd.Index(pred_keys).get_indexer(gt_keys)  # pred_keys are unique (checked above)
+    ranks = np.full(len(gt), _NOT_FOUND, dtype=np.int64)
+    ranks[at >= 0] = _ranks_in_query(q_codes, s)[at[at >= 0]]
+
+    return Metrics(
+        micro_ap=average_precision(r, p),
+        recall_at_p90=0.0 if best is None else float(r[best]),
+        threshold_at_p90=None if best is None else float(t[best]),
+        recall_at_1=float((ranks == 0).sum() / len(gt)),
+        recall_at_10=float((ranks < 10).sum() / len(gt)),
+        n_predictions=len(s), n_positives=len(gt),
+        precisions=p, recalls=r, thresholds=t,
+    )
+
+
+def _read_csv(path: str | os.PathLike, columns: list[str], types: dict[str, pa.DataType]) -> pa.Table:
+    try:
+        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+            column_types=types, strings_can_be_null=False))
+    except pa.ArrowInvalid as e:
+        raise ValueError(f"{path}: not a valid CSV with header {','.join(columns)}: {e}") from e
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing}; found {table.column_names} "
+                         f"(expected a header line {','.join(columns)})")
+    return table.select(columns)
+
+
+def read_ground_truth(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """GT pairs from a CSV with header ``query_id,reference_id``; rows with no reference are skipped."""
+    table = _read_csv(path, ["query_id", "reference_id"],
+                      {"query_id": pa.string(), "reference_id": pa.string()})
+    q, r = table.column("query_id").to_pylist(), table.column("reference_id").to_pylist()
+    return [(a, b) for a, b in zip(q, r) if b]
+
+
+def read_predictions(path: str | os.PathLike) -> pa.Table:
+    """An ISC21 prediction CSV (``query_id,reference_id,score``) as a PREDICTIONS_SCHEMA table."""
+    table = _read_csv(path, PREDICTIONS_SCHEMA.names, dict(zip(PREDICTIONS_SCHEMA.names, PREDICTIONS_SCHEMA.types)))
+    return table.cast(PREDICTIONS_SCHEMA)
+
+
+def write_predictions(table: pa.Table, path: str | os.PathLike) -> str:
+    """Write ``query_id,reference_id,score`` (unquoted ISC21 CSV) atomically: temp name, then rename."""
+    table = table.select(PREDICTIONS_SCHEMA.names).cast(PREDICTIONS_SCHEMA)
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with open(tmp, "wb") as f:  # header written by hand: pyarrow<22 always quotes it
+            f.write((",".join(PREDICTIONS_SCHEMA.names) + "\n").encode())
+            pacsv.write_csv(table, f, pacsv.WriteOptions(include_header=False, quoting_style="none"))
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def evaluate_files(gt_csv: str | os.PathLike, predictions_csv: str | os.PathLike) -> Metrics:
+    """Metrics of a prediction CSV against a ground-truth CSV."""
+    preds = read_predictions(predictions_csv)
+    return evaluate(read_ground_truth(gt_csv), preds.column("query_id").to_numpy(zero_copy_only=False),
+                    preds.column("reference_id").to_numpy(zero_copy_only=False),
+                    preds.column("score").to_numpy())
+
+
+def plot_pr(curves: Mapping[str, Metrics], path: str | os.PathLike) -> str:
+    """Write a PNG with one precision-recall curve per name (μAP in the legend) and the P=0.9 line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, m in curves.items():
+        ax.plot(m.recalls, m.precisions, label=f"{name} (μAP {m.micro_ap:.3f})")
+    ax.axhline(0.9, color="grey", linestyle="--", linewidth=1, label="P = 0.9")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="precision-recall")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower left")
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp.png"
+    fig.savefig(tmp, format="png")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,229 @@
+"""Descriptor-model checkpoints: safetensors weights plus a JSON sidecar with the model config.
+
+Files are read with safetensors or ``torch.load(weights_only=True)`` only, so loading a
+checkpoint can never run code. ``load_weights`` also takes plain timm / torchvision state dicts
+for the trunk (prefixes such as ``module.`` or ``backbone.`` are stripped, classifiers dropped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from pretrain.backbones import DescriptorModel, build_backbone
+
+SIDECAR_FORMAT = "copydet.descriptor/1"
+TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
+_CONTAINER_KEYS = ("state_dict", "model", "model_state_dict")  # training-checkpoint layouts
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")  # DDP, torch.compile, Lightning
+_TRUNK_PREFIXES = ("backbone.", "trunk.")  # trunk of a backbone + head model; ours
+_CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.")
+_LISTED = 5  # keys quoted in an error message
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unsafe or does not fit the model; the message names the file."""
+
+    def __init__(self, path: str | os.PathLike, problem: str) -> None:
+        super().__init__(f"{path}: {problem}")
+        self.path = Path(path)
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """The JSON sidecar of a checkpoint: ``<path>.json`` (never clashes with a model card)."""
+    return Path(f"{os.fspath(path)}.json")
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Run ``write(tmp)`` on a temporary sibling, then rename it to ``path`` (readers never
+    see a half-written file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_checkpoint(
+    model: DescriptorModel, path: str | os.PathLike, *, meta: Mapping[str, Any] | None = None
+) -> Path:
+    """Write ``model``'s state dict to ``path`` (.safetensors) and its config to the sidecar.
+
+    ``meta`` is free-form JSON (e.g. trained_on, loss, train_time_s, metrics); the registry
+    copies the model-card fields from it. The sidecar is written last: it marks completion.
+    """
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise CheckpointError(path, "checkpoints are saved as .safetensors")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    write_atomically(path, lambda tmp: save_file(state, os.fspath(tmp)))
+    sidecar = {"format": SIDECAR_FORMAT, "config": model.config(), "meta": dict(meta or {})}
+    text = json.dumps(sidecar, indent=2)
+    write_atomically(sidecar_path(path), lambda tmp: tmp.write_text(text + "\n"))
+    return path
+
+
+def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
+    """The sidecar of checkpoint ``path``: ``{"format", "config", "meta"}``."""
+    side = sidecar_path(path)
+    if not side.is_file():
+        raise CheckpointError(side, "missing sidecar (save_checkpoint writes it with the weights)")
+    try:
+        data = json.loads(side.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(side, f"sidecar is not valid JSON ({e})") from e
+    if not isinstance(data, dict) or data.get("format") != SIDECAR_FORMAT:
+        raise CheckpointError(side, f"not a {SIDECAR_FORMAT} sidecar")
+    if not isinstance(data.get("config"), dict):
+        raise CheckpointError(side, "sidecar has no 'config' object")
+    return data
+
+
+def load_checkpoint(path: str | os.PathLike) -> DescriptorModel:
+    """Rebuild the model described by the sidecar and load every weight of ``path`` into it."""
+    state = read_state_dict(path)
+    model = build_from_sidecar(path)
+    _assign(model, state, path)
+    return model
+
+
+def build_from_sidecar(path: str | os.PathLike) -> DescriptorModel:
+    """The (random-init) architecture that the sidecar of checkpoint ``path`` describes."""
+    config = read_sidecar(path)["config"]
+    try:
+        return build_backbone(**config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(sidecar_path(path), f"cannot rebuild the model ({e})") from e
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors or torch file (``weights_only``), unwrapped from a
+    ``{"state_dict": ...}``-style training checkpoint; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such file")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(os.fspath(path))
+        except SafetensorError as e:
+            raise CheckpointError(path, f"not a valid safetensors file ({e})") from e
+    if path.suffix not in TORCH_SUFFIXES:
+        raise CheckpointError(
+            path,
+            f"unsupported file type {path.suffix!r}; expected .safetensors or {TORCH_SUFFIXES}",
+        )
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = re.search(r"WeightsUnpickler error: ([^\n]*?)(\. |\n|$)", str(e))
+        why = reason.group(1) if reason else str(e).splitlines()[0]
+        raise CheckpointError(
+            path,
+            f"refused by torch.load(weights_only=True): {why}. Only plain tensor state dicts "
+            "are loaded; re-save the weights with safetensors or as a dict of tensors",
+        ) from e
+    except (RuntimeError, EOFError, OSError) as e:
+        raise CheckpointError(path, f"torch.load cannot read it ({e})") from e
+    return _tensor_dict(_unwrap(obj), path)
+
+
+def _unwrap(obj: Any) -> Any:
+    """The state dict inside a training checkpoint such as ``{"epoch": 3, "state_dict": {...}}``."""
+    while isinstance(obj, Mapping):
+        inner = next((obj[k] for k in _CONTAINER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            return obj
+        obj = inner
+    return obj
+
+
+def _tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(path, f"holds a {type(obj).__name__}, not a state dict")
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(path, f"entry {key!r} is a {type(value).__name__}, not a tensor")
+    if not obj:
+        raise CheckpointError(path, "holds no tensors")
+    return dict(obj)
+
+
+def load_weights(model: DescriptorModel, path: str | os.PathLike) -> str:
+    """Load ``path`` into ``model``; returns what was loaded, ``"model"`` or ``"trunk"``.
+
+    A file whose keys are exactly the model's (ours, see :func:`save_checkpoint`) loads whole.
+    Anything else is taken as a trunk state dict (timm/torchvision naming): wrapper prefixes
+    (``module.``, ``model.``, ...) are stripped, only ``backbone.``/``trunk.`` keys are kept
+    when present, and classifier keys (``fc.``, ``head.``, ``classifier.``) are dropped.
+    Every trunk weight must be present with the right shape.
+    """
+    state = _strip_wrappers(read_state_dict(path))
+    if state.keys() == model.state_dict().keys():
+        _assign(model, state, path)
+        return "model"
+    _assign(model.trunk, _trunk_part(state, model.trunk), path)
+    return "trunk"
+
+
+def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Remove prefixes that every key carries (DDP ``module.``, ``_orig_mod.``, ``model.``)."""
+    def common(prefix: str) -> bool:
+        return all(k.startswith(prefix) for k in state)
+
+    while prefix := next((p for p in _WRAPPER_PREFIXES if common(p)), None):
+        state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def _trunk_part(state: dict[str, torch.Tensor], trunk: nn.Module) -> dict[str, torch.Tensor]:
+    prefix = next((p for p in _TRUNK_PREFIXES if any(k.startswith(p) for k in state)), None)
+    if prefix is not None:
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    own = trunk.state_dict().keys()
+    return {k: v for k, v in state.items() if k in own or not k.startswith(_CLASSIFIER_PREFIXES)}
+
+
+def _listed(items: list[str]) -> str:
+    more = f" (+{len(items) - _LISTED} more)" if len(items) > _LISTED else ""
+    return ", ".join(items[:_LISTED]) + more
+
+
+def _assign(module: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
+    """Strictly load ``state`` into ``module`` after checking keys and shapes."""
+    own = module.state_dict()
+    if not state.keys() & own.keys():
+        raise CheckpointError(
+            path,
+            f"no key matches the model (file: {_listed(sorted(state))}; "
+            f"model: {_listed(sorted(own))})",
+        )
+    bad_shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state and state[k].shape != own[k].shape
+    ]
+    if bad_shapes:
+        raise CheckpointError(path, f"{len(bad_shapes)} shape mismatches: {_listed(bad_shapes)}")
+    # BatchNorm step counters are absent from older checkpoints and unused in eval: optional.
+    missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in own]
+    if missing:
+        raise CheckpointError(path, f"{len(missing)} model weights missing: {_listed(missing)}")
+    if unexpected:
+        raise CheckpointError(path, f"{len(unexpected)} unexpected keys: {_listed(unexpected)}")
+    module.load_state_dict(state, strict=False)

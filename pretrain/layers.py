@@ -1,0 +1,75 @@
+"""Pooling and normalisation layers that turn trunk features into descriptors."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def gem(x: torch.Tensor, p: torch.Tensor | float, eps: float = 1e-6) -> torch.Tensor:
+    """Generalised-mean pool a ``B x C x H x W`` map to ``B x C``.
+
+    ``p = 1`` is average pooling and ``p -> inf`` tends to max pooling. The input must be
+    non-negative (e.g. after a ReLU): values are clamped to ``eps`` so that the fractional
+    power stays real, which would silently zero out negative activations.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"GeM expects a B x C x H x W feature map, got shape {tuple(x.shape)}")
+    return x.clamp(min=eps).pow(p).mean(dim=(-2, -1)).pow(1.0 / p)
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling (Radenović et al.) with a learnable or fixed exponent ``p``.
+
+    Input must be non-negative, see :func:`gem`. A learnable ``p`` is a parameter (saved in the
+    state dict); a fixed one is a buffer, so both round-trip through checkpoints.
+    """
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, learnable: bool = True) -> None:
+        super().__init__()
+        p_tensor = torch.tensor([float(p)])
+        if learnable:
+            self.p = nn.Parameter(p_tensor)
+        else:
+            self.register_buffer("p", p_tensor)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gem(x, self.p, self.eps)
+
+    def extra_repr(self) -> str:
+        learnable = isinstance(self.p, nn.Parameter)
+        return f"p={self.p.item():.3f}, eps={self.eps}, learnable={learnable}"
+
+
+class TokenPool(nn.Module):
+    """Pool a ViT token sequence ``B x N x C`` to ``B x C``.
+
+    ``mode="cls"`` takes the first (class) token; ``mode="mean"`` averages the patch tokens,
+    skipping the ``num_prefix_tokens`` class/register tokens at the front.
+    """
+
+    def __init__(self, mode: str, num_prefix_tokens: int) -> None:
+        super().__init__()
+        if mode not in ("cls", "mean"):
+            raise ValueError(f"TokenPool mode must be 'cls' or 'mean', got {mode!r}")
+        if mode == "cls" and num_prefix_tokens < 1:
+            raise ValueError("TokenPool mode 'cls' needs a model with a class token")
+        self.mode = mode
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 3:
+            raise ValueError(f"TokenPool expects B x N x C tokens, got shape {tuple(x.shape)}")
+        if self.mode == "cls":
+            return x[:, 0]
+        return x[:, self.num_prefix_tokens :].mean(dim=1)
+
+    def extra_repr(self) -> str:
+        return f"mode={self.mode}, num_prefix_tokens={self.num_prefix_tokens}"
+
+
+def l2_normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-12) -> torch.Tensor:
+    """Scale ``x`` to unit L2 norm along ``dim`` (all-zero rows stay zero instead of NaN)."""
+    return F.normalize(x, p=2.0, dim=dim, eps=eps)

@@ -1,0 +1,186 @@
+"""Model cards: one JSON file per registered model; the rest of copydet names models by card.
+
+A name resolves, in order, to a card ``<registry>/<name>.json``, a checkpoint file with its
+sidecar (:mod:`pretrain.checkpoint`), or a bare backbone name (a random-init card). The
+registry folder is ``$COPYDET_REGISTRY``, else ``models/`` under the working directory.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pretrain.backbones import DescriptorModel, build_backbone, list_backbones
+from pretrain.checkpoint import build_from_sidecar, read_sidecar, sidecar_path, write_atomically
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+CARD_SUFFIX = ".json"
+# Fields a checkpoint's sidecar "meta" may fill in on the card made from it.
+_META_FIELDS = ("trained_on", "loss", "source_checkpoint", "train_time_s", "metrics", "resize")
+
+
+class RegistryError(ValueError):
+    """A model name cannot be resolved, or a card file is invalid (the message says which)."""
+
+
+class ModelCard(BaseModel):
+    """What a stage needs to know to use a model, and where it came from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN, description="registry name (file <name>.json)")
+    kind: Literal["backbone", "detector", "external"]
+    arch: str = Field(description="backbone registry name, detector or external model type")
+    weights: str | None = Field(None, description="local weights file; None = random init")
+    input_size: int = Field(gt=0, description="nominal input side in pixels")
+    resize: Literal["square", "short_side", "long_side"] = Field(
+        "square", description="square: to input_size^2; *_side: that side to input_size"
+    )
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    dim: int | None = Field(None, gt=0, description="descriptor size (None for detectors)")
+    build: dict[str, Any] = Field({}, description="build_backbone kwargs (kind backbone)")
+    trained_on: str | None = Field(None, description="training recipe / image set")
+    loss: str | None = None
+    source_checkpoint: str | None = Field(None, description="weights training started from")
+    train_time_s: float | None = Field(None, ge=0)
+    metrics: dict[str, float] = Field({}, description="validation metrics, e.g. uAP, R@P90")
+
+    @model_validator(mode="after")
+    def _backbone_fields(self) -> ModelCard:
+        if self.kind == "backbone" and (self.dim is None or "name" not in self.build):
+            raise ValueError("a backbone card needs dim and build (build_backbone kwargs)")
+        return self
+
+
+def default_registry_dir() -> Path:
+    """``$COPYDET_REGISTRY`` if set, else ``./models``."""
+    return Path(os.environ.get("COPYDET_REGISTRY") or Path.cwd() / "models")
+
+
+def _dir(registry_dir: str | os.PathLike | None) -> Path:
+    return default_registry_dir() if registry_dir is None else Path(registry_dir)
+
+
+def register(card: ModelCard, registry_dir: str | os.PathLike | None = None) -> Path:
+    """Write ``card`` to ``<registry_dir>/<name>.json`` atomically (replacing an older card)."""
+    text = card.model_dump_json(indent=2) + "\n"
+    path = _dir(registry_dir) / f"{card.name}{CARD_SUFFIX}"
+    return write_atomically(path, lambda tmp: tmp.write_text(text))
+
+
+def _read_card(path: Path) -> ModelCard:
+    try:
+        card = ModelCard.model_validate_json(path.read_text())
+    except ValidationError as e:
+        raise RegistryError(f"{path}: invalid model card:\n{e}") from e
+    if card.name != path.name[: -len(CARD_SUFFIX)]:
+        raise RegistryError(f"{path}: card name {card.name!r} does not match the file name")
+    return card
+
+
+def _card_files(registry_dir: Path) -> list[Path]:
+    # Checkpoint sidecars (<weights>.safetensors.json) may share the folder: they are not cards.
+    files = registry_dir.glob(f"*{CARD_SUFFIX}")
+    return sorted(p for p in files if not p.name.endswith(".safetensors.json"))
+
+
+def list_cards(registry_dir: str | os.PathLike | None = None) -> list[ModelCard]:
+    """Every card in the registry, sorted by name (an empty list if the folder does not exist)."""
+    return [_read_card(p) for p in _card_files(_dir(registry_dir))]
+
+
+def _registered_names(registry_dir: Path) -> str:
+    names = [p.name[: -len(CARD_SUFFIX)] for p in _card_files(registry_dir)]
+    return ", ".join(names) or "none"
+
+
+def load_card(name: str, registry_dir: str | os.PathLike | None = None) -> ModelCard:
+    """The card registered as ``name``; the error lists the registered names."""
+    reg = _dir(registry_dir)
+    path = reg / f"{name}{CARD_SUFFIX}"
+    if not re.fullmatch(NAME_PATTERN, name) or not path.is_file():
+        raise RegistryError(
+            f"no model {name!r} in registry {reg}; registered: {_registered_names(reg)}"
+        )
+    return _read_card(path)
+
+
+def card_for_model(
+    model: DescriptorModel, *, name: str, weights: str | None = None, **fields: Any
+) -> ModelCard:
+    """A backbone card describing ``model``; ``fields`` set the provenance fields."""
+    return ModelCard(
+        name=name, kind="backbone", arch=model.name, weights=weights, input_size=model.img_size,
+        mean=model.mean, std=model.std, dim=model.dim, build=model.config(), **fields,
+    )
+
+
+def card_from_checkpoint(path: str | os.PathLike) -> ModelCard:
+    """A card for a checkpoint written by ``save_checkpoint``, named after the file stem."""
+    path = Path(path).resolve()
+    with torch.device("meta"):  # architecture only: no weights allocated
+        model = build_from_sidecar(path)
+    meta = read_sidecar(path).get("meta") or {}
+    fields = {k: meta[k] for k in _META_FIELDS if k in meta}
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", path.name.removesuffix(".safetensors"))
+    try:
+        return card_for_model(model, name=name, weights=str(path), **fields)
+    except ValidationError as e:
+        raise RegistryError(f"{sidecar_path(path)}: sidecar gives an invalid card:\n{e}") from e
+
+
+def backbone_card(name: str, *, dim: int | None = None) -> ModelCard:
+    """A random-init card for backbone ``name`` (see ``build_backbone``'s seed)."""
+    with torch.device("meta"):
+        model = build_backbone(name, dim=dim)
+    return card_for_model(model, name=name)
+
+
+def resolve_model(
+    name_or_path: str | os.PathLike,
+    registry_dir: str | os.PathLike | None = None,
+    *,
+    dim: int | None = None,
+) -> ModelCard:
+    """Registry name, then checkpoint path (with sidecar), then backbone name -> card.
+
+    ``dim`` sets the projection of a random-init backbone; for a trained model it must be
+    None or equal the model's own size.
+    """
+    reg = _dir(registry_dir)
+    key = os.fspath(name_or_path)
+    if re.fullmatch(NAME_PATTERN, key) and (reg / f"{key}{CARD_SUFFIX}").is_file():
+        card = load_card(key, reg)
+    elif Path(key).is_file():
+        card = card_from_checkpoint(key)
+    elif key in list_backbones():
+        return backbone_card(key, dim=dim)
+    else:
+        raise RegistryError(
+            f"cannot resolve model {key!r}: not in registry {reg} (registered: "
+            f"{_registered_names(reg)}), not a checkpoint file, and not a backbone "
+            f"({', '.join(list_backbones())})"
+        )
+    if dim is not None and dim != card.dim:
+        raise RegistryError(
+            f"model {key!r} has dim {card.dim}; dim={dim} only sets random-init backbones"
+        )
+    return card
+
+
+def build_model(card: ModelCard) -> DescriptorModel:
+    """The descriptor model of a backbone card, with its weights loaded when it has any."""
+    if card.kind != "backbone":
+        raise RegistryError(f"model {card.name!r} is a {card.kind}, not a descriptor backbone")
+    model = build_backbone(**card.build, checkpoint=card.weights)
+    if model.dim != card.dim:
+        raise RegistryError(
+            f"model {card.name!r}: card says dim {card.dim}, the built model gives {model.dim}"
+        )
+    return model

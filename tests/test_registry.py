@@ -1,0 +1,125 @@
+"""Model cards: round trip, listing, name resolution order and building models from cards."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from pretrain.backbones import build_backbone
+from pretrain.checkpoint import save_checkpoint
+from pretrain.registry import (
+    ModelCard, RegistryError, build_model, default_registry_dir, list_cards, load_card, register,
+    resolve_model,
+)
+
+
+def _card(name: str, **kw) -> ModelCard:
+    fields = dict(
+        name=name, kind="backbone", arch="tiny_cnn", weights=None, input_size=64,
+        resize="short_side",
+        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), dim=16,
+        build={"name": "tiny_cnn", "pool": "gem", "dim": 16, "img_size": 64, "seed": 0},
+        trained_on="recipe_a/set3", loss="arcface", train_time_s=12.5, metrics={"uap": 0.42},
+    )
+    return ModelCard(**{**fields, **kw})
+
+
+def test_register_load_round_trip(tmp_path: Path) -> None:
+    card = _card("r50.byol-a")
+    path = register(card, tmp_path)
+    assert path == tmp_path / "r50.byol-a.json"
+    assert load_card("r50.byol-a", tmp_path) == card
+    assert [p.name for p in tmp_path.iterdir()] == ["r50.byol-a.json"]  # no temp file left
+    register(_card("r50.byol-a", loss="triplet"), tmp_path)  # re-register replaces
+    assert load_card("r50.byol-a", tmp_path).loss == "triplet"
+
+
+def test_list_cards_sorted_and_skips_checkpoint_sidecars(tmp_path: Path) -> None:
+    assert list_cards(tmp_path / "missing") == []
+    for name in ["zeta", "alpha", "mid"]:
+        register(_card(name), tmp_path)
+    save_checkpoint(build_backbone("tiny_cnn"), tmp_path / "weights.safetensors")
+    assert [c.name for c in list_cards(tmp_path)] == ["alpha", "mid", "zeta"]
+
+
+def test_card_validation() -> None:
+    with pytest.raises(ValidationError, match="extra"):
+        _card("a", colour="red")
+    with pytest.raises(ValidationError, match="backbone card needs dim"):
+        _card("a", dim=None)
+    with pytest.raises(ValidationError, match="name"):
+        _card("../escape")
+    det = ModelCard(name="yolo", kind="detector", arch="yolov8n", input_size=640,
+                    mean=(0, 0, 0), std=(1, 1, 1))
+    assert det.dim is None and det.build == {}
+
+
+def test_bad_card_files_name_the_file(tmp_path: Path) -> None:
+    (tmp_path / "broken.json").write_text('{"name": "broken", "kind": "backbone"}')
+    with pytest.raises(RegistryError, match=r"broken\.json: invalid model card"):
+        load_card("broken", tmp_path)
+    (tmp_path / "broken.json").unlink()
+    (tmp_path / "renamed.json").write_text(_card("original").model_dump_json())
+    with pytest.raises(RegistryError, match="card name 'original' does not match"):
+        list_cards(tmp_path)
+
+
+def test_unknown_name_lists_registered_names(tmp_path: Path) -> None:
+    register(_card("alpha"), tmp_path)
+    register(_card("beta"), tmp_path)
+    with pytest.raises(RegistryError, match="no model 'gamma' in registry .*: alpha, beta"):
+        load_card("gamma", tmp_path)
+    with pytest.raises(RegistryError, match=r"cannot resolve model 'gamma'.*alpha, beta.*resnet50"):
+        resolve_model("gamma", tmp_path)
+    with pytest.raises(RegistryError, match="registered: none"):
+        resolve_model("gamma", tmp_path / "empty")
+
+
+def test_resolve_bare_backbone_gives_random_init_card(tmp_path: Path) -> None:
+    card = resolve_model("tiny_cnn", tmp_path, dim=24)
+    assert (card.kind, card.arch, card.weights) == ("backbone", "tiny_cnn", None)
+    assert (card.dim, card.input_size) == (24, 160)
+    assert card.mean == (0.5, 0.5, 0.5)
+    model = build_model(card).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():  # seeded init: every process builds the same random model
+        assert torch.equal(model(x), build_backbone("tiny_cnn", dim=24).eval()(x))
+
+
+def test_resolve_checkpoint_path_uses_sidecar(tmp_path: Path) -> None:
+    model = build_backbone("tiny_cnn", dim=16, seed=5).eval()
+    meta = {"trained_on": "set1", "loss": "byol", "train_time_s": 3.0, "epochs": 2}
+    path = save_checkpoint(model, tmp_path / "ckpts" / "byol tiny.safetensors", meta=meta)
+    card = resolve_model(path, tmp_path)
+    assert card.name == "byol_tiny" and card.weights == str(path.resolve())
+    assert (card.trained_on, card.loss, card.train_time_s, card.dim) == ("set1", "byol", 3.0, 16)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(build_model(card).eval()(x), model(x))
+    with pytest.raises(RegistryError, match="has dim 16; dim=8"):
+        resolve_model(path, tmp_path, dim=8)
+
+
+def test_registry_name_shadows_backbone_name(tmp_path: Path) -> None:
+    register(_card("tiny_cnn", trained_on="registered"), tmp_path)
+    assert resolve_model("tiny_cnn", tmp_path).trained_on == "registered"
+    assert resolve_model("tiny_cnn", tmp_path / "other").trained_on is None
+
+
+def test_build_model_rejects_non_backbones() -> None:
+    det = ModelCard(name="yolo", kind="detector", arch="yolov8n", input_size=640,
+                    mean=(0, 0, 0), std=(1, 1, 1))
+    with pytest.raises(RegistryError, match="'yolo' is a detector"):
+        build_model(det)
+
+
+def test_default_registry_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("COPYDET_REGISTRY", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert default_registry_dir() == tmp_path / "models"
+    register(_card("here"))
+    assert (tmp_path / "models" / "here.json").is_file()
+    monkeypatch.setenv("COPYDET_REGISTRY", str(tmp_path / "elsewhere"))
+    assert default_registry_dir() == tmp_path / "elsewhere"
+    assert list_cards() == []
