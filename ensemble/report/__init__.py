@@ -1,0 +1,80 @@
+"""The run report: ``report.html`` plus its PNGs in ``report/`` next to it.
+
+It shows, for every ensemble member (patch candidates -> max over patches -> top k per
+query) and for the ensemble's predictions: the ISC21 metrics, PR curves, recall@1 per
+transform family (when query metadata is given), the score distribution of copies vs
+non-copies with the P90 threshold, and a gallery of the worst false positives and missed
+copies. Inputs are tables, not a run folder, so the caller decides where they come from.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Mapping, Sequence
+
+import pyarrow as pa
+
+from ensemble.metrics import plot_pr
+from ensemble.report import figures, page
+from ensemble.report.analysis import (GT, false_positives, family_recall, missed_copies, pair_scores,
+                                      positive_mask, score_members)
+
+ASSETS = "report"  # folder of PNGs / thumbnails, relative to the HTML
+
+
+def build_report(out_dir: str, members: Mapping[str, pa.Table], predictions: pa.Table | None, gt: GT,
+                 paths: Mapping[str, str] | None = None, families: Mapping[str, Sequence[str]] | None = None,
+                 k: int = 10, gallery_size: int = 8, title: str = "copydet run report",
+                 notes: Sequence[str] = ()) -> str:
+    """Write ``out_dir/report.html`` and its figures; returns the HTML path.
+
+    ``members`` maps a member name to its candidates table; ``predictions`` is the
+    ensemble's ``(query_id, reference_id, score)`` table; ``paths`` maps image ids to files
+    for the gallery thumbnails; ``families`` maps query ids to their transform families.
+    """
+    if not members and predictions is None:
+        raise ValueError(f"report for {out_dir}: no member candidates and no ensemble predictions")
+    if not gt:
+        raise ValueError(f"report for {out_dir}: the ground truth is empty")
+    assets, paths = os.path.join(out_dir, ASSETS), paths or {}
+    scored = score_members(members, predictions, gt, k)
+    primary = scored[-1]  # the ensemble when there is one
+
+    def img(path: str | None, alt: str) -> str:
+        return page.image(None if path is None else os.path.relpath(path, out_dir), alt)
+
+    pr = plot_pr({s.name: s.metrics for s in scored}, os.path.join(assets, "pr_curves.png"))
+    sections = [("Metrics", page.metrics_table(scored)), ("Precision-recall", img(pr, "PR curves"))]
+    recall = family_recall(scored, gt, families) if families else {}
+    if recall:
+        png = figures.family_bars(recall, os.path.join(assets, "families.png"))
+        sections.append(("Recall@1 per transform family", page.family_table(recall) + img(png, "R@1 per family")))
+    pos = positive_mask(primary.predictions, gt)
+    s = primary.predictions.column("score").to_numpy()
+    png = figures.score_histogram(s[pos], s[~pos], primary.metrics.threshold_at_p90,
+                                  os.path.join(assets, "scores.png"), primary.name)
+    sections.append((f"Scores of {primary.name}", img(png, "score histogram")))
+
+    thumbs = os.path.join(assets, "thumbs")
+    for heading, errors in [
+        (f"Top false positives of {primary.name}", false_positives(primary.predictions, gt, gallery_size)),
+        (f"Missed copies of {primary.name} (not predicted or below the P90 threshold)",
+         missed_copies(primary.predictions, gt, primary.metrics.threshold_at_p90, gallery_size)),
+    ]:
+        pairs = [(q, r) for q, r, _ in errors]
+        scores = pair_scores(scored, pairs)
+        cards = [page.Card(q, r, img(figures.thumbnail(paths.get(q), thumbs, q), q),
+                           img(figures.thumbnail(paths.get(r), thumbs, r), r), scores[(q, r)])
+                 for q, r in pairs]
+        sections.append((heading, page.gallery(cards)))
+
+    out = os.path.join(out_dir, "report.html")
+    tmp = f"{out}.{uuid.uuid4().hex[:8]}.tmp"
+    summary = f"{len(gt)} ground-truth pairs; members scored on their top {k} references per query."
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(page.render(title, [*notes, summary], sections))
+    os.replace(tmp, out)
+    return out
+
+
+__all__ = ["build_report"]

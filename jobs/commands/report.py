@@ -1,0 +1,73 @@
+"""``copydet report RUN_DIR``: report.html + PNGs from the files of a finished run."""
+from __future__ import annotations
+
+import argparse
+import os
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import yaml
+
+from ensemble.metrics import read_ground_truth, read_predictions
+from ensemble.report import build_report
+from ensemble.store import exists, read_table
+from jobs.cli import arg, command
+from jobs.config import ConfigError, validate
+from jobs.layout import RunDir, shard_names
+from jobs.runtime import say
+
+
+def members(run: RunDir) -> dict[str, pa.Table]:
+    """Candidates of every member: each ``candidates/<key>`` folder with finished shards."""
+    root = os.path.join(run.root, "candidates")
+    keys = sorted(k for k in os.listdir(root) if shard_names(run.candidates(k))) if os.path.isdir(root) else []
+    return {k: read_table(run.candidates(k)) for k in keys}
+
+
+def ground_truth_path(run: RunDir, given: str | None) -> str:
+    """``--ground-truth``, else the one named by the run's saved config.yaml."""
+    if given:
+        return given
+    if not os.path.isfile(run.config):
+        raise ConfigError(f"{run.root}: no config.yaml to find the ground truth in; pass --ground-truth")
+    with open(run.config) as f:
+        cfg = validate(yaml.safe_load(f) or {}, run.config)
+    path = cfg.data.ground_truth_path()
+    if not path:
+        raise ConfigError(f"{run.config}: data section names no ground truth; pass --ground-truth")
+    return path
+
+
+def read_families(path: str) -> dict[str, list[str]]:
+    """``query_id -> transform families`` from a CSV with columns query_id and transforms (';'-separated)."""
+    try:
+        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+            include_columns=["query_id", "transforms"],
+            column_types={"query_id": pa.string(), "transforms": pa.string()}))
+    except (pa.ArrowInvalid, KeyError) as e:
+        raise ValueError(f"{path}: expected a CSV with columns query_id,transforms: {e}") from e
+    return {q: [t.strip() for t in (ts or "").split(";") if t.strip()]
+            for q, ts in zip(table.column("query_id").to_pylist(), table.column("transforms").to_pylist())}
+
+
+@command("report", "write RUN_DIR/report.html: metrics per member and ensemble, PR curves, "
+         "per-family recall, score histogram, false-positive / missed-copy gallery",
+         arg("run_dir", help="run folder (local path)"),
+         arg("--meta", help="query metadata CSV with columns query_id,transforms (';'-separated families)"),
+         arg("--ground-truth", help="ground-truth CSV (default: the one in RUN_DIR/config.yaml)"),
+         arg("--k", type=int, default=10, help="references per query kept for each member (default 10)"),
+         uses_config=False)
+def report(args: argparse.Namespace) -> None:
+    run = RunDir(os.path.abspath(args.run_dir))
+    if not os.path.isdir(run.root):
+        raise FileNotFoundError(f"{run.root}: no such run folder")
+    gt_path = ground_truth_path(run, args.ground_truth)
+    preds = read_predictions(run.predictions) if os.path.isfile(run.predictions) else None
+    paths = {}
+    if exists(run.manifest):
+        manifest = read_table(run.manifest, columns=["image_id", "path"])
+        paths = dict(zip(manifest.column("image_id").to_pylist(), manifest.column("path").to_pylist()))
+    out = build_report(run.root, members(run), preds, read_ground_truth(gt_path), paths=paths,
+                       families=read_families(args.meta) if args.meta else None, k=args.k,
+                       title=f"copydet report: {os.path.basename(run.root)}", notes=[f"ground truth: {gt_path}"])
+    say(f"report: {out}")

@@ -1,0 +1,94 @@
+"""`copydet report` on a tiny hand-made run folder whose metrics are computed by hand."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+from PIL import Image
+
+from ensemble.metrics import write_predictions
+from ensemble.store import CANDIDATES_SCHEMA, MANIFEST_SCHEMA, write_table
+from jobs.cli import main
+
+GT = [("Q0", "R0"), ("Q1", "R1"), ("Q2", "R2")]
+# member a, image level: Q0-R0 .95 T, Q1-R3 .8 F, Q2-R2 .7 T, Q3-R3 .6 F, Q0-R1 .5 F, Q1-R1 .4 T
+# -> precisions at the copies 1, 2/3, 3/6: μAP = (1 + 2/3 + 1/2) / 3 = 13/18
+MEMBER_A = [("Q0", 0, "R0", 0, 0.9), ("Q0", 1, "R0", 2, 0.95), ("Q0", 0, "R1", 0, 0.5), ("Q1", 0, "R1", 0, 0.4),
+            ("Q1", 2, "R3", 0, 0.8), ("Q2", 0, "R2", 1, 0.7), ("Q3", 0, "R3", 0, 0.6)]
+# member b: Q3-R2 .95 F, Q1-R1 .9 T, Q0-R0 .6 T (Q2-R2 never found) -> μAP = (1/2 + 2/3) / 3 = 7/18
+MEMBER_B = [("Q0", 0, "R0", 0, 0.6), ("Q1", 0, "R1", 0, 0.9), ("Q3", 0, "R2", 0, 0.95)]
+# ensemble: three copies ranked above the one non-copy -> μAP 1
+ENSEMBLE = [("Q0", "R0", 0.95), ("Q1", "R1", 0.9), ("Q2", "R2", 0.7), ("Q3", "R3", 0.6)]
+META = "query_id,transforms\nQ0,flip;crop\nQ1,crop\nQ2,blur\nQ3,crop\n"
+
+
+def candidates(rows: list[tuple], model: str) -> pa.Table:
+    return pa.Table.from_pylist([dict(zip(CANDIDATES_SCHEMA.names, (*r[:4], model, r[4]))) for r in rows],
+                                CANDIDATES_SCHEMA)
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    run, images = tmp_path / "run", tmp_path / "images"
+    images.mkdir()
+    manifest = []
+    for i, image_id in enumerate(["Q0", "Q1", "Q2", "Q3", "R0", "R1", "R2", "R3"]):
+        path = images / f"{image_id}.png"
+        Image.new("RGB", (64, 48), (30 * i, 200 - 20 * i, 90)).save(path)
+        manifest.append({"image_id": image_id, "path": str(path), "split": "query" if image_id[0] == "Q" else
+                         "reference", "width": 64, "height": 48, "sha256": "x"})
+    write_table(pa.Table.from_pylist(manifest, MANIFEST_SCHEMA), run / "manifest.parquet" / "part-00000.parquet")
+    write_table(candidates(MEMBER_A, "a"), run / "candidates" / "a@224" / "query-00000.parquet")
+    write_table(candidates(MEMBER_B, "b"), run / "candidates" / "b@224" / "query-00000.parquet")
+    write_predictions(pa.table({k: [r[i] for r in ENSEMBLE] for i, k in
+                                enumerate(["query_id", "reference_id", "score"])}), run / "predictions.csv")
+    (tmp_path / "gt.csv").write_text("query_id,reference_id\n" + "".join(f"{q},{r}\n" for q, r in GT))
+    (tmp_path / "meta.csv").write_text(META)
+    return run
+
+
+def metric(page: str, name: str, key: str) -> str:
+    row = re.search(rf'<tr data-name="{re.escape(name)}">(.*?)</tr>', page).group(1)
+    return re.search(rf'<td class="{key}">([^<]*)</td>', row).group(1)
+
+
+def test_report_html_metrics_figures_and_gallery(run_dir):
+    gt, meta = run_dir.parent / "gt.csv", run_dir.parent / "meta.csv"
+    assert main(["report", str(run_dir), "--ground-truth", str(gt), "--meta", str(meta)]) == 0
+    page = (run_dir / "report.html").read_text()
+    assert metric(page, "a@224", "micro_ap") == f"{13 / 18:.4f}"
+    assert metric(page, "b@224", "micro_ap") == f"{7 / 18:.4f}"
+    assert metric(page, "ensemble", "micro_ap") == "1.0000"
+    assert metric(page, "a@224", "recall_at_p90") == f"{1 / 3:.4f}"  # only the first prediction has P >= 0.9
+    srcs = re.findall(r'<img src="([^"]+)"', page)
+    assert {"report/pr_curves.png", "report/families.png", "report/scores.png"} <= set(srcs)
+    assert all(not s.startswith(("/", "http")) and (run_dir / s).is_file() for s in srcs)
+    # crop family: queries Q0, Q1 -> the ensemble ranks both copies first, member a only Q0's
+    crop = re.search(r"<tr><td>crop</td><td>2</td>(.*?)</tr>", page).group(1)
+    assert re.findall(r"<td>([^<]*)</td>", crop) == ["0.5000", "1.0000", "1.0000"]
+    # the one false positive of the ensemble, with both thumbnails and every scorer
+    assert re.search(r"<b>Q3</b> → <b>R3</b><br>a@224 0\.600, ensemble 0\.600</div>", page)
+    assert len([s for s in srcs if s.startswith("report/thumbs/")]) == 2
+    assert "http" not in page and "<script" not in page
+
+
+def test_ground_truth_comes_from_the_saved_config(run_dir, capsys):
+    assert main(["report", str(run_dir)]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
+    config = {"models": [{"name": "resnet18"}], "data": {"ground_truth": str(run_dir.parent / "gt.csv")}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["report", str(run_dir)]) == 0
+    page = (run_dir / "report.html").read_text()
+    assert metric(page, "ensemble", "micro_ap") == "1.0000" and "Recall@1 per transform family" not in page
+
+
+def test_report_without_ensemble_uses_the_last_member(run_dir):
+    (run_dir / "predictions.csv").unlink()
+    assert main(["report", str(run_dir), "--ground-truth", str(run_dir.parent / "gt.csv")]) == 0
+    page = (run_dir / "report.html").read_text()
+    assert 'data-name="ensemble"' not in page and "Scores of b@224" in page
+    # missed copy of b: Q2-R2 was never predicted
+    assert re.search(r"<b>Q2</b> → <b>R2</b><br>a@224 0\.700</div>", page)

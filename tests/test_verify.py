@@ -1,0 +1,80 @@
+"""Keypoint verification: a rotated crop of an image verifies, an unrelated image does not."""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image, ImageDraw
+
+from ensemble.verify import METHODS, describe, inliers, verify_pairs
+
+
+def textured(seed: int, size: int = 256) -> Image.Image:
+    """Many random shapes on a noisy background: lots of distinctive corners."""
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 40, (size, size, 3), dtype=np.uint8) + np.uint8(100))
+    d = ImageDraw.Draw(img)
+    for _ in range(60):
+        x, y = rng.integers(0, size - 20, 2)
+        w, h = rng.integers(6, 40, 2)
+        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        (d.rectangle if rng.random() < 0.5 else d.ellipse)([int(x), int(y), int(x + w), int(y + h)], fill=colour)
+    return img
+
+
+def rotated_crop(img: Image.Image) -> Image.Image:
+    return img.rotate(20, resample=Image.Resampling.BICUBIC).crop((40, 30, 220, 230)).resize((150, 166))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_rotated_crop_has_many_inliers_unrelated_few(method):
+    a = textured(0)
+    assert inliers(a, rotated_crop(a), method=method) >= 20
+    assert inliers(a, textured(1), method=method) <= 8
+
+
+def test_max_side_limits_the_image_and_blank_images_give_zero():
+    big = textured(2, size=400)
+    pts = describe(big, max_side=128).points
+    assert len(pts) and pts.max() < 128
+    blank = Image.new("RGB", (64, 64), (128, 128, 128))
+    assert inliers(blank, big) == 0
+    with pytest.raises(ValueError, match="unknown keypoint method 'surf'"):
+        inliers(big, big, method="surf")
+
+
+def test_verify_pairs_counts_top_k_per_query(tmp_path):
+    a, b = textured(3), textured(4)
+    files = {"q0": rotated_crop(a), "q1": rotated_crop(b), "ra": a, "rb": b}
+    paths = {}
+    for name, img in files.items():
+        img.save(tmp_path / f"{name}.png")
+        paths[name] = str(tmp_path / f"{name}.png")
+    pairs = pa.table({"query_id": ["q0", "q0", "q1", "q1"], "reference_id": ["rb", "ra", "ra", "rb"],
+                      "score": pa.array([0.9, 0.5, 0.8, 0.7], pa.float32())})
+    opened = []
+
+    def load(path: str) -> Image.Image:
+        opened.append(path)
+        return Image.open(path).convert("RGB")
+
+    out = verify_pairs(pairs, paths, top_k=1, load=load)
+    assert out.column_names == ["query_id", "reference_id", "score", "inliers"]
+    counts = out.column("inliers").to_pylist()
+    assert counts[1] is None and counts[3] is None  # not in the top 1 of their query
+    assert counts[0] <= 8 and counts[2] <= 8  # the top-scored pairs are not copies
+    full = verify_pairs(pairs, paths, top_k=2, load=load).column("inliers").to_pylist()
+    assert full[1] >= 20 and full[3] >= 20 and full[0] <= 8
+    assert len(opened) == 4 + 4  # each image decoded once per call
+    with pytest.raises(ValueError, match="no image path"):
+        verify_pairs(pairs, {"q0": paths["q0"]}, top_k=1, load=load)
+
+
+def test_verify_pairs_reads_images_with_load_rgb_by_default(tmp_path):
+    pytest.importorskip("patchers.imageio")  # written by another stream of work
+    a = textured(5)
+    a.save(tmp_path / "r.png")
+    rotated_crop(a).save(tmp_path / "q.jpg", quality=95)
+    pairs = pa.table({"query_id": ["q"], "reference_id": ["r"], "score": pa.array([0.5], pa.float32())})
+    out = verify_pairs(pairs, {"q": str(tmp_path / "q.jpg"), "r": str(tmp_path / "r.png")}, top_k=1)
+    assert out.column("inliers")[0].as_py() >= 20
