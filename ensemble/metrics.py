@@ -8,7 +8,6 @@ recall. Everything is vectorised with numpy so a million predictions score in ab
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
@@ -16,6 +15,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
+
+from ensemble.store import atomic_output
 
 PREDICTIONS_SCHEMA = pa.schema([
     ("query_id", pa.string()), ("reference_id", pa.string()), ("score", pa.float32()),
@@ -161,19 +162,10 @@ def read_predictions(path: str | os.PathLike) -> pa.Table:
 def write_predictions(table: pa.Table, path: str | os.PathLike) -> str:
     """Write ``query_id,reference_id,score`` (unquoted ISC21 CSV) atomically: temp name, then rename."""
     table = table.select(PREDICTIONS_SCHEMA.names).cast(PREDICTIONS_SCHEMA)
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp"
-    try:
-        with open(tmp, "wb") as f:  # header written by hand: pyarrow<22 always quotes it
-            f.write((",".join(PREDICTIONS_SCHEMA.names) + "\n").encode())
-            pacsv.write_csv(table, f, pacsv.WriteOptions(include_header=False, quoting_style="none"))
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
+    with atomic_output(path) as f:  # header written by hand: pyarrow<22 always quotes it
+        f.write((",".join(PREDICTIONS_SCHEMA.names) + "\n").encode())
+        pacsv.write_csv(table, f, pacsv.WriteOptions(include_header=False, quoting_style="none"))
+    return str(path)
 
 
 def evaluate_files(gt_csv: str | os.PathLike, predictions_csv: str | os.PathLike) -> Metrics:
@@ -198,9 +190,6 @@ def plot_pr(curves: Mapping[str, Metrics], path: str | os.PathLike) -> str:
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="precision-recall")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left")
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp.png"
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
-    return path
+    with atomic_output(path) as f:
+        fig.savefig(f, format="png")
+    return str(path)

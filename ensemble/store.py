@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
@@ -68,14 +70,42 @@ def makedirs(path: str | os.PathLike) -> None:
     fs.create_dir(p, recursive=True)
 
 
-def write_table(table: pa.Table, path: str | os.PathLike) -> str:
-    """Write ``table`` to ``path`` atomically (temp name in the same folder, then rename)."""
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """A binary stream to ``path`` that appears there only when the block completes:
+    written under a hidden temp name in the same folder, then renamed."""
     fs, p = _fs(path)
-    fs.create_dir(os.path.dirname(p), recursive=True)
-    tmp = f"{os.path.dirname(p)}/.{os.path.basename(p)}.{uuid.uuid4().hex[:8]}.tmp"
-    pq.write_table(table, tmp, filesystem=fs)
-    fs.move(tmp, p)
+    folder = os.path.dirname(p)
+    fs.create_dir(folder, recursive=True)
+    tmp = f"{folder}/.{os.path.basename(p)}.{uuid.uuid4().hex[:8]}.tmp"
+    try:
+        with fs.open_output_stream(tmp) as f:
+            yield f
+        fs.move(tmp, p)
+    except BaseException:
+        if fs.get_file_info(tmp).type != pafs.FileType.NotFound:
+            fs.delete_file(tmp)
+        raise
+
+
+def write_table(table: pa.Table, path: str | os.PathLike) -> str:
+    """Write ``table`` to ``path`` as Parquet, atomically."""
+    with atomic_output(path) as f:
+        pq.write_table(table, f)
     return str(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> str:
+    """Write a small text file (JSON, YAML) atomically."""
+    with atomic_output(path) as f:
+        f.write(text.encode())
+    return str(path)
+
+
+def read_text(path: str | os.PathLike) -> str:
+    fs, p = _fs(path)
+    with fs.open_input_stream(p) as f:
+        return f.read().decode()
 
 
 def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:

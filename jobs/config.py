@@ -93,12 +93,35 @@ class NormalizeConfig(Strict):
 class SearchConfig(Strict):
     k: int = Field(10, ge=1, description="reference patches kept per query patch")
     normalize: NormalizeConfig = NormalizeConfig()
+    shard_size: int = Field(1_000_000, ge=1, description="max reference rows per search shard (one actor each)")
+    exact_max: int = Field(2_000_000, ge=1, description="shards with fewer rows use an exact IndexFlatIP")
+    index: Literal["ivfpq", "hnsw"] = Field("ivfpq", description="approximate index for shards >= exact_max")
+    nlist: int = Field(4096, ge=1, description="IVF lists (capped at rows / 39 per shard)")
+    nprobe: int = Field(64, ge=1, description="IVF lists visited per query")
+    pq_m: int = Field(32, ge=1, description="PQ sub-quantizers; must divide the feature dim")
+    hnsw_m: int = Field(32, ge=4, description="HNSW neighbours per node")
+    ef_search: int = Field(128, ge=1, description="HNSW search depth")
+    cpus_per_shard: float = Field(0.5, gt=0, description="CPUs reserved by each shard actor")
+    gpus_per_shard: float = Field(0.0, ge=0, description="GPUs per shard actor (0: CPU faiss)")
+    query_batch: int = Field(65536, ge=1, description="query rows sent to the shards per call")
 
 
 class FuseConfig(Strict):
     rule: Literal["max", "confidence", "completeness"] = "max"
     thresholds: dict[str, float] = {}
     k: int = Field(10, ge=1, description="predictions kept per query")
+
+
+class VerifyConfig(Strict):
+    """Keypoint verification of each query's best candidates (inliers add a bonus)."""
+
+    enabled: bool = False
+    top_k: int = Field(3, ge=1, description="candidates verified per query")
+    method: Literal["sift", "orb"] = "sift"
+    max_side: int = Field(512, ge=64)
+    min_inliers: int = Field(8, ge=0, description="no bonus below this many inliers")
+    saturate: int = Field(40, ge=1, description="inliers at which the bonus is full")
+    weight: float = Field(0.5, ge=0, description="full bonus added to the fused score")
 
 
 class PipelineConfig(Strict):
@@ -112,6 +135,7 @@ class PipelineConfig(Strict):
     extract: ExtractConfig = ExtractConfig()
     search: SearchConfig = SearchConfig()
     fuse: FuseConfig = FuseConfig()
+    verify: VerifyConfig = VerifyConfig()
 
     def model_keys(self) -> list[tuple[ModelEntry, int, str]]:
         """(entry, scale, key) for every model and scale; key names feature folders."""
@@ -136,7 +160,7 @@ def _format(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
-def _set(tree: dict, dotted: str, value: Any) -> None:
+def set_key(tree: dict, dotted: str, value: Any) -> None:
     *parents, last = dotted.split(".")
     node: Any = tree
     for p in parents:
@@ -170,7 +194,7 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     for key, value in parse_overrides(list(overrides)):
-        _set(raw, key, value)
+        set_key(raw, key, value)
     return validate(raw, str(path))
 
 

@@ -29,6 +29,14 @@ class RunDir:
         return join(self.root, "candidates", key)
 
     @property
+    def fused(self) -> str:
+        return join(self.root, "fused.parquet")
+
+    @property
+    def verify(self) -> str:
+        return join(self.root, "verify.parquet")
+
+    @property
     def predictions(self) -> str:
         return join(self.root, "predictions.csv")
 
@@ -39,6 +47,10 @@ class RunDir:
     @property
     def pr_curve(self) -> str:
         return join(self.root, "pr_curve.png")
+
+    @property
+    def timings(self) -> str:
+        return join(self.root, "timings.json")
 
     @property
     def config(self) -> str:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import yaml
 
 from ensemble.metrics import Metrics
-from ensemble.store import makedirs
+from ensemble.store import write_text
 from jobs.config import PipelineConfig
 from jobs.layout import RunDir
 from jobs.runtime import init_ray, say
@@ -18,18 +18,17 @@ from jobs.stages.fuse import run_fuse
 from jobs.stages.manifest import run_manifest
 from jobs.stages.patch import run_patch
 from jobs.stages.search import run_search
+from jobs.stages.verify import run_verify
 
 Stage = Callable[[PipelineConfig, RunDir], object]
 STAGES: dict[str, Stage] = {
     "manifest": run_manifest, "patch": run_patch, "extract": run_extract,
-    "search": run_search, "fuse": run_fuse,
+    "search": run_search, "fuse": run_fuse, "verify": run_verify,
 }
 
 
 def save_config(cfg: PipelineConfig, run: RunDir) -> None:
-    makedirs(run.root)
-    with open(run.config, "w") as f:
-        yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
+    write_text(run.config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 def run_stages(cfg: PipelineConfig, stages: Sequence[str] = tuple(STAGES), address: str | None = None) -> dict:
@@ -66,7 +65,6 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None) -> Metrics | N
     timings = run_stages(cfg, address=address)
     m = evaluate_run(cfg)
     timings["total"] = round(time.perf_counter() - t0, 2)
-    with open(RunDir(cfg.output).root + "/timings.json", "w") as f:
-        json.dump(timings, f, indent=2)
+    write_text(RunDir(cfg.output).timings, json.dumps(timings, indent=2))
     say(f"pipeline finished in {timings['total']:.1f} s -> {cfg.output}")
     return m

@@ -1,6 +1,7 @@
 """Ray start-up and the small helpers every stage runner shares."""
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -18,12 +19,13 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
     """Connect to ``address`` (or the config's), or start an embedded local Ray."""
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
-    if ray.is_initialized():
-        return
-    address = address or cfg.address
-    ray.init(address=address, num_cpus=None if address else cfg.num_cpus,
-             include_dashboard=False, logging_level="WARNING", log_to_driver=True,
-             runtime_env={"env_vars": OFFLINE_ENV})
+    # copydet draws its own progress bars (shards / patches per stage).
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    if not ray.is_initialized():
+        address = address or cfg.address
+        ray.init(address=address, num_cpus=None if address else cfg.num_cpus,
+                 include_dashboard=False, logging_level="WARNING", log_to_driver=True,
+                 runtime_env={"env_vars": OFFLINE_ENV})
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

@@ -1,12 +1,28 @@
-"""Manifest rows -> patch rows (the ``patches`` contract of DESIGN.md)."""
+"""Manifest rows -> patch rows (the ``patches`` contract of DESIGN.md).
+
+Geometric views are the same for every image (:func:`plan_table`); a side that asks for
+region proposals or a detector needs the pixels (:func:`plan_images`), and its extra views
+come after the geometric ones, so ``max_patches`` trims proposals first.
+"""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import pyarrow as pa
 
 from ensemble.store import PATCHES_SCHEMA
+from patchers.imageio import ImageDecodeError, load_rgb
+from patchers.proposals import ProposalParams, image_views
 from patchers.views import View, ViewConfig, plan_views
+
+
+@dataclass(frozen=True)
+class DetectorSpec:
+    """A resolved detector: local weights and the input size it was trained at."""
+
+    weights: str
+    imgsz: int
 
 
 def patch_rows(image_id: str, views: list[View]) -> list[dict]:
@@ -22,3 +38,33 @@ def plan_table(image_ids: Iterable[str], cfg: ViewConfig) -> pa.Table:
     views = plan_views(cfg)
     rows = [r for image_id in image_ids for r in patch_rows(image_id, views)]
     return pa.Table.from_pylist(rows, schema=PATCHES_SCHEMA)
+
+
+def needs_pixels(cfg: ViewConfig) -> bool:
+    """Whether this side's plan depends on image content (proposals or detections)."""
+    return cfg.proposals > 0 or cfg.detector is not None
+
+
+def plan_images(images: Sequence[tuple[str, str]], cfg: ViewConfig, detector: DetectorSpec | None = None,
+                params: ProposalParams = ProposalParams(), batch: int = 16) -> tuple[pa.Table, list[str]]:
+    """Patch table for ``(image_id, path)`` pairs, decoding each image for its proposals and
+    detections. Images that no longer decode keep their geometric views; their paths are
+    returned so the caller can report them."""
+    geometric = plan_views(cfg)
+    rows, failed = [], []
+    for start in range(0, len(images), batch):
+        decoded = []
+        for image_id, path in images[start:start + batch]:
+            try:
+                decoded.append((image_id, load_rgb(path)))
+            except ImageDecodeError:
+                failed.append(path)
+                rows.extend(patch_rows(image_id, geometric))
+        dets = [None] * len(decoded)
+        if detector is not None and decoded:
+            from patchers.detector.predict import detect  # ultralytics only where a detector is used
+            dets = detect([img for _, img in decoded], detector.weights, conf=params.conf, imgsz=detector.imgsz)
+        for (image_id, img), d in zip(decoded, dets):
+            extra = image_views(img, geometric, cfg.proposals, d, params)
+            rows.extend(patch_rows(image_id, plan_views(cfg, extra)))
+    return pa.Table.from_pylist(rows, schema=PATCHES_SCHEMA), failed

@@ -40,6 +40,8 @@ class ViewConfig(BaseModel):
     corner_crops: list[Fraction] = Field([], description="side fraction of the 4 corner crops")
     grids: list[int] = Field([], description="n for n x n tiles")
     center_tiles: list[Fraction] = Field([], description="side fraction of centred (overlapping) tiles")
+    proposals: int = Field(0, ge=0, description="selective-search region budget per image; 0 = none")
+    detector: str | None = Field(None, description="registry name of a copy-region detector; None = none")
     max_patches: int = Field(64, ge=1)
 
     @model_validator(mode="before")
@@ -68,14 +70,21 @@ class ViewConfig(BaseModel):
         return v
 
 
+# D2LV-style budgets; every key can be overridden next to ``preset`` in the config.
+FIVE_CENTRES = (0.9, 0.8, 0.7, 0.6, 0.5)
 PRESETS: dict[str, dict[str, Any]] = {
     "global": {},
     # FINDINGS.md: crop views carry most of the gain; rotations/flips are opt-in.
     "crops": {"center_crops": [0.7, 0.5], "corner_crops": [0.6]},
-    "fast": {"rotations": [90, 180, 270], "flip": True, "center_crops": [0.8, 0.6, 0.5],
-             "corner_crops": [0.6]},
+    # queries: full, 3 rotations, flip, 5 centre crops (10 patches)
+    "fast": {"rotations": [90, 180, 270], "flip": True, "center_crops": FIVE_CENTRES},
+    # references: full + 2x2 grid (5 patches)
     "ref_fast": {"grids": [2]},
-    "ref_d2lv": {"grids": [2, 3], "center_tiles": [0.7, 0.5]},
+    # queries: full, 3 rotations, 5 centre crops, then detections and up to 100 proposals
+    "d2lv": {"rotations": [90, 180, 270], "center_crops": FIVE_CENTRES, "proposals": 100,
+             "max_patches": 128},
+    # references, 19 patches: full, 2x2, 3x3 and 5 nested (overlapping) centre tiles
+    "ref_d2lv": {"grids": [2, 3], "center_tiles": FIVE_CENTRES},
 }
 
 ViewFn = Callable[[ViewConfig], list[View]]

@@ -9,7 +9,7 @@ from ensemble.store import read_table
 from jobs.cli import main
 from jobs.config import load_config
 from jobs.layout import RunDir
-from jobs.pipeline import run_pipeline
+from jobs.pipeline import run_pipeline, run_stages
 from tests.badimages import EXPECTED, make_bad_images
 
 TINY = ["models.0.name=resnet18", "models.0.scales=[64]", "models.0.batch_size=8", "patches.shard_size=5",
@@ -55,6 +55,19 @@ def test_end_to_end_with_bad_inputs_and_resume(ray_local, tiny_dataset, tmp_path
     run_pipeline(cfg)
     assert _mtimes(feats) == before
     assert open(run.predictions).read() == preds_before
+
+    # Verification re-scores from fused.parquet: scores only rise, and a second run is a no-op.
+    vcfg = load_config(None, [f"data.root={tiny_dataset}", f"output={out}", *TINY, "verify.enabled=true",
+                              "verify.top_k=2", "verify.min_inliers=0", "verify.saturate=10"])
+    run_stages(vcfg, ["fuse", "verify"])
+    checked = read_table(run.verify)
+    assert checked.num_rows == sum(min(2, len(s)) for s in per_query.values())
+    verified = {(r["query_id"], r["reference_id"]): float(r["score"]) for r in csv.DictReader(open(run.predictions))}
+    fused = read_table(run.fused).to_pylist()
+    assert all(verified[(f["query_id"], f["reference_id"])] >= f["score"] - 1e-6 for f in fused)
+    once = open(run.predictions).read()
+    run_stages(vcfg, ["verify"])
+    assert open(run.predictions).read() == once and read_table(run.verify).num_rows == checked.num_rows
 
 
 def test_stage_commands_run_alone(ray_local, tiny_dataset, tmp_path):

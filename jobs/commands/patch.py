@@ -1,4 +1,46 @@
-"""``copydet patch``: plan the patches of every image (a stage users also run on its own)."""
-from jobs.commands.stages import stage_command
+"""``copydet patch``: plan the patches of every image (a stage users also run on its own).
 
-stage_command("patch", "manifest -> patches.parquet (global and geometric views)")
+With image folders (``--queries`` ...) or no manifest yet, the manifest stage runs first
+(undecodable files go to errors.parquet). ``--preset NAME`` replaces both sides' views:
+queries get preset NAME, references ``ref_NAME`` when it exists (else NAME); later
+``--set patches.query.KEY=...`` still override single numbers. ``--preview N`` writes
+RUN/preview.png and RUN/preview.html for N images.
+"""
+from __future__ import annotations
+
+import argparse
+
+from ensemble.store import exists, read_table
+from jobs.cli import arg, command
+from jobs.commands.stages import FOLDER_ARGS, config_with_folders
+from jobs.layout import RunDir
+from jobs.pipeline import run_stages
+from jobs.runtime import say
+from patchers.preview import write_preview
+from patchers.views import PRESETS
+
+SIDE_PRESETS = sorted(p for p in PRESETS if not p.startswith("ref_"))
+
+
+def preset_overrides(name: str) -> list[str]:
+    """``--set`` items that give queries preset ``name`` and references ``ref_<name>`` (or ``name``)."""
+    if name not in SIDE_PRESETS:
+        raise ValueError(f"unknown preset {name!r}; known: {SIDE_PRESETS}")
+    ref = f"ref_{name}" if f"ref_{name}" in PRESETS else name
+    return [f"patches.query={{preset: {name}}}", f"patches.reference={{preset: {ref}}}"]
+
+
+@command("patch", "manifest (or image folders) -> patches.parquet: geometric views, region proposals, "
+         "detector boxes", *FOLDER_ARGS,
+         arg("--preset", choices=SIDE_PRESETS, help="views for both sides (queries NAME, references ref_NAME)"),
+         arg("--preview", type=int, metavar="N", help="write preview.png/.html of N images to the run folder"))
+def patch(args: argparse.Namespace) -> None:
+    args.set = (preset_overrides(args.preset) if args.preset else []) + list(args.set or [])
+    folders = any(getattr(args, k, None) for k in ("train", "references", "queries"))
+    cfg = config_with_folders(args)
+    run = RunDir(cfg.output)
+    stages = ["manifest", "patch"] if folders or not exists(run.manifest) else ["patch"]
+    run_stages(cfg, stages, address=args.address)
+    if args.preview:
+        png, page = write_preview(read_table(run.manifest), read_table(run.patches), args.preview, run.root)
+        say(f"patch: preview of {args.preview} images -> {png}, {page}")

@@ -16,7 +16,7 @@ FOLDER_ARGS = (
 )
 
 
-def _config(args: argparse.Namespace):
+def config_with_folders(args: argparse.Namespace):
     sets = list(args.set or [])
     for key in ("train", "references", "queries", "ground_truth"):
         if getattr(args, key, None):
@@ -30,19 +30,20 @@ def _config(args: argparse.Namespace):
 @command("run", "run the whole pipeline (manifest, patch, extract, search, fuse, evaluate) on Ray",
          *FOLDER_ARGS)
 def run(args: argparse.Namespace) -> None:
-    run_pipeline(_config(args), address=args.address)
+    run_pipeline(config_with_folders(args), address=args.address)
 
 
 def stage_command(name: str, help: str, *extra: tuple) -> None:
     """Register `copydet NAME` as a run of that one stage."""
     @command(name, help, *extra)
     def fn(args: argparse.Namespace) -> None:
-        run_stages(_config(args), [name], address=args.address)
+        run_stages(config_with_folders(args), [name], address=args.address)
 
 
 stage_command("manifest", "image folders -> manifest.parquet (+ errors.parquet)", *FOLDER_ARGS)
 stage_command("extract", "patches x (model, scale) -> sharded feature Parquet (Ray Data actors)")
 stage_command("search", "faiss kNN of query patches against reference patches -> candidates")
+stage_command("verify", "keypoint-verify each query's best candidates and re-score (verify.enabled)")
 stage_command("fuse", "candidates -> predictions.csv (max over patches and models, top k per query)")
 
 

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 
 from ensemble.metrics import Metrics, evaluate_files, plot_pr
+from ensemble.store import write_text
 
 
 def evaluate_run_files(predictions: str, ground_truth: str, metrics_json: str | None = None,
@@ -12,10 +12,7 @@ def evaluate_run_files(predictions: str, ground_truth: str, metrics_json: str | 
     """Score a predictions CSV and optionally save the metrics JSON and the PR-curve PNG."""
     m = evaluate_files(ground_truth, predictions)
     if metrics_json:
-        tmp = f"{metrics_json}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(m.summary(), f, indent=2)
-        os.replace(tmp, metrics_json)
+        write_text(metrics_json, json.dumps(m.summary(), indent=2))
     if pr_png:
         plot_pr({label: m}, pr_png)
     return m

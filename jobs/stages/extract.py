@@ -63,8 +63,8 @@ def run_extract_key(cfg: PipelineConfig, run: RunDir, entry: ModelEntry, scale: 
         Embedder, batch_size=entry.batch_size, batch_format="numpy",
         fn_constructor_kwargs=dict(model=entry.name, scale=scale, dim=entry.dim, registry=cfg.registry,
                                    num_threads=res["threads"]),
-        compute=ActorPoolStrategy(size=res["size"]), num_cpus=res["num_cpus"], num_gpus=res["num_gpus"],
-        max_restarts=3, max_task_retries=3)
+        compute=ActorPoolStrategy(size=res["size"]), num_cpus=res["num_cpus"], num_gpus=res["num_gpus"])
+    # Ray Data restarts dead actors and retries their batches by default (max_restarts=-1).
     got: dict[str, list[dict]] = defaultdict(list)
     bad = 0
     with tqdm(total=rows.num_rows, desc=f"extract {key}", unit="patch") as bar:

@@ -5,7 +5,7 @@ import pyarrow as pa
 
 from ensemble.fuse import fuse_models, max_over_patches, top_k_per_query
 from ensemble.metrics import write_predictions
-from ensemble.store import read_table
+from ensemble.store import read_table, write_table
 from jobs.config import PipelineConfig
 from jobs.layout import RunDir, shard_names
 from jobs.runtime import say
@@ -21,6 +21,7 @@ def run_fuse(cfg: PipelineConfig, run: RunDir) -> pa.Table:
     fused = fuse_models(per_model, cfg.fuse.thresholds, cfg.fuse.rule) if len(keys) > 1 or cfg.fuse.thresholds \
         else per_model.select(["query_id", "reference_id", "score"])
     preds = top_k_per_query(fused, cfg.fuse.k)
+    write_table(preds, run.fused)
     write_predictions(preds, run.predictions)
     say(f"fuse: {preds.num_rows} predictions for {len(set(preds.column('query_id').to_pylist()))} "
         f"queries -> {run.predictions}")

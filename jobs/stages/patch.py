@@ -1,24 +1,69 @@
-"""Stage 2: manifest.parquet/ -> patches.parquet/ (one patch shard per manifest shard)."""
+"""Stage 2: manifest.parquet/ -> patches.parquet/ (one patch shard per manifest shard).
+
+A side whose views need pixels (region proposals, detector boxes) decodes its images in the
+shard task; other sides only need the image ids. A shard file that exists is done, so a
+re-run resumes. At the end the patches per image of every split are reported.
+"""
 from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.compute as pc
 
 from ensemble.store import join, read_table, write_table
 from jobs.config import PipelineConfig
 from jobs.layout import RunDir, shard_names
-from jobs.runtime import run_tasks
-from patchers.plan import plan_table
+from jobs.runtime import run_tasks, say
+from patchers.plan import DetectorSpec, needs_pixels, plan_images, plan_table
 from patchers.views import ViewConfig
+from pretrain.registry import RegistryError, default_registry_dir, load_card
 
 
+def resolve_detector(name: str | None, registry: str | None) -> DetectorSpec | None:
+    """The local weights of registered detector ``name`` (None: no detector)."""
+    if name is None:
+        return None
+    card = load_card(name, registry or default_registry_dir())
+    if card.kind != "detector" or not card.weights or not Path(card.weights).is_file():
+        raise RegistryError(f"model {name!r} is not a detector with local weights "
+                            f"(kind {card.kind}, weights {card.weights})")
+    return DetectorSpec(str(Path(card.weights).resolve()), card.input_size)
 
-def patch_shard(run: RunDir, name: str, views: ViewConfig) -> int:
-    ids = read_table(join(run.manifest, name), columns=["image_id"]).column("image_id").to_pylist()
-    table = plan_table(ids, views)
+
+def patch_shard(run: RunDir, name: str, views: ViewConfig, detector: DetectorSpec | None = None) -> int:
+    """Plan one manifest shard; returns the number of images that failed to decode."""
+    if needs_pixels(views):
+        manifest = read_table(join(run.manifest, name), columns=["image_id", "path"])
+        pairs = list(zip(manifest.column("image_id").to_pylist(), manifest.column("path").to_pylist()))
+        table, failed = plan_images(pairs, views, detector)
+    else:
+        ids = read_table(join(run.manifest, name), columns=["image_id"]).column("image_id").to_pylist()
+        table, failed = plan_table(ids, views), []
     write_table(table, join(run.patches, name))
-    return table.num_rows
+    return len(failed)
+
+
+def patch_counts(run: RunDir) -> dict[str, tuple[int, float, int]]:
+    """split -> (images, mean patches per image, max patches per image), over all shards."""
+    per_split: dict[str, list[int]] = {}
+    for name in shard_names(run.patches):
+        ids = read_table(join(run.patches, name), columns=["image_id"]).column("image_id")
+        counts = pc.value_counts(ids).field("counts").to_pylist()
+        per_split.setdefault(name.split("-", 1)[0], []).extend(counts)
+    return {s: (len(c), sum(c) / len(c), max(c)) for s, c in per_split.items() if c}
 
 
 def run_patch(cfg: PipelineConfig, run: RunDir) -> None:
+    sides = {"query": cfg.patches.query, "reference": cfg.patches.reference, "train": cfg.patches.train}
+    detectors = {s: resolve_detector(v.detector, cfg.registry) for s, v in sides.items()}
     done = set(shard_names(run.patches))
-    calls = [(run, n, getattr(cfg.patches, n.split("-", 1)[0]))
-             for n in shard_names(run.manifest) if n not in done]
-    run_tasks(patch_shard, calls, "patch")
+    calls = []
+    for n in shard_names(run.manifest):
+        split = n.split("-", 1)[0]
+        if n not in done:
+            calls.append((run, n, sides[split], detectors[split]))
+    failed = sum(run_tasks(patch_shard, calls, "patch"))
+    if failed:
+        say(f"patch: {failed} image(s) no longer decode; they kept only their geometric views")
+    for split, (images, mean, most) in sorted(patch_counts(run).items()):
+        say(f"patch: {split}: {images} images, {mean:.1f} patches/image (max {most})")

@@ -1,51 +1,103 @@
-"""Stage 4: features -> candidates/<model>@<scale>/<query shard>.parquet (faiss kNN).
+"""Stage 4: features -> candidates/<model>@<scale>/<query shard>.parquet (sharded faiss kNN).
 
-Reference (and, for score normalisation, train) descriptors go into Ray's object store
-once; each query shard is a task that searches them and writes its candidates.
+Reference (and, for score normalisation, train) features are split into shards of at most
+``search.shard_size`` rows; each shard is a Ray actor that reads its own rows and builds its
+own index (ensemble.sharded). The driver reads one query feature file at a time, searches
+it against every shard in parallel, merges the top-k and writes that file's candidates
+atomically, so a re-run skips the query shards already written.
 """
 from __future__ import annotations
 
-import pyarrow as pa
-import ray
+from collections import deque
 
-from ensemble.normalize import bias_table, normalize_scores
-from ensemble.search import search_tables
+import numpy as np
+import pyarrow as pa
+
+from ensemble.normalize import normalize_scores
+from ensemble.sharded import IndexSpec, ShardedIndex, format_info, hits_table
 from ensemble.store import embeddings_from_arrow, join, read_table, write_table
 from jobs.config import PipelineConfig, SearchConfig
 from jobs.layout import RunDir, shard_names
-from jobs.runtime import run_tasks, say
+from jobs.runtime import say
+
+IN_FLIGHT = 2  # query files searched ahead while the previous one is merged and written
 
 
-def read_split(run: RunDir, key: str, split: str) -> pa.Table | None:
-    """Every feature row of one split for one model key (None when there are none)."""
-    names = shard_names(run.features(key), split)
-    if not names:
+def index_spec(cfg: SearchConfig) -> IndexSpec:
+    return IndexSpec(exact_max=cfg.exact_max, kind=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe,
+                     pq_m=cfg.pq_m, hnsw_m=cfg.hnsw_m, ef_search=cfg.ef_search)
+
+
+def open_split(run: RunDir, key: str, split: str, cfg: SearchConfig, k_max: int) -> ShardedIndex | None:
+    """Shard actors over one split's feature files (None when the split has none)."""
+    files = [join(run.features(key), n) for n in shard_names(run.features(key), split)]
+    if not files:
         return None
-    return pa.concat_tables([read_table(join(run.features(key), n)) for n in names])
+    index = ShardedIndex(files, index_spec(cfg), cfg.shard_size, k_max,
+                         {"num_cpus": cfg.cpus_per_shard, "num_gpus": cfg.gpus_per_shard})
+    say(format_info(f"search {key} {split}", index.info()))
+    return index
 
 
-def search_shard(run: RunDir, key: str, name: str, refs: pa.Table, train: pa.Table | None,
-                 cfg: SearchConfig) -> int:
-    queries = read_table(join(run.features(key), name))
-    cands = search_tables(queries, refs, cfg.k, model=key)
-    if train is not None and cfg.normalize.enabled:
-        bias = bias_table(queries, embeddings_from_arrow(train.column("embedding")), cfg.normalize.neighbours)
-        cands = normalize_scores(cands, bias, cfg.normalize.beta)
-    write_table(cands, join(run.candidates(key), name))
-    return cands.num_rows
+class QueryFile:
+    """One query feature file in flight: its rows and the pending shard searches per batch."""
+
+    def __init__(self, run: RunDir, key: str, name: str, refs: ShardedIndex, train: ShardedIndex | None,
+                 cfg: SearchConfig) -> None:
+        self.name, self.cfg = name, cfg
+        self.feats = read_table(join(run.features(key), name))
+        emb = embeddings_from_arrow(self.feats.column("embedding"))
+        batches = [emb[i:i + cfg.query_batch] for i in range(0, len(emb), cfg.query_batch)]
+        self.refs = [refs.search_async(b, cfg.k) for b in batches]
+        self.train = [train.search_async(b, cfg.normalize.neighbours) for b in batches] if train else None
+
+    def candidates(self, refs: ShardedIndex, train: ShardedIndex | None, key: str) -> pa.Table:
+        hits = [refs.merge(p, self.cfg.k) for p in self.refs]
+        merged = tuple(np.concatenate([h[i] for h in hits]) for i in range(3)) if hits else \
+            (np.zeros((0, 0), np.float32), np.zeros((0, 0), object), np.zeros((0, 0), np.int32))
+        cands = hits_table(self.feats, merged, key)
+        if self.train is not None:
+            n = self.cfg.normalize.neighbours
+            scores = np.concatenate([train.merge(p, n)[0] for p in self.train]) if self.train else np.zeros((0, n))
+            bias = pa.table({"image_id": self.feats.column("image_id"), "patch_id": self.feats.column("patch_id"),
+                             "bias": pa.array(scores.mean(axis=1, dtype=np.float64), pa.float32())})
+            cands = normalize_scores(cands, bias, self.cfg.normalize.beta)
+        return cands
+
+
+def search_key(cfg: PipelineConfig, run: RunDir, key: str) -> None:
+    """Search every pending query file of one model key; prints ``done/total`` as files finish."""
+    scfg = cfg.search
+    names = shard_names(run.features(key), "query")
+    done = set(shard_names(run.candidates(key)))
+    todo = [n for n in names if n not in done]
+    if not todo:
+        return
+    refs = open_split(run, key, "reference", scfg, scfg.k)
+    if refs is None:
+        raise RuntimeError(f"search {key}: no reference features in {run.features(key)}")
+    train = open_split(run, key, "train", scfg, scfg.normalize.neighbours) if scfg.normalize.enabled else None
+    if scfg.normalize.enabled and train is None:
+        say(f"search {key}: normalisation is on but there are no train features; scores are raw")
+    if train is not None and train.rows < scfg.normalize.neighbours:
+        raise ValueError(f"search.normalize.neighbours={scfg.normalize.neighbours} exceeds the "
+                         f"{train.rows} train descriptors of {key}")
+    try:
+        flight: deque[QueryFile] = deque()
+        finished = len(names) - len(todo)
+        for i, name in enumerate(todo):
+            flight.append(QueryFile(run, key, name, refs, train, scfg))
+            while flight and (len(flight) > IN_FLIGHT or i == len(todo) - 1):
+                q = flight.popleft()
+                write_table(q.candidates(refs, train, key), join(run.candidates(key), q.name))
+                finished += 1
+                say(f"[search {key}] {finished}/{len(names)} query shards")
+    finally:
+        refs.close()
+        if train is not None:
+            train.close()
 
 
 def run_search(cfg: PipelineConfig, run: RunDir) -> None:
     for _, _, key in cfg.model_keys():
-        done = set(shard_names(run.candidates(key)))
-        todo = [n for n in shard_names(run.features(key), "query") if n not in done]
-        if not todo:
-            continue
-        refs = read_split(run, key, "reference")
-        if refs is None:
-            raise RuntimeError(f"search {key}: no reference features in {run.features(key)}")
-        train = read_split(run, key, "train") if cfg.search.normalize.enabled else None
-        if cfg.search.normalize.enabled and train is None:
-            say(f"search {key}: normalisation is on but there are no train features; scores are raw")
-        refs_ref, train_ref = ray.put(refs), ray.put(train)
-        run_tasks(search_shard, [(run, key, n, refs_ref, train_ref, cfg.search) for n in todo], f"search {key}")
+        search_key(cfg, run, key)

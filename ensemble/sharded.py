@@ -1,0 +1,215 @@
+"""Scale-out kNN: reference features split into shards, one Ray actor and faiss index each.
+
+The driver only plans which Parquet rows belong to which shard (from file metadata); every
+:class:`ShardIndex` actor reads its own rows, builds its own index (exact ``IndexFlatIP``
+for small shards, IVF-PQ or HNSW above ``IndexSpec.exact_max`` rows, on the GPU when faiss
+sees one) and answers top-k queries. :class:`ShardedIndex` fans each query batch out to
+every shard in parallel and merges the per-shard top-k lists, so no process ever holds the
+whole reference set. Exact shards give the same neighbours as one flat index.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+
+from ensemble.search import GPU_MAX_K
+from ensemble.store import CANDIDATES_SCHEMA, _fs, embeddings_from_arrow, read_table
+
+CALL_TIMEOUT_S = 3600.0  # one shard search call; generous for GPU-sized shards
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Rows ``[start, stop)`` of one feature Parquet file."""
+
+    path: str
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """How each shard indexes its rows (mirrors ``search.*`` of the pipeline config)."""
+
+    exact_max: int = 2_000_000
+    kind: str = "ivfpq"
+    nlist: int = 4096
+    nprobe: int = 64
+    pq_m: int = 32
+    hnsw_m: int = 32
+    ef_search: int = 128
+
+
+def count_rows(paths: Sequence[str]) -> list[int]:
+    """Row count of each Parquet file, from its footer only."""
+    out = []
+    for path in paths:
+        fs, p = _fs(path)
+        out.append(pq.read_metadata(p, filesystem=fs).num_rows)
+    return out
+
+
+def plan_shards(files: Sequence[tuple[str, int]], shard_size: int) -> list[list[Slice]]:
+    """Cut ``(path, rows)`` files, in order, into shards of at most ``shard_size`` rows."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    shards: list[list[Slice]] = [[]]
+    room = shard_size
+    for path, rows in files:
+        start = 0
+        while start < rows:
+            if room == 0:
+                shards.append([])
+                room = shard_size
+            stop = min(rows, start + room)
+            shards[-1].append(Slice(path, start, stop))
+            room -= stop - start
+            start = stop
+    return [s for s in shards if s]
+
+
+def build_index(x: np.ndarray, spec: IndexSpec, k_max: int = 1) -> faiss.Index:
+    """An inner-product index over ``x``: exact below ``spec.exact_max`` rows, else IVF-PQ/HNSW."""
+    n, d = x.shape
+    if n < spec.exact_max:
+        index: faiss.Index = faiss.IndexFlatIP(d)
+    elif spec.kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = max(spec.ef_search, k_max)
+    elif spec.kind == "ivfpq":
+        if d % spec.pq_m:
+            raise ValueError(f"search.pq_m={spec.pq_m} must divide the feature dim {d}")
+        nlist = max(1, min(spec.nlist, n // 39))
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, spec.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+        sample = np.random.default_rng(0).choice(n, min(n, nlist * 256), replace=False)
+        index.train(x[np.sort(sample)])
+        index.nprobe = min(spec.nprobe, nlist)
+    else:
+        raise ValueError(f"unknown index kind {spec.kind!r}; known: ivfpq, hnsw")
+    if faiss.get_num_gpus() > 0 and spec.kind != "hnsw" and k_max <= GPU_MAX_K:
+        index = faiss.index_cpu_to_all_gpus(index)
+    index.add(x)
+    return index
+
+
+def load_rows(slices: Sequence[Slice]) -> tuple[pa.Table, np.ndarray]:
+    """``(image_id, patch_id)`` table and float32 embeddings of the rows in ``slices``."""
+    parts = [read_table(s.path, columns=["image_id", "patch_id", "embedding"]).slice(s.start, s.stop - s.start)
+             for s in slices]
+    table = pa.concat_tables(parts)
+    return table.select(["image_id", "patch_id"]), embeddings_from_arrow(table.column("embedding"))
+
+
+class ShardIndex:
+    """One reference shard: its rows' ids and a faiss index; lives in a Ray actor."""
+
+    def __init__(self, slices: Sequence[Slice], spec: IndexSpec, k_max: int) -> None:
+        ids, x = load_rows(slices)
+        self.rows, self.dim = x.shape
+        self.image_ids = ids.column("image_id").to_numpy(zero_copy_only=False)
+        self.patch_ids = ids.column("patch_id").to_numpy()
+        self.index = build_index(x, spec, k_max)
+        self.kind = type(self.index).__name__
+        del x
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-``min(k, rows)`` of this shard: scores, image ids, patch ids (padding: -inf, "")."""
+        k = min(k, self.rows)
+        scores, idx = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        missing = idx < 0
+        idx = np.where(missing, 0, idx)
+        scores = np.where(missing, -np.inf, scores).astype(np.float32)
+        return scores, np.where(missing, "", self.image_ids[idx]), self.patch_ids[idx]
+
+    def info(self) -> dict:
+        """Rows, index type, node id (prefix) and this process's resident memory (bytes)."""
+        return {"rows": int(self.rows), "dim": int(self.dim), "index": self.kind,
+                "rss": psutil.Process(os.getpid()).memory_info().rss,
+                "node": ray.get_runtime_context().get_node_id()[:12]}
+
+
+Hits = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def merge_topk(parts: Sequence[Hits], k: int) -> Hits:
+    """Merge per-shard ``(scores, image_ids, patch_ids)`` into the best ``k`` per query row.
+
+    A stable sort keeps earlier shards first among equal scores, like one index over the
+    concatenated rows.
+    """
+    scores = np.concatenate([p[0] for p in parts], axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    pick = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
+    return (pick(scores), pick(np.concatenate([p[1] for p in parts], axis=1)),
+            pick(np.concatenate([p[2] for p in parts], axis=1)))
+
+
+def hits_table(query_feats: pa.Table, hits: Hits, model: str) -> pa.Table:
+    """Merged hits as a CANDIDATES_SCHEMA table (padding rows dropped), best first per patch."""
+    scores, image_ids, patch_ids = hits
+    nq, k = scores.shape
+    keep = np.isfinite(scores).reshape(-1)
+    rows = np.repeat(np.arange(nq), k)[keep]
+    return pa.Table.from_arrays([
+        query_feats.column("image_id").take(rows),
+        query_feats.column("patch_id").take(rows),
+        pa.array(image_ids.reshape(-1)[keep], pa.string()),
+        pa.array(patch_ids.reshape(-1)[keep], pa.int32()),
+        pa.array(np.full(len(rows), model, dtype=object), pa.string()),
+        pa.array(scores.reshape(-1)[keep], pa.float32()),
+    ], schema=CANDIDATES_SCHEMA)
+
+
+class ShardedIndex:
+    """Driver-side handle: one :class:`ShardIndex` actor per shard of ``files``.
+
+    Actors are restarted (and calls retried) when their node dies; a restarted actor
+    reloads its own rows, so a lost node costs only that shard's rebuild.
+    """
+
+    def __init__(self, files: Sequence[str], spec: IndexSpec, shard_size: int, k_max: int,
+                 actor_options: dict | None = None, timeout_s: float = CALL_TIMEOUT_S) -> None:
+        if not files:
+            raise ValueError("ShardedIndex: no feature files given")
+        self.shards = plan_shards(list(zip(files, count_rows(files))), shard_size)
+        self.rows = sum(s.stop - s.start for shard in self.shards for s in shard)
+        self.timeout_s = timeout_s
+        remote = ray.remote(ShardIndex).options(max_restarts=3, max_task_retries=3, **(actor_options or {}))
+        self.actors = [remote.remote(shard, spec, k_max) for shard in self.shards]
+
+    def search_async(self, queries: np.ndarray, k: int) -> list[ray.ObjectRef]:
+        """Start ``queries`` on every shard; pass the result to :meth:`merge`."""
+        q = ray.put(np.ascontiguousarray(queries, dtype=np.float32))
+        return [a.search.remote(q, k) for a in self.actors]
+
+    def merge(self, pending: list[ray.ObjectRef], k: int) -> Hits:
+        return merge_topk(ray.get(pending, timeout=self.timeout_s), k)
+
+    def search(self, queries: np.ndarray, k: int) -> Hits:
+        """Top-``k`` over all shards: scores, image ids, patch ids (``(nq, min(k, rows))``)."""
+        return self.merge(self.search_async(queries, k), k)
+
+    def info(self) -> list[dict]:
+        return ray.get([a.info.remote() for a in self.actors], timeout=self.timeout_s)
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
+
+
+def format_info(name: str, infos: Sequence[dict]) -> str:
+    """One line per shard: rows, index type, node and resident memory of its actor."""
+    lines = [f"{name}: {len(infos)} shard(s)"]
+    for i, s in enumerate(infos):
+        lines.append(f"  shard {i}: {s['rows']} rows x {s['dim']}  {s['index']}  node {s['node']}  "
+                     f"RSS {s['rss'] / 2**20:.0f} MiB")
+    return "\n".join(lines)

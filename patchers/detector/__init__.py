@@ -1,0 +1,1 @@
+"""The copy-region detector: synthetic training data (synth), training (train), inference (predict)."""

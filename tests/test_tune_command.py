@@ -1,0 +1,113 @@
+"""`copydet tune`: synthetic split from train photos only, tuned values, a config `copydet run` accepts."""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from ensemble.fuse import fuse_models
+from ensemble.metrics import read_ground_truth
+from ensemble.store import CANDIDATES_SCHEMA
+from jobs.cli import main
+from jobs.config import load_config
+from jobs.tune import (BETA_GRID, Member, Setting, SplitSpec, make_synthetic_split, per_model_scores,
+                       tune_members, user_split)
+from tests.conftest import synthetic_photo
+
+TINY = ["models.0.name=tiny_cnn", "models.0.scales=[64]", "models.0.batch_size=8", "patches.shard_size=5",
+        "patches.query.preset=global", "search.k=5", "fuse.k=5"]
+
+
+def _hashes(folder: Path) -> set[str]:
+    return {hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+
+
+def _more_train(root: Path, n: int = 14) -> None:
+    for i in range(n):
+        synthetic_photo(200 + i).save(root / "train" / f"T{100 + i:03d}.jpg")
+
+
+def test_tune_writes_a_config_run_accepts(ray_local, tiny_dataset, tmp_path):
+    _more_train(tiny_dataset)  # 20 train photos: 6 held out, 4 of the other 14 as background
+    src = tmp_path / "cfg.yaml"
+    src.write_text("# my config\nname: t\nmodels:\n  - name: resnet18\n"
+                   f"data:\n  root: {tiny_dataset}\nsearch:\n  normalize:\n    enabled: true\n    beta: 0.3\n")
+    out = tmp_path / "run"
+    argv = ["tune", str(src), "--out", str(out), "--photos", "6", "--background", "4",
+            *sum((["--set", s] for s in TINY), [])]
+    assert main(argv) == 0
+
+    tuned_path = out / "tuned.yaml"
+    text = tuned_path.read_text()
+    assert text.startswith("# Tuned by `copydet tune`") and "evaluation queries and ground truth were not used" in text
+    tuned = load_config(tuned_path)
+    norm = tuned.search.normalize
+    assert norm.beta in BETA_GRID and norm.enabled == (norm.beta > 0)
+    assert [(m.name, m.scales) for m in tuned.models] == [("tiny_cnn", [64])]  # --set overrides kept
+    assert tuned.fuse.thresholds == {} and tuned.fuse.rule == "max"  # one member: fusion is not tuned
+    assert tuned.output == str(out)
+
+    data = out / "tune" / "data"
+    split_files = _hashes(data / "queries") | _hashes(data / "references") | _hashes(data / "train")
+    assert not split_files & _hashes(tiny_dataset / "queries"), "an evaluation query leaked into the split"
+    assert not split_files & _hashes(tiny_dataset / "references")
+    assert len(list((data / "references").iterdir())) == 3 and len(list((data / "train").iterdir())) == 4
+    gt = read_ground_truth(data / "ground_truth.csv")
+    refs = {p.stem for p in (data / "references").iterdir()}
+    assert len(gt) == 2 and {r for _, r in gt} <= refs and len(list((data / "queries").iterdir())) == 5
+
+    # A second run reuses the split and the stage outputs and tunes to the same values.
+    before = {p: p.stat().st_mtime_ns for p in data.rglob("*")}
+    assert main(argv + ["--write", str(tmp_path / "again.yaml")]) == 0
+    assert {p: p.stat().st_mtime_ns for p in data.rglob("*")} == before
+    again = yaml.safe_load((tmp_path / "again.yaml").read_text())
+    assert again == yaml.safe_load(text)
+    assert main([*argv[:4], "--photos", "8"]) == 2  # a different split cannot reuse this folder
+
+
+def test_synthetic_split_is_deterministic(tiny_dataset, tmp_path):
+    spec = SplitSpec(photos=4, seed=3)
+    a = make_synthetic_split(str(tiny_dataset / "train"), str(tmp_path / "a"), spec)
+    b = make_synthetic_split(str(tiny_dataset / "train"), str(tmp_path / "b"), spec)
+    assert Path(a.ground_truth).read_text() == Path(b.ground_truth).read_text()
+    assert _hashes(Path(a.queries)) == _hashes(Path(b.queries))
+    c = make_synthetic_split(str(tiny_dataset / "train"), str(tmp_path / "c"), SplitSpec(photos=4, seed=4))
+    assert _hashes(Path(a.references)) != _hashes(Path(c.references))
+
+
+def test_user_split_refuses_the_evaluation_set(tiny_dataset):
+    cfg = load_config(None, [f"data.root={tiny_dataset}"])
+    with pytest.raises(ValueError, match="evaluation data"):
+        user_split(cfg, str(tiny_dataset / "queries"), str(tiny_dataset / "ground_truth.csv"))
+
+
+def _member(key: str, rows: list[tuple[str, str, float]], bias: dict[str, float]) -> Member:
+    """Candidates with one patch per query, and that patch's bias."""
+    cands = pa.Table.from_pylist([{"query_id": q, "query_patch": 0, "reference_id": r, "reference_patch": 0,
+                                   "model": key, "score": s} for q, r, s in rows], schema=CANDIDATES_SCHEMA)
+    return Member(key, cands, pa.table({"image_id": list(bias), "patch_id": pa.array([0] * len(bias), pa.int32()),
+                                        "bias": pa.array(list(bias.values()), pa.float32())}))
+
+
+def test_tune_members_finds_known_beta_and_thresholds():
+    # q0, q1 are copies of r0, r1 (raw 0.70, 0.65); q2 is a texture close to the training set
+    # (bias 0.9) that scores 0.80 on r2. Raw, q2 ranks first: μAP < 1. With beta >= 0.25 its
+    # score drops below the copies' (bias 0.1): μAP 1; the smallest such beta wins.
+    # Member B alone ranks a wrong pair (q0, r9) first; completeness with A's threshold above
+    # 0.6 and B's above 0.95 drops it, so the tuned ensemble reaches μAP 1 again.
+    gt = [("q0", "r0"), ("q1", "r1")]
+    bias = {"q0": 0.1, "q1": 0.1, "q2": 0.9}
+    a = _member("A", [("q0", "r0", 0.70), ("q1", "r1", 0.65), ("q2", "r2", 0.80)], bias)
+    b = _member("B", [("q0", "r9", 0.99), ("q0", "r0", 0.50), ("q1", "r1", 0.40), ("q2", "r2", 0.10)],
+                {k: 0.0 for k in bias})
+    one = tune_members([a], gt, Setting(0.0, "max", {}), [0.0, 0.25, 1.0], k=5)
+    assert one.after.beta == 0.25 and one.map_after == pytest.approx(1.0) and one.map_before < 1.0
+    assert not one.tuned_fusion
+    two = tune_members([a, b], gt, Setting(0.0, "max", {}), [0.0, 0.25, 1.0], k=5)
+    assert two.tuned_fusion and two.map_after == pytest.approx(1.0) and two.map_before < 1.0
+    fused = fuse_models(per_model_scores([a, b], two.after.beta), two.after.thresholds, two.after.rule)
+    pairs = set(zip(fused.column("query_id").to_pylist(), fused.column("reference_id").to_pylist()))
+    assert ("q0", "r9") not in pairs and {("q0", "r0"), ("q1", "r1")} <= pairs
