@@ -90,6 +90,26 @@ class NormalizeConfig(Strict):
     neighbours: int = Field(1, ge=1, description="mean of this many nearest train descriptors")
 
 
+class ReduceConfig(Strict):
+    """Derived descriptors fit on train/: PCA/whitening, stretching, member concatenation."""
+
+    dim: int | None = Field(None, ge=2, description="PCA output size (None: no PCA)")
+    whiten: bool = True
+    stretch: bool = Field(False, description="push query/reference descriptors away from train neighbours")
+    stretch_neighbours: int = Field(10, ge=1)
+    stretch_beta: float = Field(0.5, ge=0)
+    concat: bool = Field(False, description="concatenate all members into one descriptor (feature ensemble)")
+
+    @property
+    def active(self) -> bool:
+        return bool(self.dim or self.stretch or self.concat)
+
+    def tag(self) -> str:
+        parts = ([f"pca{self.dim}{'w' if self.whiten else ''}"] if self.dim else []) + \
+            ([f"st{self.stretch_neighbours}b{self.stretch_beta:g}"] if self.stretch else [])
+        return "~".join(parts)
+
+
 class SearchConfig(Strict):
     k: int = Field(10, ge=1, description="reference patches kept per query patch")
     normalize: NormalizeConfig = NormalizeConfig()
@@ -133,6 +153,7 @@ class PipelineConfig(Strict):
     patches: PatchSides = PatchSides()
     models: list[ModelEntry] = Field(min_length=1)
     extract: ExtractConfig = ExtractConfig()
+    reduce: ReduceConfig = ReduceConfig()
     search: SearchConfig = SearchConfig()
     fuse: FuseConfig = FuseConfig()
     verify: VerifyConfig = VerifyConfig()
@@ -140,6 +161,20 @@ class PipelineConfig(Strict):
     def model_keys(self) -> list[tuple[ModelEntry, int, str]]:
         """(entry, scale, key) for every model and scale; key names feature folders."""
         return [(m, s, f"{model_label(m.name)}@{s}") for m in self.models for s in m.scales]
+
+
+    def reduce_groups(self) -> list[tuple[list[str], str]]:
+        """(source feature keys, derived key) per searched member when ``reduce`` is active."""
+        keys = [k for _, _, k in self.model_keys()]
+        groups = [keys] if self.reduce.concat else [[k] for k in keys]
+        tag = self.reduce.tag()
+        return [(g, "+".join(g) + (f"~{tag}" if tag else "")) for g in groups]
+
+    def search_keys(self) -> list[str]:
+        """The feature keys that search and fuse work on."""
+        if self.reduce.active:
+            return [out for _, out in self.reduce_groups()]
+        return [k for _, _, k in self.model_keys()]
 
 
 def model_label(name: str) -> str:

@@ -17,12 +17,13 @@ from jobs.stages.extract import run_extract
 from jobs.stages.fuse import run_fuse
 from jobs.stages.manifest import run_manifest
 from jobs.stages.patch import run_patch
+from jobs.stages.reduce import run_reduce
 from jobs.stages.search import run_search
 from jobs.stages.verify import run_verify
 
 Stage = Callable[[PipelineConfig, RunDir], object]
 STAGES: dict[str, Stage] = {
-    "manifest": run_manifest, "patch": run_patch, "extract": run_extract,
+    "manifest": run_manifest, "patch": run_patch, "extract": run_extract, "reduce": run_reduce,
     "search": run_search, "fuse": run_fuse, "verify": run_verify,
 }
 

@@ -308,7 +308,7 @@ def tune_on_split(cfg: PipelineConfig, split: ValidationSplit, run_dir: str, bet
     if not gt:
         raise ValueError(f"{split.ground_truth}: no (query, reference) pairs; nothing to tune on")
     run = RunDir(vcfg.output)
-    members = [load_member(run, key, cfg.search.normalize.neighbours) for _, _, key in vcfg.model_keys()]
+    members = [load_member(run, key, cfg.search.normalize.neighbours) for key in vcfg.search_keys()]
     return tune_members(members, gt, before_setting(cfg), beta_grid, cfg.fuse.k)
 
 

@@ -83,3 +83,24 @@ def test_stage_commands_run_alone(ray_local, tiny_dataset, tmp_path):
 def test_cli_errors_are_clear(capsys):
     assert main(["fuse", "--set", "search.kk=1"]) == 2
     assert "search.kk: unknown key" in capsys.readouterr().err
+
+
+def test_reduce_stage_pca_stretch_and_concat(ray_local, tiny_dataset, tmp_path):
+    """Derived members: PCA fit on train/ (saved, reused), stretching, concatenation of two scales."""
+    out = tmp_path / "run"
+    base = [f"data.root={tiny_dataset}", f"output={out}", *TINY, "models.0.scales=[64, 80]"]
+    run_stages(load_config(None, base), ["manifest", "patch", "extract"])
+    cfg = load_config(None, [*base, "reduce.dim=4", "reduce.stretch=true", "reduce.stretch_neighbours=2",
+                             "reduce.concat=true"])
+    (key,) = cfg.search_keys()
+    assert key == "resnet18@64+resnet18@80~pca4w~st2b0.5"
+    run_stages(cfg, ["reduce", "search", "fuse"])
+    run = RunDir(str(out))
+    feats = read_table(run.features(key))
+    assert feats.schema.field("embedding").type.list_size == 4
+    assert feats.num_rows == read_table(run.features("resnet18@64")).num_rows
+    assert set(read_table(run.candidates(key)).column("model").to_pylist()) == {key}
+    pca_file = out / "reduce" / f"{key}.safetensors"
+    stamp = pca_file.stat().st_mtime_ns
+    run_stages(cfg, ["reduce"])
+    assert pca_file.stat().st_mtime_ns == stamp

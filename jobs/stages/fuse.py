@@ -13,7 +13,7 @@ from jobs.runtime import say
 
 def run_fuse(cfg: PipelineConfig, run: RunDir) -> pa.Table:
     """Max over patch pairs per model, then across models by the configured rule."""
-    keys = [k for _, _, k in cfg.model_keys()]
+    keys = cfg.search_keys()
     missing = [k for k in keys if not shard_names(run.candidates(k))]
     if missing:
         raise RuntimeError(f"fuse: no candidates for {missing} in {run.root}/candidates (run search first)")

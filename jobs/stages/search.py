@@ -99,5 +99,5 @@ def search_key(cfg: PipelineConfig, run: RunDir, key: str) -> None:
 
 
 def run_search(cfg: PipelineConfig, run: RunDir) -> None:
-    for _, _, key in cfg.model_keys():
+    for key in cfg.search_keys():
         search_key(cfg, run, key)

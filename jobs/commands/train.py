@@ -1,0 +1,74 @@
+"""``copydet pretrain``, ``copydet finetune`` (training fan-outs) and ``copydet models``."""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from jobs.cli import arg, command
+from jobs.config import RayConfig
+from jobs.runtime import init_ray, say
+from pretrain.registry import ModelCard, list_cards
+from pretrain.train_config import RunSpec, TrainConfig, load_train_config
+
+TRAIN_ARGS = (
+    arg("config", help="training YAML (see configs/train/)"),
+    arg("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)"),
+    arg("--address", help="Ray cluster address (default: the config's, else local Ray)"),
+)
+
+
+def _train(args: argparse.Namespace, plan: Callable[[TrainConfig], list[RunSpec]]) -> int:
+    from pretrain.train.fanout import run_all
+
+    cfg = load_train_config(args.config, args.set)
+    specs = plan(cfg)
+    say(f"{len(specs)} runs: {', '.join(s.name for s in specs)}")
+    init_ray(RayConfig(address=args.address or cfg.ray.address))
+    outcomes = run_all(specs, cfg.ray)
+    rows = [[o.name, o.status, _fmt(o.metrics.get("loss")), _fmt(o.metrics.get("micro_ap")), o.error or ""]
+            for o in outcomes]
+    say(format_table(["run", "status", "loss", "val uAP", "error"], rows))
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+@command("pretrain", "BYOL-pretrain every backbone of a training config (Ray Train) and register them",
+         *TRAIN_ARGS, uses_config=False)
+def pretrain(args: argparse.Namespace) -> int:
+    from pretrain.train.fanout import plan_pretrain
+
+    return _train(args, plan_pretrain)
+
+
+@command("finetune", "fine-tune sets x backbones (Ray Train fan-out); each finished model is registered",
+         *TRAIN_ARGS, uses_config=False)
+def finetune(args: argparse.Namespace) -> int:
+    from pretrain.train.fanout import plan_finetune
+
+    return _train(args, plan_finetune)
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "" if value is None else f"{value:.{digits}g}"
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    """A plain-text table with aligned columns."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows)]
+    lines = [header, ["-" * w for w in widths], *rows]
+    return "\n".join("  ".join(str(c).ljust(w) for c, w in zip(line, widths)).rstrip() for line in lines)
+
+
+def card_row(card: ModelCard) -> list[str]:
+    uap = card.metrics.get("micro_ap")
+    return [card.name, card.kind, card.arch, str(card.dim or ""), str(card.input_size), card.trained_on or "",
+            card.loss or "", _fmt(uap), _fmt(card.train_time_s, 3), card.source_checkpoint or ""]
+
+
+@command("models", "list the model registry as a table",
+         arg("--registry", help="registry folder (default: $COPYDET_REGISTRY, else ./models)"),
+         uses_config=False)
+def models(args: argparse.Namespace) -> int:
+    cards = list_cards(args.registry)
+    header = ["name", "kind", "arch", "dim", "input", "trained_on", "loss", "val uAP", "train s", "source"]
+    say(format_table(header, [card_row(c) for c in cards]) if cards else "no models registered")
+    return 0

@@ -1,0 +1,71 @@
+"""Stage 3b (optional): derived descriptors between extract and search.
+
+For each model key (or, with ``reduce.concat``, all keys concatenated into one member) it
+fits PCA/whitening on the train split, saves it next to the features
+(``reduce/<key>.safetensors``, reused on re-runs), projects every split, and optionally
+stretches query and reference descriptors away from their train neighbours. The result is
+an ordinary feature folder, ``features/<search key>/``, so search and fuse need no changes.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from ensemble.reduce import Pca, concat_members, fit_pca, load_pca, save_pca
+from ensemble.store import embeddings_from_arrow, exists, join, read_table, write_table
+from ensemble.stretch import stretch_table
+from jobs.config import PipelineConfig, ReduceConfig
+from jobs.layout import RunDir, shard_names
+from jobs.runtime import run_tasks, say
+
+
+def member_table(run: RunDir, keys: list[str], shard: str) -> pa.Table:
+    tables = [read_table(join(run.features(k), shard)) for k in keys]
+    return tables[0] if len(tables) == 1 else concat_members(tables)
+
+
+def reduce_shard(run: RunDir, keys: list[str], out_key: str, shard: str, pca: Pca | None,
+                 train: np.ndarray | None, cfg: ReduceConfig) -> int:
+    t = member_table(run, keys, shard)
+    if pca is not None:
+        t = pca.apply_table(t)
+    if cfg.stretch and train is not None and not shard.startswith("train-"):
+        t = stretch_table(t, train, cfg.stretch_neighbours, cfg.stretch_beta)
+    t = t.set_column(t.schema.get_field_index("model"), "model", pa.array([out_key] * t.num_rows, pa.string()))
+    write_table(t, join(run.features(out_key), shard))
+    return t.num_rows
+
+
+def fit_or_load(run: RunDir, keys: list[str], out_key: str, cfg: ReduceConfig) -> tuple[Pca | None, np.ndarray | None]:
+    """The group's PCA (fit on train, saved once) and its projected train descriptors."""
+    train_shards = shard_names(run.features(keys[0]), "train")
+    if not train_shards:
+        if cfg.dim or cfg.stretch:
+            raise RuntimeError(f"reduce {out_key}: PCA and stretching are fit on train/, which has no features")
+        return None, None
+    train = pa.concat_tables([member_table(run, keys, s) for s in train_shards])
+    x = embeddings_from_arrow(train.column("embedding"))
+    pca = None
+    if cfg.dim:
+        path = join(run.root, "reduce", f"{out_key}.safetensors")
+        if exists(path):
+            pca = load_pca(path)
+        else:
+            pca = fit_pca(x, min(cfg.dim, x.shape[0] - 1, x.shape[1]), cfg.whiten, key=out_key)
+            save_pca(pca, path)
+        x = pca.apply(x)
+    return pca, x
+
+
+def run_reduce(cfg: PipelineConfig, run: RunDir) -> None:
+    if not cfg.reduce.active:
+        return
+    for keys, out_key in cfg.reduce_groups():
+        done = set(shard_names(run.features(out_key)))
+        todo = [n for n in shard_names(run.features(keys[0])) if n not in done]
+        if not todo:
+            continue
+        pca, train = fit_or_load(run, keys, out_key, cfg.reduce)
+        run_tasks(reduce_shard, [(run, keys, out_key, n, pca, train, cfg.reduce) for n in todo], f"reduce {out_key}")
+        say(f"reduce: {'+'.join(keys)} -> {out_key}" + (f" (PCA {pca.dim}{', whitened' if pca.whiten else ''})"
+                                                         if pca else ""))

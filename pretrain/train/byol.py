@@ -1,0 +1,106 @@
+"""BYOL pretraining loop: ``byol_loop(spec, session)``, and the Ray Train entry point.
+
+Each epoch ends with a report (loss, images/s) and a checkpoint; a restarted run continues
+after the last checkpointed epoch. The finished backbone is registered as ``spec.name``.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pretrain.backbones import DescriptorModel, build_backbone
+from pretrain.data import CopyViews, make_loader, set_loader_epoch
+from pretrain.recipes import get_recipe
+from pretrain.registry import ModelCard
+from pretrain.ssl import BYOL, momentum_at
+from pretrain.train.common import autocast, log_event, maybe_crash, register_model, run_card, split_photos, unwrap
+from pretrain.train.session import LocalSession, RaySession, Session
+from pretrain.train.state import read_checkpoint, write_checkpoint
+from pretrain.train_config import RunSpec
+
+
+def byol_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
+    """Pretrain ``spec.backbone`` with BYOL on the training photos; returns the last metrics."""
+    hp = spec.pretrain
+    torch.manual_seed(spec.seed + session.rank)
+    if spec.torch_threads:
+        torch.set_num_threads(spec.torch_threads)
+    backbone = build_backbone(
+        spec.backbone, dim=spec.model.dim, img_size=spec.model.img_size, pool=spec.model.pool, seed=spec.seed
+    )
+    byol = BYOL(backbone, proj_hidden=hp.proj_hidden, proj_dim=hp.proj_dim, pred_hidden=hp.pred_hidden)
+    photos, _, _ = split_photos(spec)
+    views = CopyViews(photos, get_recipe(hp.recipe), views=2, size=spec.model.img_size,
+                      mean=backbone.mean, std=backbone.std, seed=spec.seed)
+    loader = make_loader(views, hp.batch_size, num_workers=spec.loader_workers, rank=session.rank,
+                         world_size=session.world_size, seed=spec.seed)
+    steps = min(len(loader), hp.steps_per_epoch or len(loader))
+
+    resume = session.load_latest(read_checkpoint)
+    start, train_time = 0, 0.0
+    if resume is not None:
+        byol.load_state_dict(resume.state["byol"])
+        start, train_time = resume.progress["epoch"] + 1, resume.progress["train_time_s"]
+    model = session.prepare(byol)
+    opt = torch.optim.SGD(unwrap(model).trainable_parameters(), lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
+    if resume is not None:
+        opt.load_state_dict(resume.state["optimizer"])
+    log_event(spec, session.rank, {"event": "start", "epoch": start, "resumed": resume is not None})
+
+    metrics: dict[str, Any] = {}
+    for epoch in range(start, hp.epochs):
+        maybe_crash(spec, epoch)
+        set_loader_epoch(loader, epoch)
+        model.train()
+        t0, losses = time.perf_counter(), []
+        for step, (batch, _) in zip(range(steps), loader):
+            momentum = momentum_at(epoch * steps + step, hp.epochs * steps, *hp.momentum)
+            losses.append(byol_step(model, batch, opt, momentum, session.device))
+        seconds = time.perf_counter() - t0
+        train_time += seconds
+        metrics = {"run": spec.name, "epoch": epoch, "loss": sum(losses) / len(losses), "momentum": momentum,
+                   "images_per_s": len(losses) * hp.batch_size * 2 * session.world_size / seconds}  # 2 views
+        log_event(spec, session.rank, {"event": "epoch", **metrics})
+        progress = {"epoch": epoch, "train_time_s": train_time, "metrics": metrics}
+        card = run_card(spec, backbone, loss="byol", train_time_s=train_time)
+        state = {"byol": unwrap(model).state_dict(), "optimizer": opt.state_dict()}
+        session.report(metrics, partial(_write, backbone=backbone, card=card, state=state, progress=progress))
+
+    if session.rank == 0:
+        register_model(spec, backbone, run_card(spec, backbone, loss="byol", train_time_s=train_time))
+        log_event(spec, session.rank, {"event": "registered", "name": spec.name})
+    return metrics
+
+
+def byol_step(model: nn.Module, batch: torch.Tensor, opt: torch.optim.Optimizer, momentum: float,
+              device: torch.device) -> float:
+    """One BYOL update on ``batch`` (B x 2 views x 3 x H x W), then the target EMA; the loss."""
+    batch = batch.to(device, non_blocking=True)
+    with autocast(device):
+        loss = model(batch[:, 0], batch[:, 1])
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    unwrap(model).update_target(momentum)
+    return float(loss.detach())
+
+
+def _write(folder: Path, *, backbone: DescriptorModel, card: ModelCard, state: dict[str, Any],
+           progress: dict[str, Any]) -> None:
+    write_checkpoint(folder, model=backbone, card=card, state=state, progress=progress)
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: ``config`` is a :class:`RunSpec` as a dict."""
+    byol_loop(RunSpec.model_validate(config), RaySession())
+
+
+def train_local(spec: RunSpec) -> dict[str, Any]:
+    """Run the loop in this process (tests, benchmarks, inline fan-out members)."""
+    return byol_loop(spec, LocalSession(spec.run_dir, "cuda" if spec.use_gpu else "cpu"))

@@ -1,0 +1,125 @@
+"""Fan-out: one training config -> many independent runs, scheduled by Ray.
+
+``plan_pretrain`` gives one BYOL run per backbone; ``plan_finetune`` one run per (set recipe,
+backbone). :func:`run_all` launches them as Ray tasks: with ``launcher: trainer`` each task
+fits its own ``TorchTrainer`` (the task takes no CPU; the trainer's workers wait for theirs,
+so Ray runs as many at once as resources allow), with ``launcher: inline`` each task runs the
+loop in its own process on ``cpus_per_worker`` CPUs. A run whose model card already exists
+is skipped (so a fan-out resumes), and a failed run is reported while the others go on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pretrain.registry import CARD_SUFFIX, RegistryError, load_card, resolve_model
+from pretrain.train_config import RaySection, RunSpec, TrainConfig
+
+
+@dataclass
+class Outcome:
+    """What became of one run."""
+
+    name: str
+    status: Literal["done", "skipped", "failed"]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+
+
+def byol_name(cfg: TrainConfig, backbone: str) -> str:
+    return f"{cfg.name}-{backbone}-byol"
+
+
+def finetune_name(cfg: TrainConfig, backbone: str, recipe: str) -> str:
+    return f"{cfg.name}-{backbone}-{recipe}"
+
+
+def _spec(cfg: TrainConfig, **fields: Any) -> RunSpec:
+    return RunSpec(
+        registry=cfg.registry_dir(), run_dir=str(Path(cfg.output) / fields["name"]), seed=cfg.seed,
+        data=cfg.data, model=cfg.model.for_backbone(fields["backbone"]), num_workers=cfg.ray.num_workers,
+        use_gpu=cfg.ray.use_gpu, loader_workers=cfg.loader_workers, torch_threads=cfg.torch_threads,
+        pretrain=cfg.pretrain, finetune=cfg.finetune, **fields,
+    )
+
+
+def plan_pretrain(cfg: TrainConfig) -> list[RunSpec]:
+    """One BYOL run per backbone, registered as ``<name>-<backbone>-byol``."""
+    return [
+        _spec(cfg, kind="byol", name=byol_name(cfg, b), backbone=b, recipe=cfg.pretrain.recipe)
+        for b in cfg.backbones
+    ]
+
+
+def init_weights(cfg: TrainConfig, backbone: str) -> str | None:
+    """The weights file fine-tuning of ``backbone`` starts from (None = random init)."""
+    init = cfg.finetune.init
+    if init == "random":
+        return None
+    if init == "byol":
+        try:
+            return load_card(byol_name(cfg, backbone), cfg.registry_dir()).weights
+        except RegistryError as e:
+            raise RegistryError(f"finetune.init=byol: {e} (run `copydet pretrain` first)") from e
+    return resolve_model(init, cfg.registry_dir()).weights
+
+
+def plan_finetune(cfg: TrainConfig) -> list[RunSpec]:
+    """sets x backbones fine-tuning runs, registered as ``<name>-<backbone>-<recipe>``."""
+    return [
+        _spec(cfg, kind="finetune", name=finetune_name(cfg, b, r), backbone=b, recipe=r,
+              init_weights=init_weights(cfg, b))
+        for b in cfg.backbones
+        for r in cfg.set_recipes()
+    ]
+
+
+def is_registered(spec: RunSpec) -> bool:
+    return (Path(spec.registry) / f"{spec.name}{CARD_SUFFIX}").is_file()
+
+
+def _task(spec: RunSpec, ray_cfg: RaySection) -> dict[str, Any]:
+    from pretrain.train.launch import fit_local, fit_trainer
+
+    if ray_cfg.launcher == "inline":
+        return fit_local(spec)
+    return fit_trainer(spec, cpus_per_worker=ray_cfg.cpus_per_worker, max_failures=ray_cfg.max_failures)
+
+
+def _task_options(spec: RunSpec, ray_cfg: RaySection) -> dict[str, Any]:
+    if ray_cfg.launcher == "trainer":  # the trainer's workers hold the resources
+        return {"num_cpus": 0, "max_retries": 0}
+    return {"num_cpus": ray_cfg.cpus_per_worker, "num_gpus": 1 if spec.use_gpu else 0,
+            "max_retries": ray_cfg.max_failures, "retry_exceptions": False}
+
+
+def _last_line(e: Exception) -> str:
+    """The informative line of a (Ray-wrapped) exception: Ray puts the cause's last."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[-1] if lines else ''}"
+
+
+def run_all(specs: list[RunSpec], ray_cfg: RaySection) -> list[Outcome]:
+    """Run every spec that is not registered yet as a Ray task (Ray must be initialised);
+    outcomes in plan order. Exceptions of one run never stop the others."""
+    import ray
+
+    outcomes = {s.name: Outcome(s.name, "skipped") for s in specs if is_registered(s)}
+    todo = [s for s in specs if s.name not in outcomes]
+    remote = ray.remote(_task)
+    limit = ray_cfg.max_concurrent or len(todo) or 1
+    running: dict[Any, RunSpec] = {}
+    while todo or running:
+        while todo and len(running) < limit:
+            spec = todo.pop(0)
+            running[remote.options(**_task_options(spec, ray_cfg)).remote(spec, ray_cfg)] = spec
+        done, _ = ray.wait(list(running), num_returns=1)
+        spec = running.pop(done[0])
+        try:
+            outcomes[spec.name] = Outcome(spec.name, "done", metrics=ray.get(done[0]))
+        except Exception as e:  # a failed run is reported; the others go on
+            outcomes[spec.name] = Outcome(spec.name, "failed", error=_last_line(e))
+        print(f"[fan-out] {spec.name}: {outcomes[spec.name].status}", flush=True)
+    return [outcomes[s.name] for s in specs]

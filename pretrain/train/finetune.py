@@ -1,0 +1,146 @@
+"""Instance-level fine-tuning: every training photo is a class, its recipe copies positives.
+
+A batch is P photos x K copies; the loss (config ``finetune.loss``) is one of
+:data:`pretrain.losses.LOSSES`. Training starts from ``spec.init_weights`` (a BYOL or any
+local checkpoint) or random init. Each epoch is validated (μAP on synthetic copies of
+held-aside photos, :mod:`pretrain.train.validate`); the best epoch's weights are kept in
+``<run_dir>/best.safetensors`` and registered as ``spec.name`` when the run ends.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pretrain.backbones import DescriptorModel, build_backbone
+from pretrain.checkpoint import save_checkpoint
+from pretrain.data import CopyViews, make_loader, set_loader_epoch
+from pretrain.losses import build_loss
+from pretrain.recipes import get_recipe
+from pretrain.registry import ModelCard
+from pretrain.train.common import autocast, log_event, maybe_crash, register_model, run_card, split_photos, unwrap
+from pretrain.train.session import LocalSession, RaySession, Session
+from pretrain.train.state import read_checkpoint, write_checkpoint
+from pretrain.train.validate import make_validation_set, validate
+from pretrain.train_config import RunSpec
+
+BEST_FILE = "best.safetensors"
+
+
+class InstanceModel(nn.Module):
+    """Descriptor model + loss in one module, so DDP also syncs the loss's class weights."""
+
+    def __init__(self, model: DescriptorModel, loss: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = loss
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.loss(self.model(images), labels)
+
+
+def finetune_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
+    """Fine-tune ``spec.backbone`` on ``spec.recipe`` copies; returns the last metrics."""
+    hp = spec.finetune
+    torch.manual_seed(spec.seed + session.rank)
+    if spec.torch_threads:
+        torch.set_num_threads(spec.torch_threads)
+    backbone = build_backbone(spec.backbone, dim=spec.model.dim, img_size=spec.model.img_size,
+                              pool=spec.model.pool, seed=spec.seed, checkpoint=spec.init_weights)
+    train, val_refs, distractors = split_photos(spec)
+    recipe = get_recipe(spec.recipe)
+    net = InstanceModel(backbone, build_loss(hp.loss.name, num_classes=len(train), dim=backbone.dim,
+                                             params=hp.loss.params))
+    copies = CopyViews(train, recipe, views=hp.copies, size=spec.model.img_size, mean=backbone.mean,
+                       std=backbone.std, seed=spec.seed)
+    loader = make_loader(copies, hp.photos_per_batch, num_workers=spec.loader_workers, rank=session.rank,
+                         world_size=session.world_size, seed=spec.seed)
+    steps = min(len(loader), hp.steps_per_epoch or len(loader))
+    val = None
+    if val_refs and session.rank == 0:
+        val = make_validation_set(val_refs, distractors, recipe, size=spec.model.img_size, mean=backbone.mean,
+                                  std=backbone.std, backgrounds=train)
+
+    resume = session.load_latest(read_checkpoint)
+    start, train_time, best = 0, 0.0, None
+    if resume is not None:
+        net.load_state_dict(resume.state["net"])
+        start, train_time = resume.progress["epoch"] + 1, resume.progress["train_time_s"]
+        best = resume.progress["best"]
+    model = session.prepare(net)
+    opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
+    if resume is not None:
+        opt.load_state_dict(resume.state["optimizer"])
+    log_event(spec, session.rank, {"event": "start", "epoch": start, "resumed": resume is not None})
+
+    metrics: dict[str, Any] = {}
+    for epoch in range(start, hp.epochs):
+        maybe_crash(spec, epoch)
+        set_loader_epoch(loader, epoch)
+        model.train()
+        t0, losses = time.perf_counter(), []
+        for _, (batch, labels) in zip(range(steps), loader):
+            losses.append(instance_step(model, batch, labels, opt, session.device))
+        seconds = time.perf_counter() - t0
+        train_time += seconds
+        metrics = {"run": spec.name, "epoch": epoch, "loss": sum(losses) / len(losses),
+                   "images_per_s": len(losses) * hp.photos_per_batch * hp.copies * session.world_size / seconds}
+        if val is not None:
+            found = validate(backbone, val)
+            metrics.update(micro_ap=found.micro_ap, recall_at_p90=found.recall_at_p90)
+            if best is None or found.micro_ap > best["micro_ap"]:
+                best = {"epoch": epoch, "micro_ap": found.micro_ap, "recall_at_p90": found.recall_at_p90}
+                save_checkpoint(backbone, Path(spec.run_dir) / BEST_FILE, meta={"best": best})
+        log_event(spec, session.rank, {"event": "epoch", **metrics})
+        progress = {"epoch": epoch, "train_time_s": train_time, "metrics": metrics, "best": best}
+        card = run_card(spec, backbone, loss=hp.loss.name, train_time_s=train_time,
+                        source_checkpoint=spec.init_weights)
+        state = {"net": unwrap(model).state_dict(), "optimizer": opt.state_dict()}
+        session.report(metrics, partial(_write, backbone=backbone, card=card, state=state, progress=progress))
+
+    if session.rank == 0:
+        _register(spec, backbone, train_time, best)
+    return metrics
+
+
+def instance_step(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, opt: torch.optim.Optimizer,
+                  device: torch.device) -> float:
+    """One update on P photos x K copies (``batch``: P x K x 3 x H x W, ``labels``: P); the loss."""
+    images = batch.flatten(0, 1).to(device, non_blocking=True)
+    labels = labels.repeat_interleave(batch.shape[1]).to(device)
+    with autocast(device):
+        loss = model(images, labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+def _write(folder: Path, *, backbone: DescriptorModel, card: ModelCard, state: dict[str, Any],
+           progress: dict[str, Any]) -> None:
+    write_checkpoint(folder, model=backbone, card=card, state=state, progress=progress)
+
+
+def _register(spec: RunSpec, backbone: DescriptorModel, train_time: float, best: dict[str, Any] | None) -> None:
+    """Register the best validated weights (the final ones when there is no validation)."""
+    metrics = {} if best is None else {k: float(v) for k, v in best.items() if k != "epoch"}
+    card = run_card(spec, backbone, loss=spec.finetune.loss.name, train_time_s=train_time,
+                    source_checkpoint=spec.init_weights, metrics=metrics)
+    weights = None if best is None else Path(spec.run_dir) / BEST_FILE
+    register_model(spec, backbone, card, weights)
+    log_event(spec, 0, {"event": "registered", "name": spec.name, **metrics})
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: ``config`` is a :class:`RunSpec` as a dict."""
+    finetune_loop(RunSpec.model_validate(config), RaySession())
+
+
+def train_local(spec: RunSpec) -> dict[str, Any]:
+    """Run the loop in this process (tests, benchmarks, inline fan-out members)."""
+    return finetune_loop(spec, LocalSession(spec.run_dir, "cuda" if spec.use_gpu else "cpu"))

@@ -1,0 +1,193 @@
+"""The training YAML (``copydet pretrain/finetune CONFIG``): typed, strict, errors name the key.
+
+One file describes BYOL pretraining of every backbone and the fan-out of fine-tuned models::
+
+    backbones: [resnet152, r50_ibn_a, vit_b16]
+    sets: 11                 # or recipes: [basic, paste, ...]
+
+Each (set, backbone) pair becomes one :class:`RunSpec`, the plain-data description that a
+training loop (``train_loop_per_worker(config)``) receives, so a run can start on any worker.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pretrain.backbones import list_backbones
+from pretrain.registry import default_registry_dir
+
+
+class TrainConfigError(ValueError):
+    """A training config is invalid; the message names the file and the dotted key."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataSection(Strict):
+    train: str = Field(description="folder of unlabeled training photos")
+    limit: int | None = Field(None, ge=4, description="use at most this many photos (sorted by name)")
+    val_photos: int = Field(0, ge=0, description="photos held aside as validation references")
+    val_distractors: int = Field(0, ge=0, description="photos held aside as distractor queries")
+    max_side: int = Field(512, ge=16, description="decoded photos are shrunk to this longer side")
+
+
+class RaySection(Strict):
+    address: str | None = Field(None, description="cluster address; None = local Ray")
+    num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks) per run")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(2, ge=-1, description="worker failures a run recovers from")
+    launcher: Literal["trainer", "inline"] = Field(
+        "trainer", description="trainer: a TorchTrainer per run; inline: the loop runs inside a Ray task"
+    )
+    max_concurrent: int | None = Field(None, ge=1, description="fan-out runs in flight (None: all)")
+
+
+class ModelSection(Strict):
+    dim: int = Field(256, ge=8, description="descriptor size")
+    img_size: int = Field(224, ge=16, le=1024, description="training input side in pixels")
+    img_size_for: dict[str, int] = Field({}, description="per-backbone input side, overrides img_size")
+    pool: str | None = Field(None, description="pooling (default: the backbone's)")
+
+    def for_backbone(self, backbone: str) -> ModelSection:
+        """This section with ``img_size`` set for ``backbone``."""
+        return self.model_copy(update={"img_size": self.img_size_for.get(backbone, self.img_size), "img_size_for": {}})
+
+
+class PretrainSection(Strict):
+    epochs: int = Field(1, ge=1)
+    batch_size: int = Field(32, ge=2, description="photos per step per worker (2 views each)")
+    steps_per_epoch: int | None = Field(None, ge=1, description="cap the steps of an epoch")
+    lr: float = Field(0.05, gt=0)
+    weight_decay: float = Field(1e-6, ge=0)
+    momentum: tuple[float, float] = Field((0.99, 1.0), description="target EMA: start, end (cosine)")
+    proj_hidden: int = Field(4096, ge=8)
+    proj_dim: int = Field(256, ge=8)
+    pred_hidden: int = Field(4096, ge=8)
+    recipe: str = Field("byol_views", description="recipe that makes the two views")
+
+
+class LossSection(Strict):
+    name: Literal["arcface", "cosface", "triplet", "infonce"] = "arcface"
+    params: dict[str, Any] = Field({}, description="keyword arguments of the loss")
+
+
+class FinetuneSection(Strict):
+    init: str = Field("random", description="random | byol | registry name | checkpoint path")
+    epochs: int = Field(1, ge=1)
+    photos_per_batch: int = Field(16, ge=2, description="P: distinct photos per step per worker")
+    copies: int = Field(2, ge=1, description="K: recipe copies of each photo per step")
+    steps_per_epoch: int | None = Field(None, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    loss: LossSection = LossSection()
+
+
+class TrainConfig(Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="model-name prefix")
+    output: str = Field("runs/train", description="run folders and Ray Train storage")
+    registry: str | None = Field(None, description="model registry folder (default: $COPYDET_REGISTRY or ./models)")
+    seed: int = 0
+    backbones: list[str] = Field(min_length=1)
+    sets: int | None = Field(None, ge=1, description="fan out over the first N set recipes")
+    recipes: list[str] | None = Field(None, min_length=1, description="or name the set recipes")
+    data: DataSection
+    model: ModelSection = ModelSection()
+    ray: RaySection = RaySection()
+    loader_workers: int = Field(0, ge=0, description="DataLoader worker processes per rank")
+    torch_threads: int | None = Field(None, ge=1, description="torch CPU threads per rank (None: Ray's/torch's)")
+    pretrain: PretrainSection = PretrainSection()
+    finetune: FinetuneSection = FinetuneSection()
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainConfig:
+        from pretrain.recipes import RECIPES, recipe_names  # recipes pull in AugLy: import late
+
+        unknown = [b for b in self.backbones if b not in list_backbones()]
+        if unknown:
+            raise ValueError(f"backbones: unknown {unknown}; registered: {', '.join(list_backbones())}")
+        if (self.sets is None) == (self.recipes is None):
+            raise ValueError("give exactly one of sets (a count) and recipes (names)")
+        if self.sets is not None:
+            recipe_names(self.sets)  # raises with the allowed range
+        extra = sorted(set(self.model.img_size_for) - set(self.backbones))
+        if extra:
+            raise ValueError(f"model.img_size_for: {extra} are not in backbones {self.backbones}")
+        bad = [r for r in [*(self.recipes or []), self.pretrain.recipe] if r not in RECIPES]
+        if bad:
+            raise ValueError(f"unknown recipes {bad}; known: {', '.join(RECIPES)}")
+        return self
+
+    def set_recipes(self) -> list[str]:
+        """The recipes that define the training sets, in fan-out order."""
+        from pretrain.recipes import recipe_names
+
+        return list(self.recipes) if self.recipes is not None else recipe_names(self.sets or 1)
+
+    def registry_dir(self) -> str:
+        return str(Path(self.registry) if self.registry else default_registry_dir())
+
+
+class RunSpec(Strict):
+    """One training run as plain data: what ``train_loop_per_worker`` receives."""
+
+    kind: Literal["byol", "finetune"]
+    name: str = Field(description="registry name of the model this run produces")
+    backbone: str
+    recipe: str
+    run_dir: str
+    registry: str
+    seed: int
+    data: DataSection
+    model: ModelSection
+    num_workers: int = 1
+    use_gpu: bool = False
+    loader_workers: int = 0
+    torch_threads: int | None = None
+    pretrain: PretrainSection = PretrainSection()
+    finetune: FinetuneSection = FinetuneSection()
+    init_weights: str | None = Field(None, description="weights file fine-tuning starts from")
+    fault: dict[str, Any] | None = Field(
+        None, description="test hook: {'epoch': E, 'marker': path, 'after_s': s} kills the worker once in epoch E"
+    )
+
+
+def _format_errors(err: ValidationError) -> str:
+    return "\n".join(
+        f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()
+    )
+
+
+def load_train_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
+    """Read and validate a training YAML; ``overrides`` are ``key.sub=value`` (YAML values)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TrainConfigError(f"{path}: no such training config")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise TrainConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(raw, dict):
+        raise TrainConfigError(f"{path}: the top level must be a mapping")
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise TrainConfigError(f"override {item!r}: expected KEY=VALUE")
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise TrainConfigError(f"override {item!r}: {p} is not a mapping")
+        node[leaf] = yaml.safe_load(value)
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        raise TrainConfigError(f"{path}: invalid training config:\n{_format_errors(e)}") from e

@@ -1,0 +1,107 @@
+"""BYOL: the loss falls, the loop checkpoints, registers and resumes; a Ray Train run survives
+a killed worker and continues from its last checkpoint."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import synthetic_photo
+from pretrain.backbones import build_backbone
+from pretrain.registry import build_model, load_card
+from pretrain.ssl import BYOL, momentum_at
+from pretrain.train.byol import train_local
+from pretrain.train.state import read_checkpoint
+from pretrain.train_config import DataSection, ModelSection, PretrainSection, RunSpec
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run faster on one thread, and far faster on a busy shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    for i in range(16):
+        synthetic_photo(200 + i, (64, 48)).save(folder / f"T{i:03d}.jpg")
+    return folder
+
+
+def byol_spec(photo_dir: Path, tmp: Path, epochs: int, **extra) -> RunSpec:
+    return RunSpec(
+        kind="byol", name="tiny-byol", backbone="tiny_cnn", recipe="byol_views", run_dir=str(tmp / "run"),
+        registry=str(tmp / "registry"), seed=0, data=DataSection(train=str(photo_dir), max_side=64),
+        model=ModelSection(dim=32, img_size=32),
+        pretrain=PretrainSection(epochs=epochs, batch_size=8, proj_hidden=64, proj_dim=32, pred_hidden=64),
+        **extra,
+    )
+
+
+def events(spec: RunSpec) -> list[dict]:
+    return [json.loads(line) for line in (Path(spec.run_dir) / "events.jsonl").read_text().splitlines()]
+
+
+def test_byol_loss_falls_on_fixed_views():
+    torch.manual_seed(0)
+    byol = BYOL(build_backbone("tiny_cnn", dim=32, img_size=32), proj_hidden=64, proj_dim=32, pred_hidden=64)
+    x0, x1 = torch.randn(8, 3, 32, 32), torch.randn(8, 3, 32, 32)
+    x1 = 0.7 * x0 + 0.3 * x1  # two related "views"
+    opt = torch.optim.SGD(byol.trainable_parameters(), lr=0.1, momentum=0.9)
+    losses = []
+    for step in range(25):
+        loss = byol(x0, x1)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        byol.update_target(momentum_at(step, 25, 0.9))
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.3  # negative cosine: from ~0 towards -1
+    assert not any(p.requires_grad for p in byol.backbone_momentum.parameters())
+
+
+def test_momentum_schedule_ends_at_one():
+    assert momentum_at(0, 100, 0.99) == pytest.approx(0.99)
+    assert momentum_at(100, 100, 0.99) == pytest.approx(1.0)
+
+
+def test_loop_checkpoints_registers_and_resumes(photo_dir, tmp_path):
+    first = train_local(byol_spec(photo_dir, tmp_path, epochs=2))
+    assert first["epoch"] == 1 and first["loss"] == first["loss"]  # not NaN
+    spec = byol_spec(photo_dir, tmp_path, epochs=3)
+    train_local(spec)  # resumes after epoch 1: runs epoch 2 only
+    log = events(spec)
+    assert [e["epoch"] for e in log if e["event"] == "epoch"] == [0, 1, 2]
+    assert [(e["epoch"], e["resumed"]) for e in log if e["event"] == "start"] == [(0, False), (2, True)]
+    last = sorted((Path(spec.run_dir) / "checkpoints").iterdir())[-1]
+    assert read_checkpoint(last).progress["epoch"] == 2
+
+    card = load_card("tiny-byol", tmp_path / "registry")
+    assert card.loss == "byol" and card.dim == 32 and card.train_time_s > 0
+    x = torch.randn(4, 3, 32, 32)
+    from pretrain.checkpoint import load_checkpoint
+    registered, final = build_model(card).eval(), load_checkpoint(last / "model.safetensors").eval()
+    assert torch.equal(registered(x), final(x))
+
+
+@pytest.mark.slow
+def test_ray_train_resumes_after_worker_dies(ray_local, photo_dir, tmp_path):
+    """A worker kills its own process 5 s into epoch 1 (once: a marker file remembers); Ray
+    Train restarts the worker group, which resumes from the epoch-0 checkpoint."""
+    from pretrain.train.launch import fit_trainer
+
+    marker = tmp_path / "killed.txt"
+    spec = byol_spec(photo_dir, tmp_path, epochs=3, num_workers=2,
+                     fault={"epoch": 1, "marker": str(marker), "after_s": 5})
+    metrics = fit_trainer(spec, cpus_per_worker=0.5, max_failures=2)
+    assert marker.exists()
+    assert metrics["epoch"] == 2
+    log = events(spec)
+    assert [e["epoch"] for e in log if e["event"] == "epoch"] == [0, 1, 2]  # epoch 0 not redone
+    assert [(e["epoch"], e["resumed"]) for e in log if e["event"] == "start"] == [(0, False), (1, True)]
+    assert load_card("tiny-byol", tmp_path / "registry").loss == "byol"

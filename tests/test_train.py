@@ -1,0 +1,137 @@
+"""Fine-tuning loop (validation, best checkpoint, registration), training configs, fan-out, CLI."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import synthetic_photo
+from jobs.cli import main as copydet
+from pretrain.backbones import build_backbone
+from pretrain.checkpoint import load_checkpoint, save_checkpoint
+from pretrain.registry import build_model, list_cards, load_card
+from pretrain.train.fanout import plan_finetune, plan_pretrain, run_all
+from pretrain.train.finetune import BEST_FILE, train_local
+from pretrain.train_config import (
+    DataSection, FinetuneSection, ModelSection, RunSpec, TrainConfigError, load_train_config,
+)
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "train"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Tiny models run faster on one thread, and far faster on a busy shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    for i in range(16):
+        synthetic_photo(300 + i, (64, 48)).save(folder / f"T{i:03d}.jpg")
+    return folder
+
+
+def test_finetune_validates_keeps_best_and_registers(photo_dir, tmp_path):
+    init = save_checkpoint(build_backbone("tiny_cnn", dim=32, img_size=32, seed=5), tmp_path / "init.safetensors")
+    spec = RunSpec(
+        kind="finetune", name="tiny-ft", backbone="tiny_cnn", recipe="basic", run_dir=str(tmp_path / "run"),
+        registry=str(tmp_path / "registry"), seed=0, model=ModelSection(dim=32, img_size=32),
+        data=DataSection(train=str(photo_dir), val_photos=4, val_distractors=2, max_side=64),
+        finetune=FinetuneSection(epochs=2, photos_per_batch=4, copies=2, loss={"name": "cosface"}),
+        init_weights=str(init),
+    )
+    train_local(spec)
+    log = [json.loads(line) for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines()]
+    uaps = [e["micro_ap"] for e in log if e["event"] == "epoch"]
+    assert len(uaps) == 2 and all(0.0 <= u <= 1.0 for u in uaps)
+
+    card = load_card("tiny-ft", tmp_path / "registry")
+    assert card.metrics["micro_ap"] == pytest.approx(max(uaps))  # the best epoch is registered
+    assert (card.loss, card.trained_on, card.source_checkpoint) == ("cosface", "basic", str(init))
+    assert card.dim == 32 and card.input_size == 32 and card.train_time_s > 0
+    x = torch.randn(3, 3, 32, 32)
+    best = load_checkpoint(tmp_path / "run" / BEST_FILE).eval()
+    assert torch.equal(build_model(card).eval()(x), best(x))
+
+
+@pytest.mark.parametrize("name", ["tiny", "cpu", "cluster"])
+def test_shipped_configs_validate(name):
+    cfg = load_train_config(CONFIGS / f"{name}.yaml")
+    assert len(plan_pretrain(cfg)) == len(cfg.backbones)
+    if name == "cluster":
+        assert len(cfg.set_recipes()) * len(cfg.backbones) == 33
+        assert [s.model.img_size for s in plan_pretrain(cfg)] == [320, 288, 224]
+        assert cfg.ray.use_gpu and cfg.ray.num_workers == 8
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [("finetune.los=1", "finetune.los: Extra inputs are not permitted"),
+     ("backbones=[resnet9]", "unknown ['resnet9']"),
+     ("sets=3", "exactly one of sets"),
+     ("finetune.loss.name=hinge", "finetune.loss.name"),
+     ("pretrain.epochs=0", "pretrain.epochs")],
+)
+def test_config_errors_name_the_key(override, message):
+    with pytest.raises(TrainConfigError, match="tiny.yaml") as err:
+        load_train_config(CONFIGS / "tiny.yaml", [override])
+    assert message in str(err.value)
+
+
+@pytest.mark.slow
+def test_fanout_registers_one_model_per_set_and_backbone(ray_local, photo_dir, tmp_path, capsys):
+    """2 recipes x 2 tiny backbones as inline Ray tasks -> 4 models; a broken run fails alone;
+    a second fan-out skips what is registered."""
+    registry = tmp_path / "registry"
+    sets = [f"data.train={photo_dir}", f"registry={registry}", f"output={tmp_path / 'runs'}"]
+    cfg = load_train_config(CONFIGS / "tiny.yaml", sets)
+    specs = plan_finetune(cfg)
+    broken = specs[0].model_copy(update={"name": "broken", "data": specs[0].data.model_copy(
+        update={"train": str(tmp_path / "missing")})})
+    outcomes = run_all([*specs, broken], cfg.ray)
+    status = {o.name: o.status for o in outcomes}
+    assert status == {**{s.name: "done" for s in specs}, "broken": "failed"}
+    assert "does not exist" in outcomes[-1].error
+    cards = list_cards(registry)
+    assert sorted(c.name for c in cards) == sorted(s.name for s in specs) and len(cards) == 4
+    assert {(c.arch, c.trained_on) for c in cards} == {
+        (b, r) for b in ("tiny_cnn", "tiny_vit") for r in ("basic", "overlay_text")}
+    assert all(c.loss == "arcface" and "micro_ap" in c.metrics for c in cards)
+    # the CLI plans the same runs and finds them all registered
+    assert copydet(["finetune", str(CONFIGS / "tiny.yaml"), *[a for s in sets for a in ("--set", s)]]) == 0
+    assert capsys.readouterr().out.count("skipped") == 4
+
+
+def test_models_command_lists_the_registry(tmp_path, capsys):
+    from pretrain.registry import card_for_model, register
+
+    model = build_backbone("tiny_cnn", dim=16)
+    register(card_for_model(model, name="m-one", trained_on="basic", loss="triplet",
+                            metrics={"micro_ap": 0.5}), tmp_path)
+    assert copydet(["models", "--registry", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    header, rule, row = out.strip().splitlines()
+    assert header.split()[:3] == ["name", "kind", "arch"]
+    assert row.split()[:8] == ["m-one", "backbone", "tiny_cnn", "16", str(model.img_size), "basic", "triplet", "0.5"]
+
+
+def test_loader_workers_follow_the_epoch(photo_dir):
+    """Persistent loader workers see each new epoch (shared memory), so their copies equal the
+    ones made in this process for that epoch."""
+    from pretrain.data import CopyViews, list_images, load_photos, make_loader, set_loader_epoch
+    from pretrain.recipes import get_recipe
+
+    photos = load_photos(list_images(photo_dir, limit=8), max_side=64)
+    ds = CopyViews(photos, get_recipe("basic"), views=2, size=32, mean=(0.5,) * 3, std=(0.5,) * 3, seed=0)
+    loader = make_loader(ds, 4, num_workers=1)
+    for epoch in (0, 3):
+        set_loader_epoch(loader, epoch)
+        batch, labels = next(iter(loader))
+        assert torch.equal(batch[0], ds[int(labels[0])][0])  # ds.epoch is the same shared value
+    assert ds.epoch == 3
