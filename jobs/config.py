@@ -9,13 +9,16 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from patchers.views import ViewConfig
+from pretrain.yamlconf import ConfigError, apply_overrides, parse_overrides, read_yaml, set_key, validate_as
+
+__all__ = ["ConfigError", "PipelineConfig", "load_config", "parse_overrides", "set_key", "validate"]
 
 SPLIT_FOLDERS = {"train": "train", "reference": "references", "query": "queries"}
 DEFAULT_SAMPLE = Path(__file__).resolve().parent.parent / "bench" / "sample"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml"
 
 
 class Strict(BaseModel):
@@ -182,62 +185,14 @@ def model_label(name: str) -> str:
     return Path(name).stem if os.sep in name or name.endswith((".safetensors", ".pt", ".pth", ".onnx")) else name
 
 
-class ConfigError(ValueError):
-    pass
-
-
-def _format(source: str, err: ValidationError) -> str:
-    lines = [f"{source}: invalid config"]
-    for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        msg = "unknown key" if e["type"] == "extra_forbidden" else e["msg"]
-        lines.append(f"  {key}: {msg}")
-    return "\n".join(lines)
-
-
-def set_key(tree: dict, dotted: str, value: Any) -> None:
-    *parents, last = dotted.split(".")
-    node: Any = tree
-    for p in parents:
-        node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
-
-
-def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
-    """``["a.b=3", "c=[1,2]"]`` -> ``[("a.b", 3), ("c", [1, 2])]`` (values parsed as YAML)."""
-    out = []
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(value)))
-    return out
-
-
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> PipelineConfig:
     """Read, override and validate a pipeline config (``None``: the smoke config)."""
-    path = Path(path) if path else Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml"
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: top level must be a mapping")
-    for key, value in parse_overrides(list(overrides)):
-        set_key(raw, key, value)
-    return validate(raw, str(path))
+    path = Path(path) if path else DEFAULT_CONFIG
+    return validate(apply_overrides(read_yaml(path), list(overrides)), str(path))
 
 
 def validate(raw: dict, source: str = "config") -> PipelineConfig:
-    try:
-        cfg = PipelineConfig.model_validate(raw)
-    except ValidationError as e:
-        raise ConfigError(_format(source, e)) from None
+    cfg = validate_as(PipelineConfig, raw, source)
     if cfg.data.root is None and not any([cfg.data.train, cfg.data.references, cfg.data.queries]):
         cfg.data.root = str(DEFAULT_SAMPLE)
     return cfg

@@ -15,15 +15,14 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from pretrain.backbones import list_backbones
 from pretrain.registry import default_registry_dir
+from pretrain.yamlconf import ConfigError, load_as
 
 
-class TrainConfigError(ValueError):
-    """A training config is invalid; the message names the file and the dotted key."""
+TrainConfigError = ConfigError
 
 
 class Strict(BaseModel):
@@ -159,35 +158,6 @@ class RunSpec(Strict):
     )
 
 
-def _format_errors(err: ValidationError) -> str:
-    return "\n".join(
-        f"  {'.'.join(str(p) for p in e['loc']) or '(top level)'}: {e['msg']}" for e in err.errors()
-    )
-
-
 def load_train_config(path: str | os.PathLike, overrides: list[str] | None = None) -> TrainConfig:
     """Read and validate a training YAML; ``overrides`` are ``key.sub=value`` (YAML values)."""
-    path = Path(path)
-    if not path.is_file():
-        raise TrainConfigError(f"{path}: no such training config")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise TrainConfigError(f"{path}: not valid YAML ({e})") from e
-    if not isinstance(raw, dict):
-        raise TrainConfigError(f"{path}: the top level must be a mapping")
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise TrainConfigError(f"override {item!r}: expected KEY=VALUE")
-        node = raw
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise TrainConfigError(f"override {item!r}: {p} is not a mapping")
-        node[leaf] = yaml.safe_load(value)
-    try:
-        return TrainConfig.model_validate(raw)
-    except ValidationError as e:
-        raise TrainConfigError(f"{path}: invalid training config:\n{_format_errors(e)}") from e
+    return load_as(TrainConfig, path, overrides or [], what="training config")

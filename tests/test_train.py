@@ -72,7 +72,7 @@ def test_shipped_configs_validate(name):
 
 @pytest.mark.parametrize(
     "override, message",
-    [("finetune.los=1", "finetune.los: Extra inputs are not permitted"),
+    [("finetune.los=1", "finetune.los: unknown key"),
      ("backbones=[resnet9]", "unknown ['resnet9']"),
      ("sets=3", "exactly one of sets"),
      ("finetune.loss.name=hinge", "finetune.loss.name"),

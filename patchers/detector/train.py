@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torchvision.ops import box_iou
 
 from patchers.detector.predict import detect, offline_ultralytics
@@ -24,6 +23,7 @@ from patchers.detector.synth import chunk_calls, generate_chunk, write_data_yaml
 from patchers.imageio import load_rgb
 from patchers.manifest import scan_folder
 from pretrain.registry import ModelCard, register
+from pretrain.yamlconf import load_as
 
 MapFn = Callable[[Callable[..., Any], Sequence[tuple]], list[Any]]
 
@@ -66,15 +66,9 @@ class DetectorConfig(BaseModel):
         return v
 
 
-def load_detector_config(path: str) -> DetectorConfig:
+def load_detector_config(path: str, overrides: list[str] = ()) -> DetectorConfig:
     """Read and validate a detector YAML; errors name the file and the key."""
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no such detector config")
-    try:
-        return DetectorConfig.model_validate(yaml.safe_load(Path(path).read_text()) or {})
-    except ValidationError as e:
-        keys = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors())
-        raise ValueError(f"{path}: invalid detector config: {keys}") from None
+    return load_as(DetectorConfig, path, list(overrides), what="detector config")
 
 
 def local_map(fn: Callable[..., Any], calls: Sequence[tuple]) -> list[Any]:

@@ -1,0 +1,84 @@
+"""Strict YAML configs shared by every copydet config (pipeline, training, detector).
+
+Read a mapping, apply ``KEY=VALUE`` overrides (values parsed as YAML, dotted keys, list
+indices allowed), validate with a pydantic model, and report every problem by its dotted
+key: ``configs/x.yaml: invalid config\\n  models.0.scales.1: Input should be a valid integer``.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A config file that is missing, unreadable or invalid; the message names file and key."""
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return raw
+
+
+def set_key(tree: dict, dotted: str, value: Any) -> None:
+    """``tree["a"]["b"][0]["c"] = value`` for ``dotted == "a.b.0.c"`` (creating mappings)."""
+    *parents, last = dotted.split(".")
+    node: Any = tree
+    for p in parents:
+        node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"--set {dotted}: {p} is not a mapping")
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """``["a.b=3", "c=[1,2]"]`` -> ``[("a.b", 3), ("c", [1, 2])]``."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(value)))
+    return out
+
+
+def apply_overrides(raw: dict, items: list[str]) -> dict:
+    for key, value in parse_overrides(list(items)):
+        set_key(raw, key, value)
+    return raw
+
+
+def format_errors(source: str, err: ValidationError, what: str = "config") -> str:
+    lines = [f"{source}: invalid {what}"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        lines.append(f"  {key}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}")
+    return "\n".join(lines)
+
+
+def validate_as(model: type[M], raw: dict, source: str = "config", what: str = "config") -> M:
+    try:
+        return model.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(format_errors(source, e, what)) from None
+
+
+def load_as(model: type[M], path: str | os.PathLike, overrides: list[str] = (), what: str = "config") -> M:
+    """Read ``path``, apply ``overrides`` and validate it as ``model``."""
+    return validate_as(model, apply_overrides(read_yaml(path), list(overrides)), str(path), what)
