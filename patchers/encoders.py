@@ -64,3 +64,4 @@ def load_encoder(name: str, scale: int, dim: int | None = None, registry: str | 
     if card.kind not in ENCODERS:
         raise ValueError(f"model {name!r}: no encoder for kind {card.kind!r}; known: {sorted(ENCODERS)}")
     return ENCODERS[card.kind](card, scale, device)
+import patchers.external  # noqa: E402,F401  (registers kind "external")

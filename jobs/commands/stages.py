@@ -44,8 +44,8 @@ stage_command("manifest", "image folders -> manifest.parquet (+ errors.parquet)"
 stage_command("extract", "patches x (model, scale) -> sharded feature Parquet (Ray Data actors)")
 stage_command("reduce", "PCA/whitening, descriptor stretching or member concatenation fit on train/ (reduce.*)")
 stage_command("search", "faiss kNN of query patches against reference patches -> candidates")
-stage_command("verify", "keypoint-verify each query's best candidates and re-score (verify.enabled)")
 stage_command("fuse", "candidates -> predictions.csv (max over patches and models, top k per query)")
+stage_command("verify", "keypoint-verify each query's best candidates and re-score (verify.enabled)")
 
 
 @command("evaluate", "score predictions against a ground truth: μAP, R@P90, R@1, R@10, PR curve",

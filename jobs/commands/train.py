@@ -64,10 +64,8 @@ def card_row(card: ModelCard) -> list[str]:
             card.loss or "", _fmt(uap), _fmt(card.train_time_s, 3), card.source_checkpoint or ""]
 
 
-@command("models", "list the model registry as a table",
-         arg("--registry", help="registry folder (default: $COPYDET_REGISTRY, else ./models)"),
-         uses_config=False)
 def models(args: argparse.Namespace) -> int:
+    """`copydet models list` (registered with the other `models` actions in models_import.py)."""
     cards = list_cards(args.registry)
     header = ["name", "kind", "arch", "dim", "input", "trained_on", "loss", "val uAP", "train s", "source"]
     say(format_table(header, [card_row(c) for c in cards]) if cards else "no models registered")

