@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import ray
 
 from ensemble.search import GPU_MAX_K
-from ensemble.store import CANDIDATES_SCHEMA, _fs, embeddings_from_arrow, read_table
+from ensemble.store import CANDIDATES_SCHEMA, embeddings_from_arrow, filesystem, read_table
 
 CALL_TIMEOUT_S = 3600.0  # one shard search call; generous for GPU-sized shards
 
@@ -52,7 +52,7 @@ def count_rows(paths: Sequence[str]) -> list[int]:
     """Row count of each Parquet file, from its footer only."""
     out = []
     for path in paths:
-        fs, p = _fs(path)
+        fs, p = filesystem(path)
         out.append(pq.read_metadata(p, filesystem=fs).num_rows)
     return out
 

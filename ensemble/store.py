@@ -45,7 +45,8 @@ def features_schema(dim: int, dtype: str = "float32") -> pa.Schema:
     ])
 
 
-def _fs(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of a local path or URI, and the path inside it."""
     path = str(path)
     if "://" in path:
         return pafs.FileSystem.from_uri(path)
@@ -61,12 +62,12 @@ def join(base: str | os.PathLike, *parts: str) -> str:
 
 
 def exists(path: str | os.PathLike) -> bool:
-    fs, p = _fs(path)
+    fs, p = filesystem(path)
     return fs.get_file_info(p).type != pafs.FileType.NotFound
 
 
 def makedirs(path: str | os.PathLike) -> None:
-    fs, p = _fs(path)
+    fs, p = filesystem(path)
     fs.create_dir(p, recursive=True)
 
 
@@ -74,7 +75,7 @@ def makedirs(path: str | os.PathLike) -> None:
 def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """A binary stream to ``path`` that appears there only when the block completes:
     written under a hidden temp name in the same folder, then renamed."""
-    fs, p = _fs(path)
+    fs, p = filesystem(path)
     folder = os.path.dirname(p)
     fs.create_dir(folder, recursive=True)
     tmp = f"{folder}/.{os.path.basename(p)}.{uuid.uuid4().hex[:8]}.tmp"
@@ -103,14 +104,14 @@ def write_text(path: str | os.PathLike, text: str) -> str:
 
 
 def read_text(path: str | os.PathLike) -> str:
-    fs, p = _fs(path)
+    fs, p = filesystem(path)
     with fs.open_input_stream(p) as f:
         return f.read().decode()
 
 
 def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
     """Read one Parquet file or a folder of shards (hidden temp files are ignored)."""
-    fs, p = _fs(path)
+    fs, p = filesystem(path)
     if fs.get_file_info(p).type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{path}: no such table (has the previous stage run?)")
     return pq.read_table(p, filesystem=fs, columns=columns)
@@ -118,7 +119,7 @@ def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.
 
 def list_shards(folder: str | os.PathLike) -> list[str]:
     """Finished shard files in ``folder`` (sorted); temp files are skipped."""
-    fs, p = _fs(folder)
+    fs, p = filesystem(folder)
     if fs.get_file_info(p).type == pafs.FileType.NotFound:
         return []
     infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))

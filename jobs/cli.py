@@ -72,4 +72,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Commands register on the importable `jobs.cli`, not on this `__main__` copy.
+    from jobs.cli import main as registered_main
+    sys.exit(registered_main())

@@ -39,3 +39,28 @@ def test_bad_resource_value_is_rejected():
     cfg["available_node_types"]["gpu_worker"]["resources"]["GPU"] = "eight"
     with pytest.raises(jsonschema.ValidationError, match="eight"):
         ray_validate(cfg)
+
+
+def test_misspelled_resources_key_is_rejected():
+    cfg = yaml.safe_load(CLUSTER_YAML.read_text())
+    gpu = cfg["available_node_types"]["gpu_worker"]
+    gpu["resource"] = gpu.pop("resources")
+    with pytest.raises(jsonschema.ValidationError, match="resources"):
+        ray_validate(cfg)
+
+
+def test_min_workers_above_max_is_rejected():
+    cfg = yaml.safe_load(CLUSTER_YAML.read_text())
+    cfg["available_node_types"]["gpu_worker"]["min_workers"] = 99
+    with pytest.raises(ValueError, match="min_workers"):
+        ray_validate(cfg)
+
+
+def test_cluster_runs_copydet_without_docker_and_reachable_by_submit():
+    cfg = yaml.safe_load(CLUSTER_YAML.read_text())
+    assert "docker" not in cfg and cfg["head_node_type"] == "head"
+    assert cfg["available_node_types"]["head"]["resources"].get("GPU", 0) == 0  # no model actors on the head
+    assert any(dst.endswith("configs") for dst in cfg["file_mounts"])
+    starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
+    # copydet submit's Jobs client sends no token: ray start must not turn token auth on
+    assert all("RAY_AUTH_MODE=disabled" in c for c in starts if "ray start" in c)

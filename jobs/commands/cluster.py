@@ -1,0 +1,64 @@
+"""``copydet submit | status | logs | stop | plan``: the pipeline as a Ray Job on a cluster."""
+from __future__ import annotations
+
+import argparse
+
+from jobs.cli import arg, command, config_from_args
+from jobs.pipeline import STAGES
+from jobs.runtime import say
+
+JOB_ARGS = (
+    arg("job_id", metavar="JOB", help="job id printed by `copydet submit`"),
+    arg("--address", help="Ray dashboard address, e.g. http://HEAD:8265 (default: $RAY_ADDRESS or localhost)"),
+)
+
+
+@command("submit", "submit the pipeline (or one stage) to a Ray cluster as a Ray Job; prints the job id",
+         arg("--stage", default="run", choices=["run", *STAGES], help="one stage instead of the whole run"),
+         arg("--follow", action="store_true", help="stream the job's logs until it ends"))
+def submit(args: argparse.Namespace) -> int:
+    from jobs.submit import job_logs, job_status, submit as submit_job
+    job_id = submit_job(args.config, args.address, args.stage, list(args.set or []), args.out, warn=say)
+    print(job_id, flush=True)
+    if args.follow:
+        job_logs(job_id, args.address, follow=True)
+        status = job_status(job_id, args.address)
+        say(status)
+        return 0 if status.startswith("SUCCEEDED") else 1
+    return 0
+
+
+@command("status", "status of a submitted job", *JOB_ARGS, uses_config=False)
+def status(args: argparse.Namespace) -> int:
+    from jobs.submit import job_status
+    s = job_status(args.job_id, args.address)
+    print(s)
+    return 1 if s.startswith("FAILED") else 0
+
+
+@command("logs", "print a submitted job's logs", *JOB_ARGS,
+         arg("--follow", action="store_true", help="stream until the job ends"), uses_config=False)
+def logs(args: argparse.Namespace) -> None:
+    from jobs.submit import job_logs
+    job_logs(args.job_id, args.address, follow=args.follow)
+
+
+@command("stop", "stop a submitted job", *JOB_ARGS, uses_config=False)
+def stop(args: argparse.Namespace) -> None:
+    from jobs.submit import stop_job
+    say(f"{args.job_id}: {'stop requested' if stop_job(args.job_id, args.address) else 'already finished'}")
+
+
+@command("plan", "patches, feature bytes, index memory and GPU-hours per stage for a config",
+         arg("--images", type=int, help="images per split (overrides counting the folders)"),
+         arg("--references", type=int, help="reference images (DISC21: 1000000)"),
+         arg("--queries", type=int, help="query images (DISC21: 50000)"),
+         arg("--train", type=int, help="train images (DISC21: 1000000)"),
+         arg("--throughput", help="bench JSON with images_per_s per model key (default: measure here)"),
+         arg("--gpus", type=int, default=8, help="GPUs the cluster runs on in parallel"))
+def plan(args: argparse.Namespace) -> None:
+    from jobs.plan import build_plan, format_plan, split_counts, throughputs
+    cfg = config_from_args(args)
+    counts = split_counts(cfg, images=args.images, references=args.references, queries=args.queries,
+                          train=args.train)
+    print(format_plan(build_plan(cfg, counts, throughputs(cfg, args.throughput), gpus=args.gpus)))

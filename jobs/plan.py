@@ -1,0 +1,196 @@
+"""``copydet plan``: what a config costs at its data size, before anything runs.
+
+Patches per image come from the view plans (patchers.views.plan_views; proposals and
+detections count at their budget, capped at ``max_patches``), feature bytes from each
+model's dim and dtype, index memory from the search shard plan, and device-hours from a
+throughput: measured here (one timed forward per model key, one faiss scan) or read from
+a bench JSON ``{"device": ..., "images_per_s": {"resnet50@224": 950.0}, "search_pairs_per_s": 1e11}``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from jobs.config import PipelineConfig, SearchConfig
+from patchers.manifest import IMAGE_SUFFIXES
+from patchers.views import ViewConfig, plan_views
+
+SIDES = {"query": "query", "reference": "reference", "train": "train"}  # split -> patches.<side>
+DTYPE_BYTES = {"float32": 4, "float16": 2}
+
+
+@dataclass(frozen=True)
+class Throughput:
+    device: str
+    images_per_s: dict[str, float]   # model key -> patches embedded per second on one device
+    search_pairs_per_s: float        # query x reference inner products per second (exact)
+
+
+@dataclass(frozen=True)
+class KeyPlan:
+    key: str
+    dim: int
+    dtype: str
+    feature_bytes: dict[str, int]    # split -> bytes on disk (embeddings only)
+    index_bytes: int                 # reference index, all shards together
+    index_kind: str
+    shard_bytes: int                 # largest shard's index
+    extract_hours: float
+    search_hours: float
+
+
+@dataclass(frozen=True)
+class Plan:
+    images: dict[str, int]
+    patches_per_image: dict[str, int]
+    keys: list[KeyPlan]
+    device: str
+    gpus: int
+
+    def patches(self, split: str) -> int:
+        return self.images[split] * self.patches_per_image[split]
+
+
+def patches_per_image(view: ViewConfig) -> int:
+    """Upper bound of patches per image: planned views + proposal/detector budgets, capped."""
+    planned = len(plan_views(view)) + view.proposals + (view.max_patches if view.detector else 0)
+    return min(planned, view.max_patches)
+
+
+def count_images(folder: str | None) -> int:
+    if not folder or not Path(folder).is_dir():
+        return 0
+    return sum(1 for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def split_counts(cfg: PipelineConfig, images: int | None = None, **given: int | None) -> dict[str, int]:
+    """Images per split: ``given`` (references=, queries=, train=), else ``images``, else the folders."""
+    folders = cfg.data.folders()
+    names = {"reference": "references", "query": "queries", "train": "train"}
+    out = {}
+    for split, arg in names.items():
+        n = given.get(arg)
+        out[split] = n if n is not None else images if images is not None else count_images(folders.get(split))
+        if cfg.data.limit:
+            out[split] = min(out[split], cfg.data.limit)
+    return out
+
+
+def index_bytes(rows: int, dim: int, cfg: SearchConfig) -> tuple[int, int, str]:
+    """(all shards, largest shard, kind) of the reference index memory for ``rows`` vectors."""
+    if rows == 0:
+        return 0, 0, "-"
+    shards = math.ceil(rows / cfg.shard_size)
+    per = math.ceil(rows / shards)
+
+    def shard(n: int) -> tuple[int, str]:
+        if n < cfg.exact_max:
+            return n * dim * 4, "flat"
+        if cfg.index == "hnsw":
+            return n * (dim * 4 + cfg.hnsw_m * 2 * 4), "hnsw"
+        return n * (cfg.pq_m + 8) + min(cfg.nlist, n // 39) * dim * 4, "ivfpq"
+
+    big, kind = shard(per)
+    return big * shards, big, kind
+
+
+def model_dims(cfg: PipelineConfig) -> dict[str, int]:
+    """Descriptor size per model name (cards only; no weights are read)."""
+    from pretrain.registry import resolve_model
+    return {m.name: int(resolve_model(m.name, cfg.registry, dim=m.dim).dim) for m in cfg.models}
+
+
+def measure(cfg: PipelineConfig, batch: int = 2) -> Throughput:
+    """Time one forward of ``batch`` images per model key and one faiss scan on this machine."""
+    import faiss
+    import torch
+
+    from pretrain.registry import build_model, resolve_model
+    rates = {}
+    for entry, scale, key in cfg.model_keys():
+        model = build_model(resolve_model(entry.name, cfg.registry, dim=entry.dim)).eval()
+        x = torch.randn(batch, 3, scale, scale)
+        with torch.inference_mode():
+            model(x[:1])
+            t0 = time.perf_counter()
+            model(x)
+        rates[key] = batch / (time.perf_counter() - t0)
+    rng = np.random.default_rng(0)
+    db, q = rng.random((20000, 256), np.float32), rng.random((1000, 256), np.float32)
+    index = faiss.IndexFlatIP(256)
+    index.add(db)
+    t0 = time.perf_counter()
+    index.search(q, 10)
+    pairs = len(db) * len(q) / (time.perf_counter() - t0)
+    device = "cuda" if torch.cuda.is_available() else f"cpu x{torch.get_num_threads()} threads (this machine)"
+    return Throughput(device, rates, pairs)
+
+
+def read_bench(path: str) -> Throughput:
+    raw = json.loads(Path(path).read_text())
+    try:
+        return Throughput(raw.get("device", path), {k: float(v) for k, v in raw["images_per_s"].items()},
+                          float(raw["search_pairs_per_s"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{path}: bench JSON needs images_per_s {{key: rate}} and search_pairs_per_s ({e})")
+
+
+def throughputs(cfg: PipelineConfig, bench: str | None = None) -> Throughput:
+    return read_bench(bench) if bench else measure(cfg)
+
+
+def build_plan(cfg: PipelineConfig, images: dict[str, int], tp: Throughput, gpus: int = 1,
+               dims: dict[str, int] | None = None) -> Plan:
+    """Sizes and device-hours for every model key of ``cfg`` at ``images`` per split."""
+    per = {split: patches_per_image(getattr(cfg.patches, side)) for split, side in SIDES.items()}
+    dims = dims or model_dims(cfg)
+    plan = Plan(images, per, [], tp.device, gpus)
+    for entry, _, key in cfg.model_keys():
+        if key not in tp.images_per_s:
+            raise ValueError(f"no throughput for {key}; known: {sorted(tp.images_per_s)}")
+        dim = dims[entry.name]
+        total, biggest, kind = index_bytes(plan.patches("reference"), dim, cfg.search)
+        n_patches = sum(plan.patches(s) for s in SIDES)
+        searched = plan.patches("query") * (plan.patches("reference") + (
+            plan.patches("train") if cfg.search.normalize.enabled else 0))
+        plan.keys.append(KeyPlan(
+            key=key, dim=dim, dtype=entry.dtype,
+            feature_bytes={s: plan.patches(s) * dim * DTYPE_BYTES[entry.dtype] for s in SIDES},
+            index_bytes=total, index_kind=kind, shard_bytes=biggest,
+            extract_hours=n_patches / tp.images_per_s[key] / 3600,
+            search_hours=searched / tp.search_pairs_per_s / 3600))
+    return plan
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_plan(plan: Plan) -> str:
+    """The plan as two readable tables: data sizes, then one row per model key."""
+    lines = ["split       images   patches/img      patches"]
+    for s in SIDES:
+        lines.append(f"{s:<10}{plan.images[s]:>9,}{plan.patches_per_image[s]:>14}{plan.patches(s):>13,}")
+    lines += ["", f"device-hours measured on: {plan.device}; wall hours on {plan.gpus} device(s) in parallel", "",
+              f"{'model@scale':<18}{'dim':>5} {'dtype':<8}{'ref feats':>11}{'query feats':>12}{'train feats':>12}"
+              f"{'index (kind)':>20}{'max shard':>11}{'extract h':>11}{'search h':>10}{'wall h':>9}"]
+    for k in plan.keys:
+        wall = (k.extract_hours + k.search_hours) / plan.gpus
+        lines.append(f"{k.key:<18}{k.dim:>5} {k.dtype:<8}{human(k.feature_bytes['reference']):>11}"
+                     f"{human(k.feature_bytes['query']):>12}{human(k.feature_bytes['train']):>12}"
+                     f"{human(k.index_bytes) + ' (' + k.index_kind + ')':>20}{human(k.shard_bytes):>11}"
+                     f"{k.extract_hours:>11.1f}{k.search_hours:>10.1f}{wall:>9.1f}")
+    ex, se = sum(k.extract_hours for k in plan.keys), sum(k.search_hours for k in plan.keys)
+    lines.append(f"{'total':<18}{'':>5} {'':<8}{human(sum(sum(k.feature_bytes.values()) for k in plan.keys)):>35}"
+                 f"{human(sum(k.index_bytes for k in plan.keys)):>20}{'':>11}{ex:>11.1f}{se:>10.1f}"
+                 f"{(ex + se) / plan.gpus:>9.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""Run copydet as a Ray Job on a cluster (Ray Jobs SDK), and follow, inspect or stop it.
+
+The job's working directory is this repository (minus .venv, runs, models, .git), so the
+cluster runs exactly the code that submitted it; the entrypoint runs ``jobs.cli.main`` on
+``STAGE CONFIG --address auto``, which connects the job's driver to the cluster it runs on.
+A config outside the repository is copied into it for the upload and removed afterwards.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import shutil
+import uuid
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from jobs.config import ConfigError, PipelineConfig, load_config
+from jobs.runtime import OFFLINE_ENV
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+EXCLUDES = [".venv", "runs", "models", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache"]
+STAGING = ".submit"  # configs from outside the repo are copied here while the job is uploaded
+# The driver's ray.init repeats the offline env vars; let the job's copy win instead of failing.
+JOB_ENV = {**OFFLINE_ENV, "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# `python -m jobs.cli` would register the sub-commands on a second copy of jobs.cli.
+CLI_MAIN = "import sys; from jobs.cli import main; sys.exit(main())"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything ``submit_job`` needs; built without touching the cluster (testable)."""
+
+    entrypoint: str
+    runtime_env: dict
+    metadata: dict
+
+
+def job_address(address: str | None) -> str:
+    """The Jobs API (dashboard) address: the argument, else $RAY_ADDRESS, else localhost."""
+    return address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
+
+
+def check_locations(cfg: PipelineConfig, source: str) -> list[str]:
+    """Refuse an output folder the cluster cannot share; return warnings for local data paths.
+
+    The job runs in a temporary copy of the repository on the head node, so a relative
+    ``output`` would be written there and lost; data paths must exist on every node.
+    """
+    if "://" not in cfg.output and not os.path.isabs(cfg.output):
+        raise ConfigError(f"{source}: output {cfg.output!r} is a relative local path; a submitted job runs in "
+                          "a temporary working dir on the cluster, so pass --out with an absolute path on "
+                          "shared storage or a URI (s3://..., gs://...)")
+    warnings = []
+    for key in ("root", "train", "references", "queries", "ground_truth"):
+        value = getattr(cfg.data, key)
+        if value and "://" not in value and not os.path.isabs(value):
+            warnings.append(f"{source}: data.{key} {value!r} is relative; it resolves inside the job's "
+                            "working dir on the cluster")
+    if cfg.ray.num_cpus is not None:
+        warnings.append(f"{source}: ray.num_cpus is ignored when the job connects to a cluster")
+    return warnings
+
+
+def entrypoint(stage: str, config_rel: str, sets: Sequence[str] = (), out: str | None = None) -> str:
+    """The shell command the job runs, with every argument quoted."""
+    argv = ["python", "-c", CLI_MAIN, stage, config_rel, "--address", "auto"]
+    for s in sets:
+        argv += ["--set", s]
+    if out:
+        argv += ["--out", out]
+    return shlex.join(argv)
+
+
+@contextmanager
+def staged_config(config: str, root: Path = REPO_ROOT):
+    """Yield the config's path relative to ``root``, copying it in (then out) if it is outside."""
+    path = Path(config).resolve()
+    if path.is_relative_to(root):
+        yield path.relative_to(root).as_posix()
+        return
+    staged = root / STAGING / f"{uuid.uuid4().hex[:8]}-{path.name}"
+    staged.parent.mkdir(exist_ok=True)
+    shutil.copyfile(path, staged)
+    try:
+        yield staged.relative_to(root).as_posix()
+    finally:
+        staged.unlink(missing_ok=True)
+        if not any(staged.parent.iterdir()):
+            staged.parent.rmdir()
+
+
+def job_spec(config_rel: str, stage: str, sets: Sequence[str], out: str | None,
+             root: Path = REPO_ROOT) -> JobSpec:
+    return JobSpec(
+        entrypoint=entrypoint(stage, config_rel, sets, out),
+        runtime_env={"working_dir": str(root), "excludes": list(EXCLUDES), "env_vars": dict(JOB_ENV)},
+        metadata={"copydet_stage": stage, "copydet_config": config_rel},
+    )
+
+
+def submit(config: str | None, address: str | None, stage: str = "run", sets: Sequence[str] = (),
+           out: str | None = None, client_factory: Callable | None = None,
+           warn: Callable[[str], None] = print) -> str:
+    """Validate the config locally, upload the repo + config and start the job; returns its id."""
+    from ray.job_submission import JobSubmissionClient
+
+    config = config or str(REPO_ROOT / "configs" / "smoke.yaml")
+    overrides = [*sets, *([f"output={out}"] if out else [])]
+    cfg = load_config(config, overrides)
+    for w in check_locations(cfg, config):
+        warn(f"warning: {w}")
+    client = (client_factory or JobSubmissionClient)(job_address(address))
+    with staged_config(config) as rel:
+        spec = job_spec(rel, stage, sets, out)
+        return client.submit_job(entrypoint=spec.entrypoint, runtime_env=spec.runtime_env,
+                                 metadata=spec.metadata)
+
+
+def client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+    return JobSubmissionClient(job_address(address))
+
+
+def job_status(job_id: str, address: str | None) -> str:
+    """``STATUS message`` of a job (e.g. ``SUCCEEDED Job finished successfully.``)."""
+    info = client(address).get_job_info(job_id)
+    return f"{info.status.value} {info.message or ''}".strip()
+
+
+def job_logs(job_id: str, address: str | None, follow: bool = False,
+             write: Callable[[str], None] = lambda s: print(s, end="", flush=True)) -> None:
+    """Print a job's logs; with ``follow``, stream them until the job ends."""
+    c = client(address)
+    if not follow:
+        write(c.get_job_logs(job_id))
+        return
+
+    async def tail() -> None:
+        async for chunk in c.tail_job_logs(job_id):
+            write(chunk)
+
+    asyncio.run(tail())
+
+
+def stop_job(job_id: str, address: str | None) -> bool:
+    """Ask the cluster to stop a job; False if it had already ended."""
+    return client(address).stop_job(job_id)

@@ -1,0 +1,91 @@
+"""Faults: retried tasks, restarted shard actors, and a worker node lost in the middle of a job."""
+import os
+import time
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+import ray
+
+from ensemble.search import knn
+from ensemble.sharded import IndexSpec, ShardedIndex
+from ensemble.store import read_table
+from jobs.layout import RunDir, shard_names
+from jobs.runtime import run_tasks
+from jobs.submit import client
+from tests.test_sharded import unit, write_refs
+from tests.test_submit import (JOB_SETS, TIMEOUT_S, assert_same_predictions, local_run, ray_cluster,
+                               submit_when_ready, wait_job, write_config)
+
+
+def test_run_tasks_retries_a_dead_worker(ray_local, tmp_path):
+    def die_once(marker: str, x: int) -> int:
+        """Kills its own worker process the first time it runs (a crashed node's worker)."""
+        if not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+        return x * 2
+
+    marker = str(tmp_path / "died")
+    assert sorted(run_tasks(die_once, [(marker, 1), (marker, 2)], "retry")) == [2, 4]
+    assert os.path.exists(marker)
+
+
+def test_killed_shard_actor_restarts_and_answers(ray_local, tmp_path):
+    rng = np.random.default_rng(0)
+    x, q = unit(rng, 60), unit(rng, 5)
+    index = ShardedIndex(write_refs(tmp_path, x, 30), IndexSpec(), shard_size=30, k_max=3,
+                         actor_options={"num_cpus": 0.25}, timeout_s=120)
+    try:
+        before = index.search(q, 3)
+        ray.kill(index.actors[1], no_restart=False)   # like its node dying: Ray restarts it
+        after = index.search(q, 3)                    # the restarted actor reloads its own rows
+    finally:
+        index.close()
+    _, want = knn(q, x, 3)
+    assert (after[1] == np.vectorize(lambda i: f"R{i:05d}")(want)).all()
+    np.testing.assert_array_equal(before[1], after[1])
+
+
+def wait_for(predicate, what: str, timeout: float = TIMEOUT_S) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def assert_complete(out, key: str) -> None:
+    """Every patch has exactly one feature row, every query patch exactly k candidates."""
+    run = RunDir(str(out))
+    patches = read_table(run.patches)
+    feats = read_table(run.features(key))
+    ids = lambda t, a, b: set(zip(t.column(a).to_pylist(), t.column(b).to_pylist()))  # noqa: E731
+    assert feats.num_rows == patches.num_rows == len(ids(feats, "image_id", "patch_id"))
+    assert ids(feats, "image_id", "patch_id") == ids(patches, "image_id", "patch_id")
+    cands = read_table(run.candidates(key))
+    queries = feats.filter(pc.is_in(feats.column("image_id"), cands.column("query_id").unique()))
+    assert cands.num_rows == 5 * queries.num_rows   # search.k=5, 8 reference rows
+    assert len(shard_names(run.candidates(key))) == len(shard_names(run.features(key), "query"))
+
+
+@pytest.mark.slow
+def test_job_survives_a_lost_worker_node(ray_local, tiny_dataset, tmp_path):
+    cfg_path = write_config(tmp_path, tiny_dataset, tmp_path / "cluster")
+    local_run(cfg_path, tmp_path / "local")
+    feats = tmp_path / "cluster" / "features" / "tiny_cnn@64"
+    with ray_cluster() as cluster:
+        url = cluster.url
+        job = submit_when_ready(url, str(cfg_path), "run", JOB_SETS, None)
+        # Kill worker 1 as soon as extraction has written its first shard.
+        wait_for(lambda: feats.is_dir() and any(p.suffix == ".parquet" for p in feats.iterdir()),
+                 "the first feature shard")
+        cluster.remove_worker(0)
+        assert not client(url).get_job_status(job).is_terminal(), "the node must die while the job runs"
+        first = wait_job(url, job)
+        print(f"job after losing worker 1: {first}")
+        if first != "SUCCEEDED":   # not recovered in place: resubmit on the same output folder
+            job = submit_when_ready(url, str(cfg_path), "run", JOB_SETS, None)
+            assert wait_job(url, job) == "SUCCEEDED"
+    assert_complete(tmp_path / "cluster", "tiny_cnn@64")
+    assert_same_predictions(tmp_path / "local", tmp_path / "cluster")

@@ -1,0 +1,60 @@
+"""copydet plan: the arithmetic of patches, bytes, index memory and hours on tiny numbers."""
+import json
+
+import pytest
+
+from jobs.cli import main
+from jobs.config import load_config
+from jobs.plan import Throughput, build_plan, format_plan, index_bytes, patches_per_image, split_counts
+from patchers.views import ViewConfig
+
+SETS = ["models=[{name: tiny_cnn, scales: [64, 96], dtype: float16}]", "patches.query.preset=fast",
+        "patches.reference.preset=ref_fast", "search.normalize.enabled=false", "search.shard_size=30",
+        "search.exact_max=1000"]
+
+
+def test_patches_per_image_counts_views_and_budgets():
+    assert patches_per_image(ViewConfig(preset="fast")) == 10        # full, 3 rotations, flip, 5 crops
+    assert patches_per_image(ViewConfig(preset="ref_d2lv")) == 19
+    assert patches_per_image(ViewConfig(preset="d2lv")) == 109       # 9 views + 100 proposals
+    assert patches_per_image(ViewConfig(preset="d2lv", max_patches=50)) == 50
+
+
+def test_index_bytes_by_shard_kind():
+    cfg = load_config(None, ["search.shard_size=100", "search.exact_max=60", "search.pq_m=8",
+                             "search.nlist=2"]).search
+    assert index_bytes(0, 16, cfg) == (0, 0, "-")
+    assert index_bytes(50, 16, cfg) == (50 * 16 * 4, 50 * 16 * 4, "flat")
+    # 250 rows -> 3 shards of 84 rows, IVF-PQ: codes + ids, plus 2 centroids
+    per = 84 * (8 + 8) + 2 * 16 * 4
+    assert index_bytes(250, 16, cfg) == (3 * per, per, "ivfpq")
+
+
+def test_plan_arithmetic(tiny_dataset):
+    cfg = load_config(None, [f"data.root={tiny_dataset}", *SETS])
+    counts = split_counts(cfg)
+    assert counts == {"reference": 8, "query": 6, "train": 6}
+    assert split_counts(cfg, references=1000, images=3) == {"reference": 1000, "query": 3, "train": 3}
+    tp = Throughput("test", {"tiny_cnn@64": 10.0, "tiny_cnn@96": 5.0}, search_pairs_per_s=4.0)
+    plan = build_plan(cfg, counts, tp, gpus=2, dims={"tiny_cnn": 16})
+    assert plan.patches_per_image == {"query": 10, "reference": 5, "train": 1}
+    k64, k96 = plan.keys
+    assert k64.feature_bytes == {"query": 60 * 16 * 2, "reference": 40 * 16 * 2, "train": 6 * 16 * 2}
+    assert (k64.index_bytes, k64.shard_bytes, k64.index_kind) == (40 * 16 * 4, 20 * 16 * 4, "flat")
+    assert k64.extract_hours == pytest.approx(106 / 10 / 3600)
+    assert k96.extract_hours == pytest.approx(106 / 5 / 3600)
+    assert k64.search_hours == pytest.approx(60 * 40 / 4 / 3600)
+    text = format_plan(plan)
+    assert "tiny_cnn@96" in text and "1.2 KiB" in text and "query             6" in text
+
+
+def test_plan_command_reads_a_bench_file(tiny_dataset, tmp_path, capsys):
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"device": "A100", "images_per_s": {"tiny_cnn@64": 3600, "tiny_cnn@96": 1800},
+                                 "search_pairs_per_s": 1e9}))
+    sets = sum((["--set", s] for s in [f"data.root={tiny_dataset}", *SETS]), [])
+    assert main(["plan", *sets, "--references", "36000", "--throughput", str(bench), "--gpus", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "A100" in out and "180,000" in out   # 36,000 references x 5 patches
+    bench.write_text("{}")
+    assert main(["plan", *sets, "--throughput", str(bench)]) == 2

@@ -1,0 +1,92 @@
+"""Sharded search: the shard plan, the merge, and exact shards == one flat index."""
+import numpy as np
+import pytest
+
+from ensemble.search import knn
+from ensemble.sharded import (IndexSpec, ShardedIndex, ShardIndex, Slice, build_index, count_rows,
+                              hits_table, merge_topk, plan_shards)
+from ensemble.store import features_table, write_table
+
+
+def unit(rng, n, d=32):
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def write_refs(tmp_path, x, rows_per_file):
+    paths = []
+    for i, start in enumerate(range(0, len(x), rows_per_file)):
+        block = x[start:start + rows_per_file]
+        ids = [f"R{start + j:05d}" for j in range(len(block))]
+        path = str(tmp_path / f"reference-{i:05d}.parquet")
+        write_table(features_table(ids, [7] * len(block), "m", 64, block), path)
+        paths.append(path)
+    return paths
+
+
+def test_plan_shards_covers_every_row_once():
+    shards = plan_shards([("a", 5), ("b", 0), ("c", 7)], 4)
+    assert [[(s.path, s.start, s.stop) for s in sh] for sh in shards] == [
+        [("a", 0, 4)], [("a", 4, 5), ("c", 0, 3)], [("c", 3, 7)]]
+    with pytest.raises(ValueError, match="shard_size"):
+        plan_shards([("a", 1)], 0)
+
+
+def test_merge_topk_matches_a_global_sort():
+    rng = np.random.default_rng(0)
+    parts = []
+    for s in range(3):
+        sc = -np.sort(-rng.random((4, 5)).astype(np.float32), axis=1)
+        parts.append((sc, np.full((4, 5), f"s{s}", object), np.tile(np.arange(5, dtype=np.int32), (4, 1))))
+    scores, img, patch = merge_topk(parts, 6)
+    allsc = np.concatenate([p[0] for p in parts], axis=1)
+    np.testing.assert_array_equal(scores, -np.sort(-allsc, axis=1)[:, :6])
+    # each merged hit carries the ids of the shard it came from
+    for q in range(4):
+        for j in range(6):
+            s = int(img[q, j][1])
+            assert parts[s][0][q, patch[q, j]] == scores[q, j]
+
+
+def test_shard_index_reads_only_its_rows_and_pads(tmp_path):
+    rng = np.random.default_rng(1)
+    x = unit(rng, 10)
+    paths = write_refs(tmp_path, x, 4)
+    assert count_rows(paths) == [4, 4, 2]
+    shard = ShardIndex([Slice(paths[0], 3, 4), Slice(paths[1], 0, 2)], IndexSpec(), k_max=5)
+    assert shard.rows == 3 and list(shard.image_ids) == ["R00003", "R00004", "R00005"]
+    scores, img, patch = shard.search(x[[4]], 5)      # k clipped to the 3 rows
+    assert img[0, 0] == "R00004" and scores.shape == (1, 3) and np.isclose(scores[0, 0], 1.0)
+
+
+def test_approximate_indexes_find_the_exact_copy():
+    rng = np.random.default_rng(2)
+    x = unit(rng, 1000, 32)
+    for kind in ("ivfpq", "hnsw"):
+        index = build_index(x, IndexSpec(exact_max=100, kind=kind, nlist=16, nprobe=16, pq_m=8), k_max=1)
+        assert type(index).__name__ == ("IndexIVFPQ" if kind == "ivfpq" else "IndexHNSWFlat")
+        _, idx = index.search(x[:50], 1)
+        assert (idx[:, 0] == np.arange(50)).mean() >= 0.9
+    with pytest.raises(ValueError, match="pq_m"):
+        build_index(x, IndexSpec(exact_max=100, pq_m=7))
+
+
+def test_exact_shards_equal_one_flat_index(ray_local, tmp_path):
+    rng = np.random.default_rng(3)
+    x, q = unit(rng, 300), unit(rng, 40)
+    paths = write_refs(tmp_path, x, 70)
+    index = ShardedIndex(paths, IndexSpec(), shard_size=128, k_max=10, actor_options={"num_cpus": 0.25},
+                         timeout_s=120)
+    try:
+        assert len(index.actors) == 3 and index.rows == 300
+        infos = index.info()
+        assert [i["rows"] for i in infos] == [128, 128, 44]
+        assert all(i["index"] == "IndexFlatIP" and i["rss"] > 10 * 2**20 for i in infos)
+        scores, img, _ = index.search(q, 10)
+    finally:
+        index.close()
+    want_scores, want_idx = knn(q, x, 10)
+    assert (img == np.vectorize(lambda i: f"R{i:05d}")(want_idx)).all()
+    np.testing.assert_allclose(scores, want_scores, atol=1e-6)
+    table = hits_table(features_table([f"Q{i}" for i in range(40)], [0] * 40, "m", 64, q), (scores, img, _), "m")
+    assert table.num_rows == 400 and table.column("reference_patch").to_pylist() == [7] * 400
