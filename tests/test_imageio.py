@@ -112,3 +112,10 @@ def test_sha256_matches_hashlib(files):
 def test_files_are_reproducible(tmp_path):
     a, b = make_bad_images(tmp_path / "a"), make_bad_images(tmp_path / "b")
     assert all(a[n].read_bytes() == b[n].read_bytes() for n in EXPECTED)
+
+
+def test_non_images_are_reported_after_ultralytics_patches_pil(files):
+    """ultralytics replaces PIL.Image.open on import (HEIF fallback via pi-heif)."""
+    import ultralytics.utils.patches  # noqa: F401
+    with pytest.raises(ImageDecodeError, match="not an image"):
+        load_rgb(files["text"])

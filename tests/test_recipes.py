@@ -92,3 +92,15 @@ def test_bad_steps_and_names_are_named_in_errors():
 def test_eleven_distinct_training_sets():
     names = recipe_names(11)
     assert names == SET_RECIPES and len(set(names)) == 11 and "byol_views" not in names
+
+
+def test_meme_format_fits_its_caption_on_small_wide_photos():
+    """Regression: a 153x78 photo made AugLy shrink the caption font below 0 px."""
+    from PIL import Image
+
+    from pretrain.recipes import OPS, OpContext
+    photo = Image.new("RGB", (153, 78), (120, 160, 90))
+    for seed in range(20):
+        rng = np.random.default_rng(seed)
+        out = OPS["meme_format"](photo, float(seed % 5) / 4, rng, OpContext())
+        assert out.height > out.width * 78 / 153

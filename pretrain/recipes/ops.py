@@ -40,7 +40,8 @@ Op = Callable[[Image.Image, float, np.random.Generator, OpContext], Image.Image]
 OPS: dict[str, Op] = {}
 AUGLY_FONTS = ("Raleway-ExtraBold.ttf", "Chunkfive.ttf", "CaviarDreams.ttf", "Allura-Regular.ttf")
 SCREENSHOT_TEMPLATES = ("web.png", "mobile.png")
-MEME_MIN_WIDTH = 128  # px; narrower photos are upscaled so that a caption always fits
+MEME_MIN_WIDTH = 256  # px; narrower photos are upscaled so that a caption always fits
+MEME_MIN_CAPTION = 40  # px; AugLy starts at caption - 10 and shrinks the font by 5 until the text fits
 
 
 def register_op(name: str) -> Callable[[Op], Op]:
@@ -118,7 +119,7 @@ def meme_format(img: Image.Image, s: float, rng: np.random.Generator, ctx: OpCon
     """Caption bar above the photo; its height 0.15..0.5 of the photo's."""
     if img.width < MEME_MIN_WIDTH:  # AugLy shrinks the font until the caption fits, past 0 px
         img = img.resize((MEME_MIN_WIDTH, max(1, img.height * MEME_MIN_WIDTH // img.width)))
-    caption = max(11, int(img.height * _lerp(0.15, 0.5, s)))
+    caption = max(MEME_MIN_CAPTION, int(img.height * _lerp(0.15, 0.5, s)))
     font = os.path.join(augly_utils.FONTS_DIR, AUGLY_FONTS[rng.integers(2)])  # two bold fonts
     return augf.meme_format(
         img, text=_words(rng, int(rng.integers(1, 4))), font_file=font, caption_height=caption,
