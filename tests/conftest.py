@@ -64,3 +64,22 @@ def tiny_dataset(tmp_path) -> Path:
         synthetic_photo(500 + q).save(root / "queries" / f"Q{q:03d}.jpg")
     (root / "ground_truth.csv").write_text("\n".join(gt) + "\n")
     return root
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models train faster on one thread (and far faster on a busy shared CPU)."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def photo_dir(tmp_path_factory) -> Path:
+    """16 small unlabeled 'photos' for training tests."""
+    folder = tmp_path_factory.mktemp("photos")
+    for i in range(16):
+        synthetic_photo(300 + i, (64, 48)).save(folder / f"T{i:03d}.jpg")
+    return folder

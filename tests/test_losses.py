@@ -7,20 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.losses import (
+
     LOSSES, ArcFaceLoss, CosFaceLoss, InfoNCELoss, build_loss, hardest_negatives, hardest_positives,
     pairwise_distances, semi_hard_negatives,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 LABELS = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run faster on one thread, and far faster on a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def optimise(name: str, params: dict, steps: int = 40) -> tuple[float, float]:

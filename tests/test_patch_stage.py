@@ -6,7 +6,6 @@ import pytest
 from ensemble.store import read_table
 from jobs.cli import main
 from jobs.commands.patch import preset_overrides
-from patchers import plan as plan_mod
 from patchers.plan import DetectorSpec, plan_images
 from patchers.proposals import ProposalParams
 from patchers.views import FULL, PRESETS, ViewConfig

@@ -3,7 +3,6 @@ import csv
 import os
 
 import pyarrow.compute as pc
-import pytest
 
 from ensemble.store import read_table
 from jobs.cli import main

@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import synthetic_photo
 from pretrain.backbones import build_backbone
 from pretrain.registry import build_model, load_card
 from pretrain.ssl import BYOL, momentum_at
@@ -15,22 +14,8 @@ from pretrain.train.byol import train_local
 from pretrain.train.state import read_checkpoint
 from pretrain.train_config import DataSection, ModelSection, PretrainSection, RunSpec
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run faster on one thread, and far faster on a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def photo_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("photos")
-    for i in range(16):
-        synthetic_photo(200 + i, (64, 48)).save(folder / f"T{i:03d}.jpg")
-    return folder
 
 
 def byol_spec(photo_dir: Path, tmp: Path, epochs: int, **extra) -> RunSpec:

@@ -6,7 +6,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import synthetic_photo
 from jobs.cli import main as copydet
 from pretrain.backbones import build_backbone
 from pretrain.checkpoint import load_checkpoint, save_checkpoint
@@ -14,27 +13,13 @@ from pretrain.registry import build_model, list_cards, load_card
 from pretrain.train.fanout import plan_finetune, plan_pretrain, run_all
 from pretrain.train.finetune import BEST_FILE, train_local
 from pretrain.train_config import (
+
     DataSection, FinetuneSection, ModelSection, RunSpec, TrainConfigError, load_train_config,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 CONFIGS = Path(__file__).resolve().parent.parent / "configs" / "train"
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny models run faster on one thread, and far faster on a busy shared CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def photo_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("photos")
-    for i in range(16):
-        synthetic_photo(300 + i, (64, 48)).save(folder / f"T{i:03d}.jpg")
-    return folder
 
 
 def test_finetune_validates_keeps_best_and_registers(photo_dir, tmp_path):
