@@ -25,6 +25,7 @@ from PIL import Image  # noqa: E402
 
 from ensemble.search import knn  # noqa: E402
 from ensemble.sharded import IndexSpec, ShardedIndex  # noqa: E402
+from synthetic import copies, descriptors, write_references  # noqa: E402
 
 
 @ray.remote
@@ -49,10 +50,12 @@ class Extractor:
         return done
 
 
-def extraction(model: str, scale: int, actors: int, images: int, batch: int, cores: int) -> float:
-    """Images per second with ``actors`` actors each embedding ``images`` images."""
-    pool = [Extractor.options(num_cpus=cores / actors).remote(model, scale, max(1, cores // actors))
-            for _ in range(actors)]
+def extraction(model: str, scale: int, actors: int, images: int, batch: int, cores: int,
+               threads: int | None = None) -> float:
+    """Images per second with ``actors`` actors each embedding ``images`` images, on
+    ``threads`` torch threads each (default: the cores shared out between the actors)."""
+    threads = threads or max(1, cores // actors)
+    pool = [Extractor.options(num_cpus=cores / actors).remote(model, scale, threads) for _ in range(actors)]
     ray.get([a.__ray_ready__.remote() for a in pool], timeout=600)
     t0 = time.perf_counter()
     done = sum(ray.get([a.run.remote(images, batch) for a in pool], timeout=1800))
@@ -62,25 +65,12 @@ def extraction(model: str, scale: int, actors: int, images: int, batch: int, cor
     return rate
 
 
-def synthetic(n: int, d: int, rng: np.random.Generator) -> np.ndarray:
-    centres = rng.normal(size=(max(1, n // 200), d))
-    x = centres[rng.integers(0, len(centres), n)] + 0.6 * rng.normal(size=(n, d))
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
-
-
 def search(vectors: int, queries: int, shards: int, tmp: str) -> list[dict]:
     """recall@10 and queries/s of sharded indexes vs one exact index."""
-    from ensemble.store import features_table, write_table
     rng = np.random.default_rng(0)
-    x = synthetic(vectors, 256, rng)
-    source = rng.choice(vectors, queries, replace=False)
-    q = x[source] + 0.05 * rng.normal(size=(queries, 256)).astype(np.float32)
-    q /= np.linalg.norm(q, axis=1, keepdims=True)
-    files = []
-    for i, start in enumerate(range(0, vectors, 50_000)):
-        block = x[start:start + 50_000]
-        files.append(write_table(features_table([f"R{start + j}" for j in range(len(block))], [0] * len(block),
-                                                "synthetic", 0, block), f"{tmp}/reference-{i:05d}.parquet"))
+    x = descriptors(vectors, 256, rng)
+    q, source = copies(x, queries, rng)
+    files = write_references(x, tmp)
     t0 = time.perf_counter()
     _, truth = knn(q, x, 10)
     rows = [{"index": "one IndexFlatIP", "shards": 1, "recall@10": 1.0,
@@ -114,6 +104,8 @@ def main() -> None:
     p.add_argument("--vectors", type=int, default=200_000)
     p.add_argument("--queries", type=int, default=2000)
     p.add_argument("--shards", type=int, default=4)
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per actor (default: cores / actors; 1 isolates Ray's actor scaling)")
     p.add_argument("--out", help="bench JSON for `copydet plan --throughput`")
     args = p.parse_args()
     cores = os.cpu_count() or 1
@@ -122,8 +114,8 @@ def main() -> None:
     # Alternate 1 and 2 actors and keep each one's best: the machine may be shared.
     one = two = 0.0
     for _ in range(args.repeats):
-        one = max(one, extraction(args.model, args.scale, 1, args.images, args.batch, cores))
-        two = max(two, extraction(args.model, args.scale, 2, args.images, args.batch, cores))
+        one = max(one, extraction(args.model, args.scale, 1, args.images, args.batch, cores, args.threads))
+        two = max(two, extraction(args.model, args.scale, 2, args.images, args.batch, cores, args.threads))
     print(f"extraction {args.model}@{args.scale} on {cores} cores: 1 actor {one:.2f} img/s, "
           f"2 actors {two:.2f} img/s, ratio {two / one:.2f}")
     import tempfile
