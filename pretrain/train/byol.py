@@ -19,9 +19,10 @@ from pretrain.data import CopyViews, make_loader, set_loader_epoch
 from pretrain.recipes import get_recipe
 from pretrain.registry import ModelCard
 from pretrain.ssl import BYOL, momentum_at
-from pretrain.train.common import autocast, log_event, maybe_crash, register_model, run_card, split_photos, unwrap
+from pretrain.train.common import (autocast, log_event, maybe_crash, register_model, run_card, split_photos,
+                                    start_or_resume, unwrap)
 from pretrain.train.session import LocalSession, RaySession, Session
-from pretrain.train.state import read_checkpoint, write_checkpoint
+from pretrain.train.state import write_checkpoint
 from pretrain.train_config import RunSpec
 
 
@@ -42,16 +43,9 @@ def byol_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
                          world_size=session.world_size, seed=spec.seed)
     steps = min(len(loader), hp.steps_per_epoch or len(loader))
 
-    resume = session.load_latest(read_checkpoint)
-    start, train_time = 0, 0.0
-    if resume is not None:
-        byol.load_state_dict(resume.state["byol"])
-        start, train_time = resume.progress["epoch"] + 1, resume.progress["train_time_s"]
-    model = session.prepare(byol)
-    opt = torch.optim.SGD(unwrap(model).trainable_parameters(), lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay)
-    if resume is not None:
-        opt.load_state_dict(resume.state["optimizer"])
-    log_event(spec, session.rank, {"event": "start", "epoch": start, "resumed": resume is not None})
+    begin = start_or_resume(spec, session, byol, "byol", lambda m: torch.optim.SGD(
+        unwrap(m).trainable_parameters(), lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay))
+    model, opt, start, train_time = begin.model, begin.opt, begin.epoch, begin.train_time
 
     metrics: dict[str, Any] = {}
     for epoch in range(start, hp.epochs):

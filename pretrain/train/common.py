@@ -7,7 +7,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,8 @@ from pretrain.backbones import DescriptorModel
 from pretrain.checkpoint import save_checkpoint, sidecar_path
 from pretrain.data import Photo, list_images, load_photos
 from pretrain.registry import ModelCard, card_for_model, register
+from pretrain.train.session import Session
+from pretrain.train.state import read_checkpoint
 from pretrain.train_config import RunSpec
 
 
@@ -66,6 +69,35 @@ def maybe_crash(spec: RunSpec, epoch: int) -> None:
     marker.write_text(f"killed pid {os.getpid()} at epoch {epoch}\n")
     time.sleep(float(spec.fault.get("after_s", 0)))
     os._exit(1)
+
+
+@dataclass
+class Start:
+    """Where a training loop begins: its prepared model and optimiser, and the resumed progress."""
+
+    model: nn.Module  # wrapped for distributed training by the session
+    opt: torch.optim.Optimizer
+    epoch: int
+    train_time: float
+    progress: dict[str, Any]  # the checkpoint's progress; {} on a fresh start
+
+
+def start_or_resume(spec: RunSpec, session: Session, net: nn.Module, key: str,
+                    make_opt: Callable[[nn.Module], torch.optim.Optimizer]) -> Start:
+    """Load the latest checkpoint (``state[key]`` into ``net``, then the optimiser), prepare
+    the model for the session and log the start."""
+    resume = session.load_latest(read_checkpoint)
+    if resume is not None:
+        net.load_state_dict(resume.state[key])
+    model = session.prepare(net)
+    opt = make_opt(model)
+    progress: dict[str, Any] = {}
+    if resume is not None:
+        opt.load_state_dict(resume.state["optimizer"])
+        progress = resume.progress
+    start = Start(model, opt, progress["epoch"] + 1 if progress else 0, progress.get("train_time_s", 0.0), progress)
+    log_event(spec, session.rank, {"event": "start", "epoch": start.epoch, "resumed": resume is not None})
+    return start
 
 
 def log_event(spec: RunSpec, rank: int, record: dict[str, Any]) -> None:

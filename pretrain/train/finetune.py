@@ -23,9 +23,10 @@ from pretrain.data import CopyViews, make_loader, set_loader_epoch
 from pretrain.losses import build_loss
 from pretrain.recipes import get_recipe
 from pretrain.registry import ModelCard
-from pretrain.train.common import autocast, log_event, maybe_crash, register_model, run_card, split_photos, unwrap
+from pretrain.train.common import (autocast, log_event, maybe_crash, register_model, run_card, split_photos,
+                                    start_or_resume, unwrap)
 from pretrain.train.session import LocalSession, RaySession, Session
-from pretrain.train.state import read_checkpoint, write_checkpoint
+from pretrain.train.state import write_checkpoint
 from pretrain.train.validate import make_validation_set, validate
 from pretrain.train_config import RunSpec
 
@@ -66,17 +67,10 @@ def finetune_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
         val = make_validation_set(val_refs, distractors, recipe, size=spec.model.img_size, mean=backbone.mean,
                                   std=backbone.std, backgrounds=train)
 
-    resume = session.load_latest(read_checkpoint)
-    start, train_time, best = 0, 0.0, None
-    if resume is not None:
-        net.load_state_dict(resume.state["net"])
-        start, train_time = resume.progress["epoch"] + 1, resume.progress["train_time_s"]
-        best = resume.progress["best"]
-    model = session.prepare(net)
-    opt = torch.optim.AdamW(model.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-    if resume is not None:
-        opt.load_state_dict(resume.state["optimizer"])
-    log_event(spec, session.rank, {"event": "start", "epoch": start, "resumed": resume is not None})
+    begin = start_or_resume(spec, session, net, "net",
+                            lambda m: torch.optim.AdamW(m.parameters(), lr=hp.lr, weight_decay=hp.weight_decay))
+    model, opt, start, train_time = begin.model, begin.opt, begin.epoch, begin.train_time
+    best = begin.progress.get("best")
 
     metrics: dict[str, Any] = {}
     for epoch in range(start, hp.epochs):
