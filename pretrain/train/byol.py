@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from pretrain.backbones import DescriptorModel, build_backbone
-from pretrain.data import CopyViews, make_loader, set_loader_epoch
+from pretrain.data import CopyViews, make_loader
 from pretrain.recipes import get_recipe
 from pretrain.registry import ModelCard
 from pretrain.ssl import BYOL, momentum_at
-from pretrain.train.common import (autocast, log_event, maybe_crash, register_model, run_card, split_photos,
+from pretrain.train.common import (autocast, epochs, log_event, register_model, run_card, split_photos,
                                     start_or_resume, unwrap)
 from pretrain.train.session import LocalSession, RaySession, Session
 from pretrain.train.state import write_checkpoint
@@ -48,10 +48,7 @@ def byol_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
     model, opt, start, train_time = begin.model, begin.opt, begin.epoch, begin.train_time
 
     metrics: dict[str, Any] = {}
-    for epoch in range(start, hp.epochs):
-        maybe_crash(spec, epoch)
-        set_loader_epoch(loader, epoch)
-        model.train()
+    for epoch in epochs(spec, loader, model, start, hp.epochs):
         t0, losses = time.perf_counter(), []
         for step, (batch, _) in zip(range(steps), loader):
             momentum = momentum_at(epoch * steps + step, hp.epochs * steps, *hp.momentum)

@@ -18,7 +18,7 @@ from torch import nn
 
 from pretrain.backbones import DescriptorModel
 from pretrain.checkpoint import save_checkpoint, sidecar_path
-from pretrain.data import Photo, list_images, load_photos
+from pretrain.data import Photo, list_images, load_photos, set_loader_epoch
 from pretrain.registry import ModelCard, card_for_model, register
 from pretrain.train.session import Session
 from pretrain.train.state import read_checkpoint
@@ -98,6 +98,15 @@ def start_or_resume(spec: RunSpec, session: Session, net: nn.Module, key: str,
     start = Start(model, opt, progress["epoch"] + 1 if progress else 0, progress.get("train_time_s", 0.0), progress)
     log_event(spec, session.rank, {"event": "start", "epoch": start.epoch, "resumed": resume is not None})
     return start
+
+
+def epochs(spec: RunSpec, loader: Any, model: nn.Module, start: int, stop: int) -> Iterator[int]:
+    """Epochs ``start..stop-1``, each after the fault hook, with the loader's epoch and train mode set."""
+    for epoch in range(start, stop):
+        maybe_crash(spec, epoch)
+        set_loader_epoch(loader, epoch)
+        model.train()
+        yield epoch
 
 
 def log_event(spec: RunSpec, rank: int, record: dict[str, Any]) -> None:

@@ -19,11 +19,11 @@ from torch import nn
 
 from pretrain.backbones import DescriptorModel, build_backbone
 from pretrain.checkpoint import save_checkpoint
-from pretrain.data import CopyViews, make_loader, set_loader_epoch
+from pretrain.data import CopyViews, make_loader
 from pretrain.losses import build_loss
 from pretrain.recipes import get_recipe
 from pretrain.registry import ModelCard
-from pretrain.train.common import (autocast, log_event, maybe_crash, register_model, run_card, split_photos,
+from pretrain.train.common import (autocast, epochs, log_event, register_model, run_card, split_photos,
                                     start_or_resume, unwrap)
 from pretrain.train.session import LocalSession, RaySession, Session
 from pretrain.train.state import write_checkpoint
@@ -73,10 +73,7 @@ def finetune_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
     best = begin.progress.get("best")
 
     metrics: dict[str, Any] = {}
-    for epoch in range(start, hp.epochs):
-        maybe_crash(spec, epoch)
-        set_loader_epoch(loader, epoch)
-        model.train()
+    for epoch in epochs(spec, loader, model, start, hp.epochs):
         t0, losses = time.perf_counter(), []
         for _, (batch, labels) in zip(range(steps), loader):
             losses.append(instance_step(model, batch, labels, opt, session.device))
