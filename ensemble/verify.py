@@ -62,11 +62,12 @@ def describe(img: Image.Image | np.ndarray, method: str = "sift", max_side: int 
     return Keypoints(np.array([k.pt for k in kps], np.float32).reshape(-1, 2), desc)
 
 
-def count_inliers(a: Keypoints, b: Keypoints, method: str = "sift", ratio: float = 0.75,
-                  reproj_px: float = 5.0) -> int:
-    """RANSAC-homography inliers among the mutual, ratio-test matches of two keypoint sets."""
+def homography(a: Keypoints, b: Keypoints, method: str = "sift", ratio: float = 0.75,
+               reproj_px: float = 5.0) -> tuple[np.ndarray | None, int]:
+    """RANSAC homography from ``a``'s points to ``b``'s, fit on the mutual ratio-test matches,
+    and its inlier count (``(None, 0)`` when there are too few matches)."""
     if a.descriptors is None or b.descriptors is None or len(a.points) < 2 or len(b.points) < 2:
-        return 0
+        return None, 0
     matcher = cv2.BFMatcher(_method(method).norm)
     knn = matcher.knnMatch(a.descriptors, b.descriptors, k=2)
     good = [m[0] for m in knn if len(m) == 2 and m[0].distance < ratio * m[1].distance]
@@ -74,11 +75,17 @@ def count_inliers(a: Keypoints, b: Keypoints, method: str = "sift", ratio: float
     back = {m.queryIdx: m.trainIdx for m in matcher.match(b.descriptors, a.descriptors)}
     good = [m for m in good if back.get(m.trainIdx) == m.queryIdx]
     if len(good) < MIN_MATCHES:
-        return 0
+        return None, 0
     src = a.points[[m.queryIdx for m in good]]
     dst = b.points[[m.trainIdx for m in good]]
-    _, mask = cv2.findHomography(src, dst, cv2.RANSAC, reproj_px)
-    return 0 if mask is None else int(mask.sum())
+    h, mask = cv2.findHomography(src, dst, cv2.RANSAC, reproj_px)
+    return (None, 0) if mask is None else (h, int(mask.sum()))
+
+
+def count_inliers(a: Keypoints, b: Keypoints, method: str = "sift", ratio: float = 0.75,
+                  reproj_px: float = 5.0) -> int:
+    """RANSAC-homography inliers among the mutual, ratio-test matches of two keypoint sets."""
+    return homography(a, b, method, ratio, reproj_px)[1]
 
 
 def inliers(img_a: Image.Image | np.ndarray, img_b: Image.Image | np.ndarray, method: str = "sift",

@@ -1,9 +1,39 @@
 """Where each stage's files live inside a run folder (local path or URI)."""
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Any
 
-from ensemble.store import join, list_shards
+import pyarrow.fs as pafs
+
+from ensemble.store import filesystem, join, list_shards, read_text, write_text
+
+SETTINGS_FILE = "_settings.json"
+
+
+class SettingsChanged(ValueError):
+    """A stage would resume a folder whose shards were made with other settings."""
+
+
+def pin_settings(folder: str, settings: dict[str, Any], what: str) -> None:
+    """Record the settings that make ``folder``'s shards, or check them against the record.
+
+    Resuming skips finished shards, so a run folder re-run with, say, another ``search.k``
+    would silently keep the old shards; this refuses instead, naming what changed.
+    """
+    path = join(folder, SETTINGS_FILE)
+    new = json.loads(json.dumps(settings, sort_keys=True, default=str))
+    fs, p = filesystem(path)
+    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+        write_text(path, json.dumps(new, indent=2, sort_keys=True))
+        return
+    old = json.loads(read_text(path))
+    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+               if old.get(k) != new.get(k)]
+    if changed:
+        raise SettingsChanged(f"{folder}: {what} shards were made with other settings ({'; '.join(changed)}); "
+                              f"run into a new folder (--out) or delete {folder}")
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ class ViewConfig(BaseModel):
     center_tiles: list[Fraction] = Field([], description="side fraction of centred (overlapping) tiles")
     proposals: int = Field(0, ge=0, description="selective-search region budget per image; 0 = none")
     detector: str | None = Field(None, description="registry name of a copy-region detector; None = none")
+    detector_conf: float = Field(0.25, gt=0, lt=1, description="keep detections scoring at least this")
     max_patches: int = Field(64, ge=1)
 
     @model_validator(mode="before")

@@ -1,11 +1,14 @@
 """The patch stage: every preset's plan on real pixels, detector/proposal rows, and the
 `copydet patch` command on folders with a bad image (errors recorded, shards resumable)."""
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from ensemble.store import read_table
+from ensemble.store import join, read_table, write_table
 from jobs.cli import main
 from jobs.commands.patch import preset_overrides
+from jobs.layout import RunDir
+from jobs.stages.patch import patch_shard
 from patchers.plan import DetectorSpec, plan_images
 from patchers.proposals import ProposalParams
 from patchers.views import FULL, PRESETS, ViewConfig
@@ -69,6 +72,26 @@ def test_detections_become_rows_before_proposals(image_paths, monkeypatch):
     assert rows[2]["source_score"] == pytest.approx(0.8)
     assert np.allclose([rows[2][k] for k in ("x0", "y0", "x1", "y1")], [0.1, 0.2, 0.6, 0.7])
     assert {r["kind"] for r in rows[3:]} <= {"proposal"} and len(rows) <= 1 + 1 + 1 + 3
+
+
+def test_patch_stage_uses_the_configured_detector_conf(image_paths, tmp_path, monkeypatch):
+    seen = []
+
+    def fake_detect(images, weights, conf, imgsz):
+        seen.append(conf)
+        boxes = np.array([[0.1, 0.1, 0.5, 0.5], [0.5, 0.5, 0.9, 0.9]], np.float32)
+        return [(boxes, np.array([0.5, 0.08], np.float32)) for _ in images]
+
+    import patchers.detector.predict as predict
+    monkeypatch.setattr(predict, "detect", fake_detect)
+    run = RunDir(str(tmp_path / "run"))
+    manifest = pa.table({"image_id": [i for i, _ in image_paths], "path": [p for _, p in image_paths]})
+    write_table(manifest, join(run.manifest, "query-00000.parquet"))
+    for conf, kept in [(0.25, 1), (0.05, 2)]:
+        patch_shard(run, "query-00000.parquet", ViewConfig(detector="det", detector_conf=conf), DetectorSpec("w.pt", 160))
+        rows = read_table(join(run.patches, "query-00000.parquet")).to_pylist()
+        assert seen[-1] == pytest.approx(conf)
+        assert sum(r["kind"] == "detection" for r in rows) == kept * len(image_paths)
 
 
 def test_bad_image_keeps_geometric_views(image_paths, tmp_path):

@@ -3,11 +3,12 @@ import csv
 import os
 
 import pyarrow.compute as pc
+import pytest
 
 from ensemble.store import read_table
 from jobs.cli import main
 from jobs.config import load_config
-from jobs.layout import RunDir
+from jobs.layout import RunDir, SettingsChanged
 from jobs.pipeline import run_pipeline, run_stages
 from tests.badimages import EXPECTED, make_bad_images
 
@@ -103,3 +104,9 @@ def test_reduce_stage_pca_stretch_and_concat(ray_local, tiny_dataset, tmp_path):
     stamp = pca_file.stat().st_mtime_ns
     run_stages(cfg, ["reduce"])
     assert pca_file.stat().st_mtime_ns == stamp
+
+    # Other search settings on the finished folder are refused, naming the change; nothing is rewritten.
+    candidates = _mtimes(run.candidates(key))
+    with pytest.raises(SettingsChanged, match=r"k: 5 -> 7"):
+        run_stages(cfg.model_copy(update={"search": cfg.search.model_copy(update={"k": 7})}), ["search"])
+    assert _mtimes(run.candidates(key)) == candidates

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from ensemble.store import ERRORS_SCHEMA, features_table, join, read_table, write_table
 from jobs.config import ExtractConfig, ModelEntry, PipelineConfig
-from jobs.layout import RunDir, shard_names
+from jobs.layout import RunDir, pin_settings, shard_names
 from jobs.runtime import cluster_gpus, say
 from patchers.extract import Embedder
 
@@ -50,6 +50,7 @@ def pending_rows(run: RunDir, names: list[str], paths: pa.Table) -> pa.Table:
 def run_extract_key(cfg: PipelineConfig, run: RunDir, entry: ModelEntry, scale: int, key: str,
                     paths: pa.Table) -> None:
     out = run.features(key)
+    pin_settings(out, {"model": entry.name, "scale": scale, "dim": entry.dim, "dtype": entry.dtype}, "extract")
     names = [n for n in shard_names(run.patches) if n not in set(shard_names(out))]
     if not names:
         return

@@ -12,9 +12,10 @@ import pyarrow.compute as pc
 
 from ensemble.store import join, read_table, write_table
 from jobs.config import PipelineConfig
-from jobs.layout import RunDir, shard_names
+from jobs.layout import RunDir, pin_settings, shard_names
 from jobs.runtime import run_tasks, say
 from patchers.plan import DetectorSpec, needs_pixels, plan_images, plan_table
+from patchers.proposals import ProposalParams
 from patchers.views import ViewConfig
 from pretrain.registry import RegistryError, default_registry_dir, load_card
 
@@ -35,7 +36,7 @@ def patch_shard(run: RunDir, name: str, views: ViewConfig, detector: DetectorSpe
     if needs_pixels(views):
         manifest = read_table(join(run.manifest, name), columns=["image_id", "path"])
         pairs = list(zip(manifest.column("image_id").to_pylist(), manifest.column("path").to_pylist()))
-        table, failed = plan_images(pairs, views, detector)
+        table, failed = plan_images(pairs, views, detector, ProposalParams(conf=views.detector_conf))
     else:
         ids = read_table(join(run.manifest, name), columns=["image_id"]).column("image_id").to_pylist()
         table, failed = plan_table(ids, views), []
@@ -55,6 +56,7 @@ def patch_counts(run: RunDir) -> dict[str, tuple[int, float, int]]:
 
 def run_patch(cfg: PipelineConfig, run: RunDir) -> None:
     sides = {"query": cfg.patches.query, "reference": cfg.patches.reference, "train": cfg.patches.train}
+    pin_settings(run.patches, {s: v.model_dump() for s, v in sides.items()}, "patch")
     detectors = {s: resolve_detector(v.detector, cfg.registry) for s, v in sides.items()}
     done = set(shard_names(run.patches))
     calls = []

@@ -17,7 +17,7 @@ from ensemble.normalize import normalize_scores
 from ensemble.sharded import IndexSpec, ShardedIndex, format_info, hits_table
 from ensemble.store import embeddings_from_arrow, join, read_table, write_table
 from jobs.config import PipelineConfig, SearchConfig
-from jobs.layout import RunDir, shard_names
+from jobs.layout import RunDir, pin_settings, shard_names
 from jobs.runtime import say
 
 IN_FLIGHT = 2  # query files searched ahead while the previous one is merged and written
@@ -68,6 +68,8 @@ class QueryFile:
 def search_key(cfg: PipelineConfig, run: RunDir, key: str) -> None:
     """Search every pending query file of one model key; prints ``done/total`` as files finish."""
     scfg = cfg.search
+    pin_settings(run.candidates(key), scfg.model_dump(exclude={"cpus_per_shard", "gpus_per_shard", "query_batch"}),
+                 "search")
     names = shard_names(run.features(key), "query")
     done = set(shard_names(run.candidates(key)))
     todo = [n for n in names if n not in done]

@@ -16,7 +16,7 @@ from ensemble.metrics import write_predictions
 from ensemble.store import chunks, join, list_shards, read_table, write_table
 from ensemble.verify import verify_pairs
 from jobs.config import PipelineConfig, VerifyConfig
-from jobs.layout import RunDir
+from jobs.layout import RunDir, pin_settings
 from jobs.runtime import run_tasks, say
 from patchers.imageio import load_rgb
 
@@ -49,6 +49,7 @@ def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
     if not cfg.verify.enabled:
         say("verify: off (set verify.enabled=true to verify candidates)")
         return
+    pin_settings(run.verify, {"method": cfg.verify.method, "max_side": cfg.verify.max_side}, "verify")
     fused = read_table(run.fused)
     todo = top_k_per_query(fused, cfg.verify.top_k)
     if list_shards(run.verify):

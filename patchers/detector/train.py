@@ -124,10 +124,16 @@ def box_recall(weights: str, data_dir: str, split: str = "val", conf: float = 0.
         for p, (boxes, _) in zip(batch, dets):
             gt = read_yolo_boxes(Path(data_dir) / "labels" / split / f"{p.stem}.txt")
             total += len(gt)
-            if len(gt) and len(boxes):
-                overlap = box_iou(torch.from_numpy(gt).float(), torch.from_numpy(boxes).float())
-                hits += int((overlap.max(dim=1).values >= iou).sum())
+            hits += int(matched(gt, boxes, iou).sum())
     return hits / total if total else 0.0
+
+
+def matched(gt: np.ndarray, boxes: np.ndarray, iou: float = 0.5) -> np.ndarray:
+    """Per ground-truth box (``(n, 4)`` x0, y0, x1, y1): is some detection at IoU >= ``iou``?"""
+    if not len(gt) or not len(boxes):
+        return np.zeros(len(gt), dtype=bool)
+    overlap = box_iou(torch.from_numpy(np.asarray(gt)).float(), torch.from_numpy(np.asarray(boxes)).float())
+    return (overlap.max(dim=1).values >= iou).numpy()
 
 
 def train_detector(cfg: DetectorConfig, map_fn: MapFn = local_map) -> ModelCard:
