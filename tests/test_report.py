@@ -92,3 +92,16 @@ def test_report_without_ensemble_uses_the_last_member(run_dir):
     assert 'data-name="ensemble"' not in page and "Scores of b@224" in page
     # missed copy of b: Q2-R2 was never predicted
     assert re.search(r"<b>Q2</b> → <b>R2</b><br>a@224 0\.700</div>", page)
+
+
+def test_compare_scores_runs_side_by_side(run_dir, tmp_path, capsys):
+    other = tmp_path / "other"
+    rows = [("Q0", "R0", 0.9), ("Q3", "R3", 0.8), ("Q1", "R1", 0.7)]  # copies at ranks 1 and 3 -> μAP (1 + 2/3) / 3
+    write_predictions(pa.table({k: [r[i] for r in rows] for i, k in enumerate(["query_id", "reference_id", "score"])}),
+                      other / "predictions.csv")
+    assert main(["compare", str(run_dir), str(other), "--ground-truth", str(tmp_path / "gt.csv"),
+                 "--meta", str(tmp_path / "meta.csv")]) == 0
+    table = {line.split()[0]: line.split()[-2:] for line in capsys.readouterr().out.splitlines()[1:] if line.strip()}
+    assert table["μAP"] == ["1.0000", f"{5 / 9:.4f}"]
+    assert table["crop"] == ["1.0000", "1.0000"] and table["blur"] == ["1.0000", "0.0000"]
+    assert main(["compare", str(run_dir), str(tmp_path / "nowhere")]) == 2

@@ -1,4 +1,5 @@
-"""``copydet report RUN_DIR``: report.html + PNGs from the files of a finished run."""
+"""``copydet report RUN_DIR`` (report.html + PNGs of one finished run) and ``copydet compare``
+(several runs' predictions side by side, overall and per transform family)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ import yaml
 
 from ensemble.metrics import read_ground_truth, read_predictions
 from ensemble.report import build_report
+from ensemble.report.analysis import Scored, family_recall, score
 from ensemble.store import exists, read_table
 from jobs.cli import arg, command
 from jobs.config import ConfigError, validate
@@ -71,3 +73,40 @@ def report(args: argparse.Namespace) -> None:
                        families=read_families(args.meta) if args.meta else None, k=args.k,
                        title=f"copydet report: {os.path.basename(run.root)}", notes=[f"ground truth: {gt_path}"])
     say(f"report: {out}")
+
+
+def comparison_table(scored: list[Scored], recall: dict[str, dict[str, tuple[float, int]]]) -> str:
+    """Plain-text table: μAP, R@P90, R@1 per run, then R@1 per family (with its GT pair count)."""
+    width = max(12, *(len(s.name) for s in scored)) + 2
+    rows = [(label, [get(s.metrics) for s in scored]) for label, get in [
+        ("μAP", lambda m: m.micro_ap), ("R@P90", lambda m: m.recall_at_p90),
+        ("R@1", lambda m: m.recall_at_1), ("R@10", lambda m: m.recall_at_10)]]
+    if recall:
+        rows.append(("R@1 per family (GT pairs)", []))
+        rows += [(f"  {fam} ({next(iter(per_run.values()))[1]})", [per_run[s.name][0] for s in scored])
+                 for fam, per_run in recall.items()]
+    label_width = max(len(label) for label, _ in rows) + 2
+    lines = [" " * label_width + "".join(f"{s.name:>{width}}" for s in scored)]
+    lines += [(f"{label:<{label_width}}" + "".join(f"{v:>{width}.4f}" for v in values)).rstrip()
+              for label, values in rows]
+    return "\n".join(lines)
+
+
+@command("compare", "score several runs' predictions.csv against one ground truth, overall and per "
+         "transform family, as one table",
+         arg("run_dirs", nargs="+", help="run folders (local paths)"),
+         arg("--meta", help="query metadata CSV with columns query_id,transforms (';'-separated families)"),
+         arg("--ground-truth", help="ground-truth CSV (default: the one in the first run's config.yaml)"),
+         uses_config=False)
+def compare(args: argparse.Namespace) -> None:
+    runs = [RunDir(os.path.abspath(d)) for d in args.run_dirs]
+    missing = [r.predictions for r in runs if not os.path.isfile(r.predictions)]
+    if missing:
+        raise FileNotFoundError(f"no predictions.csv in: {', '.join(missing)}")
+    gt = read_ground_truth(ground_truth_path(runs[0], args.ground_truth))
+    scored = []
+    for d, r in zip(args.run_dirs, runs):
+        pred = read_predictions(r.predictions)
+        scored.append(Scored(os.path.basename(os.path.normpath(d)), pred, pred, score(pred, gt)))
+    recall = family_recall(scored, gt, read_families(args.meta)) if args.meta else {}
+    print(comparison_table(scored, recall))
