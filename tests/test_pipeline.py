@@ -110,3 +110,6 @@ def test_reduce_stage_pca_stretch_and_concat(ray_local, tiny_dataset, tmp_path):
     with pytest.raises(SettingsChanged, match=r"k: 5 -> 7"):
         run_stages(cfg.model_copy(update={"search": cfg.search.model_copy(update={"k": 7})}), ["search"])
     assert _mtimes(run.candidates(key)) == candidates
+    with pytest.raises(SettingsChanged, match=r"manifest shards .*folders"):
+        run_stages(cfg.model_copy(update={"data": cfg.data.model_copy(update={"queries": str(tmp_path)})}),
+                   ["manifest"])

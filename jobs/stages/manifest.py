@@ -1,12 +1,14 @@
 """Stage 1: image folders -> manifest.parquet/ (+ errors.parquet/ for files that fail)."""
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
 
 from ensemble.store import ERRORS_SCHEMA, MANIFEST_SCHEMA, chunks, write_table
 from ensemble.store import join
 from jobs.config import PipelineConfig
-from jobs.layout import RunDir, shard_file, shard_names
+from jobs.layout import RunDir, pin_settings, shard_file, shard_names
 from jobs.runtime import run_tasks, say
 from patchers.manifest import describe, scan_folder
 
@@ -24,9 +26,13 @@ def manifest_shard(split: str, files: list[tuple[str, str]], run: RunDir, name: 
 
 
 def run_manifest(cfg: PipelineConfig, run: RunDir) -> None:
+    folders = cfg.data.folders()
+    where = {s: f if "://" in f else os.path.abspath(f) for s, f in folders.items()}
+    pin_settings(run.manifest, {"folders": where, "limit": cfg.data.limit, "shard_size": cfg.patches.shard_size},
+                 "manifest")
     done = set(shard_names(run.manifest))
     calls = []
-    for split, folder in cfg.data.folders().items():
+    for split, folder in folders.items():
         files = scan_folder(folder, cfg.data.limit)
         if not files:
             say(f"manifest: warning: no images in {folder}")
