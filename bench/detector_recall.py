@@ -22,6 +22,7 @@ import argparse
 import csv
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
 
 import augly
@@ -37,6 +38,7 @@ from patchers.imageio import load_rgb
 TEMPLATES = Path(augly.__file__).parent / "assets" / "screenshot_templates"
 
 
+@lru_cache(maxsize=None)
 def screenshot_box(template: str) -> np.ndarray:
     """The template's photo box as fractions of the template (= of the query)."""
     x0, y0, x1, y1 = json.loads((TEMPLATES / "bboxes.json").read_text())[template]

@@ -5,9 +5,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import pyarrow.fs as pafs
-
-from ensemble.store import filesystem, join, list_shards, read_text, write_text
+from ensemble.store import exists, join, list_shards, read_text, write_text
 
 SETTINGS_FILE = "_settings.json"
 
@@ -24,8 +22,7 @@ def pin_settings(folder: str, settings: dict[str, Any], what: str) -> None:
     """
     path = join(folder, SETTINGS_FILE)
     new = json.loads(json.dumps(settings, sort_keys=True, default=str))
-    fs, p = filesystem(path)
-    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+    if not exists(path):
         write_text(path, json.dumps(new, indent=2, sort_keys=True))
         return
     old = json.loads(read_text(path))

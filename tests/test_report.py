@@ -30,6 +30,10 @@ def candidates(rows: list[tuple], model: str) -> pa.Table:
                                 CANDIDATES_SCHEMA)
 
 
+def predictions(rows: list[tuple[str, str, float]]) -> pa.Table:
+    return pa.table({k: [r[i] for r in rows] for i, k in enumerate(["query_id", "reference_id", "score"])})
+
+
 @pytest.fixture
 def run_dir(tmp_path) -> Path:
     run, images = tmp_path / "run", tmp_path / "images"
@@ -43,8 +47,7 @@ def run_dir(tmp_path) -> Path:
     write_table(pa.Table.from_pylist(manifest, MANIFEST_SCHEMA), run / "manifest.parquet" / "part-00000.parquet")
     write_table(candidates(MEMBER_A, "a"), run / "candidates" / "a@224" / "query-00000.parquet")
     write_table(candidates(MEMBER_B, "b"), run / "candidates" / "b@224" / "query-00000.parquet")
-    write_predictions(pa.table({k: [r[i] for r in ENSEMBLE] for i, k in
-                                enumerate(["query_id", "reference_id", "score"])}), run / "predictions.csv")
+    write_predictions(predictions(ENSEMBLE), run / "predictions.csv")
     (tmp_path / "gt.csv").write_text("query_id,reference_id\n" + "".join(f"{q},{r}\n" for q, r in GT))
     (tmp_path / "meta.csv").write_text(META)
     return run
@@ -97,8 +100,7 @@ def test_report_without_ensemble_uses_the_last_member(run_dir):
 def test_compare_scores_runs_side_by_side(run_dir, tmp_path, capsys):
     other = tmp_path / "other"
     rows = [("Q0", "R0", 0.9), ("Q3", "R3", 0.8), ("Q1", "R1", 0.7)]  # copies at ranks 1 and 3 -> μAP (1 + 2/3) / 3
-    write_predictions(pa.table({k: [r[i] for r in rows] for i, k in enumerate(["query_id", "reference_id", "score"])}),
-                      other / "predictions.csv")
+    write_predictions(predictions(rows), other / "predictions.csv")
     assert main(["compare", str(run_dir), str(other), "--ground-truth", str(tmp_path / "gt.csv"),
                  "--meta", str(tmp_path / "meta.csv")]) == 0
     table = {line.split()[0]: line.split()[-2:] for line in capsys.readouterr().out.splitlines()[1:] if line.strip()}

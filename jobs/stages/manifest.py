@@ -27,8 +27,8 @@ def manifest_shard(split: str, files: list[tuple[str, str]], run: RunDir, name: 
 
 def run_manifest(cfg: PipelineConfig, run: RunDir) -> None:
     folders = cfg.data.folders()
-    where = {s: f if "://" in f else os.path.abspath(f) for s, f in folders.items()}
-    pin_settings(run.manifest, {"folders": where, "limit": cfg.data.limit, "shard_size": cfg.patches.shard_size},
+    local = {s: os.path.abspath(f) for s, f in folders.items()}  # image folders are local (scan_folder)
+    pin_settings(run.manifest, {"folders": local, "limit": cfg.data.limit, "shard_size": cfg.patches.shard_size},
                  "manifest")
     done = set(shard_names(run.manifest))
     calls = []
