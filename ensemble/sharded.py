@@ -17,6 +17,7 @@ import faiss
 import numpy as np
 import psutil
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
@@ -24,6 +25,7 @@ from ensemble.search import GPU_MAX_K
 from ensemble.store import CANDIDATES_SCHEMA, embeddings_from_arrow, filesystem, read_table
 
 CALL_TIMEOUT_S = 3600.0  # one shard search call; generous for GPU-sized shards
+WHOLE_PATCH = 0  # patch 0 of every image is the whole image (patchers.views.plan_views)
 
 
 @dataclass(frozen=True)
@@ -100,19 +102,22 @@ def build_index(x: np.ndarray, spec: IndexSpec, k_max: int = 1) -> faiss.Index:
     return index
 
 
-def load_rows(slices: Sequence[Slice]) -> tuple[pa.Table, np.ndarray]:
-    """``(image_id, patch_id)`` table and float32 embeddings of the rows in ``slices``."""
+def load_rows(slices: Sequence[Slice], whole_only: bool = False) -> tuple[pa.Table, np.ndarray]:
+    """``(image_id, patch_id)`` table and float32 embeddings of the rows in ``slices``
+    (only whole-image rows, patch 0, with ``whole_only``)."""
     parts = [read_table(s.path, columns=["image_id", "patch_id", "embedding"]).slice(s.start, s.stop - s.start)
              for s in slices]
     table = pa.concat_tables(parts)
+    if whole_only:
+        table = table.filter(pc.equal(table.column("patch_id"), WHOLE_PATCH))
     return table.select(["image_id", "patch_id"]), embeddings_from_arrow(table.column("embedding"))
 
 
 class ShardIndex:
     """One reference shard: its rows' ids and a faiss index; lives in a Ray actor."""
 
-    def __init__(self, slices: Sequence[Slice], spec: IndexSpec, k_max: int) -> None:
-        ids, x = load_rows(slices)
+    def __init__(self, slices: Sequence[Slice], spec: IndexSpec, k_max: int, whole_only: bool = False) -> None:
+        ids, x = load_rows(slices, whole_only)
         self.rows, self.dim = x.shape
         self.image_ids = ids.column("image_id").to_numpy(zero_copy_only=False)
         self.patch_ids = ids.column("patch_id").to_numpy()
@@ -123,6 +128,9 @@ class ShardIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Top-``min(k, rows)`` of this shard: scores, image ids, patch ids (padding: -inf, "")."""
         k = min(k, self.rows)
+        if k == 0:  # a whole_only shard that holds no patch 0
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), object), \
+                np.zeros((len(queries), 0), np.int32)
         scores, idx = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
         missing = idx < 0
         idx = np.where(missing, 0, idx)
@@ -172,18 +180,21 @@ class ShardedIndex:
     """Driver-side handle: one :class:`ShardIndex` actor per shard of ``files``.
 
     Actors are restarted (and calls retried) when their node dies; a restarted actor
-    reloads its own rows, so a lost node costs only that shard's rebuild.
+    reloads its own rows, so a lost node costs only that shard's rebuild. With
+    ``whole_only`` each actor indexes only the whole-image rows (patch 0) of its slices.
     """
 
     def __init__(self, files: Sequence[str], spec: IndexSpec, shard_size: int, k_max: int,
-                 actor_options: dict | None = None, timeout_s: float = CALL_TIMEOUT_S) -> None:
+                 actor_options: dict | None = None, timeout_s: float = CALL_TIMEOUT_S,
+                 whole_only: bool = False) -> None:
         if not files:
             raise ValueError("ShardedIndex: no feature files given")
         self.shards = plan_shards(list(zip(files, count_rows(files))), shard_size)
-        self.rows = sum(s.stop - s.start for shard in self.shards for s in shard)
         self.timeout_s = timeout_s
         remote = ray.remote(ShardIndex).options(max_restarts=3, max_task_retries=3, **(actor_options or {}))
-        self.actors = [remote.remote(shard, spec, k_max) for shard in self.shards]
+        self.actors = [remote.remote(shard, spec, k_max, whole_only) for shard in self.shards]
+        self.rows = sum(i["rows"] for i in self.info()) if whole_only else \
+            sum(s.stop - s.start for shard in self.shards for s in shard)
 
     def search_async(self, queries: np.ndarray, k: int) -> list[ray.ObjectRef]:
         """Start ``queries`` on every shard; pass the result to :meth:`merge`."""

@@ -115,6 +115,9 @@ class ReduceConfig(Strict):
 
 class SearchConfig(Strict):
     k: int = Field(10, ge=1, description="reference patches kept per query patch")
+    pairs: Literal["all", "d2lv"] = Field(
+        "all", description="all: every query patch x every reference patch; d2lv: the whole query x every "
+                           "reference patch and every query patch x whole references (no patch-to-patch)")
     normalize: NormalizeConfig = NormalizeConfig()
     shard_size: int = Field(1_000_000, ge=1, description="max reference rows per search shard (one actor each)")
     exact_max: int = Field(2_000_000, ge=1, description="shards with fewer rows use an exact IndexFlatIP")

@@ -45,6 +45,10 @@ class ViewConfig(BaseModel):
     detector_conf: float = Field(0.25, gt=0, lt=1, description="keep detections scoring at least this")
     max_patches: int = Field(64, ge=1)
 
+    def whole_only(self) -> bool:
+        """True when this side's only patch is the whole image."""
+        return self.proposals == 0 and self.detector is None and len(plan_views(self)) == 1
+
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:

@@ -90,3 +90,31 @@ def test_exact_shards_equal_one_flat_index(ray_local, tmp_path):
     np.testing.assert_allclose(scores, want_scores, atol=1e-6)
     table = hits_table(features_table([f"Q{i}" for i in range(40)], [0] * 40, "m", 64, q), (scores, img, _), "m")
     assert table.num_rows == 400 and table.column("reference_patch").to_pylist() == [7] * 400
+
+
+def test_whole_only_shards_index_patch_zero_only(tmp_path):
+    rng = np.random.default_rng(3)
+    x = unit(rng, 6)
+    path = str(tmp_path / "reference-00000.parquet")
+    write_table(features_table(["R0", "R0", "R0", "R1", "R1", "R1"], [0, 1, 2, 0, 1, 2], "m", 64, x), path)
+    shard = ShardIndex([Slice(path, 0, 6)], IndexSpec(), k_max=5, whole_only=True)
+    assert shard.rows == 2 and list(shard.patch_ids) == [0, 0]
+    scores, img, patch = shard.search(x[[1]], 5)  # a tile's own vector finds only whole images
+    assert scores.shape == (1, 2) and set(patch[0]) == {0}
+    tiles = ShardIndex([Slice(path, 1, 3)], IndexSpec(), k_max=5, whole_only=True)  # rows without a patch 0
+    assert tiles.rows == 0 and tiles.search(x[[0]], 5)[0].shape == (1, 0)
+
+
+def test_sharded_whole_only_merges_shards_without_whole_rows(ray_local, tmp_path):
+    rng = np.random.default_rng(4)
+    x = unit(rng, 6)
+    path = str(tmp_path / "reference-00000.parquet")
+    write_table(features_table(["R0", "R0", "R0", "R1", "R1", "R1"], [0, 1, 2, 0, 1, 2], "m", 64, x), path)
+    index = ShardedIndex([path], IndexSpec(), shard_size=2, k_max=3, actor_options={"num_cpus": 0.25},
+                         whole_only=True)  # shards: rows 0-1, 2-3, 4-5; the last has no patch 0
+    try:
+        assert index.rows == 2
+        scores, img, patch = index.search(x[[3]], 3)
+        assert list(img[0]) == ["R1", "R0"] and list(patch[0]) == [0, 0] and np.isclose(scores[0, 0], 1.0)
+    finally:
+        index.close()

@@ -5,16 +5,22 @@ Reference (and, for score normalisation, train) features are split into shards o
 own index (ensemble.sharded). The driver reads one query feature file at a time, searches
 it against every shard in parallel, merges the top-k and writes that file's candidates
 atomically, so a re-run skips the query shards already written.
+
+``search.pairs`` says which (query patch, reference patch) pairs are scored: ``all`` of
+them, or the D2LV rule ``max(max_j f(A_j, R), max_l f(Q, B_l))`` (``d2lv``): the whole
+query against every reference patch, and every query patch against whole references only,
+so a small query region never meets a small reference tile.
 """
 from __future__ import annotations
 
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from ensemble.normalize import normalize_scores
-from ensemble.sharded import IndexSpec, ShardedIndex, format_info, hits_table
+from ensemble.sharded import WHOLE_PATCH, Hits, IndexSpec, ShardedIndex, format_info, hits_table
 from ensemble.store import embeddings_from_arrow, join, read_table, write_table
 from jobs.config import PipelineConfig, SearchConfig
 from jobs.layout import RunDir, pin_settings, shard_names
@@ -28,34 +34,69 @@ def index_spec(cfg: SearchConfig) -> IndexSpec:
                      pq_m=cfg.pq_m, hnsw_m=cfg.hnsw_m, ef_search=cfg.ef_search)
 
 
-def open_split(run: RunDir, key: str, split: str, cfg: SearchConfig, k_max: int) -> ShardedIndex | None:
+def open_split(run: RunDir, key: str, split: str, cfg: SearchConfig, k_max: int,
+               whole_only: bool = False) -> ShardedIndex | None:
     """Shard actors over one split's feature files (None when the split has none)."""
     files = [join(run.features(key), n) for n in shard_names(run.features(key), split)]
     if not files:
         return None
     index = ShardedIndex(files, index_spec(cfg), cfg.shard_size, k_max,
-                         {"num_cpus": cfg.cpus_per_shard, "num_gpus": cfg.gpus_per_shard})
-    say(format_info(f"search {key} {split}", index.info()))
+                         {"num_cpus": cfg.cpus_per_shard, "num_gpus": cfg.gpus_per_shard}, whole_only=whole_only)
+    say(format_info(f"search {key} {split}{' (whole images)' if whole_only else ''}", index.info()))
     return index
+
+
+@dataclass
+class References:
+    """The reference index every query patch searches, and for ``pairs: d2lv`` a second
+    index of whole references for the query patches other than the whole query."""
+
+    all: ShardedIndex
+    whole: ShardedIndex | None = None
+
+    def route(self, patch_ids: np.ndarray) -> list[tuple[np.ndarray, ShardedIndex]]:
+        """``(query rows, index)`` pairs covering every row once."""
+        rows = np.arange(len(patch_ids))
+        if self.whole is None:
+            return [(rows, self.all)]
+        is_whole = patch_ids == WHOLE_PATCH
+        return [(rows[is_whole], self.all), (rows[~is_whole], self.whole)]
+
+    def close(self) -> None:
+        for index in (self.all, self.whole):
+            if index is not None:
+                index.close()
 
 
 class QueryFile:
     """One query feature file in flight: its rows and the pending shard searches per batch."""
 
-    def __init__(self, run: RunDir, key: str, name: str, refs: ShardedIndex, train: ShardedIndex | None,
+    def __init__(self, run: RunDir, key: str, name: str, refs: References, train: ShardedIndex | None,
                  cfg: SearchConfig) -> None:
         self.name, self.cfg = name, cfg
         self.feats = read_table(join(run.features(key), name))
         emb = embeddings_from_arrow(self.feats.column("embedding"))
+        self.refs = []  # (query rows, index, pending search) per batch
+        for rows, index in refs.route(self.feats.column("patch_id").to_numpy()):
+            for i in range(0, len(rows), cfg.query_batch):
+                batch = rows[i:i + cfg.query_batch]
+                self.refs.append((batch, index, index.search_async(emb[batch], cfg.k)))
         batches = [emb[i:i + cfg.query_batch] for i in range(0, len(emb), cfg.query_batch)]
-        self.refs = [refs.search_async(b, cfg.k) for b in batches]
         self.train = [train.search_async(b, cfg.normalize.neighbours) for b in batches] if train else None
 
-    def candidates(self, refs: ShardedIndex, train: ShardedIndex | None, key: str) -> pa.Table:
-        hits = [refs.merge(p, self.cfg.k) for p in self.refs]
-        merged = tuple(np.concatenate([h[i] for h in hits]) for i in range(3)) if hits else \
-            (np.zeros((0, 0), np.float32), np.zeros((0, 0), object), np.zeros((0, 0), np.int32))
-        cands = hits_table(self.feats, merged, key)
+    def hits(self) -> Hits:
+        """Every row's top-k, in row order; rows with fewer hits are padded (-inf scores)."""
+        n, k = self.feats.num_rows, self.cfg.k
+        scores, image_ids = np.full((n, k), -np.inf, np.float32), np.full((n, k), "", object)
+        patch_ids = np.zeros((n, k), np.int32)
+        for rows, index, pending in self.refs:
+            s, im, p = index.merge(pending, k)
+            w = s.shape[1]
+            scores[rows, :w], image_ids[rows, :w], patch_ids[rows, :w] = s, im, p
+        return scores, image_ids, patch_ids
+
+    def candidates(self, train: ShardedIndex | None, key: str) -> pa.Table:
+        cands = hits_table(self.feats, self.hits(), key)
         if self.train is not None:
             n = self.cfg.normalize.neighbours
             scores = np.concatenate([train.merge(p, n)[0] for p in self.train]) if self.train else np.zeros((0, n))
@@ -75,9 +116,11 @@ def search_key(cfg: PipelineConfig, run: RunDir, key: str) -> None:
     todo = [n for n in names if n not in done]
     if not todo:
         return
-    refs = open_split(run, key, "reference", scfg, scfg.k)
-    if refs is None:
+    everything = open_split(run, key, "reference", scfg, scfg.k)
+    if everything is None:
         raise RuntimeError(f"search {key}: no reference features in {run.features(key)}")
+    partial = scfg.pairs == "d2lv" and not cfg.patches.reference.whole_only()
+    refs = References(everything, open_split(run, key, "reference", scfg, scfg.k, whole_only=True) if partial else None)
     train = open_split(run, key, "train", scfg, scfg.normalize.neighbours) if scfg.normalize.enabled else None
     if scfg.normalize.enabled and train is None:
         say(f"search {key}: normalisation is on but there are no train features; scores are raw")
@@ -91,7 +134,7 @@ def search_key(cfg: PipelineConfig, run: RunDir, key: str) -> None:
             flight.append(QueryFile(run, key, name, refs, train, scfg))
             while flight and (len(flight) > IN_FLIGHT or i == len(todo) - 1):
                 q = flight.popleft()
-                write_table(q.candidates(refs, train, key), join(run.candidates(key), q.name))
+                write_table(q.candidates(train, key), join(run.candidates(key), q.name))
                 finished += 1
                 say(f"[search {key}] {finished}/{len(names)} query shards")
     finally:

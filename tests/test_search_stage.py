@@ -1,0 +1,57 @@
+"""Search stage: which (query patch, reference patch) pairs ``search.pairs`` scores."""
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from ensemble.store import features_table, read_table, write_table
+from jobs.config import PipelineConfig
+from jobs.layout import RunDir
+from jobs.stages.search import run_search
+
+KEY = "m@64"
+
+
+def unit(v):
+    v = np.asarray(v, np.float32)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+@pytest.fixture
+def run_with_tiles(tmp_path):
+    """Q0's whole image equals R0's tile; Q0's crop equals R1's tile (a patch-to-patch match)."""
+    e = np.eye(8, dtype=np.float32)
+    noise = unit(e[5] + e[6] + e[7])
+    run = RunDir(str(tmp_path / "run"))
+    write_table(features_table(["Q0", "Q0"], [0, 1], "m", 64, np.stack([e[0], e[1]])),
+                f"{run.features(KEY)}/query-00000.parquet")
+    refs = np.stack([unit(e[2] + 0.5 * noise), e[0], unit(e[3] + 0.5 * noise), e[1]])
+    write_table(features_table(["R0", "R0", "R1", "R1"], [0, 1, 0, 1], "m", 64, refs),
+                f"{run.features(KEY)}/reference-00000.parquet")
+    return run
+
+
+def config(run: RunDir, pairs: str) -> PipelineConfig:
+    return PipelineConfig.model_validate({
+        "output": run.root, "models": [{"name": "m", "scales": [64]}],
+        "patches": {"reference": {"grids": [2]}},
+        "search": {"k": 4, "pairs": pairs, "normalize": {"enabled": False}, "cpus_per_shard": 0.25}})
+
+
+def pairs_of(run: RunDir) -> set[tuple[int, str, int]]:
+    c = read_table(run.candidates(KEY))
+    return set(zip(c.column("query_patch").to_pylist(), c.column("reference_id").to_pylist(),
+                   c.column("reference_patch").to_pylist()))
+
+
+def test_all_pairs_include_patch_to_patch(ray_local, run_with_tiles):
+    run_search(config(run_with_tiles, "all"), run_with_tiles)
+    assert (1, "R1", 1) in pairs_of(run_with_tiles)
+
+
+def test_d2lv_pairs_keep_one_whole_side(ray_local, run_with_tiles):
+    run_search(config(run_with_tiles, "d2lv"), run_with_tiles)
+    got = pairs_of(run_with_tiles)
+    assert (0, "R0", 1) in got                       # whole query x reference tile
+    assert {rp for qp, _, rp in got if qp == 1} == {0}  # query crop x whole references only
+    c = read_table(run_with_tiles.candidates(KEY))
+    assert pc.all(pc.is_finite(c.column("score"))).as_py() and c.num_rows == 4 + 2
