@@ -144,6 +144,22 @@ def throughputs(cfg: PipelineConfig, bench: str | None = None) -> Throughput:
     return read_bench(bench) if bench else measure(cfg)
 
 
+def whole_index(cfg: PipelineConfig) -> bool:
+    """Whether search builds a second index of whole references (``search.pairs: d2lv``)."""
+    return cfg.search.pairs == "d2lv" and not cfg.patches.reference.whole_only()
+
+
+def searched_pairs(cfg: PipelineConfig, plan: Plan) -> int:
+    """(query patch, indexed vector) products the search computes, normalisation included."""
+    q, r = plan.patches("query"), plan.patches("reference")
+    if whole_index(cfg):  # the whole query x reference patches, other query patches x whole references
+        qi = plan.images["query"]
+        pairs = qi * r + (q - qi) * plan.images["reference"]
+    else:
+        pairs = q * r
+    return pairs + (q * plan.patches("train") if cfg.search.normalize.enabled else 0)
+
+
 def build_plan(cfg: PipelineConfig, images: dict[str, int], tp: Throughput, gpus: int = 1,
                dims: dict[str, int] | None = None) -> Plan:
     """Sizes and device-hours for every model key of ``cfg`` at ``images`` per split."""
@@ -154,10 +170,10 @@ def build_plan(cfg: PipelineConfig, images: dict[str, int], tp: Throughput, gpus
         if key not in tp.images_per_s:
             raise ValueError(f"no throughput for {key}; known: {sorted(tp.images_per_s)}")
         dim = dims[entry.name]
-        total, biggest, kind = index_bytes(plan.patches("reference"), dim, cfg.search)
+        rows = plan.patches("reference") + (plan.images["reference"] if whole_index(cfg) else 0)
+        total, biggest, kind = index_bytes(rows, dim, cfg.search)
         n_patches = sum(plan.patches(s) for s in SIDES)
-        searched = plan.patches("query") * (plan.patches("reference") + (
-            plan.patches("train") if cfg.search.normalize.enabled else 0))
+        searched = searched_pairs(cfg, plan)
         plan.keys.append(KeyPlan(
             key=key, dim=dim, dtype=entry.dtype,
             feature_bytes={s: plan.patches(s) * dim * DTYPE_BYTES[entry.dtype] for s in SIDES},

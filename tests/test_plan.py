@@ -48,6 +48,14 @@ def test_plan_arithmetic(tiny_dataset):
     assert "tiny_cnn@96" in text and "1.2 KiB" in text and "query             6" in text
 
 
+def test_plan_d2lv_pairs_add_a_whole_reference_index_and_search_less(tiny_dataset):
+    cfg = load_config(None, [f"data.root={tiny_dataset}", *SETS, "search.pairs=d2lv"])
+    tp = Throughput("test", {"tiny_cnn@64": 10.0, "tiny_cnn@96": 5.0}, search_pairs_per_s=4.0)
+    k64 = build_plan(cfg, split_counts(cfg), tp, dims={"tiny_cnn": 16}).keys[0]
+    assert k64.index_bytes == (40 + 8) * 16 * 4                  # 8 references x 5 patches + 8 whole
+    assert k64.search_hours == pytest.approx((6 * 40 + 54 * 8) / 4 / 3600)  # whole queries x patches + rest x whole
+
+
 def test_plan_command_reads_a_bench_file(tiny_dataset, tmp_path, capsys):
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"device": "A100", "images_per_s": {"tiny_cnn@64": 3600, "tiny_cnn@96": 1800},
