@@ -100,8 +100,9 @@ def test_models_command_lists_the_registry(tmp_path, capsys):
     register(card_for_model(model, name="m-one", trained_on="basic", loss="triplet",
                             metrics={"micro_ap": 0.5}), tmp_path)
     assert copydet(["models", "--registry", str(tmp_path)]) == 0
-    out = capsys.readouterr().out
-    header, rule, row = out.strip().splitlines()
+    lines = capsys.readouterr().out.strip().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("name "))  # skip Ray log lines
+    header, rule, row = lines[start:]
     assert header.split()[:3] == ["name", "kind", "arch"]
     assert row.split()[:8] == ["m-one", "backbone", "tiny_cnn", "16", str(model.img_size), "basic", "triplet", "0.5"]
 
