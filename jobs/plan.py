@@ -170,8 +170,12 @@ def build_plan(cfg: PipelineConfig, images: dict[str, int], tp: Throughput, gpus
         if key not in tp.images_per_s:
             raise ValueError(f"no throughput for {key}; known: {sorted(tp.images_per_s)}")
         dim = dims[entry.name]
-        rows = plan.patches("reference") + (plan.images["reference"] if whole_index(cfg) else 0)
-        total, biggest, kind = index_bytes(rows, dim, cfg.search)
+        total, biggest, kind = index_bytes(plan.patches("reference"), dim, cfg.search)
+        if whole_index(cfg):  # same shard plan, each shard keeping its whole-image rows only
+            per_image = plan.patches_per_image["reference"]
+            whole = cfg.search.model_copy(update={"shard_size": math.ceil(cfg.search.shard_size / per_image)})
+            w_total, w_biggest, _ = index_bytes(plan.images["reference"], dim, whole)
+            total, biggest = total + w_total, max(biggest, w_biggest)
         n_patches = sum(plan.patches(s) for s in SIDES)
         searched = searched_pairs(cfg, plan)
         plan.keys.append(KeyPlan(
