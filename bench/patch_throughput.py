@@ -1,7 +1,7 @@
 """Patch-planning throughput per preset, against bare decode + resize of the same files.
 
     .venv/bin/python bench/patch_throughput.py ../shared/bench/minidisc-dev/queries --limit 50
-    .venv/bin/python bench/patch_throughput.py DIR --presets d2lv --detector copy-detector-cpu
+    .venv/bin/python bench/patch_throughput.py DIR --presets d2lv --detector copy-detector-cpu --proposals 20
 
 For each preset, planning = decode every image + selective search / detector where the preset
 asks for them + the patch boxes (``plan_images``), on one CPU core. (The patch stage skips the
@@ -50,6 +50,8 @@ def main() -> None:
                    choices=sorted(PRESETS))
     p.add_argument("--detector", help="registered detector to add to the presets that use pixels")
     p.add_argument("--registry", help="model registry folder")
+    p.add_argument("--proposals", type=int, help="proposal budget for the presets that use proposals "
+                                                  "(default: the preset's; configs/sscd_d2lv.yaml uses 20)")
     p.add_argument("--repeats", type=int, default=2)
     args = p.parse_args()
 
@@ -61,7 +63,9 @@ def main() -> None:
     print(f"{len(files)} images from {args.folder}; baseline decode+resize(224): {base:.1f} img/s")
     print(f"{'preset':<10} {'patches/img':>11} {'img/s':>8} {'ratio':>6}")
     for name in args.presets:
-        cfg = ViewConfig(preset=name, detector=args.detector if PRESETS[name].get("proposals") else None)
+        local = bool(PRESETS[name].get("proposals"))
+        budget = {"proposals": args.proposals} if local and args.proposals is not None else {}
+        cfg = ViewConfig(preset=name, detector=args.detector if local else None, **budget)
         detector = resolve_detector(cfg.detector, args.registry)
         def plan(cfg=cfg, detector=detector):
             return plan_images(files, cfg, detector)[0]
