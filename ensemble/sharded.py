@@ -193,8 +193,11 @@ class ShardedIndex:
         self.timeout_s = timeout_s
         remote = ray.remote(ShardIndex).options(max_restarts=3, max_task_retries=3, **(actor_options or {}))
         self.actors = [remote.remote(shard, spec, k_max, whole_only) for shard in self.shards]
-        self.rows = sum(i["rows"] for i in self.info()) if whole_only else \
-            sum(s.stop - s.start for shard in self.shards for s in shard)
+
+    @property
+    def rows(self) -> int:
+        """Rows indexed over all shards (as the actors loaded them, so ``whole_only`` counts too)."""
+        return sum(i["rows"] for i in self.info())
 
     def search_async(self, queries: np.ndarray, k: int) -> list[ray.ObjectRef]:
         """Start ``queries`` on every shard; pass the result to :meth:`merge`."""

@@ -176,6 +176,11 @@ class PipelineConfig(Strict):
         tag = self.reduce.tag()
         return [(g, "+".join(g) + (f"~{tag}" if tag else "")) for g in groups]
 
+    def whole_reference_index(self) -> bool:
+        """Whether search needs a second index of whole references (``search.pairs: d2lv`` with
+        reference patches other than the whole image)."""
+        return self.search.pairs == "d2lv" and not self.patches.reference.whole_only()
+
     def search_keys(self) -> list[str]:
         """The feature keys that search and fuse work on."""
         if self.reduce.active:

@@ -144,15 +144,10 @@ def throughputs(cfg: PipelineConfig, bench: str | None = None) -> Throughput:
     return read_bench(bench) if bench else measure(cfg)
 
 
-def whole_index(cfg: PipelineConfig) -> bool:
-    """Whether search builds a second index of whole references (``search.pairs: d2lv``)."""
-    return cfg.search.pairs == "d2lv" and not cfg.patches.reference.whole_only()
-
-
 def searched_pairs(cfg: PipelineConfig, plan: Plan) -> int:
     """(query patch, indexed vector) products the search computes, normalisation included."""
     q, r = plan.patches("query"), plan.patches("reference")
-    if whole_index(cfg):  # the whole query x reference patches, other query patches x whole references
+    if cfg.whole_reference_index():  # the whole query x reference patches, other query patches x whole references
         qi = plan.images["query"]
         pairs = qi * r + (q - qi) * plan.images["reference"]
     else:
@@ -171,7 +166,7 @@ def build_plan(cfg: PipelineConfig, images: dict[str, int], tp: Throughput, gpus
             raise ValueError(f"no throughput for {key}; known: {sorted(tp.images_per_s)}")
         dim = dims[entry.name]
         total, biggest, kind = index_bytes(plan.patches("reference"), dim, cfg.search)
-        if whole_index(cfg):  # same shard plan, each shard keeping its whole-image rows only
+        if cfg.whole_reference_index():  # same shard plan, each shard keeping its whole-image rows only
             per_image = plan.patches_per_image["reference"]
             whole = cfg.search.model_copy(update={"shard_size": math.ceil(cfg.search.shard_size / per_image)})
             w_total, w_biggest, _ = index_bytes(plan.images["reference"], dim, whole)

@@ -119,8 +119,8 @@ def search_key(cfg: PipelineConfig, run: RunDir, key: str) -> None:
     everything = open_split(run, key, "reference", scfg, scfg.k)
     if everything is None:
         raise RuntimeError(f"search {key}: no reference features in {run.features(key)}")
-    partial = scfg.pairs == "d2lv" and not cfg.patches.reference.whole_only()
-    refs = References(everything, open_split(run, key, "reference", scfg, scfg.k, whole_only=True) if partial else None)
+    whole = open_split(run, key, "reference", scfg, scfg.k, whole_only=True) if cfg.whole_reference_index() else None
+    refs = References(everything, whole)
     train = open_split(run, key, "train", scfg, scfg.normalize.neighbours) if scfg.normalize.enabled else None
     if scfg.normalize.enabled and train is None:
         say(f"search {key}: normalisation is on but there are no train features; scores are raw")
