@@ -69,6 +69,8 @@ class ModelEntry(Strict):
     name: str = Field(description="registry name, backbone name or checkpoint path")
     scales: list[int] = Field([224], min_length=1)
     dim: int | None = Field(None, ge=8, description="projection size for random-init backbones")
+    pool: str | None = Field(None, description="read a backbone out with this pooling (e.g. gem_grid2); "
+                             "trained models need dim: null")
     batch_size: int = Field(32, ge=1)
     dtype: Literal["float32", "float16"] = "float32"
 
@@ -166,7 +168,8 @@ class PipelineConfig(Strict):
 
     def model_keys(self) -> list[tuple[ModelEntry, int, str]]:
         """(entry, scale, key) for every model and scale; key names feature folders."""
-        return [(m, s, f"{model_label(m.name)}@{s}") for m in self.models for s in m.scales]
+        return [(m, s, f"{model_label(m.name)}{'-' + m.pool if m.pool else ''}@{s}")
+                for m in self.models for s in m.scales]
 
 
     def reduce_groups(self) -> list[tuple[list[str], str]]:

@@ -102,7 +102,7 @@ def index_bytes(rows: int, dim: int, cfg: SearchConfig) -> tuple[int, int, str]:
 def model_dims(cfg: PipelineConfig) -> dict[str, int]:
     """Descriptor size per model name (cards only; no weights are read)."""
     from pretrain.registry import resolve_model
-    return {m.name: int(resolve_model(m.name, cfg.registry, dim=m.dim).dim) for m in cfg.models}
+    return {m.name: int(resolve_model(m.name, cfg.registry, dim=m.dim, pool=m.pool).dim) for m in cfg.models}
 
 
 def measure(cfg: PipelineConfig, batch: int = 2) -> Throughput:
@@ -113,7 +113,7 @@ def measure(cfg: PipelineConfig, batch: int = 2) -> Throughput:
     from pretrain.registry import build_model, resolve_model
     rates = {}
     for entry, scale, key in cfg.model_keys():
-        model = build_model(resolve_model(entry.name, cfg.registry, dim=entry.dim)).eval()
+        model = build_model(resolve_model(entry.name, cfg.registry, dim=entry.dim, pool=entry.pool)).eval()
         x = torch.randn(batch, 3, scale, scale)
         with torch.inference_mode():
             model(x[:1])

@@ -58,9 +58,9 @@ def _backbone(card: ModelCard, scale: int, device: str) -> Encoder:
 
 
 def load_encoder(name: str, scale: int, dim: int | None = None, registry: str | None = None,
-                 device: str = "cpu") -> Encoder:
+                 device: str = "cpu", pool: str | None = None) -> Encoder:
     """Resolve ``name`` (registry name, checkpoint path or backbone name) and build it."""
-    card = resolve_model(name, registry, dim=dim)
+    card = resolve_model(name, registry, dim=dim, pool=pool)
     if card.kind not in ENCODERS:
         raise ValueError(f"model {name!r}: no encoder for kind {card.kind!r}; known: {sorted(ENCODERS)}")
     return ENCODERS[card.kind](card, scale, device)

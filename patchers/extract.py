@@ -42,11 +42,11 @@ class Embedder:
     PASS = ("image_id", "patch_id", "shard")
 
     def __init__(self, model: str, scale: int, dim: int | None = None, registry: str | None = None,
-                 num_threads: int | None = None, device: str | None = None) -> None:
+                 num_threads: int | None = None, device: str | None = None, pool: str | None = None) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.encoder: Encoder = load_encoder(model, scale, dim=dim, registry=registry, device=device)
+        self.encoder: Encoder = load_encoder(model, scale, dim=dim, registry=registry, device=device, pool=pool)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         patches, errors = [], []

@@ -33,10 +33,11 @@ TrunkBuilder = Callable[[int | None], nn.Module]  # img_size -> timm trunk witho
 POOLS: dict[str, Callable[[nn.Module], nn.Module]] = {
     "gem": lambda trunk: GeM(p=3.0, learnable=True),
     "gem_fixed": lambda trunk: GeM(p=3.0, learnable=False),
+    "gem_grid2": lambda trunk: GeM(p=3.0, learnable=True, grid=2),  # 2 x 2 regions, 4x the size
     "cls": lambda trunk: TokenPool("cls", trunk.num_prefix_tokens),
     "mean": lambda trunk: TokenPool("mean", trunk.num_prefix_tokens),
 }
-CNN_POOLS = ("gem", "gem_fixed")
+CNN_POOLS = ("gem", "gem_fixed", "gem_grid2")
 TOKEN_POOLS = ("cls", "mean")
 
 
@@ -122,11 +123,12 @@ class DescriptorModel(nn.Module):
         super().__init__()
         self.trunk = trunk
         self.pool = POOLS[pool](trunk)
-        self.proj = nn.Identity() if dim is None else nn.Linear(trunk.num_features, dim)
+        pooled = self.pool.out_features(trunk.num_features)
+        self.proj = nn.Identity() if dim is None else nn.Linear(pooled, dim)
         self.name = name
         self.pool_name = pool
         self.proj_dim = dim
-        self.dim: int = trunk.num_features if dim is None else dim
+        self.dim: int = pooled if dim is None else dim
         self.img_size = img_size
         self.seed = seed
         cfg = trunk.pretrained_cfg

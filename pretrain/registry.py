@@ -135,11 +135,30 @@ def card_from_checkpoint(path: str | os.PathLike) -> ModelCard:
         raise RegistryError(f"{sidecar_path(path)}: sidecar gives an invalid card:\n{e}") from e
 
 
-def backbone_card(name: str, *, dim: int | None = None) -> ModelCard:
+def backbone_card(name: str, *, dim: int | None = None, pool: str | None = None) -> ModelCard:
     """A random-init card for backbone ``name`` (see ``build_backbone``'s seed)."""
     with torch.device("meta"):
-        model = build_backbone(name, dim=dim)
+        model = build_backbone(name, dim=dim, pool=pool)
     return card_for_model(model, name=name)
+
+
+def repooled(card: ModelCard, pool: str) -> ModelCard:
+    """``card`` read out with another pooling of the same trunk (e.g. ``gem_grid2``).
+
+    Only models without a projection qualify: a projection was fit to the old pooling's output.
+    """
+    if card.kind != "backbone":
+        raise RegistryError(f"model {card.name!r} is a {card.kind}: pool applies to backbone models only")
+    if pool == card.build.get("pool"):
+        return card
+    if card.build.get("dim") is not None:
+        raise RegistryError(
+            f"model {card.name!r} projects its pooled features to {card.dim} dims, which fit its own "
+            f"pooling {card.build.get('pool')!r} only; pool={pool!r} needs a model trained with dim: null")
+    build = {**card.build, "pool": pool}
+    with torch.device("meta"):
+        model = build_backbone(**build)
+    return card.model_copy(update={"build": build, "dim": model.dim})
 
 
 def resolve_model(
@@ -147,12 +166,20 @@ def resolve_model(
     registry_dir: str | os.PathLike | None = None,
     *,
     dim: int | None = None,
+    pool: str | None = None,
 ) -> ModelCard:
     """Registry name, then checkpoint path (with sidecar), then backbone name -> card.
 
     ``dim`` sets the projection of a random-init backbone; for a trained model it must be
-    None or equal the model's own size.
+    None or equal the model's own size. ``pool`` reads the model out with another pooling
+    (see :func:`repooled`).
     """
+    card = _resolve(name_or_path, registry_dir, dim=dim, pool=pool)
+    return card if pool is None else repooled(card, pool)
+
+
+def _resolve(name_or_path: str | os.PathLike, registry_dir: str | os.PathLike | None, *,
+             dim: int | None, pool: str | None) -> ModelCard:
     reg = _dir(registry_dir)
     key = os.fspath(name_or_path)
     if re.fullmatch(NAME_PATTERN, key) and (reg / f"{key}{CARD_SUFFIX}").is_file():
@@ -160,7 +187,7 @@ def resolve_model(
     elif Path(key).is_file():
         card = card_from_checkpoint(key)
     elif key in list_backbones():
-        return backbone_card(key, dim=dim)
+        return backbone_card(key, dim=dim, pool=pool)
     else:
         raise RegistryError(
             f"cannot resolve model {key!r}: not in registry {reg} (registered: "

@@ -50,7 +50,7 @@ class RaySection(Strict):
 
 
 class ModelSection(Strict):
-    dim: int = Field(256, ge=8, description="descriptor size")
+    dim: int | None = Field(256, ge=8, description="descriptor size (null: the pooled trunk features, no projection)")
     img_size: int = Field(224, ge=16, le=1024, description="training input side in pixels")
     img_size_for: dict[str, int] = Field({}, description="per-backbone input side, overrides img_size")
     pool: str | None = Field(None, description="pooling (default: the backbone's)")
@@ -80,6 +80,8 @@ class LossSection(Strict):
 
 class FinetuneSection(Strict):
     init: str = Field("random", description="random | byol | registry name | checkpoint path")
+    pool: str | None = Field(None, description="pooling while fine-tuning (default: model.pool); "
+                             "a GeM variant reads the same trunk, e.g. gem_grid2 after a gem BYOL")
     epochs: int = Field(1, ge=1)
     photos_per_batch: int = Field(16, ge=2, description="P: distinct photos per step per worker")
     copies: int = Field(2, ge=1, description="K: recipe copies of each photo per step")

@@ -28,6 +28,22 @@ def test_gem_matches_brute_force() -> None:
     assert torch.allclose(gem(x, 200.0), x.amax(dim=(2, 3)), rtol=0.02)  # large p: ~max pooling
 
 
+def test_gem_grid_pools_each_cell_in_row_major_order() -> None:
+    x = torch.rand(2, 3, 4, 6) + 0.1
+    got = GeM(p=3.0, grid=2)(x)
+    assert got.shape == (2, 3 * 4)
+    cells = [x[:, :, :2, :3], x[:, :, :2, 3:], x[:, :, 2:, :3], x[:, :, 2:, 3:]]  # top-left .. bottom-right
+    want = torch.cat([gem(c, 3.0) for c in cells], dim=1)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_grid_pool_sizes_the_descriptor() -> None:
+    model = build_backbone("tiny_cnn", pool="gem_grid2").eval()
+    flat = build_backbone("tiny_cnn").eval()
+    assert model.dim == 4 * flat.dim and model(torch.randn(1, 3, 64, 64)).shape == (1, model.dim)
+    assert build_backbone("tiny_cnn", pool="gem_grid2", dim=8).proj.in_features == 4 * flat.dim
+
+
 def test_gem_clamps_negative_input_to_eps() -> None:
     x = torch.full((1, 1, 2, 2), -5.0)
     assert torch.allclose(gem(x, 3.0, eps=1e-3), torch.tensor([[1e-3]]), rtol=1e-4)

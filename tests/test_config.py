@@ -47,3 +47,8 @@ def test_overrides_reach_nested_keys():
     cfg = load_config(None, ["search.normalize.beta=0.5", "models.0.scales=[128, 160]", "output=/tmp/x"])
     assert cfg.search.normalize.beta == 0.5 and cfg.models[0].scales == [128, 160] and cfg.output == "/tmp/x"
     assert [k for _, _, k in cfg.model_keys()] == ["resnet18@128", "resnet18@160"]
+
+
+def test_a_pool_override_names_its_own_feature_folder():
+    cfg = load_config(None, ["models.0.pool=gem_grid2", "models.0.scales=[128]"])
+    assert [k for _, _, k in cfg.model_keys()] == ["resnet18-gem_grid2@128"]

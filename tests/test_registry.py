@@ -8,6 +8,7 @@ from pydantic import ValidationError
 
 from pretrain.backbones import build_backbone
 from pretrain.checkpoint import save_checkpoint
+from pretrain.layers import gem
 from pretrain.registry import (
     ModelCard, RegistryError, build_model, default_registry_dir, list_cards, load_card, register,
     resolve_model,
@@ -99,6 +100,28 @@ def test_resolve_checkpoint_path_uses_sidecar(tmp_path: Path) -> None:
         assert torch.equal(build_model(card).eval()(x), model(x))
     with pytest.raises(RegistryError, match="has dim 16; dim=8"):
         resolve_model(path, tmp_path, dim=8)
+
+
+def test_pool_override_reads_a_trained_model_out_by_regions(tmp_path: Path) -> None:
+    model = build_backbone("tiny_cnn", dim=None, seed=3).eval()
+    path = save_checkpoint(model, tmp_path / "ssl.safetensors")
+    card = resolve_model(path, tmp_path, pool="gem_grid2")
+    assert card.build["pool"] == "gem_grid2" and card.dim == 4 * model.dim
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        want = torch.nn.functional.normalize(gem(model.trunk.forward_features(x), model.pool.p, grid=2), dim=1)
+        assert torch.allclose(build_model(card).eval()(x), want, atol=1e-6)
+    assert resolve_model(path, tmp_path, pool="gem").dim == model.dim  # its own pooling: unchanged
+
+
+def test_pool_override_refuses_projected_models_and_non_backbones(tmp_path: Path) -> None:
+    path = save_checkpoint(build_backbone("tiny_cnn", dim=16), tmp_path / "proj.safetensors")
+    with pytest.raises(RegistryError, match="projects its pooled features to 16 dims.*dim: null"):
+        resolve_model(path, tmp_path, pool="gem_grid2")
+    register(_card("ext", kind="external", build={}), tmp_path)
+    with pytest.raises(RegistryError, match="external: pool applies to backbone models only"):
+        resolve_model("ext", tmp_path, pool="gem_grid2")
+    assert resolve_model("tiny_cnn", tmp_path, dim=8, pool="gem_grid2").dim == 8  # random init: any pool
 
 
 def test_registry_name_shadows_backbone_name(tmp_path: Path) -> None:

@@ -45,6 +45,22 @@ def test_finetune_validates_keeps_best_and_registers(photo_dir, tmp_path):
     assert torch.equal(build_model(card).eval()(x), best(x))
 
 
+def test_finetune_pool_reads_a_gem_checkpoint_by_regions(photo_dir, tmp_path):
+    gem = build_backbone("tiny_cnn", dim=None, img_size=32, seed=5)  # e.g. a BYOL trunk, no projection
+    init = save_checkpoint(gem, tmp_path / "byol.safetensors")
+    spec = RunSpec(
+        kind="finetune", name="tiny-grid", backbone="tiny_cnn", recipe="basic", run_dir=str(tmp_path / "run"),
+        registry=str(tmp_path / "registry"), seed=0, model=ModelSection(dim=None, img_size=32),
+        data=DataSection(train=str(photo_dir), val_photos=4, val_distractors=2, max_side=64),
+        finetune=FinetuneSection(epochs=1, photos_per_batch=4, copies=2, pool="gem_grid2"),
+        init_weights=str(init),
+    )
+    train_local(spec)
+    card = load_card("tiny-grid", tmp_path / "registry")
+    assert card.build["pool"] == "gem_grid2" and card.dim == 4 * gem.dim
+    assert build_model(card).eval()(torch.randn(1, 3, 32, 32)).shape == (1, 4 * gem.dim)
+
+
 @pytest.mark.parametrize("name", ["tiny", "cpu", "cluster"])
 def test_shipped_configs_validate(name):
     cfg = load_train_config(CONFIGS / f"{name}.yaml")

@@ -50,7 +50,9 @@ def pending_rows(run: RunDir, names: list[str], paths: pa.Table) -> pa.Table:
 def run_extract_key(cfg: PipelineConfig, run: RunDir, entry: ModelEntry, scale: int, key: str,
                     paths: pa.Table) -> None:
     out = run.features(key)
-    pin_settings(out, {"model": entry.name, "scale": scale, "dim": entry.dim, "dtype": entry.dtype}, "extract")
+    pooled = {"pool": entry.pool} if entry.pool else {}
+    pin_settings(out, {"model": entry.name, "scale": scale, "dim": entry.dim, "dtype": entry.dtype, **pooled},
+                 "extract")
     names = [n for n in shard_names(run.patches) if n not in set(shard_names(out))]
     if not names:
         return
@@ -61,7 +63,7 @@ def run_extract_key(cfg: PipelineConfig, run: RunDir, entry: ModelEntry, scale: 
     blocks = [rows.slice(i, ROWS_PER_BLOCK) for i in range(0, rows.num_rows, ROWS_PER_BLOCK)]
     ds = ray.data.from_arrow(blocks).map_batches(
         Embedder, batch_size=entry.batch_size, batch_format="numpy",
-        fn_constructor_kwargs=dict(model=entry.name, scale=scale, dim=entry.dim, registry=cfg.registry,
+        fn_constructor_kwargs=dict(model=entry.name, scale=scale, dim=entry.dim, pool=entry.pool, registry=cfg.registry,
                                    num_threads=res["threads"]),
         compute=ActorPoolStrategy(size=res["size"]), num_cpus=res["num_cpus"], num_gpus=res["num_gpus"])
     # Ray Data restarts dead actors and retries their batches by default (max_restarts=-1).
