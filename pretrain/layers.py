@@ -18,9 +18,8 @@ def gem(x: torch.Tensor, p: torch.Tensor | float, eps: float = 1e-6, grid: int =
     """
     if x.ndim != 4:
         raise ValueError(f"GeM expects a B x C x H x W feature map, got shape {tuple(x.shape)}")
-    x = x.clamp(min=eps).pow(p)
-    pooled = x.mean(dim=(-2, -1)) if grid == 1 else F.adaptive_avg_pool2d(x, grid).flatten(2).transpose(1, 2).flatten(1)
-    return pooled.pow(1.0 / p)
+    cells = F.adaptive_avg_pool2d(x.clamp(min=eps).pow(p), grid)  # B x C x grid x grid
+    return cells.flatten(2).transpose(1, 2).flatten(1).pow(1.0 / p)
 
 
 class GeM(nn.Module):

@@ -135,23 +135,23 @@ def card_from_checkpoint(path: str | os.PathLike) -> ModelCard:
         raise RegistryError(f"{sidecar_path(path)}: sidecar gives an invalid card:\n{e}") from e
 
 
-def backbone_card(name: str, *, dim: int | None = None, pool: str | None = None) -> ModelCard:
+def backbone_card(name: str, *, dim: int | None = None) -> ModelCard:
     """A random-init card for backbone ``name`` (see ``build_backbone``'s seed)."""
     with torch.device("meta"):
-        model = build_backbone(name, dim=dim, pool=pool)
+        model = build_backbone(name, dim=dim)
     return card_for_model(model, name=name)
 
 
 def repooled(card: ModelCard, pool: str) -> ModelCard:
     """``card`` read out with another pooling of the same trunk (e.g. ``gem_grid2``).
 
-    Only models without a projection qualify: a projection was fit to the old pooling's output.
+    Trained models qualify only without a projection: it was fit to the old pooling's output.
     """
     if card.kind != "backbone":
         raise RegistryError(f"model {card.name!r} is a {card.kind}: pool applies to backbone models only")
     if pool == card.build.get("pool"):
         return card
-    if card.build.get("dim") is not None:
+    if card.weights is not None and card.build.get("dim") is not None:
         raise RegistryError(
             f"model {card.name!r} projects its pooled features to {card.dim} dims, which fit its own "
             f"pooling {card.build.get('pool')!r} only; pool={pool!r} needs a model trained with dim: null")
@@ -174,12 +174,12 @@ def resolve_model(
     None or equal the model's own size. ``pool`` reads the model out with another pooling
     (see :func:`repooled`).
     """
-    card = _resolve(name_or_path, registry_dir, dim=dim, pool=pool)
+    card = _resolve(name_or_path, registry_dir, dim=dim)
     return card if pool is None else repooled(card, pool)
 
 
 def _resolve(name_or_path: str | os.PathLike, registry_dir: str | os.PathLike | None, *,
-             dim: int | None, pool: str | None) -> ModelCard:
+             dim: int | None) -> ModelCard:
     reg = _dir(registry_dir)
     key = os.fspath(name_or_path)
     if re.fullmatch(NAME_PATTERN, key) and (reg / f"{key}{CARD_SUFFIX}").is_file():
@@ -187,7 +187,7 @@ def _resolve(name_or_path: str | os.PathLike, registry_dir: str | os.PathLike | 
     elif Path(key).is_file():
         card = card_from_checkpoint(key)
     elif key in list_backbones():
-        return backbone_card(key, dim=dim, pool=pool)
+        return backbone_card(key, dim=dim)
     else:
         raise RegistryError(
             f"cannot resolve model {key!r}: not in registry {reg} (registered: "

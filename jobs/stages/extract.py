@@ -63,8 +63,8 @@ def run_extract_key(cfg: PipelineConfig, run: RunDir, entry: ModelEntry, scale: 
     blocks = [rows.slice(i, ROWS_PER_BLOCK) for i in range(0, rows.num_rows, ROWS_PER_BLOCK)]
     ds = ray.data.from_arrow(blocks).map_batches(
         Embedder, batch_size=entry.batch_size, batch_format="numpy",
-        fn_constructor_kwargs=dict(model=entry.name, scale=scale, dim=entry.dim, pool=entry.pool, registry=cfg.registry,
-                                   num_threads=res["threads"]),
+        fn_constructor_kwargs=dict(model=entry.name, scale=scale, dim=entry.dim, pool=entry.pool,
+                                   registry=cfg.registry, num_threads=res["threads"]),
         compute=ActorPoolStrategy(size=res["size"]), num_cpus=res["num_cpus"], num_gpus=res["num_gpus"])
     # Ray Data restarts dead actors and retries their batches by default (max_restarts=-1).
     got: dict[str, list[dict]] = defaultdict(list)
