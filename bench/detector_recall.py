@@ -29,11 +29,11 @@ import augly
 import cv2
 import numpy as np
 
+from core.imageio import load_rgb
 from ensemble.verify import describe, homography
 from jobs.stages.patch import resolve_detector
 from patchers.detector.predict import detect
 from patchers.detector.train import matched
-from patchers.imageio import load_rgb
 
 TEMPLATES = Path(augly.__file__).parent / "assets" / "screenshot_templates"
 

@@ -27,7 +27,7 @@ import numpy as np
 from augly import utils as augly_utils
 from PIL import Image
 
-import pretrain.recipes.augly_compat  # noqa: F401  (meme_format needs it)
+import core.augment.compat  # noqa: F401  (meme_format needs it)
 
 FLOWER_SOURCE = "github:Oldpel/flower_photos"
 FLOWER_LICENSE = "CC-BY-2.0"

@@ -21,9 +21,9 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 
 import cv2  # noqa: E402
 
+from core.imageio import list_images as scan_folder  # noqa: E402
+from core.imageio import load_rgb  # noqa: E402
 from jobs.stages.patch import resolve_detector  # noqa: E402
-from patchers.imageio import load_rgb  # noqa: E402
-from patchers.manifest import scan_folder  # noqa: E402
 from patchers.plan import plan_images  # noqa: E402
 from patchers.views import PRESETS, ViewConfig  # noqa: E402
 

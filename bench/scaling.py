@@ -22,10 +22,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import ray  # noqa: E402
 from PIL import Image  # noqa: E402
-
-from ensemble.search import knn  # noqa: E402
-from ensemble.sharded import IndexSpec, ShardedIndex  # noqa: E402
 from synthetic import copies, descriptors, write_references  # noqa: E402
+
+from core.knn import knn  # noqa: E402
+from ensemble.sharded import ShardedIndex
+from core.knn import IndexSpec
 
 
 @ray.remote
@@ -35,7 +36,7 @@ class Extractor:
     def __init__(self, model: str, scale: int, threads: int) -> None:
         import torch
 
-        from patchers.encoders import load_encoder
+        from core.models.encoders import load_encoder
         torch.set_num_threads(threads)
         self.encoder = load_encoder(model, scale)
         rng = np.random.default_rng(0)

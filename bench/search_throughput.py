@@ -22,10 +22,11 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import ray
-
 from synthetic import copies, descriptors, write_references
 
-from ensemble.sharded import IndexSpec, ShardedIndex, hits_table
+from ensemble.sharded import ShardedIndex, hits_table
+
+from core.knn import IndexSpec
 
 
 def bare(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, float, float]:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ensemble.store import features_table, write_table
+from core.store import features_table, write_table
 
 
 def descriptors(n: int, d: int, rng: np.random.Generator) -> np.ndarray:

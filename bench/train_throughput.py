@@ -19,8 +19,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from pretrain.backbones import build_backbone  # noqa: E402
-from pretrain.data import CopyViews, list_images, load_photos, make_loader, set_loader_epoch  # noqa: E402
+from core.models.backbones import build_backbone  # noqa: E402
+from pretrain.data import (  # noqa: E402
+    CopyViews,
+    list_images,
+    load_photos,
+    make_loader,
+    set_loader_epoch,
+)
 from pretrain.losses import build_loss  # noqa: E402
 from pretrain.recipes import get_recipe  # noqa: E402
 from pretrain.ssl import BYOL  # noqa: E402

@@ -2,7 +2,7 @@
 
 1. :func:`max_over_patches`: image-pair score = max over all (query patch, reference patch)
    pairs, per model.
-2. :func:`fuse_models`: one score per image pair from several models; a rule from
+2. :func:`fuse`: one score per image pair from several models; a rule from
    :data:`RULES` decides which pairs survive given per-model thresholds α_i.
 3. :func:`top_k_per_query`: at most k predictions per query, best first.
 """
@@ -67,6 +67,13 @@ def fuse_models(per_model: pa.Table, thresholds: Mapping[str, float], rule: str)
     out = grouped.filter(pa.array(keep))
     return pa.table({"query_id": out.column("query_id"), "reference_id": out.column("reference_id"),
                      "score": out.column("score_max")})
+
+
+def fuse(per_model: pa.Table, thresholds: Mapping[str, float], rule: str) -> pa.Table:
+    """:func:`fuse_models`, except that one model without thresholds passes through unchanged."""
+    if not thresholds and pc.count_distinct(per_model.column("model")).as_py() <= 1:
+        return per_model.select([*PAIR, "score"])
+    return fuse_models(per_model, thresholds, rule)
 
 
 def top_k_per_query(pred: pa.Table, k: int) -> pa.Table:

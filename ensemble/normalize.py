@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from ensemble.search import knn
-from ensemble.store import embeddings_from_arrow
+from core.knn import knn
+from core.store import embeddings_from_arrow
 
 
 def neighbour_similarity(queries: np.ndarray, train: np.ndarray, n: int = 1) -> np.ndarray:

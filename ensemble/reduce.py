@@ -16,17 +16,14 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file, save
 
-from ensemble.store import embeddings_from_arrow, embeddings_to_arrow, features_schema
+from core.contracts import features_schema
+from core.knn import l2_normalize
+from core.store import embeddings_from_arrow, embeddings_to_arrow, write_bytes
 
 FEATURE_KEYS = ["image_id", "patch_id"]
 
-
-def l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (all-zero rows stay zero)."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.maximum(norms, 1e-12)).astype(np.float32)
 
 
 @dataclass
@@ -79,13 +76,9 @@ def fit_pca(x: np.ndarray, dim: int, whiten: bool, key: str = "") -> Pca:
 
 def save_pca(pca: Pca, path: str | os.PathLike) -> str:
     """Write the arrays as safetensors, dim/whiten/key in its JSON metadata (temp name, then rename)."""
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp"
-    save_file({"mean": pca.mean, "matrix": pca.matrix, "eigenvalues": pca.eigenvalues}, tmp,
-              metadata={"dim": str(pca.dim), "whiten": str(pca.whiten).lower(), "key": pca.key})
-    os.replace(tmp, path)
-    return path
+    data = save({"mean": pca.mean, "matrix": pca.matrix, "eigenvalues": pca.eigenvalues},
+                metadata={"dim": str(pca.dim), "whiten": str(pca.whiten).lower(), "key": pca.key})
+    return write_bytes(path, data)
 
 
 def load_pca(path: str | os.PathLike) -> Pca:

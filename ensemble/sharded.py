@@ -1,9 +1,9 @@
 """Scale-out kNN: reference features split into shards, one Ray actor and faiss index each.
 
-The driver only plans which Parquet rows belong to which shard (from file metadata); every
-:class:`ShardIndex` actor reads its own rows, builds its own index (exact ``IndexFlatIP``
-for small shards, IVF-PQ or HNSW above ``IndexSpec.exact_max`` rows, on the GPU when faiss
-sees one) and answers top-k queries. :class:`ShardedIndex` fans each query batch out to
+The driver only plans which Parquet rows belong to which shard (from file metadata) and
+decides the index kind once for the whole set (:func:`core.knn.index_kind`: exact below
+``IndexSpec.exact_max`` rows, else IVF-PQ or HNSW); every :class:`ShardIndex` actor reads its
+own rows, builds that index (on the GPU when faiss sees one) and answers top-k queries. :class:`ShardedIndex` fans each query batch out to
 every shard in parallel and merges the per-shard top-k lists, so no process ever holds the
 whole reference set. Exact shards give the same neighbours as one flat index.
 """
@@ -13,7 +13,6 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import faiss
 import numpy as np
 import psutil
 import pyarrow as pa
@@ -21,11 +20,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 
-from ensemble.search import GPU_MAX_K
-from ensemble.store import CANDIDATES_SCHEMA, embeddings_from_arrow, filesystem, read_table
+from core.contracts import CANDIDATES_SCHEMA, WHOLE_PATCH
+from core.knn import Hits, IndexSpec, build_index, index_kind, merge_topk
+from core.store import embeddings_from_arrow, filesystem, read_table
 
 CALL_TIMEOUT_S = 3600.0  # one shard search call; generous for GPU-sized shards
-WHOLE_PATCH = 0  # patch 0 of every image is the whole image (patchers.views.plan_views)
 
 
 @dataclass(frozen=True)
@@ -37,19 +36,6 @@ class Slice:
     stop: int
 
 
-@dataclass(frozen=True)
-class IndexSpec:
-    """How each shard indexes its rows (mirrors ``search.*`` of the pipeline config)."""
-
-    exact_max: int = 2_000_000
-    kind: str = "ivfpq"
-    nlist: int = 4096
-    nprobe: int = 64
-    pq_m: int = 32
-    hnsw_m: int = 32
-    ef_search: int = 128
-
-
 def count_rows(paths: Sequence[str]) -> list[int]:
     """Row count of each Parquet file, from its footer only."""
     out = []
@@ -57,6 +43,12 @@ def count_rows(paths: Sequence[str]) -> list[int]:
         fs, p = filesystem(path)
         out.append(pq.read_metadata(p, filesystem=fs).num_rows)
     return out
+
+
+def count_whole_rows(paths: Sequence[str]) -> int:
+    """Whole-image rows (patch 0) over ``paths``, reading the patch_id column only."""
+    return sum(int(pc.sum(pc.equal(read_table(p, columns=["patch_id"]).column("patch_id"), WHOLE_PATCH)).as_py()
+                   or 0) for p in paths)
 
 
 def plan_shards(files: Sequence[tuple[str, int]], shard_size: int) -> list[list[Slice]]:
@@ -78,30 +70,6 @@ def plan_shards(files: Sequence[tuple[str, int]], shard_size: int) -> list[list[
     return [s for s in shards if s]
 
 
-def build_index(x: np.ndarray, spec: IndexSpec, k_max: int = 1) -> faiss.Index:
-    """An inner-product index over ``x``: exact below ``spec.exact_max`` rows, else IVF-PQ/HNSW."""
-    n, d = x.shape
-    if n < spec.exact_max:
-        index: faiss.Index = faiss.IndexFlatIP(d)
-    elif spec.kind == "hnsw":
-        index = faiss.IndexHNSWFlat(d, spec.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = max(spec.ef_search, k_max)
-    elif spec.kind == "ivfpq":
-        if d % spec.pq_m:
-            raise ValueError(f"search.pq_m={spec.pq_m} must divide the feature dim {d}")
-        nlist = max(1, min(spec.nlist, n // 39))
-        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, spec.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
-        sample = np.random.default_rng(0).choice(n, min(n, nlist * 256), replace=False)
-        index.train(x[np.sort(sample)])
-        index.nprobe = min(spec.nprobe, nlist)
-    else:
-        raise ValueError(f"unknown index kind {spec.kind!r}; known: ivfpq, hnsw")
-    if faiss.get_num_gpus() > 0 and spec.kind != "hnsw" and k_max <= GPU_MAX_K:
-        index = faiss.index_cpu_to_all_gpus(index)
-    index.add(x)
-    return index
-
-
 def load_rows(slices: Sequence[Slice], whole_only: bool = False) -> tuple[pa.Table, np.ndarray]:
     """``(image_id, patch_id)`` table and float32 embeddings of the rows in ``slices``
     (only whole-image rows, patch 0, with ``whole_only``)."""
@@ -116,13 +84,14 @@ def load_rows(slices: Sequence[Slice], whole_only: bool = False) -> tuple[pa.Tab
 class ShardIndex:
     """One reference shard: its rows' ids and a faiss index; lives in a Ray actor."""
 
-    def __init__(self, slices: Sequence[Slice], spec: IndexSpec, k_max: int, whole_only: bool = False) -> None:
+    def __init__(self, slices: Sequence[Slice], kind: str, spec: IndexSpec, k_max: int,
+                 whole_only: bool = False) -> None:
         ids, x = load_rows(slices, whole_only)
         self.rows, self.dim = x.shape
         self.image_ids = ids.column("image_id").to_numpy(zero_copy_only=False)
         self.patch_ids = ids.column("patch_id").to_numpy()
-        self.index = build_index(x, spec, k_max)
-        self.kind = type(self.index).__name__
+        self.kind = kind
+        self.index = build_index(x, kind, spec, k_max) if self.rows else None
         del x
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -140,24 +109,9 @@ class ShardIndex:
     def info(self) -> dict:
         """Rows, index type, node id (prefix) and this process's resident memory (bytes)."""
         return {"rows": int(self.rows), "dim": int(self.dim), "index": self.kind,
+                "faiss": type(self.index).__name__,
                 "rss": psutil.Process(os.getpid()).memory_info().rss,
                 "node": ray.get_runtime_context().get_node_id()[:12]}
-
-
-Hits = tuple[np.ndarray, np.ndarray, np.ndarray]
-
-
-def merge_topk(parts: Sequence[Hits], k: int) -> Hits:
-    """Merge per-shard ``(scores, image_ids, patch_ids)`` into the best ``k`` per query row.
-
-    A stable sort keeps earlier shards first among equal scores, like one index over the
-    concatenated rows.
-    """
-    scores = np.concatenate([p[0] for p in parts], axis=1)
-    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    pick = lambda a: np.take_along_axis(a, order, axis=1)  # noqa: E731
-    return (pick(scores), pick(np.concatenate([p[1] for p in parts], axis=1)),
-            pick(np.concatenate([p[2] for p in parts], axis=1)))
 
 
 def hits_table(query_feats: pa.Table, hits: Hits, model: str) -> pa.Table:
@@ -189,10 +143,12 @@ class ShardedIndex:
                  whole_only: bool = False) -> None:
         if not files:
             raise ValueError("ShardedIndex: no feature files given")
-        self.shards = plan_shards(list(zip(files, count_rows(files))), shard_size)
+        counts = count_rows(files)
+        self.shards = plan_shards(list(zip(files, counts)), shard_size)
+        self.kind = index_kind(count_whole_rows(files) if whole_only else sum(counts), spec)
         self.timeout_s = timeout_s
         remote = ray.remote(ShardIndex).options(max_restarts=3, max_task_retries=3, **(actor_options or {}))
-        self.actors = [remote.remote(shard, spec, k_max, whole_only) for shard in self.shards]
+        self.actors = [remote.remote(shard, self.kind, spec, k_max, whole_only) for shard in self.shards]
 
     @property
     def rows(self) -> int:
@@ -224,6 +180,6 @@ def format_info(name: str, infos: Sequence[dict]) -> str:
     """One line per shard: rows, index type, node and resident memory of its actor."""
     lines = [f"{name}: {len(infos)} shard(s)"]
     for i, s in enumerate(infos):
-        lines.append(f"  shard {i}: {s['rows']} rows x {s['dim']}  {s['index']}  node {s['node']}  "
+        lines.append(f"  shard {i}: {s['rows']} rows x {s['dim']}  {s['faiss']}  node {s['node']}  "
                      f"RSS {s['rss'] / 2**20:.0f} MiB")
     return "\n".join(lines)

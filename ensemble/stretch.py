@@ -15,9 +15,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from ensemble.reduce import l2_normalize
-from ensemble.search import knn
-from ensemble.store import embeddings_from_arrow, embeddings_to_arrow
+from core.knn import knn, l2_normalize
+from core.store import embeddings_from_arrow, embeddings_to_arrow
 
 
 def stretch(x: np.ndarray, train: np.ndarray, n: int, beta: float) -> np.ndarray:

@@ -1,23 +1,29 @@
 """Fusion parameters picked on a validation split with known ground truth.
 
 Everything here scores candidate settings with the real pipeline functions (normalisation,
-:func:`ensemble.fuse.fuse_models`, :func:`ensemble.fuse.top_k_per_query`,
-:func:`ensemble.metrics.evaluate`), so a tuned setting is exactly what the run will do.
+:func:`ensemble.fuse.fuse`, :func:`ensemble.fuse.top_k_per_query`,
+:func:`core.metrics.evaluate`), so a tuned setting is exactly what the run will do.
 Ties keep the earlier setting: the untuned start for thresholds, the smaller beta for beta.
+:func:`tune_members` tunes a whole ensemble: one beta, then the rule and per-member thresholds.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ensemble.fuse import fuse_models, max_over_patches, top_k_per_query
-from ensemble.metrics import evaluate
+from core.metrics import evaluate
+from ensemble.fuse import fuse, max_over_patches, top_k_per_query
 from ensemble.normalize import normalize_scores
 
+log = logging.getLogger(__name__)
+
 GT = Sequence[tuple[str, str]]
+RULES = ("completeness", "confidence")  # fusion rules with thresholds worth tuning
 DEFAULT_QUANTILES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 
 
@@ -31,7 +37,7 @@ def predictions_map(pred: pa.Table, gt: GT, k: int = 10) -> float:
 
 def fused_map(per_model: pa.Table, gt: GT, thresholds: Mapping[str, float], rule: str, k: int = 10) -> float:
     """μAP of the fused predictions for one setting of the thresholds."""
-    return predictions_map(fuse_models(per_model, thresholds, rule), gt, k)
+    return predictions_map(fuse(per_model, thresholds, rule), gt, k)
 
 
 def quantile_grid(per_model: pa.Table, levels: Sequence[float] = DEFAULT_QUANTILES) -> dict[str, list[float]]:
@@ -93,3 +99,95 @@ def tune_beta(candidates: pa.Table, bias: pa.Table, gt: GT, grid: Sequence[float
         results.append((predictions_map(pairs, gt, k), -float(beta)))
     best_map, neg_beta = max(results)
     return -neg_beta, best_map
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model@scale on the validation split: raw patch candidates and query-patch biases."""
+
+    key: str
+    candidates: pa.Table
+    bias: pa.Table | None  # None: no train features to normalise against
+
+
+@dataclass(frozen=True)
+class Setting:
+    beta: float  # 0: scores not normalised
+    rule: str
+    thresholds: dict[str, float]
+
+
+@dataclass(frozen=True)
+class TuneResult:
+    before: Setting
+    after: Setting
+    map_before: float | None  # None: the configured setting cannot run (e.g. a rule without thresholds)
+    map_after: float
+    members_before: dict[str, float]
+    members_after: dict[str, float]
+    tuned_beta: bool
+    tuned_fusion: bool
+
+
+def per_model_scores(members: Sequence[Member], beta: float) -> pa.Table:
+    """Image-level ``(query_id, reference_id, score, model)`` of every member, normalised by ``beta``."""
+    return pa.concat_tables([max_over_patches(normalize_scores(m.candidates, m.bias, beta)
+                                              if m.bias is not None and beta else m.candidates) for m in members])
+
+
+def setting_map(members: Sequence[Member], gt: GT, s: Setting, k: int) -> float:
+    """μAP of ``s`` as the fuse stage would apply it."""
+    return fused_map(per_model_scores(members, s.beta), gt, s.thresholds, s.rule, k)
+
+
+def _offset_patches(m: Member, offset: int) -> Member:
+    """``m`` with its query patch ids shifted, so several members fit in one bias table."""
+    def shift(t: pa.Table, col: str) -> pa.Table:
+        i = t.schema.get_field_index(col)
+        return t.set_column(i, t.schema.field(i), pc.add(t.column(col), pa.scalar(offset, pa.int32())))
+    return Member(m.key, shift(m.candidates, "query_patch"), shift(m.bias, "patch_id"))
+
+
+def joint_beta(members: Sequence[Member], gt: GT, grid: Sequence[float], k: int) -> tuple[float, float]:
+    """One beta for all members, scored under max fusion (:func:`tune_beta`).
+
+    With query patch ids offset per member, the max over patches of all members' candidates
+    together is the max over models, so one ``tune_beta`` call scores the whole ensemble.
+    """
+    step = 1 + max(int(pc.max(m.bias.column("patch_id")).as_py() or 0) for m in members)
+    shifted = [_offset_patches(m, i * step) for i, m in enumerate(members)]
+    return tune_beta(pa.concat_tables([m.candidates for m in shifted]),
+                     pa.concat_tables([m.bias for m in shifted]), gt, grid, k)
+
+
+def tune_members(members: Sequence[Member], gt: GT, before: Setting, beta_grid: Sequence[float],
+                 k: int) -> TuneResult:
+    """Tune beta (when every member has train biases), then thresholds + rule (>= 2 members)."""
+    def maybe_map(s: Setting) -> float | None:
+        try:
+            return setting_map(members, gt, s, k)
+        except ValueError as e:  # e.g. rule 'confidence' with no thresholds yet
+            log.warning(f"tune: the configured fusion cannot be scored ({e})")
+            return None
+
+    tuned_beta = all(m.bias is not None for m in members)
+    beta = joint_beta(members, gt, beta_grid, k)[0] if tuned_beta else before.beta
+    after = replace(before, beta=beta if tuned_beta else 0.0)
+    tuned_fusion = len(members) > 1
+    if tuned_fusion:
+        per_model = per_model_scores(members, after.beta)
+        rules = sorted(RULES, key=lambda r: r != before.rule)  # ties keep the configured rule
+        best = None
+        for rule in rules:
+            th = tune_thresholds(per_model, gt, rule, k=k)
+            score = fused_map(per_model, gt, th, rule, k)
+            if best is None or score > best[0]:
+                best = (score, rule, th)
+        after = replace(after, rule=best[1], thresholds=best[2])
+    if not tuned_beta:  # what the run does without train features: raw scores
+        before = replace(before, beta=0.0)
+    return TuneResult(
+        before=before, after=after, map_before=maybe_map(before), map_after=setting_map(members, gt, after, k),
+        members_before={m.key: setting_map([m], gt, Setting(before.beta, "max", {}), k) for m in members},
+        members_after={m.key: setting_map([m], gt, Setting(after.beta, "max", {}), k) for m in members},
+        tuned_beta=tuned_beta, tuned_fusion=tuned_fusion)

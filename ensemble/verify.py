@@ -94,19 +94,16 @@ def inliers(img_a: Image.Image | np.ndarray, img_b: Image.Image | np.ndarray, me
     return count_inliers(describe(img_a, method, max_side), describe(img_b, method, max_side), method)
 
 
-def verify_pairs(pairs: pa.Table, paths: Mapping[str, str], top_k: int, method: str = "sift",
-                 max_side: int = 512, load: Callable[[str], Image.Image] | None = None,
-                 cache_size: int = 256) -> pa.Table:
+def verify_pairs(pairs: pa.Table, paths: Mapping[str, str], top_k: int, load: Callable[[str], Image.Image],
+                 method: str = "sift", max_side: int = 512, cache_size: int = 256) -> pa.Table:
     """``pairs`` (query_id, reference_id, score) with an ``inliers`` int32 column.
 
     Only the ``top_k`` highest-scoring pairs of each query are verified; the others get a
-    null count. ``paths`` maps image ids to files, read with ``load`` (default
-    :func:`patchers.imageio.load_rgb`); keypoints of the last ``cache_size`` images are kept.
+    null count. ``paths`` maps image ids to files, read with ``load`` (the stage passes the
+    pipeline's decoder); keypoints of the last ``cache_size`` images are kept.
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    if load is None:
-        from patchers.imageio import load_rgb as load
     selected = _top_k_rows(pairs, top_k)
     ids = pairs.column("query_id").to_pylist(), pairs.column("reference_id").to_pylist()
     missing = sorted({ids[side][i] for i in selected for side in (0, 1)} - set(paths))[:5]

@@ -6,11 +6,15 @@ Stage commands share one shape: ``copydet STAGE [CONFIG] [--out DIR] [--set KEY=
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from core.logs import setup_logging
 from jobs.config import ConfigError, PipelineConfig, load_config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -64,10 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging()
     try:
         return int(args._command.fn(args) or 0)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
-        print(f"copydet {args.command}: error: {e}", file=sys.stderr)
+        log.error("copydet %s: error: %s", args.command, e)
         return 2
 
 

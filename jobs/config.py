@@ -11,8 +11,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from core.knn import IndexSpec
+from core.yamlconf import (
+    ConfigError,
+    apply_overrides,
+    parse_overrides,
+    read_yaml,
+    set_key,
+    validate_as,
+)
 from patchers.views import ViewConfig
-from pretrain.yamlconf import ConfigError, apply_overrides, parse_overrides, read_yaml, set_key, validate_as
 
 __all__ = ["ConfigError", "PipelineConfig", "load_config", "parse_overrides", "set_key", "validate"]
 
@@ -132,6 +140,11 @@ class SearchConfig(Strict):
     cpus_per_shard: float = Field(0.5, gt=0, description="CPUs reserved by each shard actor")
     gpus_per_shard: float = Field(0.0, ge=0, description="GPUs per shard actor (0: CPU faiss)")
     query_batch: int = Field(65536, ge=1, description="query rows sent to the shards per call")
+
+    def index_spec(self) -> IndexSpec:
+        """The index settings the search stage and ``copydet plan`` both use."""
+        return IndexSpec(exact_max=self.exact_max, kind=self.index, nlist=self.nlist, nprobe=self.nprobe,
+                         pq_m=self.pq_m, hnsw_m=self.hnsw_m, ef_search=self.ef_search)
 
 
 class FuseConfig(Strict):

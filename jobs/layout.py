@@ -5,7 +5,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from ensemble.store import exists, join, list_shards, read_text, write_text
+from core.store import exists, join, list_shards, read_text, write_text
 
 SETTINGS_FILE = "_settings.json"
 

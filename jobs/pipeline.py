@@ -2,16 +2,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 
 import yaml
 
-from ensemble.metrics import Metrics
-from ensemble.store import write_text
+from core.metrics import Metrics
+from core.store import write_text
 from jobs.config import PipelineConfig
 from jobs.layout import RunDir
-from jobs.runtime import init_ray, say
+from jobs.runtime import init_ray
 from jobs.stages.evaluate import evaluate_run_files, format_metrics
 from jobs.stages.extract import run_extract
 from jobs.stages.fuse import run_fuse
@@ -20,6 +21,8 @@ from jobs.stages.patch import run_patch
 from jobs.stages.reduce import run_reduce
 from jobs.stages.search import run_search
 from jobs.stages.verify import run_verify
+
+log = logging.getLogger(__name__)
 
 Stage = Callable[[PipelineConfig, RunDir], object]
 STAGES: dict[str, Stage] = {
@@ -45,7 +48,7 @@ def run_stages(cfg: PipelineConfig, stages: Sequence[str] = tuple(STAGES), addre
         t0 = time.perf_counter()
         STAGES[name](cfg, run)
         timings[name] = round(time.perf_counter() - t0, 2)
-        say(f"[{name}] done in {timings[name]:.1f} s")
+        log.info(f"[{name}] done in {timings[name]:.1f} s")
     return timings
 
 
@@ -53,11 +56,11 @@ def evaluate_run(cfg: PipelineConfig) -> Metrics | None:
     """Score the run's predictions if the config names a ground truth."""
     gt = cfg.data.ground_truth_path()
     if gt is None:
-        say("evaluate: no ground_truth.csv configured; skipped")
+        log.info("evaluate: no ground_truth.csv configured; skipped")
         return None
     run = RunDir(cfg.output)
     m = evaluate_run_files(run.predictions, gt, run.metrics, run.pr_curve, label=cfg.name)
-    say(f"evaluate: {format_metrics(m)}  ({run.metrics}, {run.pr_curve})")
+    log.info(f"evaluate: {format_metrics(m)}  ({run.metrics}, {run.pr_curve})")
     return m
 
 
@@ -67,5 +70,5 @@ def run_pipeline(cfg: PipelineConfig, address: str | None = None) -> Metrics | N
     m = evaluate_run(cfg)
     timings["total"] = round(time.perf_counter() - t0, 2)
     write_text(RunDir(cfg.output).timings, json.dumps(timings, indent=2))
-    say(f"pipeline finished in {timings['total']:.1f} s -> {cfg.output}")
+    log.info(f"pipeline finished in {timings['total']:.1f} s -> {cfg.output}")
     return m

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
+from core.imageio import IMAGE_SUFFIXES
+from core.knn import index_bytes as knn_index_bytes
+from core.knn import index_kind
 from jobs.config import PipelineConfig, SearchConfig
-from patchers.manifest import IMAGE_SUFFIXES
 from patchers.views import ViewConfig, plan_views
 
 SIDES = {"query": "query", "reference": "reference", "train": "train"}  # split -> patches.<side>
@@ -82,26 +84,20 @@ def split_counts(cfg: PipelineConfig, images: int | None = None, **given: int | 
 
 
 def index_bytes(rows: int, dim: int, cfg: SearchConfig) -> tuple[int, int, str]:
-    """(all shards, largest shard, kind) of the reference index memory for ``rows`` vectors."""
+    """(all shards, largest shard, kind) of the reference index memory for ``rows`` vectors,
+    with the kind the search stage builds (:func:`core.knn.index_kind` over all rows)."""
     if rows == 0:
         return 0, 0, "-"
+    spec = cfg.index_spec()
+    kind = index_kind(rows, spec)
     shards = math.ceil(rows / cfg.shard_size)
-    per = math.ceil(rows / shards)
-
-    def shard(n: int) -> tuple[int, str]:
-        if n < cfg.exact_max:
-            return n * dim * 4, "flat"
-        if cfg.index == "hnsw":
-            return n * (dim * 4 + cfg.hnsw_m * 2 * 4), "hnsw"
-        return n * (cfg.pq_m + 8) + min(cfg.nlist, n // 39) * dim * 4, "ivfpq"
-
-    big, kind = shard(per)
+    big = knn_index_bytes(math.ceil(rows / shards), dim, kind, spec)
     return big * shards, big, kind
 
 
 def model_dims(cfg: PipelineConfig) -> dict[str, int]:
     """Descriptor size per model name (cards only; no weights are read)."""
-    from pretrain.registry import resolve_model
+    from core.models.registry import resolve_model
     return {m.name: int(resolve_model(m.name, cfg.registry, dim=m.dim, pool=m.pool).dim) for m in cfg.models}
 
 
@@ -110,7 +106,7 @@ def measure(cfg: PipelineConfig, batch: int = 2) -> Throughput:
     import faiss
     import torch
 
-    from pretrain.registry import build_model, resolve_model
+    from core.models.registry import build_model, resolve_model
     rates = {}
     for entry, scale, key in cfg.model_keys():
         model = build_model(resolve_model(entry.name, cfg.registry, dim=entry.dim, pool=entry.pool)).eval()

@@ -48,9 +48,3 @@ def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], desc: str,
             results.extend(ray.get(done))
             bar.update(len(done))
     return results
-
-
-def say(msg: str) -> None:
-    tqdm.write(msg)
-
-

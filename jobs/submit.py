@@ -21,7 +21,7 @@ from jobs.config import ConfigError, PipelineConfig, load_config
 from jobs.runtime import OFFLINE_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-EXCLUDES = [".venv", "runs", "models", ".git", "**/__pycache__", "*.egg-info", ".pytest_cache"]
+EXCLUDES = ["/.venv", "/runs", "/models", "/.git", "**/__pycache__", "*.egg-info", ".pytest_cache"]  # "/x": top level only
 STAGING = ".submit"  # configs from outside the repo are copied here while the job is uploaded
 # The driver's ray.init repeats the offline env vars; let the job's copy win instead of failing.
 JOB_ENV = {**OFFLINE_ENV, "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from patchers.encoders import Encoder, load_encoder
-from patchers.imageio import ImageDecodeError, load_rgb
+from core.imageio import ImageDecodeError, load_rgb
+from core.models.encoders import Encoder, load_encoder
 
 ROTATIONS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180,
              270: Image.Transpose.ROTATE_270}

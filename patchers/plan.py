@@ -11,8 +11,8 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from ensemble.store import PATCHES_SCHEMA
-from patchers.imageio import ImageDecodeError, load_rgb
+from core.contracts import PATCHES_SCHEMA
+from core.imageio import ImageDecodeError, load_rgb
 from patchers.proposals import ProposalParams, image_views
 from patchers.views import View, ViewConfig, plan_views
 
@@ -62,7 +62,9 @@ def plan_images(images: Sequence[tuple[str, str]], cfg: ViewConfig, detector: De
                 rows.extend(patch_rows(image_id, geometric))
         dets = [None] * len(decoded)
         if detector is not None and decoded:
-            from patchers.detector.predict import detect  # ultralytics only where a detector is used
+            from patchers.detector.predict import (
+                detect,  # ultralytics only where a detector is used
+            )
             dets = detect([img for _, img in decoded], detector.weights, conf=params.conf, imgsz=detector.imgsz)
         for (image_id, img), d in zip(decoded, dets):
             extra = image_views(img, geometric, cfg.proposals, d, params)

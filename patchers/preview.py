@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
-from patchers.imageio import ImageDecodeError, load_rgb
+from core.imageio import ImageDecodeError, load_rgb
 
 KIND_COLOURS: dict[str, tuple[int, int, int]] = {
     "full": (255, 255, 255), "scale": (200, 200, 200), "rotation": (255, 215, 0), "crop": (0, 200, 255),

@@ -25,7 +25,7 @@ from lightly.models.utils import deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
 from torch import nn
 
-from pretrain.backbones import DescriptorModel
+from core.models.backbones import DescriptorModel
 
 
 def representation(backbone: DescriptorModel, x: torch.Tensor) -> torch.Tensor:

@@ -17,10 +17,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pretrain.backbones import list_backbones
-from pretrain.registry import default_registry_dir
-from pretrain.yamlconf import ConfigError, load_as
-
+from core.models.backbones import list_backbones
+from core.models.registry import default_registry_dir
+from core.yamlconf import ConfigError, load_as
 
 TrainConfigError = ConfigError
 
@@ -109,7 +108,10 @@ class TrainConfig(Strict):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        from pretrain.recipes import RECIPES, recipe_names  # recipes pull in AugLy: import late
+        from pretrain.recipes import (  # recipes pull in AugLy: import late
+            RECIPES,
+            recipe_names,
+        )
 
         unknown = [b for b in self.backbones if b not in list_backbones()]
         if unknown:

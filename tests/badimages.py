@@ -3,7 +3,7 @@
 ``make_bad_images(folder)`` writes the files listed in :data:`EXPECTED` and returns
 ``{name: path}``. For each name, ``EXPECTED[name]`` says:
 
-- ``error``: True if :func:`patchers.imageio.load_rgb` must raise ``ImageDecodeError``
+- ``error``: True if :func:`core.imageio.load_rgb` must raise ``ImageDecodeError``
   (and the pipeline must list the file in ``errors.parquet``);
 - ``reason``: a substring of that error message (None when the file must load);
 - ``size``: ``(width, height)`` after decoding, EXIF orientation applied (None for errors).

@@ -1,13 +1,13 @@
 """AugLy 1.0.0 on current Pillow/NumPy: meme_format and perspective_transform run after the shim."""
-import numpy as np
-import pytest
-from PIL import Image, ImageDraw, ImageFont
-
 import augly.image as imaugs
 import augly.image.functional as augf
 import augly.image.utils.bboxes as aug_bboxes
 import augly.image.utils.utils as aug_utils
-from pretrain.recipes import augly_compat
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw, ImageFont
+
+from core.augment import compat as augly_compat
 
 RED = (200, 30, 30)
 # AugLy builds its perspective matrix with np.matrix; that warning is AugLy's, not ours.

@@ -5,9 +5,9 @@ import timm
 import torch
 import torch.nn.functional as F
 
-from pretrain.backbones import DescriptorModel, build_backbone, list_backbones
-from pretrain.ibn import IBN, resnet50_ibn_a
-from pretrain.layers import GeM, TokenPool, gem, l2_normalize
+from core.models.backbones import DescriptorModel, build_backbone, list_backbones
+from core.models.ibn import IBN, resnet50_ibn_a
+from core.models.layers import GeM, TokenPool, gem
 
 FEATURE_DIMS = {
     "resnet18": 512, "resnet50": 2048, "resnet152": 2048, "r50_ibn_a": 2048,
@@ -65,11 +65,6 @@ def test_token_pool_cls_and_mean_skip_prefix_tokens() -> None:
     assert torch.allclose(TokenPool("mean", 2)(x), x[:, 2:].sum(1) / 5)
     with pytest.raises(ValueError, match="cls"):
         TokenPool("cls", 0)
-
-
-def test_l2_normalize_unit_rows_and_zero_rows() -> None:
-    x = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
-    assert torch.allclose(l2_normalize(x), torch.tensor([[0.6, 0.8], [0.0, 0.0]]))
 
 
 # ---- registry / descriptor models -----------------------------------------------------------

@@ -10,10 +10,15 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from pretrain.backbones import DescriptorModel, build_backbone
-from pretrain.checkpoint import (
-    CheckpointError, load_checkpoint, load_weights, read_sidecar, save_checkpoint, sidecar_path,
+from core.models.backbones import DescriptorModel, build_backbone
+from core.models.checkpoint import (
+    CheckpointError,
+    load_weights,
+    read_sidecar,
+    save_checkpoint,
+    sidecar_path,
 )
+from core.models.registry import load_checkpoint
 
 
 def _randomise_bn_and_gem(model: torch.nn.Module) -> None:

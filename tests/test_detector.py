@@ -5,7 +5,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from patchers.detector.synth import chunk_calls, generate_chunk, split_photos, write_data_yaml
+from patchers.detector.synth import (
+    chunk_calls,
+    generate_chunk,
+    split_photos,
+    write_data_yaml,
+)
 from tests.conftest import synthetic_photo
 
 
@@ -49,8 +54,9 @@ def test_synthetic_set_is_deterministic_with_labels_inside(photos, tmp_path):
 
 
 def test_box_recall_counts_matches_at_iou_half(tmp_path, monkeypatch):
-    import patchers.detector.train as train
     from PIL import Image
+
+    import patchers.detector.train as train
     for split_dir in ("images/val", "labels/val"):
         (tmp_path / split_dir).mkdir(parents=True)
     for k, label in enumerate(["0 0.5 0.5 0.4 0.4\n", "0 0.25 0.25 0.5 0.5\n"]):
@@ -79,6 +85,7 @@ def test_pasted_box_is_where_the_photo_is(tmp_path):
 
 
 def test_tiny_detector_trains_registers_and_predicts(photos, tmp_path, ray_local):
+    from core.models.registry import load_card
     from jobs.runtime import run_tasks
     from jobs.stages.patch import resolve_detector
     from patchers.detector.predict import detect
@@ -86,7 +93,6 @@ def test_tiny_detector_trains_registers_and_predicts(photos, tmp_path, ray_local
     from patchers.plan import plan_images
     from patchers.proposals import ProposalParams
     from patchers.views import ViewConfig
-    from pretrain.registry import load_card
 
     cfg = DetectorConfig(name="det-test", photos=str(photos), output=str(tmp_path / "det"),
                          registry=str(tmp_path / "models"), synth={"train": 8, "val": 4, "side": 128, "chunk": 4},

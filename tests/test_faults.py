@@ -7,15 +7,24 @@ import pyarrow.compute as pc
 import pytest
 import ray
 
-from ensemble.search import knn
-from ensemble.sharded import IndexSpec, ShardedIndex
-from ensemble.store import read_table
+from core.knn import knn
+from core.store import read_table
+from ensemble.sharded import ShardedIndex
+from core.knn import IndexSpec
 from jobs.layout import RunDir, shard_names
 from jobs.runtime import run_tasks
 from jobs.submit import client
 from tests.test_sharded import unit, write_refs
-from tests.test_submit import (JOB_SETS, TIMEOUT_S, assert_same_predictions, local_run, ray_cluster,
-                               submit_when_ready, wait_job, write_config)
+from tests.test_submit import (
+    JOB_SETS,
+    TIMEOUT_S,
+    assert_same_predictions,
+    local_run,
+    ray_cluster,
+    submit_when_ready,
+    wait_job,
+    write_config,
+)
 
 
 def test_run_tasks_retries_a_dead_worker(ray_local, tmp_path):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
+from core.contracts import CANDIDATES_SCHEMA
 from ensemble.fuse import RULES, fuse_models, max_over_patches, top_k_per_query
-from ensemble.store import CANDIDATES_SCHEMA
 
 
 def as_dict(table: pa.Table, *keys: str) -> dict:

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from patchers.imageio import ImageDecodeError, image_size, load_rgb, sha256_file
+from core.imageio import ImageDecodeError, image_size, load_rgb, sha256_file
 from tests.badimages import CORNER, EXPECTED, make_bad_images
 
 BAD = sorted(name for name, spec in EXPECTED.items() if spec["error"])

@@ -7,9 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.losses import (
-
-    LOSSES, ArcFaceLoss, CosFaceLoss, InfoNCELoss, build_loss, hardest_negatives, hardest_positives,
-    pairwise_distances, semi_hard_negatives,
+    LOSSES,
+    ArcFaceLoss,
+    CosFaceLoss,
+    InfoNCELoss,
+    build_loss,
+    hardest_negatives,
+    hardest_positives,
+    pairwise_distances,
+    semi_hard_negatives,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

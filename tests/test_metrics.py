@@ -5,8 +5,15 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ensemble.metrics import (Metrics, evaluate, evaluate_files, plot_pr, read_ground_truth,
-                              read_predictions, write_predictions)
+from core.metrics import (
+    Metrics,
+    evaluate,
+    evaluate_files,
+    plot_pr,
+    read_ground_truth,
+    read_predictions,
+    write_predictions,
+)
 
 
 def run(gt, preds) -> Metrics:

@@ -5,8 +5,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from core.contracts import CANDIDATES_SCHEMA
+from core.store import features_table
 from ensemble.normalize import bias_table, neighbour_similarity, normalize_scores
-from ensemble.store import CANDIDATES_SCHEMA, features_table
 
 
 def unit(x: np.ndarray) -> np.ndarray:

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ensemble.store import join, read_table, write_table
+from core.store import join, read_table, write_table
 from jobs.cli import main
 from jobs.commands.patch import preset_overrides
 from jobs.layout import RunDir

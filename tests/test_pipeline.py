@@ -5,7 +5,7 @@ import os
 import pyarrow.compute as pc
 import pytest
 
-from ensemble.store import read_table
+from core.store import read_table
 from jobs.cli import main
 from jobs.config import load_config
 from jobs.layout import RunDir, SettingsChanged

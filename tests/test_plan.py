@@ -5,7 +5,14 @@ import pytest
 
 from jobs.cli import main
 from jobs.config import load_config
-from jobs.plan import Throughput, build_plan, format_plan, index_bytes, patches_per_image, split_counts
+from jobs.plan import (
+    Throughput,
+    build_plan,
+    format_plan,
+    index_bytes,
+    patches_per_image,
+    split_counts,
+)
 from patchers.views import ViewConfig
 
 SETS = ["models=[{name: tiny_cnn, scales: [64, 96], dtype: float16}]", "patches.query.preset=fast",

@@ -2,8 +2,15 @@
 import pyarrow as pa
 from PIL import Image
 
-from ensemble.store import MANIFEST_SCHEMA, PATCHES_SCHEMA
-from patchers.preview import KIND_COLOURS, THUMB, contact_sheet, draw_patches, pick_images, write_preview
+from core.contracts import MANIFEST_SCHEMA, PATCHES_SCHEMA
+from patchers.preview import (
+    KIND_COLOURS,
+    THUMB,
+    contact_sheet,
+    draw_patches,
+    pick_images,
+    write_preview,
+)
 
 
 def _patch(image_id, pid, kind, box, rotation=0, flip=False, score=1.0):

@@ -2,7 +2,12 @@
 import numpy as np
 import pytest
 
-from patchers.proposals import ProposalParams, image_views, merge_boxes, selective_search
+from patchers.proposals import (
+    ProposalParams,
+    image_views,
+    merge_boxes,
+    selective_search,
+)
 from patchers.views import FULL, ViewConfig, plan_views
 from tests.conftest import synthetic_photo
 

@@ -5,7 +5,15 @@ import pytest
 from PIL import Image
 
 from pretrain.recipes import (
-    OPS, RECIPES, SET_RECIPES, OpContext, Recipe, Schedule, Step, get_recipe, recipe_names,
+    OPS,
+    RECIPES,
+    SET_RECIPES,
+    OpContext,
+    Recipe,
+    Schedule,
+    Step,
+    get_recipe,
+    recipe_names,
 )
 
 

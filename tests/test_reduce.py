@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from core.store import embeddings_from_arrow, features_table, read_table, write_table
 from ensemble.reduce import concat_members, fit_pca, l2_normalize, load_pca, save_pca
-from ensemble.store import embeddings_from_arrow, features_table, read_table, write_table
 
 
 def anisotropic(n: int, d: int, seed: int = 0) -> np.ndarray:

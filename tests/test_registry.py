@@ -6,11 +6,17 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from pretrain.backbones import build_backbone
-from pretrain.checkpoint import save_checkpoint
-from pretrain.layers import gem
-from pretrain.registry import (
-    ModelCard, RegistryError, build_model, default_registry_dir, list_cards, load_card, register,
+from core.models.backbones import build_backbone
+from core.models.checkpoint import save_checkpoint
+from core.models.layers import gem
+from core.models.registry import (
+    ModelCard,
+    RegistryError,
+    build_model,
+    default_registry_dir,
+    list_cards,
+    load_card,
+    register,
     resolve_model,
 )
 

@@ -9,8 +9,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from ensemble.metrics import write_predictions
-from ensemble.store import CANDIDATES_SCHEMA, MANIFEST_SCHEMA, write_table
+from core.contracts import CANDIDATES_SCHEMA, MANIFEST_SCHEMA
+from core.metrics import write_predictions
+from core.store import write_table
 from jobs.cli import main
 
 GT = [("Q0", "R0"), ("Q1", "R1"), ("Q2", "R2")]

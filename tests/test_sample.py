@@ -2,7 +2,7 @@
 import csv
 from pathlib import Path
 
-from patchers.imageio import load_rgb
+from core.imageio import load_rgb
 
 SAMPLE = Path(__file__).parent.parent / "bench" / "sample"
 

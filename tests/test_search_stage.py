@@ -3,7 +3,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from ensemble.store import features_table, read_table, write_table
+from core.store import features_table, read_table, write_table
 from jobs.config import PipelineConfig
 from jobs.layout import RunDir
 from jobs.stages.search import run_search

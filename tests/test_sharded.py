@@ -2,10 +2,9 @@
 import numpy as np
 import pytest
 
-from ensemble.search import knn
-from ensemble.sharded import (IndexSpec, ShardedIndex, ShardIndex, Slice, build_index, count_rows,
-                              hits_table, merge_topk, plan_shards)
-from ensemble.store import features_table, write_table
+from core.knn import IndexSpec, build_index, knn, merge_topk
+from core.store import features_table, write_table
+from ensemble.sharded import ShardedIndex, ShardIndex, Slice, count_rows, hits_table, plan_shards
 
 
 def unit(rng, n, d=32):
@@ -53,7 +52,7 @@ def test_shard_index_reads_only_its_rows_and_pads(tmp_path):
     x = unit(rng, 10)
     paths = write_refs(tmp_path, x, 4)
     assert count_rows(paths) == [4, 4, 2]
-    shard = ShardIndex([Slice(paths[0], 3, 4), Slice(paths[1], 0, 2)], IndexSpec(), k_max=5)
+    shard = ShardIndex([Slice(paths[0], 3, 4), Slice(paths[1], 0, 2)], "flat", IndexSpec(), k_max=5)
     assert shard.rows == 3 and list(shard.image_ids) == ["R00003", "R00004", "R00005"]
     scores, img, patch = shard.search(x[[4]], 5)      # k clipped to the 3 rows
     assert img[0, 0] == "R00004" and scores.shape == (1, 3) and np.isclose(scores[0, 0], 1.0)
@@ -63,12 +62,12 @@ def test_approximate_indexes_find_the_exact_copy():
     rng = np.random.default_rng(2)
     x = unit(rng, 1000, 32)
     for kind in ("ivfpq", "hnsw"):
-        index = build_index(x, IndexSpec(exact_max=100, kind=kind, nlist=16, nprobe=16, pq_m=8), k_max=1)
+        index = build_index(x, kind, IndexSpec(kind=kind, nlist=16, nprobe=16, pq_m=8), k_max=1)
         assert type(index).__name__ == ("IndexIVFPQ" if kind == "ivfpq" else "IndexHNSWFlat")
         _, idx = index.search(x[:50], 1)
         assert (idx[:, 0] == np.arange(50)).mean() >= 0.9
     with pytest.raises(ValueError, match="pq_m"):
-        build_index(x, IndexSpec(exact_max=100, pq_m=7))
+        build_index(x, "ivfpq", IndexSpec(pq_m=7))
 
 
 def test_exact_shards_equal_one_flat_index(ray_local, tmp_path):
@@ -81,7 +80,7 @@ def test_exact_shards_equal_one_flat_index(ray_local, tmp_path):
         assert len(index.actors) == 3 and index.rows == 300
         infos = index.info()
         assert [i["rows"] for i in infos] == [128, 128, 44]
-        assert all(i["index"] == "IndexFlatIP" and i["rss"] > 10 * 2**20 for i in infos)
+        assert all(i["index"] == "flat" and i["faiss"] == "IndexFlatIP" and i["rss"] > 10 * 2**20 for i in infos)
         scores, img, _ = index.search(q, 10)
     finally:
         index.close()
@@ -97,11 +96,11 @@ def test_whole_only_shards_index_patch_zero_only(tmp_path):
     x = unit(rng, 6)
     path = str(tmp_path / "reference-00000.parquet")
     write_table(features_table(["R0", "R0", "R0", "R1", "R1", "R1"], [0, 1, 2, 0, 1, 2], "m", 64, x), path)
-    shard = ShardIndex([Slice(path, 0, 6)], IndexSpec(), k_max=5, whole_only=True)
+    shard = ShardIndex([Slice(path, 0, 6)], "flat", IndexSpec(), k_max=5, whole_only=True)
     assert shard.rows == 2 and list(shard.patch_ids) == [0, 0]
     scores, img, patch = shard.search(x[[1]], 5)  # a tile's own vector finds only whole images
     assert scores.shape == (1, 2) and set(patch[0]) == {0}
-    tiles = ShardIndex([Slice(path, 1, 3)], IndexSpec(), k_max=5, whole_only=True)  # rows without a patch 0
+    tiles = ShardIndex([Slice(path, 1, 3)], "flat", IndexSpec(), k_max=5, whole_only=True)  # rows without a patch 0
     assert tiles.rows == 0 and tiles.search(x[[0]], 5)[0].shape == (1, 0)
 
 

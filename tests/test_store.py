@@ -3,7 +3,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from ensemble import store
+from core import contracts, store
 
 
 @pytest.mark.parametrize("dtype, tol", [("float32", 0.0), ("float16", 1e-3)])
@@ -12,9 +12,9 @@ def test_features_round_trip_through_parquet(tmp_path, dtype, tol):
     emb = rng.normal(size=(7, 24)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     t = store.features_table([f"q{i}" for i in range(7)], range(7), "resnet18", 224, emb, dtype)
-    path = store.write_table(t, tmp_path / "feats" / store.shard_name(0))
+    path = store.write_table(t, tmp_path / "feats" / contracts.shard_file("query", 0))
     back = store.read_table(path)
-    assert back.schema.equals(store.features_schema(24, dtype))
+    assert back.schema.equals(contracts.features_schema(24, dtype))
     np.testing.assert_allclose(store.embeddings_from_arrow(back.column("embedding")), emb, atol=tol)
     assert back.column("image_id").to_pylist() == [f"q{i}" for i in range(7)]
     assert set(back.column("scale").to_pylist()) == {224}

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from core.store import embeddings_from_arrow, features_table
 from ensemble.reduce import l2_normalize
-from ensemble.store import embeddings_from_arrow, features_table
 from ensemble.stretch import stretch, stretch_table
 
 D = 32

@@ -20,14 +20,20 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import yaml
-
 from ray.util.state import list_nodes
 
-from ensemble.metrics import read_predictions
-from ensemble.store import read_table
+from core.metrics import read_predictions
+from core.store import read_table
 from jobs.cli import main
 from jobs.config import ConfigError, load_config
-from jobs.submit import CLI_MAIN, EXCLUDES, check_locations, job_spec, staged_config, submit
+from jobs.submit import (
+    CLI_MAIN,
+    EXCLUDES,
+    check_locations,
+    job_spec,
+    staged_config,
+    submit,
+)
 
 TIMEOUT_S = 150  # every wait on the cluster or a job
 JOB_SETS = ["models=[{name: tiny_cnn, scales: [64], batch_size: 4}]", "patches.shard_size=3",
@@ -68,7 +74,7 @@ def test_submit_builds_the_job_and_stages_an_outside_config(tmp_path, tiny_datas
     assert call["staged_exists"], "the config must be inside the working dir while it is uploaded"
     assert not (Path(call["runtime_env"]["working_dir"]) / argv[4]).exists(), "staged copy is removed"
     env = call["runtime_env"]
-    assert set(EXCLUDES) >= {".venv", "runs", "models", ".git"} and env["excludes"] == EXCLUDES
+    assert set(EXCLUDES) >= {"/.venv", "/runs", "/models", "/.git"} and env["excludes"] == EXCLUDES
     assert env["env_vars"]["HF_HUB_OFFLINE"] == "1" and env["env_vars"]["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "1"
 
 

@@ -6,15 +6,19 @@ from pathlib import Path
 import pytest
 import torch
 
+from core.models.backbones import build_backbone
+from core.models.checkpoint import save_checkpoint
+from core.models.registry import build_model, list_cards, load_card, load_checkpoint
 from jobs.cli import main as copydet
-from pretrain.backbones import build_backbone
-from pretrain.checkpoint import load_checkpoint, save_checkpoint
-from pretrain.registry import build_model, list_cards, load_card
 from pretrain.train.fanout import plan_finetune, plan_pretrain, run_all
 from pretrain.train.finetune import BEST_FILE, train_local
 from pretrain.train_config import (
-
-    DataSection, FinetuneSection, ModelSection, RunSpec, TrainConfigError, load_train_config,
+    DataSection,
+    FinetuneSection,
+    ModelSection,
+    RunSpec,
+    TrainConfigError,
+    load_train_config,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -110,7 +114,7 @@ def test_fanout_registers_one_model_per_set_and_backbone(ray_local, photo_dir, t
 
 
 def test_models_command_lists_the_registry(tmp_path, capsys):
-    from pretrain.registry import card_for_model, register
+    from core.models.registry import card_for_model, register
 
     model = build_backbone("tiny_cnn", dim=16)
     register(card_for_model(model, name="m-one", trained_on="basic", loss="triplet",
@@ -126,7 +130,13 @@ def test_models_command_lists_the_registry(tmp_path, capsys):
 def test_loader_workers_follow_the_epoch(photo_dir):
     """Persistent loader workers see each new epoch (shared memory), so their copies equal the
     ones made in this process for that epoch."""
-    from pretrain.data import CopyViews, list_images, load_photos, make_loader, set_loader_epoch
+    from pretrain.data import (
+        CopyViews,
+        list_images,
+        load_photos,
+        make_loader,
+        set_loader_epoch,
+    )
     from pretrain.recipes import get_recipe
 
     photos = load_photos(list_images(photo_dir, limit=8), max_side=64)

@@ -6,9 +6,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from core.contracts import CANDIDATES_SCHEMA
 from ensemble.fuse import fuse_models
 from ensemble.normalize import normalize_scores
-from ensemble.store import CANDIDATES_SCHEMA
 from ensemble.tune import fused_map, quantile_grid, tune_beta, tune_thresholds
 
 

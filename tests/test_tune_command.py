@@ -8,13 +8,14 @@ import pyarrow as pa
 import pytest
 import yaml
 
+from core.contracts import CANDIDATES_SCHEMA
+from core.metrics import read_ground_truth
 from ensemble.fuse import fuse_models
-from ensemble.metrics import read_ground_truth
-from ensemble.store import CANDIDATES_SCHEMA
 from jobs.cli import main
 from jobs.config import load_config
-from jobs.tune import (BETA_GRID, Member, Setting, SplitSpec, make_synthetic_split, per_model_scores,
-                       tune_members, user_split)
+from ensemble.tune import Member, Setting, per_model_scores, tune_members
+from jobs.tune import BETA_GRID, user_split
+from pretrain.synthetic import SplitSpec, make_synthetic_split
 from tests.conftest import synthetic_photo
 
 TINY = ["models.0.name=tiny_cnn", "models.0.scales=[64]", "models.0.batch_size=8", "patches.shard_size=5",

@@ -70,11 +70,13 @@ def test_verify_pairs_counts_top_k_per_query(tmp_path):
         verify_pairs(pairs, {"q0": paths["q0"]}, top_k=1, load=load)
 
 
-def test_verify_pairs_reads_images_with_load_rgb_by_default(tmp_path):
-    pytest.importorskip("patchers.imageio")  # written by another stream of work
+def test_verify_pairs_reads_files_with_the_pipeline_decoder(tmp_path):
+    from core.imageio import load_rgb
+
     a = textured(5)
     a.save(tmp_path / "r.png")
     rotated_crop(a).save(tmp_path / "q.jpg", quality=95)
     pairs = pa.table({"query_id": ["q"], "reference_id": ["r"], "score": pa.array([0.5], pa.float32())})
-    out = verify_pairs(pairs, {"q": str(tmp_path / "q.jpg"), "r": str(tmp_path / "r.png")}, top_k=1)
+    out = verify_pairs(pairs, {"q": str(tmp_path / "q.jpg"), "r": str(tmp_path / "r.png")}, top_k=1,
+                       load=load_rgb)
     assert out.column("inliers")[0].as_py() >= 20

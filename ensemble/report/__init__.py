@@ -14,10 +14,17 @@ from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
 
-from ensemble.metrics import plot_pr
+from core.metrics import plot_pr
 from ensemble.report import figures, page
-from ensemble.report.analysis import (GT, false_positives, family_recall, missed_copies, pair_scores,
-                                      positive_mask, score_members)
+from ensemble.report.analysis import (
+    GT,
+    false_positives,
+    family_recall,
+    missed_copies,
+    pair_scores,
+    positive_mask,
+    score_members,
+)
 
 ASSETS = "report"  # folder of PNGs / thumbnails, relative to the HTML
 

@@ -8,8 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from core.metrics import Metrics, evaluate
 from ensemble.fuse import max_over_patches, top_k_per_query
-from ensemble.metrics import Metrics, evaluate
 
 GT = Sequence[tuple[str, str]]
 ENSEMBLE = "ensemble"

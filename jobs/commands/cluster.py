@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from jobs.cli import arg, command, config_from_args
 from jobs.pipeline import STAGES
-from jobs.runtime import say
+
+log = logging.getLogger(__name__)
 
 JOB_ARGS = (
     arg("job_id", metavar="JOB", help="job id printed by `copydet submit`"),
@@ -17,13 +19,14 @@ JOB_ARGS = (
          arg("--stage", default="run", choices=["run", *STAGES], help="one stage instead of the whole run"),
          arg("--follow", action="store_true", help="stream the job's logs until it ends"))
 def submit(args: argparse.Namespace) -> int:
-    from jobs.submit import job_logs, job_status, submit as submit_job
-    job_id = submit_job(args.config, args.address, args.stage, list(args.set or []), args.out, warn=say)
+    from jobs.submit import job_logs, job_status
+    from jobs.submit import submit as submit_job
+    job_id = submit_job(args.config, args.address, args.stage, list(args.set or []), args.out, warn=log.warning)
     print(job_id, flush=True)
     if args.follow:
         job_logs(job_id, args.address, follow=True)
         status = job_status(job_id, args.address)
-        say(status)
+        log.info(status)
         return 0 if status.startswith("SUCCEEDED") else 1
     return 0
 
@@ -46,7 +49,7 @@ def logs(args: argparse.Namespace) -> None:
 @command("stop", "stop a submitted job", *JOB_ARGS, uses_config=False)
 def stop(args: argparse.Namespace) -> None:
     from jobs.submit import stop_job
-    say(f"{args.job_id}: {'stop requested' if stop_job(args.job_id, args.address) else 'already finished'}")
+    log.info(f"{args.job_id}: {'stop requested' if stop_job(args.job_id, args.address) else 'already finished'}")
 
 
 @command("plan", "patches, feature bytes, index memory and GPU-hours per stage for a config",

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from jobs.cli import arg, command
 from jobs.config import RayConfig
-from jobs.runtime import init_ray, run_tasks, say
+from jobs.runtime import init_ray, run_tasks
+
+log = logging.getLogger(__name__)
 
 
 @command("detector", "train the copy-region detector on synthetic composites and register it",
@@ -18,5 +21,5 @@ def detector(args: argparse.Namespace) -> None:
     cfg = load_detector_config(args.config)
     init_ray(RayConfig(), args.address)
     card = train_detector(cfg, lambda fn, calls: run_tasks(fn, calls, "synth"))
-    say(f"detector {card.name}: box recall@0.5 {card.metrics['box_recall50']:.3f}, "
+    log.info(f"detector {card.name}: box recall@0.5 {card.metrics['box_recall50']:.3f}, "
         f"mAP50 {card.metrics['map50']:.3f}, {card.train_time_s:.0f} s -> {card.weights}")

@@ -10,13 +10,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Callable
 
+from core.models.cards import ModelCard
+from core.models.external import import_external
+from core.models.sscd import SSCD_MEMBERS, fetch_sscd
 from jobs.cli import arg, command
 from jobs.commands.train import models as list_models
-from jobs.runtime import say
-from pretrain.external import SSCD_MEMBERS, fetch_sscd, import_external
-from pretrain.registry import ModelCard
+
+log = logging.getLogger(__name__)
 
 
 def describe(card: ModelCard) -> str:
@@ -42,13 +45,13 @@ def _import(runtime: str) -> Callable[[argparse.Namespace], None]:
         card = import_external(args.path, args.name, registry=args.registry, runtime=runtime,
                                input_size=args.input_size, resize=args.resize, mean=args.mean, std=args.std,
                                copy=not args.no_copy, **spec_from_args(args))
-        say(f"registered {describe(card)}")
+        log.info(f"registered {describe(card)}")
     return run
 
 
 def _fetch_sscd(args: argparse.Namespace) -> None:
     for card in fetch_sscd(args.registry, names=tuple(args.only or SSCD_MEMBERS)):
-        say(f"registered {describe(card)}")
+        log.info(f"registered {describe(card)}")
 
 
 ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {

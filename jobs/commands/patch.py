@@ -9,15 +9,17 @@ RUN/preview.png and RUN/preview.html for N images.
 from __future__ import annotations
 
 import argparse
+import logging
 
-from ensemble.store import exists, read_table
+from core.store import exists, read_table
 from jobs.cli import arg, command
 from jobs.commands.stages import FOLDER_ARGS, config_with_folders
 from jobs.layout import RunDir
 from jobs.pipeline import run_stages
-from jobs.runtime import say
 from patchers.preview import write_preview
 from patchers.views import PRESETS
+
+log = logging.getLogger(__name__)
 
 SIDE_PRESETS = sorted(p for p in PRESETS if not p.startswith("ref_"))
 
@@ -43,4 +45,4 @@ def patch(args: argparse.Namespace) -> None:
     run_stages(cfg, stages, address=args.address)
     if args.preview:
         png, page = write_preview(read_table(run.manifest), read_table(run.patches), args.preview, run.root)
-        say(f"patch: preview of {args.preview} images -> {png}, {page}")
+        log.info(f"patch: preview of {args.preview} images -> {png}, {page}")

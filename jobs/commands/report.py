@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import yaml
 
-from ensemble.metrics import read_ground_truth, read_predictions
+from core.metrics import read_ground_truth, read_predictions
+from core.store import exists, read_table
 from ensemble.report import build_report
 from ensemble.report.analysis import Scored, family_recall, score
-from ensemble.store import exists, read_table
 from jobs.cli import arg, command
 from jobs.config import ConfigError, validate
 from jobs.layout import RunDir, shard_names
-from jobs.runtime import say
+
+log = logging.getLogger(__name__)
 
 
 def members(run: RunDir) -> dict[str, pa.Table]:
@@ -72,7 +74,7 @@ def report(args: argparse.Namespace) -> None:
     out = build_report(run.root, members(run), preds, read_ground_truth(gt_path), paths=paths,
                        families=read_families(args.meta) if args.meta else None, k=args.k,
                        title=f"copydet report: {os.path.basename(run.root)}", notes=[f"ground truth: {gt_path}"])
-    say(f"report: {out}")
+    log.info(f"report: {out}")
 
 
 def comparison_table(scored: list[Scored], recall: dict[str, dict[str, tuple[float, int]]]) -> str:

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from jobs.cli import arg, command, config_from_args
 from jobs.pipeline import evaluate_run, run_pipeline, run_stages
-from jobs.runtime import say
 from jobs.stages.evaluate import evaluate_run_files, format_metrics
+
+log = logging.getLogger(__name__)
 
 FOLDER_ARGS = (
     arg("--train", help="folder of unlabeled training images"),
@@ -55,6 +57,6 @@ stage_command("verify", "keypoint-verify each query's best candidates and re-sco
 def evaluate(args: argparse.Namespace) -> int:
     if args.predictions and args.ground_truth:
         m = evaluate_run_files(args.predictions, args.ground_truth, pr_png=args.plot)
-        say(format_metrics(m))
+        print(format_metrics(m))
         return 0
     return 0 if evaluate_run(config_from_args(args)) else 1

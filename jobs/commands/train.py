@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Callable
 
+from core.models.cards import ModelCard
+from core.models.registry import list_cards
 from jobs.cli import arg, command
 from jobs.config import RayConfig
-from jobs.runtime import init_ray, say
-from pretrain.registry import ModelCard, list_cards
+from jobs.runtime import init_ray
 from pretrain.train_config import RunSpec, TrainConfig, load_train_config
+
+log = logging.getLogger(__name__)
 
 TRAIN_ARGS = (
     arg("config", help="training YAML (see configs/train/)"),
@@ -22,12 +26,12 @@ def _train(args: argparse.Namespace, plan: Callable[[TrainConfig], list[RunSpec]
 
     cfg = load_train_config(args.config, args.set)
     specs = plan(cfg)
-    say(f"{len(specs)} runs: {', '.join(s.name for s in specs)}")
+    log.info(f"{len(specs)} runs: {', '.join(s.name for s in specs)}")
     init_ray(RayConfig(address=args.address or cfg.ray.address))
     outcomes = run_all(specs, cfg.ray)
     rows = [[o.name, o.status, _fmt(o.metrics.get("loss")), _fmt(o.metrics.get("micro_ap")), o.error or ""]
             for o in outcomes]
-    say(format_table(["run", "status", "loss", "val uAP", "error"], rows))
+    print(format_table(["run", "status", "loss", "val uAP", "error"], rows))
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
@@ -68,5 +72,5 @@ def models(args: argparse.Namespace) -> int:
     """`copydet models list` (registered with the other `models` actions in models_import.py)."""
     cards = list_cards(args.registry)
     header = ["name", "kind", "arch", "dim", "input", "trained_on", "loss", "val uAP", "train s", "source"]
-    say(format_table(header, [card_row(c) for c in cards]) if cards else "no models registered")
+    print(format_table(header, [card_row(c) for c in cards]) if cards else "no models registered")
     return 0

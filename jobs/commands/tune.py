@@ -2,13 +2,23 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 
 from jobs.cli import arg, command
 from jobs.config import ConfigError, load_config
-from jobs.runtime import say
-from jobs.tune import (BETA_GRID, SplitSpec, format_table, make_synthetic_split, provenance, tune_on_split,
-                       tuned_values, user_split, write_tuned_config)
+from jobs.tune import (
+    BETA_GRID,
+    format_table,
+    provenance,
+    tune_on_split,
+    tuned_values,
+    user_split,
+    write_tuned_config,
+)
+from pretrain.synthetic import SplitSpec, make_synthetic_split
+
+log = logging.getLogger(__name__)
 
 
 def beta_grid(text: str) -> list[float]:
@@ -55,8 +65,8 @@ def tune(args: argparse.Namespace) -> None:
         spec = SplitSpec(args.photos, args.recipe, args.seed, args.background)
         split = make_synthetic_split(train, os.path.join(run_dir, "tune", "data"), spec)
     result = tune_on_split(cfg, split, run_dir, args.beta_grid, args.address)
-    say(format_table(result))
+    print(format_table(result))
     out = args.write or os.path.join(run_dir, "tuned.yaml")
     write_tuned_config(args.config, overrides, tuned_values(result), out,
                        provenance(args.config, split, result, overrides))
-    say(f"tune: wrote {out}; run it with: copydet run {out}")
+    log.info(f"tune: wrote {out}; run it with: copydet run {out}")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from ensemble.metrics import Metrics, evaluate_files, plot_pr
-from ensemble.store import write_text
+from core.metrics import Metrics, evaluate_files, plot_pr
+from core.store import write_text
 
 
 def evaluate_run_files(predictions: str, ground_truth: str, metrics_json: str | None = None,

@@ -6,6 +6,7 @@ rows per shard and writes a shard as soon as all of its patches are embedded.
 """
 from __future__ import annotations
 
+import logging
 import os
 from collections import defaultdict
 
@@ -15,11 +16,14 @@ import ray
 from ray.data import ActorPoolStrategy
 from tqdm.auto import tqdm
 
-from ensemble.store import ERRORS_SCHEMA, features_table, join, read_table, write_table
+from core.contracts import ERRORS_SCHEMA
+from core.store import features_table, join, read_table, write_table
 from jobs.config import ExtractConfig, ModelEntry, PipelineConfig
 from jobs.layout import RunDir, pin_settings, shard_names
-from jobs.runtime import cluster_gpus, say
+from jobs.runtime import cluster_gpus
 from patchers.extract import Embedder
+
+log = logging.getLogger(__name__)
 
 ROWS_PER_BLOCK = 256
 
@@ -78,7 +82,7 @@ def run_extract_key(cfg: PipelineConfig, run: RunDir, entry: ModelEntry, scale: 
                                                 batch["embedding"].shape[1])
             bar.update(len(batch["shard"]))
     if bad:
-        say(f"extract {key}: {bad} patch(es) failed, listed in {run.errors}")
+        log.info(f"extract {key}: {bad} patch(es) failed, listed in {run.errors}")
 
 
 def write_features_shard(run: RunDir, out: str, key: str, entry: ModelEntry, scale: int, shard: str,

@@ -1,14 +1,17 @@
 """Stage 5: candidates of every model -> predictions.csv (image-level, top k per query)."""
 from __future__ import annotations
 
+import logging
+
 import pyarrow as pa
 
-from ensemble.fuse import fuse_models, max_over_patches, top_k_per_query
-from ensemble.metrics import write_predictions
-from ensemble.store import read_table, write_table
+from core.metrics import write_predictions
+from core.store import read_table, write_table
+from ensemble.fuse import fuse, max_over_patches, top_k_per_query
 from jobs.config import PipelineConfig
 from jobs.layout import RunDir, shard_names
-from jobs.runtime import say
+
+log = logging.getLogger(__name__)
 
 
 def run_fuse(cfg: PipelineConfig, run: RunDir) -> pa.Table:
@@ -18,11 +21,9 @@ def run_fuse(cfg: PipelineConfig, run: RunDir) -> pa.Table:
     if missing:
         raise RuntimeError(f"fuse: no candidates for {missing} in {run.root}/candidates (run search first)")
     per_model = pa.concat_tables([max_over_patches(read_table(run.candidates(k))) for k in keys])
-    fused = fuse_models(per_model, cfg.fuse.thresholds, cfg.fuse.rule) if len(keys) > 1 or cfg.fuse.thresholds \
-        else per_model.select(["query_id", "reference_id", "score"])
-    preds = top_k_per_query(fused, cfg.fuse.k)
+    preds = top_k_per_query(fuse(per_model, cfg.fuse.thresholds, cfg.fuse.rule), cfg.fuse.k)
     write_table(preds, run.fused)
     write_predictions(preds, run.predictions)
-    say(f"fuse: {preds.num_rows} predictions for {len(set(preds.column('query_id').to_pylist()))} "
+    log.info(f"fuse: {preds.num_rows} predictions for {len(set(preds.column('query_id').to_pylist()))} "
         f"queries -> {run.predictions}")
     return preds

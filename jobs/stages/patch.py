@@ -6,18 +6,22 @@ re-run resumes. At the end the patches per image of every split are reported.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pyarrow.compute as pc
 
-from ensemble.store import join, read_table, write_table
+from core.models.cards import RegistryError
+from core.models.registry import default_registry_dir, load_card
+from core.store import join, read_table, write_table
 from jobs.config import PipelineConfig
 from jobs.layout import RunDir, pin_settings, shard_names
-from jobs.runtime import run_tasks, say
+from jobs.runtime import run_tasks
 from patchers.plan import DetectorSpec, needs_pixels, plan_images, plan_table
 from patchers.proposals import ProposalParams
 from patchers.views import ViewConfig
-from pretrain.registry import RegistryError, default_registry_dir, load_card
+
+log = logging.getLogger(__name__)
 
 
 def resolve_detector(name: str | None, registry: str | None) -> DetectorSpec | None:
@@ -66,6 +70,6 @@ def run_patch(cfg: PipelineConfig, run: RunDir) -> None:
             calls.append((run, n, sides[split], detectors[split]))
     failed = sum(run_tasks(patch_shard, calls, "patch"))
     if failed:
-        say(f"patch: {failed} image(s) no longer decode; they kept only their geometric views")
+        log.info(f"patch: {failed} image(s) no longer decode; they kept only their geometric views")
     for split, (images, mean, most) in sorted(patch_counts(run).items()):
-        say(f"patch: {split}: {images} images, {mean:.1f} patches/image (max {most})")
+        log.info(f"patch: {split}: {images} images, {mean:.1f} patches/image (max {most})")

@@ -8,15 +8,19 @@ an ordinary feature folder, ``features/<search key>/``, so search and fuse need 
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pyarrow as pa
 
+from core.store import embeddings_from_arrow, exists, join, read_table, write_table
 from ensemble.reduce import Pca, concat_members, fit_pca, load_pca, save_pca
-from ensemble.store import embeddings_from_arrow, exists, join, read_table, write_table
 from ensemble.stretch import stretch_table
 from jobs.config import PipelineConfig, ReduceConfig
 from jobs.layout import RunDir, shard_names
-from jobs.runtime import run_tasks, say
+from jobs.runtime import run_tasks
+
+log = logging.getLogger(__name__)
 
 
 def member_table(run: RunDir, keys: list[str], shard: str) -> pa.Table:
@@ -67,5 +71,5 @@ def run_reduce(cfg: PipelineConfig, run: RunDir) -> None:
             continue
         pca, train = fit_or_load(run, keys, out_key, cfg.reduce)
         run_tasks(reduce_shard, [(run, keys, out_key, n, pca, train, cfg.reduce) for n in todo], f"reduce {out_key}")
-        say(f"reduce: {'+'.join(keys)} -> {out_key}" + (f" (PCA {pca.dim}{', whitened' if pca.whiten else ''})"
+        log.info(f"reduce: {'+'.join(keys)} -> {out_key}" + (f" (PCA {pca.dim}{', whitened' if pca.whiten else ''})"
                                                          if pca else ""))

@@ -13,25 +13,24 @@ so a small query region never meets a small reference tile.
 """
 from __future__ import annotations
 
+import logging
 from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
+from core.contracts import WHOLE_PATCH
+from core.knn import Hits
+from core.store import embeddings_from_arrow, join, read_table, write_table
 from ensemble.normalize import normalize_scores
-from ensemble.sharded import WHOLE_PATCH, Hits, IndexSpec, ShardedIndex, format_info, hits_table
-from ensemble.store import embeddings_from_arrow, join, read_table, write_table
+from ensemble.sharded import ShardedIndex, format_info, hits_table
 from jobs.config import PipelineConfig, SearchConfig
 from jobs.layout import RunDir, pin_settings, shard_names
-from jobs.runtime import say
+
+log = logging.getLogger(__name__)
 
 IN_FLIGHT = 2  # query files searched ahead while the previous one is merged and written
-
-
-def index_spec(cfg: SearchConfig) -> IndexSpec:
-    return IndexSpec(exact_max=cfg.exact_max, kind=cfg.index, nlist=cfg.nlist, nprobe=cfg.nprobe,
-                     pq_m=cfg.pq_m, hnsw_m=cfg.hnsw_m, ef_search=cfg.ef_search)
 
 
 def open_split(run: RunDir, key: str, split: str, cfg: SearchConfig, k_max: int,
@@ -40,9 +39,9 @@ def open_split(run: RunDir, key: str, split: str, cfg: SearchConfig, k_max: int,
     files = [join(run.features(key), n) for n in shard_names(run.features(key), split)]
     if not files:
         return None
-    index = ShardedIndex(files, index_spec(cfg), cfg.shard_size, k_max,
+    index = ShardedIndex(files, cfg.index_spec(), cfg.shard_size, k_max,
                          {"num_cpus": cfg.cpus_per_shard, "num_gpus": cfg.gpus_per_shard}, whole_only=whole_only)
-    say(format_info(f"search {key} {split}{' (whole images)' if whole_only else ''}", index.info()))
+    log.info(format_info(f"search {key} {split}{' (whole images)' if whole_only else ''}", index.info()))
     return index
 
 
@@ -123,7 +122,7 @@ def search_key(cfg: PipelineConfig, run: RunDir, key: str) -> None:
     refs = References(everything, whole)
     train = open_split(run, key, "train", scfg, scfg.normalize.neighbours) if scfg.normalize.enabled else None
     if scfg.normalize.enabled and train is None:
-        say(f"search {key}: normalisation is on but there are no train features; scores are raw")
+        log.info(f"search {key}: normalisation is on but there are no train features; scores are raw")
     if train is not None and train.rows < scfg.normalize.neighbours:
         raise ValueError(f"search.normalize.neighbours={scfg.normalize.neighbours} exceeds the "
                          f"{train.rows} train descriptors of {key}")
@@ -136,7 +135,7 @@ def search_key(cfg: PipelineConfig, run: RunDir, key: str) -> None:
                 q = flight.popleft()
                 write_table(q.candidates(train, key), join(run.candidates(key), q.name))
                 finished += 1
-                say(f"[search {key}] {finished}/{len(names)} query shards")
+                log.info(f"[search {key}] {finished}/{len(names)} query shards")
     finally:
         refs.close()
         if train is not None:

@@ -7,18 +7,22 @@ running this stage twice never boosts a score twice.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from core.imageio import load_rgb
+from core.metrics import write_predictions
+from core.store import chunks, join, list_shards, read_table, write_table
 from ensemble.fuse import top_k_per_query
-from ensemble.metrics import write_predictions
-from ensemble.store import chunks, join, list_shards, read_table, write_table
 from ensemble.verify import verify_pairs
 from jobs.config import PipelineConfig, VerifyConfig
 from jobs.layout import RunDir, pin_settings
-from jobs.runtime import run_tasks, say
-from patchers.imageio import load_rgb
+from jobs.runtime import run_tasks
+
+log = logging.getLogger(__name__)
 
 QUERIES_PER_TASK = 64
 
@@ -47,7 +51,7 @@ def rescore(fused: pa.Table, checked: pa.Table, cfg: VerifyConfig) -> pa.Table:
 
 def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
     if not cfg.verify.enabled:
-        say("verify: off (set verify.enabled=true to verify candidates)")
+        log.info("verify: off (set verify.enabled=true to verify candidates)")
         return
     pin_settings(run.verify, {"method": cfg.verify.method, "max_side": cfg.verify.max_side}, "verify")
     fused = read_table(run.fused)
@@ -71,6 +75,6 @@ def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
     checked = pa.concat_tables([read_table(s) for s in list_shards(run.verify)])
     preds = rescore(fused, checked, cfg.verify)
     write_predictions(preds, run.predictions)
-    say(f"verify: {checked.num_rows} pairs checked ({cfg.verify.method}); "
+    log.info(f"verify: {checked.num_rows} pairs checked ({cfg.verify.method}); "
         f"{int(pc.sum(pc.greater_equal(checked.column('inliers'), cfg.verify.min_inliers)).as_py() or 0)} "
         f"with >= {cfg.verify.min_inliers} inliers -> {run.predictions}")

@@ -14,13 +14,13 @@ from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 
+import augly.image.functional as F  # noqa: E402
 import numpy as np
+from augly import utils as augly_utils  # noqa: E402
 from PIL import Image
 
 import pretrain.recipes  # noqa: F401  (AugLy compat shim, needed by meme_format)
-import augly.image.functional as F  # noqa: E402
-from augly import utils as augly_utils  # noqa: E402
-from patchers.imageio import ImageDecodeError, load_rgb  # noqa: E402
+from core.imageio import ImageDecodeError, load_rgb  # noqa: E402
 
 WORK_SIDE = 512                       # composites are built at this long side, then resized
 MEME_WORDS = ["when", "you", "me", "LOL", "the", "monday", "mood", "nobody", "finally", "wait", "why"]

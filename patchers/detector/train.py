@@ -18,12 +18,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torchvision.ops import box_iou
 
+from core.imageio import list_images, load_rgb
+from core.models.cards import ModelCard
+from core.models.registry import register
+from core.yamlconf import load_as
 from patchers.detector.predict import detect, offline_ultralytics
 from patchers.detector.synth import chunk_calls, generate_chunk, write_data_yaml
-from patchers.imageio import load_rgb
-from patchers.manifest import scan_folder
-from pretrain.registry import ModelCard, register
-from pretrain.yamlconf import load_as
 
 MapFn = Callable[[Callable[..., Any], Sequence[tuple]], list[Any]]
 
@@ -77,7 +77,7 @@ def local_map(fn: Callable[..., Any], calls: Sequence[tuple]) -> list[Any]:
 
 def build_dataset(cfg: DetectorConfig, map_fn: MapFn = local_map) -> str:
     """Generate the synthetic set (missing chunks only) and return its data.yaml."""
-    photos = [p for _, p in scan_folder(cfg.photos, cfg.limit)]
+    photos = [p for _, p in list_images(cfg.photos, cfg.limit)]
     data = Path(cfg.output) / "data"
     calls = chunk_calls(photos, str(data), {"train": cfg.synth.train, "val": cfg.synth.val},
                         cfg.synth.seed, cfg.synth.side, cfg.synth.chunk)

@@ -13,7 +13,12 @@ from torch import nn
 from pretrain.losses.arcface import ArcFaceLoss
 from pretrain.losses.cosface import CosFaceLoss
 from pretrain.losses.infonce import InfoNCELoss
-from pretrain.losses.mining import hardest_negatives, hardest_positives, pairwise_distances, semi_hard_negatives
+from pretrain.losses.mining import (
+    hardest_negatives,
+    hardest_positives,
+    pairwise_distances,
+    semi_hard_negatives,
+)
 from pretrain.losses.triplet import TripletLoss
 
 LossFactory = Callable[..., nn.Module]

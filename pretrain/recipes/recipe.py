@@ -1,7 +1,7 @@
 """A recipe: a named list of augmentation steps with a progressive-intensity schedule.
 
 A training set is the unlabeled photos plus one recipe. Each step applies one family from
-:data:`pretrain.recipes.ops.OPS` with a probability and a strength range; the schedule scales
+:data:`core.augment.ops.OPS` with a probability and a strength range; the schedule scales
 the top of every range from ``start`` (epoch 0) to 1 (after ``ramp_epochs``) so training sees
 mild copies first. The output depends only on (seed, image key, epoch, view).
 
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from pretrain.recipes.ops import OPS, OpContext
+from core.augment import OPS, OpContext
 
 
 @dataclass(frozen=True)

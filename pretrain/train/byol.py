@@ -14,13 +14,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from pretrain.backbones import DescriptorModel, build_backbone
+from core.models.backbones import DescriptorModel, build_backbone
+from core.models.cards import ModelCard
 from pretrain.data import CopyViews, make_loader
 from pretrain.recipes import get_recipe
-from pretrain.registry import ModelCard
 from pretrain.ssl import BYOL, momentum_at
-from pretrain.train.common import (autocast, epochs, log_event, register_model, run_card, split_photos,
-                                    start_or_resume, unwrap)
+from pretrain.train.common import (
+    autocast,
+    epochs,
+    log_event,
+    register_model,
+    run_card,
+    split_photos,
+    start_or_resume,
+    unwrap,
+)
 from pretrain.train.session import LocalSession, RaySession, Session
 from pretrain.train.state import write_checkpoint
 from pretrain.train_config import RunSpec

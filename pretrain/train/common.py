@@ -16,10 +16,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from pretrain.backbones import DescriptorModel
-from pretrain.checkpoint import save_checkpoint, sidecar_path
+from core.models.backbones import DescriptorModel
+from core.models.cards import ModelCard
+from core.models.checkpoint import save_checkpoint, sidecar_path
+from core.models.registry import card_for_model, register
 from pretrain.data import Photo, list_images, load_photos, set_loader_epoch
-from pretrain.registry import ModelCard, card_for_model, register
 from pretrain.train.session import Session
 from pretrain.train.state import read_checkpoint
 from pretrain.train_config import RunSpec

@@ -10,12 +10,16 @@ is skipped (so a fan-out resumes), and a failed run is reported while the others
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pretrain.registry import CARD_SUFFIX, RegistryError, load_card, resolve_model
+from core.models.cards import RegistryError
+from core.models.registry import CARD_SUFFIX, load_card, resolve_model
 from pretrain.train_config import RaySection, RunSpec, TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -121,5 +125,5 @@ def run_all(specs: list[RunSpec], ray_cfg: RaySection) -> list[Outcome]:
             outcomes[spec.name] = Outcome(spec.name, "done", metrics=ray.get(done[0]))
         except Exception as e:  # a failed run is reported; the others go on
             outcomes[spec.name] = Outcome(spec.name, "failed", error=_last_line(e))
-        print(f"[fan-out] {spec.name}: {outcomes[spec.name].status}", flush=True)
+        log.info("[fan-out] %s: %s", spec.name, outcomes[spec.name].status)
     return [outcomes[s.name] for s in specs]

@@ -1,6 +1,6 @@
 """The checkpoint folder one epoch of training leaves behind.
 
-    model.safetensors (+ .json sidecar)  the descriptor model (pretrain.checkpoint format)
+    model.safetensors (+ .json sidecar)  the descriptor model (core.models.checkpoint format)
     card.json                            its model card (what the registry will hold)
     state.pt                             everything else needed to resume: the other modules'
                                          state dicts and the optimiser (read weights_only)
@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from pretrain.backbones import DescriptorModel
-from pretrain.checkpoint import CheckpointError, save_checkpoint
-from pretrain.registry import ModelCard
+from core.models.backbones import DescriptorModel
+from core.models.cards import ModelCard
+from core.models.checkpoint import CheckpointError, save_checkpoint
 
 MODEL_FILE = "model.safetensors"
 

@@ -3,7 +3,7 @@
 References are the held-aside photos; queries are one recipe copy of every reference (at
 full intensity) plus one copy of every distractor photo (which has no reference). Queries
 are fixed for the whole run, so epochs are comparable. Scoring is the pipeline's own: faiss
-kNN (``ensemble.search.knn``) and the ISC21 evaluator (``ensemble.metrics.evaluate``).
+kNN (``core.knn.knn``) and the ISC21 evaluator (``core.metrics.evaluate``).
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ensemble.metrics import Metrics, evaluate
-from ensemble.search import knn
-from pretrain.backbones import DescriptorModel
+from core.knn import knn
+from core.metrics import Metrics, evaluate
+from core.models.backbones import DescriptorModel
 from pretrain.data import Photo, to_tensor
 from pretrain.recipes import OpContext, Recipe
 

@@ -82,7 +82,3 @@ class TokenPool(nn.Module):
     def extra_repr(self) -> str:
         return f"mode={self.mode}, num_prefix_tokens={self.num_prefix_tokens}"
 
-
-def l2_normalize(x: torch.Tensor, dim: int = -1, eps: float = 1e-12) -> torch.Tensor:
-    """Scale ``x`` to unit L2 norm along ``dim`` (all-zero rows stay zero instead of NaN)."""
-    return F.normalize(x, p=2.0, dim=dim, eps=eps)

@@ -1,11 +1,10 @@
-"""faiss kNN helpers against brute-force numpy on random L2-normalised vectors."""
+"""core.knn against brute-force numpy on random L2-normalised vectors."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from ensemble.search import knn, knn_blocks, search_tables
-from ensemble.store import CANDIDATES_SCHEMA, features_table
+from core.knn import IndexSpec, index_kind, knn, l2_normalize, merge_topk
 
 
 def unit(rng: np.random.Generator, n: int, d: int = 16) -> np.ndarray:
@@ -39,15 +38,33 @@ def test_k_larger_than_database_is_clipped():
 
 
 @pytest.mark.parametrize("k", [3, 50])
-def test_blocks_equal_single_flat_index(k):
+def test_blocks_merged_equal_single_flat_index(k):
+    """Per-block top-k lists merged by merge_topk (the sharded search's path) = one flat index."""
     rng = np.random.default_rng(2)
     q, db = unit(rng, 12), unit(rng, 40)
-    blocks = [db[:7], db[7:7], db[7:30], db[30:]]  # uneven, one empty
-    scores, idx = knn_blocks(q, iter(blocks), k)
+    bounds = [(0, 7), (7, 30), (30, 40)]  # uneven blocks
+    parts = []
+    for a, b in bounds:
+        s, i = knn(q, db[a:b], k)
+        parts.append((s, i + a, np.zeros_like(i)))
+    scores, idx, _ = merge_topk(parts, k)
     want_s, want_i = knn(q, db, k)
     assert idx.shape == (12, min(k, 40))
     np.testing.assert_array_equal(idx, want_i)
     np.testing.assert_allclose(scores, want_s, atol=1e-6)
+
+
+def test_index_kind_is_decided_for_the_whole_set():
+    spec = IndexSpec(exact_max=100, kind="hnsw")
+    assert index_kind(99, spec) == "flat" and index_kind(100, spec) == "hnsw"
+    with pytest.raises(ValueError, match="unknown index kind"):
+        index_kind(10, IndexSpec(kind="lsh"))
+
+
+def test_l2_normalize_unit_rows_and_zero_rows():
+    x = np.array([[3.0, 4.0], [0.0, 0.0]])
+    np.testing.assert_allclose(l2_normalize(x), [[0.6, 0.8], [0.0, 0.0]])
+    assert l2_normalize(x).dtype == np.float32
 
 
 def test_bad_arguments():
@@ -56,21 +73,3 @@ def test_bad_arguments():
         knn(unit(rng, 2, 8), unit(rng, 3, 16), 1)
     with pytest.raises(ValueError, match="k must be"):
         knn(unit(rng, 2), unit(rng, 3), 0)
-
-
-def test_search_tables_rows_and_ids():
-    rng = np.random.default_rng(4)
-    q, db = unit(rng, 3), unit(rng, 6)
-    queries = features_table(["qa", "qa", "qb"], [0, 1, 0], "m", 224, q)
-    refs = features_table(["r0", "r0", "r1", "r1", "r2", "r2"], [0, 1, 0, 1, 0, 1], "m", 224, db)
-    cands = search_tables(queries, refs, k=2, model="resnet@224")
-    assert cands.schema == CANDIDATES_SCHEMA and cands.num_rows == 6
-    _, want_i = brute_force(q, db, 2)
-    rows = cands.to_pylist()
-    for n, row in enumerate(rows):
-        i, j = divmod(n, 2)
-        assert (row["query_id"], row["query_patch"]) == (["qa", "qa", "qb"][i], [0, 1, 0][i])
-        ref = want_i[i, j]
-        assert (row["reference_id"], row["reference_patch"]) == (f"r{ref // 2}", ref % 2)
-        assert row["model"] == "resnet@224"
-        assert row["score"] == pytest.approx(float(q[i] @ db[ref]), abs=1e-5)

@@ -16,11 +16,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.csv as pacsv
 
-from ensemble.store import atomic_output
+from core.contracts import PREDICTIONS_SCHEMA
+from core.store import atomic_output
 
-PREDICTIONS_SCHEMA = pa.schema([
-    ("query_id", pa.string()), ("reference_id", pa.string()), ("score", pa.float32()),
-])
 _NOT_FOUND = np.iinfo(np.int64).max  # rank of a ground-truth pair that was not predicted
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
 WHITE = (255, 255, 255)
 # EXIF orientations (tag 0x0112) that rotate by 90 or 270 degrees, i.e. swap width and height.
 SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
@@ -122,3 +123,17 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         for chunk in iter(lambda: f.read(chunk_size), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def list_images(folder: str | os.PathLike, limit: int | None = None) -> list[tuple[str, str]]:
+    """``(image_id, path)`` for the image files under ``folder`` (recursive, sorted).
+
+    The id is the file stem, as in ISC21 (``Q00001.jpg`` -> ``Q00001``); files in
+    sub-folders get their relative path without suffix so ids stay unique.
+    """
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{folder}: image folder does not exist")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    out = [(str(p.relative_to(root).with_suffix("")), str(p.resolve())) for p in files]
+    return out[:limit] if limit else out

@@ -1,7 +1,7 @@
-"""Model cards: one JSON file per registered model; the rest of copydet names models by card.
+"""The model registry: cards on disk, and names resolved to cards and built into models.
 
 A name resolves, in order, to a card ``<registry>/<name>.json``, a checkpoint file with its
-sidecar (:mod:`pretrain.checkpoint`), or a bare backbone name (a random-init card). The
+sidecar (:mod:`core.models.checkpoint`), or a bare backbone name (a random-init card). The
 registry folder is ``$COPYDET_REGISTRY``, else ``models/`` under the working directory.
 """
 
@@ -10,52 +10,24 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import ValidationError
 
-from pretrain.backbones import DescriptorModel, build_backbone, list_backbones
-from pretrain.checkpoint import build_from_sidecar, read_sidecar, sidecar_path, write_atomically
+from core.models.backbones import DescriptorModel, build_backbone, list_backbones
+from core.models.cards import NAME_PATTERN, ModelCard, RegistryError
+from core.models.checkpoint import (
+    CheckpointError,
+    load_weights,
+    read_sidecar,
+    sidecar_path,
+)
+from core.store import write_text
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 CARD_SUFFIX = ".json"
 # Fields a checkpoint's sidecar "meta" may fill in on the card made from it.
 _META_FIELDS = ("trained_on", "loss", "source_checkpoint", "train_time_s", "metrics", "resize")
-
-
-class RegistryError(ValueError):
-    """A model name cannot be resolved, or a card file is invalid (the message says which)."""
-
-
-class ModelCard(BaseModel):
-    """What a stage needs to know to use a model, and where it came from."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=NAME_PATTERN, description="registry name (file <name>.json)")
-    kind: Literal["backbone", "detector", "external"]
-    arch: str = Field(description="backbone registry name, detector or external model type")
-    weights: str | None = Field(None, description="local weights file; None = random init")
-    input_size: int = Field(gt=0, description="nominal input side in pixels")
-    resize: Literal["square", "short_side", "long_side"] = Field(
-        "square", description="square: to input_size^2; *_side: that side to input_size"
-    )
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    dim: int | None = Field(None, gt=0, description="descriptor size (None for detectors)")
-    build: dict[str, Any] = Field({}, description="build_backbone kwargs (kind backbone)")
-    trained_on: str | None = Field(None, description="training recipe / image set")
-    loss: str | None = None
-    source_checkpoint: str | None = Field(None, description="weights training started from")
-    train_time_s: float | None = Field(None, ge=0)
-    metrics: dict[str, float] = Field({}, description="validation metrics, e.g. uAP, R@P90")
-
-    @model_validator(mode="after")
-    def _backbone_fields(self) -> ModelCard:
-        if self.kind == "backbone" and (self.dim is None or "name" not in self.build):
-            raise ValueError("a backbone card needs dim and build (build_backbone kwargs)")
-        return self
 
 
 def default_registry_dir() -> Path:
@@ -69,9 +41,9 @@ def _dir(registry_dir: str | os.PathLike | None) -> Path:
 
 def register(card: ModelCard, registry_dir: str | os.PathLike | None = None) -> Path:
     """Write ``card`` to ``<registry_dir>/<name>.json`` atomically (replacing an older card)."""
-    text = card.model_dump_json(indent=2) + "\n"
     path = _dir(registry_dir) / f"{card.name}{CARD_SUFFIX}"
-    return write_atomically(path, lambda tmp: tmp.write_text(text))
+    write_text(path, card.model_dump_json(indent=2) + "\n")
+    return path
 
 
 def _read_card(path: Path) -> ModelCard:
@@ -119,6 +91,24 @@ def card_for_model(
         name=name, kind="backbone", arch=model.name, weights=weights, input_size=model.img_size,
         mean=model.mean, std=model.std, dim=model.dim, build=model.config(), **fields,
     )
+
+
+def build_from_sidecar(path: str | os.PathLike) -> DescriptorModel:
+    """The (random-init) architecture that the sidecar of checkpoint ``path`` describes."""
+    config = read_sidecar(path)["config"]
+    try:
+        return build_backbone(**config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(sidecar_path(path), f"cannot rebuild the model ({e})") from e
+
+
+def load_checkpoint(path: str | os.PathLike) -> DescriptorModel:
+    """The model a ``save_checkpoint`` file describes, with its weights."""
+    if not Path(path).is_file():
+        raise CheckpointError(path, "no such file")
+    model = build_from_sidecar(path)
+    load_weights(model, path)
+    return model
 
 
 def card_from_checkpoint(path: str | os.PathLike) -> ModelCard:

@@ -11,17 +11,16 @@ import json
 import os
 import pickle
 import re
-import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
-from pretrain.backbones import DescriptorModel, build_backbone
+from core.store import write_bytes, write_text
 
 SIDECAR_FORMAT = "copydet.descriptor/1"
 TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
@@ -45,22 +44,9 @@ def sidecar_path(path: str | os.PathLike) -> Path:
     return Path(f"{os.fspath(path)}.json")
 
 
-def write_atomically(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """Run ``write(tmp)`` on a temporary sibling, then rename it to ``path`` (readers never
-    see a half-written file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
 
 def save_checkpoint(
-    model: DescriptorModel, path: str | os.PathLike, *, meta: Mapping[str, Any] | None = None
+    model: nn.Module, path: str | os.PathLike, *, meta: Mapping[str, Any] | None = None
 ) -> Path:
     """Write ``model``'s state dict to ``path`` (.safetensors) and its config to the sidecar.
 
@@ -71,10 +57,9 @@ def save_checkpoint(
     if path.suffix != ".safetensors":
         raise CheckpointError(path, "checkpoints are saved as .safetensors")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    write_atomically(path, lambda tmp: save_file(state, os.fspath(tmp)))
+    write_bytes(path, save(state))
     sidecar = {"format": SIDECAR_FORMAT, "config": model.config(), "meta": dict(meta or {})}
-    text = json.dumps(sidecar, indent=2)
-    write_atomically(sidecar_path(path), lambda tmp: tmp.write_text(text + "\n"))
+    write_text(sidecar_path(path), json.dumps(sidecar, indent=2) + "\n")
     return path
 
 
@@ -93,22 +78,6 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(side, "sidecar has no 'config' object")
     return data
 
-
-def load_checkpoint(path: str | os.PathLike) -> DescriptorModel:
-    """Rebuild the model described by the sidecar and load every weight of ``path`` into it."""
-    state = read_state_dict(path)
-    model = build_from_sidecar(path)
-    _assign(model, state, path)
-    return model
-
-
-def build_from_sidecar(path: str | os.PathLike) -> DescriptorModel:
-    """The (random-init) architecture that the sidecar of checkpoint ``path`` describes."""
-    config = read_sidecar(path)["config"]
-    try:
-        return build_backbone(**config)
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(sidecar_path(path), f"cannot rebuild the model ({e})") from e
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -163,7 +132,7 @@ def _tensor_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     return dict(obj)
 
 
-def load_weights(model: DescriptorModel, path: str | os.PathLike) -> str:
+def load_weights(model: nn.Module, path: str | os.PathLike) -> str:
     """Load ``path`` into ``model``; returns what was loaded, ``"model"`` or ``"trunk"``.
 
     A file whose keys are exactly the model's (ours, see :func:`save_checkpoint`) loads whole.

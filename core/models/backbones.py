@@ -22,10 +22,12 @@ from typing import Any
 
 import timm
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from pretrain.ibn import resnet50_ibn_a
-from pretrain.layers import GeM, TokenPool, l2_normalize
+from core.models.checkpoint import load_weights
+from core.models.ibn import resnet50_ibn_a
+from core.models.layers import GeM, TokenPool
 
 TrunkBuilder = Callable[[int | None], nn.Module]  # img_size -> timm trunk without pool/head
 
@@ -136,7 +138,7 @@ class DescriptorModel(nn.Module):
         self.std: tuple[float, float, float] = tuple(float(v) for v in cfg["std"])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return l2_normalize(self.proj(self.pool(self.trunk.forward_features(x))))
+        return F.normalize(self.proj(self.pool(self.trunk.forward_features(x))), dim=-1)
 
     def config(self) -> dict[str, Any]:
         """Keyword arguments for :func:`build_backbone` that rebuild this architecture."""
@@ -162,7 +164,7 @@ def build_backbone(
 
     dim: projection size (None: no projection, the trunk's feature size).
     checkpoint: local weights, ours or a plain timm/torchvision state dict (see
-        :func:`pretrain.checkpoint.load_weights`).
+        :func:`core.models.checkpoint.load_weights`).
     img_size: nominal input size (ViTs size their position embedding to it; default: timm's).
     pool: one of the backbone's pools (default: GeM for CNNs, class token for ViTs).
     seed: random init runs under this seed in a forked RNG, so an untrained backbone is the
@@ -182,7 +184,5 @@ def build_backbone(
         size = img_size if img_size is not None else int(trunk.pretrained_cfg["input_size"][-1])
         model = DescriptorModel(trunk, name=name, pool=pool, dim=dim, img_size=size, seed=seed)
     if checkpoint is not None:
-        from pretrain.checkpoint import load_weights  # local: checkpoint.py imports this module
-
         load_weights(model, checkpoint)
     return model

@@ -4,7 +4,7 @@ Every op draws all of its randomness from the ``rng`` it is given (never from ``
 torch's global RNG), so a recipe is reproducible from its seed. ``strength`` in [0, 1] maps
 linearly onto the op's own parameter range (written next to each op): 0 is the mildest edit,
 1 the strongest this family is meant to produce. AugLy families need the compat shim that
-``pretrain.recipes`` imports first (meme_format, perspective_transform).
+``core.augment`` imports first (meme_format, perspective_transform).
 
 Example::
 

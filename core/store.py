@@ -8,6 +8,7 @@ paths or URIs that pyarrow's filesystems understand (``s3://``, ``gs://``, ``fil
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -19,30 +20,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-MANIFEST_SCHEMA = pa.schema([
-    ("image_id", pa.string()), ("path", pa.string()), ("split", pa.string()),
-    ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()),
-])
-ERRORS_SCHEMA = pa.schema([("path", pa.string()), ("error", pa.string())])
-PATCHES_SCHEMA = pa.schema([
-    ("image_id", pa.string()), ("patch_id", pa.int32()), ("kind", pa.string()),
-    ("x0", pa.float32()), ("y0", pa.float32()), ("x1", pa.float32()), ("y1", pa.float32()),
-    ("rotation", pa.int16()), ("flip", pa.bool_()), ("source_score", pa.float32()),
-])
-CANDIDATES_SCHEMA = pa.schema([
-    ("query_id", pa.string()), ("query_patch", pa.int32()), ("reference_id", pa.string()),
-    ("reference_patch", pa.int32()), ("model", pa.string()), ("score", pa.float32()),
-])
-SPLITS = ("train", "reference", "query")
-
-
-def features_schema(dim: int, dtype: str = "float32") -> pa.Schema:
-    """Schema of a feature shard: one L2-normalised embedding per (image, patch)."""
-    value = pa.float16() if dtype == "float16" else pa.float32()
-    return pa.schema([
-        ("image_id", pa.string()), ("patch_id", pa.int32()), ("model", pa.string()),
-        ("scale", pa.int16()), ("embedding", pa.list_(value, dim)),
-    ])
+from core.contracts import features_schema
 
 
 def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
@@ -96,11 +74,23 @@ def write_table(table: pa.Table, path: str | os.PathLike) -> str:
     return str(path)
 
 
-def write_text(path: str | os.PathLike, text: str) -> str:
-    """Write a small text file (JSON, YAML) atomically."""
+def write_bytes(path: str | os.PathLike, data: bytes) -> str:
+    """Write ``data`` to ``path`` atomically."""
     with atomic_output(path) as f:
-        f.write(text.encode())
+        f.write(data)
     return str(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> str:
+    """Write a text file (JSON, YAML, HTML) atomically."""
+    return write_bytes(path, text.encode())
+
+
+def copy_file(src: str | os.PathLike, dest: str | os.PathLike) -> str:
+    """Copy a local file to ``dest`` atomically."""
+    with open(src, "rb") as f, atomic_output(dest) as out:
+        shutil.copyfileobj(f, out, 1 << 20)
+    return str(dest)
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -126,10 +116,6 @@ def list_shards(folder: str | os.PathLike) -> list[str]:
     names = sorted(i.base_name for i in infos if i.base_name.endswith(".parquet")
                    and not i.base_name.startswith("."))
     return [join(folder, n) for n in names]
-
-
-def shard_name(index: int) -> str:
-    return f"part-{index:05d}.parquet"
 
 
 def chunks(n: int, size: int) -> Iterator[tuple[int, int, int]]:

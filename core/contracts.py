@@ -1,0 +1,46 @@
+"""The data contracts between stages (../shared/DESIGN.md): table schemas and shard names.
+
+Every stage writes and reads these tables; nothing else defines a column.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+MANIFEST_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("path", pa.string()), ("split", pa.string()),
+    ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string()),
+])
+ERRORS_SCHEMA = pa.schema([("path", pa.string()), ("error", pa.string())])
+PATCHES_SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("patch_id", pa.int32()), ("kind", pa.string()),
+    ("x0", pa.float32()), ("y0", pa.float32()), ("x1", pa.float32()), ("y1", pa.float32()),
+    ("rotation", pa.int16()), ("flip", pa.bool_()), ("source_score", pa.float32()),
+])
+CANDIDATES_SCHEMA = pa.schema([
+    ("query_id", pa.string()), ("query_patch", pa.int32()), ("reference_id", pa.string()),
+    ("reference_patch", pa.int32()), ("model", pa.string()), ("score", pa.float32()),
+])
+PREDICTIONS_SCHEMA = pa.schema([
+    ("query_id", pa.string()), ("reference_id", pa.string()), ("score", pa.float32()),
+])
+SPLITS = ("train", "reference", "query")
+WHOLE_PATCH = 0  # patch 0 of every image is the whole image
+
+
+def features_schema(dim: int, dtype: str = "float32") -> pa.Schema:
+    """Schema of a feature shard: one L2-normalised embedding per (image, patch)."""
+    value = pa.float16() if dtype == "float16" else pa.float32()
+    return pa.schema([
+        ("image_id", pa.string()), ("patch_id", pa.int32()), ("model", pa.string()),
+        ("scale", pa.int16()), ("embedding", pa.list_(value, dim)),
+    ])
+
+
+def shard_file(split: str, index: int) -> str:
+    """Name of shard ``index`` of ``split``: ``<split>-<index:05d>.parquet``."""
+    return f"{split}-{index:05d}.parquet"
+
+
+def shard_split(name: str) -> str:
+    """The split a shard file belongs to (``query-00003.parquet`` -> ``query``)."""
+    return name.rsplit("/", 1)[-1].split("-", 1)[0]

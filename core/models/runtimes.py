@@ -1,0 +1,101 @@
+"""Model runtimes: a card -> ``forward(input array) -> (B, dim) array``.
+
+``torch`` runs a copydet backbone (built from its card by :func:`core.models.registry.build_model`);
+``onnx`` (onnxruntime) and ``torchscript`` run external models users already have, named by the
+card's ``arch``. Inputs are what :meth:`core.models.preprocess.Preprocess.to_input` makes.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from core.models.cards import ExternalSpec, ModelCard, RegistryError, input_spec
+from core.models.preprocess import Preprocess
+
+Forward = Callable[[np.ndarray], np.ndarray]
+
+
+def onnx_forward(card: ModelCard, spec: ExternalSpec, device: str) -> Forward:
+    """An onnxruntime session (CUDA provider on a cuda device when present) as ``x -> rows``."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = spec.intra_op_threads or torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    try:
+        session = ort.InferenceSession(card.weights, sess_options=opts, providers=providers)
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph/... types
+        raise RegistryError(f"model {card.name!r}: {card.weights} is not a loadable ONNX model: {e}") from e
+    for what, given, names in (("inputs", spec.input, [i.name for i in session.get_inputs()]),
+                               ("outputs", spec.output, [o.name for o in session.get_outputs()])):
+        if given not in names:
+            raise RegistryError(f"model {card.name!r}: {card.weights} has {what} {names}, card says {given!r}")
+    return lambda x: session.run([spec.output], {spec.input: x})[0]
+
+
+def torchscript_forward(card: ModelCard, spec: ExternalSpec, device: str) -> Forward:
+    """A TorchScript module as ``x -> rows`` (an archive holds TorchScript code and tensors,
+    not arbitrary pickled Python objects)."""
+    try:
+        module = torch.jit.load(card.weights, map_location=device).eval()
+    except (RuntimeError, ValueError) as e:
+        raise RegistryError(f"model {card.name!r}: {card.weights} is not a TorchScript archive: {e}") from e
+
+    @torch.inference_mode()
+    def forward(x: np.ndarray) -> np.ndarray:
+        y = module(torch.from_numpy(x).to(device))
+        if isinstance(y, dict):
+            y = y[spec.output]
+        return y.float().cpu().numpy()
+    return forward
+
+
+def torch_forward(card: ModelCard, spec: ExternalSpec, device: str) -> Forward:
+    """A copydet backbone (weights from the card) as ``x -> rows``."""
+    from core.models.registry import build_model
+
+    model = build_model(card).eval().to(device)
+
+    @torch.inference_mode()
+    def forward(x: np.ndarray) -> np.ndarray:
+        return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
+    return forward
+
+
+Runtime = Callable[[ModelCard, ExternalSpec, str], Forward]
+RUNTIMES: dict[str, Runtime] = {"onnx": onnx_forward, "torchscript": torchscript_forward}
+
+
+def runtime(card: ModelCard, device: str = "cpu") -> Forward:
+    """The forward function of a descriptor card on ``device``."""
+    spec = input_spec(card)
+    if card.kind == "backbone":
+        return torch_forward(card, spec, device)
+    if card.arch not in RUNTIMES:
+        raise RegistryError(f"model {card.name!r}: unknown external runtime {card.arch!r}; known: {sorted(RUNTIMES)}")
+    if not card.weights or not Path(card.weights).is_file():
+        raise RegistryError(f"model {card.name!r}: model file {card.weights} does not exist")
+    return RUNTIMES[card.arch](card, spec, device)
+
+
+def probe_dim(card: ModelCard, device: str = "cpu") -> int:
+    """The descriptor size of a model: its output for one grey ``input_size`` patch."""
+    forward = runtime(card, device)
+    pre = Preprocess.for_card(card)
+    x = pre.to_input(pre.resize(Image.new("RGB", (card.input_size, card.input_size), (128,) * 3))[None])
+    try:
+        y = np.asarray(forward(x))
+    except Exception as e:  # whatever the runtime raises for a wrong input
+        raise RegistryError(f"model {card.name!r}: {card.weights} rejects a {pre.spec.layout} {pre.spec.dtype} "
+                            f"input of shape {x.shape}: {e}") from e
+    if y.ndim != 2 or y.shape[0] != 1:
+        raise RegistryError(f"model {card.name!r}: {card.weights} gives output shape {y.shape}; "
+                            "expected (batch, dim)")
+    return int(y.shape[1])
