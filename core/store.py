@@ -67,6 +67,23 @@ def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
         raise
 
 
+@contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """A local folder to fill that appears at ``path`` only when the block completes (renamed
+    from a hidden temp sibling); ``path`` must not exist yet. On error nothing is left behind."""
+    final = Path(path)
+    if final.exists():
+        raise FileExistsError(f"{final}: already exists")
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def write_table(table: pa.Table, path: str | os.PathLike) -> str:
     """Write ``table`` to ``path`` as Parquet, atomically."""
     with atomic_output(path) as f:

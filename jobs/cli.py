@@ -1,4 +1,4 @@
-"""The ``copydet`` command line: a registry of sub-commands, each a small function.
+"""The ``copydet`` command line: one sub-command per entry of :data:`jobs.commands.COMMANDS`.
 
 Stage commands share one shape: ``copydet STAGE [CONFIG] [--out DIR] [--set KEY=VALUE ...]
 [--address URL]``; they read and write the run folder, so any stage can run alone.
@@ -8,48 +8,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from core.logs import setup_logging
-from jobs.config import ConfigError, PipelineConfig, load_config
+from jobs.commands import COMMANDS
+from jobs.config import ConfigError
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Command:
-    name: str
-    help: str
-    fn: Callable[[argparse.Namespace], int | None]
-    arguments: list[tuple[tuple[str, ...], dict]] = field(default_factory=list)
-    uses_config: bool = True
-
-
-COMMANDS: dict[str, Command] = {}
-
-
-def arg(*flags: str, **kwargs) -> tuple[tuple[str, ...], dict]:
-    return flags, kwargs
-
-
-def command(name: str, help: str, *arguments: tuple, uses_config: bool = True):
-    """Register ``fn(args)`` as ``copydet NAME``."""
-    def deco(fn):
-        COMMANDS[name] = Command(name, help, fn, list(arguments), uses_config)
-        return fn
-    return deco
-
-
-def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    overrides = list(args.set or [])
-    if getattr(args, "out", None):
-        overrides.append(f"output={args.out}")
-    return load_config(args.config, overrides)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    import jobs.commands  # noqa: F401  (registers the commands)
     parser = argparse.ArgumentParser(prog="copydet", description="Image copy detection on Ray (ISC21 style).")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for c in COMMANDS.values():
@@ -77,6 +44,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # Commands register on the importable `jobs.cli`, not on this `__main__` copy.
-    from jobs.cli import main as registered_main
-    sys.exit(registered_main())
+    sys.exit(main())

@@ -26,8 +26,7 @@ STAGING = ".submit"  # configs from outside the repo are copied here while the j
 # The driver's ray.init repeats the offline env vars; let the job's copy win instead of failing.
 JOB_ENV = {**OFFLINE_ENV, "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-# `python -m jobs.cli` would register the sub-commands on a second copy of jobs.cli.
-CLI_MAIN = "import sys; from jobs.cli import main; sys.exit(main())"
+CLI_MAIN = "import sys; from jobs.cli import main; sys.exit(main())"  # works without the console script
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from core.imageio import ImageDecodeError, list_images, load_rgb
-from core.store import join
+from core.store import atomic_dir, join
 from pretrain.recipes import get_recipe
 
 log = logging.getLogger(__name__)
@@ -104,31 +104,29 @@ def make_synthetic_split(train_folder: str, out_dir: str, spec: SplitSpec) -> Sp
         raise ValueError(f"synthetic split: only {len(held)} of the photos in {train_folder} decode; need {n}")
     background = [photos[i] for i in order[used:]][:spec.background]
 
-    tmp = f"{out_dir}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for sub in ("references", "queries", "train"):
-        os.makedirs(join(tmp, sub))
-    n_refs = n // 2
-    queries = []  # (source image id, path, reference id or "" for a negative)
-    for j, (image_id, path) in enumerate(held[:n_refs]):
-        ref_id = f"R{j:05d}"
-        shutil.copyfile(path, join(tmp, "references", ref_id + Path(path).suffix.lower()))
-        if j < (n_refs + 1) // 2:
-            queries.append((image_id, path, ref_id))
-    queries += [(image_id, path, "") for image_id, path in held[n_refs:]]
-    gt = ["query_id,reference_id"]
-    for q, at in enumerate(rng.permutation(len(queries))):
-        image_id, path, ref_id = queries[at]
-        copy = recipe(load_rgb(path), seed=spec.seed, key=image_id, epoch=FULL_STRENGTH_EPOCH)
-        copy.save(join(tmp, "queries", f"Q{q:05d}.jpg"), quality=QUERY_JPEG_QUALITY)
-        gt.append(f"Q{q:05d},{ref_id}")
-    for image_id, path in background:
-        link = Path(tmp, "train", image_id + Path(path).suffix)
-        link.parent.mkdir(parents=True, exist_ok=True)
-        link.symlink_to(os.path.realpath(path))
-    Path(tmp, "ground_truth.csv").write_text("\n".join(gt) + "\n")
-    Path(tmp, "split.json").write_text(json.dumps(record, indent=2))
-    os.replace(tmp, out_dir)
-    log.info(f"synthetic split: synthetic split: {n_refs} references, {len(queries)} queries "
+    with atomic_dir(out_dir) as tmp:
+        for sub in ("references", "queries", "train"):
+            os.makedirs(join(tmp, sub))
+        n_refs = n // 2
+        queries = []  # (source image id, path, reference id or "" for a negative)
+        for j, (image_id, path) in enumerate(held[:n_refs]):
+            ref_id = f"R{j:05d}"
+            shutil.copyfile(path, join(tmp, "references", ref_id + Path(path).suffix.lower()))
+            if j < (n_refs + 1) // 2:
+                queries.append((image_id, path, ref_id))
+        queries += [(image_id, path, "") for image_id, path in held[n_refs:]]
+        gt = ["query_id,reference_id"]
+        for q, at in enumerate(rng.permutation(len(queries))):
+            image_id, path, ref_id = queries[at]
+            copy = recipe(load_rgb(path), seed=spec.seed, key=image_id, epoch=FULL_STRENGTH_EPOCH)
+            copy.save(join(tmp, "queries", f"Q{q:05d}.jpg"), quality=QUERY_JPEG_QUALITY)
+            gt.append(f"Q{q:05d},{ref_id}")
+        for image_id, path in background:
+            link = Path(tmp, "train", image_id + Path(path).suffix)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(os.path.realpath(path))
+        Path(tmp, "ground_truth.csv").write_text("\n".join(gt) + "\n")
+        Path(tmp, "split.json").write_text(json.dumps(record, indent=2))
+    log.info(f"synthetic split: {n_refs} references, {len(queries)} queries "
         f"({(n_refs + 1) // 2} copies), {len(background)} background photos -> {out_dir}")
     return _paths(out_dir, record)

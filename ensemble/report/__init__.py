@@ -9,12 +9,12 @@ copies. Inputs are tables, not a run folder, so the caller decides where they co
 from __future__ import annotations
 
 import os
-import uuid
 from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
 
 from core.metrics import plot_pr
+from core.store import write_text
 from ensemble.report import figures, page
 from ensemble.report.analysis import (
     GT,
@@ -75,13 +75,8 @@ def build_report(out_dir: str, members: Mapping[str, pa.Table], predictions: pa.
                  for q, r in pairs]
         sections.append((heading, page.gallery(cards)))
 
-    out = os.path.join(out_dir, "report.html")
-    tmp = f"{out}.{uuid.uuid4().hex[:8]}.tmp"
     summary = f"{len(gt)} ground-truth pairs; members scored on their top {k} references per query."
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(page.render(title, [*notes, summary], sections))
-    os.replace(tmp, out)
-    return out
+    return write_text(os.path.join(out_dir, "report.html"), page.render(title, [*notes, summary], sections))
 
 
 __all__ = ["build_report"]

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import uuid
 from collections.abc import Mapping
 
 import numpy as np
@@ -11,13 +10,12 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from core.store import atomic_output
+
 
 def _save(fig: Figure, path: str) -> str:
-    """Write atomically (temp name, then rename)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{os.path.dirname(path)}/.{os.path.basename(path)}.{uuid.uuid4().hex[:8]}.tmp.png"
-    fig.savefig(tmp, format="png")
-    os.replace(tmp, path)
+    with atomic_output(path) as f:
+        fig.savefig(f, format="png")
     return path
 
 
@@ -72,8 +70,6 @@ def thumbnail(image_path: str | None, folder: str, image_id: str, side: int = 16
     except (OSError, UnidentifiedImageError, ValueError):
         return None
     thumb.thumbnail((side, side))
-    os.makedirs(folder, exist_ok=True)
-    tmp = f"{out}.{uuid.uuid4().hex[:8]}.tmp"
-    thumb.save(tmp, format="JPEG", quality=85)
-    os.replace(tmp, out)
+    with atomic_output(out) as f:
+        thumb.save(f, format="JPEG", quality=85)
     return out

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from jobs.cli import arg, command
+from jobs.commands.base import arg, command
 from jobs.config import RayConfig
 from jobs.runtime import init_ray, run_tasks
 

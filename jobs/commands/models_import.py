@@ -16,7 +16,7 @@ from collections.abc import Callable
 from core.models.cards import ModelCard
 from core.models.external import import_external
 from core.models.sscd import SSCD_MEMBERS, fetch_sscd
-from jobs.cli import arg, command
+from jobs.commands.base import arg, command
 from jobs.commands.train import models as list_models
 
 log = logging.getLogger(__name__)

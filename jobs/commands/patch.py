@@ -12,7 +12,7 @@ import argparse
 import logging
 
 from core.store import exists, read_table
-from jobs.cli import arg, command
+from jobs.commands.base import arg, command
 from jobs.commands.stages import FOLDER_ARGS, config_with_folders
 from jobs.layout import RunDir
 from jobs.pipeline import run_stages

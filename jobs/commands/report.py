@@ -14,7 +14,7 @@ from core.metrics import read_ground_truth, read_predictions
 from core.store import exists, read_table
 from ensemble.report import build_report
 from ensemble.report.analysis import Scored, family_recall, score
-from jobs.cli import arg, command
+from jobs.commands.base import arg, command
 from jobs.config import ConfigError, validate
 from jobs.layout import RunDir, shard_names
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from jobs.cli import arg, command, config_from_args
+from jobs.commands.base import arg, command, config_from_args
 from jobs.pipeline import evaluate_run, run_pipeline, run_stages
 from jobs.stages.evaluate import evaluate_run_files, format_metrics
 

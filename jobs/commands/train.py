@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 from core.models.cards import ModelCard
 from core.models.registry import list_cards
-from jobs.cli import arg, command
+from jobs.commands.base import arg, command
 from jobs.config import RayConfig
 from jobs.runtime import init_ray
 from pretrain.train_config import RunSpec, TrainConfig, load_train_config

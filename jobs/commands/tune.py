@@ -5,7 +5,7 @@ import argparse
 import logging
 import os
 
-from jobs.cli import arg, command
+from jobs.commands.base import arg, command
 from jobs.config import ConfigError, load_config
 from jobs.tune import (
     BETA_GRID,

@@ -19,7 +19,7 @@ import numpy as np
 from augly import utils as augly_utils  # noqa: E402
 from PIL import Image
 
-import pretrain.recipes  # noqa: F401  (AugLy compat shim, needed by meme_format)
+import core.augment  # noqa: F401  (AugLy compat shim, needed by meme_format)
 from core.imageio import ImageDecodeError, load_rgb  # noqa: E402
 
 WORK_SIDE = 512                       # composites are built at this long side, then resized

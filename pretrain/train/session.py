@@ -18,6 +18,8 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import nn
 
+from core.store import atomic_dir
+
 T = TypeVar("T")
 Writer = Callable[[Path], None]
 
@@ -70,11 +72,8 @@ class LocalSession:
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps({**metrics, "time": time.time()}) + "\n")
         if write is not None:
-            final = self.run_dir / "checkpoints" / f"epoch-{self.count:05d}"
-            tmp = final.with_name(f".{final.name}.tmp")
-            tmp.mkdir(parents=True, exist_ok=True)
-            write(tmp)
-            tmp.rename(final)  # a checkpoint folder that exists is complete
+            with atomic_dir(self.run_dir / "checkpoints" / f"epoch-{self.count:05d}") as tmp:
+                write(tmp)  # a checkpoint folder that exists is complete
             self.count += 1
 
 

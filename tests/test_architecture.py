@@ -1,0 +1,89 @@
+"""The layer contract of pyproject.toml holds, and a planted upward import breaks it.
+
+Layers: jobs -> (ensemble | patchers | pretrain, independent) -> core; inside core, the model
+layer and the AugLy ops sit on the primitives, which sit on store and contracts; no package has
+an import cycle between its modules. ``lint-imports`` (import-linter) checks all of it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import grimp
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("core", "pretrain", "patchers", "ensemble", "jobs")
+LINT = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports; "
+        "sys.exit(lint_imports(no_cache=True, no_logo=True))"]
+
+
+def lint(root: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run(LINT, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_import_contract_holds():
+    result = lint(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 kept, 0 broken" in result.stdout
+
+
+def copy_sources(dest: Path) -> None:
+    """The five packages' .py files and pyproject.toml, nothing else."""
+    shutil.copy(ROOT / "pyproject.toml", dest)
+    for package in PACKAGES:
+        for src in (ROOT / package).rglob("*.py"):
+            target = dest / src.relative_to(ROOT)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, target)
+
+
+@pytest.mark.parametrize("module, planted, broken", [
+    ("core/knn.py", "import jobs.config", "core is not allowed to import jobs"),
+    ("patchers/views.py", "import ensemble.fuse", "patchers is not allowed to import ensemble"),
+    ("core/store.py", "import core.models.cards", "core.store is not allowed to import core.models"),
+])
+def test_a_planted_upward_import_breaks_it(tmp_path, module, planted, broken):
+    copy_sources(tmp_path)
+    path = tmp_path / module
+    path.write_text(path.read_text() + f"\n{planted}  # planted by the test\n")
+    result = lint(tmp_path)
+    assert result.returncode == 1
+    assert broken in " ".join(result.stdout.split())
+
+
+def test_no_import_cycles_anywhere():
+    """Strongly connected components of the whole module graph: none has two modules."""
+    graph = grimp.build_graph(*PACKAGES)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    cycles = []
+
+    def visit(v: str) -> None:  # Tarjan's algorithm
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph.find_modules_directly_imported_by(v):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                cycles.append(sorted(component))
+
+    for module in sorted(graph.modules):
+        if module not in index:
+            visit(module)
+    assert cycles == []
