@@ -94,34 +94,39 @@ def inliers(img_a: Image.Image | np.ndarray, img_b: Image.Image | np.ndarray, me
     return count_inliers(describe(img_a, method, max_side), describe(img_b, method, max_side), method)
 
 
-def verify_pairs(pairs: pa.Table, paths: Mapping[str, str], top_k: int, load: Callable[[str], Image.Image],
-                 method: str = "sift", max_side: int = 512, cache_size: int = 256) -> pa.Table:
+def verify_pairs(pairs: pa.Table, query_paths: Mapping[str, str], reference_paths: Mapping[str, str],
+                 top_k: int, load: Callable[[str], Image.Image], method: str = "sift", max_side: int = 512,
+                 cache_size: int = 256) -> pa.Table:
     """``pairs`` (query_id, reference_id, score) with an ``inliers`` int32 column.
 
     Only the ``top_k`` highest-scoring pairs of each query are verified; the others get a
-    null count. ``paths`` maps image ids to files, read with ``load`` (the stage passes the
-    pipeline's decoder); keypoints of the last ``cache_size`` images are kept.
+    null count. Query and reference ids map to files through their own split's map (a query
+    and a reference may share an id), read with ``load`` (the stage passes the pipeline's
+    decoder); keypoints of the last ``cache_size`` images are kept.
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     selected = _top_k_rows(pairs, top_k)
-    ids = pairs.column("query_id").to_pylist(), pairs.column("reference_id").to_pylist()
-    missing = sorted({ids[side][i] for i in selected for side in (0, 1)} - set(paths))[:5]
-    if missing:
-        raise ValueError(f"verify_pairs: no image path for id(s) {missing}")
-    cache: OrderedDict[str, Keypoints] = OrderedDict()
+    sides = ((pairs.column("query_id").to_pylist(), query_paths, "query"),
+             (pairs.column("reference_id").to_pylist(), reference_paths, "reference"))
+    for ids, paths, split in sides:
+        missing = sorted({ids[i] for i in selected} - set(paths))[:5]
+        if missing:
+            raise ValueError(f"verify_pairs: no {split} image path for id(s) {missing}")
+    cache: OrderedDict[tuple[str, str], Keypoints] = OrderedDict()
 
-    def keypoints(image_id: str) -> Keypoints:
-        if image_id not in cache:
-            cache[image_id] = describe(load(paths[image_id]), method, max_side)
+    def keypoints(side: int, image_id: str) -> Keypoints:
+        key = (sides[side][2], image_id)
+        if key not in cache:
+            cache[key] = describe(load(sides[side][1][image_id]), method, max_side)
             if len(cache) > cache_size:
                 cache.popitem(last=False)
-        cache.move_to_end(image_id)
-        return cache[image_id]
+        cache.move_to_end(key)
+        return cache[key]
 
     counts: list[int | None] = [None] * pairs.num_rows
     for i in selected:
-        counts[i] = count_inliers(keypoints(ids[0][i]), keypoints(ids[1][i]), method)
+        counts[i] = count_inliers(keypoints(0, sides[0][0][i]), keypoints(1, sides[1][0][i]), method)
     return pairs.append_column("inliers", pa.array(counts, pa.int32()))
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from core.logs import setup_logging
@@ -35,11 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    setup_logging()
+    setup_logging(logging.DEBUG if os.environ.get("COPYDET_DEBUG") else logging.INFO)
     try:
         return int(args._command.fn(args) or 0)
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
         log.error("copydet %s: error: %s", args.command, e)
+        log.debug("traceback", exc_info=True)
         return 2
 
 

@@ -80,7 +80,9 @@ class ModelEntry(Strict):
     pool: str | None = Field(None, description="read a backbone out with this pooling (e.g. gem_grid2); "
                              "trained models need dim: null")
     batch_size: int = Field(32, ge=1)
-    dtype: Literal["float32", "float16"] = "float32"
+    dtype: Literal["float32", "float16"] = Field("float32", description="stored embedding type")
+    precision: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="torch members on a GPU run under autocast at this precision (CPU: float32)")
 
     @model_validator(mode="after")
     def _scales(self) -> "ModelEntry":
@@ -90,11 +92,17 @@ class ModelEntry(Strict):
 
 
 class ExtractConfig(Strict):
-    actors: int | None = Field(None, ge=1, description="model actors; default: one per GPU, else 1 on CPU")
+    min_actors: int = Field(1, ge=1, description="model actors kept up; the pool grows to max_actors under load")
+    max_actors: int | None = Field(None, ge=1, description="None: one per GPU the cluster can have "
+                                   "(its autoscaler's node types included), else 1 on the CPU")
     cpus_per_actor: float = Field(0.5, gt=0)
-    gpus_per_actor: float = Field(1.0, ge=0, description="used only when the cluster has GPUs")
-    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    gpus_per_actor: float = Field(1.0, ge=0, description="asked for by every model actor when GPUs are used")
+    use_gpu: Literal["auto", "yes", "no"] = Field("auto", description="auto: when the cluster has or can add GPUs")
     num_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor")
+    chunk_patches: int = Field(256, ge=1, description="patches per feature file (whole images)")
+    decode_cpus: float = Field(0.5, gt=0, description="CPUs per decode task (decode, cut, resize)")
+    shape_bucket: int = Field(32, ge=0, description="aspect-kept members: round the free side to a multiple "
+                              "of this many pixels so patches batch together (0: exact sizes)")
 
 
 class NormalizeConfig(Strict):

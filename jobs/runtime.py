@@ -9,6 +9,7 @@ from typing import Any
 import ray
 from tqdm.auto import tqdm
 
+from core.models.registry import default_registry_dir
 from jobs.config import RayConfig
 
 # Devices are offline: hub look-ups must fail at once instead of retrying for a minute.
@@ -19,6 +20,9 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
     """Connect to ``address`` (or the config's), or start an embedded local Ray."""
     for k, v in OFFLINE_ENV.items():
         os.environ.setdefault(k, v)
+    # A submitted job's working dir can be swapped out under the driver once Ray starts: pin
+    # the default registry (./models) to an absolute path while the cwd still exists.
+    os.environ.setdefault("COPYDET_REGISTRY", str(default_registry_dir()))
     # copydet draws its own progress bars (shards / patches per stage).
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     if not ray.is_initialized():
@@ -27,10 +31,6 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
                  include_dashboard=False, logging_level="WARNING", log_to_driver=True,
                  runtime_env={"env_vars": OFFLINE_ENV})
     ray.data.DataContext.get_current().enable_progress_bars = False
-
-
-def cluster_gpus() -> float:
-    return float(ray.cluster_resources().get("GPU", 0))
 
 
 def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], desc: str,

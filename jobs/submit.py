@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 EXCLUDES = ["/.venv", "/runs", "/models", "/.git", "**/__pycache__", "*.egg-info", ".pytest_cache"]  # "/x": top level only
 STAGING = ".submit"  # configs from outside the repo are copied here while the job is uploaded
 # The driver's ray.init repeats the offline env vars; let the job's copy win instead of failing.
-JOB_ENV = {**OFFLINE_ENV, "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1"}
+JOB_ENV = {**OFFLINE_ENV, "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1", "COPYDET_DEBUG": "1"}
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 CLI_MAIN = "import sys; from jobs.cli import main; sys.exit(main())"  # works without the console script
 

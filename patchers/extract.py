@@ -1,17 +1,33 @@
-"""(model, scale) x patches -> embeddings: the Ray Data actor and the pixel work it does.
+"""Extraction's two halves: decode once and cut (CPU), then run the models (model actors).
 
-:class:`Embedder` is a plain class (usable and tested without Ray); Ray Data makes one
-per actor via ``map_batches(Embedder, compute=ActorPoolStrategy(...))`` and feeds it
-dict-of-numpy batches of patch rows joined with their image path.
+A *chunk* is a run of whole images of one patch shard, about ``chunk_patches`` patches long.
+:func:`decode_chunk` decodes each image once, cuts its patches and resizes every patch for
+every (model, scale) feature key with that key's card-driven
+:class:`~core.models.preprocess.Preprocess`; a key's patches travel as one uint8 buffer plus
+their shapes (:func:`pack`). :class:`ChunkEmbedder` (one per model actor) holds every key's
+model, unpacks and embeds, and writes one feature file per key and chunk, so the driver only
+ever sees counts. Both are plain Python, usable and tested without Ray.
 """
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import numpy as np
+import pyarrow as pa
 import torch
 from PIL import Image
 
+from core.contracts import ERRORS_SCHEMA
 from core.imageio import ImageDecodeError, load_rgb
-from core.models.encoders import Encoder, load_encoder
+from core.models.cards import ModelCard
+from core.models.encoders import Encoder
+from core.models.preprocess import Preprocess
+from core.models.runtimes import Forward, runtime
+from core.store import features_table, join, read_table, write_table
+
+log = logging.getLogger(__name__)
 
 ROTATIONS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180,
              270: Image.Transpose.ROTATE_270}
@@ -31,43 +47,166 @@ def cut_patch(img: Image.Image, box: tuple[float, float, float, float], rotation
     return patch
 
 
-class Embedder:
-    """Embed a batch of patch rows (columns image_id, patch_id, path, x0..y1, rotation,
-    flip, plus any pass-through columns such as ``shard``).
+def plan_chunks(image_ids: Sequence[str], chunk_patches: int) -> list[tuple[int, int]]:
+    """Row ranges ``[start, stop)`` of a patch table (rows grouped by image) that hold whole
+    images and at most ``chunk_patches`` rows each (an image with more rows gets a chunk alone)."""
+    if chunk_patches < 1:
+        raise ValueError(f"chunk_patches must be >= 1, got {chunk_patches}")
+    ids = np.asarray(image_ids, dtype=object)
+    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, int)
+    bounds = [*starts.tolist(), len(ids)]
+    out, start = [], 0
+    for image_start, image_stop in zip(bounds[:-1], bounds[1:]):
+        if image_stop - start > chunk_patches and image_start > start:
+            out.append((start, image_start))
+            start = image_start
+    if len(ids):
+        out.append((start, len(ids)))
+    return out
 
-    Rows whose image no longer decodes come back with ``error`` set and a zero embedding,
-    so the caller can record them and keep going.
+
+def chunk_file(shard: str, index: int) -> str:
+    """Feature file of chunk ``index`` of patch shard ``shard`` (``query-00002-0003.parquet``)."""
+    return f"{shard.removesuffix('.parquet')}-{index:04d}.parquet"
+
+
+def pack(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """``H x W x 3`` uint8 patches -> (one flat uint8 buffer, ``n x 3`` shapes)."""
+    shapes = np.array([a.shape for a in arrays], np.int32).reshape(-1, 3)
+    flat = np.concatenate([a.reshape(-1) for a in arrays]) if arrays else np.zeros(0, np.uint8)
+    return flat.astype(np.uint8, copy=False), shapes
+
+
+def unpack(flat: np.ndarray, shapes: np.ndarray) -> list[np.ndarray]:
+    """The inverse of :func:`pack` (views into ``flat``)."""
+    ends = np.cumsum(np.prod(shapes, axis=1)) if len(shapes) else np.zeros(0, int)
+    return [flat[e - int(np.prod(s)):e].reshape(s) for s, e in zip(shapes.tolist(), ends.tolist())]
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """One chunk to extract: patch rows ``[start, stop)`` of ``shard`` for the keys in ``keys``."""
+
+    shard: str
+    index: int
+    start: int
+    stop: int
+    keys: tuple[int, ...]
+
+    @property
+    def file(self) -> str:
+        return chunk_file(self.shard, self.index)
+
+
+def decode_chunk(task: ChunkTask, patches_dir: str, manifest_dir: str,
+                 pres: Sequence[Preprocess]) -> dict:
+    """Decode each image of the chunk once and cut/resize its patches for the task's keys.
+
+    Returns the chunk's row: ``image_id``/``patch_id`` of the patches cut, ``errors`` (one line
+    per image that no longer decodes: its patches are left out), and per key ``k`` the packed
+    pixels ``px<k>``/``shape<k>`` (empty for keys not in ``task.keys``).
+    """
+    rows = read_table(join(patches_dir, task.shard)).slice(task.start, task.stop - task.start)
+    manifest = read_table(join(manifest_dir, task.shard), columns=["image_id", "path"])
+    paths = dict(zip(manifest.column("image_id").to_pylist(), manifest.column("path").to_pylist()))
+    cols = {c: rows.column(c).to_pylist() for c in ("image_id", "patch_id", "x0", "y0", "x1", "y1", "rotation", "flip")}
+    out_ids, out_patches, errors = [], [], []
+    pixels: dict[int, list[np.ndarray]] = {k: [] for k in task.keys}
+    current, img = None, None
+    for i, image_id in enumerate(cols["image_id"]):
+        if image_id != current:
+            current = image_id
+            try:
+                img = load_rgb(paths[image_id])
+            except ImageDecodeError as e:
+                img = None
+                errors.append(str(e))
+        if img is None:
+            continue
+        box = (cols["x0"][i], cols["y0"][i], cols["x1"][i], cols["y1"][i])
+        patch = cut_patch(img, box, int(cols["rotation"][i]), bool(cols["flip"][i]))
+        out_ids.append(image_id)
+        out_patches.append(int(cols["patch_id"][i]))
+        for k in task.keys:
+            pixels[k].append(pres[k].resize(patch))
+    row = {"file": task.file, "planned": task.stop - task.start, "keys": list(task.keys), "image_id": out_ids,
+           "patch_id": out_patches, "errors": errors}
+    for k in range(len(pres)):
+        row[f"px{k}"], row[f"shape{k}"] = pack(pixels.get(k, []))
+    return row
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """One (model, scale) feature key: its card, pixels, precision, and where it is written."""
+
+    card: ModelCard
+    pre: Preprocess
+    folder: str  # features/<key>/
+    model: str  # the model name written in the feature rows
+    scale: int
+    dtype: str = "float32"  # stored embedding type
+    precision: str = "float32"  # compute type on a GPU (autocast)
+    batch_size: int = 32
+
+
+def pick_device(use_gpu: bool) -> str:
+    """``cuda`` when the actor was given a GPU and torch sees one; else ``cpu`` (with a log
+    line when a GPU was asked for but none is visible, e.g. a fake GPU in a test cluster)."""
+    if use_gpu and torch.cuda.is_available():
+        return "cuda"
+    if use_gpu:
+        log.warning("extract: a GPU was requested but torch sees none; this actor runs on the CPU")
+    return "cpu"
+
+
+class ChunkEmbedder:
+    """The model actor: every key's encoder, and the writer of every key's feature files.
+
+    Called on one chunk row at a time (Ray Data ``map_batches(batch_size=1)``); returns the
+    chunk's counts only. Encoders of one card at several scales share one model.
     """
 
-    PASS = ("image_id", "patch_id", "shard")
-
-    def __init__(self, model: str, scale: int, dim: int | None = None, registry: str | None = None,
-                 num_threads: int | None = None, device: str | None = None, pool: str | None = None) -> None:
+    def __init__(self, keys: Sequence[KeySpec], errors_dir: str, use_gpu: bool = False,
+                 num_threads: int | None = None) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        self.encoder: Encoder = load_encoder(model, scale, dim=dim, registry=registry, device=device, pool=pool)
+        device = pick_device(use_gpu)
+        forwards: dict[tuple[str, str], Forward] = {}
+        self.encoders: list[Encoder] = []
+        for key in keys:
+            shared = (key.card.name, key.precision)
+            if shared not in forwards:
+                forwards[shared] = runtime(key.card, device, key.precision)
+            self.encoders.append(Encoder(key.card.name, key.pre, forwards[shared], key.card.dim))
+        self.keys, self.errors_dir = list(keys), errors_dir
+
+    def embed(self, row: dict) -> dict:
+        """Embed and write one decoded chunk row; returns ``{file, planned, patches, errors}``."""
+        if row["errors"]:  # written first: a chunk's feature files mark it done
+            lines = sorted(set(row["errors"]))
+            write_table(pa.Table.from_pylist([{"path": e.split(":", 1)[0], "error": e} for e in lines],
+                                             schema=ERRORS_SCHEMA),
+                        join(self.errors_dir, f"extract-{row['file']}"))
+        for k in row["keys"]:
+            arrays = unpack(row[f"px{k}"], row[f"shape{k}"])
+            enc, key = self.encoders[k], self.keys[k]
+            bs = key.batch_size
+            emb = np.concatenate([enc.embed_arrays(arrays[i:i + bs]) for i in range(0, len(arrays), bs)]) \
+                if arrays else np.zeros((0, enc.dim), np.float32)
+            table = features_table(row["image_id"], row["patch_id"], key.model, key.scale, emb, key.dtype)
+            write_table(table, join(key.folder, row["file"]))
+        return {"file": row["file"], "planned": row["planned"], "patches": len(row["patch_id"]),
+                "errors": len(row["errors"])}
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        patches, errors = [], []
-        cache: dict[str, Image.Image | ImageDecodeError] = {}
-        for i, path in enumerate(batch["path"]):
-            if path not in cache:
-                try:
-                    cache[path] = load_rgb(path)
-                except ImageDecodeError as e:
-                    cache[path] = e
-            img = cache[path]
-            if isinstance(img, ImageDecodeError):
-                errors.append(str(img))
-                continue
-            box = (batch["x0"][i], batch["y0"][i], batch["x1"][i], batch["y1"][i])
-            patches.append(cut_patch(img, box, int(batch["rotation"][i]), bool(batch["flip"][i])))
-            errors.append("")
-        ok = [i for i, e in enumerate(errors) if not e]
-        emb = np.zeros((len(errors), self.encoder.dim), np.float32)
-        if ok:
-            emb[ok] = self.encoder.embed(patches)
-        out = {k: batch[k] for k in self.PASS if k in batch}
-        out.update(embedding=emb, error=np.array(errors, dtype=object))
-        return out
+        """Ray Data entry point: a numpy batch of chunk rows -> their counts."""
+        done = [self.embed(_row(batch, i)) for i in range(len(batch["file"]))]
+        return {name: np.array([d[name] for d in done]) for name in ("file", "planned", "patches", "errors")}
+
+
+def _row(batch: dict[str, np.ndarray], i: int) -> dict:
+    """Row ``i`` of a Ray Data numpy batch as plain values (lists and arrays)."""
+    def value(v: object) -> object:
+        return list(v) if isinstance(v, np.ndarray) and v.dtype == object else v
+    return {name: value(col[i]) for name, col in batch.items()}

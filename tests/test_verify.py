@@ -58,16 +58,33 @@ def test_verify_pairs_counts_top_k_per_query(tmp_path):
         opened.append(path)
         return Image.open(path).convert("RGB")
 
-    out = verify_pairs(pairs, paths, top_k=1, load=load)
+    queries = {k: v for k, v in paths.items() if k.startswith("q")}
+    refs = {k: v for k, v in paths.items() if k.startswith("r")}
+    out = verify_pairs(pairs, queries, refs, top_k=1, load=load)
     assert out.column_names == ["query_id", "reference_id", "score", "inliers"]
     counts = out.column("inliers").to_pylist()
     assert counts[1] is None and counts[3] is None  # not in the top 1 of their query
     assert counts[0] <= 8 and counts[2] <= 8  # the top-scored pairs are not copies
-    full = verify_pairs(pairs, paths, top_k=2, load=load).column("inliers").to_pylist()
+    full = verify_pairs(pairs, queries, refs, top_k=2, load=load).column("inliers").to_pylist()
     assert full[1] >= 20 and full[3] >= 20 and full[0] <= 8
     assert len(opened) == 4 + 4  # each image decoded once per call
-    with pytest.raises(ValueError, match="no image path"):
-        verify_pairs(pairs, {"q0": paths["q0"]}, top_k=1, load=load)
+    with pytest.raises(ValueError, match="no query image path for id.*q1"):
+        verify_pairs(pairs, {"q0": paths["q0"]}, refs, top_k=1, load=load)
+
+
+def test_a_query_and_a_reference_may_share_an_id(tmp_path):
+    """Each side is read through its own split's map: X0001 the query is not X0001 the reference."""
+    a = textured(6)
+    a.save(tmp_path / "ref.png")
+    rotated_crop(a).save(tmp_path / "query.png")
+    textured(7).save(tmp_path / "other.png")
+    pairs = pa.table({"query_id": ["X0001"], "reference_id": ["X0001"], "score": pa.array([0.5], pa.float32())})
+    load = lambda p: Image.open(p).convert("RGB")  # noqa: E731
+    copy = verify_pairs(pairs, {"X0001": str(tmp_path / "query.png")}, {"X0001": str(tmp_path / "ref.png")},
+                        top_k=1, load=load)
+    unrelated = verify_pairs(pairs, {"X0001": str(tmp_path / "query.png")}, {"X0001": str(tmp_path / "other.png")},
+                             top_k=1, load=load)
+    assert copy.column("inliers")[0].as_py() >= 20 and unrelated.column("inliers")[0].as_py() <= 8
 
 
 def test_verify_pairs_reads_files_with_the_pipeline_decoder(tmp_path):
@@ -77,6 +94,6 @@ def test_verify_pairs_reads_files_with_the_pipeline_decoder(tmp_path):
     a.save(tmp_path / "r.png")
     rotated_crop(a).save(tmp_path / "q.jpg", quality=95)
     pairs = pa.table({"query_id": ["q"], "reference_id": ["r"], "score": pa.array([0.5], pa.float32())})
-    out = verify_pairs(pairs, {"q": str(tmp_path / "q.jpg"), "r": str(tmp_path / "r.png")}, top_k=1,
+    out = verify_pairs(pairs, {"q": str(tmp_path / "q.jpg")}, {"r": str(tmp_path / "r.png")}, top_k=1,
                        load=load_rgb)
     assert out.column("inliers")[0].as_py() >= 20

@@ -28,13 +28,22 @@ from core.models.cards import ExternalSpec, ModelCard, input_spec
 INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
-def resized_size(size: tuple[int, int], rule: str, target: int) -> tuple[int, int]:
-    """(w, h) after ``rule``: square -> target x target; short_side/long_side -> that side = target."""
+def resized_size(size: tuple[int, int], rule: str, target: int, bucket: int = 0) -> tuple[int, int]:
+    """(w, h) after ``rule``: square -> target x target; short_side/long_side -> that side = target.
+
+    ``bucket`` > 0 rounds the other side of an aspect-kept resize to a multiple of ``bucket``, so
+    patches of similar aspect share a shape and run as one batch (the aspect moves by at most
+    ``bucket / 2`` pixels on that side).
+    """
     w, h = size
     if rule == "square":
         return target, target
     side = min(w, h) if rule == "short_side" else max(w, h)
-    return max(1, round(w * target / side)), max(1, round(h * target / side))
+    out = [max(1, round(w * target / side)), max(1, round(h * target / side))]
+    if bucket:
+        other = 1 if (w <= h) == (rule == "short_side") else 0  # the side not set to target
+        out[other] = max(bucket, int(round(out[other] / bucket)) * bucket)
+    return out[0], out[1]
 
 
 @dataclass(frozen=True)
@@ -46,16 +55,18 @@ class Preprocess:
     spec: ExternalSpec
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    bucket: int = 0
 
     @classmethod
-    def for_card(cls, card: ModelCard, scale: int | None = None) -> Preprocess:
+    def for_card(cls, card: ModelCard, scale: int | None = None, bucket: int = 0) -> Preprocess:
         """The preprocessing of ``card`` at ``scale`` (default: the card's input size)."""
-        return cls(card.resize, scale or card.input_size, input_spec(card), tuple(card.mean), tuple(card.std))
+        return cls(card.resize, scale or card.input_size, input_spec(card), tuple(card.mean), tuple(card.std),
+                   bucket)
 
     def resize(self, img: Image.Image) -> np.ndarray:
         """``H x W x 3`` uint8 pixels of ``img`` at this key's size (aspect per the rule)."""
         img = img.convert("RGB")
-        size = resized_size(img.size, self.rule, self.scale)
+        size = resized_size(img.size, self.rule, self.scale, self.bucket)
         if size != img.size:
             img = img.resize(size, INTERPOLATION[self.spec.interpolation])
         return np.asarray(img, np.uint8)

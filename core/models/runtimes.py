@@ -57,15 +57,21 @@ def torchscript_forward(card: ModelCard, spec: ExternalSpec, device: str) -> For
     return forward
 
 
-def torch_forward(card: ModelCard, spec: ExternalSpec, device: str) -> Forward:
-    """A copydet backbone (weights from the card) as ``x -> rows``."""
+AUTOCAST = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_forward(card: ModelCard, spec: ExternalSpec, device: str, precision: str = "float32") -> Forward:
+    """A copydet backbone (weights from the card) as ``x -> rows``; on a GPU, ``float16`` /
+    ``bfloat16`` run it under autocast (on the CPU it always runs in float32)."""
     from core.models.registry import build_model
 
     model = build_model(card).eval().to(device)
+    dtype = AUTOCAST.get(precision) if device.startswith("cuda") else None
 
     @torch.inference_mode()
     def forward(x: np.ndarray) -> np.ndarray:
-        return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype is not None):
+            return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
     return forward
 
 
@@ -73,11 +79,11 @@ Runtime = Callable[[ModelCard, ExternalSpec, str], Forward]
 RUNTIMES: dict[str, Runtime] = {"onnx": onnx_forward, "torchscript": torchscript_forward}
 
 
-def runtime(card: ModelCard, device: str = "cpu") -> Forward:
-    """The forward function of a descriptor card on ``device``."""
+def runtime(card: ModelCard, device: str = "cpu", precision: str = "float32") -> Forward:
+    """The forward function of a descriptor card on ``device`` (``precision``: torch models only)."""
     spec = input_spec(card)
     if card.kind == "backbone":
-        return torch_forward(card, spec, device)
+        return torch_forward(card, spec, device, precision)
     if card.arch not in RUNTIMES:
         raise RegistryError(f"model {card.name!r}: unknown external runtime {card.arch!r}; known: {sorted(RUNTIMES)}")
     if not card.weights or not Path(card.weights).is_file():

@@ -1,109 +1,121 @@
-"""Stage 3: patches x (model, scale) -> features/<model>@<scale>/<shard>.parquet.
+"""Stage 3: patches x (model, scale) -> features/<key>/<shard>-<chunk>.parquet.
 
-One Ray Data pipeline per (model, scale) runs every pending shard through a pool of model
-actors (one per GPU when the cluster has GPUs, CPU actors otherwise); the driver collects
-rows per shard and writes a shard as soon as all of its patches are embedded.
+One Ray Data pipeline for all feature keys: CPU tasks decode each image once and cut/resize its
+patches for every key (:func:`patchers.extract.decode_chunk`); a pool of model actors that hold
+every key's model embeds them and writes one feature file per key and chunk
+(:class:`patchers.extract.ChunkEmbedder`). The driver plans chunks and counts what comes back;
+it never holds pixels or embeddings. A chunk whose files all exist is skipped on a re-run.
+
+Resources come from the config: with ``extract.use_gpu`` (``auto``: when the cluster has GPUs or
+its autoscaler can add GPU nodes) every actor asks for ``gpus_per_actor``, and the pool grows
+from ``min_actors`` to ``max_actors`` under load, so the autoscaler provisions GPU workers.
 """
 from __future__ import annotations
 
 import logging
 import os
-from collections import defaultdict
 
-import numpy as np
-import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 from tqdm.auto import tqdm
 
-from core.contracts import ERRORS_SCHEMA
-from core.store import features_table, join, read_table, write_table
-from jobs.config import ExtractConfig, ModelEntry, PipelineConfig
+from core.models.preprocess import Preprocess
+from core.models.registry import resolve_model
+from core.store import join, read_table
+from jobs.config import ExtractConfig, PipelineConfig
 from jobs.layout import RunDir, pin_settings, shard_names
-from jobs.runtime import cluster_gpus
-from patchers.extract import Embedder
+from patchers.extract import ChunkEmbedder, ChunkTask, KeySpec, decode_chunk, plan_chunks
 
 log = logging.getLogger(__name__)
 
-ROWS_PER_BLOCK = 256
+
+def gpus_possible() -> float:
+    """GPUs the cluster has now or can have (its autoscaler's node types, when it has one)."""
+    present = float(ray.cluster_resources().get("GPU", 0))
+    try:
+        from ray._private.state import state  # private: ray is pinned (<2.61) in pyproject.toml
+
+        most = float((state.get_max_resources_from_cluster_config() or {}).get("GPU", 0))
+    except Exception:  # no autoscaler config (a plain local Ray)
+        most = 0.0
+    return max(present, most)
 
 
 def actor_resources(cfg: ExtractConfig) -> dict:
-    """Pool size and per-actor resources, all from the config; GPUs only if present."""
-    gpus = cluster_gpus() if cfg.use_gpu != "no" else 0.0
-    if cfg.use_gpu == "yes" and not gpus:
-        raise RuntimeError("extract.use_gpu is 'yes' but the Ray cluster has no GPUs")
-    if gpus:
-        size = cfg.actors or max(1, int(gpus // cfg.gpus_per_actor))
-        return {"size": size, "num_gpus": cfg.gpus_per_actor, "num_cpus": cfg.cpus_per_actor, "threads": None}
-    size = cfg.actors or 1
+    """Pool size bounds and per-actor resources, all from the config."""
+    possible = gpus_possible() if cfg.use_gpu != "no" else 0.0
+    if cfg.use_gpu == "yes" and not possible:
+        raise RuntimeError("extract.use_gpu is 'yes' but the Ray cluster has no GPUs and cannot add any")
+    if possible:
+        most = cfg.max_actors or max(1, int(possible // cfg.gpus_per_actor))
+        return {"min_size": min(cfg.min_actors, most), "max_size": most, "num_gpus": cfg.gpus_per_actor,
+                "num_cpus": cfg.cpus_per_actor, "threads": cfg.num_threads, "use_gpu": True}
+    most = cfg.max_actors or 1
     cpus = int(ray.cluster_resources().get("CPU", os.cpu_count() or 1))
-    return {"size": size, "num_gpus": 0, "num_cpus": cfg.cpus_per_actor,
-            "threads": cfg.num_threads or max(1, cpus // size)}
+    return {"min_size": min(cfg.min_actors, most), "max_size": most, "num_gpus": 0, "num_cpus": cfg.cpus_per_actor,
+            "threads": cfg.num_threads or max(1, cpus // most), "use_gpu": False}
 
 
-def pending_rows(run: RunDir, names: list[str], paths: pa.Table) -> pa.Table:
-    tables = []
-    for name in names:
-        t = read_table(join(run.patches, name))
-        t = t.append_column("shard", pa.array([name] * t.num_rows, pa.string()))
-        tables.append(t.append_column("split", pa.array([name.split("-", 1)[0]] * t.num_rows, pa.string())))
-    return pa.concat_tables(tables).join(paths, ["image_id", "split"])
+def key_specs(cfg: PipelineConfig, run: RunDir) -> list[KeySpec]:
+    """Every (model, scale) key's card, pixels and output, in config order."""
+    specs = []
+    for entry, scale, key in cfg.model_keys():
+        card = resolve_model(entry.name, cfg.registry, dim=entry.dim, pool=entry.pool)
+        bucket = cfg.extract.shape_bucket if card.resize != "square" else 0
+        specs.append(KeySpec(card, Preprocess.for_card(card, scale, bucket), run.features(key), entry.name, scale,
+                             entry.dtype, entry.precision, entry.batch_size))
+    return specs
 
 
-def run_extract_key(cfg: PipelineConfig, run: RunDir, entry: ModelEntry, scale: int, key: str,
-                    paths: pa.Table) -> None:
-    out = run.features(key)
-    pooled = {"pool": entry.pool} if entry.pool else {}
-    pin_settings(out, {"model": entry.name, "scale": scale, "dim": entry.dim, "dtype": entry.dtype, **pooled},
-                 "extract")
-    names = [n for n in shard_names(run.patches) if n not in set(shard_names(out))]
-    if not names:
-        return
-    rows = pending_rows(run, names, paths)
-    expected = {n: c for n, c in zip(*np.unique(rows.column("shard").to_numpy(zero_copy_only=False),
-                                                return_counts=True))}
-    res = actor_resources(cfg.extract)
-    blocks = [rows.slice(i, ROWS_PER_BLOCK) for i in range(0, rows.num_rows, ROWS_PER_BLOCK)]
-    ds = ray.data.from_arrow(blocks).map_batches(
-        Embedder, batch_size=entry.batch_size, batch_format="numpy",
-        fn_constructor_kwargs=dict(model=entry.name, scale=scale, dim=entry.dim, pool=entry.pool,
-                                   registry=cfg.registry, num_threads=res["threads"]),
-        compute=ActorPoolStrategy(size=res["size"]), num_cpus=res["num_cpus"], num_gpus=res["num_gpus"])
-    # Ray Data restarts dead actors and retries their batches by default (max_restarts=-1).
-    got: dict[str, list[dict]] = defaultdict(list)
-    bad = 0
-    with tqdm(total=rows.num_rows, desc=f"extract {key}", unit="patch") as bar:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for i, shard in enumerate(batch["shard"]):
-                got[shard].append({k: batch[k][i] for k in ("image_id", "patch_id", "embedding", "error")})
-                if len(got[shard]) == expected[shard]:
-                    bad += write_features_shard(run, out, key, entry, scale, shard, got.pop(shard),
-                                                batch["embedding"].shape[1])
-            bar.update(len(batch["shard"]))
-    if bad:
-        log.info(f"extract {key}: {bad} patch(es) failed, listed in {run.errors}")
+def pending_chunks(run: RunDir, keys: list[KeySpec], chunk_patches: int) -> list[ChunkTask]:
+    """Chunks of every patch shard with the keys whose feature file is still missing."""
+    done = [set(shard_names(k.folder)) for k in keys]
+    tasks = []
+    for shard in shard_names(run.patches):
+        ids = read_table(join(run.patches, shard), columns=["image_id"]).column("image_id").to_pylist()
+        for index, (start, stop) in enumerate(plan_chunks(ids, chunk_patches)):
+            task = ChunkTask(shard, index, start, stop, ())
+            todo = tuple(k for k, names in enumerate(done) if task.file not in names)
+            if todo:
+                tasks.append(ChunkTask(shard, index, start, stop, todo))
+    return tasks
 
 
-def write_features_shard(run: RunDir, out: str, key: str, entry: ModelEntry, scale: int, shard: str,
-                         rows: list[dict], dim: int) -> int:
-    """Write one finished shard (sorted, failures to errors.parquet/); returns #failures."""
-    rows.sort(key=lambda r: (r["image_id"], int(r["patch_id"])))
-    failed = [r for r in rows if r["error"]]
-    good = [r for r in rows if not r["error"]]
-    if failed:
-        errs = sorted({r["error"] for r in failed})
-        write_table(pa.Table.from_pylist([{"path": e.split(":", 1)[0], "error": e} for e in errs],
-                                         schema=ERRORS_SCHEMA), join(run.errors, f"extract-{key}-{shard}"))
-    emb = np.stack([r["embedding"] for r in good]) if good else np.zeros((0, dim), np.float32)
-    table = features_table([r["image_id"] for r in good], [int(r["patch_id"]) for r in good],
-                           entry.name, scale, emb, entry.dtype)
-    write_table(table, join(out, shard))
-    return len(failed)
+def pin_keys(cfg: PipelineConfig, keys: list[KeySpec]) -> None:
+    """Refuse to resume a feature folder made with other settings (see ``pin_settings``)."""
+    for (entry, _, _), k in zip(cfg.model_keys(), keys):
+        settings = {"model": entry.name, "scale": k.scale, "dim": entry.dim, "dtype": k.dtype,
+                    "chunk_patches": cfg.extract.chunk_patches}
+        settings.update({"pool": entry.pool} if entry.pool else {})
+        settings.update({"shape_bucket": k.pre.bucket} if k.pre.bucket else {})
+        pin_settings(k.folder, settings, "extract")
 
 
 def run_extract(cfg: PipelineConfig, run: RunDir) -> None:
-    paths = read_table(run.manifest, columns=["image_id", "path", "split"])
-    for entry, scale, key in cfg.model_keys():
-        run_extract_key(cfg, run, entry, scale, key, paths)
-
+    keys = key_specs(cfg, run)
+    pin_keys(cfg, keys)
+    tasks = pending_chunks(run, keys, cfg.extract.chunk_patches)
+    if not tasks:
+        return
+    res = actor_resources(cfg.extract)
+    names = ", ".join(os.path.basename(k.folder) for k in keys)
+    log.info(f"extract: {len(tasks)} chunk(s) for {names}; {res['min_size']}..{res['max_size']} model actor(s) "
+             f"with {res['num_gpus']} GPU and {res['num_cpus']} CPU each")
+    pres = [k.pre for k in keys]
+    ds = ray.data.from_items([vars(t) for t in tasks], override_num_blocks=len(tasks))
+    ds = ds.map(lambda row: decode_chunk(ChunkTask(**{**row, "keys": tuple(row["keys"])}), run.patches, run.manifest,
+                                         pres), num_cpus=cfg.extract.decode_cpus)
+    # Ray Data restarts dead actors and retries their batches by default (max_restarts=-1).
+    ds = ds.map_batches(ChunkEmbedder, batch_size=1, batch_format="numpy",
+                        fn_constructor_kwargs={"keys": keys, "errors_dir": run.errors, "use_gpu": res["use_gpu"],
+                                               "num_threads": res["threads"]},
+                        compute=ActorPoolStrategy(min_size=res["min_size"], max_size=res["max_size"]),
+                        num_cpus=res["num_cpus"], num_gpus=res["num_gpus"])
+    total = sum(t.stop - t.start for t in tasks)
+    bad = 0
+    with tqdm(total=total, desc=f"extract {names}", unit="patch") as bar:
+        for row in ds.iter_rows():
+            bad += int(row["errors"])
+            bar.update(int(row["planned"]))
+    if bad:
+        log.warning(f"extract: {bad} image(s) no longer decode; listed in {run.errors}")

@@ -12,6 +12,7 @@ import logging
 
 import numpy as np
 import pyarrow as pa
+import ray
 
 from core.store import embeddings_from_arrow, exists, join, read_table, write_table
 from ensemble.reduce import Pca, concat_members, fit_pca, load_pca, save_pca
@@ -28,8 +29,9 @@ def member_table(run: RunDir, keys: list[str], shard: str) -> pa.Table:
     return tables[0] if len(tables) == 1 else concat_members(tables)
 
 
-def reduce_shard(run: RunDir, keys: list[str], out_key: str, shard: str, pca: Pca | None,
-                 train: np.ndarray | None, cfg: ReduceConfig) -> int:
+def reduce_shard(run: RunDir, keys: list[str], out_key: str, shard: str,
+                 fitted: tuple[Pca | None, np.ndarray | None], cfg: ReduceConfig) -> int:
+    pca, train = fitted
     t = member_table(run, keys, shard)
     if pca is not None:
         t = pca.apply_table(t)
@@ -70,6 +72,7 @@ def run_reduce(cfg: PipelineConfig, run: RunDir) -> None:
         if not todo:
             continue
         pca, train = fit_or_load(run, keys, out_key, cfg.reduce)
-        run_tasks(reduce_shard, [(run, keys, out_key, n, pca, train, cfg.reduce) for n in todo], f"reduce {out_key}")
+        shared = ray.put((pca, train))  # one copy in the object store for every task
+        run_tasks(reduce_shard, [(run, keys, out_key, n, shared, cfg.reduce) for n in todo], f"reduce {out_key}")
         log.info(f"reduce: {'+'.join(keys)} -> {out_key}" + (f" (PCA {pca.dim}{', whitened' if pca.whiten else ''})"
                                                          if pca else ""))

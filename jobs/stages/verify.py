@@ -12,6 +12,7 @@ import logging
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 
 from core.imageio import load_rgb
 from core.metrics import write_predictions
@@ -27,8 +28,9 @@ log = logging.getLogger(__name__)
 QUERIES_PER_TASK = 64
 
 
-def verify_chunk(pairs: pa.Table, paths: dict[str, str], cfg: VerifyConfig, out: str) -> int:
-    checked = verify_pairs(pairs, paths, top_k=cfg.top_k, method=cfg.method, max_side=cfg.max_side, load=load_rgb)
+def verify_chunk(pairs: pa.Table, paths: dict[str, dict[str, str]], cfg: VerifyConfig, out: str) -> int:
+    checked = verify_pairs(pairs, paths["query"], paths["reference"], top_k=cfg.top_k, method=cfg.method,
+                           max_side=cfg.max_side, load=load_rgb)
     checked = checked.filter(pc.is_valid(checked.column("inliers")))
     write_table(checked.select(["query_id", "reference_id", "inliers"]), out)
     return checked.num_rows
@@ -63,14 +65,17 @@ def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
                                                      todo.column("reference_id").to_pylist())]
         todo = todo.filter(pa.array(keep, pa.bool_()))
     manifest = read_table(run.manifest, columns=["image_id", "path", "split"])
-    paths = {i: p for i, p, s in zip(*(manifest.column(c).to_pylist() for c in ("image_id", "path", "split")))
-             if s in ("query", "reference")}
+    paths: dict[str, dict[str, str]] = {"query": {}, "reference": {}}
+    for i, p, s in zip(*(manifest.column(c).to_pylist() for c in ("image_id", "path", "split"))):
+        if s in paths:
+            paths[s][i] = p
+    paths_ref = ray.put(paths)  # one copy in the object store for every task
     queries = sorted(set(todo.column("query_id").to_pylist()))
     start = len(list_shards(run.verify))
     calls = []
     for i, a, b in chunks(len(queries), QUERIES_PER_TASK):
         part = todo.filter(pc.is_in(todo.column("query_id"), pa.array(queries[a:b])))
-        calls.append((part, paths, cfg.verify, join(run.verify, f"part-{start + i:05d}.parquet")))
+        calls.append((part, paths_ref, cfg.verify, join(run.verify, f"part-{start + i:05d}.parquet")))
     run_tasks(verify_chunk, calls, "verify")
     checked = pa.concat_tables([read_table(s) for s in list_shards(run.verify)])
     preds = rescore(fused, checked, cfg.verify)

@@ -1,0 +1,109 @@
+"""Extraction halves without Ray: chunk plans, one decode per image for every key, the model
+actor's files, and shape buckets for aspect-kept members."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+import patchers.extract as pe
+from core.imageio import load_rgb
+from core.models.encoders import build_encoder
+from core.models.preprocess import Preprocess, resized_size
+from core.models.registry import backbone_card
+from core.store import read_table, write_table
+from patchers.plan import plan_table
+from patchers.views import ViewConfig
+from tests.conftest import synthetic_photo
+
+
+def test_plan_chunks_holds_whole_images():
+    ids = ["a"] * 3 + ["b"] * 3 + ["c"] * 5 + ["d"]
+    assert pe.plan_chunks(ids, 6) == [(0, 6), (6, 12)]
+    assert pe.plan_chunks(ids, 4) == [(0, 3), (3, 6), (6, 11), (11, 12)]  # "c" alone, over the size
+    assert pe.plan_chunks([], 4) == []
+    assert pe.chunk_file("query-00002.parquet", 3) == "query-00002-0003.parquet"
+
+
+def test_pack_round_trips_ragged_patches():
+    rng = np.random.default_rng(0)
+    arrays = [rng.integers(0, 255, s, dtype=np.uint8) for s in [(4, 6, 3), (5, 5, 3), (1, 9, 3)]]
+    flat, shapes = pe.pack(arrays)
+    assert flat.dtype == np.uint8 and shapes.tolist() == [[4, 6, 3], [5, 5, 3], [1, 9, 3]]
+    for a, b in zip(arrays, pe.unpack(flat, shapes)):
+        np.testing.assert_array_equal(a, b)
+    assert pe.unpack(*pe.pack([])) == []
+
+
+@pytest.fixture
+def run_folders(tmp_path):
+    """A manifest shard of 3 images (one of them unreadable) and its crops-preset patch shard."""
+    images = tmp_path / "img"
+    images.mkdir()
+    paths = {}
+    for i in range(3):
+        paths[f"I{i}"] = str(images / f"I{i}.jpg")
+        synthetic_photo(i, (80, 60)).save(paths[f"I{i}"])
+    Path(paths["I2"]).write_bytes(b"not an image")
+    write_table(pa.table({"image_id": list(paths), "path": list(paths.values())}),
+                tmp_path / "manifest" / "query-00000.parquet")
+    write_table(plan_table(list(paths), ViewConfig(preset="crops")), tmp_path / "patches" / "query-00000.parquet")
+    return tmp_path, paths
+
+
+def test_each_image_is_decoded_once_for_every_key(run_folders, monkeypatch):
+    root, paths = run_folders
+    decoded = []
+    monkeypatch.setattr(pe, "load_rgb", lambda p: decoded.append(p) or load_rgb(p))
+    card = backbone_card("tiny_cnn")
+    pres = [Preprocess.for_card(card, 32), Preprocess.for_card(card, 48)]
+    task = pe.ChunkTask("query-00000.parquet", 0, 0, 21, (0, 1))
+    row = pe.decode_chunk(task, str(root / "patches"), str(root / "manifest"), pres)
+    assert sorted(decoded) == sorted(paths.values())  # 3 images, 2 keys: 3 decodes
+    assert row["image_id"] == ["I0"] * 7 + ["I1"] * 7 and row["patch_id"] == list(range(7)) * 2
+    assert len(row["errors"]) == 1 and paths["I2"] in row["errors"][0]
+    assert row["shape0"].tolist() == [[32, 32, 3]] * 14 and row["shape1"].tolist() == [[48, 48, 3]] * 14
+
+
+def test_the_model_actor_writes_what_the_encoder_gives(run_folders):
+    root, paths = run_folders
+    card = backbone_card("tiny_cnn")
+    keys = [pe.KeySpec(card, Preprocess.for_card(card, s), str(root / "features" / f"tiny@{s}"), "tiny_cnn", s,
+                       batch_size=5) for s in (32, 48)]
+    task = pe.ChunkTask("query-00000.parquet", 0, 0, 21, (0, 1))
+    row = pe.decode_chunk(task, str(root / "patches"), str(root / "manifest"), [k.pre for k in keys])
+    out = pe.ChunkEmbedder(keys, str(root / "errors"), num_threads=1).embed(row)
+    assert out == {"file": "query-00000-0000.parquet", "planned": 21, "patches": 14, "errors": 1}
+    patches = read_table(root / "patches" / "query-00000.parquet").slice(0, 7).to_pylist()
+    img = load_rgb(paths["I0"])
+    crops = [pe.cut_patch(img, (p["x0"], p["y0"], p["x1"], p["y1"])) for p in patches]
+    for key in keys:
+        feats = read_table(f"{key.folder}/query-00000-0000.parquet")
+        want = build_encoder(card, key.scale).embed(crops)
+        got = np.stack(feats.column("embedding").to_numpy(zero_copy_only=False)[:7])
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    assert read_table(root / "errors").num_rows == 1
+
+
+def test_shape_buckets_batch_aspect_kept_patches_and_keep_descriptors():
+    assert resized_size((400, 300), "short_side", 288, bucket=32) == (384, 288)
+    assert resized_size((410, 300), "short_side", 288, bucket=32) == (384, 288)  # 393.6 -> 384
+    assert resized_size((300, 460), "short_side", 288, bucket=32) == (288, 448)  # 441.6 -> 448
+    assert resized_size((300, 460), "long_side", 224, bucket=32) == (160, 224)   # 146.1 -> 160
+    assert resized_size((300, 460), "square", 224, bucket=32) == (224, 224)
+    card = backbone_card("resnet18").model_copy(update={"resize": "short_side"})
+    rng = np.random.default_rng(1)
+    sizes = [(int(w), int(h)) for w, h in zip(rng.integers(380, 420, 12), rng.integers(290, 310, 12))]
+    patches = [synthetic_photo(i, size) for i, size in enumerate(sizes)]
+    exact, bucketed = build_encoder(card, 96), build_encoder(card, 96)
+    bucketed.pre = Preprocess.for_card(card, 96, bucket=32)
+    calls = []
+    forward = bucketed.forward
+    bucketed.forward = lambda x: calls.append(len(x)) or forward(x)
+    a, b = exact.embed(patches), bucketed.embed(patches)
+    assert len({p.resize(im).shape for p, im in [(exact.pre, x) for x in patches]}) > 3  # exact: many shapes
+    assert calls == [12]  # bucketed: one shape, one batch
+    cosine = (a * b).sum(axis=1)
+    assert cosine.min() >= 0.99
