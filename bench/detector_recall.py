@@ -25,24 +25,22 @@ import os
 from functools import lru_cache
 from pathlib import Path
 
-import augly
 import cv2
 import numpy as np
 
+from core.augment.assets import SCREENSHOT_BBOXES, screenshot_template_path
 from core.imageio import load_rgb
 from ensemble.verify import describe, homography
 from jobs.stages.patch import resolve_detector
 from patchers.detector.predict import detect
 from patchers.detector.train import matched
 
-TEMPLATES = Path(augly.__file__).parent / "assets" / "screenshot_templates"
-
 
 @lru_cache(maxsize=None)
 def screenshot_box(template: str) -> np.ndarray:
     """The template's photo box as fractions of the template (= of the query)."""
-    x0, y0, x1, y1 = json.loads((TEMPLATES / "bboxes.json").read_text())[template]
-    w, h = load_rgb(str(TEMPLATES / template)).size
+    x0, y0, x1, y1 = json.loads(SCREENSHOT_BBOXES.read_text())[template]
+    w, h = load_rgb(screenshot_template_path(template)).size
     return np.array([x0 / w, y0 / h, x1 / w, y1 / h], np.float32)
 
 

@@ -16,18 +16,16 @@ import argparse
 import csv
 import io
 import json
-import os
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import augly.image.functional as augf
 import numpy as np
-from augly import utils as augly_utils
 from PIL import Image
 
-import core.augment.compat  # noqa: F401  (meme_format needs it)
+from core.augment import EDITS, SCREENSHOT_TEMPLATES, emoji_names
 
 FLOWER_SOURCE = "github:Oldpel/flower_photos"
 FLOWER_LICENSE = "CC-BY-2.0"
@@ -35,6 +33,7 @@ N_TRAIN, N_REFERENCES, N_NEGATIVES, N_OVERLAYS, N_POSITIVES = 16, 24, 12, 4, 12
 MAX_SIDE, QUALITY = 256, 88
 MAX_BYTES = 2_000_000
 FONTS = ("NotoSans-Regular.ttf", "NotoSerif-Regular.ttf", "NotoSansMono-Regular.ttf")
+MEME_FONT = "NotoSans-Regular.ttf"
 EMOJI_GROUPS = ("smileys", "animals_and_nature", "food_and_drink", "objects")
 MEME_TEXTS = ("when the flowers bloom", "spring mood", "me on monday", "nature is healing", "petal power")
 # At most one of these per query: each one changes the whole layout of the image.
@@ -64,10 +63,10 @@ class Photo:
 
 @dataclass
 class Context:
-    """What transforms may draw from besides the rng: unrelated photos and emoji files."""
+    """What transforms may draw from besides the rng: unrelated photos and emoji names."""
 
     overlays: list[tuple[str, Image.Image]]  # (flickr id, image)
-    emojis: list[Path]
+    emojis: list[str]  # "group/name.png", sorted
 
 
 def r3(x: float) -> float:
@@ -75,99 +74,88 @@ def r3(x: float) -> float:
 
 
 # Each family: (stage, fn(image, rng, ctx) -> (image, params)). Stages run in order:
-# geometry (1) -> pixel (2) -> overlay (3) -> layout (4).
-Family = tuple[int, Callable[[Image.Image, np.random.Generator, Context], tuple[Image.Image, dict]]]
+# geometry (1) -> pixel (2) -> overlay (3) -> layout (4). ``params`` is what queries_meta.csv
+# records: for most families exactly the keyword parameters of the shared edit it applies.
+Draw = Callable[[Image.Image, np.random.Generator, Context], tuple[Image.Image, dict]]
+Family = tuple[int, Draw]
 
 
-def _crop(img, rng, ctx):
+def _edit(name: str, img: Image.Image, p: dict, **unrecorded: Any) -> tuple[Image.Image, dict]:
+    """Apply edit ``name`` with the recorded params ``p`` (plus ``unrecorded`` ones); returns (image, p)."""
+    return EDITS[name](img, **p, **unrecorded), p
+
+
+def _crop(img: Image.Image, rng: np.random.Generator, ctx: Context) -> tuple[Image.Image, dict]:
     keep_w, keep_h = rng.uniform(0.55, 0.85, 2)
     x1, y1 = r3(rng.uniform(0, 1 - keep_w)), r3(rng.uniform(0, 1 - keep_h))
-    p = {"x1": x1, "y1": y1, "x2": r3(x1 + keep_w), "y2": r3(y1 + keep_h)}
-    return augf.crop(img, **p), p
+    return _edit("crop", img, {"x1": x1, "y1": y1, "x2": r3(x1 + keep_w), "y2": r3(y1 + keep_h)})
 
 
-def _rotate(img, rng, ctx):
-    p = {"degrees": r3(rng.choice([-1, 1]) * rng.uniform(5, 25))}
-    return augf.rotate(img, **p), p
+def _rotate(img: Image.Image, rng: np.random.Generator, ctx: Context) -> tuple[Image.Image, dict]:
+    return _edit("rotate", img, {"degrees": r3(rng.choice([-1, 1]) * rng.uniform(5, 25))})
 
 
-def _perspective(img, rng, ctx):
-    p = {"sigma": r3(rng.uniform(8, 20)), "seed": int(rng.integers(1 << 16))}
-    return augf.perspective_transform(img, **p), p
+def _perspective(img: Image.Image, rng: np.random.Generator, ctx: Context) -> tuple[Image.Image, dict]:
+    return _edit("perspective_transform", img, {"sigma": r3(rng.uniform(8, 20)), "seed": int(rng.integers(1 << 16))})
 
 
-def _flip(img, rng, ctx):
-    return augf.hflip(img), {}
+def _flip(img: Image.Image, rng: np.random.Generator, ctx: Context) -> tuple[Image.Image, dict]:
+    return _edit("hflip", img, {})
 
 
-def _blur(img, rng, ctx):
-    p = {"radius": r3(rng.uniform(1.0, 2.5))}
-    return augf.blur(img, **p), p
+def _blur(img: Image.Image, rng: np.random.Generator, ctx: Context) -> tuple[Image.Image, dict]:
+    return _edit("blur", img, {"radius": r3(rng.uniform(1.0, 2.5))})
 
 
-def _brightness(img, rng, ctx):
-    p = {"factor": r3(rng.choice([rng.uniform(0.5, 0.75), rng.uniform(1.3, 1.7)]))}
-    return augf.brightness(img, **p), p
+def _brightness(img: Image.Image, rng: np.random.Generator, ctx: Context) -> tuple[Image.Image, dict]:
+    return _edit("brightness", img, {"factor": r3(rng.choice([rng.uniform(0.5, 0.75), rng.uniform(1.3, 1.7)]))})
 
 
-def _grayscale(img, rng, ctx):
-    return augf.grayscale(img), {}
+def _grayscale(img: Image.Image, rng: np.random.Generator, ctx: Context) -> tuple[Image.Image, dict]:
+    return _edit("grayscale", img, {})
 
 
-def _pixelization(img, rng, ctx):
-    p = {"ratio": r3(rng.uniform(0.25, 0.5))}
-    return augf.pixelization(img, **p), p
+def _pixelization(img: Image.Image, rng: np.random.Generator, ctx: Context) -> tuple[Image.Image, dict]:
+    return _edit("pixelization", img, {"ratio": r3(rng.uniform(0.25, 0.5))})
 
 
-def _jpeg(img, rng, ctx):
-    p = {"quality": int(rng.integers(12, 35))}
-    return augf.encoding_quality(img, **p), p
+def _jpeg(img: Image.Image, rng: np.random.Generator, ctx: Context) -> tuple[Image.Image, dict]:
+    return _edit("encoding_quality", img, {"quality": int(rng.integers(12, 35))})
 
 
-def _overlay_text(img, rng, ctx):
+def _overlay_text(img: Image.Image, rng: np.random.Generator, ctx: Context) -> tuple[Image.Image, dict]:
     font = FONTS[rng.integers(len(FONTS))]
-    p = {"text": [int(i) for i in rng.integers(1, 90, rng.integers(4, 9))], "font": font,
-         "font_size": r3(rng.uniform(0.1, 0.18)), "opacity": r3(rng.uniform(0.7, 1.0)),
-         "color": [int(c) for c in rng.integers(0, 256, 3)],
-         "x_pos": r3(rng.uniform(0, 0.4)), "y_pos": r3(rng.uniform(0.1, 0.8))}
-    out = augf.overlay_text(img, text=p["text"], font_file=os.path.join(augly_utils.FONTS_DIR, font),
-                            font_size=p["font_size"], opacity=p["opacity"], color=tuple(p["color"]),
-                            x_pos=p["x_pos"], y_pos=p["y_pos"])
-    return out, p
+    return _edit("overlay_text", img, {
+        "text": [int(i) for i in rng.integers(1, 90, rng.integers(4, 9))], "font": font,
+        "font_size": r3(rng.uniform(0.1, 0.18)), "opacity": r3(rng.uniform(0.7, 1.0)),
+        "color": [int(c) for c in rng.integers(0, 256, 3)],
+        "x_pos": r3(rng.uniform(0, 0.4)), "y_pos": r3(rng.uniform(0.1, 0.8))})
 
 
-def _overlay_emoji(img, rng, ctx):
-    emoji = ctx.emojis[rng.integers(len(ctx.emojis))]
-    p = {"emoji": f"{emoji.parent.name}/{emoji.name}", "emoji_size": r3(rng.uniform(0.2, 0.4)),
-         "opacity": r3(rng.uniform(0.8, 1.0)), "x_pos": r3(rng.uniform(0, 0.6)), "y_pos": r3(rng.uniform(0, 0.6))}
-    out = augf.overlay_emoji(img, emoji_path=str(emoji), emoji_size=p["emoji_size"], opacity=p["opacity"],
-                             x_pos=p["x_pos"], y_pos=p["y_pos"])
-    return out, p
+def _overlay_emoji(img: Image.Image, rng: np.random.Generator, ctx: Context) -> tuple[Image.Image, dict]:
+    return _edit("overlay_emoji", img, {
+        "emoji": ctx.emojis[rng.integers(len(ctx.emojis))], "emoji_size": r3(rng.uniform(0.2, 0.4)),
+        "opacity": r3(rng.uniform(0.8, 1.0)), "x_pos": r3(rng.uniform(0, 0.6)), "y_pos": r3(rng.uniform(0, 0.6))})
 
 
-def _overlay_unrelated(img, rng, ctx):
+def _overlay_unrelated(img: Image.Image, rng: np.random.Generator, ctx: Context) -> tuple[Image.Image, dict]:
     flickr_id, overlay = ctx.overlays[rng.integers(len(ctx.overlays))]
     p = {"flickr_id": flickr_id, "overlay_size": r3(rng.uniform(0.35, 0.55)),
          "x_pos": r3(rng.uniform(0, 0.5)), "y_pos": r3(rng.uniform(0, 0.5))}
-    out = augf.overlay_image(img, overlay, overlay_size=p["overlay_size"], x_pos=p["x_pos"],
-                             y_pos=p["y_pos"], opacity=1.0, max_visible_opacity=1.0)
+    out = EDITS["overlay_image"](img, overlay=overlay, overlay_size=p["overlay_size"], x_pos=p["x_pos"],
+                                 y_pos=p["y_pos"], opacity=1.0, max_visible_opacity=1.0)
     return out, p
 
 
-def _meme(img, rng, ctx):
-    p = {"text": MEME_TEXTS[rng.integers(len(MEME_TEXTS))],
-         "caption_height": int(img.height * rng.uniform(0.25, 0.4)) + 12}
-    out = augf.meme_format(img, text=p["text"], caption_height=p["caption_height"],
-                           font_file=os.path.join(augly_utils.FONTS_DIR, "NotoSans-Regular.ttf"))
-    return out, p
+def _meme(img: Image.Image, rng: np.random.Generator, ctx: Context) -> tuple[Image.Image, dict]:
+    return _edit("meme_format", img, {"text": MEME_TEXTS[rng.integers(len(MEME_TEXTS))],
+                                      "caption_height": int(img.height * rng.uniform(0.25, 0.4)) + 12},
+                 font=MEME_FONT)
 
 
-def _screenshot(img, rng, ctx):
-    p = {"template": ("web.png", "mobile.png")[rng.integers(2)], "crop_src_to_fit": bool(rng.integers(2))}
-    out = augf.overlay_onto_screenshot(
-        img, template_filepath=os.path.join(augly_utils.SCREENSHOT_TEMPLATES_DIR, p["template"]),
-        crop_src_to_fit=p["crop_src_to_fit"])
-    return out, p
+def _screenshot(img: Image.Image, rng: np.random.Generator, ctx: Context) -> tuple[Image.Image, dict]:
+    return _edit("overlay_onto_screenshot", img, {"template": SCREENSHOT_TEMPLATES[rng.integers(2)],
+                                                  "crop_src_to_fit": bool(rng.integers(2))})
 
 
 FAMILIES: dict[str, Family] = {
@@ -247,7 +235,7 @@ def build(source: Path, out: Path, seed: int) -> dict[str, bytes]:
                 ref_images[name] = Image.open(io.BytesIO(data)).convert("RGB")
 
     ctx = Context(overlays=[(p.flickr_id, shrink(Image.open(p.path))) for p in overlays],
-                  emojis=sorted(p for g in EMOJI_GROUPS for p in (Path(augly_utils.EMOJI_DIR) / g).glob("*.png")))
+                  emojis=list(emoji_names(EMOJI_GROUPS)))
     copied = sorted(rng.choice(N_REFERENCES, N_POSITIVES, replace=False))
     sources = [(f"R{i + 1:04d}", refs[i]) for i in copied] + [(None, p) for p in negatives]
     order = rng.permutation(len(sources))  # positives and negatives interleaved by chance

@@ -9,18 +9,14 @@ give the same files.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from functools import lru_cache
 from pathlib import Path
 
-import augly.image.functional as F  # noqa: E402
 import numpy as np
-from augly import utils as augly_utils  # noqa: E402
 from PIL import Image
 
-import core.augment  # noqa: F401  (AugLy compat shim, needed by meme_format)
-from core.imageio import ImageDecodeError, load_rgb  # noqa: E402
+from core.augment import EDITS, SCREENSHOT_TEMPLATES, emoji_names
+from core.imageio import ImageDecodeError, load_rgb
 
 WORK_SIDE = 512                       # composites are built at this long side, then resized
 MEME_WORDS = ["when", "you", "me", "LOL", "the", "monday", "mood", "nobody", "finally", "wait", "why"]
@@ -78,11 +74,11 @@ def paste_onto_photo(photo: Image.Image, background: Image.Image, rng: np.random
 def overlay_onto_screenshot(photo: Image.Image, background: Image.Image, rng: np.random.Generator
                             ) -> tuple[Image.Image, Image.Image]:
     """The photo inside one of AugLy's bundled social-media screenshot templates."""
-    template = os.path.join(augly_utils.SCREENSHOT_TEMPLATES_DIR, str(rng.choice(["web.png", "mobile.png"])))
+    template = str(rng.choice(SCREENSHOT_TEMPLATES))
     crop = bool(rng.random() < 0.5)
 
     def fn(im: Image.Image) -> Image.Image:
-        return F.overlay_onto_screenshot(im, template_filepath=template, crop_src_to_fit=crop).convert("RGB")
+        return EDITS["overlay_onto_screenshot"](im, template=template, crop_src_to_fit=crop).convert("RGB")
     return fn(photo), _pasted_mask(fn, photo)
 
 
@@ -97,32 +93,28 @@ def meme(photo: Image.Image, background: Image.Image, rng: np.random.Generator
     height = int(rng.integers(photo.height // 6, photo.height // 3 + 1))
 
     def fn(im: Image.Image) -> Image.Image:
-        return F.meme_format(im, text=text, caption_height=height, meme_bg_color=bg, text_color=fg).convert("RGB")
+        return EDITS["meme_format"](im, text=text, caption_height=height, meme_bg_color=bg,
+                                    text_color=fg).convert("RGB")
     return fn(photo), _pasted_mask(fn, photo)
-
-
-@lru_cache(maxsize=1)
-def _emojis() -> list[str]:
-    root = Path(augly_utils.EMOJI_DIR)
-    return sorted(str(p) for p in root.rglob("*.png"))
 
 
 def cover(img: Image.Image, rng: np.random.Generator) -> Image.Image:
     """Partly cover the composite with text, an emoji and/or stripes (labels unchanged)."""
     if rng.random() < 0.5:
-        img = F.overlay_text(img, text=[int(i) for i in rng.integers(1, 1000, int(rng.integers(3, 10)))],
-                             font_size=float(rng.uniform(0.05, 0.15)), opacity=float(rng.uniform(0.6, 1.0)),
-                             color=tuple(int(c) for c in rng.integers(0, 256, 3)),
-                             x_pos=float(rng.uniform(0, 0.6)), y_pos=float(rng.uniform(0, 0.9)))
+        img = EDITS["overlay_text"](img, text=[int(i) for i in rng.integers(1, 1000, int(rng.integers(3, 10)))],
+                                    font_size=float(rng.uniform(0.05, 0.15)), opacity=float(rng.uniform(0.6, 1.0)),
+                                    color=tuple(int(c) for c in rng.integers(0, 256, 3)),
+                                    x_pos=float(rng.uniform(0, 0.6)), y_pos=float(rng.uniform(0, 0.9)))
     if rng.random() < 0.4:
-        img = F.overlay_emoji(img, emoji_path=str(rng.choice(_emojis())), emoji_size=float(rng.uniform(0.1, 0.3)),
-                              opacity=float(rng.uniform(0.7, 1.0)),
-                              x_pos=float(rng.uniform(0, 0.8)), y_pos=float(rng.uniform(0, 0.8)))
+        img = EDITS["overlay_emoji"](img, emoji=str(rng.choice(emoji_names())),
+                                     emoji_size=float(rng.uniform(0.1, 0.3)), opacity=float(rng.uniform(0.7, 1.0)),
+                                     x_pos=float(rng.uniform(0, 0.8)), y_pos=float(rng.uniform(0, 0.8)))
     if rng.random() < 0.2:
-        img = F.overlay_stripes(img, line_width=float(rng.uniform(0.1, 0.4)),
-                                line_color=tuple(int(c) for c in rng.integers(0, 256, 3)),
-                                line_angle=float(rng.uniform(-90, 90)), line_density=float(rng.uniform(0.2, 0.5)),
-                                line_opacity=float(rng.uniform(0.3, 0.6)))
+        img = EDITS["overlay_stripes"](img, line_width=float(rng.uniform(0.1, 0.4)),
+                                       line_color=tuple(int(c) for c in rng.integers(0, 256, 3)),
+                                       line_angle=float(rng.uniform(-90, 90)),
+                                       line_density=float(rng.uniform(0.2, 0.5)),
+                                       line_opacity=float(rng.uniform(0.3, 0.6)))
     return img.convert("RGB")
 
 

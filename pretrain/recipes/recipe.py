@@ -1,7 +1,7 @@
 """A recipe: a named list of augmentation steps with a progressive-intensity schedule.
 
 A training set is the unlabeled photos plus one recipe. Each step applies one family from
-:data:`core.augment.ops.OPS` with a probability and a strength range; the schedule scales
+:data:`core.augment.families.OPS` with a probability and a strength range; the schedule scales
 the top of every range from ``start`` (epoch 0) to 1 (after ``ramp_epochs``) so training sees
 mild copies first. The output depends only on (seed, image key, epoch, view).
 
