@@ -1,5 +1,5 @@
 """Training throughput: images/s of BYOL and instance fine-tuning steps fed by the real data
-pipeline (decode-once photos -> recipe copies -> tensors -> DataLoader), against raw
+pipeline (photos decoded per item -> recipe copies -> card preprocessing -> DataLoader), against raw
 forward+backward+step of the same model on one batch already in memory. The ratio says how
 much the data pipeline starves the model (1.0 = not at all; target >= 0.8).
 
@@ -20,14 +20,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from core.models.backbones import build_backbone  # noqa: E402
-from pretrain.data import (  # noqa: E402
-    CopyViews,
-    list_images,
-    load_photos,
-    make_loader,
-    set_loader_epoch,
-)
+from core.models.preprocess import Preprocess  # noqa: E402
+from core.models.registry import card_for_model  # noqa: E402
+from pretrain.data import CopyViews, make_loader, set_loader_epoch  # noqa: E402
 from pretrain.losses import build_loss  # noqa: E402
+from pretrain.photos import LazyPhotos, PhotoFiles  # noqa: E402
 from pretrain.recipes import get_recipe  # noqa: E402
 from pretrain.ssl import BYOL  # noqa: E402
 from pretrain.train.byol import byol_step  # noqa: E402
@@ -82,14 +79,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    photos = load_photos(list_images(args.photos, args.limit), max_side=2 * args.size)
+    photos = LazyPhotos(PhotoFiles.from_folder(args.photos, args.limit), max_side=2 * args.size)
     backbone = build_backbone(args.backbone, dim=128, img_size=args.size)
+    pre = Preprocess.for_card(card_for_model(backbone, name="bench"), args.size)
     print(f"{len(photos)} photos, {args.backbone} at {args.size} px, {args.batch} photos/step, "
           f"{args.loader_workers} loader workers, {torch.get_num_threads()} torch threads")
 
     def loader(recipe: str, views: int) -> torch.utils.data.DataLoader:
-        ds = CopyViews(photos, get_recipe(recipe), views=views, size=args.size, mean=backbone.mean,
-                       std=backbone.std, seed=0)
+        ds = CopyViews(photos, get_recipe(recipe), views=views, pre=pre, seed=0)
         return make_loader(ds, args.batch, num_workers=args.loader_workers)
 
     byol = BYOL(backbone, proj_hidden=1024, proj_dim=128, pred_hidden=1024)

@@ -130,17 +130,15 @@ def test_models_command_lists_the_registry(tmp_path, capsys):
 def test_loader_workers_follow_the_epoch(photo_dir):
     """Persistent loader workers see each new epoch (shared memory), so their copies equal the
     ones made in this process for that epoch."""
-    from pretrain.data import (
-        CopyViews,
-        list_images,
-        load_photos,
-        make_loader,
-        set_loader_epoch,
-    )
+    from core.models.preprocess import Preprocess
+    from core.models.registry import card_for_model
+    from pretrain.data import CopyViews, make_loader, set_loader_epoch
+    from pretrain.photos import LazyPhotos, PhotoFiles
     from pretrain.recipes import get_recipe
 
-    photos = load_photos(list_images(photo_dir, limit=8), max_side=64)
-    ds = CopyViews(photos, get_recipe("basic"), views=2, size=32, mean=(0.5,) * 3, std=(0.5,) * 3, seed=0)
+    pre = Preprocess.for_card(card_for_model(build_backbone("tiny_cnn", dim=16, img_size=32), name="m"), 32)
+    photos = LazyPhotos(PhotoFiles.from_folder(photo_dir, limit=8), max_side=64)
+    ds = CopyViews(photos, get_recipe("basic"), views=2, pre=pre, seed=0)
     loader = make_loader(ds, 4, num_workers=1)
     for epoch in (0, 3):
         set_loader_epoch(loader, epoch)

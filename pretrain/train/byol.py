@@ -17,12 +17,14 @@ from torch import nn
 from core.models.backbones import DescriptorModel, build_backbone
 from core.models.cards import ModelCard
 from pretrain.data import CopyViews, make_loader
+from pretrain.photos import LazyPhotos
 from pretrain.recipes import get_recipe
 from pretrain.ssl import BYOL, momentum_at
 from pretrain.train.common import (
     autocast,
     epochs,
     log_event,
+    preprocess_for,
     register_model,
     run_card,
     split_photos,
@@ -44,9 +46,9 @@ def byol_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
         spec.backbone, dim=spec.model.dim, img_size=spec.model.img_size, pool=spec.model.pool, seed=spec.seed
     )
     byol = BYOL(backbone, proj_hidden=hp.proj_hidden, proj_dim=hp.proj_dim, pred_hidden=hp.pred_hidden)
-    photos, _, _ = split_photos(spec)
-    views = CopyViews(photos, get_recipe(hp.recipe), views=2, size=spec.model.img_size,
-                      mean=backbone.mean, std=backbone.std, seed=spec.seed)
+    files, _, _ = split_photos(spec)
+    views = CopyViews(LazyPhotos(files, spec.data.max_side), get_recipe(hp.recipe), views=2,
+                      pre=preprocess_for(spec, backbone), seed=spec.seed)
     loader = make_loader(views, hp.batch_size, num_workers=spec.loader_workers, rank=session.rank,
                          world_size=session.world_size, seed=spec.seed)
     steps = min(len(loader), hp.steps_per_epoch or len(loader))

@@ -1,4 +1,5 @@
-"""Pieces both training loops share: photos split, mixed precision, events log, registration."""
+"""Pieces both training loops share: photos split, preprocessing, mixed precision, events log,
+registration."""
 
 from __future__ import annotations
 
@@ -19,27 +20,34 @@ from torch import nn
 from core.models.backbones import DescriptorModel
 from core.models.cards import ModelCard
 from core.models.checkpoint import save_checkpoint, sidecar_path
+from core.models.preprocess import Preprocess
 from core.models.registry import card_for_model, register
-from pretrain.data import Photo, list_images, load_photos, set_loader_epoch
+from pretrain.data import set_loader_epoch
+from pretrain.photos import PhotoFiles
 from pretrain.train.session import Session
 from pretrain.train.state import read_checkpoint
 from pretrain.train_config import RunSpec
 
 
-def split_photos(spec: RunSpec) -> tuple[list[Photo], list[Photo], list[Photo]]:
-    """(train, validation references, validation distractors), a fixed split by ``spec.seed``."""
-    photos = load_photos(list_images(spec.data.train, spec.data.limit), spec.data.max_side)
+def split_photos(spec: RunSpec) -> tuple[PhotoFiles, PhotoFiles, PhotoFiles]:
+    """(train, validation references, validation distractors) files, a fixed split by
+    ``spec.seed``. Lists the folder only: nothing is decoded here."""
+    files = PhotoFiles.from_folder(spec.data.train, spec.data.limit)
     held = spec.data.val_photos + spec.data.val_distractors
-    if len(photos) - held < 2:
+    if len(files) - held < 2:
         raise ValueError(
-            f"{spec.data.train}: {len(photos)} photos leave fewer than 2 to train on after holding "
+            f"{spec.data.train}: {len(files)} photos leave fewer than 2 to train on after holding "
             f"aside {held} for validation"
         )
-    order = np.random.default_rng(spec.seed).permutation(len(photos))
-    val = [photos[i] for i in order[: spec.data.val_photos]]
-    distractors = [photos[i] for i in order[spec.data.val_photos : held]]
-    train = [photos[i] for i in sorted(order[held:])]
-    return train, val, distractors
+    order = np.random.default_rng(spec.seed).permutation(len(files))
+    val, distractors = files.take(order[: spec.data.val_photos]), files.take(order[spec.data.val_photos : held])
+    return files.take(np.sort(order[held:])), val, distractors
+
+
+def preprocess_for(spec: RunSpec, model: DescriptorModel) -> Preprocess:
+    """How pixels become input to the model being trained: its card's preprocessing at the
+    training size, the same one extraction will use for the registered model."""
+    return Preprocess.for_card(run_card(spec, model), spec.model.img_size)
 
 
 @contextlib.contextmanager

@@ -22,11 +22,13 @@ from core.models.cards import ModelCard
 from core.models.checkpoint import save_checkpoint
 from pretrain.data import CopyViews, make_loader
 from pretrain.losses import build_loss
+from pretrain.photos import LazyPhotos
 from pretrain.recipes import get_recipe
 from pretrain.train.common import (
     autocast,
     epochs,
     log_event,
+    preprocess_for,
     register_model,
     run_card,
     split_photos,
@@ -65,15 +67,15 @@ def finetune_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
     recipe = get_recipe(spec.recipe)
     net = InstanceModel(backbone, build_loss(hp.loss.name, num_classes=len(train), dim=backbone.dim,
                                              params=hp.loss.params))
-    copies = CopyViews(train, recipe, views=hp.copies, size=spec.model.img_size, mean=backbone.mean,
-                       std=backbone.std, seed=spec.seed)
+    photos, pre = LazyPhotos(train, spec.data.max_side), preprocess_for(spec, backbone)
+    copies = CopyViews(photos, recipe, views=hp.copies, pre=pre, seed=spec.seed)
     loader = make_loader(copies, hp.photos_per_batch, num_workers=spec.loader_workers, rank=session.rank,
                          world_size=session.world_size, seed=spec.seed)
     steps = min(len(loader), hp.steps_per_epoch or len(loader))
     val = None
     if val_refs and session.rank == 0:
-        val = make_validation_set(val_refs, distractors, recipe, size=spec.model.img_size, mean=backbone.mean,
-                                  std=backbone.std, backgrounds=train)
+        val = make_validation_set(val_refs, distractors, recipe, pre=pre, max_side=spec.data.max_side,
+                                  backgrounds=photos)
 
     begin = start_or_resume(spec, session, net, "net",
                             lambda m: torch.optim.AdamW(m.parameters(), lr=hp.lr, weight_decay=hp.weight_decay))

@@ -2,26 +2,35 @@
 
 References are the held-aside photos; queries are one recipe copy of every reference (at
 full intensity) plus one copy of every distractor photo (which has no reference). Queries
-are fixed for the whole run, so epochs are comparable. Scoring is the pipeline's own: faiss
-kNN (``core.knn.knn``) and the ISC21 evaluator (``core.metrics.evaluate``).
+are fixed for the whole run, so epochs are comparable. Pixels become model input exactly as
+in extraction: references are decoded in full by :func:`core.imageio.load_rgb` and prepared
+by the card's :class:`~core.models.preprocess.Preprocess`; queries are copies of the photo
+decoded at ``max_side``, like the training copies. Scoring is the pipeline's own: faiss kNN
+(``core.knn.knn``) and the ISC21 evaluator (``core.metrics.evaluate``).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
+from core.imageio import ImageDecodeError, load_rgb
 from core.knn import knn
 from core.metrics import Metrics, evaluate
 from core.models.backbones import DescriptorModel
-from pretrain.data import Photo, to_tensor
+from core.models.preprocess import Preprocess
+from pretrain.data import model_input
+from pretrain.photos import PhotoFiles
 from pretrain.recipes import OpContext, Recipe
 
 FULL_INTENSITY_EPOCH = 10**6  # past any schedule's ramp
 VALIDATION_SEED = 7_919  # queries differ from every training copy (training uses spec.seed)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,25 +45,37 @@ class ValidationSet:
 
 
 def make_validation_set(
-    references: Sequence[Photo], distractors: Sequence[Photo], recipe: Recipe, *,
-    size: int, mean: Sequence[float], std: Sequence[float], backgrounds: Sequence[Photo] = (),
+    references: PhotoFiles, distractors: PhotoFiles, recipe: Recipe, *,
+    pre: Preprocess, max_side: int, backgrounds: Sequence[Image.Image] = (),
 ) -> ValidationSet:
-    """Copy queries of ``references`` and of ``distractors`` made with ``recipe``."""
-    if not references:
+    """Copy queries of ``references`` and of ``distractors`` made with ``recipe``; photos that
+    do not decode are logged and left out. Decodes one photo at a time."""
+    if not len(references):
         raise ValueError("validation needs at least one held-aside reference photo (data.val_photos)")
-    ctx = OpContext(backgrounds=tuple(p.image for p in backgrounds))
-
-    def copy(photo: Photo) -> torch.Tensor:
-        img = recipe(photo.image, seed=VALIDATION_SEED, key=photo.image_id, epoch=FULL_INTENSITY_EPOCH, ctx=ctx)
-        return to_tensor(img, size, mean, std)
-
-    queries = [*references, *distractors]
+    ctx = OpContext(backgrounds=backgrounds)
+    refs: list[torch.Tensor] = []
+    ref_ids: list[str] = []
+    queries: list[torch.Tensor] = []
+    query_ids: list[str] = []
+    for files, is_reference in ((references, True), (distractors, False)):
+        for image_id, path in files:
+            try:
+                full = load_rgb(path) if is_reference else None
+                small = load_rgb(path, max_side)
+            except ImageDecodeError as e:
+                log.warning("skipping validation image %s", e)
+                continue
+            if full is not None:
+                refs.append(model_input(pre, [full]))
+                ref_ids.append(image_id)
+            copy = recipe(small, seed=VALIDATION_SEED, key=image_id, epoch=FULL_INTENSITY_EPOCH, ctx=ctx)
+            queries.append(model_input(pre, [copy]))
+            query_ids.append(f"Q-{image_id}")
+    if not refs:
+        raise ValueError(f"none of the {len(references)} validation reference photos could be decoded")
     return ValidationSet(
-        references=torch.stack([to_tensor(p.image, size, mean, std) for p in references]),
-        reference_ids=[p.image_id for p in references],
-        queries=torch.stack([copy(p) for p in queries]),
-        query_ids=[f"Q-{p.image_id}" for p in queries],
-        ground_truth=[(f"Q-{p.image_id}", p.image_id) for p in references],
+        references=torch.cat(refs), reference_ids=ref_ids, queries=torch.cat(queries), query_ids=query_ids,
+        ground_truth=[(f"Q-{i}", i) for i in ref_ids],
     )
 
 

@@ -1,0 +1,127 @@
+"""Training photos as files: a compact list of (id, path), decoded one at a time on demand.
+
+No process holds the training set: :class:`PhotoFiles` keeps ids and paths packed in two
+numpy buffers (a few bytes per photo, and nothing for forked loader workers to copy on
+access, unlike a list of Python strings), and :class:`LazyPhotos` decodes a photo only when
+an item or a paste background needs it, through the pipeline's one decoder
+(:func:`core.imageio.load_rgb`), shrunk to ``max_side``.
+
+A file that fails to decode is never fatal: it is logged once per process, naming the file
+and the reason, and a fixed replacement photo takes its place.
+
+Example::
+
+    files = PhotoFiles.from_folder("train/", limit=1000)
+    photos = LazyPhotos(files, max_side=512)
+    index, photo = photos.photo(17)    # photo 17, or its replacement if 17 does not decode
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from core.imageio import ImageDecodeError, list_images, load_rgb
+
+log = logging.getLogger(__name__)
+REPLACEMENT_TRIES = 64  # photos tried in place of one that does not decode before giving up
+
+
+@dataclass(frozen=True)
+class Photo:
+    """A decoded training photo and its id (file stem, as listed): the id seeds its augmentations."""
+
+    image_id: str
+    image: Image.Image
+
+
+class PackedStrings:
+    """An immutable list of strings in one byte buffer plus offsets (file-system encoding)."""
+
+    def __init__(self, items: Iterable[str | os.PathLike]) -> None:
+        encoded = [os.fsencode(s) for s in items]
+        self.offsets = np.zeros(len(encoded) + 1, np.int64)
+        np.cumsum([len(b) for b in encoded], out=self.offsets[1:])
+        self.data = np.frombuffer(b"".join(encoded), np.uint8) if encoded else np.zeros(0, np.uint8)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        start, end = self.offsets[i], self.offsets[i + 1]
+        return os.fsdecode(self.data[start:end].tobytes())
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(len(self)))
+
+
+class PhotoFiles:
+    """Photo ids and file paths, packed; item ``i`` is ``(image_id, path)``."""
+
+    def __init__(self, ids: Iterable[str], paths: Iterable[str | os.PathLike]) -> None:
+        self.ids, self.paths = PackedStrings(ids), PackedStrings(paths)
+        if len(self.ids) != len(self.paths):
+            raise ValueError(f"{len(self.ids)} ids for {len(self.paths)} paths")
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike, limit: int | None = None) -> PhotoFiles:
+        """The image files under ``folder`` as :func:`core.imageio.list_images` lists them."""
+        listing = list_images(folder, limit)
+        if not listing:
+            raise FileNotFoundError(f"{folder}: no training images in the folder")
+        return cls((image_id for image_id, _ in listing), (path for _, path in listing))
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[str, str]:
+        return self.ids[i], self.paths[i]
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return zip(self.ids, self.paths)
+
+    def take(self, indices: Sequence[int] | np.ndarray) -> PhotoFiles:
+        """The photos at ``indices``, in that order."""
+        return PhotoFiles((self.ids[int(i)] for i in indices), (self.paths[int(i)] for i in indices))
+
+
+class LazyPhotos(Sequence[Image.Image]):
+    """Photos of ``files`` decoded on access, longer side at most ``max_side``.
+
+    As a sequence of images it serves as paste backgrounds (``OpContext.backgrounds``): the
+    pixels a background contributes are decoded like the training photos themselves.
+    """
+
+    def __init__(self, files: PhotoFiles, max_side: int) -> None:
+        self.files, self.max_side = files, max_side
+        self._bad: set[int] = set()  # per process: each bad file is decoded and logged once
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> Image.Image:  # type: ignore[override]  # int indices only
+        return self.photo(i)[1].image
+
+    def photo(self, i: int) -> tuple[int, Photo]:
+        """``(index, photo)``: photo ``i``, or a replacement (fixed per ``i``) when ``i`` does not decode."""
+        for j in self._candidates(i):
+            if j in self._bad:
+                continue
+            image_id, path = self.files[j]
+            try:
+                return j, Photo(image_id, load_rgb(path, self.max_side))
+            except ImageDecodeError as e:
+                self._bad.add(j)
+                log.warning("skipping training image %s (a replacement photo is used)", e)
+        raise RuntimeError(
+            f"training photo {self.files[i][1]} and {REPLACEMENT_TRIES} replacements do not decode: "
+            "is the training folder readable?")
+
+    def _candidates(self, i: int) -> Iterator[int]:
+        yield i
+        yield from (int(j) for j in np.random.default_rng(i).integers(0, len(self), REPLACEMENT_TRIES))

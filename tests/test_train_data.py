@@ -1,0 +1,196 @@
+"""Training data path: photos stream from files (bounded memory, bad files replaced), decoded by
+the pipeline's decoder, and validation input equals extraction input for the same file."""
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.imageio import ImageDecodeError, load_rgb
+from core.models.backbones import build_backbone
+from tests.badimages import EXPECTED, make_bad_images
+from tests.conftest import synthetic_photo
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+REPO = Path(__file__).resolve().parent.parent
+RSS_MARGIN_MB = 40  # the 10x larger run may use this much more (measured: +11 MB; decoding
+# all photos up front, as training did before, measured +310 MB)
+
+
+def tiny_spec(train: Path, tmp: Path, **data):
+    from pretrain.train_config import (
+        DataSection,
+        ModelSection,
+        PretrainSection,
+        RunSpec,
+    )
+
+    return RunSpec(
+        kind="byol", name="tiny-stream", backbone="tiny_cnn", recipe="byol_views", run_dir=str(tmp / "run"),
+        registry=str(tmp / "registry"), seed=0, data=DataSection(train=str(train), **data),
+        model=ModelSection(dim=16, img_size=32), torch_threads=1,
+        pretrain=PretrainSection(epochs=1, batch_size=8, steps_per_epoch=4, proj_hidden=32, proj_dim=16,
+                                 pred_hidden=32),
+    )
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_load_rgb_max_side_shrinks_like_thumbnail_and_fails_alike(tmp_path, name):
+    path = make_bad_images(tmp_path)[name]
+    if EXPECTED[name]["error"]:
+        with pytest.raises(ImageDecodeError, match=EXPECTED[name]["reason"]):
+            load_rgb(path, max_side=32)
+        return
+    full = load_rgb(path)
+    assert np.array_equal(np.asarray(load_rgb(path, max_side=1000)), np.asarray(full))  # small: untouched
+    small = load_rgb(path, max_side=32)
+    expected = full.copy()
+    expected.thumbnail((32, 32), Image.Resampling.BILINEAR)
+    assert small.mode == "RGB" and small.size == expected.size and max(small.size) == 32
+
+
+def test_load_rgb_max_side_decodes_large_jpegs_at_reduced_size(tmp_path):
+    path = tmp_path / "big.jpg"
+    synthetic_photo(1, (1600, 1200)).save(path, quality=90)
+    small = load_rgb(path, max_side=100)
+    expected = load_rgb(path)
+    expected.thumbnail((100, 100), Image.Resampling.BILINEAR)
+    assert small.size == expected.size == (100, 75)
+    assert np.abs(np.asarray(small, np.int16) - np.asarray(expected, np.int16)).mean() < 4
+
+
+@pytest.fixture
+def messy_dir(tmp_path) -> Path:
+    """10 photos and 2 files that do not decode (sorted among them)."""
+    folder = tmp_path / "messy"
+    folder.mkdir()
+    for i in range(10):
+        synthetic_photo(700 + i, (64, 48)).save(folder / f"P{i:03d}.jpg")
+    (folder / "P003b.jpg").write_bytes(b"not a jpeg")
+    good = (folder / "P004.jpg").read_bytes()
+    (folder / "P005b.jpg").write_bytes(good[: len(good) // 2])
+    return folder
+
+
+def test_split_lists_files_and_training_replaces_bad_ones(messy_dir, tmp_path, caplog):
+    from pretrain.data import CopyViews
+    from pretrain.photos import LazyPhotos
+    from pretrain.recipes import get_recipe
+    from pretrain.train.byol import train_local
+    from pretrain.train.common import preprocess_for, split_photos
+
+    spec = tiny_spec(messy_dir, tmp_path, val_photos=2, val_distractors=1, max_side=64)
+    train, val, distractors = split_photos(spec)  # nothing decoded: the bad files are simply listed
+    assert (len(train), len(val), len(distractors)) == (9, 2, 1)
+    assert sorted(i for i, _ in [*train, *val, *distractors]) == sorted(p.stem for p in messy_dir.iterdir())
+
+    bad = [i for i, (_, path) in enumerate(train) if Path(path).name.endswith("b.jpg")]
+    backbone = build_backbone("tiny_cnn", dim=16, img_size=32)
+    ds = CopyViews(LazyPhotos(train, 64), get_recipe("basic"), views=2, pre=preprocess_for(spec, backbone), seed=0)
+    with caplog.at_level(logging.WARNING, logger="pretrain.photos"):
+        for i in bad:
+            views, label = ds[i]
+            assert views.shape == (2, 3, 32, 32) and label != i and label not in bad
+            assert train[i][1] in caplog.text  # the warning names the file
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="pretrain.photos"):
+        metrics = train_local(tiny_spec(messy_dir, tmp_path, max_side=64))  # every file in training
+    assert metrics["epoch"] == 0 and metrics["loss"] == metrics["loss"]
+
+
+def test_validation_input_equals_extraction_input(tmp_path):
+    """The same files through training validation and through extraction (the Embedder's
+    full-image patch) give identical model input arrays."""
+    from core.models.encoders import build_encoder
+    from patchers.extract import cut_patch
+    from pretrain.photos import PhotoFiles
+    from pretrain.recipes import get_recipe
+    from pretrain.train.common import preprocess_for, run_card
+    from pretrain.train.validate import make_validation_set
+
+    files = make_bad_images(tmp_path / "odd")
+    names = [n for n in sorted(EXPECTED) if not EXPECTED[n]["error"]]
+    big = tmp_path / "odd" / "big_rotated.jpg"  # larger than max_side, EXIF-rotated
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    synthetic_photo(3, (300, 200)).save(big, quality=90, exif=exif.tobytes())
+    rgba = tmp_path / "odd" / "alpha.png"  # transparency: flattened on white by load_rgb
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 50, 4), np.uint8), "RGBA").save(rgba)
+    paths = [str(files[n]) for n in names] + [str(big), str(rgba)]
+
+    spec = tiny_spec(tmp_path / "odd", tmp_path, max_side=64)
+    backbone = build_backbone(spec.backbone, dim=spec.model.dim, img_size=spec.model.img_size)
+    val = make_validation_set(PhotoFiles([Path(p).stem for p in paths], paths), PhotoFiles([], []),
+                              get_recipe("basic"), pre=preprocess_for(spec, backbone), max_side=spec.data.max_side)
+
+    encoder = build_encoder(run_card(spec, backbone), spec.model.img_size)  # the registered model's card
+    for row, path in enumerate(paths):
+        patch = cut_patch(load_rgb(path), (0.0, 0.0, 1.0, 1.0))
+        extracted = encoder.pre.to_input(np.stack([encoder.pre.resize(patch)]))
+        assert extracted.dtype == np.float32
+        assert np.array_equal(val.references[row : row + 1].numpy(), extracted), path
+
+
+CHILD = """
+import json, multiprocessing as mp, os, resource, sys
+from pretrain import data
+from pretrain.train.byol import train_local
+from pretrain.train_config import RunSpec
+
+def peak_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+trainer, worker_peak, make_item = os.getpid(), mp.Value("d", 0.0), data.CopyViews.__getitem__
+
+def measured_item(self, i):  # runs in the (forked) loader worker: record its own peak
+    item = make_item(self, i)
+    if os.getpid() != trainer:
+        worker_peak.value = max(worker_peak.value, peak_mb())
+    return item
+
+data.CopyViews.__getitem__ = measured_item
+metrics = train_local(RunSpec.model_validate_json(sys.argv[1]))
+print(json.dumps({"epoch": metrics["epoch"], "trainer": peak_mb(), "worker": worker_peak.value}))
+"""
+
+
+def write_photos(folder: Path, count: int, variants: list[bytes]) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(count):
+        (folder / f"I{i:06d}.jpg").write_bytes(variants[i % len(variants)])
+    return folder
+
+
+def test_peak_rss_does_not_grow_with_the_photo_count(tmp_path):
+    """The same 4-step BYOL run (one loader worker) on 2,000 and on 20,000 64x64 photos: peak RSS
+    of the trainer and of its loader worker stay within RSS_MARGIN_MB (holding the decoded photos
+    would add over 12 KB each, 220+ MB for the 18,000 more)."""
+    variants = []
+    for seed in range(32):
+        buf = io.BytesIO()
+        synthetic_photo(seed, (64, 64)).save(buf, "JPEG", quality=85)
+        variants.append(buf.getvalue())
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for count in (2_000, 20_000):
+        spec = tiny_spec(write_photos(tmp_path / f"p{count}", count, variants), tmp_path / f"r{count}", max_side=64)
+        spec = spec.model_copy(update={"loader_workers": 1})
+        runs[count] = subprocess.Popen([sys.executable, "-c", CHILD, spec.model_dump_json()], cwd=tmp_path,
+                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    peaks = {}
+    for count, proc in runs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        peaks[count] = json.loads(out.strip().splitlines()[-1])
+        assert peaks[count]["epoch"] == 0
+    print("peak RSS MB:", json.dumps(peaks))
+    for who in ("trainer", "worker"):
+        small, large = peaks[2_000][who], peaks[20_000][who]
+        assert small > 50 and large - small < RSS_MARGIN_MB, (who, peaks)
