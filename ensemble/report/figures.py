@@ -8,8 +8,8 @@ from collections.abc import Mapping
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from PIL import Image, ImageOps, UnidentifiedImageError
 
+from core.imageio import ImageDecodeError, load_rgb
 from core.store import atomic_output
 
 
@@ -64,12 +64,9 @@ def thumbnail(image_path: str | None, folder: str, image_id: str, side: int = 16
         return None
     out = os.path.join(folder, hashlib.sha1(image_id.encode()).hexdigest()[:16] + ".jpg")
     try:
-        with Image.open(image_path) as img:
-            img.draft("RGB", (side, side))
-            thumb = ImageOps.exif_transpose(img).convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError):
+        thumb = load_rgb(image_path, max_side=side)
+    except ImageDecodeError:
         return None
-    thumb.thumbnail((side, side))
     with atomic_output(out) as f:
         thumb.save(f, format="JPEG", quality=85)
     return out
