@@ -19,8 +19,9 @@ from core.metrics import write_predictions
 from core.store import chunks, join, list_shards, read_table, write_table
 from ensemble.fuse import top_k_per_query
 from ensemble.verify import verify_pairs
+from jobs.completeness import require_manifest
 from jobs.config import PipelineConfig, VerifyConfig
-from jobs.layout import RunDir, pin_settings
+from jobs.layout import RunDir, image_paths, pin_settings
 from jobs.runtime import run_tasks
 
 log = logging.getLogger(__name__)
@@ -51,11 +52,16 @@ def rescore(fused: pa.Table, checked: pa.Table, cfg: VerifyConfig) -> pa.Table:
                      "score": pa.array(score.astype(np.float32))})
 
 
+def verify_settings(cfg: PipelineConfig) -> dict:
+    return {"method": cfg.verify.method, "max_side": cfg.verify.max_side}
+
+
 def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
     if not cfg.verify.enabled:
         log.info("verify: off (set verify.enabled=true to verify candidates)")
         return
-    pin_settings(run.verify, {"method": cfg.verify.method, "max_side": cfg.verify.max_side}, "verify")
+    require_manifest(run, "verify")
+    pin_settings(run.verify, verify_settings(cfg), "verify")
     fused = read_table(run.fused)
     todo = top_k_per_query(fused, cfg.verify.top_k)
     if list_shards(run.verify):
@@ -64,12 +70,8 @@ def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
         keep = [(q, r) not in seen for q, r in zip(todo.column("query_id").to_pylist(),
                                                      todo.column("reference_id").to_pylist())]
         todo = todo.filter(pa.array(keep, pa.bool_()))
-    manifest = read_table(run.manifest, columns=["image_id", "path", "split"])
-    paths: dict[str, dict[str, str]] = {"query": {}, "reference": {}}
-    for i, p, s in zip(*(manifest.column(c).to_pylist() for c in ("image_id", "path", "split"))):
-        if s in paths:
-            paths[s][i] = p
-    paths_ref = ray.put(paths)  # one copy in the object store for every task
+    paths = image_paths(run)  # one copy in the object store for every task
+    paths_ref = ray.put({s: paths.get(s, {}) for s in ("query", "reference")})
     queries = sorted(set(todo.column("query_id").to_pylist()))
     start = len(list_shards(run.verify))
     calls = []
