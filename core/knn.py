@@ -91,7 +91,17 @@ def index_bytes(rows: int, dim: int, kind: str, spec: IndexSpec) -> int:
         return rows * (dim * 4 + spec.hnsw_m * 2 * 4)
     nlist = max(1, min(spec.nlist, rows // 39))
     refine = rows * dim * 4 if spec.refine else 0
-    return rows * (spec.pq_m + 8) + nlist * dim * 4 + refine
+    codebooks = 256 * dim * 4  # 2^8 centroids per sub-quantizer, dim / pq_m floats each
+    return rows * (spec.pq_m + 8) + nlist * dim * 4 + codebooks + refine
+
+
+def index_size(index: faiss.Index | None) -> int:
+    """Bytes of an index's serialised form (what it holds in memory, without allocator slack)."""
+    if index is None:
+        return 0
+    if type(index).__name__.startswith("Gpu"):
+        index = faiss.index_gpu_to_cpu(index)
+    return int(faiss.serialize_index(index).nbytes)
 
 
 def build_index(x: np.ndarray, kind: str, spec: IndexSpec, k_max: int = 1) -> faiss.Index:

@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import ray
 
 from core.contracts import CANDIDATES_SCHEMA, WHOLE_PATCH
-from core.knn import Hits, IndexSpec, build_index, index_kind, merge_topk
+from core.knn import Hits, IndexSpec, build_index, index_kind, index_size, merge_topk
 from core.store import embeddings_from_arrow, filesystem, read_table
 
 CALL_TIMEOUT_S = 3600.0  # one shard search call; generous for GPU-sized shards
@@ -109,7 +109,7 @@ class ShardIndex:
     def info(self) -> dict:
         """Rows, index type, node id (prefix) and this process's resident memory (bytes)."""
         return {"rows": int(self.rows), "dim": int(self.dim), "index": self.kind,
-                "faiss": type(self.index).__name__,
+                "faiss": type(self.index).__name__, "bytes": index_size(self.index),
                 "rss": psutil.Process(os.getpid()).memory_info().rss,
                 "node": ray.get_runtime_context().get_node_id()[:12]}
 
@@ -180,6 +180,6 @@ def format_info(name: str, infos: Sequence[dict]) -> str:
     """One line per shard: rows, index type, node and resident memory of its actor."""
     lines = [f"{name}: {len(infos)} shard(s)"]
     for i, s in enumerate(infos):
-        lines.append(f"  shard {i}: {s['rows']} rows x {s['dim']}  {s['faiss']}  node {s['node']}  "
-                     f"RSS {s['rss'] / 2**20:.0f} MiB")
+        lines.append(f"  shard {i}: {s['rows']} rows x {s['dim']}  {s['faiss']} {s['bytes'] / 2**20:.1f} MiB  "
+                     f"node {s['node']}  RSS {s['rss'] / 2**20:.0f} MiB")
     return "\n".join(lines)

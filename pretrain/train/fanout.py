@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from core.models.cards import RegistryError
-from core.models.registry import CARD_SUFFIX, load_card, resolve_model
+import torch
+
+from core.models.backbones import build_backbone
+from core.models.cards import ModelCard, RegistryError
+from core.models.registry import CARD_SUFFIX, card_for_model, load_card, resolve_model
 from pretrain.train_config import RaySection, RunSpec, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,20 @@ def _spec(cfg: TrainConfig, **fields: Any) -> RunSpec:
         use_gpu=cfg.ray.use_gpu, loader_workers=cfg.loader_workers, torch_threads=cfg.torch_threads,
         pretrain=cfg.pretrain, finetune=cfg.finetune, **fields,
     )
+
+
+def planned_cards(cfg: TrainConfig) -> dict[str, ModelCard]:
+    """Random-init cards of every model the config's runs will register (BYOL and fine-tuned),
+    by registry name: same architecture, so sizes and speed can be planned before training."""
+    cards = {}
+    for b in cfg.backbones:
+        model = cfg.model.for_backbone(b)
+        for name, pool in [(byol_name(cfg, b), model.pool),
+                           *((finetune_name(cfg, b, r), cfg.finetune.pool or model.pool) for r in cfg.set_recipes())]:
+            with torch.device("meta"):
+                net = build_backbone(b, dim=model.dim, img_size=model.img_size, pool=pool, seed=cfg.seed)
+            cards[name] = card_for_model(net, name=name)
+    return cards
 
 
 def plan_pretrain(cfg: TrainConfig) -> list[RunSpec]:
