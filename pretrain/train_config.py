@@ -15,7 +15,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.models.backbones import list_backbones
 from core.models.registry import default_registry_dir
@@ -73,8 +73,17 @@ class PretrainSection(Strict):
 
 
 class LossSection(Strict):
-    name: Literal["arcface", "cosface", "triplet", "infonce"] = "arcface"
+    name: str = Field("arcface", description="a key of pretrain.losses.LOSSES")
     params: dict[str, Any] = Field({}, description="keyword arguments of the loss")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from pretrain.losses import LOSSES  # pytorch-metric-learning: import late
+
+        if v not in LOSSES:
+            raise ValueError(f"unknown loss {v!r}; known: {', '.join(LOSSES)}")
+        return v
 
 
 class FinetuneSection(Strict):
