@@ -141,8 +141,11 @@ class SearchConfig(Strict):
     exact_max: int = Field(2_000_000, ge=1, description="shards with fewer rows use an exact IndexFlatIP")
     index: Literal["ivfpq", "hnsw"] = Field("ivfpq", description="approximate index for shards >= exact_max")
     nlist: int = Field(4096, ge=1, description="IVF lists (capped at rows / 39 per shard)")
-    nprobe: int = Field(64, ge=1, description="IVF lists visited per query")
+    nprobe: int = Field(32, ge=1, description="IVF lists visited per query")
     pq_m: int = Field(32, ge=1, description="PQ sub-quantizers; must divide the feature dim")
+    refine: Literal["none", "sq8", "fp16", "flat"] = Field(
+        "sq8", description="re-rank IVF-PQ hits with stored vectors (sq8: 1 byte per dim) so copies stay found")
+    refine_k: float = Field(4.0, ge=1, description="hits re-ranked per requested neighbour")
     hnsw_m: int = Field(32, ge=4, description="HNSW neighbours per node")
     ef_search: int = Field(128, ge=1, description="HNSW search depth")
     cpus_per_shard: float = Field(0.5, gt=0, description="CPUs reserved by each shard actor")
@@ -152,7 +155,8 @@ class SearchConfig(Strict):
     def index_spec(self) -> IndexSpec:
         """The index settings the search stage and ``copydet plan`` both use."""
         return IndexSpec(exact_max=self.exact_max, kind=self.index, nlist=self.nlist, nprobe=self.nprobe,
-                         pq_m=self.pq_m, hnsw_m=self.hnsw_m, ef_search=self.ef_search)
+                         pq_m=self.pq_m, refine=self.refine, refine_k=self.refine_k, hnsw_m=self.hnsw_m,
+                         ef_search=self.ef_search)
 
 
 class FuseConfig(Strict):
