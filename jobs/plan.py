@@ -198,20 +198,21 @@ def human(n: float) -> str:
 
 def format_plan(plan: Plan) -> str:
     """The plan as two readable tables: data sizes, then one row per model key."""
+    w = max([18, *(len(k.key) + 2 for k in plan.keys)])
     lines = ["split       images   patches/img      patches"]
     for s in SIDES:
         lines.append(f"{s:<10}{plan.images[s]:>9,}{plan.patches_per_image[s]:>14}{plan.patches(s):>13,}")
     lines += ["", f"device-hours measured on: {plan.device}; wall hours on {plan.gpus} device(s) in parallel", "",
-              f"{'model@scale':<18}{'dim':>5} {'dtype':<8}{'ref feats':>11}{'query feats':>12}{'train feats':>12}"
+              f"{'model@scale':<{w}}{'dim':>5} {'dtype':<8}{'ref feats':>11}{'query feats':>12}{'train feats':>12}"
               f"{'index (kind)':>20}{'max shard':>11}{'extract h':>11}{'search h':>10}{'wall h':>9}"]
     for k in plan.keys:
         wall = (k.extract_hours + k.search_hours) / plan.gpus
-        lines.append(f"{k.key:<18}{k.dim:>5} {k.dtype:<8}{human(k.feature_bytes['reference']):>11}"
+        lines.append(f"{k.key:<{w}}{k.dim:>5} {k.dtype:<8}{human(k.feature_bytes['reference']):>11}"
                      f"{human(k.feature_bytes['query']):>12}{human(k.feature_bytes['train']):>12}"
                      f"{human(k.index_bytes) + ' (' + k.index_kind + ')':>20}{human(k.shard_bytes):>11}"
                      f"{k.extract_hours:>11.1f}{k.search_hours:>10.1f}{wall:>9.1f}")
     ex, se = sum(k.extract_hours for k in plan.keys), sum(k.search_hours for k in plan.keys)
-    lines.append(f"{'total':<18}{'':>5} {'':<8}{human(sum(sum(k.feature_bytes.values()) for k in plan.keys)):>35}"
+    lines.append(f"{'total':<{w}}{'':>5} {'':<8}{human(sum(sum(k.feature_bytes.values()) for k in plan.keys)):>35}"
                  f"{human(sum(k.index_bytes for k in plan.keys)):>20}{'':>11}{ex:>11.1f}{se:>10.1f}"
                  f"{(ex + se) / plan.gpus:>9.1f}")
     return "\n".join(lines)
