@@ -29,14 +29,19 @@ def test_patches_per_image_counts_views_and_budgets():
 
 
 def test_index_bytes_by_shard_kind():
-    cfg = load_config(None, ["search.shard_size=100", "search.exact_max=60", "search.pq_m=8",
-                             "search.nlist=2"]).search
+    sets = ["search.shard_size=100", "search.exact_max=60", "search.pq_m=8", "search.nlist=2"]
+    cfg = load_config(None, [*sets, "search.refine=none"]).search
     assert index_bytes(0, 16, cfg) == (0, 0, "-")
     assert index_bytes(50, 16, cfg) == (50 * 16 * 4, 50 * 16 * 4, "flat")
     # 250 rows -> shards of 100, 100, 50 rows, all IVF-PQ: codes + ids, 2 centroids, the PQ codebooks
     def ivfpq(n: int) -> int:  # nlist is capped at rows / 39
         return n * (8 + 8) + min(2, n // 39) * 16 * 4 + 256 * 16 * 4
     assert index_bytes(250, 16, cfg) == (2 * ivfpq(100) + ivfpq(50), ivfpq(100), "ivfpq")
+    # the default re-ranks with SQ8 vectors: one byte per dim and row, plus the per-dim min and range
+    cfg = load_config(None, [*sets, "search.refine=sq8"]).search
+    def sq8(n: int) -> int:
+        return ivfpq(n) + n * 16 + 2 * 16 * 4
+    assert index_bytes(250, 16, cfg) == (2 * sq8(100) + sq8(50), sq8(100), "ivfpq")
 
 
 def test_plan_arithmetic(tiny_dataset):
