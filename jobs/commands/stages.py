@@ -5,6 +5,7 @@ import argparse
 import logging
 
 from jobs.commands.base import arg, command, config_from_args
+from jobs.commands.report import META_HELP, write_report
 from jobs.pipeline import evaluate_run, run_pipeline, run_stages
 from jobs.stages.evaluate import evaluate_run_files, format_metrics
 
@@ -30,9 +31,17 @@ def config_with_folders(args: argparse.Namespace):
 
 
 @command("run", "run the whole pipeline (manifest, patch, extract, search, fuse, evaluate) on Ray",
-         *FOLDER_ARGS)
-def run(args: argparse.Namespace) -> None:
-    run_pipeline(config_with_folders(args), address=args.address)
+         *FOLDER_ARGS,
+         arg("--report", action="store_true", help="then write RUN_DIR/report.html (needs a ground truth)"),
+         arg("--meta", help=f"--report: {META_HELP}"))
+def run(args: argparse.Namespace) -> int:
+    cfg = config_with_folders(args)
+    metrics = run_pipeline(cfg, address=args.address)
+    if args.report:
+        if metrics is None:
+            raise ValueError("--report needs a ground truth (data.ground_truth or --ground-truth)")
+        log.info(f"report: {write_report(cfg.output, cfg.data.ground_truth_path(), args.meta)}")
+    return 0
 
 
 def stage_command(name: str, help: str, *extra: tuple) -> None:
