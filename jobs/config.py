@@ -159,6 +159,12 @@ class FuseConfig(Strict):
     rule: Literal["max", "confidence", "completeness"] = "max"
     thresholds: dict[str, float] = {}
     k: int = Field(10, ge=1, description="predictions kept per query")
+    threshold: float | None = Field(
+        None, description="is-copy threshold on the final score (predictions.csv, after verification when "
+        "verify.enabled): pairs at or above it are listed in copies.csv; `copydet tune` calibrates it on "
+        "synthetic copies of train/ to fuse.threshold_precision")
+    threshold_precision: float = Field(0.9, gt=0, lt=1, description="the precision copydet tune calibrates "
+                                       "fuse.threshold to")
 
 
 class VerifyConfig(Strict):

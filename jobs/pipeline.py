@@ -62,8 +62,9 @@ def evaluate_run(cfg: PipelineConfig) -> Metrics | None:
         log.info("evaluate: no ground_truth.csv configured; skipped")
         return None
     run = RunDir(cfg.output)
-    m = evaluate_run_files(run.predictions, gt, run.metrics, run.pr_curve, label=cfg.name)
-    log.info(f"evaluate: {format_metrics(m)}  ({run.metrics}, {run.pr_curve})")
+    t = cfg.fuse.threshold
+    m = evaluate_run_files(run.predictions, gt, run.metrics, run.pr_curve, label=cfg.name, threshold=t)
+    log.info(f"evaluate: {format_metrics(m, t)}  ({run.metrics}, {run.pr_curve})")
     return m
 
 

@@ -62,10 +62,11 @@ stage_command("verify", "keypoint-verify each query's best candidates and re-sco
 @command("evaluate", "score predictions against a ground truth: μAP, R@P90, R@1, R@10, PR curve",
          arg("--predictions", help="predictions CSV (default: the run's predictions.csv)"),
          arg("--ground-truth", help="ground-truth CSV (default: the config's)"),
-         arg("--plot", help="PR-curve PNG to write"))
+         arg("--plot", help="PR-curve PNG to write"),
+         arg("--threshold", type=float, help="also the precision and recall of the pairs scoring at or above this"))
 def evaluate(args: argparse.Namespace) -> int:
     if args.predictions and args.ground_truth:
         m = evaluate_run_files(args.predictions, args.ground_truth, pr_png=args.plot)
-        print(format_metrics(m))
+        print(format_metrics(m, args.threshold))
         return 0
     return 0 if evaluate_run(config_from_args(args)) else 1
