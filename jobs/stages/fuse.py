@@ -40,13 +40,13 @@ def write_final(preds: pa.Table, cfg: PipelineConfig, run: RunDir) -> None:
 
 
 def run_fuse(cfg: PipelineConfig, run: RunDir) -> pa.Table:
-    """Max over patch pairs per model, then across models by the configured rule."""
+    """Max over patch pairs per model, members calibrated onto one scale, then fused by the configured rule."""
     keys = cfg.search_keys()
     missing = [k for k in keys if not shard_names(run.candidates(k))]
     if missing:
         raise RuntimeError(f"fuse: no candidates for {missing} in {run.root}/candidates (run search first)")
     per_model = pa.concat_tables([max_over_patches(read_table(run.candidates(k))) for k in keys])
-    preds = top_k_per_query(fuse(per_model, cfg.fuse.thresholds, cfg.fuse.rule), cfg.fuse.k)
+    preds = top_k_per_query(fuse(per_model, cfg.fuse.thresholds, cfg.fuse.rule, cfg.fuse.calibration), cfg.fuse.k)
     write_table(preds, run.fused)
     write_final(preds, cfg, run)
     log.info(f"fuse: {preds.num_rows} predictions for {len(set(preds.column('query_id').to_pylist()))} "
