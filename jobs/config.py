@@ -160,9 +160,28 @@ class SearchConfig(Strict):
 
 
 class FuseConfig(Strict):
-    rule: Literal["max", "confidence", "completeness"] = "max"
+    rule: Literal["max", "mean", "confidence", "completeness"] = Field(
+        "max", description="max over members; mean over members; or the max filtered by per-member thresholds")
     thresholds: dict[str, float] = {}
+    calibration: dict[str, float] = Field(
+        {}, description="per-member score factors that put members on one scale before fusion (feature key -> "
+        "factor); `copydet tune` measures them on the normalisation background (ensemble.calibrate)")
     k: int = Field(10, ge=1, description="predictions kept per query")
+    threshold: float | None = Field(
+        None, description="is-copy threshold on the final score (predictions.csv, after verification when "
+        "verify.enabled): pairs at or above it are listed in copies.csv; `copydet tune` calibrates it on "
+        "synthetic copies of train/ to fuse.threshold_precision")
+    threshold_precision: float = Field(0.9, gt=0, lt=1, description="the precision copydet tune calibrates "
+                                       "fuse.threshold to")
+
+    @model_validator(mode="after")
+    def _rule(self) -> "FuseConfig":
+        if self.rule == "mean" and self.thresholds:
+            raise ValueError("rule 'mean' takes no thresholds (they filter the max rules)")
+        bad = {k: v for k, v in self.calibration.items() if not v > 0}
+        if bad:
+            raise ValueError(f"calibration factors must be > 0, got {bad}")
+        return self
 
 
 class VerifyConfig(Strict):

@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 import yaml
 
 from core.metrics import Metrics
+from core.models.sscd import ensure_sscd
 from core.store import write_text
 from jobs.config import PipelineConfig
 from jobs.layout import RunDir
@@ -42,6 +43,8 @@ def run_stages(cfg: PipelineConfig, stages: Sequence[str] = tuple(STAGES), addre
         raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
     run = RunDir(cfg.output)
     save_config(cfg, run)
+    if "extract" in stages:  # SSCD members download on first use (the wheel's licence forbids bundling)
+        ensure_sscd([m.name for m in cfg.models], cfg.registry)
     init_ray(cfg.ray, address)
     timings = {}
     for name in stages:
@@ -59,8 +62,9 @@ def evaluate_run(cfg: PipelineConfig) -> Metrics | None:
         log.info("evaluate: no ground_truth.csv configured; skipped")
         return None
     run = RunDir(cfg.output)
-    m = evaluate_run_files(run.predictions, gt, run.metrics, run.pr_curve, label=cfg.name)
-    log.info(f"evaluate: {format_metrics(m)}  ({run.metrics}, {run.pr_curve})")
+    t = cfg.fuse.threshold
+    m = evaluate_run_files(run.predictions, gt, run.metrics, run.pr_curve, label=cfg.name, threshold=t)
+    log.info(f"evaluate: {format_metrics(m, t)}  ({run.metrics}, {run.pr_curve})")
     return m
 
 

@@ -26,7 +26,7 @@ def test_smoke_defaults_to_the_bundled_sample():
     ("search.k=-1", "search.k:"),
     ("models.0.scales=[224, big]", "models.0.scales.1:"),
     ("patches.query.rotations=[45]", "patches.query.rotations.0:"),
-    ("fuse.rule=mean", "fuse.rule:"),
+    ("fuse.rule=median", "fuse.rule:"),
     ("extract.use_gpu=maybe", "extract.use_gpu:"),
 ])
 def test_bad_values_name_the_key(override, key):
@@ -52,3 +52,11 @@ def test_overrides_reach_nested_keys():
 def test_a_pool_override_names_its_own_feature_folder():
     cfg = load_config(None, ["models.0.pool=gem_grid2", "models.0.scales=[128]"])
     assert [k for _, _, k in cfg.model_keys()] == ["resnet18-gem_grid2@128"]
+
+
+def test_fuse_mean_takes_no_thresholds_and_calibration_factors_are_positive():
+    with pytest.raises(ConfigError, match="rule 'mean' takes no thresholds"):
+        load_config(None, ["fuse.rule=mean", "fuse.thresholds={a: 0.5}"])
+    with pytest.raises(ConfigError, match="calibration factors must be > 0"):
+        load_config(None, ["fuse.calibration={a: 0}"])
+    assert load_config(None, ["fuse.rule=mean", "fuse.calibration={a: 1.2}"]).fuse.calibration == {"a": 1.2}

@@ -15,12 +15,12 @@ import pyarrow.compute as pc
 import ray
 
 from core.imageio import load_rgb
-from core.metrics import write_predictions
 from core.store import chunks, join, list_shards, read_table, write_table
 from ensemble.fuse import top_k_per_query
 from ensemble.verify import verify_pairs
 from jobs.config import PipelineConfig, VerifyConfig
 from jobs.layout import RunDir, pin_settings
+from jobs.stages.fuse import write_final
 from jobs.runtime import run_tasks
 
 log = logging.getLogger(__name__)
@@ -79,7 +79,7 @@ def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
     run_tasks(verify_chunk, calls, "verify")
     checked = pa.concat_tables([read_table(s) for s in list_shards(run.verify)])
     preds = rescore(fused, checked, cfg.verify)
-    write_predictions(preds, run.predictions)
+    write_final(preds, cfg, run)
     log.info(f"verify: {checked.num_rows} pairs checked ({cfg.verify.method}); "
         f"{int(pc.sum(pc.greater_equal(checked.column('inliers'), cfg.verify.min_inliers)).as_py() or 0)} "
         f"with >= {cfg.verify.min_inliers} inliers -> {run.predictions}")
