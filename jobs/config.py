@@ -162,11 +162,13 @@ class FuseConfig(Strict):
 
 
 class LearnedVerifyConfig(Strict):
-    """copydet's learned verifier (``copydet train-verifier``): its P(copy) adds a bonus."""
+    """copydet's learned verifier (``copydet train-verifier``): its P(copy) adds a bonus. The
+    defaults (and ``combine: max``) are the best rule on a synthetic split of train/ photos
+    (``bench/verify_rule.py``)."""
 
     model: str = Field("copydet-verifier", description="registered verifier card")
-    floor: float = Field(0.5, ge=0, lt=1, description="no bonus at or below this P(copy)")
-    weight: float = Field(0.5, ge=0, description="bonus at P(copy) = 1, linear from the floor")
+    floor: float = Field(0.9, ge=0, lt=1, description="no bonus at or below this P(copy)")
+    weight: float = Field(0.25, ge=0, description="bonus at P(copy) = 1, linear from the floor")
 
 
 class VerifyConfig(Strict):

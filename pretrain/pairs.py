@@ -131,6 +131,11 @@ def make_pair_validation(references: LazyPhotos, distractors: LazyPhotos, recipe
                           [(f"Q-{i}", i) for i in ref_ids])
 
 
+def whole_image_cosine(queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """The baseline score of aligned token batches: the cosine of their whole-image tokens."""
+    return (queries[:, 0] * candidates[:, 0]).sum(-1)
+
+
 def validate_pairs(val: PairValidation, score: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Metrics:
     """ISC21 metrics of the verifier's P(copy) over the validation pairs; ``score(queries,
     candidates)`` scores aligned token batches."""

@@ -56,8 +56,10 @@ def test_training_registers_a_verifier_card_that_reloads_to_equal_outputs(traine
     spec, metrics = trained
     assert spec.name == "tiny-verifier" and metrics["epoch"] == 1 and np.isfinite(metrics["loss"])
     assert 0.0 <= metrics["micro_ap"] <= 1.0
-    events = [json.loads(line)["event"] for line in open(join(spec.run_dir, "events.jsonl"))]
+    records = [json.loads(line) for line in open(join(spec.run_dir, "events.jsonl"))]
+    events = [r["event"] for r in records]
     assert events[-1] == "registered" and events.count("epoch") == 2
+    assert 0.0 <= records[events.index("described")]["val_whole_image_micro_ap"] <= 1.0  # the baseline
     card = load_card("tiny-verifier", spec.registry)
     assert card.kind == "verifier" and card.weights.endswith(".safetensors") and card.train_time_s > 0
     assert card.build["tokens"] == "tiny_cnn" and "micro_ap" in card.metrics
@@ -95,7 +97,8 @@ def test_learned_verification_in_a_tiny_pipeline(ray_local, trained, tiny_datase
     spec, _ = trained
     out = tmp_path / "run"
     base = [f"data.root={tiny_dataset}", f"output={out}", f"registry={spec.registry}", *TINY_PIPELINE,
-            "verify.enabled=true", "verify.top_k=2", "verify.learned.model=tiny-verifier", "verify.learned.floor=0"]
+            "verify.enabled=true", "verify.top_k=2", "verify.learned.model=tiny-verifier", "verify.learned.floor=0",
+            "verify.learned.weight=0.5"]
     run_stages(load_config(None, base), ["manifest", "patch", "extract", "search", "fuse"])
     run = RunDir(str(out))
     fused = {(r["query_id"], r["reference_id"]): r["score"] for r in read_table(run.fused).to_pylist()}

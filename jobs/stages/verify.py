@@ -81,9 +81,20 @@ def learned_settings(name: str, cfg: PipelineConfig) -> dict:
     return {"scorer": name, "model": card.name, "weights_sha256": digest}
 
 
-# scorer -> what its cached results depend on (pinned in its folder and passed to its tasks)
-SETTINGS: dict[str, Callable[[str, PipelineConfig], dict]] = {
-    "sift": keypoint_settings, "orb": keypoint_settings, "learned": learned_settings,
+@dataclass(frozen=True)
+class ScorerPlan:
+    """How the stage runs a scorer: what its cached results depend on (pinned in its folder and
+    passed to its tasks) and how many queries a task takes (a task describes each image once)."""
+
+    settings: Callable[[str, PipelineConfig], dict]
+    queries_per_task: int
+
+
+SCORER_PLANS: dict[str, ScorerPlan] = {
+    "sift": ScorerPlan(keypoint_settings, QUERIES_PER_TASK),
+    "orb": ScorerPlan(keypoint_settings, QUERIES_PER_TASK),
+    # region tokens are ~30 kB an image (keypoints ~300 kB): bigger tasks share more references
+    "learned": ScorerPlan(learned_settings, 4 * QUERIES_PER_TASK),
 }
 
 
@@ -122,7 +133,8 @@ def image_paths(run: RunDir) -> dict[str, dict[str, str]]:
 def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, paths_ref: ray.ObjectRef) -> pa.Table:
     """Scorer ``name``'s column for every pair of ``todo``, from its cache plus new Ray tasks."""
     folder = join(run.verify, name)
-    settings = SETTINGS[name](name, cfg)
+    plan = SCORER_PLANS[name]
+    settings = plan.settings(name, cfg)
     pin_settings(folder, settings, f"verify ({name})")
     if list_shards(folder):
         done = pa.concat_tables([read_table(s) for s in list_shards(folder)])
@@ -134,7 +146,7 @@ def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, pat
     registry = str(cfg.registry or default_registry_dir())
     start = len(list_shards(folder))
     calls = []
-    for i, a, b in chunks(len(queries), QUERIES_PER_TASK):
+    for i, a, b in chunks(len(queries), plan.queries_per_task):
         part = todo.filter(pc.is_in(todo.column("query_id"), pa.array(queries[a:b])))
         calls.append((part, paths_ref, settings, registry, cfg.verify.top_k, join(folder, f"part-{start + i:05d}.parquet")))
     run_tasks(verify_chunk, calls, f"verify {name}")

@@ -27,7 +27,7 @@ from core.models.verifier import VerifierSpec, build_net, region_tokens, save_ve
 from core.store import copy_file
 from pretrain.data import make_loader
 from pretrain.pairs import CopyTokens, describe_photos, make_pair_validation, mine_neighbours, training_pairs, \
-    validate_pairs
+    validate_pairs, whole_image_cosine
 from pretrain.photos import LazyPhotos
 from pretrain.recipes import get_recipe
 from pretrain.train.common import epochs, log_event, split_photos, start_or_resume, unwrap
@@ -64,7 +64,10 @@ def verifier_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
         val = make_pair_validation(LazyPhotos(val_refs, spec.data.max_side),
                                    LazyPhotos(distractors, spec.data.max_side), recipes, tokens, miner,
                                    hp.neighbours)
-    log_event(spec, session.rank, {"event": "described", "photos": len(photos), "seconds": time.perf_counter() - t0})
+    described = {"event": "described", "photos": len(photos), "seconds": time.perf_counter() - t0}
+    if val is not None:  # what the verifier must beat: the whole-image cosine of the token model
+        described["val_whole_image_micro_ap"] = validate_pairs(val, whole_image_cosine).micro_ap
+    log_event(spec, session.rank, described)
     copies = CopyTokens(photos, recipes, partial(region_tokens, arch, spec.registry), seed=spec.seed)
     loader = make_loader(copies, hp.photos_per_batch, num_workers=spec.loader_workers, rank=session.rank,
                          world_size=session.world_size, seed=spec.seed)
