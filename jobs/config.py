@@ -184,16 +184,29 @@ class FuseConfig(Strict):
         return self
 
 
+class LearnedVerifyConfig(Strict):
+    """copydet's learned verifier (``copydet train-verifier``): its P(copy) adds a bonus. The
+    defaults (and ``combine: max``) are the best rule on a synthetic split of train/ photos
+    (``bench/verify_rule.py``)."""
+
+    model: str = Field("copydet-verifier", description="registered verifier card")
+    floor: float = Field(0.9, ge=0, lt=1, description="no bonus at or below this P(copy)")
+    weight: float = Field(0.25, ge=0, description="bonus at P(copy) = 1, linear from the floor")
+
+
 class VerifyConfig(Strict):
-    """Keypoint verification of each query's best candidates (inliers add a bonus)."""
+    """Verification of each query's best candidates: keypoint inliers and/or the learned
+    verifier's P(copy) add a bonus to the fused score (methods: jobs.stages.verify.METHODS)."""
 
     enabled: bool = False
     top_k: int = Field(3, ge=1, description="candidates verified per query")
-    method: Literal["sift", "orb"] = "sift"
-    max_side: int = Field(512, ge=64)
+    method: Literal["sift", "orb", "learned", "learned+sift"] = "sift"
+    max_side: int = Field(512, ge=64, description="keypoint methods: longer image side")
     min_inliers: int = Field(8, ge=0, description="no bonus below this many inliers")
     saturate: int = Field(40, ge=1, description="inliers at which the bonus is full")
-    weight: float = Field(0.5, ge=0, description="full bonus added to the fused score")
+    weight: float = Field(0.5, ge=0, description="full keypoint bonus added to the fused score")
+    learned: LearnedVerifyConfig = LearnedVerifyConfig()
+    combine: Literal["max", "sum"] = Field("max", description="learned+sift: how the two bonuses combine")
 
 
 class PipelineConfig(Strict):
