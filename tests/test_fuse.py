@@ -115,3 +115,33 @@ def test_member_factors_put_members_on_one_scale():
     with pytest.raises(ValueError, match="must be > 0"):
         member_factors({"a": 0.0})
     assert 0.01 < tail_scale(wide) < 0.1  # of the order of the Gumbel scale 0.04
+
+
+@pytest.mark.parametrize("rule", ["max", "mean"])
+def test_fuse_stage_streams_query_shards_and_equals_fusing_everything(tmp_path, rule):
+    from core.store import write_table
+    from jobs.config import load_config
+    from jobs.layout import RunDir
+    from jobs.stages.fuse import query_shards, run_fuse
+
+    cfg = load_config(None, [f"output={tmp_path}", "models.0.name=tiny_cnn", "models.0.scales=[64, 96]",
+                             f"fuse.rule={rule}", "fuse.k=3", "fuse.calibration={tiny_cnn@96: 1.5}"])
+    run, keys, rng = RunDir(str(tmp_path)), cfg.search_keys(), np.random.default_rng(0)
+    files = {"query-00000-0000.parquet": ["q0", "q1"], "query-00000-0001.parquet": ["q2"],
+             "query-00001-0000.parquet": ["q3", "q4"]}
+    everything = []
+    for key in keys:
+        for name, queries in files.items():
+            n = 12 * len(queries)
+            t = pa.table({"query_id": rng.choice(queries, n), "query_patch": rng.integers(0, 3, n, dtype=np.int32),
+                          "reference_id": rng.choice([f"r{i}" for i in range(6)], n),
+                          "reference_patch": np.zeros(n, np.int32), "model": [key] * n,
+                          "score": rng.random(n, dtype=np.float32)}, schema=CANDIDATES_SCHEMA)
+            write_table(t, f"{run.candidates(key)}/{name}")
+            everything.append(t)
+    assert list(query_shards(run, keys)) == ["query-00000", "query-00001"]
+    per_model = max_over_patches(pa.concat_tables(everything))
+    expected = top_k_per_query(fuse(per_model, {}, rule, cfg.fuse.calibration), 3)
+    got = run_fuse(cfg, run)
+    assert got.num_rows == expected.num_rows == 15
+    assert got.to_pylist() == expected.to_pylist()
