@@ -141,8 +141,8 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
     the last compaction are refused (their rows still sit in the shards)."""
     idx = IndexDir(root)
     parent, cfg = index_config(root, None, overrides)
-    folder_meta = versions.read_manifest(idx.path(parent))
-    live = set(versions.live_images(idx.path(parent), folder_meta).column("image_id").to_pylist())
+    meta = versions.read_manifest(idx.path(parent))
+    live = set(versions.live_images(idx.path(parent), meta).column("image_id").to_pylist())
     removed = set(versions.removed_table(idx.path(parent)).column("image_id").to_pylist())
     files = list_images(folder)
     again = sorted(i for i, _ in files if i in removed)
@@ -155,7 +155,7 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
     if not todo:
         raise NothingAdded(f"{folder}: no new images to add")
     embedder = embedder_for(root, parent, cfg, "reference")
-    pcas = {k: load_pca(idx.path(parent) / m["pca"]) for k, m in folder_meta["keys"].items() if m.get("pca")}
+    pcas = {k: load_pca(idx.path(parent) / m["pca"]) for k, m in meta["keys"].items() if m.get("pca")}
     train = stretch_background(idx, parent, cfg)
     errors, rows, staged = [], [], {key: [] for key in cfg.search_keys()}
     with idx.publish() as (name, out):

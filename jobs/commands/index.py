@@ -121,7 +121,8 @@ ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
          arg("--references", help="build: folder of reference images"),
          arg("--train", help="build: folder of train images (normalisation background, PCA)"),
          arg("--ids-file", help="remove: a file of reference ids, one a line"),
-         arg("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable); add: index.* only"),
+         arg("--set", action="append", metavar="KEY=VALUE",
+             help="override a config key (repeatable); add: index.* only"),
          arg("--address", help="build: Ray cluster address (default: local Ray)"),
          uses_config=False)
 def index(args: argparse.Namespace) -> int | None:

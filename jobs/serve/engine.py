@@ -45,6 +45,12 @@ def key_candidates(feats: pa.Table, key: str, index: KeyIndex, cfg: PipelineConf
     return cands
 
 
+def same_answers(a: PipelineConfig, b: PipelineConfig) -> bool:
+    """Whether two configs embed and score alike (they differ at most in serve, index and ray)."""
+    skip = {"serve", "index", "ray"}
+    return a.model_dump(exclude=skip) == b.model_dump(exclude=skip)
+
+
 class Matcher:
     """The models, views and one index version; :meth:`match` answers a batch of images."""
 
@@ -54,7 +60,7 @@ class Matcher:
         s = self.cfg.search
         self.index = IndexVersion(root, self.version, s.index_spec(), s.normalize.neighbours)
         if reuse is not None and reuse.index.meta["cards"] == self.index.meta["cards"] \
-                and reuse.cfg.model_dump(exclude={"serve", "ray"}) == self.cfg.model_dump(exclude={"serve", "ray"}):
+                and same_answers(reuse.cfg, self.cfg):
             self.embedder: ImageEmbedder = reuse.embedder  # same models and views: keep them loaded
         else:
             self.embedder = embedder_for(root, self.version, self.cfg, "query", self.cfg.serve.num_threads)
