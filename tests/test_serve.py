@@ -134,11 +134,11 @@ def test_match_page_in_a_real_browser(service):
         try:
             page = browser.new_page(viewport={"width": 1100, "height": 900})
             page.goto(url + "/")
-            page.set_input_files("#file", str(QUERIES / "Q0001.jpg"))  # an edited copy of R0024
+            page.set_input_files("#file", str(QUERIES / "Q0014.jpg"))  # R0017 with text overlaid
             page.wait_for_selector("body[data-state=done]", timeout=60_000)
             rows = page.locator(".match")
             assert rows.count() >= 1
-            assert rows.first.get_attribute("data-reference-id") == "R0024"
+            assert rows.first.get_attribute("data-reference-id") == "R0017"
             assert "verified" in rows.first.inner_text()
             assert page.evaluate("document.querySelector('.match canvas').width") > 100  # the pair was drawn
             page.screenshot(path=str(shot), full_page=True)

@@ -11,8 +11,8 @@ newly published version beside the old one and swaps it in when ready, so no req
 dropped and in-flight batches finish on the version they started with. Replicas, resources,
 batching and limits come from the ``serve`` section of the index's config.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations` here: FastAPI reads the route parameters' types at
+# run time, and Serve's ingress re-wraps these methods outside this module's namespace.
 import asyncio
 import io
 import logging
