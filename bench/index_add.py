@@ -3,10 +3,12 @@
     python bench/index_add.py CONFIG --data ROOT [--fraction 0.1] [--compare 100] [--work DIR] [--set K=V ...]
 
 With ROOT in the ISC21 layout (references/, train/, queries/): the references sorted by id are
-split into the first ``1 - fraction`` and the rest. One index is built from the first part, then
-``copydet index add`` adds the rest (timed); another is built from all of them at once
-(``copydet index build``, timed: the full rebuild). Both commands run as the CLI does, each in
-its own process (imports, models and, for the build, local Ray included). Then the first
+split into the first ``1 - fraction`` and the rest. One index is built from the first part
+(``--reuse``: kept from an earlier run of the same work folder); then ``copydet index add`` adds
+the rest to a copy of it (timed), another index is built from all of them at once (``copydet
+index build``, timed: the full rebuild), and the add is timed again on a second copy, so that a
+change of machine load during the run shows as two different add times. Every command runs as
+the CLI does, in its own process (imports, models and, for the build, local Ray included). Then the first
 ``--compare`` queries are answered from both indexes: how many top-k lists are identical and the
 largest score difference. Figure: add / rebuild wall time (target <= 0.15) and identical answers.
 """
@@ -49,21 +51,32 @@ def main() -> None:
     p.add_argument("--compare", type=int, default=100, help="queries answered from both indexes")
     p.add_argument("--work", default="runs/bench_index_add")
     p.add_argument("--set", action="append", default=[])
+    p.add_argument("--reuse", action="store_true", help="keep the first build of an earlier run in --work")
     args = p.parse_args()
     root, work = Path(args.data), Path(args.work)
-    shutil.rmtree(work, ignore_errors=True)
     refs = list_images(root / "references")
     cut = int(round(len(refs) * (1 - args.fraction)))
-    base, extra, both = (linked(work / n, f) for n, f in (("base", refs[:cut]), ("extra", refs[cut:]), ("all", refs)))
     sets = sum((["--set", s] for s in args.set), [])
     common = ["--train", str(root / "train"), *sets]
-    build_base = cli("index", "build", args.config, "--out", str(work / "added"), "--references", str(base), *common)
-    add = cli("index", "add", str(work / "added"), str(extra))
-    rebuild = cli("index", "build", args.config, "--out", str(work / "rebuilt"), "--references", str(both), *common)
-    print(f"references: {len(refs)} ({cut} built, {len(refs) - cut} added = {args.fraction:.0%})")
-    print(f"build of the first {cut}: {build_base:.1f} s")
-    print(f"index add of {len(refs) - cut}: {add:.1f} s   full rebuild of {len(refs)}: {rebuild:.1f} s   "
-          f"ratio add/rebuild {add / rebuild:.3f}")
+    if not (args.reuse and (work / "base" / "CURRENT").is_file()):
+        shutil.rmtree(work, ignore_errors=True)
+        linked(work / "first", refs[:cut])
+        cli("index", "build", args.config, "--out", str(work / "base"), "--references", str(work / "first"), *common)
+    for name, files in (("extra", refs[cut:]), ("all", refs)):
+        shutil.rmtree(work / name, ignore_errors=True)
+        linked(work / name, files)
+    for name in ("added", "added2", "rebuilt"):
+        shutil.rmtree(work / name, ignore_errors=True)
+    shutil.copytree(work / "base", work / "added", copy_function=os.link)
+    shutil.copytree(work / "base", work / "added2", copy_function=os.link)
+    add = cli("index", "add", str(work / "added"), str(work / "extra"))
+    rebuild = cli("index", "build", args.config, "--out", str(work / "rebuilt"), "--references", str(work / "all"),
+                  *common)
+    add2 = cli("index", "add", str(work / "added2"), str(work / "extra"))
+    print(f"references: {len(refs)} ({cut} in the first build, {len(refs) - cut} added = {args.fraction:.0%})")
+    print(f"index add of {len(refs) - cut}: {add:.1f} s before the rebuild, {add2:.1f} s after it; "
+          f"full rebuild of {len(refs)}: {rebuild:.1f} s")
+    print(f"ratio add/rebuild: {add / rebuild:.3f} and {add2 / rebuild:.3f} (mean {(add + add2) / 2 / rebuild:.3f})")
 
     from jobs.serve.engine import Matcher
     queries = list_images(root / "queries")[: args.compare]
