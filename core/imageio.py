@@ -12,9 +12,11 @@ half-image.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -102,8 +104,28 @@ def load_rgb(path: str | os.PathLike, max_side: int | None = None) -> Image.Imag
     not an image, truncated or corrupt data.
     """
     _check_readable(path)
+    return _decode(path, path, max_side)
+
+
+def decode_rgb(data: bytes, name: str = "upload", max_side: int | None = None,
+               max_pixels: int | None = None) -> Image.Image:
+    """:func:`load_rgb` for bytes in memory (an upload); errors name ``name``.
+
+    ``max_pixels`` refuses images whose header declares more pixels (a decompression bomb)
+    before any pixel is decoded.
+    """
+    if not data:
+        raise ImageDecodeError(name, "empty file")
+    return _decode(io.BytesIO(data), name, max_side, max_pixels)
+
+
+def _decode(source: str | os.PathLike | BinaryIO, name: str | os.PathLike, max_side: int | None,
+            max_pixels: int | None = None) -> Image.Image:
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
+            if max_pixels is not None and img.width * img.height > max_pixels:
+                raise Image.DecompressionBombError(
+                    f"{img.width}x{img.height} = {img.width * img.height} pixels, the limit is {max_pixels}")
             if max_side is not None:
                 _draft(img, max_side)
             img.load()
@@ -113,7 +135,7 @@ def load_rgb(path: str | os.PathLike, max_side: int | None = None) -> Image.Imag
                 rgb.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
             return rgb
     except Exception as e:  # the decoding boundary: any failure becomes a named, recorded error
-        raise ImageDecodeError(path, _reason(e)) from e
+        raise ImageDecodeError(name, _reason(e)) from e
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

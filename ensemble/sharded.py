@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 import psutil
 import pyarrow as pa
@@ -87,20 +88,31 @@ class ShardIndex:
     def __init__(self, slices: Sequence[Slice], kind: str, spec: IndexSpec, k_max: int,
                  whole_only: bool = False) -> None:
         ids, x = load_rows(slices, whole_only)
-        self.rows, self.dim = x.shape
-        self.image_ids = ids.column("image_id").to_numpy(zero_copy_only=False)
-        self.patch_ids = ids.column("patch_id").to_numpy()
-        self.kind = kind
-        self.index = build_index(x, kind, spec, k_max) if self.rows else None
+        self._hold(ids, build_index(x, kind, spec, k_max) if len(x) else None, kind, x.shape[1])
         del x
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Top-``min(k, rows)`` of this shard: scores, image ids, patch ids (padding: -inf, "")."""
+    @classmethod
+    def restore(cls, ids: pa.Table, index: faiss.Index, kind: str) -> ShardIndex:
+        """A shard from a saved faiss index and its rows' ``(image_id, patch_id)`` table."""
+        shard = cls.__new__(cls)
+        shard._hold(ids, index, kind, index.d)
+        return shard
+
+    def _hold(self, ids: pa.Table, index: faiss.Index | None, kind: str, dim: int) -> None:
+        self.rows, self.dim = ids.num_rows, dim
+        self.image_ids = ids.column("image_id").to_numpy(zero_copy_only=False)
+        self.patch_ids = ids.column("patch_id").to_numpy()
+        self.kind, self.index = kind, index
+
+    def search(self, queries: np.ndarray, k: int, params: faiss.SearchParameters | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-``min(k, rows)`` of this shard: scores, image ids, patch ids (padding: -inf, "").
+        ``params`` may carry an id selector (rows it rejects are never returned)."""
         k = min(k, self.rows)
         if k == 0:  # a whole_only shard that holds no patch 0
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), object), \
                 np.zeros((len(queries), 0), np.int32)
-        scores, idx = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        scores, idx = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
         missing = idx < 0
         idx = np.where(missing, 0, idx)
         scores = np.where(missing, -np.inf, scores).astype(np.float32)

@@ -43,6 +43,7 @@ METHODS: dict[str, Method] = {
 class Keypoints:
     points: np.ndarray  # (n, 2) float32 pixel coordinates
     descriptors: np.ndarray | None  # (n, d); None when no keypoint was found
+    size: tuple[int, int] = (0, 0)  # (width, height) of the grey image the points are in
 
 
 def _method(name: str) -> Method:
@@ -65,16 +66,19 @@ def _gray(img: Image.Image | np.ndarray, max_side: int) -> np.ndarray:
 
 def describe(img: Image.Image | np.ndarray, method: str = "sift", max_side: int = 512) -> Keypoints:
     """Keypoints and descriptors of an RGB (PIL or HxWx3 uint8) or grey image."""
-    kps, desc = _method(method).create().detectAndCompute(_gray(img, max_side), None)
-    return Keypoints(np.array([k.pt for k in kps], np.float32).reshape(-1, 2), desc)
+    gray = _gray(img, max_side)
+    kps, desc = _method(method).create().detectAndCompute(gray, None)
+    return Keypoints(np.array([k.pt for k in kps], np.float32).reshape(-1, 2), desc, (gray.shape[1], gray.shape[0]))
 
 
-def homography(a: Keypoints, b: Keypoints, method: str = "sift", ratio: float = 0.75,
-               reproj_px: float = 5.0) -> tuple[np.ndarray | None, int]:
+def matches(a: Keypoints, b: Keypoints, method: str = "sift", ratio: float = 0.75,
+            reproj_px: float = 5.0) -> tuple[np.ndarray | None, np.ndarray]:
     """RANSAC homography from ``a``'s points to ``b``'s, fit on the mutual ratio-test matches,
-    and its inlier count (``(None, 0)`` when there are too few matches)."""
+    and its inlier pairs as ``(n, 4)`` rows ``xa, ya, xb, yb`` (``(None, empty)`` when there
+    are too few matches)."""
+    none = (None, np.zeros((0, 4), np.float32))
     if a.descriptors is None or b.descriptors is None or len(a.points) < 2 or len(b.points) < 2:
-        return None, 0
+        return none
     matcher = cv2.BFMatcher(_method(method).norm)
     knn = matcher.knnMatch(a.descriptors, b.descriptors, k=2)
     good = [m[0] for m in knn if len(m) == 2 and m[0].distance < ratio * m[1].distance]
@@ -82,11 +86,21 @@ def homography(a: Keypoints, b: Keypoints, method: str = "sift", ratio: float = 
     back = {m.queryIdx: m.trainIdx for m in matcher.match(b.descriptors, a.descriptors)}
     good = [m for m in good if back.get(m.trainIdx) == m.queryIdx]
     if len(good) < MIN_MATCHES:
-        return None, 0
+        return none
     src = a.points[[m.queryIdx for m in good]]
     dst = b.points[[m.trainIdx for m in good]]
     h, mask = cv2.findHomography(src, dst, cv2.RANSAC, reproj_px)
-    return (None, 0) if mask is None else (h, int(mask.sum()))
+    if mask is None:
+        return none
+    keep = mask.reshape(-1).astype(bool)
+    return h, np.concatenate([src[keep], dst[keep]], axis=1).astype(np.float32)
+
+
+def homography(a: Keypoints, b: Keypoints, method: str = "sift", ratio: float = 0.75,
+               reproj_px: float = 5.0) -> tuple[np.ndarray | None, int]:
+    """:func:`matches` as ``(homography, inlier count)``."""
+    h, pairs = matches(a, b, method, ratio, reproj_px)
+    return h, len(pairs)
 
 
 def count_inliers(a: Keypoints, b: Keypoints, method: str = "sift", ratio: float = 0.75,

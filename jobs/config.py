@@ -209,6 +209,33 @@ class VerifyConfig(Strict):
     combine: Literal["max", "sum"] = Field("max", description="learned+sift: how the two bonuses combine")
 
 
+class IndexConfig(Strict):
+    """The living reference index (``copydet index``)."""
+
+    chunk_images: int = Field(64, ge=1, description="images embedded and written per step of `index add`")
+
+
+class ServeConfig(Strict):
+    """The query service (``copydet serve``): replicas, batching and request limits."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    num_replicas: int = Field(1, ge=1, description="model replicas (each holds the models and the index)")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (0: CPU)")
+    num_threads: int | None = Field(None, ge=1, description="torch threads per replica (None: torch's default)")
+    max_batch_size: int = Field(8, ge=1, description="concurrent requests embedded as one batch")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="wait this long for a batch to fill")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests queued per replica")
+    max_upload_bytes: int = Field(20 * 2**20, ge=1, description="larger uploads get 413")
+    max_pixels: int = Field(50_000_000, ge=1, description="images declaring more pixels get 422 (bombs)")
+    poll_s: float = Field(2.0, gt=0, description="how often replicas look for a newly published index version")
+    threshold: float = Field(0.0, description="is_copy when the best score reaches this; used until the fuse "
+                             "section carries a calibrated threshold. 0 suits normalised scores: a query "
+                             "closer to a reference than to any train/ image")
+    thumbnail_side: int = Field(256, ge=16, description="reference thumbnails on the match page")
+
+
 class PipelineConfig(Strict):
     name: str = "run"
     output: str = Field("runs/run", description="run folder (local path or pyarrow URI)")
@@ -222,6 +249,8 @@ class PipelineConfig(Strict):
     search: SearchConfig = SearchConfig()
     fuse: FuseConfig = FuseConfig()
     verify: VerifyConfig = VerifyConfig()
+    index: IndexConfig = IndexConfig()
+    serve: ServeConfig = ServeConfig()
 
     def model_keys(self) -> list[tuple[ModelEntry, int, str]]:
         """(entry, scale, key) for every model and scale; key names feature folders."""
@@ -235,6 +264,12 @@ class PipelineConfig(Strict):
         groups = [keys] if self.reduce.concat else [[k] for k in keys]
         tag = self.reduce.tag()
         return [(g, "+".join(g) + (f"~{tag}" if tag else "")) for g in groups]
+
+    def copy_threshold(self) -> float:
+        """The score from which a served match counts as a copy: a calibrated ``fuse.threshold``
+        when the config has one, else ``serve.threshold``."""
+        calibrated = getattr(self.fuse, "threshold", None)
+        return float(calibrated) if calibrated is not None else self.serve.threshold
 
     def whole_reference_index(self) -> bool:
         """Whether search needs a second index of whole references (``search.pairs: d2lv`` with

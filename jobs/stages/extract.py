@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 
 import ray
 import yaml
 from ray.data import ActorPoolStrategy
 from tqdm.auto import tqdm
 
+from core.models.cards import ModelCard
 from core.models.preprocess import Preprocess
 from core.models.registry import resolve_model
 from core.store import join, read_table
@@ -72,14 +74,18 @@ def actor_resources(cfg: ExtractConfig) -> dict:
             "threads": cfg.num_threads or max(1, cpus // most), "use_gpu": False}
 
 
-def key_specs(cfg: PipelineConfig, run: RunDir) -> list[KeySpec]:
-    """Every (model, scale) key's card, pixels and output, in config order."""
+def key_specs(cfg: PipelineConfig, run: RunDir | None = None,
+              cards: Mapping[str, ModelCard] | None = None) -> list[KeySpec]:
+    """Every (model, scale) key's card, pixels and output, in config order. ``cards`` (feature
+    key -> card, e.g. an index's own copies) replaces resolving the names; without ``run``
+    nothing is written (``folder`` is empty)."""
     specs = []
     for entry, scale, key in cfg.model_keys():
-        card = resolve_model(entry.name, cfg.registry, dim=entry.dim, pool=entry.pool)
+        card = cards[key] if cards is not None else resolve_model(entry.name, cfg.registry, dim=entry.dim,
+                                                                  pool=entry.pool)
         bucket = cfg.extract.shape_bucket if card.resize != "square" else 0
-        specs.append(KeySpec(card, Preprocess.for_card(card, scale, bucket), run.features(key), entry.name, scale,
-                             entry.dtype, entry.precision, entry.batch_size))
+        specs.append(KeySpec(card, Preprocess.for_card(card, scale, bucket), run.features(key) if run else "",
+                             entry.name, scale, entry.dtype, entry.precision, entry.batch_size))
     return specs
 
 
