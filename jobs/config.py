@@ -101,8 +101,9 @@ class ExtractConfig(Strict):
     num_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor")
     chunk_patches: int = Field(256, ge=1, description="patches per feature file (whole images)")
     decode_cpus: float = Field(0.5, gt=0, description="CPUs per decode task (decode, cut, resize)")
-    shape_bucket: int = Field(32, ge=0, description="aspect-kept members: round the free side to a multiple "
-                              "of this many pixels so patches batch together (0: exact sizes)")
+    shape_bucket: int = Field(0, ge=0, description="aspect-kept members: round the free side to a multiple "
+                              "of this many pixels so patches batch together on a GPU (0: exact sizes; 32 "
+                              "cost minidisc-hard 0.0015 uAP and 0.020 R@P90 with SSCD, no speed on a CPU)")
 
 
 class NormalizeConfig(Strict):
