@@ -85,7 +85,7 @@ def main() -> None:
         print(f"  ratio copydet / bare: {best['bare'] / best['stage']:.2f}")
         print("approximate shards vs exact:")
         for name, spec in [("HNSW M=32 ef=128", IndexSpec(exact_max=1, kind="hnsw")),
-                           ("IVF-PQ 1024x32 nprobe 32", IndexSpec(exact_max=1, nlist=1024, nprobe=32, pq_m=32))]:
+                           ("IVF-PQ 1024x32 nprobe 32 + SQ8 re-rank", IndexSpec(exact_max=1, nlist=1024, nprobe=32, pq_m=32))]:
             ids, build, s = stage(files, q, args.k, spec, args.references, cores)
             recall = np.mean([len(set(a) & set(b)) / args.k for a, b in zip(ids, truth)])
             found = np.mean([s_ in set(a) for a, s_ in zip(ids, source)])

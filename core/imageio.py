@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -126,9 +128,26 @@ def load_rgb(path: str | os.PathLike, max_side: int | None = None, *, draft_side
     missing/empty file, not an image, too many pixels, truncated or corrupt data.
     """
     _check_readable(path)
+    return _decode(path, path, max_side, draft_side, max_pixels)
+
+
+def decode_rgb(data: bytes, name: str = "upload", max_side: int | None = None,
+               max_pixels: int | None = None) -> Image.Image:
+    """:func:`load_rgb` for bytes in memory (an upload); errors name ``name``.
+
+    ``max_pixels`` refuses images whose header declares more pixels (a decompression bomb)
+    before any pixel is decoded.
+    """
+    if not data:
+        raise ImageDecodeError(name, "empty file")
+    return _decode(io.BytesIO(data), name, max_side, None, max_pixels)
+
+
+def _decode(source: str | os.PathLike | BinaryIO, name: str | os.PathLike, max_side: int | None,
+            draft_side: int | None = None, max_pixels: int | None = None) -> Image.Image:
     try:
-        with Image.open(path) as img:
-            _draft(img, path, max_side or draft_side, max_pixels)
+        with Image.open(source) as img:
+            _draft(img, name, max_side or draft_side, max_pixels)
             img.load()
             upright = ImageOps.exif_transpose(img)
             rgb = TO_RGB.get(upright.mode, _convert)(upright)
@@ -138,7 +157,7 @@ def load_rgb(path: str | os.PathLike, max_side: int | None = None, *, draft_side
     except ImageDecodeError:
         raise
     except Exception as e:  # the decoding boundary: any failure becomes a named, recorded error
-        raise ImageDecodeError(path, _reason(e)) from e
+        raise ImageDecodeError(name, _reason(e)) from e
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

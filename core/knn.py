@@ -63,14 +63,17 @@ class IndexSpec:
     exact_max: int = 2_000_000  # reference rows (all shards) below which the search is exact
     kind: str = "ivfpq"
     nlist: int = 4096
-    nprobe: int = 64
+    nprobe: int = 32
     pq_m: int = 32
-    refine: int = 0  # re-rank the best k * refine approximate hits with exact scores (0: off)
+    refine: str = "sq8"  # re-rank IVF-PQ hits with stored vectors: none | sq8 (1 byte/dim) | fp16 | flat
+    refine_k: float = 4.0  # hits re-ranked per requested neighbour
     hnsw_m: int = 32
     ef_search: int = 128
 
 
 INDEX_KINDS = ("flat", "ivfpq", "hnsw")
+REFINE_BYTES = {"none": 0, "sq8": 1, "fp16": 2, "flat": 4}  # bytes per dimension kept for re-ranking
+_REFINE_CODES = {"sq8": "QT_8bit", "fp16": "QT_fp16"}
 
 
 def index_kind(total_rows: int, spec: IndexSpec) -> str:
@@ -90,8 +93,18 @@ def index_bytes(rows: int, dim: int, kind: str, spec: IndexSpec) -> int:
     if kind == "hnsw":
         return rows * (dim * 4 + spec.hnsw_m * 2 * 4)
     nlist = max(1, min(spec.nlist, rows // 39))
-    refine = rows * dim * 4 if spec.refine else 0
-    return rows * (spec.pq_m + 8) + nlist * dim * 4 + refine
+    codebooks = 256 * dim * 4  # 2^8 centroids per sub-quantizer, dim / pq_m floats each
+    refine = rows * dim * REFINE_BYTES[spec.refine] + (2 * dim * 4 if spec.refine == "sq8" else 0)
+    return rows * (spec.pq_m + 8) + nlist * dim * 4 + codebooks + refine
+
+
+def index_size(index: faiss.Index | None) -> int:
+    """Bytes of an index's serialised form (what it holds in memory, without allocator slack)."""
+    if index is None:
+        return 0
+    if type(index).__name__.startswith("Gpu"):
+        index = faiss.index_gpu_to_cpu(index)
+    return int(faiss.serialize_index(index).nbytes)
 
 
 def build_index(x: np.ndarray, kind: str, spec: IndexSpec, k_max: int = 1) -> faiss.Index:
@@ -106,18 +119,31 @@ def build_index(x: np.ndarray, kind: str, spec: IndexSpec, k_max: int = 1) -> fa
         if d % spec.pq_m:
             raise ValueError(f"search.pq_m={spec.pq_m} must divide the feature dim {d}")
         nlist = max(1, min(spec.nlist, n // 39))
-        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, spec.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+        ivf = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, spec.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+        ivf.nprobe = min(spec.nprobe, nlist)
+        index = _refined(ivf, spec)
         sample = np.random.default_rng(0).choice(n, min(n, nlist * 256), replace=False)
         index.train(x[np.sort(sample)])
-        index.nprobe = min(spec.nprobe, nlist)
-        if spec.refine:
-            index = faiss.IndexRefineFlat(index)
-            index.k_factor = float(spec.refine)
     else:
         raise ValueError(f"unknown index kind {kind!r}; known: {', '.join(INDEX_KINDS)}")
-    if kind == "flat" or (kind == "ivfpq" and not spec.refine):  # what faiss clones to GPUs
+    if kind == "flat" or (kind == "ivfpq" and spec.refine == "none"):  # what faiss clones to GPUs
         index = _on_gpus(index, k_max)
     index.add(x)
+    return index
+
+
+def _refined(ivf: faiss.Index, spec: IndexSpec) -> faiss.Index:
+    """``ivf`` whose best ``k * refine_k`` hits are re-scored with stored vectors (exact or
+    scalar-quantised); unchanged with ``refine: none``."""
+    if spec.refine not in REFINE_BYTES:
+        raise ValueError(f"unknown refine {spec.refine!r}; known: {', '.join(REFINE_BYTES)}")
+    if spec.refine == "none":
+        return ivf
+    d = ivf.d
+    store = faiss.IndexFlatIP(d) if spec.refine == "flat" else faiss.IndexScalarQuantizer(
+        d, getattr(faiss.ScalarQuantizer, _REFINE_CODES[spec.refine]), faiss.METRIC_INNER_PRODUCT)
+    index = faiss.IndexRefine(ivf, store)
+    index.k_factor = spec.refine_k
     return index
 
 

@@ -2,9 +2,11 @@
 
 1. :func:`max_over_patches`: image-pair score = max over all (query patch, reference patch)
    pairs, per model.
-2. :func:`fuse`: one score per image pair from several models; a rule from
-   :data:`RULES` decides which pairs survive given per-model thresholds α_i.
-3. :func:`top_k_per_query`: at most k predictions per query, best first.
+2. :func:`calibrate`: each model's scores times its factor, so members share one scale
+   (factors from :func:`ensemble.calibrate.member_factors`).
+3. :func:`fuse`: one score per image pair from several models: the max, filtered by a rule from
+   :data:`RULES` given per-model thresholds α_i, or the ``mean`` over models (:func:`mean_over_models`).
+4. :func:`top_k_per_query`: at most k predictions per query, best first.
 """
 from __future__ import annotations
 
@@ -69,10 +71,45 @@ def fuse_models(per_model: pa.Table, thresholds: Mapping[str, float], rule: str)
                      "score": out.column("score_max")})
 
 
-def fuse(per_model: pa.Table, thresholds: Mapping[str, float], rule: str) -> pa.Table:
-    """:func:`fuse_models`, except that one model without thresholds passes through unchanged."""
+def calibrate(per_model: pa.Table, factors: Mapping[str, float]) -> pa.Table:
+    """``per_model`` with each model's scores multiplied by its factor (unlisted models: 1)."""
+    if not factors:
+        return per_model
+    listed = pa.array(list(factors), pa.string())
+    at = pc.index_in(per_model.column("model"), value_set=listed)
+    factor = pc.fill_null(pc.take(pa.array(list(factors.values()), pa.float64()), at), 1.0)
+    score = pc.multiply(pc.cast(per_model.column("score"), pa.float64()), factor)
+    i = per_model.schema.get_field_index("score")
+    return per_model.set_column(i, per_model.schema.field(i), pc.cast(score, per_model.schema.field(i).type))
+
+
+def mean_over_models(per_model: pa.Table) -> pa.Table:
+    """``(query_id, reference_id, score)``: the mean over models of every pair any model found.
+
+    A model that did not return a pair for a query (it was not in its top k) counts with its
+    lowest score for that query, an upper bound of the score it would give; a model with no
+    pair at all for the query counts with its lowest score overall.
+    """
+    df = per_model.select([*PAIR, "model", "score"]).to_pandas()
+    df["score"] = df["score"].astype(np.float64)
+    wide = df.pivot_table(index=PAIR, columns="model", values="score", aggfunc="max")
+    floor = df.groupby(["query_id", "model"])["score"].min().unstack("model").reindex(columns=wide.columns)
+    floor = floor.fillna(df.groupby("model")["score"].min())
+    filled = wide.fillna(floor.reindex(wide.index.get_level_values("query_id")).set_axis(wide.index))
+    return pa.table({"query_id": pa.array(filled.index.get_level_values("query_id"), pa.string()),
+                     "reference_id": pa.array(filled.index.get_level_values("reference_id"), pa.string()),
+                     "score": pa.array(filled.mean(axis=1).to_numpy(), per_model.schema.field("score").type)})
+
+
+def fuse(per_model: pa.Table, thresholds: Mapping[str, float], rule: str,
+         factors: Mapping[str, float] | None = None) -> pa.Table:
+    """Calibrate by ``factors``, then :func:`fuse_models` (``rule: mean``: :func:`mean_over_models`);
+    one model without thresholds passes through unchanged."""
+    per_model = calibrate(per_model, factors or {})
     if not thresholds and pc.count_distinct(per_model.column("model")).as_py() <= 1:
         return per_model.select([*PAIR, "score"])
+    if rule == "mean":
+        return mean_over_models(per_model)
     return fuse_models(per_model, thresholds, rule)
 
 

@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 import psutil
 import pyarrow as pa
@@ -21,7 +22,7 @@ import pyarrow.parquet as pq
 import ray
 
 from core.contracts import CANDIDATES_SCHEMA, WHOLE_PATCH
-from core.knn import Hits, IndexSpec, build_index, index_kind, merge_topk
+from core.knn import Hits, IndexSpec, build_index, index_kind, index_size, merge_topk
 from core.store import embeddings_from_arrow, filesystem, read_table
 
 CALL_TIMEOUT_S = 3600.0  # one shard search call; generous for GPU-sized shards
@@ -87,20 +88,31 @@ class ShardIndex:
     def __init__(self, slices: Sequence[Slice], kind: str, spec: IndexSpec, k_max: int,
                  whole_only: bool = False) -> None:
         ids, x = load_rows(slices, whole_only)
-        self.rows, self.dim = x.shape
-        self.image_ids = ids.column("image_id").to_numpy(zero_copy_only=False)
-        self.patch_ids = ids.column("patch_id").to_numpy()
-        self.kind = kind
-        self.index = build_index(x, kind, spec, k_max) if self.rows else None
+        self._hold(ids, build_index(x, kind, spec, k_max) if len(x) else None, kind, x.shape[1])
         del x
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Top-``min(k, rows)`` of this shard: scores, image ids, patch ids (padding: -inf, "")."""
+    @classmethod
+    def restore(cls, ids: pa.Table, index: faiss.Index, kind: str) -> ShardIndex:
+        """A shard from a saved faiss index and its rows' ``(image_id, patch_id)`` table."""
+        shard = cls.__new__(cls)
+        shard._hold(ids, index, kind, index.d)
+        return shard
+
+    def _hold(self, ids: pa.Table, index: faiss.Index | None, kind: str, dim: int) -> None:
+        self.rows, self.dim = ids.num_rows, dim
+        self.image_ids = ids.column("image_id").to_numpy(zero_copy_only=False)
+        self.patch_ids = ids.column("patch_id").to_numpy()
+        self.kind, self.index = kind, index
+
+    def search(self, queries: np.ndarray, k: int, params: faiss.SearchParameters | None = None
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Top-``min(k, rows)`` of this shard: scores, image ids, patch ids (padding: -inf, "").
+        ``params`` may carry an id selector (rows it rejects are never returned)."""
         k = min(k, self.rows)
         if k == 0:  # a whole_only shard that holds no patch 0
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), object), \
                 np.zeros((len(queries), 0), np.int32)
-        scores, idx = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+        scores, idx = self.index.search(np.ascontiguousarray(queries, dtype=np.float32), k, params=params)
         missing = idx < 0
         idx = np.where(missing, 0, idx)
         scores = np.where(missing, -np.inf, scores).astype(np.float32)
@@ -109,7 +121,7 @@ class ShardIndex:
     def info(self) -> dict:
         """Rows, index type, node id (prefix) and this process's resident memory (bytes)."""
         return {"rows": int(self.rows), "dim": int(self.dim), "index": self.kind,
-                "faiss": type(self.index).__name__,
+                "faiss": type(self.index).__name__, "bytes": index_size(self.index),
                 "rss": psutil.Process(os.getpid()).memory_info().rss,
                 "node": ray.get_runtime_context().get_node_id()[:12]}
 
@@ -180,6 +192,6 @@ def format_info(name: str, infos: Sequence[dict]) -> str:
     """One line per shard: rows, index type, node and resident memory of its actor."""
     lines = [f"{name}: {len(infos)} shard(s)"]
     for i, s in enumerate(infos):
-        lines.append(f"  shard {i}: {s['rows']} rows x {s['dim']}  {s['faiss']}  node {s['node']}  "
-                     f"RSS {s['rss'] / 2**20:.0f} MiB")
+        lines.append(f"  shard {i}: {s['rows']} rows x {s['dim']}  {s['faiss']} {s['bytes'] / 2**20:.1f} MiB  "
+                     f"node {s['node']}  RSS {s['rss'] / 2**20:.0f} MiB")
     return "\n".join(lines)

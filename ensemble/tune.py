@@ -3,21 +3,24 @@
 Everything here scores candidate settings with the real pipeline functions (normalisation,
 :func:`ensemble.fuse.fuse`, :func:`ensemble.fuse.top_k_per_query`,
 :func:`core.metrics.evaluate`), so a tuned setting is exactly what the run will do.
-Ties keep the earlier setting: the untuned start for thresholds, the smaller beta for beta.
-:func:`tune_members` tunes a whole ensemble: one beta, then the rule and per-member thresholds.
+Ties keep the earlier setting: the untuned start for thresholds, the smaller beta for beta,
+the simpler fusion (uncalibrated before calibrated, max before mean before threshold rules).
+:func:`tune_members` tunes a whole ensemble: one beta, then whether members are calibrated onto
+one scale (:mod:`ensemble.calibrate`), the rule and per-member thresholds.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from core.metrics import evaluate
-from ensemble.fuse import fuse, max_over_patches, top_k_per_query
+from core.metrics import Metrics, evaluate
+from ensemble.calibrate import member_factors
+from ensemble.fuse import calibrate, fuse, max_over_patches, top_k_per_query
 from ensemble.normalize import normalize_scores
 
 log = logging.getLogger(__name__)
@@ -35,9 +38,10 @@ def predictions_map(pred: pa.Table, gt: GT, k: int = 10) -> float:
                     pred.column("score").to_numpy()).micro_ap
 
 
-def fused_map(per_model: pa.Table, gt: GT, thresholds: Mapping[str, float], rule: str, k: int = 10) -> float:
-    """μAP of the fused predictions for one setting of the thresholds."""
-    return predictions_map(fuse(per_model, thresholds, rule), gt, k)
+def fused_map(per_model: pa.Table, gt: GT, thresholds: Mapping[str, float], rule: str, k: int = 10,
+              factors: Mapping[str, float] | None = None) -> float:
+    """μAP of the fused predictions for one setting of the calibration, thresholds and rule."""
+    return predictions_map(fuse(per_model, thresholds, rule, factors), gt, k)
 
 
 def quantile_grid(per_model: pa.Table, levels: Sequence[float] = DEFAULT_QUANTILES) -> dict[str, list[float]]:
@@ -108,6 +112,7 @@ class Member:
     key: str
     candidates: pa.Table
     bias: pa.Table | None  # None: no train features to normalise against
+    scale: float | None = None  # tail scale of its background similarities (ensemble.calibrate)
 
 
 @dataclass(frozen=True)
@@ -115,6 +120,7 @@ class Setting:
     beta: float  # 0: scores not normalised
     rule: str
     thresholds: dict[str, float]
+    factors: dict[str, float] = field(default_factory=dict)  # fuse.calibration
 
 
 @dataclass(frozen=True)
@@ -137,7 +143,22 @@ def per_model_scores(members: Sequence[Member], beta: float) -> pa.Table:
 
 def setting_map(members: Sequence[Member], gt: GT, s: Setting, k: int) -> float:
     """μAP of ``s`` as the fuse stage would apply it."""
-    return fused_map(per_model_scores(members, s.beta), gt, s.thresholds, s.rule, k)
+    return fused_map(per_model_scores(members, s.beta), gt, s.thresholds, s.rule, k, s.factors)
+
+
+def final_predictions(members: Sequence[Member], s: Setting, k: int) -> pa.Table:
+    """The predictions the fuse stage writes under ``s``: fused, top ``k`` per query."""
+    return top_k_per_query(fuse(per_model_scores(members, s.beta), s.thresholds, s.rule, s.factors), k)
+
+
+def threshold_at_precision(m: Metrics, precision: float) -> tuple[float | None, float]:
+    """``(score threshold, recall)`` of the largest recall whose precision is at least ``precision``
+    (ISC21's R@P90 operating point for 0.9); ``(None, 0.0)`` when precision never gets there."""
+    ok = m.precisions >= precision
+    if not ok.any():
+        return None, 0.0
+    best = int(np.argmax(np.where(ok, m.recalls, -1.0)))
+    return float(m.thresholds[best]), float(m.recalls[best])
 
 
 def _offset_patches(m: Member, offset: int) -> Member:
@@ -145,7 +166,7 @@ def _offset_patches(m: Member, offset: int) -> Member:
     def shift(t: pa.Table, col: str) -> pa.Table:
         i = t.schema.get_field_index(col)
         return t.set_column(i, t.schema.field(i), pc.add(t.column(col), pa.scalar(offset, pa.int32())))
-    return Member(m.key, shift(m.candidates, "query_patch"), shift(m.bias, "patch_id"))
+    return Member(m.key, shift(m.candidates, "query_patch"), shift(m.bias, "patch_id"), m.scale)
 
 
 def joint_beta(members: Sequence[Member], gt: GT, grid: Sequence[float], k: int) -> tuple[float, float]:
@@ -158,6 +179,26 @@ def joint_beta(members: Sequence[Member], gt: GT, grid: Sequence[float], k: int)
     shifted = [_offset_patches(m, i * step) for i, m in enumerate(members)]
     return tune_beta(pa.concat_tables([m.candidates for m in shifted]),
                      pa.concat_tables([m.bias for m in shifted]), gt, grid, k)
+
+
+def tune_fusion(members: Sequence[Member], gt: GT, start: Setting, k: int) -> Setting:
+    """The best of: uncalibrated or calibrated members (when every member has a background scale),
+    fused by max, mean, or a threshold rule with tuned thresholds (μAP; ties keep the earlier)."""
+    per_model = per_model_scores(members, start.beta)
+    calibrations = [{}]
+    if all(m.scale for m in members):
+        factors = member_factors({m.key: m.scale for m in members})
+        calibrations.append({k: round(v, 4) for k, v in factors.items()})  # as the tuned config will hold them
+    best: tuple[float, Setting] | None = None
+    for factors in calibrations:
+        options = [("max", {}), ("mean", {})]
+        calibrated = calibrate(per_model, factors)  # thresholds apply to calibrated scores
+        options += [(rule, tune_thresholds(calibrated, gt, rule, k=k)) for rule in RULES]
+        for rule, th in options:
+            score = fused_map(per_model, gt, th, rule, k, factors)
+            if best is None or score > best[0]:
+                best = (score, replace(start, rule=rule, thresholds=th, factors=dict(factors)))
+    return best[1]
 
 
 def tune_members(members: Sequence[Member], gt: GT, before: Setting, beta_grid: Sequence[float],
@@ -175,15 +216,7 @@ def tune_members(members: Sequence[Member], gt: GT, before: Setting, beta_grid: 
     after = replace(before, beta=beta if tuned_beta else 0.0)
     tuned_fusion = len(members) > 1
     if tuned_fusion:
-        per_model = per_model_scores(members, after.beta)
-        rules = sorted(RULES, key=lambda r: r != before.rule)  # ties keep the configured rule
-        best = None
-        for rule in rules:
-            th = tune_thresholds(per_model, gt, rule, k=k)
-            score = fused_map(per_model, gt, th, rule, k)
-            if best is None or score > best[0]:
-                best = (score, rule, th)
-        after = replace(after, rule=best[1], thresholds=best[2])
+        after = tune_fusion(members, gt, after, k)
     if not tuned_beta:  # what the run does without train features: raw scores
         before = replace(before, beta=0.0)
     return TuneResult(

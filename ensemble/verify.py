@@ -1,21 +1,28 @@
-"""Optional keypoint verification of the top candidate pairs (OpenCV SIFT/ORB + RANSAC).
+"""Verification of the top candidate pairs: keypoints (OpenCV SIFT/ORB + RANSAC) or copydet's
+learned verifier.
 
-Global descriptors confuse images that share a layout; local keypoints that agree on one
-homography do not. :func:`inliers` counts the RANSAC inliers of the ratio-test matches of two
-images; :func:`verify_pairs` adds that count to the best ``top_k`` pairs of every query, so a
-later step can re-rank or filter on it.
+Global descriptors confuse images that share a layout; local evidence that agrees does not.
+:func:`inliers` counts the RANSAC inliers of the ratio-test matches of two images. A
+:class:`PairScorer` turns images into what it compares (keypoints, region tokens) and scores a
+query against its candidates; :data:`SCORERS` names them (``sift``, ``orb``: RANSAC inlier
+counts; ``learned``: the verifier's P(copy), :mod:`core.models.verifier`). :func:`verify_pairs`
+adds a scorer's column to the best ``top_k`` pairs of every query, so a later step can re-rank
+or filter on it.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import cv2
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
+
+from core.models.verifier import load_verifier
 
 MIN_MATCHES = 4  # a homography needs four correspondences
 
@@ -36,6 +43,7 @@ METHODS: dict[str, Method] = {
 class Keypoints:
     points: np.ndarray  # (n, 2) float32 pixel coordinates
     descriptors: np.ndarray | None  # (n, d); None when no keypoint was found
+    size: tuple[int, int] = (0, 0)  # (width, height) of the grey image the points are in
 
 
 def _method(name: str) -> Method:
@@ -58,16 +66,19 @@ def _gray(img: Image.Image | np.ndarray, max_side: int) -> np.ndarray:
 
 def describe(img: Image.Image | np.ndarray, method: str = "sift", max_side: int = 512) -> Keypoints:
     """Keypoints and descriptors of an RGB (PIL or HxWx3 uint8) or grey image."""
-    kps, desc = _method(method).create().detectAndCompute(_gray(img, max_side), None)
-    return Keypoints(np.array([k.pt for k in kps], np.float32).reshape(-1, 2), desc)
+    gray = _gray(img, max_side)
+    kps, desc = _method(method).create().detectAndCompute(gray, None)
+    return Keypoints(np.array([k.pt for k in kps], np.float32).reshape(-1, 2), desc, (gray.shape[1], gray.shape[0]))
 
 
-def homography(a: Keypoints, b: Keypoints, method: str = "sift", ratio: float = 0.75,
-               reproj_px: float = 5.0) -> tuple[np.ndarray | None, int]:
+def matches(a: Keypoints, b: Keypoints, method: str = "sift", ratio: float = 0.75,
+            reproj_px: float = 5.0) -> tuple[np.ndarray | None, np.ndarray]:
     """RANSAC homography from ``a``'s points to ``b``'s, fit on the mutual ratio-test matches,
-    and its inlier count (``(None, 0)`` when there are too few matches)."""
+    and its inlier pairs as ``(n, 4)`` rows ``xa, ya, xb, yb`` (``(None, empty)`` when there
+    are too few matches)."""
+    none = (None, np.zeros((0, 4), np.float32))
     if a.descriptors is None or b.descriptors is None or len(a.points) < 2 or len(b.points) < 2:
-        return None, 0
+        return none
     matcher = cv2.BFMatcher(_method(method).norm)
     knn = matcher.knnMatch(a.descriptors, b.descriptors, k=2)
     good = [m[0] for m in knn if len(m) == 2 and m[0].distance < ratio * m[1].distance]
@@ -75,11 +86,21 @@ def homography(a: Keypoints, b: Keypoints, method: str = "sift", ratio: float = 
     back = {m.queryIdx: m.trainIdx for m in matcher.match(b.descriptors, a.descriptors)}
     good = [m for m in good if back.get(m.trainIdx) == m.queryIdx]
     if len(good) < MIN_MATCHES:
-        return None, 0
+        return none
     src = a.points[[m.queryIdx for m in good]]
     dst = b.points[[m.trainIdx for m in good]]
     h, mask = cv2.findHomography(src, dst, cv2.RANSAC, reproj_px)
-    return (None, 0) if mask is None else (h, int(mask.sum()))
+    if mask is None:
+        return none
+    keep = mask.reshape(-1).astype(bool)
+    return h, np.concatenate([src[keep], dst[keep]], axis=1).astype(np.float32)
+
+
+def homography(a: Keypoints, b: Keypoints, method: str = "sift", ratio: float = 0.75,
+               reproj_px: float = 5.0) -> tuple[np.ndarray | None, int]:
+    """:func:`matches` as ``(homography, inlier count)``."""
+    h, pairs = matches(a, b, method, ratio, reproj_px)
+    return h, len(pairs)
 
 
 def count_inliers(a: Keypoints, b: Keypoints, method: str = "sift", ratio: float = 0.75,
@@ -94,18 +115,87 @@ def inliers(img_a: Image.Image | np.ndarray, img_b: Image.Image | np.ndarray, me
     return count_inliers(describe(img_a, method, max_side), describe(img_b, method, max_side), method)
 
 
+class PairScorer(Protocol):
+    """What a verification method computes per image and per (query, candidates) group."""
+
+    column: str  # the column verify_pairs adds
+    dtype: pa.DataType
+    cache_size: int  # described images kept (LRU)
+
+    def describe(self, img: Image.Image) -> Any: ...
+
+    def compare(self, query: Any, candidates: Sequence[Any]) -> Sequence[float]: ...
+
+
+@dataclass
+class KeypointScorer:
+    """RANSAC inliers of SIFT / ORB keypoints (``method``), images shrunk to ``max_side``."""
+
+    method: str = "sift"
+    max_side: int = 512
+    column: str = "inliers"
+    dtype: pa.DataType = pa.int32()
+    cache_size: int = 256
+
+    def __post_init__(self) -> None:
+        _method(self.method)
+
+    def describe(self, img: Image.Image) -> Keypoints:
+        return describe(img, self.method, self.max_side)
+
+    def compare(self, query: Keypoints, candidates: Sequence[Keypoints]) -> list[int]:
+        return [count_inliers(query, c, self.method) for c in candidates]
+
+
+@dataclass
+class LearnedScorer:
+    """P(copy) from copydet's learned verifier ``model`` (a registered ``verifier`` card)."""
+
+    model: str
+    registry: str | None = None
+    column: str = "copy_prob"
+    dtype: pa.DataType = pa.float32()
+    cache_size: int = 2048  # region tokens are small (~30 kB an image)
+
+    def __post_init__(self) -> None:
+        self.verifier = load_verifier(self.model, self.registry)
+
+    def describe(self, img: Image.Image) -> np.ndarray:
+        return self.verifier.describe(img)
+
+    def compare(self, query: np.ndarray, candidates: Sequence[np.ndarray]) -> np.ndarray:
+        return self.verifier.score(query, candidates)
+
+
+# scorer name -> factory(max_side, model, registry); config names select them
+SCORERS: dict[str, Callable[..., PairScorer]] = {
+    "sift": lambda max_side=512, **_: KeypointScorer("sift", max_side),
+    "orb": lambda max_side=512, **_: KeypointScorer("orb", max_side),
+    "learned": lambda model, registry=None, **_: LearnedScorer(model, registry),
+}
+
+
+def make_scorer(name: str, **settings: Any) -> PairScorer:
+    """The scorer ``name`` built with ``settings`` (max_side, model, registry)."""
+    if name not in SCORERS:
+        raise ValueError(f"unknown verification scorer {name!r}; known: {sorted(SCORERS)}")
+    return SCORERS[name](**settings)
+
+
 def verify_pairs(pairs: pa.Table, query_paths: Mapping[str, str], reference_paths: Mapping[str, str],
                  top_k: int, load: Callable[[str], Image.Image], method: str = "sift", max_side: int = 512,
-                 cache_size: int = 256) -> pa.Table:
-    """``pairs`` (query_id, reference_id, score) with an ``inliers`` int32 column.
+                 scorer: PairScorer | None = None) -> pa.Table:
+    """``pairs`` (query_id, reference_id, score) with the scorer's column (``inliers`` of the
+    keypoint ``method`` by default).
 
     Only the ``top_k`` highest-scoring pairs of each query are verified; the others get a
-    null count. Query and reference ids map to files through their own split's map (a query
-    and a reference may share an id), read with ``load`` (the stage passes the pipeline's
-    decoder); keypoints of the last ``cache_size`` images are kept.
+    null. Query and reference ids map to files through their own split's map (a query and a
+    reference may share an id), read with ``load`` (the stage passes the pipeline's decoder);
+    what the scorer describes of the last ``scorer.cache_size`` images is kept.
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
+    scorer = scorer or KeypointScorer(method, max_side)
     selected = _top_k_rows(pairs, top_k)
     sides = ((pairs.column("query_id").to_pylist(), query_paths, "query"),
              (pairs.column("reference_id").to_pylist(), reference_paths, "reference"))
@@ -113,21 +203,28 @@ def verify_pairs(pairs: pa.Table, query_paths: Mapping[str, str], reference_path
         missing = sorted({ids[i] for i in selected} - set(paths))[:5]
         if missing:
             raise ValueError(f"verify_pairs: no {split} image path for id(s) {missing}")
-    cache: OrderedDict[tuple[str, str], Keypoints] = OrderedDict()
+    cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
 
-    def keypoints(side: int, image_id: str) -> Keypoints:
+    def described(side: int, image_id: str) -> Any:
         key = (sides[side][2], image_id)
         if key not in cache:
-            cache[key] = describe(load(sides[side][1][image_id]), method, max_side)
-            if len(cache) > cache_size:
+            cache[key] = scorer.describe(load(sides[side][1][image_id]))
+            if len(cache) > scorer.cache_size:
                 cache.popitem(last=False)
         cache.move_to_end(key)
         return cache[key]
 
-    counts: list[int | None] = [None] * pairs.num_rows
-    for i in selected:
-        counts[i] = count_inliers(keypoints(0, sides[0][0][i]), keypoints(1, sides[1][0][i]), method)
-    return pairs.append_column("inliers", pa.array(counts, pa.int32()))
+    values: list[Any] = [None] * pairs.num_rows
+    queries = sides[0][0]
+    for start in range(len(selected)):  # rows come grouped by query: compare each group at once
+        if start and queries[selected[start]] == queries[selected[start - 1]]:
+            continue
+        rows = [i for i in selected[start:start + top_k] if queries[i] == queries[selected[start]]]
+        query = described(0, queries[rows[0]])
+        found = scorer.compare(query, [described(1, sides[1][0][i]) for i in rows])
+        for i, v in zip(rows, found):
+            values[i] = v.item() if hasattr(v, "item") else v
+    return pairs.append_column(scorer.column, pa.array(values, scorer.dtype))
 
 
 def _top_k_rows(pairs: pa.Table, k: int) -> list[int]:

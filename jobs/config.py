@@ -103,8 +103,9 @@ class ExtractConfig(Strict):
     num_threads: int | None = Field(None, ge=1, description="torch threads per CPU actor")
     chunk_patches: int = Field(256, ge=1, description="patches per feature file (whole images)")
     decode_cpus: float = Field(0.5, gt=0, description="CPUs per decode task (decode, cut, resize)")
-    shape_bucket: int = Field(32, ge=0, description="aspect-kept members: round the free side to a multiple "
-                              "of this many pixels so patches batch together (0: exact sizes)")
+    shape_bucket: int = Field(0, ge=0, description="aspect-kept members: round the free side to a multiple "
+                              "of this many pixels so patches batch together on a GPU (0: exact sizes; 32 "
+                              "cost minidisc-hard 0.0015 uAP and 0.020 R@P90 with SSCD, no speed on a CPU)")
 
 
 class NormalizeConfig(Strict):
@@ -143,8 +144,11 @@ class SearchConfig(Strict):
     exact_max: int = Field(2_000_000, ge=1, description="shards with fewer rows use an exact IndexFlatIP")
     index: Literal["ivfpq", "hnsw"] = Field("ivfpq", description="approximate index for shards >= exact_max")
     nlist: int = Field(4096, ge=1, description="IVF lists (capped at rows / 39 per shard)")
-    nprobe: int = Field(64, ge=1, description="IVF lists visited per query")
+    nprobe: int = Field(32, ge=1, description="IVF lists visited per query")
     pq_m: int = Field(32, ge=1, description="PQ sub-quantizers; must divide the feature dim")
+    refine: Literal["none", "sq8", "fp16", "flat"] = Field(
+        "sq8", description="re-rank IVF-PQ hits with stored vectors (sq8: 1 byte per dim) so copies stay found")
+    refine_k: float = Field(4.0, ge=1, description="hits re-ranked per requested neighbour")
     hnsw_m: int = Field(32, ge=4, description="HNSW neighbours per node")
     ef_search: int = Field(128, ge=1, description="HNSW search depth")
     cpus_per_shard: float = Field(0.5, gt=0, description="CPUs reserved by each shard actor")
@@ -154,25 +158,85 @@ class SearchConfig(Strict):
     def index_spec(self) -> IndexSpec:
         """The index settings the search stage and ``copydet plan`` both use."""
         return IndexSpec(exact_max=self.exact_max, kind=self.index, nlist=self.nlist, nprobe=self.nprobe,
-                         pq_m=self.pq_m, hnsw_m=self.hnsw_m, ef_search=self.ef_search)
+                         pq_m=self.pq_m, refine=self.refine, refine_k=self.refine_k, hnsw_m=self.hnsw_m,
+                         ef_search=self.ef_search)
 
 
 class FuseConfig(Strict):
-    rule: Literal["max", "confidence", "completeness"] = "max"
+    rule: Literal["max", "mean", "confidence", "completeness"] = Field(
+        "max", description="max over members; mean over members; or the max filtered by per-member thresholds")
     thresholds: dict[str, float] = {}
+    calibration: dict[str, float] = Field(
+        {}, description="per-member score factors that put members on one scale before fusion (feature key -> "
+        "factor); `copydet tune` measures them on the normalisation background (ensemble.calibrate)")
     k: int = Field(10, ge=1, description="predictions kept per query")
+    threshold: float | None = Field(
+        None, description="is-copy threshold on the final score (predictions.csv, after verification when "
+        "verify.enabled): pairs at or above it are listed in copies.csv; `copydet tune` calibrates it on "
+        "synthetic copies of train/ to fuse.threshold_precision")
+    threshold_precision: float = Field(0.9, gt=0, lt=1, description="the precision copydet tune calibrates "
+                                       "fuse.threshold to")
+
+    @model_validator(mode="after")
+    def _rule(self) -> "FuseConfig":
+        if self.rule == "mean" and self.thresholds:
+            raise ValueError("rule 'mean' takes no thresholds (they filter the max rules)")
+        bad = {k: v for k, v in self.calibration.items() if not v > 0}
+        if bad:
+            raise ValueError(f"calibration factors must be > 0, got {bad}")
+        return self
+
+
+class LearnedVerifyConfig(Strict):
+    """copydet's learned verifier (``copydet train-verifier``): its P(copy) adds a bonus. The
+    defaults (and ``combine: max``) are the best rule on a synthetic split of train/ photos
+    (``bench/verify_rule.py``)."""
+
+    model: str = Field("copydet-verifier", description="registered verifier card")
+    floor: float = Field(0.9, ge=0, lt=1, description="no bonus at or below this P(copy)")
+    weight: float = Field(0.25, ge=0, description="bonus at P(copy) = 1, linear from the floor")
 
 
 class VerifyConfig(Strict):
-    """Keypoint verification of each query's best candidates (inliers add a bonus)."""
+    """Verification of each query's best candidates: keypoint inliers and/or the learned
+    verifier's P(copy) add a bonus to the fused score (methods: jobs.stages.verify.METHODS)."""
 
     enabled: bool = False
     top_k: int = Field(3, ge=1, description="candidates verified per query")
-    method: Literal["sift", "orb"] = "sift"
-    max_side: int = Field(512, ge=64)
+    method: Literal["sift", "orb", "learned", "learned+sift"] = "sift"
+    max_side: int = Field(512, ge=64, description="keypoint methods: longer image side")
     min_inliers: int = Field(8, ge=0, description="no bonus below this many inliers")
     saturate: int = Field(40, ge=1, description="inliers at which the bonus is full")
-    weight: float = Field(0.5, ge=0, description="full bonus added to the fused score")
+    weight: float = Field(0.5, ge=0, description="full keypoint bonus added to the fused score")
+    learned: LearnedVerifyConfig = LearnedVerifyConfig()
+    combine: Literal["max", "sum"] = Field("max", description="learned+sift: how the two bonuses combine")
+
+
+class IndexConfig(Strict):
+    """The living reference index (``copydet index``)."""
+
+    chunk_images: int = Field(64, ge=1, description="images embedded and written per step of `index add`")
+
+
+class ServeConfig(Strict):
+    """The query service (``copydet serve``): replicas, batching and request limits."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    num_replicas: int = Field(1, ge=1, description="model replicas (each holds the models and the index)")
+    num_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each replica")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (0: CPU)")
+    num_threads: int | None = Field(None, ge=1, description="torch threads per replica (None: torch's default)")
+    max_batch_size: int = Field(8, ge=1, description="concurrent requests embedded as one batch")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, description="wait this long for a batch to fill")
+    max_ongoing_requests: int = Field(64, ge=1, description="requests queued per replica")
+    max_upload_bytes: int = Field(20 * 2**20, ge=1, description="larger uploads get 413")
+    max_pixels: int = Field(50_000_000, ge=1, description="images declaring more pixels get 422 (bombs)")
+    poll_s: float = Field(2.0, gt=0, description="how often replicas look for a newly published index version")
+    threshold: float = Field(0.0, description="is_copy when the best score reaches this; used until the fuse "
+                             "section carries a calibrated threshold. 0 suits normalised scores: a query "
+                             "closer to a reference than to any train/ image")
+    thumbnail_side: int = Field(256, ge=16, description="reference thumbnails on the match page")
 
 
 class PipelineConfig(Strict):
@@ -188,6 +252,8 @@ class PipelineConfig(Strict):
     search: SearchConfig = SearchConfig()
     fuse: FuseConfig = FuseConfig()
     verify: VerifyConfig = VerifyConfig()
+    index: IndexConfig = IndexConfig()
+    serve: ServeConfig = ServeConfig()
 
     def model_keys(self) -> list[tuple[ModelEntry, int, str]]:
         """(entry, scale, key) for every model and scale; key names feature folders."""
@@ -201,6 +267,12 @@ class PipelineConfig(Strict):
         groups = [keys] if self.reduce.concat else [[k] for k in keys]
         tag = self.reduce.tag()
         return [(g, "+".join(g) + (f"~{tag}" if tag else "")) for g in groups]
+
+    def copy_threshold(self) -> float:
+        """The score from which a served match counts as a copy: a calibrated ``fuse.threshold``
+        when the config has one, else ``serve.threshold``."""
+        calibrated = getattr(self.fuse, "threshold", None)
+        return float(calibrated) if calibrated is not None else self.serve.threshold
 
     def whole_reference_index(self) -> bool:
         """Whether search needs a second index of whole references (``search.pairs: d2lv`` with

@@ -88,6 +88,10 @@ class RunDir:
         return join(self.root, "predictions.csv")
 
     @property
+    def copies(self) -> str:
+        return join(self.root, "copies.csv")
+
+    @property
     def metrics(self) -> str:
         return join(self.root, "metrics.json")
 

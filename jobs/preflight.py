@@ -15,7 +15,7 @@ from typing import TypeVar
 
 from core.models.cards import RegistryError
 from core.models.sscd import SSCD_MEMBERS
-from core.store import exists
+from core.store import exists, join
 from core.yamlconf import ConfigError, read_yaml
 from jobs.config import PipelineConfig
 from jobs.inputs import check_ground_truth, pin_inputs, split_folders
@@ -91,7 +91,9 @@ def check_stage_settings(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]
         for key in cfg.search_keys():
             check_settings(run.candidates(key), search_settings(cfg), "search")
     if "verify" in stages and cfg.verify.enabled:
-        check_settings(run.verify, verify_settings(cfg), "verify")
+        scorers = resolved("verify.learned.model", cfg.verify.learned.model, lambda: verify_settings(cfg))
+        for name, settings in scorers.items():
+            check_settings(join(run.verify, name), settings, f"verify ({name})")
 
 
 def check_inputs(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from jobs.config import ConfigError, PipelineConfig, load_config
+from pretrain.train_config import TrainConfig, load_train_config
 from jobs.runtime import OFFLINE_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -26,6 +27,7 @@ STAGING = ".submit"  # configs from outside the repo are copied here while the j
 # The driver's ray.init repeats the offline env vars; let the job's copy win instead of failing.
 JOB_ENV = {**OFFLINE_ENV, "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1", "COPYDET_DEBUG": "1"}
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+TRAIN_STAGES = ("pretrain", "finetune")  # `copydet pretrain|finetune TRAINING_CONFIG` as a job
 CLI_MAIN = "import sys; from jobs.cli import main; sys.exit(main())"  # works without the console script
 
 
@@ -43,13 +45,17 @@ def job_address(address: str | None) -> str:
     return address or os.environ.get("RAY_ADDRESS") or DEFAULT_ADDRESS
 
 
+def _shared(value: str | None) -> bool:
+    return value is None or "://" in value or os.path.isabs(value)
+
+
 def check_locations(cfg: PipelineConfig, source: str) -> list[str]:
     """Refuse an output folder the cluster cannot share; return warnings for local data paths.
 
     The job runs in a temporary copy of the repository on the head node, so a relative
     ``output`` would be written there and lost; data paths must exist on every node.
     """
-    if "://" not in cfg.output and not os.path.isabs(cfg.output):
+    if not _shared(cfg.output):
         raise ConfigError(f"{source}: output {cfg.output!r} is a relative local path; a submitted job runs in "
                           "a temporary working dir on the cluster, so pass --out with an absolute path on "
                           "shared storage or a URI (s3://..., gs://...)")
@@ -62,6 +68,15 @@ def check_locations(cfg: PipelineConfig, source: str) -> list[str]:
     if cfg.ray.num_cpus is not None:
         warnings.append(f"{source}: ray.num_cpus is ignored when the job connects to a cluster")
     return warnings
+
+
+def check_train_locations(cfg: TrainConfig, source: str) -> list[str]:
+    """A training job's run folders, registry and photos must be on storage every node shares."""
+    for key, value in (("output", cfg.output), ("registry", cfg.registry), ("data.train", cfg.data.train)):
+        if not _shared(value):
+            raise ConfigError(f"{source}: {key} {value!r} is a relative local path; a submitted training job "
+                              "runs on several nodes, so use an absolute path on shared storage")
+    return [] if cfg.registry else [f"{source}: no registry set; models land in the job's temporary working dir"]
 
 
 def entrypoint(stage: str, config_rel: str, sets: Sequence[str] = (), out: str | None = None) -> str:
@@ -109,8 +124,13 @@ def submit(config: str | None, address: str | None, stage: str = "run", sets: Se
 
     config = config or str(REPO_ROOT / "configs" / "smoke.yaml")
     overrides = [*sets, *([f"output={out}"] if out else [])]
-    cfg = load_config(config, overrides)
-    for w in check_locations(cfg, config):
+    if stage in TRAIN_STAGES:
+        if out:
+            raise ConfigError(f"copydet submit --stage {stage}: set the training output with --set output=PATH")
+        warnings = check_train_locations(load_train_config(config, overrides), config)
+    else:
+        warnings = check_locations(load_config(config, overrides), config)
+    for w in warnings:
         warn(f"warning: {w}")
     client = (client_factory or JobSubmissionClient)(job_address(address))
     with staged_config(config) as rel:

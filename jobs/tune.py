@@ -14,18 +14,29 @@ import logging
 import os
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import yaml
 
-from core.metrics import read_ground_truth
-from core.store import atomic_output, embeddings_from_arrow, join, read_table
+from core.metrics import evaluate, read_ground_truth, read_predictions
+from core.store import atomic_output, embeddings_from_arrow, join, read_table, write_table
+from ensemble.calibrate import background_scale
 from ensemble.normalize import bias_table
-from ensemble.tune import Member, Setting, TuneResult, tune_members
+from ensemble.tune import (
+    GT,
+    Member,
+    Setting,
+    TuneResult,
+    final_predictions,
+    threshold_at_precision,
+    tune_members,
+)
 from jobs.config import PipelineConfig, parse_overrides, set_key, validate
 from jobs.layout import RunDir, shard_names
 from jobs.pipeline import run_stages
+from jobs.stages.verify import run_verify
 from pretrain.synthetic import Split
 
 log = logging.getLogger(__name__)
@@ -66,28 +77,58 @@ def validation_config(cfg: PipelineConfig, split: Split, output: str) -> Pipelin
 # ---------------------------------------------------------------- tuning
 
 def load_member(run: RunDir, key: str, neighbours: int) -> Member:
-    """Candidates of ``key`` plus the bias of every query patch against the run's train features."""
+    """Candidates of ``key``, the bias of every query patch against the run's train features, and
+    the tail scale of those background similarities (``ensemble.calibrate``)."""
     folder = run.features(key)
     cands = read_table(run.candidates(key))
     train = [read_table(join(folder, n), ["embedding"]) for n in shard_names(folder, "train")]
     rows = sum(t.num_rows for t in train)
-    if rows < neighbours:
+    if rows < max(neighbours, 2):
         log.info(f"tune: {key}: {rows} train descriptors < search.normalize.neighbours={neighbours}; beta not tuned")
         return Member(key, cands, None)
     queries = pa.concat_tables(read_table(join(folder, n), ["image_id", "patch_id", "embedding"])
                                for n in shard_names(folder, "query"))
     emb = embeddings_from_arrow(pa.concat_tables(train).column("embedding"))
-    return Member(key, cands, bias_table(queries, emb, neighbours))
+    scale = background_scale(embeddings_from_arrow(queries.column("embedding")), emb)
+    return Member(key, cands, bias_table(queries, emb, neighbours), scale)
 
 
 def before_setting(cfg: PipelineConfig) -> Setting:
     norm = cfg.search.normalize
-    return Setting(norm.beta if norm.enabled else 0.0, cfg.fuse.rule, dict(cfg.fuse.thresholds))
+    return Setting(norm.beta if norm.enabled else 0.0, cfg.fuse.rule, dict(cfg.fuse.thresholds),
+                   dict(cfg.fuse.calibration))
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """The is-copy threshold: the final score at which the split's predictions reach ``precision``."""
+
+    value: float | None  # None: precision never got there on the split
+    precision: float
+    recall: float  # on the split, at ``value``
+    verified: bool  # calibrated on verified scores (verify.enabled)
+
+
+def calibrate_threshold(cfg: PipelineConfig, vcfg: PipelineConfig, members: Sequence[Member], gt: GT,
+                        setting: Setting) -> Threshold:
+    """Fuse the split as the tuned run will (and verify it when ``cfg`` verifies), then read off the
+    score whose precision is ``fuse.threshold_precision`` (:func:`threshold_at_precision`)."""
+    preds = final_predictions(members, setting, cfg.fuse.k)
+    if cfg.verify.enabled:  # the verify stage itself, on the split's run folder
+        run = RunDir(vcfg.output)
+        write_table(preds, run.fused)
+        run_verify(vcfg.model_copy(update={"verify": cfg.verify}), run)
+        preds = read_predictions(run.predictions)
+    m = evaluate(gt, preds.column("query_id").to_numpy(zero_copy_only=False),
+                 preds.column("reference_id").to_numpy(zero_copy_only=False), preds.column("score").to_numpy())
+    value, recall = threshold_at_precision(m, cfg.fuse.threshold_precision)
+    return Threshold(value, cfg.fuse.threshold_precision, recall, cfg.verify.enabled)
 
 
 def tune_on_split(cfg: PipelineConfig, split: Split, run_dir: str, beta_grid: Sequence[float],
-                  address: str | None = None) -> TuneResult:
-    """Run manifest .. search on ``split`` under ``run_dir/tune/run``, then tune from its candidates."""
+                  address: str | None = None) -> tuple[TuneResult, Threshold]:
+    """Run manifest .. search on ``split`` under ``run_dir/tune/run``, tune from its candidates, then
+    calibrate the is-copy threshold on the tuned setting's final scores."""
     vcfg = validation_config(cfg, split, join(run_dir, "tune", "run"))
     run_stages(vcfg, TUNE_STAGES, address)
     gt = read_ground_truth(split.ground_truth)
@@ -95,25 +136,35 @@ def tune_on_split(cfg: PipelineConfig, split: Split, run_dir: str, beta_grid: Se
         raise ValueError(f"{split.ground_truth}: no (query, reference) pairs; nothing to tune on")
     run = RunDir(vcfg.output)
     members = [load_member(run, key, cfg.search.normalize.neighbours) for key in vcfg.search_keys()]
-    return tune_members(members, gt, before_setting(cfg), beta_grid, cfg.fuse.k)
+    result = tune_members(members, gt, before_setting(cfg), beta_grid, cfg.fuse.k)
+    return result, calibrate_threshold(cfg, vcfg, members, gt, result.after)
 
 
 # ---------------------------------------------------------------- output
 
-def tuned_values(result: TuneResult) -> dict[str, Any]:
+def tuned_values(result: TuneResult, threshold: Threshold | None = None) -> dict[str, Any]:
     """Dotted config key -> tuned value (only the keys that were tuned)."""
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"fuse.threshold": threshold.value} if threshold is not None else {}
     if result.tuned_beta:
         out["search.normalize.enabled"] = result.after.beta > 0
         out["search.normalize.beta"] = result.after.beta
     if result.tuned_fusion:
         out["fuse.rule"] = result.after.rule
         out["fuse.thresholds"] = dict(result.after.thresholds)
+        out["fuse.calibration"] = dict(result.after.factors)
     return out
 
 
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4f}"
+
+
+def format_threshold(t: Threshold) -> str:
+    """One line: the calibrated is-copy threshold and what it gave on the split."""
+    scores = "verified scores" if t.verified else "fused scores"
+    if t.value is None:
+        return f"fuse.threshold: none (precision never reached {t.precision:g} on the split's {scores})"
+    return f"fuse.threshold {t.value:.4f}: precision {t.precision:g} at recall {t.recall:.4f} on the split's {scores}"
 
 
 def format_table(result: TuneResult) -> str:
@@ -123,7 +174,9 @@ def format_table(result: TuneResult) -> str:
     if result.tuned_fusion:
         rows += [("fuse.rule", b.rule, a.rule),
                  *((f"fuse.thresholds.{m}", f"{b.thresholds[m]:.4f}" if m in b.thresholds else "-", f"{t:.4f}")
-                   for m, t in a.thresholds.items())]
+                   for m, t in a.thresholds.items()),
+                 *((f"fuse.calibration.{m}", f"{b.factors[m]:.4f}" if m in b.factors else "-", f"{f:.4f}")
+                   for m, f in a.factors.items())]
     rows += [(f"μAP {m}", _fmt(result.members_before[m]), _fmt(result.members_after[m]))
              for m in result.members_before]
     rows.append(("μAP ensemble" if len(result.members_before) > 1 else "μAP", _fmt(result.map_before),
@@ -149,12 +202,15 @@ def write_tuned_config(source: str, overrides: Sequence[str], values: Mapping[st
     return path
 
 
-def provenance(source: str, split: Split, result: TuneResult, overrides: Sequence[str]) -> list[str]:
+def provenance(source: str, split: Split, result: TuneResult, overrides: Sequence[str],
+               threshold: Threshold | None = None) -> list[str]:
     """The comment header of a tuned config: where it came from and what it scored."""
     lines = [f"Tuned by `copydet tune` from {source} on {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.",
              f"Validation split ({split.description}); the evaluation queries and ground truth were not used."]
     if overrides:
         lines.append("Overrides: " + " ".join(overrides))
     lines.append(f"Validation μAP: {_fmt(result.map_before)} (as given) -> {_fmt(result.map_after)} (tuned); "
-                 "tuned keys: " + (", ".join(tuned_values(result)) or "none"))
+                 "tuned keys: " + (", ".join(tuned_values(result, threshold)) or "none"))
+    if threshold is not None:
+        lines.append(format_threshold(threshold))
     return lines

@@ -115,6 +115,23 @@ def draft_sides(cols: dict[str, list], sizes: dict[str, tuple[int, int]], pres: 
     return {i: math.ceil(f * max(sizes[i])) for i, f in need.items()}
 
 
+PATCH_COLUMNS = ("image_id", "patch_id", "x0", "y0", "x1", "y1", "rotation", "flip")
+
+
+def patch_columns(rows: pa.Table) -> dict[str, list]:
+    """The columns of a patch table that cutting needs, as Python lists."""
+    return {c: rows.column(c).to_pylist() for c in PATCH_COLUMNS}
+
+
+def resize_patch(img: Image.Image, cols: dict[str, list], i: int, pres: Sequence[Preprocess],
+                 pixels: dict[int, list[np.ndarray]]) -> None:
+    """Cut patch row ``i`` of ``cols`` from ``img`` and append its pixels for every key in ``pixels``."""
+    box = (cols["x0"][i], cols["y0"][i], cols["x1"][i], cols["y1"][i])
+    patch = cut_patch(img, box, int(cols["rotation"][i]), bool(cols["flip"][i]))
+    for k, out in pixels.items():
+        out.append(pres[k].resize(patch))
+
+
 def decode_chunk(task: ChunkTask, patches_dir: str, manifest_dir: str,
                  pres: Sequence[Preprocess], max_pixels: int | None = None) -> dict:
     """Decode each image of the chunk once (at the size its patches need, at most ``max_pixels``)
@@ -129,7 +146,7 @@ def decode_chunk(task: ChunkTask, patches_dir: str, manifest_dir: str,
     ids = manifest.column("image_id").to_pylist()
     paths = dict(zip(ids, manifest.column("path").to_pylist()))
     sizes = dict(zip(ids, zip(manifest.column("width").to_pylist(), manifest.column("height").to_pylist())))
-    cols = {c: rows.column(c).to_pylist() for c in ("image_id", "patch_id", "x0", "y0", "x1", "y1", "rotation", "flip")}
+    cols = patch_columns(rows)
     sides = draft_sides(cols, sizes, [pres[k] for k in task.keys])
     out_ids, out_patches, errors = [], [], []
     pixels: dict[int, list[np.ndarray]] = {k: [] for k in task.keys}
@@ -144,12 +161,9 @@ def decode_chunk(task: ChunkTask, patches_dir: str, manifest_dir: str,
                 errors.append(str(e))
         if img is None:
             continue
-        box = (cols["x0"][i], cols["y0"][i], cols["x1"][i], cols["y1"][i])
-        patch = cut_patch(img, box, int(cols["rotation"][i]), bool(cols["flip"][i]))
         out_ids.append(image_id)
         out_patches.append(int(cols["patch_id"][i]))
-        for k in task.keys:
-            pixels[k].append(pres[k].resize(patch))
+        resize_patch(img, cols, i, pres, pixels)
     row = {"file": task.file, "planned": task.stop - task.start, "keys": list(task.keys), "image_id": out_ids,
            "patch_id": out_patches, "errors": errors}
     for k in range(len(pres)):
@@ -181,6 +195,25 @@ def pick_device(use_gpu: bool) -> str:
     return "cpu"
 
 
+def build_encoders(keys: Sequence[KeySpec], device: str = "cpu") -> list[Encoder]:
+    """One encoder per key; keys of one card (and precision) at several scales share one model."""
+    forwards: dict[tuple[str, str], Forward] = {}
+    encoders = []
+    for key in keys:
+        shared = (key.card.name, key.precision)
+        if shared not in forwards:
+            forwards[shared] = runtime(key.card, device, key.precision)
+        encoders.append(Encoder(key.card.name, key.pre, forwards[shared], key.card.dim))
+    return encoders
+
+
+def embed_batched(enc: Encoder, arrays: Sequence[np.ndarray], batch_size: int) -> np.ndarray:
+    """Descriptors of resized patches, ``batch_size`` patches per model call."""
+    if not len(arrays):
+        return np.zeros((0, enc.dim), np.float32)
+    return np.concatenate([enc.embed_arrays(arrays[i:i + batch_size]) for i in range(0, len(arrays), batch_size)])
+
+
 class ChunkEmbedder:
     """The model actor: every key's encoder, and the writer of every key's feature files.
 
@@ -192,14 +225,7 @@ class ChunkEmbedder:
                  num_threads: int | None = None) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
-        device = pick_device(use_gpu)
-        forwards: dict[tuple[str, str], Forward] = {}
-        self.encoders: list[Encoder] = []
-        for key in keys:
-            shared = (key.card.name, key.precision)
-            if shared not in forwards:
-                forwards[shared] = runtime(key.card, device, key.precision)
-            self.encoders.append(Encoder(key.card.name, key.pre, forwards[shared], key.card.dim))
+        self.encoders = build_encoders(keys, pick_device(use_gpu))
         self.keys, self.errors_dir = list(keys), errors_dir
 
     def embed(self, row: dict) -> dict:
@@ -210,11 +236,8 @@ class ChunkEmbedder:
                                              schema=ERRORS_SCHEMA),
                         join(self.errors_dir, f"extract-{row['file']}"))
         for k in row["keys"]:
-            arrays = unpack(row[f"px{k}"], row[f"shape{k}"])
-            enc, key = self.encoders[k], self.keys[k]
-            bs = key.batch_size
-            emb = np.concatenate([enc.embed_arrays(arrays[i:i + bs]) for i in range(0, len(arrays), bs)]) \
-                if arrays else np.zeros((0, enc.dim), np.float32)
+            key = self.keys[k]
+            emb = embed_batched(self.encoders[k], unpack(row[f"px{k}"], row[f"shape{k}"]), key.batch_size)
             table = features_table(row["image_id"], row["patch_id"], key.model, key.scale, emb, key.dtype)
             write_table(table, join(key.folder, row["file"]))
         return {"file": row["file"], "planned": row["planned"], "patches": len(row["patch_id"]),

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
+from PIL import Image
 
 from core.contracts import PATCHES_SCHEMA
 from core.imageio import ImageDecodeError, load_rgb
@@ -62,13 +63,23 @@ def plan_images(images: Sequence[tuple[str, str]], cfg: ViewConfig, detector: De
             except ImageDecodeError:
                 failed.append(path)
                 rows.extend(patch_rows(image_id, geometric))
-        dets = [None] * len(decoded)
-        if detector is not None and decoded:
-            from patchers.detector.predict import (
-                detect,  # ultralytics only where a detector is used
-            )
-            dets = detect([img for _, img in decoded], detector.weights, conf=params.conf, imgsz=detector.imgsz)
-        for (image_id, img), d in zip(decoded, dets):
-            extra = image_views(img, geometric, cfg.proposals, d, params)
-            rows.extend(patch_rows(image_id, plan_views(cfg, extra)))
+        rows.extend(plan_decoded(decoded, cfg, detector, params))
     return pa.Table.from_pylist(rows, schema=PATCHES_SCHEMA), failed
+
+
+def plan_decoded(images: Sequence[tuple[str, Image.Image]], cfg: ViewConfig, detector: DetectorSpec | None = None,
+                 params: ProposalParams = ProposalParams()) -> list[dict]:
+    """Patch rows of decoded ``(image_id, image)`` pairs (geometric views, then proposals and
+    detections when the side asks for them): one detector call for all of them."""
+    geometric = plan_views(cfg)
+    if not needs_pixels(cfg):
+        return [r for image_id, _ in images for r in patch_rows(image_id, geometric)]
+    dets = [None] * len(images)
+    if detector is not None and images:
+        from patchers.detector.predict import detect  # ultralytics only where a detector is used
+        dets = detect([img for _, img in images], detector.weights, conf=params.conf, imgsz=detector.imgsz)
+    rows = []
+    for (image_id, img), d in zip(images, dets):
+        extra = image_views(img, geometric, cfg.proposals, d, params)
+        rows.extend(patch_rows(image_id, plan_views(cfg, extra)))
+    return rows

@@ -38,28 +38,12 @@ def model_input(pre: Preprocess, images: Sequence[Image.Image]) -> torch.Tensor:
     return torch.from_numpy(pre.to_input(np.stack([pre.resize(im) for im in images])))
 
 
-class CopyViews(Dataset):
-    """Item ``i`` = (``views x 3 x H x W`` model input of recipe copies of photo ``i``, label ``i``).
+class PhotoEpochs(Dataset):
+    """Items made from photo ``i`` at the current epoch; call :meth:`set_epoch` before each
+    epoch. The epoch lives in shared memory, so loader workers can stay alive across epochs."""
 
-    Copies depend on (seed, photo id, epoch, view) only; call :meth:`set_epoch` before each
-    epoch (the recipe's intensity schedule and the random draws follow the epoch). The epoch
-    lives in shared memory, so loader workers can stay alive across epochs.
-    """
-
-    def __init__(
-        self,
-        photos: LazyPhotos,
-        recipe: Recipe,
-        *,
-        views: int,
-        pre: Preprocess,
-        seed: int,
-    ) -> None:
+    def __init__(self, photos: LazyPhotos) -> None:
         self.photos = photos
-        self.recipe = recipe
-        self.views = views
-        self.pre = pre
-        self.seed = seed
         self.ctx = OpContext(backgrounds=photos)  # paste onto other training photos, decoded when drawn
         # shared memory: persistent loader workers see the epoch the trainer sets
         self._epoch = mp.Value("i", 0, lock=False)
@@ -73,6 +57,29 @@ class CopyViews(Dataset):
 
     def __len__(self) -> int:
         return len(self.photos)
+
+
+class CopyViews(PhotoEpochs):
+    """Item ``i`` = (``views x 3 x H x W`` model input of recipe copies of photo ``i``, label ``i``).
+
+    Copies depend on (seed, photo id, epoch, view) only (the recipe's intensity schedule and
+    the random draws follow the epoch).
+    """
+
+    def __init__(
+        self,
+        photos: LazyPhotos,
+        recipe: Recipe,
+        *,
+        views: int,
+        pre: Preprocess,
+        seed: int,
+    ) -> None:
+        super().__init__(photos)
+        self.recipe = recipe
+        self.views = views
+        self.pre = pre
+        self.seed = seed
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         """Copies of photo ``i``, labelled ``i``; of its replacement (and label) if ``i`` does not decode."""

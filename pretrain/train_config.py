@@ -15,10 +15,11 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from core.models.backbones import list_backbones
 from core.models.registry import default_registry_dir
+from core.models.verifier import VerifierSpec
 from core.yamlconf import ConfigError, load_as
 
 TrainConfigError = ConfigError
@@ -73,8 +74,17 @@ class PretrainSection(Strict):
 
 
 class LossSection(Strict):
-    name: Literal["arcface", "cosface", "triplet", "infonce"] = "arcface"
+    name: str = Field("arcface", description="a key of pretrain.losses.LOSSES")
     params: dict[str, Any] = Field({}, description="keyword arguments of the loss")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from pretrain.losses import LOSSES  # pytorch-metric-learning: import late
+
+        if v not in LOSSES:
+            raise ValueError(f"unknown loss {v!r}; known: {', '.join(LOSSES)}")
+        return v
 
 
 class FinetuneSection(Strict):
@@ -90,12 +100,28 @@ class FinetuneSection(Strict):
     loss: LossSection = LossSection()
 
 
+class VerifierSection(VerifierSpec):
+    """The learned verifier (``copydet train-verifier``): a pair transformer (the
+    :class:`~core.models.verifier.VerifierSpec` fields) over region tokens of a frozen descriptor
+    model, trained on recipe copies (positives) against kNN-mined neighbours (negatives)."""
+
+    tokens: str = Field("sscd_distilled", description="frozen descriptor model that describes the regions")
+    miner: str = Field("sscd", description="global descriptor model that mines hard negatives")
+    miner_scale: int = Field(224, ge=32)
+    neighbours: int = Field(5, ge=1, description="a copy's negatives are drawn from its photo's nearest neighbours")
+    epochs: int = Field(1, ge=1)
+    photos_per_batch: int = Field(32, ge=2, description="copies per step per worker (each: 1 positive, 2 negatives)")
+    steps_per_epoch: int | None = Field(None, ge=1)
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+
+
 class TrainConfig(Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="model-name prefix")
     output: str = Field("runs/train", description="run folders and Ray Train storage")
     registry: str | None = Field(None, description="model registry folder (default: $COPYDET_REGISTRY or ./models)")
     seed: int = 0
-    backbones: list[str] = Field(min_length=1)
+    backbones: list[str] = Field([], description="trained by pretrain / finetune (not by train-verifier)")
     sets: int | None = Field(None, ge=1, description="fan out over the first N set recipes")
     recipes: list[str] | None = Field(None, min_length=1, description="or name the set recipes")
     data: DataSection
@@ -105,6 +131,7 @@ class TrainConfig(Strict):
     torch_threads: int | None = Field(None, ge=1, description="torch CPU threads per rank (None: Ray's/torch's)")
     pretrain: PretrainSection = PretrainSection()
     finetune: FinetuneSection = FinetuneSection()
+    verifier: VerifierSection = VerifierSection()
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
@@ -141,10 +168,10 @@ class TrainConfig(Strict):
 class RunSpec(Strict):
     """One training run as plain data: what ``train_loop_per_worker`` receives."""
 
-    kind: Literal["byol", "finetune"]
+    kind: Literal["byol", "finetune", "verifier"]
     name: str = Field(description="registry name of the model this run produces")
     backbone: str
-    recipe: str
+    recipe: str = Field(description="set recipe; a verifier run's recipes joined by '+'")
     run_dir: str
     registry: str
     seed: int
@@ -156,6 +183,7 @@ class RunSpec(Strict):
     torch_threads: int | None = None
     pretrain: PretrainSection = PretrainSection()
     finetune: FinetuneSection = FinetuneSection()
+    verifier: VerifierSection = VerifierSection()
     init_weights: str | None = Field(None, description="weights file fine-tuning starts from")
     fault: dict[str, Any] | None = Field(
         None, description="test hook: {'epoch': E, 'marker': path, 'after_s': s} kills the worker once in epoch E"

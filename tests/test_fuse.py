@@ -1,11 +1,13 @@
 """Patch max, model fusion rules and top-k on hand-made tables with known answers."""
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
 from core.contracts import CANDIDATES_SCHEMA
-from ensemble.fuse import RULES, fuse_models, max_over_patches, top_k_per_query
+from ensemble.calibrate import member_factors, tail_scale
+from ensemble.fuse import RULES, calibrate, fuse, fuse_models, max_over_patches, mean_over_models, top_k_per_query
 
 
 def as_dict(table: pa.Table, *keys: str) -> dict:
@@ -75,3 +77,71 @@ def test_top_k_per_query_is_sorted_and_stable():
         ("q1", "d"), ("q1", "e"), ("q2", "c"), ("q2", "a")]
     assert top_k_per_query(pred, 10).num_rows == 7
     assert top_k_per_query(pred.slice(0, 0), 3).num_rows == 0
+
+
+def test_calibrate_scales_each_listed_model():
+    out = calibrate(PER_MODEL, {"A": 2.0, "B": 0.5})
+    got = {(r["query_id"], r["reference_id"], r["model"]): r["score"] for r in out.to_pylist()}
+    assert got[("q1", "r1", "A")] == pytest.approx(1.6) and got[("q1", "r1", "B")] == pytest.approx(0.3)
+    assert got[("q3", "r1", "C")] == pytest.approx(0.95)  # unlisted: factor 1
+    assert out.schema == PER_MODEL.schema and calibrate(PER_MODEL, {}) is PER_MODEL
+
+
+def test_mean_over_models_fills_a_missing_pair_with_the_models_lowest_score_for_that_query():
+    per_model = pa.table({
+        "query_id": ["q1", "q1", "q1", "q2"],
+        "reference_id": ["r1", "r1", "r2", "r1"],
+        "model": ["A", "B", "A", "A"],
+        "score": pa.array([0.8, 0.6, 0.5, 0.4], pa.float32()),
+    })
+    out = as_dict(mean_over_models(per_model), "query_id", "reference_id")
+    # q1-r2: B did not return it, counts with B's lowest q1 score (0.6); q2: B has no pair at all,
+    # counts with B's lowest score overall (0.6)
+    assert out == {("q1", "r1"): pytest.approx(0.7), ("q1", "r2"): pytest.approx(0.55),
+                   ("q2", "r1"): pytest.approx(0.5)}
+    fused = fuse(per_model, {}, "mean", {"A": 2.0})
+    assert as_dict(fused, "query_id", "reference_id")[("q1", "r1")] == pytest.approx((1.6 + 0.6) / 2)
+
+
+def test_member_factors_put_members_on_one_scale():
+    rng = np.random.default_rng(0)
+    wide = np.sort(rng.gumbel(0.0, 0.04, (200, 10)), axis=1)[:, ::-1]  # a member with a wide null tail
+    narrow = wide / 4
+    assert tail_scale(wide) == pytest.approx(4 * tail_scale(narrow))
+    factors = member_factors({"wide": tail_scale(wide), "narrow": tail_scale(narrow)})
+    assert factors["narrow"] == pytest.approx(4 * factors["wide"]) and np.prod(list(factors.values())) == \
+        pytest.approx(1.0)
+    assert member_factors({"only": 0.03}) == {"only": pytest.approx(1.0)}
+    with pytest.raises(ValueError, match="must be > 0"):
+        member_factors({"a": 0.0})
+    assert 0.01 < tail_scale(wide) < 0.1  # of the order of the Gumbel scale 0.04
+
+
+@pytest.mark.parametrize("rule", ["max", "mean"])
+def test_fuse_stage_streams_query_shards_and_equals_fusing_everything(tmp_path, rule):
+    from core.store import write_table
+    from jobs.config import load_config
+    from jobs.layout import RunDir
+    from jobs.stages.fuse import query_shards, run_fuse
+
+    cfg = load_config(None, [f"output={tmp_path}", "models.0.name=tiny_cnn", "models.0.scales=[64, 96]",
+                             f"fuse.rule={rule}", "fuse.k=3", "fuse.calibration={tiny_cnn@96: 1.5}"])
+    run, keys, rng = RunDir(str(tmp_path)), cfg.search_keys(), np.random.default_rng(0)
+    files = {"query-00000-0000.parquet": ["q0", "q1"], "query-00000-0001.parquet": ["q2"],
+             "query-00001-0000.parquet": ["q3", "q4"]}
+    everything = []
+    for key in keys:
+        for name, queries in files.items():
+            n = 12 * len(queries)
+            t = pa.table({"query_id": rng.choice(queries, n), "query_patch": rng.integers(0, 3, n, dtype=np.int32),
+                          "reference_id": rng.choice([f"r{i}" for i in range(6)], n),
+                          "reference_patch": np.zeros(n, np.int32), "model": [key] * n,
+                          "score": rng.random(n, dtype=np.float32)}, schema=CANDIDATES_SCHEMA)
+            write_table(t, f"{run.candidates(key)}/{name}")
+            everything.append(t)
+    assert list(query_shards(run, keys)) == ["query-00000", "query-00001"]
+    per_model = max_over_patches(pa.concat_tables(everything))
+    expected = top_k_per_query(fuse(per_model, {}, rule, cfg.fuse.calibration), 3)
+    got = run_fuse(cfg, run)
+    assert got.num_rows == expected.num_rows == 15
+    assert got.to_pylist() == expected.to_pylist()

@@ -5,7 +5,7 @@ import os
 import pyarrow.compute as pc
 import pytest
 
-from core.store import read_table
+from core.store import join, read_table
 from jobs.cli import main
 from jobs.config import load_config
 from jobs.layout import RunDir, SettingsChanged
@@ -60,14 +60,14 @@ def test_end_to_end_with_bad_inputs_and_resume(ray_local, tiny_dataset, tmp_path
     vcfg = load_config(None, [f"data.root={tiny_dataset}", f"output={out}", *TINY, "verify.enabled=true",
                               "verify.top_k=2", "verify.min_inliers=0", "verify.saturate=10"])
     run_stages(vcfg, ["fuse", "verify"])
-    checked = read_table(run.verify)
+    checked = read_table(join(run.verify, "sift"))  # each scorer caches its own results
     assert checked.num_rows == sum(min(2, len(s)) for s in per_query.values())
     verified = {(r["query_id"], r["reference_id"]): float(r["score"]) for r in csv.DictReader(open(run.predictions))}
     fused = read_table(run.fused).to_pylist()
     assert all(verified[(f["query_id"], f["reference_id"])] >= f["score"] - 1e-6 for f in fused)
     once = open(run.predictions).read()
     run_stages(vcfg, ["verify"])
-    assert open(run.predictions).read() == once and read_table(run.verify).num_rows == checked.num_rows
+    assert open(run.predictions).read() == once and read_table(join(run.verify, "sift")).num_rows == checked.num_rows
 
 
 def test_stage_commands_run_alone(ray_local, tiny_dataset, tmp_path):

@@ -1,6 +1,7 @@
 """copydet plan: the arithmetic of patches, bytes, index memory and hours on tiny numbers."""
 import json
 
+import numpy as np
 import pytest
 
 from jobs.cli import main
@@ -28,13 +29,19 @@ def test_patches_per_image_counts_views_and_budgets():
 
 
 def test_index_bytes_by_shard_kind():
-    cfg = load_config(None, ["search.shard_size=100", "search.exact_max=60", "search.pq_m=8",
-                             "search.nlist=2"]).search
+    sets = ["search.shard_size=100", "search.exact_max=60", "search.pq_m=8", "search.nlist=2"]
+    cfg = load_config(None, [*sets, "search.refine=none"]).search
     assert index_bytes(0, 16, cfg) == (0, 0, "-")
     assert index_bytes(50, 16, cfg) == (50 * 16 * 4, 50 * 16 * 4, "flat")
-    # 250 rows -> 3 shards of 84 rows, IVF-PQ: codes + ids, plus 2 centroids
-    per = 84 * (8 + 8) + 2 * 16 * 4
-    assert index_bytes(250, 16, cfg) == (3 * per, per, "ivfpq")
+    # 250 rows -> shards of 100, 100, 50 rows, all IVF-PQ: codes + ids, 2 centroids, the PQ codebooks
+    def ivfpq(n: int) -> int:  # nlist is capped at rows / 39
+        return n * (8 + 8) + min(2, n // 39) * 16 * 4 + 256 * 16 * 4
+    assert index_bytes(250, 16, cfg) == (2 * ivfpq(100) + ivfpq(50), ivfpq(100), "ivfpq")
+    # the default re-ranks with SQ8 vectors: one byte per dim and row, plus the per-dim min and range
+    cfg = load_config(None, [*sets, "search.refine=sq8"]).search
+    def sq8(n: int) -> int:
+        return ivfpq(n) + n * 16 + 2 * 16 * 4
+    assert index_bytes(250, 16, cfg) == (2 * sq8(100) + sq8(50), sq8(100), "ivfpq")
 
 
 def test_plan_arithmetic(tiny_dataset):
@@ -47,7 +54,7 @@ def test_plan_arithmetic(tiny_dataset):
     assert plan.patches_per_image == {"query": 10, "reference": 5, "train": 1}
     k64, k96 = plan.keys
     assert k64.feature_bytes == {"query": 60 * 16 * 2, "reference": 40 * 16 * 2, "train": 6 * 16 * 2}
-    assert (k64.index_bytes, k64.shard_bytes, k64.index_kind) == (40 * 16 * 4, 20 * 16 * 4, "flat")
+    assert (k64.index_bytes, k64.shard_bytes, k64.index_kind) == (40 * 16 * 4, 30 * 16 * 4, "flat")  # 30 + 10
     assert k64.extract_hours == pytest.approx(106 / 10 / 3600)
     assert k96.extract_hours == pytest.approx(106 / 5 / 3600)
     assert k64.search_hours == pytest.approx(60 * 40 / 4 / 3600)
@@ -73,3 +80,33 @@ def test_plan_command_reads_a_bench_file(tiny_dataset, tmp_path, capsys):
     assert "A100" in out and "180,000" in out   # 36,000 references x 5 patches
     bench.write_text("{}")
     assert main(["plan", *sets, "--throughput", str(bench)]) == 2
+
+
+@pytest.mark.parametrize("sets, kind", [
+    (["search.exact_max=5000"], "flat"),
+    (["search.exact_max=2000", "search.nlist=8", "search.pq_m=8"], "ivfpq"),  # the set crosses the threshold
+])
+def test_plan_equals_what_the_search_stage_builds(ray_local, tmp_path, sets, kind):
+    """Index kind and bytes per shard: ``copydet plan``'s numbers are what the stage's actors hold."""
+    from core.store import features_table, write_table
+    from jobs.layout import RunDir
+    from jobs.stages.search import open_split
+
+    cfg = load_config(None, [f"output={tmp_path}", "search.shard_size=1000", *sets])
+    run = RunDir(str(tmp_path))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2600, 32)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    for i in range(0, 2600, 900):  # files and shards cut differently
+        write_table(features_table([f"R{j}" for j in range(i, min(i + 900, 2600))], [0] * len(x[i:i + 900]),
+                                   "m", 32, x[i:i + 900]), f"{run.features('m@32')}/reference-{i // 900:05d}-0000.parquet")
+    total, biggest, planned_kind = index_bytes(2600, 32, cfg.search)
+    index = open_split(run, "m@32", "reference", cfg.search, 10)
+    try:
+        infos = index.info()
+    finally:
+        index.close()
+    assert planned_kind == kind and {i["index"] for i in infos} == {kind}
+    assert [i["rows"] for i in infos] == [1000, 1000, 600]
+    built = [i["bytes"] for i in infos]
+    assert max(built) == pytest.approx(biggest, rel=0.02) and sum(built) == pytest.approx(total, rel=0.02)

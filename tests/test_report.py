@@ -108,3 +108,16 @@ def test_compare_scores_runs_side_by_side(run_dir, tmp_path, capsys):
     assert table["μAP"] == ["1.0000", f"{5 / 9:.4f}"]
     assert table["crop"] == ["1.0000", "1.0000"] and table["blur"] == ["1.0000", "0.0000"]
     assert main(["compare", str(run_dir), str(tmp_path / "nowhere")]) == 2
+
+
+def test_family_figure_stays_readable_for_many_families_and_members(tmp_path):
+    from ensemble.report.figures import family_heatmap
+
+    def size(n_families: int, n_names: int) -> tuple[int, int]:
+        recall = {f"family_{i}": {f"member_{j}": ((i + j) % 10 / 10, 3) for j in range(n_names)}
+                  for i in range(n_families)}
+        return Image.open(family_heatmap(recall, str(tmp_path / f"{n_families}x{n_names}.png"))).size
+
+    w, h = size(30, 6)
+    assert w <= 1000 and h <= 1200  # the grouped bars of this table were 7400 px wide
+    assert size(30, 2)[0] < w and size(10, 6)[1] < h  # width follows members, height follows families

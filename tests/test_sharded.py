@@ -61,13 +61,16 @@ def test_shard_index_reads_only_its_rows_and_pads(tmp_path):
 def test_approximate_indexes_find_the_exact_copy():
     rng = np.random.default_rng(2)
     x = unit(rng, 1000, 32)
-    for kind in ("ivfpq", "hnsw"):
-        index = build_index(x, kind, IndexSpec(kind=kind, nlist=16, nprobe=16, pq_m=8), k_max=1)
-        assert type(index).__name__ == ("IndexIVFPQ" if kind == "ivfpq" else "IndexHNSWFlat")
+    for kind, refine, name in [("ivfpq", "none", "IndexIVFPQ"), ("ivfpq", "sq8", "IndexRefine"),
+                               ("ivfpq", "flat", "IndexRefine"), ("hnsw", "sq8", "IndexHNSWFlat")]:
+        index = build_index(x, kind, IndexSpec(kind=kind, nlist=16, nprobe=16, pq_m=8, refine=refine), k_max=1)
+        assert type(index).__name__ == name
         _, idx = index.search(x[:50], 1)
-        assert (idx[:, 0] == np.arange(50)).mean() >= 0.9
+        assert (idx[:, 0] == np.arange(50)).mean() >= (0.9 if refine == "none" else 0.98)
     with pytest.raises(ValueError, match="pq_m"):
         build_index(x, "ivfpq", IndexSpec(pq_m=7))
+    with pytest.raises(ValueError, match="unknown refine"):
+        build_index(x, "ivfpq", IndexSpec(pq_m=8, refine="pq"))
 
 
 def test_exact_shards_equal_one_flat_index(ray_local, tmp_path):

@@ -96,6 +96,22 @@ def test_relative_output_is_refused_and_relative_data_warned():
     assert main(["submit", "--out", "runs/rel", "--address", "http://127.0.0.1:1"]) == 2
 
 
+def test_training_is_submitted_as_a_job_too():
+    """`copydet submit configs/train/cluster.yaml --stage pretrain`: checked locally, run as `copydet pretrain`."""
+    made = []
+    factory = lambda a: made.append(FakeClient(a)) or made[-1]  # noqa: E731
+    train = str(Path(__file__).parent.parent / "configs" / "train" / "cluster.yaml")
+    for stage in ("pretrain", "finetune"):
+        assert submit(train, "http://head:8265", stage, ["pretrain.epochs=1"], None, client_factory=factory,
+                      warn=lambda s: None) == "raysubmit_123"
+        argv = shlex.split(made[-1].calls[0]["entrypoint"])
+        assert argv[3:] == [stage, "configs/train/cluster.yaml", "--address", "auto", "--set", "pretrain.epochs=1"]
+    with pytest.raises(ConfigError, match="output 'runs/train' is a relative local path"):
+        submit(train, "http://head:8265", "pretrain", ["output=runs/train"], None, client_factory=factory)
+    with pytest.raises(ConfigError, match="--set output=PATH"):
+        submit(train, "http://head:8265", "finetune", [], "/shared/x", client_factory=factory)
+
+
 def test_status_logs_and_stop_commands_wrap_the_sdk(monkeypatch, capsys):
     import types
 

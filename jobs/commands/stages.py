@@ -5,6 +5,7 @@ import argparse
 import logging
 
 from jobs.commands.base import arg, command, config_from_args
+from jobs.commands.report import META_HELP, write_report
 from jobs.pipeline import evaluate_run, run_pipeline, run_stages
 from jobs.stages.evaluate import evaluate_run_files, format_metrics
 
@@ -30,9 +31,17 @@ def config_with_folders(args: argparse.Namespace):
 
 
 @command("run", "run the whole pipeline (manifest, patch, extract, search, fuse, evaluate) on Ray",
-         *FOLDER_ARGS)
-def run(args: argparse.Namespace) -> None:
-    run_pipeline(config_with_folders(args), address=args.address)
+         *FOLDER_ARGS,
+         arg("--report", action="store_true", help="then write RUN_DIR/report.html (needs a ground truth)"),
+         arg("--meta", help=f"--report: {META_HELP}"))
+def run(args: argparse.Namespace) -> int:
+    cfg = config_with_folders(args)
+    metrics = run_pipeline(cfg, address=args.address)
+    if args.report:
+        if metrics is None:
+            raise ValueError("--report needs a ground truth (data.ground_truth or --ground-truth)")
+        log.info(f"report: {write_report(cfg.output, cfg.data.ground_truth_path(), args.meta)}")
+    return 0
 
 
 def stage_command(name: str, help: str, *extra: tuple) -> None:
@@ -53,10 +62,11 @@ stage_command("verify", "keypoint-verify each query's best candidates and re-sco
 @command("evaluate", "score predictions against a ground truth: μAP, R@P90, R@1, R@10, PR curve",
          arg("--predictions", help="predictions CSV (default: the run's predictions.csv)"),
          arg("--ground-truth", help="ground-truth CSV (default: the config's)"),
-         arg("--plot", help="PR-curve PNG to write"))
+         arg("--plot", help="PR-curve PNG to write"),
+         arg("--threshold", type=float, help="also the precision and recall of the pairs scoring at or above this"))
 def evaluate(args: argparse.Namespace) -> int:
     if args.predictions and args.ground_truth:
         m = evaluate_run_files(args.predictions, args.ground_truth, pr_png=args.plot)
-        print(format_metrics(m))
+        print(format_metrics(m, args.threshold))
         return 0
     return 0 if evaluate_run(config_from_args(args)) else 1

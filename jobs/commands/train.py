@@ -51,6 +51,14 @@ def finetune(args: argparse.Namespace) -> int:
     return _train(args, plan_finetune)
 
 
+@command("train-verifier", "train copydet's learned verifier (Ray Train) and register it (verify.method: learned)",
+         *TRAIN_ARGS, uses_config=False)
+def train_verifier(args: argparse.Namespace) -> int:
+    from pretrain.train.fanout import plan_verifier
+
+    return _train(args, plan_verifier)
+
+
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "" if value is None else f"{value:.{digits}g}"
 

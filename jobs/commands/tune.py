@@ -10,13 +10,15 @@ from jobs.config import ConfigError, load_config
 from jobs.tune import (
     BETA_GRID,
     format_table,
+    format_threshold,
     provenance,
     tune_on_split,
     tuned_values,
     user_split,
     write_tuned_config,
 )
-from pretrain.synthetic import SplitSpec, make_synthetic_split
+from core.imageio import list_images
+from pretrain.synthetic import MAX_MATCHED_PHOTOS, SplitSpec, make_synthetic_split, matched_sizes
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +35,16 @@ def beta_grid(text: str) -> list[float]:
 
 
 @command("tune", "pick search.normalize.beta and fuse.thresholds/rule on a validation split (user-given, "
-         "or synthetic copies of train photos) and write a tuned config",
+         "or synthetic copies of train photos), calibrate the is-copy fuse.threshold on it, and write a tuned config",
          arg("--validation-queries", help="folder of validation queries (with --validation-ground-truth)"),
          arg("--validation-ground-truth", help="CSV query_id,reference_id for the validation queries"),
-         arg("--recipe", default="basic", help="augmentation recipe for synthetic copies (default: basic)"),
-         arg("--photos", type=int, help="train photos held out for a synthetic split (default: "
-             "min(400, half of train/))"),
+         arg("--recipe", default="heavy", help="augmentation recipe for synthetic copies (default: heavy, "
+             "which mixes the ISC21 edit families)"),
+         arg("--photos", type=int, help="train photos held out for a synthetic split (default: as many as keep "
+             "the split's references : background ratio the config's references : train one, at most "
+             f"{MAX_MATCHED_PHOTOS})"),
          arg("--background", type=int, help="train photos kept as the normalisation background (default: "
-             "all the others)"),
+             "the matched number with the default --photos, else all the others)"),
          arg("--seed", type=int, default=0, help="seed of the synthetic split (default 0)"),
          arg("--beta-grid", type=beta_grid, default=list(BETA_GRID),
              help=f"comma-separated betas to try (default {','.join(f'{b:g}' for b in BETA_GRID)})"),
@@ -62,11 +66,17 @@ def tune(args: argparse.Namespace) -> None:
         if train is None:
             raise ConfigError(f"{args.config}: no train folder to make a synthetic validation split from; "
                               "pass --validation-queries and --validation-ground-truth")
-        spec = SplitSpec(args.photos, args.recipe, args.seed, args.background)
+        photos, background = args.photos, args.background
+        refs = cfg.data.folders().get("reference")
+        if photos is None and refs is not None:
+            photos, matched = matched_sizes(len(list_images(train)), len(list_images(refs)))
+            background = matched if background is None else background
+        spec = SplitSpec(photos, args.recipe, args.seed, background)
         split = make_synthetic_split(train, os.path.join(run_dir, "tune", "data"), spec)
-    result = tune_on_split(cfg, split, run_dir, args.beta_grid, args.address)
+    result, threshold = tune_on_split(cfg, split, run_dir, args.beta_grid, args.address)
     print(format_table(result))
+    print(format_threshold(threshold))
     out = args.write or os.path.join(run_dir, "tuned.yaml")
-    write_tuned_config(args.config, overrides, tuned_values(result), out,
-                       provenance(args.config, split, result, overrides))
+    write_tuned_config(args.config, overrides, tuned_values(result, threshold), out,
+                       provenance(args.config, split, result, overrides, threshold))
     log.info(f"tune: wrote {out}; run it with: copydet run {out}")

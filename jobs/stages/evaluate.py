@@ -3,22 +3,43 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from core.metrics import Metrics, evaluate_files, plot_pr
 from core.store import write_text
 
 
+def at_threshold(m: Metrics, threshold: float) -> dict[str, float | int | None]:
+    """Precision and recall of the predictions scoring at or above ``threshold`` (the is-copy
+    decisions of ``fuse.threshold``); precision is None when no prediction reaches it."""
+    at = float(np.float32(threshold))  # scores are float32: a configured 0.7 must admit a stored 0.7
+    n = int(np.searchsorted(-m.thresholds, -at, side="right"))  # thresholds run high to low
+    return {"threshold": float(threshold), "copies_at_threshold": n,
+            "precision_at_threshold": float(m.precisions[n - 1]) if n else None,
+            "recall_at_threshold": float(m.recalls[n - 1]) if n else 0.0}
+
+
 def evaluate_run_files(predictions: str, ground_truth: str, metrics_json: str | None = None,
-                       pr_png: str | None = None, label: str = "copydet") -> Metrics:
-    """Score a predictions CSV and optionally save the metrics JSON and the PR-curve PNG."""
+                       pr_png: str | None = None, label: str = "copydet",
+                       threshold: float | None = None) -> Metrics:
+    """Score a predictions CSV and optionally save the metrics JSON (with the operating point
+    of ``threshold`` when given) and the PR-curve PNG."""
     m = evaluate_files(ground_truth, predictions)
     if metrics_json:
-        write_text(metrics_json, json.dumps(m.summary(), indent=2))
+        extra = at_threshold(m, threshold) if threshold is not None else {}
+        write_text(metrics_json, json.dumps({**m.summary(), **extra}, indent=2))
     if pr_png:
         plot_pr({label: m}, pr_png)
     return m
 
 
-def format_metrics(m: Metrics) -> str:
+def format_metrics(m: Metrics, threshold: float | None = None) -> str:
     s = m.summary()
-    return (f"μAP {s['micro_ap']:.4f} | R@P90 {s['recall_at_p90']:.4f} | "
+    line = (f"μAP {s['micro_ap']:.4f} | R@P90 {s['recall_at_p90']:.4f} | "
             f"R@1 {s['recall_at_1']:.4f} | R@10 {s['recall_at_10']:.4f}")
+    if threshold is not None:
+        t = at_threshold(m, threshold)
+        p = "n/a" if t["precision_at_threshold"] is None else f"{t['precision_at_threshold']:.4f}"
+        line += (f" | at fuse.threshold {threshold:.4f}: {t['copies_at_threshold']} copies, precision {p}, "
+                 f"recall {t['recall_at_threshold']:.4f}")
+    return line

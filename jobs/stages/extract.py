@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 
 import ray
+import yaml
 from ray.data import ActorPoolStrategy
 from tqdm.auto import tqdm
 
+from core.models.cards import ModelCard
 from core.models.preprocess import Preprocess
 from core.models.registry import resolve_model, weights_hash
 from jobs.completeness import chunk_plan
@@ -29,16 +32,31 @@ from patchers.extract import ChunkEmbedder, ChunkTask, KeySpec, chunk_file, deco
 log = logging.getLogger(__name__)
 
 
-def gpus_possible() -> float:
-    """GPUs the cluster has now or can have (its autoscaler's node types, when it has one)."""
-    present = float(ray.cluster_resources().get("GPU", 0))
-    try:
-        from ray._private.state import state  # private: ray is pinned (<2.61) in pyproject.toml
+AUTOSCALING_CONFIGS = ("$COPYDET_AUTOSCALING_CONFIG", "~/ray_bootstrap_config.yaml")  # the head's copy of cluster.yaml
 
-        most = float((state.get_max_resources_from_cluster_config() or {}).get("GPU", 0))
-    except Exception:  # no autoscaler config (a plain local Ray)
-        most = 0.0
-    return max(present, most)
+
+def autoscaler_gpus() -> float:
+    """GPUs the cluster's autoscaler can add: its node types' ``GPU`` x ``max_workers``, from the
+    config Ray's v2 autoscaler publishes, else the cluster launcher's copy on the head node."""
+    try:
+        from ray._private.state import state  # private API: ray is pinned (<2.61) in pyproject.toml
+
+        published = state.get_max_resources_from_cluster_config()
+    except Exception:  # not connected to a cluster with a published config
+        published = None
+    if published:
+        return float(published.get("GPU", 0))
+    for path in (os.path.expanduser(os.path.expandvars(p)) for p in AUTOSCALING_CONFIGS):
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                types = (yaml.safe_load(f) or {}).get("available_node_types", {})
+            return float(sum(t.get("resources", {}).get("GPU", 0) * t.get("max_workers", 0) for t in types.values()))
+    return 0.0
+
+
+def gpus_possible() -> float:
+    """GPUs the cluster has now or can have (``extract.use_gpu: auto`` uses GPUs when > 0)."""
+    return max(float(ray.cluster_resources().get("GPU", 0)), autoscaler_gpus())
 
 
 def actor_resources(cfg: ExtractConfig) -> dict:
@@ -56,14 +74,18 @@ def actor_resources(cfg: ExtractConfig) -> dict:
             "threads": cfg.num_threads or max(1, cpus // most), "use_gpu": False}
 
 
-def key_specs(cfg: PipelineConfig, run: RunDir) -> list[KeySpec]:
-    """Every (model, scale) key's card, pixels and output, in config order."""
+def key_specs(cfg: PipelineConfig, run: RunDir | None = None,
+              cards: Mapping[str, ModelCard] | None = None) -> list[KeySpec]:
+    """Every (model, scale) key's card, pixels and output, in config order. ``cards`` (feature
+    key -> card, e.g. an index's own copies) replaces resolving the names; without ``run``
+    nothing is written (``folder`` is empty)."""
     specs = []
     for entry, scale, key in cfg.model_keys():
-        card = resolve_model(entry.name, cfg.registry, dim=entry.dim, pool=entry.pool)
+        card = cards[key] if cards is not None else resolve_model(entry.name, cfg.registry, dim=entry.dim,
+                                                                  pool=entry.pool)
         bucket = cfg.extract.shape_bucket if card.resize != "square" else 0
-        specs.append(KeySpec(card, Preprocess.for_card(card, scale, bucket), run.features(key), entry.name, scale,
-                             entry.dtype, entry.precision, entry.batch_size))
+        specs.append(KeySpec(card, Preprocess.for_card(card, scale, bucket), run.features(key) if run else "",
+                             entry.name, scale, entry.dtype, entry.precision, entry.batch_size))
     return specs
 
 

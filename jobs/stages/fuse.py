@@ -1,28 +1,79 @@
-"""Stage 5: candidates of every model -> predictions.csv (image-level, top k per query)."""
+"""Stage 5: candidates of every model -> predictions.csv (image-level, top k per query).
+
+The final predictions (this stage's, or verify's re-scored ones) are written by
+:func:`write_final`: ``predictions.csv`` in the ISC21 format, and with ``fuse.threshold`` set
+``copies.csv``, the same columns for the pairs scoring at or above it (the is-copy decisions).
+"""
 from __future__ import annotations
 
 import logging
 
 import pyarrow as pa
+import pyarrow.compute as pc
+from tqdm.auto import tqdm
 
 from core.metrics import write_predictions
-from core.store import read_table, write_table
+from core.store import exists, filesystem, join, read_table, write_table
 from ensemble.fuse import fuse, max_over_patches, top_k_per_query
 from jobs.completeness import require_candidates
 from jobs.config import PipelineConfig
-from jobs.layout import RunDir
+from jobs.layout import RunDir, shard_names
 
 log = logging.getLogger(__name__)
 
 
+def copies(preds: pa.Table, threshold: float) -> pa.Table:
+    """The predictions whose score is at or above ``threshold``, best first."""
+    kept = preds.filter(pc.greater_equal(preds.column("score"), pa.scalar(threshold, preds.schema.field("score").type)))
+    return kept.take(pc.sort_indices(kept, [("score", "descending"), ("query_id", "ascending")]))
+
+
+def write_final(preds: pa.Table, cfg: PipelineConfig, run: RunDir) -> None:
+    """``predictions.csv``, and ``copies.csv`` when ``fuse.threshold`` is set (a stale one is removed)."""
+    write_predictions(preds, run.predictions)
+    if cfg.fuse.threshold is None:
+        if exists(run.copies):
+            fs, path = filesystem(run.copies)
+            fs.delete_file(path)
+        return
+    found = copies(preds, cfg.fuse.threshold)
+    write_predictions(found, run.copies)
+    log.info(f"fuse: {found.num_rows} pair(s) at or above fuse.threshold {cfg.fuse.threshold:.4f} -> {run.copies}")
+
+
+def query_shards(run: RunDir, keys: list[str]) -> dict[str, list[str]]:
+    """Candidate files of every key, grouped by the patch shard they come from.
+
+    A patch shard holds whole images, so one group holds every candidate of its queries from
+    every model: the unit that fusion can finish alone (``query-00002-0003.parquet`` belongs to
+    ``query-00002``).
+    """
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        for name in shard_names(run.candidates(key)):
+            groups.setdefault(name.removesuffix(".parquet").rsplit("-", 1)[0], []).append(
+                join(run.candidates(key), name))
+    return dict(sorted(groups.items()))
+
+
+def fuse_group(files: list[str], cfg: PipelineConfig) -> pa.Table:
+    """Top-k image-level predictions of one group of candidate files."""
+    per_model = pa.concat_tables([max_over_patches(read_table(f)) for f in files])
+    return top_k_per_query(fuse(per_model, cfg.fuse.thresholds, cfg.fuse.rule, cfg.fuse.calibration), cfg.fuse.k)
+
+
 def run_fuse(cfg: PipelineConfig, run: RunDir) -> pa.Table:
-    """Max over patch pairs per model, then across models by the configured rule."""
+    """Max over patch pairs per model, members calibrated onto one scale, then fused by the
+    configured rule; one patch shard at a time, so the driver holds one shard's candidates and
+    the (small) image-level top k of every query."""
     keys = cfg.search_keys()
     require_candidates(cfg, run, "fuse")
-    per_model = pa.concat_tables([max_over_patches(read_table(run.candidates(k))) for k in keys])
-    preds = top_k_per_query(fuse(per_model, cfg.fuse.thresholds, cfg.fuse.rule), cfg.fuse.k)
+    groups = query_shards(run, keys)
+    parts = [fuse_group(files, cfg) for files in tqdm(groups.values(), desc="fuse", unit="shard", leave=False)]
+    preds = pa.concat_tables(parts).combine_chunks()
+    preds = preds.take(pc.sort_indices(preds, [("query_id", "ascending"), ("score", "descending")]))
     write_table(preds, run.fused)
-    write_predictions(preds, run.predictions)
+    write_final(preds, cfg, run)
     log.info(f"fuse: {preds.num_rows} predictions for {len(set(preds.column('query_id').to_pylist()))} "
-        f"queries -> {run.predictions}")
+        f"queries from {len(groups)} query shard(s) -> {run.predictions}")
     return preds

@@ -33,14 +33,22 @@ def member_table(run: RunDir, keys: list[str], shard: str) -> pa.Table:
 def reduce_shard(run: RunDir, keys: list[str], out_key: str, shard: str,
                  fitted: tuple[Pca | None, np.ndarray | None], cfg: ReduceConfig) -> int:
     pca, train = fitted
-    t = member_table(run, keys, shard)
-    if pca is not None:
-        t = pca.apply_table(t)
-    if cfg.stretch and train is not None and not shard.startswith("train-"):
-        t = stretch_table(t, train, cfg.stretch_neighbours, cfg.stretch_beta)
-    t = t.set_column(t.schema.get_field_index("model"), "model", pa.array([out_key] * t.num_rows, pa.string()))
+    tables = [read_table(join(run.features(k), shard)) for k in keys]
+    t = derive(tables, out_key, pca, train if not shard.startswith("train-") else None, cfg)
     write_table(t, join(run.features(out_key), shard))
     return t.num_rows
+
+
+def derive(tables: list[pa.Table], out_key: str, pca: Pca | None, train: np.ndarray | None,
+           cfg: ReduceConfig) -> pa.Table:
+    """One group's member feature tables (same rows) -> its derived search-key table: members
+    concatenated, PCA applied, stretched against ``train`` (None: not stretched, as train/ itself)."""
+    t = tables[0] if len(tables) == 1 else concat_members(tables)
+    if pca is not None:
+        t = pca.apply_table(t)
+    if cfg.stretch and train is not None:
+        t = stretch_table(t, train, cfg.stretch_neighbours, cfg.stretch_beta)
+    return t.set_column(t.schema.get_field_index("model"), "model", pa.array([out_key] * t.num_rows, pa.string()))
 
 
 def fit_or_load(run: RunDir, keys: list[str], out_key: str, cfg: ReduceConfig) -> tuple[Pca | None, np.ndarray | None]:

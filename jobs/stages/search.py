@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,6 +47,35 @@ def open_split(run: RunDir, key: str, split: str, cfg: SearchConfig, k_max: int,
     return index
 
 
+def routes(patch_ids: np.ndarray, d2lv: bool) -> list[tuple[np.ndarray, bool]]:
+    """``(query rows, whole references only)`` pairs covering every query row once: with the
+    D2LV rule the whole query meets every reference patch and its other patches meet whole
+    references only."""
+    rows = np.arange(len(patch_ids))
+    if not d2lv:
+        return [(rows, False)]
+    is_whole = patch_ids == WHOLE_PATCH
+    return [(rows[is_whole], False), (rows[~is_whole], True)]
+
+
+def assemble(n: int, k: int, parts: Iterable[tuple[np.ndarray, Hits]]) -> Hits:
+    """Every query row's top-k from the hits of its route, in row order; rows with fewer hits
+    are padded (-inf scores)."""
+    scores, image_ids = np.full((n, k), -np.inf, np.float32), np.full((n, k), "", object)
+    patch_ids = np.zeros((n, k), np.int32)
+    for rows, (s, im, p) in parts:
+        w = s.shape[1]
+        scores[rows, :w], image_ids[rows, :w], patch_ids[rows, :w] = s, im, p
+    return scores, image_ids, patch_ids
+
+
+def with_bias(cands: pa.Table, feats: pa.Table, bias: np.ndarray, beta: float) -> pa.Table:
+    """Candidates normalised by each query patch's train similarity ``bias`` (rows of ``feats``)."""
+    table = pa.table({"image_id": feats.column("image_id"), "patch_id": feats.column("patch_id"),
+                      "bias": pa.array(np.asarray(bias), pa.float32())})
+    return normalize_scores(cands, table, beta)
+
+
 @dataclass
 class References:
     """The reference index every query patch searches, and for ``pairs: d2lv`` a second
@@ -56,11 +86,8 @@ class References:
 
     def route(self, patch_ids: np.ndarray) -> list[tuple[np.ndarray, ShardedIndex]]:
         """``(query rows, index)`` pairs covering every row once."""
-        rows = np.arange(len(patch_ids))
-        if self.whole is None:
-            return [(rows, self.all)]
-        is_whole = patch_ids == WHOLE_PATCH
-        return [(rows[is_whole], self.all), (rows[~is_whole], self.whole)]
+        return [(rows, self.whole if whole_only else self.all)
+                for rows, whole_only in routes(patch_ids, self.whole is not None)]
 
     def close(self) -> None:
         for index in (self.all, self.whole):
@@ -86,23 +113,15 @@ class QueryFile:
 
     def hits(self) -> Hits:
         """Every row's top-k, in row order; rows with fewer hits are padded (-inf scores)."""
-        n, k = self.feats.num_rows, self.cfg.k
-        scores, image_ids = np.full((n, k), -np.inf, np.float32), np.full((n, k), "", object)
-        patch_ids = np.zeros((n, k), np.int32)
-        for rows, index, pending in self.refs:
-            s, im, p = index.merge(pending, k)
-            w = s.shape[1]
-            scores[rows, :w], image_ids[rows, :w], patch_ids[rows, :w] = s, im, p
-        return scores, image_ids, patch_ids
+        k = self.cfg.k
+        return assemble(self.feats.num_rows, k, [(rows, index.merge(pending, k)) for rows, index, pending in self.refs])
 
     def candidates(self, train: ShardedIndex | None, key: str) -> pa.Table:
         cands = hits_table(self.feats, self.hits(), key)
         if self.train is not None:
             n = self.cfg.normalize.neighbours
             scores = np.concatenate([train.merge(p, n)[0] for p in self.train]) if self.train else np.zeros((0, n))
-            bias = pa.table({"image_id": self.feats.column("image_id"), "patch_id": self.feats.column("patch_id"),
-                             "bias": pa.array(scores.mean(axis=1, dtype=np.float64), pa.float32())})
-            cands = normalize_scores(cands, bias, self.cfg.normalize.beta)
+            cands = with_bias(cands, self.feats, scores.mean(axis=1, dtype=np.float64), self.cfg.normalize.beta)
         return cands
 
 

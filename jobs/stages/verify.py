@@ -1,13 +1,19 @@
-"""Stage 6 (optional): keypoint verification of each query's best candidates.
+"""Stage 6 (optional): verification of each query's best candidates.
 
-Inlier counts are cached in ``verify.parquet/`` by (query, reference) pair, so a re-run only
-verifies pairs it has not seen; the final score adds a bounded bonus for many inliers to
-the fused score, and ``predictions.csv`` is rewritten from ``fused.parquet`` every time, so
-running this stage twice never boosts a score twice.
+A method (:data:`METHODS`) names the scorers it needs (``ensemble.verify.SCORERS``: keypoint
+inliers, the learned verifier's P(copy)) and the rule that turns their columns into a bonus on
+the fused score. Each scorer's results are cached in ``verify.parquet/<scorer>/`` by
+(query, reference) pair, its settings pinned there, so a re-run (or another method sharing a
+scorer, e.g. ``learned+sift`` after ``sift``) only scores pairs it has not seen.
+``predictions.csv`` is rewritten from ``fused.parquet`` every time, so running this stage
+twice never boosts a score twice.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -15,45 +21,132 @@ import pyarrow.compute as pc
 import ray
 
 from core.imageio import load_rgb
-from core.metrics import write_predictions
+from core.models.registry import default_registry_dir, resolve_model
 from core.store import chunks, join, list_shards, read_table, write_table
 from ensemble.fuse import top_k_per_query
-from ensemble.verify import verify_pairs
+from ensemble.verify import make_scorer, verify_pairs
 from jobs.completeness import require_manifest
 from jobs.config import PipelineConfig, VerifyConfig
 from jobs.layout import RunDir, image_paths, pin_settings
+from jobs.stages.fuse import write_final
 from jobs.runtime import run_tasks
 
 log = logging.getLogger(__name__)
 
 QUERIES_PER_TASK = 64
+Columns = dict[str, np.ndarray]  # scorer column -> values aligned with the fused rows (NaN: not scored)
 
 
-def verify_chunk(pairs: pa.Table, paths: dict[str, dict[str, str]], cfg: VerifyConfig, out: str) -> int:
-    checked = verify_pairs(pairs, paths["query"], paths["reference"], top_k=cfg.top_k, method=cfg.method,
-                           max_side=cfg.max_side, load=load_rgb)
-    checked = checked.filter(pc.is_valid(checked.column("inliers")))
-    write_table(checked.select(["query_id", "reference_id", "inliers"]), out)
+def inlier_bonus(cols: Columns, cfg: VerifyConfig) -> np.ndarray:
+    """0 below ``min_inliers``, rising linearly to ``weight`` at ``saturate`` inliers."""
+    span = max(cfg.saturate - cfg.min_inliers, 1)
+    inl = np.nan_to_num(cols["inliers"], nan=0.0)
+    return cfg.weight * np.clip((inl - cfg.min_inliers) / span, 0.0, 1.0)
+
+
+def learned_bonus(cols: Columns, cfg: VerifyConfig) -> np.ndarray:
+    """0 up to P(copy) = ``learned.floor``, rising linearly to ``learned.weight`` at 1."""
+    p = np.nan_to_num(cols["copy_prob"], nan=0.0)
+    floor = cfg.learned.floor
+    return cfg.learned.weight * np.clip((p - floor) / (1.0 - floor), 0.0, 1.0)
+
+
+COMBINE: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {"max": np.maximum, "sum": np.add}
+
+
+@dataclass(frozen=True)
+class Method:
+    """A verification method: the scorers it runs and its bonus rule."""
+
+    scorers: tuple[str, ...]
+    bonus: Callable[[Columns, VerifyConfig], np.ndarray]
+
+
+METHODS: dict[str, Method] = {
+    "sift": Method(("sift",), inlier_bonus),
+    "orb": Method(("orb",), inlier_bonus),
+    "learned": Method(("learned",), learned_bonus),
+    "learned+sift": Method(("learned", "sift"),
+                           lambda c, cfg: COMBINE[cfg.combine](inlier_bonus(c, cfg), learned_bonus(c, cfg))),
+}
+
+
+def keypoint_settings(name: str, cfg: PipelineConfig) -> dict:
+    return {"scorer": name, "max_side": cfg.verify.max_side}
+
+
+def learned_settings(name: str, cfg: PipelineConfig) -> dict:
+    card = resolve_model(cfg.verify.learned.model, cfg.registry)
+    with open(card.weights, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()
+    return {"scorer": name, "model": card.name, "weights_sha256": digest}
+
+
+@dataclass(frozen=True)
+class ScorerPlan:
+    """How the stage runs a scorer: what its cached results depend on (pinned in its folder and
+    passed to its tasks) and how many queries a task takes (a task describes each image once)."""
+
+    settings: Callable[[str, PipelineConfig], dict]
+    queries_per_task: int
+
+
+SCORER_PLANS: dict[str, ScorerPlan] = {
+    "sift": ScorerPlan(keypoint_settings, QUERIES_PER_TASK),
+    "orb": ScorerPlan(keypoint_settings, QUERIES_PER_TASK),
+    # region tokens are ~30 kB an image (keypoints ~300 kB): bigger tasks share more references
+    "learned": ScorerPlan(learned_settings, 4 * QUERIES_PER_TASK),
+}
+
+
+def verify_chunk(pairs: pa.Table, paths: dict[str, dict[str, str]], settings: dict, registry: str, top_k: int,
+                 out: str) -> int:
+    scorer = make_scorer(settings["scorer"], registry=registry,
+                         **{k: v for k, v in settings.items() if k in ("max_side", "model")})
+    checked = verify_pairs(pairs, paths["query"], paths["reference"], top_k=top_k, load=load_rgb, scorer=scorer)
+    checked = checked.filter(pc.is_valid(checked.column(scorer.column)))
+    write_table(checked.select(["query_id", "reference_id", scorer.column]), out)
     return checked.num_rows
 
 
-def bonus(inliers: np.ndarray, cfg: VerifyConfig) -> np.ndarray:
-    """0 below ``min_inliers``, rising linearly to ``weight`` at ``saturate`` inliers."""
-    span = max(cfg.saturate - cfg.min_inliers, 1)
-    return cfg.weight * np.clip((inliers - cfg.min_inliers) / span, 0.0, 1.0)
-
-
-def rescore(fused: pa.Table, checked: pa.Table, cfg: VerifyConfig) -> pa.Table:
-    joined = fused.join(checked, ["query_id", "reference_id"], join_type="left outer")
-    inl = joined.column("inliers").to_numpy(zero_copy_only=False)
-    inl = np.nan_to_num(np.asarray(inl, dtype=np.float64), nan=0.0)
-    score = joined.column("score").to_numpy() + bonus(inl, cfg)
+def rescore(fused: pa.Table, checked: dict[str, pa.Table], cfg: VerifyConfig) -> pa.Table:
+    """``fused`` scores plus the method's bonus; ``checked``: each scorer's cached table."""
+    joined, keys = fused, ["query_id", "reference_id"]
+    for table in checked.values():
+        joined = joined.join(table, keys, join_type="left outer")
+    cols = {c: np.asarray(joined.column(c).to_numpy(zero_copy_only=False), dtype=np.float64)
+            for t in checked.values() for c in t.column_names if c not in keys}
+    score = joined.column("score").to_numpy() + METHODS[cfg.method].bonus(cols, cfg)
     return pa.table({"query_id": joined.column("query_id"), "reference_id": joined.column("reference_id"),
                      "score": pa.array(score.astype(np.float32))})
 
 
-def verify_settings(cfg: PipelineConfig) -> dict:
-    return {"method": cfg.verify.method, "max_side": cfg.verify.max_side}
+def verify_settings(cfg: PipelineConfig) -> dict[str, dict]:
+    """Scorer folder name -> the settings its cached results depend on (resolves a learned model)."""
+    return {name: SCORER_PLANS[name].settings(name, cfg) for name in METHODS[cfg.verify.method].scorers}
+
+
+def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, paths_ref: ray.ObjectRef) -> pa.Table:
+    """Scorer ``name``'s column for every pair of ``todo``, from its cache plus new Ray tasks."""
+    folder = join(run.verify, name)
+    plan = SCORER_PLANS[name]
+    settings = plan.settings(name, cfg)
+    pin_settings(folder, settings, f"verify ({name})")
+    if list_shards(folder):
+        done = pa.concat_tables([read_table(s) for s in list_shards(folder)])
+        seen = set(zip(done.column("query_id").to_pylist(), done.column("reference_id").to_pylist()))
+        keep = [(q, r) not in seen for q, r in zip(todo.column("query_id").to_pylist(),
+                                                     todo.column("reference_id").to_pylist())]
+        todo = todo.filter(pa.array(keep, pa.bool_()))
+    queries = sorted(set(todo.column("query_id").to_pylist()))
+    registry = str(cfg.registry or default_registry_dir())
+    start = len(list_shards(folder))
+    calls = []
+    for i, a, b in chunks(len(queries), plan.queries_per_task):
+        part = todo.filter(pc.is_in(todo.column("query_id"), pa.array(queries[a:b])))
+        calls.append((part, paths_ref, settings, registry, cfg.verify.top_k, join(folder, f"part-{start + i:05d}.parquet")))
+    run_tasks(verify_chunk, calls, f"verify {name}")
+    return pa.concat_tables([read_table(s) for s in list_shards(folder)])
 
 
 def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
@@ -61,27 +154,11 @@ def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
         log.info("verify: off (set verify.enabled=true to verify candidates)")
         return
     require_manifest(run, "verify")
-    pin_settings(run.verify, verify_settings(cfg), "verify")
     fused = read_table(run.fused)
     todo = top_k_per_query(fused, cfg.verify.top_k)
-    if list_shards(run.verify):
-        done = pa.concat_tables([read_table(s) for s in list_shards(run.verify)])
-        seen = set(zip(done.column("query_id").to_pylist(), done.column("reference_id").to_pylist()))
-        keep = [(q, r) not in seen for q, r in zip(todo.column("query_id").to_pylist(),
-                                                     todo.column("reference_id").to_pylist())]
-        todo = todo.filter(pa.array(keep, pa.bool_()))
-    paths = image_paths(run)  # one copy in the object store for every task
-    paths_ref = ray.put({s: paths.get(s, {}) for s in ("query", "reference")})
-    queries = sorted(set(todo.column("query_id").to_pylist()))
-    start = len(list_shards(run.verify))
-    calls = []
-    for i, a, b in chunks(len(queries), QUERIES_PER_TASK):
-        part = todo.filter(pc.is_in(todo.column("query_id"), pa.array(queries[a:b])))
-        calls.append((part, paths_ref, cfg.verify, join(run.verify, f"part-{start + i:05d}.parquet")))
-    run_tasks(verify_chunk, calls, "verify")
-    checked = pa.concat_tables([read_table(s) for s in list_shards(run.verify)])
+    paths_ref = ray.put(image_paths(run))  # one copy in the object store for every task
+    checked = {name: score_pairs(name, cfg, run, todo, paths_ref) for name in METHODS[cfg.verify.method].scorers}
     preds = rescore(fused, checked, cfg.verify)
-    write_predictions(preds, run.predictions)
-    log.info(f"verify: {checked.num_rows} pairs checked ({cfg.verify.method}); "
-        f"{int(pc.sum(pc.greater_equal(checked.column('inliers'), cfg.verify.min_inliers)).as_py() or 0)} "
-        f"with >= {cfg.verify.min_inliers} inliers -> {run.predictions}")
+    write_final(preds, cfg, run)
+    counts = ", ".join(f"{name} {t.num_rows}" for name, t in checked.items())
+    log.info(f"verify ({cfg.verify.method}): pairs scored: {counts} -> {run.predictions}")

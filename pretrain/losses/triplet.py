@@ -1,42 +1,37 @@
-"""Triplet loss with in-batch mining: ``relu(d(a, p) - d(a, n) + margin)`` per anchor.
+"""Triplet loss on in-batch triplets: ``relu(d(a, p) - d(a, n) + margin)``, mean over anchors.
 
-The positive is the anchor's hardest positive; the negative is picked by ``mining``:
-``"hard"`` (closest negative) or ``"semihard"`` (see :mod:`pretrain.losses.mining`).
-Batches must hold at least two copies per photo (P photos x K copies).
+pytorch-metric-learning's TripletMarginLoss (Euclidean distance between L2-normalised
+embeddings) fed by one triplet per anchor from a miner named by ``mining``:
 
-Example::
+- ``"hard"``: BatchHardMiner, the farthest positive and the closest negative (Hermans et al. 2017).
+- ``"semihard"``: BatchEasyHardMiner(pos="hard", neg="semihard"), the farthest positive and the
+  closest negative farther than it (FaceNet). An anchor with no such negative drops out (the
+  former hand-written miner fell back to its hardest negative instead).
 
-    loss_fn = TripletLoss(margin=0.2, mining="semihard")
-    emb = torch.nn.functional.normalize(torch.randn(8, 64), dim=1)
-    loss = loss_fn(emb, torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]))
+Batches must hold at least two copies per photo (P photos x K copies); a batch without
+any triplet gives a zero loss.
 """
 
 from __future__ import annotations
 
-import torch
+from collections.abc import Callable
+
+from pytorch_metric_learning.losses import MultipleLosses, TripletMarginLoss
+from pytorch_metric_learning.miners import BaseMiner, BatchEasyHardMiner, BatchHardMiner
+from pytorch_metric_learning.reducers import MeanReducer
 from torch import nn
 
-from pretrain.losses.mining import MINERS, hardest_positives, pairwise_distances
+MINERS: dict[str, Callable[[], BaseMiner]] = {
+    "hard": BatchHardMiner,
+    "semihard": lambda: BatchEasyHardMiner(pos_strategy=BatchEasyHardMiner.HARD,
+                                           neg_strategy=BatchEasyHardMiner.SEMIHARD),
+}
 
 
-class TripletLoss(nn.Module):
-    """Batch-hard triplet loss over anchors that have a positive and a negative."""
-
-    def __init__(self, margin: float = 0.2, mining: str = "hard") -> None:
-        super().__init__()
-        if mining not in MINERS:
-            raise ValueError(f"unknown triplet mining {mining!r}; choose from {', '.join(MINERS)}")
-        self.margin = margin
-        self.mining = mining
-
-    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        dist = pairwise_distances(embeddings)
-        pos = hardest_positives(dist, labels)
-        miner = MINERS[self.mining]
-        neg = miner(dist, labels, self.margin) if self.mining == "semihard" else miner(dist, labels)
-        ok = (pos >= 0) & (neg >= 0)
-        if not ok.any():
-            raise ValueError("triplet loss: no anchor has both a positive and a negative in the batch")
-        rows = ok.nonzero().squeeze(1)
-        d_ap, d_an = dist[rows, pos[rows]], dist[rows, neg[rows]]
-        return torch.relu(d_ap - d_an + self.margin).mean()
+def triplet(num_classes: int, dim: int, *, margin: float = 0.2, mining: str = "hard") -> nn.Module:
+    """Triplet loss over the ``mining`` triplets; the mean includes zero-loss triplets."""
+    if mining not in MINERS:
+        raise ValueError(f"unknown triplet mining {mining!r}; choose from {', '.join(MINERS)}")
+    # MeanReducer, not PML's default AvgNonZeroReducer: every mined anchor counts, as before
+    loss = TripletMarginLoss(margin=margin, reducer=MeanReducer())
+    return MultipleLosses([loss], miners=[MINERS[mining]()])

@@ -1,7 +1,7 @@
 """Fan-out: one training config -> many independent runs, scheduled by Ray.
 
 ``plan_pretrain`` gives one BYOL run per backbone; ``plan_finetune`` one run per (set recipe,
-backbone). :func:`run_all` launches them as Ray tasks: with ``launcher: trainer`` each task
+backbone); ``plan_verifier`` the one learned-verifier run. :func:`run_all` launches them as Ray tasks: with ``launcher: trainer`` each task
 fits its own ``TorchTrainer`` (the task takes no CPU; the trainer's workers wait for theirs,
 so Ray runs as many at once as resources allow), with ``launcher: inline`` each task runs the
 loop in its own process on ``cpus_per_worker`` CPUs. A run whose model card already exists
@@ -15,8 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from core.models.cards import RegistryError
-from core.models.registry import CARD_SUFFIX, load_card, resolve_model
+import torch
+
+from core.models.backbones import build_backbone
+from core.models.cards import ModelCard, RegistryError
+from core.models.registry import CARD_SUFFIX, card_for_model, load_card, resolve_model
 from pretrain.train_config import RaySection, RunSpec, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -45,15 +48,35 @@ def _spec(cfg: TrainConfig, **fields: Any) -> RunSpec:
         registry=cfg.registry_dir(), run_dir=str(Path(cfg.output) / fields["name"]), seed=cfg.seed,
         data=cfg.data, model=cfg.model.for_backbone(fields["backbone"]), num_workers=cfg.ray.num_workers,
         use_gpu=cfg.ray.use_gpu, loader_workers=cfg.loader_workers, torch_threads=cfg.torch_threads,
-        pretrain=cfg.pretrain, finetune=cfg.finetune, **fields,
+        pretrain=cfg.pretrain, finetune=cfg.finetune, verifier=cfg.verifier, **fields,
     )
+
+
+def planned_cards(cfg: TrainConfig) -> dict[str, ModelCard]:
+    """Random-init cards of every model the config's runs will register (BYOL and fine-tuned),
+    by registry name: same architecture, so sizes and speed can be planned before training."""
+    cards = {}
+    for b in _backbones(cfg):
+        model = cfg.model.for_backbone(b)
+        for name, pool in [(byol_name(cfg, b), model.pool),
+                           *((finetune_name(cfg, b, r), cfg.finetune.pool or model.pool) for r in cfg.set_recipes())]:
+            with torch.device("meta"):
+                net = build_backbone(b, dim=model.dim, img_size=model.img_size, pool=pool, seed=cfg.seed)
+            cards[name] = card_for_model(net, name=name)
+    return cards
+
+
+def _backbones(cfg: TrainConfig) -> list[str]:
+    if not cfg.backbones:
+        raise ValueError(f"training config {cfg.name!r}: backbones is empty; name the backbones to train")
+    return cfg.backbones
 
 
 def plan_pretrain(cfg: TrainConfig) -> list[RunSpec]:
     """One BYOL run per backbone, registered as ``<name>-<backbone>-byol``."""
     return [
         _spec(cfg, kind="byol", name=byol_name(cfg, b), backbone=b, recipe=cfg.pretrain.recipe)
-        for b in cfg.backbones
+        for b in _backbones(cfg)
     ]
 
 
@@ -75,9 +98,19 @@ def plan_finetune(cfg: TrainConfig) -> list[RunSpec]:
     return [
         _spec(cfg, kind="finetune", name=finetune_name(cfg, b, r), backbone=b, recipe=r,
               init_weights=init_weights(cfg, b))
-        for b in cfg.backbones
+        for b in _backbones(cfg)
         for r in cfg.set_recipes()
     ]
+
+
+def verifier_name(cfg: TrainConfig) -> str:
+    return f"{cfg.name}-verifier"
+
+
+def plan_verifier(cfg: TrainConfig) -> list[RunSpec]:
+    """One verifier run over all set recipes, registered as ``<name>-verifier``."""
+    return [_spec(cfg, kind="verifier", name=verifier_name(cfg), backbone=cfg.verifier.tokens,
+                  recipe="+".join(cfg.set_recipes()))]
 
 
 def is_registered(spec: RunSpec) -> bool:

@@ -24,17 +24,8 @@ from pretrain.data import CopyViews, make_loader
 from pretrain.losses import build_loss
 from pretrain.photos import LazyPhotos
 from pretrain.recipes import get_recipe
-from pretrain.train.common import (
-    autocast,
-    epochs,
-    log_event,
-    preprocess_for,
-    register_model,
-    run_card,
-    split_photos,
-    start_or_resume,
-    unwrap,
-)
+from pretrain.train.common import (autocast, epochs, log_event, preprocess_for, register_model, run_card,
+                                    split_photos, start_or_resume, unwrap)
 from pretrain.train.session import LocalSession, RaySession, Session
 from pretrain.train.state import write_checkpoint
 from pretrain.train.validate import make_validation_set, validate

@@ -11,16 +11,18 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pretrain.train import byol, finetune
+from pretrain.train import byol, finetune, verifier
 from pretrain.train_config import RunSpec
 
 RAY_LOOPS: dict[str, Callable[[dict[str, Any]], None]] = {
     "byol": byol.train_loop_per_worker,
     "finetune": finetune.train_loop_per_worker,
+    "verifier": verifier.train_loop_per_worker,
 }
 LOCAL_LOOPS: dict[str, Callable[[RunSpec], dict[str, Any]]] = {
     "byol": byol.train_local,
     "finetune": finetune.train_local,
+    "verifier": verifier.train_local,
 }
 
 

@@ -1,6 +1,7 @@
 """The checkpoint folder one epoch of training leaves behind.
 
-    model.safetensors (+ .json sidecar)  the descriptor model (core.models.checkpoint format)
+    model.safetensors (+ .json sidecar)  the descriptor model (core.models.checkpoint format);
+                                         a verifier run writes verifier.safetensors instead
     card.json                            its model card (what the registry will hold)
     state.pt                             everything else needed to resume: the other modules'
                                          state dicts and the optimiser (read weights_only)
@@ -39,6 +40,12 @@ def write_checkpoint(
     """Save one epoch's checkpoint into ``folder`` (created if needed)."""
     folder.mkdir(parents=True, exist_ok=True)
     save_checkpoint(model, folder / MODEL_FILE, meta=card.model_dump(include={"trained_on", "loss", "metrics"}))
+    write_resume_state(folder, card=card, state=state, progress=progress)
+
+
+def write_resume_state(folder: Path, *, card: ModelCard, state: dict[str, Any], progress: dict[str, Any]) -> None:
+    """The card, resume state and progress of a checkpoint folder whose model file is written
+    (``progress.json`` last)."""
     (folder / "card.json").write_text(card.model_dump_json(indent=2) + "\n")
     torch.save(state, folder / "state.pt")
     (folder / "progress.json").write_text(json.dumps(progress, indent=2) + "\n")

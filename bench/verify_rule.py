@@ -1,0 +1,64 @@
+"""Pick the learned verifier's bonus rule on a validation run (a synthetic split, never dev/hard).
+
+    python bench/verify_rule.py RUN_FOLDER GROUND_TRUTH [--config configs/sscd.yaml]
+
+RUN_FOLDER has ``fused.parquet`` and the verify stage's caches ``verify.parquet/sift`` and
+``verify.parquet/learned`` (run ``copydet verify`` with ``verify.method=learned+sift`` on it).
+Every rule of a small grid (method, ``learned.floor``, ``learned.weight``, ``combine``; the
+SIFT bonus keeps the config's settings) re-scores the fused predictions with the stage's own
+:func:`jobs.stages.verify.rescore`; prints μAP / R@P90 / R@1 of each, then the best setting of
+``learned`` and of ``learned+sift`` (μAP, ties to the smaller weight).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import pyarrow as pa
+
+from core.metrics import evaluate, read_ground_truth
+from core.store import join, list_shards, read_table
+from jobs.config import load_config
+from jobs.layout import RunDir
+from jobs.stages.verify import rescore
+
+FLOORS = (0.0, 0.25, 0.5, 0.75, 0.9)
+WEIGHTS = (0.25, 0.5, 1.0)
+COMBINES = ("max", "sum")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run")
+    ap.add_argument("ground_truth")
+    ap.add_argument("--config", default="configs/sscd.yaml")
+    args = ap.parse_args()
+    run, gt = RunDir(args.run), read_ground_truth(args.ground_truth)
+    fused = read_table(run.fused)
+    checked = {name: pa.concat_tables([read_table(s) for s in list_shards(join(run.verify, name))])
+               for name in ("learned", "sift")}
+    base = load_config(args.config, ["verify.enabled=true"]).verify
+
+    def measure(method: str, **learned: object) -> tuple[float, float, float]:
+        cfg = base.model_copy(update={"method": method, "combine": learned.pop("combine", base.combine),
+                                      "learned": base.learned.model_copy(update=learned)})
+        pred = rescore(fused, {k: v for k, v in checked.items() if k in method.split("+")}, cfg)
+        m = evaluate(gt, pred.column("query_id").to_numpy(zero_copy_only=False),
+                     pred.column("reference_id").to_numpy(zero_copy_only=False), pred.column("score").to_numpy())
+        return m.micro_ap, m.recall_at_p90, m.recall_at_1
+
+    rows = [("none", {}, measure("learned", weight=0.0)), ("sift", {}, measure("sift"))]
+    for floor, weight in itertools.product(FLOORS, WEIGHTS):
+        rows.append(("learned", {"floor": floor, "weight": weight}, measure("learned", floor=floor, weight=weight)))
+        for combine in COMBINES:
+            s = {"floor": floor, "weight": weight, "combine": combine}
+            rows.append(("learned+sift", s, measure("learned+sift", **s)))
+    for method, s, (uap, rp90, r1) in rows:
+        print(f"{method:13s} {str(s):52s} μAP {uap:.4f}  R@P90 {rp90:.4f}  R@1 {r1:.4f}")
+    for method in ("learned", "learned+sift"):
+        best = max((r for r in rows if r[0] == method), key=lambda r: (r[2][0], -r[1]["weight"]))
+        print(f"best {method}: {best[1]} -> μAP {best[2][0]:.4f} R@P90 {best[2][1]:.4f} R@1 {best[2][2]:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Where a living reference index keeps its versions, and how a new one is published.
+
+::
+
+    INDEX_DIR/
+      CURRENT                    the published version's name (replaced by one atomic rename)
+      blobs/<sha256><suffix>     model weight files by content hash, shared by every version
+      versions/v000001/          one immutable version; it appears whole or not at all
+        index.json               what it holds (see ensemble.index.versions)
+        config.yaml              the pipeline config it was built with
+        cards/<sha256>.json      the model cards it needs, weights pointing into blobs/
+        images/part-*.parquet    the id map: image_id, path, sha256, width, height
+        removed.parquet          tombstones: image ids taken down since the last compaction
+        keys/<key>/ref-*.parquet reference patches (image_id, patch_id, embedding) of one shard
+        keys/<key>/ref-*.faiss   that shard's faiss index
+        keys/<key>/train.parquet the normalisation background (train/ descriptors)
+        reduce/<key>.safetensors PCA/whitening, when the config has it
+
+A writer builds its version under a hidden temp name (``core.store.atomic_dir``) and then
+rewrites ``CURRENT``: a writer killed at any point leaves the previous version published and
+whole. Unchanged files of the parent version are hard links, so adding or removing costs
+what changes, not the size of the index.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from core.imageio import sha256_file
+from core.store import atomic_dir, copy_file, read_text, write_text
+
+VERSION = re.compile(r"^v(\d{6})$")
+
+
+class IndexFolderError(ValueError):
+    """A missing, locked or inconsistent index folder (the message names it)."""
+
+
+class IndexDir:
+    """An index folder: its versions, the published one, and the writer's lock."""
+
+    def __init__(self, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+
+    @property
+    def versions_dir(self) -> Path:
+        return self.root / "versions"
+
+    def versions(self) -> list[str]:
+        """Finished versions, oldest first (hidden temp folders of killed writers are not versions)."""
+        if not self.versions_dir.is_dir():
+            return []
+        return sorted(p.name for p in self.versions_dir.iterdir() if VERSION.match(p.name))
+
+    def current(self) -> str | None:
+        """The published version, or None for an index that has none yet."""
+        path = self.root / "CURRENT"
+        if not path.is_file():
+            return None
+        name = read_text(path).strip()
+        if not VERSION.match(name) or not (self.versions_dir / name).is_dir():
+            raise IndexFolderError(f"{path}: names {name!r}, which is not a version in {self.versions_dir}")
+        return name
+
+    def require_current(self) -> str:
+        name = self.current()
+        if name is None:
+            raise IndexFolderError(f"{self.root}: not an index (no CURRENT); build one with `copydet index build`")
+        return name
+
+    def path(self, version: str) -> Path:
+        return self.versions_dir / version
+
+    def stale(self) -> list[Path]:
+        """Temp folders left by writers that were killed before they published."""
+        if not self.versions_dir.is_dir():
+            return []
+        return sorted(p for p in self.versions_dir.iterdir() if p.name.startswith(".") and p.name.endswith(".tmp"))
+
+    @contextmanager
+    def lock(self) -> Iterator[None]:
+        """The one-writer lock (``INDEX_DIR/.lock``); a second writer fails at once, naming it."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / ".lock", "w") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise IndexFolderError(f"{self.root}: another `copydet index` command is writing it (.lock)") from None
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    @contextmanager
+    def publish(self) -> Iterator[tuple[str, Path]]:
+        """``(name, folder)`` of the next version to fill; when the block ends without error the
+        folder is renamed into place and ``CURRENT`` switched to it, under the writer's lock."""
+        with self.lock():
+            for tmp in self.stale():  # we hold the lock: no writer owns these any more
+                shutil.rmtree(tmp, ignore_errors=True)
+            done = self.versions()
+            name = f"v{(int(VERSION.match(done[-1]).group(1)) if done else 0) + 1:06d}"
+            with atomic_dir(self.path(name)) as tmp:
+                yield name, tmp
+            write_text(self.root / "CURRENT", name + "\n")
+
+    def store_blob(self, path: str | os.PathLike) -> str:
+        """Copy a weights file into ``blobs/`` by content hash (once); its path relative to the root."""
+        rel = f"blobs/{sha256_file(path)}{Path(path).suffix}"
+        if not (self.root / rel).is_file():
+            copy_file(path, self.root / rel)
+        return rel
+
+
+def link(src: Path, dest: Path) -> None:
+    """``dest`` as a hard link to the immutable file ``src`` (a copy across file systems)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        shutil.copy2(src, dest)
+
+
+def folder_bytes(path: Path) -> int:
+    """Bytes of the files under ``path`` (hard links count in every version that has them)."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

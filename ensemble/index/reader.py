@@ -1,0 +1,133 @@
+"""Reading one index version: its shards as searchable faiss indexes, minus tombstones.
+
+Removed references are filtered inside faiss (an id selector per shard), so a removed image
+is never returned and the live top-k is what an index built without it would return. With
+``whole_only`` a search sees whole-image rows (patch 0) only: the second index of the D2LV
+pair rule (``search.pairs: d2lv``) without a second copy of the vectors.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pyarrow as pa
+
+from core.contracts import WHOLE_PATCH
+from core.knn import Hits, IndexSpec, build_index, index_kind, merge_topk
+from core.models.cards import ModelCard
+from core.store import embeddings_from_arrow, read_table
+from ensemble.index.layout import IndexDir, IndexFolderError
+from ensemble.index.versions import live_images, read_manifest, removed_table
+from ensemble.reduce import Pca, load_pca
+from ensemble.sharded import ShardIndex
+
+NOTHING = "nothing"  # a shard with no row a search may return
+
+
+def search_params(index: faiss.Index, rows: np.ndarray) -> faiss.SearchParameters | str | None:
+    """Search parameters that let ``index`` return only the rows where ``rows`` is True
+    (None: every row; :data:`NOTHING`: no row)."""
+    if rows.all():
+        return None
+    if not rows.any():
+        return NOTHING
+    sel = faiss.IDSelectorBatch(np.flatnonzero(rows).astype(np.int64))
+    if faiss.try_extract_index_ivf(index) is not None:
+        params = faiss.SearchParametersIVF(sel=sel, nprobe=faiss.extract_index_ivf(index).nprobe)
+    elif isinstance(index, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW(sel=sel, efSearch=index.hnsw.efSearch)
+    else:
+        params = faiss.SearchParameters(sel=sel)
+    params.keep = sel  # the selector must live as long as the parameters
+    return params
+
+
+class KeyIndex:
+    """One search key: reference shards with their live / whole-image selectors, and the train
+    background of score normalisation."""
+
+    def __init__(self, folder: Path, meta: dict, removed: set[str], spec: IndexSpec, neighbours: int) -> None:
+        self.dim, self.kind = int(meta["dim"]), meta["kind"]
+        self.shards: list[tuple[ShardIndex, object, object]] = []
+        gone = np.array(sorted(removed), dtype=object)
+        for s in meta["shards"]:
+            ids = read_table(folder / f"{s['name']}.parquet", columns=["image_id", "patch_id"])
+            shard = ShardIndex.restore(ids, faiss.read_index(str(folder / f"{s['name']}.faiss")), self.kind)
+            live = ~np.isin(shard.image_ids, gone)
+            self.shards.append((shard, search_params(shard.index, live),
+                                search_params(shard.index, live & (shard.patch_ids == WHOLE_PATCH))))
+        self.train: ShardIndex | None = None
+        if meta.get("train_rows"):
+            t = read_table(folder / "train.parquet", columns=["image_id", "patch_id", "embedding"])
+            x = embeddings_from_arrow(t.column("embedding"))
+            kind = index_kind(len(x), spec)
+            self.train = ShardIndex.restore(t.select(["image_id", "patch_id"]), build_index(x, kind, spec, neighbours),
+                                            kind)
+            self.train_x = x  # descriptor stretching reads the background itself
+
+    @property
+    def rows(self) -> int:
+        return sum(s.rows for s, _, _ in self.shards)
+
+    def search(self, x: np.ndarray, k: int, whole_only: bool = False) -> Hits:
+        """Top-``k`` live rows (whole-image rows only with ``whole_only``) for each query row."""
+        parts = [shard.search(x, k, p) for shard, live, whole in self.shards
+                 for p in [whole if whole_only else live] if p is not NOTHING]
+        if not parts:
+            n = len(x)
+            return np.zeros((n, 0), np.float32), np.zeros((n, 0), object), np.zeros((n, 0), np.int32)
+        return merge_topk(parts, k)
+
+    def bias(self, x: np.ndarray, n: int) -> np.ndarray:
+        """Mean of the ``n`` best similarities of each row to the train background."""
+        if self.train is None:
+            raise IndexFolderError("this index has no train background (score normalisation was off at build)")
+        if n > self.train.rows:
+            raise ValueError(f"search.normalize.neighbours={n} exceeds the {self.train.rows} train descriptors")
+        return self.train.search(x, n)[0].mean(axis=1, dtype=np.float64).astype(np.float32)
+
+
+class IndexVersion:
+    """A published version, loaded: per key its :class:`KeyIndex`, the live id map, the
+    config text, the model cards (weights in the index's blobs/) and any PCA."""
+
+    def __init__(self, root: str | os.PathLike, version: str | None, spec: IndexSpec, neighbours: int = 1) -> None:
+        idx = IndexDir(root)
+        self.version = version or idx.require_current()
+        folder = idx.path(self.version)
+        self.meta = read_manifest(folder)
+        removed = set(removed_table(folder).column("image_id").to_pylist())
+        self.keys = {key: KeyIndex(folder / "keys" / key, m, removed, spec, neighbours)
+                     for key, m in self.meta["keys"].items()}
+        images = live_images(folder, self.meta)
+        self.paths = dict(zip(images.column("image_id").to_pylist(), images.column("path").to_pylist()))
+        self.pca: dict[str, Pca] = {key: load_pca(folder / m["pca"]) for key, m in self.meta["keys"].items()
+                                    if m.get("pca")}
+        self.cards = read_cards(idx, self.version)
+
+
+def read_config(root: str | os.PathLike, version: str | None = None) -> tuple[str, str]:
+    """``(version, config YAML text)`` of ``version`` (default: the published one)."""
+    idx = IndexDir(root)
+    version = version or idx.require_current()
+    return version, (idx.path(version) / "config.yaml").read_text()
+
+
+def read_cards(idx: IndexDir, version: str) -> dict[str, ModelCard]:
+    """Feature key -> model card of a version, with weights resolved inside the index."""
+    meta = read_manifest(idx.path(version))
+    cards = {}
+    for key, rel in meta["cards"].items():
+        card = ModelCard.model_validate_json((idx.path(version) / rel).read_text())
+        if card.weights:
+            card = card.model_copy(update={"weights": str(idx.root / card.weights)})
+        cards[key] = card
+    return cards
+
+
+def images_table(root: str | os.PathLike, version: str) -> pa.Table:
+    """The live id map of a version."""
+    folder = IndexDir(root).path(version)
+    return live_images(folder, read_manifest(folder))

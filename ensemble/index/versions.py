@@ -1,0 +1,216 @@
+"""Writing index versions: build, add, remove, compact (each one publishes a new version).
+
+A version's ``index.json`` says what it holds::
+
+    {"format": 1, "version": "v000002", "parent": "v000001", "op": "add", "created": "...",
+     "cards": {"sscd@224": "cards/<sha256>.json"},
+     "images": {"parts": ["part-00000.parquet", ...], "live": 1017, "removed": 0},
+     "keys": {"sscd@224": {"dim": 512, "kind": "flat", "train_rows": 920, "pca": null,
+                           "shards": [{"name": "ref-00000", "rows": 1850}, ...]}}}
+
+Reference patches are cut into shards of at most ``shard_size`` rows as in the search stage
+(:func:`ensemble.sharded.plan_shards`); the index kind is decided once for the whole set at
+build and compaction (:func:`core.knn.index_kind`) and kept by adds. ``add`` writes only the
+new rows' shards and links the rest; ``remove`` writes only the tombstone table; ``compact``
+rebuilds the shards from the live rows and drops the tombstones.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import faiss
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from core.knn import IndexSpec, build_index, index_kind
+from core.models.cards import ModelCard
+from core.store import embeddings_to_arrow, read_table, write_table, write_text
+from ensemble.index.layout import IndexDir, IndexFolderError, link
+from ensemble.sharded import count_rows, load_rows, plan_shards
+
+FORMAT = 1
+IMAGES_SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("sha256", pa.string()),
+                           ("width", pa.int32()), ("height", pa.int32())])
+REMOVED_SCHEMA = pa.schema([("image_id", pa.string()), ("version", pa.string())])
+
+
+@dataclass(frozen=True)
+class KeySource:
+    """Where one search key's descriptors come from: feature Parquet files of references
+    (and of train/, the normalisation background) and a fitted PCA file, if any."""
+
+    references: Sequence[str]
+    train: Sequence[str] = ()
+    pca: str | None = None
+
+
+def read_manifest(folder: Path) -> dict:
+    path = folder / "index.json"
+    if not path.is_file():
+        raise IndexFolderError(f"{folder}: not an index version (no index.json)")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise IndexFolderError(f"{path}: index format {meta.get('format')!r}, this copydet reads {FORMAT}")
+    return meta
+
+
+def write_shards(key_dir: Path, files: Sequence[str], first: int, kind: str | None, spec: IndexSpec,
+                 shard_size: int) -> tuple[str, list[dict]]:
+    """Shards ``ref-<first>``, ``ref-<first+1>``... of the rows of ``files`` (Parquet and faiss);
+    ``kind`` None decides it from their row count. One shard is in memory at a time."""
+    counts = count_rows(files)
+    kind = kind or index_kind(sum(counts), spec)
+    shards = []
+    for i, slices in enumerate(plan_shards(list(zip(files, counts)), shard_size), start=first):
+        ids, x = load_rows(slices)
+        name = f"ref-{i:05d}"
+        write_table(ids.append_column("embedding", embeddings_to_arrow(x)), key_dir / f"{name}.parquet")
+        index = build_index(x, kind, spec)
+        if faiss.get_num_gpus():
+            index = faiss.index_gpu_to_cpu(index)
+        faiss.write_index(index, str(key_dir / f"{name}.faiss"))
+        shards.append({"name": name, "rows": int(len(x))})
+    return kind, shards
+
+
+def _store_cards(idx: IndexDir, out: Path, cards: Mapping[str, ModelCard]) -> dict[str, str]:
+    """Each card with its weights copied into blobs/, saved under its content hash."""
+    files = {}
+    for key, card in cards.items():
+        if card.weights:
+            card = card.model_copy(update={"weights": idx.store_blob(card.weights)})
+        text = card.model_dump_json(indent=2)
+        rel = f"cards/{hashlib.sha256(text.encode()).hexdigest()}.json"
+        write_text(out / rel, text)
+        files[key] = rel
+    return files
+
+
+def _meta(name: str, parent: dict | None, op: str, **fields) -> dict:
+    base = {k: v for k, v in (parent or {}).items() if k not in ("version", "parent", "op", "created")}
+    return {**base, "format": FORMAT, "version": name, "parent": parent["version"] if parent else None, "op": op,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), **fields}
+
+
+def _finish(out: Path, meta: dict) -> None:
+    write_text(out / "index.json", json.dumps(meta, indent=2))
+
+
+def build(idx: IndexDir, config_yaml: str, cards: Mapping[str, ModelCard], keys: Mapping[str, KeySource],
+          images: pa.Table, spec: IndexSpec, shard_size: int) -> str:
+    """Publish a version made from feature files (a run's, or a staging run of the build)."""
+    with idx.publish() as (name, out):
+        write_text(out / "config.yaml", config_yaml)
+        key_meta = {}
+        for key, src in keys.items():
+            if not src.references:
+                raise IndexFolderError(f"index build: no reference features for {key}")
+            kind, shards = write_shards(out / "keys" / key, src.references, 0, None, spec, shard_size)
+            train_rows = 0
+            if src.train:
+                train = pa.concat_tables([read_table(f, columns=["image_id", "patch_id", "embedding"])
+                                          for f in src.train])
+                write_table(train, out / "keys" / key / "train.parquet")
+                train_rows = train.num_rows
+            pca = None
+            if src.pca:
+                pca = f"reduce/{key}.safetensors"
+                link(Path(src.pca), out / pca)
+            dim = faiss.read_index(str(out / "keys" / key / f"{shards[0]['name']}.faiss")).d
+            key_meta[key] = {"dim": dim, "kind": kind, "train_rows": train_rows, "pca": pca, "shards": shards}
+        write_table(images.cast(IMAGES_SCHEMA), out / "images" / "part-00000.parquet")
+        _finish(out, _meta(name, None, "build", cards=_store_cards(idx, out, cards), keys=key_meta,
+                           images={"parts": ["part-00000.parquet"], "live": images.num_rows, "removed": 0}))
+    return name
+
+
+def _link_version(src: Path, out: Path, skip: tuple[str, ...] = ("index.json",)) -> None:
+    """Hard-link every file of version ``src`` into ``out`` (but ``skip``)."""
+    for f in src.rglob("*"):
+        if f.is_file() and str(f.relative_to(src)) not in skip:
+            link(f, out / f.relative_to(src))
+
+
+def add(idx: IndexDir, parent: str, out: Path, name: str, added: Mapping[str, Sequence[str]], images: pa.Table,
+        spec: IndexSpec, shard_size: int) -> dict:
+    """Fill ``out`` (from :meth:`IndexDir.publish`) with ``parent`` plus new reference rows:
+    ``added`` maps each search key to feature files of the new patches, ``images`` is their id map."""
+    meta = read_manifest(idx.path(parent))
+    _link_version(idx.path(parent), out)
+    keys = json.loads(json.dumps(meta["keys"]))
+    for key, files in added.items():
+        k = keys[key]
+        first = 1 + max(int(s["name"].split("-")[1]) for s in k["shards"])
+        _, shards = write_shards(out / "keys" / key, files, first, k["kind"], spec, shard_size)
+        k["shards"] += shards
+    part = f"part-{len(meta['images']['parts']):05d}.parquet"
+    write_table(images.cast(IMAGES_SCHEMA), out / "images" / part)
+    new = _meta(name, meta, "add", keys=keys, images={**meta["images"], "parts": [*meta["images"]["parts"], part],
+                                                      "live": meta["images"]["live"] + images.num_rows})
+    _finish(out, new)
+    return new
+
+
+def remove(idx: IndexDir, parent: str, ids: Sequence[str]) -> tuple[str, list[str], list[str]]:
+    """Publish ``parent`` with the live ``ids`` tombstoned; returns (version, removed, unknown).
+    Nothing is published when no id is live."""
+    meta = read_manifest(idx.path(parent))
+    live = set(live_images(idx.path(parent), meta).column("image_id").to_pylist())
+    hit, unknown = sorted(set(ids) & live), sorted(set(ids) - live)
+    if not hit:
+        return parent, [], unknown
+    with idx.publish() as (name, out):
+        _link_version(idx.path(parent), out, skip=("index.json", "removed.parquet"))
+        tomb = pa.concat_tables([removed_table(idx.path(parent)),
+                                 pa.table({"image_id": hit, "version": [name] * len(hit)}, schema=REMOVED_SCHEMA)])
+        write_table(tomb, out / "removed.parquet")
+        _finish(out, _meta(name, meta, "remove", images={**meta["images"], "live": meta["images"]["live"] - len(hit),
+                                                         "removed": tomb.num_rows}))
+    return name, hit, unknown
+
+
+def compact(idx: IndexDir, parent: str, spec: IndexSpec, shard_size: int) -> str:
+    """Publish ``parent`` rebuilt from its live rows: tombstones dropped, shards refilled, the
+    index kind decided again for the live row count."""
+    src = idx.path(parent)
+    meta = read_manifest(src)
+    removed = pa.array(removed_table(src).column("image_id").to_pylist(), pa.string())
+    with idx.publish() as (name, out):
+        keep = ("config.yaml", "cards", "reduce")
+        for f in src.rglob("*"):
+            rel = f.relative_to(src)
+            if f.is_file() and (rel.parts[0] in keep or rel.name == "train.parquet"):
+                link(f, out / rel)
+        keys = json.loads(json.dumps(meta["keys"]))
+        for key, k in keys.items():
+            staged = []
+            for s in k["shards"]:
+                t = read_table(src / "keys" / key / f"{s['name']}.parquet")
+                t = t.filter(pc.invert(pc.is_in(t.column("image_id"), removed)))
+                staged.append(write_table(t, out / "staging" / key / f"{s['name']}.parquet"))
+            k["kind"], k["shards"] = write_shards(out / "keys" / key, staged, 0, None, spec, shard_size)
+        live = live_images(src, meta)
+        write_table(live, out / "images" / "part-00000.parquet")
+        shutil.rmtree(out / "staging", ignore_errors=True)
+        _finish(out, _meta(name, meta, "compact", keys=keys,
+                           images={"parts": ["part-00000.parquet"], "live": live.num_rows, "removed": 0}))
+    return name
+
+
+def removed_table(folder: Path) -> pa.Table:
+    path = folder / "removed.parquet"
+    return read_table(path) if path.is_file() else REMOVED_SCHEMA.empty_table()
+
+
+def live_images(folder: Path, meta: dict) -> pa.Table:
+    """The id map of a version without its tombstoned images."""
+    parts = [read_table(folder / "images" / p).cast(IMAGES_SCHEMA) for p in meta["images"]["parts"]]
+    table = pa.concat_tables(parts) if parts else IMAGES_SCHEMA.empty_table()
+    removed = pa.array(removed_table(folder).column("image_id").to_pylist(), pa.string())
+    return table.filter(pc.invert(pc.is_in(table.column("image_id"), removed)))

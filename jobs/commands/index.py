@@ -1,0 +1,129 @@
+"""``copydet index ACTION``: the living reference index.
+
+  copydet index build [CONFIG] --out INDEX_DIR [--references DIR --train DIR] [--from-run RUN_DIR]
+  copydet index add INDEX_DIR FOLDER        # embeds only the new images, publishes a version
+  copydet index remove INDEX_DIR ID... [--ids-file FILE]
+  copydet index compact INDEX_DIR           # rebuild shards without the removed references
+  copydet index info INDEX_DIR              # versions, counts, models, sizes
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from ensemble.index.layout import IndexDir, folder_bytes
+from ensemble.index.versions import read_manifest
+from jobs import indexing
+from jobs.commands.base import arg, command
+from jobs.commands.stages import config_with_folders
+from jobs.config import load_config
+
+log = logging.getLogger(__name__)
+
+
+def _one(args: argparse.Namespace, what: str) -> str:
+    if not args.target:
+        raise ValueError(f"index {args.action}: {what} is required")
+    return args.target
+
+
+def _build(args: argparse.Namespace) -> None:
+    if not args.out:
+        raise ValueError("index build: --out INDEX_DIR is required")
+    if args.from_run:
+        cfg = load_config(args.target or Path(args.from_run) / "config.yaml", list(args.set or []))
+        indexing.build_from_run(args.from_run, args.out, cfg)
+        return
+    args.config, out, args.out = args.target, args.out, None
+    cfg = config_with_folders(args)
+    indexing.build_from_folders(cfg, out, args.address)
+
+
+def _add(args: argparse.Namespace) -> int:
+    root = _one(args, "INDEX_DIR")
+    if len(args.rest) != 1:
+        raise ValueError("index add: give one FOLDER of images to add")
+    try:
+        name, added, errors = indexing.add_folder(root, args.rest[0], list(args.set or []))
+    except indexing.NothingAdded as e:
+        log.error(f"index add: {e}")
+        return 1
+    for line in errors:
+        log.warning(f"index add: skipped {line}")
+    log.info(f"index add: published {name} with {added} new reference(s)"
+             + (f"; {len(errors)} file(s) failed to decode (listed in its errors.parquet)" if errors else ""))
+    return 0
+
+
+def _remove(args: argparse.Namespace) -> int:
+    root = _one(args, "INDEX_DIR")
+    ids = list(args.rest)
+    if args.ids_file:
+        ids += [line.strip() for line in Path(args.ids_file).read_text().splitlines() if line.strip()]
+    if not ids:
+        raise ValueError("index remove: give the reference ids to remove (or --ids-file)")
+    name, removed, unknown = indexing.remove_ids(root, ids)
+    if unknown:
+        log.warning(f"index remove: not live references of {root}: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
+    if removed:
+        log.info(f"index remove: published {name} without {len(removed)} reference(s)")
+    return 0 if removed else 1
+
+
+def _compact(args: argparse.Namespace) -> None:
+    name = indexing.compact(_one(args, "INDEX_DIR"))
+    log.info(f"index compact: published {name}")
+
+
+def info_lines(root: str) -> list[str]:
+    """Versions (the published one marked), and the published version's keys, models and counts."""
+    idx = IndexDir(root)
+    current = idx.require_current()
+    lines = [f"index {root}", "versions:"]
+    for v in idx.versions():
+        m = read_manifest(idx.path(v))
+        lines.append(f"  {'*' if v == current else ' '} {v}  {m['op']:8s} {m['created']}  "
+                     f"{m['images']['live']} live, {m['images']['removed']} removed  "
+                     f"{folder_bytes(idx.path(v)) / 2**20:.1f} MiB")
+    m = read_manifest(idx.path(current))
+    lines.append(f"published: {current}")
+    for key, k in m["keys"].items():
+        rows = sum(s["rows"] for s in k["shards"])
+        lines.append(f"  {key}: {rows} reference patches in {len(k['shards'])} shard(s), {k['kind']} index, "
+                     f"dim {k['dim']}, {k['train_rows']} train descriptors{', PCA' if k.get('pca') else ''}")
+    for key, rel in m["cards"].items():
+        lines.append(f"  model {key}: {Path(rel).stem[:12]}")
+    blobs = idx.root / "blobs"
+    lines.append(f"model files: {folder_bytes(blobs) / 2**20:.1f} MiB" if blobs.is_dir() else "model files: none")
+    if idx.stale():
+        lines.append(f"unfinished writes (left by killed commands; removed by the next write): "
+                     f"{[p.name for p in idx.stale()]}")
+    return lines
+
+
+def _info(args: argparse.Namespace) -> None:
+    print("\n".join(info_lines(_one(args, "INDEX_DIR"))))
+
+
+ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
+    "build": _build, "add": _add, "remove": _remove, "compact": _compact, "info": _info,
+}
+
+
+@command("index", "the living reference index: build, add, remove, compact, info (versions switch atomically)",
+         arg("action", choices=sorted(ACTIONS), help="what to do"),
+         arg("target", nargs="?", help="build: the pipeline YAML; otherwise INDEX_DIR"),
+         arg("rest", nargs="*", help="add: FOLDER of images; remove: reference ids"),
+         arg("--out", help="build: the index folder to create or publish a new version in"),
+         arg("--from-run", help="build: publish a finished run's features instead of extracting"),
+         arg("--references", help="build: folder of reference images"),
+         arg("--train", help="build: folder of train images (normalisation background, PCA)"),
+         arg("--ids-file", help="remove: a file of reference ids, one a line"),
+         arg("--set", action="append", metavar="KEY=VALUE",
+             help="override a config key (repeatable); add: index.* only"),
+         arg("--address", help="build: Ray cluster address (default: local Ray)"),
+         uses_config=False)
+def index(args: argparse.Namespace) -> int | None:
+    return ACTIONS[args.action](args)

@@ -1,0 +1,208 @@
+"""The living reference index, composed: build (pipeline stages), add (in-process), remove, compact.
+
+``build`` runs the pipeline's own manifest, patch, extract and reduce stages over references
+(and train/, for normalisation and PCA) into a staging run folder, or takes a finished run's
+features, and publishes them as a version (:mod:`ensemble.index.versions`). ``add`` embeds only
+the new images, in this process, with :class:`patchers.embed.ImageEmbedder` (the extraction
+pieces, per image) and publishes the parent version plus their shards, so its cost follows
+what is added. Every command writes a whole new version and switches ``CURRENT`` last.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import yaml
+
+from core.contracts import ERRORS_SCHEMA
+from core.imageio import ImageDecodeError, list_images, load_rgb, sha256_file
+from core.models.cards import ModelCard
+from core.models.registry import load_card, resolve_model
+from core.store import embeddings_from_arrow, exists, join, read_table, write_table
+from core.yamlconf import apply_overrides
+from ensemble.index import versions
+from ensemble.index.layout import IndexDir
+from ensemble.index.reader import read_cards, read_config
+from ensemble.reduce import load_pca
+from jobs.config import DataConfig, PipelineConfig, validate
+from jobs.layout import RunDir, shard_names
+from jobs.pipeline import run_stages
+from jobs.stages.extract import key_specs
+from jobs.stages.reduce import derive
+from patchers.embed import ImageEmbedder
+from patchers.plan import DetectorSpec
+
+log = logging.getLogger(__name__)
+
+BUILD_STAGES = ("manifest", "patch", "extract", "reduce")
+MUTABLE = ("serve.", "index.", "ray.")  # config sections that do not change what an index answers
+DETECTOR_CARD = "detector:{side}"  # cards of the copy-region detectors a side's views need
+
+
+def config_yaml(cfg: PipelineConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def index_config(root: str, version: str | None = None, overrides: Sequence[str] = ()) -> tuple[str, PipelineConfig]:
+    """``(version, config)`` an index was built with, plus ``overrides`` (``serve.*``, ``index.*`` and
+    ``ray.*`` only: everything else decides the answers and is fixed when the index is built)."""
+    fixed = [o for o in overrides if not o.split("=", 1)[0].startswith(MUTABLE)]
+    if fixed:
+        raise ValueError(f"{fixed}: an index keeps the settings it was built with; only "
+                         f"{', '.join(m + '*' for m in MUTABLE)} can be changed here (rebuild for the others)")
+    version, text = read_config(root, version)
+    return version, validate(apply_overrides(yaml.safe_load(text), list(overrides)),
+                             f"{root}/versions/{version}/config.yaml")
+
+
+def needs_train(cfg: PipelineConfig) -> bool:
+    return cfg.search.normalize.enabled or cfg.reduce.active
+
+
+def model_cards(cfg: PipelineConfig) -> dict[str, ModelCard]:
+    """Feature key -> card of every member, and the cards of the detectors the views use."""
+    cards = {key: resolve_model(e.name, cfg.registry, dim=e.dim, pool=e.pool) for e, _, key in cfg.model_keys()}
+    for side in ("query", "reference"):
+        name = getattr(cfg.patches, side).detector
+        if name:
+            cards[DETECTOR_CARD.format(side=side)] = load_card(name, cfg.registry)
+    return cards
+
+
+def build_from_run(run_dir: str, root: str, cfg: PipelineConfig | None = None) -> str:
+    """Publish a finished run's reference (and train) features as a new version of ``root``."""
+    run = RunDir(run_dir)
+    cfg = cfg or validate(yaml.safe_load(Path(run.config).read_text()), run.config)
+    keys = {}
+    for key in cfg.search_keys():
+        pca = join(run.root, "reduce", f"{key}.safetensors")
+        keys[key] = versions.KeySource(
+            references=[join(run.features(key), n) for n in shard_names(run.features(key), "reference")],
+            train=[join(run.features(key), n) for n in shard_names(run.features(key), "train")]
+            if needs_train(cfg) else (),
+            pca=pca if cfg.reduce.dim and exists(pca) else None)
+    manifest = read_table(run.manifest)
+    refs = manifest.filter(pc.equal(manifest.column("split"), "reference"))
+    images = refs.select(["image_id", "path", "sha256", "width", "height"])
+    name = versions.build(IndexDir(root), config_yaml(cfg), model_cards(cfg), keys, images,
+                          cfg.search.index_spec(), cfg.search.shard_size)
+    log.info(f"index: published {name} with {images.num_rows} references ({', '.join(keys)}) -> {root}")
+    return name
+
+
+def build_from_folders(cfg: PipelineConfig, root: str, address: str | None = None) -> str:
+    """Run the extraction stages over the config's references (and train/) in a staging run
+    folder inside ``root`` (resumable), then publish it."""
+    folders = cfg.data.folders()
+    if "reference" not in folders:
+        raise FileNotFoundError(f"index build: no references folder in the config's data ({cfg.data})")
+    staging = Path(root) / ".staging"
+    data = DataConfig(references=folders["reference"], limit=cfg.data.limit,
+                      train=folders.get("train") if needs_train(cfg) else None)
+    run_stages(cfg.model_copy(update={"data": data, "output": str(staging)}), BUILD_STAGES, address)
+    name = build_from_run(str(staging), root, cfg)
+    shutil.rmtree(staging, ignore_errors=True)
+    return name
+
+
+class NothingAdded(ValueError):
+    """No image of an ``index add`` could be added (all known, removed or unreadable)."""
+
+
+def detector_of(cards: dict[str, ModelCard], side: str) -> DetectorSpec | None:
+    card = cards.get(DETECTOR_CARD.format(side=side))
+    return DetectorSpec(card.weights, card.input_size) if card else None
+
+
+def embedder_for(root: str, version: str, cfg: PipelineConfig, side: str,
+                 num_threads: int | None = None) -> ImageEmbedder:
+    """The models and ``side``'s views of an index version, from the index's own cards."""
+    cards = read_cards(IndexDir(root), version)
+    return ImageEmbedder(key_specs(cfg, None, cards), getattr(cfg.patches, side), detector_of(cards, side),
+                         num_threads=num_threads)
+
+
+def derive_keys(cfg: PipelineConfig, tables: list, pcas: dict, train: dict) -> dict[str, pa.Table]:
+    """Per search key, the descriptors of one batch of images (``reduce`` applied when configured)."""
+    by_key = dict(zip([k for _, _, k in cfg.model_keys()], tables))
+    if not cfg.reduce.active:
+        return by_key
+    return {out: derive([by_key[k] for k in group], out, pcas.get(out), train.get(out), cfg.reduce)
+            for group, out in cfg.reduce_groups()}
+
+
+def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[str, int, list[str]]:
+    """Embed the images of ``folder`` not yet in the index and publish them; returns
+    ``(version, images added, error lines)``. Ids already live are skipped, ids removed since
+    the last compaction are refused (their rows still sit in the shards)."""
+    idx = IndexDir(root)
+    parent, cfg = index_config(root, None, overrides)
+    meta = versions.read_manifest(idx.path(parent))
+    live = set(versions.live_images(idx.path(parent), meta).column("image_id").to_pylist())
+    removed = set(versions.removed_table(idx.path(parent)).column("image_id").to_pylist())
+    files = list_images(folder)
+    again = sorted(i for i, _ in files if i in removed)
+    if again:
+        raise ValueError(f"{again[:5]}: removed since the last compaction; run `copydet index compact {root}` "
+                         "before adding them again")
+    todo = [(i, p) for i, p in files if i not in live]
+    if len(todo) < len(files):
+        log.info(f"index add: {len(files) - len(todo)} image(s) of {folder} are already in the index; skipped")
+    if not todo:
+        raise NothingAdded(f"{folder}: no new images to add")
+    embedder = embedder_for(root, parent, cfg, "reference")
+    pcas = {k: load_pca(idx.path(parent) / m["pca"]) for k, m in meta["keys"].items() if m.get("pca")}
+    train = stretch_background(idx, parent, cfg)
+    errors, rows, staged = [], [], {key: [] for key in cfg.search_keys()}
+    with idx.publish() as (name, out):
+        step = cfg.index.chunk_images
+        for start in range(0, len(todo), step):
+            decoded = []
+            for image_id, path in todo[start:start + step]:
+                try:
+                    img = load_rgb(path)
+                except ImageDecodeError as e:
+                    errors.append(str(e))
+                    continue
+                decoded.append((image_id, img))
+                rows.append({"image_id": image_id, "path": path, "sha256": sha256_file(path),
+                             "width": img.width, "height": img.height})
+            if not decoded:
+                continue
+            for key, table in derive_keys(cfg, embedder.embed(decoded), pcas, train).items():
+                staged[key].append(write_table(table, out / "staging" / key / f"part-{start:08d}.parquet"))
+            log.info(f"index add: {min(start + step, len(todo))}/{len(todo)} images embedded")
+        if not rows:
+            raise NothingAdded(f"{folder}: none of {len(todo)} new image(s) decodes: {errors[:3]}")
+        if errors:
+            write_table(pa.Table.from_pylist([{"path": e.split(":", 1)[0], "error": e} for e in errors],
+                                             schema=ERRORS_SCHEMA), out / "errors.parquet")
+        versions.add(idx, parent, out, name, staged, pa.Table.from_pylist(rows, schema=versions.IMAGES_SCHEMA),
+                     cfg.search.index_spec(), cfg.search.shard_size)
+        shutil.rmtree(out / "staging")
+    return name, len(rows), errors
+
+
+def stretch_background(idx: IndexDir, version: str, cfg: PipelineConfig) -> dict:
+    """Search key -> train descriptors that new references are stretched against (reduce.stretch)."""
+    if not cfg.reduce.stretch:
+        return {}
+    folder = idx.path(version) / "keys"
+    return {key: embeddings_from_arrow(read_table(folder / key / "train.parquet", columns=["embedding"])
+                                       .column("embedding")) for key in cfg.search_keys()}
+
+
+def remove_ids(root: str, ids: Sequence[str]) -> tuple[str, list[str], list[str]]:
+    idx = IndexDir(root)
+    return versions.remove(idx, idx.require_current(), ids)
+
+
+def compact(root: str) -> str:
+    idx = IndexDir(root)
+    _, cfg = index_config(root)
+    return versions.compact(idx, idx.require_current(), cfg.search.index_spec(), cfg.search.shard_size)
+

@@ -1,0 +1,158 @@
+"""``copydet serve``: the query service as a Ray Serve application with a FastAPI ingress.
+
+Routes: ``POST /v1/match`` (one image: raw bytes with an ``image/*`` or
+``application/octet-stream`` type, or ``multipart/form-data`` with a file field ``image``),
+``POST /v1/match:batch`` (multipart, several ``images`` fields), ``GET /healthz``,
+``GET /v1/references/{id}/thumbnail``, ``GET /`` (the match page) and ``GET /docs`` (OpenAPI).
+
+Each replica holds the models and one index version (:class:`jobs.serve.engine.Matcher`);
+concurrent requests are embedded as one batch (``@serve.batch``). A watcher thread loads a
+newly published version beside the old one and swaps it in when ready, so no request is
+dropped and in-flight batches finish on the version they started with. Replicas, resources,
+batching and limits come from the ``serve`` section of the index's config.
+"""
+# No `from __future__ import annotations` here: FastAPI reads the route parameters' types at
+# run time, and Serve's ingress re-wraps these methods outside this module's namespace.
+import asyncio
+import io
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from ray import serve
+
+from core.imageio import ImageDecodeError, decode_rgb, load_rgb
+from ensemble.index.layout import IndexDir
+from jobs.config import PipelineConfig
+from jobs.serve.engine import Matcher
+from jobs.serve.uploads import BadRequest, read_images, read_upload
+
+log = logging.getLogger(__name__)
+
+PAGE = Path(__file__).with_name("page.html")
+APP_NAME = "copydet"
+
+api = FastAPI(title="copydet", version="1",
+              description="Image copy detection against a living reference index: is this upload a copy, "
+                          "of what, how sure?")
+
+
+def error(e: BadRequest) -> JSONResponse:
+    return JSONResponse({"error": {"code": e.code, "message": str(e)}}, status_code=e.status)
+
+
+@serve.deployment
+@serve.ingress(api)
+class CopyDetService:
+    """One model replica: the models, the published index version, and a watcher for new ones."""
+
+    def __init__(self, root: str, overrides: Sequence[str] = ()) -> None:
+        self.root, self.overrides = root, list(overrides)
+        self.matcher = Matcher(root, None, self.overrides)
+        cfg = self.matcher.cfg.serve
+        self.limits = cfg
+        self.match_batch.set_max_batch_size(cfg.max_batch_size)
+        self.match_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.stop = threading.Event()
+        threading.Thread(target=self.watch, daemon=True, name="index-watcher").start()
+
+    def watch(self) -> None:
+        """Load each newly published version off the request path, then swap it in."""
+        while not self.stop.wait(self.limits.poll_s):
+            try:
+                current = IndexDir(self.root).current()
+                if current and current != self.matcher.version:
+                    self.matcher = Matcher(self.root, current, self.overrides, reuse=self.matcher)
+                    log.info(f"serve: now answering from index version {current}")
+            except Exception:  # a bad version must not stop the service: keep answering from the old one
+                log.exception("serve: could not load the newly published index version; keeping the old one")
+
+    def __del__(self) -> None:
+        self.stop.set()
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def match_batch(self, images: list) -> list[dict]:
+        matcher = self.matcher  # this batch stays on this version even if a new one is swapped in
+        return await asyncio.to_thread(matcher.match, images)
+
+    async def decode(self, data: bytes, name: str) -> tuple[object, float]:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        try:
+            img = await asyncio.to_thread(decode_rgb, data, name, None, self.limits.max_pixels)
+        except ImageDecodeError as e:
+            raise BadRequest(422, "too_many_pixels" if "too many pixels" in e.reason else "not_an_image",
+                             str(e)) from e
+        return img, loop.time() - t0
+
+    async def answer(self, data: bytes, name: str) -> dict:
+        img, seconds = await self.decode(data, name)
+        result = await self.match_batch(img)
+        result = {**result, "timings": {"decode": round(seconds, 4), **result["timings"]}}
+        result["timings"]["total"] = round(sum(v for k, v in result["timings"].items() if k != "total"), 4)
+        return result
+
+    @api.post("/v1/match", summary="Is this image a copy of a reference? Top matches, scores, verification")
+    async def match(self, request: Request) -> JSONResponse:
+        try:
+            data, name = await read_upload(request, self.limits.max_upload_bytes)
+            return JSONResponse(await self.answer(data, name))
+        except BadRequest as e:
+            return error(e)
+
+    @api.post("/v1/match:batch", summary="Several images (multipart fields `images`); one result or error each")
+    async def match_many(self, request: Request) -> JSONResponse:
+        try:
+            uploads = await read_images(request, self.limits.max_upload_bytes)
+        except BadRequest as e:
+            return error(e)
+
+        async def one(data: bytes, name: str) -> dict:
+            try:
+                return {"name": name, **(await self.answer(data, name))}
+            except BadRequest as e:
+                return {"name": name, "error": {"code": e.code, "message": str(e)}}
+        return JSONResponse({"results": list(await asyncio.gather(*(one(d, n) for d, n in uploads)))})
+
+    @api.get("/healthz", summary="Liveness, and which index version answers")
+    async def healthz(self) -> dict:
+        m = self.matcher
+        return {"status": "ok", "version": m.version, "references": len(m.index.paths),
+                "keys": sorted(m.index.keys), "threshold": m.cfg.copy_threshold()}
+
+    @api.get("/v1/references/{reference_id:path}/thumbnail", summary="A reference image, shrunk")
+    async def thumbnail(self, reference_id: str) -> Response:
+        path = self.matcher.index.paths.get(reference_id)
+        if path is None:
+            return error(BadRequest(404, "unknown_reference", f"{reference_id}: not a live reference of this index"))
+        try:
+            img = await asyncio.to_thread(load_rgb, path, self.limits.thumbnail_side)
+        except ImageDecodeError as e:
+            return error(BadRequest(404, "reference_unreadable", str(e)))
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=85)
+        return Response(buf.getvalue(), media_type="image/jpeg")
+
+    @api.get("/", response_class=HTMLResponse, summary="The match page")
+    async def page(self) -> HTMLResponse:
+        return HTMLResponse(PAGE.read_text())
+
+
+def application(root: str, cfg: PipelineConfig, overrides: Sequence[str] = ()):
+    """The bound Serve application, replicas and resources from ``cfg.serve``."""
+    s = cfg.serve
+    return CopyDetService.options(
+        num_replicas=s.num_replicas, max_ongoing_requests=s.max_ongoing_requests,
+        ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
+    ).bind(str(Path(root).resolve()), list(overrides))
+
+
+def start(root: str, cfg: PipelineConfig, overrides: Sequence[str] = ()) -> str:
+    """Start Serve's HTTP proxy on ``serve.host:serve.port`` and deploy the app; returns its URL.
+    Ray must be initialised (``jobs.runtime.init_ray``)."""
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    serve.run(application(root, cfg, overrides), name=APP_NAME, route_prefix="/", blocking=False)
+    return f"http://{cfg.serve.host}:{cfg.serve.port}"

@@ -1,0 +1,86 @@
+"""Reading image uploads off a request, or a :class:`BadRequest` that says what is wrong.
+
+Accepted: the raw bytes with an ``image/*`` or ``application/octet-stream`` content type, or
+``multipart/form-data`` with file fields (``image`` for one, ``images`` for several). Sizes are
+checked against the declared length before anything is read, and again while reading.
+"""
+from __future__ import annotations
+
+from starlette.datastructures import UploadFile
+from starlette.requests import Request
+
+RAW_TYPES = ("image/", "application/octet-stream")
+MULTIPART = "multipart/form-data"
+MAX_FILES = 64
+
+
+class BadRequest(ValueError):
+    """A request the service refuses: HTTP ``status``, a stable ``code`` and a message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def too_large(size: int, limit: int) -> BadRequest:
+    return BadRequest(413, "too_large", f"upload of {size} bytes is over the limit of {limit} bytes "
+                                        "(serve.max_upload_bytes)")
+
+
+def content_type(request: Request) -> str:
+    kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if not kind.startswith((*RAW_TYPES, MULTIPART)):
+        raise BadRequest(415, "unsupported_media_type",
+                         f"content type {kind or '(none)'!r} is not an image upload; send the image bytes as "
+                         f"image/* or application/octet-stream, or {MULTIPART} with a file field 'image'")
+    return kind
+
+
+async def _body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(int(declared), limit)
+    data = bytearray()
+    async for chunk in request.stream():
+        data += chunk
+        if len(data) > limit:
+            raise too_large(len(data), limit)
+    return bytes(data)
+
+
+async def _files(request: Request, limit: int) -> list[tuple[str, UploadFile]]:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit * MAX_FILES:
+        raise too_large(int(declared), limit * MAX_FILES)
+    try:
+        form = await request.form(max_files=MAX_FILES)
+    except Exception as e:  # starlette raises its own MultiPartException / HTTPException types
+        raise BadRequest(400, "bad_multipart", f"cannot read the multipart body: {e}") from e
+    return [(field, v) for field, v in form.multi_items() if isinstance(v, UploadFile)]
+
+
+async def _read(upload: UploadFile, limit: int) -> bytes:
+    if upload.size is not None and upload.size > limit:
+        raise too_large(upload.size, limit)
+    return await upload.read()
+
+
+async def read_upload(request: Request, limit: int) -> tuple[bytes, str]:
+    """``(bytes, name)`` of the one image of a ``/v1/match`` request."""
+    if content_type(request) != MULTIPART:
+        return await _body(request, limit), "upload"
+    files = await _files(request, limit)
+    picked = [u for field, u in files if field == "image"] or [u for _, u in files]
+    if not picked:
+        raise BadRequest(400, "no_image", "multipart body has no file field; send the image as field 'image'")
+    return await _read(picked[0], limit), picked[0].filename or "upload"
+
+
+async def read_images(request: Request, limit: int) -> list[tuple[bytes, str]]:
+    """``(bytes, name)`` of every file of a ``/v1/match:batch`` request (multipart only)."""
+    if content_type(request) != MULTIPART:
+        raise BadRequest(415, "unsupported_media_type", f"a batch is sent as {MULTIPART} with file fields 'images'")
+    files = await _files(request, limit)
+    if not files:
+        raise BadRequest(400, "no_image", "multipart body has no file field; send the images as fields 'images'")
+    return [(await _read(u, limit), u.filename or f"image{i}") for i, (_, u) in enumerate(files)]

@@ -1,0 +1,147 @@
+"""Training pairs for the learned verifier: recipe copies of streamed photos, as region tokens,
+against the photo itself (a positive) and its nearest neighbours (hard negatives).
+
+The token model is frozen, so what a training photo contributes as a *reference* never
+changes: :func:`describe_photos` turns every photo into its region tokens once (a few MB for
+a thousand photos; the photos themselves are decoded one at a time), and :func:`mine_neighbours`
+finds each photo's nearest other photos by a global descriptor with the faiss kNN. Copies are
+new every epoch: item ``i`` of :class:`CopyTokens` decodes photo ``i``, edits it with one of
+the set recipes and describes the copy.
+
+Example::
+
+    originals = describe_photos(photos, tokens)
+    nbrs = mine_neighbours(photos, miner, k=5)
+    ds = CopyTokens(photos, recipes, lambda: tokens, seed=0)
+    copy, i = ds[3]        # R x dim tokens of a copy of photo 3; its positive is originals[i]
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from core.knn import knn
+from core.metrics import Metrics, evaluate
+from core.models.encoders import Encoder
+from core.models.verifier import RegionTokens
+from pretrain.data import PhotoEpochs
+from pretrain.photos import LazyPhotos
+from pretrain.recipes import OpContext, Recipe
+
+FULL_INTENSITY_EPOCH = 10**6  # past any schedule's ramp
+VALIDATION_SEED = 7_919  # validation copies differ from every training copy
+
+
+def describe_photos(photos: LazyPhotos, tokens: RegionTokens) -> np.ndarray:
+    """``n x R x dim`` region tokens of every photo (a replacement's for one that does not decode)."""
+    return np.stack([tokens(photos[i]) for i in range(len(photos))]).astype(np.float32)
+
+
+def mine_neighbours(photos: LazyPhotos, miner: Encoder, k: int, batch: int = 16) -> np.ndarray:
+    """``n x k`` indices of each photo's nearest *other* photos by ``miner`` descriptors."""
+    if len(photos) < 2:
+        raise ValueError("mining neighbours needs at least two photos")
+    desc = np.concatenate([miner.embed([photos[j] for j in range(i, min(i + batch, len(photos)))])
+                           for i in range(0, len(photos), batch)])
+    k = min(k, len(photos) - 1)
+    _, idx = knn(desc, desc, k + 1)
+    return np.stack([[j for j in row if j != i][:k] for i, row in enumerate(idx)])
+
+
+def pick_recipe(recipes: Sequence[Recipe], seed: int, index: int, epoch: int) -> Recipe:
+    """The recipe of photo ``index``'s copy in ``epoch``: fixed per (seed, photo, epoch)."""
+    return recipes[int(np.random.default_rng([seed, index, epoch]).integers(len(recipes)))]
+
+
+class CopyTokens(PhotoEpochs):
+    """Item ``i`` = (``R x dim`` tokens of a recipe copy of photo ``i``, ``i``).
+
+    ``make_tokens`` builds the token model in each process that first needs it (loader
+    workers cannot share an ONNX session).
+    """
+
+    def __init__(self, photos: LazyPhotos, recipes: Sequence[Recipe], make_tokens: Callable[[], RegionTokens],
+                 seed: int) -> None:
+        super().__init__(photos)
+        self.recipes, self.make_tokens, self.seed = list(recipes), make_tokens, seed
+        self._tokens: RegionTokens | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokens": None}  # each loader worker builds its own token model
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        if self._tokens is None:
+            self._tokens = self.make_tokens()
+        index, photo = self.photos.photo(i)
+        recipe = pick_recipe(self.recipes, self.seed, index, self.epoch)
+        copy = recipe(photo.image, seed=self.seed, key=photo.image_id, epoch=self.epoch, ctx=self.ctx)
+        return torch.from_numpy(self._tokens(copy)), index
+
+
+def training_pairs(copies: torch.Tensor, index: torch.Tensor, originals: np.ndarray, neighbours: np.ndarray,
+                   rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(query tokens, candidate tokens, labels) for a batch of copies: each copy against its
+    original (1), one of its photo's mined neighbours (0) and another copy's original (0)."""
+    idx = index.numpy()
+    hard = neighbours[idx, rng.integers(neighbours.shape[1], size=len(idx))]
+    other = np.roll(idx, 1)
+    cands = torch.from_numpy(originals[np.concatenate([idx, hard, other])])
+    labels = torch.cat([torch.ones(len(idx)), torch.zeros(2 * len(idx))])
+    return copies.repeat(3, 1, 1), cands, labels
+
+
+@dataclass
+class PairValidation:
+    """Fixed validation pairs: copies of held-aside photos against their original and neighbours."""
+
+    queries: np.ndarray  # m x R x dim tokens of the copies
+    query_ids: list[str]
+    candidates: np.ndarray  # m x c indices into ``references``
+    references: np.ndarray  # n x R x dim tokens of the held-aside references
+    reference_ids: list[str]
+    ground_truth: list[tuple[str, str]]
+
+
+def make_pair_validation(references: LazyPhotos, distractors: LazyPhotos, recipes: Sequence[Recipe],
+                         tokens: RegionTokens, miner: Encoder, k: int) -> PairValidation:
+    """Full-strength copies of ``references`` (positives) and ``distractors`` (no original
+    anywhere), each paired with its ``k`` nearest references by ``miner`` plus, for a copy of a
+    reference, its own original."""
+    ctx = OpContext(backgrounds=references)
+    ref_ids = [references.files[i][0] for i in range(len(references))]
+    refs = describe_photos(references, tokens)
+    ref_desc = miner.embed([references[i] for i in range(len(references))])
+    queries, query_ids, rows = [], [], []
+    for source, is_ref in ((references, True), (distractors, False)):
+        for i in range(len(source)):
+            index, photo = source.photo(i)
+            recipe = pick_recipe(recipes, VALIDATION_SEED, index, 0)
+            copy = recipe(photo.image, seed=VALIDATION_SEED, key=photo.image_id, epoch=FULL_INTENSITY_EPOCH, ctx=ctx)
+            _, near = knn(miner.embed([copy]), ref_desc, min(k, len(references)))
+            own = [index] if is_ref else []
+            rows.append(own + [j for j in near[0].tolist() if j not in own][: k - len(own)])
+            queries.append(tokens(copy))
+            query_ids.append(f"Q-{photo.image_id}")
+    width = max(len(r) for r in rows)
+    cands = np.array([r + [r[-1]] * (width - len(r)) for r in rows])
+    return PairValidation(np.stack(queries), query_ids, cands, refs, ref_ids,
+                          [(f"Q-{i}", i) for i in ref_ids])
+
+
+def whole_image_cosine(queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """The baseline score of aligned token batches: the cosine of their whole-image tokens."""
+    return (queries[:, 0] * candidates[:, 0]).sum(-1)
+
+
+def validate_pairs(val: PairValidation, score: Callable[[np.ndarray, np.ndarray], np.ndarray]) -> Metrics:
+    """ISC21 metrics of the verifier's P(copy) over the validation pairs; ``score(queries,
+    candidates)`` scores aligned token batches."""
+    m, c = val.candidates.shape
+    probs = score(np.repeat(val.queries, c, axis=0), val.references[val.candidates.ravel()])
+    q = np.repeat(np.asarray(val.query_ids, dtype=object), c)
+    r = np.asarray(val.reference_ids, dtype=object)[val.candidates.ravel()]
+    keep = np.r_[True, (q[1:] != q[:-1]) | (r[1:] != r[:-1])]  # padding repeats a candidate
+    return evaluate(val.ground_truth, q[keep], r[keep], probs[keep])

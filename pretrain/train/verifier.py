@@ -1,0 +1,166 @@
+"""Training copydet's learned verifier (a Reranking Transformer over region tokens).
+
+The token model is frozen; only the pair transformer learns. Each step takes P recipe copies
+(one of the run's set recipes per copy, drawn per photo and epoch) and scores every copy
+against its original (copy), one of its photo's kNN-mined nearest neighbours (hard non-copy)
+and another copy's original (non-copy), with a balanced binary cross-entropy. Each epoch is
+validated (μAP of P(copy) on copies of held-aside photos against their nearest held-aside
+photos, :mod:`pretrain.pairs`); the best epoch's weights are registered as a ``verifier`` card.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from core.models.cards import ModelCard
+from core.models.encoders import load_encoder
+from core.models.registry import register, resolve_model
+from core.models.verifier import VerifierSpec, build_net, region_tokens, save_verifier, verifier_card
+from core.store import copy_file
+from pretrain.data import make_loader
+from pretrain.pairs import CopyTokens, describe_photos, make_pair_validation, mine_neighbours, training_pairs, \
+    validate_pairs, whole_image_cosine
+from pretrain.photos import LazyPhotos
+from pretrain.recipes import get_recipe
+from pretrain.train.common import epochs, log_event, split_photos, start_or_resume, unwrap
+from pretrain.train.session import LocalSession, RaySession, Session
+from pretrain.train.state import write_resume_state
+from pretrain.train_config import RunSpec
+
+BEST_FILE = "best-verifier.safetensors"
+WEIGHTS_FILE = "verifier.safetensors"
+POSITIVE_WEIGHT = 2.0  # one positive per two negatives: balance the classes
+
+
+def net_spec(spec: RunSpec) -> VerifierSpec:
+    """The architecture part of the run's verifier section (what the card's build holds)."""
+    return VerifierSpec.model_validate(spec.verifier.model_dump(include=set(VerifierSpec.model_fields)))
+
+
+def verifier_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
+    """Train the verifier of ``spec``; returns the last metrics."""
+    hp, arch = spec.verifier, net_spec(spec)
+    torch.manual_seed(spec.seed + session.rank)
+    if spec.torch_threads:
+        torch.set_num_threads(spec.torch_threads)
+    recipes = [get_recipe(r) for r in spec.recipe.split("+")]
+    train, val_refs, distractors = split_photos(spec)
+    photos = LazyPhotos(train, spec.data.max_side)
+    tokens = region_tokens(arch, spec.registry)
+    miner = load_encoder(hp.miner, hp.miner_scale, registry=spec.registry)
+    t0 = time.perf_counter()
+    originals = describe_photos(photos, tokens)
+    neighbours = mine_neighbours(photos, miner, hp.neighbours)
+    val = None
+    if len(val_refs) and session.rank == 0:
+        val = make_pair_validation(LazyPhotos(val_refs, spec.data.max_side),
+                                   LazyPhotos(distractors, spec.data.max_side), recipes, tokens, miner,
+                                   hp.neighbours)
+    described = {"event": "described", "photos": len(photos), "seconds": time.perf_counter() - t0}
+    if val is not None:  # what the verifier must beat: the whole-image cosine of the token model
+        described["val_whole_image_micro_ap"] = validate_pairs(val, whole_image_cosine).micro_ap
+    log_event(spec, session.rank, described)
+    copies = CopyTokens(photos, recipes, partial(region_tokens, arch, spec.registry), seed=spec.seed)
+    loader = make_loader(copies, hp.photos_per_batch, num_workers=spec.loader_workers, rank=session.rank,
+                         world_size=session.world_size, seed=spec.seed)
+    steps = min(len(loader), hp.steps_per_epoch or len(loader))
+    net = build_net(arch, tokens.dim, seed=spec.seed)
+    begin = start_or_resume(spec, session, net, "net",
+                            lambda m: torch.optim.AdamW(m.parameters(), lr=hp.lr, weight_decay=hp.weight_decay))
+    model, opt, train_time, best = begin.model, begin.opt, begin.train_time + time.perf_counter() - t0, \
+        begin.progress.get("best")
+    rng = np.random.default_rng([spec.seed, session.rank, begin.epoch])
+
+    metrics: dict[str, Any] = {}
+    for epoch in epochs(spec, loader, model, begin.epoch, hp.epochs):
+        t0, losses = time.perf_counter(), []
+        for _, (batch, index) in zip(range(steps), loader):
+            q, r, labels = training_pairs(batch, index, originals, neighbours, rng)
+            losses.append(pair_step(model, q, r, labels, opt, session.device))
+        seconds = time.perf_counter() - t0
+        train_time += seconds
+        metrics = {"run": spec.name, "epoch": epoch, "loss": sum(losses) / len(losses),
+                   "copies_per_s": len(losses) * hp.photos_per_batch * session.world_size / seconds}
+        if val is not None:
+            found = validate_pairs(val, partial(_score, unwrap(model)))
+            metrics.update(micro_ap=found.micro_ap, recall_at_p90=found.recall_at_p90)
+            if best is None or found.micro_ap > best["micro_ap"]:
+                best = {"epoch": epoch, "micro_ap": found.micro_ap, "recall_at_p90": found.recall_at_p90}
+                save_verifier(unwrap(model), Path(spec.run_dir) / BEST_FILE)
+        log_event(spec, session.rank, {"event": "epoch", **metrics})
+        progress = {"epoch": epoch, "train_time_s": train_time, "metrics": metrics, "best": best}
+        card = _card(spec, arch, None, train_time, best)
+        state = {"net": unwrap(model).state_dict(), "optimizer": opt.state_dict()}
+        session.report(metrics, partial(_write, net=unwrap(model), card=card, state=state, progress=progress))
+
+    if session.rank == 0:
+        _register(spec, arch, unwrap(model), train_time, best)
+    return metrics
+
+
+def pair_step(model: nn.Module, q: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,
+              opt: torch.optim.Optimizer, device: torch.device) -> float:
+    """One update on aligned (query, candidate) token batches; returns the loss."""
+    logits = model(q.to(device), r.to(device))
+    weight = torch.where(labels > 0, POSITIVE_WEIGHT, 1.0).to(device)
+    loss = F.binary_cross_entropy_with_logits(logits, labels.to(device), weight=weight)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return float(loss.detach())
+
+
+@torch.no_grad()
+def _score(net: nn.Module, queries: np.ndarray, candidates: np.ndarray, batch: int = 256) -> np.ndarray:
+    """P(copy) of aligned token batches, in eval mode."""
+    was_training = net.training
+    net.eval()
+    device = next(net.parameters()).device
+    out = [torch.sigmoid(net(torch.from_numpy(queries[i:i + batch]).to(device),
+                             torch.from_numpy(candidates[i:i + batch]).to(device))).cpu()
+           for i in range(0, len(queries), batch)]
+    net.train(was_training)
+    return torch.cat(out).numpy()
+
+
+def _card(spec: RunSpec, arch: VerifierSpec, weights: str | None, train_time: float,
+          best: dict[str, Any] | None) -> ModelCard:
+    metrics = {} if best is None else {k: float(v) for k, v in best.items() if k != "epoch"}
+    return verifier_card(spec.name, arch, resolve_model(arch.tokens, spec.registry), weights,
+                         trained_on=spec.recipe, loss="bce", train_time_s=round(train_time, 1), metrics=metrics)
+
+
+def _write(folder: Path, *, net: nn.Module, card: ModelCard, state: dict[str, Any], progress: dict[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    save_verifier(net, folder / WEIGHTS_FILE)
+    write_resume_state(folder, card=card, state=state, progress=progress)
+
+
+def _register(spec: RunSpec, arch: VerifierSpec, net: nn.Module, train_time: float,
+              best: dict[str, Any] | None) -> None:
+    """Register the best validated weights (the final ones without validation); card last."""
+    target = Path(spec.registry) / f"{spec.name}.safetensors"
+    if best is None:
+        save_verifier(net, target)
+    else:
+        copy_file(Path(spec.run_dir) / BEST_FILE, target)
+    register(_card(spec, arch, str(target.resolve()), train_time, best), spec.registry)
+    log_event(spec, 0, {"event": "registered", "name": spec.name, **(best or {})})
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point: ``config`` is a :class:`RunSpec` as a dict."""
+    verifier_loop(RunSpec.model_validate(config), RaySession())
+
+
+def train_local(spec: RunSpec) -> dict[str, Any]:
+    """Run the loop in this process (tests, inline fan-out members)."""
+    return verifier_loop(spec, LocalSession(spec.run_dir, "cuda" if spec.use_gpu else "cpu"))

@@ -1,0 +1,153 @@
+"""The living index: a served answer equals `copydet run`'s, add/remove/compact publish versions
+that answer like a rebuild, and a writer killed mid-add leaves the previous version whole."""
+import csv
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from core.imageio import load_rgb
+from ensemble.index.layout import IndexDir, IndexFolderError
+from jobs import indexing
+from jobs.commands.index import info_lines
+from jobs.config import load_config
+from jobs.pipeline import run_pipeline
+from jobs.serve.engine import Matcher
+from tests.conftest import make_tiny_dataset, synthetic_photo
+
+# crop views on queries, a centre tile on references with the D2LV pair rule, normalisation, verification
+TINY = ["models.0.name=resnet18", "models.0.scales=[64]", "models.0.batch_size=8", "patches.shard_size=5",
+        "patches.reference.center_tiles=[0.7]", "search.pairs=d2lv", "search.k=5", "search.shard_size=7",
+        "search.cpus_per_shard=0.1", "fuse.k=3", "fuse.calibration={resnet18@64: 1.25}", "verify.enabled=true",
+        "verify.top_k=2", "verify.min_inliers=4"]
+REPO = Path(__file__).resolve().parent.parent
+
+
+def predictions(path) -> dict[str, list[tuple[str, float]]]:
+    out: dict[str, list[tuple[str, float]]] = {}
+    with open(path) as f:
+        for r in csv.DictReader(f):
+            out.setdefault(r["query_id"], []).append((r["reference_id"], float(r["score"])))
+    return {q: sorted(v, key=lambda x: -x[1]) for q, v in out.items()}
+
+
+def served(matcher: Matcher, folder: Path) -> dict[str, list[tuple[str, float]]]:
+    files = sorted(folder.glob("*.jpg"))
+    answers = matcher.match([load_rgb(f) for f in files])
+    return {f.stem: [(m["reference_id"], m["score"]) for m in a["matches"]] for f, a in zip(files, answers)}
+
+
+def assert_same(a: dict, b: dict, tol: float = 1e-4) -> None:
+    assert set(a) == set(b)
+    for q in a:
+        assert [r for r, _ in a[q]] == [r for r, _ in b[q]], q
+        assert all(abs(x - y) <= tol for (_, x), (_, y) in zip(a[q], b[q])), (q, a[q], b[q])
+
+
+@pytest.fixture(scope="module")
+def built(ray_local, tmp_path_factory):
+    """A batch run over a tiny ISC21 set and an index built from the same config and references."""
+    root = tmp_path_factory.mktemp("idx")
+    data = make_tiny_dataset(root)
+    cfg = load_config(None, [f"data.root={data}", f"output={root / 'run'}", *TINY])
+    run_pipeline(cfg)
+    index = root / "index"
+    indexing.build_from_run(str(root / "run"), str(index), cfg)
+    return data, cfg, root / "run", index
+
+
+def test_served_answer_equals_batch_predictions(built):
+    data, _, run, index = built
+    assert_same(served(Matcher(str(index)), data / "queries"), predictions(run / "predictions.csv"))
+
+
+def test_add_remove_compact(built, tmp_path):
+    data, cfg, _, built_index = built
+    index = tmp_path / "index"
+    shutil.copytree(built_index, index)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    synthetic_photo(900).save(extra / "R900.jpg")
+    synthetic_photo(901).save(extra / "R901.jpg")
+    shutil.copy(data / "references" / "R001.jpg", extra / "R001.jpg")  # already in: skipped, not duplicated
+    (extra / "broken.jpg").write_bytes(b"not a jpeg")
+    name, added, errors = indexing.add_folder(str(index), str(extra))
+    assert (name, added) == ("v000002", 2) and len(errors) == 1 and "broken.jpg" in errors[0]
+    # the added image is found first by a copy of itself; R001 is there once
+    m = Matcher(str(index))
+    copy = synthetic_photo(900).crop((5, 5, 90, 70))
+    assert m.match([copy])[0]["matches"][0]["reference_id"] == "R900"
+    assert list(m.index.paths).count("R001") == 1 and len(m.index.paths) == 10
+
+    # a rebuild over the same references answers the same
+    both = tmp_path / "refs"
+    shutil.copytree(data / "references", both)
+    for f in ("R900.jpg", "R901.jpg"):
+        shutil.copy(extra / f, both / f)
+    rebuilt = tmp_path / "rebuilt"
+    indexing.build_from_folders(cfg.model_copy(update={"data": cfg.data.model_copy(
+        update={"root": None, "references": str(both), "train": str(data / "train")})}), str(rebuilt))
+    assert_same(served(m, data / "queries"), served(Matcher(str(rebuilt)), data / "queries"))
+
+    name, removed, unknown = indexing.remove_ids(str(index), ["R900", "R007", "nope"])
+    assert (name, removed, unknown) == ("v000003", ["R007", "R900"], ["nope"])
+    m = Matcher(str(index))
+    for answer in m.match([copy, load_rgb(data / "queries" / "Q003.jpg")]):  # Q003 is a copy of R007
+        assert {"R900", "R007"}.isdisjoint(x["reference_id"] for x in answer["matches"])
+    with pytest.raises(ValueError, match="compact"):
+        indexing.add_folder(str(index), str(extra))  # R900 was removed: re-adding waits for compaction
+    assert indexing.compact(str(index)) == "v000004"
+    compacted = Matcher(str(index))
+    assert_same(served(compacted, data / "queries"), served(m, data / "queries"))
+    assert sum(s["rows"] for s in compacted.index.meta["keys"]["resnet18@64"]["shards"]) == 2 * 8
+    text = "\n".join(info_lines(str(index)))
+    assert "* v000004" in text and "8 live, 0 removed" in text and "v000003  remove" in text
+    assert IndexDir(index).versions() == ["v000001", "v000002", "v000003", "v000004"]
+
+
+def test_killed_add_leaves_previous_version(built, tmp_path):
+    data, _, _, built_index = built
+    index = tmp_path / "index"
+    shutil.copytree(built_index, index)
+    before = served(Matcher(str(index)), data / "queries")
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(60):
+        synthetic_photo(2000 + i, (320, 240)).save(many / f"N{i:03d}.jpg")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # two images per step, so the kill lands while the new version is being written
+    cmd = [sys.executable, "-m", "jobs.cli", "index", "add", str(index), str(many), "--set", "index.chunk_images=2"]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    staged = None
+    while time.time() < deadline and proc.poll() is None:
+        staged = next((p for p in IndexDir(index).stale() if any(p.rglob("part-*.parquet"))), None)
+        if staged:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.005)
+    assert proc.wait(60) == -signal.SIGKILL, f"add finished before it could be killed: {proc.stderr.read()[-500:]}"
+    assert staged is not None
+    idx = IndexDir(index)
+    assert idx.current() == "v000001" and idx.versions() == ["v000001"] and idx.stale()
+    assert served(Matcher(str(index)), data / "queries") == before  # the previous version loads and answers
+    # the next writer clears the leftovers and publishes normally
+    shutil.rmtree(many)
+    many.mkdir()
+    synthetic_photo(3000).save(many / "N999.jpg")
+    assert indexing.add_folder(str(index), str(many))[:2] == ("v000002", 1) and not idx.stale()
+
+
+def test_writer_lock_and_missing_index(tmp_path):
+    idx = IndexDir(tmp_path / "i")
+    with idx.lock():
+        with pytest.raises(IndexFolderError, match="another"):
+            with idx.lock():
+                pass
+    with pytest.raises(IndexFolderError, match="not an index"):
+        Matcher(str(tmp_path / "nothing"))

@@ -1,0 +1,184 @@
+"""`copydet serve` on Ray Serve over HTTP: the batch answer, bad requests, the match page in a real
+browser, and a newly published index version picked up without dropping requests.
+
+One service for the module: the bundled sample, a random-init resnet18 at 128 px with crop views,
+normalisation and SIFT verification, indexed from the batch run of the same config.
+"""
+import csv
+import io
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from PIL import Image
+
+from jobs import indexing
+from jobs.config import DEFAULT_SAMPLE, load_config
+from jobs.pipeline import run_pipeline
+
+REPO = Path(__file__).resolve().parent.parent
+OUTPUT = REPO / "test-output"  # the browser test's screenshot lands here
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                  "--disable-component-update", "--no-first-run", "--disable-sync"]
+QUERIES = DEFAULT_SAMPLE / "queries"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(ray_local, tmp_path_factory):
+    from ray import serve
+
+    from jobs.serve.app import start
+    root = tmp_path_factory.mktemp("serve")
+    cfg = load_config(None, [f"output={root / 'run'}", "models.0.scales=[128]", "patches.shard_size=16",
+                             "verify.enabled=true", "verify.top_k=3", "verify.min_inliers=8",
+                             f"serve.port={free_port()}", "serve.max_upload_bytes=1000000",
+                             "serve.max_pixels=4000000", "serve.poll_s=0.3", "serve.max_batch_size=4"])
+    run_pipeline(cfg)
+    index = root / "index"
+    indexing.build_from_run(str(root / "run"), str(index), cfg)
+    url = start(str(index), cfg)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if requests.get(f"{url}/healthz", timeout=5).ok:
+                break
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.5)
+    yield url, index, root
+    serve.shutdown()
+
+
+def post(url: str, data: bytes, kind: str = "image/jpeg") -> requests.Response:
+    return requests.post(f"{url}/v1/match", data=data, headers={"Content-Type": kind}, timeout=60)
+
+
+def test_http_answers_equal_batch_predictions(service):
+    url, _, root = service
+    batch: dict[str, list[tuple[str, float]]] = {}
+    with open(root / "run" / "predictions.csv") as f:
+        for r in csv.DictReader(f):
+            batch.setdefault(r["query_id"], []).append((r["reference_id"], float(r["score"])))
+    files = sorted(QUERIES.glob("*.jpg"))
+    for f in files:
+        answer = post(url, f.read_bytes()).json()
+        want = sorted(batch[f.stem], key=lambda x: -x[1])
+        assert [m["reference_id"] for m in answer["matches"]] == [r for r, _ in want], f.stem
+        assert all(abs(m["score"] - s) < 1e-4 for m, (_, s) in zip(answer["matches"], want)), f.stem
+        assert answer["is_copy"] == (answer["matches"][0]["score"] >= answer["threshold"])
+        assert {"decode", "views", "model", "search", "verify", "total"} <= set(answer["timings"])
+    several = [("images", (f.name, f.read_bytes(), "image/jpeg")) for f in files[:3]]
+    results = requests.post(f"{url}/v1/match:batch", files=several, timeout=60).json()["results"]
+    assert [[m["reference_id"] for m in r["matches"]] for r in results] == \
+        [[x for x, _ in sorted(batch[f.stem], key=lambda x: -x[1])] for f in files[:3]]
+    multipart = requests.post(f"{url}/v1/match", files={"image": ("q.jpg", files[0].read_bytes())}, timeout=60)
+    assert multipart.json()["matches"] == post(url, files[0].read_bytes()).json()["matches"]
+    assert "/v1/match" in requests.get(f"{url}/openapi.json", timeout=10).json()["paths"]
+    assert requests.get(f"{url}/docs", timeout=10).ok
+
+
+def _png(size: tuple[int, int]) -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", size).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_bad_requests_get_4xx_and_the_server_keeps_answering(service):
+    url, _, _ = service
+    good = (QUERIES / "Q0001.jpg").read_bytes()
+    cases = [  # (body, content type, status, error code, words in the message)
+        (b"this is not an image", "image/jpeg", 422, "not_an_image", "not an image"),
+        (good[: len(good) // 2], "image/jpeg", 422, "not_an_image", "truncated"),
+        (_png((3000, 3000)), "image/png", 422, "too_many_pixels", "too many pixels"),  # 9 Mpx > serve.max_pixels
+        (b"\xff" * 1_000_001, "image/jpeg", 413, "too_large", "over the limit"),
+        (good, "text/plain", 415, "unsupported_media_type", "text/plain"),
+        (b"", "image/jpeg", 422, "not_an_image", "empty"),
+    ]
+    for body, kind, status, code, words in cases:
+        r = post(url, body, kind)
+        assert r.status_code == status, (code, r.text)
+        err = r.json()["error"]
+        assert err["code"] == code and words in err["message"], err
+        assert post(url, good).status_code == 200  # still up, still answering
+    r = requests.post(f"{url}/v1/match", files={"other": ("x.txt", b"hi", "text/plain")}, data={"a": "b"},
+                      timeout=30)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "not_an_image"
+    r = requests.post(f"{url}/v1/match", files={"a": (None, "b")}, timeout=30)  # a form field, no file
+    assert r.status_code == 400 and r.json()["error"]["code"] == "no_image"
+    assert requests.get(f"{url}/v1/references/nope/thumbnail", timeout=10).status_code == 404
+    mixed = requests.post(f"{url}/v1/match:batch", timeout=60, files=[
+        ("images", ("ok.jpg", good, "image/jpeg")), ("images", ("bad.jpg", b"nope", "image/jpeg"))]).json()
+    assert "matches" in mixed["results"][0] and mixed["results"][1]["error"]["code"] == "not_an_image"
+    assert requests.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/install installs it)")
+def test_match_page_in_a_real_browser(service):
+    from playwright.sync_api import sync_playwright
+    url, _, _ = service
+    OUTPUT.mkdir(exist_ok=True)
+    shot = OUTPUT / "match_page.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 900})
+            page.goto(url + "/")
+            page.set_input_files("#file", str(QUERIES / "Q0014.jpg"))  # R0017 with text overlaid
+            page.wait_for_selector("body[data-state=done]", timeout=60_000)
+            rows = page.locator(".match")
+            assert rows.count() >= 1
+            assert rows.first.get_attribute("data-reference-id") == "R0017"
+            assert "verified" in rows.first.inner_text()
+            assert page.evaluate("document.querySelector('.match canvas').width") > 100  # the pair was drawn
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 10_000
+    print(f"screenshot: {shot}")
+
+
+def test_new_version_is_picked_up_without_dropping_requests(service, tmp_path):
+    url, index, _ = service
+    before = requests.get(f"{url}/healthz", timeout=10).json()
+    new = tmp_path / "new"
+    new.mkdir()
+    img = Image.open(QUERIES / "Q0003.jpg")  # an unrelated query: indexed now, it must become its own best match
+    img.save(new / "RNEW.jpg")
+    statuses, stop = [], threading.Event()
+
+    def hammer() -> None:
+        while not stop.is_set():
+            statuses.append(post(url, (QUERIES / "Q0002.jpg").read_bytes()).status_code)
+
+    t = threading.Thread(target=hammer)
+    t.start()
+    try:
+        version = indexing.add_folder(str(index), str(new))[0]
+        deadline = time.time() + 60
+        while requests.get(f"{url}/healthz", timeout=10).json()["version"] != version and time.time() < deadline:
+            time.sleep(0.2)
+    finally:
+        stop.set()
+        t.join()
+    health = requests.get(f"{url}/healthz", timeout=10).json()
+    assert health["version"] == version != before["version"] and health["references"] == before["references"] + 1
+    assert statuses and set(statuses) == {200}
+    assert post(url, (QUERIES / "Q0003.jpg").read_bytes()).json()["matches"][0]["reference_id"] == "RNEW"
+    gone = indexing.remove_ids(str(index), ["RNEW"])[0]
+    deadline = time.time() + 60
+    while requests.get(f"{url}/healthz", timeout=10).json()["version"] != gone and time.time() < deadline:
+        time.sleep(0.2)
+    answer = post(url, (QUERIES / "Q0003.jpg").read_bytes()).json()
+    assert answer["version"] == gone and "RNEW" not in [m["reference_id"] for m in answer["matches"]]
+    shutil.rmtree(new)
