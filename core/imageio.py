@@ -132,7 +132,7 @@ def load_rgb(path: str | os.PathLike, max_side: int | None = None, *, draft_side
 
 
 def decode_rgb(data: bytes, name: str = "upload", max_side: int | None = None,
-               max_pixels: int | None = None) -> Image.Image:
+               max_pixels: int | None = None, *, draft_side: int | None = None) -> Image.Image:
     """:func:`load_rgb` for bytes in memory (an upload); errors name ``name``.
 
     ``max_pixels`` refuses images whose header declares more pixels (a decompression bomb)
@@ -140,7 +140,7 @@ def decode_rgb(data: bytes, name: str = "upload", max_side: int | None = None,
     """
     if not data:
         raise ImageDecodeError(name, "empty file")
-    return _decode(io.BytesIO(data), name, max_side, None, max_pixels)
+    return _decode(io.BytesIO(data), name, max_side, draft_side, max_pixels)
 
 
 def _decode(source: str | os.PathLike | BinaryIO, name: str | os.PathLike, max_side: int | None,

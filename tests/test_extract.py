@@ -113,6 +113,39 @@ def test_a_big_jpeg_decodes_at_the_size_its_largest_patch_needs(tmp_path, monkey
     assert pe.draft_sides({**crop, "rotation": [90]}, {"B": (4000, 3000)}, [wide]) == {"B": 2000}  # no draft
 
 
+
+def test_embedding_in_process_decodes_a_big_jpeg_as_extraction_does(tmp_path):
+    """The service and `index add` embed decoded images; given the file or its bytes they decode
+    a big JPEG again at extraction's draft size, so the patches are extraction's to the pixel."""
+    from patchers.embed import ImageEmbedder
+
+    path = tmp_path / "big.jpg"
+    synthetic_photo(3, (2400, 1800)).save(path, quality=90)
+    views = ViewConfig(center_crops=[0.5])
+    write_table(pa.table({"image_id": ["B"], "path": [str(path)], "width": [2400], "height": [1800]}),
+                tmp_path / "manifest" / "query-00000.parquet")
+    write_table(plan_table(["B"], views), tmp_path / "patches" / "query-00000.parquet")
+    card = backbone_card("tiny_cnn")
+    key = pe.KeySpec(card, Preprocess.for_card(card, 64), str(tmp_path / "features"), "tiny_cnn", 64)
+    row = pe.decode_chunk(pe.ChunkTask("query-00000.parquet", 0, 0, 2, (0,)), str(tmp_path / "patches"),
+                          str(tmp_path / "manifest"), [key.pre])
+    batch = pe.unpack(row["px0"], row["shape0"])
+    emb = ImageEmbedder([key], views)
+    seen = []
+
+    class Recorder:  # the pixels the model would get
+        dim = 4
+
+        def embed_arrays(self, px):
+            seen.append(px)
+            return np.zeros((len(px), 4), np.float32)
+    emb.encoders = [Recorder()]
+    for source in (str(path), path.read_bytes(), None):
+        seen.clear()
+        emb.embed([("B", load_rgb(path))], sources=None if source is None else {"B": source})
+        same = len(seen[0]) == len(batch) and all(np.array_equal(a, b) for a, b in zip(seen[0], batch))
+        assert same == (source is not None)  # without its source the full decode gives other pixels
+
 def test_shape_buckets_batch_aspect_kept_patches_and_keep_descriptors():
     assert resized_size((400, 300), "short_side", 288, bucket=32) == (384, 288)
     assert resized_size((410, 300), "short_side", 288, bucket=32) == (384, 288)  # 393.6 -> 384
