@@ -24,7 +24,8 @@ from core.store import chunks, read_table
 from ensemble.fuse import top_k_per_query
 from ensemble.verify import make_scorer, verify_pairs
 from jobs.layout import RunDir
-from jobs.stages.verify import SCORER_PLANS, image_paths
+from jobs.layout import image_paths
+from jobs.stages.verify import SCORER_PLANS
 
 
 def main() -> None:

@@ -7,21 +7,27 @@ reason; the manifest stage records them in ``errors.parquet`` instead of crashin
 
 Pixels are always fully decoded (``Image.load``) and PIL's ``LOAD_TRUNCATED_IMAGES`` is left
 as it is (False by default), so a truncated file fails here rather than yielding a grey
-half-image.
+half-image. :func:`scan_images` lists an image folder so that every file under it is either
+an image to decode or a rejected path with its reason.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
+import math
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+# Accepted image file extensions, in any letter case (README: "What copydet refuses").
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+DRAFT_SCALES = (1, 2, 4, 8)  # the size reductions a JPEG decoder offers (DCT scaling)
 WHITE = (255, 255, 255)
 # EXIF orientations (tag 0x0112) that rotate by 90 or 270 degrees, i.e. swap width and height.
 SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
@@ -87,28 +93,46 @@ def _check_readable(path: str | os.PathLike) -> None:
         raise ImageDecodeError(path, "empty file")
 
 
-def _draft(img: Image.Image, max_side: int) -> None:
-    """Let a JPEG decoder scale down by 1/2, 1/4 or 1/8 while the longer side stays >= ``max_side``
-    (a no-op for other formats): a 4000 px photo wanted at 512 px decodes ~16x fewer pixels."""
-    scale = max_side / max(img.size)
-    if scale < 1:
-        img.draft(img.mode, (max(1, int(img.width * scale)), max(1, int(img.height * scale))))
+def _reduction(size: tuple[int, int], draft_side: int | None, max_pixels: int | None) -> int:
+    """The JPEG scale-down (1, 2, 4 or 8) that keeps the longer side >= ``draft_side`` and, where
+    possible, the pixel count <= ``max_pixels`` (the cap wins when both cannot hold)."""
+    w, h = size
+    need = draft_side or max(w, h)
+    s = max(s for s in DRAFT_SCALES if s == 1 or math.ceil(max(w, h) / s) >= need)
+    while max_pixels and math.ceil(w / s) * math.ceil(h / s) > max_pixels and s < DRAFT_SCALES[-1]:
+        s *= 2
+    return s
 
 
-def load_rgb(path: str | os.PathLike, max_side: int | None = None) -> Image.Image:
+def _draft(img: Image.Image, path: str | os.PathLike, draft_side: int | None, max_pixels: int | None) -> None:
+    """Let a JPEG decoder scale down by 1/2, 1/4 or 1/8 (a no-op for other formats): a 4000 px
+    photo wanted at 512 px decodes ~16x fewer pixels. Refuses an image that still has more than
+    ``max_pixels`` pixels, before any pixel is decoded."""
+    s = _reduction(img.size, draft_side, max_pixels)
+    if s > 1:
+        img.draft(img.mode, (img.width // s, img.height // s))
+    if max_pixels and img.width * img.height > max_pixels:
+        raise ImageDecodeError(path, f"too many pixels ({img.width}x{img.height} = {img.width * img.height:,}; "
+                                     f"the cap max_pixels is {max_pixels:,})")
+
+
+def load_rgb(path: str | os.PathLike, max_side: int | None = None, *, draft_side: int | None = None,
+             max_pixels: int | None = None) -> Image.Image:
     """Fully decode ``path`` as an upright 8-bit RGB image (EXIF orientation applied).
 
     With ``max_side``, the image is shrunk (aspect kept, bilinear) so that its longer side is
-    at most ``max_side``; JPEGs are decoded at reduced size (draft mode) to save time and memory.
-    Raises :class:`ImageDecodeError` for every kind of bad input: missing/empty file,
-    not an image, truncated or corrupt data.
+    at most ``max_side``. JPEGs are decoded at reduced size (draft mode) while their longer side
+    stays >= ``max_side`` or ``draft_side`` (``draft_side`` alone resamples nothing), and while
+    they have more than ``max_pixels`` pixels; any other image over ``max_pixels`` is refused
+    before it is decoded. Raises :class:`ImageDecodeError` for every kind of bad input:
+    missing/empty file, not an image, too many pixels, truncated or corrupt data.
     """
     _check_readable(path)
-    return _decode(path, path, max_side)
+    return _decode(path, path, max_side, draft_side, max_pixels)
 
 
 def decode_rgb(data: bytes, name: str = "upload", max_side: int | None = None,
-               max_pixels: int | None = None) -> Image.Image:
+               max_pixels: int | None = None, *, draft_side: int | None = None) -> Image.Image:
     """:func:`load_rgb` for bytes in memory (an upload); errors name ``name``.
 
     ``max_pixels`` refuses images whose header declares more pixels (a decompression bomb)
@@ -116,24 +140,22 @@ def decode_rgb(data: bytes, name: str = "upload", max_side: int | None = None,
     """
     if not data:
         raise ImageDecodeError(name, "empty file")
-    return _decode(io.BytesIO(data), name, max_side, max_pixels)
+    return _decode(io.BytesIO(data), name, max_side, draft_side, max_pixels)
 
 
 def _decode(source: str | os.PathLike | BinaryIO, name: str | os.PathLike, max_side: int | None,
-            max_pixels: int | None = None) -> Image.Image:
+            draft_side: int | None = None, max_pixels: int | None = None) -> Image.Image:
     try:
         with Image.open(source) as img:
-            if max_pixels is not None and img.width * img.height > max_pixels:
-                raise Image.DecompressionBombError(
-                    f"{img.width}x{img.height} = {img.width * img.height} pixels, the limit is {max_pixels}")
-            if max_side is not None:
-                _draft(img, max_side)
+            _draft(img, name, max_side or draft_side, max_pixels)
             img.load()
             upright = ImageOps.exif_transpose(img)
             rgb = TO_RGB.get(upright.mode, _convert)(upright)
             if max_side is not None:
                 rgb.thumbnail((max_side, max_side), Image.Resampling.BILINEAR)
             return rgb
+    except ImageDecodeError:
+        raise
     except Exception as e:  # the decoding boundary: any failure becomes a named, recorded error
         raise ImageDecodeError(name, _reason(e)) from e
 
@@ -162,15 +184,86 @@ def sha256_file(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+@dataclass(frozen=True)
+class ImageFile:
+    """One accepted file of an image folder: its id, resolved path, and what pins its content."""
+
+    image_id: str  # path under the folder without the extension (ISC21: the file stem)
+    path: str
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class FolderScan:
+    """Every file under an image folder: accepted ``files`` (sorted) and ``rejected`` (path, reason)."""
+
+    folder: str
+    files: list[ImageFile] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)
+
+    def duplicates(self) -> dict[str, list[str]]:
+        """id -> paths, for the ids that more than one file gives (``Q1.jpg`` and ``Q1.png``)."""
+        by_id: dict[str, list[str]] = {}
+        for f in self.files:
+            by_id.setdefault(f.image_id, []).append(f.path)
+        return {i: paths for i, paths in by_id.items() if len(paths) > 1}
+
+
+def _stat_reason(path: Path, err: OSError) -> str:
+    if err.errno == errno.ELOOP:
+        return "symlink loop"
+    if path.is_symlink() and err.errno == errno.ENOENT:
+        return f"broken symlink (to {os.readlink(path)})"
+    return f"cannot read ({err.strerror or err})"
+
+
+def _walk(folder: Path, root: Path, ancestors: frozenset[str], scan: FolderScan) -> None:
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        scan.rejected.append((str(folder), f"cannot read folder ({e.strerror or e})"))
+        return
+    for entry in entries:
+        path = Path(entry.path)
+        try:
+            st = os.stat(path)  # follows symlinks
+        except OSError as e:
+            scan.rejected.append((str(path), _stat_reason(path, e)))
+            continue
+        if os.path.isdir(path):
+            real = os.path.realpath(path)
+            if real in ancestors:
+                scan.rejected.append((str(path), f"symlink loop (to {real}, a folder above it)"))
+            else:
+                _walk(path, root, ancestors | {real}, scan)
+        elif not entry.is_file():
+            scan.rejected.append((str(path), "not a regular file"))
+        elif path.suffix.lower() not in IMAGE_SUFFIXES:
+            scan.rejected.append((str(path), f"not an image file extension (accepted: {' '.join(IMAGE_SUFFIXES)})"))
+        else:
+            scan.files.append(ImageFile(str(path.relative_to(root).with_suffix("")), str(path.resolve()),
+                                        st.st_size, st.st_mtime_ns))
+
+
+def scan_images(folder: str | os.PathLike) -> FolderScan:
+    """Every file under ``folder`` (recursive, following symlinks): accepted image files, sorted by
+    relative path, with ids as in :func:`list_images`; and rejected paths with the reason (an
+    extension not in :data:`IMAGE_SUFFIXES`, a broken symlink, a symlink loop, an unreadable
+    folder). Nothing under the folder is left out silently."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{folder}: image folder does not exist")
+    scan = FolderScan(str(root))
+    _walk(root, root, frozenset({os.path.realpath(root)}), scan)  # depth-first, names sorted: path order
+    return scan
+
+
 def list_images(folder: str | os.PathLike, limit: int | None = None) -> list[tuple[str, str]]:
     """``(image_id, path)`` for the image files under ``folder`` (recursive, sorted).
 
     The id is the file stem, as in ISC21 (``Q00001.jpg`` -> ``Q00001``); files in
     sub-folders get their relative path without suffix so ids stay unique.
     """
-    root = Path(folder)
-    if not root.is_dir():
-        raise FileNotFoundError(f"{folder}: image folder does not exist")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    out = [(str(p.relative_to(root).with_suffix("")), str(p.resolve())) for p in files]
+    out = [(f.image_id, f.path) for f in scan_images(folder).files]
     return out[:limit] if limit else out

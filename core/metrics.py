@@ -7,13 +7,17 @@ recall. Everything is vectorised with numpy so a million predictions score in ab
 """
 from __future__ import annotations
 
+import csv
+import io
 import os
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from core.contracts import PREDICTIONS_SCHEMA
@@ -131,9 +135,10 @@ def evaluate(gt: Sequence[tuple[str, str]], query_ids: Sequence[str], reference_
 
 
 def _read_csv(path: str | os.PathLike, columns: list[str], types: dict[str, pa.DataType]) -> pa.Table:
+    """Standard CSV: a value with a comma, quote or line break is quoted (as :func:`write_predictions` does)."""
     try:
-        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
-            column_types=types, strings_can_be_null=False))
+        table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(newlines_in_values=True),
+                               convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False))
     except pa.ArrowInvalid as e:
         raise ValueError(f"{path}: not a valid CSV with header {','.join(columns)}: {e}") from e
     missing = [c for c in columns if c not in table.column_names]
@@ -144,11 +149,18 @@ def _read_csv(path: str | os.PathLike, columns: list[str], types: dict[str, pa.D
 
 
 def read_ground_truth(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """GT pairs from a CSV with header ``query_id,reference_id``; rows with no reference are skipped."""
+    """GT pairs from a CSV with header ``query_id,reference_id``; rows with no reference are skipped.
+
+    A pair listed twice would count twice in recall: it is refused, naming the pairs."""
     table = _read_csv(path, ["query_id", "reference_id"],
                       {"query_id": pa.string(), "reference_id": pa.string()})
     q, r = table.column("query_id").to_pylist(), table.column("reference_id").to_pylist()
-    return [(a, b) for a, b in zip(q, r) if b]
+    pairs = [(a, b) for a, b in zip(q, r) if b]
+    repeated = sorted(p for p, n in Counter(pairs).items() if n > 1)
+    if repeated:
+        raise ValueError(f"{path}: {len(repeated)} (query_id, reference_id) pair(s) listed more than once: "
+                         f"{', '.join(map(repr, repeated[:10]))}{' ...' if len(repeated) > 10 else ''}")
+    return pairs
 
 
 def read_predictions(path: str | os.PathLike) -> pa.Table:
@@ -158,11 +170,17 @@ def read_predictions(path: str | os.PathLike) -> pa.Table:
 
 
 def write_predictions(table: pa.Table, path: str | os.PathLike) -> str:
-    """Write ``query_id,reference_id,score`` (unquoted ISC21 CSV) atomically: temp name, then rename."""
+    """Write ``query_id,reference_id,score`` (the ISC21 CSV) atomically: temp name, then rename.
+
+    Ids are written bare unless they hold a comma, quote or line break; those are quoted as
+    standard CSV (RFC 4180), which :func:`read_predictions` reads back to the same ids."""
     table = table.select(PREDICTIONS_SCHEMA.names).cast(PREDICTIONS_SCHEMA)
-    with atomic_output(path) as f:  # header written by hand: pyarrow<22 always quotes it
-        f.write((",".join(PREDICTIONS_SCHEMA.names) + "\n").encode())
-        pacsv.write_csv(table, f, pacsv.WriteOptions(include_header=False, quoting_style="none"))
+    scores = pc.cast(table.column("score"), pa.string())  # arrow's shortest float32 text, as its CSV writer
+    with atomic_output(path) as f, io.TextIOWrapper(f, encoding="utf-8", newline="") as text:
+        out = csv.writer(text, lineterminator="\n")  # quotes only the values that need it
+        out.writerow(PREDICTIONS_SCHEMA.names)
+        out.writerows(zip(table.column("query_id").to_pylist(), table.column("reference_id").to_pylist(),
+                          scores.to_pylist()))
     return str(path)
 
 

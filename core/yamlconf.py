@@ -33,18 +33,29 @@ def read_yaml(path: str | os.PathLike) -> dict:
     return raw
 
 
+def _slot(node: Any, key: str, dotted: str) -> int | str:
+    """The list index or mapping key that ``key`` names in ``node``, or a ConfigError naming ``dotted``."""
+    if isinstance(node, dict):
+        return key
+    if not isinstance(node, list):
+        raise ConfigError(f"--set {dotted}: cannot set {key!r} inside a {type(node).__name__} value")
+    if not key.lstrip("-").isdigit():
+        raise ConfigError(f"--set {dotted}: {key!r} is not a list index (the list has {len(node)} entries)")
+    if not -len(node) <= int(key) < len(node):
+        raise ConfigError(f"--set {dotted}: index {key} is out of range (the list has {len(node)} entries)")
+    return int(key)
+
+
 def set_key(tree: dict, dotted: str, value: Any) -> None:
     """``tree["a"]["b"][0]["c"] = value`` for ``dotted == "a.b.0.c"`` (creating mappings)."""
     *parents, last = dotted.split(".")
     node: Any = tree
     for p in parents:
-        node = node[int(p)] if isinstance(node, list) else node.setdefault(p, {})
-        if not isinstance(node, (dict, list)):
-            raise ConfigError(f"--set {dotted}: {p} is not a mapping")
-    if isinstance(node, list):
-        node[int(last)] = value
-    else:
-        node[last] = value
+        slot = _slot(node, p, dotted)
+        if isinstance(node, dict):
+            node.setdefault(slot, {})
+        node = node[slot]
+    node[_slot(node, last, dotted)] = value
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:

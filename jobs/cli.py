@@ -10,9 +10,15 @@ import logging
 import os
 import sys
 
+from ray.exceptions import AuthenticationError
+
 from core.logs import setup_logging
 from jobs.commands import COMMANDS
 from jobs.config import ConfigError
+
+# Errors that are the user's to fix, printed as one message (COPYDET_DEBUG=1 adds the traceback);
+# AuthenticationError: a cluster's Jobs API refused the Ray token (README: Running on a Ray cluster).
+USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, RuntimeError, ConnectionError, AuthenticationError)
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(logging.DEBUG if os.environ.get("COPYDET_DEBUG") else logging.INFO)
     try:
         return int(args._command.fn(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as e:
+    except USER_ERRORS as e:
         log.error("copydet %s: error: %s", args.command, e)
         log.debug("traceback", exc_info=True)
         return 2

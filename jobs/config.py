@@ -42,6 +42,8 @@ class DataConfig(Strict):
     queries: str | None = None
     ground_truth: str | None = None
     limit: int | None = Field(None, ge=1, description="use at most this many images per split")
+    max_pixels: int = Field(64_000_000, ge=1, description="decode cap: a JPEG over it is decoded at 1/2..1/8 "
+                            "size, any other image over it is listed in errors.parquet")
 
     def folders(self) -> dict[str, str]:
         """split -> folder, for the splits that are configured and exist."""

@@ -164,7 +164,7 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
             decoded = []
             for image_id, path in todo[start:start + step]:
                 try:
-                    img = load_rgb(path)
+                    img = load_rgb(path, max_pixels=cfg.data.max_pixels)
                 except ImageDecodeError as e:
                     errors.append(str(e))
                     continue
@@ -173,7 +173,8 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
                              "width": img.width, "height": img.height})
             if not decoded:
                 continue
-            for key, table in derive_keys(cfg, embedder.embed(decoded), pcas, train).items():
+            sources = dict(todo[start:start + step])
+            for key, table in derive_keys(cfg, embedder.embed(decoded, sources=sources), pcas, train).items():
                 staged[key].append(write_table(table, out / "staging" / key / f"part-{start:08d}.parquet"))
             log.info(f"index add: {min(start + step, len(todo))}/{len(todo)} images embedded")
         if not rows:

@@ -5,7 +5,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from core.store import exists, join, list_shards, read_text, write_text
+import pyarrow as pa
+
+from core.contracts import shard_split
+from core.store import exists, join, list_shards, read_table, read_text, write_text
 
 SETTINGS_FILE = "_settings.json"
 
@@ -14,23 +17,40 @@ class SettingsChanged(ValueError):
     """A stage would resume a folder whose shards were made with other settings."""
 
 
+def settings_changes(folder: str, settings: dict[str, Any]) -> list[str] | None:
+    """``key: old -> new`` for every setting that differs from ``folder``'s record (None: no record)."""
+    old = read_settings(folder)
+    if old is None:
+        return None
+    new = json.loads(json.dumps(settings, sort_keys=True, default=str))
+    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k)]
+
+
+def check_settings(folder: str, settings: dict[str, Any], what: str) -> bool:
+    """Refuse ``settings`` if ``folder`` records other ones (see :func:`pin_settings`); writes nothing.
+    Returns whether there is a record."""
+    changed = settings_changes(folder, settings)
+    if changed:
+        raise SettingsChanged(f"{folder}: {what} shards were made with other settings ({'; '.join(changed)}); "
+                              f"run into a new folder (--out) or delete {folder}")
+    return changed is not None
+
+
 def pin_settings(folder: str, settings: dict[str, Any], what: str) -> None:
     """Record the settings that make ``folder``'s shards, or check them against the record.
 
     Resuming skips finished shards, so a run folder re-run with, say, another ``search.k``
     would silently keep the old shards; this refuses instead, naming what changed.
     """
+    if not check_settings(folder, settings, what):
+        write_text(join(folder, SETTINGS_FILE), json.dumps(settings, indent=2, sort_keys=True, default=str))
+
+
+def read_settings(folder: str) -> dict[str, Any] | None:
+    """The settings ``folder``'s shards were made with (None: not recorded yet)."""
     path = join(folder, SETTINGS_FILE)
-    new = json.loads(json.dumps(settings, sort_keys=True, default=str))
-    if not exists(path):
-        write_text(path, json.dumps(new, indent=2, sort_keys=True))
-        return
-    old = json.loads(read_text(path))
-    changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
-               if old.get(k) != new.get(k)]
-    if changed:
-        raise SettingsChanged(f"{folder}: {what} shards were made with other settings ({'; '.join(changed)}); "
-                              f"run into a new folder (--out) or delete {folder}")
+    return json.loads(read_text(path)) if exists(path) else None
 
 
 @dataclass(frozen=True)
@@ -87,6 +107,15 @@ class RunDir:
     def config(self) -> str:
         return join(self.root, "config.yaml")
 
+    @property
+    def inputs(self) -> str:
+        """The pinned input file list (``jobs.inputs``)."""
+        return join(self.root, "inputs.parquet")
+
+    @property
+    def lock(self) -> str:
+        return join(self.root, ".lock")
+
 
 def shard_names(folder: str, split: str | None = None) -> list[str]:
     """Basenames of the finished shards in ``folder`` (optionally of one split)."""
@@ -96,3 +125,21 @@ def shard_names(folder: str, split: str | None = None) -> list[str]:
 
 def shard_file(split: str, index: int) -> str:
     return f"{split}-{index:05d}.parquet"
+
+
+def image_paths(run: RunDir) -> dict[str, dict[str, str]]:
+    """split -> image id -> file, from the manifest: ids are unique within a split only, so
+    every lookup of a file goes through its split."""
+    manifest = read_table(run.manifest, columns=["image_id", "path", "split"])
+    paths: dict[str, dict[str, str]] = {}
+    for i, p, s in zip(*(manifest.column(c).to_pylist() for c in ("image_id", "path", "split"))):
+        paths.setdefault(s, {})[i] = p
+    return paths
+
+
+def split_tables(folder: str) -> dict[str, pa.Table]:
+    """split -> that split's shards of ``folder`` as one table."""
+    tables: dict[str, list[pa.Table]] = {}
+    for name in shard_names(folder):
+        tables.setdefault(shard_split(name), []).append(read_table(join(folder, name)))
+    return {s: pa.concat_tables(t) for s, t in tables.items()}

@@ -10,9 +10,13 @@ import yaml
 
 from core.metrics import Metrics
 from core.models.sscd import ensure_sscd
-from core.store import write_text
+from core.store import exists, read_table, write_text
+from jobs.completeness import require_candidates
 from jobs.config import PipelineConfig
+from jobs.inputs import check_ground_truth
 from jobs.layout import RunDir
+from jobs.lock import locked
+from jobs.preflight import preflight
 from jobs.runtime import init_ray
 from jobs.stages.evaluate import evaluate_run_files, format_metrics
 from jobs.stages.extract import run_extract
@@ -37,42 +41,53 @@ def save_config(cfg: PipelineConfig, run: RunDir) -> None:
 
 
 def run_stages(cfg: PipelineConfig, stages: Sequence[str] = tuple(STAGES), address: str | None = None) -> dict:
-    """Run ``stages`` in order (each skips the shards it already wrote); returns seconds per stage."""
+    """Run ``stages`` in order (each skips the shards it already wrote); returns seconds per stage.
+
+    The run folder is locked first, then everything that can be checked before the first stage
+    is (:func:`jobs.preflight.preflight`); config.yaml is written only once that passed."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
     run = RunDir(cfg.output)
-    save_config(cfg, run)
-    if "extract" in stages:  # SSCD members download on first use (the wheel's licence forbids bundling)
-        ensure_sscd([m.name for m in cfg.models], cfg.registry)
-    init_ray(cfg.ray, address)
-    timings = {}
-    for name in stages:
-        t0 = time.perf_counter()
-        STAGES[name](cfg, run)
-        timings[name] = round(time.perf_counter() - t0, 2)
-        log.info(f"[{name}] done in {timings[name]:.1f} s")
+    with locked(run):
+        if "extract" in stages:  # SSCD members download on first use (the wheel's licence forbids bundling)
+            ensure_sscd([m.name for m in cfg.models], cfg.registry)
+        preflight(cfg, stages)
+        save_config(cfg, run)
+        init_ray(cfg.ray, address)
+        timings = {}
+        for name in stages:
+            t0 = time.perf_counter()
+            STAGES[name](cfg, run)
+            timings[name] = round(time.perf_counter() - t0, 2)
+            log.info(f"[{name}] done in {timings[name]:.1f} s")
     return timings
 
 
 def evaluate_run(cfg: PipelineConfig) -> Metrics | None:
-    """Score the run's predictions if the config names a ground truth."""
+    """Score the run's predictions if the config names a ground truth (checked against the run's
+    inputs), once every candidates file the predictions come from is there."""
     gt = cfg.data.ground_truth_path()
     if gt is None:
         log.info("evaluate: no ground_truth.csv configured; skipped")
         return None
     run = RunDir(cfg.output)
     t = cfg.fuse.threshold
-    m = evaluate_run_files(run.predictions, gt, run.metrics, run.pr_curve, label=cfg.name, threshold=t)
+    with locked(run):
+        require_candidates(cfg, run, "evaluate")
+        if exists(run.inputs):
+            check_ground_truth(gt, read_table(run.inputs))
+        m = evaluate_run_files(run.predictions, gt, run.metrics, run.pr_curve, label=cfg.name, threshold=t)
     log.info(f"evaluate: {format_metrics(m, t)}  ({run.metrics}, {run.pr_curve})")
     return m
 
 
 def run_pipeline(cfg: PipelineConfig, address: str | None = None) -> Metrics | None:
     t0 = time.perf_counter()
-    timings = run_stages(cfg, address=address)
-    m = evaluate_run(cfg)
-    timings["total"] = round(time.perf_counter() - t0, 2)
-    write_text(RunDir(cfg.output).timings, json.dumps(timings, indent=2))
+    with locked(RunDir(cfg.output)):
+        timings = run_stages(cfg, address=address)
+        m = evaluate_run(cfg)
+        timings["total"] = round(time.perf_counter() - t0, 2)
+        write_text(RunDir(cfg.output).timings, json.dumps(timings, indent=2))
     log.info(f"pipeline finished in {timings['total']:.1f} s -> {cfg.output}")
     return m

@@ -11,9 +11,11 @@ from tqdm.auto import tqdm
 
 from core.models.registry import default_registry_dir
 from jobs.config import RayConfig
+from patchers.detector.predict import ULTRALYTICS_ENV
 
-# Devices are offline: hub look-ups must fail at once instead of retrying for a minute.
-OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+# Devices are offline: hub look-ups must fail at once instead of retrying for a minute; ultralytics
+# never installs packages and unpickles weights only (patchers.detector.predict).
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **ULTRALYTICS_ENV}
 
 
 def init_ray(cfg: RayConfig, address: str | None = None) -> None:

@@ -5,8 +5,10 @@ memory, where extraction sees shards of files on Ray. :class:`ImageEmbedder` run
 pieces on them: the side's patch plan (:func:`patchers.plan.plan_decoded`), the cut and
 card-driven resize of every patch for every key (:func:`patchers.extract.resize_patch`) and
 the encoders built from the same :class:`~patchers.extract.KeySpec` list
-(:func:`patchers.extract.build_encoders`, :func:`patchers.extract.embed_batched`), so an
-image embedded here gets the descriptors extraction writes for it.
+(:func:`patchers.extract.build_encoders`, :func:`patchers.extract.embed_batched`). Given the
+images' sources (file or bytes), a JPEG is decoded again at the reduced size the extract stage
+decodes it at (:func:`patchers.extract.draft_sides`), so an image embedded here gets the
+descriptors extraction writes for it.
 
 Example::
 
@@ -15,8 +17,9 @@ Example::
 """
 from __future__ import annotations
 
+import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -24,8 +27,10 @@ import torch
 from PIL import Image
 
 from core.contracts import PATCHES_SCHEMA
+from core.imageio import decode_rgb, load_rgb
 from core.store import features_table
-from patchers.extract import KeySpec, build_encoders, embed_batched, patch_columns, pick_device, resize_patch
+from patchers.extract import (KeySpec, build_encoders, draft_sides, embed_batched, patch_columns, pick_device,
+                              resize_patch)
 from patchers.plan import DetectorSpec, plan_decoded
 from patchers.proposals import ProposalParams
 from patchers.views import ViewConfig
@@ -47,14 +52,28 @@ class ImageEmbedder:
         return pa.Table.from_pylist(plan_decoded(images, self.views, self.detector, self.params),
                                     schema=PATCHES_SCHEMA)
 
-    def embed(self, images: Sequence[tuple[str, Image.Image]], timings: dict[str, float] | None = None
-              ) -> list[pa.Table]:
+    def at_draft_size(self, decoded: dict[str, Image.Image], cols: dict[str, list],
+                      sources: Mapping[str, str | bytes]) -> dict[str, Image.Image]:
+        """``decoded`` with each image whose patches need at most half its size decoded again from
+        its source at the size the extract stage decodes it at (a no-op resize for non-JPEGs)."""
+        sides = draft_sides(cols, {i: im.size for i, im in decoded.items()}, [k.pre for k in self.keys])
+        out = dict(decoded)
+        for image_id, side in sides.items():
+            src = sources.get(image_id)
+            if src is not None and math.ceil(max(decoded[image_id].size) / 2) >= side:
+                out[image_id] = (decode_rgb(src, image_id, draft_side=side) if isinstance(src, bytes)
+                                 else load_rgb(src, draft_side=side))
+        return out
+
+    def embed(self, images: Sequence[tuple[str, Image.Image]], timings: dict[str, float] | None = None,
+              sources: Mapping[str, str | bytes] | None = None) -> list[pa.Table]:
         """One features table per key (rows in patch-plan order) for decoded ``(image_id, image)``
-        pairs; ``timings`` (if given) gets the seconds spent on ``views`` and ``model``."""
+        pairs (``sources``: their files or bytes, see :meth:`at_draft_size`); ``timings`` (if
+        given) gets the seconds spent on ``views`` and ``model``."""
         t0 = time.perf_counter()
         rows = self.plan(images)
         cols = patch_columns(rows)
-        decoded = dict(images)
+        decoded = self.at_draft_size(dict(images), cols, sources) if sources else dict(images)
         pixels: dict[int, list[np.ndarray]] = {k: [] for k in range(len(self.keys))}
         for i, image_id in enumerate(cols["image_id"]):
             resize_patch(decoded[image_id], cols, i, [k.pre for k in self.keys], pixels)

@@ -11,6 +11,7 @@ ever sees counts. Both are plain Python, usable and tested without Ray.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from core.contracts import ERRORS_SCHEMA
 from core.imageio import ImageDecodeError, load_rgb
 from core.models.cards import ModelCard
 from core.models.encoders import Encoder
-from core.models.preprocess import Preprocess
+from core.models.preprocess import Preprocess, resized_size
 from core.models.runtimes import Forward, runtime
 from core.store import features_table, join, read_table, write_table
 
@@ -98,6 +99,22 @@ class ChunkTask:
         return chunk_file(self.shard, self.index)
 
 
+def draft_sides(cols: dict[str, list], sizes: dict[str, tuple[int, int]], pres: Sequence[Preprocess]) -> dict[str, int]:
+    """Per image of a chunk (patch ``cols``, full ``sizes``): the longer side to decode it at so
+    that no patch is enlarged for any of ``pres`` (a JPEG decodes at 1/2..1/8 size when that is
+    far below its own, see :func:`core.imageio.load_rgb`)."""
+    need: dict[str, float] = {}
+    for i, image_id in enumerate(cols["image_id"]):
+        w, h = sizes[image_id]
+        pw, ph = max((cols["x1"][i] - cols["x0"][i]) * w, 1.0), max((cols["y1"][i] - cols["y0"][i]) * h, 1.0)
+        if int(cols["rotation"][i]) in (90, 270):
+            pw, ph = ph, pw
+        for pre in pres:
+            tw, th = resized_size((max(1, round(pw)), max(1, round(ph))), pre.rule, pre.scale, pre.bucket)
+            need[image_id] = max(need.get(image_id, 0.0), tw / pw, th / ph)
+    return {i: math.ceil(f * max(sizes[i])) for i, f in need.items()}
+
+
 PATCH_COLUMNS = ("image_id", "patch_id", "x0", "y0", "x1", "y1", "rotation", "flip")
 
 
@@ -116,17 +133,21 @@ def resize_patch(img: Image.Image, cols: dict[str, list], i: int, pres: Sequence
 
 
 def decode_chunk(task: ChunkTask, patches_dir: str, manifest_dir: str,
-                 pres: Sequence[Preprocess]) -> dict:
-    """Decode each image of the chunk once and cut/resize its patches for the task's keys.
+                 pres: Sequence[Preprocess], max_pixels: int | None = None) -> dict:
+    """Decode each image of the chunk once (at the size its patches need, at most ``max_pixels``)
+    and cut/resize its patches for the task's keys.
 
     Returns the chunk's row: ``image_id``/``patch_id`` of the patches cut, ``errors`` (one line
     per image that no longer decodes: its patches are left out), and per key ``k`` the packed
     pixels ``px<k>``/``shape<k>`` (empty for keys not in ``task.keys``).
     """
     rows = read_table(join(patches_dir, task.shard)).slice(task.start, task.stop - task.start)
-    manifest = read_table(join(manifest_dir, task.shard), columns=["image_id", "path"])
-    paths = dict(zip(manifest.column("image_id").to_pylist(), manifest.column("path").to_pylist()))
+    manifest = read_table(join(manifest_dir, task.shard), columns=["image_id", "path", "width", "height"])
+    ids = manifest.column("image_id").to_pylist()
+    paths = dict(zip(ids, manifest.column("path").to_pylist()))
+    sizes = dict(zip(ids, zip(manifest.column("width").to_pylist(), manifest.column("height").to_pylist())))
     cols = patch_columns(rows)
+    sides = draft_sides(cols, sizes, [pres[k] for k in task.keys])
     out_ids, out_patches, errors = [], [], []
     pixels: dict[int, list[np.ndarray]] = {k: [] for k in task.keys}
     current, img = None, None
@@ -134,7 +155,7 @@ def decode_chunk(task: ChunkTask, patches_dir: str, manifest_dir: str,
         if image_id != current:
             current = image_id
             try:
-                img = load_rgb(paths[image_id])
+                img = load_rgb(paths[image_id], draft_side=sides.get(image_id), max_pixels=max_pixels)
             except ImageDecodeError as e:
                 img = None
                 errors.append(str(e))

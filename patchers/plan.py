@@ -24,6 +24,7 @@ class DetectorSpec:
 
     weights: str
     imgsz: int
+    sha256: str | None = None  # content hash of the weights (pinned in the patch folder's settings)
 
 
 def patch_rows(image_id: str, views: list[View]) -> list[dict]:
@@ -47,7 +48,8 @@ def needs_pixels(cfg: ViewConfig) -> bool:
 
 
 def plan_images(images: Sequence[tuple[str, str]], cfg: ViewConfig, detector: DetectorSpec | None = None,
-                params: ProposalParams = ProposalParams(), batch: int = 16) -> tuple[pa.Table, list[str]]:
+                params: ProposalParams = ProposalParams(), batch: int = 16,
+                max_pixels: int | None = None) -> tuple[pa.Table, list[str]]:
     """Patch table for ``(image_id, path)`` pairs, decoding each image for its proposals and
     detections. Images that no longer decode keep their geometric views; their paths are
     returned so the caller can report them."""
@@ -57,7 +59,7 @@ def plan_images(images: Sequence[tuple[str, str]], cfg: ViewConfig, detector: De
         decoded = []
         for image_id, path in images[start:start + batch]:
             try:
-                decoded.append((image_id, load_rgb(path)))
+                decoded.append((image_id, load_rgb(path, max_pixels=max_pixels)))
             except ImageDecodeError:
                 failed.append(path)
                 rows.extend(patch_rows(image_id, geometric))

@@ -11,6 +11,7 @@ import base64
 import html
 import io
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
 
 import pyarrow as pa
@@ -97,14 +98,17 @@ def _table_html(patches: list[dict]) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def write_preview(manifest: pa.Table, patches: pa.Table, n: int, out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``preview.png`` (contact sheet) and ``preview.html`` for ``n`` images to ``out_dir``."""
+def write_preview(manifest: pa.Table, patches: Mapping[str, pa.Table], n: int,
+                  out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``preview.png`` (contact sheet) and ``preview.html`` for ``n`` images to ``out_dir``;
+    ``patches`` maps a split to its patch table (an id may be in several splits)."""
     picked = pick_images(manifest, n)
-    ids = pa.array([r["image_id"] for r in picked], pa.string())
-    rows = patches.filter(pc.is_in(patches.column("image_id"), value_set=ids)).to_pylist()
-    by_image: dict[str, list[dict]] = defaultdict(list)
-    for r in sorted(rows, key=lambda r: r["patch_id"]):
-        by_image[r["image_id"]].append(r)
+    by_image: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for split, table in patches.items():
+        ids = pa.array([r["image_id"] for r in picked if r["split"] == split], pa.string())
+        for r in sorted(table.filter(pc.is_in(table.column("image_id"), value_set=ids)).to_pylist(),
+                        key=lambda r: r["patch_id"]):
+            by_image[(split, r["image_id"])].append(r)
     thumbs, sections = [], []
     for r in picked:
         try:
@@ -112,10 +116,11 @@ def write_preview(manifest: pa.Table, patches: pa.Table, n: int, out_dir: str | 
         except ImageDecodeError as e:
             sections.append(f"<h3>{html.escape(r['image_id'])}</h3><p>cannot decode: {html.escape(str(e))}</p>")
             continue
-        thumb = draw_patches(img, by_image[r["image_id"]])
+        rows = by_image[(r["split"], r["image_id"])]
+        thumb = draw_patches(img, rows)
         thumbs.append(thumb)
-        sections.append(f"<h3>{html.escape(r['image_id'])} ({r['split']}, {len(by_image[r['image_id']])} patches)"
-                        f"</h3><img src='{_data_uri(thumb)}'>{_table_html(by_image[r['image_id']])}")
+        sections.append(f"<h3>{html.escape(r['image_id'])} ({r['split']}, {len(rows)} patches)"
+                        f"</h3><img src='{_data_uri(thumb)}'>{_table_html(rows)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     png, page = out / "preview.png", out / "preview.html"

@@ -2,9 +2,10 @@
 import os
 import tempfile
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("YOLO_OFFLINE", "1")
 os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="yolo-cfg-"))
+# offline, no package installs, weights-only unpickling (patchers.detector.predict.ULTRALYTICS_ENV)
+OFFLINE = {"HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false", "ULTRALYTICS_SAFE_LOAD": "1"}
+os.environ.update(OFFLINE)
 
 from pathlib import Path  # noqa: E402
 
@@ -19,7 +20,7 @@ def ray_local():
     import ray
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
-                 runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}})
+                 runtime_env={"env_vars": OFFLINE})
         ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

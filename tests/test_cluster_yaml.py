@@ -1,7 +1,12 @@
-"""cluster.yaml is checked by Ray's own cluster-config schema, the way `ray up` checks it."""
+"""cluster.yaml is checked by Ray's own cluster-config schema, the way `ray up` checks it; its nodes
+keep Ray's token auth on, and copydet's job commands send the token (to a stand-in Jobs API)."""
 import copy
 import json
 import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import jsonschema
@@ -56,11 +61,65 @@ def test_min_workers_above_max_is_rejected():
         ray_validate(cfg)
 
 
-def test_cluster_runs_copydet_without_docker_and_reachable_by_submit():
+def test_cluster_runs_copydet_without_docker_with_token_auth_on():
     cfg = yaml.safe_load(CLUSTER_YAML.read_text())
     assert "docker" not in cfg and cfg["head_node_type"] == "head"
     assert cfg["available_node_types"]["head"]["resources"].get("GPU", 0) == 0  # no model actors on the head
     assert any(dst.endswith("configs") for dst in cfg["file_mounts"])
-    starts = cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"]
-    # copydet submit's Jobs client sends no token: ray start must not turn token auth on
-    assert all("RAY_AUTH_MODE=disabled" in c for c in starts if "ray start" in c)
+    starts = [c for c in cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token ray start" in c for c in starts)
+    assert "disabled" not in CLUSTER_YAML.read_text()
+    # every node gets the token that `ray get-auth-token --generate` wrote on the launching machine
+    home = f"/home/{cfg['auth']['ssh_user']}"
+    assert cfg["file_mounts"][f"{home}/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+class JobsApi(BaseHTTPRequestHandler):
+    """A stand-in for a token-auth Ray Jobs API: 401 without ``Bearer <TOKEN>``, else version and logs."""
+
+    TOKEN = "copydet-test-token"
+    seen: list[str] = []
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.seen.append(self.headers.get("Authorization", ""))
+        if self.headers.get("Authorization") != f"Bearer {self.TOKEN}":
+            self.send_response(401)
+            self.end_headers()
+            self.wfile.write(b"Unauthorized: Missing authentication token")
+            return
+        body = {"ray_version": "2.60.0", "version": "4", "ray_commit": "x"} if self.path == "/api/version" \
+            else {"logs": "log of raysubmit_1\n"}
+        data = json.dumps(body).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_job_commands_send_the_token_from_the_token_file(tmp_path):
+    """README: `RAY_AUTH_MODE=token` and the token in ~/.ray/auth_token (here $RAY_AUTH_TOKEN_PATH)."""
+    token = tmp_path / "auth_token"
+    token.write_text(JobsApi.TOKEN)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), JobsApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_port}"
+    root = str(Path(__file__).parent.parent)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+
+    def logs(**env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", "import sys; from jobs.cli import main; sys.exit(main())",
+                               "logs", "raysubmit_1", "--address", url], capture_output=True, text=True,
+                              env={**base, "PYTHONPATH": root, **env}, timeout=120, cwd=root)
+
+    try:
+        ok = logs(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+        assert ok.returncode == 0 and ok.stdout == "log of raysubmit_1\n", ok.stderr
+        assert JobsApi.seen and set(JobsApi.seen) == {f"Bearer {JobsApi.TOKEN}"}
+        refused = logs(RAY_AUTH_MODE="disabled")
+        assert refused.returncode == 2 and "Authentication required" in refused.stderr
+    finally:
+        server.shutdown()

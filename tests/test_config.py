@@ -28,6 +28,9 @@ def test_smoke_defaults_to_the_bundled_sample():
     ("patches.query.rotations=[45]", "patches.query.rotations.0:"),
     ("fuse.rule=median", "fuse.rule:"),
     ("extract.use_gpu=maybe", "extract.use_gpu:"),
+    ("models.3.name=x", "--set models.3.name: index 3 is out of range (the list has 1 entries)"),
+    ("models.x.name=x", "--set models.x.name: 'x' is not a list index"),
+    ("name.first=x", "--set name.first: cannot set 'first' inside a str value"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
@@ -52,6 +55,26 @@ def test_overrides_reach_nested_keys():
 def test_a_pool_override_names_its_own_feature_folder():
     cfg = load_config(None, ["models.0.pool=gem_grid2", "models.0.scales=[128]"])
     assert [k for _, _, k in cfg.model_keys()] == ["resnet18-gem_grid2@128"]
+
+
+def test_an_unresolvable_model_is_named_at_start_with_what_makes_it(tmp_path, capsys, monkeypatch):
+    """configs/sscd_ensemble.yaml on a fresh clone (SSCD's download off): no stage runs, one line says what to run."""
+    from jobs import pipeline
+    from jobs.cli import main
+
+    monkeypatch.setattr(pipeline, "ensure_sscd", lambda names, registry: [])
+    from jobs.preflight import how_to_get
+
+    out = tmp_path / "run"
+    assert main(["run", "configs/sscd_ensemble.yaml", "--out", str(out), "--set", f"registry={tmp_path / 'reg'}"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(lines) == 1 and "models.0.name: cannot resolve model 'sscd'" in lines[0]
+    assert lines[0].endswith("to make 'sscd', run `copydet models fetch-sscd`")
+    assert not (out / "config.yaml").exists() and not (out / "manifest.parquet").exists()
+    assert how_to_get("cpu-resnet18-byol") == ("to make 'cpu-resnet18-byol', run "
+                                               "`copydet pretrain configs/train/cpu.yaml`")
+    assert how_to_get("cpu-resnet18-basic").endswith("run `copydet finetune configs/train/cpu.yaml`")
+    assert how_to_get("copy-detector-cpu").endswith("run `copydet detector train configs/detector/cpu.yaml`")
 
 
 def test_fuse_mean_takes_no_thresholds_and_calibration_factors_are_positive():

@@ -1,5 +1,8 @@
-"""Copy-region detector: deterministic synthetic labels, and a tiny YOLO that trains, registers,
-loads back and predicts."""
+"""Copy-region detector: deterministic synthetic labels, a tiny YOLO that trains, exports to ONNX,
+registers, loads back and predicts; and a malicious checkpoint that never gets to run."""
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +104,7 @@ def test_tiny_detector_trains_registers_and_predicts(photos, tmp_path, ray_local
     assert len(list((tmp_path / "det" / "data" / "images" / "train").glob("*.jpg"))) == 8
     loaded = load_card("det-test", tmp_path / "models")
     assert loaded == card and card.kind == "detector" and Path(card.weights).is_file()
+    assert card.weights.endswith("best.onnx") and len(card.weights_sha256) == 64  # served from ONNX, pinned
     assert 0 <= card.metrics["box_recall50"] <= 1 and 0 <= card.metrics["map50"] <= 1
     assert card.metrics["epochs"] == 1
 
@@ -114,6 +118,7 @@ def test_tiny_detector_trains_registers_and_predicts(photos, tmp_path, ray_local
     # and get deduplicated against the full view; test_patch_stage checks detection rows)
     spec = resolve_detector("det-test", str(tmp_path / "models"))
     assert spec.weights == str(Path(card.weights).resolve()) and spec.imgsz == 128
+    assert spec.sha256 == card.weights_sha256
     table, failed = plan_images([("v0", str(val[0]))], ViewConfig(detector="det-test", max_patches=6), spec,
                                 ProposalParams(conf=0.001))
     kinds = table.column("kind").to_pylist()
@@ -124,3 +129,53 @@ def test_tiny_detector_trains_registers_and_predicts(photos, tmp_path, ray_local
     mtime = last.stat().st_mtime_ns
     train_detector(cfg)
     assert last.stat().st_mtime_ns == mtime
+
+
+class Payload:
+    """Unpickling this runs a shell command (what a crafted checkpoint does)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture
+def malicious(tmp_path) -> tuple[Path, Path]:
+    """An ultralytics-style ``.pt`` whose unpickling touches ``marker``; the payload is real
+    (a plain ``torch.load`` in another process runs it)."""
+    import torch
+    marker, pt = tmp_path / "pwned", tmp_path / "evil.pt"
+    torch.save({"model": Payload(marker), "train_args": {}}, pt)
+    subprocess.run([sys.executable, "-c", f"import torch; torch.load({str(pt)!r}, weights_only=False)"],
+                   check=True, capture_output=True, timeout=120)
+    assert marker.exists()
+    marker.unlink()
+    return pt, marker
+
+
+def test_a_malicious_checkpoint_never_runs(malicious, tmp_path):
+    from core.models.cards import ModelCard, RegistryError
+    from core.models.registry import register
+    from jobs.stages.patch import resolve_detector
+    from patchers.detector.predict import load_detector, offline_ultralytics
+
+    pt, marker = malicious
+    registry = tmp_path / "models"
+    onnx_named = tmp_path / "evil.onnx"
+    onnx_named.write_bytes(pt.read_bytes())  # the same pickle under an ONNX name
+    for name, weights, refusal in [("evil-pt", pt, "copydet never loads a pickled checkpoint"),
+                                   ("evil-onnx", onnx_named, "is not a loadable ONNX model")]:
+        register(ModelCard(name=name, kind="detector", arch="yolov8n", weights=str(weights), input_size=128,
+                           mean=(0, 0, 0), std=(1, 1, 1)), registry)
+        with pytest.raises(RegistryError, match=refusal):
+            resolve_detector(name, str(registry))
+    with pytest.raises(RegistryError, match="not an ONNX file"):
+        load_detector(str(pt))
+    # training from a named .pt goes through ultralytics' weights-only loading: refused, nothing runs
+    ultralytics = offline_ultralytics()
+    assert ultralytics.utils.checks.AUTOINSTALL is False and ultralytics.nn.tasks.SAFE_LOAD is True
+    with pytest.raises(TypeError, match="outside the supported Ultralytics checkpoint format"):
+        ultralytics.YOLO(str(pt), task="detect")
+    assert not marker.exists()

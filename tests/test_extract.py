@@ -47,7 +47,8 @@ def run_folders(tmp_path):
         paths[f"I{i}"] = str(images / f"I{i}.jpg")
         synthetic_photo(i, (80, 60)).save(paths[f"I{i}"])
     Path(paths["I2"]).write_bytes(b"not an image")
-    write_table(pa.table({"image_id": list(paths), "path": list(paths.values())}),
+    write_table(pa.table({"image_id": list(paths), "path": list(paths.values()), "width": [80] * 3,
+                          "height": [60] * 3}),
                 tmp_path / "manifest" / "query-00000.parquet")
     write_table(plan_table(list(paths), ViewConfig(preset="crops")), tmp_path / "patches" / "query-00000.parquet")
     return tmp_path, paths
@@ -56,7 +57,7 @@ def run_folders(tmp_path):
 def test_each_image_is_decoded_once_for_every_key(run_folders, monkeypatch):
     root, paths = run_folders
     decoded = []
-    monkeypatch.setattr(pe, "load_rgb", lambda p: decoded.append(p) or load_rgb(p))
+    monkeypatch.setattr(pe, "load_rgb", lambda p, **kw: decoded.append(p) or load_rgb(p, **kw))
     card = backbone_card("tiny_cnn")
     pres = [Preprocess.for_card(card, 32), Preprocess.for_card(card, 48)]
     task = pe.ChunkTask("query-00000.parquet", 0, 0, 21, (0, 1))
@@ -86,6 +87,64 @@ def test_the_model_actor_writes_what_the_encoder_gives(run_folders):
         np.testing.assert_allclose(got, want, atol=1e-5)
     assert read_table(root / "errors").num_rows == 1
 
+
+def test_a_big_jpeg_decodes_at_the_size_its_largest_patch_needs(tmp_path, monkeypatch):
+    """4000x3000 JPEG, the whole image and a 0.5 centre crop at 64 px: the crop (2000x1500 -> 64x64)
+    needs a 171 px long side, so the decoder draws 1/8 of each side (500x375) instead of 12 MP,
+    and the patches match those cut from a full decode."""
+    path = tmp_path / "big.jpg"
+    synthetic_photo(7, (4000, 3000)).save(path, quality=95)
+    write_table(pa.table({"image_id": ["B"], "path": [str(path)], "width": [4000], "height": [3000]}),
+                tmp_path / "manifest" / "query-00000.parquet")
+    write_table(plan_table(["B"], ViewConfig(center_crops=[0.5])), tmp_path / "patches" / "query-00000.parquet")
+    decoded = []
+    monkeypatch.setattr(pe, "load_rgb", lambda p, **kw: decoded.append(load_rgb(p, **kw).size) or load_rgb(p, **kw))
+    pre = Preprocess.for_card(backbone_card("tiny_cnn"), 64)
+    row = pe.decode_chunk(pe.ChunkTask("query-00000.parquet", 0, 0, 2, (0,)), str(tmp_path / "patches"),
+                          str(tmp_path / "manifest"), [pre])
+    assert decoded == [(500, 375)]
+    full = load_rgb(path)
+    want = [pre.resize(pe.cut_patch(full, box)) for box in [(0, 0, 1, 1), (0.25, 0.25, 0.75, 0.75)]]
+    got = pe.unpack(row["px0"], row["shape0"])
+    assert len(got) == 2 and all(np.abs(a.astype(int) - b).mean() < 3 for a, b in zip(got, want))
+    crop = {"image_id": ["B"], "x0": [0.25], "y0": [0.25], "x1": [0.75], "y1": [0.75]}
+    assert pe.draft_sides({**crop, "rotation": [0]}, {"B": (4000, 3000)}, [pre]) == {"B": 171}
+    wide = Preprocess.for_card(backbone_card("tiny_cnn").model_copy(update={"resize": "long_side"}), 1000)
+    assert pe.draft_sides({**crop, "rotation": [90]}, {"B": (4000, 3000)}, [wide]) == {"B": 2000}  # no draft
+
+
+
+def test_embedding_in_process_decodes_a_big_jpeg_as_extraction_does(tmp_path):
+    """The service and `index add` embed decoded images; given the file or its bytes they decode
+    a big JPEG again at extraction's draft size, so the patches are extraction's to the pixel."""
+    from patchers.embed import ImageEmbedder
+
+    path = tmp_path / "big.jpg"
+    synthetic_photo(3, (2400, 1800)).save(path, quality=90)
+    views = ViewConfig(center_crops=[0.5])
+    write_table(pa.table({"image_id": ["B"], "path": [str(path)], "width": [2400], "height": [1800]}),
+                tmp_path / "manifest" / "query-00000.parquet")
+    write_table(plan_table(["B"], views), tmp_path / "patches" / "query-00000.parquet")
+    card = backbone_card("tiny_cnn")
+    key = pe.KeySpec(card, Preprocess.for_card(card, 64), str(tmp_path / "features"), "tiny_cnn", 64)
+    row = pe.decode_chunk(pe.ChunkTask("query-00000.parquet", 0, 0, 2, (0,)), str(tmp_path / "patches"),
+                          str(tmp_path / "manifest"), [key.pre])
+    batch = pe.unpack(row["px0"], row["shape0"])
+    emb = ImageEmbedder([key], views)
+    seen = []
+
+    class Recorder:  # the pixels the model would get
+        dim = 4
+
+        def embed_arrays(self, px):
+            seen.append(px)
+            return np.zeros((len(px), 4), np.float32)
+    emb.encoders = [Recorder()]
+    for source in (str(path), path.read_bytes(), None):
+        seen.clear()
+        emb.embed([("B", load_rgb(path))], sources=None if source is None else {"B": source})
+        same = len(seen[0]) == len(batch) and all(np.array_equal(a, b) for a, b in zip(seen[0], batch))
+        assert same == (source is not None)  # without its source the full decode gives other pixels
 
 def test_shape_buckets_batch_aspect_kept_patches_and_keep_descriptors():
     assert resized_size((400, 300), "short_side", 288, bucket=32) == (384, 288)

@@ -118,11 +118,14 @@ def test_member_factors_put_members_on_one_scale():
 
 
 @pytest.mark.parametrize("rule", ["max", "mean"])
-def test_fuse_stage_streams_query_shards_and_equals_fusing_everything(tmp_path, rule):
+def test_fuse_stage_streams_query_shards_and_equals_fusing_everything(tmp_path, rule, monkeypatch):
     from core.store import write_table
     from jobs.config import load_config
     from jobs.layout import RunDir
+    from jobs.stages import fuse as stage
     from jobs.stages.fuse import query_shards, run_fuse
+
+    monkeypatch.setattr(stage, "require_candidates", lambda *a: None)  # candidates only: no upstream folders here
 
     cfg = load_config(None, [f"output={tmp_path}", "models.0.name=tiny_cnn", "models.0.scales=[64, 96]",
                              f"fuse.rule={rule}", "fuse.k=3", "fuse.calibration={tiny_cnn@96: 1.5}"])

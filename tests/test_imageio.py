@@ -1,11 +1,12 @@
 """load_rgb / image_size / sha256_file on awkward inputs (tests/badimages.py) and on alpha/palette modes."""
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from core.imageio import ImageDecodeError, image_size, load_rgb, sha256_file
+from core.imageio import ImageDecodeError, image_size, list_images, load_rgb, scan_images, sha256_file
 from tests.badimages import CORNER, EXPECTED, make_bad_images
 
 BAD = sorted(name for name, spec in EXPECTED.items() if spec["error"])
@@ -119,3 +120,42 @@ def test_non_images_are_reported_after_ultralytics_patches_pil(files):
     import ultralytics.utils.patches  # noqa: F401
     with pytest.raises(ImageDecodeError, match="not an image"):
         load_rgb(files["text"])
+
+
+def test_a_pixel_cap_drafts_jpegs_and_refuses_other_images(tmp_path):
+    big = Image.new("RGB", (800, 600), (200, 30, 30))
+    big.save(tmp_path / "big.jpg", quality=90)
+    big.save(tmp_path / "big.png")
+    assert load_rgb(tmp_path / "big.jpg", max_pixels=130_000).size == (400, 300)  # 1/2 per side
+    assert load_rgb(tmp_path / "big.jpg", max_pixels=10_000).size == (100, 75)    # 1/8 is as far as it goes
+    with pytest.raises(ImageDecodeError, match=r"big\.png: too many pixels \(800x600 = 480,000; the cap max_pixels"):
+        load_rgb(tmp_path / "big.png", max_pixels=130_000)
+    with pytest.raises(ImageDecodeError, match="too many pixels"):
+        load_rgb(tmp_path / "big.jpg", max_pixels=5_000)
+    assert load_rgb(tmp_path / "big.jpg", draft_side=200).size == (200, 150)  # 1/4 keeps >= 200
+    assert load_rgb(tmp_path / "big.jpg", draft_side=500).size == (800, 600)  # 1/2 would be < 500
+    assert load_rgb(tmp_path / "big.png", draft_side=100).size == (800, 600)  # draft is for JPEGs only
+
+
+def test_scan_lists_every_file_as_an_image_or_a_rejection(tmp_path):
+    root = tmp_path / "q"
+    (root / "sub").mkdir(parents=True)
+    for name in ("A.jpg", "B.JPEG", "C.jfif", "sub/D.png"):
+        Image.new("RGB", (8, 8)).save(root / name, format="PNG" if name.endswith("png") else "JPEG")
+    (root / "notes.txt").write_text("x")
+    (root / "gone.jpg").symlink_to(root / "missing.jpg")
+    (root / "self.jpg").symlink_to(root / "self.jpg")
+    (root / "sub" / "up").symlink_to(root, target_is_directory=True)
+    (root / "alias.jpg").symlink_to(root / "A.jpg")
+    scan = scan_images(root)
+    assert [f.image_id for f in scan.files] == ["A", "B", "C", "alias", "sub/D"]
+    assert scan.files[3].path == str((root / "A.jpg").resolve()) and scan.files[0].size > 0
+    reasons = {Path(p).name: r for p, r in scan.rejected}
+    assert reasons.keys() == {"notes.txt", "gone.jpg", "self.jpg", "up"}
+    assert reasons["notes.txt"].startswith("not an image file extension (accepted: .jpg .jpeg")
+    assert reasons["gone.jpg"].startswith("broken symlink") and reasons["self.jpg"] == "symlink loop"
+    assert reasons["up"].startswith("symlink loop (to ")
+    assert scan.duplicates() == {}
+    Image.new("RGB", (8, 8)).save(root / "A.png")
+    assert scan_images(root).duplicates() == {"A": [str(root / "A.jpg"), str(root / "A.png")]}
+    assert list_images(root, limit=2) == [("A", str(root / "A.jpg")), ("A", str(root / "A.png"))]

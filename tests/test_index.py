@@ -38,7 +38,7 @@ def predictions(path) -> dict[str, list[tuple[str, float]]]:
 
 def served(matcher: Matcher, folder: Path) -> dict[str, list[tuple[str, float]]]:
     files = sorted(folder.glob("*.jpg"))
-    answers = matcher.match([load_rgb(f) for f in files])
+    answers = matcher.match([load_rgb(f) for f in files], [f.read_bytes() for f in files])
     return {f.stem: [(m["reference_id"], m["score"]) for m in a["matches"]] for f, a in zip(files, answers)}
 
 

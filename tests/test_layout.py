@@ -1,7 +1,7 @@
 """Run-folder settings records: a resumed stage never mixes shards made with other settings."""
 import pytest
 
-from jobs.layout import SETTINGS_FILE, SettingsChanged, pin_settings
+from jobs.layout import SETTINGS_FILE, SettingsChanged, check_settings, pin_settings
 
 
 def test_pin_settings_records_then_checks(tmp_path):
@@ -13,3 +13,12 @@ def test_pin_settings_records_then_checks(tmp_path):
         pin_settings(folder, {"k": 10, "normalize": {"enabled": False}}, "search")
     with pytest.raises(SettingsChanged, match=r"beta: None -> 0.5.*delete"):
         pin_settings(folder, {"k": 10, "normalize": {"enabled": True}, "beta": 0.5}, "search")
+
+
+def test_check_settings_never_writes(tmp_path):
+    folder = str(tmp_path / "features" / "m@64")
+    assert check_settings(folder, {"scale": 64}, "extract") is False and not (tmp_path / "features").exists()
+    pin_settings(folder, {"scale": 64}, "extract")
+    assert check_settings(folder, {"scale": 64}, "extract") is True
+    with pytest.raises(SettingsChanged, match="scale: 64 -> 80"):
+        check_settings(folder, {"scale": 80}, "extract")

@@ -137,6 +137,27 @@ def test_prediction_csv_round_trip(tmp_path):
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["predictions.csv"]  # no temp left
 
 
+def test_ids_with_commas_quotes_and_line_breaks_round_trip(tmp_path):
+    odd = ['Q,1', 'Q "2"', 'Q\n3']
+    table = pa.table({"query_id": odd, "reference_id": ["R1", 'R,"x"', "R3"],
+                      "score": pa.array([0.5, 0.25, 0.125], pa.float32())})
+    path = write_predictions(table, tmp_path / "p.csv")
+    assert open(path).read().startswith('query_id,reference_id,score\n"Q,1",R1,0.5\n"Q ""2""","R,""x""",0.25\n')
+    assert read_predictions(path).equals(table)
+    gt = tmp_path / "gt.csv"
+    gt.write_text('query_id,reference_id\n"Q,1",R1\n"Q\n3",R3\n')
+    assert read_ground_truth(gt) == [("Q,1", "R1"), ("Q\n3", "R3")]
+    assert evaluate_files(gt, path).recall_at_1 == 1.0
+
+
+def test_a_repeated_ground_truth_pair_is_refused(tmp_path):
+    gt = tmp_path / "gt.csv"
+    gt.write_text("query_id,reference_id\nQ1,R1\nQ2,R2\nQ1,R1\n")
+    with pytest.raises(ValueError, match=r"gt\.csv: 1 \(query_id, reference_id\) pair\(s\) listed more than once: "
+                                         r"\('Q1', 'R1'\)"):
+        read_ground_truth(gt)
+
+
 def test_ground_truth_csv_and_evaluate_files(tmp_path):
     gt_csv = tmp_path / "gt.csv"
     gt_csv.write_text("query_id,reference_id\nQ1,R1\nQ2,\nQ3,R3\n")

@@ -49,10 +49,12 @@ def test_pick_images_alternates_splits():
 
 def test_write_preview_makes_png_and_html(tmp_path):
     manifest = _manifest(tmp_path, [("Q1", "query"), ("R1", "reference"), ("R2", "reference")])
-    patches = pa.Table.from_pylist(
+    patches = {"query": pa.Table.from_pylist(
         [_patch("Q1", 0, "full", (0, 0, 1, 1)), _patch("Q1", 1, "rotation", (0, 0, 1, 1), rotation=90),
          _patch("Q1", 2, "proposal", (0.1, 0.1, 0.4, 0.6), score=0.5),
-         _patch("R1", 0, "full", (0, 0, 1, 1)), _patch("R1", 1, "tile", (0, 0, 0.5, 0.5))], schema=PATCHES_SCHEMA)
+         _patch("R1", 0, "full", (0, 0, 1, 1))], schema=PATCHES_SCHEMA),  # a query with a reference's id
+        "reference": pa.Table.from_pylist(
+        [_patch("R1", 0, "full", (0, 0, 1, 1)), _patch("R1", 1, "tile", (0, 0, 0.5, 0.5))], schema=PATCHES_SCHEMA)}
     png, page = write_preview(manifest, patches, 2, tmp_path / "run")
     sheet = Image.open(png)
     assert sheet.size == contact_sheet([Image.new("RGB", (1, 1))] * 2).size

@@ -1,11 +1,13 @@
 """Search stage: which (query patch, reference patch) pairs ``search.pairs`` scores."""
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
 from core.store import features_table, read_table, write_table
 from jobs.config import PipelineConfig
-from jobs.layout import RunDir
+from jobs.inputs import INPUTS_SCHEMA
+from jobs.layout import RunDir, pin_settings
 from jobs.stages.search import run_search
 
 KEY = "m@64"
@@ -16,17 +18,30 @@ def unit(v):
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
 
+def write_run(run: RunDir, feats: dict[str, pa.Table]) -> None:
+    """A complete run folder around the given feature rows of each split: pinned inputs, manifest
+    and patch shards, and the features as the extract stage names them (one shard, one chunk)."""
+    inputs = []
+    for split, table in feats.items():
+        ids = list(dict.fromkeys(table.column("image_id").to_pylist()))
+        inputs += [{"split": split, "image_id": i, "path": f"/img/{i}.jpg", "size": 1, "mtime_ns": 0} for i in ids]
+        write_table(pa.table({"image_id": ids}), f"{run.manifest}/{split}-00000.parquet")
+        write_table(table.select(["image_id", "patch_id"]), f"{run.patches}/{split}-00000.parquet")
+        write_table(table, f"{run.features(KEY)}/{split}-00000-0000.parquet")
+    write_table(pa.Table.from_pylist(inputs, schema=INPUTS_SCHEMA), run.inputs)
+    pin_settings(run.manifest, {"limit": None, "shard_size": 1000}, "manifest")
+    pin_settings(run.features(KEY), {"chunk_patches": 256}, "extract")
+
+
 @pytest.fixture
 def run_with_tiles(tmp_path):
     """Q0's whole image equals R0's tile; Q0's crop equals R1's tile (a patch-to-patch match)."""
     e = np.eye(8, dtype=np.float32)
     noise = unit(e[5] + e[6] + e[7])
     run = RunDir(str(tmp_path / "run"))
-    write_table(features_table(["Q0", "Q0"], [0, 1], "m", 64, np.stack([e[0], e[1]])),
-                f"{run.features(KEY)}/query-00000.parquet")
     refs = np.stack([unit(e[2] + 0.5 * noise), e[0], unit(e[3] + 0.5 * noise), e[1]])
-    write_table(features_table(["R0", "R0", "R1", "R1"], [0, 1, 0, 1], "m", 64, refs),
-                f"{run.features(KEY)}/reference-00000.parquet")
+    write_run(run, {"query": features_table(["Q0", "Q0"], [0, 1], "m", 64, np.stack([e[0], e[1]])),
+                    "reference": features_table(["R0", "R0", "R1", "R1"], [0, 1, 0, 1], "m", 64, refs)})
     return run
 
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import os
 import re
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import torch
 from pydantic import ValidationError
 
+from core.imageio import sha256_file
 from core.models.backbones import DescriptorModel, build_backbone, list_backbones
 from core.models.cards import NAME_PATTERN, ModelCard, RegistryError
 from core.models.checkpoint import (
@@ -39,8 +41,36 @@ def _dir(registry_dir: str | os.PathLike | None) -> Path:
     return default_registry_dir() if registry_dir is None else Path(registry_dir)
 
 
+@lru_cache(maxsize=64)
+def _file_hash(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def file_hash(path: str | os.PathLike) -> str:
+    """SHA-256 of a weights file (cached per path, size and mtime within a process)."""
+    st = os.stat(path)
+    return _file_hash(os.path.abspath(path), st.st_size, st.st_mtime_ns)
+
+
+def weights_hash(card: ModelCard) -> str | None:
+    """The content hash of the card's weights (None: random init); refuses a file that changed
+    since the card recorded its hash, so stale features are never reused under the same name."""
+    if card.weights is None:
+        return None
+    if not Path(card.weights).is_file():
+        raise RegistryError(f"model {card.name!r}: weights file {card.weights} does not exist")
+    digest = file_hash(card.weights)
+    if card.weights_sha256 and card.weights_sha256 != digest:
+        raise RegistryError(f"model {card.name!r}: {card.weights} changed since the card was written (sha256 "
+                            f"{digest[:12]}..., card says {card.weights_sha256[:12]}...); register the model again")
+    return digest
+
+
 def register(card: ModelCard, registry_dir: str | os.PathLike | None = None) -> Path:
-    """Write ``card`` to ``<registry_dir>/<name>.json`` atomically (replacing an older card)."""
+    """Write ``card`` to ``<registry_dir>/<name>.json`` atomically (replacing an older card),
+    with ``card.weights_sha256`` set to the content hash of its weights file."""
+    if card.weights and Path(card.weights).is_file():
+        card.weights_sha256 = file_hash(card.weights)
     path = _dir(registry_dir) / f"{card.name}{CARD_SUFFIX}"
     write_text(path, card.model_dump_json(indent=2) + "\n")
     return path

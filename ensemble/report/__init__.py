@@ -30,14 +30,16 @@ ASSETS = "report"  # folder of PNGs / thumbnails, relative to the HTML
 
 
 def build_report(out_dir: str, members: Mapping[str, pa.Table], predictions: pa.Table | None, gt: GT,
-                 paths: Mapping[str, str] | None = None, families: Mapping[str, Sequence[str]] | None = None,
-                 k: int = 10, gallery_size: int = 8, title: str = "copydet run report",
+                 paths: Mapping[str, Mapping[str, str]] | None = None,
+                 families: Mapping[str, Sequence[str]] | None = None, k: int = 10, gallery_size: int = 8,
+                 title: str = "copydet run report",
                  notes: Sequence[str] = ()) -> str:
     """Write ``out_dir/report.html`` and its figures; returns the HTML path.
 
     ``members`` maps a member name to its candidates table; ``predictions`` is the
-    ensemble's ``(query_id, reference_id, score)`` table; ``paths`` maps image ids to files
-    for the gallery thumbnails; ``families`` maps query ids to their transform families.
+    ensemble's ``(query_id, reference_id, score)`` table; ``paths`` maps split (``query``,
+    ``reference``) -> image id -> file for the gallery thumbnails (a query and a reference may
+    share an id); ``families`` maps query ids to their transform families.
     """
     if not members and predictions is None:
         raise ValueError(f"report for {out_dir}: no member candidates and no ensemble predictions")
@@ -70,8 +72,9 @@ def build_report(out_dir: str, members: Mapping[str, pa.Table], predictions: pa.
     ]:
         pairs = [(q, r) for q, r, _ in errors]
         scores = pair_scores(scored, pairs)
-        cards = [page.Card(q, r, img(figures.thumbnail(paths.get(q), thumbs, q), q),
-                           img(figures.thumbnail(paths.get(r), thumbs, r), r), scores[(q, r)])
+        cards = [page.Card(q, r, img(figures.thumbnail(paths.get("query", {}).get(q), thumbs, f"query/{q}"), q),
+                           img(figures.thumbnail(paths.get("reference", {}).get(r), thumbs, f"reference/{r}"), r),
+                           scores[(q, r)])
                  for q, r in pairs]
         sections.append((heading, page.gallery(cards)))
 

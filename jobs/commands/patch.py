@@ -14,7 +14,7 @@ import logging
 from core.store import exists, read_table
 from jobs.commands.base import arg, command
 from jobs.commands.stages import FOLDER_ARGS, config_with_folders
-from jobs.layout import RunDir
+from jobs.layout import RunDir, split_tables
 from jobs.pipeline import run_stages
 from patchers.preview import write_preview
 from patchers.views import PRESETS
@@ -44,5 +44,5 @@ def patch(args: argparse.Namespace) -> None:
     stages = ["manifest", "patch"] if folders or not exists(run.manifest) else ["patch"]
     run_stages(cfg, stages, address=args.address)
     if args.preview:
-        png, page = write_preview(read_table(run.manifest), read_table(run.patches), args.preview, run.root)
+        png, page = write_preview(read_table(run.manifest), split_tables(run.patches), args.preview, run.root)
         log.info(f"patch: preview of {args.preview} images -> {png}, {page}")

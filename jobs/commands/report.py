@@ -16,7 +16,7 @@ from ensemble.report import build_report
 from ensemble.report.analysis import Scored, family_recall, score
 from jobs.commands.base import arg, command
 from jobs.config import ConfigError, validate
-from jobs.layout import RunDir, shard_names
+from jobs.layout import RunDir, image_paths, shard_names
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,7 @@ def write_report(run_dir: str, ground_truth: str | None = None, meta: str | None
         raise FileNotFoundError(f"{run.root}: no such run folder")
     gt_path = ground_truth_path(run, ground_truth)
     preds = read_predictions(run.predictions) if os.path.isfile(run.predictions) else None
-    paths = {}
-    if exists(run.manifest):
-        manifest = read_table(run.manifest, columns=["image_id", "path"])
-        paths = dict(zip(manifest.column("image_id").to_pylist(), manifest.column("path").to_pylist()))
+    paths = image_paths(run) if exists(run.manifest) else {}
     return build_report(run.root, members(run), preds, read_ground_truth(gt_path), paths=paths,
                         families=read_families(meta) if meta else None, k=k,
                         title=f"copydet report: {os.path.basename(run.root)}", notes=[f"ground truth: {gt_path}"])

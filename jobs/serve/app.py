@@ -74,9 +74,10 @@ class CopyDetService:
         self.stop.set()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def match_batch(self, images: list) -> list[dict]:
+    async def match_batch(self, uploads: list) -> list[dict]:
+        """``(image, bytes)`` pairs of concurrent requests, answered as one batch."""
         matcher = self.matcher  # this batch stays on this version even if a new one is swapped in
-        return await asyncio.to_thread(matcher.match, images)
+        return await asyncio.to_thread(matcher.match, [img for img, _ in uploads], [data for _, data in uploads])
 
     async def decode(self, data: bytes, name: str) -> tuple[object, float]:
         loop = asyncio.get_running_loop()
@@ -90,7 +91,7 @@ class CopyDetService:
 
     async def answer(self, data: bytes, name: str) -> dict:
         img, seconds = await self.decode(data, name)
-        result = await self.match_batch(img)
+        result = await self.match_batch((img, data))
         result = {**result, "timings": {"decode": round(seconds, 4), **result["timings"]}}
         result["timings"]["total"] = round(sum(v for k, v in result["timings"].items() if k != "total"), 4)
         return result

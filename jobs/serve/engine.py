@@ -67,21 +67,23 @@ class Matcher:
         else:
             self.embedder = embedder_for(root, self.version, self.cfg, "query", self.cfg.serve.num_threads)
         self.scorers = {name: scorer_for(name, self.cfg) for name in METHODS[self.cfg.verify.method].scorers}
-        self.references = {name: lru_cache(REFERENCE_CACHE)(
-            lambda image_id, sc=sc: sc.describe(load_rgb(self.index.paths[image_id]))) for name, sc in self.scorers.items()}
+        self.references = {name: lru_cache(REFERENCE_CACHE)(lambda image_id, sc=sc: sc.describe(
+            load_rgb(self.index.paths[image_id]))) for name, sc in self.scorers.items()}
 
-    def match(self, images: Sequence[Image.Image]) -> list[dict]:
-        """One answer per image: ``matches`` (best first), ``is_copy``, ``threshold``, ``timings``."""
+    def match(self, images: Sequence[Image.Image], sources: Sequence[str | bytes] | None = None) -> list[dict]:
+        """One answer per image: ``matches`` (best first), ``is_copy``, ``threshold``, ``timings``;
+        ``sources`` (the images' files or bytes) let big JPEGs decode as the batch pipeline does."""
         timings: dict[str, float] = {}
         named = [(f"q{i}", img) for i, img in enumerate(images)]
-        tables = self.embedder.embed(named, timings)
+        by_name = {name: src for (name, _), src in zip(named, sources)} if sources else None
+        tables = self.embedder.embed(named, timings, by_name)
         t0 = time.perf_counter()
         train = {key: self.index.keys[key].train_x for key in self.cfg.search_keys()} if self.cfg.reduce.stretch else {}
         feats = derive_keys(self.cfg, tables, self.index.pca, train)
         per_model = pa.concat_tables([max_over_patches(key_candidates(f, key, self.index.keys[key], self.cfg))
                                       for key, f in feats.items()])
-        fused = top_k_per_query(fuse(per_model, self.cfg.fuse.thresholds, self.cfg.fuse.rule, self.cfg.fuse.calibration),
-                                self.cfg.fuse.k)
+        f = self.cfg.fuse
+        fused = top_k_per_query(fuse(per_model, f.thresholds, f.rule, f.calibration), f.k)
         t1 = time.perf_counter()
         checked: dict[tuple[str, str], dict] = {}
         if self.cfg.verify.enabled:

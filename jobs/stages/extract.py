@@ -23,11 +23,11 @@ from tqdm.auto import tqdm
 
 from core.models.cards import ModelCard
 from core.models.preprocess import Preprocess
-from core.models.registry import resolve_model
-from core.store import join, read_table
-from jobs.config import ExtractConfig, PipelineConfig
+from core.models.registry import resolve_model, weights_hash
+from jobs.completeness import chunk_plan
+from jobs.config import ExtractConfig, ModelEntry, PipelineConfig
 from jobs.layout import RunDir, pin_settings, shard_names
-from patchers.extract import ChunkEmbedder, ChunkTask, KeySpec, decode_chunk, plan_chunks
+from patchers.extract import ChunkEmbedder, ChunkTask, KeySpec, chunk_file, decode_chunk
 
 log = logging.getLogger(__name__)
 
@@ -93,24 +93,27 @@ def pending_chunks(run: RunDir, keys: list[KeySpec], chunk_patches: int) -> list
     """Chunks of every patch shard with the keys whose feature file is still missing."""
     done = [set(shard_names(k.folder)) for k in keys]
     tasks = []
-    for shard in shard_names(run.patches):
-        ids = read_table(join(run.patches, shard), columns=["image_id"]).column("image_id").to_pylist()
-        for index, (start, stop) in enumerate(plan_chunks(ids, chunk_patches)):
-            task = ChunkTask(shard, index, start, stop, ())
-            todo = tuple(k for k, names in enumerate(done) if task.file not in names)
-            if todo:
-                tasks.append(ChunkTask(shard, index, start, stop, todo))
+    for shard, index, start, stop in chunk_plan(run, chunk_patches, "extract"):
+        todo = tuple(k for k, names in enumerate(done) if chunk_file(shard, index) not in names)
+        if todo:
+            tasks.append(ChunkTask(shard, index, start, stop, todo))
     return tasks
+
+
+def key_settings(cfg: PipelineConfig, entry: ModelEntry, key: KeySpec) -> dict:
+    """What a feature folder's files depend on; a trained model by the content of its weights."""
+    settings = {"model": entry.name, "scale": key.scale, "dim": entry.dim, "dtype": key.dtype,
+                "chunk_patches": cfg.extract.chunk_patches}
+    settings.update({"pool": entry.pool} if entry.pool else {})
+    settings.update({"shape_bucket": key.pre.bucket} if key.pre.bucket else {})
+    settings.update({"weights_sha256": weights_hash(key.card)} if key.card.weights else {})
+    return settings
 
 
 def pin_keys(cfg: PipelineConfig, keys: list[KeySpec]) -> None:
     """Refuse to resume a feature folder made with other settings (see ``pin_settings``)."""
     for (entry, _, _), k in zip(cfg.model_keys(), keys):
-        settings = {"model": entry.name, "scale": k.scale, "dim": entry.dim, "dtype": k.dtype,
-                    "chunk_patches": cfg.extract.chunk_patches}
-        settings.update({"pool": entry.pool} if entry.pool else {})
-        settings.update({"shape_bucket": k.pre.bucket} if k.pre.bucket else {})
-        pin_settings(k.folder, settings, "extract")
+        pin_settings(k.folder, key_settings(cfg, entry, k), "extract")
 
 
 def run_extract(cfg: PipelineConfig, run: RunDir) -> None:
@@ -126,7 +129,7 @@ def run_extract(cfg: PipelineConfig, run: RunDir) -> None:
     pres = [k.pre for k in keys]
     ds = ray.data.from_items([vars(t) for t in tasks], override_num_blocks=len(tasks))
     ds = ds.map(lambda row: decode_chunk(ChunkTask(**{**row, "keys": tuple(row["keys"])}), run.patches, run.manifest,
-                                         pres), num_cpus=cfg.extract.decode_cpus)
+                                         pres, cfg.data.max_pixels), num_cpus=cfg.extract.decode_cpus)
     # Ray Data restarts dead actors and retries their batches by default (max_restarts=-1).
     ds = ds.map_batches(ChunkEmbedder, batch_size=1, batch_format="numpy",
                         fn_constructor_kwargs={"keys": keys, "errors_dir": run.errors, "use_gpu": res["use_gpu"],

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from core.metrics import write_predictions
 from core.store import exists, filesystem, join, read_table, write_table
 from ensemble.fuse import fuse, max_over_patches, top_k_per_query
+from jobs.completeness import require_candidates
 from jobs.config import PipelineConfig
 from jobs.layout import RunDir, shard_names
 
@@ -66,9 +67,7 @@ def run_fuse(cfg: PipelineConfig, run: RunDir) -> pa.Table:
     configured rule; one patch shard at a time, so the driver holds one shard's candidates and
     the (small) image-level top k of every query."""
     keys = cfg.search_keys()
-    missing = [k for k in keys if not shard_names(run.candidates(k))]
-    if missing:
-        raise RuntimeError(f"fuse: no candidates for {missing} in {run.root}/candidates (run search first)")
+    require_candidates(cfg, run, "fuse")
     groups = query_shards(run, keys)
     parts = [fuse_group(files, cfg) for files in tqdm(groups.values(), desc="fuse", unit="shard", leave=False)]
     preds = pa.concat_tables(parts).combine_chunks()

@@ -12,8 +12,9 @@ from pathlib import Path
 import pyarrow.compute as pc
 
 from core.models.cards import RegistryError
-from core.models.registry import default_registry_dir, load_card
+from core.models.registry import default_registry_dir, load_card, weights_hash
 from core.store import join, read_table, write_table
+from jobs.completeness import require_manifest
 from jobs.config import PipelineConfig
 from jobs.layout import RunDir, pin_settings, shard_names
 from jobs.runtime import run_tasks
@@ -25,22 +26,32 @@ log = logging.getLogger(__name__)
 
 
 def resolve_detector(name: str | None, registry: str | None) -> DetectorSpec | None:
-    """The local weights of registered detector ``name`` (None: no detector)."""
+    """The local ONNX file of registered detector ``name`` (None: no detector). A pickled
+    checkpoint (``.pt``) is refused unopened: unpickling can run any code it names."""
     if name is None:
         return None
     card = load_card(name, registry or default_registry_dir())
     if card.kind != "detector" or not card.weights or not Path(card.weights).is_file():
         raise RegistryError(f"model {name!r} is not a detector with local weights "
                             f"(kind {card.kind}, weights {card.weights})")
-    return DetectorSpec(str(Path(card.weights).resolve()), card.input_size)
+    if Path(card.weights).suffix.lower() != ".onnx":
+        raise RegistryError(f"detector {name!r}: {card.weights} is not an ONNX file; copydet never loads a pickled "
+                            "checkpoint (loading one can run any code in it). Run `copydet detector train CONFIG` "
+                            "again: it exports the trained detector to ONNX and registers that")
+    from patchers.detector.predict import check_detector  # onnxruntime only where a detector is used
+    weights = str(Path(card.weights).resolve())
+    check_detector(weights, card.name)
+    return DetectorSpec(weights, card.input_size, weights_hash(card))
 
 
-def patch_shard(run: RunDir, name: str, views: ViewConfig, detector: DetectorSpec | None = None) -> int:
+def patch_shard(run: RunDir, name: str, views: ViewConfig, detector: DetectorSpec | None = None,
+                max_pixels: int | None = None) -> int:
     """Plan one manifest shard; returns the number of images that failed to decode."""
     if needs_pixels(views):
         manifest = read_table(join(run.manifest, name), columns=["image_id", "path"])
         pairs = list(zip(manifest.column("image_id").to_pylist(), manifest.column("path").to_pylist()))
-        table, failed = plan_images(pairs, views, detector, ProposalParams(conf=views.detector_conf))
+        table, failed = plan_images(pairs, views, detector, ProposalParams(conf=views.detector_conf),
+                                    max_pixels=max_pixels)
     else:
         ids = read_table(join(run.manifest, name), columns=["image_id"]).column("image_id").to_pylist()
         table, failed = plan_table(ids, views), []
@@ -58,16 +69,30 @@ def patch_counts(run: RunDir) -> dict[str, tuple[int, float, int]]:
     return {s: (len(c), sum(c) / len(c), max(c)) for s, c in per_split.items() if c}
 
 
+def side_views(cfg: PipelineConfig) -> dict[str, ViewConfig]:
+    return {"query": cfg.patches.query, "reference": cfg.patches.reference, "train": cfg.patches.train}
+
+
+def patch_settings(cfg: PipelineConfig, detectors: dict[str, DetectorSpec | None]) -> dict:
+    """What the patch shards depend on: each side's views (and its detector's weights, by content)."""
+    settings = {s: v.model_dump() for s, v in side_views(cfg).items()}
+    return {**settings, **{f"{s}_detector_sha256": d.sha256 for s, d in detectors.items() if d is not None}}
+
+
+def resolve_detectors(cfg: PipelineConfig) -> dict[str, DetectorSpec | None]:
+    return {s: resolve_detector(v.detector, cfg.registry) for s, v in side_views(cfg).items()}
+
+
 def run_patch(cfg: PipelineConfig, run: RunDir) -> None:
-    sides = {"query": cfg.patches.query, "reference": cfg.patches.reference, "train": cfg.patches.train}
-    pin_settings(run.patches, {s: v.model_dump() for s, v in sides.items()}, "patch")
-    detectors = {s: resolve_detector(v.detector, cfg.registry) for s, v in sides.items()}
+    require_manifest(run, "patch")
+    sides, detectors = side_views(cfg), resolve_detectors(cfg)
+    pin_settings(run.patches, patch_settings(cfg, detectors), "patch")
     done = set(shard_names(run.patches))
     calls = []
     for n in shard_names(run.manifest):
         split = n.split("-", 1)[0]
         if n not in done:
-            calls.append((run, n, sides[split], detectors[split]))
+            calls.append((run, n, sides[split], detectors[split], cfg.data.max_pixels))
     failed = sum(run_tasks(patch_shard, calls, "patch"))
     if failed:
         log.info(f"patch: {failed} image(s) no longer decode; they kept only their geometric views")

@@ -17,6 +17,7 @@ import ray
 from core.store import embeddings_from_arrow, exists, join, read_table, write_table
 from ensemble.reduce import Pca, concat_members, fit_pca, load_pca, save_pca
 from ensemble.stretch import stretch_table
+from jobs.completeness import require_features
 from jobs.config import PipelineConfig, ReduceConfig
 from jobs.layout import RunDir, shard_names
 from jobs.runtime import run_tasks
@@ -75,8 +76,9 @@ def run_reduce(cfg: PipelineConfig, run: RunDir) -> None:
     if not cfg.reduce.active:
         return
     for keys, out_key in cfg.reduce_groups():
+        expected = [require_features(cfg, run, k, "reduce") for k in keys]
         done = set(shard_names(run.features(out_key)))
-        todo = [n for n in shard_names(run.features(keys[0])) if n not in done]
+        todo = [n for n in expected[0] if n not in done]
         if not todo:
             continue
         pca, train = fit_or_load(run, keys, out_key, cfg.reduce)

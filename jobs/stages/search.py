@@ -26,6 +26,7 @@ from core.knn import Hits
 from core.store import embeddings_from_arrow, join, read_table, write_table
 from ensemble.normalize import normalize_scores
 from ensemble.sharded import ShardedIndex, format_info, hits_table
+from jobs.completeness import require_features
 from jobs.config import PipelineConfig, SearchConfig
 from jobs.layout import RunDir, pin_settings, shard_names
 
@@ -124,11 +125,16 @@ class QueryFile:
         return cands
 
 
+def search_settings(cfg: PipelineConfig) -> dict:
+    """What the candidates depend on (not the resources they were computed with)."""
+    return cfg.search.model_dump(exclude={"cpus_per_shard", "gpus_per_shard", "query_batch"})
+
+
 def search_key(cfg: PipelineConfig, run: RunDir, key: str) -> None:
     """Search every pending query file of one model key; prints ``done/total`` as files finish."""
     scfg = cfg.search
-    pin_settings(run.candidates(key), scfg.model_dump(exclude={"cpus_per_shard", "gpus_per_shard", "query_batch"}),
-                 "search")
+    require_features(cfg, run, key, "search")
+    pin_settings(run.candidates(key), search_settings(cfg), "search")
     names = shard_names(run.features(key), "query")
     done = set(shard_names(run.candidates(key)))
     todo = [n for n in names if n not in done]

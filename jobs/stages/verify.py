@@ -25,8 +25,9 @@ from core.models.registry import default_registry_dir, resolve_model
 from core.store import chunks, join, list_shards, read_table, write_table
 from ensemble.fuse import top_k_per_query
 from ensemble.verify import make_scorer, verify_pairs
+from jobs.completeness import require_manifest
 from jobs.config import PipelineConfig, VerifyConfig
-from jobs.layout import RunDir, pin_settings
+from jobs.layout import RunDir, image_paths, pin_settings
 from jobs.stages.fuse import write_final
 from jobs.runtime import run_tasks
 
@@ -120,14 +121,9 @@ def rescore(fused: pa.Table, checked: dict[str, pa.Table], cfg: VerifyConfig) ->
                      "score": pa.array(score.astype(np.float32))})
 
 
-def image_paths(run: RunDir) -> dict[str, dict[str, str]]:
-    """split -> image id -> path, for queries and references."""
-    manifest = read_table(run.manifest, columns=["image_id", "path", "split"])
-    paths: dict[str, dict[str, str]] = {"query": {}, "reference": {}}
-    for i, p, s in zip(*(manifest.column(c).to_pylist() for c in ("image_id", "path", "split"))):
-        if s in paths:
-            paths[s][i] = p
-    return paths
+def verify_settings(cfg: PipelineConfig) -> dict[str, dict]:
+    """Scorer folder name -> the settings its cached results depend on (resolves a learned model)."""
+    return {name: SCORER_PLANS[name].settings(name, cfg) for name in METHODS[cfg.verify.method].scorers}
 
 
 def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, paths_ref: ray.ObjectRef) -> pa.Table:
@@ -157,6 +153,7 @@ def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
     if not cfg.verify.enabled:
         log.info("verify: off (set verify.enabled=true to verify candidates)")
         return
+    require_manifest(run, "verify")
     fused = read_table(run.fused)
     todo = top_k_per_query(fused, cfg.verify.top_k)
     paths_ref = ray.put(image_paths(run))  # one copy in the object store for every task

@@ -9,27 +9,62 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from core.models.cards import RegistryError
+
 Detections = tuple[np.ndarray, np.ndarray]  # boxes (n, 4) x0, y0, x1, y1 in [0, 1]; scores (n,)
 
 
+# Set before ultralytics is imported (it reads them once): no hub look-ups or telemetry, never
+# pip-install a package (a checkpoint can name one), and only weights_only unpickling of a .pt
+# (training's own checkpoints: a detector is served from ONNX, see load_detector).
+ULTRALYTICS_ENV = {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false", "ULTRALYTICS_SAFE_LOAD": "1"}
+
+
 def offline_ultralytics() -> Any:
-    """Import ultralytics with every network path off (devices are offline): no hub
-    look-ups, no telemetry, no Ray Tune callback; settings live in ``$YOLO_CONFIG_DIR``."""
-    os.environ.setdefault("YOLO_OFFLINE", "1")
+    """Import ultralytics with every network and install path off and safe loading on (devices
+    are offline; settings live in ``$YOLO_CONFIG_DIR``)."""
+    os.environ.update(ULTRALYTICS_ENV)
     os.environ.setdefault("YOLO_CONFIG_DIR", os.path.join(tempfile.gettempdir(), "copydet-ultralytics"))
     import ultralytics
+    import ultralytics.nn.tasks
+    import ultralytics.utils.checks
     from ultralytics import settings
+    # The flags are read at import: hold them for an ultralytics imported before this call too.
+    ultralytics.utils.checks.AUTOINSTALL = False
+    ultralytics.nn.tasks.SAFE_LOAD = True
     if settings.get("sync") or settings.get("raytune"):
         settings.update({"sync": False, "raytune": False})
     return ultralytics
 
 
+def check_detector(weights: str, name: str = "detector") -> None:
+    """Refuse anything but a loadable ONNX detector (one image input), without running it."""
+    import onnxruntime as ort
+
+    if not weights.lower().endswith(".onnx"):
+        raise RegistryError(f"{name}: {weights} is not an ONNX file; detectors are served from ONNX only")
+    try:
+        inputs = ort.InferenceSession(weights, providers=["CPUExecutionProvider"]).get_inputs()
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidProtobuf/... types
+        raise RegistryError(f"{name}: {weights} is not a loadable ONNX model: {e}") from e
+    if len(inputs) != 1 or len(inputs[0].shape) != 4:
+        raise RegistryError(f"{name}: {weights} takes {[(i.name, i.shape) for i in inputs]}, not one image batch")
+
+
 @lru_cache(maxsize=2)
 def load_detector(weights: str) -> Any:
-    """The YOLO model at a local ``weights`` path, loaded once per process."""
+    """The YOLO detector exported to ONNX at a local ``weights`` path (run by onnxruntime),
+    loaded once per process; no pickle is ever opened here."""
     if not os.path.isfile(weights):
         raise FileNotFoundError(f"{weights}: detector weights not found")
+    check_detector(weights)
     return offline_ultralytics().YOLO(weights, task="detect")
+
+
+def export_onnx(checkpoint: str, imgsz: int) -> str:
+    """Export a trained YOLO checkpoint (copydet's own training output) to ONNX next to it."""
+    yolo = offline_ultralytics().YOLO(checkpoint, task="detect")
+    return str(yolo.export(format="onnx", imgsz=imgsz, dynamic=False, simplify=False, device="cpu"))
 
 
 def detect(images: list[Image.Image], weights: str, conf: float = 0.25, imgsz: int = 320,

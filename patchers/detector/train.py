@@ -2,9 +2,11 @@
 
 Steps, each resumable: generate the synthetic set (chunks already written are skipped),
 train (resumed from ``last.pt`` when a run was interrupted, skipped when all epochs are in
-``results.csv``), measure box recall at IoU >= 0.5 and mAP50 on the validation split, and
-write a ``detector`` model card. Training is offline: a ``.yaml`` model definition (random
-init) or a local ``.pt``; never a hub name.
+``results.csv``), export the best checkpoint to ONNX, measure box recall at IoU >= 0.5 (of the
+ONNX model, which is what the pipeline runs) and mAP50 on the validation split, and write a
+``detector`` model card pointing at the ONNX file. Training is offline: a ``.yaml`` model
+definition (random init) or a local ``.pt``, opened with ultralytics' weights-only loading;
+never a hub name.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from core.imageio import list_images, load_rgb
 from core.models.cards import ModelCard
 from core.models.registry import register
 from core.yamlconf import load_as
-from patchers.detector.predict import detect, offline_ultralytics
+from patchers.detector.predict import detect, export_onnx, offline_ultralytics
 from patchers.detector.synth import chunk_calls, generate_chunk, write_data_yaml
 
 MapFn = Callable[[Callable[..., Any], Sequence[tuple]], list[Any]]
@@ -145,9 +147,10 @@ def train_detector(cfg: DetectorConfig, map_fn: MapFn = local_map) -> ModelCard:
     yolo = offline_ultralytics().YOLO(str(best), task="detect")
     val = yolo.val(data=data_yaml, imgsz=cfg.imgsz, batch=cfg.batch, workers=0, plots=False,
                    device=cfg.device, verbose=False, project=str(run), name="val", exist_ok=True)
-    recall = box_recall(str(best), str(Path(data_yaml).parent), conf=cfg.conf, imgsz=cfg.imgsz, device=cfg.device)
+    onnx = export_onnx(str(best), cfg.imgsz)
+    recall = box_recall(onnx, str(Path(data_yaml).parent), conf=cfg.conf, imgsz=cfg.imgsz, device=cfg.device)
     card = ModelCard(
-        name=cfg.name, kind="detector", arch=Path(cfg.model).stem, weights=str(best), input_size=cfg.imgsz,
+        name=cfg.name, kind="detector", arch=Path(cfg.model).stem, weights=onnx, input_size=cfg.imgsz,
         mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
         trained_on=(f"synthetic composites of {cfg.photos} (seed {cfg.synth.seed}, "
                     f"{cfg.synth.train} train / {cfg.synth.val} val)"),

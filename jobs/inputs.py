@@ -1,0 +1,129 @@
+"""A run's inputs, checked before anything runs: its image folders, the pinned file list, the ground truth.
+
+Every file under a split folder is either an image (``image_id`` = its path without extension)
+or a rejected path with its reason (:func:`core.imageio.scan_images`); two files with one id
+stop the run. The list, with each file's size and mtime, is pinned in ``RUN/inputs.parquet`` the
+first time; a re-run whose files changed is refused, naming them, since the run's shards were
+made from the old files. The ground truth may only name images of the inputs, once per pair.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Collection
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from core.imageio import IMAGE_SUFFIXES, scan_images
+from core.metrics import read_ground_truth
+from core.store import exists, read_table, write_table
+from jobs.config import SPLIT_FOLDERS, DataConfig
+from jobs.layout import RunDir
+
+log = logging.getLogger(__name__)
+
+INPUTS_SCHEMA = pa.schema([
+    ("split", pa.string()), ("image_id", pa.string()), ("path", pa.string()),
+    ("size", pa.int64()), ("mtime_ns", pa.int64()), ("error", pa.string()),  # error: null for images
+])
+SHOWN = 8  # names quoted per kind of problem
+
+
+class InputError(ValueError):
+    """Inputs that would give a wrong result; the message names the folder, files or ids."""
+
+
+def _some(items: list) -> str:
+    return ", ".join(map(str, items[:SHOWN])) + (f" ... ({len(items)} in all)" if len(items) > SHOWN else "")
+
+
+def split_folders(data: DataConfig, required: Collection[str] = ()) -> dict[str, str]:
+    """split -> folder. A configured path that does not exist, or a ``required`` split without
+    a folder, is an :class:`InputError` naming the config key."""
+    if data.root and not Path(data.root).is_dir():
+        raise InputError(f"data.root: {data.root} is not a folder")
+    for sub in SPLIT_FOLDERS.values():
+        given = getattr(data, sub)
+        if given and not Path(given).is_dir():
+            raise InputError(f"data.{sub}: {given} is not a folder")
+    if data.ground_truth and not Path(data.ground_truth).is_file():
+        raise InputError(f"data.ground_truth: {data.ground_truth} is not a file")
+    folders = data.folders()
+    for split in required:
+        if split not in folders:
+            sub = SPLIT_FOLDERS[split]
+            where = f"{Path(data.root) / sub} does not exist" if data.root else f"set data.{sub} or data.root"
+            raise InputError(f"data.{sub}: no {sub} folder ({where})")
+    return folders
+
+
+def scan_inputs(folders: dict[str, str]) -> pa.Table:
+    """Every file under the split folders as INPUTS_SCHEMA rows; refuses an id given by two files
+    and a folder without images."""
+    rows = []
+    for split, folder in folders.items():
+        scan = scan_images(folder)
+        dups = scan.duplicates()
+        if dups:
+            raise InputError(f"data.{SPLIT_FOLDERS[split]}: {len(dups)} image id(s) of {folder} are given by more "
+                             f"than one file (an id is the file name without extension): "
+                             + _some([f"{i!r} ({' and '.join(p)})" for i, p in dups.items()])
+                             + "; rename or remove one of each")
+        if not scan.files:
+            raise InputError(f"data.{SPLIT_FOLDERS[split]}: {folder} has no image files (accepted extensions: "
+                             f"{' '.join(IMAGE_SUFFIXES)}; {len(scan.rejected)} other file(s))")
+        rows += [{"split": split, "image_id": f.image_id, "path": f.path, "size": f.size, "mtime_ns": f.mtime_ns}
+                 for f in scan.files]
+        rows += [{"split": split, "path": p, "error": f"{p}: {reason}"} for p, reason in scan.rejected]
+    return pa.Table.from_pylist(rows, schema=INPUTS_SCHEMA)
+
+
+def images(inputs: pa.Table, limit: int | None = None) -> dict[str, list[tuple[str, str]]]:
+    """split -> ``(image_id, path)`` of its images in folder order (the first ``limit`` of each)."""
+    out: dict[str, list[tuple[str, str]]] = {}
+    ok = inputs.filter(pc.is_null(inputs.column("error")))
+    for split, image_id, path in zip(*(ok.column(c).to_pylist() for c in ("split", "image_id", "path"))):
+        out.setdefault(split, []).append((image_id, path))
+    return {s: files[:limit] if limit else files for s, files in out.items()}
+
+
+def _stamps(inputs: pa.Table) -> dict[tuple[str, str], tuple[int, int]]:
+    ok = inputs.filter(pc.is_null(inputs.column("error")))
+    cols = (ok.column(c).to_pylist() for c in ("split", "path", "size", "mtime_ns"))
+    return {(s, p): (n, t) for s, p, n, t in zip(*cols)}
+
+
+def input_changes(old: pa.Table, new: pa.Table) -> list[str]:
+    """``added: ...``, ``removed: ...``, ``changed: ...`` (size or mtime) between two file lists."""
+    a, b = _stamps(old), _stamps(new)
+    kinds = {"added": sorted(b.keys() - a.keys()), "removed": sorted(a.keys() - b.keys()),
+             "changed": sorted(k for k in a.keys() & b.keys() if a[k] != b[k])}
+    return [f"{len(keys)} {kind} ({_some([p for _, p in keys])})" for kind, keys in kinds.items() if keys]
+
+
+def pin_inputs(run: RunDir, folders: dict[str, str]) -> pa.Table:
+    """Scan the folders and pin the file list in ``RUN/inputs.parquet``, or refuse if it changed."""
+    new = scan_inputs(folders)
+    if not exists(run.inputs):
+        write_table(new, run.inputs)
+        return new
+    changes = input_changes(read_table(run.inputs), new)
+    if changes:
+        raise InputError(f"{run.root}: the input images changed since this run folder was made from them "
+                         f"({run.inputs}): {'; '.join(changes)}; its shards hold the old files, so run into a "
+                         "new folder (--out)")
+    return new
+
+
+def check_ground_truth(path: str, inputs: pa.Table) -> list[tuple[str, str]]:
+    """The ground-truth pairs, if every id names an image of its split in ``inputs`` (and no pair
+    repeats: :func:`core.metrics.read_ground_truth`); else an :class:`InputError` naming them."""
+    pairs = read_ground_truth(path)
+    ids = {s: {i for i, _ in files} for s, files in images(inputs).items()}
+    unknown = sorted({f"query {q!r}" for q, _ in pairs if q not in ids.get("query", ())} |
+                     {f"reference {r!r}" for _, r in pairs if r not in ids.get("reference", ())})
+    if unknown:
+        raise InputError(f"{path}: {len(unknown)} id(s) of the ground truth are not images of this run's "
+                         f"queries/references (an id is the file name without extension): {_some(unknown)}")
+    return pairs

@@ -1,0 +1,115 @@
+"""Everything a run can be refused for, checked before the first stage and before config.yaml is written.
+
+For the stages asked for: every model and the detectors resolve (a missing one is named with
+the command that makes it); each stage folder's recorded settings match the config
+(``jobs.layout.check_settings``); the image folders exist and hold images, no id is given by two
+files, the files match the run folder's pinned list (``jobs.inputs``); and the ground truth
+names only images of the inputs. Nothing is written but the pinned input list of a new run.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import TypeVar
+
+from core.models.cards import RegistryError
+from core.models.sscd import SSCD_MEMBERS
+from core.store import exists, join
+from core.yamlconf import ConfigError, read_yaml
+from jobs.config import PipelineConfig
+from jobs.inputs import check_ground_truth, pin_inputs, split_folders
+from jobs.layout import RunDir, check_settings, read_settings
+from jobs.stages.extract import key_settings, key_specs
+from jobs.stages.manifest import manifest_settings
+from jobs.stages.patch import patch_settings, resolve_detector, side_views
+from jobs.stages.search import search_settings
+from jobs.stages.verify import verify_settings
+from pretrain.train.fanout import byol_name, finetune_name
+from pretrain.train_config import load_train_config
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+IMAGE_STAGES = {"manifest", "patch", "extract", "verify"}  # stages that open the image files
+BOTH_SIDES = {"search", "fuse"}  # stages that need queries and references
+T = TypeVar("T")
+
+
+@lru_cache(maxsize=1)
+def producers() -> dict[str, str]:
+    """Registry name -> the command that makes it, for the models this repository knows how to make."""
+    out = {name: "copydet models fetch-sscd" for name in SSCD_MEMBERS}
+    for path in sorted(CONFIGS.glob("train/*.yaml")):
+        try:
+            train = load_train_config(path)
+        except ConfigError:
+            continue
+        rel = path.relative_to(CONFIGS.parent)
+        for backbone in train.backbones:
+            out.setdefault(byol_name(train, backbone), f"copydet pretrain {rel}")
+            for recipe in train.set_recipes():
+                out.setdefault(finetune_name(train, backbone, recipe), f"copydet finetune {rel}")
+    for path in sorted(CONFIGS.glob("detector/*.yaml")):
+        name = read_yaml(path).get("name")
+        if isinstance(name, str):
+            out.setdefault(name, f"copydet detector train {path.relative_to(CONFIGS.parent)}")
+    return out
+
+
+def how_to_get(name: str) -> str:
+    command = producers().get(name)
+    if command:
+        return f"to make {name!r}, run `{command}`"
+    return (f"register {name!r} (`copydet models import-onnx PATH --name {name} ...`, or train it), or give a "
+            "backbone name or a checkpoint path")
+
+
+def resolved(what: str, name: str | None, fn: Callable[[], T]) -> T:
+    """``fn()``, or its RegistryError on one line with what to run to get ``name``."""
+    try:
+        return fn()
+    except RegistryError as e:
+        raise RegistryError(f"{what}: {' '.join(str(e).split())}; {how_to_get(name or '')}") from None
+
+
+def check_stage_settings(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]) -> None:
+    """Resolve the models and detectors the stages use and refuse settings their folders did not record."""
+    if "manifest" in stages:
+        check_settings(run.manifest, manifest_settings(cfg), "manifest")
+    if "patch" in stages:
+        detectors = {side: resolved(f"patches.{side}.detector", views.detector,
+                                    lambda views=views: resolve_detector(views.detector, cfg.registry))
+                     for side, views in side_views(cfg).items()}
+        check_settings(run.patches, patch_settings(cfg, detectors), "patch")
+    if "extract" in stages:
+        keys = []
+        for i, entry in enumerate(cfg.models):
+            one = cfg.model_copy(update={"models": [entry]})
+            keys += resolved(f"models.{i}.name", entry.name, lambda one=one: key_specs(one, run))
+        for (entry, _, _), key in zip(cfg.model_keys(), keys):
+            check_settings(key.folder, key_settings(cfg, entry, key), "extract")
+    if "search" in stages:
+        for key in cfg.search_keys():
+            check_settings(run.candidates(key), search_settings(cfg), "search")
+    if "verify" in stages and cfg.verify.enabled:
+        scorers = resolved("verify.learned.model", cfg.verify.learned.model, lambda: verify_settings(cfg))
+        for name, settings in scorers.items():
+            check_settings(join(run.verify, name), settings, f"verify ({name})")
+
+
+def check_inputs(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]) -> None:
+    """Pin the inputs of a new run folder or refuse changed ones; validate the ground truth."""
+    if "manifest" in stages:
+        folders = split_folders(cfg.data, ("query", "reference") if BOTH_SIDES & set(stages) else ())
+        inputs = pin_inputs(run, folders)
+        gt = cfg.data.ground_truth_path()
+        if gt:
+            check_ground_truth(gt, inputs)
+    elif IMAGE_STAGES & set(stages) and exists(run.inputs):
+        pin_inputs(run, (read_settings(run.manifest) or {}).get("folders", {}))
+
+
+def preflight(cfg: PipelineConfig, stages: Sequence[str]) -> None:
+    """Every early check for running ``stages`` with ``cfg`` (see the module docstring)."""
+    run = RunDir(cfg.output)
+    check_stage_settings(cfg, run, stages)
+    check_inputs(cfg, run, stages)
