@@ -10,7 +10,15 @@ import pytest
 
 from jobs.completeness import IncompleteUpstream, require_complete
 from jobs.config import DataConfig
-from jobs.inputs import InputError, check_ground_truth, images, input_changes, pin_inputs, scan_inputs, split_folders
+from jobs.inputs import (
+    InputError,
+    check_ground_truth,
+    images,
+    input_changes,
+    pin_inputs,
+    scan_inputs,
+    split_folders,
+)
 from jobs.layout import RunDir
 
 

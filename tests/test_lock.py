@@ -43,9 +43,9 @@ def test_a_second_process_is_refused_at_once_naming_the_holder(tmp_path, capsys)
     out = tmp_path / "run"
     holder = hold(out)
     try:
-        with pytest.raises(RunFolderBusy, match=rf"{out} is in use by pid {holder.pid} on {socket.gethostname()}"):
-            with locked(RunDir(str(out))):
-                pytest.fail("ran while another process held the folder")
+        busy = rf"{out} is in use by pid {holder.pid} on {socket.gethostname()}"
+        with pytest.raises(RunFolderBusy, match=busy), locked(RunDir(str(out))):
+            pytest.fail("ran while another process held the folder")
         # the command line: exit 2, one line, nothing checked or written (no config.yaml)
         assert main(["run", "--out", str(out)]) == 2
         assert f"in use by pid {holder.pid}" in capsys.readouterr().err
