@@ -80,6 +80,12 @@ def require_features(cfg: PipelineConfig, run: RunDir, key: str, stage: str) -> 
     return expected
 
 
+def require_fused(run: RunDir, stage: str) -> None:
+    """The fused predictions (one file, written whole by fuse after its candidates were complete)."""
+    if not exists(run.fused):
+        raise IncompleteUpstream(f"{stage}: {run.fused} is missing; run `copydet fuse` on this run folder first")
+
+
 def require_candidates(cfg: PipelineConfig, run: RunDir, stage: str) -> None:
     """Every search key has one candidates file per query feature file."""
     for key in cfg.search_keys():

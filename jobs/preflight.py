@@ -71,20 +71,36 @@ def resolved(what: str, name: str | None, fn: Callable[[], T]) -> T:
         raise RegistryError(f"{what}: {' '.join(str(e).split())}; {how_to_get(name or '')}") from None
 
 
+def resolved_each(items: Sequence[tuple[str, str | None, Callable[[], T]]]) -> list[T]:
+    """:func:`resolved` for each ``(what, name, fn)``; every name that does not resolve is named
+    in one line, so a fresh clone learns at once everything it has to make."""
+    out, errors = [], []
+    for what, name, fn in items:
+        try:
+            out.append(resolved(what, name, fn))
+        except RegistryError as e:
+            errors.append(str(e))
+    if errors:
+        raise RegistryError("; ".join(errors))
+    return out
+
+
 def check_stage_settings(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]) -> None:
     """Resolve the models and detectors the stages use and refuse settings their folders did not record."""
     if "manifest" in stages:
         check_settings(run.manifest, manifest_settings(cfg), "manifest")
+    # every detector and model of the run first, so one line names all that a fresh clone lacks
+    sides = side_views(cfg) if "patch" in stages else {}
+    members = [cfg.model_copy(update={"models": [entry]}) for entry in cfg.models] if "extract" in stages else []
+    found = resolved_each([
+        *((f"patches.{side}.detector", views.detector,
+           lambda views=views: resolve_detector(views.detector, cfg.registry)) for side, views in sides.items()),
+        *((f"models.{i}.name", one.models[0].name, lambda one=one: key_specs(one, run))
+          for i, one in enumerate(members))])
     if "patch" in stages:
-        detectors = {side: resolved(f"patches.{side}.detector", views.detector,
-                                    lambda views=views: resolve_detector(views.detector, cfg.registry))
-                     for side, views in side_views(cfg).items()}
-        check_settings(run.patches, patch_settings(cfg, detectors), "patch")
+        check_settings(run.patches, patch_settings(cfg, dict(zip(sides, found[:len(sides)]))), "patch")
     if "extract" in stages:
-        keys = []
-        for i, entry in enumerate(cfg.models):
-            one = cfg.model_copy(update={"models": [entry]})
-            keys += resolved(f"models.{i}.name", entry.name, lambda one=one: key_specs(one, run))
+        keys = [key for member in found[len(sides):] for key in member]
         for (entry, _, _), key in zip(cfg.model_keys(), keys):
             check_settings(key.folder, key_settings(cfg, entry, key), "extract")
     if "search" in stages:

@@ -69,7 +69,10 @@ def test_an_unresolvable_model_is_named_at_start_with_what_makes_it(tmp_path, ca
     assert main(["run", "configs/sscd_ensemble.yaml", "--out", str(out), "--set", f"registry={tmp_path / 'reg'}"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(lines) == 1 and "models.0.name: cannot resolve model 'sscd'" in lines[0]
-    assert lines[0].endswith("to make 'sscd', run `copydet models fetch-sscd`")
+    # every member that does not resolve, each with what makes it (the others are not extracted first)
+    assert "to make 'sscd', run `copydet models fetch-sscd`; models.1.name: " in lines[0]
+    assert "to make 'sscd_distilled', run `copydet models fetch-sscd`; models.2.name: " in lines[0]
+    assert lines[0].endswith("to make 'cpu-resnet18-byol', run `copydet pretrain configs/train/cpu.yaml`")
     assert not (out / "config.yaml").exists() and not (out / "manifest.parquet").exists()
     assert how_to_get("cpu-resnet18-byol") == ("to make 'cpu-resnet18-byol', run "
                                                "`copydet pretrain configs/train/cpu.yaml`")

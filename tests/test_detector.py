@@ -155,9 +155,10 @@ def malicious(tmp_path) -> tuple[Path, Path]:
     return pt, marker
 
 
-def test_a_malicious_checkpoint_never_runs(malicious, tmp_path):
+def test_a_malicious_checkpoint_never_runs(malicious, tmp_path, capsys):
     from core.models.cards import ModelCard, RegistryError
     from core.models.registry import register
+    from jobs.cli import main
     from jobs.stages.patch import resolve_detector
     from patchers.detector.predict import load_detector, offline_ultralytics
 
@@ -173,6 +174,13 @@ def test_a_malicious_checkpoint_never_runs(malicious, tmp_path):
             resolve_detector(name, str(registry))
     with pytest.raises(RegistryError, match="not an ONNX file"):
         load_detector(str(pt))
+    # a run that names it stops at start, on one line, before any stage or config.yaml
+    out = tmp_path / "run"
+    assert main(["patch", "--out", str(out), "--set", f"registry={registry}",
+                 "--set", "patches.query.detector=evil-pt"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    assert len(err) == 1 and f"patches.query.detector: detector 'evil-pt': {pt} is not an ONNX file" in err[0]
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
     # training from a named .pt goes through ultralytics' weights-only loading: refused, nothing runs
     ultralytics = offline_ultralytics()
     assert ultralytics.utils.checks.AUTOINSTALL is False and ultralytics.nn.tasks.SAFE_LOAD is True

@@ -14,8 +14,14 @@ import yaml
 from safetensors.torch import load_file
 
 from core.models.cards import RegistryError
-from core.models.registry import load_card
-from core.models.verifier import VerifierSpec, build_net, load_verifier, region_tokens, save_verifier
+from core.models.registry import load_card, register
+from core.models.verifier import (
+    VerifierSpec,
+    build_net,
+    load_verifier,
+    region_tokens,
+    save_verifier,
+)
 from core.store import join, read_table
 from jobs.config import VerifyConfig, load_config
 from jobs.layout import RunDir, SettingsChanged
@@ -123,14 +129,20 @@ def test_learned_verification_in_a_tiny_pipeline(ray_local, trained, tiny_datase
     run_stages(both, ["verify"])
     assert open(run.predictions).read() == once
 
-    # the cache is pinned to the verifier's weights
-    weights = load_card("tiny-verifier", spec.registry).weights
-    original = open(weights, "rb").read()
+    # the cache is pinned to the verifier's weights: a changed file is refused, a re-registered one
+    # does not reuse the cache
+    card = load_card("tiny-verifier", spec.registry)
+    original = open(card.weights, "rb").read()
+    learned = load_config(None, [*base, "verify.method=learned"])
     try:
-        with open(weights, "r+b") as f:
+        with open(card.weights, "r+b") as f:
             f.seek(-4, 2)
             f.write(b"\0\0\0\0")
+        with pytest.raises(RegistryError, match="changed since the card was written"):
+            run_stages(learned, ["verify"])
+        register(card, spec.registry)
         with pytest.raises(SettingsChanged, match="weights_sha256"):
-            run_stages(load_config(None, [*base, "verify.method=learned"]), ["verify"])
+            run_stages(learned, ["verify"])
     finally:
-        open(weights, "wb").write(original)
+        open(card.weights, "wb").write(original)
+        register(card, spec.registry)

@@ -15,7 +15,8 @@ or config.yaml; the good images of the messy run score exactly as in the clean r
 | 5    | data.root missing, queries/ empty             | refused at start, folder named                     |
 | 6    | ground truth: unknown ids, a repeated pair    | refused at start, ids and pair named               |
 | 8    | images added / changed after the run          | refused, files named, nothing rewritten            |
-| 9    | feature / candidates / manifest shard deleted | search / fuse / evaluate / patch refuse, naming it |
+| 9    | feature / candidates / manifest shard deleted,| search / fuse / evaluate / verify / patch refuse,  |
+|      | fused.parquet deleted                         | naming it                                          |
 | 10   | a second process in the run folder            | "in use by pid N", config.yaml untouched           |
 | 11   | model re-registered (or its file replaced)    | refused by weights hash                            |
 """
@@ -296,6 +297,9 @@ def test_case9_a_lost_shard_stops_the_stage_that_reads_it(runs, tmp_path):
     for stage in ("fuse", "evaluate"):
         with pytest.raises(IncompleteUpstream, match=rf"{stage}: .*candidates.*query-00001-0000\.parquet"):
             run_stages(cfg, [stage]) if stage == "fuse" else evaluate_run(cfg)
+    (out / "fused.parquet").unlink()
+    with pytest.raises(IncompleteUpstream, match=r"verify: .*fused\.parquet is missing; run `copydet fuse`"):
+        run_stages(cfg, ["verify"])
     (out / "manifest.parquet" / "query-00000.parquet").unlink()
     with pytest.raises(IncompleteUpstream, match=r"patch: .*manifest.parquet is incomplete.*query-00000\.parquet"):
         run_stages(cfg, ["patch"])

@@ -10,7 +10,6 @@ twice never boosts a score twice.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,15 +20,15 @@ import pyarrow.compute as pc
 import ray
 
 from core.imageio import load_rgb
-from core.models.registry import default_registry_dir, resolve_model
+from core.models.registry import default_registry_dir, resolve_model, weights_hash
 from core.store import chunks, join, list_shards, read_table, write_table
 from ensemble.fuse import top_k_per_query
 from ensemble.verify import make_scorer, verify_pairs
-from jobs.completeness import require_manifest
+from jobs.completeness import require_fused, require_manifest
 from jobs.config import PipelineConfig, VerifyConfig
 from jobs.layout import RunDir, image_paths, pin_settings
-from jobs.stages.fuse import write_final
 from jobs.runtime import run_tasks
+from jobs.stages.fuse import write_final
 
 log = logging.getLogger(__name__)
 
@@ -76,10 +75,8 @@ def keypoint_settings(name: str, cfg: PipelineConfig) -> dict:
 
 
 def learned_settings(name: str, cfg: PipelineConfig) -> dict:
-    card = resolve_model(cfg.verify.learned.model, cfg.registry)
-    with open(card.weights, "rb") as f:
-        digest = hashlib.sha256(f.read()).hexdigest()
-    return {"scorer": name, "model": card.name, "weights_sha256": digest}
+    card = resolve_model(cfg.verify.learned.model, cfg.registry)  # by content, as a descriptor model
+    return {"scorer": name, "model": card.name, "weights_sha256": weights_hash(card)}
 
 
 @dataclass(frozen=True)
@@ -154,6 +151,7 @@ def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
         log.info("verify: off (set verify.enabled=true to verify candidates)")
         return
     require_manifest(run, "verify")
+    require_fused(run, "verify")
     fused = read_table(run.fused)
     todo = top_k_per_query(fused, cfg.verify.top_k)
     paths_ref = ray.put(image_paths(run))  # one copy in the object store for every task

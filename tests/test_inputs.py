@@ -1,0 +1,117 @@
+"""A run's inputs (jobs.inputs) and its upstream checks (jobs.completeness), without Ray or models:
+folders and counts, one file per id, the pinned file list, ground truth per split, missing shards."""
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+
+from jobs.completeness import IncompleteUpstream, require_complete
+from jobs.config import DataConfig
+from jobs.inputs import (
+    InputError,
+    check_ground_truth,
+    images,
+    input_changes,
+    pin_inputs,
+    scan_inputs,
+    split_folders,
+)
+from jobs.layout import RunDir
+
+
+def touch(path: Path, data: bytes = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+@pytest.fixture
+def data(tmp_path) -> Path:
+    """queries Q1 (.jpg), Q2 (.JPEG), sub/Q3 (.jfif) and a note; references R1, R2 and a file named Q1."""
+    root = tmp_path / "data"
+    for name in ("Q1.jpg", "Q2.JPEG", "sub/Q3.jfif", "notes.txt"):
+        touch(root / "queries" / name)
+    for name in ("R1.png", "R2.jpg", "Q1.jpg"):
+        touch(root / "references" / name)
+    return root
+
+
+def gt(path: Path, pairs: list[tuple[str, str]]) -> str:
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([("query_id", "reference_id"), *pairs])
+    return str(path)
+
+
+def test_every_file_is_an_image_or_a_rejected_row(data):
+    table = scan_inputs(split_folders(DataConfig(root=str(data))))
+    assert {s: [i for i, _ in f] for s, f in images(table).items()} == {
+        "query": ["Q1", "Q2", "sub/Q3"], "reference": ["Q1", "R1", "R2"]}
+    errors = [e for e in table.column("error").to_pylist() if e]
+    assert len(errors) == 1 and "notes.txt" in errors[0] and "extension" in errors[0]
+
+
+def test_one_id_given_by_two_files_is_refused_naming_both(data):
+    touch(data / "queries" / "Q1.png")
+    with pytest.raises(InputError, match=r"data\.queries: 1 image id\(s\) .*'Q1' \(.*Q1\.jpg and .*Q1\.png\)"):
+        scan_inputs(split_folders(DataConfig(root=str(data))))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("root", "nope", r"data\.root: .*nope is not a folder"),
+    ("queries", "nope", r"data\.queries: .*nope is not a folder"),
+    ("ground_truth", "nope.csv", r"data\.ground_truth: .*nope\.csv is not a file"),
+])
+def test_configured_paths_that_do_not_exist_are_named(data, field, value, message):
+    cfg = DataConfig(**{"root": str(data), field: str(data.parent / value)})
+    with pytest.raises(InputError, match=message):
+        split_folders(cfg)
+
+
+def test_a_required_split_without_a_folder_or_images_is_named(data):
+    for f in (data / "references").iterdir():
+        f.unlink()
+    with pytest.raises(InputError, match=r"data\.references: .*references has no image files"):
+        scan_inputs(split_folders(DataConfig(root=str(data))))
+    (data / "references").rmdir()
+    assert "reference" not in split_folders(DataConfig(root=str(data)))  # not needed: allowed
+    with pytest.raises(InputError, match=r"data\.references: no references folder \(.*references does not exist\)"):
+        split_folders(DataConfig(root=str(data)), ("query", "reference"))
+
+
+def test_the_file_list_is_pinned_and_a_change_is_refused_naming_the_files(data, tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    folders = split_folders(DataConfig(root=str(data)))
+    first = pin_inputs(run, folders)
+    assert pin_inputs(run, folders).equals(first)  # unchanged: accepted
+    touch(data / "queries" / "Q4.jpg")
+    (data / "references" / "R2.jpg").unlink()
+    q1 = data / "queries" / "Q1.jpg"
+    os.utime(q1, ns=(q1.stat().st_atime_ns, q1.stat().st_mtime_ns + 10**9))
+    assert input_changes(first, scan_inputs(folders)) == [
+        f"1 added ({data / 'queries' / 'Q4.jpg'})", f"1 removed ({data / 'references' / 'R2.jpg'})",
+        f"1 changed ({q1})"]
+    with pytest.raises(InputError, match=r"input images changed .*1 added .*Q4\.jpg.*run into a new folder"):
+        pin_inputs(run, folders)
+
+
+def test_ground_truth_ids_must_be_images_of_their_own_split(data, tmp_path):
+    inputs = scan_inputs(split_folders(DataConfig(root=str(data))))
+    assert check_ground_truth(gt(tmp_path / "ok.csv", [("Q1", "R1"), ("sub/Q3", "Q1")]), inputs) == [
+        ("Q1", "R1"), ("sub/Q3", "Q1")]
+    # R1 is a reference, not a query; Q2 is a query, not a reference
+    with pytest.raises(InputError, match=r"2 id\(s\) .*query 'R1', reference 'Q2'"):
+        check_ground_truth(gt(tmp_path / "bad.csv", [("R1", "R2"), ("Q1", "Q2")]), inputs)
+
+
+def test_a_missing_upstream_file_is_named_with_its_producer(tmp_path):
+    folder = tmp_path / "features"
+    touch(folder / "query-00000-0000.parquet")
+    require_complete(str(folder), ["query-00000-0000.parquet"], "search", "extract")
+    with pytest.raises(IncompleteUpstream, match=r"search: .*features is incomplete: 1 of 2 expected file\(s\) "
+                                                 r"missing \(query-00001-0000\.parquet\); run `copydet extract`"):
+        require_complete(str(folder), ["query-00000-0000.parquet", "query-00001-0000.parquet"], "search", "extract")
+    with pytest.raises(IncompleteUpstream, match="nothing to read"):
+        require_complete(str(folder), [], "search", "extract")

@@ -1,0 +1,70 @@
+"""The run-folder lock (jobs.lock): one copydet process per run folder, re-entrant in its process,
+refused at once for another one (naming the holder), freed by the OS when the holder dies."""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jobs.cli import main
+from jobs.layout import RunDir
+from jobs.lock import RunFolderBusy, locked
+
+ROOT = Path(__file__).parent.parent
+
+
+def hold(folder: Path) -> subprocess.Popen:
+    """Another process that holds ``folder``'s lock until it is killed."""
+    code = ("import time; from jobs.layout import RunDir; from jobs.lock import locked\n"
+            f"with locked(RunDir({str(folder)!r})):\n    print('held', flush=True); time.sleep(120)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_the_lock_is_reentrant_in_its_process_and_freed_after(tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    with locked(run):
+        with locked(run):  # `copydet run` holds it over run_stages and evaluate_run, which lock again
+            pass
+        assert f"pid {os.getpid()} on {socket.gethostname()}" == Path(run.lock).read_text()
+    with locked(run):  # released: taken again at once
+        pass
+
+
+def test_a_second_process_is_refused_at_once_naming_the_holder(tmp_path, capsys):
+    out = tmp_path / "run"
+    holder = hold(out)
+    try:
+        busy = rf"{out} is in use by pid {holder.pid} on {socket.gethostname()}"
+        with pytest.raises(RunFolderBusy, match=busy), locked(RunDir(str(out))):
+            pytest.fail("ran while another process held the folder")
+        # the command line: exit 2, one line, nothing checked or written (no config.yaml)
+        assert main(["run", "--out", str(out)]) == 2
+        assert f"in use by pid {holder.pid}" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
+    out = tmp_path / "run"
+    holder = hold(out)
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    with locked(RunDir(str(out))):  # the OS dropped the dead holder's lock; its pid file is not a lock
+        assert Path(out / ".lock").read_text().startswith(f"pid {os.getpid()} ")
+
+
+def test_a_uri_run_folder_is_not_locked_and_says_so(caplog):
+    with caplog.at_level(logging.WARNING, logger="jobs.lock"), locked(RunDir("s3://bucket/run")):
+        pass
+    assert "cannot be locked" in caplog.text
