@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -85,6 +86,7 @@ def main() -> None:
             t0 = time.perf_counter()
             dataset(root, size, size // 4, args.train)
             print(f"data {size}: written in {time.perf_counter() - t0:.0f} s", flush=True)
+        shutil.rmtree(work / f"run-{size}", ignore_errors=True)  # a kept run folder would resume: nothing timed
         result = run_size(root, work / f"run-{size}", sets)
         rows.append((size, result))
         t = result["timings"]
