@@ -80,14 +80,19 @@ def require_features(cfg: PipelineConfig, run: RunDir, key: str, stage: str) -> 
     return expected
 
 
-def require_fused(run: RunDir, stage: str) -> None:
-    """The fused predictions (one file, written whole by fuse after its candidates were complete)."""
-    if not exists(run.fused):
-        raise IncompleteUpstream(f"{stage}: {run.fused} is missing; run `copydet fuse` on this run folder first")
+def require_fused(run: RunDir, stage: str, decoys: bool = False) -> None:
+    """The fused predictions (one file, written whole by fuse after its candidates were complete),
+    and with ``decoys`` the fused decoys."""
+    for path in (run.fused, run.fused_decoys) if decoys else (run.fused,):
+        if not exists(path):
+            raise IncompleteUpstream(f"{stage}: {path} is missing; run `copydet fuse` on this run folder first")
 
 
 def require_candidates(cfg: PipelineConfig, run: RunDir, stage: str) -> None:
-    """Every search key has one candidates file per query feature file."""
+    """Every search key has one candidates file (and with ``fuse.threshold: auto`` one decoys
+    file) per query feature file."""
     for key in cfg.search_keys():
         queries = [n for n in feature_files(cfg, run, key, stage) if shard_split(n) == "query"]
         require_complete(run.candidates(key), queries, stage, "search")
+        if cfg.decoys():
+            require_complete(run.decoys(key), queries, stage, "search")

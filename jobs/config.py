@@ -170,12 +170,15 @@ class FuseConfig(Strict):
         {}, description="per-member score factors that put members on one scale before fusion (feature key -> "
         "factor); `copydet tune` measures them on the normalisation background (ensemble.calibrate)")
     k: int = Field(10, ge=1, description="predictions kept per query")
-    threshold: float | None = Field(
+    threshold: float | Literal["auto"] | None = Field(
         None, description="is-copy threshold on the final score (predictions.csv, after verification when "
-        "verify.enabled): pairs at or above it are listed in copies.csv; `copydet tune` calibrates it on "
-        "synthetic copies of train/ to fuse.threshold_precision")
-    threshold_precision: float = Field(0.9, gt=0, lt=1, description="the precision copydet tune calibrates "
-                                       "fuse.threshold to")
+        "verify.enabled): pairs at or above it are listed in copies.csv. `auto`: estimated in each run from "
+        "its own queries against train/ decoys to reach fuse.threshold_precision (ensemble.decoys); a number: "
+        "e.g. what `copydet tune` calibrated on synthetic copies of train/")
+    threshold_precision: float = Field(0.9, gt=0, lt=1, description="the precision fuse.threshold is "
+                                       "estimated (auto) or calibrated (copydet tune) for")
+    decoy_folds: int = Field(5, ge=2, description="fuse.threshold auto: train photos are split into this many "
+                             "folds by id; a decoy is normalised against the other folds only")
 
     @model_validator(mode="after")
     def _rule(self) -> "FuseConfig":
@@ -270,9 +273,13 @@ class PipelineConfig(Strict):
 
     def copy_threshold(self) -> float:
         """The score from which a served match counts as a copy: a calibrated ``fuse.threshold``
-        when the config has one, else ``serve.threshold``."""
-        calibrated = getattr(self.fuse, "threshold", None)
-        return float(calibrated) if calibrated is not None else self.serve.threshold
+        when the config has a number, else ``serve.threshold``."""
+        calibrated = self.fuse.threshold  # `auto` is estimated per batch run, not per request
+        return float(calibrated) if isinstance(calibrated, float) else self.serve.threshold
+
+    def decoys(self) -> bool:
+        """Whether search and fuse score train/ decoys (``fuse.threshold: auto``, ensemble.decoys)."""
+        return self.fuse.threshold == "auto"
 
     def whole_reference_index(self) -> bool:
         """Whether search needs a second index of whole references (``search.pairs: d2lv`` with

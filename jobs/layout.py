@@ -75,9 +75,22 @@ class RunDir:
     def candidates(self, key: str) -> str:
         return join(self.root, "candidates", key)
 
+    def decoys(self, key: str) -> str:
+        """Train photos searched as references (``fuse.threshold: auto``)."""
+        return join(self.root, "decoys", key)
+
     @property
     def fused(self) -> str:
         return join(self.root, "fused.parquet")
+
+    @property
+    def fused_decoys(self) -> str:
+        return join(self.root, "fused_decoys.parquet")
+
+    @property
+    def threshold(self) -> str:
+        """The estimated is-copy threshold of ``fuse.threshold: auto`` and its evidence."""
+        return join(self.root, "threshold.json")
 
     @property
     def verify(self) -> str:

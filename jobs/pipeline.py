@@ -26,6 +26,7 @@ from jobs.stages.patch import run_patch
 from jobs.stages.reduce import run_reduce
 from jobs.stages.search import run_search
 from jobs.stages.verify import run_verify
+from jobs.threshold import threshold_of
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,7 @@ def evaluate_run(cfg: PipelineConfig) -> Metrics | None:
         log.info("evaluate: no ground_truth.csv configured; skipped")
         return None
     run = RunDir(cfg.output)
-    t = cfg.fuse.threshold
+    t = threshold_of(cfg, run)
     with locked(run):
         require_candidates(cfg, run, "evaluate")
         if exists(run.inputs):

@@ -18,12 +18,12 @@ from core.models.sscd import SSCD_MEMBERS
 from core.store import exists, join
 from core.yamlconf import ConfigError, read_yaml
 from jobs.config import PipelineConfig
-from jobs.inputs import check_ground_truth, pin_inputs, split_folders
+from jobs.inputs import InputError, check_ground_truth, pin_inputs, split_folders
 from jobs.layout import RunDir, check_settings, read_settings
 from jobs.stages.extract import key_settings, key_specs
 from jobs.stages.manifest import manifest_settings
 from jobs.stages.patch import patch_settings, resolve_detector, side_views
-from jobs.stages.search import search_settings
+from jobs.stages.search import decoy_settings, search_settings
 from jobs.stages.verify import verify_settings
 from pretrain.train.fanout import byol_name, finetune_name
 from pretrain.train_config import load_train_config
@@ -106,6 +106,8 @@ def check_stage_settings(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]
     if "search" in stages:
         for key in cfg.search_keys():
             check_settings(run.candidates(key), search_settings(cfg), "search")
+            if cfg.decoys():
+                check_settings(run.decoys(key), decoy_settings(cfg), "search (decoys)")
     if "verify" in stages and cfg.verify.enabled:
         scorers = resolved("verify.learned.model", cfg.verify.learned.model, lambda: verify_settings(cfg))
         for name, settings in scorers.items():
@@ -115,7 +117,11 @@ def check_stage_settings(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]
 def check_inputs(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]) -> None:
     """Pin the inputs of a new run folder or refuse changed ones; validate the ground truth."""
     if "manifest" in stages:
-        folders = split_folders(cfg.data, ("query", "reference") if BOTH_SIDES & set(stages) else ())
+        both = BOTH_SIDES & set(stages)
+        if both and cfg.decoys() and "train" not in cfg.data.folders():
+            raise InputError("fuse.threshold: auto estimates the threshold from train/ photos (the decoys), but "
+                             "the config has no train folder; set data.train or a number for fuse.threshold")
+        folders = split_folders(cfg.data, ("query", "reference") if both else ())
         inputs = pin_inputs(run, folders)
         gt = cfg.data.ground_truth_path()
         if gt:

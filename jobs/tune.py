@@ -71,6 +71,7 @@ def validation_config(cfg: PipelineConfig, split: Split, output: str) -> Pipelin
     raw["output"] = output
     raw["search"]["normalize"]["enabled"] = False
     raw["verify"]["enabled"] = False
+    raw["fuse"]["threshold"] = None  # calibrated on the split's ground truth instead of decoys
     return validate(raw, "tune validation config")
 
 
@@ -126,9 +127,10 @@ def calibrate_threshold(cfg: PipelineConfig, vcfg: PipelineConfig, members: Sequ
 
 
 def tune_on_split(cfg: PipelineConfig, split: Split, run_dir: str, beta_grid: Sequence[float],
-                  address: str | None = None) -> tuple[TuneResult, Threshold]:
+                  address: str | None = None) -> tuple[TuneResult, Threshold | None]:
     """Run manifest .. search on ``split`` under ``run_dir/tune/run``, tune from its candidates, then
-    calibrate the is-copy threshold on the tuned setting's final scores."""
+    calibrate the is-copy threshold on the tuned setting's final scores (not with
+    ``fuse.threshold: auto``, which each run estimates itself)."""
     vcfg = validation_config(cfg, split, join(run_dir, "tune", "run"))
     run_stages(vcfg, TUNE_STAGES, address)
     gt = read_ground_truth(split.ground_truth)
@@ -137,7 +139,7 @@ def tune_on_split(cfg: PipelineConfig, split: Split, run_dir: str, beta_grid: Se
     run = RunDir(vcfg.output)
     members = [load_member(run, key, cfg.search.normalize.neighbours) for key in vcfg.search_keys()]
     result = tune_members(members, gt, before_setting(cfg), beta_grid, cfg.fuse.k)
-    return result, calibrate_threshold(cfg, vcfg, members, gt, result.after)
+    return result, None if cfg.decoys() else calibrate_threshold(cfg, vcfg, members, gt, result.after)
 
 
 # ---------------------------------------------------------------- output

@@ -1,11 +1,15 @@
 """End to end on local Ray: a handful of images, bad files among them, then a resume."""
 import csv
+import json
 import os
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from core.metrics import read_predictions
 from core.store import join, read_table
+from ensemble.decoys import estimate_threshold
 from jobs.cli import main
 from jobs.config import load_config
 from jobs.layout import RunDir, SettingsChanged
@@ -113,3 +117,59 @@ def test_reduce_stage_pca_stretch_and_concat(ray_local, tiny_dataset, tmp_path):
     with pytest.raises(SettingsChanged, match=r"manifest shards .*folders"):
         run_stages(cfg.model_copy(update={"data": cfg.data.model_copy(update={"queries": str(tmp_path)})}),
                    ["manifest"])
+
+
+def test_run_command_ends_with_the_metrics_and_the_report(ray_local, tiny_dataset, tmp_path, capsys):
+    """The README's main command: `copydet run` writes report.html and says where, after the metrics."""
+    sets = sum((["--set", s] for s in [f"data.root={tiny_dataset}", *TINY]), [])
+    assert main(["run", "--out", str(tmp_path / "a"), *sets]) == 0
+    report = tmp_path / "a" / "report.html"
+    assert report.stat().st_size > 0
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("done: μAP") and last.endswith(f"report: {report}")
+    assert main(["run", "--out", str(tmp_path / "b"), "--no-report", *sets]) == 0
+    assert not (tmp_path / "b" / "report.html").exists()
+
+
+def test_auto_threshold_from_train_decoys(ray_local, tiny_dataset, tmp_path):
+    """fuse.threshold auto: the train photos are searched and fused as references are, the threshold
+    is estimated from them on the final scores (verified ones too), and copies.csv follows it."""
+    out = tmp_path / "run"
+    sets = [f"data.root={tiny_dataset}", f"output={out}", *TINY, "fuse.threshold=auto",
+            "fuse.threshold_precision=0.5", "fuse.decoy_folds=2"]
+    run_pipeline(load_config(None, sets))
+    run = RunDir(str(out))
+    key = "resnet18@64"
+    assert os.listdir(run.decoys(key)) == os.listdir(run.candidates(key))
+    decoys = read_table(run.fused_decoys)
+    assert decoys.num_rows and set(decoys.column("reference_id").to_pylist()) <= {f"T{i:03d}" for i in range(6)}
+
+    def check(scores: str) -> None:
+        record = json.loads(open(run.threshold).read())
+        preds = read_predictions(run.predictions)
+        assert record["scores"] == scores and record["ratio"] == pytest.approx(8 / 6)
+        if scores == "fused":
+            want = estimate_threshold(preds.column("score").to_numpy(), decoys.column("score").to_numpy(), 8 / 6, 0.5)
+            assert (record["threshold"], record["pairs"]) == (want.threshold, want.pairs)
+        t = record["threshold"]
+        if t is None:
+            assert not os.path.exists(run.copies)
+        else:
+            kept = pc.greater_equal(preds.column("score"), pa.scalar(t, pa.float32()))
+            assert read_predictions(run.copies).num_rows == pc.sum(kept).as_py() == record["pairs"]
+
+    check("fused")
+    assert json.loads(open(run.metrics).read()).get("threshold") == json.loads(open(run.threshold).read())["threshold"]
+    vcfg = load_config(None, [*sets, "verify.enabled=true", "verify.top_k=2", "verify.min_inliers=0",
+                              "verify.saturate=10"])
+    run_stages(vcfg, ["fuse", "verify"])
+    assert read_table(join(run.verify, "sift-decoys")).num_rows > 0  # decoys verified as predictions are
+    check("verified")
+
+
+def test_auto_threshold_needs_train_photos(tiny_dataset, tmp_path):
+    import shutil
+    shutil.rmtree(tiny_dataset / "train")
+    with pytest.raises(ValueError, match="fuse.threshold: auto .* no train folder"):
+        run_stages(load_config(None, [f"data.root={tiny_dataset}", f"output={tmp_path / 'r'}", *TINY,
+                                      "fuse.threshold=auto"]))

@@ -8,7 +8,6 @@ import pyarrow as pa
 import pytest
 
 from core.metrics import evaluate, read_predictions, write_predictions
-from jobs.config import load_config
 from jobs.layout import RunDir
 from jobs.stages.evaluate import at_threshold, evaluate_run_files, format_metrics
 from jobs.stages.fuse import write_final
@@ -37,12 +36,11 @@ def test_precision_and_recall_at_a_threshold():
 
 def test_copies_csv_follows_the_threshold_and_is_removed_without_one(tmp_path):
     run = RunDir(str(tmp_path / "run"))
-    cfg = load_config(None, ["fuse.threshold=0.7"])
-    write_final(table(PRED), cfg, run)
+    write_final(table(PRED), 0.7, run)
     assert read_predictions(run.predictions).num_rows == 5  # the ISC21 file keeps every prediction
     found = read_predictions(run.copies)
     assert found.column("score").to_pylist() == pytest.approx([0.9, 0.8, 0.7, 0.7])
-    write_final(table(PRED), load_config(None, []), run)
+    write_final(table(PRED), None, run)
     assert not (tmp_path / "run" / "copies.csv").exists()  # no stale decisions from an older threshold
 
     gt = tmp_path / "gt.csv"

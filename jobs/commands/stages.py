@@ -7,7 +7,9 @@ import logging
 from jobs.commands.base import arg, command, config_from_args
 from jobs.commands.report import META_HELP, write_report
 from jobs.pipeline import evaluate_run, run_pipeline, run_stages
+from jobs.layout import RunDir
 from jobs.stages.evaluate import evaluate_run_files, format_metrics
+from jobs.threshold import threshold_of
 
 log = logging.getLogger(__name__)
 
@@ -32,15 +34,17 @@ def config_with_folders(args: argparse.Namespace):
 
 @command("run", "run the whole pipeline (manifest, patch, extract, search, fuse, evaluate) on Ray",
          *FOLDER_ARGS,
-         arg("--report", action="store_true", help="then write RUN_DIR/report.html (needs a ground truth)"),
-         arg("--meta", help=f"--report: {META_HELP}"))
+         arg("--report", action=argparse.BooleanOptionalAction, default=True,
+             help="then write RUN_DIR/report.html when there is a ground truth (default: on)"),
+         arg("--meta", help=f"report: {META_HELP}"))
 def run(args: argparse.Namespace) -> int:
     cfg = config_with_folders(args)
     metrics = run_pipeline(cfg, address=args.address)
-    if args.report:
-        if metrics is None:
-            raise ValueError("--report needs a ground truth (data.ground_truth or --ground-truth)")
-        log.info(f"report: {write_report(cfg.output, cfg.data.ground_truth_path(), args.meta)}")
+    if metrics is None:
+        log.info(f"done: {cfg.output} (no ground truth: predictions only, {cfg.output}/predictions.csv)")
+        return 0
+    report = write_report(cfg.output, cfg.data.ground_truth_path(), args.meta) if args.report else None
+    log.info(f"done: {format_metrics(metrics, threshold_of(cfg, RunDir(cfg.output)))}" + (f" | report: {report}" if report else ""))
     return 0
 
 

@@ -75,7 +75,7 @@ def tune(args: argparse.Namespace) -> None:
         split = make_synthetic_split(train, os.path.join(run_dir, "tune", "data"), spec)
     result, threshold = tune_on_split(cfg, split, run_dir, args.beta_grid, args.address)
     print(format_table(result))
-    print(format_threshold(threshold))
+    print(format_threshold(threshold) if threshold else "fuse.threshold: auto (estimated in each run from its decoys)")
     out = args.write or os.path.join(run_dir, "tuned.yaml")
     write_tuned_config(args.config, overrides, tuned_values(result, threshold), out,
                        provenance(args.config, split, result, overrides, threshold))

@@ -1,12 +1,15 @@
 """Stage 5: candidates of every model -> predictions.csv (image-level, top k per query).
 
 The final predictions (this stage's, or verify's re-scored ones) are written by
-:func:`write_final`: ``predictions.csv`` in the ISC21 format, and with ``fuse.threshold`` set
+:func:`write_final`: ``predictions.csv`` in the ISC21 format, and with an is-copy threshold
 ``copies.csv``, the same columns for the pairs scoring at or above it (the is-copy decisions).
+With ``fuse.threshold: auto`` the train decoys are fused the same way (``fused_decoys.parquet``)
+and the threshold estimated from them (:mod:`jobs.threshold`).
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -18,6 +21,7 @@ from ensemble.fuse import fuse, max_over_patches, top_k_per_query
 from jobs.completeness import require_candidates
 from jobs.config import PipelineConfig
 from jobs.layout import RunDir, shard_names
+from jobs.threshold import estimate
 
 log = logging.getLogger(__name__)
 
@@ -28,31 +32,31 @@ def copies(preds: pa.Table, threshold: float) -> pa.Table:
     return kept.take(pc.sort_indices(kept, [("score", "descending"), ("query_id", "ascending")]))
 
 
-def write_final(preds: pa.Table, cfg: PipelineConfig, run: RunDir) -> None:
-    """``predictions.csv``, and ``copies.csv`` when ``fuse.threshold`` is set (a stale one is removed)."""
+def write_final(preds: pa.Table, threshold: float | None, run: RunDir) -> None:
+    """``predictions.csv``, and ``copies.csv`` when there is a threshold (a stale one is removed)."""
     write_predictions(preds, run.predictions)
-    if cfg.fuse.threshold is None:
+    if threshold is None:
         if exists(run.copies):
             fs, path = filesystem(run.copies)
             fs.delete_file(path)
         return
-    found = copies(preds, cfg.fuse.threshold)
+    found = copies(preds, threshold)
     write_predictions(found, run.copies)
-    log.info(f"fuse: {found.num_rows} pair(s) at or above fuse.threshold {cfg.fuse.threshold:.4f} -> {run.copies}")
+    log.info(f"fuse: {found.num_rows} pair(s) at or above the is-copy threshold {threshold:.4f} -> {run.copies}")
 
 
-def query_shards(run: RunDir, keys: list[str]) -> dict[str, list[str]]:
+def query_shards(run: RunDir, keys: list[str], folder: Callable[[str], str] | None = None) -> dict[str, list[str]]:
     """Candidate files of every key, grouped by the patch shard they come from.
 
     A patch shard holds whole images, so one group holds every candidate of its queries from
     every model: the unit that fusion can finish alone (``query-00002-0003.parquet`` belongs to
     ``query-00002``).
     """
+    folder = folder or run.candidates
     groups: dict[str, list[str]] = {}
     for key in keys:
-        for name in shard_names(run.candidates(key)):
-            groups.setdefault(name.removesuffix(".parquet").rsplit("-", 1)[0], []).append(
-                join(run.candidates(key), name))
+        for name in shard_names(folder(key)):
+            groups.setdefault(name.removesuffix(".parquet").rsplit("-", 1)[0], []).append(join(folder(key), name))
     return dict(sorted(groups.items()))
 
 
@@ -62,18 +66,27 @@ def fuse_group(files: list[str], cfg: PipelineConfig) -> pa.Table:
     return top_k_per_query(fuse(per_model, cfg.fuse.thresholds, cfg.fuse.rule, cfg.fuse.calibration), cfg.fuse.k)
 
 
+def fuse_all(cfg: PipelineConfig, run: RunDir, folder: Callable[[str], str], desc: str) -> pa.Table:
+    """Image-level top k of every query from every key's files in ``folder(key)``; one patch shard
+    at a time, so the driver holds one shard's candidates and the (small) image-level top k."""
+    groups = query_shards(run, cfg.search_keys(), folder)
+    parts = [fuse_group(files, cfg) for files in tqdm(groups.values(), desc=desc, unit="shard", leave=False)]
+    preds = pa.concat_tables(parts).combine_chunks()
+    return preds.take(pc.sort_indices(preds, [("query_id", "ascending"), ("score", "descending")]))
+
+
 def run_fuse(cfg: PipelineConfig, run: RunDir) -> pa.Table:
     """Max over patch pairs per model, members calibrated onto one scale, then fused by the
-    configured rule; one patch shard at a time, so the driver holds one shard's candidates and
-    the (small) image-level top k of every query."""
-    keys = cfg.search_keys()
+    configured rule (and the decoys likewise, for ``fuse.threshold: auto``)."""
     require_candidates(cfg, run, "fuse")
-    groups = query_shards(run, keys)
-    parts = [fuse_group(files, cfg) for files in tqdm(groups.values(), desc="fuse", unit="shard", leave=False)]
-    preds = pa.concat_tables(parts).combine_chunks()
-    preds = preds.take(pc.sort_indices(preds, [("query_id", "ascending"), ("score", "descending")]))
+    preds = fuse_all(cfg, run, run.candidates, "fuse")
     write_table(preds, run.fused)
-    write_final(preds, cfg, run)
+    threshold = cfg.fuse.threshold
+    if cfg.decoys():
+        decoys = fuse_all(cfg, run, run.decoys, "fuse decoys")
+        write_table(decoys, run.fused_decoys)
+        threshold = estimate(preds, decoys, cfg, run, "fused")
+    write_final(preds, threshold, run)
     log.info(f"fuse: {preds.num_rows} predictions for {len(set(preds.column('query_id').to_pylist()))} "
-        f"queries from {len(groups)} query shard(s) -> {run.predictions}")
+             f"queries -> {run.predictions}")
     return preds

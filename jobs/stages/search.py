@@ -24,6 +24,7 @@ import pyarrow as pa
 from core.contracts import WHOLE_PATCH
 from core.knn import Hits
 from core.store import embeddings_from_arrow, join, read_table, write_table
+from ensemble.decoys import decoy_hits
 from ensemble.normalize import normalize_scores
 from ensemble.sharded import ShardedIndex, format_info, hits_table
 from jobs.completeness import require_features
@@ -95,12 +96,19 @@ class References:
                 index.close()
 
 
+def train_k(cfg: PipelineConfig) -> int:
+    """Train hits per query patch: the normalisation neighbours, and with decoys enough hits for
+    every fold's top k and its background."""
+    n = cfg.search.normalize.neighbours if cfg.search.normalize.enabled else 1
+    return max(n, 2 * cfg.search.k + n) if cfg.decoys() else n
+
+
 class QueryFile:
     """One query feature file in flight: its rows and the pending shard searches per batch."""
 
     def __init__(self, run: RunDir, key: str, name: str, refs: References, train: ShardedIndex | None,
-                 cfg: SearchConfig) -> None:
-        self.name, self.cfg = name, cfg
+                 cfg: SearchConfig, train_k: int) -> None:
+        self.name, self.cfg, self.train_k = name, cfg, train_k
         self.feats = read_table(join(run.features(key), name))
         emb = embeddings_from_arrow(self.feats.column("embedding"))
         self.refs = []  # (query rows, index, pending search) per batch
@@ -109,7 +117,16 @@ class QueryFile:
                 batch = rows[i:i + cfg.query_batch]
                 self.refs.append((batch, index, index.search_async(emb[batch], cfg.k)))
         batches = [emb[i:i + cfg.query_batch] for i in range(0, len(emb), cfg.query_batch)]
-        self.train = [train.search_async(b, cfg.normalize.neighbours) for b in batches] if train else None
+        self.train = [train.search_async(b, train_k) for b in batches] if train else None
+        self._train_hits: Hits | None = None
+
+    def train_hits(self, train: ShardedIndex) -> Hits:
+        """Every row's top train hits (``train_k``), merged once."""
+        if self._train_hits is None:
+            parts = [train.merge(p, self.train_k) for p in self.train]
+            self._train_hits = tuple(np.concatenate([p[i] for p in parts]) if parts else
+                                     np.zeros((0, self.train_k)) for i in range(3))
+        return self._train_hits
 
     def hits(self) -> Hits:
         """Every row's top-k, in row order; rows with fewer hits are padded (-inf scores)."""
@@ -118,11 +135,17 @@ class QueryFile:
 
     def candidates(self, train: ShardedIndex | None, key: str) -> pa.Table:
         cands = hits_table(self.feats, self.hits(), key)
-        if self.train is not None:
-            n = self.cfg.normalize.neighbours
-            scores = np.concatenate([train.merge(p, n)[0] for p in self.train]) if self.train else np.zeros((0, n))
+        if train is not None and self.cfg.normalize.enabled:
+            scores = self.train_hits(train)[0][:, :self.cfg.normalize.neighbours]
             cands = with_bias(cands, self.feats, scores.mean(axis=1, dtype=np.float64), self.cfg.normalize.beta)
         return cands
+
+    def decoys(self, train: ShardedIndex, key: str, folds: int) -> pa.Table:
+        """The train photos as references (``ensemble.decoys``): each query patch's top-k decoys,
+        normalised against the train folds other than their own."""
+        norm = self.cfg.normalize
+        beta = norm.beta if norm.enabled else 0.0
+        return hits_table(self.feats, decoy_hits(self.train_hits(train), folds, norm.neighbours, beta, self.cfg.k), key)
 
 
 def search_settings(cfg: PipelineConfig) -> dict:
@@ -130,14 +153,25 @@ def search_settings(cfg: PipelineConfig) -> dict:
     return cfg.search.model_dump(exclude={"cpus_per_shard", "gpus_per_shard", "query_batch"})
 
 
+def decoy_settings(cfg: PipelineConfig) -> dict:
+    return {**search_settings(cfg), "folds": cfg.fuse.decoy_folds}
+
+
 def search_key(cfg: PipelineConfig, run: RunDir, key: str) -> None:
     """Search every pending query file of one model key; prints ``done/total`` as files finish."""
     scfg = cfg.search
     require_features(cfg, run, key, "search")
     pin_settings(run.candidates(key), search_settings(cfg), "search")
+    if cfg.decoys():
+        pin_settings(run.decoys(key), decoy_settings(cfg), "search (decoys)")
+    if cfg.decoys() and cfg.patches.train != cfg.patches.reference:
+        log.warning("search: fuse.threshold auto with patches.train unlike patches.reference: the decoys are "
+                    "not cut as references are, so their scores (and the threshold) are off; give train/ the "
+                    "reference views")
     names = shard_names(run.features(key), "query")
     done = set(shard_names(run.candidates(key)))
-    todo = [n for n in names if n not in done]
+    decoys_done = set(shard_names(run.decoys(key))) if cfg.decoys() else set(names)
+    todo = [n for n in names if n not in done or n not in decoys_done]
     if not todo:
         return
     everything = open_split(run, key, "reference", scfg, scfg.k)
@@ -145,7 +179,11 @@ def search_key(cfg: PipelineConfig, run: RunDir, key: str) -> None:
         raise RuntimeError(f"search {key}: no reference features in {run.features(key)}")
     whole = open_split(run, key, "reference", scfg, scfg.k, whole_only=True) if cfg.whole_reference_index() else None
     refs = References(everything, whole)
-    train = open_split(run, key, "train", scfg, scfg.normalize.neighbours) if scfg.normalize.enabled else None
+    k_train = train_k(cfg)
+    train = open_split(run, key, "train", scfg, k_train) if scfg.normalize.enabled or cfg.decoys() else None
+    if cfg.decoys() and train is None:
+        raise ValueError(f"search {key}: fuse.threshold auto needs train/ images (the decoys); there are no "
+                         f"train features in {run.features(key)}")
     if scfg.normalize.enabled and train is None:
         log.info(f"search {key}: normalisation is on but there are no train features; scores are raw")
     if train is not None and train.rows < scfg.normalize.neighbours:
@@ -155,10 +193,13 @@ def search_key(cfg: PipelineConfig, run: RunDir, key: str) -> None:
         flight: deque[QueryFile] = deque()
         finished = len(names) - len(todo)
         for i, name in enumerate(todo):
-            flight.append(QueryFile(run, key, name, refs, train, scfg))
+            flight.append(QueryFile(run, key, name, refs, train, scfg, k_train))
             while flight and (len(flight) > IN_FLIGHT or i == len(todo) - 1):
                 q = flight.popleft()
-                write_table(q.candidates(train, key), join(run.candidates(key), q.name))
+                if cfg.decoys() and q.name not in decoys_done:
+                    write_table(q.decoys(train, key, cfg.fuse.decoy_folds), join(run.decoys(key), q.name))
+                if q.name not in done:
+                    write_table(q.candidates(train, key), join(run.candidates(key), q.name))
                 finished += 1
                 log.info(f"[search {key}] {finished}/{len(names)} query shards")
     finally:

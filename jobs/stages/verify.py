@@ -29,6 +29,7 @@ from jobs.config import PipelineConfig, VerifyConfig
 from jobs.layout import RunDir, image_paths, pin_settings
 from jobs.runtime import run_tasks
 from jobs.stages.fuse import write_final
+from jobs.threshold import estimate
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,10 @@ SCORER_PLANS: dict[str, ScorerPlan] = {
 
 
 def verify_chunk(pairs: pa.Table, paths: dict[str, dict[str, str]], settings: dict, registry: str, top_k: int,
-                 out: str) -> int:
+                 out: str, reference_split: str = "reference") -> int:
     scorer = make_scorer(settings["scorer"], registry=registry,
                          **{k: v for k, v in settings.items() if k in ("max_side", "model")})
-    checked = verify_pairs(pairs, paths["query"], paths["reference"], top_k=top_k, load=load_rgb, scorer=scorer)
+    checked = verify_pairs(pairs, paths["query"], paths[reference_split], top_k=top_k, load=load_rgb, scorer=scorer)
     checked = checked.filter(pc.is_valid(checked.column(scorer.column)))
     write_table(checked.select(["query_id", "reference_id", scorer.column]), out)
     return checked.num_rows
@@ -123,9 +124,11 @@ def verify_settings(cfg: PipelineConfig) -> dict[str, dict]:
     return {name: SCORER_PLANS[name].settings(name, cfg) for name in METHODS[cfg.verify.method].scorers}
 
 
-def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, paths_ref: ray.ObjectRef) -> pa.Table:
-    """Scorer ``name``'s column for every pair of ``todo``, from its cache plus new Ray tasks."""
-    folder = join(run.verify, name)
+def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, paths_ref: ray.ObjectRef,
+                decoys: bool = False) -> pa.Table:
+    """Scorer ``name``'s column for every pair of ``todo``, from its cache plus new Ray tasks
+    (``decoys``: pairs of queries and train photos, cached apart in ``<scorer>-decoys``)."""
+    folder = join(run.verify, f"{name}-decoys" if decoys else name)
     plan = SCORER_PLANS[name]
     settings = plan.settings(name, cfg)
     pin_settings(folder, settings, f"verify ({name})")
@@ -141,8 +144,9 @@ def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, pat
     calls = []
     for i, a, b in chunks(len(queries), plan.queries_per_task):
         part = todo.filter(pc.is_in(todo.column("query_id"), pa.array(queries[a:b])))
-        calls.append((part, paths_ref, settings, registry, cfg.verify.top_k, join(folder, f"part-{start + i:05d}.parquet")))
-    run_tasks(verify_chunk, calls, f"verify {name}")
+        calls.append((part, paths_ref, settings, registry, cfg.verify.top_k, join(folder, f"part-{start + i:05d}.parquet"),
+                      "train" if decoys else "reference"))
+    run_tasks(verify_chunk, calls, f"verify {name}{' decoys' if decoys else ''}")
     return pa.concat_tables([read_table(s) for s in list_shards(folder)])
 
 
@@ -151,12 +155,22 @@ def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
         log.info("verify: off (set verify.enabled=true to verify candidates)")
         return
     require_manifest(run, "verify")
-    require_fused(run, "verify")
-    fused = read_table(run.fused)
-    todo = top_k_per_query(fused, cfg.verify.top_k)
+    require_fused(run, "verify", cfg.decoys())
     paths_ref = ray.put(image_paths(run))  # one copy in the object store for every task
-    checked = {name: score_pairs(name, cfg, run, todo, paths_ref) for name in METHODS[cfg.verify.method].scorers}
-    preds = rescore(fused, checked, cfg.verify)
-    write_final(preds, cfg, run)
+    preds = verify_fused(cfg, run, read_table(run.fused), paths_ref)
+    threshold = cfg.fuse.threshold
+    if cfg.decoys():  # the decoys are verified as the predictions are, so the threshold holds on final scores
+        decoys = verify_fused(cfg, run, read_table(run.fused_decoys), paths_ref, decoys=True)
+        threshold = estimate(preds, decoys, cfg, run, "verified")
+    write_final(preds, threshold, run)
+    log.info(f"verify ({cfg.verify.method}) -> {run.predictions}")
+
+
+def verify_fused(cfg: PipelineConfig, run: RunDir, fused: pa.Table, paths_ref: ray.ObjectRef,
+                 decoys: bool = False) -> pa.Table:
+    """``fused`` re-scored by the method's scorers on each query's top ``verify.top_k``."""
+    todo = top_k_per_query(fused, cfg.verify.top_k)
+    checked = {name: score_pairs(name, cfg, run, todo, paths_ref, decoys) for name in METHODS[cfg.verify.method].scorers}
     counts = ", ".join(f"{name} {t.num_rows}" for name, t in checked.items())
-    log.info(f"verify ({cfg.verify.method}): pairs scored: {counts} -> {run.predictions}")
+    log.info(f"verify ({cfg.verify.method}){' decoys' if decoys else ''}: pairs scored: {counts}")
+    return rescore(fused, checked, cfg.verify)

@@ -1,0 +1,93 @@
+"""The is-copy threshold from the run's own queries: a target-decoy estimate of precision.
+
+The train/ photos are non-copies of every query (ISC21 keeps them apart from the references).
+Searched like references, with the same query views and score normalisation, they show what
+scores non-copies reach *for these queries*: the decoys. Their number above a score ``t``,
+times ``references / train``, estimates the false pairs among the predictions above ``t``; the
+predictions themselves are counted without ground truth. So the estimated precision at ``t`` is
+``1 - decoys(t) * ratio / predictions(t)``, and the threshold is the lowest score from which
+the estimate stays at or above the target (the target-decoy method of proteomics, here with
+image pairs). Unlike a threshold read off synthetic copies, it follows the query set's own
+share of copies and its own edits.
+
+A decoy must not be normalised against itself: train photos are split into folds by a hash of
+their id, and a decoy's bias comes from the other folds only (cross-fitting). Folds rather
+than leave-one-out, because photo collections hold near-duplicates (bursts of one scene):
+under leave-one-out two burst shots in train/ cancel each other, which two shots among the
+references never do.
+"""
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from core.knn import Hits
+
+
+def fold_of(image_ids: Sequence[str] | np.ndarray, folds: int) -> np.ndarray:
+    """A fold in ``[0, folds)`` per image id, stable across shards, runs and machines."""
+    return np.array([zlib.crc32(str(i).encode()) % folds for i in np.ravel(image_ids)], np.int64).reshape(
+        np.shape(image_ids))
+
+
+def decoy_hits(train: Hits, folds: int, neighbours: int, beta: float, k: int) -> Hits:
+    """Each query row's top-``k`` decoys from its top train hits (scores best first).
+
+    A decoy in fold ``f`` scores ``similarity - beta * mean(best neighbours outside f)``, as a
+    reference scores against the whole background; rows padded with ``-inf`` scores stay padded.
+    """
+    scores, image_ids, patch_ids = train
+    scores = np.asarray(scores, np.float64)
+    fold = fold_of(image_ids, folds)
+    valid = np.isfinite(scores)
+    out = np.full(scores.shape, -np.inf)
+    for f in range(folds):
+        other = valid & (fold != f)
+        take = other & (np.cumsum(other, axis=1) <= neighbours)
+        n = take.sum(axis=1)
+        # no background hit outside the fold among the top hits: the lowest hit bounds it from above
+        lowest = np.where(valid, scores, np.inf).min(axis=1)
+        bias = np.where(n > 0, np.where(take, scores, 0.0).sum(axis=1) / np.maximum(n, 1), lowest)
+        mine = valid & (fold == f)
+        out = np.where(mine, scores - beta * bias[:, None], out)
+    order = np.argsort(-out, axis=1, kind="stable")[:, :k]
+    best = [np.take_along_axis(np.asarray(a), order, axis=1) for a in (out, image_ids, patch_ids)]
+    return best[0].astype(np.float32), best[1], best[2]
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """The threshold and what the decoys say about the predictions at and above it."""
+
+    threshold: float | None  # None: no score reaches the target precision
+    target: float
+    precision: float | None  # estimated, at ``threshold``
+    pairs: int  # predictions at or above ``threshold``
+    decoys: int  # decoy pairs at or above ``threshold`` (before scaling by ``ratio``)
+    ratio: float  # references / train images
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def estimate_threshold(predictions: np.ndarray, decoys: np.ndarray, ratio: float, target: float) -> Estimate:
+    """The lowest prediction score from which the estimated precision stays >= ``target``."""
+    if not 0 < target < 1:
+        raise ValueError(f"target precision must be in (0, 1), got {target}")
+    if not ratio > 0:
+        raise ValueError(f"references / train ratio must be > 0, got {ratio}")
+    real = np.sort(np.asarray(predictions, np.float64))[::-1]
+    fake = np.sort(np.asarray(decoys, np.float64))[::-1]
+    above = np.searchsorted(-fake, -real, side="right")  # decoys >= each prediction's score
+    fdr = above * ratio / np.arange(1, len(real) + 1)
+    fdr = np.minimum.accumulate(fdr[::-1])[::-1]  # q-values: the best FDR from this score down
+    ok = np.flatnonzero(fdr <= 1 - target)
+    if not len(ok):
+        return Estimate(None, target, None, 0, 0, ratio)
+    t = real[int(ok.max())]
+    pairs = int(np.searchsorted(-real, -t, side="right"))  # ties with t are kept too
+    found = int(np.searchsorted(-fake, -t, side="right"))
+    return Estimate(float(t), target, float(1 - found * ratio / pairs), pairs, found, ratio)

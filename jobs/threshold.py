@@ -1,0 +1,53 @@
+"""The run's is-copy threshold: ``fuse.threshold`` as configured, or with ``auto`` estimated from
+the run's decoys (:mod:`ensemble.decoys`) and recorded in ``threshold.json``."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from core.store import exists, read_table, read_text, write_text
+from ensemble.decoys import estimate_threshold
+from jobs.config import PipelineConfig
+from jobs.layout import RunDir
+
+log = logging.getLogger(__name__)
+
+
+def reference_ratio(run: RunDir) -> float:
+    """References / train images of the run (the decoys stand in for that many references)."""
+    splits = read_table(run.manifest, ["split"]).column("split")
+    n_ref, n_train = (pc.sum(pc.equal(splits, s)).as_py() or 0 for s in ("reference", "train"))
+    if not n_ref or not n_train:
+        raise ValueError(f"{run.manifest}: fuse.threshold auto needs references and train images, "
+                         f"found {n_ref} and {n_train}")
+    return n_ref / n_train
+
+
+def estimate(preds: pa.Table, decoys: pa.Table, cfg: PipelineConfig, run: RunDir, scores: str) -> float | None:
+    """Estimate the threshold of ``fuse.threshold_precision`` from ``decoys`` (predictions of the
+    train photos, scored as ``preds`` were), write ``threshold.json`` and return the threshold."""
+    est = estimate_threshold(preds.column("score").to_numpy(), decoys.column("score").to_numpy(),
+                             reference_ratio(run), cfg.fuse.threshold_precision)
+    record = {**est.as_dict(), "scores": scores, "folds": cfg.fuse.decoy_folds, "predictions": preds.num_rows,
+              "decoy_predictions": decoys.num_rows}
+    write_text(run.threshold, json.dumps(record, indent=2))
+    if est.threshold is None:
+        log.info(f"threshold: no score of the {scores} predictions reaches an estimated precision of "
+                 f"{est.target:g}; no copies.csv ({run.threshold})")
+    else:
+        log.info(f"threshold: {est.threshold:.4f} on {scores} scores: {est.pairs} pair(s) at or above it, "
+                 f"{est.decoys} decoy(s) x {est.ratio:.3f} -> estimated precision {est.precision:.3f} "
+                 f"(target {est.target:g}) ({run.threshold})")
+    return est.threshold
+
+
+def threshold_of(cfg: PipelineConfig, run: RunDir) -> float | None:
+    """The threshold copies.csv and the metrics use: the configured number, or the estimate."""
+    if not cfg.decoys():
+        return cfg.fuse.threshold
+    if not exists(run.threshold):
+        return None
+    return json.loads(read_text(run.threshold)).get("threshold")

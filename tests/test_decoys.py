@@ -1,0 +1,59 @@
+"""The target-decoy estimate of the is-copy threshold (ensemble.decoys)."""
+import numpy as np
+import pytest
+
+from ensemble.decoys import decoy_hits, estimate_threshold, fold_of
+
+
+def test_folds_are_stable_and_in_range():
+    ids = [f"T{i:05d}" for i in range(1000)]
+    folds = fold_of(ids, 5)
+    assert folds.min() == 0 and folds.max() == 4 and np.array_equal(folds, fold_of(list(ids), 5))
+    assert np.bincount(folds).min() > 150  # a hash, not a prefix: every fold gets its share
+    assert fold_of(np.array([["T00001", "T00002"]], object), 5).shape == (1, 2)
+
+
+def test_a_decoy_is_normalised_against_the_other_folds_only():
+    ids = [f"T{i}" for i in range(40)]
+    fold = dict(zip(ids, fold_of(ids, 2)))
+    a, b, c = ids[0], next(i for i in ids if fold[i] == fold[ids[0]] and i != ids[0]), \
+        next(i for i in ids if fold[i] != fold[ids[0]])
+    # one query row; hits best first: a (0.9) and b (0.8) share a fold, c (0.5) is in the other
+    hits = (np.array([[0.9, 0.8, 0.5, -np.inf]]), np.array([[a, b, c, ""]], object), np.array([[0, 0, 0, 0]]))
+    scores, got, _ = decoy_hits(hits, folds=2, neighbours=1, beta=1.0, k=3)
+    want = {a: 0.9 - 0.5, b: 0.8 - 0.5, c: 0.5 - 0.9}  # a and b never normalise each other away
+    assert list(got[0]) == [a, b, c]
+    np.testing.assert_allclose(scores[0], [want[i] for i in got[0]], rtol=1e-6)
+    raw, _, _ = decoy_hits(hits, folds=2, neighbours=1, beta=0.0, k=4)  # no normalisation: raw scores
+    np.testing.assert_allclose(raw[0, :3], [0.9, 0.8, 0.5]) and np.testing.assert_equal(raw[0, 3], -np.inf)
+
+
+def test_threshold_by_hand():
+    real, decoys = [0.9, 0.8, 0.7, 0.6, 0.5], [0.65, 0.55]
+    # decoys above each score: 0 0 0 1 2 -> FDR 0 0 0 1/4 2/5
+    e = estimate_threshold(real, decoys, ratio=1.0, target=0.8)
+    assert (e.threshold, e.pairs, e.decoys, e.precision) == (0.7, 3, 0, 1.0)
+    e = estimate_threshold(real, decoys, ratio=1.0, target=0.75)
+    assert (e.threshold, e.pairs, e.decoys, e.precision) == (0.6, 4, 1, 0.75)
+    e = estimate_threshold(real, decoys, ratio=2.0, target=0.75)  # twice the references: twice the false pairs
+    assert e.threshold == 0.7
+    assert estimate_threshold([0.1, 0.2], [0.9, 0.8], 1.0, 0.9).threshold is None
+    with pytest.raises(ValueError, match="target precision"):
+        estimate_threshold(real, decoys, 1.0, 1.0)
+
+
+def test_the_estimate_finds_the_precision_it_aims_at():
+    """Copies score higher than non-copies; the decoys are non-copies drawn like the predictions'
+    false pairs: the precision actually reached at the threshold is the target."""
+    rng = np.random.default_rng(0)
+    n_queries, k = 4000, 10
+    false = rng.gumbel(0.0, 0.03, (n_queries, k))  # each query's k best non-copies
+    copy = rng.normal(0.3, 0.08, n_queries // 3)  # a third of the queries are copies
+    scores = np.concatenate([false.ravel(), copy])
+    truth = np.r_[np.zeros(false.size, bool), np.ones(copy.size, bool)]
+    decoys = rng.gumbel(0.0, 0.03, (n_queries, k)).ravel()
+    for target in (0.8, 0.9, 0.95):
+        e = estimate_threshold(scores, decoys, ratio=1.0, target=target)
+        kept = scores >= e.threshold
+        assert kept.sum() == e.pairs
+        assert truth[kept].mean() == pytest.approx(target, abs=0.03)  # picking the lowest: slightly liberal
