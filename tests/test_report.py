@@ -121,3 +121,15 @@ def test_family_figure_stays_readable_for_many_families_and_members(tmp_path):
     w, h = size(30, 6)
     assert w <= 1000 and h <= 1200  # the grouped bars of this table were 7400 px wide
     assert size(30, 2)[0] < w and size(10, 6)[1] < h  # width follows members, height follows families
+
+
+def test_compare_keeps_runs_with_one_folder_name_apart(run_dir, tmp_path, capsys):
+    """Runs named alike (a/hard, b/hard) used to share one column of per-family recall."""
+    for name, rows in (("a", [("Q0", "R0", 0.9), ("Q1", "R1", 0.8)]), ("b", [("Q0", "R9", 0.9), ("Q1", "R9", 0.8)])):
+        write_predictions(predictions(rows), tmp_path / name / "hard" / "predictions.csv")
+    assert main(["compare", str(tmp_path / "a" / "hard"), str(tmp_path / "b" / "hard"),
+                 "--ground-truth", str(tmp_path / "gt.csv"), "--meta", str(tmp_path / "meta.csv")]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["a/hard", "b/hard"]
+    table = {line.split()[0]: line.split()[-2:] for line in out[1:] if line.strip()}
+    assert table["crop"] == ["1.0000", "0.0000"]

@@ -81,6 +81,17 @@ def report(args: argparse.Namespace) -> None:
     log.info(f"report: {write_report(args.run_dir, args.ground_truth, args.meta, args.k)}")
 
 
+def run_labels(dirs: list[str]) -> list[str]:
+    """Each run's shortest path tail that no other run shares (``runs/a/hard``, ``runs/b/hard``
+    -> ``a/hard``, ``b/hard``): the table's columns and the per-family keys."""
+    parts = [os.path.normpath(os.path.abspath(d)).split(os.sep) for d in dirs]
+    for n in range(1, max(map(len, parts)) + 1):
+        labels = ["/".join(p[-n:]) for p in parts]
+        if len(set(labels)) == len(labels):
+            return labels
+    raise ValueError(f"compare: a run folder is given twice: {dirs}")
+
+
 def comparison_table(scored: list[Scored], recall: dict[str, dict[str, tuple[float, int]]]) -> str:
     """Plain-text table: μAP, R@P90, R@1 per run, then R@1 per family (with its GT pair count)."""
     width = max(12, *(len(s.name) for s in scored)) + 2
@@ -111,8 +122,8 @@ def compare(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"no predictions.csv in: {', '.join(missing)}")
     gt = read_ground_truth(ground_truth_path(runs[0], args.ground_truth))
     scored = []
-    for d, r in zip(args.run_dirs, runs):
+    for label, r in zip(run_labels(args.run_dirs), runs):
         pred = read_predictions(r.predictions)
-        scored.append(Scored(os.path.basename(os.path.normpath(d)), pred, pred, score(pred, gt)))
+        scored.append(Scored(label, pred, pred, score(pred, gt)))
     recall = family_recall(scored, gt, read_families(args.meta)) if args.meta else {}
     print(comparison_table(scored, recall))
