@@ -86,3 +86,11 @@ def test_fuse_mean_takes_no_thresholds_and_calibration_factors_are_positive():
     with pytest.raises(ConfigError, match="calibration factors must be > 0"):
         load_config(None, ["fuse.calibration={a: 0}"])
     assert load_config(None, ["fuse.rule=mean", "fuse.calibration={a: 1.2}"]).fuse.calibration == {"a": 1.2}
+
+
+def test_the_service_threshold_with_an_auto_fuse_threshold():
+    """`auto` is estimated per batch run; a served answer uses a number (serve.threshold)."""
+    assert load_config(None, ["fuse.threshold=auto", "serve.threshold=0.2"]).copy_threshold() == 0.2
+    assert load_config(None, ["fuse.threshold=0.3", "serve.threshold=0.2"]).copy_threshold() == 0.3
+    with pytest.raises(ConfigError, match="fuse.threshold"):
+        load_config(None, ["fuse.threshold=sometimes"])
