@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -44,12 +44,12 @@ def decoy_hits(train: Hits, folds: int, neighbours: int, beta: float, k: int) ->
     fold = fold_of(image_ids, folds)
     valid = np.isfinite(scores)
     out = np.full(scores.shape, -np.inf)
+    # no background hit outside a fold among the top hits: the lowest hit bounds it from above
+    lowest = np.where(valid, scores, np.inf).min(axis=1)
     for f in range(folds):
         other = valid & (fold != f)
         take = other & (np.cumsum(other, axis=1) <= neighbours)
         n = take.sum(axis=1)
-        # no background hit outside the fold among the top hits: the lowest hit bounds it from above
-        lowest = np.where(valid, scores, np.inf).min(axis=1)
         bias = np.where(n > 0, np.where(take, scores, 0.0).sum(axis=1) / np.maximum(n, 1), lowest)
         mine = valid & (fold == f)
         out = np.where(mine, scores - beta * bias[:, None], out)
@@ -68,9 +68,6 @@ class Estimate:
     pairs: int  # predictions at or above ``threshold``
     decoys: int  # decoy pairs at or above ``threshold`` (before scaling by ``ratio``)
     ratio: float  # references / train images
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def estimate_threshold(predictions: np.ndarray, decoys: np.ndarray, ratio: float, target: float) -> Estimate:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import asdict
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -31,7 +32,7 @@ def estimate(preds: pa.Table, decoys: pa.Table, cfg: PipelineConfig, run: RunDir
     train photos, scored as ``preds`` were), write ``threshold.json`` and return the threshold."""
     est = estimate_threshold(preds.column("score").to_numpy(), decoys.column("score").to_numpy(),
                              reference_ratio(run), cfg.fuse.threshold_precision)
-    record = {**est.as_dict(), "scores": scores, "folds": cfg.fuse.decoy_folds, "predictions": preds.num_rows,
+    record = {**asdict(est), "scores": scores, "folds": cfg.fuse.decoy_folds, "predictions": preds.num_rows,
               "decoy_predictions": decoys.num_rows}
     write_text(run.threshold, json.dumps(record, indent=2))
     if est.threshold is None:

@@ -6,8 +6,8 @@ import logging
 
 from jobs.commands.base import arg, command, config_from_args
 from jobs.commands.report import META_HELP, write_report
-from jobs.pipeline import evaluate_run, run_pipeline, run_stages
 from jobs.layout import RunDir
+from jobs.pipeline import evaluate_run, run_pipeline, run_stages
 from jobs.stages.evaluate import evaluate_run_files, format_metrics
 from jobs.threshold import threshold_of
 
@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         log.info(f"done: {cfg.output} (no ground truth: predictions only, {cfg.output}/predictions.csv)")
         return 0
     report = write_report(cfg.output, cfg.data.ground_truth_path(), args.meta) if args.report else None
-    log.info(f"done: {format_metrics(metrics, threshold_of(cfg, RunDir(cfg.output)))}" + (f" | report: {report}" if report else ""))
+    line = format_metrics(metrics, threshold_of(cfg, RunDir(cfg.output)))
+    log.info(f"done: {line}" + (f" | report: {report}" if report else ""))
     return 0
 
 

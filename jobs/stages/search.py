@@ -100,7 +100,7 @@ def train_k(cfg: PipelineConfig) -> int:
     """Train hits per query patch: the normalisation neighbours, and with decoys enough hits for
     every fold's top k and its background."""
     n = cfg.search.normalize.neighbours if cfg.search.normalize.enabled else 1
-    return max(n, 2 * cfg.search.k + n) if cfg.decoys() else n
+    return 2 * cfg.search.k + n if cfg.decoys() else n
 
 
 class QueryFile:
@@ -164,10 +164,6 @@ def search_key(cfg: PipelineConfig, run: RunDir, key: str) -> None:
     pin_settings(run.candidates(key), search_settings(cfg), "search")
     if cfg.decoys():
         pin_settings(run.decoys(key), decoy_settings(cfg), "search (decoys)")
-    if cfg.decoys() and cfg.patches.train != cfg.patches.reference:
-        log.warning("search: fuse.threshold auto with patches.train unlike patches.reference: the decoys are "
-                    "not cut as references are, so their scores (and the threshold) are off; give train/ the "
-                    "reference views")
     names = shard_names(run.features(key), "query")
     done = set(shard_names(run.candidates(key)))
     decoys_done = set(shard_names(run.decoys(key))) if cfg.decoys() else set(names)
@@ -209,5 +205,9 @@ def search_key(cfg: PipelineConfig, run: RunDir, key: str) -> None:
 
 
 def run_search(cfg: PipelineConfig, run: RunDir) -> None:
+    if cfg.decoys() and cfg.patches.train != cfg.patches.reference:
+        log.warning("search: fuse.threshold auto with patches.train unlike patches.reference: the decoys are "
+                    "not cut as references are, so their scores (and the threshold) are off; give train/ the "
+                    "reference views")
     for key in cfg.search_keys():
         search_key(cfg, run, key)
