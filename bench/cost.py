@@ -29,6 +29,7 @@ from PIL import Image  # noqa: E402
 
 from core.imageio import list_images, load_rgb  # noqa: E402
 from core.metrics import read_predictions  # noqa: E402
+from core.models.cards import RegistryError  # noqa: E402
 from core.models.encoders import Encoder  # noqa: E402
 from core.models.runtimes import runtime  # noqa: E402
 from ensemble.fuse import top_k_per_query  # noqa: E402
@@ -113,7 +114,11 @@ def main() -> None:
     print(head)
     for path in args.configs:
         cfg = load_config(path, args.set)
-        encs = encoders(cfg)
+        try:
+            encs = encoders(cfg)
+        except RegistryError as e:  # one config's missing model should not lose the others' figures
+            print(f"{os.path.basename(path):28s} skipped: {e}", flush=True)
+            continue
         per = {s: side_seconds(cfg, s, list_images(folders[s], args.limit), encs) for s in SIDES}
         v = verify_seconds(cfg, args.predictions, args.queries, args.references, args.limit) \
             if args.predictions else float("nan")
