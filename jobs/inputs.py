@@ -4,20 +4,23 @@ Every file under a split folder is either an image (``image_id`` = its path with
 or a rejected path with its reason (:func:`core.imageio.scan_images`); two files with one id
 stop the run. The list, with each file's size and mtime, is pinned in ``RUN/inputs.parquet`` the
 first time; a re-run whose files changed is refused, naming them, since the run's shards were
-made from the old files. The ground truth may only name images of the inputs, once per pair.
+made from the old files. A file with a new mtime whose bytes hash to the manifest's SHA-256 (a
+copied or restored dataset) is the same file: the pin takes its new mtime. The ground truth may
+only name images of the inputs, once per pair.
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from core.imageio import IMAGE_SUFFIXES, scan_images
+from core.imageio import IMAGE_SUFFIXES, scan_images, sha256_file
 from core.metrics import read_ground_truth
-from core.store import exists, read_table, write_table
+from core.store import exists, list_shards, read_table, write_table
 from jobs.config import SPLIT_FOLDERS, DataConfig
 from jobs.layout import RunDir
 
@@ -28,6 +31,7 @@ INPUTS_SCHEMA = pa.schema([
     ("size", pa.int64()), ("mtime_ns", pa.int64()), ("error", pa.string()),  # error: null for images
 ])
 SHOWN = 8  # names quoted per kind of problem
+HASH_THREADS = 8
 
 
 class InputError(ValueError):
@@ -94,25 +98,46 @@ def _stamps(inputs: pa.Table) -> dict[tuple[str, str], tuple[int, int]]:
     return {(s, p): (n, t) for s, p, n, t in zip(*cols)}
 
 
-def input_changes(old: pa.Table, new: pa.Table) -> list[str]:
-    """``added: ...``, ``removed: ...``, ``changed: ...`` (size or mtime) between two file lists."""
-    a, b = _stamps(old), _stamps(new)
+def input_changes(old: pa.Table, new: pa.Table, sha256: Mapping[str, str] | None = None) -> list[str]:
+    """``added: ...``, ``removed: ...``, ``changed: ...`` between two file lists. A file of another
+    size is changed; one of another mtime is changed unless ``sha256`` (path -> the manifest's
+    hash) holds its bytes' hash, which it reads."""
+    a, b, sha256 = _stamps(old), _stamps(new), sha256 or {}
+    moved = [k for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
+    touched = [k[1] for k in moved if a[k][0] == b[k][0] and k[1] in sha256]
+    with ThreadPoolExecutor(HASH_THREADS) as pool:  # hashlib releases the GIL: reads and hashes overlap
+        same = {p for p, h in zip(touched, pool.map(sha256_file, touched)) if h == sha256[p]}
     kinds = {"added": sorted(b.keys() - a.keys()), "removed": sorted(a.keys() - b.keys()),
-             "changed": sorted(k for k in a.keys() & b.keys() if a[k] != b[k])}
+             "changed": [k for k in moved if k[1] not in same]}
     return [f"{len(keys)} {kind} ({_some([p for _, p in keys])})" for kind, keys in kinds.items() if keys]
 
 
+def manifest_hashes(run: RunDir) -> dict[str, str]:
+    """path -> SHA-256 of the images the run's manifest holds so far."""
+    hashes: dict[str, str] = {}
+    for shard in list_shards(run.manifest):
+        table = read_table(shard, columns=["path", "sha256"])
+        hashes.update(zip(table.column("path").to_pylist(), table.column("sha256").to_pylist()))
+    return hashes
+
+
 def pin_inputs(run: RunDir, folders: dict[str, str]) -> pa.Table:
-    """Scan the folders and pin the file list in ``RUN/inputs.parquet``, or refuse if it changed."""
+    """Scan the folders and pin the file list in ``RUN/inputs.parquet``, or refuse if it changed;
+    files whose only change is their mtime are pinned again with it."""
     new = scan_inputs(folders)
     if not exists(run.inputs):
         write_table(new, run.inputs)
         return new
-    changes = input_changes(read_table(run.inputs), new)
+    old = read_table(run.inputs)
+    if _stamps(old) == _stamps(new):
+        return new
+    changes = input_changes(old, new, manifest_hashes(run))
     if changes:
         raise InputError(f"{run.root}: the input images changed since this run folder was made from them "
                          f"({run.inputs}): {'; '.join(changes)}; its shards hold the old files, so run into a "
                          "new folder (--out)")
+    log.info("%s: input files with new mtimes but the manifest's content; pinned again", run.root)
+    write_table(new, run.inputs)
     return new
 
 

@@ -6,8 +6,11 @@ import csv
 import os
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
+from core.imageio import sha256_file
+from core.store import join, read_table, write_table
 from jobs.completeness import IncompleteUpstream, require_complete
 from jobs.config import DataConfig
 from jobs.inputs import (
@@ -81,6 +84,11 @@ def test_a_required_split_without_a_folder_or_images_is_named(data):
         split_folders(DataConfig(root=str(data)), ("query", "reference"))
 
 
+def later(path: Path) -> None:
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+
+
 def test_the_file_list_is_pinned_and_a_change_is_refused_naming_the_files(data, tmp_path):
     run = RunDir(str(tmp_path / "run"))
     folders = split_folders(DataConfig(root=str(data)))
@@ -88,12 +96,37 @@ def test_the_file_list_is_pinned_and_a_change_is_refused_naming_the_files(data, 
     assert pin_inputs(run, folders).equals(first)  # unchanged: accepted
     touch(data / "queries" / "Q4.jpg")
     (data / "references" / "R2.jpg").unlink()
-    q1 = data / "queries" / "Q1.jpg"
-    os.utime(q1, ns=(q1.stat().st_atime_ns, q1.stat().st_mtime_ns + 10**9))
+    q1 = touch(data / "queries" / "Q1.jpg", b"y")  # same size, other bytes
+    later(q1)
     assert input_changes(first, scan_inputs(folders)) == [
         f"1 added ({data / 'queries' / 'Q4.jpg'})", f"1 removed ({data / 'references' / 'R2.jpg'})",
         f"1 changed ({q1})"]
     with pytest.raises(InputError, match=r"input images changed .*1 added .*Q4\.jpg.*run into a new folder"):
+        pin_inputs(run, folders)
+
+
+def test_new_mtimes_are_accepted_when_the_bytes_hash_to_the_manifest(data, tmp_path):
+    """A copied or restored dataset (same files, new mtimes) keeps its run folder; an edit that
+    keeps the size does not, nor does a file the manifest has not hashed."""
+    run = RunDir(str(tmp_path / "run"))
+    folders = split_folders(DataConfig(root=str(data)))
+    first = pin_inputs(run, folders)
+    files = images(first)
+    hashed = [{"path": p, "sha256": sha256_file(p)} for split in ("query", "reference") for _, p in files[split]]
+    write_table(pa.Table.from_pylist(hashed), join(run.manifest, "all.parquet"))
+    for _, path in files["query"] + files["reference"]:
+        later(Path(path))
+    again = pin_inputs(run, folders)
+    assert again.column("mtime_ns") != first.column("mtime_ns")
+    assert read_table(run.inputs).equals(again)  # pinned again: the next run reads no bytes
+    r1 = touch(data / "references" / "R1.png", b"y")  # same size, other bytes
+    with pytest.raises(InputError, match=r"1 changed \(.*R1\.png\)"):
+        pin_inputs(run, folders)
+    r1.write_bytes(b"x")
+    assert pin_inputs(run, folders).equals(read_table(run.inputs))
+    write_table(pa.Table.from_pylist(hashed[:1]), join(run.manifest, "all.parquet"))  # R1 not hashed yet
+    later(r1)
+    with pytest.raises(InputError, match=r"1 changed \(.*R1\.png\)"):
         pin_inputs(run, folders)
 
 
