@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import combinations
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +29,7 @@ log = logging.getLogger(__name__)
 GT = Sequence[tuple[str, str]]
 RULES = ("completeness", "confidence")  # fusion rules with thresholds worth tuning
 DEFAULT_QUANTILES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+MAX_SUBSET_MEMBERS = 6  # every subset is scored up to this many members (63 subsets)
 
 
 def predictions_map(pred: pa.Table, gt: GT, k: int = 10) -> float:
@@ -133,6 +135,7 @@ class TuneResult:
     members_after: dict[str, float]
     tuned_beta: bool
     tuned_fusion: bool
+    subsets: dict[tuple[str, ...], float] = field(default_factory=dict)  # :func:`subset_maps` at the tuned beta
 
 
 def per_model_scores(members: Sequence[Member], beta: float) -> pa.Table:
@@ -149,6 +152,17 @@ def setting_map(members: Sequence[Member], gt: GT, s: Setting, k: int) -> float:
 def final_predictions(members: Sequence[Member], s: Setting, k: int) -> pa.Table:
     """The predictions the fuse stage writes under ``s``: fused, top ``k`` per query."""
     return top_k_per_query(fuse(per_model_scores(members, s.beta), s.thresholds, s.rule, s.factors), k)
+
+
+def subset_maps(members: Sequence[Member], gt: GT, beta: float, k: int) -> dict[tuple[str, ...], float]:
+    """μAP of the max over each subset of ``members`` (2 to :data:`MAX_SUBSET_MEMBERS` of them;
+    else none): which members earn their cost on the split, e.g. which scales to keep."""
+    if not 2 <= len(members) <= MAX_SUBSET_MEMBERS:
+        return {}
+    per_model = per_model_scores(members, beta)
+    keys = [m.key for m in members]
+    return {subset: fused_map(per_model.filter(pc.is_in(per_model.column("model"), pa.array(subset))), gt, {}, "max", k)
+            for n in range(1, len(keys) + 1) for subset in combinations(keys, n)}
 
 
 def threshold_at_precision(m: Metrics, precision: float) -> tuple[float | None, float]:
@@ -223,4 +237,4 @@ def tune_members(members: Sequence[Member], gt: GT, before: Setting, beta_grid: 
         before=before, after=after, map_before=maybe_map(before), map_after=setting_map(members, gt, after, k),
         members_before={m.key: setting_map([m], gt, Setting(before.beta, "max", {}), k) for m in members},
         members_after={m.key: setting_map([m], gt, Setting(after.beta, "max", {}), k) for m in members},
-        tuned_beta=tuned_beta, tuned_fusion=tuned_fusion)
+        tuned_beta=tuned_beta, tuned_fusion=tuned_fusion, subsets=subset_maps(members, gt, after.beta, k))

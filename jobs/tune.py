@@ -187,6 +187,13 @@ def format_table(result: TuneResult) -> str:
     return "\n".join(f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}" for r in rows)
 
 
+def format_subsets(result: TuneResult) -> str:
+    """The max over each subset of members on the split, best first (empty with one member)."""
+    rows = sorted(result.subsets.items(), key=lambda kv: (-kv[1], len(kv[0])))
+    return "\n".join([f"μAP of the max over each subset of members (beta {result.after.beta:g}):"] * bool(rows)
+                     + [f"  {v:.4f}  {' + '.join(keys)}" for keys, v in rows])
+
+
 def write_tuned_config(source: str, overrides: Sequence[str], values: Mapping[str, Any], path: str,
                        header: Sequence[str]) -> str:
     """``source``'s YAML with ``overrides`` then ``values`` set, behind a ``#`` header, atomically.

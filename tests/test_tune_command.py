@@ -13,8 +13,8 @@ from core.metrics import read_ground_truth
 from ensemble.fuse import fuse_models
 from jobs.cli import main
 from jobs.config import load_config
-from ensemble.tune import Member, Setting, per_model_scores, tune_members
-from jobs.tune import BETA_GRID, user_split
+from ensemble.tune import Member, Setting, per_model_scores, setting_map, tune_members
+from jobs.tune import BETA_GRID, format_subsets, user_split
 from pretrain.synthetic import SplitSpec, make_synthetic_split
 from tests.conftest import synthetic_photo
 
@@ -114,6 +114,12 @@ def test_tune_members_finds_known_beta_and_thresholds():
     fused = fuse_models(per_model_scores([a, b], two.after.beta), two.after.thresholds, two.after.rule)
     pairs = set(zip(fused.column("query_id").to_pylist(), fused.column("reference_id").to_pylist()))
     assert ("q0", "r9") not in pairs and {("q0", "r0"), ("q1", "r1")} <= pairs
+    # every subset's max, at the tuned beta: A alone ranks the copies first, B's wrong pair spoils A + B
+    assert two.subsets == {("A",): pytest.approx(1.0), ("B",): pytest.approx(two.members_after["B"]),
+                           ("A", "B"): pytest.approx(setting_map([a, b], gt, Setting(two.after.beta, "max", {}), 5))}
+    assert two.subsets[("A", "B")] < 1.0 and one.subsets == {}
+    lines = format_subsets(two).splitlines()[1:]
+    assert lines[0] == f"  {1.0:.4f}  A" and sorted(lines, reverse=True) == lines and len(lines) == 3
 
 
 def test_matched_split_sizes_keep_the_reference_to_background_ratio():

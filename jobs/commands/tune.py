@@ -9,6 +9,7 @@ from jobs.commands.base import arg, command
 from jobs.config import ConfigError, load_config
 from jobs.tune import (
     BETA_GRID,
+    format_subsets,
     format_table,
     format_threshold,
     provenance,
@@ -75,6 +76,8 @@ def tune(args: argparse.Namespace) -> None:
         split = make_synthetic_split(train, os.path.join(run_dir, "tune", "data"), spec)
     result, threshold = tune_on_split(cfg, split, run_dir, args.beta_grid, args.address)
     print(format_table(result))
+    if result.subsets:
+        print(format_subsets(result))
     print(format_threshold(threshold) if threshold else "fuse.threshold: auto (estimated in each run from its decoys)")
     out = args.write or os.path.join(run_dir, "tuned.yaml")
     write_tuned_config(args.config, overrides, tuned_values(result, threshold), out,
