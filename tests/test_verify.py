@@ -97,3 +97,24 @@ def test_verify_pairs_reads_files_with_the_pipeline_decoder(tmp_path):
     out = verify_pairs(pairs, {"q": str(tmp_path / "q.jpg")}, {"r": str(tmp_path / "r.png")}, top_k=1,
                        load=load_rgb)
     assert out.column("inliers")[0].as_py() >= 20
+
+
+def test_a_smaller_top_k_reuses_the_cache_and_gives_no_bonus_past_it(tmp_path):
+    """Both pairs of q0 were verified at top_k 2 (40 inliers each); at top_k 1 only the best may rise."""
+    from core.store import join, write_table
+    from jobs.config import load_config
+    from jobs.layout import RunDir, pin_settings
+    from jobs.stages.verify import keypoint_settings, verify_fused
+
+    cfg = load_config(None, [f"output={tmp_path}", "verify.enabled=true", "verify.top_k=1", "verify.min_inliers=0",
+                             "verify.saturate=10"])
+    run = RunDir(str(tmp_path))
+    folder = join(run.verify, "sift")
+    pin_settings(folder, keypoint_settings("sift", cfg), "verify (sift)")
+    write_table(pa.table({"query_id": ["q0", "q0"], "reference_id": ["r0", "r1"],
+                          "inliers": pa.array([40, 40], pa.int32())}), join(folder, "part-00000.parquet"))
+    fused = pa.table({"query_id": ["q0", "q0"], "reference_id": ["r0", "r1"],
+                      "score": pa.array([0.5, 0.4], pa.float32())})
+    out = verify_fused(cfg, run, fused, paths_ref=None)  # all cached: no Ray task runs
+    scores = dict(zip(out.column("reference_id").to_pylist(), out.column("score").to_pylist()))
+    assert scores == {"r0": pytest.approx(0.5 + cfg.verify.weight), "r1": pytest.approx(0.4)}

@@ -34,6 +34,7 @@ from jobs.threshold import estimate
 log = logging.getLogger(__name__)
 
 QUERIES_PER_TASK = 64
+KEYS = ["query_id", "reference_id"]
 Columns = dict[str, np.ndarray]  # scorer column -> values aligned with the fused rows (NaN: not scored)
 
 
@@ -109,11 +110,11 @@ def verify_chunk(pairs: pa.Table, paths: dict[str, dict[str, str]], settings: di
 
 def rescore(fused: pa.Table, checked: dict[str, pa.Table], cfg: VerifyConfig) -> pa.Table:
     """``fused`` scores plus the method's bonus; ``checked``: each scorer's cached table."""
-    joined, keys = fused, ["query_id", "reference_id"]
+    joined = fused
     for table in checked.values():
-        joined = joined.join(table, keys, join_type="left outer")
+        joined = joined.join(table, KEYS, join_type="left outer")
     cols = {c: np.asarray(joined.column(c).to_numpy(zero_copy_only=False), dtype=np.float64)
-            for t in checked.values() for c in t.column_names if c not in keys}
+            for t in checked.values() for c in t.column_names if c not in KEYS}
     score = joined.column("score").to_numpy() + METHODS[cfg.method].bonus(cols, cfg)
     return pa.table({"query_id": joined.column("query_id"), "reference_id": joined.column("reference_id"),
                      "score": pa.array(score.astype(np.float32))})
@@ -126,8 +127,9 @@ def verify_settings(cfg: PipelineConfig) -> dict[str, dict]:
 
 def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, paths_ref: ray.ObjectRef,
                 decoys: bool = False) -> pa.Table:
-    """Scorer ``name``'s column for every pair of ``todo``, from its cache plus new Ray tasks
-    (``decoys``: pairs of queries and train photos, cached apart in ``<scorer>-decoys``)."""
+    """Scorer ``name``'s column for the pairs of ``todo`` (and no others), from its cache plus new Ray
+    tasks (``decoys``: pairs of queries and train photos, cached apart in ``<scorer>-decoys``)."""
+    wanted = todo.select(KEYS)
     folder = join(run.verify, f"{name}-decoys" if decoys else name)
     plan = SCORER_PLANS[name]
     settings = plan.settings(name, cfg)
@@ -147,7 +149,9 @@ def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, pat
         calls.append((part, paths_ref, settings, registry, cfg.verify.top_k, join(folder, f"part-{start + i:05d}.parquet"),
                       "train" if decoys else "reference"))
     run_tasks(verify_chunk, calls, f"verify {name}{' decoys' if decoys else ''}")
-    return pa.concat_tables([read_table(s) for s in list_shards(folder)])
+    cached = pa.concat_tables([read_table(s) for s in list_shards(folder)])
+    # the cache may hold pairs of an earlier, larger top_k (or another fusion): they get no bonus now
+    return cached.join(wanted, KEYS, join_type="left semi")
 
 
 def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
