@@ -2,16 +2,19 @@
 
     .venv/bin/python bench/cost.py configs/sscd_ensemble.yaml configs/balanced.yaml \
         --queries ../shared/bench/minidisc-hard/queries --references ../shared/bench/minidisc-dev/references \
-        --train ../shared/bench/minidisc-dev/train --predictions runs/ens-hard/predictions.csv --limit 40
+        --train ../shared/bench/minidisc-dev/train --predictions runs/ens-hard/predictions.csv \
+        --decoys runs/ens-hard/fused_decoys.parquet --limit 40
 
 For each config and side (query, reference, train) the first ``--limit`` images of that side's
 folder go through what extraction does to them: decode, plan the side's views, cut, resize and
 embed every patch with every (model, scale) key. Verification re-checks the ``verify.top_k``
 best pairs of the first ``--limit`` queries of ``--predictions`` (fresh keypoint cache, as the
-stage starts). Times are CPU-seconds of this process with one torch / onnxruntime / OpenCV
-thread, so other load on the machine does not skew them and the configs compare in one run.
-``per query`` = query extraction + verification (what a new query costs); ``minidisc`` adds
-the reference and train extraction spread over the queries (folder sizes given).
+stage starts); with ``fuse.threshold: auto`` those queries' best train decoys in ``--decoys`` (a
+run's ``fused_decoys.parquet``) are verified too, as the stage does. Times are CPU-seconds of
+this process with one torch / onnxruntime / OpenCV thread, so other load on the machine does not
+skew them and the configs compare in one run. ``per query`` = query extraction + verification of
+predictions and decoys (what a new query costs); ``minidisc`` adds the reference and train
+extraction spread over the queries (folder sizes given).
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ os.environ.setdefault("YOLO_OFFLINE", "1")
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -32,6 +36,7 @@ from core.metrics import read_predictions  # noqa: E402
 from core.models.cards import RegistryError  # noqa: E402
 from core.models.encoders import Encoder  # noqa: E402
 from core.models.runtimes import runtime  # noqa: E402
+from core.store import read_table  # noqa: E402
 from ensemble.fuse import top_k_per_query  # noqa: E402
 from ensemble.verify import verify_pairs  # noqa: E402
 from jobs.config import PipelineConfig, load_config  # noqa: E402
@@ -79,14 +84,14 @@ def side_seconds(cfg: PipelineConfig, side: str, images: list[tuple[str, str]],
     return (time.process_time() - t0) / len(images), len(rows) / len(images)
 
 
-def verify_seconds(cfg: PipelineConfig, predictions: str, queries: str, references: str, limit: int) -> float:
-    """CPU-seconds per query to verify its ``verify.top_k`` best predictions (0 when verify is off)."""
+def verify_seconds(cfg: PipelineConfig, pairs: pa.Table, queries: str, references: str, limit: int) -> float:
+    """CPU-seconds per query to verify the ``verify.top_k`` best ``pairs`` of the first ``limit``
+    queries against ``references`` (0 when verify is off)."""
     if not cfg.verify.enabled:
         return 0.0
-    preds = read_predictions(predictions)
-    first = sorted(set(preds.column("query_id").to_pylist()))[:limit]
-    preds = preds.filter(np.isin(np.asarray(preds.column("query_id").to_pylist(), dtype=object), first))
-    pairs = top_k_per_query(preds, cfg.verify.top_k)
+    first = sorted(set(pairs.column("query_id").to_pylist()))[:limit]
+    pairs = pairs.filter(np.isin(np.asarray(pairs.column("query_id").to_pylist(), dtype=object), first))
+    pairs = top_k_per_query(pairs, cfg.verify.top_k)
     t0 = time.process_time()
     verify_pairs(pairs, dict(list_images(queries)), dict(list_images(references)), cfg.verify.top_k, load_rgb,
                  cfg.verify.method, cfg.verify.max_side)
@@ -100,6 +105,7 @@ def main() -> None:
     p.add_argument("--references", required=True)
     p.add_argument("--train", required=True)
     p.add_argument("--predictions", help="a run's predictions.csv on --queries (for verification)")
+    p.add_argument("--decoys", help="a run's fused_decoys.parquet on --queries and --train (fuse.threshold auto)")
     p.add_argument("--limit", type=int, default=40, help="images per side (default 40)")
     p.add_argument("--set", action="append", default=[], help="override applied to every config")
     args = p.parse_args()
@@ -109,7 +115,7 @@ def main() -> None:
     sizes = {s: len(list_images(f)) for s, f in folders.items()}
     print(f"CPU-seconds per image, 1 thread, first {args.limit} images per side; minidisc = per query + "
           f"(references {sizes['reference']} x ref + train {sizes['train']} x train) / {sizes['query']} queries")
-    head = f"{'config':28s} {'q patches':>9s} {'query':>7s} {'verify':>7s} {'per query':>9s} " \
+    head = f"{'config':28s} {'q patches':>9s} {'query':>7s} {'verify':>7s} {'decoys':>7s} {'per query':>9s} " \
            f"{'reference':>9s} {'train':>7s} {'minidisc':>9s}"
     print(head)
     for path in args.configs:
@@ -120,12 +126,14 @@ def main() -> None:
             print(f"{os.path.basename(path):28s} skipped: {e}", flush=True)
             continue
         per = {s: side_seconds(cfg, s, list_images(folders[s], args.limit), encs) for s in SIDES}
-        v = verify_seconds(cfg, args.predictions, args.queries, args.references, args.limit) \
+        v = verify_seconds(cfg, read_predictions(args.predictions), args.queries, args.references, args.limit) \
             if args.predictions else float("nan")
-        per_query = per["query"][0] + v
+        d = 0.0 if not cfg.decoys() else float("nan") if not args.decoys else \
+            verify_seconds(cfg, read_table(args.decoys), args.queries, args.train, args.limit)
+        per_query = per["query"][0] + v + d
         total = per_query + (sizes["reference"] * per["reference"][0] + sizes["train"] * per["train"][0]) \
             / sizes["query"]
-        print(f"{os.path.basename(path):28s} {per['query'][1]:9.1f} {per['query'][0]:7.3f} {v:7.3f} "
+        print(f"{os.path.basename(path):28s} {per['query'][1]:9.1f} {per['query'][0]:7.3f} {v:7.3f} {d:7.3f} "
               f"{per_query:9.3f} {per['reference'][0]:9.3f} {per['train'][0]:7.3f} {total:9.3f}", flush=True)
 
 
