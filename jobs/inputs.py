@@ -129,14 +129,16 @@ def pin_inputs(run: RunDir, folders: dict[str, str]) -> pa.Table:
         write_table(new, run.inputs)
         return new
     old = read_table(run.inputs)
-    if _stamps(old) == _stamps(new):
+    a, b = _stamps(old), _stamps(new)
+    if a == b:
         return new
     changes = input_changes(old, new, manifest_hashes(run))
     if changes:
         raise InputError(f"{run.root}: the input images changed since this run folder was made from them "
                          f"({run.inputs}): {'; '.join(changes)}; its shards hold the old files, so run into a "
                          "new folder (--out)")
-    log.info("%s: input files with new mtimes but the manifest's content; pinned again", run.root)
+    log.info("%s: %d input file(s) have new mtimes but the bytes the manifest hashed; pinned again",
+             run.root, sum(a[k] != v for k, v in b.items()))
     write_table(new, run.inputs)
     return new
 
