@@ -9,6 +9,7 @@ what is added. Every command writes a whole new version and switches ``CURRENT``
 """
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from collections.abc import Sequence
@@ -22,7 +23,7 @@ from core.contracts import ERRORS_SCHEMA
 from core.imageio import ImageDecodeError, list_images, load_rgb, sha256_file
 from core.models.cards import ModelCard
 from core.models.registry import load_card, resolve_model
-from core.store import embeddings_from_arrow, exists, join, read_table, write_table
+from core.store import embeddings_from_arrow, exists, join, read_table, read_text, write_table
 from core.yamlconf import apply_overrides
 from ensemble.index import versions
 from ensemble.index.layout import IndexDir
@@ -73,10 +74,27 @@ def model_cards(cfg: PipelineConfig) -> dict[str, ModelCard]:
     return cards
 
 
+def served_threshold(cfg: PipelineConfig, run: RunDir) -> PipelineConfig:
+    """``cfg`` with ``fuse.threshold: auto`` replaced by the number ``run`` estimated on its own
+    queries' final scores (``threshold.json``), so the service's ``is_copy`` is calibrated too.
+    Unchanged when the run has no estimate on the scores the service gives (then ``serve.threshold``)."""
+    if not cfg.decoys():
+        return cfg
+    record = json.loads(read_text(run.threshold)) if exists(run.threshold) else {}
+    scores = "verified" if cfg.verify.enabled else "fused"
+    if record.get("threshold") is None or record.get("scores") != scores:
+        log.warning(f"index: fuse.threshold auto, but {run.threshold} has no estimate on {scores} scores; "
+                    "the service's is_copy uses serve.threshold")
+        return cfg
+    log.info(f"index: fuse.threshold auto -> {record['threshold']:.4f}, estimated by the run at precision "
+             f"{record.get('target')} ({run.threshold})")
+    return cfg.model_copy(update={"fuse": cfg.fuse.model_copy(update={"threshold": float(record["threshold"])})})
+
+
 def build_from_run(run_dir: str, root: str, cfg: PipelineConfig | None = None) -> str:
     """Publish a finished run's reference (and train) features as a new version of ``root``."""
     run = RunDir(run_dir)
-    cfg = cfg or validate(yaml.safe_load(Path(run.config).read_text()), run.config)
+    cfg = served_threshold(cfg or validate(yaml.safe_load(Path(run.config).read_text()), run.config), run)
     keys = {}
     for key in cfg.search_keys():
         pca = join(run.root, "reduce", f"{key}.safetensors")

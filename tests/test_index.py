@@ -1,6 +1,7 @@
 """The living index: a served answer equals `copydet run`'s, add/remove/compact publish versions
 that answer like a rebuild, and a writer killed mid-add leaves the previous version whole."""
 import csv
+import json
 import os
 import shutil
 import signal
@@ -12,10 +13,12 @@ from pathlib import Path
 import pytest
 
 from core.imageio import load_rgb
+from core.store import write_text
 from ensemble.index.layout import IndexDir, IndexFolderError
 from jobs import indexing
 from jobs.commands.index import info_lines
 from jobs.config import load_config
+from jobs.layout import RunDir
 from jobs.pipeline import run_pipeline
 from jobs.serve.engine import Matcher
 from tests.conftest import make_tiny_dataset, synthetic_photo
@@ -151,3 +154,19 @@ def test_writer_lock_and_missing_index(tmp_path):
                 pass
     with pytest.raises(IndexFolderError, match="not an index"):
         Matcher(str(tmp_path / "nothing"))
+
+
+def test_an_index_from_a_run_serves_the_threshold_the_run_estimated(tmp_path):
+    """fuse.threshold auto is estimated per batch run; the index keeps that run's number, when it was
+    estimated on the scores the service gives (verified here), so is_copy is calibrated when served."""
+    run = RunDir(str(tmp_path))
+    cfg = load_config(None, ["fuse.threshold=auto", "verify.enabled=true"])
+    assert indexing.served_threshold(cfg, run).fuse.threshold == "auto"  # no estimate: serve.threshold
+    record = {"threshold": 0.1234, "target": 0.9, "scores": "fused"}
+    write_text(run.threshold, json.dumps(record))
+    assert indexing.served_threshold(cfg, run).fuse.threshold == "auto"  # not on the verified scores
+    write_text(run.threshold, json.dumps({**record, "scores": "verified"}))
+    served = indexing.served_threshold(cfg, run)
+    assert served.fuse.threshold == 0.1234 and served.copy_threshold() == 0.1234
+    number = load_config(None, ["fuse.threshold=0.5"])
+    assert indexing.served_threshold(number, run) is number
