@@ -83,8 +83,8 @@ def served_threshold(cfg: PipelineConfig, run: RunDir) -> PipelineConfig:
     record = json.loads(read_text(run.threshold)) if exists(run.threshold) else {}
     scores = "verified" if cfg.verify.enabled else "fused"
     if record.get("threshold") is None or record.get("scores") != scores:
-        log.warning(f"index: fuse.threshold auto, but {run.threshold} has no estimate on {scores} scores; "
-                    "the service's is_copy uses serve.threshold")
+        log.warning(f"index: fuse.threshold auto, but {run.root} has no estimate on {scores} scores (an index "
+                    "built from folders has no queries to make one); the service's is_copy uses serve.threshold")
         return cfg
     log.info(f"index: fuse.threshold auto -> {record['threshold']:.4f}, estimated by the run at precision "
              f"{record.get('target')} ({run.threshold})")
