@@ -128,8 +128,10 @@ def main() -> None:
         per = {s: side_seconds(cfg, s, list_images(folders[s], args.limit), encs) for s in SIDES}
         v = verify_seconds(cfg, read_predictions(args.predictions), args.queries, args.references, args.limit) \
             if args.predictions else float("nan")
-        d = 0.0 if not cfg.decoys() else float("nan") if not args.decoys else \
-            verify_seconds(cfg, read_table(args.decoys), args.queries, args.train, args.limit)
+        d = 0.0  # decoys are verified only for fuse.threshold auto; nan: no --decoys to time them on
+        if cfg.decoys():
+            d = verify_seconds(cfg, read_table(args.decoys), args.queries, args.train, args.limit) \
+                if args.decoys else float("nan")
         per_query = per["query"][0] + v + d
         total = per_query + (sizes["reference"] * per["reference"][0] + sizes["train"] * per["train"][0]) \
             / sizes["query"]

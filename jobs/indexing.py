@@ -9,7 +9,6 @@ what is added. Every command writes a whole new version and switches ``CURRENT``
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 from collections.abc import Sequence
@@ -23,7 +22,7 @@ from core.contracts import ERRORS_SCHEMA
 from core.imageio import ImageDecodeError, list_images, load_rgb, sha256_file
 from core.models.cards import ModelCard
 from core.models.registry import load_card, resolve_model
-from core.store import embeddings_from_arrow, exists, join, read_table, read_text, write_table
+from core.store import embeddings_from_arrow, exists, join, read_table, write_table
 from core.yamlconf import apply_overrides
 from ensemble.index import versions
 from ensemble.index.layout import IndexDir
@@ -34,6 +33,7 @@ from jobs.layout import RunDir, shard_names
 from jobs.pipeline import run_stages
 from jobs.stages.extract import key_specs
 from jobs.stages.reduce import derive
+from jobs.threshold import recorded
 from patchers.embed import ImageEmbedder
 from patchers.plan import DetectorSpec
 
@@ -80,7 +80,7 @@ def served_threshold(cfg: PipelineConfig, run: RunDir) -> PipelineConfig:
     Unchanged when the run has no estimate on the scores the service gives (then ``serve.threshold``)."""
     if not cfg.decoys():
         return cfg
-    record = json.loads(read_text(run.threshold)) if exists(run.threshold) else {}
+    record = recorded(run)
     scores = "verified" if cfg.verify.enabled else "fused"
     if record.get("threshold") is None or record.get("scores") != scores:
         log.warning(f"index: fuse.threshold auto, but {run.root} has no estimate on {scores} scores (an index "

@@ -45,10 +45,11 @@ def estimate(preds: pa.Table, decoys: pa.Table, cfg: PipelineConfig, run: RunDir
     return est.threshold
 
 
+def recorded(run: RunDir) -> dict:
+    """The run's ``threshold.json`` (empty before an estimate was written)."""
+    return json.loads(read_text(run.threshold)) if exists(run.threshold) else {}
+
+
 def threshold_of(cfg: PipelineConfig, run: RunDir) -> float | None:
     """The threshold copies.csv and the metrics use: the configured number, or the estimate."""
-    if not cfg.decoys():
-        return cfg.fuse.threshold
-    if not exists(run.threshold):
-        return None
-    return json.loads(read_text(run.threshold)).get("threshold")
+    return recorded(run).get("threshold") if cfg.decoys() else cfg.fuse.threshold

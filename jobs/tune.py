@@ -188,10 +188,10 @@ def format_table(result: TuneResult) -> str:
 
 
 def format_subsets(result: TuneResult) -> str:
-    """The max over each subset of members on the split, best first (empty with one member)."""
+    """The max over each subset of members on the split, best first."""
     rows = sorted(result.subsets.items(), key=lambda kv: (-kv[1], len(kv[0])))
-    return "\n".join([f"μAP of the max over each subset of members (beta {result.after.beta:g}):"] * bool(rows)
-                     + [f"  {v:.4f}  {' + '.join(keys)}" for keys, v in rows])
+    return "\n".join([f"μAP of the max over each subset of members (beta {result.after.beta:g}):",
+                      *(f"  {v:.4f}  {' + '.join(keys)}" for keys, v in rows)])
 
 
 def write_tuned_config(source: str, overrides: Sequence[str], values: Mapping[str, Any], path: str,

@@ -134,24 +134,22 @@ def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, pat
     plan = SCORER_PLANS[name]
     settings = plan.settings(name, cfg)
     pin_settings(folder, settings, f"verify ({name})")
-    if list_shards(folder):
-        done = pa.concat_tables([read_table(s) for s in list_shards(folder)])
-        seen = set(zip(done.column("query_id").to_pylist(), done.column("reference_id").to_pylist()))
-        keep = [(q, r) not in seen for q, r in zip(todo.column("query_id").to_pylist(),
-                                                     todo.column("reference_id").to_pylist())]
-        todo = todo.filter(pa.array(keep, pa.bool_()))
+    before = list_shards(folder)
+    done = [read_table(s) for s in before]
+    if done:  # score only the pairs the cache lacks
+        todo = todo.join(pa.concat_tables(done).select(KEYS), KEYS, join_type="left anti")
     queries = sorted(set(todo.column("query_id").to_pylist()))
     registry = str(cfg.registry or default_registry_dir())
-    start = len(list_shards(folder))
+    start = len(before)
     calls = []
     for i, a, b in chunks(len(queries), plan.queries_per_task):
         part = todo.filter(pc.is_in(todo.column("query_id"), pa.array(queries[a:b])))
         calls.append((part, paths_ref, settings, registry, cfg.verify.top_k, join(folder, f"part-{start + i:05d}.parquet"),
                       "train" if decoys else "reference"))
     run_tasks(verify_chunk, calls, f"verify {name}{' decoys' if decoys else ''}")
-    cached = pa.concat_tables([read_table(s) for s in list_shards(folder)])
+    new = [read_table(s) for s in list_shards(folder) if s not in before]
     # the cache may hold pairs of an earlier, larger top_k (or another fusion): they get no bonus now
-    return cached.join(wanted, KEYS, join_type="left semi")
+    return pa.concat_tables(done + new).join(wanted, KEYS, join_type="left semi")
 
 
 def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
