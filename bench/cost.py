@@ -94,7 +94,7 @@ def verify_seconds(cfg: PipelineConfig, pairs: pa.Table, queries: str, reference
     pairs = top_k_per_query(pairs, cfg.verify.top_k)
     t0 = time.process_time()
     verify_pairs(pairs, dict(list_images(queries)), dict(list_images(references)), cfg.verify.top_k, load_rgb,
-                 cfg.verify.method, cfg.verify.max_side)
+                 cfg.verify.method, cfg.verify.max_side, mirror=cfg.verify.mirror)
     return (time.process_time() - t0) / len(first)
 
 

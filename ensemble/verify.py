@@ -2,7 +2,10 @@
 learned verifier.
 
 Global descriptors confuse images that share a layout; local evidence that agrees does not.
-:func:`inliers` counts the RANSAC inliers of the ratio-test matches of two images. A
+:func:`inliers` counts the RANSAC inliers of the ratio-test matches of two images. Keypoint
+descriptors are not mirror-invariant, so a flipped copy matches only its original's mirror
+image: :class:`KeypointScorer` also matches the query's mirror (``mirror``) and keeps the
+better view. A
 :class:`PairScorer` turns images into what it compares (keypoints, region tokens) and scores a
 query against its candidates; :data:`SCORERS` names them (``sift``, ``orb``: RANSAC inlier
 counts; ``learned``: the verifier's P(copy), :mod:`core.models.verifier`). :func:`verify_pairs`
@@ -27,15 +30,41 @@ from core.models.verifier import load_verifier
 MIN_MATCHES = 4  # a homography needs four correspondences
 
 
+Matcher = Callable[[np.ndarray, np.ndarray, float], tuple[np.ndarray, np.ndarray]]
+
+
+def l2_matches(a: np.ndarray, b: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(ia, ib)`` of the mutual nearest neighbours of two float descriptor sets that
+    pass the ratio test, from one distance matrix (half the time of two OpenCV brute-force passes)."""
+    a, b = a.astype(np.float32, copy=False), b.astype(np.float32, copy=False)
+    d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * a @ b.T
+    two = np.argpartition(d2, 1, axis=1)[:, :2]
+    d_two = np.take_along_axis(d2, two, axis=1)
+    first = d_two.argmin(axis=1)
+    best = two[np.arange(len(a)), first]
+    d_best, d_second = d_two.min(axis=1), d_two.max(axis=1)
+    ia = np.flatnonzero((d_best < ratio**2 * d_second) & (d2.argmin(axis=0)[best] == np.arange(len(a))))
+    return ia, best[ia]
+
+
+def hamming_matches(a: np.ndarray, b: np.ndarray, ratio: float) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`l2_matches` for binary descriptors (ORB), with OpenCV's brute-force matcher."""
+    matcher = cv2.BFMatcher(cv2.NORM_HAMMING)
+    good = [m[0] for m in matcher.knnMatch(a, b, k=2) if len(m) == 2 and m[0].distance < ratio * m[1].distance]
+    back = {m.queryIdx: m.trainIdx for m in matcher.match(b, a)}
+    good = [m for m in good if back.get(m.trainIdx) == m.queryIdx]
+    return np.array([m.queryIdx for m in good], np.int64), np.array([m.trainIdx for m in good], np.int64)
+
+
 @dataclass(frozen=True)
 class Method:
     create: Callable[[], cv2.Feature2D]
-    norm: int  # BFMatcher distance
+    match: Matcher  # mutual ratio-test matches
 
 
 METHODS: dict[str, Method] = {
-    "sift": Method(lambda: cv2.SIFT_create(nfeatures=1000), cv2.NORM_L2),
-    "orb": Method(lambda: cv2.ORB_create(nfeatures=1000), cv2.NORM_HAMMING),
+    "sift": Method(lambda: cv2.SIFT_create(nfeatures=1000), l2_matches),
+    "orb": Method(lambda: cv2.ORB_create(nfeatures=1000), hamming_matches),
 }
 
 
@@ -44,6 +73,7 @@ class Keypoints:
     points: np.ndarray  # (n, 2) float32 pixel coordinates
     descriptors: np.ndarray | None  # (n, d); None when no keypoint was found
     size: tuple[int, int] = (0, 0)  # (width, height) of the grey image the points are in
+    mirrored: bool = False  # points and descriptors are of the image flipped left to right
 
 
 def _method(name: str) -> Method:
@@ -64,36 +94,49 @@ def _gray(img: Image.Image | np.ndarray, max_side: int) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
-def describe(img: Image.Image | np.ndarray, method: str = "sift", max_side: int = 512) -> Keypoints:
-    """Keypoints and descriptors of an RGB (PIL or HxWx3 uint8) or grey image."""
+def describe(img: Image.Image | np.ndarray, method: str = "sift", max_side: int = 512,
+             mirrored: bool = False) -> Keypoints:
+    """Keypoints and descriptors of an RGB (PIL or HxWx3 uint8) or grey image (of its mirror
+    image when ``mirrored``)."""
     gray = _gray(img, max_side)
+    if mirrored:
+        gray = np.ascontiguousarray(gray[:, ::-1])
     kps, desc = _method(method).create().detectAndCompute(gray, None)
-    return Keypoints(np.array([k.pt for k in kps], np.float32).reshape(-1, 2), desc, (gray.shape[1], gray.shape[0]))
+    return Keypoints(np.array([k.pt for k in kps], np.float32).reshape(-1, 2), desc, (gray.shape[1], gray.shape[0]),
+                     mirrored)
 
 
 def matches(a: Keypoints, b: Keypoints, method: str = "sift", ratio: float = 0.75,
             reproj_px: float = 5.0) -> tuple[np.ndarray | None, np.ndarray]:
     """RANSAC homography from ``a``'s points to ``b``'s, fit on the mutual ratio-test matches,
     and its inlier pairs as ``(n, 4)`` rows ``xa, ya, xb, yb`` (``(None, empty)`` when there
-    are too few matches)."""
+    are too few matches). The homography maps ``a`` as described (mirrored, if it is); the
+    pairs are in the unmirrored image.
+
+    Mutual nearest neighbours only: many-to-one matches let RANSAC fit noise. A mirrored view
+    is matched in its own frame, as OpenCV's RANSAC rejects samples whose orientation flips.
+    """
     none = (None, np.zeros((0, 4), np.float32))
     if a.descriptors is None or b.descriptors is None or len(a.points) < 2 or len(b.points) < 2:
         return none
-    matcher = cv2.BFMatcher(_method(method).norm)
-    knn = matcher.knnMatch(a.descriptors, b.descriptors, k=2)
-    good = [m[0] for m in knn if len(m) == 2 and m[0].distance < ratio * m[1].distance]
-    # keep mutual nearest neighbours only: many-to-one matches let RANSAC fit noise
-    back = {m.queryIdx: m.trainIdx for m in matcher.match(b.descriptors, a.descriptors)}
-    good = [m for m in good if back.get(m.trainIdx) == m.queryIdx]
-    if len(good) < MIN_MATCHES:
+    ia, ib = _method(method).match(a.descriptors, b.descriptors, ratio)
+    if len(ia) < MIN_MATCHES:
         return none
-    src = a.points[[m.queryIdx for m in good]]
-    dst = b.points[[m.trainIdx for m in good]]
+    src, dst = a.points[ia], b.points[ib]
     h, mask = cv2.findHomography(src, dst, cv2.RANSAC, reproj_px)
     if mask is None:
         return none
     keep = mask.reshape(-1).astype(bool)
-    return h, np.concatenate([src[keep], dst[keep]], axis=1).astype(np.float32)
+    src = src[keep].copy()
+    if a.mirrored:
+        src[:, 0] = a.size[0] - 1 - src[:, 0]
+    return h, np.concatenate([src, dst[keep]], axis=1).astype(np.float32)
+
+
+def best_matches(views: Sequence[Keypoints], b: Keypoints,
+                 method: str = "sift") -> tuple[np.ndarray | None, np.ndarray]:
+    """:func:`matches` of the query view (as described, or mirrored) with the most inliers."""
+    return max((matches(v, b, method) for v in views), key=lambda found: len(found[1]))
 
 
 def homography(a: Keypoints, b: Keypoints, method: str = "sift", ratio: float = 0.75,
@@ -124,15 +167,19 @@ class PairScorer(Protocol):
 
     def describe(self, img: Image.Image) -> Any: ...
 
+    def describe_query(self, img: Image.Image) -> Any: ...
+
     def compare(self, query: Any, candidates: Sequence[Any]) -> Sequence[float]: ...
 
 
 @dataclass
 class KeypointScorer:
-    """RANSAC inliers of SIFT / ORB keypoints (``method``), images shrunk to ``max_side``."""
+    """RANSAC inliers of SIFT / ORB keypoints (``method``), images shrunk to ``max_side``; with
+    ``mirror`` the query's mirror image is matched too and the better view counts."""
 
     method: str = "sift"
     max_side: int = 512
+    mirror: bool = True
     column: str = "inliers"
     dtype: pa.DataType = pa.int32()
     cache_size: int = 256
@@ -143,8 +190,12 @@ class KeypointScorer:
     def describe(self, img: Image.Image) -> Keypoints:
         return describe(img, self.method, self.max_side)
 
-    def compare(self, query: Keypoints, candidates: Sequence[Keypoints]) -> list[int]:
-        return [count_inliers(query, c, self.method) for c in candidates]
+    def describe_query(self, img: Image.Image) -> list[Keypoints]:
+        """The query's views: as it is, and its mirror image when ``mirror``."""
+        return [describe(img, self.method, self.max_side, mirrored) for mirrored in (False, True)[:1 + self.mirror]]
+
+    def compare(self, query: Sequence[Keypoints], candidates: Sequence[Keypoints]) -> list[int]:
+        return [len(best_matches(query, c, self.method)[1]) for c in candidates]
 
 
 @dataclass
@@ -163,20 +214,22 @@ class LearnedScorer:
     def describe(self, img: Image.Image) -> np.ndarray:
         return self.verifier.describe(img)
 
+    describe_query = describe
+
     def compare(self, query: np.ndarray, candidates: Sequence[np.ndarray]) -> np.ndarray:
         return self.verifier.score(query, candidates)
 
 
-# scorer name -> factory(max_side, model, registry); config names select them
+# scorer name -> factory(max_side, mirror, model, registry); config names select them
 SCORERS: dict[str, Callable[..., PairScorer]] = {
-    "sift": lambda max_side=512, **_: KeypointScorer("sift", max_side),
-    "orb": lambda max_side=512, **_: KeypointScorer("orb", max_side),
+    "sift": lambda max_side=512, mirror=True, **_: KeypointScorer("sift", max_side, mirror),
+    "orb": lambda max_side=512, mirror=True, **_: KeypointScorer("orb", max_side, mirror),
     "learned": lambda model, registry=None, **_: LearnedScorer(model, registry),
 }
 
 
 def make_scorer(name: str, **settings: Any) -> PairScorer:
-    """The scorer ``name`` built with ``settings`` (max_side, model, registry)."""
+    """The scorer ``name`` built with ``settings`` (max_side, mirror, model, registry)."""
     if name not in SCORERS:
         raise ValueError(f"unknown verification scorer {name!r}; known: {sorted(SCORERS)}")
     return SCORERS[name](**settings)
@@ -184,7 +237,7 @@ def make_scorer(name: str, **settings: Any) -> PairScorer:
 
 def verify_pairs(pairs: pa.Table, query_paths: Mapping[str, str], reference_paths: Mapping[str, str],
                  top_k: int, load: Callable[[str], Image.Image], method: str = "sift", max_side: int = 512,
-                 scorer: PairScorer | None = None) -> pa.Table:
+                 scorer: PairScorer | None = None, mirror: bool = True) -> pa.Table:
     """``pairs`` (query_id, reference_id, score) with the scorer's column (``inliers`` of the
     keypoint ``method`` by default).
 
@@ -195,7 +248,7 @@ def verify_pairs(pairs: pa.Table, query_paths: Mapping[str, str], reference_path
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    scorer = scorer or KeypointScorer(method, max_side)
+    scorer = scorer or KeypointScorer(method, max_side, mirror)
     selected = _top_k_rows(pairs, top_k)
     sides = ((pairs.column("query_id").to_pylist(), query_paths, "query"),
              (pairs.column("reference_id").to_pylist(), reference_paths, "reference"))
@@ -208,7 +261,8 @@ def verify_pairs(pairs: pa.Table, query_paths: Mapping[str, str], reference_path
     def described(side: int, image_id: str) -> Any:
         key = (sides[side][2], image_id)
         if key not in cache:
-            cache[key] = scorer.describe(load(sides[side][1][image_id]))
+            img = load(sides[side][1][image_id])
+            cache[key] = scorer.describe_query(img) if side == 0 else scorer.describe(img)
             if len(cache) > scorer.cache_size:
                 cache.popitem(last=False)
         cache.move_to_end(key)

@@ -208,6 +208,7 @@ class VerifyConfig(Strict):
     top_k: int = Field(3, ge=1, description="candidates verified per query")
     method: Literal["sift", "orb", "learned", "learned+sift"] = "sift"
     max_side: int = Field(512, ge=64, description="keypoint methods: longer image side")
+    mirror: bool = Field(True, description="keypoint methods: also match the query's mirror image (flipped copies)")
     min_inliers: int = Field(8, ge=0, description="no bonus below this many inliers")
     saturate: int = Field(40, ge=1, description="inliers at which the bonus is full")
     weight: float = Field(0.5, ge=0, description="full keypoint bonus added to the fused score")

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageDraw
 
-from ensemble.verify import METHODS, describe, inliers, verify_pairs
+from ensemble.verify import METHODS, KeypointScorer, best_matches, describe, inliers, l2_matches, verify_pairs
 
 
 def textured(seed: int, size: int = 256) -> Image.Image:
@@ -41,6 +41,43 @@ def test_max_side_limits_the_image_and_blank_images_give_zero():
     assert inliers(blank, big) == 0
     with pytest.raises(ValueError, match="unknown keypoint method 'surf'"):
         inliers(big, big, method="surf")
+
+
+def test_l2_matches_are_opencvs_mutual_ratio_test_matches():
+    """One distance matrix gives the pairs of two OpenCV brute-force passes (knn a->b, nn b->a)."""
+    import cv2
+
+    a, b = describe(textured(8)).descriptors, describe(rotated_crop(textured(8))).descriptors
+    matcher = cv2.BFMatcher(cv2.NORM_L2)
+    back = {m.queryIdx: m.trainIdx for m in matcher.match(b, a)}
+    want = {(m[0].queryIdx, m[0].trainIdx) for m in matcher.knnMatch(a, b, k=2)
+            if m[0].distance < 0.75 * m[1].distance and back[m[0].trainIdx] == m[0].queryIdx}
+    ia, ib = l2_matches(a, b, 0.75)
+    assert len(want) >= 20 and set(zip(ia.tolist(), ib.tolist())) == want
+
+
+@pytest.mark.parametrize("flip", [Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM])
+def test_a_flipped_copy_verifies_only_through_the_querys_mirror(flip):
+    """Keypoint descriptors are not mirror-invariant; a vertical flip is a mirror turned 180 degrees."""
+    ref = textured(9)
+    query = rotated_crop(ref).transpose(flip)
+    plain, mirrored = KeypointScorer(mirror=False), KeypointScorer(mirror=True)
+    r = plain.describe(ref)
+    assert plain.compare(plain.describe_query(query), [r])[0] <= 8
+    assert mirrored.compare(mirrored.describe_query(query), [r])[0] >= 20
+    assert mirrored.compare(mirrored.describe_query(textured(10)), [r])[0] <= 8
+
+
+def test_mirrored_inliers_are_given_in_the_querys_own_frame():
+    """A left-right flip of the reference itself: each inlier at (x, y) in the query sits at
+    (w - 1 - x, y) in the reference."""
+    ref = textured(11)
+    query = ref.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    views = KeypointScorer().describe_query(query)
+    _, pairs = best_matches(views, describe(ref))
+    assert len(pairs) >= 20
+    np.testing.assert_allclose(pairs[:, 2], ref.width - 1 - pairs[:, 0], atol=1.0)
+    np.testing.assert_allclose(pairs[:, 3], pairs[:, 1], atol=1.0)
 
 
 def test_verify_pairs_counts_top_k_per_query(tmp_path):

@@ -25,7 +25,7 @@ from ensemble.fuse import fuse, max_over_patches, top_k_per_query
 from ensemble.index.reader import IndexVersion, KeyIndex
 from ensemble.sharded import hits_table
 from core.models.registry import default_registry_dir
-from ensemble.verify import KeypointScorer, PairScorer, make_scorer, matches
+from ensemble.verify import KeypointScorer, PairScorer, best_matches, make_scorer
 from jobs.config import PipelineConfig
 from jobs.indexing import derive_keys, embedder_for, index_config
 from jobs.stages.search import assemble, routes, with_bias
@@ -105,11 +105,11 @@ class Matcher:
             queries: dict[str, object] = {}
             for q, r in pairs:
                 if q not in queries:
-                    queries[q] = scorer.describe(images[q])
+                    queries[q] = scorer.describe_query(images[q])
                 a, b = queries[q], self.references[name](r)
                 if isinstance(scorer, KeypointScorer):
-                    _, found = matches(a, b, scorer.method)
-                    out[(q, r)]["pairs"] = found / np.array([*a.size, *b.size], np.float32) if len(found) else found
+                    _, found = best_matches(a, b, scorer.method)
+                    out[(q, r)]["pairs"] = found / np.array([*a[0].size, *b.size], np.float32) if len(found) else found
                     out[(q, r)][name] = len(found)
                 else:
                     out[(q, r)][name] = float(scorer.compare(a, [b])[0])
@@ -143,6 +143,6 @@ class Matcher:
 
 def scorer_for(name: str, cfg: PipelineConfig) -> PairScorer:
     """Scorer ``name`` with the config's settings, as the verify stage builds it."""
-    return make_scorer(name, max_side=cfg.verify.max_side, model=cfg.verify.learned.model,
+    return make_scorer(name, max_side=cfg.verify.max_side, mirror=cfg.verify.mirror, model=cfg.verify.learned.model,
                        registry=str(cfg.registry or default_registry_dir()))
 
