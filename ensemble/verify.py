@@ -56,14 +56,20 @@ def hamming_matches(a: np.ndarray, b: np.ndarray, ratio: float) -> tuple[np.ndar
     return np.array([m.queryIdx for m in good], np.int64), np.array([m.trainIdx for m in good], np.int64)
 
 
+# A SIFT descriptor is 4 x 4 cells x 8 orientation bins in the keypoint's frame; mirroring the
+# image mirrors that frame: cell rows reverse and orientation bin k becomes -k (mod 8).
+SIFT_MIRROR = np.arange(128).reshape(4, 4, 8)[::-1, :, -np.arange(8) % 8].ravel()
+
+
 @dataclass(frozen=True)
 class Method:
     create: Callable[[], cv2.Feature2D]
     match: Matcher  # mutual ratio-test matches
+    mirror: np.ndarray | None = None  # descriptor permutation of the mirror image (None: describe it anew)
 
 
 METHODS: dict[str, Method] = {
-    "sift": Method(lambda: cv2.SIFT_create(nfeatures=1000), l2_matches),
+    "sift": Method(lambda: cv2.SIFT_create(nfeatures=1000), l2_matches, SIFT_MIRROR),
     "orb": Method(lambda: cv2.ORB_create(nfeatures=1000), hamming_matches),
 }
 
@@ -104,6 +110,20 @@ def describe(img: Image.Image | np.ndarray, method: str = "sift", max_side: int 
     kps, desc = _method(method).create().detectAndCompute(gray, None)
     return Keypoints(np.array([k.pt for k in kps], np.float32).reshape(-1, 2), desc, (gray.shape[1], gray.shape[0]),
                      mirrored)
+
+
+def mirror_view(plain: Keypoints, img: Image.Image | np.ndarray, method: str = "sift",
+                max_side: int = 512) -> Keypoints:
+    """The features of ``img``'s mirror image: ``plain``'s, mirrored, where the method's
+    descriptor layout allows (SIFT: the same numbers as describing the flipped image, at no
+    cost), else described anew."""
+    permutation = _method(method).mirror
+    if permutation is None:
+        return describe(img, method, max_side, mirrored=True)
+    points = plain.points.copy()
+    points[:, 0] = plain.size[0] - 1 - points[:, 0]
+    desc = None if plain.descriptors is None else np.ascontiguousarray(plain.descriptors[:, permutation])
+    return Keypoints(points, desc, plain.size, mirrored=True)
 
 
 def matches(a: Keypoints, b: Keypoints, method: str = "sift", ratio: float = 0.75,
@@ -192,7 +212,8 @@ class KeypointScorer:
 
     def describe_query(self, img: Image.Image) -> list[Keypoints]:
         """The query's views: as it is, and its mirror image when ``mirror``."""
-        return [describe(img, self.method, self.max_side, mirrored) for mirrored in (False, True)[:1 + self.mirror]]
+        plain = self.describe(img)
+        return [plain, mirror_view(plain, img, self.method, self.max_side)] if self.mirror else [plain]
 
     def compare(self, query: Sequence[Keypoints], candidates: Sequence[Keypoints]) -> list[int]:
         return [len(best_matches(query, c, self.method)[1]) for c in candidates]
