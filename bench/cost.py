@@ -11,7 +11,7 @@ embed every patch with every (model, scale) key. Verification re-checks the ``ve
 best pairs of the first ``--limit`` queries of ``--predictions`` (fresh keypoint cache, as the
 stage starts); with ``fuse.threshold: auto`` those queries' best train decoys in ``--decoys`` (a
 run's ``fused_decoys.parquet``) are verified too, as the stage does. Times are CPU-seconds of
-this process with one torch / onnxruntime / OpenCV thread, so other load on the machine does not
+this process with one torch / onnxruntime / OpenCV / BLAS thread, so other load on the machine does not
 skew them and the configs compare in one run. ``per query`` = query extraction + verification of
 predictions and decoys (what a new query costs); ``minidisc`` adds the reference and train
 extraction spread over the queries (folder sizes given).
@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from threadpoolctl import threadpool_limits  # noqa: E402
 
 from core.imageio import list_images, load_rgb  # noqa: E402
 from core.metrics import read_predictions  # noqa: E402
@@ -111,6 +112,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
+    threadpool_limits(1)  # one BLAS thread (the SIFT matcher's distances), as in a Ray task
     folders = {"query": args.queries, "reference": args.references, "train": args.train}
     sizes = {s: len(list_images(f)) for s, f in folders.items()}
     print(f"CPU-seconds per image, 1 thread, first {args.limit} images per side; minidisc = per query + "

@@ -18,6 +18,7 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from threadpoolctl import threadpool_limits
 
 from core.imageio import load_rgb
 from core.store import chunks, read_table
@@ -38,6 +39,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(1)
+    threadpool_limits(1)  # one BLAS thread (the SIFT matcher's distances), as in a Ray task
     run = RunDir(args.run)
     fused = read_table(run.fused)
     queries = sorted(set(fused.column("query_id").to_pylist()))[: args.queries]

@@ -143,6 +143,7 @@ class Matcher:
 
 def scorer_for(name: str, cfg: PipelineConfig) -> PairScorer:
     """Scorer ``name`` with the config's settings, as the verify stage builds it."""
-    return make_scorer(name, max_side=cfg.verify.max_side, mirror=cfg.verify.mirror, model=cfg.verify.learned.model,
+    v = cfg.verify
+    return make_scorer(name, max_side=v.max_side, mirror=v.mirror, model=v.learned.model,
                        registry=str(cfg.registry or default_registry_dir()))
 
