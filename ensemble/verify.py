@@ -5,12 +5,11 @@ Global descriptors confuse images that share a layout; local evidence that agree
 :func:`inliers` counts the RANSAC inliers of the ratio-test matches of two images. Keypoint
 descriptors are not mirror-invariant, so a flipped copy matches only its original's mirror
 image: :class:`KeypointScorer` also matches the query's mirror (``mirror``) and keeps the
-better view. A
-:class:`PairScorer` turns images into what it compares (keypoints, region tokens) and scores a
-query against its candidates; :data:`SCORERS` names them (``sift``, ``orb``: RANSAC inlier
-counts; ``learned``: the verifier's P(copy), :mod:`core.models.verifier`). :func:`verify_pairs`
-adds a scorer's column to the best ``top_k`` pairs of every query, so a later step can re-rank
-or filter on it.
+better view. A :class:`PairScorer` turns images into what it compares (keypoints, region
+tokens; a query may have several views) and scores a query against its candidates;
+:data:`SCORERS` names them (``sift``, ``orb``: RANSAC inlier counts; ``learned``: the
+verifier's P(copy), :mod:`core.models.verifier`). :func:`verify_pairs` adds a scorer's column
+to the best ``top_k`` pairs of every query, so a later step can re-rank or filter on it.
 """
 from __future__ import annotations
 
