@@ -55,6 +55,19 @@ def test_a_second_process_is_refused_at_once_naming_the_holder(tmp_path, capsys)
         holder.wait()
 
 
+def test_report_is_refused_while_a_run_holds_the_folder(tmp_path, capsys):
+    """`copydet report` writes into the run folder: refused while a run holds it, nothing written."""
+    out = tmp_path / "run"
+    holder = hold(out)
+    try:
+        assert main(["report", str(out)]) == 2
+        assert f"in use by pid {holder.pid}" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     out = tmp_path / "run"
     holder = hold(out)

@@ -17,6 +17,7 @@ from ensemble.report.analysis import Scored, family_recall, score
 from jobs.commands.base import arg, command
 from jobs.config import ConfigError, validate
 from jobs.layout import RunDir, image_paths, shard_names
+from jobs.lock import locked
 
 log = logging.getLogger(__name__)
 
@@ -55,16 +56,21 @@ def read_families(path: str) -> dict[str, list[str]]:
 
 
 def write_report(run_dir: str, ground_truth: str | None = None, meta: str | None = None, k: int = 10) -> str:
-    """``RUN_DIR/report.html`` of a finished run (families from ``meta``); returns its path."""
+    """``RUN_DIR/report.html`` of a finished run (families from ``meta``); returns its path.
+
+    Holds the run folder's lock: a run still writing there would mix old and new files into one page.
+    """
     run = RunDir(os.path.abspath(run_dir))
     if not os.path.isdir(run.root):
         raise FileNotFoundError(f"{run.root}: no such run folder")
-    gt_path = ground_truth_path(run, ground_truth)
-    preds = read_predictions(run.predictions) if os.path.isfile(run.predictions) else None
-    paths = image_paths(run) if exists(run.manifest) else {}
-    return build_report(run.root, members(run), preds, read_ground_truth(gt_path), paths=paths,
-                        families=read_families(meta) if meta else None, k=k,
-                        title=f"copydet report: {os.path.basename(run.root)}", notes=[f"ground truth: {gt_path}"])
+    with locked(run):
+        gt_path = ground_truth_path(run, ground_truth)
+        preds = read_predictions(run.predictions) if os.path.isfile(run.predictions) else None
+        paths = image_paths(run) if exists(run.manifest) else {}
+        return build_report(run.root, members(run), preds, read_ground_truth(gt_path), paths=paths,
+                            families=read_families(meta) if meta else None, k=k,
+                            title=f"copydet report: {os.path.basename(run.root)}",
+                            notes=[f"ground truth: {gt_path}"])
 
 
 META_HELP = "query metadata CSV with columns query_id,transforms (';'-separated families)"
