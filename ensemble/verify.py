@@ -240,7 +240,7 @@ class LearnedScorer:
         return self.verifier.score(query, candidates)
 
 
-# scorer name -> factory(max_side, mirror, model, registry); config names select them
+# scorer name -> factory(max_side, mirror, model, registry; other keywords ignored); config names select them
 SCORERS: dict[str, Callable[..., PairScorer]] = {
     "sift": lambda max_side=512, mirror=True, **_: KeypointScorer("sift", max_side, mirror),
     "orb": lambda max_side=512, mirror=True, **_: KeypointScorer("orb", max_side, mirror),

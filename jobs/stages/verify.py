@@ -100,8 +100,7 @@ SCORER_PLANS: dict[str, ScorerPlan] = {
 
 def verify_chunk(pairs: pa.Table, paths: dict[str, dict[str, str]], settings: dict, registry: str, top_k: int,
                  out: str, reference_split: str = "reference") -> int:
-    scorer = make_scorer(settings["scorer"], registry=registry,
-                         **{k: v for k, v in settings.items() if k in ("max_side", "mirror", "model")})
+    scorer = make_scorer(settings["scorer"], registry=registry, **settings)  # the pinned settings build it
     checked = verify_pairs(pairs, paths["query"], paths[reference_split], top_k=top_k, load=load_rgb, scorer=scorer)
     checked = checked.filter(pc.is_valid(checked.column(scorer.column)))
     write_table(checked.select(["query_id", "reference_id", scorer.column]), out)
