@@ -8,14 +8,14 @@ image: :class:`KeypointScorer` also matches the query's mirror (``mirror``) and 
 better view. A :class:`PairScorer` turns images into what it compares (keypoints, region
 tokens; a query may have several views) and scores a query against its candidates;
 :data:`SCORERS` names them (``sift``, ``orb``: RANSAC inlier counts; ``learned``: the
-verifier's P(copy), :mod:`core.models.verifier`). :func:`verify_pairs` adds a scorer's column
-to the best ``top_k`` pairs of every query, so a later step can re-rank or filter on it.
+verifier's P(copy), :mod:`core.models.verifier`). :func:`verify_pairs` adds a scorer's columns
+to the best ``top_k`` pairs of every query, so a later step can re-rank or filter on them.
 """
 from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import cv2
@@ -180,27 +180,27 @@ def inliers(img_a: Image.Image | np.ndarray, img_b: Image.Image | np.ndarray, me
 class PairScorer(Protocol):
     """What a verification method computes per image and per (query, candidates) group."""
 
-    column: str  # the column verify_pairs adds
-    dtype: pa.DataType
+    columns: dict[str, pa.DataType]  # the columns verify_pairs adds; the first is the verdict
     cache_size: int  # described images kept (LRU)
 
     def describe(self, img: Image.Image) -> Any: ...
 
     def describe_query(self, img: Image.Image) -> Any: ...
 
-    def compare(self, query: Any, candidates: Sequence[Any]) -> Sequence[float]: ...
+    def compare(self, query: Any, candidates: Sequence[Any]) -> Sequence[tuple]:
+        """One row of ``columns`` values per candidate."""
 
 
 @dataclass
 class KeypointScorer:
     """RANSAC inliers of SIFT / ORB keypoints (``method``), images shrunk to ``max_side``; with
-    ``mirror`` the query's mirror image is matched too and the better view counts."""
+    ``mirror`` the query's mirror image is matched too and the better view counts. ``keypoints``
+    is the smaller image's keypoint count: how many inliers a copy had room for."""
 
     method: str = "sift"
     max_side: int = 512
     mirror: bool = True
-    column: str = "inliers"
-    dtype: pa.DataType = pa.int32()
+    columns: dict[str, pa.DataType] = field(default_factory=lambda: {"inliers": pa.int32(), "keypoints": pa.int32()})
     cache_size: int = 256
 
     def __post_init__(self) -> None:
@@ -214,8 +214,13 @@ class KeypointScorer:
         plain = self.describe(img)
         return [plain, mirror_view(plain, img, self.method, self.max_side)] if self.mirror else [plain]
 
-    def compare(self, query: Sequence[Keypoints], candidates: Sequence[Keypoints]) -> list[int]:
-        return [len(best_matches(query, c, self.method)[1]) for c in candidates]
+    def check(self, query: Sequence[Keypoints], candidate: Keypoints) -> tuple[np.ndarray, tuple[int, int]]:
+        """The inlier pairs of :func:`best_matches` and the row of ``columns``."""
+        found = best_matches(query, candidate, self.method)[1]
+        return found, (len(found), min(len(query[0].points), len(candidate.points)))
+
+    def compare(self, query: Sequence[Keypoints], candidates: Sequence[Keypoints]) -> list[tuple[int, int]]:
+        return [self.check(query, c)[1] for c in candidates]
 
 
 @dataclass
@@ -224,8 +229,7 @@ class LearnedScorer:
 
     model: str
     registry: str | None = None
-    column: str = "copy_prob"
-    dtype: pa.DataType = pa.float32()
+    columns: dict[str, pa.DataType] = field(default_factory=lambda: {"copy_prob": pa.float32()})
     cache_size: int = 2048  # region tokens are small (~30 kB an image)
 
     def __post_init__(self) -> None:
@@ -236,8 +240,8 @@ class LearnedScorer:
 
     describe_query = describe
 
-    def compare(self, query: np.ndarray, candidates: Sequence[np.ndarray]) -> np.ndarray:
-        return self.verifier.score(query, candidates)
+    def compare(self, query: np.ndarray, candidates: Sequence[np.ndarray]) -> list[tuple[float]]:
+        return [(float(p),) for p in self.verifier.score(query, candidates)]
 
 
 # scorer name -> factory(max_side, mirror, model, registry; other keywords ignored); config names select them
@@ -258,8 +262,8 @@ def make_scorer(name: str, **settings: Any) -> PairScorer:
 def verify_pairs(pairs: pa.Table, query_paths: Mapping[str, str], reference_paths: Mapping[str, str],
                  top_k: int, load: Callable[[str], Image.Image], method: str = "sift", max_side: int = 512,
                  scorer: PairScorer | None = None, mirror: bool = True) -> pa.Table:
-    """``pairs`` (query_id, reference_id, score) with the scorer's column (``inliers`` of the
-    keypoint ``method`` by default).
+    """``pairs`` (query_id, reference_id, score) with the scorer's columns (``inliers`` and
+    ``keypoints`` of the keypoint ``method`` by default).
 
     Only the ``top_k`` highest-scoring pairs of each query are verified; the others get a
     null. Query and reference ids map to files through their own split's map (a query and a
@@ -288,7 +292,7 @@ def verify_pairs(pairs: pa.Table, query_paths: Mapping[str, str], reference_path
         cache.move_to_end(key)
         return cache[key]
 
-    values: list[Any] = [None] * pairs.num_rows
+    values: list[tuple | None] = [None] * pairs.num_rows
     queries = sides[0][0]
     for start in range(len(selected)):  # rows come grouped by query: compare each group at once
         if start and queries[selected[start]] == queries[selected[start - 1]]:
@@ -296,9 +300,11 @@ def verify_pairs(pairs: pa.Table, query_paths: Mapping[str, str], reference_path
         rows = [i for i in selected[start:start + top_k] if queries[i] == queries[selected[start]]]
         query = described(0, queries[rows[0]])
         found = scorer.compare(query, [described(1, sides[1][0][i]) for i in rows])
-        for i, v in zip(rows, found):
-            values[i] = v.item() if hasattr(v, "item") else v
-    return pairs.append_column(scorer.column, pa.array(values, scorer.dtype))
+        for i, row in zip(rows, found):
+            values[i] = row
+    for j, (name, dtype) in enumerate(scorer.columns.items()):
+        pairs = pairs.append_column(name, pa.array([None if v is None else v[j] for v in values], dtype))
+    return pairs
 
 
 def _top_k_rows(pairs: pa.Table, k: int) -> list[int]:

@@ -212,6 +212,9 @@ class VerifyConfig(Strict):
     min_inliers: int = Field(8, ge=0, description="no bonus below this many inliers")
     saturate: int = Field(40, ge=1, description="inliers at which the bonus is full")
     weight: float = Field(0.5, ge=0, description="full keypoint bonus added to the fused score")
+    penalty: float = Field(0.05, ge=0, description="most subtracted from a checked pair with fewer than min_inliers "
+                           "inliers, in proportion to the smaller image's keypoints")
+    penalty_keypoints: int = Field(800, ge=1, description="keypoints at which the penalty is full")
     learned: LearnedVerifyConfig = LearnedVerifyConfig()
     combine: Literal["max", "sum"] = Field("max", description="learned+sift: how the two bonuses combine")
 

@@ -65,9 +65,9 @@ def test_a_flipped_copy_verifies_only_through_the_querys_mirror(flip, method):
     query = rotated_crop(ref).transpose(flip)
     plain, mirrored = KeypointScorer(method, mirror=False), KeypointScorer(method, mirror=True)
     r = plain.describe(ref)
-    assert plain.compare(plain.describe_query(query), [r])[0] <= 8
-    assert mirrored.compare(mirrored.describe_query(query), [r])[0] >= 20
-    assert mirrored.compare(mirrored.describe_query(textured(10)), [r])[0] <= 8
+    assert plain.compare(plain.describe_query(query), [r])[0][0] <= 8
+    assert mirrored.compare(mirrored.describe_query(query), [r])[0][0] >= 20
+    assert mirrored.compare(mirrored.describe_query(textured(10)), [r])[0][0] <= 8
 
 
 def test_sift_mirror_view_matches_the_description_of_the_flipped_image():
@@ -112,8 +112,10 @@ def test_verify_pairs_counts_top_k_per_query(tmp_path):
     queries = {k: v for k, v in paths.items() if k.startswith("q")}
     refs = {k: v for k, v in paths.items() if k.startswith("r")}
     out = verify_pairs(pairs, queries, refs, top_k=1, load=load)
-    assert out.column_names == ["query_id", "reference_id", "score", "inliers"]
+    assert out.column_names == ["query_id", "reference_id", "score", "inliers", "keypoints"]
     counts = out.column("inliers").to_pylist()
+    kps = out.column("keypoints").to_pylist()
+    assert kps[1] is None and kps[0] == min(len(describe(files["q0"]).points), len(describe(files["rb"]).points))
     assert counts[1] is None and counts[3] is None  # not in the top 1 of their query
     assert counts[0] <= 8 and counts[2] <= 8  # the top-scored pairs are not copies
     full = verify_pairs(pairs, queries, refs, top_k=2, load=load).column("inliers").to_pylist()
@@ -163,9 +165,25 @@ def test_a_smaller_top_k_reuses_the_cache_and_gives_no_bonus_past_it(tmp_path):
     folder = join(run.verify, "sift")
     pin_settings(folder, keypoint_settings("sift", cfg), "verify (sift)")
     write_table(pa.table({"query_id": ["q0", "q0"], "reference_id": ["r0", "r1"],
-                          "inliers": pa.array([40, 40], pa.int32())}), join(folder, "part-00000.parquet"))
+                          "inliers": pa.array([40, 40], pa.int32()), "keypoints": pa.array([500, 500], pa.int32())}),
+                join(folder, "part-00000.parquet"))
     fused = pa.table({"query_id": ["q0", "q0"], "reference_id": ["r0", "r1"],
                       "score": pa.array([0.5, 0.4], pa.float32())})
     out = verify_fused(cfg, run, fused, paths_ref=None)  # all cached: no Ray task runs
     scores = dict(zip(out.column("reference_id").to_pylist(), out.column("score").to_pylist()))
     assert scores == {"r0": pytest.approx(0.5 + cfg.verify.weight), "r1": pytest.approx(0.4)}
+
+
+def test_silence_counts_against_a_pair_in_proportion_to_its_keypoints():
+    """Below min_inliers a checked pair loses ``penalty`` times the smaller image's keypoints over
+    ``penalty_keypoints`` (at most 1): a flat crop's silence says little; no check, no penalty."""
+    from jobs.config import load_config
+    from jobs.stages.verify import inlier_bonus
+
+    cfg = load_config(None, ["verify.min_inliers=8", "verify.saturate=40", "verify.weight=0.5",
+                             "verify.penalty=0.1", "verify.penalty_keypoints=400"]).verify
+    cols = {"inliers": np.array([40.0, 24.0, 5.0, 5.0, 0.0, np.nan]),
+            "keypoints": np.array([900.0, 50.0, 900.0, 100.0, 0.0, np.nan])}
+    np.testing.assert_allclose(inlier_bonus(cols, cfg), [0.5, 0.25, -0.1, -0.025, 0.0, 0.0])
+    off = cfg.model_copy(update={"penalty": 0.0})
+    np.testing.assert_allclose(inlier_bonus(cols, off), [0.5, 0.25, 0.0, 0.0, 0.0, 0.0])

@@ -25,7 +25,7 @@ from ensemble.fuse import fuse, max_over_patches, top_k_per_query
 from ensemble.index.reader import IndexVersion, KeyIndex
 from ensemble.sharded import hits_table
 from core.models.registry import default_registry_dir
-from ensemble.verify import KeypointScorer, PairScorer, best_matches, make_scorer
+from ensemble.verify import KeypointScorer, PairScorer, make_scorer
 from jobs.config import PipelineConfig
 from jobs.indexing import derive_keys, embedder_for, index_config
 from jobs.stages.search import assemble, routes, with_bias
@@ -88,16 +88,16 @@ class Matcher:
         checked: dict[tuple[str, str], dict] = {}
         if self.cfg.verify.enabled:
             checked = self.verify(fused, dict(named))
-            tables = {name: pa.Table.from_pylist([{"query_id": q, "reference_id": r, sc.column: found[name]}
+            tables = {name: pa.Table.from_pylist([{"query_id": q, "reference_id": r, **found[name]}
                                                   for (q, r), found in checked.items()])
-                      for name, sc in self.scorers.items()}
+                      for name in self.scorers}
             fused = rescore(fused, tables, self.cfg.verify)
         timings.update(search=t1 - t0, verify=time.perf_counter() - t1)
         return [self.answer(fused, query_id, checked, timings, len(images)) for query_id, _ in named]
 
     def verify(self, fused: pa.Table, images: dict[str, Image.Image]) -> dict[tuple[str, str], dict]:
-        """Each scorer's value for each query's ``verify.top_k`` best pairs; keypoint scorers also
-        give their inlier point pairs (fractions ``xq, yq, xr, yr``) under ``"pairs"``."""
+        """Each scorer's columns (a dict) for each query's ``verify.top_k`` best pairs; keypoint
+        scorers also give their inlier point pairs (fractions ``xq, yq, xr, yr``) under ``"pairs"``."""
         todo = top_k_per_query(fused, self.cfg.verify.top_k)
         pairs = list(zip(todo.column("query_id").to_pylist(), todo.column("reference_id").to_pylist()))
         out: dict[tuple[str, str], dict] = {pair: {} for pair in pairs}
@@ -108,11 +108,11 @@ class Matcher:
                     queries[q] = scorer.describe_query(images[q])
                 a, b = queries[q], self.references[name](r)
                 if isinstance(scorer, KeypointScorer):
-                    _, found = best_matches(a, b, scorer.method)
+                    found, row = scorer.check(a, b)
                     out[(q, r)]["pairs"] = found / np.array([*a[0].size, *b.size], np.float32) if len(found) else found
-                    out[(q, r)][name] = len(found)
                 else:
-                    out[(q, r)][name] = float(scorer.compare(a, [b])[0])
+                    row = scorer.compare(a, [b])[0]
+                out[(q, r)][name] = dict(zip(scorer.columns, row))
         return out
 
     def answer(self, fused: pa.Table, query_id: str, checked: dict, timings: dict, batch: int) -> dict:
@@ -123,7 +123,7 @@ class Matcher:
             found = checked.get((query_id, r["reference_id"]), {})
             pairs = found.get("pairs")
             inliers = None if pairs is None else len(pairs)
-            prob = next((found[n] for n, sc in self.scorers.items() if not isinstance(sc, KeypointScorer)), None)
+            prob = next((found[n]["copy_prob"] for n in self.scorers if n in found and "copy_prob" in found[n]), None)
             matches_.append({"reference_id": r["reference_id"], "score": float(r["score"]),
                              "verified": self.verified(inliers, prob), "inliers": inliers, "copy_prob": prob,
                              "keypoints": [] if pairs is None else np.round(pairs, 4).tolist()})

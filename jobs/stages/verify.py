@@ -39,10 +39,14 @@ Columns = dict[str, np.ndarray]  # scorer column -> values aligned with the fuse
 
 
 def inlier_bonus(cols: Columns, cfg: VerifyConfig) -> np.ndarray:
-    """0 below ``min_inliers``, rising linearly to ``weight`` at ``saturate`` inliers."""
+    """0 below ``min_inliers``, rising linearly to ``weight`` at ``saturate`` inliers. Below
+    ``min_inliers`` the silence is evidence too, as strong as the texture a copy would have
+    matched on: ``-penalty`` scaled by the smaller image's keypoints, full at ``penalty_keypoints``."""
     span = max(cfg.saturate - cfg.min_inliers, 1)
     inl = np.nan_to_num(cols["inliers"], nan=0.0)
-    return cfg.weight * np.clip((inl - cfg.min_inliers) / span, 0.0, 1.0)
+    silent = cols["inliers"] < cfg.min_inliers  # NaN (not checked): False
+    room = np.clip(np.nan_to_num(cols["keypoints"], nan=0.0) / cfg.penalty_keypoints, 0.0, 1.0)
+    return cfg.weight * np.clip((inl - cfg.min_inliers) / span, 0.0, 1.0) - cfg.penalty * silent * room
 
 
 def learned_bonus(cols: Columns, cfg: VerifyConfig) -> np.ndarray:
@@ -73,7 +77,8 @@ METHODS: dict[str, Method] = {
 
 
 def keypoint_settings(name: str, cfg: PipelineConfig) -> dict:
-    return {"scorer": name, "max_side": cfg.verify.max_side, "mirror": cfg.verify.mirror}
+    return {"scorer": name, "max_side": cfg.verify.max_side, "mirror": cfg.verify.mirror,
+            "columns": ["inliers", "keypoints"]}
 
 
 def learned_settings(name: str, cfg: PipelineConfig) -> dict:
@@ -102,8 +107,9 @@ def verify_chunk(pairs: pa.Table, paths: dict[str, dict[str, str]], settings: di
                  out: str, reference_split: str = "reference") -> int:
     scorer = make_scorer(settings["scorer"], registry=registry, **settings)  # the pinned settings build it
     checked = verify_pairs(pairs, paths["query"], paths[reference_split], top_k=top_k, load=load_rgb, scorer=scorer)
-    checked = checked.filter(pc.is_valid(checked.column(scorer.column)))
-    write_table(checked.select(["query_id", "reference_id", scorer.column]), out)
+    columns = list(scorer.columns)
+    checked = checked.filter(pc.is_valid(checked.column(columns[0])))
+    write_table(checked.select(KEYS + columns), out)
     return checked.num_rows
 
 
