@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from core.store import exists, read_table, read_text, write_text
-from ensemble.decoys import estimate_threshold
+from ensemble.decoys import estimate_threshold, fold_factor
 from jobs.config import PipelineConfig
 from jobs.layout import RunDir
 
@@ -30,10 +30,11 @@ def reference_ratio(run: RunDir) -> float:
 def estimate(preds: pa.Table, decoys: pa.Table, cfg: PipelineConfig, run: RunDir, scores: str) -> float | None:
     """Estimate the threshold of ``fuse.threshold_precision`` from ``decoys`` (predictions of the
     train photos, scored as ``preds`` were), write ``threshold.json`` and return the threshold."""
+    per_train = reference_ratio(run)
     est = estimate_threshold(preds.column("score").to_numpy(), decoys.column("score").to_numpy(),
-                             reference_ratio(run), cfg.fuse.threshold_precision)
-    record = {**asdict(est), "scores": scores, "folds": cfg.fuse.decoy_folds, "predictions": preds.num_rows,
-              "decoy_predictions": decoys.num_rows}
+                             per_train * fold_factor(cfg.fuse.decoy_folds), cfg.fuse.threshold_precision)
+    record = {**asdict(est), "scores": scores, "references_per_train": per_train, "folds": cfg.fuse.decoy_folds,
+              "predictions": preds.num_rows, "decoy_predictions": decoys.num_rows}
     write_text(run.threshold, json.dumps(record, indent=2))
     if est.threshold is None:
         log.info(f"threshold: no score of the {scores} predictions reaches an estimated precision of "

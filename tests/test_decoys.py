@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ensemble.decoys import decoy_hits, estimate_threshold, fold_of
+from ensemble.decoys import decoy_hits, estimate_threshold, fold_factor, fold_of
 
 
 def test_folds_are_stable_and_in_range():
@@ -57,3 +57,23 @@ def test_the_estimate_finds_the_precision_it_aims_at():
         kept = scores >= e.threshold
         assert kept.sum() == e.pairs
         assert truth[kept].mean() == pytest.approx(target, abs=0.03)  # picking the lowest: slightly liberal
+
+
+def test_decoys_weighted_by_the_fold_factor_count_the_false_references():
+    """Non-copy similarities to references and train photos drawn alike: a reference is
+    normalised against all train photos, a decoy against the other folds, so decoys cross a
+    score 5/4 as often; weighted by fold_factor(5) they match the references' count."""
+    rng = np.random.default_rng(0)
+    n_queries, n_train, n_refs, folds = 4000, 500, 500, 5
+    ids = np.array([f"T{i:04d}" for i in range(n_train)], object)
+    train = rng.gumbel(0.0, 0.03, (n_queries, n_train))
+    refs = np.sort(rng.gumbel(0.0, 0.03, (n_queries, n_refs)), axis=1)[:, ::-1][:, :10] - train.max(axis=1, keepdims=True)
+    order = np.argsort(-train, axis=1)[:, :50]  # each query's best train hits, best first
+    hits = (np.take_along_axis(train, order, axis=1), ids[order], np.zeros_like(order))
+    decoys, _, _ = decoy_hits(hits, folds=folds, neighbours=1, beta=1.0, k=10)
+    for x in (0.0, 0.02):
+        false_refs, crossing = (refs >= x).sum(), (decoys >= x).sum()
+        assert crossing / false_refs == pytest.approx(folds / (folds - 1), rel=0.08)
+        assert crossing * fold_factor(folds) == pytest.approx(false_refs, rel=0.08)
+    with pytest.raises(ValueError, match="folds must be >= 2"):
+        fold_factor(1)

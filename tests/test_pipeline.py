@@ -147,9 +147,11 @@ def test_auto_threshold_from_train_decoys(ray_local, tiny_dataset, tmp_path):
     def check(scores: str) -> None:
         record = json.loads(open(run.threshold).read())
         preds = read_predictions(run.predictions)
-        assert record["scores"] == scores and record["ratio"] == pytest.approx(8 / 6)
+        assert record["scores"] == scores and record["references_per_train"] == pytest.approx(8 / 6)
+        assert record["ratio"] == pytest.approx(8 / 6 * (record["folds"] - 1) / record["folds"])  # a decoy's weight
         if scores == "fused":
-            want = estimate_threshold(preds.column("score").to_numpy(), decoys.column("score").to_numpy(), 8 / 6, 0.5)
+            want = estimate_threshold(preds.column("score").to_numpy(), decoys.column("score").to_numpy(),
+                                      record["ratio"], 0.5)
             assert (record["threshold"], record["pairs"]) == (want.threshold, want.pairs)
         t = record["threshold"]
         if t is None:
