@@ -24,12 +24,11 @@ from core.store import embeddings_from_arrow
 from ensemble.fuse import fuse, max_over_patches, top_k_per_query
 from ensemble.index.reader import IndexVersion, KeyIndex
 from ensemble.sharded import hits_table
-from core.models.registry import default_registry_dir
-from ensemble.verify import KeypointScorer, PairScorer, make_scorer
+from ensemble.verify import KeypointScorer
 from jobs.config import PipelineConfig
 from jobs.indexing import derive_keys, embedder_for, index_config
 from jobs.stages.search import assemble, routes, with_bias
-from jobs.stages.verify import METHODS, rescore
+from jobs.stages.verify import METHODS, rescore, scorer_for
 from patchers.embed import ImageEmbedder
 
 REFERENCE_CACHE = 256  # described references kept per scorer
@@ -139,11 +138,3 @@ class Matcher:
         votes = [x for x in (None if inliers is None else inliers >= v.min_inliers,
                              None if prob is None else prob > v.learned.floor) if x is not None]
         return any(votes) if votes else None
-
-
-def scorer_for(name: str, cfg: PipelineConfig) -> PairScorer:
-    """Scorer ``name`` with the config's settings, as the verify stage builds it."""
-    v = cfg.verify
-    return make_scorer(name, max_side=v.max_side, mirror=v.mirror, model=v.learned.model,
-                       registry=str(cfg.registry or default_registry_dir()))
-

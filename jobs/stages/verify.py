@@ -23,7 +23,7 @@ from core.imageio import load_rgb
 from core.models.registry import default_registry_dir, resolve_model, weights_hash
 from core.store import chunks, join, list_shards, read_table, write_table
 from ensemble.fuse import top_k_per_query
-from ensemble.verify import make_scorer, verify_pairs
+from ensemble.verify import PairScorer, make_scorer, verify_pairs
 from jobs.completeness import require_fused, require_manifest
 from jobs.config import PipelineConfig, VerifyConfig
 from jobs.layout import RunDir, image_paths, pin_settings
@@ -103,6 +103,13 @@ SCORER_PLANS: dict[str, ScorerPlan] = {
 }
 
 
+def scorer_for(name: str, cfg: PipelineConfig) -> PairScorer:
+    """Scorer ``name`` built from the settings the stage pins, as its tasks build it (the
+    service uses this too, so both score a pair alike)."""
+    return make_scorer(name, registry=str(cfg.registry or default_registry_dir()),
+                       **SCORER_PLANS[name].settings(name, cfg))
+
+
 def verify_chunk(pairs: pa.Table, paths: dict[str, dict[str, str]], settings: dict, registry: str, top_k: int,
                  out: str, reference_split: str = "reference") -> int:
     scorer = make_scorer(settings["scorer"], registry=registry, **settings)  # the pinned settings build it
@@ -146,11 +153,12 @@ def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, pat
     queries = sorted(set(todo.column("query_id").to_pylist()))
     registry = str(cfg.registry or default_registry_dir())
     start = len(before)
+    side = "train" if decoys else "reference"
     calls = []
     for i, a, b in chunks(len(queries), plan.queries_per_task):
         part = todo.filter(pc.is_in(todo.column("query_id"), pa.array(queries[a:b])))
-        calls.append((part, paths_ref, settings, registry, cfg.verify.top_k, join(folder, f"part-{start + i:05d}.parquet"),
-                      "train" if decoys else "reference"))
+        shard = join(folder, f"part-{start + i:05d}.parquet")
+        calls.append((part, paths_ref, settings, registry, cfg.verify.top_k, shard, side))
     run_tasks(verify_chunk, calls, f"verify {name}{' decoys' if decoys else ''}")
     new = [read_table(s) for s in list_shards(folder) if s not in before]
     # the cache may hold pairs of an earlier, larger top_k (or another fusion): they get no bonus now
@@ -177,7 +185,8 @@ def verify_fused(cfg: PipelineConfig, run: RunDir, fused: pa.Table, paths_ref: r
                  decoys: bool = False) -> pa.Table:
     """``fused`` re-scored by the method's scorers on each query's top ``verify.top_k``."""
     todo = top_k_per_query(fused, cfg.verify.top_k)
-    checked = {name: score_pairs(name, cfg, run, todo, paths_ref, decoys) for name in METHODS[cfg.verify.method].scorers}
+    scorers = METHODS[cfg.verify.method].scorers
+    checked = {name: score_pairs(name, cfg, run, todo, paths_ref, decoys) for name in scorers}
     counts = ", ".join(f"{name} {t.num_rows}" for name, t in checked.items())
     log.info(f"verify ({cfg.verify.method}){' decoys' if decoys else ''}: pairs scored: {counts}")
     return rescore(fused, checked, cfg.verify)
