@@ -212,6 +212,8 @@ class VerifyConfig(Strict):
     min_inliers: int = Field(8, ge=0, description="no bonus below this many inliers")
     saturate: int = Field(40, ge=1, description="inliers at which the bonus is full")
     weight: float = Field(0.5, ge=0, description="full keypoint bonus added to the fused score")
+    confirm: float = Field(0.1, ge=0, description="added at once to a pair with min_inliers inliers or more "
+                           "(a confirmation is evidence however few inliers above the bar it has)")
     penalty: float = Field(0.05, ge=0, description="most subtracted from a checked pair with fewer than min_inliers "
                            "inliers, in proportion to the smaller image's keypoints")
     penalty_keypoints: int = Field(800, ge=1, description="keypoints at which the penalty is full")

@@ -171,7 +171,7 @@ def test_a_smaller_top_k_reuses_the_cache_and_gives_no_bonus_past_it(tmp_path):
                       "score": pa.array([0.5, 0.4], pa.float32())})
     out = verify_fused(cfg, run, fused, paths_ref=None)  # all cached: no Ray task runs
     scores = dict(zip(out.column("reference_id").to_pylist(), out.column("score").to_pylist()))
-    assert scores == {"r0": pytest.approx(0.5 + cfg.verify.weight), "r1": pytest.approx(0.4)}
+    assert scores == {"r0": pytest.approx(0.5 + cfg.verify.confirm + cfg.verify.weight), "r1": pytest.approx(0.4)}
 
 
 def test_silence_counts_against_a_pair_in_proportion_to_its_keypoints():
@@ -181,9 +181,23 @@ def test_silence_counts_against_a_pair_in_proportion_to_its_keypoints():
     from jobs.stages.verify import inlier_bonus
 
     cfg = load_config(None, ["verify.min_inliers=8", "verify.saturate=40", "verify.weight=0.5",
-                             "verify.penalty=0.1", "verify.penalty_keypoints=400"]).verify
+                             "verify.penalty=0.1", "verify.penalty_keypoints=400", "verify.confirm=0"]).verify
     cols = {"inliers": np.array([40.0, 24.0, 5.0, 5.0, 0.0, np.nan]),
             "keypoints": np.array([900.0, 50.0, 900.0, 100.0, 0.0, np.nan])}
     np.testing.assert_allclose(inlier_bonus(cols, cfg), [0.5, 0.25, -0.1, -0.025, 0.0, 0.0])
     off = cfg.model_copy(update={"penalty": 0.0})
     np.testing.assert_allclose(inlier_bonus(cols, off), [0.5, 0.25, 0.0, 0.0, 0.0, 0.0])
+
+
+def test_a_confirmed_pair_gains_the_confirm_step_at_once():
+    """``confirm`` is added from ``min_inliers`` inliers on, below the linear rise; a pair with
+    fewer inliers or none checked gains nothing from it (even with ``min_inliers`` 0)."""
+    from jobs.config import load_config
+    from jobs.stages.verify import inlier_bonus
+
+    cfg = load_config(None, ["verify.min_inliers=8", "verify.saturate=40", "verify.weight=0.5",
+                             "verify.penalty=0", "verify.confirm=0.1"]).verify
+    cols = {"inliers": np.array([40.0, 8.0, 7.0, np.nan]), "keypoints": np.array([900.0, 900.0, 900.0, np.nan])}
+    np.testing.assert_allclose(inlier_bonus(cols, cfg), [0.6, 0.1, 0.0, 0.0])
+    anything = cfg.model_copy(update={"min_inliers": 0})
+    assert inlier_bonus(cols, anything)[-1] == 0.0

@@ -39,14 +39,17 @@ Columns = dict[str, np.ndarray]  # scorer column -> values aligned with the fuse
 
 
 def inlier_bonus(cols: Columns, cfg: VerifyConfig) -> np.ndarray:
-    """0 below ``min_inliers``, rising linearly to ``weight`` at ``saturate`` inliers. Below
-    ``min_inliers`` the silence is evidence too, as strong as the texture a copy would have
-    matched on: ``-penalty`` scaled by the smaller image's keypoints, full at ``penalty_keypoints``."""
+    """``confirm`` at ``min_inliers`` inliers, rising linearly by ``weight`` more up to ``saturate``
+    inliers. Below ``min_inliers`` the silence is evidence too, as strong as the texture a copy
+    would have matched on: ``-penalty`` scaled by the smaller image's keypoints, full at
+    ``penalty_keypoints``."""
     span = max(cfg.saturate - cfg.min_inliers, 1)
     inl = np.nan_to_num(cols["inliers"], nan=0.0)
     silent = cols["inliers"] < cfg.min_inliers  # NaN (not checked): False
     room = np.clip(np.nan_to_num(cols["keypoints"], nan=0.0) / cfg.penalty_keypoints, 0.0, 1.0)
-    return cfg.weight * np.clip((inl - cfg.min_inliers) / span, 0.0, 1.0) - cfg.penalty * silent * room
+    rise = cfg.weight * np.clip((inl - cfg.min_inliers) / span, 0.0, 1.0)
+    confirmed = cols["inliers"] >= cfg.min_inliers  # NaN: False
+    return rise + cfg.confirm * confirmed - cfg.penalty * silent * room
 
 
 def learned_bonus(cols: Columns, cfg: VerifyConfig) -> np.ndarray:
