@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import itertools
 
-import pyarrow as pa
-
-from core.metrics import evaluate, read_ground_truth
-from core.store import join, list_shards, read_table
+from core.metrics import evaluate_table, read_ground_truth
+from core.store import join, read_table
 from jobs.config import load_config
 from jobs.layout import RunDir
-from jobs.stages.verify import rescore
+from jobs.stages.verify import read_cache, rescore
 
 DEFAULT_GRID = {"penalty": [0.0, 0.05, 0.1, 0.2], "penalty_keypoints": [100, 200, 400, 800]}
 Point = tuple[float, ...]
@@ -40,14 +38,12 @@ def run_micro_ap(folder: str, ground_truth: str, grid: dict[str, list[float]]) -
     """Grid point -> μAP of one run re-scored with it."""
     run, gt = RunDir(folder), read_ground_truth(ground_truth)
     fused = read_table(run.fused)
-    sift = pa.concat_tables([read_table(s) for s in list_shards(join(run.verify, "sift"))])
+    sift = read_cache(run, "sift")
     base = load_config(join(folder, "config.yaml"), ["verify.method=sift"]).verify
     out = {}
     for point in itertools.product(*grid.values()):
         pred = rescore(fused, {"sift": sift}, base.model_copy(update=dict(zip(grid, point))))
-        out[point] = evaluate(gt, pred.column("query_id").to_numpy(zero_copy_only=False),
-                              pred.column("reference_id").to_numpy(zero_copy_only=False),
-                              pred.column("score").to_numpy()).micro_ap
+        out[point] = evaluate_table(gt, pred).micro_ap
     return out
 
 

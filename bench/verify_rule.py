@@ -14,13 +14,11 @@ from __future__ import annotations
 import argparse
 import itertools
 
-import pyarrow as pa
-
-from core.metrics import evaluate, read_ground_truth
-from core.store import join, list_shards, read_table
+from core.metrics import evaluate_table, read_ground_truth
+from core.store import read_table
 from jobs.config import load_config
 from jobs.layout import RunDir
-from jobs.stages.verify import rescore
+from jobs.stages.verify import read_cache, rescore
 
 FLOORS = (0.0, 0.25, 0.5, 0.75, 0.9)
 WEIGHTS = (0.25, 0.5, 1.0)
@@ -35,16 +33,14 @@ def main() -> None:
     args = ap.parse_args()
     run, gt = RunDir(args.run), read_ground_truth(args.ground_truth)
     fused = read_table(run.fused)
-    checked = {name: pa.concat_tables([read_table(s) for s in list_shards(join(run.verify, name))])
-               for name in ("learned", "sift")}
+    checked = {name: read_cache(run, name) for name in ("learned", "sift")}
     base = load_config(args.config, ["verify.enabled=true"]).verify
 
     def measure(method: str, **learned: object) -> tuple[float, float, float]:
         cfg = base.model_copy(update={"method": method, "combine": learned.pop("combine", base.combine),
                                       "learned": base.learned.model_copy(update=learned)})
         pred = rescore(fused, {k: v for k, v in checked.items() if k in method.split("+")}, cfg)
-        m = evaluate(gt, pred.column("query_id").to_numpy(zero_copy_only=False),
-                     pred.column("reference_id").to_numpy(zero_copy_only=False), pred.column("score").to_numpy())
+        m = evaluate_table(gt, pred)
         return m.micro_ap, m.recall_at_p90, m.recall_at_1
 
     rows = [("none", {}, measure("learned", weight=0.0)), ("sift", {}, measure("sift"))]

@@ -134,6 +134,12 @@ def evaluate(gt: Sequence[tuple[str, str]], query_ids: Sequence[str], reference_
     )
 
 
+def evaluate_table(gt: Sequence[tuple[str, str]], preds: pa.Table) -> Metrics:
+    """:func:`evaluate` of a ``query_id, reference_id, score`` table."""
+    return evaluate(gt, preds.column("query_id").to_numpy(zero_copy_only=False),
+                    preds.column("reference_id").to_numpy(zero_copy_only=False), preds.column("score").to_numpy())
+
+
 def _read_csv(path: str | os.PathLike, columns: list[str], types: dict[str, pa.DataType]) -> pa.Table:
     """Standard CSV: a value with a comma, quote or line break is quoted (as :func:`write_predictions` does)."""
     try:
@@ -186,10 +192,7 @@ def write_predictions(table: pa.Table, path: str | os.PathLike) -> str:
 
 def evaluate_files(gt_csv: str | os.PathLike, predictions_csv: str | os.PathLike) -> Metrics:
     """Metrics of a prediction CSV against a ground-truth CSV."""
-    preds = read_predictions(predictions_csv)
-    return evaluate(read_ground_truth(gt_csv), preds.column("query_id").to_numpy(zero_copy_only=False),
-                    preds.column("reference_id").to_numpy(zero_copy_only=False),
-                    preds.column("score").to_numpy())
+    return evaluate_table(read_ground_truth(gt_csv), read_predictions(predictions_csv))
 
 
 def plot_pr(curves: Mapping[str, Metrics], path: str | os.PathLike) -> str:

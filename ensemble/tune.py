@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from core.metrics import Metrics, evaluate
+from core.metrics import Metrics, evaluate_table
 from ensemble.calibrate import member_factors
 from ensemble.fuse import calibrate, fuse, max_over_patches, top_k_per_query
 from ensemble.normalize import normalize_scores
@@ -34,10 +34,7 @@ MAX_SUBSET_MEMBERS = 6  # every subset is scored up to this many members (63 sub
 
 def predictions_map(pred: pa.Table, gt: GT, k: int = 10) -> float:
     """μAP of image-level ``(query_id, reference_id, score)`` predictions after top-``k`` per query."""
-    pred = top_k_per_query(pred, k)
-    return evaluate(gt, pred.column("query_id").to_numpy(zero_copy_only=False),
-                    pred.column("reference_id").to_numpy(zero_copy_only=False),
-                    pred.column("score").to_numpy()).micro_ap
+    return evaluate_table(gt, top_k_per_query(pred, k)).micro_ap
 
 
 def fused_map(per_model: pa.Table, gt: GT, thresholds: Mapping[str, float], rule: str, k: int = 10,

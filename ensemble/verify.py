@@ -191,6 +191,9 @@ class PairScorer(Protocol):
         """One row of ``columns`` values per candidate."""
 
 
+KEYPOINT_COLUMNS = {"inliers": pa.int32(), "keypoints": pa.int32()}
+
+
 @dataclass
 class KeypointScorer:
     """RANSAC inliers of SIFT / ORB keypoints (``method``), images shrunk to ``max_side``; with
@@ -200,7 +203,7 @@ class KeypointScorer:
     method: str = "sift"
     max_side: int = 512
     mirror: bool = True
-    columns: dict[str, pa.DataType] = field(default_factory=lambda: {"inliers": pa.int32(), "keypoints": pa.int32()})
+    columns: dict[str, pa.DataType] = field(default_factory=lambda: dict(KEYPOINT_COLUMNS))
     cache_size: int = 256
 
     def __post_init__(self) -> None:

@@ -20,7 +20,7 @@ from typing import Any
 import pyarrow as pa
 import yaml
 
-from core.metrics import evaluate, read_ground_truth, read_predictions
+from core.metrics import evaluate_table, read_ground_truth, read_predictions
 from core.store import atomic_output, embeddings_from_arrow, join, read_table, write_table
 from ensemble.calibrate import background_scale
 from ensemble.normalize import bias_table
@@ -120,8 +120,7 @@ def calibrate_threshold(cfg: PipelineConfig, vcfg: PipelineConfig, members: Sequ
         write_table(preds, run.fused)
         run_verify(vcfg.model_copy(update={"verify": cfg.verify}), run)
         preds = read_predictions(run.predictions)
-    m = evaluate(gt, preds.column("query_id").to_numpy(zero_copy_only=False),
-                 preds.column("reference_id").to_numpy(zero_copy_only=False), preds.column("score").to_numpy())
+    m = evaluate_table(gt, preds)
     value, recall = threshold_at_precision(m, cfg.fuse.threshold_precision)
     return Threshold(value, cfg.fuse.threshold_precision, recall, cfg.verify.enabled)
 

@@ -23,7 +23,7 @@ from core.imageio import load_rgb
 from core.models.registry import default_registry_dir, resolve_model, weights_hash
 from core.store import chunks, join, list_shards, read_table, write_table
 from ensemble.fuse import top_k_per_query
-from ensemble.verify import PairScorer, make_scorer, verify_pairs
+from ensemble.verify import KEYPOINT_COLUMNS, PairScorer, make_scorer, verify_pairs
 from jobs.completeness import require_fused, require_manifest
 from jobs.config import PipelineConfig, VerifyConfig
 from jobs.layout import RunDir, image_paths, pin_settings
@@ -81,7 +81,7 @@ METHODS: dict[str, Method] = {
 
 def keypoint_settings(name: str, cfg: PipelineConfig) -> dict:
     return {"scorer": name, "max_side": cfg.verify.max_side, "mirror": cfg.verify.mirror,
-            "columns": ["inliers", "keypoints"]}
+            "columns": list(KEYPOINT_COLUMNS)}
 
 
 def learned_settings(name: str, cfg: PipelineConfig) -> dict:
@@ -106,11 +106,14 @@ SCORER_PLANS: dict[str, ScorerPlan] = {
 }
 
 
+def registry_dir(cfg: PipelineConfig) -> str:
+    return str(cfg.registry or default_registry_dir())
+
+
 def scorer_for(name: str, cfg: PipelineConfig) -> PairScorer:
     """Scorer ``name`` built from the settings the stage pins, as its tasks build it (the
     service uses this too, so both score a pair alike)."""
-    return make_scorer(name, registry=str(cfg.registry or default_registry_dir()),
-                       **SCORER_PLANS[name].settings(name, cfg))
+    return make_scorer(name, registry=registry_dir(cfg), **SCORER_PLANS[name].settings(name, cfg))
 
 
 def verify_chunk(pairs: pa.Table, paths: dict[str, dict[str, str]], settings: dict, registry: str, top_k: int,
@@ -140,6 +143,11 @@ def verify_settings(cfg: PipelineConfig) -> dict[str, dict]:
     return {name: SCORER_PLANS[name].settings(name, cfg) for name in METHODS[cfg.verify.method].scorers}
 
 
+def read_cache(run: RunDir, name: str) -> pa.Table:
+    """Every pair scorer ``name`` has checked for ``run``'s predictions (its cache, all top_k)."""
+    return pa.concat_tables([read_table(s) for s in list_shards(join(run.verify, name))])
+
+
 def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, paths_ref: ray.ObjectRef,
                 decoys: bool = False) -> pa.Table:
     """Scorer ``name``'s column for the pairs of ``todo`` (and no others), from its cache plus new Ray
@@ -154,7 +162,7 @@ def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, pat
     if done:  # score only the pairs the cache lacks
         todo = todo.join(pa.concat_tables(done).select(KEYS), KEYS, join_type="left anti")
     queries = sorted(set(todo.column("query_id").to_pylist()))
-    registry = str(cfg.registry or default_registry_dir())
+    registry = registry_dir(cfg)
     start = len(before)
     side = "train" if decoys else "reference"
     calls = []
