@@ -3,8 +3,8 @@
     python bench/verify_bonus.py RUN_FOLDER GROUND_TRUTH [RUN_FOLDER GROUND_TRUTH ...] \
         [--grid KEY=V1,V2,...]...
 
-Each RUN_FOLDER has ``fused.parquet`` and the verify stage's ``verify.parquet/sift`` cache (with
-its ``keypoints`` column). Every combination of the grid's ``verify.*`` values re-scores the fused
+Each RUN_FOLDER has ``fused.parquet`` and the verify stage's caches of its method's scorers
+(``verify.parquet/<scorer>``; keypoint caches with their ``keypoints`` column). Every combination of the grid's ``verify.*`` values re-scores the fused
 predictions with the stage's own :func:`jobs.stages.verify.rescore` (the run's other ``verify``
 settings kept); prints each run's μAP and the mean over runs, best first (ties to the earlier grid
 point: give each key's values mildest first). The default grid is the one ``verify.penalty`` and
@@ -19,7 +19,7 @@ from core.metrics import evaluate_table, read_ground_truth
 from core.store import join, read_table
 from jobs.config import load_config
 from jobs.layout import RunDir
-from jobs.stages.verify import read_cache, rescore
+from jobs.stages.verify import METHODS, read_cache, rescore
 
 DEFAULT_GRID = {"penalty": [0.0, 0.05, 0.1, 0.2], "penalty_keypoints": [100, 200, 400, 800]}
 Point = tuple[float, ...]
@@ -38,11 +38,11 @@ def run_micro_ap(folder: str, ground_truth: str, grid: dict[str, list[float]]) -
     """Grid point -> μAP of one run re-scored with it."""
     run, gt = RunDir(folder), read_ground_truth(ground_truth)
     fused = read_table(run.fused)
-    sift = read_cache(run, "sift")
-    base = load_config(join(folder, "config.yaml"), ["verify.method=sift"]).verify
+    base = load_config(join(folder, "config.yaml")).verify
+    checked = {name: read_cache(run, name) for name in METHODS[base.method].scorers}
     out = {}
     for point in itertools.product(*grid.values()):
-        pred = rescore(fused, {"sift": sift}, base.model_copy(update=dict(zip(grid, point))))
+        pred = rescore(fused, checked, base.model_copy(update=dict(zip(grid, point))))
         out[point] = evaluate_table(gt, pred).micro_ap
     return out
 

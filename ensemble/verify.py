@@ -7,7 +7,7 @@ descriptors are not mirror-invariant, so a flipped copy matches only its origina
 image: :class:`KeypointScorer` also matches the query's mirror (``mirror``) and keeps the
 better view. A :class:`PairScorer` turns images into what it compares (keypoints, region
 tokens; a query may have several views) and scores a query against its candidates;
-:data:`SCORERS` names them (``sift``, ``orb``: RANSAC inlier counts; ``learned``: the
+:data:`SCORERS` names them (``sift``, ``rootsift``, ``orb``: RANSAC inlier counts; ``learned``: the
 verifier's P(copy), :mod:`core.models.verifier`). :func:`verify_pairs` adds a scorer's columns
 to the best ``top_k`` pairs of every query, so a later step can re-rank or filter on them.
 """
@@ -61,15 +61,25 @@ def hamming_matches(a: np.ndarray, b: np.ndarray, ratio: float) -> tuple[np.ndar
 SIFT_MIRROR = np.arange(128).reshape(4, 4, 8)[::-1, :, -np.arange(8) % 8].ravel()
 
 
+def root_sift(desc: np.ndarray) -> np.ndarray:
+    """RootSIFT (Arandjelovic & Zisserman, 2012): the square root of the L1-normalised
+    descriptor, so that L2 distance compares histograms by the Hellinger kernel and a few large
+    bins no longer dominate. Elementwise, so :data:`SIFT_MIRROR` still mirrors it."""
+    desc = desc.astype(np.float32)
+    return np.sqrt(desc / np.maximum(desc.sum(axis=1, keepdims=True), 1e-7))
+
+
 @dataclass(frozen=True)
 class Method:
     create: Callable[[], cv2.Feature2D]
     match: Matcher  # mutual ratio-test matches
     mirror: np.ndarray | None = None  # descriptor permutation of the mirror image (None: describe it anew)
+    transform: Callable[[np.ndarray], np.ndarray] | None = None  # applied to the detector's descriptors
 
 
 METHODS: dict[str, Method] = {
     "sift": Method(lambda: cv2.SIFT_create(nfeatures=1000), l2_matches, SIFT_MIRROR),
+    "rootsift": Method(lambda: cv2.SIFT_create(nfeatures=1000), l2_matches, SIFT_MIRROR, root_sift),
     "orb": Method(lambda: cv2.ORB_create(nfeatures=1000), hamming_matches),
 }
 
@@ -107,7 +117,10 @@ def describe(img: Image.Image | np.ndarray, method: str = "sift", max_side: int 
     gray = _gray(img, max_side)
     if mirrored:
         gray = np.ascontiguousarray(gray[:, ::-1])
-    kps, desc = _method(method).create().detectAndCompute(gray, None)
+    spec = _method(method)
+    kps, desc = spec.create().detectAndCompute(gray, None)
+    if desc is not None and spec.transform is not None:
+        desc = spec.transform(desc)
     return Keypoints(np.array([k.pt for k in kps], np.float32).reshape(-1, 2), desc, (gray.shape[1], gray.shape[0]),
                      mirrored)
 
@@ -250,6 +263,7 @@ class LearnedScorer:
 # scorer name -> factory(max_side, mirror, model, registry; other keywords ignored); config names select them
 SCORERS: dict[str, Callable[..., PairScorer]] = {
     "sift": lambda max_side=512, mirror=True, **_: KeypointScorer("sift", max_side, mirror),
+    "rootsift": lambda max_side=512, mirror=True, **_: KeypointScorer("rootsift", max_side, mirror),
     "orb": lambda max_side=512, mirror=True, **_: KeypointScorer("orb", max_side, mirror),
     "learned": lambda model, registry=None, **_: LearnedScorer(model, registry),
 }

@@ -206,7 +206,7 @@ class VerifyConfig(Strict):
 
     enabled: bool = False
     top_k: int = Field(3, ge=1, description="candidates verified per query")
-    method: Literal["sift", "orb", "learned", "learned+sift"] = "sift"
+    method: Literal["sift", "rootsift", "orb", "learned", "learned+sift"] = "rootsift"
     max_side: int = Field(512, ge=64, description="keypoint methods: longer image side")
     mirror: bool = Field(True, description="keypoint methods: also match the query's mirror image (flipped copies)")
     min_inliers: int = Field(8, ge=0, description="no bonus below this many inliers")

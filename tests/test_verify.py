@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageDraw
 
 from ensemble.verify import METHODS, KeypointScorer, best_matches, describe, inliers, l2_matches, matches, \
-    mirror_view, verify_pairs
+    mirror_view, root_sift, verify_pairs
 
 
 def textured(seed: int, size: int = 256) -> Image.Image:
@@ -70,16 +70,29 @@ def test_a_flipped_copy_verifies_only_through_the_querys_mirror(flip, method):
     assert mirrored.compare(mirrored.describe_query(textured(10)), [r])[0][0] <= 8
 
 
-def test_sift_mirror_view_matches_the_description_of_the_flipped_image():
+@pytest.mark.parametrize("method", ["sift", "rootsift"])
+def test_sift_mirror_view_matches_the_description_of_the_flipped_image(method):
     """Permuted descriptors at mirrored points stand in for describing the flipped image: most
     of them match its keypoints, at the same places (an identity homography)."""
     img = textured(12)
-    view = mirror_view(describe(img), img)
-    h, pairs = matches(view, describe(img, mirrored=True))
+    view = mirror_view(describe(img, method), img, method)
+    h, pairs = matches(view, describe(img, method, mirrored=True), method)
     assert view.mirrored and len(pairs) >= 0.5 * len(view.points)
     h = h / h[2, 2]
     np.testing.assert_allclose(h[:, :2], np.eye(3)[:, :2], atol=0.02)
     np.testing.assert_allclose(h[:2, 2], 0, atol=1.0)  # SIFT's doubled first octave: half-pixel shifts
+
+
+def test_rootsift_is_the_square_root_of_the_l1_normalised_sift_descriptor():
+    """Unit L2 rows whose squares are SIFT's histogram as proportions: distances compare the
+    histograms by the Hellinger kernel."""
+    img = textured(13)
+    sift, root = describe(img, "sift"), describe(img, "rootsift")
+    np.testing.assert_array_equal(sift.points, root.points)
+    np.testing.assert_allclose(np.linalg.norm(root.descriptors, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(root.descriptors**2, sift.descriptors / sift.descriptors.sum(1, keepdims=True),
+                               atol=1e-6)
+    assert root_sift(np.zeros((2, 128), np.uint8)).sum() == 0  # a blank descriptor stays blank, not NaN
 
 
 def test_mirrored_inliers_are_given_in_the_querys_own_frame():

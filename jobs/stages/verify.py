@@ -72,6 +72,7 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "sift": Method(("sift",), inlier_bonus),
+    "rootsift": Method(("rootsift",), inlier_bonus),
     "orb": Method(("orb",), inlier_bonus),
     "learned": Method(("learned",), learned_bonus),
     "learned+sift": Method(("learned", "sift"),
@@ -100,6 +101,7 @@ class ScorerPlan:
 
 SCORER_PLANS: dict[str, ScorerPlan] = {
     "sift": ScorerPlan(keypoint_settings, QUERIES_PER_TASK),
+    "rootsift": ScorerPlan(keypoint_settings, QUERIES_PER_TASK),
     "orb": ScorerPlan(keypoint_settings, QUERIES_PER_TASK),
     # region tokens are ~30 kB an image (keypoints ~300 kB): bigger tasks share more references
     "learned": ScorerPlan(learned_settings, 4 * QUERIES_PER_TASK),
