@@ -30,6 +30,7 @@ from ensemble.index.reader import read_cards, read_config
 from ensemble.reduce import load_pca
 from jobs.config import DataConfig, PipelineConfig, validate
 from jobs.layout import RunDir, shard_names
+from jobs.lock import locked
 from jobs.pipeline import run_stages
 from jobs.stages.extract import key_specs
 from jobs.stages.reduce import derive
@@ -92,8 +93,14 @@ def served_threshold(cfg: PipelineConfig, run: RunDir) -> PipelineConfig:
 
 
 def build_from_run(run_dir: str, root: str, cfg: PipelineConfig | None = None) -> str:
-    """Publish a finished run's reference (and train) features as a new version of ``root``."""
+    """Publish a finished run's reference (and train) features as a new version of ``root``,
+    holding the run folder's lock (a run still writing there would publish a mix of shards)."""
     run = RunDir(run_dir)
+    with locked(run):
+        return _publish_run(run, root, cfg)
+
+
+def _publish_run(run: RunDir, root: str, cfg: PipelineConfig | None) -> str:
     cfg = served_threshold(cfg or validate(yaml.safe_load(Path(run.config).read_text()), run.config), run)
     keys = {}
     for key in cfg.search_keys():

@@ -68,6 +68,21 @@ def test_report_is_refused_while_a_run_holds_the_folder(tmp_path, capsys):
         holder.wait()
 
 
+def test_an_index_is_not_built_from_a_run_folder_a_run_holds(tmp_path, capsys):
+    """`index build --from-run` reads the run's shards: refused while a run writes them, no index made."""
+    out, index = tmp_path / "run", tmp_path / "index"
+    out.mkdir()
+    (out / "config.yaml").write_text((ROOT / "configs" / "smoke.yaml").read_text())
+    holder = hold(out)
+    try:
+        assert main(["index", "build", "--from-run", str(out), "--out", str(index)]) == 2
+        assert f"in use by pid {holder.pid}" in capsys.readouterr().err
+        assert not index.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
     out = tmp_path / "run"
     holder = hold(out)
