@@ -58,6 +58,9 @@ EXAMPLES: dict[str, dict] = {
     "vflip": {},
     "rotate": {"degrees": 20.0},
     "perspective_transform": {"sigma": 8.0, "seed": 3, "crop_out_black_border": True},
+    "scale": {"factor": 0.3},
+    "random_noise": {"mean": 0.0, "var": 0.02, "seed": 5},
+    "pad": {"w_factor": 0.2, "h_factor": 0.4, "color": (20, 200, 90)},
 }
 
 

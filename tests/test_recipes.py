@@ -99,7 +99,13 @@ def test_bad_steps_and_names_are_named_in_errors():
 
 def test_eleven_distinct_training_sets():
     names = recipe_names(11)
-    assert names == SET_RECIPES and len(set(names)) == 11 and "byol_views" not in names
+    assert names == SET_RECIPES and len(set(names)) == 11 and not {"byol_views", "severe"} & set(names)
+
+
+def test_downscale_makes_thumbnails_but_never_below_16_px(photo):
+    rng, ctx = np.random.default_rng(0), OpContext()
+    assert OPS["downscale"](photo.resize((400, 300)), 1.0, rng, ctx).size == (60, 45)  # 0.15 of each side
+    assert min(OPS["downscale"](photo, 1.0, rng, ctx).size) == 16  # 40 px high: 0.4, not 0.15
 
 
 def test_meme_format_fits_its_caption_on_small_wide_photos():

@@ -106,6 +106,9 @@ PLAIN_EDITS: dict[str, tuple[str, ...]] = {
     "vflip": (),
     "rotate": ("degrees",),  # cropped to the largest rectangle without black corners
     "perspective_transform": ("sigma", "dx", "dy", "seed", "crop_out_black_border"),  # needs the compat shim
+    "scale": ("factor",),  # both sides times ``factor``
+    "random_noise": ("mean", "var", "seed"),  # Gaussian, on values in [0, 1]
+    "pad": ("w_factor", "h_factor", "color"),  # a border of ``w_factor`` x width on each side, etc.
 }
 
 

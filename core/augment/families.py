@@ -185,6 +185,28 @@ def blur(img: Image.Image, s: float, rng: np.random.Generator, ctx: OpContext
     return img, {"radius": min(img.size) * _lerp(0.002, 0.02, s)}
 
 
+@register_family("downscale", "scale")
+def downscale(img: Image.Image, s: float, rng: np.random.Generator, ctx: OpContext
+              ) -> tuple[Image.Image, dict[str, Any]]:
+    """Both sides times 0.8..0.15 (a thumbnail), never below 16 px."""
+    return img, {"factor": max(_lerp(0.8, 0.15, s), 16 / min(img.size))}
+
+
+@register_family("noise", "random_noise")
+def noise(img: Image.Image, s: float, rng: np.random.Generator, ctx: OpContext
+          ) -> tuple[Image.Image, dict[str, Any]]:
+    """Gaussian noise of variance 0.002..0.05 (pixel values in [0, 1])."""
+    return img, {"mean": 0.0, "var": _lerp(0.002, 0.05, s), "seed": int(rng.integers(2**31))}
+
+
+@register_family("pad")
+def pad(img: Image.Image, s: float, rng: np.random.Generator, ctx: OpContext
+        ) -> tuple[Image.Image, dict[str, Any]]:
+    """A plain border of 0.05..0.6 of the width (and, drawn apart, of the height) on each side."""
+    w, h = (_lerp(0.05, 0.6, s) * float(rng.uniform(0.5, 1.0)) for _ in range(2))
+    return img, {"w_factor": w, "h_factor": h, "color": tuple(int(c) for c in rng.integers(0, 256, 3))}
+
+
 @register_family("crop")
 def crop(img: Image.Image, s: float, rng: np.random.Generator, ctx: OpContext
          ) -> tuple[Image.Image, dict[str, Any]]:

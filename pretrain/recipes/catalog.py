@@ -77,6 +77,22 @@ _SETS: dict[str, tuple[tuple[Step, ...], int | None]] = {
 for _name, (_steps, _max_ops) in _SETS.items():
     register_recipe(Recipe(_name, _steps, Schedule(start=0.3, ramp_epochs=5), max_ops=_max_ops))
 
+# Validation copies past the training sets' range: ISC21's thumbnails, padding and noise on top of
+# heavy's overlays and layouts, so that synthetic splits do not saturate (`copydet tune --recipe`).
+register_recipe(
+    Recipe(
+        "severe",
+        (Step("crop", 0.5), Step("hflip", 0.5), Step("colour", 0.4), Step("rotate", 0.3),
+         Step("perspective", 0.3), Step("overlay_text", 0.3), Step("overlay_emoji", 0.3),
+         Step("paste_onto_background", 0.3), Step("screenshot", 0.2), Step("pad", 0.3),
+         Step("downscale", 0.4, (0.4, 1.0)), Step("pixelize", 0.2), Step("blur", 0.3), Step("noise", 0.3),
+         Step("jpeg", 0.5)),
+        Schedule(start=1.0, ramp_epochs=0),
+        max_ops=5,
+    ),
+    training_set=False,
+)
+
 # BYOL's two views: strong crops and photometric changes (the paper's view family).
 register_recipe(
     Recipe(
