@@ -175,8 +175,9 @@ def test_a_smaller_top_k_reuses_the_cache_and_gives_no_bonus_past_it(tmp_path):
     cfg = load_config(None, [f"output={tmp_path}", "verify.enabled=true", "verify.top_k=1", "verify.min_inliers=0",
                              "verify.saturate=10"])
     run = RunDir(str(tmp_path))
-    folder = join(run.verify, "sift")
-    pin_settings(folder, keypoint_settings("sift", cfg), "verify (sift)")
+    name = cfg.verify.method  # the default keypoint scorer
+    folder = join(run.verify, name)
+    pin_settings(folder, keypoint_settings(name, cfg), f"verify ({name})")
     write_table(pa.table({"query_id": ["q0", "q0"], "reference_id": ["r0", "r1"],
                           "inliers": pa.array([40, 40], pa.int32()), "keypoints": pa.array([500, 500], pa.int32())}),
                 join(folder, "part-00000.parquet"))
