@@ -4,11 +4,12 @@
         [--grid KEY=V1,V2,...]...
 
 Each RUN_FOLDER has ``fused.parquet`` and the verify stage's caches of its method's scorers
-(``verify.parquet/<scorer>``; keypoint caches with their ``keypoints`` column). Every combination of the grid's ``verify.*`` values re-scores the fused
-predictions with the stage's own :func:`jobs.stages.verify.rescore` (the run's other ``verify``
-settings kept); prints each run's μAP and the mean over runs, best first (ties to the earlier grid
-point: give each key's values mildest first). The default grid is the one ``verify.penalty`` and
-``verify.penalty_keypoints`` were chosen on.
+(``verify.parquet/<scorer>``; keypoint caches with their ``keypoints`` column). Every combination of
+the grid's ``verify.*`` values re-scores the fused predictions with the stage's own
+:func:`jobs.stages.verify.rescore` (the run's other ``verify`` settings kept); prints each run's μAP
+and the mean over runs, best first (ties to the earlier grid point: give each key's values mildest
+first). The default grid is the one ``verify.penalty`` and ``verify.penalty_keypoints`` were chosen
+on.
 """
 from __future__ import annotations
 

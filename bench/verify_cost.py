@@ -3,12 +3,12 @@
     python bench/verify_cost.py RUN_FOLDER [--scorers rootsift,learned --queries 256 --top-k 10 \
         --model copydet-verifier --rounds 2]
 
-Takes the first ``--queries`` queries of a run's ``fused.parquet`` (its manifest gives the
-paths), and times the verify stage's own work with each of ``--scorers`` on their top-k pairs: the queries cut into the stage's tasks for that scorer
-(``SCORER_PLANS[...].queries_per_task``), each task a fresh scorer running
-:func:`ensemble.verify.verify_pairs`; one thread, the scorers interleaved round by round so
-that a shared machine's load falls on both alike. Prints seconds per pair and per query of
-each, and each one's time over the first's (the learned verifier's target: under 1/3 of the
+Takes the first ``--queries`` queries of a run's ``fused.parquet`` (its manifest gives the paths),
+and times the verify stage's own work with each of ``--scorers`` on their top-k pairs: the queries
+cut into the stage's tasks for that scorer (``SCORER_PLANS[...].queries_per_task``), each task a
+fresh scorer running :func:`ensemble.verify.verify_pairs`; one thread, the scorers interleaved round
+by round so that a shared machine's load falls on both alike. Prints seconds per pair and per query
+of each, and each one's time over the first's (the learned verifier's target: under 1/3 of the
 keypoint scorer's).
 """
 from __future__ import annotations

@@ -3,13 +3,13 @@ learned verifier.
 
 Global descriptors confuse images that share a layout; local evidence that agrees does not.
 :func:`inliers` counts the RANSAC inliers of the ratio-test matches of two images. Keypoint
-descriptors are not mirror-invariant, so a flipped copy matches only its original's mirror
-image: :class:`KeypointScorer` also matches the query's mirror (``mirror``) and keeps the
-better view. A :class:`PairScorer` turns images into what it compares (keypoints, region
-tokens; a query may have several views) and scores a query against its candidates;
-:data:`SCORERS` names them (``sift``, ``rootsift``, ``orb``: RANSAC inlier counts; ``learned``: the
-verifier's P(copy), :mod:`core.models.verifier`). :func:`verify_pairs` adds a scorer's columns
-to the best ``top_k`` pairs of every query, so a later step can re-rank or filter on them.
+descriptors are not mirror-invariant, so a flipped copy matches only its original's mirror image:
+:class:`KeypointScorer` also matches the query's mirror (``mirror``) and keeps the better view. A
+:class:`PairScorer` turns images into what it compares (keypoints, region tokens; a query may have
+several views) and scores a query against its candidates; :data:`SCORERS` names them (``sift``,
+``rootsift``, ``orb``: RANSAC inlier counts; ``learned``: the verifier's P(copy),
+:mod:`core.models.verifier`). :func:`verify_pairs` adds a scorer's columns to the best ``top_k``
+pairs of every query, so a later step can re-rank or filter on them.
 """
 from __future__ import annotations
 
@@ -77,9 +77,13 @@ class Method:
     transform: Callable[[np.ndarray], np.ndarray] | None = None  # applied to the detector's descriptors
 
 
+def _sift() -> cv2.Feature2D:
+    return cv2.SIFT_create(nfeatures=1000)
+
+
 METHODS: dict[str, Method] = {
-    "sift": Method(lambda: cv2.SIFT_create(nfeatures=1000), l2_matches, SIFT_MIRROR),
-    "rootsift": Method(lambda: cv2.SIFT_create(nfeatures=1000), l2_matches, SIFT_MIRROR, root_sift),
+    "sift": Method(_sift, l2_matches, SIFT_MIRROR),
+    "rootsift": Method(_sift, l2_matches, SIFT_MIRROR, root_sift),
     "orb": Method(lambda: cv2.ORB_create(nfeatures=1000), hamming_matches),
 }
 
@@ -260,11 +264,14 @@ class LearnedScorer:
         return [(float(p),) for p in self.verifier.score(query, candidates)]
 
 
-# scorer name -> factory(max_side, mirror, model, registry; other keywords ignored); config names select them
+def _keypoint_scorer(method: str) -> Callable[..., PairScorer]:
+    return lambda max_side=512, mirror=True, **_: KeypointScorer(method, max_side, mirror)
+
+
+# scorer name -> factory(max_side, mirror, model, registry; other keywords ignored); config names select
+# them: one keypoint scorer per keypoint method, and the learned verifier
 SCORERS: dict[str, Callable[..., PairScorer]] = {
-    "sift": lambda max_side=512, mirror=True, **_: KeypointScorer("sift", max_side, mirror),
-    "rootsift": lambda max_side=512, mirror=True, **_: KeypointScorer("rootsift", max_side, mirror),
-    "orb": lambda max_side=512, mirror=True, **_: KeypointScorer("orb", max_side, mirror),
+    **{name: _keypoint_scorer(name) for name in METHODS},
     "learned": lambda model, registry=None, **_: LearnedScorer(model, registry),
 }
 

@@ -64,14 +64,15 @@ def test_end_to_end_with_bad_inputs_and_resume(ray_local, tiny_dataset, tmp_path
     vcfg = load_config(None, [f"data.root={tiny_dataset}", f"output={out}", *TINY, "verify.enabled=true",
                               "verify.top_k=2", "verify.min_inliers=0", "verify.saturate=10"])
     run_stages(vcfg, ["fuse", "verify"])
-    checked = read_table(join(run.verify, "rootsift"))  # each scorer (the default: rootsift) caches its own results
+    checked = read_table(join(run.verify, "rootsift"))  # each scorer caches its own (default: rootsift)
     assert checked.num_rows == sum(min(2, len(s)) for s in per_query.values())
     verified = {(r["query_id"], r["reference_id"]): float(r["score"]) for r in csv.DictReader(open(run.predictions))}
     fused = read_table(run.fused).to_pylist()
     assert all(verified[(f["query_id"], f["reference_id"])] >= f["score"] - 1e-6 for f in fused)
     once = open(run.predictions).read()
     run_stages(vcfg, ["verify"])
-    assert open(run.predictions).read() == once and read_table(join(run.verify, "rootsift")).num_rows == checked.num_rows
+    assert open(run.predictions).read() == once
+    assert read_table(join(run.verify, "rootsift")).num_rows == checked.num_rows
 
 
 def test_stage_commands_run_alone(ray_local, tiny_dataset, tmp_path):

@@ -24,6 +24,7 @@ from core.models.registry import default_registry_dir, resolve_model, weights_ha
 from core.store import chunks, join, list_shards, read_table, write_table
 from ensemble.fuse import top_k_per_query
 from ensemble.verify import KEYPOINT_COLUMNS, PairScorer, make_scorer, verify_pairs
+from ensemble.verify import METHODS as KEYPOINT_METHODS
 from jobs.completeness import require_fused, require_manifest
 from jobs.config import PipelineConfig, VerifyConfig
 from jobs.layout import RunDir, image_paths, pin_settings
@@ -71,9 +72,7 @@ class Method:
 
 
 METHODS: dict[str, Method] = {
-    "sift": Method(("sift",), inlier_bonus),
-    "rootsift": Method(("rootsift",), inlier_bonus),
-    "orb": Method(("orb",), inlier_bonus),
+    **{name: Method((name,), inlier_bonus) for name in KEYPOINT_METHODS},  # sift, rootsift, orb
     "learned": Method(("learned",), learned_bonus),
     "learned+sift": Method(("learned", "sift"),
                            lambda c, cfg: COMBINE[cfg.combine](inlier_bonus(c, cfg), learned_bonus(c, cfg))),
@@ -100,9 +99,7 @@ class ScorerPlan:
 
 
 SCORER_PLANS: dict[str, ScorerPlan] = {
-    "sift": ScorerPlan(keypoint_settings, QUERIES_PER_TASK),
-    "rootsift": ScorerPlan(keypoint_settings, QUERIES_PER_TASK),
-    "orb": ScorerPlan(keypoint_settings, QUERIES_PER_TASK),
+    **{name: ScorerPlan(keypoint_settings, QUERIES_PER_TASK) for name in KEYPOINT_METHODS},
     # region tokens are ~30 kB an image (keypoints ~300 kB): bigger tasks share more references
     "learned": ScorerPlan(learned_settings, 4 * QUERIES_PER_TASK),
 }
