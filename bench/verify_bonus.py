@@ -35,6 +35,20 @@ def parse_grid(items: list[str]) -> dict[str, list[float]]:
     return grid
 
 
+def grid_points(grid: dict[str, list[float]]) -> list[Point]:
+    """Every combination of the grid's values, less those that repeat another: without a penalty,
+    ``penalty_keypoints`` has no effect, so only its first value is kept there."""
+    keys = list(grid)
+    points = []
+    for point in itertools.product(*grid.values()):
+        values = dict(zip(keys, point))
+        if values.get("penalty") == 0 and "penalty_keypoints" in values \
+                and values["penalty_keypoints"] != grid["penalty_keypoints"][0]:
+            continue
+        points.append(point)
+    return points
+
+
 def run_micro_ap(folder: str, ground_truth: str, grid: dict[str, list[float]]) -> dict[Point, float]:
     """Grid point -> μAP of one run re-scored with it."""
     run, gt = RunDir(folder), read_ground_truth(ground_truth)
@@ -42,7 +56,7 @@ def run_micro_ap(folder: str, ground_truth: str, grid: dict[str, list[float]]) -
     base = load_config(join(folder, "config.yaml")).verify
     checked = {name: read_cache(run, name) for name in METHODS[base.method].scorers}
     out = {}
-    for point in itertools.product(*grid.values()):
+    for point in grid_points(grid):
         pred = rescore(fused, checked, base.model_copy(update=dict(zip(grid, point))))
         out[point] = evaluate_table(gt, pred).micro_ap
     return out
