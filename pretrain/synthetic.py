@@ -29,7 +29,8 @@ QUERY_JPEG_QUALITY = 90
 
 @dataclass(frozen=True)
 class SplitSpec:
-    """How a synthetic split is cut: ``photos`` held-out train photos edited with ``recipe``."""
+    """How a synthetic split is cut: ``photos`` held-out train photos edited with ``recipe``
+    (``heavy+severe``: the copies take the named recipes in turn)."""
 
     photos: int | None = None
     recipe: str = "basic"
@@ -106,7 +107,7 @@ def make_synthetic_split(train_folder: str, out_dir: str, spec: SplitSpec) -> Sp
     if os.path.exists(out_dir):
         raise ValueError(f"{out_dir} exists but has no split.json; remove it or use another folder")
 
-    recipe = get_recipe(spec.recipe)
+    recipes = [get_recipe(name) for name in spec.recipe.split("+")]
     rng = np.random.default_rng(spec.seed)
     order = rng.permutation(len(photos))
     held, used = [], 0  # decodable photos only; decoded again when edited, to keep memory flat
@@ -137,6 +138,7 @@ def make_synthetic_split(train_folder: str, out_dir: str, spec: SplitSpec) -> Sp
         gt = ["query_id,reference_id"]
         for q, at in enumerate(rng.permutation(len(queries))):
             image_id, path, ref_id = queries[at]
+            recipe = recipes[at % len(recipes)]  # in turn over copies and negatives alike
             copy = recipe(load_rgb(path), seed=spec.seed, key=image_id, epoch=FULL_STRENGTH_EPOCH)
             copy.save(join(tmp, "queries", f"Q{q:05d}.jpg"), quality=QUERY_JPEG_QUALITY)
             gt.append(f"Q{q:05d},{ref_id}")

@@ -81,6 +81,19 @@ def test_synthetic_split_is_deterministic(tiny_dataset, tmp_path):
     assert _hashes(Path(a.references)) != _hashes(Path(c.references))
 
 
+def test_a_split_of_two_recipes_takes_them_in_turn(tiny_dataset, tmp_path):
+    train = str(tiny_dataset / "train")
+    made = {name: make_synthetic_split(train, str(tmp_path / name.replace("+", "_")), SplitSpec(photos=4, recipe=name))
+            for name in ("heavy", "severe", "heavy+severe")}
+    alone = {name: _hashes(Path(made[name].queries)) for name in ("heavy", "severe")}
+    both = _hashes(Path(made["heavy+severe"].queries))
+    assert len(both) == 3 and both <= alone["heavy"] | alone["severe"]
+    assert both & alone["heavy"] and both & alone["severe"]
+    assert Path(made["heavy+severe"].ground_truth).read_text() == Path(made["heavy"].ground_truth).read_text()
+    with pytest.raises(ValueError, match="unknown recipe 'sever'"):
+        make_synthetic_split(train, str(tmp_path / "bad"), SplitSpec(photos=4, recipe="heavy+sever"))
+
+
 def test_user_split_refuses_the_evaluation_set(tiny_dataset):
     cfg = load_config(None, [f"data.root={tiny_dataset}"])
     with pytest.raises(ValueError, match="evaluation data"):

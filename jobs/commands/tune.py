@@ -40,7 +40,8 @@ def beta_grid(text: str) -> list[float]:
          arg("--validation-queries", help="folder of validation queries (with --validation-ground-truth)"),
          arg("--validation-ground-truth", help="CSV query_id,reference_id for the validation queries"),
          arg("--recipe", default="heavy", help="augmentation recipe for synthetic copies (default: heavy, "
-             "which mixes the ISC21 edit families; severe adds thumbnails, padding and noise at full strength)"),
+             "which mixes the ISC21 edit families; severe adds thumbnails, padding and noise at full strength; "
+             "heavy+severe: the copies take the two in turn, for choices such as scales that the two order apart)"),
          arg("--photos", type=int, help="train photos held out for a synthetic split (default: as many as keep "
              "the split's references : background ratio the config's references : train one, at most "
              f"{MAX_MATCHED_PHOTOS})"),
