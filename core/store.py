@@ -124,6 +124,13 @@ def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.
     return pq.read_table(p, filesystem=fs, columns=columns)
 
 
+def num_rows(path: str | os.PathLike) -> int:
+    """Rows of one Parquet file, from its footer (no data is read)."""
+    fs, p = filesystem(path)
+    with fs.open_input_file(p) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
 def list_shards(folder: str | os.PathLike) -> list[str]:
     """Finished shard files in ``folder`` (sorted); temp files are skipped."""
     fs, p = filesystem(folder)

@@ -119,6 +119,7 @@ class ReduceConfig(Strict):
 
     dim: int | None = Field(None, ge=2, description="PCA output size (None: no PCA)")
     whiten: bool = True
+    fit_rows: int = Field(200_000, ge=2, description="most train descriptors PCA is fit on (every n-th row)")
     stretch: bool = Field(False, description="push query/reference descriptors away from train neighbours")
     stretch_neighbours: int = Field(10, ge=1)
     stretch_beta: float = Field(0.5, ge=0)

@@ -1,4 +1,4 @@
-"""PCA / whitening fit on training features, safetensors round trip, member concatenation."""
+"""PCA / whitening fit on training features (a bounded sample), safetensors round trip, member concatenation."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,6 +6,9 @@ import pytest
 
 from core.store import embeddings_from_arrow, features_table, read_table, write_table
 from ensemble.reduce import concat_members, fit_pca, l2_normalize, load_pca, save_pca
+from jobs.config import ReduceConfig
+from jobs.layout import RunDir
+from jobs.stages.reduce import fit_or_load, train_sample
 
 
 def anisotropic(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -83,3 +86,18 @@ def test_concat_members_joins_on_image_and_patch():
                                np.concatenate([a, b], axis=1) / np.sqrt(2), atol=1e-6)
     with pytest.raises(ValueError, match="member 1 has 3 rows"):
         concat_members([ta, tb.slice(0, 3)])
+
+
+def test_pca_is_fit_on_every_nth_train_row_read_shard_by_shard(tmp_path):
+    run = RunDir(str(tmp_path))
+    x = anisotropic(50, 6)
+    for i, (a, b) in enumerate([(0, 17), (17, 40), (40, 50)]):  # shard sizes that the stride crosses
+        write_table(features_table([f"t{j}" for j in range(a, b)], [0] * (b - a), "m", 64, x[a:b]),
+                    f"{run.features('m@64')}/train-{i:05d}-0000.parquet")
+    np.testing.assert_array_equal(train_sample(run, ["m@64"], [f"train-{i:05d}-0000.parquet" for i in range(3)], 12),
+                                  x[::5])  # 50 rows, at most 12: every 5th
+    pca, train = fit_or_load(run, ["m@64"], "m@64~pca3w", ReduceConfig(dim=3, fit_rows=12))
+    assert train is None  # without stretching no train descriptor is held
+    np.testing.assert_allclose(pca.matrix, fit_pca(x[::5], 3, True).matrix, rtol=1e-4, atol=1e-5)
+    _, train = fit_or_load(run, ["m@64"], "m@64~pca3w", ReduceConfig(dim=3, fit_rows=12, stretch=True))
+    assert train.shape == (50, 3)  # stretching pushes away from every train descriptor
