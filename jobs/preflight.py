@@ -23,6 +23,7 @@ from jobs.layout import RunDir, check_settings, read_settings
 from jobs.stages.extract import key_settings, key_specs
 from jobs.stages.manifest import manifest_settings
 from jobs.stages.patch import patch_settings, resolve_detector, side_views
+from jobs.stages.reduce import reduce_settings
 from jobs.stages.search import decoy_settings, search_settings
 from jobs.stages.verify import verify_settings
 from pretrain.train.fanout import byol_name, finetune_name
@@ -103,6 +104,9 @@ def check_stage_settings(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]
         keys = [key for member in found[len(sides):] for key in member]
         for (entry, _, _), key in zip(cfg.model_keys(), keys):
             check_settings(key.folder, key_settings(cfg, entry, key), "extract")
+    if "reduce" in stages and cfg.reduce.active:
+        for _, out_key in cfg.reduce_groups():
+            check_settings(run.features(out_key), reduce_settings(cfg), f"reduce {out_key}")
     if "search" in stages:
         for key in cfg.search_keys():
             check_settings(run.candidates(key), search_settings(cfg), "search")

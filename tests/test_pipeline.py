@@ -109,6 +109,10 @@ def test_reduce_stage_pca_stretch_and_concat(ray_local, tiny_dataset, tmp_path):
     stamp = pca_file.stat().st_mtime_ns
     run_stages(cfg, ["reduce"])
     assert pca_file.stat().st_mtime_ns == stamp
+    # the PCA's sample size is not in the key: another one is refused before anything is read
+    with pytest.raises(SettingsChanged, match=r"fit_rows: 200000 -> 10"):
+        run_stages(cfg.model_copy(update={"reduce": cfg.reduce.model_copy(update={"fit_rows": 10})}), ["reduce"])
+    assert pca_file.stat().st_mtime_ns == stamp
 
     # Other search settings on the finished folder are refused, naming the change; nothing is rewritten.
     candidates = _mtimes(run.candidates(key))

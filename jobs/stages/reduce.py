@@ -19,7 +19,7 @@ from ensemble.reduce import Pca, concat_members, fit_pca, load_pca, save_pca
 from ensemble.stretch import stretch_table
 from jobs.completeness import require_features
 from jobs.config import PipelineConfig, ReduceConfig
-from jobs.layout import RunDir, shard_names
+from jobs.layout import RunDir, pin_settings, shard_names
 from jobs.runtime import run_tasks
 
 log = logging.getLogger(__name__)
@@ -87,11 +87,17 @@ def fit_or_load(run: RunDir, keys: list[str], out_key: str, cfg: ReduceConfig) -
     return pca, (pca.apply(x) if pca else x)
 
 
+def reduce_settings(cfg: PipelineConfig) -> dict:
+    """What a derived folder depends on beyond its key's tag (dim, whiten, stretch are in the tag)."""
+    return {"fit_rows": cfg.reduce.fit_rows if cfg.reduce.dim else None}
+
+
 def run_reduce(cfg: PipelineConfig, run: RunDir) -> None:
     if not cfg.reduce.active:
         return
     for keys, out_key in cfg.reduce_groups():
         expected = [require_features(cfg, run, k, "reduce") for k in keys]
+        pin_settings(run.features(out_key), reduce_settings(cfg), f"reduce {out_key}")
         done = set(shard_names(run.features(out_key)))
         todo = [n for n in expected[0] if n not in done]
         if not todo:
