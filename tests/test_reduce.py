@@ -101,3 +101,8 @@ def test_pca_is_fit_on_every_nth_train_row_read_shard_by_shard(tmp_path):
     np.testing.assert_allclose(pca.matrix, fit_pca(x[::5], 3, True).matrix, rtol=1e-4, atol=1e-5)
     _, train = fit_or_load(run, ["m@64"], "m@64~pca3w", ReduceConfig(dim=3, fit_rows=12, stretch=True))
     assert train.shape == (50, 3)  # stretching pushes away from every train descriptor
+    # fit while stretching (every descriptor read once): the same sample, the same PCA
+    (tmp_path / "reduce" / "m@64~pca3w.safetensors").unlink()
+    again, train = fit_or_load(run, ["m@64"], "m@64~pca3w", ReduceConfig(dim=3, fit_rows=12, stretch=True))
+    np.testing.assert_array_equal(again.matrix, pca.matrix)
+    np.testing.assert_allclose(train, again.apply(x), rtol=1e-6)

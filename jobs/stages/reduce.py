@@ -1,7 +1,7 @@
 """Stage 3b (optional): derived descriptors between extract and search.
 
 For each model key (or, with ``reduce.concat``, all keys concatenated into one member) it
-fits PCA/whitening on (a sample of, `reduce.fit_rows`) the train split, saves it next to the features
+fits PCA/whitening on a strided sample of the train split (``reduce.fit_rows``), saves it
 (``reduce/<key>.safetensors``, reused on re-runs), projects every split, and optionally
 stretches query and reference descriptors away from their train neighbours. The result is
 an ordinary feature folder, ``features/<search key>/``, so search and fuse need no changes.
@@ -51,11 +51,16 @@ def derive(tables: list[pa.Table], out_key: str, pca: Pca | None, train: np.ndar
     return t.set_column(t.schema.get_field_index("model"), "model", pa.array([out_key] * t.num_rows, pa.string()))
 
 
+def stride(total: int, rows: int) -> int:
+    """Every n-th row keeps at most ``rows`` of ``total``."""
+    return max(1, -(-total // rows))
+
+
 def train_sample(run: RunDir, keys: list[str], shards: list[str], rows: int) -> np.ndarray:
     """At most ``rows`` of the group's train descriptors, every n-th over the shards in order, read one
     shard at a time: a PCA needs a sample, and DISC21's train/ does not fit in one process."""
-    total = sum(num_rows(join(run.features(keys[0]), s)) for s in shards)
-    step, parts, at = -(-total // rows), [], 0
+    step = stride(sum(num_rows(join(run.features(keys[0]), s)) for s in shards), rows)
+    parts, at = [], 0
     for shard in shards:
         emb = embeddings_from_arrow(member_table(run, keys, shard).column("embedding"))
         parts.append(emb[(-at) % step::step])
@@ -71,20 +76,21 @@ def fit_or_load(run: RunDir, keys: list[str], out_key: str, cfg: ReduceConfig) -
         if cfg.dim or cfg.stretch:
             raise RuntimeError(f"reduce {out_key}: PCA and stretching are fit on train/, which has no features")
         return None, None
+    full = None  # stretching needs every train descriptor; then the PCA's sample is taken from them
+    if cfg.stretch:
+        full = embeddings_from_arrow(pa.concat_tables([member_table(run, keys, s) for s in train_shards])
+                                     .column("embedding"))
     pca = None
     if cfg.dim:
         path = join(run.root, "reduce", f"{out_key}.safetensors")
         if exists(path):
             pca = load_pca(path)
         else:
-            x = train_sample(run, keys, train_shards, cfg.fit_rows)
+            x = (full[::stride(len(full), cfg.fit_rows)] if full is not None
+                 else train_sample(run, keys, train_shards, cfg.fit_rows))
             pca = fit_pca(x, min(cfg.dim, x.shape[0] - 1, x.shape[1]), cfg.whiten, key=out_key)
             save_pca(pca, path)
-    if not cfg.stretch:
-        return pca, None
-    train = pa.concat_tables([member_table(run, keys, s) for s in train_shards])
-    x = embeddings_from_arrow(train.column("embedding"))
-    return pca, (pca.apply(x) if pca else x)
+    return pca, (pca.apply(full) if pca and full is not None else full)
 
 
 def reduce_settings(cfg: PipelineConfig) -> dict:
