@@ -9,7 +9,7 @@ For each config and side (query, reference, train) the first ``--limit`` images 
 folder go through what extraction does to them: decode, plan the side's views, cut, resize and
 embed every patch with every (model, scale) key. Verification re-checks the ``verify.top_k``
 best pairs of the first ``--limit`` queries of ``--predictions`` (fresh keypoint cache, as the
-stage starts); with ``fuse.threshold: auto`` those queries' best train decoys in ``--decoys`` (a
+stage starts); with ``fuse.threshold: auto`` those queries' best ``verify.decoy_top_k`` train decoys in ``--decoys`` (a
 run's ``fused_decoys.parquet``) are verified too, as the stage does. Times are CPU-seconds of
 this process with one torch / onnxruntime / OpenCV / BLAS thread, so other load on the machine does not
 skew them and the configs compare in one run. ``per query`` = query extraction + verification of
@@ -44,6 +44,7 @@ from jobs.config import PipelineConfig, load_config  # noqa: E402
 from jobs.layout import RunDir  # noqa: E402
 from jobs.stages.extract import key_specs  # noqa: E402
 from jobs.stages.patch import resolve_detector  # noqa: E402
+from jobs.stages.verify import decoy_depth  # noqa: E402
 from patchers.extract import cut_patch  # noqa: E402
 from patchers.plan import plan_images  # noqa: E402
 from patchers.proposals import ProposalParams  # noqa: E402
@@ -85,16 +86,17 @@ def side_seconds(cfg: PipelineConfig, side: str, images: list[tuple[str, str]],
     return (time.process_time() - t0) / len(images), len(rows) / len(images)
 
 
-def verify_seconds(cfg: PipelineConfig, pairs: pa.Table, queries: str, references: str, limit: int) -> float:
-    """CPU-seconds per query to verify the ``verify.top_k`` best ``pairs`` of the first ``limit``
-    queries against ``references`` (0 when verify is off)."""
+def verify_seconds(cfg: PipelineConfig, pairs: pa.Table, queries: str, references: str, limit: int,
+                   top_k: int) -> float:
+    """CPU-seconds per query to verify the ``top_k`` best ``pairs`` of the first ``limit`` queries
+    against ``references`` (0 when verify is off)."""
     if not cfg.verify.enabled:
         return 0.0
     first = sorted(set(pairs.column("query_id").to_pylist()))[:limit]
     pairs = pairs.filter(np.isin(np.asarray(pairs.column("query_id").to_pylist(), dtype=object), first))
-    pairs = top_k_per_query(pairs, cfg.verify.top_k)
+    pairs = top_k_per_query(pairs, top_k)
     t0 = time.process_time()
-    verify_pairs(pairs, dict(list_images(queries)), dict(list_images(references)), cfg.verify.top_k, load_rgb,
+    verify_pairs(pairs, dict(list_images(queries)), dict(list_images(references)), top_k, load_rgb,
                  cfg.verify.method, cfg.verify.max_side, mirror=cfg.verify.mirror)
     return (time.process_time() - t0) / len(first)
 
@@ -128,11 +130,13 @@ def main() -> None:
             print(f"{os.path.basename(path):28s} skipped: {e}", flush=True)
             continue
         per = {s: side_seconds(cfg, s, list_images(folders[s], args.limit), encs) for s in SIDES}
-        v = verify_seconds(cfg, read_predictions(args.predictions), args.queries, args.references, args.limit) \
+        v = verify_seconds(cfg, read_predictions(args.predictions), args.queries, args.references, args.limit,
+                           cfg.verify.top_k) \
             if args.predictions else float("nan")
         d = 0.0  # decoys are verified only for fuse.threshold auto; nan: no --decoys to time them on
         if cfg.decoys():
-            d = verify_seconds(cfg, read_table(args.decoys), args.queries, args.train, args.limit) \
+            d = verify_seconds(cfg, read_table(args.decoys), args.queries, args.train, args.limit,
+                               decoy_depth(cfg.verify)) \
                 if args.decoys else float("nan")
         per_query = per["query"][0] + v + d
         total = per_query + (sizes["reference"] * per["reference"][0] + sizes["train"] * per["train"][0]) \

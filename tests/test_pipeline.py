@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+from collections import Counter
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -167,10 +168,13 @@ def test_auto_threshold_from_train_decoys(ray_local, tiny_dataset, tmp_path):
 
     check("fused")
     assert json.loads(open(run.metrics).read()).get("threshold") == json.loads(open(run.threshold).read())["threshold"]
-    vcfg = load_config(None, [*sets, "verify.enabled=true", "verify.top_k=2", "verify.min_inliers=0",
-                              "verify.saturate=10"])
+    vcfg = load_config(None, [*sets, "verify.enabled=true", "verify.top_k=2", "verify.decoy_top_k=1",
+                              "verify.min_inliers=0", "verify.saturate=10"])
     run_stages(vcfg, ["fuse", "verify"])
-    assert read_table(join(run.verify, "rootsift-decoys")).num_rows > 0  # decoys verified as predictions are
+    per_query = [Counter(read_table(join(run.verify, name)).column("query_id").to_pylist())
+                 for name in ("rootsift", "rootsift-decoys")]
+    assert max(per_query[0].values()) == 2 and set(per_query[1].values()) == {1}  # decoys: the best one only
+    assert set(per_query[1]) == set(decoys.column("query_id").to_pylist())
     check("verified")
 
 

@@ -215,3 +215,13 @@ def test_a_confirmed_pair_gains_the_confirm_step_at_once():
     np.testing.assert_allclose(inlier_bonus(cols, cfg), [0.6, 0.1, 0.0, 0.0])
     anything = cfg.model_copy(update={"min_inliers": 0})
     assert inlier_bonus(cols, anything)[-1] == 0.0
+
+
+def test_decoys_are_never_verified_deeper_than_the_predictions():
+    """A decoy past ``top_k`` would be penalised where a non-copy prediction keeps its score, and
+    the threshold would trust scores it should not."""
+    from jobs.config import VerifyConfig
+    from jobs.stages.verify import decoy_depth
+
+    assert decoy_depth(VerifyConfig(top_k=5, decoy_top_k=2)) == 2
+    assert decoy_depth(VerifyConfig(top_k=1, decoy_top_k=2)) == 1

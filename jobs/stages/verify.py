@@ -148,7 +148,7 @@ def read_cache(run: RunDir, name: str) -> pa.Table:
 
 
 def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, paths_ref: ray.ObjectRef,
-                decoys: bool = False) -> pa.Table:
+                top_k: int, decoys: bool = False) -> pa.Table:
     """Scorer ``name``'s column for the pairs of ``todo`` (and no others), from its cache plus new Ray
     tasks (``decoys``: pairs of queries and train photos, cached apart in ``<scorer>-decoys``)."""
     wanted = todo.select(KEYS)
@@ -168,11 +168,17 @@ def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, pat
     for i, a, b in chunks(len(queries), plan.queries_per_task):
         part = todo.filter(pc.is_in(todo.column("query_id"), pa.array(queries[a:b])))
         shard = join(folder, f"part-{start + i:05d}.parquet")
-        calls.append((part, paths_ref, settings, registry, cfg.verify.top_k, shard, side))
+        calls.append((part, paths_ref, settings, registry, top_k, shard, side))
     run_tasks(verify_chunk, calls, f"verify {name}{' decoys' if decoys else ''}")
     new = [read_table(s) for s in list_shards(folder) if s not in before]
     # the cache may hold pairs of an earlier, larger top_k (or another fusion): they get no bonus now
     return pa.concat_tables(done + new).join(wanted, KEYS, join_type="left semi")
+
+
+def decoy_depth(cfg: VerifyConfig) -> int:
+    """Train decoys verified per query: never deeper than the predictions, or decoys would be
+    penalised where non-copies are not."""
+    return min(cfg.decoy_top_k, cfg.top_k)
 
 
 def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
@@ -193,10 +199,12 @@ def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
 
 def verify_fused(cfg: PipelineConfig, run: RunDir, fused: pa.Table, paths_ref: ray.ObjectRef,
                  decoys: bool = False) -> pa.Table:
-    """``fused`` re-scored by the method's scorers on each query's top ``verify.top_k``."""
-    todo = top_k_per_query(fused, cfg.verify.top_k)
+    """``fused`` re-scored by the method's scorers on each query's top ``verify.top_k`` (decoys: top
+    ``verify.decoy_top_k``, at most as deep)."""
+    top_k = decoy_depth(cfg.verify) if decoys else cfg.verify.top_k
+    todo = top_k_per_query(fused, top_k)
     scorers = METHODS[cfg.verify.method].scorers
-    checked = {name: score_pairs(name, cfg, run, todo, paths_ref, decoys) for name in scorers}
+    checked = {name: score_pairs(name, cfg, run, todo, paths_ref, top_k, decoys) for name in scorers}
     counts = ", ".join(f"{name} {t.num_rows}" for name, t in checked.items())
     log.info(f"verify ({cfg.verify.method}){' decoys' if decoys else ''}: pairs scored: {counts}")
     return rescore(fused, checked, cfg.verify)
