@@ -22,7 +22,7 @@ from core.imageio import IMAGE_SUFFIXES, scan_images, sha256_file
 from core.metrics import read_ground_truth
 from core.store import exists, list_shards, read_table, write_table
 from jobs.config import SPLIT_FOLDERS, DataConfig
-from jobs.layout import RunDir
+from jobs.layout import RunDir, read_settings
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +143,12 @@ def pin_inputs(run: RunDir, folders: dict[str, str]) -> pa.Table:
     return new
 
 
-def check_ground_truth(path: str, inputs: pa.Table) -> list[tuple[str, str]]:
+def check_ground_truth(path: str, inputs: pa.Table, limit: int | None = None) -> list[tuple[str, str]]:
     """The ground-truth pairs, if every id names an image of its split in ``inputs`` (and no pair
-    repeats: :func:`core.metrics.read_ground_truth`); else an :class:`InputError` naming them."""
+    repeats: :func:`core.metrics.read_ground_truth`); else an :class:`InputError` naming them.
+
+    With ``data.limit`` (``limit``) only pairs of the images taken are returned: a copy whose query
+    or reference was left out cannot be found, and counting it as missed would understate recall."""
     pairs = read_ground_truth(path)
     ids = {s: {i for i, _ in files} for s, files in images(inputs).items()}
     unknown = sorted({f"query {q!r}" for q, _ in pairs if q not in ids.get("query", ())} |
@@ -153,4 +156,18 @@ def check_ground_truth(path: str, inputs: pa.Table) -> list[tuple[str, str]]:
     if unknown:
         raise InputError(f"{path}: {len(unknown)} id(s) of the ground truth are not images of this run's "
                          f"queries/references (an id is the file name without extension): {_some(unknown)}")
-    return pairs
+    if not limit:
+        return pairs
+    taken = {s: {i for i, _ in files} for s, files in images(inputs, limit).items()}
+    kept = [(q, r) for q, r in pairs if q in taken.get("query", ()) and r in taken.get("reference", ())]
+    if len(kept) < len(pairs):
+        log.info(f"{path}: {len(pairs) - len(kept)} of {len(pairs)} pair(s) name images past data.limit "
+                 f"{limit}; scoring the other {len(kept)}")
+    return kept
+
+
+def run_ground_truth(path: str, run: RunDir) -> list[tuple[str, str]]:
+    """The ground-truth pairs of ``run``'s images (its pinned inputs, within its ``data.limit``)."""
+    if not exists(run.inputs):
+        return read_ground_truth(path)
+    return check_ground_truth(path, read_table(run.inputs), (read_settings(run.manifest) or {}).get("limit"))

@@ -10,10 +10,10 @@ import yaml
 
 from core.metrics import Metrics
 from core.models.sscd import ensure_sscd
-from core.store import exists, read_table, write_text
+from core.store import write_text
 from jobs.completeness import require_candidates
 from jobs.config import PipelineConfig
-from jobs.inputs import check_ground_truth
+from jobs.inputs import run_ground_truth
 from jobs.layout import RunDir
 from jobs.lock import locked
 from jobs.preflight import preflight
@@ -76,9 +76,8 @@ def evaluate_run(cfg: PipelineConfig) -> Metrics | None:
     t = threshold_of(cfg, run)
     with locked(run):
         require_candidates(cfg, run, "evaluate")
-        if exists(run.inputs):
-            check_ground_truth(gt, read_table(run.inputs))
-        m = evaluate_run_files(run.predictions, gt, run.metrics, run.pr_curve, label=cfg.name, threshold=t)
+        m = evaluate_run_files(run.predictions, run_ground_truth(gt, run), run.metrics, run.pr_curve,
+                               label=cfg.name, threshold=t)
     log.info(f"evaluate: {format_metrics(m, t)}  ({run.metrics}, {run.pr_curve})")
     return m
 

@@ -139,6 +139,17 @@ def test_ground_truth_ids_must_be_images_of_their_own_split(data, tmp_path):
         check_ground_truth(gt(tmp_path / "bad.csv", [("R1", "R2"), ("Q1", "Q2")]), inputs)
 
 
+def test_with_a_limit_only_pairs_of_the_images_taken_are_scored(data, tmp_path):
+    """data.limit 2 takes queries Q1, Q2 and references Q1, R1: a copy of R2 or of sub/Q3 cannot be
+    found, so it is no miss; an id that is no image at all is still refused."""
+    inputs = scan_inputs(split_folders(DataConfig(root=str(data))))
+    path = gt(tmp_path / "gt.csv", [("Q1", "R1"), ("Q2", "R2"), ("sub/Q3", "Q1"), ("Q2", "Q1")])
+    assert check_ground_truth(path, inputs, limit=2) == [("Q1", "R1"), ("Q2", "Q1")]
+    assert len(check_ground_truth(path, inputs)) == 4
+    with pytest.raises(InputError, match="reference 'R9'"):
+        check_ground_truth(gt(tmp_path / "bad.csv", [("Q1", "R9")]), inputs, limit=2)
+
+
 def test_a_missing_upstream_file_is_named_with_its_producer(tmp_path):
     folder = tmp_path / "features"
     touch(folder / "query-00000-0000.parquet")

@@ -178,6 +178,14 @@ def test_auto_threshold_from_train_decoys(ray_local, tiny_dataset, tmp_path):
     check("verified")
 
 
+def test_a_limited_run_is_scored_on_the_pairs_of_its_images(ray_local, tiny_dataset, tmp_path):
+    """data.limit 4 takes Q000-Q003 and R000-R003: the copies of R005 and R007 cannot be found, so
+    recall counts the two copies of R001 and R003 only."""
+    out = tmp_path / "run"
+    m = run_pipeline(load_config(None, [f"data.root={tiny_dataset}", f"output={out}", *TINY, "data.limit=4"]))
+    assert m.n_positives == json.loads((out / "metrics.json").read_text())["n_positives"] == 2
+
+
 def test_auto_threshold_needs_train_photos(tiny_dataset, tmp_path):
     import shutil
     shutil.rmtree(tiny_dataset / "train")

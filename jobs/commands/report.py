@@ -16,6 +16,7 @@ from ensemble.report import build_report
 from ensemble.report.analysis import Scored, family_recall, score
 from jobs.commands.base import arg, command
 from jobs.config import ConfigError, validate
+from jobs.inputs import run_ground_truth
 from jobs.layout import RunDir, image_paths, shard_names
 from jobs.lock import locked
 
@@ -67,7 +68,7 @@ def write_report(run_dir: str, ground_truth: str | None = None, meta: str | None
         gt_path = ground_truth_path(run, ground_truth)
         preds = read_predictions(run.predictions) if os.path.isfile(run.predictions) else None
         paths = image_paths(run) if exists(run.manifest) else {}
-        return build_report(run.root, members(run), preds, read_ground_truth(gt_path), paths=paths,
+        return build_report(run.root, members(run), preds, run_ground_truth(gt_path, run), paths=paths,
                             families=read_families(meta) if meta else None, k=k,
                             title=f"copydet report: {os.path.basename(run.root)}",
                             notes=[f"ground truth: {gt_path}"])
