@@ -6,11 +6,13 @@ Everything here scores candidate settings with the real pipeline functions (norm
 Ties keep the earlier setting: the untuned start for thresholds, the smaller beta for beta,
 the simpler fusion (uncalibrated before calibrated, max before mean before threshold rules).
 :func:`tune_members` tunes a whole ensemble: one beta, then whether members are calibrated onto
-one scale (:mod:`ensemble.calibrate`), the rule and per-member thresholds.
+one scale (:mod:`ensemble.calibrate`), the rule and per-member thresholds; :func:`held_out_map` says
+what those choices are worth on queries they were not made on.
 """
 from __future__ import annotations
 
 import logging
+import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from itertools import combinations
@@ -30,6 +32,7 @@ GT = Sequence[tuple[str, str]]
 RULES = ("completeness", "confidence")  # fusion rules with thresholds worth tuning
 DEFAULT_QUANTILES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 MAX_SUBSET_MEMBERS = 6  # every subset is scored up to this many members (63 subsets)
+HELD_OUT_FOLDS = 2
 
 
 def predictions_map(pred: pa.Table, gt: GT, k: int = 10) -> float:
@@ -133,6 +136,7 @@ class TuneResult:
     tuned_beta: bool
     tuned_fusion: bool
     subsets: dict[tuple[str, ...], float] = field(default_factory=dict)  # :func:`subset_maps` at the tuned beta
+    map_held_out: float | None = None  # :func:`held_out_map`
 
 
 def per_model_scores(members: Sequence[Member], beta: float) -> pa.Table:
@@ -212,9 +216,51 @@ def tune_fusion(members: Sequence[Member], gt: GT, start: Setting, k: int) -> Se
     return best[1]
 
 
+def tune_setting(members: Sequence[Member], gt: GT, before: Setting, beta_grid: Sequence[float],
+                 k: int) -> Setting:
+    """Beta (when every member has train biases, else 0: raw scores), then thresholds + rule (>= 2 members)."""
+    tuned_beta = all(m.bias is not None for m in members)
+    after = replace(before, beta=joint_beta(members, gt, beta_grid, k)[0] if tuned_beta else 0.0)
+    return tune_fusion(members, gt, after, k) if len(members) > 1 else after
+
+
+def query_fold(query_id: str, folds: int) -> int:
+    """A query's fold: a hash of its id, so the folds do not depend on the order of the files."""
+    return zlib.crc32(query_id.encode()) % folds
+
+
+def restrict(m: Member, queries: set[str]) -> Member:
+    """``m`` on ``queries`` only: their candidates and their query patches' biases."""
+    keep = pa.array(sorted(queries), pa.string())
+    bias = None if m.bias is None else m.bias.filter(pc.is_in(m.bias.column("image_id"), keep))
+    return Member(m.key, m.candidates.filter(pc.is_in(m.candidates.column("query_id"), keep)), bias, m.scale)
+
+
+def held_out_map(members: Sequence[Member], gt: GT, before: Setting, beta_grid: Sequence[float], k: int,
+                 folds: int = HELD_OUT_FOLDS) -> float | None:
+    """μAP of the tuning on queries it did not see: each fold of the split's queries is predicted
+    with the setting :func:`tune_setting` picks on the other folds, and the folds are scored
+    together. The tuned μAP is measured on the queries it was tuned on, so it flatters every
+    choice; the gap between the two is what the choices fit to this split. None when a fold's
+    complement has no copies to tune on."""
+    queries = set().union(*(m.candidates.column("query_id").to_pylist() for m in members))
+    predicted = []
+    for f in range(folds):
+        seen = {q for q in queries if query_fold(q, folds) != f}
+        seen_gt = [p for p in gt if p[0] in seen]
+        if not seen_gt:
+            return None
+        if seen == queries:
+            continue
+        s = tune_setting([restrict(m, seen) for m in members], seen_gt, before, beta_grid, k)
+        predicted.append(final_predictions([restrict(m, queries - seen) for m in members], s, k))
+    return predictions_map(pa.concat_tables(predicted), gt, k) if predicted else None
+
+
 def tune_members(members: Sequence[Member], gt: GT, before: Setting, beta_grid: Sequence[float],
                  k: int) -> TuneResult:
-    """Tune beta (when every member has train biases), then thresholds + rule (>= 2 members)."""
+    """Tune beta (when every member has train biases), then thresholds + rule (>= 2 members); with
+    the tuned setting's μAP on the split and on held-out queries (:func:`held_out_map`)."""
     def maybe_map(s: Setting) -> float | None:
         try:
             return setting_map(members, gt, s, k)
@@ -223,15 +269,12 @@ def tune_members(members: Sequence[Member], gt: GT, before: Setting, beta_grid: 
             return None
 
     tuned_beta = all(m.bias is not None for m in members)
-    beta = joint_beta(members, gt, beta_grid, k)[0] if tuned_beta else before.beta
-    after = replace(before, beta=beta if tuned_beta else 0.0)
-    tuned_fusion = len(members) > 1
-    if tuned_fusion:
-        after = tune_fusion(members, gt, after, k)
+    after = tune_setting(members, gt, before, beta_grid, k)
     if not tuned_beta:  # what the run does without train features: raw scores
         before = replace(before, beta=0.0)
     return TuneResult(
         before=before, after=after, map_before=maybe_map(before), map_after=setting_map(members, gt, after, k),
         members_before={m.key: setting_map([m], gt, Setting(before.beta, "max", {}), k) for m in members},
         members_after={m.key: setting_map([m], gt, Setting(after.beta, "max", {}), k) for m in members},
-        tuned_beta=tuned_beta, tuned_fusion=tuned_fusion, subsets=subset_maps(members, gt, after.beta, k))
+        tuned_beta=tuned_beta, tuned_fusion=len(members) > 1, subsets=subset_maps(members, gt, after.beta, k),
+        map_held_out=held_out_map(members, gt, before, beta_grid, k))

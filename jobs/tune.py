@@ -26,6 +26,7 @@ from ensemble.calibrate import background_scale
 from ensemble.normalize import bias_table
 from ensemble.tune import (
     GT,
+    HELD_OUT_FOLDS,
     Member,
     Setting,
     TuneResult,
@@ -182,6 +183,8 @@ def format_table(result: TuneResult) -> str:
              for m in result.members_before]
     rows.append(("μAP ensemble" if len(result.members_before) > 1 else "μAP", _fmt(result.map_before),
                  _fmt(result.map_after)))
+    rows.append((f"  on held-out queries ({HELD_OUT_FOLDS} folds)", "",
+                 _fmt(result.map_held_out)))
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     return "\n".join(f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}" for r in rows)
 
@@ -217,8 +220,8 @@ def provenance(source: str, split: Split, result: TuneResult, overrides: Sequenc
              f"Validation split ({split.description}); the evaluation queries and ground truth were not used."]
     if overrides:
         lines.append("Overrides: " + " ".join(overrides))
-    lines.append(f"Validation μAP: {_fmt(result.map_before)} (as given) -> {_fmt(result.map_after)} (tuned); "
-                 "tuned keys: " + (", ".join(tuned_values(result, threshold)) or "none"))
+    lines.append(f"Validation μAP: {_fmt(result.map_before)} (as given) -> {_fmt(result.map_after)} (tuned; "
+                 f"{_fmt(result.map_held_out)} on queries held out of the tuning); tuned keys: " + (", ".join(tuned_values(result, threshold)) or "none"))
     if threshold is not None:
         lines.append(format_threshold(threshold))
     return lines

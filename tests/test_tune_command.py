@@ -13,7 +13,16 @@ from core.metrics import read_ground_truth
 from ensemble.fuse import fuse_models
 from jobs.cli import main
 from jobs.config import load_config
-from ensemble.tune import Member, Setting, per_model_scores, setting_map, tune_members
+from ensemble.tune import (
+    Member,
+    Setting,
+    held_out_map,
+    per_model_scores,
+    query_fold,
+    restrict,
+    setting_map,
+    tune_members,
+)
 from jobs.tune import BETA_GRID, format_subsets, user_split
 from pretrain.synthetic import SplitSpec, make_synthetic_split
 from tests.conftest import synthetic_photo
@@ -133,6 +142,24 @@ def test_tune_members_finds_known_beta_and_thresholds():
     assert two.subsets[("A", "B")] < 1.0 and one.subsets == {}
     lines = format_subsets(two).splitlines()[1:]
     assert lines[0] == f"  {1.0:.4f}  A" and sorted(lines, reverse=True) == lines and len(lines) == 3
+
+
+def test_held_out_map_predicts_each_fold_with_the_setting_tuned_on_the_other():
+    """Copy c0 scores 0.80 with a high bias (0.9), the non-copy n0 0.60 with none: their fold wants
+    beta 0. In the other fold the non-copy n1 has the bias (0.79) and the copy c1 not (0.61): beta 1.
+    On the whole split one beta serves both folds half well; held out, each fold gets the other's beta,
+    which ranks its non-copy first: n1 0.79, c1 0.61, n0 0.60, c0 -0.10 -> μAP (1/2 + 2/4) / 2."""
+    names = [f"q{i}" for i in range(100)]
+    first = [q for q in names if query_fold(q, 2) == 0][:2]
+    second = [q for q in names if query_fold(q, 2) == 1][:2]
+    (c0, n0), (c1, n1) = first, second
+    gt = [(c0, "r0"), (c1, "r1")]
+    a = _member("A", [(c0, "r0", 0.80), (n0, "r9", 0.60), (c1, "r1", 0.61), (n1, "r8", 0.79)],
+                {c0: 0.9, n0: 0.0, c1: 0.0, n1: 0.9})
+    result = tune_members([a], gt, Setting(0.0, "max", {}), [0.0, 1.0], k=5)
+    assert result.map_held_out == pytest.approx(0.5)
+    assert result.map_after > result.map_held_out
+    assert held_out_map([restrict(a, {c0, n0})], [(c0, "r0")], Setting(0.0, "max", {}), [0.0, 1.0], 5) is None
 
 
 def test_matched_split_sizes_keep_the_reference_to_background_ratio():
