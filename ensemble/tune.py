@@ -6,7 +6,7 @@ Everything here scores candidate settings with the real pipeline functions (norm
 Ties keep the earlier setting: the untuned start for thresholds, the smaller beta for beta,
 the simpler fusion (uncalibrated before calibrated, max before mean before threshold rules).
 :func:`tune_members` tunes a whole ensemble: one beta, then whether members are calibrated onto
-one scale (:mod:`ensemble.calibrate`), the rule and per-member thresholds; :func:`held_out_map` says
+one scale (:mod:`ensemble.calibrate`), the rule and per-member thresholds; :func:`held_out_maps` says
 what those choices are worth on queries they were not made on.
 """
 from __future__ import annotations
@@ -136,7 +136,17 @@ class TuneResult:
     tuned_beta: bool
     tuned_fusion: bool
     subsets: dict[tuple[str, ...], float] = field(default_factory=dict)  # :func:`subset_maps` at the tuned beta
-    map_held_out: float | None = None  # :func:`held_out_map`
+    held_out: tuple[float | None, float] | None = None  # :func:`held_out_maps`: (as given, tuned)
+
+    @property
+    def adopted(self) -> bool:
+        """Whether the tuned setting replaces the given one: not when it did no better than the
+        given one on held-out queries (its gain on the split was fitted, not learnt)."""
+        return self.held_out is None or self.held_out[0] is None or self.held_out[1] > self.held_out[0]
+
+    @property
+    def chosen(self) -> Setting:
+        return self.after if self.adopted else self.before
 
 
 def per_model_scores(members: Sequence[Member], beta: float) -> pa.Table:
@@ -148,6 +158,15 @@ def per_model_scores(members: Sequence[Member], beta: float) -> pa.Table:
 def setting_map(members: Sequence[Member], gt: GT, s: Setting, k: int) -> float:
     """μAP of ``s`` as the fuse stage would apply it."""
     return fused_map(per_model_scores(members, s.beta), gt, s.thresholds, s.rule, k, s.factors)
+
+
+def scorable_map(members: Sequence[Member], gt: GT, s: Setting, k: int) -> float | None:
+    """:func:`setting_map`, or None when ``s`` cannot run (e.g. rule 'confidence' without thresholds)."""
+    try:
+        return setting_map(members, gt, s, k)
+    except ValueError as e:
+        log.warning(f"tune: the configured fusion cannot be scored ({e})")
+        return None
 
 
 def final_predictions(members: Sequence[Member], s: Setting, k: int) -> pa.Table:
@@ -236,45 +255,43 @@ def restrict(m: Member, queries: set[str]) -> Member:
     return Member(m.key, m.candidates.filter(pc.is_in(m.candidates.column("query_id"), keep)), bias, m.scale)
 
 
-def held_out_map(members: Sequence[Member], gt: GT, before: Setting, beta_grid: Sequence[float], k: int,
-                 folds: int = HELD_OUT_FOLDS) -> float | None:
-    """μAP of the tuning on queries it did not see: each fold of the split's queries is predicted
-    with the setting :func:`tune_setting` picks on the other folds, and the folds are scored
-    together. The tuned μAP is measured on the queries it was tuned on, so it flatters every
-    choice; the gap between the two is what the choices fit to this split. None when a fold's
-    complement has no copies to tune on."""
+def held_out_maps(members: Sequence[Member], gt: GT, before: Setting, beta_grid: Sequence[float], k: int,
+                  folds: int = HELD_OUT_FOLDS) -> tuple[float | None, float] | None:
+    """``(as given, tuned)`` μAP on queries the tuning did not see: the split's queries in ``folds``
+    folds by a hash of the id, each fold scored with ``before`` and with the setting
+    :func:`tune_setting` picks on the other folds, then averaged over the folds (each fold ranked
+    under one setting, as a run is). The tuned μAP of :func:`tune_members` is measured on the
+    queries it was tuned on and flatters every choice; this one does not. None when a fold or its
+    complement has no copies."""
     queries = set().union(*(m.candidates.column("query_id").to_pylist() for m in members))
-    predicted = []
+    given, tuned = [], []
     for f in range(folds):
-        seen = {q for q in queries if query_fold(q, folds) != f}
-        seen_gt = [p for p in gt if p[0] in seen]
-        if not seen_gt:
+        held = {q for q in queries if query_fold(q, folds) == f}
+        seen_gt, held_gt = [p for p in gt if p[0] in queries - held], [p for p in gt if p[0] in held]
+        if not seen_gt or not held_gt:
             return None
-        if seen == queries:
-            continue
-        s = tune_setting([restrict(m, seen) for m in members], seen_gt, before, beta_grid, k)
-        predicted.append(final_predictions([restrict(m, queries - seen) for m in members], s, k))
-    return predictions_map(pa.concat_tables(predicted), gt, k) if predicted else None
+        s = tune_setting([restrict(m, queries - held) for m in members], seen_gt, before, beta_grid, k)
+        on_held = [restrict(m, held) for m in members]
+        given.append(scorable_map(on_held, held_gt, before, k))
+        tuned.append(setting_map(on_held, held_gt, s, k))
+    return None if None in given else float(np.mean(given)), float(np.mean(tuned))
 
 
 def tune_members(members: Sequence[Member], gt: GT, before: Setting, beta_grid: Sequence[float],
                  k: int) -> TuneResult:
     """Tune beta (when every member has train biases), then thresholds + rule (>= 2 members); with
-    the tuned setting's μAP on the split and on held-out queries (:func:`held_out_map`)."""
-    def maybe_map(s: Setting) -> float | None:
-        try:
-            return setting_map(members, gt, s, k)
-        except ValueError as e:  # e.g. rule 'confidence' with no thresholds yet
-            log.warning(f"tune: the configured fusion cannot be scored ({e})")
-            return None
-
+    the tuned setting's μAP on the split and on held-out queries (:func:`held_out_maps`)."""
     tuned_beta = all(m.bias is not None for m in members)
     after = tune_setting(members, gt, before, beta_grid, k)
     if not tuned_beta:  # what the run does without train features: raw scores
         before = replace(before, beta=0.0)
-    return TuneResult(
-        before=before, after=after, map_before=maybe_map(before), map_after=setting_map(members, gt, after, k),
+    result = TuneResult(
+        before=before, after=after, map_before=scorable_map(members, gt, before, k), map_after=setting_map(members, gt, after, k),
         members_before={m.key: setting_map([m], gt, Setting(before.beta, "max", {}), k) for m in members},
         members_after={m.key: setting_map([m], gt, Setting(after.beta, "max", {}), k) for m in members},
         tuned_beta=tuned_beta, tuned_fusion=len(members) > 1, subsets=subset_maps(members, gt, after.beta, k),
-        map_held_out=held_out_map(members, gt, before, beta_grid, k))
+        held_out=held_out_maps(members, gt, before, beta_grid, k))
+    if not result.adopted:
+        log.info(f"tune: on held-out queries the tuned setting scores {result.held_out[1]:.4f} μAP, the given one "
+                 f"{result.held_out[0]:.4f}: keeping the given one")
+    return result

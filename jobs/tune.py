@@ -139,14 +139,16 @@ def tune_on_split(cfg: PipelineConfig, split: Split, run_dir: str, beta_grid: Se
     run = RunDir(vcfg.output)
     members = [load_member(run, key, cfg.search.normalize.neighbours) for key in vcfg.search_keys()]
     result = tune_members(members, gt, before_setting(cfg), beta_grid, cfg.fuse.k)
-    return result, None if cfg.decoys() else calibrate_threshold(cfg, vcfg, members, gt, result.after)
+    return result, None if cfg.decoys() else calibrate_threshold(cfg, vcfg, members, gt, result.chosen)
 
 
 # ---------------------------------------------------------------- output
 
 def tuned_values(result: TuneResult, threshold: Threshold | None = None) -> dict[str, Any]:
-    """Dotted config key -> tuned value (only the keys that were tuned)."""
+    """Dotted config key -> tuned value (only the keys tuned, when the tuned setting is adopted)."""
     out: dict[str, Any] = {"fuse.threshold": threshold.value} if threshold is not None else {}
+    if not result.adopted:
+        return out
     if result.tuned_beta:
         out["search.normalize.enabled"] = result.after.beta > 0
         out["search.normalize.beta"] = result.after.beta
@@ -183,10 +185,13 @@ def format_table(result: TuneResult) -> str:
              for m in result.members_before]
     rows.append(("μAP ensemble" if len(result.members_before) > 1 else "μAP", _fmt(result.map_before),
                  _fmt(result.map_after)))
-    rows.append((f"  on held-out queries ({HELD_OUT_FOLDS} folds)", "",
-                 _fmt(result.map_held_out)))
+    given, tuned = result.held_out or (None, None)
+    rows.append((f"  on held-out queries ({HELD_OUT_FOLDS} folds)", _fmt(given), _fmt(tuned)))
     w = [max(len(r[i]) for r in rows) for i in range(3)]
-    return "\n".join(f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}" for r in rows)
+    table = "\n".join(f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}" for r in rows)
+    if result.adopted:
+        return table
+    return table + "\nkept the given setting: the tuned one did no better on held-out queries"
 
 
 def format_subsets(result: TuneResult) -> str:
@@ -220,8 +225,9 @@ def provenance(source: str, split: Split, result: TuneResult, overrides: Sequenc
              f"Validation split ({split.description}); the evaluation queries and ground truth were not used."]
     if overrides:
         lines.append("Overrides: " + " ".join(overrides))
-    lines.append(f"Validation μAP: {_fmt(result.map_before)} (as given) -> {_fmt(result.map_after)} (tuned; "
-                 f"{_fmt(result.map_held_out)} on queries held out of the tuning); tuned keys: " + (", ".join(tuned_values(result, threshold)) or "none"))
+    given, tuned = result.held_out or (None, None)
+    lines.append(f"Validation μAP: {_fmt(result.map_before)} (as given) -> {_fmt(result.map_after)} (tuned); "
+                 f"on queries held out of the tuning {_fmt(given)} -> {_fmt(tuned)}; tuned keys: " + (", ".join(tuned_values(result, threshold)) or "none"))
     if threshold is not None:
         lines.append(format_threshold(threshold))
     return lines

@@ -16,14 +16,14 @@ from jobs.config import load_config
 from ensemble.tune import (
     Member,
     Setting,
-    held_out_map,
+    held_out_maps,
     per_model_scores,
     query_fold,
     restrict,
     setting_map,
     tune_members,
 )
-from jobs.tune import BETA_GRID, format_subsets, user_split
+from jobs.tune import BETA_GRID, format_subsets, format_table, tuned_values, user_split
 from pretrain.synthetic import SplitSpec, make_synthetic_split
 from tests.conftest import synthetic_photo
 
@@ -55,7 +55,10 @@ def test_tune_writes_a_config_run_accepts(ray_local, tiny_dataset, tmp_path):
     assert text.startswith("# Tuned by `copydet tune`") and "evaluation queries and ground truth were not used" in text
     tuned = load_config(tuned_path)
     norm = tuned.search.normalize
-    assert norm.beta in BETA_GRID and norm.enabled == (norm.beta > 0)
+    keys = next(line for line in text.splitlines() if "tuned keys: " in line).split("tuned keys: ")[1]
+    adopted = "search.normalize.beta" in keys
+    assert keys in ("fuse.threshold", "fuse.threshold, search.normalize.enabled, search.normalize.beta")
+    assert (norm.beta in BETA_GRID and norm.enabled == (norm.beta > 0)) if adopted else norm.beta == 0.3
     assert [(m.name, m.scales) for m in tuned.models] == [("tiny_cnn", [64])]  # --set overrides kept
     assert tuned.fuse.thresholds == {} and tuned.fuse.rule == "max"  # one member: fusion is not tuned
     assert "fuse:" in text and "threshold:" in text.split("fuse:", 1)[1]  # calibrated (or null: never reached)
@@ -144,22 +147,24 @@ def test_tune_members_finds_known_beta_and_thresholds():
     assert lines[0] == f"  {1.0:.4f}  A" and sorted(lines, reverse=True) == lines and len(lines) == 3
 
 
-def test_held_out_map_predicts_each_fold_with_the_setting_tuned_on_the_other():
+def test_held_out_maps_score_each_fold_with_the_setting_tuned_on_the_other():
     """Copy c0 scores 0.80 with a high bias (0.9), the non-copy n0 0.60 with none: their fold wants
     beta 0. In the other fold the non-copy n1 has the bias (0.79) and the copy c1 not (0.61): beta 1.
-    On the whole split one beta serves both folds half well; held out, each fold gets the other's beta,
-    which ranks its non-copy first: n1 0.79, c1 0.61, n0 0.60, c0 -0.10 -> μAP (1/2 + 2/4) / 2."""
+    On the whole split beta 0 ties beta 1 (μAP 5/6). Held out, each fold gets the other's beta, which
+    ranks its non-copy first: μAP 1/2 in both; as given (beta 0): 1 and 1/2."""
     names = [f"q{i}" for i in range(100)]
-    first = [q for q in names if query_fold(q, 2) == 0][:2]
-    second = [q for q in names if query_fold(q, 2) == 1][:2]
-    (c0, n0), (c1, n1) = first, second
+    (c0, n0), (c1, n1) = ([q for q in names if query_fold(q, 2) == f][:2] for f in (0, 1))
     gt = [(c0, "r0"), (c1, "r1")]
     a = _member("A", [(c0, "r0", 0.80), (n0, "r9", 0.60), (c1, "r1", 0.61), (n1, "r8", 0.79)],
                 {c0: 0.9, n0: 0.0, c1: 0.0, n1: 0.9})
     result = tune_members([a], gt, Setting(0.0, "max", {}), [0.0, 1.0], k=5)
-    assert result.map_held_out == pytest.approx(0.5)
-    assert result.map_after > result.map_held_out
-    assert held_out_map([restrict(a, {c0, n0})], [(c0, "r0")], Setting(0.0, "max", {}), [0.0, 1.0], 5) is None
+    assert result.map_after == pytest.approx(5 / 6)
+    assert result.held_out == pytest.approx((0.75, 0.5))
+    assert "on held-out queries (2 folds)  0.7500  0.5000" in format_table(result)
+    assert not result.adopted and result.chosen == result.before  # fitted to the split, not learnt
+    assert tuned_values(result) == {} and "kept the given setting" in format_table(result)
+    one_fold = [restrict(a, {c0, n0})]  # the other fold has no copy to tune on
+    assert held_out_maps(one_fold, [(c0, "r0")], Setting(0.0, "max", {}), [0.0, 1.0], 5) is None
 
 
 def test_matched_split_sizes_keep_the_reference_to_background_ratio():
