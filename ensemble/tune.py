@@ -274,7 +274,7 @@ def held_out_maps(members: Sequence[Member], gt: GT, before: Setting, beta_grid:
         on_held = [restrict(m, held) for m in members]
         given.append(scorable_map(on_held, held_gt, before, k))
         tuned.append(setting_map(on_held, held_gt, s, k))
-    return None if None in given else float(np.mean(given)), float(np.mean(tuned))
+    return (None if None in given else float(np.mean(given))), float(np.mean(tuned))
 
 
 def tune_members(members: Sequence[Member], gt: GT, before: Setting, beta_grid: Sequence[float],
@@ -286,7 +286,8 @@ def tune_members(members: Sequence[Member], gt: GT, before: Setting, beta_grid: 
     if not tuned_beta:  # what the run does without train features: raw scores
         before = replace(before, beta=0.0)
     result = TuneResult(
-        before=before, after=after, map_before=scorable_map(members, gt, before, k), map_after=setting_map(members, gt, after, k),
+        before=before, after=after, map_before=scorable_map(members, gt, before, k),
+        map_after=setting_map(members, gt, after, k),
         members_before={m.key: setting_map([m], gt, Setting(before.beta, "max", {}), k) for m in members},
         members_after={m.key: setting_map([m], gt, Setting(after.beta, "max", {}), k) for m in members},
         tuned_beta=tuned_beta, tuned_fusion=len(members) > 1, subsets=subset_maps(members, gt, after.beta, k),
