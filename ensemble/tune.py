@@ -263,8 +263,8 @@ def held_out_maps(members: Sequence[Member], gt: GT, before: Setting, beta_grid:
     under one setting, as a run is). The tuned μAP of :func:`tune_members` is measured on the
     queries it was tuned on and flatters every choice; this one does not. None when a fold or its
     complement has no copies."""
-    queries = set().union(*(m.candidates.column("query_id").to_pylist() for m in members))
-    given, tuned = [], []
+    queries = {q for q, _ in gt}.union(*(m.candidates.column("query_id").to_pylist() for m in members))
+    given, tuned = [], []  # a copy no member retrieved counts as missed in its fold, as on the whole split
     for f in range(folds):
         held = {q for q in queries if query_fold(q, folds) == f}
         seen_gt, held_gt = [p for p in gt if p[0] in queries - held], [p for p in gt if p[0] in held]

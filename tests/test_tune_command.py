@@ -163,6 +163,9 @@ def test_held_out_maps_score_each_fold_with_the_setting_tuned_on_the_other():
     assert "on held-out queries (2 folds)  0.7500  0.5000" in format_table(result)
     assert not result.adopted and result.chosen == result.before  # fitted to the split, not learnt
     assert tuned_values(result) == {} and "kept the given setting" in format_table(result)
+    c2 = [q for q in names if query_fold(q, 2) == 0][2]  # a copy no member retrieved: missed in its fold
+    assert held_out_maps([a], [*gt, (c2, "r2")], Setting(0.0, "max", {}), [0.0, 1.0], 5) == pytest.approx(
+        ((1 / 2 + 1 / 2) / 2, (1 / 4 + 1 / 2) / 2))
     one_fold = [restrict(a, {c0, n0})]  # the other fold has no copy to tune on
     assert held_out_maps(one_fold, [(c0, "r0")], Setting(0.0, "max", {}), [0.0, 1.0], 5) is None
 
