@@ -226,8 +226,9 @@ def provenance(source: str, split: Split, result: TuneResult, overrides: Sequenc
     if overrides:
         lines.append("Overrides: " + " ".join(overrides))
     given, tuned = result.held_out or (None, None)
+    keys = ", ".join(tuned_values(result, threshold)) or "none"
     lines.append(f"Validation μAP: {_fmt(result.map_before)} (as given) -> {_fmt(result.map_after)} (tuned); "
-                 f"on queries held out of the tuning {_fmt(given)} -> {_fmt(tuned)}; tuned keys: " + (", ".join(tuned_values(result, threshold)) or "none"))
+                 f"on queries held out of the tuning {_fmt(given)} -> {_fmt(tuned)}; tuned keys: {keys}")
     if threshold is not None:
         lines.append(format_threshold(threshold))
     return lines
