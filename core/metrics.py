@@ -190,11 +190,6 @@ def write_predictions(table: pa.Table, path: str | os.PathLike) -> str:
     return str(path)
 
 
-def evaluate_files(gt_csv: str | os.PathLike, predictions_csv: str | os.PathLike) -> Metrics:
-    """Metrics of a prediction CSV against a ground-truth CSV."""
-    return evaluate_table(read_ground_truth(gt_csv), read_predictions(predictions_csv))
-
-
 def plot_pr(curves: Mapping[str, Metrics], path: str | os.PathLike) -> str:
     """Write a PNG with one precision-recall curve per name (μAP in the legend) and the P=0.9 line."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg

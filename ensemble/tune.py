@@ -235,11 +235,15 @@ def tune_fusion(members: Sequence[Member], gt: GT, start: Setting, k: int) -> Se
     return best[1]
 
 
+def normalisable(members: Sequence[Member]) -> bool:
+    """Whether beta can be tuned: every member has train biases to normalise against."""
+    return all(m.bias is not None for m in members)
+
+
 def tune_setting(members: Sequence[Member], gt: GT, before: Setting, beta_grid: Sequence[float],
                  k: int) -> Setting:
     """Beta (when every member has train biases, else 0: raw scores), then thresholds + rule (>= 2 members)."""
-    tuned_beta = all(m.bias is not None for m in members)
-    after = replace(before, beta=joint_beta(members, gt, beta_grid, k)[0] if tuned_beta else 0.0)
+    after = replace(before, beta=joint_beta(members, gt, beta_grid, k)[0] if normalisable(members) else 0.0)
     return tune_fusion(members, gt, after, k) if len(members) > 1 else after
 
 
@@ -281,7 +285,7 @@ def tune_members(members: Sequence[Member], gt: GT, before: Setting, beta_grid: 
                  k: int) -> TuneResult:
     """Tune beta (when every member has train biases), then thresholds + rule (>= 2 members); with
     the tuned setting's μAP on the split and on held-out queries (:func:`held_out_maps`)."""
-    tuned_beta = all(m.bias is not None for m in members)
+    tuned_beta = normalisable(members)
     after = tune_setting(members, gt, before, beta_grid, k)
     if not tuned_beta:  # what the run does without train features: raw scores
         before = replace(before, beta=0.0)

@@ -8,7 +8,7 @@ import pytest
 from core.metrics import (
     Metrics,
     evaluate,
-    evaluate_files,
+    evaluate_table,
     plot_pr,
     read_ground_truth,
     read_predictions,
@@ -147,7 +147,7 @@ def test_ids_with_commas_quotes_and_line_breaks_round_trip(tmp_path):
     gt = tmp_path / "gt.csv"
     gt.write_text('query_id,reference_id\n"Q,1",R1\n"Q\n3",R3\n')
     assert read_ground_truth(gt) == [("Q,1", "R1"), ("Q\n3", "R3")]
-    assert evaluate_files(gt, path).recall_at_1 == 1.0
+    assert evaluate_table(read_ground_truth(gt), read_predictions(path)).recall_at_1 == 1.0
 
 
 def test_a_repeated_ground_truth_pair_is_refused(tmp_path):
@@ -158,13 +158,13 @@ def test_a_repeated_ground_truth_pair_is_refused(tmp_path):
         read_ground_truth(gt)
 
 
-def test_ground_truth_csv_and_evaluate_files(tmp_path):
+def test_ground_truth_csv_and_predictions_csv_scored(tmp_path):
     gt_csv = tmp_path / "gt.csv"
     gt_csv.write_text("query_id,reference_id\nQ1,R1\nQ2,\nQ3,R3\n")
     assert read_ground_truth(gt_csv) == [("Q1", "R1"), ("Q3", "R3")]
     preds = write_predictions(pa.table({"query_id": ["Q1", "Q3"], "reference_id": ["R1", "R0"],
                                         "score": [0.9, 0.8]}), tmp_path / "p.csv")
-    m = evaluate_files(gt_csv, preds)
+    m = evaluate_table(read_ground_truth(gt_csv), read_predictions(preds))
     assert m.micro_ap == pytest.approx(0.5) and m.recall_at_1 == 0.5  # Q1 found, Q3 wrong
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from core.metrics import evaluate, read_predictions, write_predictions
+from core.metrics import evaluate, read_ground_truth, read_predictions, write_predictions
 from jobs.layout import RunDir
 from jobs.stages.evaluate import at_threshold, evaluate_run_files, format_metrics
 from jobs.stages.fuse import write_final
@@ -46,6 +46,6 @@ def test_copies_csv_follows_the_threshold_and_is_removed_without_one(tmp_path):
     gt = tmp_path / "gt.csv"
     gt.write_text("query_id,reference_id\n" + "".join(f"{q},{r}\n" for q, r in GT))
     write_predictions(table(PRED), run.predictions)
-    evaluate_run_files(run.predictions, str(gt), run.metrics, threshold=0.7)
+    evaluate_run_files(run.predictions, read_ground_truth(gt), run.metrics, threshold=0.7)
     saved = json.loads(open(run.metrics).read())
     assert saved["threshold"] == 0.7 and saved["precision_at_threshold"] == pytest.approx(0.75)

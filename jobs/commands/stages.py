@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from core.metrics import read_ground_truth
 from jobs.commands.base import arg, command, config_from_args
 from jobs.commands.report import META_HELP, write_report
 from jobs.layout import RunDir
@@ -71,7 +72,7 @@ stage_command("verify", "keypoint-verify each query's best candidates and re-sco
          arg("--threshold", type=float, help="also the precision and recall of the pairs scoring at or above this"))
 def evaluate(args: argparse.Namespace) -> int:
     if args.predictions and args.ground_truth:
-        m = evaluate_run_files(args.predictions, args.ground_truth, pr_png=args.plot)
+        m = evaluate_run_files(args.predictions, read_ground_truth(args.ground_truth), pr_png=args.plot)
         print(format_metrics(m, args.threshold))
         return 0
     return 0 if evaluate_run(config_from_args(args)) else 1
