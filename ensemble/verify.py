@@ -102,23 +102,25 @@ def _method(name: str) -> Method:
     return METHODS[name]
 
 
-def _gray(img: Image.Image | np.ndarray, max_side: int) -> np.ndarray:
-    """8-bit grey image whose longer side is at most ``max_side``."""
+def _gray(img: Image.Image | np.ndarray, max_side: int, min_side: int = 0) -> np.ndarray:
+    """8-bit grey image whose longer side is at most ``max_side`` and, enlarged (cubic) when
+    shorter, at least ``min_side`` (up to ``max_side``): a thumbnail has too few keypoints."""
     arr = np.asarray(img.convert("L") if isinstance(img, Image.Image) else img)
     if arr.ndim == 3:
         arr = cv2.cvtColor(np.ascontiguousarray(arr[:, :, :3], dtype=np.uint8), cv2.COLOR_RGB2GRAY)
-    scale = max_side / max(arr.shape[:2])
-    if scale < 1:
+    longer = max(arr.shape[:2])
+    scale = min(max(longer, min(min_side, max_side)), max_side) / longer
+    if scale != 1:
         arr = cv2.resize(arr, (max(1, round(arr.shape[1] * scale)), max(1, round(arr.shape[0] * scale))),
-                         interpolation=cv2.INTER_AREA)
+                         interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
 def describe(img: Image.Image | np.ndarray, method: str = "sift", max_side: int = 512,
-             mirrored: bool = False) -> Keypoints:
+             mirrored: bool = False, min_side: int = 0) -> Keypoints:
     """Keypoints and descriptors of an RGB (PIL or HxWx3 uint8) or grey image (of its mirror
     image when ``mirrored``)."""
-    gray = _gray(img, max_side)
+    gray = _gray(img, max_side, min_side)
     if mirrored:
         gray = np.ascontiguousarray(gray[:, ::-1])
     spec = _method(method)
@@ -130,13 +132,13 @@ def describe(img: Image.Image | np.ndarray, method: str = "sift", max_side: int 
 
 
 def mirror_view(plain: Keypoints, img: Image.Image | np.ndarray, method: str = "sift",
-                max_side: int = 512) -> Keypoints:
+                max_side: int = 512, min_side: int = 0) -> Keypoints:
     """The features of ``img``'s mirror image: ``plain``'s, mirrored, where the method's
     descriptor layout allows (SIFT: the same numbers as describing the flipped image, at no
     cost), else described anew."""
     permutation = _method(method).mirror
     if permutation is None:
-        return describe(img, method, max_side, mirrored=True)
+        return describe(img, method, max_side, mirrored=True, min_side=min_side)
     points = plain.points.copy()
     points[:, 0] = plain.size[0] - 1 - points[:, 0]
     desc = None if plain.descriptors is None else np.ascontiguousarray(plain.descriptors[:, permutation])
@@ -213,13 +215,15 @@ KEYPOINT_COLUMNS = {"inliers": pa.int32(), "keypoints": pa.int32()}
 
 @dataclass
 class KeypointScorer:
-    """RANSAC inliers of SIFT / ORB keypoints (``method``), images shrunk to ``max_side``; with
+    """RANSAC inliers of SIFT / ORB keypoints (``method``), images shrunk to ``max_side`` (and
+    enlarged to ``min_side``); with
     ``mirror`` the query's mirror image is matched too and the better view counts. ``keypoints``
     is the smaller image's keypoint count: how many inliers a copy had room for."""
 
     method: str = "sift"
     max_side: int = 512
     mirror: bool = True
+    min_side: int = 0
     columns: dict[str, pa.DataType] = field(default_factory=lambda: dict(KEYPOINT_COLUMNS))
     cache_size: int = 256
 
@@ -227,12 +231,12 @@ class KeypointScorer:
         _method(self.method)
 
     def describe(self, img: Image.Image) -> Keypoints:
-        return describe(img, self.method, self.max_side)
+        return describe(img, self.method, self.max_side, min_side=self.min_side)
 
     def describe_query(self, img: Image.Image) -> list[Keypoints]:
         """The query's views: as it is, and its mirror image when ``mirror``."""
         plain = self.describe(img)
-        return [plain, mirror_view(plain, img, self.method, self.max_side)] if self.mirror else [plain]
+        return [plain, mirror_view(plain, img, self.method, self.max_side, self.min_side)] if self.mirror else [plain]
 
     def check(self, query: Sequence[Keypoints], candidate: Keypoints) -> tuple[np.ndarray, tuple[int, int]]:
         """The inlier pairs of :func:`best_matches` and the row of ``columns``."""
@@ -265,10 +269,10 @@ class LearnedScorer:
 
 
 def _keypoint_scorer(method: str) -> Callable[..., PairScorer]:
-    return lambda max_side=512, mirror=True, **_: KeypointScorer(method, max_side, mirror)
+    return lambda max_side=512, mirror=True, min_side=0, **_: KeypointScorer(method, max_side, mirror, min_side)
 
 
-# scorer name -> factory(max_side, mirror, model, registry; other keywords ignored); config names select
+# scorer name -> factory(max_side, mirror, min_side, model, registry; other keywords ignored); config names select
 # them: one keypoint scorer per keypoint method, and the learned verifier
 SCORERS: dict[str, Callable[..., PairScorer]] = {
     **{name: _keypoint_scorer(name) for name in METHODS},

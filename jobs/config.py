@@ -212,6 +212,8 @@ class VerifyConfig(Strict):
                              "decoys: 2 gave the thresholds of 5 on ten synthetic splits at 2/5 of the time")
     method: Literal["sift", "rootsift", "orb", "learned", "learned+sift"] = "rootsift"
     max_side: int = Field(512, ge=64, description="keypoint methods: longer image side")
+    min_side: int = Field(256, ge=0, description="keypoint methods: images whose longer side is shorter are "
+                          "enlarged to it, never past max_side (a thumbnail has too few keypoints; 0: never)")
     mirror: bool = Field(True, description="keypoint methods: also match the query's mirror image (flipped copies)")
     min_inliers: int = Field(8, ge=0, description="no bonus below this many inliers")
     saturate: int = Field(40, ge=1, description="inliers at which the bonus is full")

@@ -44,6 +44,18 @@ def test_max_side_limits_the_image_and_blank_images_give_zero():
         inliers(big, big, method="surf")
 
 
+def test_min_side_enlarges_thumbnails_until_their_copies_verify():
+    """A 24-px thumbnail has two keypoints; enlarged to 256 px it confirms against its original."""
+    ref = textured(3)
+    thumb, unrelated = ref.resize((24, 24), Image.Resampling.BILINEAR), textured(4).resize((24, 24))
+    assert describe(thumb, min_side=256).size == (256, 256) and describe(ref, min_side=128).size == (256, 256)
+    assert describe(thumb, max_side=128, min_side=256).size == (128, 128)
+    plain, enlarged = KeypointScorer("rootsift", mirror=False), KeypointScorer("rootsift", mirror=False, min_side=256)
+    assert plain.compare(plain.describe_query(thumb), [plain.describe(ref)])[0][0] < 8
+    assert enlarged.compare(enlarged.describe_query(thumb), [enlarged.describe(ref)])[0][0] >= 8
+    assert enlarged.compare(enlarged.describe_query(unrelated), [enlarged.describe(ref)])[0][0] < 8
+
+
 def test_l2_matches_are_opencvs_mutual_ratio_test_matches():
     """One distance matrix gives the pairs of two OpenCV brute-force passes (knn a->b, nn b->a)."""
     import cv2
@@ -225,3 +237,11 @@ def test_decoys_are_never_verified_deeper_than_the_predictions():
 
     assert decoy_depth(VerifyConfig(top_k=5, decoy_top_k=2)) == 2
     assert decoy_depth(VerifyConfig(top_k=1, decoy_top_k=2)) == 1
+
+
+def test_min_side_is_pinned_and_reaches_the_scorer():
+    from jobs.config import load_config
+    from jobs.stages.verify import keypoint_settings, scorer_for
+
+    cfg = load_config(None, ["verify.min_side=128"])
+    assert keypoint_settings("rootsift", cfg)["min_side"] == 128 and scorer_for("rootsift", cfg).min_side == 128

@@ -80,8 +80,8 @@ METHODS: dict[str, Method] = {
 
 
 def keypoint_settings(name: str, cfg: PipelineConfig) -> dict:
-    return {"scorer": name, "max_side": cfg.verify.max_side, "mirror": cfg.verify.mirror,
-            "columns": list(KEYPOINT_COLUMNS)}
+    return {"scorer": name, "max_side": cfg.verify.max_side, "min_side": cfg.verify.min_side,
+            "mirror": cfg.verify.mirror, "columns": list(KEYPOINT_COLUMNS)}
 
 
 def learned_settings(name: str, cfg: PipelineConfig) -> dict:
