@@ -44,7 +44,7 @@ from jobs.config import PipelineConfig, load_config  # noqa: E402
 from jobs.layout import RunDir  # noqa: E402
 from jobs.stages.extract import key_specs  # noqa: E402
 from jobs.stages.patch import resolve_detector  # noqa: E402
-from jobs.stages.verify import decoy_depth  # noqa: E402
+from jobs.stages.verify import decoy_depth, scorer_for  # noqa: E402
 from patchers.extract import cut_patch  # noqa: E402
 from patchers.plan import plan_images  # noqa: E402
 from patchers.proposals import ProposalParams  # noqa: E402
@@ -97,7 +97,7 @@ def verify_seconds(cfg: PipelineConfig, pairs: pa.Table, queries: str, reference
     pairs = top_k_per_query(pairs, top_k)
     t0 = time.process_time()
     verify_pairs(pairs, dict(list_images(queries)), dict(list_images(references)), top_k, load_rgb,
-                 cfg.verify.method, cfg.verify.max_side, mirror=cfg.verify.mirror)
+                 scorer=scorer_for(cfg.verify.method, cfg))  # built as the stage builds it
     return (time.process_time() - t0) / len(first)
 
 

@@ -47,7 +47,8 @@ def screenshot_box(template: str) -> np.ndarray:
 def mapped_box(reference: str, query: str, min_inliers: int) -> np.ndarray | None:
     """The reference's outline mapped into the query (fractions, clipped), or None if unsure."""
     ref, qry = load_rgb(reference), load_rgb(query)
-    h, inliers = homography(describe(ref, max_side=max(ref.size)), describe(qry, max_side=max(qry.size)))
+    h, inliers = homography(describe(ref, max_side=max(ref.size), min_side=0),  # native pixel coordinates
+                           describe(qry, max_side=max(qry.size), min_side=0))
     if h is None or inliers < min_inliers:
         return None
     w, hgt = ref.size

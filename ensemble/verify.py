@@ -69,6 +69,9 @@ def root_sift(desc: np.ndarray) -> np.ndarray:
     return np.sqrt(desc / np.maximum(desc.sum(axis=1, keepdims=True), 1e-7))
 
 
+MIN_SIDE = 256  # thumbnails are enlarged to this longer side before detection (config: verify.min_side)
+
+
 @dataclass(frozen=True)
 class Method:
     create: Callable[[], cv2.Feature2D]
@@ -102,7 +105,7 @@ def _method(name: str) -> Method:
     return METHODS[name]
 
 
-def _gray(img: Image.Image | np.ndarray, max_side: int, min_side: int = 0) -> np.ndarray:
+def _gray(img: Image.Image | np.ndarray, max_side: int, min_side: int) -> np.ndarray:
     """8-bit grey image whose longer side is at most ``max_side`` and, enlarged (cubic) when
     shorter, at least ``min_side`` (up to ``max_side``): a thumbnail has too few keypoints."""
     arr = np.asarray(img.convert("L") if isinstance(img, Image.Image) else img)
@@ -117,7 +120,7 @@ def _gray(img: Image.Image | np.ndarray, max_side: int, min_side: int = 0) -> np
 
 
 def describe(img: Image.Image | np.ndarray, method: str = "sift", max_side: int = 512,
-             mirrored: bool = False, min_side: int = 0) -> Keypoints:
+             mirrored: bool = False, min_side: int = MIN_SIDE) -> Keypoints:
     """Keypoints and descriptors of an RGB (PIL or HxWx3 uint8) or grey image (of its mirror
     image when ``mirrored``)."""
     gray = _gray(img, max_side, min_side)
@@ -132,7 +135,7 @@ def describe(img: Image.Image | np.ndarray, method: str = "sift", max_side: int 
 
 
 def mirror_view(plain: Keypoints, img: Image.Image | np.ndarray, method: str = "sift",
-                max_side: int = 512, min_side: int = 0) -> Keypoints:
+                max_side: int = 512, min_side: int = MIN_SIDE) -> Keypoints:
     """The features of ``img``'s mirror image: ``plain``'s, mirrored, where the method's
     descriptor layout allows (SIFT: the same numbers as describing the flipped image, at no
     cost), else described anew."""
@@ -215,15 +218,15 @@ KEYPOINT_COLUMNS = {"inliers": pa.int32(), "keypoints": pa.int32()}
 
 @dataclass
 class KeypointScorer:
-    """RANSAC inliers of SIFT / ORB keypoints (``method``), images shrunk to ``max_side`` (and
-    enlarged to ``min_side``); with
-    ``mirror`` the query's mirror image is matched too and the better view counts. ``keypoints``
-    is the smaller image's keypoint count: how many inliers a copy had room for."""
+    """RANSAC inliers of SIFT / ORB keypoints (``method``), images shrunk to ``max_side`` and
+    thumbnails enlarged to ``min_side``; with ``mirror`` the query's mirror image is matched too and
+    the better view counts. ``keypoints`` is the smaller image's keypoint count: how many inliers a
+    copy had room for."""
 
     method: str = "sift"
     max_side: int = 512
     mirror: bool = True
-    min_side: int = 0
+    min_side: int = MIN_SIDE
     columns: dict[str, pa.DataType] = field(default_factory=lambda: dict(KEYPOINT_COLUMNS))
     cache_size: int = 256
 
@@ -236,7 +239,9 @@ class KeypointScorer:
     def describe_query(self, img: Image.Image) -> list[Keypoints]:
         """The query's views: as it is, and its mirror image when ``mirror``."""
         plain = self.describe(img)
-        return [plain, mirror_view(plain, img, self.method, self.max_side, self.min_side)] if self.mirror else [plain]
+        if not self.mirror:
+            return [plain]
+        return [plain, mirror_view(plain, img, self.method, self.max_side, self.min_side)]
 
     def check(self, query: Sequence[Keypoints], candidate: Keypoints) -> tuple[np.ndarray, tuple[int, int]]:
         """The inlier pairs of :func:`best_matches` and the row of ``columns``."""
@@ -269,11 +274,11 @@ class LearnedScorer:
 
 
 def _keypoint_scorer(method: str) -> Callable[..., PairScorer]:
-    return lambda max_side=512, mirror=True, min_side=0, **_: KeypointScorer(method, max_side, mirror, min_side)
+    return lambda max_side=512, mirror=True, min_side=MIN_SIDE, **_: KeypointScorer(method, max_side, mirror, min_side)
 
 
-# scorer name -> factory(max_side, mirror, min_side, model, registry; other keywords ignored); config names select
-# them: one keypoint scorer per keypoint method, and the learned verifier
+# scorer name -> factory(max_side, mirror, min_side, model, registry; other keywords ignored); config
+# names select them: one keypoint scorer per keypoint method, and the learned verifier
 SCORERS: dict[str, Callable[..., PairScorer]] = {
     **{name: _keypoint_scorer(name) for name in METHODS},
     "learned": lambda model, registry=None, **_: LearnedScorer(model, registry),

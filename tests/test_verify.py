@@ -50,7 +50,7 @@ def test_min_side_enlarges_thumbnails_until_their_copies_verify():
     thumb, unrelated = ref.resize((24, 24), Image.Resampling.BILINEAR), textured(4).resize((24, 24))
     assert describe(thumb, min_side=256).size == (256, 256) and describe(ref, min_side=128).size == (256, 256)
     assert describe(thumb, max_side=128, min_side=256).size == (128, 128)
-    plain, enlarged = KeypointScorer("rootsift", mirror=False), KeypointScorer("rootsift", mirror=False, min_side=256)
+    plain, enlarged = KeypointScorer("rootsift", mirror=False, min_side=0), KeypointScorer("rootsift", mirror=False)
     assert plain.compare(plain.describe_query(thumb), [plain.describe(ref)])[0][0] < 8
     assert enlarged.compare(enlarged.describe_query(thumb), [enlarged.describe(ref)])[0][0] >= 8
     assert enlarged.compare(enlarged.describe_query(unrelated), [enlarged.describe(ref)])[0][0] < 8
