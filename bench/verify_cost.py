@@ -8,9 +8,9 @@ and times the verify stage's own work with each of ``--scorers`` on their top-k 
 cut into the stage's tasks for that scorer (``SCORER_PLANS[...].queries_per_task``), each task a
 fresh scorer built as the stage builds it from ``--config``'s ``verify`` settings (image sides,
 mirror; the defaults without one) running :func:`ensemble.verify.verify_pairs`; one thread, the
-scorers interleaved round by round so that a shared machine's load falls on both alike. Prints seconds per pair and per query
-of each, and each one's time over the first's (the learned verifier's target: under 1/3 of the
-keypoint scorer's).
+scorers interleaved round by round so that a shared machine's load falls on both alike. Prints
+seconds per pair and per query of each, and each one's time over the first's (the learned
+verifier's target: under 1/3 of the keypoint scorer's).
 """
 from __future__ import annotations
 

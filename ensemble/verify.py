@@ -112,7 +112,7 @@ def _gray(img: Image.Image | np.ndarray, max_side: int, min_side: int) -> np.nda
     if arr.ndim == 3:
         arr = cv2.cvtColor(np.ascontiguousarray(arr[:, :, :3], dtype=np.uint8), cv2.COLOR_RGB2GRAY)
     longer = max(arr.shape[:2])
-    scale = min(max(longer, min(min_side, max_side)), max_side) / longer
+    scale = min(max(longer, min_side), max_side) / longer
     if scale != 1:
         arr = cv2.resize(arr, (max(1, round(arr.shape[1] * scale)), max(1, round(arr.shape[0] * scale))),
                          interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC)
