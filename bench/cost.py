@@ -10,9 +10,9 @@ folder go through what extraction does to them: decode, plan the side's views, c
 embed every patch with every (model, scale) key. Verification re-checks the ``verify.top_k``
 best pairs of the first ``--limit`` queries of ``--predictions`` (fresh keypoint cache, as the
 stage starts); with ``fuse.threshold: auto`` those queries' best ``verify.decoy_top_k`` train
-decoys in ``--decoys`` (a run's ``fused_decoys.parquet``) are verified too, as the stage does. Times are CPU-seconds of
-this process with one torch / onnxruntime / OpenCV / BLAS thread, so other load on the machine does not
-skew them and the configs compare in one run. ``per query`` = query extraction + verification of
+decoys in ``--decoys`` (a run's ``fused_decoys.parquet``) are verified too, as the stage does.
+Times are CPU-seconds of this process with one torch / onnxruntime / OpenCV / BLAS thread, so
+other load on the machine does not skew them and the configs compare in one run. ``per query`` = query extraction + verification of
 predictions and decoys (what a new query costs); ``minidisc`` adds the reference and train
 extraction spread over the queries (folder sizes given).
 """

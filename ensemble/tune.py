@@ -271,10 +271,11 @@ def held_out_maps(members: Sequence[Member], gt: GT, before: Setting, beta_grid:
     given, tuned = [], []  # a copy no member retrieved counts as missed in its fold, as on the whole split
     for f in range(folds):
         held = {q for q in queries if query_fold(q, folds) == f}
-        seen_gt, held_gt = [p for p in gt if p[0] in queries - held], [p for p in gt if p[0] in held]
+        seen = queries - held
+        seen_gt, held_gt = [p for p in gt if p[0] in seen], [p for p in gt if p[0] in held]
         if not seen_gt or not held_gt:
             return None
-        s = tune_setting([restrict(m, queries - held) for m in members], seen_gt, before, beta_grid, k)
+        s = tune_setting([restrict(m, seen) for m in members], seen_gt, before, beta_grid, k)
         on_held = [restrict(m, held) for m in members]
         given.append(scorable_map(on_held, held_gt, before, k))
         tuned.append(setting_map(on_held, held_gt, s, k))
