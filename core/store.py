@@ -49,6 +49,13 @@ def makedirs(path: str | os.PathLike) -> None:
     fs.create_dir(p, recursive=True)
 
 
+def remove_dir(path: str | os.PathLike) -> None:
+    """Delete a folder and everything in it (nothing if it does not exist)."""
+    if exists(path):
+        fs, p = filesystem(path)
+        fs.delete_dir(p)
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """A binary stream to ``path`` that appears there only when the block completes:

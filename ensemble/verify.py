@@ -78,6 +78,14 @@ class Method:
     match: Matcher  # mutual ratio-test matches
     mirror: np.ndarray | None = None  # descriptor permutation of the mirror image (None: describe it anew)
     transform: Callable[[np.ndarray], np.ndarray] | None = None  # applied to the detector's descriptors
+    dtype: type = np.float32  # of the detector's descriptors (whole numbers 0..255 for SIFT and ORB)
+
+    def decode(self, codes: np.ndarray | None) -> np.ndarray | None:
+        """The descriptors matched on, from the detector's as uint8 ``codes``."""
+        if codes is None:
+            return None
+        desc = codes.astype(self.dtype)
+        return desc if self.transform is None else self.transform(desc)
 
 
 def _sift() -> cv2.Feature2D:
@@ -87,7 +95,7 @@ def _sift() -> cv2.Feature2D:
 METHODS: dict[str, Method] = {
     "sift": Method(_sift, l2_matches, SIFT_MIRROR),
     "rootsift": Method(_sift, l2_matches, SIFT_MIRROR, root_sift),
-    "orb": Method(lambda: cv2.ORB_create(nfeatures=1000), hamming_matches),
+    "orb": Method(lambda: cv2.ORB_create(nfeatures=1000), hamming_matches, dtype=np.uint8),
 }
 
 
@@ -97,6 +105,7 @@ class Keypoints:
     descriptors: np.ndarray | None  # (n, d); None when no keypoint was found
     size: tuple[int, int] = (0, 0)  # (width, height) of the grey image the points are in
     mirrored: bool = False  # points and descriptors are of the image flipped left to right
+    codes: np.ndarray | None = None  # the detector's descriptors as uint8: ``descriptors`` in a quarter of the bytes
 
 
 def _method(name: str) -> Method:
@@ -128,10 +137,9 @@ def describe(img: Image.Image | np.ndarray, method: str = "sift", max_side: int 
         gray = np.ascontiguousarray(gray[:, ::-1])
     spec = _method(method)
     kps, desc = spec.create().detectAndCompute(gray, None)
-    if desc is not None and spec.transform is not None:
-        desc = spec.transform(desc)
-    return Keypoints(np.array([k.pt for k in kps], np.float32).reshape(-1, 2), desc, (gray.shape[1], gray.shape[0]),
-                     mirrored)
+    codes = None if desc is None else desc.astype(np.uint8)
+    return Keypoints(np.array([k.pt for k in kps], np.float32).reshape(-1, 2), spec.decode(codes),
+                     (gray.shape[1], gray.shape[0]), mirrored, codes)
 
 
 def mirror_view(plain: Keypoints, img: Image.Image | np.ndarray, method: str = "sift",
@@ -144,8 +152,9 @@ def mirror_view(plain: Keypoints, img: Image.Image | np.ndarray, method: str = "
         return describe(img, method, max_side, mirrored=True, min_side=min_side)
     points = plain.points.copy()
     points[:, 0] = plain.size[0] - 1 - points[:, 0]
-    desc = None if plain.descriptors is None else np.ascontiguousarray(plain.descriptors[:, permutation])
-    return Keypoints(points, desc, plain.size, mirrored=True)
+    desc, codes = (None if a is None else np.ascontiguousarray(a[:, permutation])
+                   for a in (plain.descriptors, plain.codes))
+    return Keypoints(points, desc, plain.size, True, codes)
 
 
 def matches(a: Keypoints, b: Keypoints, method: str = "sift", ratio: float = 0.75,
@@ -212,6 +221,12 @@ class PairScorer(Protocol):
     def compare(self, query: Any, candidates: Sequence[Any]) -> Sequence[tuple]:
         """One row of ``columns`` values per candidate."""
 
+    def pack(self, described: Any) -> dict[str, np.ndarray]:
+        """What ``describe``/``describe_query`` returned, as arrays (kept between tasks)."""
+
+    def unpack(self, arrays: Mapping[str, np.ndarray]) -> Any:
+        """The inverse of ``pack``: compares exactly as the image described anew."""
+
 
 KEYPOINT_COLUMNS = {"inliers": pa.int32(), "keypoints": pa.int32()}
 
@@ -251,6 +266,26 @@ class KeypointScorer:
     def compare(self, query: Sequence[Keypoints], candidates: Sequence[Keypoints]) -> list[tuple[int, int]]:
         return [self.check(query, c)[1] for c in candidates]
 
+    def pack(self, described: Keypoints | list[Keypoints]) -> dict[str, np.ndarray]:
+        """Points, uint8 codes and frame (width, height, mirrored) of each view."""
+        views = described if isinstance(described, list) else [described]
+        out = {"query": np.array(isinstance(described, list))}
+        for i, kp in enumerate(views):
+            out[f"points{i}"] = kp.points
+            if kp.codes is not None:
+                out[f"codes{i}"] = kp.codes
+            out[f"frame{i}"] = np.array([*kp.size, kp.mirrored], np.int32)
+        return out
+
+    def unpack(self, arrays: Mapping[str, np.ndarray]) -> Keypoints | list[Keypoints]:
+        spec, views = _method(self.method), []
+        while f"points{len(views)}" in arrays:
+            i = len(views)
+            codes = arrays.get(f"codes{i}")
+            w, h, mirrored = (int(v) for v in arrays[f"frame{i}"])
+            views.append(Keypoints(arrays[f"points{i}"], spec.decode(codes), (w, h), bool(mirrored), codes))
+        return views if bool(arrays["query"]) else views[0]
+
 
 @dataclass
 class LearnedScorer:
@@ -271,6 +306,12 @@ class LearnedScorer:
 
     def compare(self, query: np.ndarray, candidates: Sequence[np.ndarray]) -> list[tuple[float]]:
         return [(float(p),) for p in self.verifier.score(query, candidates)]
+
+    def pack(self, described: np.ndarray) -> dict[str, np.ndarray]:
+        return {"tokens": described}
+
+    def unpack(self, arrays: Mapping[str, np.ndarray]) -> np.ndarray:
+        return arrays["tokens"]
 
 
 def _keypoint_scorer(method: str) -> Callable[..., PairScorer]:
@@ -296,15 +337,13 @@ def verify_pairs(pairs: pa.Table, query_paths: Mapping[str, str], reference_path
                  top_k: int, load: Callable[[str], Image.Image], method: str = "sift", max_side: int = 512,
                  scorer: PairScorer | None = None, mirror: bool = True) -> pa.Table:
     """``pairs`` (query_id, reference_id, score) with the scorer's columns (``inliers`` and
-    ``keypoints`` of the keypoint ``method`` by default).
+    ``keypoints`` of the keypoint ``method`` by default), images described as they are met.
 
     Only the ``top_k`` highest-scoring pairs of each query are verified; the others get a
     null. Query and reference ids map to files through their own split's map (a query and a
     reference may share an id), read with ``load`` (the stage passes the pipeline's decoder);
     what the scorer describes of the last ``scorer.cache_size`` images is kept.
     """
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
     scorer = scorer or KeypointScorer(method, max_side, mirror)
     selected = _top_k_rows(pairs, top_k)
     sides = ((pairs.column("query_id").to_pylist(), query_paths, "query"),
@@ -313,10 +352,10 @@ def verify_pairs(pairs: pa.Table, query_paths: Mapping[str, str], reference_path
         missing = sorted({ids[i] for i in selected} - set(paths))[:5]
         if missing:
             raise ValueError(f"verify_pairs: no {split} image path for id(s) {missing}")
-    cache: OrderedDict[tuple[str, str], Any] = OrderedDict()
+    cache: OrderedDict[tuple[int, str], Any] = OrderedDict()
 
     def described(side: int, image_id: str) -> Any:
-        key = (sides[side][2], image_id)
+        key = (side, image_id)
         if key not in cache:
             img = load(sides[side][1][image_id])
             cache[key] = scorer.describe_query(img) if side == 0 else scorer.describe(img)
@@ -325,14 +364,24 @@ def verify_pairs(pairs: pa.Table, query_paths: Mapping[str, str], reference_path
         cache.move_to_end(key)
         return cache[key]
 
+    return compare_pairs(pairs, top_k, scorer, described)
+
+
+def compare_pairs(pairs: pa.Table, top_k: int, scorer: PairScorer,
+                  described: Callable[[int, str], Any]) -> pa.Table:
+    """:func:`verify_pairs` with the images' descriptions from ``described(side, image_id)``
+    (side 0: a query, as ``describe_query`` gives it; 1: a candidate), e.g. from a store."""
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    selected = _top_k_rows(pairs, top_k)
+    queries, candidates = pairs.column("query_id").to_pylist(), pairs.column("reference_id").to_pylist()
     values: list[tuple | None] = [None] * pairs.num_rows
-    queries = sides[0][0]
     for start in range(len(selected)):  # rows come grouped by query: compare each group at once
         if start and queries[selected[start]] == queries[selected[start - 1]]:
             continue
         rows = [i for i in selected[start:start + top_k] if queries[i] == queries[selected[start]]]
         query = described(0, queries[rows[0]])
-        found = scorer.compare(query, [described(1, sides[1][0][i]) for i in rows])
+        found = scorer.compare(query, [described(1, candidates[i]) for i in rows])
         for i, row in zip(rows, found):
             values[i] = row
     for j, (name, dtype) in enumerate(scorer.columns.items()):

@@ -136,6 +136,12 @@ def shard_names(folder: str, split: str | None = None) -> list[str]:
     return [n for n in names if split is None or n.startswith(f"{split}-")]
 
 
+def next_shard_number(shards: list[str]) -> int:
+    """One past the highest number of ``<prefix>-NNNNN.parquet`` shards: a resumed stage never
+    reuses a finished shard's number, even where a failed task left a gap below it."""
+    return 1 + max((int(s.rsplit("-", 1)[-1].split(".")[0]) for s in shards), default=-1)
+
+
 def shard_file(split: str, index: int) -> str:
     return f"{split}-{index:05d}.parquet"
 

@@ -1,7 +1,7 @@
 """Run-folder settings records: a resumed stage never mixes shards made with other settings."""
 import pytest
 
-from jobs.layout import SETTINGS_FILE, SettingsChanged, check_settings, pin_settings
+from jobs.layout import SETTINGS_FILE, SettingsChanged, check_settings, next_shard_number, pin_settings
 
 
 def test_pin_settings_records_then_checks(tmp_path):
@@ -22,3 +22,11 @@ def test_check_settings_never_writes(tmp_path):
     assert check_settings(folder, {"scale": 64}, "extract") is True
     with pytest.raises(SettingsChanged, match="scale: 64 -> 80"):
         check_settings(folder, {"scale": 80}, "extract")
+
+
+def test_a_resumed_stage_numbers_new_shards_past_a_gap():
+    """part-00001 failed, part-00002 finished: new shards start at 3, never overwriting 2."""
+    assert next_shard_number([]) == 0
+    assert next_shard_number(["/r/verify.parquet/rootsift/part-00000.parquet",
+                              "/r/verify.parquet/rootsift/part-00002.parquet"]) == 3
+    assert next_shard_number(["/r/verify.parquet/rootsift-described/reference-00011.parquet"]) == 12

@@ -2,19 +2,26 @@
 import csv
 import json
 import os
+import shutil
 from collections import Counter
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+import ray
 
+from core.imageio import load_rgb
 from core.metrics import read_predictions
 from core.store import join, read_table
 from ensemble.decoys import estimate_threshold
+from ensemble.described import side_shards
+from ensemble.fuse import top_k_per_query
+from ensemble.verify import verify_pairs
 from jobs.cli import main
 from jobs.config import load_config
-from jobs.layout import RunDir, SettingsChanged
+from jobs.layout import SETTINGS_FILE, RunDir, SettingsChanged, image_paths
 from jobs.pipeline import run_pipeline, run_stages
+from jobs.stages.verify import scorer_for, store_folder, verify_fused
 from tests.badimages import EXPECTED, make_bad_images
 
 TINY = ["models.0.name=resnet18", "models.0.scales=[64]", "models.0.batch_size=8", "patches.shard_size=5",
@@ -176,6 +183,48 @@ def test_auto_threshold_from_train_decoys(ray_local, tiny_dataset, tmp_path):
     assert max(per_query[0].values()) == 2 and set(per_query[1].values()) == {1}  # decoys: the best one only
     assert set(per_query[1]) == set(decoys.column("query_id").to_pylist())
     check("verified")
+    assert not os.path.exists(store_folder(run, "rootsift"))  # the descriptions are scratch
+
+
+def test_each_image_is_described_once_per_run(ray_local, tiny_dataset, tmp_path):
+    """Predictions and decoys are verified from one store of descriptions: a query is described once
+    for both, a reference once however many queries' candidates it is among."""
+    out = tmp_path / "run"
+    cfg = load_config(None, [f"data.root={tiny_dataset}", f"output={out}", *TINY, "fuse.threshold=auto",
+                             "fuse.decoy_folds=2", "verify.enabled=true", "verify.top_k=3", "verify.decoy_top_k=2"])
+    run_stages(cfg, ["manifest", "patch", "extract", "search", "fuse"])
+    run, paths = RunDir(str(out)), ray.put(image_paths(RunDir(str(out))))
+    verify_fused(cfg, run, read_table(run.fused), paths)
+    verify_fused(cfg, run, read_table(run.fused_decoys), paths, decoys=True)
+    stored = {split: Counter(i for shard in side_shards(store_folder(run, "rootsift"), split)
+                             for i in read_table(shard, ["image_id"]).column(0).to_pylist())
+              for split in ("query", "reference", "train")}
+    assert all(set(c.values()) == {1} for c in stored.values())
+    top = top_k_per_query(read_table(run.fused), 3)
+    assert set(stored["query"]) == set(top.column("query_id").to_pylist())
+    assert set(stored["reference"]) == set(top.column("reference_id").to_pylist())
+    assert max(Counter(top.column("reference_id").to_pylist()).values()) > 1  # shared candidates were there
+    decoy_top = top_k_per_query(read_table(run.fused_decoys), 2)
+    assert set(stored["train"]) == set(decoy_top.column("reference_id").to_pylist())
+
+    def rows(table):
+        return {(r["query_id"], r["reference_id"]): (r["inliers"], r["keypoints"]) for r in table.to_pylist()}
+    direct = verify_pairs(top, image_paths(run)["query"], image_paths(run)["reference"], 3, load_rgb,
+                          scorer=scorer_for("rootsift", cfg))  # each image described as it is met
+    assert rows(read_table(join(run.verify, "rootsift"))) == rows(direct)
+
+    # Resumed after the scores were lost: nothing is described again. With other settings the
+    # scratch is made anew (not refused: nothing in it is a result).
+    store = store_folder(run, "rootsift")
+    described = _mtimes(store)
+    shutil.rmtree(join(run.verify, "rootsift"))
+    verify_fused(cfg, run, read_table(run.fused), paths)
+    assert _mtimes(store) == described and rows(read_table(join(run.verify, "rootsift"))) == rows(direct)
+    other = load_config(None, [f"data.root={tiny_dataset}", f"output={out}", *TINY, "verify.enabled=true",
+                               "verify.top_k=3", "verify.max_side=128"])
+    shutil.rmtree(join(run.verify, "rootsift"))
+    verify_fused(other, run, read_table(run.fused), paths)
+    assert len(side_shards(store, "train")) == 0 and json.loads(open(join(store, SETTINGS_FILE)).read())["max_side"] == 128
 
 
 def test_a_limited_run_is_scored_on_the_pairs_of_its_images(ray_local, tiny_dataset, tmp_path):
@@ -187,7 +236,6 @@ def test_a_limited_run_is_scored_on_the_pairs_of_its_images(ray_local, tiny_data
 
 
 def test_auto_threshold_needs_train_photos(tiny_dataset, tmp_path):
-    import shutil
     shutil.rmtree(tiny_dataset / "train")
     with pytest.raises(ValueError, match="fuse.threshold: auto .* no train folder"):
         run_stages(load_config(None, [f"data.root={tiny_dataset}", f"output={tmp_path / 'r'}", *TINY,

@@ -5,6 +5,9 @@ inliers, the learned verifier's P(copy)) and the rule that turns their columns i
 the fused score. Each scorer's results are cached in ``verify.parquet/<scorer>/`` by
 (query, reference) pair, its settings pinned there, so a re-run (or another method sharing a
 scorer, e.g. ``learned+sift`` after ``sift``) only scores pairs it has not seen.
+Each image is described once per run (``verify.parquet/<scorer>-described/``,
+:mod:`ensemble.described`: a scratch store, removed when the stage ends), however many queries'
+candidates it is among, and whether it is a query verified against references and then decoys.
 ``predictions.csv`` is rewritten from ``fused.parquet`` every time, so running this stage
 twice never boosts a score twice.
 """
@@ -13,6 +16,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -21,13 +26,14 @@ import ray
 
 from core.imageio import load_rgb
 from core.models.registry import default_registry_dir, resolve_model, weights_hash
-from core.store import chunks, join, list_shards, read_table, write_table
+from core.store import chunks, join, list_shards, read_table, remove_dir, write_table
+from ensemble.described import index_described, read_described, side_shards, to_blob, write_described
 from ensemble.fuse import top_k_per_query
-from ensemble.verify import KEYPOINT_COLUMNS, PairScorer, make_scorer, verify_pairs
+from ensemble.verify import KEYPOINT_COLUMNS, PairScorer, compare_pairs, make_scorer
 from ensemble.verify import METHODS as KEYPOINT_METHODS
 from jobs.completeness import require_fused, require_manifest
 from jobs.config import PipelineConfig, VerifyConfig
-from jobs.layout import RunDir, image_paths, pin_settings
+from jobs.layout import RunDir, image_paths, next_shard_number, pin_settings, settings_changes
 from jobs.runtime import run_tasks
 from jobs.stages.fuse import write_final
 from jobs.threshold import estimate
@@ -115,14 +121,46 @@ def scorer_for(name: str, cfg: PipelineConfig) -> PairScorer:
     return make_scorer(name, registry=registry_dir(cfg), **SCORER_PLANS[name].settings(name, cfg))
 
 
-def verify_chunk(pairs: pa.Table, paths: dict[str, dict[str, str]], settings: dict, registry: str, top_k: int,
-                 out: str, reference_split: str = "reference") -> int:
+def describe_chunk(ids: list[str], paths: dict[str, dict[str, str]], split: str, settings: dict, registry: str,
+                   out: str) -> int:
+    """Describe images ``ids`` of ``split`` (queries with all their views) into one store shard."""
     scorer = make_scorer(settings["scorer"], registry=registry, **settings)  # the pinned settings build it
-    checked = verify_pairs(pairs, paths["query"], paths[reference_split], top_k=top_k, load=load_rgb, scorer=scorer)
+    describe = scorer.describe_query if split == "query" else scorer.describe
+    return write_described(((i, to_blob(scorer.pack(describe(load_rgb(paths[split][i]))))) for i in ids), out)
+
+
+def verify_chunk(pairs: pa.Table, shards: tuple[dict[str, str], dict[str, str]], settings: dict, registry: str,
+                 top_k: int, out: str) -> int:
+    """Score ``pairs`` from the store (``shards``: query and candidate id -> store shard)."""
+    scorer = make_scorer(settings["scorer"], registry=registry, **settings)
+    packed = [read_described(side) for side in shards]  # compact (uint8 codes); unpacked as they are met
+
+    @lru_cache(maxsize=scorer.cache_size)
+    def described(side: int, image_id: str) -> Any:
+        return scorer.unpack(packed[side][image_id])
+
+    checked = compare_pairs(pairs, top_k, scorer, described)
     columns = list(scorer.columns)
     checked = checked.filter(pc.is_valid(checked.column(columns[0])))
     write_table(checked.select(KEYS + columns), out)
     return checked.num_rows
+
+
+def store_folder(run: RunDir, name: str) -> str:
+    return join(run.verify, f"{name}-described")
+
+
+def describe_missing(name: str, settings: dict, registry: str, store: str, split: str, ids: set[str],
+                     paths_ref: ray.ObjectRef, per_task: int) -> dict[str, str]:
+    """image id -> store shard for ``ids`` of ``split``, describing those the store lacks."""
+    index = index_described(store, split)
+    todo = sorted(ids - index.keys())
+    start = next_shard_number(side_shards(store, split))
+    calls = [(todo[a:b], paths_ref, split, settings, registry, join(store, f"{split}-{start + i:05d}.parquet"))
+             for i, a, b in chunks(len(todo), per_task)]
+    run_tasks(describe_chunk, calls, f"describe {name} {split}")
+    index.update({image_id: call[-1] for call in calls for image_id in call[0]})
+    return {i: index[i] for i in ids}
 
 
 def rescore(fused: pa.Table, checked: dict[str, pa.Table], cfg: VerifyConfig) -> pa.Table:
@@ -162,13 +200,20 @@ def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, pat
         todo = todo.join(pa.concat_tables(done).select(KEYS), KEYS, join_type="left anti")
     queries = sorted(set(todo.column("query_id").to_pylist()))
     registry = registry_dir(cfg)
-    start = len(before)
-    side = "train" if decoys else "reference"
+    store = store_folder(run, name)
+    if settings_changes(store, settings):  # scratch left by a run with other settings
+        remove_dir(store)
+    pin_settings(store, settings, f"verify ({name}) descriptions")
+    where = [describe_missing(name, settings, registry, store, split, set(todo.column(col).to_pylist()), paths_ref,
+                              plan.queries_per_task)
+             for split, col in (("query", "query_id"), ("train" if decoys else "reference", "reference_id"))]
+    start = next_shard_number(before)
     calls = []
     for i, a, b in chunks(len(queries), plan.queries_per_task):
         part = todo.filter(pc.is_in(todo.column("query_id"), pa.array(queries[a:b])))
-        shard = join(folder, f"part-{start + i:05d}.parquet")
-        calls.append((part, paths_ref, settings, registry, top_k, shard, side))
+        shards = tuple({k: index[k] for k in part.column(col).to_pylist()}
+                       for index, col in zip(where, ("query_id", "reference_id")))
+        calls.append((part, shards, settings, registry, top_k, join(folder, f"part-{start + i:05d}.parquet")))
     run_tasks(verify_chunk, calls, f"verify {name}{' decoys' if decoys else ''}")
     new = [read_table(s) for s in list_shards(folder) if s not in before]
     # the cache may hold pairs of an earlier, larger top_k (or another fusion): they get no bonus now
@@ -194,6 +239,8 @@ def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
         decoys = verify_fused(cfg, run, read_table(run.fused_decoys), paths_ref, decoys=True)
         threshold = estimate(preds, decoys, cfg, run, "verified")
     write_final(preds, threshold, run)
+    for name in METHODS[cfg.verify.method].scorers:  # every pair is cached by now: the scratch can go
+        remove_dir(store_folder(run, name))
     log.info(f"verify ({cfg.verify.method}) -> {run.predictions}")
 
 
