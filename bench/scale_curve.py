@@ -1,12 +1,14 @@
 """The cost curve of the whole pipeline on this machine: wall time per stage and the driver's
 peak RSS at 2k, 8k and 32k references (queries a quarter of that, 1k train photos), with a
-small model on synthetic photos.
+small model on synthetic photos. ``--verify K`` adds the verify stage (RootSIFT on each query's
+top K), whose describe-once store grows with the images it holds.
 
 Linear scaling means a 4x larger set costs at most ~4x (time per 4x data <= 4.4x) while the
 driver's memory stays flat (workers write, the driver only coordinates): both are printed.
 Each size runs in a fresh process (its own local Ray), so peak RSS is the driver's alone.
 
     python bench/scale_curve.py --sizes 2000 8000 32000
+    python bench/scale_curve.py --sizes 1000 4000 --verify 5
 """
 from __future__ import annotations
 
@@ -31,8 +33,8 @@ from core.logs import setup_logging
 from jobs.config import load_config
 from jobs.pipeline import run_stages
 setup_logging()
-cfg = load_config(sys.argv[1], sys.argv[2:])
-timings = run_stages(cfg, ["manifest", "patch", "extract", "search", "fuse"])
+cfg = load_config(sys.argv[2], sys.argv[3:])
+timings = run_stages(cfg, json.loads(sys.argv[1]))
 print("RESULT " + json.dumps({"timings": timings, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """
 
@@ -60,9 +62,9 @@ def dataset(root: Path, references: int, queries: int, train: int) -> None:
             Image.open(root / "references" / f"R{r:06d}.jpg").rotate(8).save(root / "queries" / f"Q{q:06d}.jpg", quality=60)
 
 
-def run_size(root: Path, out: Path, sets: list[str]) -> dict:
-    cmd = [sys.executable, "-c", DRIVER, str(ROOT / "configs" / "smoke.yaml"), f"data.root={root}", f"output={out}",
-           *sets]
+def run_size(root: Path, out: Path, stages: tuple[str, ...], sets: list[str]) -> dict:
+    cmd = [sys.executable, "-c", DRIVER, json.dumps(stages), str(ROOT / "configs" / "smoke.yaml"), f"data.root={root}",
+           f"output={out}", *sets]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(proc.stderr[-3000:])
@@ -75,9 +77,13 @@ def main() -> None:
     p.add_argument("--train", type=int, default=1000)
     p.add_argument("--model", default="{name: tiny_cnn, scales: [32], batch_size: 256}")
     p.add_argument("--work", help="keep the data and runs here (default: a temporary folder)")
+    p.add_argument("--verify", type=int, default=0, metavar="K", help="also verify each query's top K (0: no)")
     args = p.parse_args()
     sets = [f"models=[{args.model}]", "patches.shard_size=2000", "extract.chunk_patches=2048",
             "patches.query.preset=crops"]
+    stages = STAGES + (("verify",) if args.verify else ())
+    if args.verify:
+        sets += ["verify.enabled=true", f"verify.top_k={args.verify}"]
     work = Path(args.work or tempfile.mkdtemp(prefix="scale-curve-"))
     rows = []
     for size in sorted(args.sizes):
@@ -87,15 +93,16 @@ def main() -> None:
             dataset(root, size, size // 4, args.train)
             print(f"data {size}: written in {time.perf_counter() - t0:.0f} s", flush=True)
         shutil.rmtree(work / f"run-{size}", ignore_errors=True)  # a kept run folder would resume: nothing timed
-        result = run_size(root, work / f"run-{size}", sets)
+        result = run_size(root, work / f"run-{size}", stages, sets)
         rows.append((size, result))
         t = result["timings"]
-        print(f"{size:>7} refs {size // 4:>6} queries: " + "  ".join(f"{s} {t[s]:.1f}s" for s in STAGES)
-              + f"  total {sum(t[s] for s in STAGES):.1f}s  driver peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
+        print(f"{size:>7} refs {size // 4:>6} queries: " + "  ".join(f"{s} {t[s]:.1f}s" for s in stages)
+              + f"  total {sum(t[s] for s in stages):.1f}s  driver peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
     base = rows[0]
     for (a, ra), (b, rb) in zip(rows, rows[1:]):
-        ta, tb = (sum(r["timings"][s] for s in STAGES) for r in (ra, rb))
-        print(f"{a} -> {b} ({b / a:.0f}x data): time x{tb / ta:.2f}, extract x{rb['timings']['extract'] / ra['timings']['extract']:.2f}, "
+        ta, tb = (sum(r["timings"][s] for s in stages) for r in (ra, rb))
+        each = ", ".join(f"{s} x{rb['timings'][s] / ra['timings'][s]:.2f}" for s in ("extract", "verify") if s in stages)
+        print(f"{a} -> {b} ({b / a:.0f}x data): time x{tb / ta:.2f}, {each}, "
               f"driver RSS x{rb['peak_rss_mib'] / ra['peak_rss_mib']:.2f}")
     print(f"driver peak RSS {base[0]} -> {rows[-1][0]}: {base[1]['peak_rss_mib']:.0f} -> "
           f"{rows[-1][1]['peak_rss_mib']:.0f} MiB ({rows[-1][1]['peak_rss_mib'] / base[1]['peak_rss_mib'] - 1:+.0%})")
