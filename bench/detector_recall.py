@@ -30,7 +30,7 @@ import numpy as np
 
 from core.augment.assets import SCREENSHOT_BBOXES, screenshot_template_path
 from core.imageio import load_rgb
-from ensemble.verify import describe, homography
+from ensemble.keypoints import describe, homography
 from jobs.stages.patch import resolve_detector
 from patchers.detector.predict import detect
 from patchers.detector.train import matched

@@ -9,7 +9,8 @@ import pytest
 from PIL import Image
 
 from ensemble.described import from_blob, index_described, read_described, to_blob, write_described
-from ensemble.verify import METHODS, KeypointScorer
+from ensemble.keypoints import METHODS
+from ensemble.verify import KeypointScorer
 from tests.test_verify import rotated_crop, textured
 
 

@@ -6,8 +6,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageDraw
 
-from ensemble.verify import METHODS, KeypointScorer, best_matches, describe, inliers, l2_matches, matches, \
-    mirror_view, root_sift, verify_pairs
+from ensemble.keypoints import METHODS, best_matches, describe, inliers, l2_matches, matches, mirror_view, \
+    root_sift
+from ensemble.verify import KeypointScorer, verify_pairs
 
 
 def textured(seed: int, size: int = 256) -> Image.Image:

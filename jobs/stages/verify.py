@@ -29,8 +29,8 @@ from core.models.registry import default_registry_dir, resolve_model, weights_ha
 from core.store import chunks, join, list_shards, read_table, remove_dir, write_table
 from ensemble.described import index_described, read_described, side_shards, to_blob, write_described
 from ensemble.fuse import top_k_per_query
+from ensemble.keypoints import METHODS as KEYPOINT_METHODS
 from ensemble.verify import KEYPOINT_COLUMNS, PairScorer, compare_pairs, make_scorer
-from ensemble.verify import METHODS as KEYPOINT_METHODS
 from jobs.completeness import require_fused, require_manifest
 from jobs.config import PipelineConfig, VerifyConfig
 from jobs.layout import RunDir, image_paths, next_shard_number, pin_settings, settings_changes
