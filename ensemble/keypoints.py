@@ -1,4 +1,4 @@
-"""Local features of an image and whether two images' agree: SIFT / RootSIFT / ORB keypoints
+"""Local features of an image and whether two images agree: SIFT / RootSIFT / ORB keypoints
 (OpenCV), mutual ratio-test matches and the inliers of one RANSAC homography.
 
 Global descriptors confuse images that share a layout; local evidence that agrees does not.
