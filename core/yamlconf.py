@@ -1,6 +1,7 @@
 """Strict YAML configs shared by every copydet config (pipeline, training, detector).
 
-Read a mapping, apply ``KEY=VALUE`` overrides (values parsed as YAML, dotted keys, list
+Read a mapping (``extends: base.yaml``, a path relative to the file, starts from that file's
+mapping: nested mappings merge key by key, any other value, lists included, replaces), apply ``KEY=VALUE`` overrides (values parsed as YAML, dotted keys, list
 indices allowed), validate with a pydantic model, and report every problem by its dotted
 key: ``configs/x.yaml: invalid config\\n  models.0.scales.1: Input should be a valid integer``.
 """
@@ -20,17 +21,34 @@ class ConfigError(ValueError):
     """A config file that is missing, unreadable or invalid; the message names file and key."""
 
 
-def read_yaml(path: str | os.PathLike) -> dict:
+def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
+    """The file's mapping, on top of the one it ``extends`` (if any)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such config file")
+        raise ConfigError(f"{path}: no such config file" + (f" (extended by {_seen[-1]})" if _seen else ""))
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
-    return raw
+    base = raw.pop("extends", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: extends must be the path of a config file, got {base!r}")
+    chain = (*_seen, path.resolve())
+    if (path.parent / base).resolve() in chain:
+        raise ConfigError(f"{path}: extends {base} makes a cycle: {' -> '.join(p.name for p in chain)} -> {base}")
+    return merged(read_yaml(path.parent / base, chain), raw)
+
+
+def merged(base: dict, top: dict) -> dict:
+    """``top`` over ``base``: mappings merge key by key; anything else in ``top`` replaces."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _slot(node: Any, key: str, dotted: str) -> int | str:

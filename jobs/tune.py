@@ -34,7 +34,7 @@ from ensemble.tune import (
     threshold_at_precision,
     tune_members,
 )
-from jobs.config import PipelineConfig, parse_overrides, set_key, validate
+from jobs.config import PipelineConfig, parse_overrides, read_yaml, set_key, validate
 from jobs.layout import RunDir, shard_names
 from jobs.pipeline import run_stages
 from jobs.stages.verify import run_verify
@@ -207,8 +207,7 @@ def write_tuned_config(source: str, overrides: Sequence[str], values: Mapping[st
 
     The result is validated before it is written, so ``copydet run path`` accepts it.
     """
-    with open(source) as f:
-        raw = yaml.safe_load(f) or {}
+    raw = read_yaml(source)  # flat: any ``extends`` resolved, so the file stands alone
     for key, value in [*parse_overrides(list(overrides)), *values.items()]:
         set_key(raw, key, value)
     validate(raw, path)

@@ -5,7 +5,8 @@ import pytest
 
 from jobs.config import ConfigError, load_config
 
-CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
+CONFIG_DIR = Path(__file__).parent.parent / "configs"
+CONFIGS = sorted(CONFIG_DIR.glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -94,3 +95,46 @@ def test_the_service_threshold_with_an_auto_fuse_threshold():
     assert load_config(None, ["fuse.threshold=0.3", "serve.threshold=0.2"]).copy_threshold() == 0.3
     with pytest.raises(ConfigError, match="fuse.threshold"):
         load_config(None, ["fuse.threshold=sometimes"])
+
+
+def test_a_config_extends_another(tmp_path):
+    """Mappings merge key by key, lists and scalars replace; the base path is relative to the file."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "a.yaml").write_text("name: a\nsearch: {k: 20, normalize: {enabled: true, beta: 0.5}}\n"
+                                             "models: [{name: resnet18, scales: [64, 96]}]\n")
+    (tmp_path / "b.yaml").write_text("extends: base/a.yaml\nname: b\nsearch: {normalize: {beta: 2.0}}\n"
+                                     "models: [{name: resnet18, scales: [80]}]\n")
+    cfg = load_config(tmp_path / "b.yaml", ["search.k=30"])
+    assert (cfg.name, cfg.search.k, cfg.search.normalize.enabled, cfg.search.normalize.beta) == ("b", 30, True, 2.0)
+    assert [m.scales for m in cfg.models] == [[80]]
+
+
+def test_extends_errors_name_the_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: extends a.yaml makes a cycle: a.yaml -> b.yaml -> a.yaml"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: gone.yaml\n")
+    with pytest.raises(ConfigError, match=r"gone.yaml: no such config file \(extended by .*c.yaml\)"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "d.yaml").write_text("extends: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="d.yaml: extends must be the path of a config file"):
+        load_config(tmp_path / "d.yaml")
+
+
+def test_balanced_is_the_main_config_with_its_own_verification_depth_and_size():
+    balanced = load_config(CONFIG_DIR / "balanced.yaml").model_dump()
+    main = load_config(CONFIG_DIR / "sscd_verify.yaml", ["name=balanced", "output=runs/balanced", "verify.top_k=5",
+                                                      "verify.max_side=384"]).model_dump()
+    assert balanced == main
+
+
+def test_a_tuned_config_of_an_extending_config_stands_alone(tmp_path):
+    from jobs.tune import write_tuned_config
+    out = write_tuned_config(str(CONFIG_DIR / "balanced.yaml"), ["search.k=12"], {"search.normalize.beta": 1.5},
+                             str(tmp_path / "tuned.yaml"), ["tuned here"])
+    text = open(out).read()
+    assert text.startswith("# tuned here\n") and "extends" not in text
+    cfg = load_config(out)
+    assert (cfg.name, cfg.verify.top_k, cfg.patches.query.preset, cfg.search.k, cfg.search.normalize.beta) == \
+        ("balanced", 5, "crops", 12, 1.5)
