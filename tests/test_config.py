@@ -122,11 +122,14 @@ def test_extends_errors_name_the_files(tmp_path):
         load_config(tmp_path / "d.yaml")
 
 
-def test_balanced_is_the_main_config_with_its_own_verification_depth_and_size():
-    balanced = load_config(CONFIG_DIR / "balanced.yaml").model_dump()
-    main = load_config(CONFIG_DIR / "sscd_verify.yaml", ["name=balanced", "output=runs/balanced", "verify.top_k=5",
-                                                      "verify.max_side=384"]).model_dump()
-    assert balanced == main
+@pytest.mark.parametrize("config, base, overrides", [
+    ("balanced", "sscd_verify", ["verify.top_k=5", "verify.max_side=384"]),
+    ("sscd_distilled", "sscd", ["models.0.name=sscd_distilled", "models.0.scales=[288]"]),
+])
+def test_a_shipped_config_is_its_base_with_what_it_sets(config, base, overrides):
+    got = load_config(CONFIG_DIR / f"{config}.yaml").model_dump()
+    want = load_config(CONFIG_DIR / f"{base}.yaml", [f"name={config}", f"output=runs/{config}", *overrides])
+    assert got == want.model_dump()
 
 
 def test_a_tuned_config_of_an_extending_config_stands_alone(tmp_path):
