@@ -132,13 +132,15 @@ def describe(img: Image.Image | np.ndarray, method: str = "sift", max_side: int 
                      (gray.shape[1], gray.shape[0]), mirrored, codes)
 
 
-def mirror_view(plain: Keypoints, img: Image.Image | np.ndarray, method: str = "sift",
+def mirror_view(plain: Keypoints, img: Image.Image | np.ndarray | None, method: str = "sift",
                 max_side: int = 512, min_side: int = MIN_SIDE) -> Keypoints:
     """The features of ``img``'s mirror image: ``plain``'s, mirrored, where the method's
     descriptor layout allows (SIFT: the same numbers as describing the flipped image, at no
-    cost), else described anew."""
+    cost; ``img`` is not needed), else described anew."""
     permutation = keypoint_method(method).mirror
     if permutation is None:
+        if img is None:
+            raise ValueError(f"{method}: the mirror view is described anew from the image; none was given")
         return describe(img, method, max_side, mirrored=True, min_side=min_side)
     points = plain.points.copy()
     points[:, 0] = plain.size[0] - 1 - points[:, 0]

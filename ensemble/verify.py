@@ -83,10 +83,12 @@ class KeypointScorer:
         return [self.check(query, c)[1] for c in candidates]
 
     def pack(self, described: Keypoints | list[Keypoints]) -> dict[str, np.ndarray]:
-        """Points, uint8 codes and frame (width, height, mirrored) of each view."""
+        """Points, uint8 codes and frame (width, height, mirrored) of each view; a mirror view that
+        is a permutation of the plain one (SIFT) is only flagged, and made again on unpacking."""
         views = described if isinstance(described, list) else [described]
-        out = {"query": np.array(isinstance(described, list))}
-        for i, kp in enumerate(views):
+        derived = len(views) == 2 and keypoint_method(self.method).mirror is not None
+        out = {"query": np.array(isinstance(described, list)), "mirror": np.array(derived)}
+        for i, kp in enumerate(views[:1] if derived else views):
             out[f"points{i}"] = kp.points
             if kp.codes is not None:
                 out[f"codes{i}"] = kp.codes
@@ -100,6 +102,8 @@ class KeypointScorer:
             codes = arrays.get(f"codes{i}")
             w, h, mirrored = (int(v) for v in arrays[f"frame{i}"])
             views.append(Keypoints(arrays[f"points{i}"], spec.decode(codes), (w, h), bool(mirrored), codes))
+        if bool(arrays["mirror"]):
+            views.append(mirror_view(views[0], None, self.method))
         return views if bool(arrays["query"]) else views[0]
 
 
