@@ -97,11 +97,13 @@ def main() -> None:
         rows.append((size, result))
         t = result["timings"]
         print(f"{size:>7} refs {size // 4:>6} queries: " + "  ".join(f"{s} {t[s]:.1f}s" for s in stages)
-              + f"  total {sum(t[s] for s in stages):.1f}s  driver peak RSS {result['peak_rss_mib']:.0f} MiB", flush=True)
+              + f"  total {sum(t[s] for s in stages):.1f}s  driver peak RSS {result['peak_rss_mib']:.0f} MiB",
+              flush=True)
     base = rows[0]
     for (a, ra), (b, rb) in zip(rows, rows[1:]):
         ta, tb = (sum(r["timings"][s] for s in stages) for r in (ra, rb))
-        each = ", ".join(f"{s} x{rb['timings'][s] / ra['timings'][s]:.2f}" for s in ("extract", "verify") if s in stages)
+        each = ", ".join(f"{s} x{rb['timings'][s] / ra['timings'][s]:.2f}"
+                         for s in ("extract", "verify") if s in stages)
         print(f"{a} -> {b} ({b / a:.0f}x data): time x{tb / ta:.2f}, {each}, "
               f"driver RSS x{rb['peak_rss_mib'] / ra['peak_rss_mib']:.2f}")
     print(f"driver peak RSS {base[0]} -> {rows[-1][0]}: {base[1]['peak_rss_mib']:.0f} -> "

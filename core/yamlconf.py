@@ -1,9 +1,10 @@
 """Strict YAML configs shared by every copydet config (pipeline, training, detector).
 
 Read a mapping (``extends: base.yaml``, a path relative to the file, starts from that file's
-mapping: nested mappings merge key by key, any other value, lists included, replaces), apply ``KEY=VALUE`` overrides (values parsed as YAML, dotted keys, list
-indices allowed), validate with a pydantic model, and report every problem by its dotted
-key: ``configs/x.yaml: invalid config\\n  models.0.scales.1: Input should be a valid integer``.
+mapping: nested mappings merge key by key, any other value, lists included, replaces), apply
+``KEY=VALUE`` overrides (values parsed as YAML, dotted keys, list indices allowed), validate
+with a pydantic model, and report every problem by its dotted key:
+``configs/x.yaml: invalid config\\n  models.0.scales.1: Input should be a valid integer``.
 """
 from __future__ import annotations
 

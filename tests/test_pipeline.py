@@ -224,7 +224,8 @@ def test_each_image_is_described_once_per_run(ray_local, tiny_dataset, tmp_path)
                                "verify.top_k=3", "verify.max_side=128"])
     shutil.rmtree(join(run.verify, "rootsift"))
     verify_fused(other, run, read_table(run.fused), paths)
-    assert len(side_shards(store, "train")) == 0 and json.loads(open(join(store, SETTINGS_FILE)).read())["max_side"] == 128
+    assert len(side_shards(store, "train")) == 0
+    assert json.loads(open(join(store, SETTINGS_FILE)).read())["max_side"] == 128
 
 
 def test_a_limited_run_is_scored_on_the_pairs_of_its_images(ray_local, tiny_dataset, tmp_path):
