@@ -12,9 +12,9 @@ best pairs of the first ``--limit`` queries of ``--predictions`` (fresh keypoint
 stage starts); with ``fuse.threshold: auto`` those queries' best ``verify.decoy_top_k`` train
 decoys in ``--decoys`` (a run's ``fused_decoys.parquet``) are verified too, as the stage does.
 Times are CPU-seconds of this process with one torch / onnxruntime / OpenCV / BLAS thread, so
-other load on the machine does not skew them and the configs compare in one run. ``per query`` = query extraction + verification of
-predictions and decoys (what a new query costs); ``minidisc`` adds the reference and train
-extraction spread over the queries (folder sizes given).
+other load on the machine does not skew them and the configs compare in one run. ``per query`` =
+query extraction + verification of predictions and decoys (what a new query costs); ``minidisc``
+adds the reference and train extraction spread over the queries (folder sizes given).
 """
 from __future__ import annotations
 

@@ -138,14 +138,15 @@ def num_rows(path: str | os.PathLike) -> int:
         return pq.ParquetFile(f).metadata.num_rows
 
 
-def list_shards(folder: str | os.PathLike) -> list[str]:
-    """Finished shard files in ``folder`` (sorted); temp files are skipped."""
+def list_shards(folder: str | os.PathLike, prefix: str = "") -> list[str]:
+    """Finished shard files in ``folder`` whose names start with ``prefix`` (sorted); temp files are
+    skipped."""
     fs, p = filesystem(folder)
     if fs.get_file_info(p).type == pafs.FileType.NotFound:
         return []
     infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
     names = sorted(i.base_name for i in infos if i.base_name.endswith(".parquet")
-                   and not i.base_name.startswith("."))
+                   and i.base_name.startswith(prefix) and not i.base_name.startswith("."))
     return [join(folder, n) for n in names]
 
 

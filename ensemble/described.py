@@ -42,13 +42,9 @@ def write_described(rows: Iterable[tuple[str, bytes]], path: str) -> int:
     return table.num_rows
 
 
-def side_shards(folder: str, side: str) -> list[str]:
-    return [s for s in list_shards(folder) if s.rsplit("/", 1)[-1].startswith(f"{side}-")]
-
-
 def index_described(folder: str, side: str) -> dict[str, str]:
     """image id -> the shard of ``folder`` that holds it, for one side (ids only are read)."""
-    return {i: s for s in side_shards(folder, side) for i in read_table(s, ["image_id"]).column(0).to_pylist()}
+    return {i: s for s in list_shards(folder, f"{side}-") for i in read_table(s, ["image_id"]).column(0).to_pylist()}
 
 
 def read_described(shards: Mapping[str, str]) -> dict[str, dict[str, np.ndarray]]:
@@ -56,7 +52,7 @@ def read_described(shards: Mapping[str, str]) -> dict[str, dict[str, np.ndarray]
     by_shard: dict[str, list[str]] = {}
     for image_id, shard in shards.items():
         by_shard.setdefault(shard, []).append(image_id)
-    out: dict[str, Any] = {}
+    out: dict[str, dict[str, np.ndarray]] = {}
     for shard, ids in by_shard.items():
         fs, p = filesystem(shard)
         table = pq.read_table(p, filesystem=fs, filters=[("image_id", "in", ids)])

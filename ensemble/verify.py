@@ -10,9 +10,9 @@ pairs of every query, so a later step can re-rank or filter on them.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any, Protocol
 
 import numpy as np
@@ -161,7 +161,7 @@ def verify_pairs(pairs: pa.Table, query_paths: Mapping[str, str], reference_path
 
     Only the ``top_k`` highest-scoring pairs of each query are verified; the others get a
     null. Query and reference ids map to files through their own split's map (a query and a
-    reference may share an id), read with ``load`` (the stage passes the pipeline's decoder);
+    reference may share an id), read with ``load`` (the benches pass the pipeline's decoder);
     what the scorer describes of the last ``scorer.cache_size`` images is kept.
     """
     scorer = scorer or KeypointScorer(method, max_side, mirror)
@@ -172,17 +172,11 @@ def verify_pairs(pairs: pa.Table, query_paths: Mapping[str, str], reference_path
         missing = sorted({ids[i] for i in selected} - set(paths))[:5]
         if missing:
             raise ValueError(f"verify_pairs: no {split} image path for id(s) {missing}")
-    cache: OrderedDict[tuple[int, str], Any] = OrderedDict()
 
+    @lru_cache(maxsize=scorer.cache_size)
     def described(side: int, image_id: str) -> Any:
-        key = (side, image_id)
-        if key not in cache:
-            img = load(sides[side][1][image_id])
-            cache[key] = scorer.describe_query(img) if side == 0 else scorer.describe(img)
-            if len(cache) > scorer.cache_size:
-                cache.popitem(last=False)
-        cache.move_to_end(key)
-        return cache[key]
+        img = load(sides[side][1][image_id])
+        return scorer.describe_query(img) if side == 0 else scorer.describe(img)
 
     return compare_pairs(pairs, top_k, scorer, described)
 

@@ -132,8 +132,7 @@ class RunDir:
 
 def shard_names(folder: str, split: str | None = None) -> list[str]:
     """Basenames of the finished shards in ``folder`` (optionally of one split)."""
-    names = [s.rsplit("/", 1)[-1] for s in list_shards(folder)]
-    return [n for n in names if split is None or n.startswith(f"{split}-")]
+    return [s.rsplit("/", 1)[-1] for s in list_shards(folder, f"{split}-" if split else "")]
 
 
 def next_shard_number(shards: list[str]) -> int:

@@ -12,9 +12,8 @@ import ray
 
 from core.imageio import load_rgb
 from core.metrics import read_predictions
-from core.store import join, read_table
+from core.store import join, list_shards, read_table
 from ensemble.decoys import estimate_threshold
-from ensemble.described import side_shards
 from ensemble.fuse import top_k_per_query
 from ensemble.verify import verify_pairs
 from jobs.cli import main
@@ -196,7 +195,7 @@ def test_each_image_is_described_once_per_run(ray_local, tiny_dataset, tmp_path)
     run, paths = RunDir(str(out)), ray.put(image_paths(RunDir(str(out))))
     verify_fused(cfg, run, read_table(run.fused), paths)
     verify_fused(cfg, run, read_table(run.fused_decoys), paths, decoys=True)
-    stored = {split: Counter(i for shard in side_shards(store_folder(run, "rootsift"), split)
+    stored = {split: Counter(i for shard in list_shards(store_folder(run, "rootsift"), f"{split}-")
                              for i in read_table(shard, ["image_id"]).column(0).to_pylist())
               for split in ("query", "reference", "train")}
     assert all(set(c.values()) == {1} for c in stored.values())
@@ -224,7 +223,7 @@ def test_each_image_is_described_once_per_run(ray_local, tiny_dataset, tmp_path)
                                "verify.top_k=3", "verify.max_side=128"])
     shutil.rmtree(join(run.verify, "rootsift"))
     verify_fused(other, run, read_table(run.fused), paths)
-    assert len(side_shards(store, "train")) == 0
+    assert not list_shards(store, "train-")
     assert json.loads(open(join(store, SETTINGS_FILE)).read())["max_side"] == 128
 
 

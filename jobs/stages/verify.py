@@ -27,7 +27,7 @@ import ray
 from core.imageio import load_rgb
 from core.models.registry import default_registry_dir, resolve_model, weights_hash
 from core.store import chunks, join, list_shards, read_table, remove_dir, write_table
-from ensemble.described import index_described, read_described, side_shards, to_blob, write_described
+from ensemble.described import index_described, read_described, to_blob, write_described
 from ensemble.fuse import top_k_per_query
 from ensemble.keypoints import METHODS as KEYPOINT_METHODS
 from ensemble.verify import KEYPOINT_COLUMNS, PairScorer, compare_pairs, make_scorer
@@ -155,7 +155,7 @@ def describe_missing(name: str, settings: dict, registry: str, store: str, split
     """image id -> store shard for ``ids`` of ``split``, describing those the store lacks."""
     index = index_described(store, split)
     todo = sorted(ids - index.keys())
-    start = next_shard_number(side_shards(store, split))
+    start = next_shard_number(list_shards(store, f"{split}-"))
     calls = [(todo[a:b], paths_ref, split, settings, registry, join(store, f"{split}-{start + i:05d}.parquet"))
              for i, a, b in chunks(len(todo), per_task)]
     run_tasks(describe_chunk, calls, f"describe {name} {split}")
