@@ -214,6 +214,9 @@ class VerifyConfig(Strict):
     max_side: int = Field(512, ge=64, description="keypoint methods: longer image side")
     min_side: int = Field(256, ge=0, description="keypoint methods: images whose longer side is shorter are "
                           "enlarged to it, never past max_side (a thumbnail has too few keypoints; 0: never)")
+    window: int = Field(4096, ge=1, description="queries verified at a time: the scratch store of described "
+                        "images holds one window's queries and candidates (keypoints: ~80 kB an image at 384 px), "
+                        "emptied before the next window; a candidate of two windows is described in both")
     mirror: bool = Field(True, description="keypoint methods: also match the query's mirror image (flipped copies)")
     min_inliers: int = Field(8, ge=0, description="no bonus below this many inliers")
     saturate: int = Field(40, ge=1, description="inliers at which the bonus is full")

@@ -20,7 +20,8 @@ from jobs.cli import main
 from jobs.config import load_config
 from jobs.layout import SETTINGS_FILE, RunDir, SettingsChanged, image_paths
 from jobs.pipeline import run_pipeline, run_stages
-from jobs.stages.verify import scorer_for, store_folder, verify_fused
+from jobs.stages import verify as verify_stage
+from jobs.stages.verify import Pass, score_pairs, scorer_for, store_folder
 from tests.badimages import EXPECTED, make_bad_images
 
 TINY = ["models.0.name=resnet18", "models.0.scales=[64]", "models.0.batch_size=8", "patches.shard_size=5",
@@ -193,8 +194,9 @@ def test_each_image_is_described_once_per_run(ray_local, tiny_dataset, tmp_path)
                              "fuse.decoy_folds=2", "verify.enabled=true", "verify.top_k=3", "verify.decoy_top_k=2"])
     run_stages(cfg, ["manifest", "patch", "extract", "search", "fuse"])
     run, paths = RunDir(str(out)), ray.put(image_paths(RunDir(str(out))))
-    verify_fused(cfg, run, read_table(run.fused), paths)
-    verify_fused(cfg, run, read_table(run.fused_decoys), paths, decoys=True)
+    preds, decoys = Pass(read_table(run.fused), 3), Pass(read_table(run.fused_decoys), 2, decoys=True)
+    for p in (preds, decoys):
+        score_pairs("rootsift", cfg, run, p.todo, paths, p.top_k, p.decoys)
     stored = {split: Counter(i for shard in list_shards(store_folder(run, "rootsift"), f"{split}-")
                              for i in read_table(shard, ["image_id"]).column(0).to_pylist())
               for split in ("query", "reference", "train")}
@@ -217,14 +219,50 @@ def test_each_image_is_described_once_per_run(ray_local, tiny_dataset, tmp_path)
     store = store_folder(run, "rootsift")
     described = _mtimes(store)
     shutil.rmtree(join(run.verify, "rootsift"))
-    verify_fused(cfg, run, read_table(run.fused), paths)
+    score_pairs("rootsift", cfg, run, preds.todo, paths, 3)
     assert _mtimes(store) == described and rows(read_table(join(run.verify, "rootsift"))) == rows(direct)
     other = load_config(None, [f"data.root={tiny_dataset}", f"output={out}", *TINY, "verify.enabled=true",
                                "verify.top_k=3", "verify.max_side=128"])
     shutil.rmtree(join(run.verify, "rootsift"))
-    verify_fused(other, run, read_table(run.fused), paths)
+    score_pairs("rootsift", other, run, preds.todo, paths, 3)
     assert not list_shards(store, "train-")
     assert json.loads(open(join(store, SETTINGS_FILE)).read())["max_side"] == 128
+
+
+def test_verification_describes_one_window_of_queries_at_a_time(ray_local, tiny_dataset, tmp_path, monkeypatch):
+    """``verify.window`` bounds the scratch store: it holds one window's queries with their
+    candidates and decoys, and is emptied before the next. The scores are those of one window."""
+    out = tmp_path / "run"
+    args = [f"data.root={tiny_dataset}", f"output={out}", *TINY, "fuse.threshold=auto", "fuse.decoy_folds=2",
+            "verify.enabled=true", "verify.top_k=3", "verify.decoy_top_k=2"]
+    cfg = load_config(None, args + ["verify.window=2"])
+    run_stages(cfg, ["manifest", "patch", "extract", "search", "fuse"])
+    run = RunDir(str(out))
+    stores, remove = [], verify_stage.remove_dir
+
+    def snapshot_then_remove(folder):
+        stores.append({split: {i for shard in list_shards(folder, f"{split}-")
+                               for i in read_table(shard, ["image_id"]).column(0).to_pylist()}
+                       for split in ("query", "reference", "train")})
+        remove(folder)
+    monkeypatch.setattr(verify_stage, "remove_dir", snapshot_then_remove)
+    run_stages(cfg, ["verify"])
+    assert not os.path.exists(store_folder(run, "rootsift"))
+    top, decoys = top_k_per_query(read_table(run.fused), 3), top_k_per_query(read_table(run.fused_decoys), 2)
+    assert [sorted(s["query"]) for s in stores] == [["Q000", "Q001"], ["Q002", "Q003"], ["Q004", "Q005"]]
+    for s in stores:
+        for table, split in ((top, "reference"), (decoys, "train")):
+            mine = table.filter(pc.is_in(table.column("query_id"), pa.array(sorted(s["query"]))))
+            assert s[split] == set(mine.column("reference_id").to_pylist())
+
+    def cached():
+        return {name: sorted(tuple(r.values()) for r in read_table(join(run.verify, name)).to_pylist())
+                for name in ("rootsift", "rootsift-decoys")}
+    windowed, predictions = cached(), (out / "predictions.csv").read_text()
+    shutil.rmtree(run.verify)
+    run_stages(load_config(None, args), ["verify"])  # one window
+    assert len(stores) == 4 and stores[-1]["query"] == set(top.column("query_id").to_pylist())
+    assert cached() == windowed and (out / "predictions.csv").read_text() == predictions
 
 
 def test_a_limited_run_is_scored_on_the_pairs_of_its_images(ray_local, tiny_dataset, tmp_path):

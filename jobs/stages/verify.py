@@ -5,9 +5,11 @@ inliers, the learned verifier's P(copy)) and the rule that turns their columns i
 the fused score. Each scorer's results are cached in ``verify.parquet/<scorer>/`` by
 (query, reference) pair, its settings pinned there, so a re-run (or another method sharing a
 scorer, e.g. ``learned+sift`` after ``sift``) only scores pairs it has not seen.
-Each image is described once per run (``verify.parquet/<scorer>-described/``,
-:mod:`ensemble.described`: a scratch store, removed when the stage ends), however many queries'
-candidates it is among, and whether it is a query verified against references and then decoys.
+Queries are verified ``verify.window`` at a time. Each image of a window is described once
+(``verify.parquet/<scorer>-described/``, :mod:`ensemble.described`), however many of the
+window's queries have it among their candidates, and a query once for its references and its
+decoys. That store is scratch: emptied after each window, so its size is bounded by the window,
+not the dataset (a candidate of queries in two windows is described in both).
 ``predictions.csv`` is rewritten from ``fused.parquet`` every time, so running this stage
 twice never boosts a score twice.
 """
@@ -151,14 +153,14 @@ def store_folder(run: RunDir, name: str) -> str:
 
 
 def describe_missing(name: str, settings: dict, registry: str, store: str, split: str, ids: set[str],
-                     paths_ref: ray.ObjectRef, per_task: int) -> dict[str, str]:
+                     paths_ref: ray.ObjectRef, per_task: int, label: str = "") -> dict[str, str]:
     """image id -> store shard for ``ids`` of ``split``, describing those the store lacks."""
     index = index_described(store, split)
     todo = sorted(ids - index.keys())
     start = next_shard_number(list_shards(store, f"{split}-"))
     calls = [(todo[a:b], paths_ref, split, settings, registry, join(store, f"{split}-{start + i:05d}.parquet"))
              for i, a, b in chunks(len(todo), per_task)]
-    run_tasks(describe_chunk, calls, f"describe {name} {split}")
+    run_tasks(describe_chunk, calls, f"describe {name} {split}{label}")
     index.update({image_id: call[-1] for call in calls for image_id in call[0]})
     return {i: index[i] for i in ids}
 
@@ -180,44 +182,26 @@ def verify_settings(cfg: PipelineConfig) -> dict[str, dict]:
     return {name: SCORER_PLANS[name].settings(name, cfg) for name in METHODS[cfg.verify.method].scorers}
 
 
-def read_cache(run: RunDir, name: str) -> pa.Table:
-    """Every pair scorer ``name`` has checked for ``run``'s predictions (its cache, all top_k)."""
-    return pa.concat_tables([read_table(s) for s in list_shards(join(run.verify, name))])
+def cache_folder(run: RunDir, name: str, decoys: bool = False) -> str:
+    return join(run.verify, f"{name}-decoys" if decoys else name)
 
 
-def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, paths_ref: ray.ObjectRef,
-                top_k: int, decoys: bool = False) -> pa.Table:
-    """Scorer ``name``'s column for the pairs of ``todo`` (and no others), from its cache plus new Ray
-    tasks (``decoys``: pairs of queries and train photos, cached apart in ``<scorer>-decoys``)."""
-    wanted = todo.select(KEYS)
-    folder = join(run.verify, f"{name}-decoys" if decoys else name)
-    plan = SCORER_PLANS[name]
-    settings = plan.settings(name, cfg)
-    pin_settings(folder, settings, f"verify ({name})")
-    before = list_shards(folder)
-    done = [read_table(s) for s in before]
-    if done:  # score only the pairs the cache lacks
-        todo = todo.join(pa.concat_tables(done).select(KEYS), KEYS, join_type="left anti")
-    queries = sorted(set(todo.column("query_id").to_pylist()))
-    registry = registry_dir(cfg)
-    store = store_folder(run, name)
-    if settings_changes(store, settings):  # scratch left by a run with other settings
-        remove_dir(store)
-    pin_settings(store, settings, f"verify ({name}) descriptions")
-    where = [describe_missing(name, settings, registry, store, split, set(todo.column(col).to_pylist()), paths_ref,
-                              plan.queries_per_task)
-             for split, col in (("query", "query_id"), ("train" if decoys else "reference", "reference_id"))]
-    start = next_shard_number(before)
-    calls = []
-    for i, a, b in chunks(len(queries), plan.queries_per_task):
-        part = todo.filter(pc.is_in(todo.column("query_id"), pa.array(queries[a:b])))
-        shards = tuple({k: index[k] for k in part.column(col).to_pylist()}
-                       for index, col in zip(where, ("query_id", "reference_id")))
-        calls.append((part, shards, settings, registry, top_k, join(folder, f"part-{start + i:05d}.parquet")))
-    run_tasks(verify_chunk, calls, f"verify {name}{' decoys' if decoys else ''}")
-    new = [read_table(s) for s in list_shards(folder) if s not in before]
-    # the cache may hold pairs of an earlier, larger top_k (or another fusion): they get no bonus now
-    return pa.concat_tables(done + new).join(wanted, KEYS, join_type="left semi")
+def read_cache(run: RunDir, name: str, decoys: bool = False) -> pa.Table:
+    """Every pair scorer ``name`` has checked for ``run``'s predictions (``decoys``: its train decoys)."""
+    return pa.concat_tables([read_table(s) for s in list_shards(cache_folder(run, name, decoys))])
+
+
+@dataclass(frozen=True)
+class Pass:
+    """The fused scores of the predictions or of the train decoys, and the pairs of them to check."""
+
+    fused: pa.Table
+    top_k: int
+    decoys: bool = False
+
+    @property
+    def todo(self) -> pa.Table:
+        return top_k_per_query(self.fused, self.top_k)
 
 
 def decoy_depth(cfg: VerifyConfig) -> int:
@@ -226,32 +210,76 @@ def decoy_depth(cfg: VerifyConfig) -> int:
     return min(cfg.decoy_top_k, cfg.top_k)
 
 
+def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, paths_ref: ray.ObjectRef,
+                top_k: int, decoys: bool = False, label: str = "") -> None:
+    """Cache scorer ``name``'s columns for the pairs of ``todo`` it has not scored, with Ray tasks
+    (``decoys``: pairs of queries and train photos, cached apart in ``<scorer>-decoys``)."""
+    folder = cache_folder(run, name, decoys)
+    plan = SCORER_PLANS[name]
+    settings = plan.settings(name, cfg)
+    pin_settings(folder, settings, f"verify ({name})")
+    before = list_shards(folder)
+    if before:  # score only the pairs the cache lacks
+        done = pa.concat_tables([read_table(s, KEYS) for s in before])
+        todo = todo.join(done, KEYS, join_type="left anti")
+    queries = sorted(set(todo.column("query_id").to_pylist()))
+    registry = registry_dir(cfg)
+    store = store_folder(run, name)
+    if settings_changes(store, settings):  # scratch left by a run with other settings
+        remove_dir(store)
+    pin_settings(store, settings, f"verify ({name}) descriptions")
+    where = [describe_missing(name, settings, registry, store, split, set(todo.column(col).to_pylist()), paths_ref,
+                              plan.queries_per_task, label)
+             for split, col in (("query", "query_id"), ("train" if decoys else "reference", "reference_id"))]
+    start = next_shard_number(before)
+    calls = []
+    for i, a, b in chunks(len(queries), plan.queries_per_task):
+        part = todo.filter(pc.is_in(todo.column("query_id"), pa.array(queries[a:b])))
+        shards = tuple({k: index[k] for k in part.column(col).to_pylist()}
+                       for index, col in zip(where, ("query_id", "reference_id")))
+        calls.append((part, shards, settings, registry, top_k, join(folder, f"part-{start + i:05d}.parquet")))
+    run_tasks(verify_chunk, calls, f"verify {name}{' decoys' if decoys else ''}{label}")
+
+
+def check_passes(cfg: PipelineConfig, run: RunDir, passes: list[Pass], paths_ref: ray.ObjectRef) -> None:
+    """Score the pairs of ``passes`` that the method's scorers have not cached, ``verify.window``
+    queries at a time: each image of a window is described once into the scratch store (a query
+    serves its references and its decoys), and the store is emptied before the next window."""
+    todo = [p.todo for p in passes]
+    queries = sorted(set().union(*(t.column("query_id").to_pylist() for t in todo)))
+    windows = list(chunks(len(queries), cfg.verify.window))
+    for n, a, b in windows:
+        label = f" ({n + 1}/{len(windows)})" if len(windows) > 1 else ""
+        keep = pa.array(queries[a:b])
+        for name in METHODS[cfg.verify.method].scorers:
+            for p, pairs in zip(passes, todo):
+                score_pairs(name, cfg, run, pairs.filter(pc.is_in(pairs.column("query_id"), keep)), paths_ref,
+                            p.top_k, p.decoys, label)
+            remove_dir(store_folder(run, name))  # every pair of the window is cached by now
+
+
+def rescored(cfg: PipelineConfig, run: RunDir, p: Pass) -> pa.Table:
+    """The fused scores of ``p`` plus the method's bonus, from the scorers' caches (its pairs only:
+    a cache may hold pairs of an earlier, larger top_k or another fusion, which get no bonus now)."""
+    wanted = p.todo.select(KEYS)
+    checked = {name: read_cache(run, name, p.decoys).join(wanted, KEYS, join_type="left semi")
+               for name in METHODS[cfg.verify.method].scorers}
+    counts = ", ".join(f"{name} {t.num_rows}" for name, t in checked.items())
+    log.info(f"verify ({cfg.verify.method}){' decoys' if p.decoys else ''}: pairs scored: {counts}")
+    return rescore(p.fused, checked, cfg.verify)
+
+
 def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
     if not cfg.verify.enabled:
         log.info("verify: off (set verify.enabled=true to verify candidates)")
         return
     require_manifest(run, "verify")
     require_fused(run, "verify", cfg.decoys())
-    paths_ref = ray.put(image_paths(run))  # one copy in the object store for every task
-    preds = verify_fused(cfg, run, read_table(run.fused), paths_ref)
-    threshold = cfg.fuse.threshold
+    passes = [Pass(read_table(run.fused), cfg.verify.top_k)]
     if cfg.decoys():  # the decoys are verified as the predictions are, so the threshold holds on final scores
-        decoys = verify_fused(cfg, run, read_table(run.fused_decoys), paths_ref, decoys=True)
-        threshold = estimate(preds, decoys, cfg, run, "verified")
+        passes.append(Pass(read_table(run.fused_decoys), decoy_depth(cfg.verify), decoys=True))
+    check_passes(cfg, run, passes, ray.put(image_paths(run)))  # one copy of the paths for every task
+    preds, *decoys = (rescored(cfg, run, p) for p in passes)
+    threshold = estimate(preds, decoys[0], cfg, run, "verified") if decoys else cfg.fuse.threshold
     write_final(preds, threshold, run)
-    for name in METHODS[cfg.verify.method].scorers:  # every pair is cached by now: the scratch can go
-        remove_dir(store_folder(run, name))
     log.info(f"verify ({cfg.verify.method}) -> {run.predictions}")
-
-
-def verify_fused(cfg: PipelineConfig, run: RunDir, fused: pa.Table, paths_ref: ray.ObjectRef,
-                 decoys: bool = False) -> pa.Table:
-    """``fused`` re-scored by the method's scorers on each query's top ``verify.top_k`` (decoys: top
-    ``verify.decoy_top_k``, at most as deep)."""
-    top_k = decoy_depth(cfg.verify) if decoys else cfg.verify.top_k
-    todo = top_k_per_query(fused, top_k)
-    scorers = METHODS[cfg.verify.method].scorers
-    checked = {name: score_pairs(name, cfg, run, todo, paths_ref, top_k, decoys) for name in scorers}
-    counts = ", ".join(f"{name} {t.num_rows}" for name, t in checked.items())
-    log.info(f"verify ({cfg.verify.method}){' decoys' if decoys else ''}: pairs scored: {counts}")
-    return rescore(fused, checked, cfg.verify)
