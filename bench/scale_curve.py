@@ -1,7 +1,7 @@
 """The cost curve of the whole pipeline on this machine: wall time per stage and the driver's
 peak RSS at 2k, 8k and 32k references (queries a quarter of that, 1k train photos), with a
 small model on synthetic photos. ``--verify K`` adds the verify stage (RootSIFT on each query's
-top K), whose describe-once store grows with the images it holds.
+top K), whose describe-once scratch holds one `verify.window` of queries at a time.
 
 Linear scaling means a 4x larger set costs at most ~4x (time per 4x data <= 4.4x) while the
 driver's memory stays flat (workers write, the driver only coordinates): both are printed.

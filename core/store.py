@@ -138,6 +138,14 @@ def num_rows(path: str | os.PathLike) -> int:
         return pq.ParquetFile(f).metadata.num_rows
 
 
+def folder_bytes(folder: str | os.PathLike) -> int:
+    """Bytes of the files under ``folder`` (0 if it does not exist)."""
+    fs, p = filesystem(folder)
+    if fs.get_file_info(p).type == pafs.FileType.NotFound:
+        return 0
+    return sum(i.size or 0 for i in fs.get_file_info(pafs.FileSelector(p, recursive=True)))
+
+
 def list_shards(folder: str | os.PathLike, prefix: str = "") -> list[str]:
     """Finished shard files in ``folder`` whose names start with ``prefix`` (sorted); temp files are
     skipped."""

@@ -35,3 +35,11 @@ def test_missing_table_error_names_the_path(tmp_path):
 
 def test_chunks_cover_the_range():
     assert list(store.chunks(5, 2)) == [(0, 0, 2), (1, 2, 4), (2, 4, 5)]
+
+
+def test_folder_bytes_counts_nested_files(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    (tmp_path / "a" / "x.bin").write_bytes(b"1" * 10)
+    (tmp_path / "a" / "b" / "y.bin").write_bytes(b"2" * 32)
+    assert store.folder_bytes(tmp_path / "a") == 42
+    assert store.folder_bytes(tmp_path / "missing") == 0

@@ -28,7 +28,7 @@ import ray
 
 from core.imageio import load_rgb
 from core.models.registry import default_registry_dir, resolve_model, weights_hash
-from core.store import chunks, join, list_shards, read_table, remove_dir, write_table
+from core.store import chunks, folder_bytes, join, list_shards, num_rows, read_table, remove_dir, write_table
 from ensemble.described import index_described, read_described, to_blob, write_described
 from ensemble.fuse import top_k_per_query
 from ensemble.keypoints import METHODS as KEYPOINT_METHODS
@@ -255,7 +255,11 @@ def check_passes(cfg: PipelineConfig, run: RunDir, passes: list[Pass], paths_ref
             for p, pairs in zip(passes, todo):
                 score_pairs(name, cfg, run, pairs.filter(pc.is_in(pairs.column("query_id"), keep)), paths_ref,
                             p.top_k, p.decoys, label)
-            remove_dir(store_folder(run, name))  # every pair of the window is cached by now
+            store = store_folder(run, name)
+            described = sum(num_rows(s) for s in list_shards(store))
+            log.info(f"verify ({name}){label}: {described} images described, "
+                     f"{folder_bytes(store) / 1e6:.0f} MB of scratch emptied")
+            remove_dir(store)  # every pair of the window is cached by now
 
 
 def rescored(cfg: PipelineConfig, run: RunDir, p: Pass) -> pa.Table:
