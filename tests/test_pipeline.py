@@ -259,9 +259,13 @@ def test_verification_describes_one_window_of_queries_at_a_time(ray_local, tiny_
         return {name: sorted(tuple(r.values()) for r in read_table(join(run.verify, name)).to_pylist())
                 for name in ("rootsift", "rootsift-decoys")}
     windowed, predictions = cached(), (out / "predictions.csv").read_text()
+    for name in ("rootsift", "rootsift-decoys"):  # as if stopped in the last window: the others are passed over
+        os.remove(list_shards(join(run.verify, name))[-1])
+    run_stages(cfg, ["verify"])
+    assert [sorted(s["query"]) for s in stores[3:]] == [["Q004", "Q005"]] and cached() == windowed
     shutil.rmtree(run.verify)
     run_stages(load_config(None, args), ["verify"])  # one window
-    assert len(stores) == 4 and stores[-1]["query"] == set(top.column("query_id").to_pylist())
+    assert len(stores) == 5 and stores[-1]["query"] == set(top.column("query_id").to_pylist())
     assert cached() == windowed and (out / "predictions.csv").read_text() == predictions
 
 

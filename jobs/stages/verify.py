@@ -211,9 +211,10 @@ def decoy_depth(cfg: VerifyConfig) -> int:
 
 
 def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, paths_ref: ray.ObjectRef,
-                top_k: int, decoys: bool = False, label: str = "") -> None:
+                top_k: int, decoys: bool = False, label: str = "") -> int:
     """Cache scorer ``name``'s columns for the pairs of ``todo`` it has not scored, with Ray tasks
-    (``decoys``: pairs of queries and train photos, cached apart in ``<scorer>-decoys``)."""
+    (``decoys``: pairs of queries and train photos, cached apart in ``<scorer>-decoys``); returns
+    how many pairs that was."""
     folder = cache_folder(run, name, decoys)
     plan = SCORER_PLANS[name]
     settings = plan.settings(name, cfg)
@@ -222,6 +223,8 @@ def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, pat
     if before:  # score only the pairs the cache lacks
         done = pa.concat_tables([read_table(s, KEYS) for s in before])
         todo = todo.join(done, KEYS, join_type="left anti")
+    if not todo.num_rows:
+        return 0
     queries = sorted(set(todo.column("query_id").to_pylist()))
     registry = registry_dir(cfg)
     store = store_folder(run, name)
@@ -239,12 +242,15 @@ def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, pat
                        for index, col in zip(where, ("query_id", "reference_id")))
         calls.append((part, shards, settings, registry, top_k, join(folder, f"part-{start + i:05d}.parquet")))
     run_tasks(verify_chunk, calls, f"verify {name}{' decoys' if decoys else ''}{label}")
+    return todo.num_rows
 
 
 def check_passes(cfg: PipelineConfig, run: RunDir, passes: list[Pass], paths_ref: ray.ObjectRef) -> None:
     """Score the pairs of ``passes`` that the method's scorers have not cached, ``verify.window``
     queries at a time: each image of a window is described once into the scratch store (a query
-    serves its references and its decoys), and the store is emptied before the next window."""
+    serves its references and its decoys), and the store is emptied before the next window. A
+    window whose pairs are all cached is passed over (a resumed run keeps the scratch of the window
+    it stopped in)."""
     todo = [p.todo for p in passes]
     queries = sorted(set().union(*(t.column("query_id").to_pylist() for t in todo)))
     windows = list(chunks(len(queries), cfg.verify.window))
@@ -252,9 +258,10 @@ def check_passes(cfg: PipelineConfig, run: RunDir, passes: list[Pass], paths_ref
         label = f" ({n + 1}/{len(windows)})" if len(windows) > 1 else ""
         keep = pa.array(queries[a:b])
         for name in METHODS[cfg.verify.method].scorers:
-            for p, pairs in zip(passes, todo):
-                score_pairs(name, cfg, run, pairs.filter(pc.is_in(pairs.column("query_id"), keep)), paths_ref,
-                            p.top_k, p.decoys, label)
+            scored = sum(score_pairs(name, cfg, run, pairs.filter(pc.is_in(pairs.column("query_id"), keep)),
+                                     paths_ref, p.top_k, p.decoys, label) for p, pairs in zip(passes, todo))
+            if not scored:
+                continue
             store = store_folder(run, name)
             described = sum(num_rows(s) for s in list_shards(store))
             log.info(f"verify ({name}){label}: {described} images described, "
