@@ -7,6 +7,8 @@
 3. :func:`fuse`: one score per image pair from several models: the max, filtered by a rule from
    :data:`RULES` given per-model thresholds α_i, or the ``mean`` over models (:func:`mean_over_models`).
 4. :func:`top_k_per_query`: at most k predictions per query, best first.
+5. :func:`demote_others`: on the final scores, a query's candidates below its best are lowered
+   (a query copies at most one reference).
 """
 from __future__ import annotations
 
@@ -124,3 +126,27 @@ def top_k_per_query(pred: pa.Table, k: int) -> pa.Table:
     new = np.r_[True, pc.not_equal(q.slice(1), q.slice(0, len(q) - 1)).to_numpy(zero_copy_only=False)]
     rank = np.arange(len(new)) - np.flatnonzero(new)[np.cumsum(new) - 1]
     return pred.filter(pa.array(rank < k))
+
+
+def demote_others(pred: pa.Table, share: float, rivals: pa.Table | None = None) -> pa.Table:
+    """Each query's candidates scoring below its best lose ``share`` times the best's score (when
+    positive). A query copies at most one reference (ISC21), so a strong best match makes the
+    query's other candidates less likely copies than equal scores of other queries. The order
+    within a query and every best score are unchanged; rows keep their order.
+
+    ``rivals``: more rows of the same queries whose scores count toward each query's best but are
+    not returned. Train decoys take the query's predictions as rivals: a decoy stands for a
+    non-copy reference in the query's list, lowered below a better prediction as one would be."""
+    if share == 0 or pred.num_rows == 0:
+        return pred
+    queries = [pred.column("query_id")] + ([] if rivals is None else [rivals.column("query_id")])
+    group = pc.dictionary_encode(pa.chunked_array([c for q in queries for c in q.chunks], pa.string()))
+    group = group.combine_chunks().indices.to_numpy()
+    score = np.concatenate([t.column("score").to_numpy().astype(np.float64)
+                            for t in [pred] + ([] if rivals is None else [rivals])])
+    best = np.full(group.max() + 1, -np.inf)
+    np.maximum.at(best, group, score)
+    score, top = score[:pred.num_rows], best[group[:pred.num_rows]]
+    lowered = np.where(score < top, score - share * np.maximum(top, 0.0), score)
+    return pred.set_column(pred.schema.get_field_index("score"), "score",
+                           pa.array(lowered, pa.float64()).cast(pred.schema.field("score").type))

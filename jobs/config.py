@@ -171,6 +171,9 @@ class FuseConfig(Strict):
         {}, description="per-member score factors that put members on one scale before fusion (feature key -> "
         "factor); `copydet tune` measures them on the normalisation background (ensemble.calibrate)")
     k: int = Field(10, ge=1, description="predictions kept per query")
+    demote_others: float = Field(0.1, ge=0, description="each query's candidates below its best lose this share "
+                                 "of the best's score (final scores): a query copies at most one reference. "
+                                 "Chosen on six synthetic splits of train/ photos; 0: off")
     threshold: float | Literal["auto"] | None = Field(
         None, description="is-copy threshold on the final score (predictions.csv, after verification when "
         "verify.enabled): pairs at or above it are listed in copies.csv. `auto`: estimated in each run from "

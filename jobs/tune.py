@@ -23,6 +23,7 @@ import yaml
 from core.metrics import evaluate_table, read_ground_truth, read_predictions
 from core.store import atomic_output, embeddings_from_arrow, join, read_table, write_table
 from ensemble.calibrate import background_scale
+from ensemble.fuse import demote_others
 from ensemble.normalize import bias_table
 from ensemble.tune import (
     GT,
@@ -121,6 +122,8 @@ def calibrate_threshold(cfg: PipelineConfig, vcfg: PipelineConfig, members: Sequ
         write_table(preds, run.fused)
         run_verify(vcfg.model_copy(update={"verify": cfg.verify}), run)
         preds = read_predictions(run.predictions)
+    else:
+        preds = demote_others(preds, cfg.fuse.demote_others)  # as the fuse stage's predictions.csv
     m = evaluate_table(gt, preds)
     value, recall = threshold_at_precision(m, cfg.fuse.threshold_precision)
     return Threshold(value, cfg.fuse.threshold_precision, recall, cfg.verify.enabled)

@@ -7,7 +7,8 @@ import pytest
 
 from core.contracts import CANDIDATES_SCHEMA
 from ensemble.calibrate import member_factors, tail_scale
-from ensemble.fuse import RULES, calibrate, fuse, fuse_models, max_over_patches, mean_over_models, top_k_per_query
+from ensemble.fuse import (RULES, calibrate, demote_others, fuse, fuse_models, max_over_patches, mean_over_models,
+                           top_k_per_query)
 
 
 def as_dict(table: pa.Table, *keys: str) -> dict:
@@ -148,3 +149,28 @@ def test_fuse_stage_streams_query_shards_and_equals_fusing_everything(tmp_path, 
     got = run_fuse(cfg, run)
     assert got.num_rows == expected.num_rows == 15
     assert got.to_pylist() == expected.to_pylist()
+
+
+def test_a_query_s_other_candidates_lose_a_share_of_its_best():
+    """Below each query's best, scores drop by share x best (a best <= 0 takes nothing); bests,
+    ties with them, the order within a query and the row order are kept."""
+    pred = pa.table({"query_id": ["a", "b", "a", "a", "b", "c"], "reference_id": list("rstuvw"),
+                     "score": pa.array([0.5, -0.2, 0.3, 0.5, -0.4, 0.1], pa.float32())})
+    out = demote_others(pred, 0.2)
+    assert out.column_names == pred.column_names and out.schema == pred.schema
+    np.testing.assert_allclose(out.column("score").to_numpy(), [0.5, -0.2, 0.2, 0.5, -0.4, 0.1], atol=1e-7)
+    assert demote_others(pred, 0.0) is pred
+    chunked = pa.concat_tables([pred.slice(0, 2), pred.slice(2)])
+    assert demote_others(chunked, 0.2).column("score").to_pylist() == out.column("score").to_pylist()
+
+
+def test_decoys_are_lowered_below_the_query_s_best_prediction():
+    """With ``rivals``, a row is lowered below the best of its query's rows and rivals together; a
+    row above every rival is that query's best and keeps its score. Rivals are not returned."""
+    decoys = pa.table({"query_id": ["a", "a", "b"], "reference_id": ["t1", "t2", "t3"],
+                       "score": pa.array([0.4, 0.2, 0.6], pa.float32())})
+    preds = pa.table({"query_id": ["a", "b", "c"], "reference_id": ["r1", "r2", "r3"],
+                      "score": pa.array([0.8, 0.3, 0.9], pa.float32())})
+    out = demote_others(decoys, 0.25, preds)
+    assert out.column("reference_id").to_pylist() == ["t1", "t2", "t3"]
+    np.testing.assert_allclose(out.column("score").to_numpy(), [0.2, 0.0, 0.6], atol=1e-7)

@@ -104,7 +104,7 @@ def test_learned_verification_in_a_tiny_pipeline(ray_local, trained, tiny_datase
     out = tmp_path / "run"
     base = [f"data.root={tiny_dataset}", f"output={out}", f"registry={spec.registry}", *TINY_PIPELINE,
             "verify.enabled=true", "verify.top_k=2", "verify.learned.model=tiny-verifier", "verify.learned.floor=0",
-            "verify.learned.weight=0.5"]
+            "verify.learned.weight=0.5", "fuse.demote_others=0"]  # the bonus alone
     run_stages(load_config(None, base), ["manifest", "patch", "extract", "search", "fuse"])
     run = RunDir(str(out))
     fused = {(r["query_id"], r["reference_id"]): r["score"] for r in read_table(run.fused).to_pylist()}

@@ -14,7 +14,7 @@ from core.imageio import load_rgb
 from core.metrics import read_predictions
 from core.store import join, list_shards, read_table
 from ensemble.decoys import estimate_threshold
-from ensemble.fuse import top_k_per_query
+from ensemble.fuse import demote_others, top_k_per_query
 from ensemble.verify import verify_pairs
 from jobs.cli import main
 from jobs.config import load_config
@@ -60,6 +60,12 @@ def test_end_to_end_with_bad_inputs_and_resume(ray_local, tiny_dataset, tmp_path
     assert all(len(s) <= 3 for s in per_query.values())
     assert {r["reference_id"] for r in rows} <= {f"R{i:03d}" for i in range(8)}
     assert 0.0 <= m.micro_ap <= 1.0 and os.path.getsize(run.pr_curve) > 0
+    def scores(table):
+        return {(r["query_id"], r["reference_id"]): r["score"] for r in table.to_pylist()}
+    fused, final = scores(read_table(run.fused)), scores(demote_others(read_table(run.fused), 0.1))
+    assert final != fused  # fused.parquet keeps the fused scores; predictions.csv lowers each query's others
+    assert {k: pytest.approx(v, abs=1e-6) for k, v in final.items()} == {
+        (r["query_id"], r["reference_id"]): float(r["score"]) for r in rows}
 
     # Re-running skips every finished shard and gives the same predictions.
     feats = run.features("resnet18@64")
@@ -68,9 +74,10 @@ def test_end_to_end_with_bad_inputs_and_resume(ray_local, tiny_dataset, tmp_path
     assert _mtimes(feats) == before
     assert open(run.predictions).read() == preds_before
 
-    # Verification re-scores from fused.parquet: scores only rise, and a second run is a no-op.
+    # Verification re-scores from fused.parquet: scores only rise (the bonus alone: no demotion),
+    # and a second run is a no-op.
     vcfg = load_config(None, [f"data.root={tiny_dataset}", f"output={out}", *TINY, "verify.enabled=true",
-                              "verify.top_k=2", "verify.min_inliers=0", "verify.saturate=10"])
+                              "verify.top_k=2", "verify.min_inliers=0", "verify.saturate=10", "fuse.demote_others=0"])
     run_stages(vcfg, ["fuse", "verify"])
     checked = read_table(join(run.verify, "rootsift"))  # each scorer caches its own (default: rootsift)
     assert checked.num_rows == sum(min(2, len(s)) for s in per_query.values())
@@ -163,7 +170,8 @@ def test_auto_threshold_from_train_decoys(ray_local, tiny_dataset, tmp_path):
         assert record["scores"] == scores and record["references_per_train"] == pytest.approx(8 / 6)
         assert record["ratio"] == pytest.approx(8 / 6 * (record["folds"] - 1) / record["folds"])  # a decoy's weight
         if scores == "fused":
-            want = estimate_threshold(preds.column("score").to_numpy(), decoys.column("score").to_numpy(),
+            lowered = demote_others(decoys, 0.1, read_table(run.fused))  # below the query's best prediction
+            want = estimate_threshold(preds.column("score").to_numpy(), lowered.column("score").to_numpy(),
                                       record["ratio"], 0.5)
             assert (record["threshold"], record["pairs"]) == (want.threshold, want.pairs)
         t = record["threshold"]

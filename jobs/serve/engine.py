@@ -21,7 +21,7 @@ from PIL import Image
 
 from core.imageio import load_rgb
 from core.store import embeddings_from_arrow
-from ensemble.fuse import fuse, max_over_patches, top_k_per_query
+from ensemble.fuse import demote_others, fuse, max_over_patches, top_k_per_query
 from ensemble.index.reader import IndexVersion, KeyIndex
 from ensemble.sharded import hits_table
 from ensemble.verify import KeypointScorer
@@ -91,6 +91,7 @@ class Matcher:
                                                   for (q, r), found in checked.items()])
                       for name in self.scorers}
             fused = rescore(fused, tables, self.cfg.verify)
+        fused = demote_others(fused, f.demote_others)
         timings.update(search=t1 - t0, verify=time.perf_counter() - t1)
         return [self.answer(fused, query_id, checked, timings, len(images)) for query_id, _ in named]
 

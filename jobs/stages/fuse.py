@@ -1,7 +1,8 @@
 """Stage 5: candidates of every model -> predictions.csv (image-level, top k per query).
 
-The final predictions (this stage's, or verify's re-scored ones) are written by
-:func:`write_final`: ``predictions.csv`` in the ISC21 format, and with an is-copy threshold
+``fused.parquet`` keeps the fused scores. The final predictions (this stage's, or verify's
+re-scored ones, each query's candidates below its best lowered by ``fuse.demote_others``) are
+written by :func:`write_final`: ``predictions.csv`` in the ISC21 format, and with an is-copy threshold
 ``copies.csv``, the same columns for the pairs scoring at or above it (the is-copy decisions).
 With ``fuse.threshold: auto`` the train decoys are fused the same way (``fused_decoys.parquet``)
 and the threshold estimated from them (:mod:`jobs.threshold`).
@@ -17,7 +18,7 @@ from tqdm.auto import tqdm
 
 from core.metrics import write_predictions
 from core.store import exists, filesystem, join, read_table, write_table
-from ensemble.fuse import fuse, max_over_patches, top_k_per_query
+from ensemble.fuse import demote_others, fuse, max_over_patches, top_k_per_query
 from jobs.completeness import require_candidates
 from jobs.config import PipelineConfig
 from jobs.layout import RunDir, shard_names
@@ -81,12 +82,13 @@ def run_fuse(cfg: PipelineConfig, run: RunDir) -> pa.Table:
     require_candidates(cfg, run, "fuse")
     preds = fuse_all(cfg, run, run.candidates, "fuse")
     write_table(preds, run.fused)
+    final = demote_others(preds, cfg.fuse.demote_others)
     threshold = cfg.fuse.threshold
     if cfg.decoys():
         decoys = fuse_all(cfg, run, run.decoys, "fuse decoys")
         write_table(decoys, run.fused_decoys)
-        threshold = estimate(preds, decoys, cfg, run, "fused")
-    write_final(preds, threshold, run)
+        threshold = estimate(final, demote_others(decoys, cfg.fuse.demote_others, preds), cfg, run, "fused")
+    write_final(final, threshold, run)
     log.info(f"fuse: {preds.num_rows} predictions for {len(set(preds.column('query_id').to_pylist()))} "
              f"queries -> {run.predictions}")
     return preds

@@ -30,7 +30,7 @@ from core.imageio import load_rgb
 from core.models.registry import default_registry_dir, resolve_model, weights_hash
 from core.store import chunks, folder_bytes, join, list_shards, num_rows, read_table, remove_dir, write_table
 from ensemble.described import index_described, read_described, to_blob, write_described
-from ensemble.fuse import top_k_per_query
+from ensemble.fuse import demote_others, top_k_per_query
 from ensemble.keypoints import METHODS as KEYPOINT_METHODS
 from ensemble.verify import KEYPOINT_COLUMNS, PairScorer, compare_pairs, make_scorer
 from jobs.completeness import require_fused, require_manifest
@@ -290,7 +290,10 @@ def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
     if cfg.decoys():  # the decoys are verified as the predictions are, so the threshold holds on final scores
         passes.append(Pass(read_table(run.fused_decoys), decoy_depth(cfg.verify), decoys=True))
     check_passes(cfg, run, passes, ray.put(image_paths(run)))  # one copy of the paths for every task
-    preds, *decoys = (rescored(cfg, run, p) for p in passes)
-    threshold = estimate(preds, decoys[0], cfg, run, "verified") if decoys else cfg.fuse.threshold
+    verified, *decoys = (rescored(cfg, run, p) for p in passes)
+    share = cfg.fuse.demote_others
+    preds = demote_others(verified, share)
+    threshold = (estimate(preds, demote_others(decoys[0], share, verified), cfg, run, "verified") if decoys
+                 else cfg.fuse.threshold)
     write_final(preds, threshold, run)
     log.info(f"verify ({cfg.verify.method}) -> {run.predictions}")
