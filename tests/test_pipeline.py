@@ -249,9 +249,10 @@ def test_verification_describes_one_window_of_queries_at_a_time(ray_local, tiny_
     stores, remove = [], verify_stage.remove_dir
 
     def snapshot_then_remove(folder):
-        stores.append({split: {i for shard in list_shards(folder, f"{split}-")
-                               for i in read_table(shard, ["image_id"]).column(0).to_pylist()}
-                       for split in ("query", "reference", "train")})
+        if os.path.isdir(folder):
+                stores.append({split: {i for shard in list_shards(folder, f"{split}-")
+                                   for i in read_table(shard, ["image_id"]).column(0).to_pylist()}
+                           for split in ("query", "reference", "train")})
         remove(folder)
     monkeypatch.setattr(verify_stage, "remove_dir", snapshot_then_remove)
     run_stages(cfg, ["verify"])
@@ -275,6 +276,9 @@ def test_verification_describes_one_window_of_queries_at_a_time(ray_local, tiny_
     run_stages(load_config(None, args), ["verify"])  # one window
     assert len(stores) == 5 and stores[-1]["query"] == set(top.column("query_id").to_pylist())
     assert cached() == windowed and (out / "predictions.csv").read_text() == predictions
+    os.makedirs(store_folder(run, "rootsift"))  # left by a run stopped after its last pair was cached
+    run_stages(load_config(None, args), ["verify"])
+    assert not os.path.exists(store_folder(run, "rootsift"))
 
 
 def test_a_limited_run_is_scored_on_the_pairs_of_its_images(ray_local, tiny_dataset, tmp_path):

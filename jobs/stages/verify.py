@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 import numpy as np
@@ -199,7 +199,7 @@ class Pass:
     top_k: int
     decoys: bool = False
 
-    @property
+    @cached_property
     def todo(self) -> pa.Table:
         return top_k_per_query(self.fused, self.top_k)
 
@@ -267,6 +267,8 @@ def check_passes(cfg: PipelineConfig, run: RunDir, passes: list[Pass], paths_ref
             log.info(f"verify ({name}){label}: {described} images described, "
                      f"{folder_bytes(store) / 1e6:.0f} MB of scratch emptied")
             remove_dir(store)  # every pair of the window is cached by now
+    for name in METHODS[cfg.verify.method].scorers:  # scratch a stopped run left after its last pair
+        remove_dir(store_folder(run, name))
 
 
 def rescored(cfg: PipelineConfig, run: RunDir, p: Pass) -> pa.Table:
