@@ -5,8 +5,10 @@ Searched like references, with the same query views and score normalisation, the
 scores non-copies reach *for these queries*: the decoys. Their number above a score ``t``,
 times ``references / train``, estimates the false pairs among the predictions above ``t``; the
 predictions themselves are counted without ground truth. So the estimated precision at ``t`` is
-``1 - decoys(t) * ratio / predictions(t)``, and the threshold is the lowest score from which
-the estimate stays at or above the target (the target-decoy method of proteomics, here with
+``1 - (decoys(t) + 1) * ratio / predictions(t)``, and the threshold is the lowest score from which
+the estimate stays at or above the target. The ``+ 1`` is the finite-sample correction of
+knockoff+ (Barber & Candes, 2015): few decoys above a score are a noisy count, often 0 where
+non-copies are there, and a small query set would otherwise get a threshold its noise chose (the target-decoy method of proteomics, here with
 image pairs). Unlike a threshold read off synthetic copies, it follows the query set's own
 share of copies and its own edits.
 
@@ -76,7 +78,7 @@ class Estimate:
 
     threshold: float | None  # None: no score reaches the target precision
     target: float
-    precision: float | None  # estimated, at ``threshold``
+    precision: float | None  # estimated (one decoy more than found), at ``threshold``
     pairs: int  # predictions at or above ``threshold``
     decoys: int  # decoy pairs at or above ``threshold`` (before scaling by ``ratio``)
     ratio: float  # false references per decoy: references / train images x fold_factor
@@ -91,12 +93,12 @@ def estimate_threshold(predictions: np.ndarray, decoys: np.ndarray, ratio: float
     real = np.sort(np.asarray(predictions, np.float64))[::-1]
     fake = np.sort(np.asarray(decoys, np.float64))[::-1]
     above = np.searchsorted(-fake, -real, side="right")  # decoys >= each prediction's score
-    fdr = above * ratio / np.arange(1, len(real) + 1)
+    fdr = (above + 1) * ratio / np.arange(1, len(real) + 1)
     fdr = np.minimum.accumulate(fdr[::-1])[::-1]  # q-values: the best FDR from this score down
-    ok = np.flatnonzero(fdr <= 1 - target)
+    ok = np.flatnonzero(fdr <= 1 - target + 1e-12)  # 1 - 0.9 is 0.0999...: 1 in 10 must pass
     if not len(ok):
         return Estimate(None, target, None, 0, 0, ratio)
     t = real[int(ok.max())]
     pairs = int(np.searchsorted(-real, -t, side="right"))  # ties with t are kept too
     found = int(np.searchsorted(-fake, -t, side="right"))
-    return Estimate(float(t), target, float(1 - found * ratio / pairs), pairs, found, ratio)
+    return Estimate(float(t), target, float(1 - (found + 1) * ratio / pairs), pairs, found, ratio)

@@ -29,14 +29,18 @@ def test_a_decoy_is_normalised_against_the_other_folds_only():
 
 
 def test_threshold_by_hand():
-    real, decoys = [0.9, 0.8, 0.7, 0.6, 0.5], [0.65, 0.55]
-    # decoys above each score: 0 0 0 1 2 -> FDR 0 0 0 1/4 2/5
+    real, decoys = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1], [0.45, 0.25]
+    # decoys above each score, plus one: 1 1 1 1 1 1 2 2 3 3 -> FDR 1/1 .. 1/6, 2/7, 2/8, 3/9, 3/10
     e = estimate_threshold(real, decoys, ratio=1.0, target=0.8)
-    assert (e.threshold, e.pairs, e.decoys, e.precision) == (0.7, 3, 0, 1.0)
+    assert (e.threshold, e.pairs, e.decoys) == (0.5, 6, 0) and e.precision == pytest.approx(5 / 6)
     e = estimate_threshold(real, decoys, ratio=1.0, target=0.75)
-    assert (e.threshold, e.pairs, e.decoys, e.precision) == (0.6, 4, 1, 0.75)
-    e = estimate_threshold(real, decoys, ratio=2.0, target=0.75)  # twice the references: twice the false pairs
-    assert e.threshold == 0.7
+    assert (e.threshold, e.pairs, e.decoys, e.precision) == (0.3, 8, 1, 0.75)
+    # twice the references: twice the false pairs
+    assert estimate_threshold(real, decoys, ratio=2.0, target=0.75).threshold is None
+    assert estimate_threshold(real, decoys, ratio=2.0, target=0.6).threshold == 0.5
+    # no decoy above any prediction: still one counted, so 10 predictions reach 0.9 and no fewer
+    assert estimate_threshold(real, [], ratio=1.0, target=0.9).threshold == 0.1
+    assert estimate_threshold(real[:9], [], ratio=1.0, target=0.9).threshold is None
     assert estimate_threshold([0.1, 0.2], [0.9, 0.8], 1.0, 0.9).threshold is None
     with pytest.raises(ValueError, match="target precision"):
         estimate_threshold(real, decoys, 1.0, 1.0)
