@@ -6,11 +6,11 @@ scores non-copies reach *for these queries*: the decoys. Their number above a sc
 times ``references / train``, estimates the false pairs among the predictions above ``t``; the
 predictions themselves are counted without ground truth. So the estimated precision at ``t`` is
 ``1 - (decoys(t) + 1) * ratio / predictions(t)``, and the threshold is the lowest score from which
-the estimate stays at or above the target. The ``+ 1`` is the finite-sample correction of
-knockoff+ (Barber & Candes, 2015): few decoys above a score are a noisy count, often 0 where
-non-copies are there, and a small query set would otherwise get a threshold its noise chose (the target-decoy method of proteomics, here with
+the estimate stays at or above the target (the target-decoy method of proteomics, here with
 image pairs). Unlike a threshold read off synthetic copies, it follows the query set's own
-share of copies and its own edits.
+share of copies and its own edits. The ``+ 1`` is the finite-sample correction of knockoff+
+(Barber & Candes, 2015): few decoys above a score are a noisy count, often 0 where non-copies
+are, and a small query set would otherwise get a threshold its noise chose.
 
 A decoy must not be normalised against itself: train photos are split into folds by a hash of
 their id, and a decoy's bias comes from the other folds only (cross-fitting). Folds rather

@@ -21,7 +21,7 @@ from jobs.config import load_config
 from jobs.layout import SETTINGS_FILE, RunDir, SettingsChanged, image_paths
 from jobs.pipeline import run_pipeline, run_stages
 from jobs.stages import verify as verify_stage
-from jobs.stages.verify import Pass, score_pairs, scorer_for, store_folder
+from jobs.stages.verify import Pass, registry_dir, score_pairs, scorer_for, store_folder, verify_settings
 from tests.badimages import EXPECTED, make_bad_images
 
 TINY = ["models.0.name=resnet18", "models.0.scales=[64]", "models.0.batch_size=8", "patches.shard_size=5",
@@ -203,8 +203,11 @@ def test_each_image_is_described_once_per_run(ray_local, tiny_dataset, tmp_path)
     run_stages(cfg, ["manifest", "patch", "extract", "search", "fuse"])
     run, paths = RunDir(str(out)), ray.put(image_paths(RunDir(str(out))))
     preds, decoys = Pass(read_table(run.fused), 3), Pass(read_table(run.fused_decoys), 2, decoys=True)
+    def score(config, p):
+        return score_pairs("rootsift", verify_settings(config)["rootsift"], registry_dir(config), run, p.todo, paths,
+                           p.top_k, p.decoys)
     for p in (preds, decoys):
-        score_pairs("rootsift", cfg, run, p.todo, paths, p.top_k, p.decoys)
+        score(cfg, p)
     stored = {split: Counter(i for shard in list_shards(store_folder(run, "rootsift"), f"{split}-")
                              for i in read_table(shard, ["image_id"]).column(0).to_pylist())
               for split in ("query", "reference", "train")}
@@ -227,12 +230,12 @@ def test_each_image_is_described_once_per_run(ray_local, tiny_dataset, tmp_path)
     store = store_folder(run, "rootsift")
     described = _mtimes(store)
     shutil.rmtree(join(run.verify, "rootsift"))
-    score_pairs("rootsift", cfg, run, preds.todo, paths, 3)
+    score(cfg, preds)
     assert _mtimes(store) == described and rows(read_table(join(run.verify, "rootsift"))) == rows(direct)
     other = load_config(None, [f"data.root={tiny_dataset}", f"output={out}", *TINY, "verify.enabled=true",
                                "verify.top_k=3", "verify.max_side=128"])
     shutil.rmtree(join(run.verify, "rootsift"))
-    score_pairs("rootsift", other, run, preds.todo, paths, 3)
+    score(other, preds)
     assert not list_shards(store, "train-")
     assert json.loads(open(join(store, SETTINGS_FILE)).read())["max_side"] == 128
 

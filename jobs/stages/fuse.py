@@ -1,8 +1,8 @@
 """Stage 5: candidates of every model -> predictions.csv (image-level, top k per query).
 
 ``fused.parquet`` keeps the fused scores. The final predictions (this stage's, or verify's
-re-scored ones, each query's candidates below its best lowered by ``fuse.demote_others``) are
-written by :func:`write_final`: ``predictions.csv`` in the ISC21 format, and with an is-copy threshold
+re-scored ones, each query's candidates below its best lowered by ``fuse.demote_others``: :func:`finish`)
+are written by :func:`write_final`: ``predictions.csv`` in the ISC21 format, and with an is-copy threshold
 ``copies.csv``, the same columns for the pairs scoring at or above it (the is-copy decisions).
 With ``fuse.threshold: auto`` the train decoys are fused the same way (``fused_decoys.parquet``)
 and the threshold estimated from them (:mod:`jobs.threshold`).
@@ -46,6 +46,18 @@ def write_final(preds: pa.Table, threshold: float | None, run: RunDir) -> None:
     log.info(f"fuse: {found.num_rows} pair(s) at or above the is-copy threshold {threshold:.4f} -> {run.copies}")
 
 
+def finish(scores: pa.Table, decoys: pa.Table | None, cfg: PipelineConfig, run: RunDir, kind: str) -> None:
+    """The final predictions from ``scores`` (``kind``: fused or verified), each query's candidates
+    below its best lowered by ``fuse.demote_others``, and :func:`write_final` them. With ``decoys``
+    (scored alike) the threshold is estimated from them, each lowered below its query's best
+    prediction as a non-copy reference in that query's list would be."""
+    share = cfg.fuse.demote_others
+    final = demote_others(scores, share)
+    threshold = (cfg.fuse.threshold if decoys is None
+                 else estimate(final, demote_others(decoys, share, scores), cfg, run, kind))
+    write_final(final, threshold, run)
+
+
 def query_shards(run: RunDir, keys: list[str], folder: Callable[[str], str] | None = None) -> dict[str, list[str]]:
     """Candidate files of every key, grouped by the patch shard they come from.
 
@@ -82,13 +94,11 @@ def run_fuse(cfg: PipelineConfig, run: RunDir) -> pa.Table:
     require_candidates(cfg, run, "fuse")
     preds = fuse_all(cfg, run, run.candidates, "fuse")
     write_table(preds, run.fused)
-    final = demote_others(preds, cfg.fuse.demote_others)
-    threshold = cfg.fuse.threshold
+    decoys = None
     if cfg.decoys():
         decoys = fuse_all(cfg, run, run.decoys, "fuse decoys")
         write_table(decoys, run.fused_decoys)
-        threshold = estimate(final, demote_others(decoys, cfg.fuse.demote_others, preds), cfg, run, "fused")
-    write_final(final, threshold, run)
+    finish(preds, decoys, cfg, run, "fused")
     log.info(f"fuse: {preds.num_rows} predictions for {len(set(preds.column('query_id').to_pylist()))} "
              f"queries -> {run.predictions}")
     return preds

@@ -30,15 +30,14 @@ from core.imageio import load_rgb
 from core.models.registry import default_registry_dir, resolve_model, weights_hash
 from core.store import chunks, folder_bytes, join, list_shards, num_rows, read_table, remove_dir, write_table
 from ensemble.described import index_described, read_described, to_blob, write_described
-from ensemble.fuse import demote_others, top_k_per_query
+from ensemble.fuse import top_k_per_query
 from ensemble.keypoints import METHODS as KEYPOINT_METHODS
 from ensemble.verify import KEYPOINT_COLUMNS, PairScorer, compare_pairs, make_scorer
 from jobs.completeness import require_fused, require_manifest
 from jobs.config import PipelineConfig, VerifyConfig
 from jobs.layout import RunDir, image_paths, next_shard_number, pin_settings, settings_changes
 from jobs.runtime import run_tasks
-from jobs.stages.fuse import write_final
-from jobs.threshold import estimate
+from jobs.stages.fuse import finish
 
 log = logging.getLogger(__name__)
 
@@ -210,14 +209,13 @@ def decoy_depth(cfg: VerifyConfig) -> int:
     return min(cfg.decoy_top_k, cfg.top_k)
 
 
-def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, paths_ref: ray.ObjectRef,
+def score_pairs(name: str, settings: dict, registry: str, run: RunDir, todo: pa.Table, paths_ref: ray.ObjectRef,
                 top_k: int, decoys: bool = False, label: str = "") -> int:
-    """Cache scorer ``name``'s columns for the pairs of ``todo`` it has not scored, with Ray tasks
-    (``decoys``: pairs of queries and train photos, cached apart in ``<scorer>-decoys``); returns
-    how many pairs that was."""
+    """Cache scorer ``name``'s columns (under ``settings``, :func:`verify_settings`) for the pairs of
+    ``todo`` it has not scored, with Ray tasks (``decoys``: pairs of queries and train photos, cached
+    apart in ``<scorer>-decoys``); returns how many pairs that was."""
     folder = cache_folder(run, name, decoys)
     plan = SCORER_PLANS[name]
-    settings = plan.settings(name, cfg)
     pin_settings(folder, settings, f"verify ({name})")
     before = list_shards(folder)
     if before:  # score only the pairs the cache lacks
@@ -226,7 +224,6 @@ def score_pairs(name: str, cfg: PipelineConfig, run: RunDir, todo: pa.Table, pat
     if not todo.num_rows:
         return 0
     queries = sorted(set(todo.column("query_id").to_pylist()))
-    registry = registry_dir(cfg)
     store = store_folder(run, name)
     if settings_changes(store, settings):  # scratch left by a run with other settings
         remove_dir(store)
@@ -252,14 +249,16 @@ def check_passes(cfg: PipelineConfig, run: RunDir, passes: list[Pass], paths_ref
     window whose pairs are all cached is passed over (a resumed run keeps the scratch of the window
     it stopped in)."""
     todo = [p.todo for p in passes]
+    settings, registry = verify_settings(cfg), registry_dir(cfg)  # once: a learned model's weights are hashed
     queries = sorted(set().union(*(t.column("query_id").to_pylist() for t in todo)))
     windows = list(chunks(len(queries), cfg.verify.window))
     for n, a, b in windows:
         label = f" ({n + 1}/{len(windows)})" if len(windows) > 1 else ""
         keep = pa.array(queries[a:b])
-        for name in METHODS[cfg.verify.method].scorers:
-            scored = sum(score_pairs(name, cfg, run, pairs.filter(pc.is_in(pairs.column("query_id"), keep)),
-                                     paths_ref, p.top_k, p.decoys, label) for p, pairs in zip(passes, todo))
+        for name in settings:
+            scored = sum(score_pairs(name, settings[name], registry, run,
+                                     pairs.filter(pc.is_in(pairs.column("query_id"), keep)), paths_ref, p.top_k,
+                                     p.decoys, label) for p, pairs in zip(passes, todo))
             if not scored:
                 continue
             store = store_folder(run, name)
@@ -267,7 +266,7 @@ def check_passes(cfg: PipelineConfig, run: RunDir, passes: list[Pass], paths_ref
             log.info(f"verify ({name}){label}: {described} images described, "
                      f"{folder_bytes(store) / 1e6:.0f} MB of scratch emptied")
             remove_dir(store)  # every pair of the window is cached by now
-    for name in METHODS[cfg.verify.method].scorers:  # scratch a stopped run left after its last pair
+    for name in settings:  # scratch a stopped run left after its last pair
         remove_dir(store_folder(run, name))
 
 
@@ -293,9 +292,5 @@ def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
         passes.append(Pass(read_table(run.fused_decoys), decoy_depth(cfg.verify), decoys=True))
     check_passes(cfg, run, passes, ray.put(image_paths(run)))  # one copy of the paths for every task
     verified, *decoys = (rescored(cfg, run, p) for p in passes)
-    share = cfg.fuse.demote_others
-    preds = demote_others(verified, share)
-    threshold = (estimate(preds, demote_others(decoys[0], share, verified), cfg, run, "verified") if decoys
-                 else cfg.fuse.threshold)
-    write_final(preds, threshold, run)
+    finish(verified, decoys[0] if decoys else None, cfg, run, "verified")
     log.info(f"verify ({cfg.verify.method}) -> {run.predictions}")
