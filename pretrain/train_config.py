@@ -12,7 +12,6 @@ training loop (``train_loop_per_worker(config)``) receives, so a run can start o
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -27,6 +26,12 @@ TrainConfigError = ConfigError
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def absolute(path: str) -> str:
+    """``path`` against the current folder: a Ray Train worker runs in its own folder, so a
+    relative path in the YAML would name another place there."""
+    return os.path.abspath(os.path.expanduser(path))
 
 
 class DataSection(Strict):
@@ -134,6 +139,16 @@ class TrainConfig(Strict):
     verifier: VerifierSection = VerifierSection()
 
     @model_validator(mode="after")
+    def _absolute_paths(self) -> TrainConfig:
+        """Folders (and a checkpoint ``finetune.init``) as absolute paths, read where the command runs."""
+        self.output = absolute(self.output)
+        self.registry = absolute(self.registry) if self.registry else None
+        self.data.train = absolute(self.data.train)
+        if os.path.isfile(self.finetune.init):
+            self.finetune.init = absolute(self.finetune.init)
+        return self
+
+    @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         from pretrain.recipes import (  # recipes pull in AugLy: import late
             RECIPES,
@@ -162,7 +177,7 @@ class TrainConfig(Strict):
         return list(self.recipes) if self.recipes is not None else recipe_names(self.sets or 1)
 
     def registry_dir(self) -> str:
-        return str(Path(self.registry) if self.registry else default_registry_dir())
+        return self.registry or absolute(str(default_registry_dir()))
 
 
 class RunSpec(Strict):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Callable
 
 from core.models.cards import ModelCard
@@ -25,6 +26,8 @@ def _train(args: argparse.Namespace, plan: Callable[[TrainConfig], list[RunSpec]
     from pretrain.train.fanout import run_all
 
     cfg = load_train_config(args.config, args.set)
+    if not args.address and not cfg.ray.address and not os.path.isdir(cfg.data.train):
+        raise FileNotFoundError(f"{args.config}: data.train {cfg.data.train} is not a folder")  # before Ray starts
     specs = plan(cfg)
     log.info(f"{len(specs)} runs: {', '.join(s.name for s in specs)}")
     init_ray(RayConfig(address=args.address or cfg.ray.address))
