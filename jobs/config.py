@@ -213,7 +213,8 @@ class VerifyConfig(Strict):
     decoy_top_k: int = Field(2, ge=1, description="fuse.threshold auto: train decoys verified per query (at most "
                              "top_k; the rest keep their fused score). The threshold rests on each query's best "
                              "decoys: 2 gave the thresholds of 5 on ten synthetic splits at 2/5 of the time")
-    method: Literal["sift", "rootsift", "orb", "learned", "learned+sift"] = "rootsift"
+    method: Literal["sift", "rootsift", "orb", "learned", "learned+sift", "learned+rootsift", "learned+orb"] = \
+        "rootsift"
     max_side: int = Field(512, ge=64, description="keypoint methods: longer image side")
     min_side: int = Field(256, ge=0, description="keypoint methods: images whose longer side is shorter are "
                           "enlarged to it, never past max_side (a thumbnail has too few keypoints; 0: never)")
@@ -230,7 +231,7 @@ class VerifyConfig(Strict):
                            "inliers, in proportion to the smaller image's keypoints")
     penalty_keypoints: int = Field(800, ge=1, description="keypoints at which the penalty is full")
     learned: LearnedVerifyConfig = LearnedVerifyConfig()
-    combine: Literal["max", "sum"] = Field("max", description="learned+sift: how the two bonuses combine")
+    combine: Literal["max", "sum"] = Field("max", description="learned+<keypoints>: how the two bonuses combine")
 
 
 class IndexConfig(Strict):

@@ -1,6 +1,6 @@
 """copydet's learned verifier: trains a couple of steps on synthetic photos, registers as a
 ``verifier`` card with safetensors weights, reloads to the same outputs, and verifies in a
-tiny pipeline (``verify.method: learned`` and ``learned+sift``)."""
+tiny pipeline (``verify.method: learned`` and ``learned+rootsift``)."""
 from __future__ import annotations
 
 import csv
@@ -26,7 +26,8 @@ from core.store import join, read_table
 from jobs.config import VerifyConfig, load_config
 from jobs.layout import RunDir, SettingsChanged
 from jobs.pipeline import run_stages
-from jobs.stages.verify import METHODS
+from ensemble.verify import KEYPOINT_COLUMNS
+from jobs.stages.verify import METHODS, inlier_bonus
 from pretrain.train.fanout import plan_verifier
 from pretrain.train.launch import fit_local
 from pretrain.train_config import load_train_config
@@ -120,11 +121,17 @@ def test_learned_verification_in_a_tiny_pipeline(ray_local, trained, tiny_datase
     for pair, p in by_pair.items():  # floor 0, weight 0.5: the bonus is p / 2
         assert preds[pair] == pytest.approx(fused[pair] + 0.5 * p, abs=1e-5)
 
-    # learned+sift reuses the learned cache and adds the sift one; a second run changes nothing
-    both = load_config(None, [*base, "verify.method=learned+sift", "verify.combine=sum"])
+    # learned+rootsift reuses the learned cache and adds the rootsift one; a second run changes nothing
+    both = load_config(None, [*base, "verify.method=learned+rootsift", "verify.combine=sum"])
     run_stages(both, ["verify"])
     assert read_table(join(run.verify, "learned")).num_rows == probs.num_rows
-    assert read_table(join(run.verify, "sift")).num_rows == probs.num_rows
+    keypoints = read_table(join(run.verify, "rootsift")).to_pylist()
+    assert len(keypoints) == probs.num_rows
+    preds = {(r["query_id"], r["reference_id"]): float(r["score"]) for r in csv.DictReader(open(run.predictions))}
+    for r in keypoints:  # combine sum: the learned bonus plus the keypoint bonus
+        pair = (r["query_id"], r["reference_id"])
+        sift = inlier_bonus({c: np.array([r[c]], float) for c in KEYPOINT_COLUMNS}, both.verify)[0]
+        assert preds[pair] == pytest.approx(fused[pair] + 0.5 * by_pair[pair] + sift, abs=1e-5)
     once = open(run.predictions).read()
     run_stages(both, ["verify"])
     assert open(run.predictions).read() == once

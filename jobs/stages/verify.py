@@ -4,7 +4,7 @@ A method (:data:`METHODS`) names the scorers it needs (``ensemble.verify.SCORERS
 inliers, the learned verifier's P(copy)) and the rule that turns their columns into a bonus on
 the fused score. Each scorer's results are cached in ``verify.parquet/<scorer>/`` by
 (query, reference) pair, its settings pinned there, so a re-run (or another method sharing a
-scorer, e.g. ``learned+sift`` after ``sift``) only scores pairs it has not seen.
+scorer, e.g. ``learned+rootsift`` after ``rootsift``) only scores pairs it has not seen.
 Queries are verified ``verify.window`` at a time. Each image of a window is described once
 (``verify.parquet/<scorer>-described/``, :mod:`ensemble.described`), however many of the
 window's queries have it among their candidates, and a query once for its references and its
@@ -78,11 +78,15 @@ class Method:
     bonus: Callable[[Columns, VerifyConfig], np.ndarray]
 
 
+def both_bonus(cols: Columns, cfg: VerifyConfig) -> np.ndarray:
+    """The keypoint and learned bonuses combined by ``verify.combine``."""
+    return COMBINE[cfg.combine](inlier_bonus(cols, cfg), learned_bonus(cols, cfg))
+
+
 METHODS: dict[str, Method] = {
     **{name: Method((name,), inlier_bonus) for name in KEYPOINT_METHODS},  # sift, rootsift, orb
     "learned": Method(("learned",), learned_bonus),
-    "learned+sift": Method(("learned", "sift"),
-                           lambda c, cfg: COMBINE[cfg.combine](inlier_bonus(c, cfg), learned_bonus(c, cfg))),
+    **{f"learned+{name}": Method(("learned", name), both_bonus) for name in KEYPOINT_METHODS},
 }
 
 
