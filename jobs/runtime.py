@@ -16,6 +16,15 @@ from patchers.detector.predict import ULTRALYTICS_ENV
 # Devices are offline: hub look-ups must fail at once instead of retrying for a minute; ultralytics
 # never installs packages and unpickles weights only (patchers.detector.predict).
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **ULTRALYTICS_ENV}
+# Ray Train's placement-group cleaner polls the state API, which needs the dashboard that copydet
+# does not start: it would warn of that every few seconds of a training run (../shared/DEPS.md).
+QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
+
+
+def quiet_workers() -> None:
+    """Ray's ``worker_process_setup_hook``: errors only from :data:`QUIET_LOGGERS`."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def init_ray(cfg: RayConfig, address: str | None = None) -> None:
@@ -31,7 +40,7 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
         address = address or cfg.address
         ray.init(address=address, num_cpus=None if address else cfg.num_cpus,
                  include_dashboard=False, logging_level="WARNING", log_to_driver=True,
-                 runtime_env={"env_vars": OFFLINE_ENV})
+                 runtime_env={"env_vars": OFFLINE_ENV, "worker_process_setup_hook": quiet_workers})
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
