@@ -23,10 +23,10 @@ from core.models.verifier import (
     save_verifier,
 )
 from core.store import join, read_table
+from ensemble.verify import KEYPOINT_COLUMNS
 from jobs.config import VerifyConfig, load_config
 from jobs.layout import RunDir, SettingsChanged
 from jobs.pipeline import run_stages
-from ensemble.verify import KEYPOINT_COLUMNS
 from jobs.stages.verify import METHODS, inlier_bonus
 from pretrain.train.fanout import plan_verifier
 from pretrain.train.launch import fit_local
