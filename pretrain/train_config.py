@@ -139,16 +139,6 @@ class TrainConfig(Strict):
     verifier: VerifierSection = VerifierSection()
 
     @model_validator(mode="after")
-    def _absolute_paths(self) -> TrainConfig:
-        """Folders (and a checkpoint ``finetune.init``) as absolute paths, read where the command runs."""
-        self.output = absolute(self.output)
-        self.registry = absolute(self.registry) if self.registry else None
-        self.data.train = absolute(self.data.train)
-        if os.path.isfile(self.finetune.init):
-            self.finetune.init = absolute(self.finetune.init)
-        return self
-
-    @model_validator(mode="after")
     def _check(self) -> TrainConfig:
         from pretrain.recipes import (  # recipes pull in AugLy: import late
             RECIPES,
@@ -176,8 +166,18 @@ class TrainConfig(Strict):
 
         return list(self.recipes) if self.recipes is not None else recipe_names(self.sets or 1)
 
+    def anchored(self) -> TrainConfig:
+        """This config with its folders (and a checkpoint ``finetune.init``) as absolute paths, read
+        where the command runs. The YAML keeps them as written, so that ``copydet submit`` can
+        refuse relative ones, which would name a folder on the wrong machine."""
+        init = absolute(self.finetune.init) if os.path.isfile(self.finetune.init) else self.finetune.init
+        return self.model_copy(update={
+            "output": absolute(self.output), "registry": absolute(self.registry_dir()),
+            "data": self.data.model_copy(update={"train": absolute(self.data.train)}),
+            "finetune": self.finetune.model_copy(update={"init": init})})
+
     def registry_dir(self) -> str:
-        return self.registry or absolute(str(default_registry_dir()))
+        return str(self.registry or default_registry_dir())
 
 
 class RunSpec(Strict):

@@ -76,15 +76,16 @@ def test_shipped_configs_validate(name):
 
 
 def test_relative_paths_are_read_where_the_command_runs(tmp_path, monkeypatch):
-    """A Ray Train worker runs in its own folder: every run gets the YAML's relative folders as
-    absolute paths, resolved against the folder the command was started in."""
+    """A Ray Train worker runs in its own folder: the train commands give every run the YAML's
+    relative folders as absolute paths, resolved against the folder the command was started in."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("COPYDET_REGISTRY", "reg")
     cfg = load_train_config(CONFIGS / "tiny.yaml", ["data.train=photos", "output=out", "registry=null"])
-    spec = plan_pretrain(cfg)[0]
+    assert cfg.output == "out"  # as written: `copydet submit` refuses relative folders
+    spec = plan_pretrain(cfg.anchored())[0]
     assert spec.data.train == str(tmp_path / "photos")
     assert spec.run_dir.startswith(str(tmp_path / "out") + "/") and spec.registry == str(tmp_path / "reg")
-    assert load_train_config(CONFIGS / "tiny.yaml").registry == str(tmp_path / "runs/train-tiny/models")
+    assert load_train_config(CONFIGS / "tiny.yaml").anchored().registry == str(tmp_path / "runs/train-tiny/models")
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ TRAIN_ARGS = (
 def _train(args: argparse.Namespace, plan: Callable[[TrainConfig], list[RunSpec]]) -> int:
     from pretrain.train.fanout import run_all
 
-    cfg = load_train_config(args.config, args.set)
+    cfg = load_train_config(args.config, args.set).anchored()
     if not args.address and not cfg.ray.address and not os.path.isdir(cfg.data.train):
         raise FileNotFoundError(f"{args.config}: data.train {cfg.data.train} is not a folder")  # before Ray starts
     specs = plan(cfg)
