@@ -167,14 +167,13 @@ class TrainConfig(Strict):
         return list(self.recipes) if self.recipes is not None else recipe_names(self.sets or 1)
 
     def anchored(self) -> TrainConfig:
-        """This config with its folders (and a checkpoint ``finetune.init``) as absolute paths, read
-        where the command runs. The YAML keeps them as written, so that ``copydet submit`` can
-        refuse relative ones, which would name a folder on the wrong machine."""
-        init = absolute(self.finetune.init) if os.path.isfile(self.finetune.init) else self.finetune.init
+        """This config with its folders as absolute paths, read where the command runs (a
+        checkpoint ``finetune.init`` is resolved by the driver already). The YAML keeps them as
+        written, so that ``copydet submit`` can refuse relative ones, which would name a folder on
+        the wrong machine."""
         return self.model_copy(update={
             "output": absolute(self.output), "registry": absolute(self.registry_dir()),
-            "data": self.data.model_copy(update={"train": absolute(self.data.train)}),
-            "finetune": self.finetune.model_copy(update={"init": init})})
+            "data": self.data.model_copy(update={"train": absolute(self.data.train)})})
 
     def registry_dir(self) -> str:
         return str(self.registry or default_registry_dir())
