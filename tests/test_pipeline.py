@@ -21,7 +21,8 @@ from jobs.config import load_config
 from jobs.layout import SETTINGS_FILE, RunDir, SettingsChanged, image_paths
 from jobs.pipeline import run_pipeline, run_stages
 from jobs.stages import verify as verify_stage
-from jobs.stages.verify import Pass, registry_dir, score_pairs, scorer_for, store_folder, verify_settings
+from jobs.stages.verify import (Pass, registry_dir, score_pairs, scorer_for, store_folder, unscored,
+                                verify_settings)
 from tests.badimages import EXPECTED, make_bad_images
 
 TINY = ["models.0.name=resnet18", "models.0.scales=[64]", "models.0.batch_size=8", "patches.shard_size=5",
@@ -204,8 +205,9 @@ def test_each_image_is_described_once_per_run(ray_local, tiny_dataset, tmp_path)
     run, paths = RunDir(str(out)), ray.put(image_paths(RunDir(str(out))))
     preds, decoys = Pass(read_table(run.fused), 3), Pass(read_table(run.fused_decoys), 2, decoys=True)
     def score(config, p):
-        return score_pairs("rootsift", verify_settings(config)["rootsift"], registry_dir(config), run, p.todo, paths,
-                           p.top_k, p.decoys)
+        settings = verify_settings(config)["rootsift"]
+        return score_pairs("rootsift", settings, registry_dir(config), run, unscored(run, "rootsift", settings, p).pairs,
+                           paths, p.top_k, p.decoys)
     for p in (preds, decoys):
         score(cfg, p)
     stored = {split: Counter(i for shard in list_shards(store_folder(run, "rootsift"), f"{split}-")
@@ -242,7 +244,9 @@ def test_each_image_is_described_once_per_run(ray_local, tiny_dataset, tmp_path)
 
 def test_verification_describes_one_window_of_queries_at_a_time(ray_local, tiny_dataset, tmp_path, monkeypatch):
     """``verify.window`` bounds the scratch store: it holds one window's queries with their
-    candidates and decoys, and is emptied before the next. The scores are those of one window."""
+    candidates and decoys, and is emptied before the next. The scores are those of one window.
+    No window reads what earlier ones cached: a cache shard is read once by a fresh run (for the
+    final scores) and twice by a resumed one (once more for the pairs left), however many windows."""
     out = tmp_path / "run"
     args = [f"data.root={tiny_dataset}", f"output={out}", *TINY, "fuse.threshold=auto", "fuse.decoy_folds=2",
             "verify.enabled=true", "verify.top_k=3", "verify.decoy_top_k=2"]
@@ -258,8 +262,15 @@ def test_verification_describes_one_window_of_queries_at_a_time(ray_local, tiny_
                            for split in ("query", "reference", "train")})
         remove(folder)
     monkeypatch.setattr(verify_stage, "remove_dir", snapshot_then_remove)
+    reads, read = Counter(), verify_stage.read_table
+
+    def counted(path, *args, **kwargs):
+        reads[path] += path.startswith(run.verify) and "-described" not in path
+        return read(path, *args, **kwargs)
+    monkeypatch.setattr(verify_stage, "read_table", counted)
     run_stages(cfg, ["verify"])
     assert not os.path.exists(store_folder(run, "rootsift"))
+    assert len(+reads) >= 6 and set((+reads).values()) == {1}
     top, decoys = top_k_per_query(read_table(run.fused), 3), top_k_per_query(read_table(run.fused_decoys), 2)
     assert [sorted(s["query"]) for s in stores] == [["Q000", "Q001"], ["Q002", "Q003"], ["Q004", "Q005"]]
     for s in stores:
@@ -273,8 +284,10 @@ def test_verification_describes_one_window_of_queries_at_a_time(ray_local, tiny_
     windowed, predictions = cached(), (out / "predictions.csv").read_text()
     for name in ("rootsift", "rootsift-decoys"):  # as if stopped in the last window: the others are passed over
         os.remove(list_shards(join(run.verify, name))[-1])
+    reads.clear()
     run_stages(cfg, ["verify"])
     assert [sorted(s["query"]) for s in stores[3:]] == [["Q004", "Q005"]] and cached() == windowed
+    assert len(+reads) >= 6 and max(reads.values()) == 2
     shutil.rmtree(run.verify)
     run_stages(load_config(None, args), ["verify"])  # one window
     assert len(stores) == 5 and stores[-1]["query"] == set(top.column("query_id").to_pylist())

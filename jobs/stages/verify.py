@@ -15,8 +15,9 @@ twice never boosts a score twice.
 """
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property, lru_cache
 from typing import Any
@@ -213,56 +214,95 @@ def decoy_depth(cfg: VerifyConfig) -> int:
     return min(cfg.decoy_top_k, cfg.top_k)
 
 
-def score_pairs(name: str, settings: dict, registry: str, run: RunDir, todo: pa.Table, paths_ref: ray.ObjectRef,
-                top_k: int, decoys: bool = False, label: str = "") -> int:
+@dataclass(frozen=True)
+class ByQuery:
+    """Pairs sorted by query id, with the ids as an array: a range of queries is two binary
+    searches and a zero-copy slice, not a scan of the table."""
+
+    table: pa.Table
+    ids: np.ndarray
+
+    @classmethod
+    def of(cls, table: pa.Table) -> ByQuery:
+        table = table.sort_by("query_id")
+        return cls(table, table.column("query_id").to_numpy(zero_copy_only=False))
+
+    def between(self, first: str, last: str) -> ByQuery:
+        a, b = np.searchsorted(self.ids, first, "left"), np.searchsorted(self.ids, last, "right")
+        return ByQuery(self.table.slice(a, b - a), self.ids[a:b])
+
+    def queries(self) -> list[str]:
+        return list(dict.fromkeys(self.ids))  # sorted already
+
+
+@dataclass(frozen=True)
+class Unscored:
+    """The pairs of a pass that a scorer has not cached, and the numbers its next shards take."""
+
+    pairs: ByQuery
+    shard_numbers: Iterator[int]
+
+
+def unscored(run: RunDir, name: str, settings: dict, p: Pass) -> Unscored:
+    """What scorer ``name`` has left of ``p``. The cache folder is read once per run here, not
+    once per window: a window's pairs are a slice of these, its shards numbered on from these."""
+    folder = cache_folder(run, name, p.decoys)
+    pin_settings(folder, settings, f"verify ({name})")  # a cache of other settings is refused before it is read
+    shards = list_shards(folder)
+    todo = p.todo
+    if shards:
+        done = pa.concat_tables([read_table(s, KEYS) for s in shards])
+        todo = todo.join(done, KEYS, join_type="left anti")
+    return Unscored(ByQuery.of(todo), itertools.count(next_shard_number(shards)))
+
+
+def score_pairs(name: str, settings: dict, registry: str, run: RunDir, todo: ByQuery, paths_ref: ray.ObjectRef,
+                top_k: int, decoys: bool = False, label: str = "", shard_numbers: Iterator[int] | None = None) -> int:
     """Cache scorer ``name``'s columns (under ``settings``, :func:`verify_settings`) for the pairs of
-    ``todo`` it has not scored, with Ray tasks (``decoys``: pairs of queries and train photos, cached
-    apart in ``<scorer>-decoys``); returns how many pairs that was."""
+    ``todo``, none of them cached yet (:func:`unscored`), with Ray tasks (``decoys``: pairs of
+    queries and train photos, cached apart in ``<scorer>-decoys``); returns how many pairs that was.
+    The shards take ``shard_numbers`` (by default, on from those in the folder)."""
+    pairs = todo.table
+    if not pairs.num_rows:
+        return 0
     folder = cache_folder(run, name, decoys)
     plan = SCORER_PLANS[name]
     pin_settings(folder, settings, f"verify ({name})")
-    before = list_shards(folder)
-    if before:  # score only the pairs the cache lacks
-        done = pa.concat_tables([read_table(s, KEYS) for s in before])
-        todo = todo.join(done, KEYS, join_type="left anti")
-    if not todo.num_rows:
-        return 0
-    queries = sorted(set(todo.column("query_id").to_pylist()))
+    queries = todo.queries()
     store = store_folder(run, name)
     if settings_changes(store, settings):  # scratch left by a run with other settings
         remove_dir(store)
     pin_settings(store, settings, f"verify ({name}) descriptions")
-    where = [describe_missing(name, settings, registry, store, split, set(todo.column(col).to_pylist()), paths_ref,
+    where = [describe_missing(name, settings, registry, store, split, set(pairs.column(col).to_pylist()), paths_ref,
                               plan.queries_per_task, label)
              for split, col in (("query", "query_id"), ("train" if decoys else "reference", "reference_id"))]
-    start = next_shard_number(before)
+    numbers = shard_numbers or itertools.count(next_shard_number(list_shards(folder)))
     calls = []
-    for i, a, b in chunks(len(queries), plan.queries_per_task):
-        part = todo.filter(pc.is_in(todo.column("query_id"), pa.array(queries[a:b])))
+    for _, a, b in chunks(len(queries), plan.queries_per_task):
+        part = todo.between(queries[a], queries[b - 1]).table
         shards = tuple({k: index[k] for k in part.column(col).to_pylist()}
                        for index, col in zip(where, ("query_id", "reference_id")))
-        calls.append((part, shards, settings, registry, top_k, join(folder, f"part-{start + i:05d}.parquet")))
+        calls.append((part, shards, settings, registry, top_k, join(folder, f"part-{next(numbers):05d}.parquet")))
     run_tasks(verify_chunk, calls, f"verify {name}{' decoys' if decoys else ''}{label}")
-    return todo.num_rows
+    return pairs.num_rows
 
 
 def check_passes(cfg: PipelineConfig, run: RunDir, passes: list[Pass], paths_ref: ray.ObjectRef) -> None:
     """Score the pairs of ``passes`` that the method's scorers have not cached, ``verify.window``
     queries at a time: each image of a window is described once into the scratch store (a query
-    serves its references and its decoys), and the store is emptied before the next window. A
-    window whose pairs are all cached is passed over (a resumed run keeps the scratch of the window
-    it stopped in)."""
-    todo = [p.todo for p in passes]
+    serves its references and its decoys), and the store is emptied before the next window. Windows
+    are cut from the queries with pairs left to score, so a resumed run starts where it stopped
+    (and keeps the scratch of the window it stopped in)."""
     settings, registry = verify_settings(cfg), registry_dir(cfg)  # once: a learned model's weights are hashed
-    queries = sorted(set().union(*(t.column("query_id").to_pylist() for t in todo)))
+    todo = {name: [unscored(run, name, settings[name], p) for p in passes] for name in settings}
+    queries = sorted(set().union(*(t.pairs.queries() for ts in todo.values() for t in ts)))
     windows = list(chunks(len(queries), cfg.verify.window))
     for n, a, b in windows:
         label = f" ({n + 1}/{len(windows)})" if len(windows) > 1 else ""
-        keep = pa.array(queries[a:b])
         for name in settings:
-            scored = sum(score_pairs(name, settings[name], registry, run,
-                                     pairs.filter(pc.is_in(pairs.column("query_id"), keep)), paths_ref, p.top_k,
-                                     p.decoys, label) for p, pairs in zip(passes, todo))
+            scored = sum(score_pairs(name, settings[name], registry, run, left.pairs.between(queries[a], queries[b - 1]),
+                                     paths_ref, p.top_k, p.decoys, label, left.shard_numbers)
+                         for p, left in zip(passes, todo[name]))
             if not scored:
                 continue
             store = store_folder(run, name)
