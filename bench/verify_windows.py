@@ -57,7 +57,7 @@ def timed(cfg, run: RunDir, passes: list[Pass]) -> float:
     """The driver's seconds in ``check_passes``."""
     WORKERS[0] = 0.0
     start = time.perf_counter()
-    check_passes(cfg, run, passes, paths_ref=None)
+    check_passes(cfg, run, passes, paths={})
     return time.perf_counter() - start - WORKERS[0]
 
 

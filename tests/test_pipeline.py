@@ -195,14 +195,21 @@ def test_auto_threshold_from_train_decoys(ray_local, tiny_dataset, tmp_path):
     assert not os.path.exists(store_folder(run, "rootsift"))  # the descriptions are scratch
 
 
-def test_each_image_is_described_once_per_run(ray_local, tiny_dataset, tmp_path):
+def test_each_image_is_described_once_per_run(ray_local, tiny_dataset, tmp_path, monkeypatch):
     """Predictions and decoys are verified from one store of descriptions: a query is described once
-    for both, a reference once however many queries' candidates it is among."""
+    for both, a reference once however many queries' candidates it is among. A describe task is
+    sent the files it describes, not every path of the run."""
     out = tmp_path / "run"
     cfg = load_config(None, [f"data.root={tiny_dataset}", f"output={out}", *TINY, "fuse.threshold=auto",
                              "fuse.decoy_folds=2", "verify.enabled=true", "verify.top_k=3", "verify.decoy_top_k=2"])
     run_stages(cfg, ["manifest", "patch", "extract", "search", "fuse"])
-    run, paths = RunDir(str(out)), ray.put(image_paths(RunDir(str(out))))
+    run, paths = RunDir(str(out)), image_paths(RunDir(str(out)))
+    sent, run_tasks = [], verify_stage.run_tasks
+
+    def recorded(fn, calls, *args):
+        sent.extend(calls if fn is verify_stage.describe_chunk else [])
+        return run_tasks(fn, calls, *args)
+    monkeypatch.setattr(verify_stage, "run_tasks", recorded)
     preds, decoys = Pass(read_table(run.fused), 3), Pass(read_table(run.fused_decoys), 2, decoys=True)
     def score(config, p):
         settings = verify_settings(config)["rootsift"]
@@ -214,6 +221,9 @@ def test_each_image_is_described_once_per_run(ray_local, tiny_dataset, tmp_path)
                              for i in read_table(shard, ["image_id"]).column(0).to_pylist())
               for split in ("query", "reference", "train")}
     assert all(set(c.values()) == {1} for c in stored.values())
+    assert sorted((split, i) for images, split, *_ in sent for i, _ in images) == \
+        sorted((split, i) for split, c in stored.items() for i in c)
+    assert all(paths[split][i] == path for images, split, *_ in sent for i, path in images)
     top = top_k_per_query(read_table(run.fused), 3)
     assert set(stored["query"]) == set(top.column("query_id").to_pylist())
     assert set(stored["reference"]) == set(top.column("reference_id").to_pylist())
@@ -223,7 +233,7 @@ def test_each_image_is_described_once_per_run(ray_local, tiny_dataset, tmp_path)
 
     def rows(table):
         return {(r["query_id"], r["reference_id"]): (r["inliers"], r["keypoints"]) for r in table.to_pylist()}
-    direct = verify_pairs(top, image_paths(run)["query"], image_paths(run)["reference"], 3, load_rgb,
+    direct = verify_pairs(top, paths["query"], paths["reference"], 3, load_rgb,
                           scorer=scorer_for("rootsift", cfg))  # each image described as it is met
     assert rows(read_table(join(run.verify, "rootsift"))) == rows(direct)
 

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
 from core.imageio import load_rgb
 from core.models.registry import default_registry_dir, resolve_model, weights_hash
@@ -127,12 +126,12 @@ def scorer_for(name: str, cfg: PipelineConfig) -> PairScorer:
     return make_scorer(name, registry=registry_dir(cfg), **SCORER_PLANS[name].settings(name, cfg))
 
 
-def describe_chunk(ids: list[str], paths: dict[str, dict[str, str]], split: str, settings: dict, registry: str,
-                   out: str) -> int:
-    """Describe images ``ids`` of ``split`` (queries with all their views) into one store shard."""
+def describe_chunk(images: list[tuple[str, str]], split: str, settings: dict, registry: str, out: str) -> int:
+    """Describe ``images`` (id, file) of ``split`` (queries with all their views) into one store shard.
+    A task gets its own files only: the whole paths dict would be unpickled by every task."""
     scorer = make_scorer(settings["scorer"], registry=registry, **settings)  # the pinned settings build it
     describe = scorer.describe_query if split == "query" else scorer.describe
-    return write_described(((i, to_blob(scorer.pack(describe(load_rgb(paths[split][i]))))) for i in ids), out)
+    return write_described(((i, to_blob(scorer.pack(describe(load_rgb(path))))) for i, path in images), out)
 
 
 def verify_chunk(pairs: pa.Table, shards: tuple[dict[str, str], dict[str, str]], settings: dict, registry: str,
@@ -157,15 +156,16 @@ def store_folder(run: RunDir, name: str) -> str:
 
 
 def describe_missing(name: str, settings: dict, registry: str, store: str, split: str, ids: set[str],
-                     paths_ref: ray.ObjectRef, per_task: int, label: str = "") -> dict[str, str]:
-    """image id -> store shard for ``ids`` of ``split``, describing those the store lacks."""
+                     paths: dict[str, str], per_task: int, label: str = "") -> dict[str, str]:
+    """image id -> store shard for ``ids`` of ``split`` (``paths``: that split's id -> file),
+    describing those the store lacks."""
     index = index_described(store, split)
-    todo = sorted(ids - index.keys())
+    todo = [(i, paths[i]) for i in sorted(ids - index.keys())]
     start = next_shard_number(list_shards(store, f"{split}-"))
-    calls = [(todo[a:b], paths_ref, split, settings, registry, join(store, f"{split}-{start + i:05d}.parquet"))
+    calls = [(todo[a:b], split, settings, registry, join(store, f"{split}-{start + i:05d}.parquet"))
              for i, a, b in chunks(len(todo), per_task)]
     run_tasks(describe_chunk, calls, f"describe {name} {split}{label}")
-    index.update({image_id: call[-1] for call in calls for image_id in call[0]})
+    index.update({image_id: call[-1] for call in calls for image_id, _ in call[0]})
     return {i: index[i] for i in ids}
 
 
@@ -256,10 +256,10 @@ def unscored(run: RunDir, name: str, settings: dict, p: Pass) -> Unscored:
     return Unscored(ByQuery.of(todo), itertools.count(next_shard_number(shards)))
 
 
-def score_pairs(name: str, settings: dict, registry: str, run: RunDir, todo: ByQuery, paths_ref: ray.ObjectRef,
-                top_k: int, decoys: bool = False, label: str = "", shard_numbers: Iterator[int] | None = None) -> int:
+def score_pairs(name: str, settings: dict, registry: str, run: RunDir, todo: ByQuery,
+                paths: dict[str, dict[str, str]], top_k: int, decoys: bool = False, label: str = "", shard_numbers: Iterator[int] | None = None) -> int:
     """Cache scorer ``name``'s columns (under ``settings``, :func:`verify_settings`) for the pairs of
-    ``todo``, none of them cached yet (:func:`unscored`), with Ray tasks (``decoys``: pairs of
+    ``todo``, none of them cached yet (:func:`unscored`; ``paths``: :func:`image_paths`), with Ray tasks (``decoys``: pairs of
     queries and train photos, cached apart in ``<scorer>-decoys``); returns how many pairs that was.
     The shards take ``shard_numbers`` (by default, on from those in the folder)."""
     pairs = todo.table
@@ -273,8 +273,8 @@ def score_pairs(name: str, settings: dict, registry: str, run: RunDir, todo: ByQ
     if settings_changes(store, settings):  # scratch left by a run with other settings
         remove_dir(store)
     pin_settings(store, settings, f"verify ({name}) descriptions")
-    where = [describe_missing(name, settings, registry, store, split, set(pairs.column(col).to_pylist()), paths_ref,
-                              plan.queries_per_task, label)
+    where = [describe_missing(name, settings, registry, store, split, set(pairs.column(col).to_pylist()),
+                              paths[split], plan.queries_per_task, label)
              for split, col in (("query", "query_id"), ("train" if decoys else "reference", "reference_id"))]
     numbers = shard_numbers or itertools.count(next_shard_number(list_shards(folder)))
     calls = []
@@ -287,7 +287,7 @@ def score_pairs(name: str, settings: dict, registry: str, run: RunDir, todo: ByQ
     return pairs.num_rows
 
 
-def check_passes(cfg: PipelineConfig, run: RunDir, passes: list[Pass], paths_ref: ray.ObjectRef) -> None:
+def check_passes(cfg: PipelineConfig, run: RunDir, passes: list[Pass], paths: dict[str, dict[str, str]]) -> None:
     """Score the pairs of ``passes`` that the method's scorers have not cached, ``verify.window``
     queries at a time: each image of a window is described once into the scratch store (a query
     serves its references and its decoys), and the store is emptied before the next window. Windows
@@ -301,7 +301,7 @@ def check_passes(cfg: PipelineConfig, run: RunDir, passes: list[Pass], paths_ref
         label = f" ({n + 1}/{len(windows)})" if len(windows) > 1 else ""
         for name in settings:
             scored = sum(score_pairs(name, settings[name], registry, run, left.pairs.between(queries[a], queries[b - 1]),
-                                     paths_ref, p.top_k, p.decoys, label, left.shard_numbers)
+                                     paths, p.top_k, p.decoys, label, left.shard_numbers)
                          for p, left in zip(passes, todo[name]))
             if not scored:
                 continue
@@ -334,7 +334,7 @@ def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
     passes = [Pass(read_table(run.fused), cfg.verify.top_k)]
     if cfg.decoys():  # the decoys are verified as the predictions are, so the threshold holds on final scores
         passes.append(Pass(read_table(run.fused_decoys), decoy_depth(cfg.verify), decoys=True))
-    check_passes(cfg, run, passes, ray.put(image_paths(run)))  # one copy of the paths for every task
+    check_passes(cfg, run, passes, image_paths(run))
     verified, *decoys = (rescored(cfg, run, p) for p in passes)
     finish(verified, decoys[0] if decoys else None, cfg, run, "verified")
     log.info(f"verify ({cfg.verify.method}) -> {run.predictions}")
