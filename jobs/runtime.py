@@ -55,7 +55,10 @@ def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], desc: str,
     results = []
     with tqdm(total=len(pending), desc=desc, unit="shard") as bar:
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)
+            done, pending = ray.wait(pending, num_returns=1)  # the next to finish, then all finished by now:
+            if pending:  # one wait per burst, not per task (each wait scans every pending ref)
+                more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
+                done += more
             results.extend(ray.get(done))
             bar.update(len(done))
     return results
