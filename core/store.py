@@ -131,6 +131,15 @@ def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.
     return pq.read_table(p, filesystem=fs, columns=columns)
 
 
+def version(path: str | os.PathLike) -> tuple[int, int]:
+    """(modified time in ns, bytes) of a file: a cache keyed on it sees a rewritten file as new."""
+    fs, p = filesystem(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"{path}: no such file")
+    return info.mtime_ns or 0, info.size or 0
+
+
 def num_rows(path: str | os.PathLike) -> int:
     """Rows of one Parquet file, from its footer (no data is read)."""
     fs, p = filesystem(path)

@@ -9,8 +9,10 @@ so a lost shard stops the run, named, instead of dropping images from the result
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 from core.contracts import shard_split
-from core.store import chunks, exists, join, read_table
+from core.store import chunks, exists, join, read_table, version
 from jobs.config import PipelineConfig
 from jobs.inputs import images
 from jobs.layout import RunDir, read_settings, shard_file, shard_names
@@ -37,11 +39,18 @@ def chunk_plan(run: RunDir, chunk_patches: int, stage: str) -> list[tuple[str, i
     """``(patch shard, chunk index, first row, end row)`` of every feature chunk (``extract.chunk_patches``)."""
     shards = manifest_shards(run)
     require_complete(run.patches, shards, stage, "patch")
-    plan = []
-    for shard in shards:
-        ids = read_table(join(run.patches, shard), columns=["image_id"]).column("image_id").to_pylist()
-        plan += [(shard, i, start, stop) for i, (start, stop) in enumerate(plan_chunks(ids, chunk_patches))]
-    return plan
+    paths = [join(run.patches, shard) for shard in shards]
+    return [(shard, i, start, stop) for shard, path in zip(shards, paths)
+            for i, (start, stop) in enumerate(shard_chunks(path, version(path), chunk_patches))]
+
+
+@lru_cache(maxsize=1 << 16)
+def shard_chunks(path: str, stamp: tuple[int, int], chunk_patches: int) -> tuple[tuple[int, int], ...]:
+    """:func:`plan_chunks` of one patch shard. Every stage asks for the plan of every feature key,
+    and a shard's image ids are millions of strings at DISC21 scale: each is read once per
+    process, and again only if the shard is rewritten (``stamp``: its :func:`version`)."""
+    ids = read_table(path, columns=["image_id"]).column("image_id").to_pylist()
+    return tuple(plan_chunks(ids, chunk_patches))
 
 
 def feature_files(cfg: PipelineConfig, run: RunDir, key: str, stage: str) -> list[str]:

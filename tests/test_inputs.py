@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from core.imageio import sha256_file
-from core.store import join, read_table, write_table
+from core.store import join, read_table, version, write_table
 from jobs.completeness import IncompleteUpstream, require_complete
 from jobs.config import DataConfig
 from jobs.inputs import (
@@ -159,3 +159,16 @@ def test_a_missing_upstream_file_is_named_with_its_producer(tmp_path):
         require_complete(str(folder), ["query-00000-0000.parquet", "query-00001-0000.parquet"], "search", "extract")
     with pytest.raises(IncompleteUpstream, match="nothing to read"):
         require_complete(str(folder), [], "search", "extract")
+
+
+def test_a_patch_shard_is_read_once_for_every_chunk_plan_until_it_is_rewritten(tmp_path, monkeypatch):
+    from jobs import completeness
+    shard = str(tmp_path / "query-00000.parquet")
+    write_table(pa.table({"image_id": ["a", "a", "b", "c", "c", "c"]}), shard)
+    reads, read = [], completeness.read_table
+    monkeypatch.setattr(completeness, "read_table", lambda *a, **k: reads.append(a[0]) or read(*a, **k))
+    plans = [completeness.shard_chunks(shard, version(shard), 3) for _ in range(3)]
+    assert plans == [((0, 3), (3, 6))] * 3 and reads == [shard]
+    assert completeness.shard_chunks(shard, version(shard), 2) == ((0, 2), (2, 3), (3, 6))  # another size: read
+    write_table(pa.table({"image_id": ["a", "b", "c"]}), shard)  # rewritten: read again
+    assert completeness.shard_chunks(shard, version(shard), 3) == ((0, 3),) and len(reads) == 3
