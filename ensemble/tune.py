@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 
 from core.metrics import Metrics, evaluate_table
 from ensemble.calibrate import member_factors
-from ensemble.fuse import calibrate, fuse, max_over_patches, top_k_per_query
+from ensemble.fuse import calibrate, demote_others, fuse, max_over_patches, top_k_per_query
 from ensemble.normalize import normalize_scores
 
 log = logging.getLogger(__name__)
@@ -35,15 +35,29 @@ MAX_SUBSET_MEMBERS = 6  # every subset is scored up to this many members (63 sub
 HELD_OUT_FOLDS = 2
 
 
-def predictions_map(pred: pa.Table, gt: GT, k: int = 10) -> float:
-    """μAP of image-level ``(query_id, reference_id, score)`` predictions after top-``k`` per query."""
-    return evaluate_table(gt, top_k_per_query(pred, k)).micro_ap
+@dataclass(frozen=True)
+class Ranking:
+    """How the fuse stage turns image-level scores into predictions: the top ``k`` per query, each
+    query's others lowered by ``demote`` (``fuse.demote_others``, :func:`demote_others`). Every
+    setting is scored on predictions ranked so, as the run writes them: demotion reorders queries
+    against each other, so a choice scored without it is scored on another ranking."""
+
+    k: int = 10
+    demote: float = 0.0
+
+    def __call__(self, pred: pa.Table) -> pa.Table:
+        return demote_others(top_k_per_query(pred, self.k), self.demote)
 
 
-def fused_map(per_model: pa.Table, gt: GT, thresholds: Mapping[str, float], rule: str, k: int = 10,
-              factors: Mapping[str, float] | None = None) -> float:
+def predictions_map(pred: pa.Table, gt: GT, ranking: Ranking = Ranking()) -> float:
+    """μAP of image-level ``(query_id, reference_id, score)`` predictions, ranked by ``ranking``."""
+    return evaluate_table(gt, ranking(pred)).micro_ap
+
+
+def fused_map(per_model: pa.Table, gt: GT, thresholds: Mapping[str, float], rule: str,
+              ranking: Ranking = Ranking(), factors: Mapping[str, float] | None = None) -> float:
     """μAP of the fused predictions for one setting of the calibration, thresholds and rule."""
-    return predictions_map(fuse(per_model, thresholds, rule, factors), gt, k)
+    return predictions_map(fuse(per_model, thresholds, rule, factors), gt, ranking)
 
 
 def quantile_grid(per_model: pa.Table, levels: Sequence[float] = DEFAULT_QUANTILES) -> dict[str, list[float]]:
@@ -57,7 +71,7 @@ def quantile_grid(per_model: pa.Table, levels: Sequence[float] = DEFAULT_QUANTIL
 
 def tune_thresholds(per_model: pa.Table, gt: GT, rule: str,
                     grid: Sequence[float] | Mapping[str, Sequence[float]] = DEFAULT_QUANTILES,
-                    k: int = 10, max_rounds: int = 5) -> dict[str, float]:
+                    ranking: Ranking = Ranking(), max_rounds: int = 5) -> dict[str, float]:
     """Per-model thresholds maximising μAP under ``rule``, by coordinate ascent.
 
     ``per_model`` has columns query_id, reference_id, model, score (image level, e.g. from
@@ -74,13 +88,13 @@ def tune_thresholds(per_model: pa.Table, gt: GT, rule: str,
     if empty:
         raise ValueError(f"tune_thresholds: no candidate thresholds for {empty}")
     best = {m: v[0] for m, v in cands.items()}
-    best_map = fused_map(per_model, gt, best, rule, k)
+    best_map = fused_map(per_model, gt, best, rule, ranking)
     for _ in range(max_rounds):
         improved = False
         for model, values in cands.items():
             for t in values:
                 trial = {**best, model: t}
-                score = fused_map(per_model, gt, trial, rule, k)
+                score = fused_map(per_model, gt, trial, rule, ranking)
                 if score > best_map:
                     best, best_map, improved = trial, score, True
         if not improved:
@@ -89,12 +103,12 @@ def tune_thresholds(per_model: pa.Table, gt: GT, rule: str,
 
 
 def tune_beta(candidates: pa.Table, bias: pa.Table, gt: GT, grid: Sequence[float],
-              k: int = 10) -> tuple[float, float]:
+              ranking: Ranking = Ranking()) -> tuple[float, float]:
     """``(beta, μAP)``: the normalisation beta of ``grid`` whose predictions score best.
 
     ``candidates`` are one member's patch-level candidates, ``bias`` its query patches'
     neighbour similarities (:func:`ensemble.normalize.bias_table`); each beta is scored as
-    normalise -> max over patches -> top k per query.
+    normalise -> max over patches -> ``ranking``.
     """
     if not grid:
         raise ValueError("tune_beta: empty beta grid")
@@ -102,7 +116,7 @@ def tune_beta(candidates: pa.Table, bias: pa.Table, gt: GT, grid: Sequence[float
     for beta in grid:
         pairs = max_over_patches(normalize_scores(candidates, bias, beta).drop_columns(
             [c for c in ("model",) if c in candidates.column_names]))
-        results.append((predictions_map(pairs, gt, k), -float(beta)))
+        results.append((predictions_map(pairs, gt, ranking), -float(beta)))
     best_map, neg_beta = max(results)
     return -neg_beta, best_map
 
@@ -155,33 +169,35 @@ def per_model_scores(members: Sequence[Member], beta: float) -> pa.Table:
                                               if m.bias is not None and beta else m.candidates) for m in members])
 
 
-def setting_map(members: Sequence[Member], gt: GT, s: Setting, k: int) -> float:
+def setting_map(members: Sequence[Member], gt: GT, s: Setting, ranking: Ranking) -> float:
     """μAP of ``s`` as the fuse stage would apply it."""
-    return fused_map(per_model_scores(members, s.beta), gt, s.thresholds, s.rule, k, s.factors)
+    return fused_map(per_model_scores(members, s.beta), gt, s.thresholds, s.rule, ranking, s.factors)
 
 
-def scorable_map(members: Sequence[Member], gt: GT, s: Setting, k: int) -> float | None:
+def scorable_map(members: Sequence[Member], gt: GT, s: Setting, ranking: Ranking) -> float | None:
     """:func:`setting_map`, or None when ``s`` cannot run (e.g. rule 'confidence' without thresholds)."""
     try:
-        return setting_map(members, gt, s, k)
+        return setting_map(members, gt, s, ranking)
     except ValueError as e:
         log.warning(f"tune: the configured fusion cannot be scored ({e})")
         return None
 
 
 def final_predictions(members: Sequence[Member], s: Setting, k: int) -> pa.Table:
-    """The predictions the fuse stage writes under ``s``: fused, top ``k`` per query."""
+    """The fused scores the fuse stage keeps under ``s``: top ``k`` per query, not yet demoted
+    (``fused.parquet``, which verification re-scores before the demotion)."""
     return top_k_per_query(fuse(per_model_scores(members, s.beta), s.thresholds, s.rule, s.factors), k)
 
 
-def subset_maps(members: Sequence[Member], gt: GT, beta: float, k: int) -> dict[tuple[str, ...], float]:
+def subset_maps(members: Sequence[Member], gt: GT, beta: float, ranking: Ranking) -> dict[tuple[str, ...], float]:
     """μAP of the max over each subset of ``members`` (2 to :data:`MAX_SUBSET_MEMBERS` of them;
     else none): which members earn their cost on the split, e.g. which scales to keep."""
     if not 2 <= len(members) <= MAX_SUBSET_MEMBERS:
         return {}
     per_model = per_model_scores(members, beta)
     keys = [m.key for m in members]
-    return {subset: fused_map(per_model.filter(pc.is_in(per_model.column("model"), pa.array(subset))), gt, {}, "max", k)
+    return {subset: fused_map(per_model.filter(pc.is_in(per_model.column("model"), pa.array(subset))), gt, {}, "max",
+                              ranking)
             for n in range(1, len(keys) + 1) for subset in combinations(keys, n)}
 
 
@@ -203,7 +219,7 @@ def _offset_patches(m: Member, offset: int) -> Member:
     return Member(m.key, shift(m.candidates, "query_patch"), shift(m.bias, "patch_id"), m.scale)
 
 
-def joint_beta(members: Sequence[Member], gt: GT, grid: Sequence[float], k: int) -> tuple[float, float]:
+def joint_beta(members: Sequence[Member], gt: GT, grid: Sequence[float], ranking: Ranking) -> tuple[float, float]:
     """One beta for all members, scored under max fusion (:func:`tune_beta`).
 
     With query patch ids offset per member, the max over patches of all members' candidates
@@ -212,10 +228,10 @@ def joint_beta(members: Sequence[Member], gt: GT, grid: Sequence[float], k: int)
     step = 1 + max(int(pc.max(m.bias.column("patch_id")).as_py() or 0) for m in members)
     shifted = [_offset_patches(m, i * step) for i, m in enumerate(members)]
     return tune_beta(pa.concat_tables([m.candidates for m in shifted]),
-                     pa.concat_tables([m.bias for m in shifted]), gt, grid, k)
+                     pa.concat_tables([m.bias for m in shifted]), gt, grid, ranking)
 
 
-def tune_fusion(members: Sequence[Member], gt: GT, start: Setting, k: int) -> Setting:
+def tune_fusion(members: Sequence[Member], gt: GT, start: Setting, ranking: Ranking) -> Setting:
     """The best of: uncalibrated or calibrated members (when every member has a background scale),
     fused by max, mean, or a threshold rule with tuned thresholds (μAP; ties keep the earlier)."""
     per_model = per_model_scores(members, start.beta)
@@ -227,9 +243,9 @@ def tune_fusion(members: Sequence[Member], gt: GT, start: Setting, k: int) -> Se
     for factors in calibrations:
         options = [("max", {}), ("mean", {})]
         calibrated = calibrate(per_model, factors)  # thresholds apply to calibrated scores
-        options += [(rule, tune_thresholds(calibrated, gt, rule, k=k)) for rule in RULES]
+        options += [(rule, tune_thresholds(calibrated, gt, rule, ranking=ranking)) for rule in RULES]
         for rule, th in options:
-            score = fused_map(per_model, gt, th, rule, k, factors)
+            score = fused_map(per_model, gt, th, rule, ranking, factors)
             if best is None or score > best[0]:
                 best = (score, replace(start, rule=rule, thresholds=th, factors=dict(factors)))
     return best[1]
@@ -241,10 +257,10 @@ def normalisable(members: Sequence[Member]) -> bool:
 
 
 def tune_setting(members: Sequence[Member], gt: GT, before: Setting, beta_grid: Sequence[float],
-                 k: int) -> Setting:
+                 ranking: Ranking) -> Setting:
     """Beta (when every member has train biases, else 0: raw scores), then thresholds + rule (>= 2 members)."""
-    after = replace(before, beta=joint_beta(members, gt, beta_grid, k)[0] if normalisable(members) else 0.0)
-    return tune_fusion(members, gt, after, k) if len(members) > 1 else after
+    after = replace(before, beta=joint_beta(members, gt, beta_grid, ranking)[0] if normalisable(members) else 0.0)
+    return tune_fusion(members, gt, after, ranking) if len(members) > 1 else after
 
 
 def query_fold(query_id: str, folds: int) -> int:
@@ -259,7 +275,7 @@ def restrict(m: Member, queries: set[str]) -> Member:
     return Member(m.key, m.candidates.filter(pc.is_in(m.candidates.column("query_id"), keep)), bias, m.scale)
 
 
-def held_out_maps(members: Sequence[Member], gt: GT, before: Setting, beta_grid: Sequence[float], k: int,
+def held_out_maps(members: Sequence[Member], gt: GT, before: Setting, beta_grid: Sequence[float], ranking: Ranking,
                   folds: int = HELD_OUT_FOLDS) -> tuple[float | None, float] | None:
     """``(as given, tuned)`` μAP on queries the tuning did not see: the split's queries in ``folds``
     folds by a hash of the id, each fold scored with ``before`` and with the setting
@@ -275,28 +291,28 @@ def held_out_maps(members: Sequence[Member], gt: GT, before: Setting, beta_grid:
         seen_gt, held_gt = [p for p in gt if p[0] in seen], [p for p in gt if p[0] in held]
         if not seen_gt or not held_gt:
             return None
-        s = tune_setting([restrict(m, seen) for m in members], seen_gt, before, beta_grid, k)
+        s = tune_setting([restrict(m, seen) for m in members], seen_gt, before, beta_grid, ranking)
         on_held = [restrict(m, held) for m in members]
-        given.append(scorable_map(on_held, held_gt, before, k))
-        tuned.append(setting_map(on_held, held_gt, s, k))
+        given.append(scorable_map(on_held, held_gt, before, ranking))
+        tuned.append(setting_map(on_held, held_gt, s, ranking))
     return (None if None in given else float(np.mean(given))), float(np.mean(tuned))
 
 
 def tune_members(members: Sequence[Member], gt: GT, before: Setting, beta_grid: Sequence[float],
-                 k: int) -> TuneResult:
+                 ranking: Ranking) -> TuneResult:
     """Tune beta (when every member has train biases), then thresholds + rule (>= 2 members); with
     the tuned setting's μAP on the split and on held-out queries (:func:`held_out_maps`)."""
     tuned_beta = normalisable(members)
-    after = tune_setting(members, gt, before, beta_grid, k)
+    after = tune_setting(members, gt, before, beta_grid, ranking)
     if not tuned_beta:  # what the run does without train features: raw scores
         before = replace(before, beta=0.0)
     result = TuneResult(
-        before=before, after=after, map_before=scorable_map(members, gt, before, k),
-        map_after=setting_map(members, gt, after, k),
-        members_before={m.key: setting_map([m], gt, Setting(before.beta, "max", {}), k) for m in members},
-        members_after={m.key: setting_map([m], gt, Setting(after.beta, "max", {}), k) for m in members},
-        tuned_beta=tuned_beta, tuned_fusion=len(members) > 1, subsets=subset_maps(members, gt, after.beta, k),
-        held_out=held_out_maps(members, gt, before, beta_grid, k))
+        before=before, after=after, map_before=scorable_map(members, gt, before, ranking),
+        map_after=setting_map(members, gt, after, ranking),
+        members_before={m.key: setting_map([m], gt, Setting(before.beta, "max", {}), ranking) for m in members},
+        members_after={m.key: setting_map([m], gt, Setting(after.beta, "max", {}), ranking) for m in members},
+        tuned_beta=tuned_beta, tuned_fusion=len(members) > 1, subsets=subset_maps(members, gt, after.beta, ranking),
+        held_out=held_out_maps(members, gt, before, beta_grid, ranking))
     if not result.adopted:
         log.info(f"tune: on held-out queries the tuned setting scores {result.held_out[1]:.4f} μAP, the given one "
                  f"{result.held_out[0]:.4f}: keeping the given one")

@@ -29,6 +29,7 @@ from ensemble.tune import (
     GT,
     HELD_OUT_FOLDS,
     Member,
+    Ranking,
     Setting,
     TuneResult,
     final_predictions,
@@ -141,7 +142,7 @@ def tune_on_split(cfg: PipelineConfig, split: Split, run_dir: str, beta_grid: Se
         raise ValueError(f"{split.ground_truth}: no (query, reference) pairs; nothing to tune on")
     run = RunDir(vcfg.output)
     members = [load_member(run, key, cfg.search.normalize.neighbours) for key in vcfg.search_keys()]
-    result = tune_members(members, gt, before_setting(cfg), beta_grid, cfg.fuse.k)
+    result = tune_members(members, gt, before_setting(cfg), beta_grid, Ranking(cfg.fuse.k, cfg.fuse.demote_others))
     return result, None if cfg.decoys() else calibrate_threshold(cfg, vcfg, members, gt, result.chosen)
 
 

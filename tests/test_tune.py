@@ -9,7 +9,9 @@ import pytest
 from core.contracts import CANDIDATES_SCHEMA
 from ensemble.fuse import fuse_models
 from ensemble.normalize import normalize_scores
-from ensemble.tune import fused_map, quantile_grid, tune_beta, tune_thresholds
+from core.metrics import evaluate_table
+from ensemble.fuse import demote_others, top_k_per_query
+from ensemble.tune import Ranking, fused_map, predictions_map, quantile_grid, tune_beta, tune_thresholds
 
 
 def two_model_case(seed: int = 0):
@@ -105,11 +107,24 @@ def test_tune_fusion_offers_members_calibrated_on_their_background():
     b = member("B", dict(zip(pairs, [0.0, 0.15, 0.08, 0.01])), 0.04)
     gt = pairs[:2]
     start = Setting(0.0, "max", {})
-    assert setting_map([a, b], gt, start, k=5) < 1.0
+    assert setting_map([a, b], gt, start, Ranking(5)) < 1.0
     calibrated = Setting(0.0, "max", {}, {"A": 2.0, "B": 0.5})
-    assert setting_map([a, b], gt, calibrated, k=5) == pytest.approx(1.0)
-    tuned = tune_fusion([a, b], gt, start, k=5)
-    assert setting_map([a, b], gt, tuned, k=5) == pytest.approx(1.0)
+    assert setting_map([a, b], gt, calibrated, Ranking(5)) == pytest.approx(1.0)
+    tuned = tune_fusion([a, b], gt, start, Ranking(5))
+    assert setting_map([a, b], gt, tuned, Ranking(5)) == pytest.approx(1.0)
     assert per_model_scores([a, b], 0.0).num_rows == 8
     unscaled = [Member(m.key, m.candidates, None) for m in (a, b)]
-    assert tune_fusion(unscaled, gt, start, k=5).factors == {}  # no background: no calibration offered
+    assert tune_fusion(unscaled, gt, start, Ranking(5)).factors == {}  # no background: no calibration offered
+
+
+def test_settings_are_scored_on_predictions_ranked_and_demoted_as_the_run_writes_them():
+    """q1's copy r2 (0.50) is below q1's best (0.90): demoted by 0.1 x 0.90 it falls under q3's
+    non-copy (0.45), which is q3's best and keeps its score. The μAP a setting is tuned on is
+    the μAP of those predictions, not of the undemoted ones."""
+    pred = pa.table({"query_id": ["q1", "q1", "q2", "q3", "q3"], "reference_id": ["r1", "r2", "r3", "x", "y"],
+                     "score": pa.array([0.90, 0.50, 0.55, 0.45, 0.20], pa.float32())})
+    gt = [("q1", "r2"), ("q2", "r3")]
+    written = demote_others(top_k_per_query(pred, 2), 0.1)
+    assert predictions_map(pred, gt, Ranking(2, 0.1)) == pytest.approx(evaluate_table(gt, written).micro_ap)
+    assert predictions_map(pred, gt, Ranking(2, 0.1)) == pytest.approx((1 / 2 + 2 / 4) / 2)
+    assert predictions_map(pred, gt, Ranking(2)) == pytest.approx((1 / 2 + 2 / 3) / 2)

@@ -11,10 +11,9 @@ import yaml
 from core.contracts import CANDIDATES_SCHEMA
 from core.metrics import read_ground_truth
 from ensemble.fuse import fuse_models
-from jobs.cli import main
-from jobs.config import load_config
 from ensemble.tune import (
     Member,
+    Ranking,
     Setting,
     held_out_maps,
     per_model_scores,
@@ -23,6 +22,9 @@ from ensemble.tune import (
     setting_map,
     tune_members,
 )
+from jobs import tune as jobs_tune
+from jobs.cli import main
+from jobs.config import load_config
 from jobs.tune import BETA_GRID, format_subsets, format_table, tuned_values, user_split
 from pretrain.synthetic import SplitSpec, make_synthetic_split
 from tests.conftest import synthetic_photo
@@ -40,7 +42,7 @@ def _more_train(root: Path, n: int = 14) -> None:
         synthetic_photo(200 + i).save(root / "train" / f"T{100 + i:03d}.jpg")
 
 
-def test_tune_writes_a_config_run_accepts(ray_local, tiny_dataset, tmp_path):
+def test_tune_writes_a_config_run_accepts(ray_local, tiny_dataset, tmp_path, monkeypatch):
     _more_train(tiny_dataset)  # 20 train photos: 6 held out, 4 of the other 14 as background
     src = tmp_path / "cfg.yaml"
     src.write_text("# my config\nname: t\nmodels:\n  - name: resnet18\n"
@@ -48,7 +50,10 @@ def test_tune_writes_a_config_run_accepts(ray_local, tiny_dataset, tmp_path):
     out = tmp_path / "run"
     argv = ["tune", str(src), "--out", str(out), "--photos", "6", "--background", "4",
             *sum((["--set", s] for s in TINY), [])]
+    rankings, tune_members = [], jobs_tune.tune_members
+    monkeypatch.setattr(jobs_tune, "tune_members", lambda *a: rankings.append(a[-1]) or tune_members(*a))
     assert main(argv) == 0
+    assert rankings == [Ranking(load_config(src, TINY).fuse.k, 0.1)]  # scored as the run demotes (the default)
 
     tuned_path = out / "tuned.yaml"
     text = tuned_path.read_text()
@@ -131,17 +136,18 @@ def test_tune_members_finds_known_beta_and_thresholds():
     a = _member("A", [("q0", "r0", 0.70), ("q1", "r1", 0.65), ("q2", "r2", 0.80)], bias)
     b = _member("B", [("q0", "r9", 0.99), ("q0", "r0", 0.50), ("q1", "r1", 0.40), ("q2", "r2", 0.10)],
                 {k: 0.0 for k in bias})
-    one = tune_members([a], gt, Setting(0.0, "max", {}), [0.0, 0.25, 1.0], k=5)
+    one = tune_members([a], gt, Setting(0.0, "max", {}), [0.0, 0.25, 1.0], Ranking(5))
     assert one.after.beta == 0.25 and one.map_after == pytest.approx(1.0) and one.map_before < 1.0
     assert not one.tuned_fusion
-    two = tune_members([a, b], gt, Setting(0.0, "max", {}), [0.0, 0.25, 1.0], k=5)
+    two = tune_members([a, b], gt, Setting(0.0, "max", {}), [0.0, 0.25, 1.0], Ranking(5))
     assert two.tuned_fusion and two.map_after == pytest.approx(1.0) and two.map_before < 1.0
     fused = fuse_models(per_model_scores([a, b], two.after.beta), two.after.thresholds, two.after.rule)
     pairs = set(zip(fused.column("query_id").to_pylist(), fused.column("reference_id").to_pylist()))
     assert ("q0", "r9") not in pairs and {("q0", "r0"), ("q1", "r1")} <= pairs
     # every subset's max, at the tuned beta: A alone ranks the copies first, B's wrong pair spoils A + B
     assert two.subsets == {("A",): pytest.approx(1.0), ("B",): pytest.approx(two.members_after["B"]),
-                           ("A", "B"): pytest.approx(setting_map([a, b], gt, Setting(two.after.beta, "max", {}), 5))}
+                           ("A", "B"): pytest.approx(setting_map([a, b], gt, Setting(two.after.beta, "max", {}),
+                                                                 Ranking(5)))}
     assert two.subsets[("A", "B")] < 1.0 and one.subsets == {}
     lines = format_subsets(two).splitlines()[1:]
     assert lines[0] == f"  {1.0:.4f}  A" and sorted(lines, reverse=True) == lines and len(lines) == 3
@@ -157,17 +163,17 @@ def test_held_out_maps_score_each_fold_with_the_setting_tuned_on_the_other():
     gt = [(c0, "r0"), (c1, "r1")]
     a = _member("A", [(c0, "r0", 0.80), (n0, "r9", 0.60), (c1, "r1", 0.61), (n1, "r8", 0.79)],
                 {c0: 0.9, n0: 0.0, c1: 0.0, n1: 0.9})
-    result = tune_members([a], gt, Setting(0.0, "max", {}), [0.0, 1.0], k=5)
+    result = tune_members([a], gt, Setting(0.0, "max", {}), [0.0, 1.0], Ranking(5))
     assert result.map_after == pytest.approx(5 / 6)
     assert result.held_out == pytest.approx((0.75, 0.5))
     assert "on held-out queries (2 folds)  0.7500  0.5000" in format_table(result)
     assert not result.adopted and result.chosen == result.before  # fitted to the split, not learnt
     assert tuned_values(result) == {} and "kept the given setting" in format_table(result)
     c2 = [q for q in names if query_fold(q, 2) == 0][2]  # a copy no member retrieved: missed in its fold
-    assert held_out_maps([a], [*gt, (c2, "r2")], Setting(0.0, "max", {}), [0.0, 1.0], 5) == pytest.approx(
-        ((1 / 2 + 1 / 2) / 2, (1 / 4 + 1 / 2) / 2))
+    with_c2 = held_out_maps([a], [*gt, (c2, "r2")], Setting(0.0, "max", {}), [0.0, 1.0], Ranking(5))
+    assert with_c2 == pytest.approx(((1 / 2 + 1 / 2) / 2, (1 / 4 + 1 / 2) / 2))
     one_fold = [restrict(a, {c0, n0})]  # the other fold has no copy to tune on
-    assert held_out_maps(one_fold, [(c0, "r0")], Setting(0.0, "max", {}), [0.0, 1.0], 5) is None
+    assert held_out_maps(one_fold, [(c0, "r0")], Setting(0.0, "max", {}), [0.0, 1.0], Ranking(5)) is None
 
 
 def test_matched_split_sizes_keep_the_reference_to_background_ratio():
