@@ -99,6 +99,6 @@ def run_fuse(cfg: PipelineConfig, run: RunDir) -> pa.Table:
         decoys = fuse_all(cfg, run, run.decoys, "fuse decoys")
         write_table(decoys, run.fused_decoys)
     finish(preds, decoys, cfg, run, "fused")
-    log.info(f"fuse: {preds.num_rows} predictions for {len(set(preds.column('query_id').to_pylist()))} "
+    log.info(f"fuse: {preds.num_rows} predictions for {pc.count_distinct(preds.column('query_id')).as_py()} "
              f"queries -> {run.predictions}")
     return preds
