@@ -170,3 +170,22 @@ def test_an_index_from_a_run_serves_the_threshold_the_run_estimated(tmp_path):
     assert served.fuse.threshold == 0.1234 and served.copy_threshold() == 0.1234
     number = load_config(None, ["fuse.threshold=0.5"])
     assert indexing.served_threshold(number, run) is number
+
+
+@pytest.mark.parametrize("kind, refine", [("flat", "none"), ("hnsw", "none"), ("ivfpq", "none"), ("ivfpq", "sq8"),
+                                          ("ivfpq", "flat")])
+def test_search_params_return_only_the_rows_they_keep(kind, refine):
+    """Removed rows (each the nearest neighbour of its own query) never come back, on every kind
+    (a re-ranked IVF-PQ index, the default past search.exact_max, takes them in its base's parameters)."""
+    import numpy as np
+
+    from core.knn import IndexSpec, build_index, l2_normalize
+    from ensemble.index.reader import NOTHING, search_params
+    x = l2_normalize(np.random.default_rng(0).normal(size=(1000, 16)))
+    index = build_index(x, kind, IndexSpec(nlist=8, nprobe=8, pq_m=4, refine=refine), k_max=10)
+    rows = np.ones(len(x), bool)
+    rows[::3] = False  # every third row removed
+    _, found = index.search(x[:30], 10, params=search_params(index, rows))
+    assert (found >= 0).all() and rows[found].all()
+    assert search_params(index, np.ones(len(x), bool)) is None
+    assert search_params(index, np.zeros(len(x), bool)) is NOTHING

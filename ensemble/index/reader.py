@@ -13,6 +13,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from core.contracts import WHOLE_PATCH
 from core.knn import Hits, IndexSpec, build_index, index_kind, merge_topk
@@ -33,7 +34,20 @@ def search_params(index: faiss.Index, rows: np.ndarray) -> faiss.SearchParameter
         return None
     if not rows.any():
         return NOTHING
-    sel = faiss.IDSelectorBatch(np.flatnonzero(rows).astype(np.int64))
+    bitmap = np.packbits(rows, bitorder="little")  # a bit per row: IDSelectorBatch would hash every live id
+    params = selecting(index, faiss.IDSelectorBitmap(len(rows), faiss.swig_ptr(bitmap)))
+    params.keep = (params.keep, bitmap)  # the bits must live as long as the parameters
+    return params
+
+
+def selecting(index: faiss.Index, sel: faiss.IDSelector) -> faiss.SearchParameters:
+    """Search parameters of ``index``'s kind that pass ``sel`` on. A re-ranked index takes the
+    selector in its base's parameters: the base picks the hits that are re-ranked."""
+    if isinstance(index, faiss.IndexRefine):
+        base = selecting(faiss.downcast_index(index.base_index), sel)
+        params = faiss.IndexRefineSearchParameters(k_factor=index.k_factor, base_index_params=base)
+        params.keep = base
+        return params
     if faiss.try_extract_index_ivf(index) is not None:
         params = faiss.SearchParametersIVF(sel=sel, nprobe=faiss.extract_index_ivf(index).nprobe)
     elif isinstance(index, faiss.IndexHNSW):
@@ -51,11 +65,11 @@ class KeyIndex:
     def __init__(self, folder: Path, meta: dict, removed: set[str], spec: IndexSpec, neighbours: int) -> None:
         self.dim, self.kind = int(meta["dim"]), meta["kind"]
         self.shards: list[tuple[ShardIndex, object, object]] = []
-        gone = np.array(sorted(removed), dtype=object)
+        gone = pa.array(sorted(removed), pa.string())
         for s in meta["shards"]:
             ids = read_table(folder / f"{s['name']}.parquet", columns=["image_id", "patch_id"])
             shard = ShardIndex.restore(ids, faiss.read_index(str(folder / f"{s['name']}.faiss")), self.kind)
-            live = ~np.isin(shard.image_ids, gone)
+            live = ~pc.is_in(ids.column("image_id"), value_set=gone).to_numpy()  # np.isin: rows x removed
             self.shards.append((shard, search_params(shard.index, live),
                                 search_params(shard.index, live & (shard.patch_ids == WHOLE_PATCH))))
         self.train: ShardIndex | None = None
