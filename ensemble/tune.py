@@ -1,8 +1,9 @@
 """Fusion parameters picked on a validation split with known ground truth.
 
 Everything here scores candidate settings with the real pipeline functions (normalisation,
-:func:`ensemble.fuse.fuse`, :func:`ensemble.fuse.top_k_per_query`,
-:func:`core.metrics.evaluate`), so a tuned setting is exactly what the run will do.
+:func:`ensemble.fuse.fuse`, :func:`ensemble.fuse.top_k_per_query` and
+:func:`ensemble.fuse.demote_others` (:class:`Ranking`), :func:`core.metrics.evaluate`), so a tuned
+setting is exactly what the run will do.
 Ties keep the earlier setting: the untuned start for thresholds, the smaller beta for beta,
 the simpler fusion (uncalibrated before calibrated, max before mean before threshold rules).
 :func:`tune_members` tunes a whole ensemble: one beta, then whether members are calibrated onto
