@@ -189,3 +189,18 @@ def test_search_params_return_only_the_rows_they_keep(kind, refine):
     assert (found >= 0).all() and rows[found].all()
     assert search_params(index, np.ones(len(x), bool)) is None
     assert search_params(index, np.zeros(len(x), bool)) is NOTHING
+
+
+def test_the_train_background_is_held_once_unless_stretching_asks_for_its_vectors(tmp_path):
+    """The train index holds the background; the vectors themselves are read only when asked for."""
+    import numpy as np
+
+    from core.knn import IndexSpec, l2_normalize
+    from core.store import features_table, write_table
+    from ensemble.index.reader import KeyIndex
+    x = l2_normalize(np.random.default_rng(0).normal(size=(50, 8)))
+    write_table(features_table([f"T{i}" for i in range(50)], [0] * 50, "m", 64, x), tmp_path / "train.parquet")
+    key = KeyIndex(tmp_path, {"dim": 8, "kind": "flat", "shards": [], "train_rows": 50}, set(), IndexSpec(), 3)
+    assert "train_x" not in vars(key) and key.train.rows == 50
+    assert np.allclose(key.bias(x[:2], 1), 1.0, atol=1e-5)  # each row's nearest background row is itself
+    assert np.allclose(key.train_x, x, atol=1e-3)

@@ -8,6 +8,7 @@ pair rule (``search.pairs: d2lv``) without a second copy of the vectors.
 from __future__ import annotations
 
 import os
+from functools import cached_property
 from pathlib import Path
 
 import faiss
@@ -79,7 +80,13 @@ class KeyIndex:
             kind = index_kind(len(x), spec)
             self.train = ShardIndex.restore(t.select(["image_id", "patch_id"]), build_index(x, kind, spec, neighbours),
                                             kind)
-            self.train_x = x  # descriptor stretching reads the background itself
+        self.train_file = folder / "train.parquet"
+
+    @cached_property
+    def train_x(self) -> np.ndarray:
+        """The train descriptors themselves, read when first asked for: descriptor stretching
+        needs them (``reduce.stretch``), and holding them beside the train index doubles its memory."""
+        return embeddings_from_arrow(read_table(self.train_file, columns=["embedding"]).column("embedding"))
 
     @property
     def rows(self) -> int:
