@@ -55,8 +55,8 @@ def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], desc: str,
     results = []
     with tqdm(total=len(pending), desc=desc, unit="shard") as bar:
         while pending:
-            done, pending = ray.wait(pending, num_returns=1)  # the next to finish, then all finished by now:
-            if pending:  # one wait per burst, not per task (each wait scans every pending ref)
+            done, pending = ray.wait(pending, num_returns=1)
+            if pending:  # and all finished meanwhile: a wait scans every pending ref, so one per burst, not per task
                 more, pending = ray.wait(pending, num_returns=len(pending), timeout=0)
                 done += more
             results.extend(ray.get(done))

@@ -257,10 +257,12 @@ def unscored(run: RunDir, name: str, settings: dict, p: Pass) -> Unscored:
 
 
 def score_pairs(name: str, settings: dict, registry: str, run: RunDir, todo: ByQuery,
-                paths: dict[str, dict[str, str]], top_k: int, decoys: bool = False, label: str = "", shard_numbers: Iterator[int] | None = None) -> int:
+                paths: dict[str, dict[str, str]], top_k: int, decoys: bool = False, label: str = "",
+                shard_numbers: Iterator[int] | None = None) -> int:
     """Cache scorer ``name``'s columns (under ``settings``, :func:`verify_settings`) for the pairs of
-    ``todo``, none of them cached yet (:func:`unscored`; ``paths``: :func:`image_paths`), with Ray tasks (``decoys``: pairs of
-    queries and train photos, cached apart in ``<scorer>-decoys``); returns how many pairs that was.
+    ``todo``, none of them cached yet (:func:`unscored`), with Ray tasks (``paths``: :func:`image_paths`;
+    ``decoys``: pairs of queries and train photos, cached apart in ``<scorer>-decoys``); returns how
+    many pairs that was.
     The shards take ``shard_numbers`` (by default, on from those in the folder)."""
     pairs = todo.table
     if not pairs.num_rows:
