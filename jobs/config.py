@@ -238,6 +238,8 @@ class IndexConfig(Strict):
     """The living reference index (``copydet index``)."""
 
     chunk_images: int = Field(64, ge=1, description="images embedded and written per step of `index add`")
+    merge_fanout: int = Field(4, ge=0, description="`index add` merges this many small shards of one size tier "
+                              "into one, so that a request searches few shards (below 2: never merges)")
 
 
 class ServeConfig(Strict):

@@ -208,7 +208,7 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
             write_table(pa.Table.from_pylist([{"path": e.split(":", 1)[0], "error": e} for e in errors],
                                              schema=ERRORS_SCHEMA), out / "errors.parquet")
         versions.add(idx, parent, out, name, staged, pa.Table.from_pylist(rows, schema=versions.IMAGES_SCHEMA),
-                     cfg.search.index_spec(), cfg.search.shard_size)
+                     cfg.search.index_spec(), cfg.search.shard_size, cfg.index.merge_fanout)
         shutil.rmtree(out / "staging")
     return name, len(rows), errors
 

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from core.imageio import load_rgb
@@ -204,3 +205,54 @@ def test_the_train_background_is_held_once_unless_stretching_asks_for_its_vector
     assert "train_x" not in vars(key) and key.train.rows == 50
     assert np.allclose(key.bias(x[:2], 1), 1.0, atol=1e-5)  # each row's nearest background row is itself
     assert np.allclose(key.train_x, x, atol=1e-3)
+
+
+def test_tier_to_merge_picks_the_smallest_full_tier():
+    from ensemble.index.versions import tier, tier_to_merge
+    assert [tier(r, 4) for r in (1, 3, 4, 15, 16, 64)] == [0, 0, 1, 1, 2, 3]
+
+    def rows(*sizes: int, fanout: int = 4) -> list[int]:
+        return [s["rows"] for s in tier_to_merge([{"rows": r} for r in sizes], 100, fanout)]
+    assert rows(100, 5, 6, 7, 20, 30, 2, 8, 16) == [5, 6, 7, 8]  # tier 1 (4-15); 100 is full, tier 2 has 3
+    assert rows(100, 5, 20, 30, 2, 16, 40) == [20, 30, 16, 40]  # tier 1 has one: tier 2 (16-63)
+    assert rows(100, 5, 6, 7, 20, 30, 2, 8, 16, fanout=3) == [5, 6, 7, 8]  # all of tier 1 (3-8)
+    assert rows(100, 100, 5, 6, 7) == [] and rows(5, 6, 7, 8, fanout=0) == []
+
+
+def test_many_small_adds_leave_few_shards_that_answer_like_one(tmp_path):
+    """Sixty adds of a few rows each: the small shards are merged tier by tier (not one shard per add),
+    every row is still found as in a single exact index, and earlier versions are untouched."""
+    import numpy as np
+
+    from core.knn import IndexSpec, l2_normalize
+    from core.store import features_table, write_table
+    from ensemble.index import versions
+    from ensemble.index.reader import KeyIndex
+    x = l2_normalize(np.random.default_rng(0).normal(size=(400, 16)))
+    ids = [f"R{i:03d}" for i in range(len(x))]
+
+    def features(lo: int, hi: int) -> str:
+        return write_table(features_table(ids[lo:hi], [0] * (hi - lo), "m", 64, x[lo:hi]),
+                           tmp_path / "f" / f"{lo}.parquet")
+
+    def images(lo: int, hi: int) -> pa.Table:
+        return pa.table({"image_id": ids[lo:hi], "path": ids[lo:hi], "sha256": ids[lo:hi],
+                         "width": [64] * (hi - lo), "height": [64] * (hi - lo)})
+
+    def key(version: str) -> KeyIndex:
+        folder = idx.path(version)
+        return KeyIndex(folder / "keys" / "m", versions.read_manifest(folder)["keys"]["m"], set(), spec, 1)
+
+    idx, spec = IndexDir(tmp_path / "index"), IndexSpec()
+    first = versions.build(idx, "", {}, {"m": versions.KeySource([features(0, 100)])}, images(0, 100), spec, 128)
+    before = key(first).search(x[:100], 1)
+    for lo in range(100, 400, 5):
+        with idx.publish() as (name, out):
+            versions.add(idx, idx.current(), out, name, {"m": [features(lo, lo + 5)]}, images(lo, lo + 5), spec, 128)
+    last = key(idx.current())
+    shards = versions.read_manifest(idx.path(idx.current()))["keys"]["m"]["shards"]
+    assert last.rows == 400 and len(shards) <= 8, [s["rows"] for s in shards]  # 61 without merging
+    _, found, _ = last.search(x, 1)
+    assert found[:, 0].tolist() == ids  # each row's nearest is itself, wherever it was merged to
+    again = key(first).search(x[:100], 1)
+    assert all(np.array_equal(a, b) for a, b in zip(before, again))  # the first version still reads as it was

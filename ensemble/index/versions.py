@@ -10,9 +10,11 @@ A version's ``index.json`` says what it holds::
 
 Reference patches are cut into shards of at most ``shard_size`` rows as in the search stage
 (:func:`ensemble.sharded.plan_shards`); the index kind is decided once for the whole set at
-build and compaction (:func:`core.knn.index_kind`) and kept by adds. ``add`` writes only the
-new rows' shards and links the rest; ``remove`` writes only the tombstone table; ``compact``
-rebuilds the shards from the live rows and drops the tombstones.
+build and compaction (:func:`core.knn.index_kind`) and kept by adds. ``add`` writes the new
+rows' shards and links the rest, then merges small shards by size tier (:func:`tier_to_merge`), so
+that daily adds leave a few shards, not one per add: a request searches every shard. ``remove``
+writes only the tombstone table; ``compact`` rebuilds the shards from the live rows and drops the
+tombstones.
 """
 from __future__ import annotations
 
@@ -79,6 +81,46 @@ def write_shards(key_dir: Path, files: Sequence[str], first: int, kind: str | No
     return kind, shards
 
 
+def tier(rows: int, fanout: int) -> int:
+    """A shard's size tier: the whole number of times ``fanout`` fits in ``rows`` multiplicatively."""
+    level = 0
+    while rows >= fanout:
+        rows //= fanout
+        level += 1
+    return level
+
+
+def tier_to_merge(shards: Sequence[dict], shard_size: int, fanout: int) -> list[dict]:
+    """The smallest tier holding ``fanout`` or more shards below ``shard_size`` rows (empty: none).
+
+    Merging a tier's shards into one moves their rows a tier up, so each row is rewritten about
+    log_fanout(shard_size / rows per add) times, and fewer than ``fanout`` small shards stay per
+    tier (Lucene's log merge policy). ``fanout`` below 2 never merges."""
+    if fanout < 2:
+        return []
+    tiers: dict[int, list[dict]] = {}
+    for s in shards:
+        if s["rows"] < shard_size:
+            tiers.setdefault(tier(s["rows"], fanout), []).append(s)
+    return next((group for _, group in sorted(tiers.items()) if len(group) >= fanout), [])
+
+
+def next_shard(shards: Sequence[dict]) -> int:
+    return 1 + max(int(s["name"].split("-")[1]) for s in shards)
+
+
+def merge_tiers(key_dir: Path, k: dict, spec: IndexSpec, shard_size: int, fanout: int) -> None:
+    """Merge the small shards of one key (``k``, its manifest entry) tier by tier, in place."""
+    while group := tier_to_merge(k["shards"], shard_size, fanout):
+        files = [str(key_dir / f"{s['name']}.parquet") for s in group]
+        _, merged = write_shards(key_dir, files, next_shard(k["shards"]), k["kind"], spec, shard_size)
+        for s in group:  # hard links to the parent's files, or this version's own: the parent keeps its copy
+            for suffix in (".parquet", ".faiss"):
+                (key_dir / f"{s['name']}{suffix}").unlink()
+        gone = {s["name"] for s in group}
+        k["shards"] = [s for s in k["shards"] if s["name"] not in gone] + merged
+
+
 def _store_cards(idx: IndexDir, out: Path, cards: Mapping[str, ModelCard]) -> dict[str, str]:
     """Each card with its weights copied into blobs/, saved under its content hash."""
     files = {}
@@ -138,17 +180,18 @@ def _link_version(src: Path, out: Path, skip: tuple[str, ...] = ("index.json",))
 
 
 def add(idx: IndexDir, parent: str, out: Path, name: str, added: Mapping[str, Sequence[str]], images: pa.Table,
-        spec: IndexSpec, shard_size: int) -> dict:
+        spec: IndexSpec, shard_size: int, fanout: int = 4) -> dict:
     """Fill ``out`` (from :meth:`IndexDir.publish`) with ``parent`` plus new reference rows:
-    ``added`` maps each search key to feature files of the new patches, ``images`` is their id map."""
+    ``added`` maps each search key to feature files of the new patches, ``images`` is their id map.
+    Small shards are then merged by tiers of ``fanout`` (:func:`tier_to_merge`)."""
     meta = read_manifest(idx.path(parent))
     _link_version(idx.path(parent), out)
     keys = json.loads(json.dumps(meta["keys"]))
     for key, files in added.items():
         k = keys[key]
-        first = 1 + max(int(s["name"].split("-")[1]) for s in k["shards"])
-        _, shards = write_shards(out / "keys" / key, files, first, k["kind"], spec, shard_size)
+        _, shards = write_shards(out / "keys" / key, files, next_shard(k["shards"]), k["kind"], spec, shard_size)
         k["shards"] += shards
+        merge_tiers(out / "keys" / key, k, spec, shard_size, fanout)
     part = f"part-{len(meta['images']['parts']):05d}.parquet"
     write_table(images.cast(IMAGES_SCHEMA), out / "images" / part)
     new = _meta(name, meta, "add", keys=keys, images={**meta["images"], "parts": [*meta["images"]["parts"], part],
