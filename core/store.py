@@ -98,6 +98,22 @@ def write_table(table: pa.Table, path: str | os.PathLike) -> str:
     return str(path)
 
 
+def concat_tables(files: Iterable[str | os.PathLike], path: str | os.PathLike, columns: list[str] | None = None) -> int:
+    """Write the rows of Parquet ``files`` (``columns`` of them) to one file, atomically, one input
+    in memory at a time; returns the rows written. The inputs must share a schema."""
+    rows, writer = 0, None
+    with atomic_output(path) as f:
+        for file in files:
+            table = read_table(file, columns=columns)
+            writer = writer or pq.ParquetWriter(f, table.schema)
+            writer.write_table(table)
+            rows += table.num_rows
+        if writer is None:
+            raise ValueError(f"{path}: no input files to concatenate")
+        writer.close()
+    return rows
+
+
 def write_bytes(path: str | os.PathLike, data: bytes) -> str:
     """Write ``data`` to ``path`` atomically."""
     with atomic_output(path) as f:

@@ -43,3 +43,17 @@ def test_folder_bytes_counts_nested_files(tmp_path):
     (tmp_path / "a" / "b" / "y.bin").write_bytes(b"2" * 32)
     assert store.folder_bytes(tmp_path / "a") == 42
     assert store.folder_bytes(tmp_path / "missing") == 0
+
+
+def test_concat_tables_writes_the_inputs_rows_in_order_one_file_at_a_time(tmp_path, monkeypatch):
+    files = [store.write_table(pa.table({"a": [i, i + 1], "b": ["x", "y"]}), tmp_path / f"{i}.parquet")
+             for i in (0, 10, 20)]
+    read = []
+    real = store.read_table
+    monkeypatch.setattr(store, "read_table", lambda p, columns=None: read.append(p) or real(p, columns))
+    assert store.concat_tables(files, tmp_path / "out" / "all.parquet", ["a"]) == 6
+    assert read == files  # each input read once, in order
+    assert real(tmp_path / "out" / "all.parquet").to_pydict() == {"a": [0, 1, 10, 11, 20, 21]}
+    with pytest.raises(ValueError, match="no input"):
+        store.concat_tables([], tmp_path / "none.parquet")
+    assert not (tmp_path / "none.parquet").exists() and not list(tmp_path.glob(".none*"))

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 
 from core.knn import IndexSpec, build_index, index_kind
 from core.models.cards import ModelCard
-from core.store import embeddings_to_arrow, read_table, write_table, write_text
+from core.store import concat_tables, embeddings_to_arrow, read_table, write_table, write_text
 from ensemble.index.layout import IndexDir, IndexFolderError, link
 from ensemble.sharded import count_rows, load_rows, plan_shards
 
@@ -156,10 +156,8 @@ def build(idx: IndexDir, config_yaml: str, cards: Mapping[str, ModelCard], keys:
             kind, shards = write_shards(out / "keys" / key, src.references, 0, None, spec, shard_size)
             train_rows = 0
             if src.train:
-                train = pa.concat_tables([read_table(f, columns=["image_id", "patch_id", "embedding"])
-                                          for f in src.train])
-                write_table(train, out / "keys" / key / "train.parquet")
-                train_rows = train.num_rows
+                train_rows = concat_tables(src.train, out / "keys" / key / "train.parquet",
+                                           ["image_id", "patch_id", "embedding"])
             pca = None
             if src.pca:
                 pca = f"reduce/{key}.safetensors"
