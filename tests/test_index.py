@@ -16,8 +16,10 @@ import pytest
 from core.imageio import load_rgb
 from core.store import write_text
 from ensemble.index.layout import IndexDir, IndexFolderError
+from ensemble.index.versions import prune
 from jobs import indexing
 from jobs.commands.index import info_lines
+from jobs.cli import main as copydet
 from jobs.config import load_config
 from jobs.layout import RunDir
 from jobs.pipeline import run_pipeline
@@ -112,6 +114,25 @@ def test_add_remove_compact(built, tmp_path):
     text = "\n".join(info_lines(str(index)))
     assert "* v000004" in text and "8 live, 0 removed" in text and "v000003  remove" in text
     assert IndexDir(index).versions() == ["v000001", "v000002", "v000003", "v000004"]
+
+    # prune: the published version alone is kept, the rows compacted away are freed, it answers the same
+    idx = IndexDir(index)
+    (idx.root / "blobs").mkdir(exist_ok=True)
+    (idx.root / "blobs" / "unused.safetensors").write_bytes(b"0" * 100)
+    shared = idx.path("v000004") / "config.yaml"  # a hard link shared with every earlier version
+    assert shared.stat().st_nlink == 4
+
+    def disk() -> int:  # bytes of distinct files (inodes)
+        return sum({f.stat().st_ino: f.stat().st_size for f in idx.versions_dir.rglob("*") if f.is_file()}.values())
+    before = disk()
+    with pytest.raises(ValueError, match="keep"):
+        prune(idx, 0)
+    assert prune(idx, 2)[0] == ["v000001", "v000002"]
+    assert copydet(["index", "prune", str(index), "--keep", "1"]) == 0
+    assert idx.versions() == ["v000004"] and shared.stat().st_nlink == 1 and not idx.stale()
+    assert not (idx.root / "blobs" / "unused.safetensors").exists()
+    assert disk() < before  # the removed R007 and R900's rows lived only in the old shards
+    assert_same(served(Matcher(str(index)), data / "queries"), served(compacted, data / "queries"))
 
 
 def test_killed_add_leaves_previous_version(built, tmp_path):
@@ -256,3 +277,29 @@ def test_many_small_adds_leave_few_shards_that_answer_like_one(tmp_path):
     assert found[:, 0].tolist() == ids  # each row's nearest is itself, wherever it was merged to
     again = key(first).search(x[:100], 1)
     assert all(np.array_equal(a, b) for a, b in zip(before, again))  # the first version still reads as it was
+
+
+def test_prune_keeps_the_model_files_that_kept_versions_use(tmp_path):
+    """Two builds with different weights: pruning the first deletes its weights, not the second's."""
+    import numpy as np
+
+    from core.knn import IndexSpec
+    from core.models.cards import ModelCard
+    from core.store import features_table, write_table
+    from ensemble.index import versions
+    idx = IndexDir(tmp_path / "index")
+    feats = write_table(features_table(["R0"], [0], "m", 64, np.ones((1, 4), np.float32) / 2), tmp_path / "f.parquet")
+    images = pa.table({"image_id": ["R0"], "path": ["R0"], "sha256": ["s"], "width": [64], "height": [64]})
+    blobs = []
+    for i in range(2):
+        (tmp_path / f"w{i}.safetensors").write_bytes(bytes([i]) * 10)
+        card = ModelCard(name="m", kind="external", arch="onnx", weights=str(tmp_path / f"w{i}.safetensors"),
+                         input_size=64, mean=(0, 0, 0), std=(1, 1, 1), dim=4)
+        versions.build(idx, "", {"m": card}, {"m": versions.KeySource([feats])}, images, IndexSpec(), 10)
+        blobs.append(idx.root / json.loads((idx.path(idx.current()) / versions.read_manifest(
+            idx.path(idx.current()))["cards"]["m"]).read_text())["weights"])
+    assert all(b.is_file() for b in blobs)
+    assert prune(idx, 2) == ([], 0)
+    dropped, freed = prune(idx, 1)
+    assert dropped == ["v000001"] and idx.versions() == ["v000002"] and freed >= 10
+    assert not blobs[0].exists() and blobs[1].is_file()

@@ -244,6 +244,32 @@ def compact(idx: IndexDir, parent: str, spec: IndexSpec, shard_size: int) -> str
     return name
 
 
+def prune(idx: IndexDir, keep: int) -> tuple[list[str], int]:
+    """Delete all but the newest ``keep`` versions (never the published one) and the model files
+    that no kept version's cards use; returns (versions deleted, bytes freed). Files that a kept
+    version shares by hard link stay; what only old versions held (rows merged, compacted or
+    rebuilt away since) is freed."""
+    if keep < 1:
+        raise ValueError(f"index prune: keep must be >= 1, got {keep}")
+    with idx.lock():
+        current = idx.require_current()
+        done = idx.versions()
+        drop = [v for v in done[:-keep] if v != current]
+        freed = 0
+        for v in drop:
+            trash = idx.versions_dir / f".{v}.pruned.tmp"  # not a version from here on; a crash leaves it stale
+            idx.path(v).rename(trash)
+            freed += sum(f.stat().st_size for f in trash.rglob("*") if f.is_file() and f.stat().st_nlink == 1)
+            shutil.rmtree(trash)
+        used = {json.loads((idx.path(v) / rel).read_text()).get("weights")
+                for v in done if v not in drop for rel in read_manifest(idx.path(v))["cards"].values()}
+        for blob in sorted((idx.root / "blobs").glob("*")) if (idx.root / "blobs").is_dir() else []:
+            if str(blob.relative_to(idx.root)) not in used:
+                freed += blob.stat().st_size
+                blob.unlink()
+    return drop, freed
+
+
 def removed_table(folder: Path) -> pa.Table:
     path = folder / "removed.parquet"
     return read_table(path) if path.is_file() else REMOVED_SCHEMA.empty_table()

@@ -4,6 +4,7 @@
   copydet index add INDEX_DIR FOLDER        # embeds only the new images, publishes a version
   copydet index remove INDEX_DIR ID... [--ids-file FILE]
   copydet index compact INDEX_DIR           # rebuild shards without the removed references
+  copydet index prune INDEX_DIR [--keep 2]  # delete old versions and the files only they use
   copydet index info INDEX_DIR              # versions, counts, models, sizes
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ensemble.index.layout import IndexDir, folder_bytes
-from ensemble.index.versions import read_manifest
+from ensemble.index.versions import prune, read_manifest
 from jobs import indexing
 from jobs.commands.base import arg, command
 from jobs.commands.stages import config_with_folders
@@ -77,6 +78,12 @@ def _compact(args: argparse.Namespace) -> None:
     log.info(f"index compact: published {name}")
 
 
+def _prune(args: argparse.Namespace) -> None:
+    dropped, freed = prune(IndexDir(_one(args, "INDEX_DIR")), args.keep)
+    log.info(f"index prune: deleted {len(dropped)} version(s){f' ({dropped[0]} to {dropped[-1]})' if dropped else ''}"
+             f", {freed / 2**20:.1f} MiB freed")
+
+
 def info_lines(root: str) -> list[str]:
     """Versions (the published one marked), and the published version's keys, models and counts."""
     idx = IndexDir(root)
@@ -108,11 +115,12 @@ def _info(args: argparse.Namespace) -> None:
 
 
 ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
-    "build": _build, "add": _add, "remove": _remove, "compact": _compact, "info": _info,
+    "build": _build, "add": _add, "remove": _remove, "compact": _compact, "prune": _prune, "info": _info,
 }
 
 
-@command("index", "the living reference index: build, add, remove, compact, info (versions switch atomically)",
+@command("index", "the living reference index: build, add, remove, compact, prune, info (versions switch "
+         "atomically)",
          arg("action", choices=sorted(ACTIONS), help="what to do"),
          arg("target", nargs="?", help="build: the pipeline YAML; otherwise INDEX_DIR"),
          arg("rest", nargs="*", help="add: FOLDER of images; remove: reference ids"),
@@ -121,6 +129,8 @@ ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
          arg("--references", help="build: folder of reference images"),
          arg("--train", help="build: folder of train images (normalisation background, PCA)"),
          arg("--ids-file", help="remove: a file of reference ids, one a line"),
+         arg("--keep", type=int, default=2, help="prune: the newest versions kept (default 2: the published "
+             "one and the one replicas may still be swapping from)"),
          arg("--set", action="append", metavar="KEY=VALUE",
              help="override a config key (repeatable); add: index.* only"),
          arg("--address", help="build: Ray cluster address (default: local Ray)"),
