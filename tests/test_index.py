@@ -67,6 +67,15 @@ def built(ray_local, tmp_path_factory):
     return data, cfg, root / "run", index
 
 
+def shares(old: Matcher, new: Matcher) -> tuple[int, int]:
+    """Image ids in the shards ``new`` took over from ``old`` (the same objects), and in ``old``;
+    the train background must be taken over too."""
+    a, b = old.index.keys["resnet18@64"], new.index.keys["resnet18@64"]
+    assert b.train is a.train
+    kept = [s for s, _, _ in b.shards if any(s is t for t, _, _ in a.shards)]
+    return (len({i for s in kept for i in s.image_ids}), len({i for s, _, _ in a.shards for i in s.image_ids}))
+
+
 def test_served_answer_equals_batch_predictions(built):
     data, _, run, index = built
     assert_same(served(Matcher(str(index)), data / "queries"), predictions(run / "predictions.csv"))
@@ -89,6 +98,11 @@ def test_add_remove_compact(built, tmp_path):
     copy = synthetic_photo(900).crop((5, 5, 90, 70))
     assert m.match([copy])[0]["matches"][0]["reference_id"] == "R900"
     assert list(m.index.paths).count("R001") == 1 and len(m.index.paths) == 10
+    # a service that served v1 takes over the shards and background the add kept, and answers the same
+    first = Matcher(str(index), "v000001")
+    swapped = Matcher(str(index), reuse=first)
+    assert_same(served(swapped, data / "queries"), served(m, data / "queries"))
+    assert swapped.embedder is first.embedder and shares(first, swapped) == (8, 8)  # 8 ids of v1, 2 more added
 
     # a rebuild over the same references answers the same
     both = tmp_path / "refs"
@@ -102,7 +116,8 @@ def test_add_remove_compact(built, tmp_path):
 
     name, removed, unknown = indexing.remove_ids(str(index), ["R900", "R007", "nope"])
     assert (name, removed, unknown) == ("v000003", ["R007", "R900"], ["nope"])
-    m = Matcher(str(index))
+    m = Matcher(str(index), reuse=swapped)  # every shard shared, the tombstones new
+    assert shares(swapped, m) == (10, 10)
     for answer in m.match([copy, load_rgb(data / "queries" / "Q003.jpg")]):  # Q003 is a copy of R007
         assert {"R900", "R007"}.isdisjoint(x["reference_id"] for x in answer["matches"])
     with pytest.raises(ValueError, match="compact"):

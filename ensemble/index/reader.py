@@ -59,28 +59,51 @@ def selecting(index: faiss.Index, sel: faiss.IDSelector) -> faiss.SearchParamete
     return params
 
 
+def file_id(path: Path) -> tuple[int, int, int, int]:
+    """A file's identity across versions: hard links share it, a rewritten file (or a reused
+    inode number) does not."""
+    st = path.stat()
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 class KeyIndex:
     """One search key: reference shards with their live / whole-image selectors, and the train
-    background of score normalisation."""
+    background of score normalisation. With ``reuse`` (the same key of the version served before),
+    the shards and background that the two versions share by hard link are taken over, not read
+    again: a service swapping versions after an add loads only what the add wrote."""
 
-    def __init__(self, folder: Path, meta: dict, removed: set[str], spec: IndexSpec, neighbours: int) -> None:
+    def __init__(self, folder: Path, meta: dict, removed: set[str], spec: IndexSpec, neighbours: int,
+                 reuse: KeyIndex | None = None) -> None:
         self.dim, self.kind = int(meta["dim"]), meta["kind"]
+        self.loaded: dict[tuple, tuple[ShardIndex, pa.ChunkedArray]] = {}  # file id -> shard, its image ids
         self.shards: list[tuple[ShardIndex, object, object]] = []
         gone = pa.array(sorted(removed), pa.string())
         for s in meta["shards"]:
-            ids = read_table(folder / f"{s['name']}.parquet", columns=["image_id", "patch_id"])
-            shard = ShardIndex.restore(ids, faiss.read_index(str(folder / f"{s['name']}.faiss")), self.kind)
-            live = ~pc.is_in(ids.column("image_id"), value_set=gone).to_numpy()  # np.isin: rows x removed
+            path = folder / f"{s['name']}.faiss"
+            fid = file_id(path)
+            if reuse is not None and fid in reuse.loaded:
+                self.loaded[fid] = reuse.loaded[fid]
+            else:
+                ids = read_table(folder / f"{s['name']}.parquet", columns=["image_id", "patch_id"])
+                self.loaded[fid] = ShardIndex.restore(ids, faiss.read_index(str(path)), self.kind), ids["image_id"]
+            shard, image_ids = self.loaded[fid]
+            live = ~pc.is_in(image_ids, value_set=gone).to_numpy()  # np.isin: rows x removed
             self.shards.append((shard, search_params(shard.index, live),
                                 search_params(shard.index, live & (shard.patch_ids == WHOLE_PATCH))))
-        self.train: ShardIndex | None = None
-        if meta.get("train_rows"):
-            t = read_table(folder / "train.parquet", columns=["image_id", "patch_id", "embedding"])
-            x = embeddings_from_arrow(t.column("embedding"))
-            kind = index_kind(len(x), spec)
-            self.train = ShardIndex.restore(t.select(["image_id", "patch_id"]), build_index(x, kind, spec, neighbours),
-                                            kind)
         self.train_file = folder / "train.parquet"
+        self.background = (file_id(self.train_file), spec, neighbours) if meta.get("train_rows") else None
+        if reuse is not None and self.background is not None and reuse.background == self.background:
+            self.train: ShardIndex | None = reuse.train
+            if "train_x" in vars(reuse):
+                self.train_x = reuse.train_x
+        else:
+            self.train = self._read_background(spec, neighbours) if self.background else None
+
+    def _read_background(self, spec: IndexSpec, neighbours: int) -> ShardIndex:
+        t = read_table(self.train_file, columns=["image_id", "patch_id", "embedding"])
+        x = embeddings_from_arrow(t.column("embedding"))
+        kind = index_kind(len(x), spec)
+        return ShardIndex.restore(t.select(["image_id", "patch_id"]), build_index(x, kind, spec, neighbours), kind)
 
     @cached_property
     def train_x(self) -> np.ndarray:
@@ -112,15 +135,18 @@ class KeyIndex:
 
 class IndexVersion:
     """A published version, loaded: per key its :class:`KeyIndex`, the live id map, the
-    config text, the model cards (weights in the index's blobs/) and any PCA."""
+    config text, the model cards (weights in the index's blobs/) and any PCA. ``reuse``: the
+    version loaded before, whose shared shards are taken over (:class:`KeyIndex`)."""
 
-    def __init__(self, root: str | os.PathLike, version: str | None, spec: IndexSpec, neighbours: int = 1) -> None:
+    def __init__(self, root: str | os.PathLike, version: str | None, spec: IndexSpec, neighbours: int = 1,
+                 reuse: IndexVersion | None = None) -> None:
         idx = IndexDir(root)
         self.version = version or idx.require_current()
         folder = idx.path(self.version)
         self.meta = read_manifest(folder)
         removed = set(removed_table(folder).column("image_id").to_pylist())
-        self.keys = {key: KeyIndex(folder / "keys" / key, m, removed, spec, neighbours)
+        before = reuse.keys if reuse is not None else {}
+        self.keys = {key: KeyIndex(folder / "keys" / key, m, removed, spec, neighbours, before.get(key))
                      for key, m in self.meta["keys"].items()}
         images = live_images(folder, self.meta)
         self.paths = dict(zip(images.column("image_id").to_pylist(), images.column("path").to_pylist()))

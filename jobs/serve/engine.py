@@ -59,7 +59,8 @@ class Matcher:
                  reuse: Matcher | None = None) -> None:
         self.version, self.cfg = index_config(root, version, overrides)
         s = self.cfg.search
-        self.index = IndexVersion(root, self.version, s.index_spec(), s.normalize.neighbours)
+        self.index = IndexVersion(root, self.version, s.index_spec(), s.normalize.neighbours,
+                                  reuse.index if reuse is not None else None)
         if reuse is not None and reuse.index.meta["cards"] == self.index.meta["cards"] \
                 and same_answers(reuse.cfg, self.cfg):
             self.embedder: ImageEmbedder = reuse.embedder  # same models and views: keep them loaded
