@@ -178,16 +178,17 @@ def verify_pairs(pairs: pa.Table, query_paths: Mapping[str, str], reference_path
         img = load(sides[side][1][image_id])
         return scorer.describe_query(img) if side == 0 else scorer.describe(img)
 
-    return compare_pairs(pairs, top_k, scorer, described)
+    return compare_pairs(pairs, top_k, scorer, described, selected)
 
 
-def compare_pairs(pairs: pa.Table, top_k: int, scorer: PairScorer,
-                  described: Callable[[int, str], Any]) -> pa.Table:
+def compare_pairs(pairs: pa.Table, top_k: int, scorer: PairScorer, described: Callable[[int, str], Any],
+                  selected: list[int] | None = None) -> pa.Table:
     """:func:`verify_pairs` with the images' descriptions from ``described(side, image_id)``
-    (side 0: a query, as ``describe_query`` gives it; 1: a candidate), e.g. from a store."""
+    (side 0: a query, as ``describe_query`` gives it; 1: a candidate), e.g. from a store.
+    ``selected``: the rows of :func:`_top_k_rows`, when the caller has them already."""
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    selected = _top_k_rows(pairs, top_k)
+    selected = _top_k_rows(pairs, top_k) if selected is None else selected
     queries, candidates = pairs.column("query_id").to_pylist(), pairs.column("reference_id").to_pylist()
     values: list[tuple | None] = [None] * pairs.num_rows
     for start in range(len(selected)):  # rows come grouped by query: compare each group at once
