@@ -63,8 +63,14 @@ def test_loop_checkpoints_registers_and_resumes(photo_dir, tmp_path):
     log = events(spec)
     assert [e["epoch"] for e in log if e["event"] == "epoch"] == [0, 1, 2]
     assert [(e["epoch"], e["resumed"]) for e in log if e["event"] == "start"] == [(0, False), (2, True)]
-    last = sorted((Path(spec.run_dir) / "checkpoints").iterdir())[-1]
+    kept = sorted((Path(spec.run_dir) / "checkpoints").iterdir())
+    assert [p.name for p in kept] == ["epoch-00001", "epoch-00002"]  # the newest two (KEEP_CHECKPOINTS)
+    last = kept[-1]
     assert read_checkpoint(last).progress["epoch"] == 2
+
+    train_local(byol_spec(photo_dir, tmp_path, epochs=4))  # numbered on from the newest kept, not from their count
+    assert sorted(p.name for p in last.parent.iterdir()) == ["epoch-00002", "epoch-00003"]
+    last = last.parent / "epoch-00003"
 
     card = load_card("tiny-byol", tmp_path / "registry")
     assert card.loss == "byol" and card.dim == 32 and card.train_time_s > 0

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pretrain.train import byol, finetune, verifier
+from pretrain.train.session import KEEP_CHECKPOINTS
 from pretrain.train_config import RunSpec
 
 RAY_LOOPS: dict[str, Callable[[dict[str, Any]], None]] = {
@@ -46,7 +47,7 @@ def fit_trainer(spec: RunSpec, *, cpus_per_worker: float = 1.0, max_failures: in
             name="ray",
             storage_path=str(Path(spec.run_dir).resolve()),
             failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
         ),
     )
     result = trainer.fit()

@@ -9,6 +9,7 @@ and the latest one comes back from ``ray.train.get_checkpoint()`` after a worker
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from core.store import atomic_dir
 
 T = TypeVar("T")
 Writer = Callable[[Path], None]
+KEEP_CHECKPOINTS = 2  # newest checkpoints a run keeps, locally and in Ray Train (a ResNet-152's is ~0.7 GB)
 
 
 class Session(Protocol):
@@ -45,8 +47,8 @@ def _log(metrics: dict[str, Any]) -> None:
 
 
 class LocalSession:
-    """One process; checkpoints in ``<run_dir>/checkpoints/epoch-NNNNN``, metrics in
-    ``<run_dir>/metrics.jsonl``."""
+    """One process; checkpoints in ``<run_dir>/checkpoints/epoch-NNNNN`` (the newest
+    :data:`KEEP_CHECKPOINTS`), metrics in ``<run_dir>/metrics.jsonl``."""
 
     rank = 0
     world_size = 1
@@ -54,7 +56,8 @@ class LocalSession:
     def __init__(self, run_dir: str | Path, device: str | torch.device = "cpu") -> None:
         self.run_dir = Path(run_dir)
         self.device = torch.device(device)
-        self.count = len(self._checkpoints())
+        done = self._checkpoints()
+        self.count = int(done[-1].name.split("-")[1]) + 1 if done else 0
 
     def _checkpoints(self) -> list[Path]:
         return sorted((self.run_dir / "checkpoints").glob("epoch-*"))
@@ -75,6 +78,8 @@ class LocalSession:
             with atomic_dir(self.run_dir / "checkpoints" / f"epoch-{self.count:05d}") as tmp:
                 write(tmp)  # a checkpoint folder that exists is complete
             self.count += 1
+            for old in self._checkpoints()[:-KEEP_CHECKPOINTS]:
+                shutil.rmtree(old)
 
 
 class RaySession:
