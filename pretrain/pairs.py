@@ -2,16 +2,17 @@
 against the photo itself (a positive) and its nearest neighbours (hard negatives).
 
 The token model is frozen, so what a training photo contributes as a *reference* never
-changes: :func:`describe_photos` turns every photo into its region tokens once (a few MB for
-a thousand photos; the photos themselves are decoded one at a time), and :func:`mine_neighbours`
-finds each photo's nearest other photos by a global descriptor with the faiss kNN. Copies are
+changes: :func:`describe_photos` turns every photo into its region tokens once (the photos
+themselves are decoded one at a time; the training run keeps them on disk,
+:mod:`pretrain.photo_arrays`), and :func:`nearest_others` finds each photo's nearest other
+photos by a global descriptor (:func:`embed_photos`) with the faiss kNN. Copies are
 new every epoch: item ``i`` of :class:`CopyTokens` decodes photo ``i``, edits it with one of
 the set recipes and describes the copy.
 
 Example::
 
     originals = describe_photos(photos, tokens)
-    nbrs = mine_neighbours(photos, miner, k=5)
+    nbrs = nearest_others(embed_photos(photos, miner, range(len(photos))), k=5)
     ds = CopyTokens(photos, recipes, lambda: tokens, seed=0)
     copy, i = ds[3]        # R x dim tokens of a copy of photo 3; its positive is originals[i]
 """
@@ -35,18 +36,24 @@ FULL_INTENSITY_EPOCH = 10**6  # past any schedule's ramp
 VALIDATION_SEED = 7_919  # validation copies differ from every training copy
 
 
-def describe_photos(photos: LazyPhotos, tokens: RegionTokens) -> np.ndarray:
-    """``n x R x dim`` region tokens of every photo (a replacement's for one that does not decode)."""
-    return np.stack([tokens(photos[i]) for i in range(len(photos))]).astype(np.float32)
+def describe_photos(photos: LazyPhotos, tokens: RegionTokens, rows: range | None = None) -> np.ndarray:
+    """``n x R x dim`` region tokens of the photos ``rows`` (default all; a replacement's for one that
+    does not decode)."""
+    rows = range(len(photos)) if rows is None else rows
+    return np.stack([tokens(photos[i]) for i in rows]).astype(np.float32)
 
 
-def mine_neighbours(photos: LazyPhotos, miner: Encoder, k: int, batch: int = 16) -> np.ndarray:
-    """``n x k`` indices of each photo's nearest *other* photos by ``miner`` descriptors."""
-    if len(photos) < 2:
+def embed_photos(photos: LazyPhotos, miner: Encoder, rows: range, batch: int = 16) -> np.ndarray:
+    """``n x dim`` global descriptors of the photos ``rows`` by ``miner``, ``batch`` decoded at a time."""
+    return np.concatenate([miner.embed([photos[j] for j in range(i, min(i + batch, rows.stop))])
+                           for i in range(rows.start, rows.stop, batch)])
+
+
+def nearest_others(desc: np.ndarray, k: int) -> np.ndarray:
+    """``n x k`` indices of each row's nearest *other* rows (the faiss kNN)."""
+    if len(desc) < 2:
         raise ValueError("mining neighbours needs at least two photos")
-    desc = np.concatenate([miner.embed([photos[j] for j in range(i, min(i + batch, len(photos)))])
-                           for i in range(0, len(photos), batch)])
-    k = min(k, len(photos) - 1)
+    k = min(k, len(desc) - 1)
     _, idx = knn(desc, desc, k + 1)
     return np.stack([[j for j in row if j != i][:k] for i, row in enumerate(idx)])
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import typing
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,6 +68,10 @@ def test_training_registers_a_verifier_card_that_reloads_to_equal_outputs(traine
     events = [r["event"] for r in records]
     assert events[-1] == "registered" and events.count("epoch") == 2
     assert 0.0 <= records[events.index("described")]["val_whole_image_micro_ap"] <= 1.0  # the baseline
+    # every training photo's tokens and neighbours are kept in the run folder, memory-mapped, for a resume
+    photos = records[events.index("described")]["photos"]
+    tokens, near = (np.load(Path(spec.run_dir) / f, mmap_mode="r") for f in ("tokens.npy", "neighbours.npy"))
+    assert tokens.shape[:2] == (photos, 6) and near.shape == (photos, 5) and (near != np.arange(photos)[:, None]).all()
     card = load_card("tiny-verifier", spec.registry)
     assert card.kind == "verifier" and card.weights.endswith(".safetensors") and card.train_time_s > 0
     assert card.build["tokens"] == "tiny_cnn" and "micro_ap" in card.metrics

@@ -194,3 +194,29 @@ def test_peak_rss_does_not_grow_with_the_photo_count(tmp_path):
     for who in ("trainer", "worker"):
         small, large = peaks[2_000][who], peaks[20_000][who]
         assert small > 50 and large - small < RSS_MARGIN_MB, (who, peaks)
+
+
+def test_photo_arrays_are_computed_once_per_key_and_read_memory_mapped(tmp_path):
+    """A resumed run reuses the file its key names; another photo list or setting computes it
+    again; a file whose sidecar is missing (a killed writer) is not trusted."""
+    from pretrain.photo_arrays import files_key, photo_array
+    from pretrain.photos import PhotoFiles
+    files = PhotoFiles([f"P{i}" for i in range(10)], [f"/p/P{i}.jpg" for i in range(10)])
+    calls = []
+
+    def rows(a: int, b: int) -> np.ndarray:
+        calls.append((a, b))
+        return np.arange(a, b, dtype=np.float32)[:, None].repeat(3, 1) * scale
+
+    path, scale = tmp_path / "run" / "tokens.npy", 1.0
+    key = files_key(files, "model-a", 128)
+    first = photo_array(path, key, 10, rows, batch=4)
+    assert calls == [(0, 4), (4, 8), (8, 10)] and isinstance(first, np.memmap)
+    assert first.shape == (10, 3) and first[7, 2] == 7
+    assert photo_array(path, key, 10, rows, batch=4)[9, 0] == 9 and len(calls) == 3  # reused, not recomputed
+    assert key != files_key(files, "model-b", 128) != files_key(files.take([1, 0]), "model-a", 128)
+    scale = 2.0
+    assert photo_array(path, files_key(files, "model-b", 128), 10, rows, batch=4)[9, 0] == 18 and len(calls) == 6
+    (tmp_path / "run" / "tokens.npy.json").unlink()
+    assert photo_array(path, files_key(files, "model-b", 128), 10, rows, batch=4)[9, 0] == 18 and len(calls) == 9
+    assert sorted(p.name for p in path.parent.iterdir()) == ["tokens.npy", "tokens.npy.json"]  # no temp file left

@@ -21,14 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.models.cards import ModelCard
-from core.models.encoders import load_encoder
+from core.models.encoders import Encoder, load_encoder
 from core.models.registry import register, resolve_model
-from core.models.verifier import VerifierSpec, build_net, region_tokens, save_verifier, verifier_card
+from core.models.verifier import RegionTokens, VerifierSpec, build_net, region_tokens, save_verifier, verifier_card
 from core.store import copy_file
 from pretrain.data import make_loader
-from pretrain.pairs import CopyTokens, describe_photos, make_pair_validation, mine_neighbours, training_pairs, \
-    validate_pairs, whole_image_cosine
-from pretrain.photos import LazyPhotos
+from pretrain.pairs import CopyTokens, describe_photos, embed_photos, make_pair_validation, nearest_others, \
+    training_pairs, validate_pairs, whole_image_cosine
+from pretrain.photo_arrays import files_key, photo_array
+from pretrain.photos import LazyPhotos, PhotoFiles
 from pretrain.recipes import get_recipe
 from pretrain.train.common import epochs, log_event, split_photos, start_or_resume, unwrap
 from pretrain.train.session import LocalSession, RaySession, Session
@@ -57,8 +58,7 @@ def verifier_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
     tokens = region_tokens(arch, spec.registry)
     miner = load_encoder(hp.miner, hp.miner_scale, registry=spec.registry)
     t0 = time.perf_counter()
-    originals = describe_photos(photos, tokens)
-    neighbours = mine_neighbours(photos, miner, hp.neighbours)
+    originals, neighbours = photo_arrays(spec, arch, train, photos, tokens, miner)
     val = None
     if len(val_refs) and session.rank == 0:
         val = make_pair_validation(LazyPhotos(val_refs, spec.data.max_side),
@@ -104,6 +104,23 @@ def verifier_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
     if session.rank == 0:
         _register(spec, arch, unwrap(model), train_time, best)
     return metrics
+
+
+def photo_arrays(spec: RunSpec, arch: VerifierSpec, files: PhotoFiles, photos: LazyPhotos, tokens: RegionTokens,
+                 miner: Encoder) -> tuple[np.ndarray, np.ndarray]:
+    """Every training photo's region tokens and mined neighbours, memory-mapped from the run
+    folder (computed there the first time: a resumed run, or a restarted worker, reuses them)."""
+    hp, run = spec.verifier, Path(spec.run_dir)
+    cards = [resolve_model(m, spec.registry).model_dump_json() for m in (arch.tokens, hp.miner)]
+    made_of = (spec.data.max_side, arch.model_dump_json(), cards[0])
+    originals = photo_array(run / "tokens.npy", files_key(files, *made_of), len(photos),
+                            lambda a, b: describe_photos(photos, tokens, range(a, b)))
+    mined_by = (spec.data.max_side, hp.miner_scale, cards[1])
+    desc = photo_array(run / "miner.npy", files_key(files, *mined_by), len(photos),
+                       lambda a, b: embed_photos(photos, miner, range(a, b)))
+    neighbours = photo_array(run / "neighbours.npy", files_key(files, *mined_by, hp.neighbours), len(photos),
+                             lambda a, b: nearest_others(desc, hp.neighbours)[a:b], batch=len(photos))
+    return originals, neighbours
 
 
 def pair_step(model: nn.Module, q: torch.Tensor, r: torch.Tensor, labels: torch.Tensor,

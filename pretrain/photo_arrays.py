@@ -1,0 +1,64 @@
+"""Per-photo arrays computed once per run and kept on disk, memory-mapped.
+
+The learned verifier's training needs every training photo's region tokens (each photo is a
+candidate of some copy) and its mined neighbours. At DISC21 scale the tokens are ~30 GB
+(1M photos x 15 regions x 512 floats): they are written batch by batch into a ``.npy`` file and
+read back memory-mapped, so a worker holds the rows its batches touch, not the array, and a
+resumed or restarted run reuses the file instead of describing every photo again.
+
+A file counts only with its sidecar (``<name>.json``), written last, naming what it was made
+from (``key``); another key, or a file without its sidecar, is computed again.
+
+Example::
+
+    tokens = photo_array(run_dir / "tokens.npy", key, len(photos), lambda a, b: describe(a, b))
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from core.store import write_text
+from pretrain.photos import PhotoFiles
+
+
+def files_key(files: PhotoFiles, *parts: object) -> str:
+    """A hash of the photo list (ids and paths, in order) and ``parts`` (settings, model cards)."""
+    h = hashlib.sha256()
+    for packed in (files.ids, files.paths):
+        h.update(packed.offsets.tobytes())
+        h.update(packed.data.tobytes())
+    h.update(json.dumps([str(p) for p in parts]).encode())
+    return h.hexdigest()
+
+
+def photo_array(path: Path, key: str, n: int, rows: Callable[[int, int], np.ndarray], batch: int = 256
+                ) -> np.ndarray:
+    """The ``n x ...`` array whose rows ``start:stop`` are ``rows(start, stop)``, from ``path``
+    when it was made with ``key``; else computed ``batch`` rows at a time into it. Read-only."""
+    side = path.with_name(path.name + ".json")
+    record = {"key": key, "rows": n}
+    if path.is_file() and side.is_file() and json.loads(side.read_text()) == record:
+        return np.load(path, mmap_mode="r")
+    side.unlink(missing_ok=True)  # the file is replaced below: its old sidecar must not vouch for it
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        first = np.asarray(rows(0, min(batch, n)))
+        out = np.lib.format.open_memmap(tmp, "w+", first.dtype, (n, *first.shape[1:]))
+        out[:len(first)] = first
+        for start in range(len(first), n, batch):
+            out[start:min(start + batch, n)] = rows(start, min(start + batch, n))
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_text(side, json.dumps(record))
+    return np.load(path, mmap_mode="r")
