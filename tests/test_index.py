@@ -15,7 +15,7 @@ import pytest
 
 from core.imageio import load_rgb
 from core.store import write_text
-from ensemble.index.layout import IndexDir, IndexFolderError
+from ensemble.index.layout import IndexDir, IndexFolderError, folder_bytes
 from ensemble.index.versions import prune
 from jobs import indexing
 from jobs.commands.index import info_lines
@@ -128,6 +128,7 @@ def test_add_remove_compact(built, tmp_path):
     assert sum(s["rows"] for s in compacted.index.meta["keys"]["resnet18@64"]["shards"]) == 2 * 8
     text = "\n".join(info_lines(str(index)))
     assert "* v000004" in text and "8 live, 0 removed" in text and "v000003  remove" in text
+    assert "on disk:" in text and folder_bytes(index / "versions", distinct=True) < folder_bytes(index / "versions")
     assert IndexDir(index).versions() == ["v000001", "v000002", "v000003", "v000004"]
 
     # prune: the published version alone is kept, the rows compacted away are freed, it answers the same

@@ -126,6 +126,11 @@ def link(src: Path, dest: Path) -> None:
         shutil.copy2(src, dest)
 
 
-def folder_bytes(path: Path) -> int:
-    """Bytes of the files under ``path`` (hard links count in every version that has them)."""
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def folder_bytes(path: Path, distinct: bool = False) -> int:
+    """Bytes of the files under ``path``, a file that several versions link counted in each of them;
+    with ``distinct``, once (what the folder takes on disk)."""
+    sizes = {}
+    for i, p in enumerate(p for p in path.rglob("*") if p.is_file()):
+        st = p.stat()
+        sizes[(st.st_dev, st.st_ino) if distinct else i] = st.st_size
+    return sum(sizes.values())

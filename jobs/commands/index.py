@@ -104,6 +104,8 @@ def info_lines(root: str) -> list[str]:
         lines.append(f"  model {key}: {Path(rel).stem[:12]}")
     blobs = idx.root / "blobs"
     lines.append(f"model files: {folder_bytes(blobs) / 2**20:.1f} MiB" if blobs.is_dir() else "model files: none")
+    lines.append(f"on disk: {folder_bytes(idx.versions_dir, distinct=True) / 2**20:.1f} MiB for all versions "
+                 "(a file that versions share is counted once; `index prune` deletes old versions)")
     if idx.stale():
         lines.append(f"unfinished writes (left by killed commands; removed by the next write): "
                      f"{[p.name for p in idx.stale()]}")
