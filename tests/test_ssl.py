@@ -96,3 +96,14 @@ def test_ray_train_resumes_after_worker_dies(ray_local, photo_dir, tmp_path):
     assert [e["epoch"] for e in log if e["event"] == "epoch"] == [0, 1, 2]  # epoch 0 not redone
     assert [(e["epoch"], e["resumed"]) for e in log if e["event"] == "start"] == [(0, False), (1, True)]
     assert load_card("tiny-byol", tmp_path / "registry").loss == "byol"
+
+
+def test_a_diverged_run_stops_before_it_checkpoints_or_registers(photo_dir, tmp_path):
+    """A NaN loss must not leave a registered card: that would mark the run done for every re-run."""
+    from pretrain.train.common import TrainingDiverged
+    spec = byol_spec(photo_dir, tmp_path, epochs=2)
+    spec = spec.model_copy(update={"pretrain": spec.pretrain.model_copy(update={"lr": 1e12})})
+    with pytest.raises(TrainingDiverged, match="tiny-byol.*diverged in epoch 0"):
+        train_local(spec)
+    assert not (tmp_path / "registry").exists() or not list((tmp_path / "registry").glob("tiny-byol*"))
+    assert not list((Path(spec.run_dir) / "checkpoints").glob("epoch-*"))

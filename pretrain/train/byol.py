@@ -20,7 +20,7 @@ from pretrain.data import CopyViews, make_loader
 from pretrain.photos import LazyPhotos
 from pretrain.recipes import get_recipe
 from pretrain.ssl import BYOL, momentum_at
-from pretrain.train.common import (autocast, epochs, log_event, preprocess_for, register_model, run_card,
+from pretrain.train.common import (autocast, epochs, log_event, mean_loss, preprocess_for, register_model, run_card,
                                     split_photos, start_or_resume, unwrap)
 from pretrain.train.session import LocalSession, RaySession, Session
 from pretrain.train.state import write_checkpoint
@@ -56,7 +56,7 @@ def byol_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
             losses.append(byol_step(model, batch, opt, momentum, session.device))
         seconds = time.perf_counter() - t0
         train_time += seconds
-        metrics = {"run": spec.name, "epoch": epoch, "loss": sum(losses) / len(losses), "momentum": momentum,
+        metrics = {"run": spec.name, "epoch": epoch, "loss": mean_loss(spec, epoch, losses), "momentum": momentum,
                    "images_per_s": len(losses) * hp.batch_size * 2 * session.world_size / seconds}  # 2 views
         log_event(spec, session.rank, {"event": "epoch", **metrics})
         progress = {"epoch": epoch, "train_time_s": train_time, "metrics": metrics}

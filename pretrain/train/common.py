@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -22,6 +22,7 @@ from core.models.cards import ModelCard
 from core.models.checkpoint import save_checkpoint, sidecar_path
 from core.models.preprocess import Preprocess
 from core.models.registry import card_for_model, register
+from core.store import copy_file
 from pretrain.data import set_loader_epoch
 from pretrain.photos import PhotoFiles
 from pretrain.train.session import Session
@@ -118,6 +119,22 @@ def epochs(spec: RunSpec, loader: Any, model: nn.Module, start: int, stop: int) 
         yield epoch
 
 
+class TrainingDiverged(RuntimeError):
+    """A run's loss stopped being a number: nothing of that epoch is saved or registered."""
+
+
+def mean_loss(spec: RunSpec, epoch: int, losses: list[float]) -> float:
+    """The epoch's mean loss. A non-finite one stops the run before it checkpoints or registers
+    the diverged weights (a registered card would mark the run done, and a re-run would skip it)."""
+    loss = sum(losses) / len(losses)
+    if not math.isfinite(loss):
+        bad = sum(not math.isfinite(x) for x in losses)
+        raise TrainingDiverged(f"training run {spec.name!r} diverged in epoch {epoch}: mean loss {loss} ({bad} of "
+                               f"{len(losses)} steps not finite); lower the learning rate and run it again, it "
+                               "resumes from the last finite checkpoint")
+    return loss
+
+
 def log_event(spec: RunSpec, rank: int, record: dict[str, Any]) -> None:
     """Append ``record`` to ``<run_dir>/events.jsonl`` (rank 0): the run's progress log."""
     if rank != 0:
@@ -141,7 +158,6 @@ def register_model(spec: RunSpec, model: DescriptorModel, card: ModelCard, weigh
     if weights is None:
         save_checkpoint(model, target, meta=card.model_dump(include={"trained_on", "loss", "metrics"}))
     else:
-        registry.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(weights, target)
-        shutil.copyfile(sidecar_path(weights), sidecar_path(target))
+        copy_file(weights, target)
+        copy_file(sidecar_path(weights), sidecar_path(target))
     return register(card.model_copy(update={"weights": str(target.resolve())}), registry)

@@ -24,7 +24,7 @@ from pretrain.data import CopyViews, make_loader
 from pretrain.losses import build_loss
 from pretrain.photos import LazyPhotos
 from pretrain.recipes import get_recipe
-from pretrain.train.common import (autocast, epochs, log_event, preprocess_for, register_model, run_card,
+from pretrain.train.common import (autocast, epochs, log_event, mean_loss, preprocess_for, register_model, run_card,
                                     split_photos, start_or_resume, unwrap)
 from pretrain.train.session import LocalSession, RaySession, Session
 from pretrain.train.state import write_checkpoint
@@ -80,7 +80,7 @@ def finetune_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
             losses.append(instance_step(model, batch, labels, opt, session.device))
         seconds = time.perf_counter() - t0
         train_time += seconds
-        metrics = {"run": spec.name, "epoch": epoch, "loss": sum(losses) / len(losses),
+        metrics = {"run": spec.name, "epoch": epoch, "loss": mean_loss(spec, epoch, losses),
                    "images_per_s": len(losses) * hp.photos_per_batch * hp.copies * session.world_size / seconds}
         if val is not None:
             found = validate(backbone, val)

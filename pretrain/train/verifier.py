@@ -31,7 +31,7 @@ from pretrain.pairs import CopyTokens, describe_photos, embed_photos, make_pair_
 from pretrain.photo_arrays import files_key, photo_array
 from pretrain.photos import LazyPhotos, PhotoFiles
 from pretrain.recipes import get_recipe
-from pretrain.train.common import epochs, log_event, split_photos, start_or_resume, unwrap
+from pretrain.train.common import epochs, log_event, mean_loss, split_photos, start_or_resume, unwrap
 from pretrain.train.session import LocalSession, RaySession, Session
 from pretrain.train.state import write_resume_state
 from pretrain.train_config import RunSpec
@@ -87,7 +87,7 @@ def verifier_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
             losses.append(pair_step(model, q, r, labels, opt, session.device))
         seconds = time.perf_counter() - t0
         train_time += seconds
-        metrics = {"run": spec.name, "epoch": epoch, "loss": sum(losses) / len(losses),
+        metrics = {"run": spec.name, "epoch": epoch, "loss": mean_loss(spec, epoch, losses),
                    "copies_per_s": len(losses) * hp.photos_per_batch * session.world_size / seconds}
         if val is not None:
             found = validate_pairs(val, partial(_score, unwrap(model)))
