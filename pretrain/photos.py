@@ -6,8 +6,9 @@ access, unlike a list of Python strings), and :class:`LazyPhotos` decodes a phot
 an item or a paste background needs it, through the pipeline's one decoder
 (:func:`core.imageio.load_rgb`), shrunk to ``max_side``.
 
-A file that fails to decode is never fatal: it is logged once per process, naming the file
-and the reason, and a fixed replacement photo takes its place.
+A file that fails to decode, or decodes too small or too thin for the recipes' edits, is never
+fatal: it is logged once per process, naming the file and the reason, and a fixed replacement
+photo takes its place.
 
 Example::
 
@@ -30,6 +31,8 @@ from core.imageio import ImageDecodeError, list_images, load_rgb
 
 log = logging.getLogger(__name__)
 REPLACEMENT_TRIES = 64  # photos tried in place of one that does not decode before giving up
+MIN_SIDE = 24  # shorter side (after max_side) below which a photo is replaced: some recipe ops fail on less
+MAX_ASPECT = 10  # longer / shorter side above which a photo is replaced (a strip, not a photo)
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,16 @@ class PhotoFiles:
         return PhotoFiles((self.ids[int(i)] for i in indices), (self.paths[int(i)] for i in indices))
 
 
+def usable(img: Image.Image, path: str) -> Image.Image:
+    """``img``, or an :class:`ImageDecodeError` naming ``path`` when it is too small or too thin to
+    train on: the recipes' edits (text, overlays, crops) fail on a few pixels, always alike."""
+    short, long = sorted(img.size)
+    if short < MIN_SIDE or long > MAX_ASPECT * short:
+        raise ImageDecodeError(path, f"{img.width} x {img.height} px is too small or too thin to train on "
+                               f"(shorter side >= {MIN_SIDE}, aspect <= {MAX_ASPECT}:1)")
+    return img
+
+
 class LazyPhotos(Sequence[Image.Image]):
     """Photos of ``files`` decoded on access, longer side at most ``max_side``.
 
@@ -114,7 +127,7 @@ class LazyPhotos(Sequence[Image.Image]):
                 continue
             image_id, path = self.files[j]
             try:
-                return j, Photo(image_id, load_rgb(path, self.max_side))
+                return j, Photo(image_id, usable(load_rgb(path, self.max_side), path))
             except ImageDecodeError as e:
                 self._bad.add(j)
                 log.warning("skipping training image %s (a replacement photo is used)", e)

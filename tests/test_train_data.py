@@ -68,7 +68,7 @@ def test_load_rgb_max_side_decodes_large_jpegs_at_reduced_size(tmp_path):
 
 @pytest.fixture
 def messy_dir(tmp_path) -> Path:
-    """10 photos and 2 files that do not decode (sorted among them)."""
+    """10 photos, 2 files that do not decode and 2 that decode too small or thin to edit (sorted among them)."""
     folder = tmp_path / "messy"
     folder.mkdir()
     for i in range(10):
@@ -76,6 +76,8 @@ def messy_dir(tmp_path) -> Path:
     (folder / "P003b.jpg").write_bytes(b"not a jpeg")
     good = (folder / "P004.jpg").read_bytes()
     (folder / "P005b.jpg").write_bytes(good[: len(good) // 2])
+    synthetic_photo(1, (12, 12)).save(folder / "P006b.png")
+    synthetic_photo(2, (120, 40)).resize((120, 8)).save(folder / "P007b.png")  # the recipes' crops fail on a strip
     return folder
 
 
@@ -88,10 +90,10 @@ def test_split_lists_files_and_training_replaces_bad_ones(messy_dir, tmp_path, c
 
     spec = tiny_spec(messy_dir, tmp_path, val_photos=2, val_distractors=1, max_side=64)
     train, val, distractors = split_photos(spec)  # nothing decoded: the bad files are simply listed
-    assert (len(train), len(val), len(distractors)) == (9, 2, 1)
+    assert (len(train), len(val), len(distractors)) == (11, 2, 1)
     assert sorted(i for i, _ in [*train, *val, *distractors]) == sorted(p.stem for p in messy_dir.iterdir())
 
-    bad = [i for i, (_, path) in enumerate(train) if Path(path).name.endswith("b.jpg")]
+    bad = [i for i, (_, path) in enumerate(train) if Path(path).stem.endswith("b")]
     backbone = build_backbone("tiny_cnn", dim=16, img_size=32)
     ds = CopyViews(LazyPhotos(train, 64), get_recipe("basic"), views=2, pre=preprocess_for(spec, backbone), seed=0)
     with caplog.at_level(logging.WARNING, logger="pretrain.photos"):
