@@ -7,7 +7,8 @@ read back memory-mapped, so a worker holds the rows its batches touch, not the a
 resumed or restarted run reuses the file instead of describing every photo again.
 
 A file counts only with its sidecar (``<name>.json``), written last, naming what it was made
-from (``key``); another key, or a file without its sidecar, is computed again.
+from (``key``); another key, or a file without its sidecar, is computed again. One worker of a
+run computes it (rank 0); the others wait for it and share it through the page cache.
 
 Example::
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -38,16 +40,29 @@ def files_key(files: PhotoFiles, *parts: object) -> str:
     return h.hexdigest()
 
 
-def photo_array(path: Path, key: str, n: int, rows: Callable[[int, int], np.ndarray], batch: int = 256
-                ) -> np.ndarray:
+def photo_array(path: Path, key: str, n: int, rows: Callable[[int, int], np.ndarray], batch: int = 256,
+                compute: bool = True, poll_s: float = 5.0) -> np.ndarray:
     """The ``n x ...`` array whose rows ``start:stop`` are ``rows(start, stop)``, from ``path``
-    when it was made with ``key``; else computed ``batch`` rows at a time into it. Read-only."""
+    when it was made with ``key``; else computed ``batch`` rows at a time into it. Read-only.
+    With ``compute`` False (the other workers of a run) it waits for the one that computes it."""
     side = path.with_name(path.name + ".json")
     record = {"key": key, "rows": n}
-    if path.is_file() and side.is_file() and json.loads(side.read_text()) == record:
+
+    def ready() -> bool:
+        try:
+            return path.is_file() and json.loads(side.read_text()) == record
+        except FileNotFoundError:  # not written yet, or being replaced
+            return False
+
+    if not compute:
+        while not ready():
+            time.sleep(poll_s)
+    if ready():
         return np.load(path, mmap_mode="r")
     side.unlink(missing_ok=True)  # the file is replaced below: its old sidecar must not vouch for it
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a killed writer's (only one worker writes)
+        stale.unlink()
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         first = np.asarray(rows(0, min(batch, n)))

@@ -1,6 +1,6 @@
 """Training data path: photos stream from files (bounded memory, bad files replaced), decoded by
 the pipeline's decoder, and validation input equals extraction input for the same file."""
-
+import concurrent.futures
 import io
 import json
 import logging
@@ -220,5 +220,14 @@ def test_photo_arrays_are_computed_once_per_key_and_read_memory_mapped(tmp_path)
     scale = 2.0
     assert photo_array(path, files_key(files, "model-b", 128), 10, rows, batch=4)[9, 0] == 18 and len(calls) == 6
     (tmp_path / "run" / "tokens.npy.json").unlink()
+    (tmp_path / "run" / ".tokens.npy.dead0000.tmp").write_bytes(b"a killed writer's")
     assert photo_array(path, files_key(files, "model-b", 128), 10, rows, batch=4)[9, 0] == 18 and len(calls) == 9
     assert sorted(p.name for p in path.parent.iterdir()) == ["tokens.npy", "tokens.npy.json"]  # no temp file left
+
+    # the other workers of a run wait for the one that computes, and compute nothing themselves
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(photo_array, path, files_key(files, "model-c", 128), 10, rows, 4, False, 0.01)
+        scale = 3.0
+        assert not waiting.done() and len(calls) == 9
+        assert photo_array(path, files_key(files, "model-c", 128), 10, rows, batch=4)[9, 0] == 27
+        assert waiting.result(timeout=30)[9, 0] == 27 and len(calls) == 12

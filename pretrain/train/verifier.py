@@ -58,7 +58,7 @@ def verifier_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
     tokens = region_tokens(arch, spec.registry)
     miner = load_encoder(hp.miner, hp.miner_scale, registry=spec.registry)
     t0 = time.perf_counter()
-    originals, neighbours = photo_arrays(spec, arch, train, photos, tokens, miner)
+    originals, neighbours = photo_arrays(spec, arch, train, photos, tokens, miner, session.rank == 0)
     val = None
     if len(val_refs) and session.rank == 0:
         val = make_pair_validation(LazyPhotos(val_refs, spec.data.max_side),
@@ -107,19 +107,21 @@ def verifier_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
 
 
 def photo_arrays(spec: RunSpec, arch: VerifierSpec, files: PhotoFiles, photos: LazyPhotos, tokens: RegionTokens,
-                 miner: Encoder) -> tuple[np.ndarray, np.ndarray]:
+                 miner: Encoder, compute: bool) -> tuple[np.ndarray, np.ndarray]:
     """Every training photo's region tokens and mined neighbours, memory-mapped from the run
-    folder (computed there the first time: a resumed run, or a restarted worker, reuses them)."""
+    folder (computed there the first time, by the worker told to ``compute``, rank 0: a resumed
+    run, or a restarted worker, reuses them)."""
     hp, run = spec.verifier, Path(spec.run_dir)
     cards = [resolve_model(m, spec.registry).model_dump_json() for m in (arch.tokens, hp.miner)]
     made_of = (spec.data.max_side, arch.model_dump_json(), cards[0])
     originals = photo_array(run / "tokens.npy", files_key(files, *made_of), len(photos),
-                            lambda a, b: describe_photos(photos, tokens, range(a, b)))
+                            lambda a, b: describe_photos(photos, tokens, range(a, b)), compute=compute)
     mined_by = (spec.data.max_side, hp.miner_scale, cards[1])
     desc = photo_array(run / "miner.npy", files_key(files, *mined_by), len(photos),
-                       lambda a, b: embed_photos(photos, miner, range(a, b)))
+                       lambda a, b: embed_photos(photos, miner, range(a, b)), compute=compute)
     neighbours = photo_array(run / "neighbours.npy", files_key(files, *mined_by, hp.neighbours), len(photos),
-                             lambda a, b: nearest_others(desc, hp.neighbours)[a:b], batch=len(photos))
+                             lambda a, b: nearest_others(desc, hp.neighbours)[a:b], batch=len(photos),
+                             compute=compute)
     return originals, neighbours
 
 
