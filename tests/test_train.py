@@ -11,7 +11,7 @@ from core.models.checkpoint import save_checkpoint
 from core.models.registry import build_model, list_cards, load_card, load_checkpoint
 from jobs.cli import main as copydet
 from pretrain.train.fanout import plan_finetune, plan_pretrain, run_all
-from pretrain.train.finetune import BEST_FILE, train_local
+from pretrain.train.finetune import train_local
 from pretrain.train_config import (
     DataSection,
     FinetuneSection,
@@ -45,7 +45,10 @@ def test_finetune_validates_keeps_best_and_registers(photo_dir, tmp_path):
     assert (card.loss, card.trained_on, card.source_checkpoint) == ("cosface", "basic", str(init))
     assert card.dim == 32 and card.input_size == 32 and card.train_time_s > 0
     x = torch.randn(3, 3, 32, 32)
-    best = load_checkpoint(tmp_path / "run" / BEST_FILE).eval()
+    best_epoch = max(range(2), key=lambda e: uaps[e])  # the first of equals
+    kept = sorted(p.name for p in (tmp_path / "run").glob("best-*.safetensors"))
+    assert kept == [f"best-{best_epoch:05d}.safetensors"]  # the other epochs' files are gone
+    best = load_checkpoint(tmp_path / "run" / kept[0]).eval()
     assert torch.equal(build_model(card).eval()(x), best(x))
 
 

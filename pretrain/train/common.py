@@ -119,6 +119,23 @@ def epochs(spec: RunSpec, loader: Any, model: nn.Module, start: int, stop: int) 
         yield epoch
 
 
+def best_file(spec: RunSpec, stem: str, best: dict[str, Any]) -> Path:
+    """The weights of the best validated epoch, named by that epoch: the record of which epoch is
+    best lives in the checkpoint's progress, so a run killed after writing a new best file but
+    before its checkpoint resumes with the file its progress names."""
+    return Path(spec.run_dir) / f"{stem}-{best['epoch']:05d}.safetensors"
+
+
+def drop_other_bests(spec: RunSpec, stem: str, best: dict[str, Any] | None) -> None:
+    """Delete the best-weights files (and sidecars) of other epochs than ``best``'s; call once a
+    checkpoint records ``best``."""
+    keep = best_file(spec, stem, best) if best else None
+    for f in Path(spec.run_dir).glob(f"{stem}-*.safetensors"):
+        if f != keep:
+            f.unlink()
+            sidecar_path(f).unlink(missing_ok=True)
+
+
 class TrainingDiverged(RuntimeError):
     """A run's loss stopped being a number: nothing of that epoch is saved or registered."""
 

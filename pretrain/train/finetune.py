@@ -4,7 +4,7 @@ A batch is P photos x K copies; the loss (config ``finetune.loss``) is one of
 :data:`pretrain.losses.LOSSES`. Training starts from ``spec.init_weights`` (a BYOL or any
 local checkpoint) or random init. Each epoch is validated (μAP on synthetic copies of
 held-aside photos, :mod:`pretrain.train.validate`); the best epoch's weights are kept in
-``<run_dir>/best.safetensors`` and registered as ``spec.name`` when the run ends.
+``<run_dir>/best-<epoch>.safetensors`` and registered as ``spec.name`` when the run ends.
 """
 
 from __future__ import annotations
@@ -24,14 +24,14 @@ from pretrain.data import CopyViews, make_loader
 from pretrain.losses import build_loss
 from pretrain.photos import LazyPhotos
 from pretrain.recipes import get_recipe
-from pretrain.train.common import (autocast, epochs, log_event, mean_loss, preprocess_for, register_model, run_card,
-                                    split_photos, start_or_resume, unwrap)
+from pretrain.train.common import (autocast, best_file, drop_other_bests, epochs, log_event, mean_loss, preprocess_for,
+                                    register_model, run_card, split_photos, start_or_resume, unwrap)
 from pretrain.train.session import LocalSession, RaySession, Session
 from pretrain.train.state import write_checkpoint
 from pretrain.train.validate import make_validation_set, validate
 from pretrain.train_config import RunSpec
 
-BEST_FILE = "best.safetensors"
+BEST = "best"  # best-<epoch>.safetensors in the run folder (common.best_file)
 
 
 class InstanceModel(nn.Module):
@@ -87,13 +87,15 @@ def finetune_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
             metrics.update(micro_ap=found.micro_ap, recall_at_p90=found.recall_at_p90)
             if best is None or found.micro_ap > best["micro_ap"]:
                 best = {"epoch": epoch, "micro_ap": found.micro_ap, "recall_at_p90": found.recall_at_p90}
-                save_checkpoint(backbone, Path(spec.run_dir) / BEST_FILE, meta={"best": best})
+                save_checkpoint(backbone, best_file(spec, BEST, best), meta={"best": best})
         log_event(spec, session.rank, {"event": "epoch", **metrics})
         progress = {"epoch": epoch, "train_time_s": train_time, "metrics": metrics, "best": best}
         card = run_card(spec, backbone, loss=hp.loss.name, train_time_s=train_time,
                         source_checkpoint=spec.init_weights)
         state = {"net": unwrap(model).state_dict(), "optimizer": opt.state_dict()}
         session.report(metrics, partial(_write, backbone=backbone, card=card, state=state, progress=progress))
+        if session.rank == 0:
+            drop_other_bests(spec, BEST, best)
 
     if session.rank == 0:
         _register(spec, backbone, train_time, best)
@@ -123,7 +125,7 @@ def _register(spec: RunSpec, backbone: DescriptorModel, train_time: float, best:
     metrics = {} if best is None else {k: float(v) for k, v in best.items() if k != "epoch"}
     card = run_card(spec, backbone, loss=spec.finetune.loss.name, train_time_s=train_time,
                     source_checkpoint=spec.init_weights, metrics=metrics)
-    weights = None if best is None else Path(spec.run_dir) / BEST_FILE
+    weights = None if best is None else best_file(spec, BEST, best)
     register_model(spec, backbone, card, weights)
     log_event(spec, 0, {"event": "registered", "name": spec.name, **metrics})
 

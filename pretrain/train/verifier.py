@@ -31,12 +31,13 @@ from pretrain.pairs import CopyTokens, describe_photos, embed_photos, make_pair_
 from pretrain.photo_arrays import files_key, photo_array
 from pretrain.photos import LazyPhotos, PhotoFiles
 from pretrain.recipes import get_recipe
-from pretrain.train.common import epochs, log_event, mean_loss, split_photos, start_or_resume, unwrap
+from pretrain.train.common import (best_file, drop_other_bests, epochs, log_event, mean_loss, split_photos,
+                                    start_or_resume, unwrap)
 from pretrain.train.session import LocalSession, RaySession, Session
 from pretrain.train.state import write_resume_state
 from pretrain.train_config import RunSpec
 
-BEST_FILE = "best-verifier.safetensors"
+BEST = "best-verifier"  # best-verifier-<epoch>.safetensors in the run folder (common.best_file)
 WEIGHTS_FILE = "verifier.safetensors"
 POSITIVE_WEIGHT = 2.0  # one positive per two negatives: balance the classes
 
@@ -94,12 +95,14 @@ def verifier_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
             metrics.update(micro_ap=found.micro_ap, recall_at_p90=found.recall_at_p90)
             if best is None or found.micro_ap > best["micro_ap"]:
                 best = {"epoch": epoch, "micro_ap": found.micro_ap, "recall_at_p90": found.recall_at_p90}
-                save_verifier(unwrap(model), Path(spec.run_dir) / BEST_FILE)
+                save_verifier(unwrap(model), best_file(spec, BEST, best))
         log_event(spec, session.rank, {"event": "epoch", **metrics})
         progress = {"epoch": epoch, "train_time_s": train_time, "metrics": metrics, "best": best}
         card = _card(spec, arch, None, train_time, best)
         state = {"net": unwrap(model).state_dict(), "optimizer": opt.state_dict()}
         session.report(metrics, partial(_write, net=unwrap(model), card=card, state=state, progress=progress))
+        if session.rank == 0:
+            drop_other_bests(spec, BEST, best)
 
     if session.rank == 0:
         _register(spec, arch, unwrap(model), train_time, best)
@@ -170,7 +173,7 @@ def _register(spec: RunSpec, arch: VerifierSpec, net: nn.Module, train_time: flo
     if best is None:
         save_verifier(net, target)
     else:
-        copy_file(Path(spec.run_dir) / BEST_FILE, target)
+        copy_file(best_file(spec, BEST, best), target)
     register(_card(spec, arch, str(target.resolve()), train_time, best), spec.registry)
     log_event(spec, 0, {"event": "registered", "name": spec.name, **(best or {})})
 
