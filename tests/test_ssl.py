@@ -107,3 +107,24 @@ def test_a_diverged_run_stops_before_it_checkpoints_or_registers(photo_dir, tmp_
         train_local(spec)
     assert not (tmp_path / "registry").exists() or not list((tmp_path / "registry").glob("tiny-byol*"))
     assert not list((Path(spec.run_dir) / "checkpoints").glob("epoch-*"))
+
+
+def test_a_run_folder_resumes_only_with_the_settings_and_photos_it_was_started_with(photo_dir, tmp_path):
+    """Other settings or photos would mix two runs in one folder's checkpoints; more epochs may be asked for."""
+    import shutil
+
+    from pretrain.train.common import RunChanged
+    from tests.conftest import synthetic_photo
+    photos = tmp_path / "photos"
+    shutil.copytree(photo_dir, photos)
+    train_local(byol_spec(photos, tmp_path, epochs=1))
+    spec = byol_spec(photos, tmp_path, epochs=2)
+    other = spec.model_copy(update={"pretrain": spec.pretrain.model_copy(update={"lr": 0.01})})
+    with pytest.raises(RunChanged, match=r"pretrain\.lr: 0\.05 -> 0\.01"):
+        train_local(other)
+    synthetic_photo(999, (64, 48)).save(photos / "T999.jpg")
+    with pytest.raises(RunChanged, match=r"count: 16 -> 17"):
+        train_local(spec)
+    (photos / "T999.jpg").unlink()
+    assert train_local(spec)["epoch"] == 1  # as it was started, with one more epoch: resumes
+    assert json.loads((Path(spec.run_dir) / "run.json").read_text())["count"] == 16

@@ -22,8 +22,9 @@ from core.models.cards import ModelCard
 from core.models.checkpoint import save_checkpoint, sidecar_path
 from core.models.preprocess import Preprocess
 from core.models.registry import card_for_model, register
-from core.store import copy_file
+from core.store import copy_file, write_text
 from pretrain.data import set_loader_epoch
+from pretrain.photo_arrays import files_key
 from pretrain.photos import PhotoFiles
 from pretrain.train.session import Session
 from pretrain.train.state import read_checkpoint
@@ -92,11 +93,52 @@ class Start:
     progress: dict[str, Any]  # the checkpoint's progress; {} on a fresh start
 
 
+UNPINNED = {"run_dir", "registry", "num_workers", "use_gpu", "loader_workers", "torch_threads", "fault"}
+EXTENDABLE = ("pretrain", "finetune", "verifier")  # their ``epochs`` may grow on a resume
+
+
+class RunChanged(ValueError):
+    """A run folder resumed with other settings or other photos than it was started with."""
+
+
+def pinned(spec: RunSpec, files: PhotoFiles) -> dict[str, Any]:
+    """What a run's checkpoints depend on: its settings (not where or on how many workers it
+    runs, nor how many epochs) and its photo list."""
+    settings = spec.model_dump(mode="json", exclude=UNPINNED)
+    for section in EXTENDABLE:
+        settings[section].pop("epochs")
+    return {"settings": settings, "photos": files_key(files), "count": len(files)}
+
+
+def check_pin(spec: RunSpec, rank: int, files: PhotoFiles, resuming: bool) -> None:
+    """Write ``<run_dir>/run.json`` on a fresh start; on a resume refuse other settings or photos
+    (their checkpoints would mix two runs: class count, labels, held-aside photos, recipe)."""
+    path, pin = Path(spec.run_dir) / "run.json", pinned(spec, files)
+    if resuming and path.is_file():
+        was, now = _flat(json.loads(path.read_text())), _flat(pin)
+        changed = [f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(was.keys() | now.keys())
+                   if was.get(k) != now.get(k)]
+        if changed:
+            raise RunChanged(f"{spec.run_dir}: training run {spec.name!r} was started with other settings or photos "
+                             f"({'; '.join(changed[:8])}); resume it as it was, or train into a new output folder")
+    elif rank == 0:
+        write_text(path, json.dumps(pin, indent=2))
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def start_or_resume(spec: RunSpec, session: Session, net: nn.Module, key: str,
-                    make_opt: Callable[[nn.Module], torch.optim.Optimizer]) -> Start:
-    """Load the latest checkpoint (``state[key]`` into ``net``, then the optimiser), prepare
-    the model for the session and log the start."""
+                    make_opt: Callable[[nn.Module], torch.optim.Optimizer], files: PhotoFiles) -> Start:
+    """Load the latest checkpoint (``state[key]`` into ``net``, then the optimiser) of a run
+    started with the same settings and ``files`` (:func:`check_pin`), prepare the model for the
+    session and log the start."""
     resume = session.load_latest(read_checkpoint)
+    check_pin(spec, session.rank, files, resume is not None)
     if resume is not None:
         net.load_state_dict(resume.state[key])
     model = session.prepare(net)

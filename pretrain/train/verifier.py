@@ -75,7 +75,8 @@ def verifier_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
     steps = min(len(loader), hp.steps_per_epoch or len(loader))
     net = build_net(arch, tokens.dim, seed=spec.seed)
     begin = start_or_resume(spec, session, net, "net",
-                            lambda m: torch.optim.AdamW(m.parameters(), lr=hp.lr, weight_decay=hp.weight_decay))
+                            lambda m: torch.optim.AdamW(m.parameters(), lr=hp.lr, weight_decay=hp.weight_decay),
+                            train)
     model, opt, train_time, best = begin.model, begin.opt, begin.train_time + time.perf_counter() - t0, \
         begin.progress.get("best")
     rng = np.random.default_rng([spec.seed, session.rank, begin.epoch])
