@@ -137,7 +137,7 @@ def test_validation_input_equals_extraction_input(tmp_path):
         patch = cut_patch(load_rgb(path), (0.0, 0.0, 1.0, 1.0))
         extracted = encoder.pre.to_input(np.stack([encoder.pre.resize(patch)]))
         assert extracted.dtype == np.float32
-        assert np.array_equal(val.references[row : row + 1].numpy(), extracted), path
+        assert np.array_equal(val.model_input(val.references[row : row + 1]).numpy(), extracted), path
 
 
 CHILD = """

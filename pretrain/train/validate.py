@@ -24,7 +24,6 @@ from core.knn import knn
 from core.metrics import Metrics, evaluate
 from core.models.backbones import DescriptorModel
 from core.models.preprocess import Preprocess
-from pretrain.data import model_input
 from pretrain.photos import PhotoFiles
 from pretrain.recipes import OpContext, Recipe
 
@@ -35,13 +34,19 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ValidationSet:
-    """Preprocessed validation tensors and the ground truth that pairs them."""
+    """Validation images, resized but kept as ``n x H x W x 3`` uint8 (a quarter of the float
+    input, made a batch at a time), and the ground truth that pairs them."""
 
-    references: torch.Tensor
+    references: np.ndarray
     reference_ids: list[str]
-    queries: torch.Tensor
+    queries: np.ndarray
     query_ids: list[str]
     ground_truth: list[tuple[str, str]]
+    pre: Preprocess
+
+    def model_input(self, pixels: np.ndarray) -> torch.Tensor:
+        """Resized uint8 pixels as model input, exactly as extraction prepares them."""
+        return torch.from_numpy(self.pre.to_input(pixels))
 
 
 def make_validation_set(
@@ -53,9 +58,9 @@ def make_validation_set(
     if not len(references):
         raise ValueError("validation needs at least one held-aside reference photo (data.val_photos)")
     ctx = OpContext(backgrounds=backgrounds)
-    refs: list[torch.Tensor] = []
+    refs: list[np.ndarray] = []
     ref_ids: list[str] = []
-    queries: list[torch.Tensor] = []
+    queries: list[np.ndarray] = []
     query_ids: list[str] = []
     for files, is_reference in ((references, True), (distractors, False)):
         for image_id, path in files:
@@ -66,33 +71,34 @@ def make_validation_set(
                 log.warning("skipping validation image %s", e)
                 continue
             if full is not None:
-                refs.append(model_input(pre, [full]))
+                refs.append(pre.resize(full))
                 ref_ids.append(image_id)
             copy = recipe(small, seed=VALIDATION_SEED, key=image_id, epoch=FULL_INTENSITY_EPOCH, ctx=ctx)
-            queries.append(model_input(pre, [copy]))
+            queries.append(pre.resize(copy))
             query_ids.append(f"Q-{image_id}")
     if not refs:
         raise ValueError(f"none of the {len(references)} validation reference photos could be decoded")
     return ValidationSet(
-        references=torch.cat(refs), reference_ids=ref_ids, queries=torch.cat(queries), query_ids=query_ids,
-        ground_truth=[(f"Q-{i}", i) for i in ref_ids],
+        references=np.stack(refs), reference_ids=ref_ids, queries=np.stack(queries), query_ids=query_ids,
+        ground_truth=[(f"Q-{i}", i) for i in ref_ids], pre=pre,
     )
 
 
 @torch.no_grad()
-def describe(model: DescriptorModel, images: torch.Tensor, batch_size: int = 64) -> np.ndarray:
-    """Descriptors of a preprocessed batch in eval mode (``n x dim`` float32)."""
+def describe(model: DescriptorModel, val: ValidationSet, pixels: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """Descriptors of resized ``pixels`` in eval mode (``n x dim`` float32), input made per batch."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    out = [model(images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]
+    out = [model(val.model_input(pixels[i : i + batch_size]).to(device)).float().cpu()
+           for i in range(0, len(pixels), batch_size)]
     model.train(was_training)
     return torch.cat(out).numpy()
 
 
 def validate(model: DescriptorModel, val: ValidationSet, k: int = 10) -> Metrics:
     """ISC21 metrics of ``model`` on ``val`` (top ``k`` references per query)."""
-    scores, idx = knn(describe(model, val.queries), describe(model, val.references), k)
+    scores, idx = knn(describe(model, val, val.queries), describe(model, val, val.references), k)
     q = np.repeat(np.asarray(val.query_ids, dtype=object), scores.shape[1])
     r = np.asarray(val.reference_ids, dtype=object)[idx.ravel()]
     return evaluate(val.ground_truth, q, r, scores.ravel())
