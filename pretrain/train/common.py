@@ -189,8 +189,8 @@ def mean_loss(spec: RunSpec, epoch: int, losses: list[float]) -> float:
     if not math.isfinite(loss):
         bad = sum(not math.isfinite(x) for x in losses)
         raise TrainingDiverged(f"training run {spec.name!r} diverged in epoch {epoch}: mean loss {loss} ({bad} of "
-                               f"{len(losses)} steps not finite); lower the learning rate and run it again, it "
-                               "resumes from the last finite checkpoint")
+                               f"{len(losses)} steps not finite); train it into a new output folder with a lower "
+                               "learning rate (this folder's run.json pins the one it was started with)")
     return loss
 
 
