@@ -82,12 +82,11 @@ class CopyViews(PhotoEpochs):
         self.seed = seed
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        """Copies of photo ``i``, labelled ``i``; of its replacement (and label) if ``i`` does not decode."""
-        index, photo = self.photos.photo(i)
-        copies = [
+        """Copies of photo ``i``, labelled ``i``; of its replacement (and label) if ``i`` does not decode or edit."""
+        index, copies = self.photos.edited(i, lambda _, photo: [
             self.recipe(photo.image, seed=self.seed, key=photo.image_id, epoch=self.epoch, view=v, ctx=self.ctx)
             for v in range(self.views)
-        ]
+        ])
         return model_input(self.pre, copies), index
 
 

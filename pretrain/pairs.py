@@ -23,13 +23,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
 from core.knn import knn
 from core.metrics import Metrics, evaluate
 from core.models.encoders import Encoder
 from core.models.verifier import RegionTokens
 from pretrain.data import PhotoEpochs
-from pretrain.photos import LazyPhotos
+from pretrain.photos import LazyPhotos, Photo
 from pretrain.recipes import OpContext, Recipe
 
 FULL_INTENSITY_EPOCH = 10**6  # past any schedule's ramp
@@ -82,10 +83,12 @@ class CopyTokens(PhotoEpochs):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         if self._tokens is None:
             self._tokens = self.make_tokens()
-        index, photo = self.photos.photo(i)
-        recipe = pick_recipe(self.recipes, self.seed, index, self.epoch)
-        copy = recipe(photo.image, seed=self.seed, key=photo.image_id, epoch=self.epoch, ctx=self.ctx)
+        index, copy = self.photos.edited(i, self._copy)
         return torch.from_numpy(self._tokens(copy)), index
+
+    def _copy(self, index: int, photo: Photo) -> Image.Image:
+        recipe = pick_recipe(self.recipes, self.seed, index, self.epoch)
+        return recipe(photo.image, seed=self.seed, key=photo.image_id, epoch=self.epoch, ctx=self.ctx)
 
 
 def training_pairs(copies: torch.Tensor, index: torch.Tensor, originals: np.ndarray, neighbours: np.ndarray,
@@ -122,11 +125,15 @@ def make_pair_validation(references: LazyPhotos, distractors: LazyPhotos, recipe
     refs = describe_photos(references, tokens)
     ref_desc = miner.embed([references[i] for i in range(len(references))])
     queries, query_ids, rows = [], [], []
+
+    def copy_of(index: int, photo: Photo) -> tuple[Photo, Image.Image]:
+        recipe = pick_recipe(recipes, VALIDATION_SEED, index, 0)
+        return photo, recipe(photo.image, seed=VALIDATION_SEED, key=photo.image_id, epoch=FULL_INTENSITY_EPOCH,
+                             ctx=ctx)
+
     for source, is_ref in ((references, True), (distractors, False)):
         for i in range(len(source)):
-            index, photo = source.photo(i)
-            recipe = pick_recipe(recipes, VALIDATION_SEED, index, 0)
-            copy = recipe(photo.image, seed=VALIDATION_SEED, key=photo.image_id, epoch=FULL_INTENSITY_EPOCH, ctx=ctx)
+            index, (photo, copy) = source.edited(i, copy_of)
             _, near = knn(miner.embed([copy]), ref_desc, min(k, len(references)))
             own = [index] if is_ref else []
             rows.append(own + [j for j in near[0].tolist() if j not in own][: k - len(own)])

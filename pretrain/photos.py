@@ -21,17 +21,20 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
 
 from core.imageio import ImageDecodeError, list_images, load_rgb
+from pretrain.recipes.recipe import RecipeError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 REPLACEMENT_TRIES = 64  # photos tried in place of one that does not decode before giving up
-MIN_SIDE = 24  # shorter side (after max_side) below which a photo is replaced: some recipe ops fail on less
+MIN_SIDE = 32  # shorter side (after max_side) below which a photo is replaced: some recipe ops fail on less
 MAX_ASPECT = 10  # longer / shorter side above which a photo is replaced (a strip, not a photo)
 
 
@@ -122,17 +125,24 @@ class LazyPhotos(Sequence[Image.Image]):
 
     def photo(self, i: int) -> tuple[int, Photo]:
         """``(index, photo)``: photo ``i``, or a replacement (fixed per ``i``) when ``i`` does not decode."""
+        return self.edited(i, lambda _, photo: photo)
+
+    def edited(self, i: int, edit: Callable[[int, Photo], T]) -> tuple[int, T]:
+        """``(index, edit(index, photo))`` of photo ``i``, or of its fixed replacement when ``i`` does not
+        decode, is too small or thin, or ``edit`` (recipe copies) fails on it. A recipe's edits
+        depend on (seed, photo, epoch) only, so a photo that failed would fail on every retry."""
         for j in self._candidates(i):
             if j in self._bad:
                 continue
             image_id, path = self.files[j]
             try:
-                return j, Photo(image_id, usable(load_rgb(path, self.max_side), path))
-            except ImageDecodeError as e:
+                return j, edit(j, Photo(image_id, usable(load_rgb(path, self.max_side), path)))
+            except (ImageDecodeError, RecipeError) as e:
                 self._bad.add(j)
-                log.warning("skipping training image %s (a replacement photo is used)", e)
+                reason = e.reason if isinstance(e, ImageDecodeError) else str(e)
+                log.warning("skipping training image %s: %s (a replacement photo is used)", path, reason)
         raise RuntimeError(
-            f"training photo {self.files[i][1]} and {REPLACEMENT_TRIES} replacements do not decode: "
+            f"training photo {self.files[i][1]} and {REPLACEMENT_TRIES} replacements do not decode or edit: "
             "is the training folder readable?")
 
     def _candidates(self, i: int) -> Iterator[int]:

@@ -68,7 +68,10 @@ def test_loop_checkpoints_registers_and_resumes(photo_dir, tmp_path):
     last = kept[-1]
     assert read_checkpoint(last).progress["epoch"] == 2
 
+    stale = last.parent / ".epoch-00003.deadbeef.tmp"  # a checkpoint a killed run was writing
+    stale.mkdir()
     train_local(byol_spec(photo_dir, tmp_path, epochs=4))  # numbered on from the newest kept, not from their count
+    assert not stale.exists()
     assert sorted(p.name for p in last.parent.iterdir()) == ["epoch-00002", "epoch-00003"]
     last = last.parent / "epoch-00003"
 

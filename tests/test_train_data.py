@@ -231,3 +231,24 @@ def test_photo_arrays_are_computed_once_per_key_and_read_memory_mapped(tmp_path)
         assert not waiting.done() and len(calls) == 9
         assert photo_array(path, files_key(files, "model-c", 128), 10, rows, batch=4)[9, 0] == 27
         assert waiting.result(timeout=30)[9, 0] == 27 and len(calls) == 12
+
+
+def test_a_photo_a_recipe_fails_on_is_replaced_and_named(messy_dir, caplog):
+    """A recipe's edits depend on (seed, photo, epoch) only: a photo it fails on would fail on every
+    retry, so it is replaced like one that does not decode, and the log names the file."""
+    from pretrain.photos import LazyPhotos, PhotoFiles
+    from pretrain.recipes import RecipeError
+    files = PhotoFiles.from_folder(messy_dir)
+    photos = LazyPhotos(files, 64)
+
+    def edit(index: int, photo) -> str:
+        if photo.image_id == "P001":
+            raise RecipeError("recipe 'heavy': op 'overlay_text' failed on a (15, 187) image")
+        return photo.image_id
+
+    first = [i for i, (image_id, _) in enumerate(files) if image_id == "P001"][0]
+    with caplog.at_level(logging.WARNING, logger="pretrain.photos"):
+        index, edited = photos.edited(first, edit)
+    assert index != first and edited == files[index][0] != "P001"
+    assert f"{files[first][1]}: recipe 'heavy'" in caplog.text
+    assert photos.edited(first, edit) == (index, edited)  # the same replacement every time

@@ -22,6 +22,10 @@ from PIL import Image
 from core.augment import OPS, OpContext
 
 
+class RecipeError(RuntimeError):
+    """An op of a recipe failed on an image (the message names the recipe, op and image size)."""
+
+
 @dataclass(frozen=True)
 class Schedule:
     """intensity(epoch) = start + (1 - start) * min(1, epoch / ramp_epochs)."""
@@ -103,5 +107,5 @@ class Recipe:
             try:
                 out = OPS[step.op](out, strength, rng, ctx).convert("RGB")
             except Exception as e:  # name the failing family: AugLy errors are terse
-                raise RuntimeError(f"recipe {self.name!r}: op {step.op!r} failed on a {out.size} image: {e}") from e
+                raise RecipeError(f"recipe {self.name!r}: op {step.op!r} failed on a {out.size} image: {e}") from e
         return out

@@ -168,12 +168,13 @@ def best_file(spec: RunSpec, stem: str, best: dict[str, Any]) -> Path:
     return Path(spec.run_dir) / f"{stem}-{best['epoch']:05d}.safetensors"
 
 
-def drop_other_bests(spec: RunSpec, stem: str, best: dict[str, Any] | None) -> None:
-    """Delete the best-weights files (and sidecars) of other epochs than ``best``'s; call once a
-    checkpoint records ``best``."""
-    keep = best_file(spec, stem, best) if best else None
+def drop_other_bests(spec: RunSpec, stem: str, *keep: dict[str, Any] | None) -> None:
+    """Delete the best-weights files (and sidecars) of other epochs than those of ``keep``: the
+    best the newest checkpoint records and the one before it (Ray Train registers a reported
+    checkpoint a moment later; a worker that dies before resumes from the one before)."""
+    kept = {best_file(spec, stem, best) for best in keep if best}
     for f in Path(spec.run_dir).glob(f"{stem}-*.safetensors"):
-        if f != keep:
+        if f not in kept:
             f.unlink()
             sidecar_path(f).unlink(missing_ok=True)
 

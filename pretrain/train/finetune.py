@@ -83,6 +83,7 @@ def finetune_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
         train_time += seconds
         metrics = {"run": spec.name, "epoch": epoch, "loss": mean_loss(spec, epoch, losses),
                    "images_per_s": len(losses) * hp.photos_per_batch * hp.copies * session.world_size / seconds}
+        before = best
         if val is not None:
             found = validate(backbone, val)
             metrics.update(micro_ap=found.micro_ap, recall_at_p90=found.recall_at_p90)
@@ -96,7 +97,7 @@ def finetune_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
         state = {"net": unwrap(model).state_dict(), "optimizer": opt.state_dict()}
         session.report(metrics, partial(_write, backbone=backbone, card=card, state=state, progress=progress))
         if session.rank == 0:
-            drop_other_bests(spec, BEST, best)
+            drop_other_bests(spec, BEST, best, before)
 
     if session.rank == 0:
         _register(spec, backbone, train_time, best)

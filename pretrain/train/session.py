@@ -23,7 +23,7 @@ from core.store import atomic_dir
 
 T = TypeVar("T")
 Writer = Callable[[Path], None]
-KEEP_CHECKPOINTS = 2  # newest checkpoints a run keeps, locally and in Ray Train (a ResNet-152's is ~0.7 GB)
+KEEP_CHECKPOINTS = 2  # newest checkpoints a run keeps, locally and in Ray Train (model + optimiser: GBs)
 
 
 class Session(Protocol):
@@ -58,6 +58,8 @@ class LocalSession:
         self.device = torch.device(device)
         done = self._checkpoints()
         self.count = int(done[-1].name.split("-")[1]) + 1 if done else 0
+        for stale in (self.run_dir / "checkpoints").glob(".epoch-*.tmp"):  # a killed writer's (one writer a run)
+            shutil.rmtree(stale, ignore_errors=True)
 
     def _checkpoints(self) -> list[Path]:
         return sorted((self.run_dir / "checkpoints").glob("epoch-*"))

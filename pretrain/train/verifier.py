@@ -56,8 +56,8 @@ def verifier_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
     recipes = [get_recipe(r) for r in spec.recipe.split("+")]
     train, val_refs, distractors = split_photos(spec)
     photos = LazyPhotos(train, spec.data.max_side)
-    tokens = region_tokens(arch, spec.registry)
-    miner = load_encoder(hp.miner, hp.miner_scale, registry=spec.registry)
+    tokens = region_tokens(arch, spec.registry, str(session.device))
+    miner = load_encoder(hp.miner, hp.miner_scale, registry=spec.registry, device=str(session.device))
     t0 = time.perf_counter()
     originals, neighbours = photo_arrays(spec, arch, train, photos, tokens, miner, session.rank == 0)
     val = None
@@ -91,6 +91,7 @@ def verifier_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
         train_time += seconds
         metrics = {"run": spec.name, "epoch": epoch, "loss": mean_loss(spec, epoch, losses),
                    "copies_per_s": len(losses) * hp.photos_per_batch * session.world_size / seconds}
+        before = best
         if val is not None:
             found = validate_pairs(val, partial(_score, unwrap(model)))
             metrics.update(micro_ap=found.micro_ap, recall_at_p90=found.recall_at_p90)
@@ -103,7 +104,7 @@ def verifier_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
         state = {"net": unwrap(model).state_dict(), "optimizer": opt.state_dict()}
         session.report(metrics, partial(_write, net=unwrap(model), card=card, state=state, progress=progress))
         if session.rank == 0:
-            drop_other_bests(spec, BEST, best)
+            drop_other_bests(spec, BEST, best, before)
 
     if session.rank == 0:
         _register(spec, arch, unwrap(model), train_time, best)
