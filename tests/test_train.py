@@ -127,6 +127,9 @@ def test_fanout_registers_one_model_per_set_and_backbone(ray_local, photo_dir, t
     # the CLI plans the same runs and finds them all registered
     assert copydet(["finetune", str(CONFIGS / "tiny.yaml"), *[a for s in sets for a in ("--set", s)]]) == 0
     assert capsys.readouterr().out.count("skipped") == 4
+    # with another learning rate the registered models are not the config's: refused, not skipped
+    again = run_all(plan_finetune(load_train_config(CONFIGS / "tiny.yaml", [*sets, "finetune.lr=0.5"])), cfg.ray)
+    assert {o.status for o in again} == {"failed"} and all("finetune.lr: 0.001 -> 0.5" in o.error for o in again)
 
 
 def test_models_command_lists_the_registry(tmp_path, capsys):

@@ -101,28 +101,40 @@ class RunChanged(ValueError):
     """A run folder resumed with other settings or other photos than it was started with."""
 
 
-def pinned(spec: RunSpec, files: PhotoFiles) -> dict[str, Any]:
-    """What a run's checkpoints depend on: its settings (not where or on how many workers it
-    runs, nor how many epochs) and its photo list."""
+def pinned_settings(spec: RunSpec) -> dict[str, Any]:
+    """The settings a run's checkpoints depend on: not where or on how many workers it runs, nor
+    how many epochs (they may grow)."""
     settings = spec.model_dump(mode="json", exclude=UNPINNED)
     for section in EXTENDABLE:
         settings[section].pop("epochs")
-    return {"settings": settings, "photos": files_key(files), "count": len(files)}
+    return settings
+
+
+def pin_changes(spec: RunSpec, pin: dict[str, Any]) -> list[str]:
+    """``key: was -> now`` for what ``pin`` changes against the run folder's ``run.json``, over
+    ``pin``'s own entries (none without a ``run.json``)."""
+    path = Path(spec.run_dir) / "run.json"
+    if not path.is_file():
+        return []
+    was = _flat({k: v for k, v in json.loads(path.read_text()).items() if k in pin})
+    now = _flat(pin)
+    return [f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k)]
 
 
 def check_pin(spec: RunSpec, rank: int, files: PhotoFiles, resuming: bool) -> None:
-    """Write ``<run_dir>/run.json`` on a fresh start; on a resume refuse other settings or photos
-    (their checkpoints would mix two runs: class count, labels, held-aside photos, recipe)."""
-    path, pin = Path(spec.run_dir) / "run.json", pinned(spec, files)
-    if resuming and path.is_file():
-        was, now = _flat(json.loads(path.read_text())), _flat(pin)
-        changed = [f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(was.keys() | now.keys())
-                   if was.get(k) != now.get(k)]
-        if changed:
-            raise RunChanged(f"{spec.run_dir}: training run {spec.name!r} was started with other settings or photos "
-                             f"({'; '.join(changed[:8])}); resume it as it was, or train into a new output folder")
-    elif rank == 0:
-        write_text(path, json.dumps(pin, indent=2))
+    """Write ``<run_dir>/run.json`` (settings, photo list) on a fresh start; on a resume refuse
+    other settings or photos (their checkpoints would mix two runs: class count, labels,
+    held-aside photos, recipe)."""
+    pin = {"settings": pinned_settings(spec), "photos": files_key(files), "count": len(files)}
+    path = Path(spec.run_dir) / "run.json"
+    if not resuming or not path.is_file():  # a fresh start, or a folder from before the pin
+        if rank == 0:
+            write_text(path, json.dumps(pin, indent=2))
+        return
+    changed = pin_changes(spec, pin)
+    if changed:
+        raise RunChanged(f"{spec.run_dir}: training run {spec.name!r} was started with other settings or photos "
+                         f"({'; '.join(changed[:8])}); resume it as it was, or train into a new output folder")
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
