@@ -37,7 +37,7 @@ cfg = load_config(config, [f"output={out}"])
 run_stages(cfg, ["manifest", "patch", "extract"], address=address)
 from ray.util.state import list_actors
 nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-actors = [(a.class_name, a.node_id) for a in list_actors(address="auto", limit=1000)]
+actors = [(a.class_name, a.node_id) for a in list_actors(address=address, limit=1000)]  # not "auto": may find another Ray
 print("RESULT " + json.dumps({"nodes": nodes, "actors": actors}), flush=True)
 """
 
