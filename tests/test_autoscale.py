@@ -23,7 +23,7 @@ import yaml
 from core.store import read_table
 
 ROOT = Path(__file__).resolve().parent.parent
-TIMEOUT_S = 300
+TIMEOUT_S = 600  # a hang guard: under load the driver took ~210 s
 DRIVER = """
 import json, sys
 import ray

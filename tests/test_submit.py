@@ -35,7 +35,7 @@ from jobs.submit import (
     submit,
 )
 
-TIMEOUT_S = 150  # every wait on the cluster or a job
+TIMEOUT_S = 600  # every wait on the cluster or a job: a hang guard (a loaded 2-core machine took 145 s)
 JOB_SETS = ["models=[{name: tiny_cnn, scales: [64], batch_size: 4}]", "patches.shard_size=3",
             "search.k=5", "search.shard_size=7", "fuse.k=3"]
 
