@@ -45,18 +45,26 @@ def describe_photos(photos: LazyPhotos, tokens: RegionTokens, rows: range | None
 
 
 def embed_photos(photos: LazyPhotos, miner: Encoder, rows: range, batch: int = 16) -> np.ndarray:
-    """``n x dim`` global descriptors of the photos ``rows`` by ``miner``, ``batch`` decoded at a time."""
-    return np.concatenate([miner.embed([photos[j] for j in range(i, min(i + batch, rows.stop))])
-                           for i in range(rows.start, rows.stop, batch)])
+    """``n x dim`` global descriptors of the photos ``rows`` by ``miner``, ``batch`` decoded at a
+    time; a zero row for a photo that was replaced (it holds its replacement's pixels)."""
+    out = []
+    for i in range(rows.start, rows.stop, batch):
+        found = [photos.photo(j) for j in range(i, min(i + batch, rows.stop))]
+        desc = miner.embed([photo.image for _, photo in found])
+        desc[[index != j for j, (index, _) in enumerate(found, i)]] = 0
+        out.append(desc)
+    return np.concatenate(out)
 
 
 def nearest_others(desc: np.ndarray, k: int) -> np.ndarray:
-    """``n x k`` indices of each row's nearest *other* rows (the faiss kNN)."""
-    if len(desc) < 2:
-        raise ValueError("mining neighbours needs at least two photos")
-    k = min(k, len(desc) - 1)
-    _, idx = knn(desc, desc, k + 1)
-    return np.stack([[j for j in row if j != i][:k] for i, row in enumerate(idx)])
+    """``n x k`` indices of each row's nearest *other* rows (the faiss kNN), among the rows that
+    are not zero: a replaced photo is a copy of its replacement, never its hard negative."""
+    own = np.flatnonzero(np.any(desc != 0, axis=1))
+    if len(own) < 2:
+        raise ValueError(f"mining neighbours needs at least two photos ({len(own)} of {len(desc)} decode)")
+    k = min(k, len(own) - 1)
+    _, idx = knn(desc, desc[own], k + 1)
+    return np.stack([[j for j in own[row] if j != i][:k] for i, row in enumerate(idx)])
 
 
 def pick_recipe(recipes: Sequence[Recipe], seed: int, index: int, epoch: int) -> Recipe:

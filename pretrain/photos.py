@@ -7,8 +7,9 @@ an item or a paste background needs it, through the pipeline's one decoder
 (:func:`core.imageio.load_rgb`), shrunk to ``max_side``.
 
 A file that fails to decode, or decodes too small or too thin for the recipes' edits, is never
-fatal: it is logged once per process, naming the file and the reason, and a fixed replacement
-photo takes its place.
+fatal: it is logged once per process, naming the file and the reason, recorded in the run folder
+(:class:`BadPhotos`, which the training loops count against ``data.max_bad_fraction``), and a
+fixed replacement photo takes its place.
 
 Example::
 
@@ -19,10 +20,13 @@ Example::
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import socket
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
@@ -106,6 +110,32 @@ def usable(img: Image.Image, path: str) -> Image.Image:
     return img
 
 
+class BadPhotos:
+    """The photos a run could not use, recorded in ``folder``: one JSON-lines file per process
+    (loader workers and ranks on other hosts append to their own), read back as a whole."""
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.folder = Path(folder)
+
+    def add(self, path: str, reason: str) -> None:
+        """Record ``path`` and why it was replaced."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with open(self.folder / f"{socket.gethostname()}-{os.getpid()}.jsonl", "a") as f:
+            f.write(json.dumps({"path": path, "reason": reason}) + "\n")
+
+    def reasons(self) -> dict[str, str]:
+        """Each recorded path (once, whichever process met it) and its reason."""
+        out: dict[str, str] = {}
+        for part in sorted(self.folder.glob("*.jsonl")):
+            for line in part.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line a killed process left half written
+                    continue
+                out.setdefault(record["path"], record["reason"])
+        return out
+
+
 class LazyPhotos(Sequence[Image.Image]):
     """Photos of ``files`` decoded on access, longer side at most ``max_side``.
 
@@ -113,9 +143,9 @@ class LazyPhotos(Sequence[Image.Image]):
     pixels a background contributes are decoded like the training photos themselves.
     """
 
-    def __init__(self, files: PhotoFiles, max_side: int) -> None:
-        self.files, self.max_side = files, max_side
-        self._bad: set[int] = set()  # per process: each bad file is decoded and logged once
+    def __init__(self, files: PhotoFiles, max_side: int, record: BadPhotos | None = None) -> None:
+        self.files, self.max_side, self.record = files, max_side, record
+        self._bad: set[int] = set()  # per process: each bad file is decoded, logged and recorded once
 
     def __len__(self) -> int:
         return len(self.files)
@@ -141,6 +171,8 @@ class LazyPhotos(Sequence[Image.Image]):
                 self._bad.add(j)
                 reason = e.reason if isinstance(e, ImageDecodeError) else str(e)
                 log.warning("skipping training image %s: %s (a replacement photo is used)", path, reason)
+                if self.record is not None:
+                    self.record.add(path, reason)
         raise RuntimeError(
             f"training photo {self.files[i][1]} and {REPLACEMENT_TRIES} replacements do not decode or edit: "
             "is the training folder readable?")

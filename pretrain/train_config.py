@@ -40,6 +40,8 @@ class DataSection(Strict):
     val_photos: int = Field(0, ge=0, description="photos held aside as validation references")
     val_distractors: int = Field(0, ge=0, description="photos held aside as distractor queries")
     max_side: int = Field(512, ge=16, description="decoded photos are shrunk to this longer side")
+    max_bad_fraction: float = Field(0.05, ge=0, le=1, description="a run stops when more of its photos than "
+                                    "this do not decode or edit (they are replaced until then)")
 
 
 class RaySection(Strict):

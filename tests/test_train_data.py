@@ -83,10 +83,10 @@ def messy_dir(tmp_path) -> Path:
 
 def test_split_lists_files_and_training_replaces_bad_ones(messy_dir, tmp_path, caplog):
     from pretrain.data import CopyViews
-    from pretrain.photos import LazyPhotos
+    from pretrain.photos import BadPhotos, LazyPhotos
     from pretrain.recipes import get_recipe
     from pretrain.train.byol import train_local
-    from pretrain.train.common import preprocess_for, split_photos
+    from pretrain.train.common import TooManyBadPhotos, preprocess_for, split_photos
 
     spec = tiny_spec(messy_dir, tmp_path, val_photos=2, val_distractors=1, max_side=64)
     train, val, distractors = split_photos(spec)  # nothing decoded: the bad files are simply listed
@@ -101,10 +101,16 @@ def test_split_lists_files_and_training_replaces_bad_ones(messy_dir, tmp_path, c
             views, label = ds[i]
             assert views.shape == (2, 3, 32, 32) and label != i and label not in bad
             assert train[i][1] in caplog.text  # the warning names the file
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="pretrain.photos"):
-        metrics = train_local(tiny_spec(messy_dir, tmp_path, max_side=64))  # every file in training
-    assert metrics["epoch"] == 0 and metrics["loss"] == metrics["loss"]
+
+    # every file in training: 4 of 14 bad is more than the default cap allows, and the run stops before it checkpoints
+    with pytest.raises(TooManyBadPhotos, match=r"4 of 14 photos .*data.max_bad_fraction=0.05.*listed in .*bad-photos"):
+        train_local(tiny_spec(messy_dir, tmp_path, max_side=64))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    metrics = train_local(tiny_spec(messy_dir, tmp_path, max_side=64, max_bad_fraction=0.5))  # the cap is not pinned
+    recorded = BadPhotos(tmp_path / "run" / "bad-photos").reasons()
+    assert metrics["epoch"] == 0 and metrics["loss"] == metrics["loss"] and metrics["bad_photos"] == len(recorded) > 0
+    assert {Path(p).stem for p in recorded} <= {Path(train[i][1]).stem for i in bad}, recorded
+    assert all(reason for reason in recorded.values())
 
 
 def test_validation_input_equals_extraction_input(tmp_path):
@@ -252,3 +258,26 @@ def test_a_photo_a_recipe_fails_on_is_replaced_and_named(messy_dir, caplog):
     assert index != first and edited == files[index][0] != "P001"
     assert f"{files[first][1]}: recipe 'heavy'" in caplog.text
     assert photos.edited(first, edit) == (index, edited)  # the same replacement every time
+
+
+def test_a_replaced_photo_is_never_mined_as_a_hard_negative(messy_dir):
+    """A photo that does not decode holds its replacement's pixels: as a neighbour it would be a
+    "non-copy" identical to the copy's original. Its miner row is zero and mining skips it."""
+    from pretrain.pairs import embed_photos, nearest_others
+    from pretrain.photos import LazyPhotos, PhotoFiles
+
+    class MeanColour:  # a miner: the normalised mean colour and its square
+        def embed(self, images):
+            x = np.stack([np.asarray(im, np.float32).mean((0, 1)) for im in images])
+            x = np.hstack([x, x**2 / 255])
+            return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    files = PhotoFiles.from_folder(messy_dir)
+    photos = LazyPhotos(files, 64)
+    desc = embed_photos(photos, MeanColour(), range(len(files)), batch=5)
+    replaced = {i for i, (image_id, _) in enumerate(files) if image_id.endswith("b")}
+    assert {i for i in range(len(files)) if not desc[i].any()} == replaced
+    near = nearest_others(desc, k=3)
+    assert near.shape == (len(files), 3)
+    assert not replaced & set(near.ravel().tolist())
+    assert all(i not in row for i, row in enumerate(near.tolist()))

@@ -17,11 +17,10 @@ from torch import nn
 from core.models.backbones import DescriptorModel, build_backbone
 from core.models.cards import ModelCard
 from pretrain.data import CopyViews, make_loader
-from pretrain.photos import LazyPhotos
 from pretrain.recipes import get_recipe
 from pretrain.ssl import BYOL, momentum_at
-from pretrain.train.common import (autocast, epochs, log_event, mean_loss, preprocess_for, register_model, run_card,
-                                    split_photos, start_or_resume, unwrap)
+from pretrain.train.common import (autocast, check_photos, epochs, log_event, mean_loss, preprocess_for, register_model,
+                                    run_card, run_photos, split_photos, start_or_resume, unwrap)
 from pretrain.train.session import LocalSession, RaySession, Session
 from pretrain.train.state import write_checkpoint
 from pretrain.train_config import RunSpec
@@ -38,7 +37,8 @@ def byol_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
     )
     byol = BYOL(backbone, proj_hidden=hp.proj_hidden, proj_dim=hp.proj_dim, pred_hidden=hp.pred_hidden)
     files, _, _ = split_photos(spec)
-    views = CopyViews(LazyPhotos(files, spec.data.max_side), get_recipe(hp.recipe), views=2,
+    photos = run_photos(spec, files)
+    views = CopyViews(photos, get_recipe(hp.recipe), views=2,
                       pre=preprocess_for(spec, backbone), seed=spec.seed)
     loader = make_loader(views, hp.batch_size, num_workers=spec.loader_workers, rank=session.rank,
                          world_size=session.world_size, seed=spec.seed)
@@ -56,7 +56,8 @@ def byol_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
             losses.append(byol_step(model, batch, opt, momentum, session.device))
         seconds = time.perf_counter() - t0
         train_time += seconds
-        metrics = {"run": spec.name, "epoch": epoch, "loss": mean_loss(spec, epoch, losses), "momentum": momentum,
+        metrics = {"run": spec.name, "epoch": epoch, "loss": mean_loss(spec, epoch, losses),
+                   "bad_photos": check_photos(spec, epoch, photos), "momentum": momentum,
                    "images_per_s": len(losses) * hp.batch_size * 2 * session.world_size / seconds}  # 2 views
         log_event(spec, session.rank, {"event": "epoch", **metrics})
         progress = {"epoch": epoch, "train_time_s": train_time, "metrics": metrics}

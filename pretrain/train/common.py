@@ -25,7 +25,7 @@ from core.models.registry import card_for_model, register
 from core.store import copy_file, write_text
 from pretrain.data import set_loader_epoch
 from pretrain.photo_arrays import files_key
-from pretrain.photos import PhotoFiles
+from pretrain.photos import BadPhotos, LazyPhotos, PhotoFiles
 from pretrain.train.session import Session
 from pretrain.train.state import read_checkpoint
 from pretrain.train_config import RunSpec
@@ -44,6 +44,30 @@ def split_photos(spec: RunSpec) -> tuple[PhotoFiles, PhotoFiles, PhotoFiles]:
     order = np.random.default_rng(spec.seed).permutation(len(files))
     val, distractors = files.take(order[: spec.data.val_photos]), files.take(order[spec.data.val_photos : held])
     return files.take(np.sort(order[held:])), val, distractors
+
+
+def run_photos(spec: RunSpec, files: PhotoFiles) -> LazyPhotos:
+    """``files`` decoded on demand, the photos replaced recorded in ``<run_dir>/bad-photos``."""
+    return LazyPhotos(files, spec.data.max_side, BadPhotos(Path(spec.run_dir) / "bad-photos"))
+
+
+class TooManyBadPhotos(RuntimeError):
+    """More of a run's photos failed to decode or edit than ``data.max_bad_fraction`` allows."""
+
+
+def check_photos(spec: RunSpec, epoch: int, photos: LazyPhotos) -> int:
+    """How many photos the run has replaced so far; :class:`TooManyBadPhotos` (before the epoch
+    checkpoints) when they are more than ``data.max_bad_fraction`` of ``photos``: a folder
+    that is mostly unreadable is a mistake to report, not a training set."""
+    assert photos.record is not None, "photos of a run record the ones replaced (run_photos)"
+    bad = photos.record.reasons()
+    if len(bad) > spec.data.max_bad_fraction * len(photos):
+        path, reason = next(iter(bad.items()))
+        raise TooManyBadPhotos(
+            f"training run {spec.name!r}, epoch {epoch}: {len(bad)} of {len(photos)} photos in {spec.data.train} do "
+            f"not decode or edit (more than data.max_bad_fraction={spec.data.max_bad_fraction}), e.g. {path}: "
+            f"{reason}; all are listed in {photos.record.folder}")
+    return len(bad)
 
 
 def preprocess_for(spec: RunSpec, model: DescriptorModel) -> Preprocess:
@@ -107,6 +131,7 @@ def pinned_settings(spec: RunSpec) -> dict[str, Any]:
     settings = spec.model_dump(mode="json", exclude=UNPINNED)
     for section in EXTENDABLE:
         settings[section].pop("epochs")
+    settings["data"].pop("max_bad_fraction")  # may be raised to resume a run that stopped on it
     return settings
 
 

@@ -22,10 +22,10 @@ from core.models.cards import ModelCard
 from core.models.checkpoint import save_checkpoint
 from pretrain.data import CopyViews, make_loader
 from pretrain.losses import build_loss
-from pretrain.photos import LazyPhotos
 from pretrain.recipes import get_recipe
-from pretrain.train.common import (autocast, best_file, drop_other_bests, epochs, log_event, mean_loss, preprocess_for,
-                                    register_model, run_card, split_photos, start_or_resume, unwrap)
+from pretrain.train.common import (autocast, best_file, check_photos, drop_other_bests, epochs, log_event, mean_loss,
+                                    preprocess_for, register_model, run_card, run_photos, split_photos,
+                                    start_or_resume, unwrap)
 from pretrain.train.session import LocalSession, RaySession, Session
 from pretrain.train.state import write_checkpoint
 from pretrain.train.validate import make_validation_set, validate
@@ -58,7 +58,7 @@ def finetune_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
     recipe = get_recipe(spec.recipe)
     net = InstanceModel(backbone, build_loss(hp.loss.name, num_classes=len(train), dim=backbone.dim,
                                              params=hp.loss.params))
-    photos, pre = LazyPhotos(train, spec.data.max_side), preprocess_for(spec, backbone)
+    photos, pre = run_photos(spec, train), preprocess_for(spec, backbone)
     copies = CopyViews(photos, recipe, views=hp.copies, pre=pre, seed=spec.seed)
     loader = make_loader(copies, hp.photos_per_batch, num_workers=spec.loader_workers, rank=session.rank,
                          world_size=session.world_size, seed=spec.seed)
@@ -82,6 +82,7 @@ def finetune_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
         train_time += seconds
         metrics = {"run": spec.name, "epoch": epoch, "loss": mean_loss(spec, epoch, losses),
+                   "bad_photos": check_photos(spec, epoch, photos),
                    "images_per_s": len(losses) * hp.photos_per_batch * hp.copies * session.world_size / seconds}
         before = best
         if val is not None:

@@ -31,8 +31,8 @@ from pretrain.pairs import CopyTokens, describe_photos, embed_photos, make_pair_
 from pretrain.photo_arrays import files_key, photo_array
 from pretrain.photos import LazyPhotos, PhotoFiles
 from pretrain.recipes import get_recipe
-from pretrain.train.common import (best_file, drop_other_bests, epochs, log_event, mean_loss, split_photos,
-                                    start_or_resume, unwrap)
+from pretrain.train.common import (best_file, check_photos, drop_other_bests, epochs, log_event, mean_loss,
+                                    run_photos, split_photos, start_or_resume, unwrap)
 from pretrain.train.session import LocalSession, RaySession, Session
 from pretrain.train.state import write_resume_state
 from pretrain.train_config import RunSpec
@@ -55,15 +55,14 @@ def verifier_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
         torch.set_num_threads(spec.torch_threads)
     recipes = [get_recipe(r) for r in spec.recipe.split("+")]
     train, val_refs, distractors = split_photos(spec)
-    photos = LazyPhotos(train, spec.data.max_side)
+    photos = run_photos(spec, train)
     tokens = region_tokens(arch, spec.registry, str(session.device))
     miner = load_encoder(hp.miner, hp.miner_scale, registry=spec.registry, device=str(session.device))
     t0 = time.perf_counter()
     originals, neighbours = photo_arrays(spec, arch, train, photos, tokens, miner, session.rank == 0)
     val = None
     if len(val_refs) and session.rank == 0:
-        val = make_pair_validation(LazyPhotos(val_refs, spec.data.max_side),
-                                   LazyPhotos(distractors, spec.data.max_side), recipes, tokens, miner,
+        val = make_pair_validation(run_photos(spec, val_refs), run_photos(spec, distractors), recipes, tokens, miner,
                                    hp.neighbours)
     described = {"event": "described", "photos": len(photos), "seconds": time.perf_counter() - t0}
     if val is not None:  # what the verifier must beat: the whole-image cosine of the token model
@@ -90,6 +89,7 @@ def verifier_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
         seconds = time.perf_counter() - t0
         train_time += seconds
         metrics = {"run": spec.name, "epoch": epoch, "loss": mean_loss(spec, epoch, losses),
+                   "bad_photos": check_photos(spec, epoch, photos),
                    "copies_per_s": len(losses) * hp.photos_per_batch * session.world_size / seconds}
         before = best
         if val is not None:
@@ -121,7 +121,7 @@ def photo_arrays(spec: RunSpec, arch: VerifierSpec, files: PhotoFiles, photos: L
     made_of = (spec.data.max_side, arch.model_dump_json(), cards[0])
     originals = photo_array(run / "tokens.npy", files_key(files, *made_of), len(photos),
                             lambda a, b: describe_photos(photos, tokens, range(a, b)), compute=compute)
-    mined_by = (spec.data.max_side, hp.miner_scale, cards[1])
+    mined_by = (spec.data.max_side, hp.miner_scale, cards[1], "replaced rows zero")
     desc = photo_array(run / "miner.npy", files_key(files, *mined_by), len(photos),
                        lambda a, b: embed_photos(photos, miner, range(a, b)), compute=compute)
     neighbours = photo_array(run / "neighbours.npy", files_key(files, *mined_by, hp.neighbours), len(photos),
