@@ -8,6 +8,7 @@ from typing import Any
 import pyarrow as pa
 
 from core.contracts import shard_split
+from core.lock import LOCK_NAME
 from core.store import exists, join, list_shards, read_table, read_text, write_text
 
 SETTINGS_FILE = "_settings.json"
@@ -127,7 +128,7 @@ class RunDir:
 
     @property
     def lock(self) -> str:
-        return join(self.root, ".lock")
+        return join(self.root, LOCK_NAME)
 
 
 def shard_names(folder: str, split: str | None = None) -> list[str]:

@@ -1,4 +1,4 @@
-"""The run-folder lock (jobs.lock): one copydet process per run folder, re-entrant in its process,
+"""The run-folder lock (jobs.lock, core.lock): one copydet process per run folder, re-entrant in its process,
 refused at once for another one (naming the holder), freed by the OS when the holder dies."""
 from __future__ import annotations
 
@@ -93,6 +93,6 @@ def test_a_killed_holder_leaves_no_stale_lock(tmp_path):
 
 
 def test_a_uri_run_folder_is_not_locked_and_says_so(caplog):
-    with caplog.at_level(logging.WARNING, logger="jobs.lock"), locked(RunDir("s3://bucket/run")):
+    with caplog.at_level(logging.WARNING, logger="core.lock"), locked(RunDir("s3://bucket/run")):
         pass
     assert "cannot be locked" in caplog.text

@@ -281,3 +281,22 @@ def test_a_replaced_photo_is_never_mined_as_a_hard_negative(messy_dir):
     assert near.shape == (len(files), 3)
     assert not replaced & set(near.ravel().tolist())
     assert all(i not in row for i, row in enumerate(near.tolist()))
+
+
+def test_a_second_process_cannot_train_into_a_run_folder_in_use(messy_dir, tmp_path):
+    """Two processes resuming one run folder would interleave checkpoints and best files: the
+    second is refused at once, naming the holder, and writes nothing."""
+    from core.lock import FolderBusy
+    from pretrain.train.launch import fit_local
+    from tests.test_lock import hold
+
+    spec = tiny_spec(messy_dir, tmp_path, max_side=64, max_bad_fraction=0.5)
+    holder = hold(Path(spec.run_dir))
+    try:
+        with pytest.raises(FolderBusy, match=rf"in use by pid {holder.pid} .*train into another output folder"):
+            fit_local(spec)
+        assert sorted(p.name for p in Path(spec.run_dir).iterdir()) == [".lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert fit_local(spec)["epoch"] == 0  # freed with its holder

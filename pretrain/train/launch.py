@@ -2,7 +2,8 @@
 
 The loop is the same function either way (see :mod:`pretrain.train.session`); only the
 session differs. ``fit_trainer`` sets DDP on gloo (CPU) or NCCL (GPU), the worker count and
-the failure policy at the call site, never in the loop.
+the failure policy at the call site, never in the loop. Either holds the run folder's lock
+(:func:`core.lock.folder_lock`): a second process training into it is refused.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from core.lock import folder_lock
 from pretrain.train import byol, finetune, verifier
 from pretrain.train.session import KEEP_CHECKPOINTS
 from pretrain.train_config import RunSpec
@@ -25,6 +27,7 @@ LOCAL_LOOPS: dict[str, Callable[[RunSpec], dict[str, Any]]] = {
     "finetune": finetune.train_local,
     "verifier": verifier.train_local,
 }
+BUSY_HINT = "train into another output folder"
 
 
 def fit_trainer(spec: RunSpec, *, cpus_per_worker: float = 1.0, max_failures: int = 2) -> dict[str, Any]:
@@ -50,7 +53,8 @@ def fit_trainer(spec: RunSpec, *, cpus_per_worker: float = 1.0, max_failures: in
             checkpoint_config=CheckpointConfig(num_to_keep=KEEP_CHECKPOINTS),
         ),
     )
-    result = trainer.fit()
+    with folder_lock(spec.run_dir, BUSY_HINT):
+        result = trainer.fit()
     if result.error is not None:
         raise RuntimeError(f"training run {spec.name!r} failed: {result.error}") from result.error
     return dict(result.metrics or {})
@@ -58,4 +62,5 @@ def fit_trainer(spec: RunSpec, *, cpus_per_worker: float = 1.0, max_failures: in
 
 def fit_local(spec: RunSpec) -> dict[str, Any]:
     """Run ``spec``'s loop in this process (one worker, checkpoints under ``run_dir``)."""
-    return LOCAL_LOOPS[spec.kind](spec)
+    with folder_lock(spec.run_dir, BUSY_HINT):
+        return LOCAL_LOOPS[spec.kind](spec)

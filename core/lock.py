@@ -1,0 +1,53 @@
+"""One copydet process per output folder at a time (an OS file lock, via ``filelock``).
+
+Two processes writing one folder (a pipeline run, a training run) would interleave their files
+and leave one's settings beside the other's results; the second one is refused instead, naming
+the holder. The lock is re-entrant in its process (``copydet run`` holds it over every stage)
+and is released by the OS when the holder dies. Folders given as URIs (``s3://``) cannot be
+locked.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from filelock import FileLock, Timeout
+
+log = logging.getLogger(__name__)
+LOCK_NAME = ".lock"
+
+
+class FolderBusy(RuntimeError):
+    """Another process holds the folder."""
+
+
+def _write_owner(fd: int) -> None:
+    """Record the holder in the lock file (read by the process that is refused)."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode(), 0)
+
+
+@contextmanager
+def folder_lock(folder: str, hint: str) -> Iterator[None]:
+    """Hold ``folder/.lock`` for the block; :class:`FolderBusy` at once, ending with ``hint`` (what
+    to do instead), if another process has it."""
+    if "://" in folder:
+        log.warning(f"{folder}: a folder URI cannot be locked; make sure no other process writes to it")
+        yield
+        return
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, LOCK_NAME)
+    lock = FileLock(path, timeout=0, is_singleton=True, on_acquired=_write_owner)
+    try:
+        lock.acquire()
+    except Timeout:
+        with open(path) as f:
+            holder = f.read().strip() or "another process"
+        raise FolderBusy(f"{folder} is in use by {holder}; wait until it ends or {hint}") from None
+    try:
+        yield
+    finally:
+        lock.release()
