@@ -17,7 +17,8 @@ import numpy as np
 
 from core.imageio import ImageDecodeError, list_images, load_rgb
 from core.store import atomic_dir, join
-from pretrain.recipes import get_recipe
+from pretrain.photos import usable
+from pretrain.recipes import RecipeError, get_recipe
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +87,10 @@ def make_synthetic_split(train_folder: str, out_dir: str, spec: SplitSpec) -> Sp
     ``photos`` train photos are held out: half become references, and recipe copies of half of
     those are the positive queries (the rest are distractor references); recipe edits of the
     other half are negative queries (their originals are nowhere in the split). The remaining
-    train photos are the normalisation background (symlinked). The split appears atomically
-    with a ``split.json``; a later call with the same spec reuses it.
+    train photos are the normalisation background (symlinked). Held-out photos must decode and be
+    large enough to edit, as in training; a copy the recipe still fails on is left out, and the
+    log names its file. The split appears atomically with a ``split.json``; a later call with the
+    same spec reuses it.
     """
     photos, out_dir = list_images(train_folder), os.path.abspath(out_dir)
     n = spec.photos if spec.photos is not None else min(DEFAULT_PHOTOS, len(photos) // 2)
@@ -110,19 +113,21 @@ def make_synthetic_split(train_folder: str, out_dir: str, spec: SplitSpec) -> Sp
     recipes = [get_recipe(name) for name in spec.recipe.split("+")]
     rng = np.random.default_rng(spec.seed)
     order = rng.permutation(len(photos))
-    held, used = [], 0  # decodable photos only; decoded again when edited, to keep memory flat
+    held, used = [], 0  # usable photos only; decoded again when edited, to keep memory flat
     for i in order:
         if len(held) == n:
             break
         used += 1
         try:
-            load_rgb(photos[i][1])
+            usable(load_rgb(photos[i][1]), photos[i][1])
             held.append(photos[i])
         except ImageDecodeError as e:
-            log.warning(f"synthetic split: skipping train photo {photos[i][1]}: {e}")
+            log.warning(f"synthetic split: skipping train photo {photos[i][1]}: {e.reason}")
     if len(held) < n:
-        raise ValueError(f"synthetic split: only {len(held)} of the photos in {train_folder} decode; need {n}")
-    background = [photos[i] for i in order[used:]][:spec.background]
+        raise ValueError(f"synthetic split: only {len(held)} of the photos in {train_folder} decode at a usable "
+                         f"size; need {n}")
+    rest = order[used:] if spec.background is None else order[used:used + spec.background]
+    background = [photos[i] for i in rest]
 
     with atomic_dir(out_dir) as tmp:
         for sub in ("references", "queries", "train"):
@@ -139,7 +144,11 @@ def make_synthetic_split(train_folder: str, out_dir: str, spec: SplitSpec) -> Sp
         for q, at in enumerate(rng.permutation(len(queries))):
             image_id, path, ref_id = queries[at]
             recipe = recipes[at % len(recipes)]  # in turn over copies and negatives alike
-            copy = recipe(load_rgb(path), seed=spec.seed, key=image_id, epoch=FULL_STRENGTH_EPOCH)
+            try:
+                copy = recipe(load_rgb(path), seed=spec.seed, key=image_id, epoch=FULL_STRENGTH_EPOCH)
+            except RecipeError as e:
+                log.warning(f"synthetic split: no query from train photo {path}: {e}")
+                continue
             copy.save(join(tmp, "queries", f"Q{q:05d}.jpg"), quality=QUERY_JPEG_QUALITY)
             gt.append(f"Q{q:05d},{ref_id}")
         for image_id, path in background:
@@ -148,6 +157,6 @@ def make_synthetic_split(train_folder: str, out_dir: str, spec: SplitSpec) -> Sp
             link.symlink_to(os.path.realpath(path))
         Path(tmp, "ground_truth.csv").write_text("\n".join(gt) + "\n")
         Path(tmp, "split.json").write_text(json.dumps(record, indent=2))
-    log.info(f"synthetic split: {n_refs} references, {len(queries)} queries "
-        f"({(n_refs + 1) // 2} copies), {len(background)} background photos -> {out_dir}")
+    log.info(f"synthetic split: {n_refs} references, {len(gt) - 1} queries "
+             f"({sum(not row.endswith(',') for row in gt[1:])} copies), {len(background)} background photos -> {out_dir}")
     return _paths(out_dir, record)

@@ -111,6 +111,41 @@ def test_a_split_of_two_recipes_takes_them_in_turn(tiny_dataset, tmp_path):
         make_synthetic_split(train, str(tmp_path / "bad"), SplitSpec(photos=4, recipe="heavy+sever"))
 
 
+def test_a_split_skips_photos_too_small_to_edit_and_copies_a_recipe_fails_on(tmp_path, monkeypatch, caplog):
+    """Held-out photos must be usable as in training (a 12 x 12 one is skipped, named); a copy the
+    recipe still fails on is left out of the queries and the ground truth, and the split is made."""
+    import logging
+
+    from pretrain import synthetic
+    from pretrain.recipes import RecipeError
+
+    train = tmp_path / "train"
+    train.mkdir()
+    for i in range(8):
+        synthetic_photo(900 + i, (64, 48)).save(train / f"T{i}.jpg")
+    synthetic_photo(1, (12, 12)).save(train / "T_tiny.png")
+    real = synthetic.get_recipe
+
+    def failing_on_t3(name):
+        recipe = real(name)
+
+        def edit(image, *, key, **kw):
+            if key == "T3":
+                raise RecipeError(f"recipe {name!r}: op 'overlay_text' failed on a {image.size} image")
+            return recipe(image, key=key, **kw)
+        return edit
+
+    monkeypatch.setattr(synthetic, "get_recipe", failing_on_t3)
+    with caplog.at_level(logging.WARNING, logger="pretrain.synthetic"):
+        split = make_synthetic_split(str(train), str(tmp_path / "split"), SplitSpec(photos=8, background=0))
+    assert "T_tiny.png: 12 x 12 px is too small" in caplog.text
+    assert f"no query from train photo {train / 'T3.jpg'}: recipe 'basic'" in caplog.text
+    gt = Path(split.ground_truth).read_text().splitlines()[1:]
+    assert len(gt) == 5 == len(list(Path(split.queries).iterdir()))  # 6 edits (2 copies, 4 negatives), T3's left out
+    assert {row.split(",")[0] for row in gt} == {p.stem for p in Path(split.queries).iterdir()}
+    assert split.train is None  # background=0: none linked
+
+
 def test_user_split_refuses_the_evaluation_set(tiny_dataset):
     cfg = load_config(None, [f"data.root={tiny_dataset}"])
     with pytest.raises(ValueError, match="evaluation data"):

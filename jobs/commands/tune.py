@@ -7,6 +7,7 @@ import os
 
 from jobs.commands.base import arg, command
 from jobs.config import ConfigError, load_config
+from jobs.plan import count_images
 from jobs.tune import (
     BETA_GRID,
     format_subsets,
@@ -18,7 +19,6 @@ from jobs.tune import (
     user_split,
     write_tuned_config,
 )
-from core.imageio import list_images
 from pretrain.synthetic import MAX_MATCHED_PHOTOS, SplitSpec, make_synthetic_split, matched_sizes
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def tune(args: argparse.Namespace) -> None:
         photos, background = args.photos, args.background
         refs = cfg.data.folders().get("reference")
         if photos is None and refs is not None:
-            photos, matched = matched_sizes(len(list_images(train)), len(list_images(refs)))
+            photos, matched = matched_sizes(count_images(train), count_images(refs))  # counted, not listed
             background = matched if background is None else background
         spec = SplitSpec(photos, args.recipe, args.seed, background)
         split = make_synthetic_split(train, os.path.join(run_dir, "tune", "data"), spec)
