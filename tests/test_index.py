@@ -319,3 +319,20 @@ def test_prune_keeps_the_model_files_that_kept_versions_use(tmp_path):
     dropped, freed = prune(idx, 1)
     assert dropped == ["v000001"] and idx.versions() == ["v000002"] and freed >= 10
     assert not blobs[0].exists() and blobs[1].is_file()
+
+
+def test_id_paths_look_up_every_live_id_and_nothing_else():
+    """The service's id -> path map, held as sorted Arrow columns: same answers as a dict, for ids
+    in any order and non-ASCII ones (Arrow's byte order is Python's code point order)."""
+    from ensemble.index.reader import IdPaths
+
+    ids = ["R10", "R2", "é7", "R1", "Z", "a", "ß", "R100"]
+    images = pa.table({"image_id": ids, "path": [f"/refs/{i}.jpg" for i in ids]})
+    paths, expected = IdPaths(images), dict(zip(ids, images.column("path").to_pylist()))
+    assert len(paths) == len(ids) and list(paths) == sorted(ids)
+    assert all(paths[i] == expected[i] == paths.get(i) for i in ids)
+    for absent in ("", "R0", "R3", "R1000", "zz", "é", "ÿ"):
+        assert paths.get(absent) is None and paths.get(absent, "-") == "-"
+        with pytest.raises(KeyError):
+            paths[absent]
+    assert IdPaths(images.slice(0, 0)).get("R1") is None
