@@ -1,5 +1,7 @@
 """Shared fixtures: offline env, one local Ray for the whole session, tiny image sets."""
 import os
+import random
+import socket
 import tempfile
 
 os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="yolo-cfg-"))
@@ -24,6 +26,22 @@ def ray_local():
         ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+PORTS = range(20000, 32768)  # below the kernel's ephemeral ports (32768+) and above Ray's worker ports (10002-19999)
+
+
+def free_port() -> int:
+    """A TCP port free now, drawn where no bind(0) of another process (Ray's own included) lands:
+    a port the kernel handed out could be handed out again before the server binds it."""
+    for port in random.sample(PORTS, 64):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PORTS}")
 
 
 def synthetic_photo(seed: int, size=(96, 72)) -> Image.Image:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ import pytest
 import yaml
 
 from core.store import read_table
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT_S = 600  # a hang guard: under load the driver took ~210 s
@@ -40,12 +40,6 @@ nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
 actors = [(a.class_name, a.node_id) for a in list_actors(address=address, limit=1000)]  # not "auto": may find another Ray
 print("RESULT " + json.dumps({"nodes": nodes, "actors": actors}), flush=True)
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fake_cluster_config(port: int) -> dict:

@@ -7,7 +7,6 @@ normalisation and SIFT verification, indexed from the batch run of the same conf
 import csv
 import io
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -19,6 +18,7 @@ from PIL import Image
 from jobs import indexing
 from jobs.config import DEFAULT_SAMPLE, load_config
 from jobs.pipeline import run_pipeline
+from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 OUTPUT = REPO / "test-output"  # the browser test's screenshot lands here
@@ -27,11 +27,6 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--disable-component-update", "--no-first-run", "--disable-sync"]
 QUERIES = DEFAULT_SAMPLE / "queries"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

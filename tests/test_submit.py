@@ -149,10 +149,7 @@ from unittest import mock
 import ray._private.utils
 from ray.cluster_utils import Cluster
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port
 
 # Own temp dir: the job supervisor finds its GCS through <temp_dir>/ray_current_cluster, and
 # the machine-wide /tmp/ray one must not point other tests' ray.init at this cluster.
@@ -187,6 +184,7 @@ class ClusterProcess:
     def __init__(self) -> None:
         # ray_local's ray.init exported RAY_ADDRESS; the job's driver must not inherit it
         env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parent.parent), env.get("PYTHONPATH", "")])
         self.proc = subprocess.Popen([sys.executable, "-c", CLUSTER_SCRIPT], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
         self.url = self.expect("READY").split()[1]
