@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -62,12 +63,14 @@ def fake_cluster_config(port: int) -> dict:
 def kill_processes_of(tag: str) -> None:
     """Every process whose command line mentions ``tag`` (this cluster's temp dir); never
     ``ray stop``, which would kill every Ray on the machine."""
-    for p in psutil.process_iter(["cmdline"]):
-        if p.pid != os.getpid() and any(tag in (c or "") for c in p.info["cmdline"] or []):
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+    procs = [p for p in psutil.process_iter(["cmdline"])
+             if p.pid != os.getpid() and any(tag in (c or "") for c in p.info["cmdline"] or [])]
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(procs, timeout=30)
 
 
 @pytest.fixture
@@ -89,6 +92,7 @@ def autoscaling_cluster():
         yield f"127.0.0.1:{port}", env, config
     finally:
         kill_processes_of(f"{tmp}/ray")
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @pytest.mark.slow
