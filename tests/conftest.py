@@ -1,10 +1,14 @@
 """Shared fixtures: offline env, one local Ray for the whole session, tiny image sets."""
+import atexit
 import os
 import random
+import shutil
 import socket
 import tempfile
 
-os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp(prefix="yolo-cfg-"))
+if "YOLO_CONFIG_DIR" not in os.environ:  # ultralytics writes its settings there; removed when the session ends
+    os.environ["YOLO_CONFIG_DIR"] = tempfile.mkdtemp(prefix="yolo-cfg-")
+    atexit.register(shutil.rmtree, os.environ["YOLO_CONFIG_DIR"], ignore_errors=True)
 # offline, no package installs, weights-only unpickling (patchers.detector.predict.ULTRALYTICS_ENV)
 OFFLINE = {"HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false", "ULTRALYTICS_SAFE_LOAD": "1"}
 os.environ.update(OFFLINE)
