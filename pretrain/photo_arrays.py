@@ -7,8 +7,10 @@ read back memory-mapped, so a worker holds the rows its batches touch, not the a
 resumed or restarted run reuses the file instead of describing every photo again.
 
 A file counts only with its sidecar (``<name>.json``), written last, naming what it was made
-from (``key``); another key, or a file without its sidecar, is computed again. One worker of a
-run computes it (rank 0); the others wait for it and share it through the page cache.
+from (``key``); another key, or a file without its sidecar, is computed again. It is computed
+into ``.<name>.partial``, whose progress file records the rows finished: a killed computation
+(hours at DISC21 scale) goes on from there. One worker of a run computes it (rank 0); the
+others wait for it and share it through the page cache.
 
 Example::
 
@@ -20,7 +22,6 @@ import hashlib
 import json
 import os
 import time
-import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def photo_array(path: Path, key: str, n: int, rows: Callable[[int, int], np.ndar
                 compute: bool = True, poll_s: float = 5.0) -> np.ndarray:
     """The ``n x ...`` array whose rows ``start:stop`` are ``rows(start, stop)``, from ``path``
     when it was made with ``key``; else computed ``batch`` rows at a time into it. Read-only.
+    A computation that was killed goes on from the rows it had finished (for the same key).
     With ``compute`` False (the other workers of a run) it waits for the one that computes it."""
     side = path.with_name(path.name + ".json")
     record = {"key": key, "rows": n}
@@ -60,20 +62,33 @@ def photo_array(path: Path, key: str, n: int, rows: Callable[[int, int], np.ndar
     if ready():
         return np.load(path, mmap_mode="r")
     side.unlink(missing_ok=True)  # the file is replaced below: its old sidecar must not vouch for it
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for stale in path.parent.glob(f".{path.name}.*.tmp"):  # a killed writer's (only one worker writes)
-        stale.unlink()
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        first = np.asarray(rows(0, min(batch, n)))
-        out = np.lib.format.open_memmap(tmp, "w+", first.dtype, (n, *first.shape[1:]))
-        out[:len(first)] = first
-        for start in range(len(first), n, batch):
-            out[start:min(start + batch, n)] = rows(start, min(start + batch, n))
+    partial, progress = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.partial.json")
+    out, start = _resume(partial, progress, record)
+    for a in range(start, n, batch):
+        b = min(a + batch, n)
+        block = np.asarray(rows(a, b))
+        if out is None:  # the first batch gives the row shape and type
+            path.parent.mkdir(parents=True, exist_ok=True)
+            out = np.lib.format.open_memmap(partial, "w+", block.dtype, (n, *block.shape[1:]))
+        out[a:b] = block
         out.flush()
-        del out
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        write_text(progress, json.dumps({**record, "done": b}))  # rows before b are on disk
+    del out
+    os.replace(partial, path)
+    progress.unlink()
     write_text(side, json.dumps(record))
     return np.load(path, mmap_mode="r")
+
+
+def _resume(partial: Path, progress: Path, record: dict) -> tuple[np.memmap | None, int]:
+    """The partial file of a killed computation of ``record``, open for writing, and the rows it
+    finished; ``(None, 0)``, with any other partial file deleted, when there is none."""
+    try:
+        done = json.loads(progress.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        done = {}
+    if {k: done.get(k) for k in record} == record and partial.is_file():
+        return np.load(partial, mmap_mode="r+"), done["done"]
+    partial.unlink(missing_ok=True)
+    progress.unlink(missing_ok=True)
+    return None, 0

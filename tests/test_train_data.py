@@ -226,7 +226,6 @@ def test_photo_arrays_are_computed_once_per_key_and_read_memory_mapped(tmp_path)
     scale = 2.0
     assert photo_array(path, files_key(files, "model-b", 128), 10, rows, batch=4)[9, 0] == 18 and len(calls) == 6
     (tmp_path / "run" / "tokens.npy.json").unlink()
-    (tmp_path / "run" / ".tokens.npy.dead0000.tmp").write_bytes(b"a killed writer's")
     assert photo_array(path, files_key(files, "model-b", 128), 10, rows, batch=4)[9, 0] == 18 and len(calls) == 9
     assert sorted(p.name for p in path.parent.iterdir()) == ["tokens.npy", "tokens.npy.json"]  # no temp file left
 
@@ -237,6 +236,24 @@ def test_photo_arrays_are_computed_once_per_key_and_read_memory_mapped(tmp_path)
         assert not waiting.done() and len(calls) == 9
         assert photo_array(path, files_key(files, "model-c", 128), 10, rows, batch=4)[9, 0] == 27
         assert waiting.result(timeout=30)[9, 0] == 27 and len(calls) == 12
+
+    # a computation killed after its second batch goes on from the third, for the same key only
+    def killed(a: int, b: int) -> np.ndarray:
+        if a == 8:
+            raise KeyboardInterrupt("killed")
+        return rows(a, b)
+
+    scale, calls[:] = 4.0, []
+    with pytest.raises(KeyboardInterrupt):
+        photo_array(path, files_key(files, "model-d", 128), 10, killed, batch=4)
+    assert calls == [(0, 4), (4, 8)] and not (tmp_path / "run" / "tokens.npy.json").exists()
+    resumed = photo_array(path, files_key(files, "model-d", 128), 10, rows, batch=4)
+    assert calls == [(0, 4), (4, 8), (8, 10)] and np.array_equal(resumed, np.arange(10)[:, None].repeat(3, 1) * 4.0)
+    with pytest.raises(KeyboardInterrupt):
+        photo_array(path, files_key(files, "model-e", 128), 10, killed, batch=4)
+    calls[:] = []
+    assert photo_array(path, files_key(files, "model-f", 128), 10, rows, batch=4)[9, 0] == 36 and len(calls) == 3
+    assert sorted(p.name for p in path.parent.iterdir()) == ["tokens.npy", "tokens.npy.json"]
 
 
 def test_a_photo_a_recipe_fails_on_is_replaced_and_named(messy_dir, caplog):
