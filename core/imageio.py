@@ -17,6 +17,7 @@ import hashlib
 import io
 import math
 import os
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,32 +219,36 @@ def _stat_reason(path: Path, err: OSError) -> str:
     return f"cannot read ({err.strerror or err})"
 
 
-def _walk(folder: Path, root: Path, ancestors: frozenset[str], scan: FolderScan) -> None:
+def _walk(folder: str, rel: str, ancestors: frozenset[str], scan: FolderScan) -> None:
+    """Scan ``folder`` (``rel``: its path under the root, "" or ending in "/") into ``scan``. One
+    stat per entry (DirEntry caches it); a file's resolved path is its resolved folder's plus its
+    name unless it is a symlink (resolving every file took ~30 us of the ~33 a file cost)."""
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
+        real_folder = os.path.realpath(folder)
     except OSError as e:
-        scan.rejected.append((str(folder), f"cannot read folder ({e.strerror or e})"))
+        scan.rejected.append((folder, f"cannot read folder ({e.strerror or e})"))
         return
     for entry in entries:
-        path = Path(entry.path)
         try:
-            st = os.stat(path)  # follows symlinks
+            st = entry.stat()  # follows symlinks
         except OSError as e:
-            scan.rejected.append((str(path), _stat_reason(path, e)))
+            scan.rejected.append((entry.path, _stat_reason(Path(entry.path), e)))
             continue
-        if os.path.isdir(path):
-            real = os.path.realpath(path)
+        stem, suffix = os.path.splitext(entry.name)
+        if stat.S_ISDIR(st.st_mode):
+            real = os.path.realpath(entry.path)
             if real in ancestors:
-                scan.rejected.append((str(path), f"symlink loop (to {real}, a folder above it)"))
+                scan.rejected.append((entry.path, f"symlink loop (to {real}, a folder above it)"))
             else:
-                _walk(path, root, ancestors | {real}, scan)
-        elif not entry.is_file():
-            scan.rejected.append((str(path), "not a regular file"))
-        elif path.suffix.lower() not in IMAGE_SUFFIXES:
-            scan.rejected.append((str(path), f"not an image file extension (accepted: {' '.join(IMAGE_SUFFIXES)})"))
+                _walk(entry.path, f"{rel}{entry.name}/", ancestors | {real}, scan)
+        elif not stat.S_ISREG(st.st_mode):
+            scan.rejected.append((entry.path, "not a regular file"))
+        elif suffix.lower() not in IMAGE_SUFFIXES:
+            scan.rejected.append((entry.path, f"not an image file extension (accepted: {' '.join(IMAGE_SUFFIXES)})"))
         else:
-            scan.files.append(ImageFile(str(path.relative_to(root).with_suffix("")), str(path.resolve()),
-                                        st.st_size, st.st_mtime_ns))
+            path = os.path.realpath(entry.path) if entry.is_symlink() else os.path.join(real_folder, entry.name)
+            scan.files.append(ImageFile(rel + stem, path, st.st_size, st.st_mtime_ns))
 
 
 def scan_images(folder: str | os.PathLike) -> FolderScan:
@@ -255,7 +260,7 @@ def scan_images(folder: str | os.PathLike) -> FolderScan:
     if not root.is_dir():
         raise FileNotFoundError(f"{folder}: image folder does not exist")
     scan = FolderScan(str(root))
-    _walk(root, root, frozenset({os.path.realpath(root)}), scan)  # depth-first, names sorted: path order
+    _walk(str(root), "", frozenset({os.path.realpath(root)}), scan)  # depth-first, names sorted: path order
     return scan
 
 
