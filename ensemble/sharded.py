@@ -3,9 +3,10 @@
 The driver only plans which Parquet rows belong to which shard (from file metadata) and
 decides the index kind once for the whole set (:func:`core.knn.index_kind`: exact below
 ``IndexSpec.exact_max`` rows, else IVF-PQ or HNSW); every :class:`ShardIndex` actor reads its
-own rows, builds that index (on the GPU when faiss sees one) and answers top-k queries. :class:`ShardedIndex` fans each query batch out to
-every shard in parallel and merges the per-shard top-k lists, so no process ever holds the
-whole reference set. Exact shards give the same neighbours as one flat index.
+own rows, builds that index (on the GPU when faiss sees one) and answers top-k queries.
+:class:`ShardedIndex` fans each query batch out to every shard in parallel and merges the
+per-shard top-k lists, so no process ever holds the whole reference set. Exact shards give the
+same neighbours as one flat index.
 """
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ from pretrain.train_config import TrainConfig, load_train_config
 from jobs.runtime import OFFLINE_ENV
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-EXCLUDES = ["/.venv", "/runs", "/models", "/.git", "**/__pycache__", "*.egg-info", ".pytest_cache"]  # "/x": top level only
+# "/x": top level only
+EXCLUDES = ["/.venv", "/runs", "/models", "/.git", "**/__pycache__", "*.egg-info", ".pytest_cache"]
 STAGING = ".submit"  # configs from outside the repo are copied here while the job is uploaded
 # The driver's ray.init repeats the offline env vars; let the job's copy win instead of failing.
 JOB_ENV = {**OFFLINE_ENV, "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1", "COPYDET_DEBUG": "1"}

@@ -157,6 +157,7 @@ def make_synthetic_split(train_folder: str, out_dir: str, spec: SplitSpec) -> Sp
             link.symlink_to(os.path.realpath(path))
         Path(tmp, "ground_truth.csv").write_text("\n".join(gt) + "\n")
         Path(tmp, "split.json").write_text(json.dumps(record, indent=2))
-    log.info(f"synthetic split: {n_refs} references, {len(gt) - 1} queries "
-             f"({sum(not row.endswith(',') for row in gt[1:])} copies), {len(background)} background photos -> {out_dir}")
+    copies = sum(not row.endswith(",") for row in gt[1:])
+    log.info(f"synthetic split: {n_refs} references, {len(gt) - 1} queries ({copies} copies), "
+             f"{len(background)} background photos -> {out_dir}")
     return _paths(out_dir, record)

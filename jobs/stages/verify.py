@@ -302,8 +302,9 @@ def check_passes(cfg: PipelineConfig, run: RunDir, passes: list[Pass], paths: di
     for n, a, b in windows:
         label = f" ({n + 1}/{len(windows)})" if len(windows) > 1 else ""
         for name in settings:
-            scored = sum(score_pairs(name, settings[name], registry, run, left.pairs.between(queries[a], queries[b - 1]),
-                                     paths, p.top_k, p.decoys, label, left.shard_numbers)
+            scored = sum(score_pairs(name, settings[name], registry, run,
+                                     left.pairs.between(queries[a], queries[b - 1]), paths, p.top_k, p.decoys,
+                                     label, left.shard_numbers)
                          for p, left in zip(passes, todo[name]))
             if not scored:
                 continue

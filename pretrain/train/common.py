@@ -143,7 +143,8 @@ def pin_changes(spec: RunSpec, pin: dict[str, Any]) -> list[str]:
         return []
     was = _flat({k: v for k, v in json.loads(path.read_text()).items() if k in pin})
     now = _flat(pin)
-    return [f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k)]
+    return [f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(was.keys() | now.keys())
+            if was.get(k) != now.get(k)]
 
 
 def check_pin(spec: RunSpec, rank: int, files: PhotoFiles, resuming: bool) -> None:
