@@ -103,9 +103,7 @@ def staged_config(config: str, root: Path = REPO_ROOT):
     try:
         yield staged.relative_to(root).as_posix()
     finally:
-        staged.unlink(missing_ok=True)
-        if not any(staged.parent.iterdir()):
-            staged.parent.rmdir()
+        staged.unlink(missing_ok=True)  # the folder stays: removing it races another submit's copy
 
 
 def job_spec(config_rel: str, stage: str, sets: Sequence[str], out: str | None,
