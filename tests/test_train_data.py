@@ -106,6 +106,10 @@ def test_split_lists_files_and_training_replaces_bad_ones(messy_dir, tmp_path, c
     with pytest.raises(TooManyBadPhotos, match=r"4 of 14 photos .*data.max_bad_fraction=0.05.*listed in .*bad-photos"):
         train_local(tiny_spec(messy_dir, tmp_path, max_side=64))
     assert not (tmp_path / "run" / "checkpoints").exists()
+    with pytest.raises(TooManyBadPhotos, match=r"4 of 14 photos"):  # a restart stops before it trains again
+        train_local(tiny_spec(messy_dir, tmp_path, max_side=64))
+    events = [json.loads(line)["event"] for line in open(tmp_path / "run" / "events.jsonl")]
+    assert events == ["start"]  # the first attempt's; the restart stopped before its start
     metrics = train_local(tiny_spec(messy_dir, tmp_path, max_side=64, max_bad_fraction=0.5))  # the cap is not pinned
     recorded = BadPhotos(tmp_path / "run" / "bad-photos").reasons()
     assert metrics["epoch"] == 0 and metrics["loss"] == metrics["loss"] and metrics["bad_photos"] == len(recorded) > 0

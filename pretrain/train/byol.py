@@ -45,7 +45,7 @@ def byol_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
     steps = min(len(loader), hp.steps_per_epoch or len(loader))
 
     begin = start_or_resume(spec, session, byol, "byol", lambda m: torch.optim.SGD(
-        unwrap(m).trainable_parameters(), lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay), files)
+        unwrap(m).trainable_parameters(), lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay), photos)
     model, opt, start, train_time = begin.model, begin.opt, begin.epoch, begin.train_time
 
     metrics: dict[str, Any] = {}

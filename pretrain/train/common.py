@@ -171,12 +171,13 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def start_or_resume(spec: RunSpec, session: Session, net: nn.Module, key: str,
-                    make_opt: Callable[[nn.Module], torch.optim.Optimizer], files: PhotoFiles) -> Start:
+                    make_opt: Callable[[nn.Module], torch.optim.Optimizer], photos: LazyPhotos) -> Start:
     """Load the latest checkpoint (``state[key]`` into ``net``, then the optimiser) of a run
-    started with the same settings and ``files`` (:func:`check_pin`), prepare the model for the
-    session and log the start."""
+    started with the same settings and photos (:func:`check_pin`), prepare the model for the
+    session and log the start. A run restarted after it stopped on bad photos stops again here,
+    not an epoch later (:func:`check_photos`)."""
     resume = session.load_latest(read_checkpoint)
-    check_pin(spec, session.rank, files, resume is not None)
+    check_pin(spec, session.rank, photos.files, resume is not None)
     if resume is not None:
         net.load_state_dict(resume.state[key])
     model = session.prepare(net)
@@ -186,6 +187,7 @@ def start_or_resume(spec: RunSpec, session: Session, net: nn.Module, key: str,
         opt.load_state_dict(resume.state["optimizer"])
         progress = resume.progress
     start = Start(model, opt, progress["epoch"] + 1 if progress else 0, progress.get("train_time_s", 0.0), progress)
+    check_photos(spec, start.epoch, photos)
     log_event(spec, session.rank, {"event": "start", "epoch": start.epoch, "resumed": resume is not None})
     return start
 

@@ -70,7 +70,7 @@ def finetune_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
 
     begin = start_or_resume(spec, session, net, "net",
                             lambda m: torch.optim.AdamW(m.parameters(), lr=hp.lr, weight_decay=hp.weight_decay),
-                            train)
+                            photos)
     model, opt, start, train_time = begin.model, begin.opt, begin.epoch, begin.train_time
     best = begin.progress.get("best")
 

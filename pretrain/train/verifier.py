@@ -75,7 +75,7 @@ def verifier_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
     net = build_net(arch, tokens.dim, seed=spec.seed)
     begin = start_or_resume(spec, session, net, "net",
                             lambda m: torch.optim.AdamW(m.parameters(), lr=hp.lr, weight_decay=hp.weight_decay),
-                            train)
+                            photos)
     model, opt, train_time, best = begin.model, begin.opt, begin.train_time + time.perf_counter() - t0, \
         begin.progress.get("best")
     rng = np.random.default_rng([spec.seed, session.rank, begin.epoch])
