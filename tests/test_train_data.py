@@ -321,3 +321,25 @@ def test_a_second_process_cannot_train_into_a_run_folder_in_use(messy_dir, tmp_p
         holder.kill()
         holder.wait()
     assert fit_local(spec)["epoch"] == 0  # freed with its holder
+
+
+def test_an_epoch_prints_its_progress_on_rank_0(capsys):
+    """Within an epoch (hours at DISC21 scale) rank 0 prints where it is; the other ranks are quiet."""
+    from types import SimpleNamespace
+
+    from pretrain.train.common import steps_of
+
+    losses: list[float] = []
+    for rank in (0, 1):
+        losses.clear()
+        seen = []
+        for step, batch in steps_of(SimpleNamespace(rank=rank), 3, iter("abcdefgh"), 5, losses, every_s=0.0):
+            seen.append((step, batch))
+            losses.append(float(step))
+        assert seen == [(0, "a"), (1, "b"), (2, "c"), (3, "d"), (4, "e")]  # the epoch's first 5 batches
+        lines = capsys.readouterr().out.splitlines()
+        if rank == 0:
+            assert lines[0].startswith("epoch 3: step 1/5, loss 0, ") and lines[-1].startswith("epoch 3: step 5/5, loss 2,")
+            assert len(lines) == 5 and all("min left in the epoch" in line for line in lines)
+        else:
+            assert lines == []

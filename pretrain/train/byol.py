@@ -20,7 +20,7 @@ from pretrain.data import CopyViews, make_loader
 from pretrain.recipes import get_recipe
 from pretrain.ssl import BYOL, momentum_at
 from pretrain.train.common import (autocast, check_photos, epochs, log_event, mean_loss, preprocess_for, register_model,
-                                    run_card, run_photos, split_photos, start_or_resume, unwrap)
+                                    run_card, run_photos, split_photos, start_or_resume, steps_of, unwrap)
 from pretrain.train.session import LocalSession, RaySession, Session
 from pretrain.train.state import write_checkpoint
 from pretrain.train_config import RunSpec
@@ -51,7 +51,7 @@ def byol_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     for epoch in epochs(spec, loader, model, start, hp.epochs):
         t0, losses = time.perf_counter(), []
-        for step, (batch, _) in zip(range(steps), loader):
+        for step, (batch, _) in steps_of(session, epoch, loader, steps, losses):
             momentum = momentum_at(epoch * steps + step, hp.epochs * steps, *hp.momentum)
             losses.append(byol_step(model, batch, opt, momentum, session.device))
         seconds = time.perf_counter() - t0

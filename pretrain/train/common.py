@@ -8,10 +8,10 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +29,8 @@ from pretrain.photos import BadPhotos, LazyPhotos, PhotoFiles
 from pretrain.train.session import Session
 from pretrain.train.state import read_checkpoint
 from pretrain.train_config import RunSpec
+
+T = TypeVar("T")
 
 
 def split_photos(spec: RunSpec) -> tuple[PhotoFiles, PhotoFiles, PhotoFiles]:
@@ -199,6 +201,25 @@ def epochs(spec: RunSpec, loader: Any, model: nn.Module, start: int, stop: int) 
         set_loader_epoch(loader, epoch)
         model.train()
         yield epoch
+
+
+PROGRESS_EVERY_S = 60.0  # a progress line within an epoch at most this often (an epoch at DISC21 scale takes hours)
+
+
+def steps_of(session: Session, epoch: int, loader: Iterable[T], steps: int, losses: list[float],
+             every_s: float = PROGRESS_EVERY_S) -> Iterator[tuple[int, T]]:
+    """``(step, batch)`` for the epoch's first ``steps`` batches; rank 0 prints a line every
+    ``every_s`` seconds: the step, the mean of the last 100 ``losses`` and the time left."""
+    t0 = last = time.perf_counter()
+    for step, batch in zip(range(steps), loader):
+        yield step, batch
+        now = time.perf_counter()
+        if session.rank == 0 and now - last >= every_s and losses:
+            last = now
+            left = (now - t0) / (step + 1) * (steps - step - 1)
+            recent = losses[-100:]
+            print(f"epoch {epoch}: step {step + 1}/{steps}, loss {sum(recent) / len(recent):.4g}, "
+                  f"{left / 60:.1f} min left in the epoch", flush=True)
 
 
 def best_file(spec: RunSpec, stem: str, best: dict[str, Any]) -> Path:

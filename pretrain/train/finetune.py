@@ -25,7 +25,7 @@ from pretrain.losses import build_loss
 from pretrain.recipes import get_recipe
 from pretrain.train.common import (autocast, best_file, check_photos, drop_other_bests, epochs, log_event, mean_loss,
                                     preprocess_for, register_model, run_card, run_photos, split_photos,
-                                    start_or_resume, unwrap)
+                                    start_or_resume, steps_of, unwrap)
 from pretrain.train.session import LocalSession, RaySession, Session
 from pretrain.train.state import write_checkpoint
 from pretrain.train.validate import make_validation_set, validate
@@ -77,7 +77,7 @@ def finetune_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     for epoch in epochs(spec, loader, model, start, hp.epochs):
         t0, losses = time.perf_counter(), []
-        for _, (batch, labels) in zip(range(steps), loader):
+        for _, (batch, labels) in steps_of(session, epoch, loader, steps, losses):
             losses.append(instance_step(model, batch, labels, opt, session.device))
         seconds = time.perf_counter() - t0
         train_time += seconds

@@ -32,7 +32,7 @@ from pretrain.photo_arrays import files_key, photo_array
 from pretrain.photos import LazyPhotos, PhotoFiles
 from pretrain.recipes import get_recipe
 from pretrain.train.common import (best_file, check_photos, drop_other_bests, epochs, log_event, mean_loss,
-                                    run_photos, split_photos, start_or_resume, unwrap)
+                                    run_photos, split_photos, start_or_resume, steps_of, unwrap)
 from pretrain.train.session import LocalSession, RaySession, Session
 from pretrain.train.state import write_resume_state
 from pretrain.train_config import RunSpec
@@ -83,7 +83,7 @@ def verifier_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
     metrics: dict[str, Any] = {}
     for epoch in epochs(spec, loader, model, begin.epoch, hp.epochs):
         t0, losses = time.perf_counter(), []
-        for _, (batch, index) in zip(range(steps), loader):
+        for _, (batch, index) in steps_of(session, epoch, loader, steps, losses):
             q, r, labels = training_pairs(batch, index, originals, neighbours, rng)
             losses.append(pair_step(model, q, r, labels, opt, session.device))
         seconds = time.perf_counter() - t0
