@@ -7,6 +7,7 @@ Command output proper (tables, job ids) is printed to stdout, not logged.
 from __future__ import annotations
 
 import logging
+import time
 
 from tqdm.auto import tqdm
 
@@ -21,6 +22,26 @@ class TqdmHandler(logging.StreamHandler):
             tqdm.write(self.format(record), file=self.stream)
         except Exception:  # logging's own convention: never raise from a handler
             self.handleError(record)
+
+
+class ProgressLines:
+    """Progress of a long loop as lines, not a bar, for Ray workers (a bar's carriage returns garble
+    the driver's output): :meth:`tick` prints ``what done/total, N min left`` at most every
+    ``every_s`` seconds, and nothing when not ``enabled`` (ranks other than 0). ``start``: what
+    was done before (a resumed loop), left out of the rate."""
+
+    def __init__(self, what: str, total: int, every_s: float = 60.0, enabled: bool = True, start: int = 0) -> None:
+        self.what, self.total, self.every_s, self.enabled, self.start = what, total, every_s, enabled, start
+        self.started = self.last = time.perf_counter()
+
+    def tick(self, done: int, extra: str = "") -> None:
+        """``done`` of ``total`` are finished; ``extra`` (e.g. ``", loss 0.4"``) follows the count."""
+        now = time.perf_counter()
+        if not self.enabled or now - self.last < self.every_s or done <= self.start:
+            return
+        self.last = now
+        left = (now - self.started) / (done - self.start) * (self.total - done)
+        print(f"{self.what} {done}/{self.total}{extra}, {left / 60:.1f} min left", flush=True)
 
 
 def setup_logging(level: int = logging.INFO) -> None:

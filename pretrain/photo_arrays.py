@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from core.logs import ProgressLines
 from core.store import write_text
 from pretrain.photos import PhotoFiles
 
@@ -64,6 +65,7 @@ def photo_array(path: Path, key: str, n: int, rows: Callable[[int, int], np.ndar
     side.unlink(missing_ok=True)  # the file is replaced below: its old sidecar must not vouch for it
     partial, progress = path.with_name(f".{path.name}.partial"), path.with_name(f".{path.name}.partial.json")
     out, start = _resume(partial, progress, record)
+    lines = ProgressLines(f"{path.name}: rows", n, start=start)
     for a in range(start, n, batch):
         b = min(a + batch, n)
         block = np.asarray(rows(a, b))
@@ -73,6 +75,7 @@ def photo_array(path: Path, key: str, n: int, rows: Callable[[int, int], np.ndar
         out[a:b] = block
         out.flush()
         write_text(progress, json.dumps({**record, "done": b}))  # rows before b are on disk
+        lines.tick(b)
     del out
     os.replace(partial, path)
     progress.unlink()

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.logs import ProgressLines
 from core.models.backbones import DescriptorModel
 from core.models.cards import ModelCard
 from core.models.checkpoint import save_checkpoint, sidecar_path
@@ -203,23 +204,16 @@ def epochs(spec: RunSpec, loader: Any, model: nn.Module, start: int, stop: int) 
         yield epoch
 
 
-PROGRESS_EVERY_S = 60.0  # a progress line within an epoch at most this often (an epoch at DISC21 scale takes hours)
-
-
 def steps_of(session: Session, epoch: int, loader: Iterable[T], steps: int, losses: list[float],
-             every_s: float = PROGRESS_EVERY_S) -> Iterator[tuple[int, T]]:
+             every_s: float = 60.0) -> Iterator[tuple[int, T]]:
     """``(step, batch)`` for the epoch's first ``steps`` batches; rank 0 prints a line every
-    ``every_s`` seconds: the step, the mean of the last 100 ``losses`` and the time left."""
-    t0 = last = time.perf_counter()
+    ``every_s`` seconds (an epoch at DISC21 scale takes hours): the step, the mean of the last
+    100 ``losses`` and the time left."""
+    lines = ProgressLines(f"epoch {epoch}: step", steps, every_s, enabled=session.rank == 0)
     for step, batch in zip(range(steps), loader):
         yield step, batch
-        now = time.perf_counter()
-        if session.rank == 0 and now - last >= every_s and losses:
-            last = now
-            left = (now - t0) / (step + 1) * (steps - step - 1)
-            recent = losses[-100:]
-            print(f"epoch {epoch}: step {step + 1}/{steps}, loss {sum(recent) / len(recent):.4g}, "
-                  f"{left / 60:.1f} min left in the epoch", flush=True)
+        recent = losses[-100:] or [math.nan]
+        lines.tick(step + 1, f", loss {sum(recent) / len(recent):.4g}")
 
 
 def best_file(spec: RunSpec, stem: str, best: dict[str, Any]) -> Path:
