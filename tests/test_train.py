@@ -113,8 +113,8 @@ def test_fanout_registers_one_model_per_set_and_backbone(ray_local, photo_dir, t
     sets = [f"data.train={photo_dir}", f"registry={registry}", f"output={tmp_path / 'runs'}"]
     cfg = load_train_config(CONFIGS / "tiny.yaml", sets)
     specs = plan_finetune(cfg)
-    broken = specs[0].model_copy(update={"name": "broken", "data": specs[0].data.model_copy(
-        update={"train": str(tmp_path / "missing")})})
+    broken = specs[0].model_copy(update={"name": "broken", "run_dir": str(tmp_path / "runs" / "broken"),
+                                         "data": specs[0].data.model_copy(update={"train": str(tmp_path / "missing")})})
     outcomes = run_all([*specs, broken], cfg.ray)
     status = {o.name: o.status for o in outcomes}
     assert status == {**{s.name: "done" for s in specs}, "broken": "failed"}
