@@ -110,6 +110,10 @@ def test_a_diverged_run_stops_before_it_checkpoints_or_registers(photo_dir, tmp_
         train_local(spec)
     assert not (tmp_path / "registry").exists() or not list((tmp_path / "registry").glob("tiny-byol*"))
     assert not list((Path(spec.run_dir) / "checkpoints").glob("epoch-*"))
+    # a restart (Ray Train retries the worker) stops before it trains the diverged epoch again
+    with pytest.raises(TrainingDiverged, match="tiny-byol.*diverged in epoch 0"):
+        train_local(spec)
+    assert [e["event"] for e in events(spec)] == ["start"]
 
 
 def test_a_run_folder_resumes_only_with_the_settings_and_photos_it_was_started_with(photo_dir, tmp_path):

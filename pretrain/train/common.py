@@ -177,8 +177,9 @@ def start_or_resume(spec: RunSpec, session: Session, net: nn.Module, key: str,
                     make_opt: Callable[[nn.Module], torch.optim.Optimizer], photos: LazyPhotos) -> Start:
     """Load the latest checkpoint (``state[key]`` into ``net``, then the optimiser) of a run
     started with the same settings and photos (:func:`check_pin`), prepare the model for the
-    session and log the start. A run restarted after it stopped on bad photos stops again here,
-    not an epoch later (:func:`check_photos`)."""
+    session and log the start. A run restarted after it diverged or stopped on bad photos stops
+    again here, not an epoch later (:func:`check_not_diverged`, :func:`check_photos`)."""
+    check_not_diverged(spec)
     resume = session.load_latest(read_checkpoint)
     check_pin(spec, session.rank, photos.files, resume is not None)
     if resume is not None:
@@ -238,16 +239,30 @@ class TrainingDiverged(RuntimeError):
     """A run's loss stopped being a number: nothing of that epoch is saved or registered."""
 
 
+DIVERGED = "diverged.txt"  # in the run folder: why the run stopped; a restart stops at once
+
+
 def mean_loss(spec: RunSpec, epoch: int, losses: list[float]) -> float:
     """The epoch's mean loss. A non-finite one stops the run before it checkpoints or registers
-    the diverged weights (a registered card would mark the run done, and a re-run would skip it)."""
+    the diverged weights (a registered card would mark the run done, and a re-run would skip it),
+    and is written to ``<run_dir>/diverged.txt`` (:func:`check_not_diverged`)."""
     loss = sum(losses) / len(losses)
     if not math.isfinite(loss):
         bad = sum(not math.isfinite(x) for x in losses)
-        raise TrainingDiverged(f"training run {spec.name!r} diverged in epoch {epoch}: mean loss {loss} ({bad} of "
-                               f"{len(losses)} steps not finite); train it into a new output folder with a lower "
-                               "learning rate (this folder's run.json pins the one it was started with)")
+        why = (f"training run {spec.name!r} diverged in epoch {epoch}: mean loss {loss} ({bad} of {len(losses)} "
+               "steps not finite); train it into a new output folder with a lower learning rate (this folder's "
+               "run.json pins the one it was started with)")
+        write_text(Path(spec.run_dir) / DIVERGED, why + "\n")
+        raise TrainingDiverged(why)
     return loss
+
+
+def check_not_diverged(spec: RunSpec) -> None:
+    """:class:`TrainingDiverged` at once for a run folder whose run diverged: a restart (Ray
+    Train retries a failed worker) would resume before the diverged epoch and train it again."""
+    path = Path(spec.run_dir) / DIVERGED
+    if path.is_file():
+        raise TrainingDiverged(path.read_text().strip())
 
 
 def log_event(spec: RunSpec, rank: int, record: dict[str, Any]) -> None:
