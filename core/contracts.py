@@ -23,7 +23,6 @@ CANDIDATES_SCHEMA = pa.schema([
 PREDICTIONS_SCHEMA = pa.schema([
     ("query_id", pa.string()), ("reference_id", pa.string()), ("score", pa.float32()),
 ])
-SPLITS = ("train", "reference", "query")
 WHOLE_PATCH = 0  # patch 0 of every image is the whole image
 
 

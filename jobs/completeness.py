@@ -77,10 +77,6 @@ def require_manifest(run: RunDir, stage: str) -> None:
     require_complete(run.manifest, manifest_shards(run), stage, "manifest")
 
 
-def require_patches(run: RunDir, stage: str) -> None:
-    require_complete(run.patches, manifest_shards(run), stage, "patch")
-
-
 def require_features(cfg: PipelineConfig, run: RunDir, key: str, stage: str) -> list[str]:
     """Check ``features/<key>/`` and return its expected files."""
     producer = "reduce" if cfg.reduce.active and key not in {k for _, _, k in cfg.model_keys()} else "extract"

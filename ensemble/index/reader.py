@@ -202,9 +202,3 @@ def read_cards(idx: IndexDir, version: str) -> dict[str, ModelCard]:
             card = card.model_copy(update={"weights": str(idx.root / card.weights)})
         cards[key] = card
     return cards
-
-
-def images_table(root: str | os.PathLike, version: str) -> pa.Table:
-    """The live id map of a version."""
-    folder = IndexDir(root).path(version)
-    return live_images(folder, read_manifest(folder))
