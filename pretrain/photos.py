@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from core.imageio import ImageDecodeError, list_images, load_rgb
@@ -69,12 +70,30 @@ class PackedStrings:
     def __iter__(self) -> Iterator[str]:
         return (self[i] for i in range(len(self)))
 
+    def to_arrow(self) -> pa.Array:
+        """The strings as an Arrow ``large_binary`` array over the same two buffers (file-system
+        bytes: a name need not be valid UTF-8)."""
+        return pa.LargeBinaryArray.from_buffers(pa.large_binary(), len(self), [None, pa.py_buffer(self.offsets),
+                                                                               pa.py_buffer(self.data)])
+
+    @classmethod
+    def from_arrow(cls, column: pa.ChunkedArray | pa.Array) -> PackedStrings:
+        """The strings of a binary Arrow column, taken over from its buffers (no Python strings)."""
+        arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+        arr = arr.cast(pa.large_binary())
+        out = cls([])
+        if len(arr):
+            offsets = np.frombuffer(arr.buffers()[1], np.int64)[arr.offset:arr.offset + len(arr) + 1]
+            out.offsets = offsets - offsets[0]
+            out.data = np.frombuffer(arr.buffers()[2], np.uint8)[offsets[0]:offsets[-1]]
+        return out
+
 
 class PhotoFiles:
     """Photo ids and file paths, packed; item ``i`` is ``(image_id, path)``."""
 
-    def __init__(self, ids: Iterable[str], paths: Iterable[str | os.PathLike]) -> None:
-        self.ids, self.paths = PackedStrings(ids), PackedStrings(paths)
+    def __init__(self, ids: Iterable[str] | PackedStrings, paths: Iterable[str | os.PathLike] | PackedStrings) -> None:
+        self.ids, self.paths = (x if isinstance(x, PackedStrings) else PackedStrings(x) for x in (ids, paths))
         if len(self.ids) != len(self.paths):
             raise ValueError(f"{len(self.ids)} ids for {len(self.paths)} paths")
 
@@ -85,6 +104,15 @@ class PhotoFiles:
         if not listing:
             raise FileNotFoundError(f"{folder}: no training images in the folder")
         return cls((image_id for image_id, _ in listing), (path for _, path in listing))
+
+    def to_table(self) -> pa.Table:
+        """``image_id``, ``path`` (binary columns), one row per photo, in order."""
+        return pa.table({"image_id": self.ids.to_arrow(), "path": self.paths.to_arrow()})
+
+    @classmethod
+    def from_table(cls, table: pa.Table) -> PhotoFiles:
+        """The photos of a :meth:`to_table` table."""
+        return cls(*(PackedStrings.from_arrow(table.column(c)) for c in ("image_id", "path")))
 
     def __len__(self) -> int:
         return len(self.ids)

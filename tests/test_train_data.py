@@ -87,9 +87,10 @@ def test_split_lists_files_and_training_replaces_bad_ones(messy_dir, tmp_path, c
     from pretrain.recipes import get_recipe
     from pretrain.train.byol import train_local
     from pretrain.train.common import TooManyBadPhotos, preprocess_for, split_photos
+    from pretrain.train.session import LocalSession
 
     spec = tiny_spec(messy_dir, tmp_path, val_photos=2, val_distractors=1, max_side=64)
-    train, val, distractors = split_photos(spec)  # nothing decoded: the bad files are simply listed
+    train, val, distractors = split_photos(spec, LocalSession(spec.run_dir))  # nothing decoded: bad files are listed
     assert (len(train), len(val), len(distractors)) == (11, 2, 1)
     assert sorted(i for i, _ in [*train, *val, *distractors]) == sorted(p.stem for p in messy_dir.iterdir())
 
@@ -348,3 +349,27 @@ def test_an_epoch_prints_its_progress_on_rank_0(capsys):
     resumed.tick(4)
     resumed.tick(6)
     assert capsys.readouterr().out.splitlines() == ["tokens.npy: rows 6/10, 0.0 min left"]
+
+
+def test_rank_0_lists_the_photos_and_the_other_ranks_train_on_its_list(messy_dir, tmp_path):
+    """One listing per start, kept in RUN/photos.parquet: a rank that starts after a file arrived
+    still trains on rank 0's list (a different list would misalign labels and class counts)."""
+    from types import SimpleNamespace
+
+    from core.store import read_table
+    from pretrain.photos import PhotoFiles
+    from pretrain.train.common import listed_photos
+
+    spec = tiny_spec(messy_dir, tmp_path)
+    waited = []
+    rank0 = listed_photos(spec, SimpleNamespace(rank=0, barrier=lambda: waited.append(0)))
+    synthetic_photo(5).save(messy_dir / "P999.jpg")  # arrives before rank 1 reads the list
+    rank1 = listed_photos(spec, SimpleNamespace(rank=1, barrier=lambda: waited.append(1)))
+    assert waited == [0, 1] and list(rank1) == list(rank0) == list(PhotoFiles.from_folder(messy_dir))[:-1]
+    assert read_table(tmp_path / "run" / "photos.parquet").column("image_id").to_pylist()[0] == b"P000"
+
+    odd = PhotoFiles(["a", os.fsdecode(b"x\xff"), ""], ["/p/a.jpg", os.fsdecode(b"/p/x\xff.jpg"), "/p/.jpg"])
+    table = odd.to_table()  # binary columns: a file name need not be UTF-8
+    assert list(PhotoFiles.from_table(table)) == list(odd)
+    assert list(PhotoFiles.from_table(table.slice(1, 2))) == list(odd)[1:]
+    assert len(PhotoFiles.from_table(table.slice(0, 0))) == 0

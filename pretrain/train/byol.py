@@ -36,7 +36,7 @@ def byol_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
         spec.backbone, dim=spec.model.dim, img_size=spec.model.img_size, pool=spec.model.pool, seed=spec.seed
     )
     byol = BYOL(backbone, proj_hidden=hp.proj_hidden, proj_dim=hp.proj_dim, pred_hidden=hp.pred_hidden)
-    files, _, _ = split_photos(spec)
+    files, _, _ = split_photos(spec, session)
     photos = run_photos(spec, files)
     views = CopyViews(photos, get_recipe(hp.recipe), views=2,
                       pre=preprocess_for(spec, backbone), seed=spec.seed)

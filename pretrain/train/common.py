@@ -23,7 +23,7 @@ from core.models.cards import ModelCard
 from core.models.checkpoint import save_checkpoint, sidecar_path
 from core.models.preprocess import Preprocess
 from core.models.registry import card_for_model, register
-from core.store import copy_file, write_text
+from core.store import copy_file, read_table, write_table, write_text
 from pretrain.data import set_loader_epoch
 from pretrain.photo_arrays import files_key
 from pretrain.photos import BadPhotos, LazyPhotos, PhotoFiles
@@ -34,10 +34,25 @@ from pretrain.train_config import RunSpec
 T = TypeVar("T")
 
 
-def split_photos(spec: RunSpec) -> tuple[PhotoFiles, PhotoFiles, PhotoFiles]:
+PHOTO_LIST = "photos.parquet"  # in the run folder: the photos its workers train on (image_id, path)
+
+
+def listed_photos(spec: RunSpec, session: Session) -> PhotoFiles:
+    """The run's photos: rank 0 lists the folder and writes ``<run_dir>/photos.parquet``, the
+    other ranks read it after a barrier. One listing per start, and every rank trains on the
+    same list even when files arrive in the folder meanwhile."""
+    path = Path(spec.run_dir) / PHOTO_LIST
+    if session.rank == 0:
+        files = PhotoFiles.from_folder(spec.data.train, spec.data.limit)
+        write_table(files.to_table(), path)
+    session.barrier()
+    return files if session.rank == 0 else PhotoFiles.from_table(read_table(path))
+
+
+def split_photos(spec: RunSpec, session: Session) -> tuple[PhotoFiles, PhotoFiles, PhotoFiles]:
     """(train, validation references, validation distractors) files, a fixed split by
-    ``spec.seed``. Lists the folder only: nothing is decoded here."""
-    files = PhotoFiles.from_folder(spec.data.train, spec.data.limit)
+    ``spec.seed`` of :func:`listed_photos`. Nothing is decoded here."""
+    files = listed_photos(spec, session)
     held = spec.data.val_photos + spec.data.val_distractors
     if len(files) - held < 2:
         raise ValueError(

@@ -54,7 +54,7 @@ def finetune_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
         torch.set_num_threads(spec.torch_threads)
     backbone = build_backbone(spec.backbone, dim=spec.model.dim, img_size=spec.model.img_size,
                               pool=hp.pool or spec.model.pool, seed=spec.seed, checkpoint=spec.init_weights)
-    train, val_refs, distractors = split_photos(spec)
+    train, val_refs, distractors = split_photos(spec, session)
     recipe = get_recipe(spec.recipe)
     net = InstanceModel(backbone, build_loss(hp.loss.name, num_classes=len(train), dim=backbone.dim,
                                              params=hp.loss.params))

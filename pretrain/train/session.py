@@ -34,6 +34,9 @@ class Session(Protocol):
     def prepare(self, model: nn.Module) -> nn.Module:
         """Move to the device and, with several workers, wrap for data parallelism."""
 
+    def barrier(self) -> None:
+        """Wait until every worker of the run is here."""
+
     def load_latest(self, read: Callable[[Path], T]) -> T | None:
         """``read(folder)`` of the latest checkpoint of this run, None if there is none."""
 
@@ -66,6 +69,9 @@ class LocalSession:
 
     def prepare(self, model: nn.Module) -> nn.Module:
         return model.to(self.device)
+
+    def barrier(self) -> None:
+        pass
 
     def load_latest(self, read: Callable[[Path], T]) -> T | None:
         done = self._checkpoints()
@@ -100,6 +106,10 @@ class RaySession:
         import ray.train.torch
 
         return ray.train.torch.prepare_model(model)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()  # the process group Ray Train set up (gloo or NCCL)
 
     def load_latest(self, read: Callable[[Path], T]) -> T | None:
         import ray.train

@@ -54,7 +54,7 @@ def verifier_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
     if spec.torch_threads:
         torch.set_num_threads(spec.torch_threads)
     recipes = [get_recipe(r) for r in spec.recipe.split("+")]
-    train, val_refs, distractors = split_photos(spec)
+    train, val_refs, distractors = split_photos(spec, session)
     photos = run_photos(spec, train)
     tokens = region_tokens(arch, spec.registry, str(session.device))
     miner = load_encoder(hp.miner, hp.miner_scale, registry=spec.registry, device=str(session.device))
