@@ -42,11 +42,13 @@ def listed_photos(spec: RunSpec, session: Session) -> PhotoFiles:
     other ranks read it after a barrier. One listing per start, and every rank trains on the
     same list even when files arrive in the folder meanwhile."""
     path = Path(spec.run_dir) / PHOTO_LIST
-    if session.rank == 0:
-        files = PhotoFiles.from_folder(spec.data.train, spec.data.limit)
-        write_table(files.to_table(), path)
+    if session.rank != 0:
+        session.barrier()
+        return PhotoFiles.from_table(read_table(path))
+    files = PhotoFiles.from_folder(spec.data.train, spec.data.limit)
+    write_table(files.to_table(), path)
     session.barrier()
-    return files if session.rank == 0 else PhotoFiles.from_table(read_table(path))
+    return files
 
 
 def split_photos(spec: RunSpec, session: Session) -> tuple[PhotoFiles, PhotoFiles, PhotoFiles]:
