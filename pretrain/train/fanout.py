@@ -5,9 +5,9 @@ backbone); ``plan_verifier`` the one learned-verifier run. :func:`run_all` launc
 Ray tasks: with ``launcher: trainer`` each task fits its own ``TorchTrainer`` (the task takes
 no CPU; the trainer's workers wait for theirs, so Ray runs as many at once as resources
 allow), with ``launcher: inline`` each task runs the loop in its own process on
-``cpus_per_worker`` CPUs. A run whose model card already exists
-is skipped (so a fan-out resumes) unless its run folder pins other settings, and a failed run is
-reported while the others go on.
+``cpus_per_worker`` CPUs. A run whose model card already exists is skipped (so a fan-out
+resumes) unless its run folder pins other settings, and a failed run is reported while the
+others go on.
 """
 
 from __future__ import annotations
