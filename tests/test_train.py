@@ -130,6 +130,13 @@ def test_fanout_registers_one_model_per_set_and_backbone(ray_local, photo_dir, t
     # with another learning rate the registered models are not the config's: refused, not skipped
     again = run_all(plan_finetune(load_train_config(CONFIGS / "tiny.yaml", [*sets, "finetune.lr=0.5"])), cfg.ray)
     assert {o.status for o in again} == {"failed"} and all("finetune.lr: 0.001 -> 0.5" in o.error for o in again)
+    # with more epochs than it trained, a registered run resumes and registers again
+    longer = plan_finetune(load_train_config(CONFIGS / "tiny.yaml", [*sets, "finetune.epochs=2"]))[:1]
+    assert [o.status for o in run_all(longer, cfg.ray)] == ["done"]
+    log = [json.loads(line) for line in (Path(longer[0].run_dir) / "events.jsonl").read_text().splitlines()]
+    assert [(e["epoch"], e["resumed"]) for e in log if e["event"] == "start"] == [(0, False), (1, True)]
+    assert [e["event"] for e in log].count("registered") == 2
+    assert [o.status for o in run_all(longer, cfg.ray)] == ["skipped"]
 
 
 def test_models_command_lists_the_registry(tmp_path, capsys):

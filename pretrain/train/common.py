@@ -137,8 +137,10 @@ class Start:
     progress: dict[str, Any]  # the checkpoint's progress; {} on a fresh start
 
 
+EVENTS = "events.jsonl"  # in the run folder: the run's progress log (:func:`log_event`)
 UNPINNED = {"run_dir", "registry", "num_workers", "use_gpu", "loader_workers", "torch_threads", "fault"}
-EXTENDABLE = ("pretrain", "finetune", "verifier")  # their ``epochs`` may grow on a resume
+EPOCHS_OF = {"byol": "pretrain", "finetune": "finetune", "verifier": "verifier"}  # run kind -> section: its
+# ``epochs`` may grow on a resume
 
 
 class RunChanged(ValueError):
@@ -149,10 +151,29 @@ def pinned_settings(spec: RunSpec) -> dict[str, Any]:
     """The settings a run's checkpoints depend on: not where or on how many workers it runs, nor
     how many epochs (they may grow)."""
     settings = spec.model_dump(mode="json", exclude=UNPINNED)
-    for section in EXTENDABLE:
+    for section in EPOCHS_OF.values():
         settings[section].pop("epochs")
     settings["data"].pop("max_bad_fraction")  # may be raised to resume a run that stopped on it
     return settings
+
+
+def asked_epochs(spec: RunSpec) -> int:
+    return getattr(spec, EPOCHS_OF[spec.kind]).epochs
+
+
+def trained_epochs(spec: RunSpec) -> int | None:
+    """How many epochs the run folder's log records as trained (None: no log); a line a killed
+    process left half-written is skipped."""
+    path = Path(spec.run_dir) / EVENTS
+    if not path.is_file():
+        return None
+    done = [-1]
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):
+            record = json.loads(line)
+            if record.get("event") == "epoch":
+                done.append(record["epoch"])
+    return max(done) + 1
 
 
 def pin_changes(spec: RunSpec, pin: dict[str, Any]) -> list[str]:
@@ -286,7 +307,7 @@ def log_event(spec: RunSpec, rank: int, record: dict[str, Any]) -> None:
     """Append ``record`` to ``<run_dir>/events.jsonl`` (rank 0): the run's progress log."""
     if rank != 0:
         return
-    path = Path(spec.run_dir) / "events.jsonl"
+    path = Path(spec.run_dir) / EVENTS
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         f.write(json.dumps({**record, "time": round(time.time(), 3)}) + "\n")

@@ -6,8 +6,8 @@ Ray tasks: with ``launcher: trainer`` each task fits its own ``TorchTrainer`` (t
 no CPU; the trainer's workers wait for theirs, so Ray runs as many at once as resources
 allow), with ``launcher: inline`` each task runs the loop in its own process on
 ``cpus_per_worker`` CPUs. A run whose model card already exists is skipped (so a fan-out
-resumes) unless its run folder pins other settings, and a failed run is reported while the
-others go on.
+resumes) unless its run folder pins other settings, or trained fewer epochs than the config asks
+(then it resumes), and a failed run is reported while the others go on.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from core.models.backbones import build_backbone
 from core.models.cards import ModelCard, RegistryError
 from core.models.registry import CARD_SUFFIX, card_for_model, load_card, resolve_model
-from pretrain.train.common import pin_changes, pinned_settings
+from pretrain.train.common import asked_epochs, pin_changes, pinned_settings, trained_epochs
 from pretrain.train_config import RaySection, RunSpec, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -120,14 +120,20 @@ def is_registered(spec: RunSpec) -> bool:
     return (Path(spec.registry) / f"{spec.name}{CARD_SUFFIX}").is_file()
 
 
-def finished(spec: RunSpec) -> Outcome:
+def finished(spec: RunSpec) -> Outcome | None:
     """A registered run: skipped, or failed when its run folder was trained with other settings
-    (the config changed since: skipping it would leave the old model under the new config)."""
+    (the config changed since: skipping it would leave the old model under the new config);
+    None when the config asks for more epochs than its folder trained (it resumes, and registers again)."""
     changed = pin_changes(spec, {"settings": pinned_settings(spec)})
-    if not changed:
-        return Outcome(spec.name, "skipped")
-    return Outcome(spec.name, "failed", error=f"registered from other settings ({'; '.join(changed[:5])}); delete "
-                   f"{Path(spec.registry) / (spec.name + CARD_SUFFIX)} and its run folder to train it again")
+    if changed:
+        return Outcome(spec.name, "failed", error=f"registered from other settings ({'; '.join(changed[:5])}); "
+                       f"delete {Path(spec.registry) / (spec.name + CARD_SUFFIX)} and its run folder to train it again")
+    trained = trained_epochs(spec)
+    if trained is not None and trained < asked_epochs(spec):
+        log.info("[fan-out] %s: registered after %d epoch(s), %d asked: resuming", spec.name, trained,
+                 asked_epochs(spec))
+        return None
+    return Outcome(spec.name, "skipped")
 
 
 def _task(spec: RunSpec, ray_cfg: RaySection) -> dict[str, Any]:
@@ -156,7 +162,7 @@ def run_all(specs: list[RunSpec], ray_cfg: RaySection) -> list[Outcome]:
     outcomes in plan order. Exceptions of one run never stop the others."""
     import ray
 
-    outcomes = {s.name: finished(s) for s in specs if is_registered(s)}
+    outcomes = {s.name: done for s in specs if is_registered(s) and (done := finished(s)) is not None}
     todo = [s for s in specs if s.name not in outcomes]
     remote = ray.remote(_task)
     limit = ray_cfg.max_concurrent or len(todo) or 1
