@@ -10,6 +10,7 @@ from core.models.backbones import build_backbone
 from core.models.checkpoint import save_checkpoint
 from core.models.registry import build_model, list_cards, load_card, load_checkpoint
 from jobs.cli import main as copydet
+from pretrain.train.common import RunChanged
 from pretrain.train.fanout import plan_finetune, plan_pretrain, run_all
 from pretrain.train.finetune import train_local
 from pretrain.train_config import (
@@ -50,6 +51,12 @@ def test_finetune_validates_keeps_best_and_registers(photo_dir, tmp_path):
     assert f"best-{best_epoch:05d}.safetensors" in kept and len(kept) <= 2  # the best and the one before it
     best = load_checkpoint(tmp_path / "run" / f"best-{best_epoch:05d}.safetensors").eval()
     assert torch.equal(build_model(card).eval()(x), best(x))
+
+    # the weights it started from, registered again with other content: its checkpoints are not theirs
+    save_checkpoint(build_backbone("tiny_cnn", dim=32, img_size=32, seed=6), init)
+    longer = spec.model_copy(update={"finetune": spec.finetune.model_copy(update={"epochs": 3})})
+    with pytest.raises(RunChanged, match="init_sha256"):
+        train_local(longer)
 
 
 def test_finetune_pool_reads_a_gem_checkpoint_by_regions(photo_dir, tmp_path):

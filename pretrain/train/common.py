@@ -22,7 +22,7 @@ from core.models.backbones import DescriptorModel
 from core.models.cards import ModelCard
 from core.models.checkpoint import save_checkpoint, sidecar_path
 from core.models.preprocess import Preprocess
-from core.models.registry import card_for_model, register
+from core.models.registry import card_for_model, file_hash, register
 from core.store import copy_file, read_table, write_table, write_text
 from pretrain.data import set_loader_epoch
 from pretrain.photo_arrays import files_key
@@ -149,11 +149,13 @@ class RunChanged(ValueError):
 
 def pinned_settings(spec: RunSpec) -> dict[str, Any]:
     """The settings a run's checkpoints depend on: not where or on how many workers it runs, nor
-    how many epochs (they may grow)."""
+    how many epochs (they may grow); the weights it starts from by content too (a BYOL model
+    trained on for more epochs is registered again under the same path)."""
     settings = spec.model_dump(mode="json", exclude=UNPINNED)
     for section in EPOCHS_OF.values():
         settings[section].pop("epochs")
     settings["data"].pop("max_bad_fraction")  # may be raised to resume a run that stopped on it
+    settings["init_sha256"] = file_hash(spec.init_weights) if spec.init_weights else None
     return settings
 
 
