@@ -30,6 +30,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 DRAFT_SCALES = (1, 2, 4, 8)  # the size reductions a JPEG decoder offers (DCT scaling)
 WHITE = (255, 255, 255)
+# Pillow refuses an image over twice this at open, before a JPEG could be decoded at reduced size:
+# its check is replaced by ``max_pixels`` (this cap when none is given), applied after the draft.
+DEFAULT_MAX_PIXELS = 2 * Image.MAX_IMAGE_PIXELS
+Image.MAX_IMAGE_PIXELS = None
 # EXIF orientations (tag 0x0112) that rotate by 90 or 270 degrees, i.e. swap width and height.
 SWAPPING_ORIENTATIONS = {5, 6, 7, 8}
 EXIF_ORIENTATION = 0x0112
@@ -99,8 +103,9 @@ def _reduction(size: tuple[int, int], draft_side: int | None, max_pixels: int | 
     possible, the pixel count <= ``max_pixels`` (the cap wins when both cannot hold)."""
     w, h = size
     need = draft_side or max(w, h)
-    s = max(s for s in DRAFT_SCALES if s == 1 or math.ceil(max(w, h) / s) >= need)
-    while max_pixels and math.ceil(w / s) * math.ceil(h / s) > max_pixels and s < DRAFT_SCALES[-1]:
+    fits = [s for s in DRAFT_SCALES if min(w, h) >= s]  # at least a pixel a side (a 1 x 1 JPEG stays 1)
+    s = max(s for s in fits if s == 1 or math.ceil(max(w, h) / s) >= need)
+    while max_pixels and math.ceil(w / s) * math.ceil(h / s) > max_pixels and s < fits[-1]:
         s *= 2
     return s
 
@@ -148,7 +153,7 @@ def _decode(source: str | os.PathLike | BinaryIO, name: str | os.PathLike, max_s
             draft_side: int | None = None, max_pixels: int | None = None) -> Image.Image:
     try:
         with Image.open(source) as img:
-            _draft(img, name, max_side or draft_side, max_pixels)
+            _draft(img, name, max_side or draft_side, max_pixels or DEFAULT_MAX_PIXELS)
             img.load()
             upright = ImageOps.exif_transpose(img)
             rgb = TO_RGB.get(upright.mode, _convert)(upright)

@@ -137,6 +137,17 @@ def test_a_pixel_cap_drafts_jpegs_and_refuses_other_images(tmp_path):
     assert load_rgb(tmp_path / "big.png", draft_side=100).size == (800, 600)  # draft is for JPEGs only
 
 
+def test_jpegs_of_any_size_down_to_one_pixel_decode(tmp_path):
+    """Pillow's own bomb check refuses over 179 MP at open, before the draft could reduce a photo of a
+    200 MP phone; a 1 x 1 JPEG must not be drafted to nothing."""
+    Image.new("L", (16384, 11000), 128).save(tmp_path / "huge.jpg", quality=50)  # 180 MP, 2 MB
+    assert load_rgb(tmp_path / "huge.jpg", draft_side=512).size == (2048, 1375)
+    assert load_rgb(tmp_path / "huge.jpg", max_pixels=64_000_000).size == (8192, 5500)
+    Image.new("RGB", (1, 1), (10, 20, 30)).save(tmp_path / "one.jpg")
+    assert load_rgb(tmp_path / "one.jpg").size == (1, 1)
+    assert load_rgb(tmp_path / "one.jpg", max_side=64, max_pixels=100).size == (1, 1)
+
+
 def test_scan_lists_every_file_as_an_image_or_a_rejection(tmp_path):
     root = tmp_path / "q"
     (root / "sub").mkdir(parents=True)
