@@ -183,7 +183,7 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
     pcas = {k: load_pca(idx.path(parent) / m["pca"]) for k, m in meta["keys"].items() if m.get("pca")}
     train = stretch_background(idx, parent, cfg)
     errors, rows, staged = [], [], {key: [] for key in cfg.search_keys()}
-    with idx.publish() as (name, out):
+    with idx.publish(parent) as (name, out):
         step = cfg.index.chunk_images
         for start in range(0, len(todo), step):
             decoded = []

@@ -256,43 +256,81 @@ def test_tier_to_merge_picks_the_smallest_full_tier():
     assert rows(100, 100, 5, 6, 7) == [] and rows(5, 6, 7, 8, fanout=0) == []
 
 
+class SyntheticRows:
+    """An index of ``n`` random 16-d reference rows (one patch each) with helpers to add any range."""
+
+    def __init__(self, tmp_path: Path, n: int) -> None:
+        import numpy as np
+
+        from core.knn import IndexSpec, l2_normalize
+        self.x = l2_normalize(np.random.default_rng(0).normal(size=(n, 16)))
+        self.ids = [f"R{i:03d}" for i in range(n)]
+        self.tmp, self.idx, self.spec = tmp_path, IndexDir(tmp_path / "index"), IndexSpec()
+
+    def features(self, lo: int, hi: int) -> str:
+        from core.store import features_table, write_table
+        return write_table(features_table(self.ids[lo:hi], [0] * (hi - lo), "m", 64, self.x[lo:hi]),
+                           self.tmp / "f" / f"{lo}.parquet")
+
+    def images(self, lo: int, hi: int) -> pa.Table:
+        return pa.table({"image_id": self.ids[lo:hi], "path": self.ids[lo:hi], "sha256": self.ids[lo:hi],
+                         "width": [64] * (hi - lo), "height": [64] * (hi - lo)})
+
+    def build(self, hi: int) -> str:
+        from ensemble.index import versions
+        return versions.build(self.idx, "", {}, {"m": versions.KeySource([self.features(0, hi)])}, self.images(0, hi),
+                              self.spec, 128)
+
+    def add(self, parent: str, lo: int, hi: int) -> str:
+        from ensemble.index import versions
+        with self.idx.publish(parent) as (name, out):
+            versions.add(self.idx, parent, out, name, {"m": [self.features(lo, hi)]}, self.images(lo, hi), self.spec,
+                         128)
+        return name
+
+    def key(self, version: str):
+        from ensemble.index import versions
+        from ensemble.index.reader import KeyIndex
+        folder = self.idx.path(version)
+        return KeyIndex(folder / "keys" / "m", versions.read_manifest(folder)["keys"]["m"], set(), self.spec, 1)
+
+
 def test_many_small_adds_leave_few_shards_that_answer_like_one(tmp_path):
     """Sixty adds of a few rows each: the small shards are merged tier by tier (not one shard per add),
     every row is still found as in a single exact index, and earlier versions are untouched."""
     import numpy as np
 
-    from core.knn import IndexSpec, l2_normalize
-    from core.store import features_table, write_table
     from ensemble.index import versions
-    from ensemble.index.reader import KeyIndex
-    x = l2_normalize(np.random.default_rng(0).normal(size=(400, 16)))
-    ids = [f"R{i:03d}" for i in range(len(x))]
-
-    def features(lo: int, hi: int) -> str:
-        return write_table(features_table(ids[lo:hi], [0] * (hi - lo), "m", 64, x[lo:hi]),
-                           tmp_path / "f" / f"{lo}.parquet")
-
-    def images(lo: int, hi: int) -> pa.Table:
-        return pa.table({"image_id": ids[lo:hi], "path": ids[lo:hi], "sha256": ids[lo:hi],
-                         "width": [64] * (hi - lo), "height": [64] * (hi - lo)})
-
-    def key(version: str) -> KeyIndex:
-        folder = idx.path(version)
-        return KeyIndex(folder / "keys" / "m", versions.read_manifest(folder)["keys"]["m"], set(), spec, 1)
-
-    idx, spec = IndexDir(tmp_path / "index"), IndexSpec()
-    first = versions.build(idx, "", {}, {"m": versions.KeySource([features(0, 100)])}, images(0, 100), spec, 128)
-    before = key(first).search(x[:100], 1)
+    rows = SyntheticRows(tmp_path, 400)
+    first = rows.build(100)
+    before = rows.key(first).search(rows.x[:100], 1)
     for lo in range(100, 400, 5):
-        with idx.publish() as (name, out):
-            versions.add(idx, idx.current(), out, name, {"m": [features(lo, lo + 5)]}, images(lo, lo + 5), spec, 128)
-    last = key(idx.current())
-    shards = versions.read_manifest(idx.path(idx.current()))["keys"]["m"]["shards"]
+        rows.add(rows.idx.current(), lo, lo + 5)
+    last = rows.key(rows.idx.current())
+    shards = versions.read_manifest(rows.idx.path(rows.idx.current()))["keys"]["m"]["shards"]
     assert last.rows == 400 and len(shards) <= 8, [s["rows"] for s in shards]  # 61 without merging
-    _, found, _ = last.search(x, 1)
-    assert found[:, 0].tolist() == ids  # each row's nearest is itself, wherever it was merged to
-    again = key(first).search(x[:100], 1)
+    _, found, _ = last.search(rows.x, 1)
+    assert found[:, 0].tolist() == rows.ids  # each row's nearest is itself, wherever it was merged to
+    again = rows.key(first).search(rows.x[:100], 1)
     assert all(np.array_equal(a, b) for a, b in zip(before, again))  # the first version still reads as it was
+
+
+def test_a_writer_that_read_an_older_version_publishes_nothing(tmp_path):
+    """Two index commands that each read CURRENT before the other published: the second would make
+    its version from the old one and drop the first's change (a removed id live again)."""
+    from ensemble.index import versions
+    rows = SyntheticRows(tmp_path, 30)
+    first = rows.build(20)
+    removed, _, _ = versions.remove(rows.idx, first, ["R000"])
+    stale = [lambda: rows.add(first, 20, 30), lambda: versions.remove(rows.idx, first, ["R001"]),
+             lambda: versions.compact(rows.idx, first, rows.spec, 128)]
+    for write in stale:
+        with pytest.raises(IndexFolderError, match=f"published {removed} after this one read {first}"):
+            write()
+    assert rows.idx.current() == removed and rows.idx.versions() == [first, removed] and not rows.idx.stale()
+    live = versions.live_images(rows.idx.path(removed), versions.read_manifest(rows.idx.path(removed)))
+    assert "R000" not in live.column("image_id").to_pylist()
+    assert rows.idx.current() != rows.add(removed, 20, 30)  # from the published version: fine
 
 
 def test_prune_keeps_the_model_files_that_kept_versions_use(tmp_path):

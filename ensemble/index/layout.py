@@ -97,10 +97,17 @@ class IndexDir:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     @contextmanager
-    def publish(self) -> Iterator[tuple[str, Path]]:
+    def publish(self, parent: str | None = None) -> Iterator[tuple[str, Path]]:
         """``(name, folder)`` of the next version to fill; when the block ends without error the
-        folder is renamed into place and ``CURRENT`` switched to it, under the writer's lock."""
+        folder is renamed into place and ``CURRENT`` switched to it, under the writer's lock.
+
+        ``parent``: the version the new one is made from, read before the lock was taken. If another
+        writer published since, the new version would drop its change: refused, nothing written."""
         with self.lock():
+            now = self.current()
+            if parent is not None and now != parent:
+                raise IndexFolderError(f"{self.root}: another `copydet index` command published {now} after this one "
+                                       f"read {parent}; nothing was written, run this command again")
             for tmp in self.stale():  # we hold the lock: no writer owns these any more
                 shutil.rmtree(tmp, ignore_errors=True)
             done = self.versions()

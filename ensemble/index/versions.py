@@ -206,7 +206,7 @@ def remove(idx: IndexDir, parent: str, ids: Sequence[str]) -> tuple[str, list[st
     hit, unknown = sorted(set(ids) & live), sorted(set(ids) - live)
     if not hit:
         return parent, [], unknown
-    with idx.publish() as (name, out):
+    with idx.publish(parent) as (name, out):
         _link_version(idx.path(parent), out, skip=("index.json", "removed.parquet"))
         tomb = pa.concat_tables([removed_table(idx.path(parent)),
                                  pa.table({"image_id": hit, "version": [name] * len(hit)}, schema=REMOVED_SCHEMA)])
@@ -222,7 +222,7 @@ def compact(idx: IndexDir, parent: str, spec: IndexSpec, shard_size: int) -> str
     src = idx.path(parent)
     meta = read_manifest(src)
     removed = pa.array(removed_table(src).column("image_id").to_pylist(), pa.string())
-    with idx.publish() as (name, out):
+    with idx.publish(parent) as (name, out):
         keep = ("config.yaml", "cards", "reduce")
         for f in src.rglob("*"):
             rel = f.relative_to(src)
