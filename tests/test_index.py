@@ -81,6 +81,24 @@ def test_served_answer_equals_batch_predictions(built):
     assert_same(served(Matcher(str(index)), data / "queries"), predictions(run / "predictions.csv"))
 
 
+def test_a_reference_file_gone_leaves_its_pairs_unverified(built, tmp_path):
+    """The service reads reference images to verify; one deleted after `index add` must not fail the batch."""
+    data, _, _, index = built
+    queries = sorted((data / "queries").glob("*.jpg"))[:2]
+    first = Matcher(str(index)).match([load_rgb(q) for q in queries])[0]["matches"]
+    gone = next(m["reference_id"] for m in first if m["verified"] is not None)
+    path = Path(Matcher(str(index)).index.paths[gone])
+    shutil.move(path, tmp_path / path.name)
+    try:
+        answers = Matcher(str(index)).match([load_rgb(q) for q in queries])
+    finally:
+        shutil.move(tmp_path / path.name, path)
+    again = {m["reference_id"]: m for m in answers[0]["matches"]}
+    assert again[gone]["verified"] is None and again[gone]["inliers"] is None
+    assert sum(m["verified"] is not None for m in again.values()) == sum(m["verified"] is not None for m in first) - 1
+    assert answers[1]["matches"]
+
+
 def test_add_remove_compact(built, tmp_path):
     data, cfg, _, built_index = built
     index = tmp_path / "index"

@@ -10,6 +10,8 @@ So a served top-k equals ``copydet run``'s predictions for the same config and r
 """
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Sequence
 from functools import lru_cache
@@ -19,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
-from core.imageio import load_rgb
+from core.imageio import ImageDecodeError, load_rgb
 from core.store import embeddings_from_arrow
 from ensemble.fuse import demote_others, fuse, max_over_patches, top_k_per_query
 from ensemble.index.reader import IndexVersion, KeyIndex
@@ -30,6 +32,8 @@ from jobs.indexing import derive_keys, embedder_for, index_config
 from jobs.stages.search import assemble, routes, with_bias
 from jobs.stages.verify import METHODS, rescore, scorer_for
 from patchers.embed import ImageEmbedder
+
+log = logging.getLogger(__name__)
 
 REFERENCE_CACHE = 256  # described references kept per scorer
 
@@ -107,7 +111,13 @@ class Matcher:
             for q, r in pairs:
                 if q not in queries:
                     queries[q] = scorer.describe_query(images[q])
-                a, b = queries[q], self.references[name](r)
+                try:
+                    b = self.references[name](r)
+                except ImageDecodeError as e:  # e.g. the ingest folder was cleaned after `index add`
+                    log.warning("serve: %s; its pairs are left unverified", e)
+                    out[(q, r)][name] = dict.fromkeys(scorer.columns, math.nan)
+                    continue
+                a = queries[q]
                 if isinstance(scorer, KeypointScorer):
                     found, row = scorer.check(a, b)
                     out[(q, r)]["pairs"] = found / np.array([*a[0].size, *b.size], np.float32) if len(found) else found
