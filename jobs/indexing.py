@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import yaml
 
 from core.contracts import ERRORS_SCHEMA
-from core.imageio import ImageDecodeError, list_images, load_rgb, sha256_file
+from core.imageio import ImageDecodeError, load_rgb, scan_images, sha256_file
 from core.models.cards import ModelCard
 from core.models.registry import load_card, resolve_model
 from core.store import embeddings_from_arrow, exists, join, read_table, write_table
@@ -29,7 +29,8 @@ from ensemble.index.layout import IndexDir
 from ensemble.index.reader import read_cards, read_config
 from ensemble.reduce import load_pca
 from jobs.config import DataConfig, PipelineConfig, validate
-from jobs.layout import RunDir, shard_names
+from jobs.inputs import InputError, check_unique_ids
+from jobs.layout import RunDir, SettingsChanged, shard_names
 from jobs.lock import locked
 from jobs.pipeline import run_stages
 from jobs.stages.extract import key_specs
@@ -128,7 +129,11 @@ def build_from_folders(cfg: PipelineConfig, root: str, address: str | None = Non
     staging = Path(root) / ".staging"
     data = DataConfig(references=folders["reference"], limit=cfg.data.limit,
                       train=folders.get("train") if needs_train(cfg) else None)
-    run_stages(cfg.model_copy(update={"data": data, "output": str(staging)}), BUILD_STAGES, address)
+    try:
+        run_stages(cfg.model_copy(update={"data": data, "output": str(staging)}), BUILD_STAGES, address)
+    except (InputError, SettingsChanged) as e:  # its own advice (a new --out) does not apply here
+        raise type(e)(f"{e}\nindex build: {staging} holds a build of other images or settings that was stopped; "
+                      "delete it to build this one") from e
     name = build_from_run(str(staging), root, cfg)
     shutil.rmtree(staging, ignore_errors=True)
     return name
@@ -162,14 +167,18 @@ def derive_keys(cfg: PipelineConfig, tables: list, pcas: dict, train: dict) -> d
 
 def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[str, int, list[str]]:
     """Embed the images of ``folder`` not yet in the index and publish them; returns
-    ``(version, images added, error lines)``. Ids already live are skipped, ids removed since
-    the last compaction are refused (their rows still sit in the shards)."""
+    ``(version, images added, error lines)``: the version is the published one, unchanged, when
+    every image is live already. Ids already live are skipped, ids removed since the last
+    compaction are refused (their rows still sit in the shards), and so is an id two files give."""
     idx = IndexDir(root)
     parent, cfg = index_config(root, None, overrides)
     meta = versions.read_manifest(idx.path(parent))
     live = set(versions.live_images(idx.path(parent), meta).column("image_id").to_pylist())
     removed = set(versions.removed_table(idx.path(parent)).column("image_id").to_pylist())
-    files = list_images(folder)
+    scan = scan_images(folder)
+    check_unique_ids(scan, folder, "index add")
+    files = [(f.image_id, f.path) for f in scan.files]
+    failed = [{"path": p, "error": f"{p}: {reason}"} for p, reason in scan.rejected]
     again = sorted(i for i, _ in files if i in removed)
     if again:
         raise ValueError(f"{again[:5]}: removed since the last compaction; run `copydet index compact {root}` "
@@ -177,40 +186,47 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
     todo = [(i, p) for i, p in files if i not in live]
     if len(todo) < len(files):
         log.info(f"index add: {len(files) - len(todo)} image(s) of {folder} are already in the index; skipped")
+    if not files:
+        raise NothingAdded(f"{folder}: no image files to add ({len(failed)} other file(s))")
     if not todo:
-        raise NothingAdded(f"{folder}: no new images to add")
+        return parent, 0, [f["error"] for f in failed]
     embedder = embedder_for(root, parent, cfg, "reference")
     pcas = {k: load_pca(idx.path(parent) / m["pca"]) for k, m in meta["keys"].items() if m.get("pca")}
     train = stretch_background(idx, parent, cfg)
-    errors, rows, staged = [], [], {key: [] for key in cfg.search_keys()}
-    with idx.publish(parent) as (name, out):
-        step = cfg.index.chunk_images
-        for start in range(0, len(todo), step):
-            decoded = []
-            for image_id, path in todo[start:start + step]:
-                try:
-                    img = load_rgb(path, max_pixels=cfg.data.max_pixels)
-                except ImageDecodeError as e:
-                    errors.append(str(e))
+    rows, staged = [], {key: [] for key in cfg.search_keys()}
+    try:
+        with idx.publish(parent) as (name, out):
+            step = cfg.index.chunk_images
+            for start in range(0, len(todo), step):
+                decoded = []
+                for image_id, path in todo[start:start + step]:
+                    try:
+                        img = load_rgb(path, max_pixels=cfg.data.max_pixels)
+                    except ImageDecodeError as e:
+                        failed.append({"path": e.path, "error": str(e)})
+                        continue
+                    decoded.append((image_id, img))
+                    rows.append({"image_id": image_id, "path": path, "sha256": sha256_file(path),
+                                 "width": img.width, "height": img.height})
+                if not decoded:
                     continue
-                decoded.append((image_id, img))
-                rows.append({"image_id": image_id, "path": path, "sha256": sha256_file(path),
-                             "width": img.width, "height": img.height})
-            if not decoded:
-                continue
-            sources = dict(todo[start:start + step])
-            for key, table in derive_keys(cfg, embedder.embed(decoded, sources=sources), pcas, train).items():
-                staged[key].append(write_table(table, out / "staging" / key / f"part-{start:08d}.parquet"))
-            log.info(f"index add: {min(start + step, len(todo))}/{len(todo)} images embedded")
-        if not rows:
-            raise NothingAdded(f"{folder}: none of {len(todo)} new image(s) decodes: {errors[:3]}")
-        if errors:
-            write_table(pa.Table.from_pylist([{"path": e.split(":", 1)[0], "error": e} for e in errors],
-                                             schema=ERRORS_SCHEMA), out / "errors.parquet")
-        versions.add(idx, parent, out, name, staged, pa.Table.from_pylist(rows, schema=versions.IMAGES_SCHEMA),
-                     cfg.search.index_spec(), cfg.search.shard_size, cfg.index.merge_fanout)
-        shutil.rmtree(out / "staging")
-    return name, len(rows), errors
+                sources = dict(todo[start:start + step])
+                for key, table in derive_keys(cfg, embedder.embed(decoded, sources=sources), pcas, train).items():
+                    staged[key].append(write_table(table, out / "staging" / key / f"part-{start:08d}.parquet"))
+                log.info(f"index add: {min(start + step, len(todo))}/{len(todo)} images embedded")
+            if not rows:
+                raise NothingAdded(f"{folder}: none of {len(todo)} new image(s) decodes: "
+                                   f"{[f['error'] for f in failed][:3]}")
+            versions.add(idx, parent, out, name, staged, pa.Table.from_pylist(rows, schema=versions.IMAGES_SCHEMA),
+                         cfg.search.index_spec(), cfg.search.shard_size, cfg.index.merge_fanout)
+            if failed:
+                write_table(pa.Table.from_pylist(failed, schema=ERRORS_SCHEMA), out / versions.ERRORS)
+            shutil.rmtree(out / "staging")
+    except NothingAdded:
+        if len(todo) < len(files):  # the rest is in already (a retry): the unreadable ones are named, not fatal
+            return parent, 0, [f["error"] for f in failed]
+        raise
+    return name, len(rows), [f["error"] for f in failed]
 
 
 def stretch_background(idx: IndexDir, version: str, cfg: PipelineConfig) -> dict:
@@ -222,7 +238,7 @@ def stretch_background(idx: IndexDir, version: str, cfg: PipelineConfig) -> dict
                                        .column("embedding")) for key in cfg.search_keys()}
 
 
-def remove_ids(root: str, ids: Sequence[str]) -> tuple[str, list[str], list[str]]:
+def remove_ids(root: str, ids: Sequence[str]) -> versions.Removal:
     idx = IndexDir(root)
     return versions.remove(idx, idx.require_current(), ids)
 

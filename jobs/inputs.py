@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from core.imageio import IMAGE_SUFFIXES, scan_images, sha256_file
+from core.imageio import IMAGE_SUFFIXES, FolderScan, scan_images, sha256_file
 from core.metrics import read_ground_truth
 from core.store import exists, list_shards, read_table, write_table
 from jobs.config import SPLIT_FOLDERS, DataConfig
@@ -62,18 +62,22 @@ def split_folders(data: DataConfig, required: Collection[str] = ()) -> dict[str,
     return folders
 
 
+def check_unique_ids(scan: FolderScan, folder: str, what: str) -> None:
+    """Refuse an id that two files of ``folder`` give (``Q3.jpg`` and ``Q3.png``): which one is ``Q3``?"""
+    dups = scan.duplicates()
+    if dups:
+        raise InputError(f"{what}: {len(dups)} image id(s) of {folder} are given by more than one file (an id is "
+                         "the file name without extension): "
+                         + _some([f"{i!r} ({' and '.join(p)})" for i, p in dups.items()]) + "; rename or remove one of each")
+
+
 def scan_inputs(folders: dict[str, str]) -> pa.Table:
     """Every file under the split folders as INPUTS_SCHEMA rows; refuses an id given by two files
     and a folder without images."""
     rows = []
     for split, folder in folders.items():
         scan = scan_images(folder)
-        dups = scan.duplicates()
-        if dups:
-            raise InputError(f"data.{SPLIT_FOLDERS[split]}: {len(dups)} image id(s) of {folder} are given by more "
-                             f"than one file (an id is the file name without extension): "
-                             + _some([f"{i!r} ({' and '.join(p)})" for i, p in dups.items()])
-                             + "; rename or remove one of each")
+        check_unique_ids(scan, folder, f"data.{SPLIT_FOLDERS[split]}")
         if not scan.files:
             raise InputError(f"data.{SPLIT_FOLDERS[split]}: {folder} has no image files (accepted extensions: "
                              f"{' '.join(IMAGE_SUFFIXES)}; {len(scan.rejected)} other file(s))")

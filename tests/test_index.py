@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet
 import pytest
 
 from core.imageio import load_rgb
@@ -108,9 +109,20 @@ def test_add_remove_compact(built, tmp_path):
     synthetic_photo(900).save(extra / "R900.jpg")
     synthetic_photo(901).save(extra / "R901.jpg")
     shutil.copy(data / "references" / "R001.jpg", extra / "R001.jpg")  # already in: skipped, not duplicated
+    (extra / "R902.jpg").write_bytes(b"")
+    synthetic_photo(902).save(extra / "R902.png")
+    with pytest.raises(ValueError, match=r"'R902' \(.*R902.jpg and .*R902.png\)"):  # which one is R902?
+        indexing.add_folder(str(index), str(extra))
+    (extra / "R902.png").unlink()
+    (extra / "R902.jpg").rename(extra / "bad:name.jpg")  # empty
     (extra / "broken.jpg").write_bytes(b"not a jpeg")
+    (extra / "notes.txt").write_text("not an image file extension")
     name, added, errors = indexing.add_folder(str(index), str(extra))
-    assert (name, added) == ("v000002", 2) and len(errors) == 1 and "broken.jpg" in errors[0]
+    assert (name, added) == ("v000002", 2) and len(errors) == 3
+    recorded = pa.parquet.read_table(IndexDir(index).path(name) / "errors.parquet").to_pylist()
+    assert sorted(Path(r["path"]).name for r in recorded) == ["bad:name.jpg", "broken.jpg", "notes.txt"]
+    assert indexing.add_folder(str(index), str(extra))[:2] == (name, 0)  # a retry: nothing new, nothing published
+    assert copydet(["index", "add", str(index), str(extra)]) == 0 and IndexDir(index).current() == name
     # the added image is found first by a copy of itself; R001 is there once
     m = Matcher(str(index))
     copy = synthetic_photo(900).crop((5, 5, 90, 70))
@@ -132,8 +144,11 @@ def test_add_remove_compact(built, tmp_path):
         update={"root": None, "references": str(both), "train": str(data / "train")})}), str(rebuilt))
     assert_same(served(m, data / "queries"), served(Matcher(str(rebuilt)), data / "queries"))
 
-    name, removed, unknown = indexing.remove_ids(str(index), ["R900", "R007", "nope"])
-    assert (name, removed, unknown) == ("v000003", ["R007", "R900"], ["nope"])
+    done = indexing.remove_ids(str(index), ["R900", "R007", "nope"])
+    assert (done.version, done.removed, done.unknown) == ("v000003", ["R007", "R900"], ["nope"])
+    assert not (IndexDir(index).path("v000003") / "errors.parquet").exists()  # the add's own record
+    assert copydet(["index", "remove", str(index), "R900"]) == 0  # a retry of a remove that published
+    assert copydet(["index", "remove", str(index), "nope"]) == 1 and IndexDir(index).current() == "v000003"
     m = Matcher(str(index), reuse=swapped)  # every shard shared, the tombstones new
     assert shares(swapped, m) == (10, 10)
     for answer in m.match([copy, load_rgb(data / "queries" / "Q003.jpg")]):  # Q003 is a copy of R007
@@ -200,6 +215,21 @@ def test_killed_add_leaves_previous_version(built, tmp_path):
     many.mkdir()
     synthetic_photo(3000).save(many / "N999.jpg")
     assert indexing.add_folder(str(index), str(many))[:2] == ("v000002", 1) and not idx.stale()
+
+
+def test_a_build_left_by_a_stopped_build_of_other_images_names_its_folder(ray_local, tmp_path):
+    from jobs.pipeline import run_stages
+    data = make_tiny_dataset(tmp_path)
+    cfg = load_config(None, [f"data.root={data}", *TINY])
+    other = tmp_path / "other"
+    shutil.copytree(data / "references", other)
+    synthetic_photo(950).save(other / "R950.jpg")
+    index = tmp_path / "index"
+    refs = cfg.data.model_copy(update={"root": None, "references": str(other)})
+    run_stages(cfg.model_copy(update={"data": refs, "output": str(index / ".staging")}), ["manifest"])  # then stopped
+    with pytest.raises(ValueError, match=r"(?s)other settings.*index/\.staging holds a build .* delete it to build this one"):
+        indexing.build_from_folders(cfg.model_copy(update={"data": cfg.data.model_copy(
+            update={"root": None, "references": str(data / "references")})}), str(index))
 
 
 def test_writer_lock_and_missing_index(tmp_path):
@@ -339,7 +369,7 @@ def test_a_writer_that_read_an_older_version_publishes_nothing(tmp_path):
     from ensemble.index import versions
     rows = SyntheticRows(tmp_path, 30)
     first = rows.build(20)
-    removed, _, _ = versions.remove(rows.idx, first, ["R000"])
+    removed = versions.remove(rows.idx, first, ["R000"]).version
     stale = [lambda: rows.add(first, 20, 30), lambda: versions.remove(rows.idx, first, ["R001"]),
              lambda: versions.compact(rows.idx, first, rows.spec, 128)]
     for write in stale:
@@ -349,6 +379,18 @@ def test_a_writer_that_read_an_older_version_publishes_nothing(tmp_path):
     live = versions.live_images(rows.idx.path(removed), versions.read_manifest(rows.idx.path(removed)))
     assert "R000" not in live.column("image_id").to_pylist()
     assert rows.idx.current() != rows.add(removed, 20, 30)  # from the published version: fine
+
+
+def test_an_index_compacted_to_nothing_takes_new_references(tmp_path):
+    from ensemble.index import versions
+    rows = SyntheticRows(tmp_path, 30)
+    first = rows.build(20)
+    gone = versions.remove(rows.idx, first, rows.ids[:20]).version
+    empty = versions.compact(rows.idx, gone, rows.spec, 128)
+    assert versions.read_manifest(rows.idx.path(empty))["images"]["live"] == 0
+    added = rows.add(empty, 20, 30)
+    _, found, _ = rows.key(added).search(rows.x[20:30], 1)
+    assert found[:, 0].tolist() == rows.ids[20:30]
 
 
 def test_prune_keeps_the_model_files_that_kept_versions_use(tmp_path):

@@ -170,7 +170,7 @@ def test_new_version_is_picked_up_without_dropping_requests(service, tmp_path):
     assert health["version"] == version != before["version"] and health["references"] == before["references"] + 1
     assert statuses and set(statuses) == {200}
     assert post(url, (QUERIES / "Q0003.jpg").read_bytes()).json()["matches"][0]["reference_id"] == "RNEW"
-    gone = indexing.remove_ids(str(index), ["RNEW"])[0]
+    gone = indexing.remove_ids(str(index), ["RNEW"]).version
     deadline = time.time() + 60
     while requests.get(f"{url}/healthz", timeout=10).json()["version"] != gone and time.time() < deadline:
         time.sleep(0.2)

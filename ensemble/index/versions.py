@@ -40,6 +40,7 @@ FORMAT = 1
 IMAGES_SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("sha256", pa.string()),
                            ("width", pa.int32()), ("height", pa.int32())])
 REMOVED_SCHEMA = pa.schema([("image_id", pa.string()), ("version", pa.string())])
+ERRORS = "errors.parquet"  # the files an add could not read (its own: not linked into the next version)
 
 
 @dataclass(frozen=True)
@@ -106,7 +107,7 @@ def tier_to_merge(shards: Sequence[dict], shard_size: int, fanout: int) -> list[
 
 
 def next_shard(shards: Sequence[dict]) -> int:
-    return 1 + max(int(s["name"].split("-")[1]) for s in shards)
+    return 1 + max((int(s["name"].split("-")[1]) for s in shards), default=-1)  # none: compacted to nothing
 
 
 def merge_tiers(key_dir: Path, k: dict, spec: IndexSpec, shard_size: int, fanout: int) -> None:
@@ -170,7 +171,7 @@ def build(idx: IndexDir, config_yaml: str, cards: Mapping[str, ModelCard], keys:
     return name
 
 
-def _link_version(src: Path, out: Path, skip: tuple[str, ...] = ("index.json",)) -> None:
+def _link_version(src: Path, out: Path, skip: tuple[str, ...] = ("index.json", ERRORS)) -> None:
     """Hard-link every file of version ``src`` into ``out`` (but ``skip``)."""
     for f in src.rglob("*"):
         if f.is_file() and str(f.relative_to(src)) not in skip:
@@ -198,22 +199,33 @@ def add(idx: IndexDir, parent: str, out: Path, name: str, added: Mapping[str, Se
     return new
 
 
-def remove(idx: IndexDir, parent: str, ids: Sequence[str]) -> tuple[str, list[str], list[str]]:
-    """Publish ``parent`` with the live ``ids`` tombstoned; returns (version, removed, unknown).
-    Nothing is published when no id is live."""
+@dataclass(frozen=True)
+class Removal:
+    """What ``remove`` did: the version now published, the ids it removed, those removed before
+    (tombstoned since the last compaction) and those this index does not know."""
+
+    version: str
+    removed: list[str]
+    already: list[str]
+    unknown: list[str]
+
+
+def remove(idx: IndexDir, parent: str, ids: Sequence[str]) -> Removal:
+    """Publish ``parent`` with the live ``ids`` tombstoned. Nothing is published when no id is live."""
     meta = read_manifest(idx.path(parent))
     live = set(live_images(idx.path(parent), meta).column("image_id").to_pylist())
-    hit, unknown = sorted(set(ids) & live), sorted(set(ids) - live)
+    gone = set(removed_table(idx.path(parent)).column("image_id").to_pylist())
+    hit, other = sorted(set(ids) & live), set(ids) - live
     if not hit:
-        return parent, [], unknown
+        return Removal(parent, [], sorted(other & gone), sorted(other - gone))
     with idx.publish(parent) as (name, out):
-        _link_version(idx.path(parent), out, skip=("index.json", "removed.parquet"))
+        _link_version(idx.path(parent), out, skip=("index.json", ERRORS, "removed.parquet"))
         tomb = pa.concat_tables([removed_table(idx.path(parent)),
                                  pa.table({"image_id": hit, "version": [name] * len(hit)}, schema=REMOVED_SCHEMA)])
         write_table(tomb, out / "removed.parquet")
         _finish(out, _meta(name, meta, "remove", images={**meta["images"], "live": meta["images"]["live"] - len(hit),
                                                          "removed": tomb.num_rows}))
-    return name, hit, unknown
+    return Removal(name, hit, sorted(other & gone), sorted(other - gone))
 
 
 def compact(idx: IndexDir, parent: str, spec: IndexSpec, shard_size: int) -> str:

@@ -53,8 +53,11 @@ def _add(args: argparse.Namespace) -> int:
         return 1
     for line in errors:
         log.warning(f"index add: skipped {line}")
+    if not added:
+        log.info(f"index add: every image of {args.rest[0]} is in {name} already; nothing published")
+        return 0
     log.info(f"index add: published {name} with {added} new reference(s)"
-             + (f"; {len(errors)} file(s) failed to decode (listed in its errors.parquet)" if errors else ""))
+             + (f"; {len(errors)} file(s) could not be read (listed in its errors.parquet)" if errors else ""))
     return 0
 
 
@@ -65,12 +68,18 @@ def _remove(args: argparse.Namespace) -> int:
         ids += [line.strip() for line in Path(args.ids_file).read_text().splitlines() if line.strip()]
     if not ids:
         raise ValueError("index remove: give the reference ids to remove (or --ids-file)")
-    name, removed, unknown = indexing.remove_ids(root, ids)
-    if unknown:
-        log.warning(f"index remove: not live references of {root}: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
-    if removed:
-        log.info(f"index remove: published {name} without {len(removed)} reference(s)")
-    return 0 if removed else 1
+    done = indexing.remove_ids(root, ids)
+    if done.already:
+        log.info(f"index remove: removed before: {_some(done.already)}")
+    if done.unknown:
+        log.warning(f"index remove: not references of {root}: {_some(done.unknown)}")
+    if done.removed:
+        log.info(f"index remove: published {done.version} without {len(done.removed)} reference(s)")
+    return 0 if done.removed or not done.unknown else 1  # a retry of a remove that published succeeds
+
+
+def _some(ids: list[str]) -> str:
+    return f"{ids[:10]}{' ...' if len(ids) > 10 else ''}"
 
 
 def _compact(args: argparse.Namespace) -> None:
