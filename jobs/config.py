@@ -106,6 +106,9 @@ class ExtractConfig(Strict):
     shape_bucket: int = Field(0, ge=0, description="aspect-kept members: round the free side to a multiple "
                               "of this many pixels so patches batch together on a GPU (0: exact sizes; 32 "
                               "cost minidisc-hard 0.0015 uAP and 0.020 R@P90 with SSCD, no speed on a CPU)")
+    chunk_retries: int = Field(3, ge=0, description="a chunk whose model actor dies (out of memory, a lost node) "
+                               "runs again on a new actor at most this many times, then the stage fails (Ray Data's "
+                               "default retries it forever)")
 
 
 class NormalizeConfig(Strict):

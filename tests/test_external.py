@@ -87,6 +87,8 @@ def test_resized_size_rules() -> None:
     assert resized_size((400, 300), "short_side", 288) == (384, 288)
     assert resized_size((300, 400), "long_side", 200) == (150, 200)
     assert resized_size((400, 300), "square", 64) == (64, 64)
+    assert resized_size((3000, 1), "short_side", 192) == (8 * 192, 192)  # not 576,000 x 192
+    assert resized_size((1, 3000), "long_side", 200) == (1, 200)
 
 
 def test_onnx_member_matches_torch(tmp_path: Path) -> None:

@@ -166,3 +166,16 @@ def test_shape_buckets_batch_aspect_kept_patches_and_keep_descriptors():
     assert calls == [12]  # bucketed: one shape, one batch
     cosine = (a * b).sum(axis=1)
     assert cosine.min() >= 0.99
+
+
+def test_a_feature_folder_pins_the_precision_it_was_made_at():
+    """bfloat16 features beside float32 ones in one folder would mix two encoders' outputs."""
+    from types import SimpleNamespace
+
+    from jobs.config import load_config
+    from jobs.stages.extract import key_settings
+    cfg = load_config(None, ["models.0.name=resnet18"])
+    key = SimpleNamespace(scale=64, dtype="float32", pre=SimpleNamespace(bucket=0), card=SimpleNamespace(weights=None))
+    assert "precision" not in key_settings(cfg, cfg.models[0], key)  # float32 folders made before stay resumable
+    bf16 = cfg.models[0].model_copy(update={"precision": "bfloat16"})
+    assert key_settings(cfg, bf16, key)["precision"] == "bfloat16"

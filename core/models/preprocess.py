@@ -25,6 +25,7 @@ from PIL import Image
 
 from core.models.cards import ExternalSpec, ModelCard, input_spec
 
+MAX_ASPECT = 8  # an aspect-kept resize stretches the rare image beyond 8:1 to 8:1
 INTERPOLATION = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC}
 
 
@@ -33,13 +34,14 @@ def resized_size(size: tuple[int, int], rule: str, target: int, bucket: int = 0)
 
     ``bucket`` > 0 rounds the other side of an aspect-kept resize to a multiple of ``bucket``, so
     patches of similar aspect share a shape and run as one batch (the aspect moves by at most
-    ``bucket / 2`` pixels on that side).
+    ``bucket / 2`` pixels on that side). No side exceeds :data:`MAX_ASPECT` x ``target``: a
+    3000 x 1 image at short side 192 would be a 576,000 px wide input.
     """
     w, h = size
     if rule == "square":
         return target, target
     side = min(w, h) if rule == "short_side" else max(w, h)
-    out = [max(1, round(w * target / side)), max(1, round(h * target / side))]
+    out = [min(MAX_ASPECT * target, max(1, round(x * target / side))) for x in (w, h)]
     if bucket:
         other = 1 if (w <= h) == (rule == "short_side") else 0  # the side not set to target
         out[other] = max(bucket, int(round(out[other] / bucket)) * bucket)

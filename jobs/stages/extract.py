@@ -105,6 +105,7 @@ def key_settings(cfg: PipelineConfig, entry: ModelEntry, key: KeySpec) -> dict:
     settings = {"model": entry.name, "scale": key.scale, "dim": entry.dim, "dtype": key.dtype,
                 "chunk_patches": cfg.extract.chunk_patches}
     settings.update({"pool": entry.pool} if entry.pool else {})
+    settings.update({"precision": entry.precision} if entry.precision != "float32" else {})
     settings.update({"shape_bucket": key.pre.bucket} if key.pre.bucket else {})
     settings.update({"weights_sha256": weights_hash(key.card)} if key.card.weights else {})
     return settings
@@ -130,17 +131,25 @@ def run_extract(cfg: PipelineConfig, run: RunDir) -> None:
     ds = ray.data.from_items([vars(t) for t in tasks], override_num_blocks=len(tasks))
     ds = ds.map(lambda row: decode_chunk(ChunkTask(**{**row, "keys": tuple(row["keys"])}), run.patches, run.manifest,
                                          pres, cfg.data.max_pixels), num_cpus=cfg.extract.decode_cpus)
-    # Ray Data restarts dead actors and retries their batches by default (max_restarts=-1).
+    # Ray Data restarts dead actors (max_restarts=-1: a lost node must not end the run), but a chunk
+    # that kills every actor it meets (out of memory) must fail the stage, not loop.
     ds = ds.map_batches(ChunkEmbedder, batch_size=1, batch_format="numpy",
                         fn_constructor_kwargs={"keys": keys, "errors_dir": run.errors, "use_gpu": res["use_gpu"],
                                                "num_threads": res["threads"]},
                         compute=ActorPoolStrategy(min_size=res["min_size"], max_size=res["max_size"]),
-                        num_cpus=res["num_cpus"], num_gpus=res["num_gpus"])
+                        num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_restarts=-1,
+                        max_task_retries=cfg.extract.chunk_retries)
     total = sum(t.stop - t.start for t in tasks)
     bad = 0
     with tqdm(total=total, desc=f"extract {names}", unit="patch") as bar:
-        for row in ds.iter_rows():
-            bad += int(row["errors"])
-            bar.update(int(row["planned"]))
+        try:
+            for row in ds.iter_rows():
+                bad += int(row["errors"])
+                bar.update(int(row["planned"]))
+        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as e:
+            raise RuntimeError(f"extract: a chunk's model actor died {cfg.extract.chunk_retries + 1} times (out of "
+                               "memory? see Ray's lines above); the chunks written are kept, so a re-run resumes: "
+                               "give each actor more memory (fewer at once: extract.max_actors) or raise "
+                               f"extract.chunk_retries ({e})") from e
     if bad:
         log.warning(f"extract: {bad} image(s) no longer decode; listed in {run.errors}")
