@@ -31,10 +31,11 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from PIL import Image
 
-from core.metrics import read_predictions
+from core.metrics import read_ground_truth, read_predictions, write_predictions
 from core.models.backbones import build_backbone
 from core.models.cards import RegistryError
 from core.models.checkpoint import save_checkpoint
@@ -47,6 +48,7 @@ from jobs.inputs import InputError
 from jobs.layout import RunDir, SettingsChanged
 from jobs.lock import RunFolderBusy
 from jobs.pipeline import evaluate_run, run_pipeline, run_stages
+from jobs.stages.evaluate import evaluate_run_files, format_metrics
 from tests.conftest import synthetic_photo
 
 SAMPLE = Path(__file__).parent.parent / "bench" / "sample"
@@ -192,6 +194,28 @@ def test_case3_odd_ids_round_trip_through_the_csv(runs, capsys):
     m = json.loads((out / "metrics.json").read_text())  # written by the run
     assert f"μAP {m['micro_ap']:.4f} | R@P90 {m['recall_at_p90']:.4f}" in capsys.readouterr().out
     assert m["n_positives"] == len(GT) and m["recall_at_1"] == 1.0
+
+
+def test_evaluate_scores_the_files_it_is_given(runs, tmp_path, capsys):
+    """--ground-truth alone re-scores the run against that file; --predictions alone scores that
+    file against the config's ground truth; a ground truth that is not there is an error."""
+    run = tmp_path / "run"
+    shutil.copytree(runs / "messy-run", run)
+    lines = (runs / "data" / "ground_truth.csv").read_text().splitlines()
+    fewer = tmp_path / "gt.csv"
+    fewer.write_text("\n".join(lines[:-1]) + "\n")  # one pair fewer
+    assert main(["evaluate", str(run / "config.yaml"), "--out", str(run), "--ground-truth", str(fewer)]) == 0
+    assert json.loads((run / "metrics.json").read_text())["n_positives"] == len(GT) - 1
+    assert main(["evaluate", str(run / "config.yaml"), "--out", str(run), "--ground-truth",
+                 str(tmp_path / "missing.csv")]) == 2
+    best = tmp_path / "best.csv"  # each query's best prediction only
+    rows = read_predictions(run / "predictions.csv").to_pylist()
+    firsts = {r["query_id"]: r for r in sorted(rows, key=lambda r: r["score"])}  # the last, best, stays
+    write_predictions(pa.Table.from_pylist(list(firsts.values())), str(best))
+    capsys.readouterr()
+    assert main(["evaluate", str(run / "config.yaml"), "--predictions", str(best)]) == 0
+    m = evaluate_run_files(str(best), read_ground_truth(runs / "data" / "ground_truth.csv"))
+    assert format_metrics(m) in capsys.readouterr().out and len(firsts) < len(rows)
 
 
 def test_case4_every_file_is_in_the_manifest_or_in_errors(runs):

@@ -71,8 +71,15 @@ stage_command("verify", "keypoint-verify each query's best candidates and re-sco
          arg("--plot", help="PR-curve PNG to write"),
          arg("--threshold", type=float, help="also the precision and recall of the pairs scoring at or above this"))
 def evaluate(args: argparse.Namespace) -> int:
-    if args.predictions and args.ground_truth:
-        m = evaluate_run_files(args.predictions, read_ground_truth(args.ground_truth), pr_png=args.plot)
+    """A predictions file against a ground truth (the config's unless given), or the run's own
+    predictions (with ``--ground-truth``, against that file, checked against the run's images)."""
+    if args.predictions:
+        gt = args.ground_truth or config_from_args(args).data.ground_truth_path()
+        if gt is None:
+            raise ValueError("evaluate --predictions: give --ground-truth (the config names none)")
+        m = evaluate_run_files(args.predictions, read_ground_truth(gt), pr_png=args.plot)
         print(format_metrics(m, args.threshold))
         return 0
+    if args.ground_truth:
+        args.set = [*(args.set or []), f"data.ground_truth={args.ground_truth}"]
     return 0 if evaluate_run(config_from_args(args)) else 1
