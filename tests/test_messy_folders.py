@@ -260,6 +260,17 @@ def test_case5_missing_or_empty_folders_are_named_at_start(tree, tmp_path, capsy
     assert not any((tmp_path / d / "config.yaml").exists() for d in "abc")
 
 
+def test_a_split_of_which_no_image_decodes_stops_at_the_manifest(tree, tmp_path, capsys):
+    data = tmp_path / "garbled"
+    shutil.copytree(tree / "clean", data)
+    for f in (data / "queries").iterdir():
+        f.write_text("not a photo")
+    assert main(["run", "--out", str(tmp_path / "run"), "--set", f"data.root={data}"]) == 2
+    n = len(list((data / "queries").iterdir()))
+    assert f"manifest: none of the {n} queries image(s) decodes" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "features").exists()
+
+
 def test_case6_ground_truth_is_checked_against_the_inputs(tree, tmp_path):
     gt = tmp_path / "gt.csv"
     write_gt(gt, [*GT, ("Q999", "R001"), ("Q000", "R404")])

@@ -14,8 +14,8 @@ import pyarrow.compute as pc
 
 from core.contracts import ERRORS_SCHEMA, MANIFEST_SCHEMA
 from core.store import chunks, exists, join, read_table, write_table
-from jobs.config import PipelineConfig
-from jobs.inputs import images, pin_inputs, split_folders
+from jobs.config import SPLIT_FOLDERS, PipelineConfig
+from jobs.inputs import InputError, images, pin_inputs, split_folders
 from jobs.layout import RunDir, pin_settings, shard_file, shard_names
 from jobs.runtime import run_tasks
 from patchers.manifest import describe
@@ -63,3 +63,15 @@ def run_manifest(cfg: PipelineConfig, run: RunDir) -> None:
     bad = sum(e for _, e in results)
     if bad:
         log.info(f"manifest: {bad} file(s) failed to decode, listed in {run.errors}")
+    require_decoded(run, {split: len(files) for split, files in images(inputs, cfg.data.limit).items()})
+
+
+def require_decoded(run: RunDir, listed: dict[str, int]) -> None:
+    """Refuse a split of which no image decodes: every later stage would run for nothing, and
+    the first to notice (fuse) could not say why."""
+    counts = pc.value_counts(read_table(run.manifest, ["split"]).column("split")).to_pylist()
+    decoded = {c["values"]: c["counts"] for c in counts}
+    for split, n in listed.items():
+        if not decoded.get(split):
+            raise InputError(f"manifest: none of the {n} {SPLIT_FOLDERS[split]} image(s) decodes; "
+                             f"each is listed with its reason in {run.errors}")
