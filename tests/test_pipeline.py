@@ -101,6 +101,15 @@ def test_stage_commands_run_alone(ray_local, tiny_dataset, tmp_path):
     assert set(pc.unique(patches.column("kind")).to_pylist()) == {"full", "crop"}
 
 
+def test_a_stage_run_before_its_input_records_no_settings(ray_local, tmp_path, capsys):
+    """A pinned settings file of a stage that never ran would refuse the next run's other settings."""
+    out = tmp_path / "run"
+    assert main(["manifest", "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["extract", "--out", str(out)]) == 2
+    assert "copydet patch" in capsys.readouterr().err and not (out / "features").exists()
+
+
 def test_cli_errors_are_clear(capsys):
     assert main(["fuse", "--set", "search.kk=1"]) == 2
     assert "search.kk: unknown key" in capsys.readouterr().err

@@ -119,8 +119,8 @@ def pin_keys(cfg: PipelineConfig, keys: list[KeySpec]) -> None:
 
 def run_extract(cfg: PipelineConfig, run: RunDir) -> None:
     keys = key_specs(cfg, run)
-    pin_keys(cfg, keys)
-    tasks = pending_chunks(run, keys, cfg.extract.chunk_patches)
+    tasks = pending_chunks(run, keys, cfg.extract.chunk_patches)  # checks the patch shards first
+    pin_keys(cfg, keys)  # before any work: shards of other settings are refused, not resumed
     if not tasks:
         return
     res = actor_resources(cfg.extract)
