@@ -6,11 +6,12 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+import pyarrow.compute as pc
 import yaml
 
 from core.metrics import Metrics
 from core.models.sscd import ensure_sscd
-from core.store import write_text
+from core.store import read_table, write_text
 from jobs.completeness import require_candidates
 from jobs.config import PipelineConfig
 from jobs.inputs import run_ground_truth
@@ -76,10 +77,22 @@ def evaluate_run(cfg: PipelineConfig) -> Metrics | None:
     t = threshold_of(cfg, run)
     with locked(run):
         require_candidates(cfg, run, "evaluate")
-        m = evaluate_run_files(run.predictions, run_ground_truth(gt, run), run.metrics, run.pr_curve,
-                               label=cfg.name, threshold=t)
+        pairs = run_ground_truth(gt, run)
+        warn_undecoded(pairs, run)
+        m = evaluate_run_files(run.predictions, pairs, run.metrics, run.pr_curve, label=cfg.name, threshold=t)
     log.info(f"evaluate: {format_metrics(m, t)}  ({run.metrics}, {run.pr_curve})")
     return m
+
+
+def warn_undecoded(pairs: list[tuple[str, str]], run: RunDir) -> None:
+    """Name the ground-truth pairs whose query or reference did not decode: they count as missed."""
+    manifest = read_table(run.manifest, ["split", "image_id"])
+    ids = {s: set(pc.filter(manifest.column("image_id"), pc.equal(manifest.column("split"), s)).to_pylist())
+           for s in ("query", "reference")}
+    lost = [(q, r) for q, r in pairs if q not in ids["query"] or r not in ids["reference"]]
+    if lost:
+        log.warning(f"evaluate: {len(lost)} ground-truth pair(s) name an image that did not decode (listed in "
+                    f"{run.errors}); they count as missed, e.g. {lost[:3]}")
 
 
 def run_pipeline(cfg: PipelineConfig, address: str | None = None) -> Metrics | None:

@@ -206,6 +206,11 @@ def test_evaluate_scores_the_files_it_is_given(runs, tmp_path, capsys):
     fewer.write_text("\n".join(lines[:-1]) + "\n")  # one pair fewer
     assert main(["evaluate", str(run / "config.yaml"), "--out", str(run), "--ground-truth", str(fewer)]) == 0
     assert json.loads((run / "metrics.json").read_text())["n_positives"] == len(GT) - 1
+    lost = tmp_path / "lost.csv"  # a copy of the reference that is over data.max_pixels
+    lost.write_text("\n".join(lines) + "\nQ004,huge\n")
+    capsys.readouterr()
+    assert main(["evaluate", str(run / "config.yaml"), "--out", str(run), "--ground-truth", str(lost)]) == 0
+    assert "1 ground-truth pair(s) name an image that did not decode" in capsys.readouterr().err
     assert main(["evaluate", str(run / "config.yaml"), "--out", str(run), "--ground-truth",
                  str(tmp_path / "missing.csv")]) == 2
     best = tmp_path / "best.csv"  # each query's best prediction only
