@@ -137,6 +137,9 @@ def test_fanout_registers_one_model_per_set_and_backbone(ray_local, photo_dir, t
     # with another learning rate the registered models are not the config's: refused, not skipped
     again = run_all(plan_finetune(load_train_config(CONFIGS / "tiny.yaml", [*sets, "finetune.lr=0.5"])), cfg.ray)
     assert {o.status for o in again} == {"failed"} and all("finetune.lr: 0.001 -> 0.5" in o.error for o in again)
+    # settings of other kinds of run are not this run's: a fine-tune does not depend on pretrain.lr
+    other = run_all(plan_finetune(load_train_config(CONFIGS / "tiny.yaml", [*sets, "pretrain.lr=0.5"])), cfg.ray)
+    assert {o.status for o in other} == {"skipped"}
     # with more epochs than it trained, a registered run resumes and registers again
     longer = plan_finetune(load_train_config(CONFIGS / "tiny.yaml", [*sets, "finetune.epochs=2"]))[:1]
     assert [o.status for o in run_all(longer, cfg.ray)] == ["done"]

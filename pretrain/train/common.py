@@ -149,11 +149,12 @@ class RunChanged(ValueError):
 
 def pinned_settings(spec: RunSpec) -> dict[str, Any]:
     """The settings a run's checkpoints depend on: not where or on how many workers it runs, nor
-    how many epochs (they may grow); the weights it starts from by content too (a BYOL model
+    how many epochs (they may grow), nor the sections of the other kinds of run (a BYOL run does
+    not depend on ``finetune.lr``); the weights it starts from by content too (a BYOL model
     trained on for more epochs is registered again under the same path)."""
-    settings = spec.model_dump(mode="json", exclude=UNPINNED)
-    for section in EPOCHS_OF.values():
-        settings[section].pop("epochs")
+    others = {section for kind, section in EPOCHS_OF.items() if kind != spec.kind}  # other kinds' sections
+    settings = spec.model_dump(mode="json", exclude=UNPINNED | others)
+    settings[EPOCHS_OF[spec.kind]].pop("epochs")
     settings["data"].pop("max_bad_fraction")  # may be raised to resume a run that stopped on it
     settings["init_sha256"] = file_hash(spec.init_weights) if spec.init_weights else None
     return settings
@@ -180,14 +181,13 @@ def trained_epochs(spec: RunSpec) -> int | None:
 
 def pin_changes(spec: RunSpec, pin: dict[str, Any]) -> list[str]:
     """``key: was -> now`` for what ``pin`` changes against the run folder's ``run.json``, over
-    ``pin``'s own entries (none without a ``run.json``)."""
+    ``pin``'s own entries (none without a ``run.json``; a setting no longer pinned is no change)."""
     path = Path(spec.run_dir) / "run.json"
     if not path.is_file():
         return []
     was = _flat({k: v for k, v in json.loads(path.read_text()).items() if k in pin})
     now = _flat(pin)
-    return [f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(was.keys() | now.keys())
-            if was.get(k) != now.get(k)]
+    return [f"{k}: {was.get(k)!r} -> {now.get(k)!r}" for k in sorted(now) if was.get(k) != now.get(k)]
 
 
 def check_pin(spec: RunSpec, rank: int, files: PhotoFiles, resuming: bool) -> None:
