@@ -24,8 +24,8 @@ from core.knn import knn
 from core.metrics import Metrics, evaluate
 from core.models.backbones import DescriptorModel
 from core.models.preprocess import Preprocess
-from pretrain.photos import PhotoFiles
-from pretrain.recipes import OpContext, Recipe
+from pretrain.photos import PhotoFiles, usable
+from pretrain.recipes import OpContext, Recipe, RecipeError
 
 FULL_INTENSITY_EPOCH = 10**6  # past any schedule's ramp
 VALIDATION_SEED = 7_919  # queries differ from every training copy (training uses spec.seed)
@@ -54,7 +54,8 @@ def make_validation_set(
     pre: Preprocess, max_side: int, backgrounds: Sequence[Image.Image] = (),
 ) -> ValidationSet:
     """Copy queries of ``references`` and of ``distractors`` made with ``recipe``; photos that
-    do not decode are logged and left out. Decodes one photo at a time."""
+    do not decode, are too small or thin to train on, or that the recipe fails on are logged and
+    left out. Decodes one photo at a time."""
     if not len(references):
         raise ValueError("validation needs at least one held-aside reference photo (data.val_photos)")
     ctx = OpContext(backgrounds=backgrounds)
@@ -65,15 +66,15 @@ def make_validation_set(
     for files, is_reference in ((references, True), (distractors, False)):
         for image_id, path in files:
             try:
-                full = load_rgb(path) if is_reference else None
-                small = load_rgb(path, max_side)
-            except ImageDecodeError as e:
-                log.warning("skipping validation image %s", e)
+                full = usable(load_rgb(path), path) if is_reference else None
+                small = usable(load_rgb(path, max_side), path)
+                copy = recipe(small, seed=VALIDATION_SEED, key=image_id, epoch=FULL_INTENSITY_EPOCH, ctx=ctx)
+            except (ImageDecodeError, RecipeError) as e:
+                log.warning("skipping validation image %s: %s", path, e)
                 continue
             if full is not None:
                 refs.append(pre.resize(full))
                 ref_ids.append(image_id)
-            copy = recipe(small, seed=VALIDATION_SEED, key=image_id, epoch=FULL_INTENSITY_EPOCH, ctx=ctx)
             queries.append(pre.resize(copy))
             query_ids.append(f"Q-{image_id}")
     if not refs:
