@@ -83,6 +83,27 @@ def test_loop_checkpoints_registers_and_resumes(photo_dir, tmp_path):
     assert torch.equal(registered(x), final(x))
 
 
+def test_a_run_killed_while_it_registers_again_is_left_unregistered(photo_dir, tmp_path, monkeypatch):
+    """More epochs on a registered run replace its weights: a kill before the new card is written
+    must not leave the old card, whose hash the new weights no longer match, marking the run done."""
+    import pretrain.train.common as common
+    from core.models.registry import weights_hash
+    train_local(byol_spec(photo_dir, tmp_path, epochs=1))
+    spec = byol_spec(photo_dir, tmp_path, epochs=2)
+
+    def dies(*args, **kwargs):  # the process dies once the new weights are written
+        raise KeyboardInterrupt
+    monkeypatch.setattr(common, "register", dies)
+    with pytest.raises(KeyboardInterrupt):
+        train_local(spec)
+    assert not (tmp_path / "registry" / "tiny-byol.json").exists()
+    monkeypatch.undo()
+    train_local(spec)  # resumes with no epoch left, and registers
+    assert [e["event"] for e in events(spec)][-2:] == ["start", "registered"]
+    card = load_card("tiny-byol", tmp_path / "registry")
+    assert weights_hash(card) == card.weights_sha256
+
+
 @pytest.mark.slow
 def test_ray_train_resumes_after_worker_dies(ray_local, photo_dir, tmp_path):
     """A worker kills its own process 5 s into epoch 1 (once: a marker file remembers); Ray

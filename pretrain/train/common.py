@@ -22,7 +22,7 @@ from core.models.backbones import DescriptorModel
 from core.models.cards import ModelCard
 from core.models.checkpoint import save_checkpoint, sidecar_path
 from core.models.preprocess import Preprocess
-from core.models.registry import card_for_model, file_hash, register
+from core.models.registry import CARD_SUFFIX, card_for_model, file_hash, register
 from core.store import copy_file, read_table, write_table, write_text
 from pretrain.data import set_loader_epoch
 from pretrain.photo_arrays import files_key
@@ -320,11 +320,19 @@ def run_card(spec: RunSpec, model: DescriptorModel, **fields: Any) -> ModelCard:
     return card_for_model(model, name=spec.name, trained_on=spec.recipe, **fields)
 
 
+def unregister(spec: RunSpec) -> None:
+    """Delete the run's card before its weights are replaced (a run registered again after more
+    epochs): a process killed in between leaves the run unregistered, to resume, not a card whose
+    hash the new weights no longer match."""
+    (Path(spec.registry) / f"{spec.name}{CARD_SUFFIX}").unlink(missing_ok=True)
+
+
 def register_model(spec: RunSpec, model: DescriptorModel, card: ModelCard, weights: Path | None = None) -> Path:
     """Copy the weights (``weights`` or ``model``'s own) next to the card in the registry and
     write the card; returns the card path. The card is written last: it marks a finished run."""
     registry = Path(spec.registry)
     target = registry / f"{spec.name}.safetensors"
+    unregister(spec)
     if weights is None:
         save_checkpoint(model, target, meta=card.model_dump(include={"trained_on", "loss", "metrics"}))
     else:

@@ -32,7 +32,7 @@ from pretrain.photo_arrays import files_key, photo_array
 from pretrain.photos import LazyPhotos, PhotoFiles
 from pretrain.recipes import get_recipe
 from pretrain.train.common import (best_file, check_photos, drop_other_bests, epochs, log_event, mean_loss,
-                                    run_photos, split_photos, start_or_resume, steps_of, unwrap)
+                                    run_photos, split_photos, start_or_resume, steps_of, unregister, unwrap)
 from pretrain.train.session import LocalSession, RaySession, Session
 from pretrain.train.state import write_resume_state
 from pretrain.train_config import RunSpec
@@ -172,6 +172,7 @@ def _register(spec: RunSpec, arch: VerifierSpec, net: nn.Module, train_time: flo
               best: dict[str, Any] | None) -> None:
     """Register the best validated weights (the final ones without validation); card last."""
     target = Path(spec.registry) / f"{spec.name}.safetensors"
+    unregister(spec)
     if best is None:
         save_verifier(net, target)
     else:
