@@ -142,6 +142,8 @@ def test_fanout_registers_one_model_per_set_and_backbone(ray_local, photo_dir, t
     assert {o.status for o in other} == {"skipped"}
     # with more epochs than it trained, a registered run resumes and registers again
     longer = plan_finetune(load_train_config(CONFIGS / "tiny.yaml", [*sets, "finetune.epochs=2"]))[:1]
+    with open(Path(longer[0].run_dir) / "events.jsonl", "a") as f:  # as if killed before it registered epoch 1
+        f.write(json.dumps({"event": "epoch", "epoch": 1}) + "\n")
     assert [o.status for o in run_all(longer, cfg.ray)] == ["done"]
     log = [json.loads(line) for line in (Path(longer[0].run_dir) / "events.jsonl").read_text().splitlines()]
     assert [(e["epoch"], e["resumed"]) for e in log if e["event"] == "start"] == [(0, False), (1, True)]

@@ -165,18 +165,21 @@ def asked_epochs(spec: RunSpec) -> int:
 
 
 def trained_epochs(spec: RunSpec) -> int | None:
-    """How many epochs the run folder's log records as trained (None: no log); a line a killed
-    process left half-written is skipped."""
+    """How many epochs the run's registered model was trained for, by its log (None: no log, or
+    nothing registered). An epoch logged after the last registration does not count: the process
+    may have died before it registered that epoch. A line left half-written is skipped."""
     path = Path(spec.run_dir) / EVENTS
     if not path.is_file():
         return None
-    done = [-1]
+    last, registered = -1, None
     for line in path.read_text().splitlines():
         with contextlib.suppress(json.JSONDecodeError):
             record = json.loads(line)
             if record.get("event") == "epoch":
-                done.append(record["epoch"])
-    return max(done) + 1
+                last = max(last, record["epoch"])
+            elif record.get("event") == "registered":
+                registered = last + 1
+    return registered
 
 
 def pin_changes(spec: RunSpec, pin: dict[str, Any]) -> list[str]:
