@@ -84,7 +84,10 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
-        out.append((key.strip(), yaml.safe_load(value)))
+        try:
+            out.append((key.strip(), yaml.safe_load(value)))
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {item!r}: the value of {key.strip()} is not valid YAML ({e.problem})") from None
     return out
 
 

@@ -45,6 +45,8 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_config(tmp_path / "bad.yaml")
     with pytest.raises(ConfigError, match="no such config"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=r"--set 'fuse.k=\[3': the value of fuse.k is not valid YAML"):
+        load_config(None, ["fuse.k=[3"])
 
 
 def test_overrides_reach_nested_keys():
