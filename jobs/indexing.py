@@ -193,27 +193,9 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
     embedder = embedder_for(root, parent, cfg, "reference")
     pcas = {k: load_pca(idx.path(parent) / m["pca"]) for k, m in meta["keys"].items() if m.get("pca")}
     train = stretch_background(idx, parent, cfg)
-    rows, staged = [], {key: [] for key in cfg.search_keys()}
     try:
         with idx.publish(parent) as (name, out):
-            step = cfg.index.chunk_images
-            for start in range(0, len(todo), step):
-                decoded = []
-                for image_id, path in todo[start:start + step]:
-                    try:
-                        img = load_rgb(path, max_pixels=cfg.data.max_pixels)
-                    except ImageDecodeError as e:
-                        failed.append({"path": e.path, "error": str(e)})
-                        continue
-                    decoded.append((image_id, img))
-                    rows.append({"image_id": image_id, "path": path, "sha256": sha256_file(path),
-                                 "width": img.width, "height": img.height})
-                if not decoded:
-                    continue
-                sources = dict(todo[start:start + step])
-                for key, table in derive_keys(cfg, embedder.embed(decoded, sources=sources), pcas, train).items():
-                    staged[key].append(write_table(table, out / "staging" / key / f"part-{start:08d}.parquet"))
-                log.info(f"index add: {min(start + step, len(todo))}/{len(todo)} images embedded")
+            rows, staged = embed_new(todo, cfg, embedder, pcas, train, out / "staging", failed)
             if not rows:
                 raise NothingAdded(f"{folder}: none of {len(todo)} new image(s) decodes: "
                                    f"{[f['error'] for f in failed][:3]}")
@@ -227,6 +209,32 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
             return parent, 0, [f["error"] for f in failed]
         raise
     return name, len(rows), [f["error"] for f in failed]
+
+
+def embed_new(todo: list[tuple[str, str]], cfg: PipelineConfig, embedder: ImageEmbedder, pcas: dict, train: dict,
+              staging: Path, failed: list[dict]) -> tuple[list[dict], dict[str, list[str]]]:
+    """Decode and embed ``todo`` (id, path) ``index.chunk_images`` at a time into feature files
+    under ``staging``; returns the id-map rows of the images that decoded and each search key's
+    files. The files that do not decode are appended to ``failed``."""
+    rows, staged = [], {key: [] for key in cfg.search_keys()}
+    step = cfg.index.chunk_images
+    for start in range(0, len(todo), step):
+        decoded = []
+        for image_id, path in todo[start:start + step]:
+            try:
+                img = load_rgb(path, max_pixels=cfg.data.max_pixels)
+            except ImageDecodeError as e:
+                failed.append({"path": e.path, "error": str(e)})
+                continue
+            decoded.append((image_id, img))
+            rows.append({"image_id": image_id, "path": path, "sha256": sha256_file(path),
+                         "width": img.width, "height": img.height})
+        if decoded:
+            sources = dict(todo[start:start + step])
+            for key, table in derive_keys(cfg, embedder.embed(decoded, sources=sources), pcas, train).items():
+                staged[key].append(write_table(table, staging / key / f"part-{start:08d}.parquet"))
+        log.info(f"index add: {min(start + step, len(todo))}/{len(todo)} images embedded")
+    return rows, staged
 
 
 def stretch_background(idx: IndexDir, version: str, cfg: PipelineConfig) -> dict:
