@@ -38,7 +38,8 @@ class InputError(ValueError):
     """Inputs that would give a wrong result; the message names the folder, files or ids."""
 
 
-def _some(items: list) -> str:
+def some_of(items: list) -> str:
+    """The first few of ``items`` for a message, with the count when there are more."""
     return ", ".join(map(str, items[:SHOWN])) + (f" ... ({len(items)} in all)" if len(items) > SHOWN else "")
 
 
@@ -68,7 +69,7 @@ def check_unique_ids(scan: FolderScan, folder: str, what: str) -> None:
     if dups:
         raise InputError(f"{what}: {len(dups)} image id(s) of {folder} are given by more than one file (an id is "
                          "the file name without extension): "
-                         + _some([f"{i!r} ({' and '.join(p)})" for i, p in dups.items()]) + "; rename or remove one of each")
+                         + some_of([f"{i!r} ({' and '.join(p)})" for i, p in dups.items()]) + "; rename or remove one of each")
 
 
 def scan_inputs(folders: dict[str, str]) -> pa.Table:
@@ -113,7 +114,7 @@ def input_changes(old: pa.Table, new: pa.Table, sha256: Mapping[str, str] | None
         same = {p for p, h in zip(touched, pool.map(sha256_file, touched)) if h == sha256[p]}
     kinds = {"added": sorted(b.keys() - a.keys()), "removed": sorted(a.keys() - b.keys()),
              "changed": [k for k in moved if k[1] not in same]}
-    return [f"{len(keys)} {kind} ({_some([p for _, p in keys])})" for kind, keys in kinds.items() if keys]
+    return [f"{len(keys)} {kind} ({some_of([p for _, p in keys])})" for kind, keys in kinds.items() if keys]
 
 
 def manifest_hashes(run: RunDir) -> dict[str, str]:
@@ -159,7 +160,7 @@ def check_ground_truth(path: str, inputs: pa.Table, limit: int | None = None) ->
                      {f"reference {r!r}" for _, r in pairs if r not in ids.get("reference", ())})
     if unknown:
         raise InputError(f"{path}: {len(unknown)} id(s) of the ground truth are not images of this run's "
-                         f"queries/references (an id is the file name without extension): {_some(unknown)}")
+                         f"queries/references (an id is the file name without extension): {some_of(unknown)}")
     if not limit:
         return pairs
     taken = {s: {i for i, _ in files} for s, files in images(inputs, limit).items()}

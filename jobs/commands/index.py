@@ -20,6 +20,7 @@ from jobs import indexing
 from jobs.commands.base import arg, command
 from jobs.commands.stages import config_with_folders
 from jobs.config import load_config
+from jobs.inputs import some_of
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +71,12 @@ def _remove(args: argparse.Namespace) -> int:
         raise ValueError("index remove: give the reference ids to remove (or --ids-file)")
     done = indexing.remove_ids(root, ids)
     if done.already:
-        log.info(f"index remove: removed before: {_some(done.already)}")
+        log.info(f"index remove: removed before: {some_of(done.already)}")
     if done.unknown:
-        log.warning(f"index remove: not references of {root}: {_some(done.unknown)}")
+        log.warning(f"index remove: not references of {root}: {some_of(done.unknown)}")
     if done.removed:
         log.info(f"index remove: published {done.version} without {len(done.removed)} reference(s)")
     return 0 if done.removed or not done.unknown else 1  # a retry of a remove that published succeeds
-
-
-def _some(ids: list[str]) -> str:
-    return f"{ids[:10]}{' ...' if len(ids) > 10 else ''}"
 
 
 def _compact(args: argparse.Namespace) -> None:
