@@ -127,11 +127,16 @@ def make_pair_validation(references: LazyPhotos, distractors: LazyPhotos, recipe
                          tokens: RegionTokens, miner: Encoder, k: int) -> PairValidation:
     """Full-strength copies of ``references`` (positives) and ``distractors`` (no original
     anywhere), each paired with its ``k`` nearest references by ``miner`` plus, for a copy of a
-    reference, its own original."""
+    reference, its own original. Photos that do not decode or that a recipe fails on are logged
+    and left out (a training replacement would repeat another photo's id)."""
     ctx = OpContext(backgrounds=references)
-    ref_ids = [references.files[i][0] for i in range(len(references))]
-    refs = describe_photos(references, tokens)
-    ref_desc = miner.embed([references[i] for i in range(len(references))])
+    found = [references.photo(i) for i in range(len(references))]
+    kept = [photo for i, (index, photo) in enumerate(found) if index == i]
+    if not kept:
+        raise ValueError("verifier validation: none of the held-aside reference photos decode")
+    row_of = {photo.image_id: row for row, photo in enumerate(kept)}
+    refs = np.stack([tokens(photo.image) for photo in kept]).astype(np.float32)
+    ref_desc = miner.embed([photo.image for photo in kept])
     queries, query_ids, rows = [], [], []
 
     def copy_of(index: int, photo: Photo) -> tuple[Photo, Image.Image]:
@@ -139,18 +144,24 @@ def make_pair_validation(references: LazyPhotos, distractors: LazyPhotos, recipe
         return photo, recipe(photo.image, seed=VALIDATION_SEED, key=photo.image_id, epoch=FULL_INTENSITY_EPOCH,
                              ctx=ctx)
 
-    for source, is_ref in ((references, True), (distractors, False)):
+    for source in (references, distractors):
         for i in range(len(source)):
             index, (photo, copy) = source.edited(i, copy_of)
-            _, near = knn(miner.embed([copy]), ref_desc, min(k, len(references)))
-            own = [index] if is_ref else []
+            if index != i:
+                continue
+            _, near = knn(miner.embed([copy]), ref_desc, min(k, len(kept)))
+            own = [row_of[photo.image_id]] if source is references and photo.image_id in row_of else []
             rows.append(own + [j for j in near[0].tolist() if j not in own][: k - len(own)])
             queries.append(tokens(copy))
             query_ids.append(f"Q-{photo.image_id}")
+    if not queries:
+        raise ValueError("verifier validation: no held-aside photo gives a copy")
     width = max(len(r) for r in rows)
     cands = np.array([r + [r[-1]] * (width - len(r)) for r in rows])
+    ref_ids = [photo.image_id for photo in kept]
+    made = set(query_ids)
     return PairValidation(np.stack(queries), query_ids, cands, refs, ref_ids,
-                          [(f"Q-{i}", i) for i in ref_ids])
+                          [(f"Q-{i}", i) for i in ref_ids if f"Q-{i}" in made])
 
 
 def whole_image_cosine(queries: np.ndarray, candidates: np.ndarray) -> np.ndarray:

@@ -29,6 +29,7 @@ from jobs.config import VerifyConfig, load_config
 from jobs.layout import RunDir, SettingsChanged
 from jobs.pipeline import run_stages
 from jobs.stages.verify import METHODS, inlier_bonus
+from pretrain.pairs import make_pair_validation, validate_pairs, whole_image_cosine
 from pretrain.train.fanout import plan_verifier
 from pretrain.train.launch import fit_local
 from pretrain.train_config import load_train_config
@@ -99,6 +100,33 @@ def test_saved_weights_round_trip_and_bad_cards_are_refused(trained, tmp_path):
         load_verifier("tiny_cnn", spec.registry)
     with pytest.raises(RegistryError, match="unknown region set"):
         VerifierSpec(tokens="tiny_cnn", regions="nope").boxes()
+
+
+def test_validation_pairs_leave_out_photos_that_do_not_decode(tmp_path):
+    """A held-aside photo that does not decode is left out, not replaced by another held-aside
+    photo (which would give one query id twice and refuse the evaluation)."""
+    from core.models.encoders import load_encoder
+    from pretrain.photos import LazyPhotos, PhotoFiles
+    from pretrain.recipes import get_recipe
+
+    def photos(name: str, seeds: range, bad: str) -> LazyPhotos:
+        folder = tmp_path / name
+        folder.mkdir()
+        for i in seeds:
+            synthetic_photo(700 + i).save(folder / f"{name}{i}.jpg")
+        (folder / bad).write_bytes(b"not a jpeg")
+        ids = sorted(p.stem for p in folder.iterdir())
+        return LazyPhotos(PhotoFiles(ids, [str(folder / f"{i}.jpg") for i in ids]), max_side=64)
+
+    refs, distractors = photos("R", range(5), "R9.jpg"), photos("D", range(10, 12), "D9.jpg")
+    arch = VerifierSpec(tokens="tiny_cnn", scale=32, regions="grid6", width=16, layers=1, heads=2, ff=32)
+    val = make_pair_validation(refs, distractors, [get_recipe("basic")], region_tokens(arch),
+                               load_encoder("tiny_cnn", 32), k=3)
+    assert val.reference_ids == [f"R{i}" for i in range(5)]
+    assert val.query_ids == [f"Q-R{i}" for i in range(5)] + ["Q-D10", "Q-D11"]
+    assert val.ground_truth == [(f"Q-R{i}", f"R{i}") for i in range(5)]
+    assert [val.reference_ids[row[0]] for row in val.candidates[:5]] == val.reference_ids  # own original first
+    assert 0 <= validate_pairs(val, whole_image_cosine).micro_ap <= 1  # evaluates: no repeated query id
 
 
 def test_config_methods_match_the_stage_registry():
