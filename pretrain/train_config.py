@@ -93,6 +93,13 @@ class LossSection(Strict):
             raise ValueError(f"unknown loss {v!r}; known: {', '.join(LOSSES)}")
         return v
 
+    @model_validator(mode="after")
+    def _params_work(self) -> LossSection:
+        from pretrain.losses import check_loss
+
+        check_loss(self.name, self.params)
+        return self
+
 
 class FinetuneSection(Strict):
     init: str = Field("random", description="random | byol | registry name | checkpoint path")

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
 from torch import nn
 
 from pretrain.losses.infonce import infonce
@@ -33,4 +34,14 @@ def build_loss(name: str, *, num_classes: int, dim: int, params: dict[str, Any] 
     return FullPrecision(loss)
 
 
-__all__ = ["LOSSES", "FullPrecision", "build_loss"]
+def check_loss(name: str, params: dict[str, Any]) -> None:
+    """Build loss ``name`` with ``params`` and run it on a tiny batch, so that a bad value (a
+    string for a number) fails at config load, naming the loss, not inside every run."""
+    loss = build_loss(name, num_classes=2, dim=8, params=params)
+    try:
+        loss(torch.nn.functional.normalize(torch.randn(4, 8), dim=1), torch.tensor([0, 0, 1, 1]))
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"loss {name!r}: bad parameters {params}: {e}") from e
+
+
+__all__ = ["LOSSES", "FullPrecision", "build_loss", "check_loss"]
