@@ -1,6 +1,7 @@
 """Fine-tuning loop (validation, best checkpoint, registration), training configs, fan-out, CLI."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -134,7 +135,8 @@ def test_fanout_registers_one_model_per_set_and_backbone(ray_local, photo_dir, t
     assert all(c.loss == "arcface" and "micro_ap" in c.metrics for c in cards)
     # the CLI plans the same runs and finds them all registered
     assert copydet(["finetune", str(CONFIGS / "tiny.yaml"), *[a for s in sets for a in ("--set", s)]]) == 0
-    assert capsys.readouterr().out.count("skipped") == 4
+    out = capsys.readouterr().out
+    assert out.count("skipped") == 4 and all(f"{c.metrics['micro_ap']:.4g}" in out for c in cards)  # best epoch's
     # with another learning rate the registered models are not the config's: refused, not skipped
     again = run_all(plan_finetune(load_train_config(CONFIGS / "tiny.yaml", [*sets, "finetune.lr=0.5"])), cfg.ray)
     assert {o.status for o in again} == {"failed"} and all("finetune.lr: 0.001 -> 0.5" in o.error for o in again)
@@ -148,6 +150,10 @@ def test_fanout_registers_one_model_per_set_and_backbone(ray_local, photo_dir, t
     assert [o.status for o in run_all(longer, cfg.ray)] == ["done"]
     log = [json.loads(line) for line in (Path(longer[0].run_dir) / "events.jsonl").read_text().splitlines()]
     assert [(e["epoch"], e["resumed"]) for e in log if e["event"] == "start"] == [(0, False), (1, True)]
+    # a registered run whose folder is gone cannot be checked: skipped, and the summary says why
+    shutil.rmtree(specs[1].run_dir)
+    gone = run_all(specs[1:2], cfg.ray)[0]
+    assert gone.status == "skipped" and f"its run folder {specs[1].run_dir} is gone" in gone.note
     assert [e["event"] for e in log].count("registered") == 2
     assert [o.status for o in run_all(longer, cfg.ray)] == ["skipped"]
 

@@ -5,13 +5,17 @@ import argparse
 import logging
 import os
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from core.models.cards import ModelCard
-from core.models.registry import list_cards
+from core.models.cards import ModelCard, RegistryError
+from core.models.registry import list_cards, load_card
 from jobs.commands.base import arg, command
 from jobs.config import RayConfig
 from jobs.runtime import init_ray
 from pretrain.train_config import RunSpec, TrainConfig, load_train_config
+
+if TYPE_CHECKING:
+    from pretrain.train.fanout import Outcome
 
 log = logging.getLogger(__name__)
 
@@ -32,9 +36,9 @@ def _train(args: argparse.Namespace, plan: Callable[[TrainConfig], list[RunSpec]
     log.info(f"{len(specs)} runs: {', '.join(s.name for s in specs)}")
     init_ray(RayConfig(address=args.address or cfg.ray.address))
     outcomes = run_all(specs, cfg.ray)
-    rows = [[o.name, o.status, _fmt(o.metrics.get("loss")), _fmt(o.metrics.get("micro_ap")), o.error or ""]
+    rows = [[o.name, o.status, _fmt(o.metrics.get("loss")), _fmt(_registered_micro_ap(o, cfg)), o.error or o.note or ""]
             for o in outcomes]
-    print(format_table(["run", "status", "loss", "val uAP", "error"], rows))
+    print(format_table(["run", "status", "last loss", "val uAP (registered)", "error / note"], rows))
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
@@ -60,6 +64,16 @@ def train_verifier(args: argparse.Namespace) -> int:
     from pretrain.train.fanout import plan_verifier
 
     return _train(args, plan_verifier)
+
+
+def _registered_micro_ap(outcome: Outcome, cfg: TrainConfig) -> float | None:
+    """The validation μAP its registered card holds (the best epoch's), if any."""
+    if outcome.status == "failed":
+        return None
+    try:
+        return load_card(outcome.name, cfg.registry_dir()).metrics.get("micro_ap")
+    except RegistryError:
+        return None
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:

@@ -138,6 +138,7 @@ class Start:
 
 
 EVENTS = "events.jsonl"  # in the run folder: the run's progress log (:func:`log_event`)
+PIN = "run.json"  # in the run folder: the settings and photos it was started with (:func:`check_pin`)
 UNPINNED = {"run_dir", "registry", "num_workers", "use_gpu", "loader_workers", "torch_threads", "fault"}
 EPOCHS_OF = {"byol": "pretrain", "finetune": "finetune", "verifier": "verifier"}  # run kind -> section: its
 # ``epochs`` may grow on a resume
@@ -185,7 +186,7 @@ def trained_epochs(spec: RunSpec) -> int | None:
 def pin_changes(spec: RunSpec, pin: dict[str, Any]) -> list[str]:
     """``key: was -> now`` for what ``pin`` changes against the run folder's ``run.json``, over
     ``pin``'s own entries (none without a ``run.json``; a setting no longer pinned is no change)."""
-    path = Path(spec.run_dir) / "run.json"
+    path = Path(spec.run_dir) / PIN
     if not path.is_file():
         return []
     was = _flat({k: v for k, v in json.loads(path.read_text()).items() if k in pin})
@@ -198,7 +199,7 @@ def check_pin(spec: RunSpec, rank: int, files: PhotoFiles, resuming: bool) -> No
     other settings or photos (their checkpoints would mix two runs: class count, labels,
     held-aside photos, recipe)."""
     pin = {"settings": pinned_settings(spec), "photos": files_key(files), "count": len(files)}
-    path = Path(spec.run_dir) / "run.json"
+    path = Path(spec.run_dir) / PIN
     if not resuming or not path.is_file():  # a fresh start, or a folder from before the pin
         if rank == 0:
             write_text(path, json.dumps(pin, indent=2))

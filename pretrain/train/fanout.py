@@ -22,7 +22,7 @@ import torch
 from core.models.backbones import build_backbone
 from core.models.cards import ModelCard, RegistryError
 from core.models.registry import CARD_SUFFIX, card_for_model, load_card, resolve_model
-from pretrain.train.common import asked_epochs, pin_changes, pinned_settings, trained_epochs
+from pretrain.train.common import PIN, asked_epochs, pin_changes, pinned_settings, trained_epochs
 from pretrain.train_config import RaySection, RunSpec, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class Outcome:
     status: Literal["done", "skipped", "failed"]
     metrics: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    note: str | None = None  # what a user should know of a skipped run
 
 
 def byol_name(cfg: TrainConfig, backbone: str) -> str:
@@ -123,15 +124,18 @@ def is_registered(spec: RunSpec) -> bool:
 def finished(spec: RunSpec) -> Outcome | None:
     """A registered run: skipped, or failed when its run folder was trained with other settings
     (the config changed since: skipping it would leave the old model under the new config);
-    None when the config asks for more epochs than its folder trained (it resumes, and registers again)."""
+    None when the config asks for more epochs than its folder trained (it resumes, and registers again).
+    A run whose folder is gone is skipped with a note: neither can be checked."""
+    if not (Path(spec.run_dir) / PIN).is_file():
+        return Outcome(spec.name, "skipped", note=f"registered, but its run folder {spec.run_dir} is gone: settings "
+                       "and epochs not checked (delete the card to train it again)")
     changed = pin_changes(spec, {"settings": pinned_settings(spec)})
     if changed:
         return Outcome(spec.name, "failed", error=f"registered from other settings ({'; '.join(changed[:5])}); "
                        f"delete {Path(spec.registry) / (spec.name + CARD_SUFFIX)} and its run folder to train it again")
-    trained = trained_epochs(spec)
-    if trained is not None and trained < asked_epochs(spec):
-        log.info("[fan-out] %s: registered after %d epoch(s), %d asked: resuming", spec.name, trained,
-                 asked_epochs(spec))
+    trained, asked = trained_epochs(spec), asked_epochs(spec)
+    if trained is not None and trained < asked:
+        log.info("[fan-out] %s: registered after %d epoch(s), %d asked: resuming", spec.name, trained, asked)
         return None
     return Outcome(spec.name, "skipped")
 
