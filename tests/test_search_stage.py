@@ -7,7 +7,7 @@ import pytest
 from core.store import features_table, read_table, write_table
 from jobs.config import PipelineConfig
 from jobs.inputs import INPUTS_SCHEMA
-from jobs.layout import RunDir, pin_settings
+from jobs.layout import RunDir, pin_settings, shard_names
 from jobs.stages.search import run_search
 
 KEY = "m@64"
@@ -45,11 +45,11 @@ def run_with_tiles(tmp_path):
     return run
 
 
-def config(run: RunDir, pairs: str) -> PipelineConfig:
+def config(run: RunDir, pairs: str, normalize: dict | None = None, model: str = "m") -> PipelineConfig:
     return PipelineConfig.model_validate({
-        "output": run.root, "models": [{"name": "m", "scales": [64]}],
+        "output": run.root, "models": [{"name": model, "scales": [64]}],
         "patches": {"reference": {"grids": [2]}},
-        "search": {"k": 4, "pairs": pairs, "normalize": {"enabled": False}, "cpus_per_shard": 0.25}})
+        "search": {"k": 4, "pairs": pairs, "normalize": normalize or {"enabled": False}, "cpus_per_shard": 0.25}})
 
 
 def pairs_of(run: RunDir) -> set[tuple[int, str, int]]:
@@ -70,3 +70,21 @@ def test_d2lv_pairs_keep_one_whole_side(ray_local, run_with_tiles):
     assert {rp for qp, _, rp in got if qp == 1} == {0}  # query crop x whole references only
     c = read_table(run_with_tiles.candidates(KEY))
     assert pc.all(pc.is_finite(c.column("score"))).as_py() and c.num_rows == 4 + 2
+
+
+def test_more_neighbours_than_train_descriptors_is_refused_before_extraction(tmp_path):
+    """Two train patches cannot give three normalisation neighbours: extract refuses from the
+    patch shards before it embeds anything, search from the features."""
+    from jobs.stages.extract import run_extract
+
+    e = np.eye(8, dtype=np.float32)
+    run = RunDir(str(tmp_path / "run"))
+    write_run(run, {"train": features_table(["T0", "T1"], [0, 0], "m", 64, e[:2]),
+                    "query": features_table(["Q0"], [0], "m", 64, e[2:3]),
+                    "reference": features_table(["R0"], [0], "m", 64, e[3:4])})
+    normalize = {"enabled": True, "neighbours": 3}
+    with pytest.raises(ValueError, match=r"search m@64: search.normalize.neighbours=3 exceeds the 2 train"):
+        run_search(config(run, "all", normalize), run)
+    with pytest.raises(ValueError, match=r"extract: search.normalize.neighbours=3 exceeds the 2 train"):
+        run_extract(config(run, "all", normalize, model="tiny_cnn"), run)
+    assert not shard_names(run.features("tiny_cnn@64"))

@@ -21,12 +21,14 @@ import yaml
 from ray.data import ActorPoolStrategy
 from tqdm.auto import tqdm
 
+from core.contracts import shard_split
 from core.models.cards import ModelCard
 from core.models.preprocess import Preprocess
 from core.models.registry import resolve_model, weights_hash
 from jobs.completeness import chunk_plan
 from jobs.config import ExtractConfig, ModelEntry, PipelineConfig
 from jobs.layout import RunDir, pin_settings, shard_names
+from jobs.stages.search import check_background
 from patchers.extract import ChunkEmbedder, ChunkTask, KeySpec, chunk_file, decode_chunk
 
 log = logging.getLogger(__name__)
@@ -100,6 +102,12 @@ def pending_chunks(run: RunDir, keys: list[KeySpec], chunk_patches: int) -> list
     return tasks
 
 
+def train_patches(run: RunDir, chunk_patches: int) -> int:
+    """How many train patches the run has: one train descriptor each, for every key."""
+    return sum(stop - start for shard, _, start, stop in chunk_plan(run, chunk_patches, "extract")
+               if shard_split(shard) == "train")
+
+
 def key_settings(cfg: PipelineConfig, entry: ModelEntry, key: KeySpec) -> dict:
     """What a feature folder's files depend on; a trained model by the content of its weights."""
     settings = {"model": entry.name, "scale": key.scale, "dim": entry.dim, "dtype": key.dtype,
@@ -120,6 +128,7 @@ def pin_keys(cfg: PipelineConfig, keys: list[KeySpec]) -> None:
 def run_extract(cfg: PipelineConfig, run: RunDir) -> None:
     keys = key_specs(cfg, run)
     tasks = pending_chunks(run, keys, cfg.extract.chunk_patches)  # checks the patch shards first
+    check_background(cfg, train_patches(run, cfg.extract.chunk_patches), "extract")
     pin_keys(cfg, keys)  # before any work: shards of other settings are refused, not resumed
     if not tasks:
         return

@@ -96,6 +96,15 @@ class References:
                 index.close()
 
 
+def check_background(cfg: PipelineConfig, train_rows: int, where: str) -> None:
+    """Refuse more normalisation neighbours than there are train descriptors (one per train patch):
+    extract checks it from the patches, before its work; search again from the features."""
+    n = cfg.search.normalize.neighbours
+    if (cfg.search.normalize.enabled or cfg.decoys()) and 0 < train_rows < n:
+        raise ValueError(f"{where}: search.normalize.neighbours={n} exceeds the {train_rows} train descriptors "
+                         "(one per train patch); lower it or add train images")
+
+
 def train_k(cfg: PipelineConfig) -> int:
     """Train hits per query patch: the normalisation neighbours, and with decoys enough hits for
     every fold's top k and its background."""
@@ -182,9 +191,8 @@ def search_key(cfg: PipelineConfig, run: RunDir, key: str) -> None:
                          f"train features in {run.features(key)}")
     if scfg.normalize.enabled and train is None:
         log.info(f"search {key}: normalisation is on but there are no train features; scores are raw")
-    if train is not None and train.rows < scfg.normalize.neighbours:
-        raise ValueError(f"search.normalize.neighbours={scfg.normalize.neighbours} exceeds the "
-                         f"{train.rows} train descriptors of {key}")
+    if train is not None:
+        check_background(cfg, train.rows, f"search {key}")
     try:
         flight: deque[QueryFile] = deque()
         finished = len(names) - len(todo)
