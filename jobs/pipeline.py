@@ -6,6 +6,8 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
@@ -87,9 +89,13 @@ def evaluate_run(cfg: PipelineConfig) -> Metrics | None:
 def warn_undecoded(pairs: list[tuple[str, str]], run: RunDir) -> None:
     """Name the ground-truth pairs whose query or reference did not decode: they count as missed."""
     manifest = read_table(run.manifest, ["split", "image_id"])
-    ids = {s: set(pc.filter(manifest.column("image_id"), pc.equal(manifest.column("split"), s)).to_pylist())
-           for s in ("query", "reference")}
-    lost = [(q, r) for q, r in pairs if q not in ids["query"] or r not in ids["reference"]]
+
+    def decoded(split: str, ids: list[str]) -> np.ndarray:
+        known = pc.filter(manifest.column("image_id"), pc.equal(manifest.column("split"), split))
+        return pc.is_in(pa.array(ids, pa.string()), value_set=known).to_numpy(zero_copy_only=False)
+
+    ok = decoded("query", [q for q, _ in pairs]) & decoded("reference", [r for _, r in pairs])
+    lost = [pair for pair, found in zip(pairs, ok) if not found]
     if lost:
         log.warning(f"evaluate: {len(lost)} ground-truth pair(s) name an image that did not decode (listed in "
                     f"{run.errors}); they count as missed, e.g. {lost[:3]}")
