@@ -3,8 +3,9 @@
 For the stages asked for: every model and the detectors resolve (a missing one is named with
 the command that makes it); each stage folder's recorded settings match the config
 (``jobs.layout.check_settings``); the image folders exist and hold images, no id is given by two
-files, the files match the run folder's pinned list (``jobs.inputs``); and the ground truth
-names only images of the inputs. Nothing is written but the pinned input list of a new run.
+files, the files match the run folder's pinned list (``jobs.inputs``); the ground truth
+names only images of the inputs; and later stages need a manifest. Nothing is written but the
+pinned input list of a new run.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from core.models.cards import RegistryError
 from core.models.sscd import SSCD_MEMBERS
 from core.store import exists, join
 from core.yamlconf import ConfigError, read_yaml
+from jobs.completeness import manifest_shards
 from jobs.config import PipelineConfig
 from jobs.inputs import InputError, check_ground_truth, pin_inputs, split_folders
 from jobs.layout import RunDir, check_settings, read_settings
@@ -137,5 +139,7 @@ def check_inputs(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]) -> Non
 def preflight(cfg: PipelineConfig, stages: Sequence[str]) -> None:
     """Every early check for running ``stages`` with ``cfg`` (see the module docstring)."""
     run = RunDir(cfg.output)
+    if "manifest" not in stages:  # every other stage starts from the manifest's shards
+        manifest_shards(run)
     check_stage_settings(cfg, run, stages)
     check_inputs(cfg, run, stages)

@@ -102,7 +102,11 @@ def test_stage_commands_run_alone(ray_local, tiny_dataset, tmp_path):
 
 
 def test_a_stage_run_before_its_input_records_no_settings(ray_local, tmp_path, capsys):
-    """A pinned settings file of a stage that never ran would refuse the next run's other settings."""
+    """A pinned settings file of a stage that never ran would refuse the next run's other settings;
+    nor is a config.yaml written into a folder that has no manifest."""
+    fresh = tmp_path / "fresh"
+    assert main(["extract", "--out", str(fresh)]) == 2
+    assert "run `copydet manifest` first" in capsys.readouterr().err and not (fresh / "config.yaml").exists()
     out = tmp_path / "run"
     assert main(["manifest", "--out", str(out)]) == 0
     capsys.readouterr()
