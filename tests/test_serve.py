@@ -118,6 +118,28 @@ def test_bad_requests_get_4xx_and_the_server_keeps_answering(service):
     assert requests.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
 
 
+def test_an_unexpected_error_answers_in_the_json_error_shape():
+    """Not Starlette's plain-text 500: a client parses one error shape, the trace goes to the log."""
+    import asyncio
+    import json
+
+    from jobs.serve.app import CopyDetService
+
+    class Upload:  # the request's body stream breaks half way
+        headers = {"content-type": "image/jpeg"}
+
+        async def stream(self):
+            yield b"\xff\xd8"
+            raise OSError("connection reset")
+
+    class Replica:
+        limits = type("Limits", (), {"max_upload_bytes": 1000})
+
+    r = asyncio.run(CopyDetService.func_or_class.match(Replica(), Upload()))
+    assert r.status_code == 500
+    assert json.loads(r.body) == {"error": {"code": "internal_error", "message": "OSError: connection reset"}}
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/install installs it)")
 def test_match_page_in_a_real_browser(service):
     from playwright.sync_api import sync_playwright

@@ -40,8 +40,22 @@ api = FastAPI(title="copydet", version="1",
                           "of what, how sure?")
 
 
-def error(e: BadRequest) -> JSONResponse:
-    return JSONResponse({"error": {"code": e.code, "message": str(e)}}, status_code=e.status)
+def refusal(e: Exception) -> BadRequest:
+    """``e`` in the API's error shape: itself when the service refused the request, else a 500
+    whose trace goes to the replica's log (a client never parses a plain-text 500)."""
+    if isinstance(e, BadRequest):
+        return e
+    log.error("serve: unexpected error", exc_info=e)
+    return BadRequest(500, "internal_error", f"{type(e).__name__}: {e}")
+
+
+def error_body(bad: BadRequest) -> dict:
+    return {"error": {"code": bad.code, "message": str(bad)}}
+
+
+def error(e: Exception) -> JSONResponse:
+    bad = refusal(e)
+    return JSONResponse(error_body(bad), status_code=bad.status)
 
 
 @serve.deployment
@@ -101,21 +115,21 @@ class CopyDetService:
         try:
             data, name = await read_upload(request, self.limits.max_upload_bytes)
             return JSONResponse(await self.answer(data, name))
-        except BadRequest as e:
+        except Exception as e:
             return error(e)
 
     @api.post("/v1/match:batch", summary="Several images (multipart fields `images`); one result or error each")
     async def match_many(self, request: Request) -> JSONResponse:
         try:
             uploads = await read_images(request, self.limits.max_upload_bytes)
-        except BadRequest as e:
+        except Exception as e:
             return error(e)
 
         async def one(data: bytes, name: str) -> dict:
             try:
                 return {"name": name, **(await self.answer(data, name))}
-            except BadRequest as e:
-                return {"name": name, "error": {"code": e.code, "message": str(e)}}
+            except Exception as e:
+                return {"name": name, **error_body(refusal(e))}
         return JSONResponse({"results": list(await asyncio.gather(*(one(d, n) for d, n in uploads)))})
 
     @api.get("/healthz", summary="Liveness, and which index version answers")
