@@ -146,13 +146,14 @@ class BadPhotos:
         self.folder = Path(folder)
 
     def add(self, path: str, reason: str) -> None:
-        """Record ``path`` and why it was replaced."""
+        """Record ``path`` as it is now (size, mtime) and why it was replaced."""
         self.folder.mkdir(parents=True, exist_ok=True)
         with open(self.folder / f"{socket.gethostname()}-{os.getpid()}.jsonl", "a") as f:
-            f.write(json.dumps({"path": path, "reason": reason}) + "\n")
+            f.write(json.dumps({"path": path, "reason": reason, "stamp": _stamp(path)}) + "\n")
 
     def reasons(self) -> dict[str, str]:
-        """Each recorded path (once, whichever process met it) and its reason."""
+        """Each recorded path that is still there as it was recorded (once, whichever process met
+        it) and its reason: a photo deleted, repaired or replaced since no longer counts."""
         out: dict[str, str] = {}
         for part in sorted(self.folder.glob("*.jsonl")):
             for line in part.read_text().splitlines():
@@ -160,8 +161,19 @@ class BadPhotos:
                     record = json.loads(line)
                 except json.JSONDecodeError:  # a line a killed process left half written
                     continue
-                out.setdefault(record["path"], record["reason"])
+                path, stamp = record["path"], _stamp(record["path"])
+                if path not in out and stamp is not None and record.get("stamp") == stamp:
+                    out[path] = record["reason"]
         return out
+
+
+def _stamp(path: str) -> list[int] | None:
+    """``[size, mtime_ns]`` of ``path`` (None when it is not there): a file changed since has another."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
 
 
 class LazyPhotos(Sequence[Image.Image]):

@@ -118,14 +118,16 @@ def test_split_lists_files_and_training_replaces_bad_ones(messy_dir, tmp_path, c
     assert all(reason for reason in recorded.values())
 
 
-def test_a_bad_photo_deleted_since_no_longer_counts(messy_dir, tmp_path):
+def test_a_bad_photo_deleted_or_repaired_since_no_longer_counts(messy_dir, tmp_path):
     from pretrain.train.byol import train_local
     from pretrain.train.common import TooManyBadPhotos
     with pytest.raises(TooManyBadPhotos, match="4 of 14 photos"):
         train_local(tiny_spec(messy_dir, tmp_path, max_side=64))
-    for f in messy_dir.glob("*b.*"):
-        f.unlink()
-    assert train_local(tiny_spec(messy_dir, tmp_path, max_side=64))["bad_photos"] == 0  # a fresh start on 10
+    bad = sorted(messy_dir.glob("*b.*"))
+    bad[0].unlink()
+    for i, f in enumerate(bad[1:]):  # repaired in place: same name, good pixels
+        synthetic_photo(40 + i).save(f, format="PNG" if f.suffix == ".png" else "JPEG")
+    assert train_local(tiny_spec(messy_dir, tmp_path, max_side=64))["bad_photos"] == 0  # a fresh start on 13
 
 
 def test_validation_input_equals_extraction_input(tmp_path):

@@ -80,7 +80,7 @@ def check_photos(spec: RunSpec, epoch: int, photos: LazyPhotos) -> int:
     checkpoints) when they are more than ``data.max_bad_fraction`` of ``photos``: a folder
     that is mostly unreadable is a mistake to report, not a training set."""
     assert photos.record is not None, "photos of a run record the ones replaced (run_photos)"
-    bad = {p: why for p, why in photos.record.reasons().items() if os.path.exists(p)}  # a deleted one is gone
+    bad = photos.record.reasons()
     if len(bad) > spec.data.max_bad_fraction * len(photos):
         path, reason = next(iter(bad.items()))
         raise TooManyBadPhotos(
