@@ -108,8 +108,8 @@ def evaluate(gt: Sequence[tuple[str, str]], query_ids: Sequence[str], reference_
     s = np.asarray(scores, dtype=np.float64)
     if not len(qids) == len(rids) == len(s):
         raise ValueError(f"predictions: {len(qids)} query ids, {len(rids)} reference ids, {len(s)} scores")
-    if np.isnan(s).any():
-        raise ValueError("predictions: scores contain NaN")
+    if not np.isfinite(s).all():
+        raise ValueError("predictions: scores contain NaN or infinite values")
     q_codes, gt_keys, pred_keys = _pair_codes(gt, qids, rids)
     _check_duplicates(pred_keys, qids, rids)
 
@@ -172,7 +172,27 @@ def read_ground_truth(path: str | os.PathLike) -> list[tuple[str, str]]:
 def read_predictions(path: str | os.PathLike) -> pa.Table:
     """An ISC21 prediction CSV (``query_id,reference_id,score``) as a PREDICTIONS_SCHEMA table."""
     table = _read_csv(path, PREDICTIONS_SCHEMA.names, dict(zip(PREDICTIONS_SCHEMA.names, PREDICTIONS_SCHEMA.types)))
-    return table.cast(PREDICTIONS_SCHEMA)
+    table = table.cast(PREDICTIONS_SCHEMA)
+    check_predictions(table, str(path))
+    return table
+
+
+def check_predictions(table: pa.Table, where: str) -> None:
+    """Refuse, naming ``where`` and the first bad line, scores that are empty or not finite and
+    (query, reference) pairs given twice: either would make every metric of the file wrong."""
+    score = table.column("score")
+    bad = pc.fill_null(pc.invert(pc.is_finite(score)), True)
+    if pc.any(bad).as_py():
+        i = pc.index(bad, True).as_py()
+        value = "is empty or NaN" if score[i].as_py() is None else score[i].as_py()
+        raise ValueError(f"{where}: line {i + 2} ({table['query_id'][i]}, {table['reference_id'][i]}): score {value}; "
+                         "scores must be finite numbers")
+    pairs = table.select(["query_id", "reference_id"])
+    counts = pairs.group_by(pairs.column_names).aggregate([([], "count_all")])
+    twice = counts.filter(pc.greater(counts["count_all"], 1))
+    if twice.num_rows:
+        raise ValueError(f"{where}: {twice.num_rows} (query, reference) pair(s) appear more than once, e.g. "
+                         f"({twice['query_id'][0]}, {twice['reference_id'][0]})")
 
 
 def write_predictions(table: pa.Table, path: str | os.PathLike) -> str:

@@ -82,6 +82,22 @@ def test_duplicates_rejected():
         run([("q1", "r1")], [("q1", "r1", 0.9), ("q2", "r1", 0.5), ("q1", "r1", 0.3)])
 
 
+@pytest.mark.parametrize("rows, words", [
+    ("q1,r1,0.9\nq2,r2,inf\n", "line 3 (q2, r2): score inf"),
+    ("q1,r1,nan\n", "line 2 (q1, r1): score is empty or NaN"),
+    ("q1,r1,0.9\nq2,r2,\n", "line 3 (q2, r2): score is empty or NaN"),
+    ("q1,r1,0.9\nq2,r1,0.5\nq1,r1,0.3\n", "1 (query, reference) pair(s) appear more than once, e.g. (q1, r1)"),
+])
+def test_a_predictions_file_that_no_metric_can_trust_is_refused_naming_it(tmp_path, rows, words):
+    path = tmp_path / "preds.csv"
+    path.write_text("query_id,reference_id,score\n" + rows)
+    with pytest.raises(ValueError) as err:
+        read_predictions(path)
+    assert str(err.value).startswith(f"{path}: {words}")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        run([("q1", "r1")], [("q1", "r1", float("inf"))])
+
+
 def test_no_predictions():
     m = run([("q1", "r1")], [])
     assert (m.micro_ap, m.recall_at_p90, m.recall_at_1, m.n_predictions) == (0.0, 0.0, 0.0, 0)
