@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     for c in COMMANDS.values():
         p = sub.add_parser(c.name, help=c.help, description=c.help)
         if c.uses_config:
-            p.add_argument("config", nargs="?", help="pipeline YAML (default: configs/smoke.yaml)")
+            p.add_argument("config", nargs="?", help="pipeline YAML (default: the --out run folder's config.yaml "
+                           "if it has one, else configs/smoke.yaml)")
             p.add_argument("--out", help="run folder (overrides `output`)")
             p.add_argument("--set", action="append", metavar="KEY=VALUE",
                            help="override a config key, e.g. --set search.k=20 (repeatable)")

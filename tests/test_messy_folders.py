@@ -197,7 +197,7 @@ def test_case3_odd_ids_round_trip_through_the_csv(runs, capsys):
 
 
 def test_evaluate_scores_the_files_it_is_given(runs, tmp_path, capsys):
-    """--ground-truth alone re-scores the run against that file; --predictions alone scores that
+    """--ground-truth alone re-scores the run against that file; --predictions with a config scores that
     file against the config's ground truth; a ground truth that is not there is an error."""
     run = tmp_path / "run"
     shutil.copytree(runs / "messy-run", run)
@@ -221,6 +221,11 @@ def test_evaluate_scores_the_files_it_is_given(runs, tmp_path, capsys):
     assert main(["evaluate", str(run / "config.yaml"), "--predictions", str(best)]) == 0
     m = evaluate_run_files(str(best), read_ground_truth(runs / "data" / "ground_truth.csv"))
     assert format_metrics(m) in capsys.readouterr().out and len(firsts) < len(rows)
+    assert main(["evaluate", "--predictions", str(best)]) == 2  # not the bundled sample's ground truth
+    assert "give --ground-truth" in capsys.readouterr().err
+    plot = tmp_path / "pr.png"  # no CONFIG: the run folder's own config.yaml; --threshold and --plot are honoured
+    assert main(["evaluate", "--out", str(run), "--threshold", "0.5", "--plot", str(plot)]) == 0
+    assert "at fuse.threshold 0.5000" in capsys.readouterr().out and plot.is_file()
 
 
 def test_case4_every_file_is_in_the_manifest_or_in_errors(runs):

@@ -2,10 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from core.store import exists
 from jobs.config import PipelineConfig, load_config
+from jobs.layout import RunDir
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -33,7 +38,14 @@ def command(name: str, help: str, *arguments: tuple, uses_config: bool = True):
 
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
+    """The command's config: CONFIG, else the ``--out`` run folder's own ``config.yaml`` when it has
+    one (a stage or evaluate run again on a finished run), else the default; ``--set`` on top."""
     overrides = list(args.set or [])
+    path = args.config
     if getattr(args, "out", None):
         overrides.append(f"output={args.out}")
-    return load_config(args.config, overrides)
+        saved = RunDir(args.out).config
+        if path is None and exists(saved):
+            path = saved
+            log.info(f"config: {saved} (the run folder's own; name a CONFIG to use another)")
+    return load_config(path, overrides)

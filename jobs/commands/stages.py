@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from core.metrics import read_ground_truth
+from core.metrics import plot_pr, read_ground_truth
+from core.store import exists
 from jobs.commands.base import arg, command, config_from_args
 from jobs.commands.report import META_HELP, write_report
 from jobs.layout import RunDir
@@ -71,15 +72,36 @@ stage_command("verify", "keypoint-verify each query's best candidates and re-sco
          arg("--plot", help="PR-curve PNG to write"),
          arg("--threshold", type=float, help="also the precision and recall of the pairs scoring at or above this"))
 def evaluate(args: argparse.Namespace) -> int:
-    """A predictions file against a ground truth (the config's unless given), or the run's own
+    """A predictions file against a ground truth (given, or a named config's), or the run's own
     predictions (with ``--ground-truth``, against that file, checked against the run's images)."""
     if args.predictions:
-        gt = args.ground_truth or config_from_args(args).data.ground_truth_path()
-        if gt is None:
-            raise ValueError("evaluate --predictions: give --ground-truth (the config names none)")
+        gt = args.ground_truth or _named_ground_truth(args)
+        log.info(f"evaluate: {args.predictions} against {gt}")
         m = evaluate_run_files(args.predictions, read_ground_truth(gt), pr_png=args.plot)
         print(format_metrics(m, args.threshold))
+        if m.n_predictions and m.recall_at_10 == 0:
+            log.warning(f"evaluate: no predicted pair is a ground-truth pair of {gt}: are these predictions of "
+                        "its queries and references?")
         return 0
     if args.ground_truth:
         args.set = [*(args.set or []), f"data.ground_truth={args.ground_truth}"]
-    return 0 if evaluate_run(config_from_args(args)) else 1
+    cfg = config_from_args(args)
+    m = evaluate_run(cfg)
+    if m is None:
+        return 1
+    if args.threshold is not None:
+        print(format_metrics(m, args.threshold))
+    if args.plot:
+        plot_pr({cfg.name: m}, args.plot)
+    return 0
+
+
+def _named_ground_truth(args: argparse.Namespace) -> str:
+    """The ground truth of the CONFIG (or ``--out`` run folder) the user named: never the default
+    config's, which would score any predictions against the bundled sample."""
+    if args.config is None and not (args.out and exists(RunDir(args.out).config)):
+        raise ValueError("evaluate --predictions: give --ground-truth (or the CONFIG whose ground truth to use)")
+    gt = config_from_args(args).data.ground_truth_path()
+    if gt is None:
+        raise ValueError("evaluate --predictions: give --ground-truth (the config names none)")
+    return gt
