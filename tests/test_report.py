@@ -110,6 +110,21 @@ def test_compare_scores_runs_side_by_side(run_dir, tmp_path, capsys):
     assert main(["compare", str(run_dir), str(tmp_path / "nowhere")]) == 2
 
 
+def test_compare_scores_each_run_against_its_own_ground_truth(run_dir, tmp_path, capsys):
+    """A run of other images is not scored against the first run's ground truth (it got 0)."""
+    other = tmp_path / "other"
+    write_predictions(predictions([("X0", "Y0", 0.9), ("X1", "Y9", 0.8)]), other / "predictions.csv")
+    (tmp_path / "gt-other.csv").write_text("query_id,reference_id\nX0,Y0\nX1,Y1\n")
+    for run, gt in ((run_dir, "gt.csv"), (other, "gt-other.csv")):
+        (run / "config.yaml").write_text(yaml.safe_dump({"models": [{"name": "resnet18"}],
+                                                          "data": {"ground_truth": str(tmp_path / gt)}}))
+    assert main(["compare", str(run_dir), str(other), "--meta", str(tmp_path / "meta.csv")]) == 0
+    captured = capsys.readouterr()
+    table = {line.split()[0]: line.split()[-2:] for line in captured.out.splitlines()[1:] if line.strip()}
+    assert table["μAP"] == ["1.0000", "0.5000"] and "crop" not in table
+    assert "ground truths differ" in captured.err
+
+
 def test_family_figure_stays_readable_for_many_families_and_members(tmp_path):
     from ensemble.report.figures import family_heatmap
 

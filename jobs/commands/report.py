@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import yaml
 
-from core.metrics import read_ground_truth, read_predictions
+from core.metrics import read_predictions
 from core.store import exists, read_table
 from ensemble.report import build_report
 from ensemble.report.analysis import Scored, family_recall, score
@@ -116,21 +116,28 @@ def comparison_table(scored: list[Scored], recall: dict[str, dict[str, tuple[flo
     return "\n".join(lines)
 
 
-@command("compare", "score several runs' predictions.csv against one ground truth, overall and per "
+@command("compare", "score several runs' predictions.csv, each against its ground truth, overall and per "
          "transform family, as one table",
          arg("run_dirs", nargs="+", help="run folders (local paths)"),
          arg("--meta", help=META_HELP),
-         arg("--ground-truth", help="ground-truth CSV (default: the one in the first run's config.yaml)"),
+         arg("--ground-truth", help="ground-truth CSV for every run (default: each run's config.yaml names its own)"),
          uses_config=False)
 def compare(args: argparse.Namespace) -> None:
     runs = [RunDir(os.path.abspath(d)) for d in args.run_dirs]
     missing = [r.predictions for r in runs if not os.path.isfile(r.predictions)]
     if missing:
         raise FileNotFoundError(f"no predictions.csv in: {', '.join(missing)}")
-    gt = read_ground_truth(ground_truth_path(runs[0], args.ground_truth))
-    scored = []
+    scored, truths = [], []
     for label, r in zip(run_labels(args.run_dirs), runs):
+        path = ground_truth_path(r, args.ground_truth)
+        gt = run_ground_truth(path, r)  # that run's images, within its data.limit, as its own metrics
+        log.info(f"compare: {label} against {path} ({len(gt)} pairs)")
         pred = read_predictions(r.predictions)
         scored.append(Scored(label, pred, pred, score(pred, gt)))
-    recall = family_recall(scored, gt, read_families(args.meta)) if args.meta else {}
+        truths.append(gt)
+    same = all(set(t) == set(truths[0]) for t in truths)
+    if not same:
+        log.warning("compare: the runs' ground truths differ (other files, or data.limit): each column is scored "
+                    "against its own, and the per-family rows are left out")
+    recall = family_recall(scored, truths[0], read_families(args.meta)) if args.meta and same else {}
     print(comparison_table(scored, recall))
