@@ -155,9 +155,12 @@ class TuneResult:
 
     @property
     def adopted(self) -> bool:
-        """Whether the tuned setting replaces the given one: not when it did no better than the
-        given one on held-out queries (its gain on the split was fitted, not learnt)."""
-        return self.held_out is None or self.held_out[0] is None or self.held_out[1] > self.held_out[0]
+        """Whether the tuned setting replaces the given one: only when it did better than the
+        given one on held-out queries (a gain on the split alone is fitted, not learnt), or when
+        the given one cannot run. Without a held-out check (too few copies) the given one stays."""
+        if self.map_before is None:
+            return True
+        return self.held_out is not None and (self.held_out[0] is None or self.held_out[1] > self.held_out[0])
 
     @property
     def chosen(self) -> Setting:
@@ -314,7 +317,10 @@ def tune_members(members: Sequence[Member], gt: GT, before: Setting, beta_grid: 
         members_after={m.key: setting_map([m], gt, Setting(after.beta, "max", {}), ranking) for m in members},
         tuned_beta=tuned_beta, tuned_fusion=len(members) > 1, subsets=subset_maps(members, gt, after.beta, ranking),
         held_out=held_out_maps(members, gt, before, beta_grid, ranking))
-    if not result.adopted:
+    if result.held_out is None and not result.adopted:
+        log.warning("tune: too few copies to hold queries out of the tuning (a fold without copies): keeping the "
+                    "given setting; give the split more photos")
+    elif not result.adopted:
         log.info(f"tune: on held-out queries the tuned setting scores {result.held_out[1]:.4f} μAP, the given one "
                  f"{result.held_out[0]:.4f}: keeping the given one")
     return result

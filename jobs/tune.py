@@ -33,6 +33,7 @@ from ensemble.tune import (
     Setting,
     TuneResult,
     final_predictions,
+    normalisable,
     threshold_at_precision,
     tune_members,
 )
@@ -58,10 +59,17 @@ def user_split(cfg: PipelineConfig, queries: str, ground_truth: str) -> Split:
     folders = cfg.data.folders()
     if "reference" not in folders:
         raise ValueError("tune: the config names no references folder to validate against")
-    same = [p for p, q in ((queries, folders.get("query")), (ground_truth, cfg.data.ground_truth_path()))
+    evaluation = cfg.data.ground_truth_path()
+    same = [p for p, q in ((queries, folders.get("query")), (ground_truth, evaluation))
             if q and os.path.realpath(p) == os.path.realpath(q)]
     if same:
         raise ValueError(f"tune: {same[0]} is the config's evaluation data; tune on a separate validation set")
+    if evaluation:
+        pairs = set(read_ground_truth(ground_truth))
+        shared = pairs & set(read_ground_truth(evaluation))
+        if pairs and len(shared) * 2 >= len(pairs):
+            raise ValueError(f"tune: {len(shared)} of the {len(pairs)} pairs of {ground_truth} are pairs of the "
+                             f"config's evaluation ground truth {evaluation}; tune on a separate validation set")
     return Split(queries, ground_truth, folders["reference"], folders.get("train"),
                            f"user-given: queries {queries}, ground truth {ground_truth}", cfg.data.limit)
 
@@ -142,6 +150,11 @@ def tune_on_split(cfg: PipelineConfig, split: Split, run_dir: str, beta_grid: Se
         raise ValueError(f"{split.ground_truth}: no (query, reference) pairs; nothing to tune on")
     run = RunDir(vcfg.output)
     members = [load_member(run, key, cfg.search.normalize.neighbours) for key in vcfg.search_keys()]
+    if cfg.search.normalize.enabled and "train" in cfg.data.folders() and not normalisable(members):
+        raise ValueError(f"tune: the config normalises scores against its train photos, but the validation split's "
+                         f"background ({split.train or 'none'}) has fewer train descriptors than "
+                         f"search.normalize.neighbours={cfg.search.normalize.neighbours}: its scores would not be "
+                         "the run's; give the split more background photos (--background)")
     result = tune_members(members, gt, before_setting(cfg), beta_grid, Ranking(cfg.fuse.k, cfg.fuse.demote_others))
     return result, None if cfg.decoys() else calibrate_threshold(cfg, vcfg, members, gt, result.chosen)
 
@@ -195,6 +208,8 @@ def format_table(result: TuneResult) -> str:
     table = "\n".join(f"{r[0]:<{w[0]}}  {r[1]:>{w[1]}}  {r[2]:>{w[2]}}" for r in rows)
     if result.adopted:
         return table
+    if result.held_out is None:
+        return table + "\nkept the given setting: too few copies to check the tuned one on held-out queries"
     return table + "\nkept the given setting: the tuned one did no better on held-out queries"
 
 

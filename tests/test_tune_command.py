@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -28,6 +29,8 @@ from jobs.config import load_config
 from jobs.tune import BETA_GRID, format_subsets, format_table, tuned_values, user_split
 from pretrain.synthetic import SplitSpec, make_synthetic_split
 from tests.conftest import synthetic_photo
+
+REPO = Path(__file__).resolve().parent.parent
 
 TINY = ["models.0.name=tiny_cnn", "models.0.scales=[64]", "models.0.batch_size=8", "patches.shard_size=5",
         "patches.query.preset=global", "search.k=5", "fuse.k=5"]
@@ -146,10 +149,23 @@ def test_a_split_skips_photos_too_small_to_edit_and_copies_a_recipe_fails_on(tmp
     assert split.train is None  # background=0: none linked
 
 
-def test_user_split_refuses_the_evaluation_set(tiny_dataset):
+def test_user_split_refuses_the_evaluation_set(tiny_dataset, tmp_path):
     cfg = load_config(None, [f"data.root={tiny_dataset}"])
     with pytest.raises(ValueError, match="evaluation data"):
         user_split(cfg, str(tiny_dataset / "queries"), str(tiny_dataset / "ground_truth.csv"))
+    shutil.copytree(tiny_dataset / "queries", tmp_path / "queries")  # a copy is the evaluation set too
+    shutil.copy(tiny_dataset / "ground_truth.csv", tmp_path / "gt.csv")
+    with pytest.raises(ValueError, match="4 of the 4 pairs of .*gt.csv are pairs of the config's evaluation"):
+        user_split(cfg, str(tmp_path / "queries"), str(tmp_path / "gt.csv"))
+
+
+def test_a_split_without_background_is_refused_when_the_config_normalises(tiny_dataset, tmp_path, capsys):
+    """Tuned on raw scores, the threshold would not fit the run's normalised ones (it flagged no copy)."""
+    argv = ["tune", "--out", str(tmp_path / "run"), "--photos", "3", "--background", "0",
+            "--set", f"data.root={tiny_dataset}", "--set", "search.normalize.enabled=true"]
+    assert main([argv[0], str(REPO / "configs" / "smoke.yaml"), *argv[1:]]) == 2
+    assert "--background 0 leaves the split nothing to normalise against" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def _member(key: str, rows: list[tuple[str, str, float]], bias: dict[str, float]) -> Member:
@@ -209,6 +225,9 @@ def test_held_out_maps_score_each_fold_with_the_setting_tuned_on_the_other():
     assert with_c2 == pytest.approx(((1 / 2 + 1 / 2) / 2, (1 / 4 + 1 / 2) / 2))
     one_fold = [restrict(a, {c0, n0})]  # the other fold has no copy to tune on
     assert held_out_maps(one_fold, [(c0, "r0")], Setting(0.0, "max", {}), [0.0, 1.0], Ranking(5)) is None
+    few = tune_members(one_fold, [(c0, "r0")], Setting(0.0, "max", {}), [0.0, 1.0], Ranking(5))
+    assert not few.adopted and few.chosen == few.before  # no held-out check: the given setting stays
+    assert "too few copies to check the tuned one" in format_table(few)
 
 
 def test_matched_split_sizes_keep_the_reference_to_background_ratio():

@@ -73,6 +73,9 @@ def tune(args: argparse.Namespace) -> None:
         if photos is None and refs is not None:
             photos, matched = matched_sizes(count_images(train), count_images(refs))  # counted, not listed
             background = matched if background is None else background
+        if background == 0 and cfg.search.normalize.enabled:
+            raise ConfigError("copydet tune: --background 0 leaves the split nothing to normalise against, but the "
+                              "config normalises scores (search.normalize.enabled); keep some background photos")
         spec = SplitSpec(photos, args.recipe, args.seed, background)
         split = make_synthetic_split(train, os.path.join(run_dir, "tune", "data"), spec)
     result, threshold = tune_on_split(cfg, split, run_dir, args.beta_grid, args.address)
@@ -83,4 +86,5 @@ def tune(args: argparse.Namespace) -> None:
     out = args.write or os.path.join(run_dir, "tuned.yaml")
     write_tuned_config(args.config, overrides, tuned_values(result, threshold), out,
                        provenance(args.config, split, result, overrides, threshold))
-    log.info(f"tune: wrote {out}; run it with: copydet run {out}")
+    again = " --out NEW_RUN_DIR" if os.path.exists(os.path.join(run_dir, "config.yaml")) else ""  # a run's folder
+    log.info(f"tune: wrote {out}; run it with: copydet run {out}{again}")
