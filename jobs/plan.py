@@ -16,12 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from core.imageio import IMAGE_SUFFIXES
 from core.knn import index_bytes as knn_index_bytes
 from core.knn import index_kind
 from core.models.cards import ModelCard, RegistryError
-from core.models.registry import build_model, repooled, resolve_model
+from core.models.encoders import build_encoder
+from core.models.registry import repooled, resolve_model
 from jobs.config import PipelineConfig, SearchConfig
 from patchers.views import ViewConfig, plan_views
 
@@ -113,20 +115,20 @@ def model_cards(cfg: PipelineConfig, planned: Mapping[str, ModelCard] = {}) -> d
 
 
 def measure(cfg: PipelineConfig, cards: Mapping[str, ModelCard], batch: int = 2) -> Throughput:
-    """Time one forward of ``batch`` images per model key and one faiss scan on this machine."""
+    """Time ``batch`` 4:3 photos per model key through its encoder (backbone or external runtime,
+    preprocessing included, as extraction runs it) and one faiss scan on this machine."""
     import faiss
     import torch
 
+    rng = np.random.default_rng(0)
     rates = {}
     for entry, scale, key in cfg.model_keys():
-        model = build_model(cards[entry.name]).eval()
-        x = torch.randn(batch, 3, scale, scale)
-        with torch.inference_mode():
-            model(x[:1])
-            t0 = time.perf_counter()
-            model(x)
+        encoder = build_encoder(cards[entry.name], scale)
+        photos = [Image.fromarray(rng.integers(0, 256, (scale, scale * 4 // 3, 3), np.uint8))] * batch
+        encoder.embed(photos[:1])
+        t0 = time.perf_counter()
+        encoder.embed(photos)
         rates[key] = batch / (time.perf_counter() - t0)
-    rng = np.random.default_rng(0)
     db, q = rng.random((20000, 256), np.float32), rng.random((1000, 256), np.float32)
     index = faiss.IndexFlatIP(256)
     index.add(db)

@@ -110,3 +110,19 @@ def test_plan_equals_what_the_search_stage_builds(ray_local, tmp_path, sets, kin
     assert [i["rows"] for i in infos] == [1000, 1000, 600]
     built = [i["bytes"] for i in infos]
     assert max(built) == pytest.approx(biggest, rel=0.02) and sum(built) == pytest.approx(total, rel=0.02)
+
+
+def test_plan_times_an_external_member_through_its_runtime(tiny_dataset, tmp_path, capsys):
+    """SSCD and other imported ONNX members are timed as extraction runs them (they failed: "not a
+    descriptor backbone"), beside a backbone."""
+    from core.models import external
+    from tests.test_external import UINT8_NHWC, export_onnx
+
+    export_onnx(tmp_path / "net.onnx")
+    external.import_external(tmp_path / "net.onnx", "tiny_onnx", registry=tmp_path / "reg", input_size=32,
+                             resize="short_side", **UINT8_NHWC)
+    sets = [f"data.root={tiny_dataset}", f"registry={tmp_path / 'reg'}", *SETS,
+            "models=[{name: tiny_onnx, scales: [32]}, {name: tiny_cnn, scales: [64]}]"]
+    assert main(["plan", *sum((["--set", s] for s in sets), []), "--images", "100"]) == 0
+    rows = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    assert {"tiny_onnx@32", "tiny_cnn@64"} <= rows
