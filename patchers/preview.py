@@ -19,6 +19,7 @@ import pyarrow.compute as pc
 from PIL import Image, ImageDraw, ImageFont
 
 from core.imageio import ImageDecodeError, load_rgb
+from core.store import atomic_output, write_text
 
 KIND_COLOURS: dict[str, tuple[int, int, int]] = {
     "full": (255, 255, 255), "scale": (200, 200, 200), "rotation": (255, 215, 0), "crop": (0, 200, 255),
@@ -122,10 +123,10 @@ def write_preview(manifest: pa.Table, patches: Mapping[str, pa.Table], n: int,
         sections.append(f"<h3>{html.escape(r['image_id'])} ({r['split']}, {len(rows)} patches)"
                         f"</h3><img src='{_data_uri(thumb)}'>{_table_html(rows)}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     png, page = out / "preview.png", out / "preview.html"
-    contact_sheet(thumbs).save(png)
-    page.write_text("<!doctype html><html><head><meta charset='utf-8'><title>copydet patch preview</title>"
+    with atomic_output(png) as f:
+        contact_sheet(thumbs).save(f, format="PNG")
+    write_text(page, "<!doctype html><html><head><meta charset='utf-8'><title>copydet patch preview</title>"
                     "<style>body{font-family:sans-serif;background:#222;color:#eee}table{border-collapse:collapse;"
                     "font-size:12px}td,th{border:1px solid #555;padding:2px 6px}</style></head><body>"
                     f"<h1>copydet patch preview</h1><img src='{png.name}'>" + "".join(sections) + "</body></html>")

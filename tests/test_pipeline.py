@@ -128,6 +128,10 @@ def test_a_later_stage_keeps_the_data_section_the_manifest_was_made_from(ray_loc
 def test_cli_errors_are_clear(capsys):
     assert main(["fuse", "--set", "search.kk=1"]) == 2
     assert "search.kk: unknown key" in capsys.readouterr().err
+    for argv in (["patch", "--preview", "-2"], ["report", "run", "--k", "0"], ["plan", "--images", "x"]):
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        assert exit_.value.code == 2 and f"argument {argv[-2]}: " in capsys.readouterr().err
 
 
 def test_reduce_stage_pca_stretch_and_concat(ray_local, tiny_dataset, tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from jobs.commands.base import arg, command, config_from_args
+from jobs.commands.base import arg, command, config_from_args, positive_int
 from jobs.pipeline import STAGES
 from jobs.submit import TRAIN_STAGES
 
@@ -56,12 +56,12 @@ def stop(args: argparse.Namespace) -> None:
 
 
 @command("plan", "patches, feature bytes, index memory and GPU-hours per stage for a config",
-         arg("--images", type=int, help="images per split (overrides counting the folders)"),
-         arg("--references", type=int, help="reference images (DISC21: 1000000)"),
-         arg("--queries", type=int, help="query images (DISC21: 50000)"),
-         arg("--train", type=int, help="train images (DISC21: 1000000)"),
+         arg("--images", type=positive_int, help="images per split (overrides counting the folders)"),
+         arg("--references", type=positive_int, help="reference images (DISC21: 1000000)"),
+         arg("--queries", type=positive_int, help="query images (DISC21: 50000)"),
+         arg("--train", type=positive_int, help="train images (DISC21: 1000000)"),
          arg("--throughput", help="bench JSON with images_per_s per model key (default: measure here)"),
-         arg("--gpus", type=int, default=8, help="GPUs the cluster runs on in parallel"),
+         arg("--gpus", type=positive_int, default=8, help="GPUs the cluster runs on in parallel"),
          arg("--models-from", metavar="TRAIN_CONFIG",
              help="training config whose models are not registered yet (sized from their architecture)"))
 def plan(args: argparse.Namespace) -> None:

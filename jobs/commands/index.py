@@ -17,7 +17,7 @@ from pathlib import Path
 from ensemble.index.layout import IndexDir, folder_bytes
 from ensemble.index.versions import prune, read_manifest
 from jobs import indexing
-from jobs.commands.base import arg, command
+from jobs.commands.base import arg, command, positive_int
 from jobs.commands.stages import config_with_folders
 from jobs.config import load_config
 from jobs.inputs import some_of
@@ -137,7 +137,7 @@ ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
          arg("--references", help="build: folder of reference images"),
          arg("--train", help="build: folder of train images (normalisation background, PCA)"),
          arg("--ids-file", help="remove: a file of reference ids, one a line"),
-         arg("--keep", type=int, default=2, help="prune: the newest versions kept (default 2: the published "
+         arg("--keep", type=positive_int, default=2, help="prune: the newest versions kept (default 2: the published "
              "one and the one replicas may still be swapping from)"),
          arg("--set", action="append", metavar="KEY=VALUE",
              help="override a config key (repeatable); add: index.* only"),

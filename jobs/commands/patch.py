@@ -12,7 +12,7 @@ import argparse
 import logging
 
 from core.store import exists, read_table
-from jobs.commands.base import arg, command
+from jobs.commands.base import arg, command, positive_int
 from jobs.commands.stages import FOLDER_ARGS, config_with_folders
 from jobs.layout import RunDir, split_tables
 from jobs.pipeline import run_stages
@@ -35,7 +35,7 @@ def preset_overrides(name: str) -> list[str]:
 @command("patch", "manifest (or image folders) -> patches.parquet: geometric views, region proposals, "
          "detector boxes", *FOLDER_ARGS,
          arg("--preset", choices=SIDE_PRESETS, help="views for both sides (queries NAME, references ref_NAME)"),
-         arg("--preview", type=int, metavar="N", help="write preview.png/.html of N images to the run folder"))
+         arg("--preview", type=positive_int, metavar="N", help="write preview.png/.html of N images to the run folder"))
 def patch(args: argparse.Namespace) -> None:
     args.set = (preset_overrides(args.preset) if args.preset else []) + list(args.set or [])
     folders = any(getattr(args, k, None) for k in ("train", "references", "queries"))

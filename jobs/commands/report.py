@@ -14,7 +14,7 @@ from core.metrics import read_predictions
 from core.store import exists, read_table
 from ensemble.report import build_report
 from ensemble.report.analysis import Scored, family_recall, score
-from jobs.commands.base import arg, command
+from jobs.commands.base import arg, command, positive_int
 from jobs.config import ConfigError, validate
 from jobs.inputs import run_ground_truth
 from jobs.layout import RunDir, image_paths, shard_names
@@ -82,7 +82,7 @@ META_HELP = "query metadata CSV with columns query_id,transforms (';'-separated 
          arg("run_dir", help="run folder (local path)"),
          arg("--meta", help=META_HELP),
          arg("--ground-truth", help="ground-truth CSV (default: the one in RUN_DIR/config.yaml)"),
-         arg("--k", type=int, default=10, help="references per query kept for each member (default 10)"),
+         arg("--k", type=positive_int, default=10, help="references per query kept for each member (default 10)"),
          uses_config=False)
 def report(args: argparse.Namespace) -> None:
     log.info(f"report: {write_report(args.run_dir, args.ground_truth, args.meta, args.k)}")
