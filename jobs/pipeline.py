@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -40,6 +41,9 @@ STAGES: dict[str, Stage] = {
 }
 
 
+DATA_PATHS = ("root", "train", "references", "queries", "ground_truth")
+
+
 def save_config(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]) -> None:
     """Write ``RUN/config.yaml``. Its data section stays the one the manifest was made from when this
     command does not make the manifest: later stages read the run's images, not this config's
@@ -47,6 +51,9 @@ def save_config(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]) -> None
     raw = cfg.model_dump(mode="json")
     if "manifest" not in stages and exists(run.config):
         raw["data"] = (yaml.safe_load(read_text(run.config)) or {}).get("data", raw["data"])
+    else:  # absolute: commands run from another folder read it too
+        raw["data"].update({k: os.path.abspath(v) for k, v in raw["data"].items()
+                            if k in DATA_PATHS and v and "://" not in v})
     write_text(run.config, yaml.safe_dump(raw, sort_keys=False))
 
 

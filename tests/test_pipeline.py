@@ -115,11 +115,13 @@ def test_a_stage_run_before_its_input_records_no_settings(ray_local, tmp_path, c
     assert "copydet patch" in capsys.readouterr().err and not (out / "features").exists()
 
 
-def test_a_later_stage_keeps_the_data_section_the_manifest_was_made_from(ray_local, tiny_dataset, tmp_path):
+def test_a_later_stage_keeps_the_data_section_the_manifest_was_made_from(ray_local, tiny_dataset, tmp_path,
+                                                                        monkeypatch):
     """Re-running one stage with another config's folders must not make config.yaml name them:
     report and index --from-run read the ground truth from it."""
     out = tmp_path / "run"
-    run_stages(load_config(None, [f"data.root={tiny_dataset}", f"output={out}", *TINY]), ["manifest"])
+    monkeypatch.chdir(tiny_dataset.parent)  # a relative root is saved absolute: report may run elsewhere
+    run_stages(load_config(None, [f"data.root={tiny_dataset.name}", f"output={out}", *TINY]), ["manifest"])
     run_stages(load_config(None, [f"output={out}", *TINY, "patches.query.preset=global"]), ["patch"])
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["data"]["root"] == str(tiny_dataset) and saved["patches"]["query"]["preset"] == "global"

@@ -94,6 +94,7 @@ def test_report_without_ensemble_uses_the_last_member(run_dir):
     assert main(["report", str(run_dir), "--ground-truth", str(run_dir.parent / "gt.csv")]) == 0
     page = (run_dir / "report.html").read_text()
     assert 'data-name="ensemble"' not in page and "Scores of b@224" in page
+    assert "predictions.csv: members only" in page  # said, not silently left out
     # missed copy of b: Q2-R2 was never predicted
     assert re.search(r"<b>Q2</b> → <b>R2</b><br>a@224 0\.700</div>", page)
 
@@ -123,6 +124,17 @@ def test_compare_scores_each_run_against_its_own_ground_truth(run_dir, tmp_path,
     table = {line.split()[0]: line.split()[-2:] for line in captured.out.splitlines()[1:] if line.strip()}
     assert table["μAP"] == ["1.0000", "0.5000"] and "crop" not in table
     assert "ground truths differ" in captured.err
+
+
+def test_query_metadata_rows_of_one_query_add_up_and_a_file_naming_no_query_is_flagged(run_dir, tmp_path, caplog):
+    from jobs.commands.report import read_families
+
+    (tmp_path / "twice.csv").write_text("query_id,transforms\nQ0,flip\nQ0,crop;flip\n")
+    assert read_families(str(tmp_path / "twice.csv")) == {"Q0": ["flip", "crop"]}
+    (tmp_path / "other.csv").write_text("query_id,transforms\nX0,flip\n")
+    assert main(["compare", str(run_dir), "--ground-truth", str(tmp_path / "gt.csv"),
+                 "--meta", str(tmp_path / "other.csv")]) == 0
+    assert "names none of the ground truth's queries" in caplog.text
 
 
 def test_family_figure_stays_readable_for_many_families_and_members(tmp_path):

@@ -1,6 +1,7 @@
 """The numbers behind the run report: per-member and ensemble metrics, per-family recall, error lists."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -10,6 +11,8 @@ import pyarrow.compute as pc
 
 from core.metrics import Metrics, evaluate
 from ensemble.fuse import max_over_patches, top_k_per_query
+
+log = logging.getLogger(__name__)
 
 GT = Sequence[tuple[str, str]]
 ENSEMBLE = "ensemble"
@@ -65,6 +68,8 @@ def family_recall(scored: Sequence[Scored], gt: GT,
         for s in scored:
             pred = s.predictions.filter(pc.is_in(s.predictions.column("query_id"), value_set=value_set))
             out[fam][s.name] = (score(pred, sub_gt).recall_at_1, len(sub_gt))
+    if families and not out:
+        log.warning("the query metadata names none of the ground truth's queries: no recall per family")
     return out
 
 

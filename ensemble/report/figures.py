@@ -58,7 +58,7 @@ def family_heatmap(recall: Mapping[str, Mapping[str, tuple[float, int]]], path: 
     ax.set_yticks(range(len(families)), [f"{f} ({next(iter(recall[f].values()))[1]})" for f in families],
                   fontsize=8)
     ax.xaxis.tick_top()
-    ax.set_title("recall@1 per transform family (#copies), worst first", fontsize=10)
+    ax.set_title("recall@1 per transform family\n(#copies), worst first", fontsize=10)
     fig.colorbar(im, ax=ax, shrink=0.6, label="R@1")
     return _save(fig, path)
 

@@ -52,8 +52,11 @@ def read_families(path: str) -> dict[str, list[str]]:
             column_types={"query_id": pa.string(), "transforms": pa.string()}))
     except (pa.ArrowInvalid, KeyError) as e:
         raise ValueError(f"{path}: expected a CSV with columns query_id,transforms: {e}") from e
-    return {q: [t.strip() for t in (ts or "").split(";") if t.strip()]
-            for q, ts in zip(table.column("query_id").to_pylist(), table.column("transforms").to_pylist())}
+    out: dict[str, list[str]] = {}
+    for q, ts in zip(table.column("query_id").to_pylist(), table.column("transforms").to_pylist()):
+        fams = out.setdefault(q, [])  # a query listed twice has the families of both rows
+        fams += [t.strip() for t in (ts or "").split(";") if t.strip() and t.strip() not in fams]
+    return out
 
 
 def write_report(run_dir: str, ground_truth: str | None = None, meta: str | None = None, k: int = 10) -> str:
@@ -67,11 +70,14 @@ def write_report(run_dir: str, ground_truth: str | None = None, meta: str | None
     with locked(run):
         gt_path = ground_truth_path(run, ground_truth)
         preds = read_predictions(run.predictions) if os.path.isfile(run.predictions) else None
+        if preds is None:
+            log.warning(f"report: no {run.predictions}: the report shows the members only (run `copydet fuse`)")
         paths = image_paths(run) if exists(run.manifest) else {}
         return build_report(run.root, members(run), preds, run_ground_truth(gt_path, run), paths=paths,
                             families=read_families(meta) if meta else None, k=k,
                             title=f"copydet report: {os.path.basename(run.root)}",
-                            notes=[f"ground truth: {gt_path}"])
+                            notes=[f"ground truth: {gt_path}",
+                                   *([f"no {run.predictions}: members only"] if preds is None else [])])
 
 
 META_HELP = "query metadata CSV with columns query_id,transforms (';'-separated families)"
