@@ -79,7 +79,7 @@ def evaluate(args: argparse.Namespace) -> int:
         log.info(f"evaluate: {args.predictions} against {gt}")
         m = evaluate_run_files(args.predictions, read_ground_truth(gt), pr_png=args.plot)
         print(format_metrics(m, args.threshold))
-        if m.n_predictions and m.recall_at_10 == 0:
+        if m.n_predictions and m.micro_ap == 0:  # not one true pair among them
             log.warning(f"evaluate: no predicted pair is a ground-truth pair of {gt}: are these predictions of "
                         "its queries and references?")
         return 0
