@@ -209,3 +209,118 @@ def test_wrong_output_name_is_named(tmp_path: Path) -> None:
     with pytest.raises(RegistryError, match=r"has outputs \['embedding'\], card says 'features'"):
         pext.import_external(tmp_path / "net.onnx", "x", registry=tmp_path, input_size=32, **spec)
     assert not (tmp_path / "x.onnx").exists() and not (tmp_path / "x.json").exists()
+
+
+def test_cli_input_size_must_be_positive(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    export_onnx(tmp_path / "net.onnx")
+    assert main(["models", "import-onnx", str(tmp_path / "net.onnx"), "--name", "n", "--input-size", "0",
+                 "--registry", str(tmp_path)]) == 2
+    assert "models import-onnx: --input-size must be > 0 (got 0)" in capsys.readouterr().err
+
+
+def test_cli_import_refuses_a_registered_name_unless_forced(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    export_onnx(tmp_path / "a.onnx")
+    torch.jit.script(FloatNet().eval()).save(str(tmp_path / "b.pt"))
+    reg = tmp_path / "reg"
+    onnx_args = ["--uint8-nhwc", "--input-name", "image", "--output-name", "embedding"]
+    assert main(["models", "import-onnx", str(tmp_path / "a.onnx"), "--name", "good", "--input-size", "32",
+                 *onnx_args, "--registry", str(reg)]) == 0
+    ts = ["models", "import-torchscript", str(tmp_path / "b.pt"), "--name", "good", "--input-size", "24",
+          "--registry", str(reg)]
+    capsys.readouterr()
+    assert main(ts) == 2
+    err = capsys.readouterr().err
+    assert f"model 'good' is already registered ({reg / 'good.json'}: external onnx model, weights " in err
+    assert "pass --force to replace it" in err
+    assert load_card("good", reg).arch == "onnx" and (reg / "good.onnx").is_file() and not (reg / "good.pt").exists()
+    assert main([*ts, "--force"]) == 0
+    assert load_card("good", reg).arch == "torchscript"
+    assert sorted(p.name for p in reg.iterdir()) == ["good.json", "good.pt"]  # the old good.onnx went with its card
+
+
+def test_forced_import_keeps_model_files_still_in_use_or_outside(tmp_path: Path) -> None:
+    export_onnx(tmp_path / "a.onnx")
+    torch.jit.script(FloatNet().eval()).save(str(tmp_path / "b.pt"))
+    reg = tmp_path / "reg"
+    pext.import_external(tmp_path / "a.onnx", "good", registry=reg, input_size=32, **UINT8_NHWC)
+    pext.import_external(reg / "good.onnx", "alias", registry=reg, input_size=32, copy=False, **UINT8_NHWC)
+    pext.import_external(tmp_path / "b.pt", "good", registry=reg, input_size=24)
+    assert (reg / "good.onnx").is_file()  # alias still uses it
+    pext.import_external(tmp_path / "b.pt", "alias", registry=reg, input_size=24, copy=False)
+    assert not (reg / "good.onnx").exists()  # now no card does
+    pext.import_external(tmp_path / "a.onnx", "mine", registry=reg, input_size=32, copy=False, **UINT8_NHWC)
+    pext.import_external(tmp_path / "b.pt", "mine", registry=reg, input_size=24)
+    assert (tmp_path / "a.onnx").is_file()  # outside the registry: the user's own file
+
+
+class FixedBatchNet(torch.nn.Module):
+    """Dynamic axes but a graph that folds the batch into one row (like a reshape to batch 1)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(1, -1)[:, :4]
+
+
+class FlattenNet(torch.nn.Module):
+    """A linear layer over the flattened 8x8 input: any other height or width breaks it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(3 * 8 * 8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x.flatten(1))
+
+
+def export_float(path: Path, dynamic_axes: dict | None) -> None:
+    pytest.importorskip("onnx", reason="torch.onnx.export needs the onnx package")
+    torch.onnx.export(FloatNet().eval(), (torch.zeros(1, 3, 32, 32),), str(path), dynamo=False,
+                      input_names=["input"], output_names=["output"], dynamic_axes=dynamic_axes)
+
+
+def test_onnx_with_fixed_input_dims_is_refused_at_import(tmp_path: Path) -> None:
+    export_float(tmp_path / "fixed.onnx", None)
+    with pytest.raises(RegistryError, match=r"input 'input' has shape \[1, 3, 32, 32\] with fixed batch 1, height "
+                                            r"32, width 32; copydet runs batches .* dynamic batch, height and width"):
+        pext.import_external(tmp_path / "fixed.onnx", "fixed", registry=tmp_path / "reg", input_size=32)
+    export_float(tmp_path / "hw.onnx", {"input": {0: "batch"}, "output": {0: "batch"}})
+    with pytest.raises(RegistryError, match=r"shape \['batch', 3, 32, 32\] with fixed height 32, width 32;"):
+        pext.import_external(tmp_path / "hw.onnx", "hw", registry=tmp_path / "reg", input_size=32)
+    assert not (tmp_path / "reg").exists()
+    export_float(tmp_path / "dyn.onnx", {"input": {0: "b", 2: "h", 3: "w"}, "output": {0: "b"}})
+    card = pext.import_external(tmp_path / "dyn.onnx", "dyn", registry=tmp_path / "reg", input_size=32)
+    assert card.dim == 5
+
+
+def test_torchscript_that_cannot_batch_or_resize_is_refused_at_import(tmp_path: Path) -> None:
+    torch.jit.script(FixedBatchNet()).save(str(tmp_path / "batch1.pt"))
+    with pytest.raises(RegistryError, match=r"output shape \(1, 4\) for input shape \(2, 3, 48, 48\); expected "
+                                            r"\(2, dim\); copydet runs batches"):
+        pext.import_external(tmp_path / "batch1.pt", "b1", registry=tmp_path, input_size=32)
+    torch.jit.script(FlattenNet().eval()).save(str(tmp_path / "flat.pt"))
+    with pytest.raises(RegistryError, match=r"rejects a nchw float32 input of shape \(2, 3, 8, 12\): .*cannot be "
+                                            r"multiplied.*; copydet runs batches"):
+        pext.import_external(tmp_path / "flat.pt", "flat", registry=tmp_path, input_size=8, resize="short_side")
+    assert not list(tmp_path.glob("*.json"))
+
+
+class DictNet(torch.nn.Module):
+    """TorchScript model whose output is a dict keyed 'emb'."""
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"emb": x.mean(dim=(2, 3))}
+
+
+def test_torchscript_dict_output_names_its_keys(tmp_path: Path) -> None:
+    torch.jit.script(DictNet()).save(str(tmp_path / "dict.pt"))
+    with pytest.raises(RegistryError, match=r"dict.pt output dict has keys \['emb'\]; the card's output name is "
+                                            r"'output' \(use --output-name KEY\)$"):
+        pext.import_external(tmp_path / "dict.pt", "d", registry=tmp_path, input_size=16)
+    assert pext.import_external(tmp_path / "dict.pt", "d", registry=tmp_path, input_size=16, output="emb").dim == 3
+
+
+def test_card_stores_imported_weights_relative_to_the_registry(tmp_path: Path) -> None:
+    export_onnx(tmp_path / "net.onnx")
+    pext.import_external(tmp_path / "net.onnx", "rel", registry=tmp_path / "reg", input_size=32, **UINT8_NHWC)
+    assert json.loads((tmp_path / "reg" / "rel.json").read_text())["weights"] == "rel.onnx"
+    (tmp_path / "reg").rename(tmp_path / "moved")
+    assert load_encoder("rel", 32, registry=str(tmp_path / "moved")).embed(images()[:1]).shape == (1, 8)

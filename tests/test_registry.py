@@ -1,5 +1,7 @@
 """Model cards: round trip, listing, name resolution order and building models from cards."""
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,12 +15,16 @@ from core.models.registry import (
     ModelCard,
     RegistryError,
     build_model,
+    card_from_checkpoint,
     default_registry_dir,
     list_cards,
     load_card,
     register,
     resolve_model,
+    scan_cards,
+    weights_hash,
 )
+from jobs.cli import main
 
 
 def _card(name: str, **kw) -> ModelCard:
@@ -70,6 +76,49 @@ def test_bad_card_files_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "renamed.json").write_text(_card("original").model_dump_json())
     with pytest.raises(RegistryError, match="card name 'original' does not match"):
         list_cards(tmp_path)
+
+
+def test_scan_cards_flags_bad_files_in_one_line_each(tmp_path: Path) -> None:
+    for name in ["beta", "alpha"]:
+        register(_card(name), tmp_path)
+    (tmp_path / "notes.json").write_text('{"foo": 1}')
+    (tmp_path / "junk.json").write_bytes(b"\xff not json")
+    cards, problems = scan_cards(tmp_path)
+    assert [c.name for c in cards] == ["alpha", "beta"]
+    assert [str(p) for p in problems] == [
+        f"{tmp_path / 'junk.json'}: invalid model card: Invalid JSON: expected value at line 1 column 1",
+        f"{tmp_path / 'notes.json'}: invalid model card: name: Field required (and 6 more)"]
+    with pytest.raises(RegistryError, match=r"junk\.json: invalid model card"):  # list_cards stays strict
+        list_cards(tmp_path)
+
+
+def test_cli_list_shows_valid_cards_and_warns_per_bad_file(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    register(_card("good"), tmp_path)
+    (tmp_path / "notes.json").write_text('{"foo": 1}')
+    assert main(["models", "list", "--registry", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "good" in out and "notes" not in out
+    assert err.splitlines() == [f"skipped {tmp_path / 'notes.json'}: invalid model card: name: Field required "
+                                "(and 6 more)"]
+
+
+def test_weights_inside_the_registry_are_stored_relative(tmp_path: Path) -> None:
+    reg, outside = tmp_path / "reg", tmp_path / "elsewhere.safetensors"
+    save_checkpoint(build_backbone("tiny_cnn", dim=16, seed=2), reg / "inside.safetensors")
+    save_checkpoint(build_backbone("tiny_cnn", dim=16, seed=3), outside)
+    register(card_from_checkpoint(reg / "inside.safetensors"), reg)
+    register(card_from_checkpoint(outside).model_copy(update={"name": "outside"}), reg)
+    stored = {p.stem: json.loads(p.read_text())["weights"] for p in [reg / "inside.json", reg / "outside.json"]}
+    assert stored == {"inside": "inside.safetensors", "outside": str(outside.resolve())}
+    moved = tmp_path / "copied" / "reg"
+    shutil.move(reg, moved)  # a moved registry keeps working; absolute paths (old cards) still resolve
+    card = load_card("inside", moved)
+    assert card.weights == str((moved / "inside.safetensors").resolve())
+    assert weights_hash(card) == card.weights_sha256 and build_model(card).dim == 16
+    assert load_card("outside", moved).weights == str(outside.resolve())
+    (moved / "inside.safetensors").write_bytes(b"changed")
+    with pytest.raises(RegistryError, match="inside.safetensors changed since the card was written"):
+        weights_hash(load_card("inside", moved))
 
 
 def test_unknown_name_lists_registered_names(tmp_path: Path) -> None:

@@ -20,6 +20,15 @@ class RegistryError(ValueError):
     """A model name cannot be resolved, or a card file is invalid (the message says which)."""
 
 
+def first_problem(e: ValidationError) -> str:
+    """The first problem pydantic found, as ``field: message (and N more)``: one line for an
+    error message instead of pydantic's multi-line dump."""
+    err = e.errors()[0]
+    loc = ".".join(str(part) for part in err["loc"])
+    more = e.error_count() - 1
+    return f"{loc + ': ' if loc else ''}{err['msg']}" + (f" (and {more} more)" if more else "")
+
+
 class ModelCard(BaseModel):
     """What a stage needs to know to use a model, and where it came from."""
 

@@ -2,19 +2,32 @@
 
 An imported model is a file next to the cards (``<registry>/<name>.onnx`` or ``.pt``, both
 ignored by git) plus a card of kind ``external`` whose ``build`` holds an
-:class:`~core.models.cards.ExternalSpec`.
+:class:`~core.models.cards.ExternalSpec`. Importing under a registered name replaces that card
+(the command line asks for ``--force`` first, see :func:`refuse_registered`).
 """
 from __future__ import annotations
 
+import logging
 import os
+import re
 from pathlib import Path
 
 from pydantic import ValidationError
 
-from core.models.cards import IDENTITY, IMAGENET, ExternalSpec, ModelCard, RegistryError
-from core.models.registry import default_registry_dir, register
+from core.models.cards import (
+    IDENTITY,
+    IMAGENET,
+    NAME_PATTERN,
+    ExternalSpec,
+    ModelCard,
+    RegistryError,
+    first_problem,
+)
+from core.models.registry import CARD_SUFFIX, default_registry_dir, load_card, register, scan_cards
 from core.models.runtimes import probe_dim
 from core.store import copy_file
+
+log = logging.getLogger(__name__)
 
 RUNTIME_SUFFIX = {"onnx": ".onnx", "torchscript": ".pt"}
 SUFFIX_RUNTIME = {".onnx": "onnx", ".pt": "torchscript", ".ts": "torchscript", ".jit": "torchscript"}
@@ -34,7 +47,9 @@ def import_external(path: str | os.PathLike, name: str, *, registry: str | os.Pa
                     mean: tuple[float, float, float] | None = None, std: tuple[float, float, float] | None = None,
                     copy: bool = True, **spec: object) -> ModelCard:
     """Register the model file ``path`` as ``name``: copy it next to the cards (``copy``),
-    probe its output size with one dummy patch, and write the card.
+    probe its output size with dummy patches, and write the card. A card already registered as
+    ``name`` is replaced, and its model file removed when it lies in the registry folder and no
+    card uses it any more.
 
     ``spec`` holds :class:`ExternalSpec` fields; mean/std default to identity for uint8
     input and to ImageNet's for float input.
@@ -50,13 +65,52 @@ def import_external(path: str | os.PathLike, name: str, *, registry: str | os.Pa
                          resize=resize, mean=mean or default[0], std=std or default[1],
                          build=ExternalSpec(**spec).model_dump(exclude_defaults=True))
     except ValidationError as e:
-        raise RegistryError(f"{src}: invalid settings for model {name!r}:\n{e}") from e
+        raise RegistryError(f"{src}: invalid settings for model {name!r}: {first_problem(e)}") from e
     card.dim = probe_dim(card)  # before copying: a bad file never lands in the registry
+    replaced = _weights_of(name, reg)
     dest = (reg / f"{name}{RUNTIME_SUFFIX[rt]}").resolve()
     if copy and dest != src.resolve():
         copy_file(src, dest)
         card.weights = str(dest)
     register(card, reg)
+    if replaced is not None:
+        _remove_if_unused(replaced, reg)
     return card
 
 
+def refuse_registered(name: str, registry: str | os.PathLike | None = None) -> None:
+    """Refuse to import over the card registered as ``name`` (the error names it): a silent
+    replacement would change what every config naming ``name`` runs."""
+    reg = default_registry_dir() if registry is None else Path(registry)
+    path = reg / f"{name}{CARD_SUFFIX}"
+    if not re.fullmatch(NAME_PATTERN, name) or not path.is_file():
+        return  # an invalid name is the card's to report
+    try:
+        card = load_card(name, reg)
+        what = f"{card.kind} {card.arch} model, weights {card.weights or 'none'}"
+    except RegistryError as e:
+        what = f"unreadable: {e}"
+    raise RegistryError(f"model {name!r} is already registered ({path}: {what}); pass --force to replace it")
+
+
+def _weights_of(name: str, reg: Path) -> Path | None:
+    """The weights file of the readable card registered as ``name``, if any."""
+    try:
+        weights = load_card(name, reg).weights
+    except RegistryError:
+        return None
+    return Path(weights) if weights else None
+
+
+def _remove_if_unused(weights: Path, reg: Path) -> None:
+    """Delete a replaced card's model file if it lies in the registry folder and no card uses it
+    (files elsewhere are the user's own and are never touched; nor is one an unreadable card
+    file might name)."""
+    target = weights.resolve()
+    if not target.is_relative_to(reg.resolve()) or not target.exists():
+        return
+    cards, problems = scan_cards(reg)
+    if problems:
+        log.warning(f"kept {target}: the replaced card used it and unreadable card files may too ({problems[0]})")
+    elif all(c.weights is None or Path(c.weights).resolve() != target for c in cards):
+        target.unlink()

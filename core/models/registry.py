@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from core.imageio import sha256_file
 from core.models.backbones import DescriptorModel, build_backbone, list_backbones
-from core.models.cards import NAME_PATTERN, ModelCard, RegistryError
+from core.models.cards import NAME_PATTERN, ModelCard, RegistryError, first_problem
 from core.models.checkpoint import (
     CheckpointError,
     load_weights,
@@ -68,21 +68,39 @@ def weights_hash(card: ModelCard) -> str | None:
 
 def register(card: ModelCard, registry_dir: str | os.PathLike | None = None) -> Path:
     """Write ``card`` to ``<registry_dir>/<name>.json`` atomically (replacing an older card),
-    with ``card.weights_sha256`` set to the content hash of its weights file."""
+    with ``card.weights_sha256`` set to the content hash of its weights file. A weights file
+    inside the registry folder is stored relative to it, so the folder can be copied or moved."""
+    reg = _dir(registry_dir)
     if card.weights and Path(card.weights).is_file():
         card.weights_sha256 = file_hash(card.weights)
-    path = _dir(registry_dir) / f"{card.name}{CARD_SUFFIX}"
-    write_text(path, card.model_dump_json(indent=2) + "\n")
+    stored = card.model_copy(update={"weights": _stored_weights(card.weights, reg)})
+    path = reg / f"{card.name}{CARD_SUFFIX}"
+    write_text(path, stored.model_dump_json(indent=2) + "\n")
     return path
 
 
+def _stored_weights(weights: str | None, reg: Path) -> str | None:
+    """``weights`` as a card file holds it: relative to the registry folder ``reg`` when the
+    file lives inside it, else absolute (so a stored relative path always means ``reg``)."""
+    if weights is None:
+        return None
+    full, root = Path(weights).resolve(), reg.resolve()
+    return full.relative_to(root).as_posix() if full.is_relative_to(root) else str(full)
+
+
 def _read_card(path: Path) -> ModelCard:
+    """The card in file ``path``, its weights path made absolute (a relative one is relative
+    to the card's folder); a bad file raises one line naming the file and its first problem."""
     try:
-        card = ModelCard.model_validate_json(path.read_text())
+        card = ModelCard.model_validate_json(path.read_bytes())
+    except OSError as e:
+        raise RegistryError(f"{path}: cannot read model card: {e.strerror or e}") from e
     except ValidationError as e:
-        raise RegistryError(f"{path}: invalid model card:\n{e}") from e
+        raise RegistryError(f"{path}: invalid model card: {first_problem(e)}") from e
     if card.name != path.name[: -len(CARD_SUFFIX)]:
         raise RegistryError(f"{path}: card name {card.name!r} does not match the file name")
+    if card.weights and not Path(card.weights).is_absolute():
+        card.weights = str((path.parent / card.weights).resolve())
     return card
 
 
@@ -93,8 +111,22 @@ def _card_files(registry_dir: Path) -> list[Path]:
 
 
 def list_cards(registry_dir: str | os.PathLike | None = None) -> list[ModelCard]:
-    """Every card in the registry, sorted by name (an empty list if the folder does not exist)."""
+    """Every card in the registry, sorted by name (an empty list if the folder does not exist);
+    strict: the first invalid card file raises (see :func:`scan_cards` for a lenient listing)."""
     return [_read_card(p) for p in _card_files(_dir(registry_dir))]
+
+
+def scan_cards(registry_dir: str | os.PathLike | None = None) -> tuple[list[ModelCard], list[RegistryError]]:
+    """The valid cards of the registry (sorted by name) and one error per invalid card file,
+    so that one bad file neither hides the other cards nor goes unnoticed."""
+    cards: list[ModelCard] = []
+    problems: list[RegistryError] = []
+    for path in _card_files(_dir(registry_dir)):
+        try:
+            cards.append(_read_card(path))
+        except RegistryError as e:
+            problems.append(e)
+    return cards, problems
 
 
 def _registered_names(registry_dir: Path) -> str:

