@@ -1,6 +1,8 @@
 """Copy-region detector: deterministic synthetic labels, a tiny YOLO that trains, exports to ONNX,
-registers, loads back and predicts; and a malicious checkpoint that never gets to run."""
+registers, loads back and predicts; re-runs that keep a finished run, refuse a changed config and
+name undecodable photos; and a malicious checkpoint that never gets to run."""
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,13 +19,37 @@ from patchers.detector.synth import (
 from tests.conftest import synthetic_photo
 
 
-@pytest.fixture
-def photos(tmp_path) -> Path:
-    folder = tmp_path / "photos"
-    folder.mkdir()
+def _photo_folder(folder: Path) -> Path:
+    folder.mkdir(exist_ok=True)
     for i in range(12):
         synthetic_photo(200 + i, size=(120, 90)).save(folder / f"P{i:03d}.jpg")
     return folder
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    return _photo_folder(tmp_path / "photos")
+
+
+def _tiny_config(photos: Path, root: Path, **changes):
+    from patchers.detector.train import DetectorConfig
+    cfg = dict(name="det-test", photos=str(photos), output=str(root / "det"), registry=str(root / "models"),
+               synth={"train": 8, "val": 4, "side": 128, "chunk": 4}, model="yolov8n.yaml", epochs=1,
+               imgsz=128, batch=4, conf=0.01)
+    return DetectorConfig.model_validate({**cfg, **changes})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, ray_local):
+    """A tiny detector trained once (chunks as Ray tasks) on 12 photos and P012.jpg, which does not
+    decode: train samples 4, 5 and 7 draw it and are skipped."""
+    from jobs.runtime import run_tasks
+    from patchers.detector.train import train_detector
+    root = tmp_path_factory.mktemp("tiny")
+    photos = _photo_folder(root / "photos")
+    (photos / "P012.jpg").write_bytes(b"not a jpeg")
+    cfg = _tiny_config(photos, root)
+    return cfg, train_detector(cfg, lambda fn, calls: run_tasks(fn, calls, "synth")), root
 
 
 def _labels(root: Path, split: str) -> dict[str, np.ndarray]:
@@ -54,6 +80,16 @@ def test_synthetic_set_is_deterministic_with_labels_inside(photos, tmp_path):
                for p in sorted((Path(a) / "images" / "train").glob("*.jpg"))]
     assert any(differs)
     assert "path: " + str(Path(a).resolve()) in Path(write_data_yaml(a)).read_text()
+
+
+def test_a_chunk_marked_with_no_image_is_made_again(photos, tmp_path):
+    """Older versions marked a chunk whose photos did not decode as done, holding 0."""
+    paths = sorted(str(p) for p in photos.glob("*.jpg"))
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / ".done-train-000000").write_text("0")
+    (tmp_path / "data" / ".done-train-000004").write_text("4")
+    calls = chunk_calls(paths, str(tmp_path / "data"), {"train": 8}, 0, 96, 4)
+    assert [c[2:5] for c in calls] == [("train", 0, 4)]
 
 
 def test_box_recall_counts_matches_at_iou_half(tmp_path, monkeypatch):
@@ -87,21 +123,16 @@ def test_pasted_box_is_where_the_photo_is(tmp_path):
     assert np.abs(inside - target).mean() < np.abs(outside - target).mean()
 
 
-def test_tiny_detector_trains_registers_and_predicts(photos, tmp_path, ray_local):
+def test_tiny_detector_trains_registers_and_predicts(tiny):
     from core.models.registry import load_card
-    from jobs.runtime import run_tasks
     from jobs.stages.patch import resolve_detector
     from patchers.detector.predict import detect
-    from patchers.detector.train import DetectorConfig, train_detector
     from patchers.plan import plan_images
     from patchers.proposals import ProposalParams
     from patchers.views import ViewConfig
 
-    cfg = DetectorConfig(name="det-test", photos=str(photos), output=str(tmp_path / "det"),
-                         registry=str(tmp_path / "models"), synth={"train": 8, "val": 4, "side": 128, "chunk": 4},
-                         model="yolov8n.yaml", epochs=1, imgsz=128, batch=4, conf=0.01)
-    card = train_detector(cfg, lambda fn, calls: run_tasks(fn, calls, "synth"))
-    assert len(list((tmp_path / "det" / "data" / "images" / "train").glob("*.jpg"))) == 8
+    cfg, card, tmp_path = tiny
+    assert len(list((tmp_path / "det" / "data" / "images" / "train").glob("*.jpg"))) == 5
     loaded = load_card("det-test", tmp_path / "models")
     assert loaded == card and card.kind == "detector" and Path(card.weights).is_file()
     assert card.weights.endswith("best.onnx") and len(card.weights_sha256) == 64  # served from ONNX, pinned
@@ -124,11 +155,90 @@ def test_tiny_detector_trains_registers_and_predicts(photos, tmp_path, ray_local
     kinds = table.column("kind").to_pylist()
     assert failed == [] and kinds[0] == "full" and set(kinds) <= {"full", "detection"} and len(kinds) <= 6
 
-    # a second call resumes: training is skipped (last.pt untouched)
-    last = tmp_path / "det" / "yolo" / "weights" / "last.pt"
-    mtime = last.stat().st_mtime_ns
-    train_detector(cfg)
-    assert last.stat().st_mtime_ns == mtime
+
+def test_the_card_counts_the_images_written(tiny):
+    """Samples that drew the undecodable photo are not claimed as training data."""
+    cfg, card, _ = tiny
+    assert "(seed 0, 5 train / 4 val; 3 samples skipped: undecodable photos)" in card.trained_on
+
+
+def _stamps(root: Path) -> dict[str, tuple[int, bytes]]:
+    """mtime and bytes of the files a re-run must not touch: checkpoint, ONNX and card."""
+    weights = root / "det" / "yolo" / "weights"
+    files = [weights / "last.pt", weights / "best.onnx", root / "models" / "det-test.json"]
+    return {f.name: (f.stat().st_mtime_ns, f.read_bytes()) for f in files}
+
+
+def test_a_finished_run_is_kept_as_registered(tiny):
+    """ONNX export is not byte-reproducible: exporting again would change the hash that patch
+    folders pin. A finished, registered run is returned as it is."""
+    from patchers.detector.train import train_detector
+    cfg, card, root = tiny
+    before = _stamps(root)
+    assert train_detector(cfg) == card
+    assert _stamps(root) == before
+
+
+def test_a_lost_card_is_registered_again_with_the_same_onnx(tiny):
+    from patchers.detector.train import train_detector
+    cfg, card, root = tiny
+    onnx = Path(card.weights)
+    before = onnx.stat().st_mtime_ns
+    (root / "models" / "det-test.json").unlink()
+    again = train_detector(cfg)
+    assert again.weights == card.weights and again.weights_sha256 == card.weights_sha256
+    assert onnx.stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"model": "yolov8s.yaml"}, "model: 'yolov8n.yaml' -> 'yolov8s.yaml'"),
+    ({"synth": {"train": 12, "val": 4, "side": 128, "chunk": 4}}, "synth.train: 8 -> 12"),
+    ({"synth": {"train": 8, "val": 4, "side": 128, "chunk": 4, "seed": 1}}, "synth.seed: 0 -> 1"),
+    ({"epochs": 2}, "epochs: 1 -> 2"),
+    ({"limit": 6}, "photo_count: 13 -> 6"),
+])
+def test_a_changed_config_is_refused(tiny, change, named):
+    """Resuming would keep the old data and weights under a card describing the new config."""
+    from patchers.detector.train import train_detector
+    cfg, card, root = tiny
+    before = _stamps(root)
+    changed = _tiny_config(cfg.photos, root, **change)
+    with pytest.raises(ValueError, match="made with other settings") as e:
+        train_detector(changed)
+    assert named in str(e.value) and f"set another output folder in the config, or delete {cfg.output}" in str(e.value)
+    # settings that change neither data nor weights are no reason to refuse
+    kept = train_detector(_tiny_config(cfg.photos, root, conf=0.2, synth={**cfg.synth.model_dump(), "chunk": 3}))
+    assert kept.weights_sha256 == card.weights_sha256 and _stamps(root) == before
+
+
+def test_undecodable_photos_are_named_and_leave_nothing_done(tmp_path, monkeypatch, caplog):
+    """No photo decodes: a clear error before training, and no done marker or settings record that
+    would keep the run broken (or refuse a corrected config) once the photos are fixed."""
+    import patchers.detector.train as train
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"P{i:03d}.jpg").write_bytes(b"not a jpeg")
+    cfg = _tiny_config(folder, tmp_path)
+    monkeypatch.setattr(train, "fit", lambda *a: pytest.fail("trained on no data"))
+    first = folder.resolve() / "P000.jpg"
+    with pytest.raises(ValueError, match=re.escape(f"none of the 12 photos in {folder} decode (first: {first}: ")):
+        train.train_detector(cfg)
+    assert "P0" in caplog.text and "skipped" in caplog.text  # each skipped sample names its photo
+    data = tmp_path / "det" / "data"
+    assert list(data.glob(".done-*")) == [] and not (tmp_path / "det" / "_settings.json").exists()
+
+    _photo_folder(folder)  # fixed in place: the whole set is made now
+
+    class Trained(Exception):
+        pass
+
+    def fit(*a):
+        raise Trained
+    monkeypatch.setattr(train, "fit", fit)
+    with pytest.raises(Trained):
+        train.train_detector(cfg)
+    assert train.written(data) == {"train": 8, "val": 4}
 
 
 class Payload:

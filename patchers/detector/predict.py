@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -62,9 +64,14 @@ def load_detector(weights: str) -> Any:
 
 
 def export_onnx(checkpoint: str, imgsz: int) -> str:
-    """Export a trained YOLO checkpoint (copydet's own training output) to ONNX next to it."""
-    yolo = offline_ultralytics().YOLO(checkpoint, task="detect")
-    return str(yolo.export(format="onnx", imgsz=imgsz, dynamic=False, simplify=False, device="cpu"))
+    """Export a trained YOLO checkpoint (copydet's own training output) to ONNX next to it,
+    atomically: exported from a copy in a hidden temp folder, then renamed into place."""
+    final = Path(checkpoint).with_suffix(".onnx")
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=final.parent) as tmp:
+        staged = shutil.copy(checkpoint, tmp)  # ultralytics writes the ONNX beside the file it loads
+        yolo = offline_ultralytics().YOLO(staged, task="detect")
+        os.replace(yolo.export(format="onnx", imgsz=imgsz, dynamic=False, simplify=False, device="cpu"), final)
+    return str(final)
 
 
 def detect(images: list[Image.Image], weights: str, conf: float = 0.25, imgsz: int = 320,

@@ -9,6 +9,7 @@ give the same files.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,6 +18,9 @@ from PIL import Image
 
 from core.augment import EDITS, SCREENSHOT_TEMPLATES, emoji_names
 from core.imageio import ImageDecodeError, load_rgb
+from core.store import write_text
+
+log = logging.getLogger(__name__)
 
 WORK_SIDE = 512                       # composites are built at this long side, then resized
 MEME_WORDS = ["when", "you", "me", "LOL", "the", "monday", "mood", "nobody", "finally", "wait", "why"]
@@ -149,7 +153,8 @@ def split_photos(photos: list[str]) -> dict[str, list[str]]:
 def generate_chunk(photos: list[str], out: str, split: str, start: int, stop: int, seed: int,
                    side: int) -> int:
     """Write samples ``start..stop-1`` of ``split`` (images/<split>, labels/<split>) and a
-    done marker; returns how many were written. Photos that fail to decode are skipped."""
+    done marker; returns how many were written. A sample whose photos fail to decode is
+    skipped and logged; a chunk that wrote none gets no marker, so it is tried again."""
     root = Path(out)
     (root / "images" / split).mkdir(parents=True, exist_ok=True)
     (root / "labels" / split).mkdir(parents=True, exist_ok=True)
@@ -158,15 +163,23 @@ def generate_chunk(photos: list[str], out: str, split: str, start: int, stop: in
         rng = np.random.default_rng([seed, 0 if split == "train" else 1, i])
         try:
             photo, background = (load_rgb(photos[int(j)]) for j in rng.integers(0, len(photos), 2))
-        except ImageDecodeError:
+        except ImageDecodeError as e:
+            log.warning(f"synthetic {split} sample {i} skipped: {e}")
             continue
         img, box = composite(photo, background, rng, side)
         stem = f"{split}-{i:06d}"
         img.save(root / "images" / split / f"{stem}.jpg", quality=int(rng.integers(60, 95)))
         (root / "labels" / split / f"{stem}.txt").write_text(yolo_line(box))
         written += 1
-    (root / f".done-{split}-{start:06d}").write_text(str(written))
+    if written:
+        write_text(root / f".done-{split}-{start:06d}", str(written))
     return written
+
+
+def _done(marker: Path) -> bool:
+    """A chunk is done when its marker counts some image (older versions wrote "0" for a chunk
+    whose photos did not decode, which kept it from being made once they were fixed)."""
+    return marker.is_file() and marker.read_text().strip() not in ("", "0")
 
 
 def chunk_calls(photos: list[str], out: str, sizes: dict[str, int], seed: int, side: int,
@@ -178,7 +191,7 @@ def chunk_calls(photos: list[str], out: str, sizes: dict[str, int], seed: int, s
     calls = []
     for split, n in sizes.items():
         for start in range(0, n, chunk):
-            if not (Path(out) / f".done-{split}-{start:06d}").exists():
+            if not _done(Path(out) / f".done-{split}-{start:06d}"):
                 calls.append((by_split[split], out, split, start, min(start + chunk, n), seed, side))
     return calls
 
@@ -187,5 +200,5 @@ def write_data_yaml(out: str) -> str:
     """The ultralytics dataset file, with an absolute ``path`` (settings' datasets_dir is ignored)."""
     root = Path(out).resolve()
     text = (f"path: {root}\ntrain: images/train\nval: images/val\nnames:\n  0: copy\n")
-    (root / "data.yaml").write_text(text)
+    write_text(root / "data.yaml", text)
     return str(root / "data.yaml")
