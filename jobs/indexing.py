@@ -22,6 +22,7 @@ from core.contracts import ERRORS_SCHEMA
 from core.imageio import ImageDecodeError, load_rgb, scan_images, sha256_file
 from core.models.cards import ModelCard
 from core.models.registry import load_card, resolve_model
+from core.settings import SettingsChanged
 from core.store import embeddings_from_arrow, exists, join, read_table, write_table
 from core.yamlconf import apply_overrides
 from ensemble.index import versions
@@ -30,7 +31,7 @@ from ensemble.index.reader import read_cards, read_config
 from ensemble.reduce import load_pca
 from jobs.config import DataConfig, PipelineConfig, validate
 from jobs.inputs import InputError, check_unique_ids
-from jobs.layout import RunDir, SettingsChanged, shard_names
+from jobs.layout import RunDir, shard_names
 from jobs.lock import locked
 from jobs.pipeline import run_stages
 from jobs.stages.extract import key_specs

@@ -20,9 +20,10 @@ import pyarrow.compute as pc
 
 from core.imageio import IMAGE_SUFFIXES, FolderScan, scan_images, sha256_file
 from core.metrics import read_ground_truth
+from core.settings import read_settings
 from core.store import exists, list_shards, read_table, write_table
 from jobs.config import SPLIT_FOLDERS, DataConfig
-from jobs.layout import RunDir, read_settings
+from jobs.layout import RunDir
 
 log = logging.getLogger(__name__)
 

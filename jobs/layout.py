@@ -7,14 +7,6 @@ import pyarrow as pa
 
 from core.contracts import shard_split
 from core.lock import LOCK_NAME
-from core.settings import (  # noqa: F401  (re-exported: the stages' record of their settings)
-    SETTINGS_FILE,
-    SettingsChanged,
-    check_settings,
-    pin_settings,
-    read_settings,
-    settings_changes,
-)
 from core.store import join, list_shards, read_table
 
 

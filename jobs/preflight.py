@@ -16,12 +16,13 @@ from typing import TypeVar
 
 from core.models.cards import RegistryError
 from core.models.sscd import SSCD_MEMBERS
+from core.settings import check_settings, read_settings
 from core.store import exists, join
 from core.yamlconf import ConfigError, read_yaml
 from jobs.completeness import manifest_shards
 from jobs.config import PipelineConfig
 from jobs.inputs import InputError, check_ground_truth, pin_inputs, split_folders
-from jobs.layout import RunDir, check_settings, read_settings
+from jobs.layout import RunDir
 from jobs.stages.extract import key_settings, key_specs
 from jobs.stages.manifest import manifest_settings
 from jobs.stages.patch import patch_settings, resolve_detector, side_views

@@ -1,7 +1,8 @@
 """Run-folder settings records: a resumed stage never mixes shards made with other settings."""
 import pytest
 
-from jobs.layout import SETTINGS_FILE, SettingsChanged, check_settings, next_shard_number, pin_settings
+from core.settings import check_settings, pin_settings, SETTINGS_FILE, SettingsChanged
+from jobs.layout import next_shard_number
 
 
 def test_pin_settings_records_then_checks(tmp_path):

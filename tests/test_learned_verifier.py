@@ -23,10 +23,11 @@ from core.models.verifier import (
     region_tokens,
     save_verifier,
 )
+from core.settings import SettingsChanged
 from core.store import join, read_table
 from ensemble.verify import KEYPOINT_COLUMNS
 from jobs.config import VerifyConfig, load_config
-from jobs.layout import RunDir, SettingsChanged
+from jobs.layout import RunDir
 from jobs.pipeline import run_stages
 from jobs.stages.verify import METHODS, inlier_bonus
 from pretrain.pairs import make_pair_validation, validate_pairs, whole_image_cosine

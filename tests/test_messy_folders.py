@@ -40,12 +40,13 @@ from core.models.backbones import build_backbone
 from core.models.cards import RegistryError
 from core.models.checkpoint import save_checkpoint
 from core.models.registry import card_from_checkpoint, register
+from core.settings import SettingsChanged
 from core.store import read_table
 from jobs.cli import main
 from jobs.completeness import IncompleteUpstream
 from jobs.config import load_config
 from jobs.inputs import InputError
-from jobs.layout import RunDir, SettingsChanged
+from jobs.layout import RunDir
 from jobs.lock import RunFolderBusy
 from jobs.pipeline import evaluate_run, run_pipeline, run_stages
 from jobs.stages.evaluate import evaluate_run_files, format_metrics

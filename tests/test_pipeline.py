@@ -13,13 +13,14 @@ import ray
 
 from core.imageio import load_rgb
 from core.metrics import read_predictions
+from core.settings import SETTINGS_FILE, SettingsChanged
 from core.store import join, list_shards, read_table
 from ensemble.decoys import estimate_threshold
 from ensemble.fuse import demote_others, top_k_per_query
 from ensemble.verify import verify_pairs
 from jobs.cli import main
 from jobs.config import load_config
-from jobs.layout import SETTINGS_FILE, RunDir, SettingsChanged, image_paths
+from jobs.layout import RunDir, image_paths
 from jobs.pipeline import run_pipeline, run_stages
 from jobs.stages import verify as verify_stage
 from jobs.stages.verify import (Pass, registry_dir, score_pairs, scorer_for, store_folder, unscored,

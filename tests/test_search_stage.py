@@ -4,10 +4,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from core.settings import pin_settings
 from core.store import features_table, read_table, write_table
 from jobs.config import PipelineConfig
 from jobs.inputs import INPUTS_SCHEMA
-from jobs.layout import RunDir, pin_settings, shard_names
+from jobs.layout import RunDir, shard_names
 from jobs.stages.search import run_search
 
 KEY = "m@64"

@@ -25,9 +25,10 @@ from core.contracts import shard_split
 from core.models.cards import ModelCard
 from core.models.preprocess import Preprocess
 from core.models.registry import resolve_model, weights_hash
+from core.settings import pin_settings
 from jobs.completeness import chunk_plan
 from jobs.config import ExtractConfig, ModelEntry, PipelineConfig
-from jobs.layout import RunDir, pin_settings, shard_names
+from jobs.layout import RunDir, shard_names
 from jobs.stages.search import check_background
 from patchers.extract import ChunkEmbedder, ChunkTask, KeySpec, chunk_file, decode_chunk
 

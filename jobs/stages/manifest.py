@@ -13,10 +13,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from core.contracts import ERRORS_SCHEMA, MANIFEST_SCHEMA
+from core.settings import pin_settings
 from core.store import chunks, exists, join, read_table, write_table
 from jobs.config import SPLIT_FOLDERS, PipelineConfig
 from jobs.inputs import InputError, images, pin_inputs, split_folders
-from jobs.layout import RunDir, pin_settings, shard_file, shard_names
+from jobs.layout import RunDir, shard_file, shard_names
 from jobs.runtime import run_tasks
 from patchers.manifest import describe
 

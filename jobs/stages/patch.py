@@ -13,10 +13,11 @@ import pyarrow.compute as pc
 
 from core.models.cards import RegistryError
 from core.models.registry import default_registry_dir, load_card, weights_hash
+from core.settings import pin_settings
 from core.store import join, read_table, write_table
 from jobs.completeness import require_manifest
 from jobs.config import PipelineConfig
-from jobs.layout import RunDir, pin_settings, shard_names
+from jobs.layout import RunDir, shard_names
 from jobs.runtime import run_tasks
 from patchers.plan import DetectorSpec, needs_pixels, plan_images, plan_table
 from patchers.proposals import ProposalParams

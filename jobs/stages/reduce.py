@@ -14,12 +14,13 @@ import numpy as np
 import pyarrow as pa
 import ray
 
+from core.settings import pin_settings
 from core.store import embeddings_from_arrow, exists, join, num_rows, read_table, write_table
 from ensemble.reduce import Pca, concat_members, fit_pca, load_pca, save_pca
 from ensemble.stretch import stretch_table
 from jobs.completeness import require_features
 from jobs.config import PipelineConfig, ReduceConfig
-from jobs.layout import RunDir, pin_settings, shard_names
+from jobs.layout import RunDir, shard_names
 from jobs.runtime import run_tasks
 
 log = logging.getLogger(__name__)

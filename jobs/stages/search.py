@@ -23,13 +23,14 @@ import pyarrow as pa
 
 from core.contracts import WHOLE_PATCH
 from core.knn import Hits
+from core.settings import pin_settings
 from core.store import embeddings_from_arrow, join, read_table, write_table
 from ensemble.decoys import decoy_hits
 from ensemble.normalize import normalize_scores
 from ensemble.sharded import ShardedIndex, format_info, hits_table
 from jobs.completeness import require_features
 from jobs.config import PipelineConfig, SearchConfig
-from jobs.layout import RunDir, pin_settings, shard_names
+from jobs.layout import RunDir, shard_names
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 
 from core.imageio import load_rgb
 from core.models.registry import default_registry_dir, resolve_model, weights_hash
+from core.settings import pin_settings, settings_changes
 from core.store import chunks, folder_bytes, join, list_shards, num_rows, read_table, remove_dir, write_table
 from ensemble.described import index_described, read_described, to_blob, write_described
 from ensemble.fuse import top_k_per_query
@@ -35,7 +36,7 @@ from ensemble.keypoints import METHODS as KEYPOINT_METHODS
 from ensemble.verify import KEYPOINT_COLUMNS, PairScorer, compare_pairs, make_scorer
 from jobs.completeness import require_fused, require_manifest
 from jobs.config import PipelineConfig, VerifyConfig
-from jobs.layout import RunDir, image_paths, next_shard_number, pin_settings, settings_changes
+from jobs.layout import RunDir, image_paths, next_shard_number
 from jobs.runtime import run_tasks
 from jobs.stages.fuse import finish
 
