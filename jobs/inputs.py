@@ -11,6 +11,7 @@ only name images of the inputs, once per pair.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -78,7 +79,7 @@ def scan_inputs(folders: dict[str, str]) -> pa.Table:
     and a folder without images."""
     rows = []
     for split, folder in folders.items():
-        scan = scan_images(folder)
+        scan = scan_images(os.path.abspath(folder))  # absolute: stages and commands may run from elsewhere
         check_unique_ids(scan, folder, f"data.{SPLIT_FOLDERS[split]}")
         if not scan.files:
             raise InputError(f"data.{SPLIT_FOLDERS[split]}: {folder} has no image files (accepted extensions: "
@@ -101,7 +102,7 @@ def images(inputs: pa.Table, limit: int | None = None) -> dict[str, list[tuple[s
 def _stamps(inputs: pa.Table) -> dict[tuple[str, str], tuple[int, int]]:
     ok = inputs.filter(pc.is_null(inputs.column("error")))
     cols = (ok.column(c).to_pylist() for c in ("split", "path", "size", "mtime_ns"))
-    return {(s, p): (n, t) for s, p, n, t in zip(*cols)}
+    return {(s, os.path.abspath(p)): (n, t) for s, p, n, t in zip(*cols)}  # lists pinned before were relative
 
 
 def input_changes(old: pa.Table, new: pa.Table, sha256: Mapping[str, str] | None = None) -> list[str]:
@@ -123,7 +124,8 @@ def manifest_hashes(run: RunDir) -> dict[str, str]:
     hashes: dict[str, str] = {}
     for shard in list_shards(run.manifest):
         table = read_table(shard, columns=["path", "sha256"])
-        hashes.update(zip(table.column("path").to_pylist(), table.column("sha256").to_pylist()))
+        hashes.update((os.path.abspath(p), h) for p, h in zip(table.column("path").to_pylist(),
+                                                               table.column("sha256").to_pylist()))
     return hashes
 
 

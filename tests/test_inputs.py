@@ -172,3 +172,18 @@ def test_a_patch_shard_is_read_once_for_every_chunk_plan_until_it_is_rewritten(t
     assert completeness.shard_chunks(shard, version(shard), 2) == ((0, 2), (2, 3), (3, 6))  # another size: read
     write_table(pa.table({"image_id": ["a", "b", "c"]}), shard)  # rewritten: read again
     assert completeness.shard_chunks(shard, version(shard), 3) == ((0, 3),) and len(reads) == 3
+
+
+def test_a_list_pinned_from_a_relative_folder_is_the_same_list_from_its_absolute_path(data, tmp_path, monkeypatch):
+    """Runs pin absolute paths now (config.yaml saves absolute folders); a list pinned relative to
+    the working folder before is the same files from there."""
+    run = RunDir(str(tmp_path / "run"))
+    monkeypatch.chdir(data.parent)
+    relative = split_folders(DataConfig(root=data.name))
+    first = scan_inputs(relative)
+    assert all(os.path.isabs(p) for p in first.column("path").to_pylist())
+    write_table(first.set_column(first.schema.get_field_index("path"), "path",
+                                 pa.array([os.path.relpath(p) for p in first.column("path").to_pylist()])),
+                run.inputs)  # as a run pinned it before
+    assert input_changes(read_table(run.inputs), scan_inputs(split_folders(DataConfig(root=str(data))))) == []
+    pin_inputs(run, split_folders(DataConfig(root=str(data))))  # accepted
