@@ -10,6 +10,7 @@ what is added. Every command writes a whole new version and switches ``CURRENT``
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -176,7 +177,7 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
     meta = versions.read_manifest(idx.path(parent))
     live = set(versions.live_images(idx.path(parent), meta).column("image_id").to_pylist())
     removed = set(versions.removed_table(idx.path(parent)).column("image_id").to_pylist())
-    scan = scan_images(folder)
+    scan = scan_images(os.path.abspath(folder))  # the service opens them from its own folder
     check_unique_ids(scan, folder, "index add")
     files = [(f.image_id, f.path) for f in scan.files]
     failed = [{"path": p, "error": f"{p}: {reason}"} for p, reason in scan.rejected]

@@ -100,7 +100,7 @@ def test_a_reference_file_gone_leaves_its_pairs_unverified(built, tmp_path):
     assert answers[1]["matches"]
 
 
-def test_add_remove_compact(built, tmp_path):
+def test_add_remove_compact(built, tmp_path, monkeypatch):
     data, cfg, _, built_index = built
     index = tmp_path / "index"
     shutil.copytree(built_index, index)
@@ -117,7 +117,8 @@ def test_add_remove_compact(built, tmp_path):
     (extra / "R902.jpg").rename(extra / "bad:name.jpg")  # empty
     (extra / "broken.jpg").write_bytes(b"not a jpeg")
     (extra / "notes.txt").write_text("not an image file extension")
-    name, added, errors = indexing.add_folder(str(index), str(extra))
+    monkeypatch.chdir(tmp_path)  # a folder given relative is recorded absolute: the service opens the files
+    name, added, errors = indexing.add_folder(str(index), "extra")
     assert (name, added) == ("v000002", 2) and len(errors) == 3
     recorded = pa.parquet.read_table(IndexDir(index).path(name) / "errors.parquet").to_pylist()
     assert sorted(Path(r["path"]).name for r in recorded) == ["bad:name.jpg", "broken.jpg", "notes.txt"]
@@ -128,6 +129,7 @@ def test_add_remove_compact(built, tmp_path):
     copy = synthetic_photo(900).crop((5, 5, 90, 70))
     assert m.match([copy])[0]["matches"][0]["reference_id"] == "R900"
     assert list(m.index.paths).count("R001") == 1 and len(m.index.paths) == 10
+    assert m.index.paths["R900"] == str(extra / "R900.jpg")
     # a service that served v1 takes over the shards and background the add kept, and answers the same
     first = Matcher(str(index), "v000001")
     swapped = Matcher(str(index), reuse=first)
