@@ -37,6 +37,7 @@ class Pca:
     dim: int
     whiten: bool
     key: str = ""
+    fit_rows: int | None = None  # the sample cap it was fit under (reduce.fit_rows); None: not recorded
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """Project ``(n, d_in)`` descriptors to ``(n, dim)`` and re-L2-normalise."""
@@ -75,9 +76,11 @@ def fit_pca(x: np.ndarray, dim: int, whiten: bool, key: str = "") -> Pca:
 
 
 def save_pca(pca: Pca, path: str | os.PathLike) -> str:
-    """Write the arrays as safetensors, dim/whiten/key in its JSON metadata (temp name, then rename)."""
-    data = save({"mean": pca.mean, "matrix": pca.matrix, "eigenvalues": pca.eigenvalues},
-                metadata={"dim": str(pca.dim), "whiten": str(pca.whiten).lower(), "key": pca.key})
+    """Write the arrays as safetensors, dim/whiten/key/fit_rows in its JSON metadata (temp name, then rename)."""
+    meta = {"dim": str(pca.dim), "whiten": str(pca.whiten).lower(), "key": pca.key}
+    if pca.fit_rows is not None:
+        meta["fit_rows"] = str(pca.fit_rows)
+    data = save({"mean": pca.mean, "matrix": pca.matrix, "eigenvalues": pca.eigenvalues}, metadata=meta)
     return write_bytes(path, data)
 
 
@@ -94,7 +97,8 @@ def load_pca(path: str | os.PathLike) -> Pca:
     if missing:
         raise ValueError(f"{path}: not a PCA file, missing {missing}")
     pca = Pca(mean=arrays["mean"], matrix=arrays["matrix"], eigenvalues=arrays["eigenvalues"],
-              dim=int(meta["dim"]), whiten=meta["whiten"] == "true", key=meta.get("key", ""))
+              dim=int(meta["dim"]), whiten=meta["whiten"] == "true", key=meta.get("key", ""),
+              fit_rows=int(meta["fit_rows"]) if "fit_rows" in meta else None)
     if pca.matrix.shape != (pca.dim, pca.mean.shape[0]):
         raise ValueError(f"{path}: matrix shape {pca.matrix.shape} does not match dim={pca.dim}")
     return pca

@@ -287,6 +287,12 @@ class PipelineConfig(Strict):
         return [(m, s, f"{model_label(m.name)}{'-' + m.pool if m.pool else ''}@{s}")
                 for m in self.models for s in m.scales]
 
+    @model_validator(mode="after")
+    def _concat_of_several(self) -> "PipelineConfig":
+        if self.reduce.concat and not self.reduce.tag() and len(self.model_keys()) < 2:
+            raise ValueError("reduce.concat joins two or more members (model x scale); this config has one, so "
+                             "it would derive nothing: drop reduce.concat or add a member")
+        return self
 
     def reduce_groups(self) -> list[tuple[list[str], str]]:
         """(source feature keys, derived key) per searched member when ``reduce`` is active."""

@@ -32,6 +32,7 @@ def test_smoke_defaults_to_the_bundled_sample():
     ("models.3.name=x", "--set models.3.name: index 3 is out of range (the list has 1 entries)"),
     ("models.x.name=x", "--set models.x.name: 'x' is not a list index"),
     ("name.first=x", "--set name.first: cannot set 'first' inside a str value"),
+    ("reduce.concat=true", "reduce.concat joins two or more members"),  # smoke has one: it would derive nothing
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:

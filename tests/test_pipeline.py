@@ -15,6 +15,7 @@ from core.imageio import load_rgb
 from core.metrics import read_predictions
 from core.settings import SETTINGS_FILE, SettingsChanged
 from core.store import join, list_shards, read_table
+from ensemble.reduce import load_pca
 from ensemble.decoys import estimate_threshold
 from ensemble.fuse import demote_others, top_k_per_query
 from ensemble.verify import verify_pairs
@@ -160,6 +161,13 @@ def test_reduce_stage_pca_stretch_and_concat(ray_local, tiny_dataset, tmp_path):
     with pytest.raises(SettingsChanged, match=r"fit_rows: 200000 -> 10"):
         run_stages(cfg.model_copy(update={"reduce": cfg.reduce.model_copy(update={"fit_rows": 10})}), ["reduce"])
     assert pca_file.stat().st_mtime_ns == stamp
+    # with the folder deleted as that error advises, the PCA is fit again: the file is not reused
+    shutil.rmtree(run.features(key))
+    run_stages(cfg.model_copy(update={"reduce": cfg.reduce.model_copy(update={"fit_rows": 10})}), ["reduce"])
+    assert load_pca(pca_file).fit_rows == 10
+    # a PCA the train descriptors cannot give is refused naming the keys, not cut to their number
+    with pytest.raises(ValueError, match=r"reduce.dim=64 needs more than 64 train descriptors"):
+        run_stages(load_config(None, [*base, "reduce.dim=64"]), ["reduce"])
 
     # Other search settings on the finished folder are refused, naming the change; nothing is rewritten.
     candidates = _mtimes(run.candidates(key))

@@ -1,4 +1,6 @@
 """Search stage: which (query patch, reference patch) pairs ``search.pairs`` scores."""
+import re
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -74,8 +76,8 @@ def test_d2lv_pairs_keep_one_whole_side(ray_local, run_with_tiles):
 
 
 def test_more_neighbours_than_train_descriptors_is_refused_before_extraction(tmp_path):
-    """Two train patches cannot give three normalisation neighbours: extract refuses from the
-    patch shards before it embeds anything, search from the features."""
+    """Two train patches cannot give three normalisation neighbours, a 2-d PCA or three stretching
+    neighbours: extract refuses from the patch shards before it embeds anything, search from the features."""
     from jobs.stages.extract import run_extract
 
     e = np.eye(8, dtype=np.float32)
@@ -88,4 +90,9 @@ def test_more_neighbours_than_train_descriptors_is_refused_before_extraction(tmp
         run_search(config(run, "all", normalize), run)
     with pytest.raises(ValueError, match=r"extract: search.normalize.neighbours=3 exceeds the 2 train"):
         run_extract(config(run, "all", normalize, model="tiny_cnn"), run)
+    for reduce, words in (({"dim": 2}, "reduce.dim=2 needs more than 2 train descriptors"),
+                          ({"stretch": True, "stretch_neighbours": 3}, "reduce.stretch_neighbours=3 exceeds the 2")):
+        cfg = PipelineConfig.model_validate({**config(run, "all", model="tiny_cnn").model_dump(), "reduce": reduce})
+        with pytest.raises(ValueError, match=rf"extract: {re.escape(words)}"):
+            run_extract(cfg, run)
     assert not shard_names(run.features("tiny_cnn@64"))

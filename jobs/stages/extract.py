@@ -29,6 +29,7 @@ from core.settings import pin_settings
 from jobs.completeness import chunk_plan
 from jobs.config import ExtractConfig, ModelEntry, PipelineConfig
 from jobs.layout import RunDir, shard_names
+from jobs.stages.reduce import check_train_rows
 from jobs.stages.search import check_background
 from patchers.extract import ChunkEmbedder, ChunkTask, KeySpec, chunk_file, decode_chunk
 
@@ -129,7 +130,10 @@ def pin_keys(cfg: PipelineConfig, keys: list[KeySpec]) -> None:
 def run_extract(cfg: PipelineConfig, run: RunDir) -> None:
     keys = key_specs(cfg, run)
     tasks = pending_chunks(run, keys, cfg.extract.chunk_patches)  # checks the patch shards first
-    check_background(cfg, train_patches(run, cfg.extract.chunk_patches), "extract")
+    train_rows = train_patches(run, cfg.extract.chunk_patches)
+    check_background(cfg, train_rows, "extract")
+    if cfg.reduce.active:
+        check_train_rows(cfg, train_rows, "extract")
     pin_keys(cfg, keys)  # before any work: shards of other settings are refused, not resumed
     if not tasks:
         return

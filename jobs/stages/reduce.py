@@ -9,6 +9,7 @@ an ordinary feature folder, ``features/<search key>/``, so search and fuse need 
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pyarrow as pa
@@ -84,14 +85,30 @@ def fit_or_load(run: RunDir, keys: list[str], out_key: str, cfg: ReduceConfig) -
     pca = None
     if cfg.dim:
         path = join(run.root, "reduce", f"{out_key}.safetensors")
-        if exists(path):
-            pca = load_pca(path)
-        else:
+        pca = load_pca(path) if exists(path) else None
+        if pca is None or pca.fit_rows not in (None, cfg.fit_rows):  # a file left by a folder fit otherwise
             x = (full[::stride(len(full), cfg.fit_rows)] if full is not None
                  else train_sample(run, keys, train_shards, cfg.fit_rows))
-            pca = fit_pca(x, min(cfg.dim, x.shape[0] - 1, x.shape[1]), cfg.whiten, key=out_key)
+            if x.shape[0] <= cfg.dim or x.shape[1] < cfg.dim:
+                raise ValueError(f"reduce {out_key}: reduce.dim={cfg.dim} needs more train descriptors than that, of "
+                                 f"at least that size; the sample (reduce.fit_rows={cfg.fit_rows}) has {x.shape[0]} "
+                                 f"of size {x.shape[1]}: lower reduce.dim or add train images")
+            pca = replace(fit_pca(x, cfg.dim, cfg.whiten, key=out_key), fit_rows=cfg.fit_rows)
             save_pca(pca, path)
     return pca, (pca.apply(full) if pca and full is not None else full)
+
+
+def check_train_rows(cfg: PipelineConfig, train_rows: int, where: str) -> None:
+    """Refuse a PCA or stretching that the train descriptors cannot give (extract checks it from the
+    patches, before its work): more dimensions, or more stretching neighbours, than descriptors."""
+    r = cfg.reduce
+    if r.dim and 0 < min(train_rows, r.fit_rows) <= r.dim:
+        raise ValueError(f"{where}: reduce.dim={r.dim} needs more than {r.dim} train descriptors; there are "
+                         f"{train_rows} (one per train patch; reduce.fit_rows={r.fit_rows}): lower reduce.dim "
+                         "or add train images")
+    if r.stretch and 0 < train_rows < r.stretch_neighbours:
+        raise ValueError(f"{where}: reduce.stretch_neighbours={r.stretch_neighbours} exceeds the {train_rows} train "
+                         "descriptors (one per train patch): lower it or add train images")
 
 
 def reduce_settings(cfg: PipelineConfig) -> dict:
@@ -109,6 +126,8 @@ def run_reduce(cfg: PipelineConfig, run: RunDir) -> None:
         todo = [n for n in expected[0] if n not in done]
         if not todo:
             continue
+        check_train_rows(cfg, sum(num_rows(join(run.features(keys[0]), n)) for n in expected[0]
+                                  if n.startswith("train-")), f"reduce {out_key}")
         pca, train = fit_or_load(run, keys, out_key, cfg.reduce)
         shared = ray.put((pca, train))  # one copy in the object store for every task
         run_tasks(reduce_shard, [(run, keys, out_key, n, shared, cfg.reduce) for n in todo], f"reduce {out_key}")
