@@ -47,6 +47,9 @@ class ImageDecodeError(ValueError):
         self.path = os.fspath(path)
         self.reason = reason
 
+    def __reduce__(self) -> tuple:  # rebuilt from both arguments when a Ray task raises it
+        return type(self), (self.path, self.reason)
+
 
 def _on_white(img: Image.Image) -> Image.Image:
     """Flatten transparency (RGBA, LA, palette with transparency, ...) onto white."""

@@ -10,7 +10,7 @@ import logging
 import os
 import sys
 
-from ray.exceptions import AuthenticationError
+from ray.exceptions import AuthenticationError, RayTaskError
 
 from core.logs import setup_logging
 from jobs.commands import COMMANDS
@@ -47,9 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args._command.fn(args) or 0)
     except USER_ERRORS as e:
-        log.error("copydet %s: error: %s", args.command, e)
+        log.error("copydet %s: error: %s", args.command, _message(e))
         log.debug("traceback", exc_info=True)
         return 2
+
+
+def _message(e: Exception) -> Exception:
+    """What to print of ``e``: a Ray task's own exception, without the remote traceback Ray wraps it in."""
+    cause = getattr(e, "cause", None) if isinstance(e, RayTaskError) else None
+    return cause if isinstance(cause, Exception) else e
 
 
 if __name__ == "__main__":

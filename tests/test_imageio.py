@@ -170,3 +170,11 @@ def test_scan_lists_every_file_as_an_image_or_a_rejection(tmp_path):
     Image.new("RGB", (8, 8)).save(root / "A.png")
     assert scan_images(root).duplicates() == {"A": [str(root / "A.jpg"), str(root / "A.png")]}
     assert list_images(root, limit=2) == [("A", str(root / "A.jpg")), ("A", str(root / "A.png"))]
+
+
+def test_a_decode_error_survives_pickling():
+    """Ray sends a task's exception to the driver pickled: it failed to rebuild (one argument)."""
+    import pickle
+
+    e = pickle.loads(pickle.dumps(ImageDecodeError("/x/R001.jpg", "not an image")))
+    assert (str(e), e.path, e.reason) == ("/x/R001.jpg: not an image", "/x/R001.jpg", "not an image")

@@ -129,6 +129,17 @@ def test_a_later_stage_keeps_the_data_section_the_manifest_was_made_from(ray_loc
     assert saved["data"]["root"] == str(tiny_dataset) and saved["patches"]["query"]["preset"] == "global"
 
 
+def test_a_ray_tasks_error_is_printed_without_the_remote_traceback():
+    from ray.exceptions import RayTaskError
+
+    from core.imageio import ImageDecodeError
+    from jobs.cli import USER_ERRORS, _message
+
+    cause = ImageDecodeError("/data/R001.jpg", "not an image")
+    wrapped = RayTaskError("describe_chunk", "Traceback (most recent call last): ...", cause).as_instanceof_cause()
+    assert isinstance(wrapped, USER_ERRORS) and _message(wrapped) is cause
+
+
 def test_cli_errors_are_clear(capsys):
     assert main(["fuse", "--set", "search.kk=1"]) == 2
     assert "search.kk: unknown key" in capsys.readouterr().err
