@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from core.models.backbones import list_backbones
 from jobs.config import ConfigError, PipelineConfig, load_config
 from pretrain.train_config import TrainConfig, load_train_config
 from jobs.runtime import OFFLINE_ENV
@@ -51,7 +52,8 @@ def _shared(value: str | None) -> bool:
 
 
 def check_locations(cfg: PipelineConfig, source: str) -> list[str]:
-    """Refuse an output folder the cluster cannot share; return warnings for local data paths.
+    """Refuse an output folder or registry the cluster cannot share; return warnings for local data
+    paths and registered models without a registry.
 
     The job runs in a temporary copy of the repository on the head node, so a relative
     ``output`` would be written there and lost; data paths must exist on every node.
@@ -60,7 +62,15 @@ def check_locations(cfg: PipelineConfig, source: str) -> list[str]:
         raise ConfigError(f"{source}: output {cfg.output!r} is a relative local path; a submitted job runs in "
                           "a temporary working dir on the cluster, so pass --out with an absolute path on "
                           "shared storage or a URI (s3://..., gs://...)")
+    if not _shared(cfg.registry):
+        raise ConfigError(f"{source}: registry {cfg.registry!r} is a relative local path; the job resolves it in its "
+                          "temporary working dir on the cluster (models/ is not uploaded): use an absolute path on "
+                          "shared storage")
     warnings = []
+    registered = [m.name for m in cfg.models if m.name not in list_backbones() and not os.path.isabs(m.name)]
+    if cfg.registry is None and registered:
+        warnings.append(f"{source}: no registry set; {registered} resolve in the job's working dir on the cluster, "
+                        "where only SSCD is fetched on first use: set registry to an absolute path on shared storage")
     for key in ("root", "train", "references", "queries", "ground_truth"):
         value = getattr(cfg.data, key)
         if value and "://" not in value and not os.path.isabs(value):

@@ -93,6 +93,10 @@ def test_relative_output_is_refused_and_relative_data_warned():
     assert check_locations(load_config(None, ["output=s3://bucket/run"]), "c") == []
     warnings = check_locations(load_config(None, ["output=/shared/run", "data.root=rel/data"]), "c")
     assert len(warnings) == 1 and "data.root" in warnings[0]
+    with pytest.raises(ConfigError, match="registry 'models' is a relative local path"):
+        check_locations(load_config(None, ["output=/shared/run", "registry=models"]), "c")
+    unset = check_locations(load_config(None, ["output=/shared/run", "models.0.name=mymodel"]), "c")
+    assert len(unset) == 1 and "no registry set; ['mymodel']" in unset[0]
     assert main(["submit", "--out", "runs/rel", "--address", "http://127.0.0.1:1"]) == 2
 
 
