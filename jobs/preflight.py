@@ -29,7 +29,7 @@ from jobs.stages.patch import patch_settings, resolve_detector, side_views
 from jobs.stages.reduce import reduce_settings
 from jobs.stages.search import decoy_settings, search_settings
 from jobs.stages.verify import verify_settings
-from pretrain.train.fanout import byol_name, finetune_name
+from pretrain.train.fanout import byol_name, finetune_name, verifier_name
 from pretrain.train_config import load_train_config
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -52,6 +52,7 @@ def producers() -> dict[str, str]:
             out.setdefault(byol_name(train, backbone), f"copydet pretrain {rel}")
             for recipe in train.set_recipes():
                 out.setdefault(finetune_name(train, backbone, recipe), f"copydet finetune {rel}")
+        out.setdefault(verifier_name(train), f"copydet train-verifier {rel}")
     for path in sorted(CONFIGS.glob("detector/*.yaml")):
         name = read_yaml(path).get("name")
         if isinstance(name, str):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import typing
 from pathlib import Path
 
@@ -187,3 +188,11 @@ def test_learned_verification_in_a_tiny_pipeline(ray_local, trained, tiny_datase
     finally:
         open(card.weights, "wb").write(original)
         register(card, spec.registry)
+    # a model that is not a verifier is refused before the run starts, pinning nothing for next time
+    shutil.rmtree(join(run.verify, "learned"))
+    with pytest.raises(RegistryError, match="'tiny_cnn' is a backbone, not a verifier"):
+        run_stages(load_config(None, [*base, "verify.method=learned", "verify.learned.model=tiny_cnn"]), ["verify"])
+    assert not Path(join(run.verify, "learned")).exists()
+    with pytest.raises(RegistryError, match="run `copydet train-verifier configs/train/verifier.yaml`"):
+        run_stages(load_config(None, [*base, "verify.method=learned", "verify.learned.model=copydet-verifier"]),
+                   ["verify"])

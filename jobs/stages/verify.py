@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from core.imageio import load_rgb
+from core.models.cards import RegistryError
 from core.models.registry import default_registry_dir, resolve_model, weights_hash
 from core.settings import pin_settings, settings_changes
 from core.store import chunks, folder_bytes, join, list_shards, num_rows, read_table, remove_dir, write_table
@@ -98,6 +99,8 @@ def keypoint_settings(name: str, cfg: PipelineConfig) -> dict:
 
 def learned_settings(name: str, cfg: PipelineConfig) -> dict:
     card = resolve_model(cfg.verify.learned.model, cfg.registry)  # by content, as a descriptor model
+    if card.kind != "verifier":  # checked before the run starts (preflight), not inside its tasks
+        raise RegistryError(f"model {card.name!r} is a {card.kind}, not a verifier")
     return {"scorer": name, "model": card.name, "weights_sha256": weights_hash(card)}
 
 
