@@ -92,6 +92,13 @@ def test_end_to_end_with_bad_inputs_and_resume(ray_local, tiny_dataset, tmp_path
     run_stages(vcfg, ["verify"])
     assert open(run.predictions).read() == once
     assert read_table(join(run.verify, "rootsift")).num_rows == checked.num_rows
+    # verification turned off again: the predictions are the fused ones, as config.yaml now says
+    fused_only = vcfg.model_copy(update={"verify": vcfg.verify.model_copy(update={"enabled": False})})
+    run_stages(fused_only, ["fuse"])
+    fused_preds = open(run.predictions).read()
+    run_stages(vcfg, ["verify"])
+    run_stages(fused_only, ["verify"])
+    assert open(run.predictions).read() == fused_preds != once
 
 
 def test_stage_commands_run_alone(ray_local, tiny_dataset, tmp_path):

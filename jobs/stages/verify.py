@@ -30,7 +30,7 @@ from core.imageio import load_rgb
 from core.models.cards import RegistryError
 from core.models.registry import default_registry_dir, resolve_model, weights_hash
 from core.settings import pin_settings, settings_changes
-from core.store import chunks, folder_bytes, join, list_shards, num_rows, read_table, remove_dir, write_table
+from core.store import chunks, exists, folder_bytes, join, list_shards, num_rows, read_table, remove_dir, write_table
 from ensemble.described import index_described, read_described, to_blob, write_described
 from ensemble.fuse import top_k_per_query
 from ensemble.keypoints import METHODS as KEYPOINT_METHODS
@@ -335,6 +335,11 @@ def rescored(cfg: PipelineConfig, run: RunDir, p: Pass) -> pa.Table:
 def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
     if not cfg.verify.enabled:
         log.info("verify: off (set verify.enabled=true to verify candidates)")
+        fused = exists(run.fused) and (not cfg.decoys() or exists(run.fused_decoys))
+        if exists(run.verify) and fused:  # verified before: the predictions go back to the fused ones
+            decoys = read_table(run.fused_decoys) if cfg.decoys() else None
+            finish(read_table(run.fused), decoys, cfg, run, "fused")
+            log.info(f"verify: off; {run.predictions} holds the fused scores again")
         return
     require_manifest(run, "verify")
     require_fused(run, "verify", cfg.decoys())
