@@ -132,8 +132,10 @@ def check_inputs(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]) -> Non
         folders = split_folders(cfg.data, ("query", "reference") if both else ())
         inputs = pin_inputs(run, folders)
         gt = cfg.data.ground_truth_path()
-        if gt:
-            check_ground_truth(gt, inputs)
+        if gt and not check_ground_truth(gt, inputs, cfg.data.limit):  # evaluate would fail after every stage
+            raise InputError(f"{gt}: no (query, reference) pair to evaluate"
+                             + (f" among the images data.limit {cfg.data.limit} keeps; raise it" if cfg.data.limit
+                                else ""))
     elif IMAGE_STAGES & set(stages) and exists(run.inputs):
         pin_inputs(run, (read_settings(run.manifest) or {}).get("folders", {}))
 

@@ -21,6 +21,7 @@ from ensemble.fuse import demote_others, top_k_per_query
 from ensemble.verify import verify_pairs
 from jobs.cli import main
 from jobs.config import load_config
+from jobs.inputs import InputError
 from jobs.layout import RunDir, image_paths
 from jobs.pipeline import run_pipeline, run_stages
 from jobs.stages import verify as verify_stage
@@ -370,6 +371,11 @@ def test_a_limited_run_is_scored_on_the_pairs_of_its_images(ray_local, tiny_data
     out = tmp_path / "run"
     m = run_pipeline(load_config(None, [f"data.root={tiny_dataset}", f"output={out}", *TINY, "data.limit=4"]))
     assert m.n_positives == json.loads((out / "metrics.json").read_text())["n_positives"] == 2
+    # a limit that keeps no copy is refused before any stage runs, not at evaluate after all of them
+    with pytest.raises(InputError, match=r"no \(query, reference\) pair to evaluate among the images data.limit 1"):
+        run_pipeline(load_config(None, [f"data.root={tiny_dataset}", f"output={tmp_path / 'one'}", *TINY,
+                                        "data.limit=1"]))
+    assert not (tmp_path / "one" / "manifest.parquet").exists()
 
 
 def test_auto_threshold_needs_train_photos(tiny_dataset, tmp_path):
