@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from core.metrics import plot_pr, read_ground_truth
 from core.store import exists
 from jobs.commands.base import arg, command, config_from_args
 from jobs.commands.report import META_HELP, write_report
+from jobs.config import PipelineConfig
 from jobs.layout import RunDir
 from jobs.pipeline import evaluate_run, run_pipeline, run_stages
 from jobs.stages.evaluate import evaluate_run_files, format_metrics
@@ -38,17 +40,29 @@ def config_with_folders(args: argparse.Namespace):
          *FOLDER_ARGS,
          arg("--report", action=argparse.BooleanOptionalAction, default=True,
              help="then write RUN_DIR/report.html when there is a ground truth (default: on)"),
-         arg("--meta", help=f"report: {META_HELP}"))
+         arg("--meta", help=f"report: {META_HELP} (default: queries_meta.csv in data.root, if there)"))
 def run(args: argparse.Namespace) -> int:
     cfg = config_with_folders(args)
     metrics = run_pipeline(cfg, address=args.address)
     if metrics is None:
         log.info(f"done: {cfg.output} (no ground truth: predictions only, {cfg.output}/predictions.csv)")
         return 0
-    report = write_report(cfg.output, cfg.data.ground_truth_path(), args.meta) if args.report else None
+    report = None
+    if args.report:
+        report = write_report(cfg.output, cfg.data.ground_truth_path(), args.meta or root_meta(cfg))
     line = format_metrics(metrics, threshold_of(cfg, RunDir(cfg.output)))
     log.info(f"done: {line}" + (f" | report: {report}" if report else ""))
     return 0
+
+
+def root_meta(cfg: PipelineConfig) -> str | None:
+    """``queries_meta.csv`` beside an ISC21-layout root's ground truth (the bundled sample's and
+    minidisc's): the report's recall per transform family. Analysis only, never fed to a method."""
+    meta = os.path.join(cfg.data.root, "queries_meta.csv") if cfg.data.root else None
+    if meta and os.path.isfile(meta):
+        log.info(f"report: transform families from {meta}")
+        return meta
+    return None
 
 
 def stage_command(name: str, help: str, *extra: tuple) -> None:
