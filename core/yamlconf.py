@@ -9,6 +9,7 @@ with a pydantic model, and report every problem by its dotted key:
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -113,5 +114,11 @@ def validate_as(model: type[M], raw: dict, source: str = "config", what: str = "
 
 
 def load_as(model: type[M], path: str | os.PathLike, overrides: list[str] = (), what: str = "config") -> M:
-    """Read ``path``, apply ``overrides`` and validate it as ``model``."""
-    return validate_as(model, apply_overrides(read_yaml(path), list(overrides)), str(path), what)
+    """Read ``path``, apply ``overrides`` and validate it as ``model``; errors name the file and,
+    when there are any, the overrides (a typo in ``--set`` is not the file's)."""
+    return validate_as(model, apply_overrides(read_yaml(path), list(overrides)), source_of(path, overrides), what)
+
+
+def source_of(path: str | os.PathLike, overrides: Sequence[str] = ()) -> str:
+    """What a config's errors name: the file, and the ``--set`` overrides applied to it."""
+    return f"{path} with --set {' '.join(overrides)}" if overrides else str(path)

@@ -18,6 +18,7 @@ from core.yamlconf import (
     parse_overrides,
     read_yaml,
     set_key,
+    source_of,
     validate_as,
 )
 from patchers.views import ViewConfig
@@ -331,7 +332,7 @@ def model_label(name: str) -> str:
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> PipelineConfig:
     """Read, override and validate a pipeline config (``None``: the smoke config)."""
     path = Path(path) if path else DEFAULT_CONFIG
-    return validate(apply_overrides(read_yaml(path), list(overrides)), str(path))
+    return validate(apply_overrides(read_yaml(path), list(overrides)), source_of(path, overrides))
 
 
 def validate(raw: dict, source: str = "config") -> PipelineConfig:

@@ -150,7 +150,8 @@ def test_a_ray_tasks_error_is_printed_without_the_remote_traceback():
 
 def test_cli_errors_are_clear(capsys):
     assert main(["fuse", "--set", "search.kk=1"]) == 2
-    assert "search.kk: unknown key" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "smoke.yaml with --set search.kk=1: invalid config" in err and "search.kk: unknown key" in err
     for argv in (["patch", "--preview", "-2"], ["report", "run", "--k", "0"], ["plan", "--images", "x"]):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
