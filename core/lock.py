@@ -12,7 +12,7 @@ import logging
 import os
 import socket
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from filelock import FileLock, Timeout
 
@@ -33,11 +33,13 @@ def _write_owner(fd: int) -> None:
 @contextmanager
 def folder_lock(folder: str, hint: str) -> Iterator[None]:
     """Hold ``folder/.lock`` for the block; :class:`FolderBusy` at once, ending with ``hint`` (what
-    to do instead), if another process has it."""
+    to do instead, if anything), if another process has it. A folder the block created and left
+    empty is removed again."""
     if "://" in folder:
         log.warning(f"{folder}: a folder URI cannot be locked; make sure no other process writes to it")
         yield
         return
+    created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK_NAME)
     lock = FileLock(path, timeout=0, is_singleton=True, on_acquired=_write_owner)
@@ -46,8 +48,12 @@ def folder_lock(folder: str, hint: str) -> Iterator[None]:
     except Timeout:
         with open(path) as f:
             holder = f.read().strip() or "another process"
-        raise FolderBusy(f"{folder} is in use by {holder}; wait until it ends or {hint}") from None
+        raise FolderBusy(f"{folder} is in use by {holder}; wait until it ends{hint and ' or ' + hint}") from None
     try:
         yield
     finally:
         lock.release()
+        if created and os.listdir(folder) == [LOCK_NAME]:  # refused before writing: leave no folder behind
+            with suppress(OSError):
+                os.remove(path)
+                os.rmdir(folder)

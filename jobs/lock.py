@@ -10,6 +10,7 @@ from jobs.layout import RunDir
 __all__ = ["RunFolderBusy", "locked"]
 
 
-def locked(run: RunDir) -> AbstractContextManager[None]:
-    """Hold ``run``'s lock for the block; :class:`RunFolderBusy` at once if another process has it."""
-    return folder_lock(run.root, "run into another folder (--out)")
+def locked(run: RunDir, hint: str = "run into another folder (--out)") -> AbstractContextManager[None]:
+    """Hold ``run``'s lock for the block; :class:`RunFolderBusy` at once if another process has it
+    (the error ends with ``hint``: what to do instead)."""
+    return folder_lock(run.root, hint)

@@ -39,6 +39,17 @@ def test_the_lock_is_reentrant_in_its_process_and_freed_after(tmp_path):
         pass
 
 
+def test_a_run_refused_before_it_writes_leaves_no_folder_behind(tmp_path, capsys):
+    """The lock made the folder; a run refused by its early checks removes it again (a stale .lock was left)."""
+    out = tmp_path / "run"
+    assert main(["run", "--out", str(out), "--set", f"data.root={tmp_path / 'nowhere'}"]) == 2
+    assert "is not a folder" in capsys.readouterr().err and not out.exists()
+    out.mkdir()  # a folder that was there before stays, with its lock file
+    with locked(RunDir(str(out))):
+        pass
+    assert sorted(p.name for p in out.iterdir()) == [".lock"]
+
+
 def test_a_second_process_is_refused_at_once_naming_the_holder(tmp_path, capsys):
     out = tmp_path / "run"
     holder = hold(out)
@@ -61,7 +72,8 @@ def test_report_is_refused_while_a_run_holds_the_folder(tmp_path, capsys):
     holder = hold(out)
     try:
         assert main(["report", str(out)]) == 2
-        assert f"in use by pid {holder.pid}" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"in use by pid {holder.pid}" in err and err.rstrip().endswith("wait until it ends")  # no --out
         assert sorted(p.name for p in out.iterdir()) == [".lock"]
     finally:
         holder.kill()

@@ -67,7 +67,7 @@ def write_report(run_dir: str, ground_truth: str | None = None, meta: str | None
     run = RunDir(os.path.abspath(run_dir))
     if not os.path.isdir(run.root):
         raise FileNotFoundError(f"{run.root}: no such run folder")
-    with locked(run):
+    with locked(run, hint=""):  # a report of the finished run: only waiting helps
         gt_path = ground_truth_path(run, ground_truth)
         preds = read_predictions(run.predictions) if os.path.isfile(run.predictions) else None
         if preds is None:
