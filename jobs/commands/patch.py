@@ -45,4 +45,4 @@ def patch(args: argparse.Namespace) -> None:
     run_stages(cfg, stages, address=args.address)
     if args.preview:
         png, page = write_preview(read_table(run.manifest), split_tables(run.patches), args.preview, run.root)
-        log.info(f"patch: preview of {args.preview} images -> {png}, {page}")
+        log.info(f"patch: preview of up to {args.preview} images -> {png}, {page}")

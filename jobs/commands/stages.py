@@ -36,7 +36,8 @@ def config_with_folders(args: argparse.Namespace):
     return config_from_args(args)
 
 
-@command("run", "run the whole pipeline (manifest, patch, extract, search, fuse, evaluate) on Ray",
+@command("run", "run the whole pipeline (manifest, patch, extract, reduce, search, fuse, verify, evaluate) "
+         "on Ray",
          *FOLDER_ARGS,
          arg("--report", action=argparse.BooleanOptionalAction, default=True,
              help="then write RUN_DIR/report.html when there is a ground truth (default: on)"),

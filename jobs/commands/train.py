@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from core.models.cards import ModelCard, RegistryError
-from core.models.registry import load_card, scan_cards
+from core.models.registry import default_registry_dir, load_card, scan_cards
 from jobs.commands.base import arg, command
 from jobs.config import RayConfig
 from jobs.runtime import init_ray
@@ -100,5 +100,6 @@ def models(args: argparse.Namespace) -> int:
     for problem in problems:
         log.warning(f"skipped {problem}")
     header = ["name", "kind", "arch", "dim", "input", "trained_on", "loss", "val uAP", "train s", "source"]
-    print(format_table(header, [card_row(c) for c in cards]) if cards else "no models registered")
+    where = args.registry or default_registry_dir()
+    print(format_table(header, [card_row(c) for c in cards]) if cards else f"no models registered in {where}")
     return 0
