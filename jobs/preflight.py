@@ -2,7 +2,7 @@
 
 For the stages asked for: every model and the detectors resolve (a missing one is named with
 the command that makes it); each stage folder's recorded settings match the config
-(``jobs.layout.check_settings``); the image folders exist and hold images, no id is given by two
+(``core.settings.check_settings``); the image folders exist and hold images, no id is given by two
 files, the files match the run folder's pinned list (``jobs.inputs``); the ground truth
 names only images of the inputs; and later stages need a manifest. Nothing is written but the
 pinned input list of a new run.

@@ -180,9 +180,10 @@ def test_verify_pairs_reads_files_with_the_pipeline_decoder(tmp_path):
 
 def test_a_smaller_top_k_reuses_the_cache_and_gives_no_bonus_past_it(tmp_path):
     """Both pairs of q0 were verified at top_k 2 (40 inliers each); at top_k 1 only the best may rise."""
+    from core.settings import pin_settings
     from core.store import join, write_table
     from jobs.config import load_config
-    from jobs.layout import RunDir, pin_settings
+    from jobs.layout import RunDir
     from jobs.stages.verify import Pass, check_passes, keypoint_settings, rescored
 
     cfg = load_config(None, [f"output={tmp_path}", "verify.enabled=true", "verify.top_k=1", "verify.min_inliers=0",
