@@ -204,7 +204,8 @@ def format_plan(plan: Plan) -> str:
     lines = ["split       images   patches/img      patches"]
     for s in SIDES:
         lines.append(f"{s:<10}{plan.images[s]:>9,}{plan.patches_per_image[s]:>14}{plan.patches(s):>13,}")
-    lines += ["", f"device-hours measured on: {plan.device}; wall hours on {plan.gpus} device(s) in parallel", "",
+    lines += ["patches/img is the most a side's views give (detector and proposal boxes count up to max_patches)",
+              "", f"device-hours measured on: {plan.device}; wall hours on {plan.gpus} device(s) in parallel", "",
               f"{'model@scale':<{w}}{'dim':>5} {'dtype':<8}{'ref feats':>11}{'query feats':>12}{'train feats':>12}"
               f"{'index (kind)':>20}{'max shard':>11}{'extract h':>11}{'search h':>10}{'wall h':>9}"]
     for k in plan.keys:

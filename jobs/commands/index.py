@@ -140,7 +140,7 @@ ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
          arg("--keep", type=positive_int, default=2, help="prune: the newest versions kept (default 2: the published "
              "one and the one replicas may still be swapping from)"),
          arg("--set", action="append", metavar="KEY=VALUE",
-             help="override a config key (repeatable); add: index.* only"),
+             help="override a config key (repeatable); add: serve.*, index.* and ray.* only"),
          arg("--address", help="build: Ray cluster address (default: local Ray)"),
          uses_config=False)
 def index(args: argparse.Namespace) -> int | None:

@@ -69,7 +69,8 @@ ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
          arg("path", nargs="?", help="model file (import-*)"),
          arg("--name", help="registry name for the imported model"),
          arg("--registry", help="registry folder (default: $COPYDET_REGISTRY or models/)"),
-         arg("--input-size", type=int, help="nominal input side in pixels (the config's scale overrides it)"),
+         arg("--input-size", type=int, help="import-*: nominal input side in pixels, required (the config's scale "
+             "overrides it)"),
          arg("--resize", choices=["square", "short_side", "long_side"], default="square",
              help="square: input-size x input-size; *_side: that side to input-size, aspect kept"),
          arg("--uint8-nhwc", action="store_true",

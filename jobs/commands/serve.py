@@ -16,7 +16,7 @@ log = logging.getLogger(__name__)
 @command("serve", "serve an index over HTTP (Ray Serve): POST /v1/match, the match page at /, docs at /docs",
          arg("index_dir", help="index folder made by `copydet index build`"),
          arg("--set", action="append", metavar="KEY=VALUE",
-             help="override serve.* / ray.* keys of the index's config, e.g. --set serve.port=8080"),
+             help="override serve.* / index.* / ray.* keys of the index's config, e.g. --set serve.port=8080"),
          arg("--address", help="Ray cluster address (default: an embedded local Ray)"),
          uses_config=False)
 def serve_index(args: argparse.Namespace) -> None:
