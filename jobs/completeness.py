@@ -20,6 +20,7 @@ from jobs.layout import RunDir, shard_file, shard_names
 from patchers.extract import chunk_file, plan_chunks
 
 SHOWN = 8
+Chunk = tuple[str, int, int, int]  # (patch shard, chunk index, first row, end row) of a feature file
 
 
 class IncompleteUpstream(RuntimeError):
@@ -36,7 +37,7 @@ def manifest_shards(run: RunDir) -> list[str]:
             for i, _, _ in chunks(len(files), settings["shard_size"])]
 
 
-def chunk_plan(run: RunDir, chunk_patches: int, stage: str) -> list[tuple[str, int, int, int]]:
+def chunk_plan(run: RunDir, chunk_patches: int, stage: str) -> list[Chunk]:
     """``(patch shard, chunk index, first row, end row)`` of every feature chunk (``extract.chunk_patches``)."""
     shards = manifest_shards(run)
     require_complete(run.patches, shards, stage, "patch")

@@ -69,9 +69,9 @@ def check_unique_ids(scan: FolderScan, folder: str, what: str) -> None:
     """Refuse an id that two files of ``folder`` give (``Q3.jpg`` and ``Q3.png``): which one is ``Q3``?"""
     dups = scan.duplicates()
     if dups:
+        named = some_of([f"{i!r} ({' and '.join(p)})" for i, p in dups.items()])
         raise InputError(f"{what}: {len(dups)} image id(s) of {folder} are given by more than one file (an id is "
-                         "the file name without extension): "
-                         + some_of([f"{i!r} ({' and '.join(p)})" for i, p in dups.items()]) + "; rename or remove one of each")
+                         f"the file name without extension): {named}; rename or remove one of each")
 
 
 def scan_inputs(folders: dict[str, str]) -> pa.Table:

@@ -216,8 +216,9 @@ def remove(idx: IndexDir, parent: str, ids: Sequence[str]) -> Removal:
     live = set(live_images(idx.path(parent), meta).column("image_id").to_pylist())
     gone = set(removed_table(idx.path(parent)).column("image_id").to_pylist())
     hit, other = sorted(set(ids) & live), set(ids) - live
+    already, unknown = sorted(other & gone), sorted(other - gone)
     if not hit:
-        return Removal(parent, [], sorted(other & gone), sorted(other - gone))
+        return Removal(parent, [], already, unknown)
     with idx.publish(parent) as (name, out):
         _link_version(idx.path(parent), out, skip=("index.json", ERRORS, "removed.parquet"))
         tomb = pa.concat_tables([removed_table(idx.path(parent)),
@@ -225,7 +226,7 @@ def remove(idx: IndexDir, parent: str, ids: Sequence[str]) -> Removal:
         write_table(tomb, out / "removed.parquet")
         _finish(out, _meta(name, meta, "remove", images={**meta["images"], "live": meta["images"]["live"] - len(hit),
                                                          "removed": tomb.num_rows}))
-    return Removal(name, hit, sorted(other & gone), sorted(other - gone))
+    return Removal(name, hit, already, unknown)
 
 
 def compact(idx: IndexDir, parent: str, spec: IndexSpec, shard_size: int) -> str:

@@ -141,7 +141,8 @@ def compare(args: argparse.Namespace) -> None:
         pred = read_predictions(r.predictions)
         scored.append(Scored(label, pred, pred, score(pred, gt)))
         truths.append(gt)
-    same = all(set(t) == set(truths[0]) for t in truths)
+    first = set(truths[0])
+    same = all(set(t) == first for t in truths[1:])
     if not same:
         log.warning("compare: the runs' ground truths differ (other files, or data.limit): each column is scored "
                     "against its own, and the per-family rows are left out")

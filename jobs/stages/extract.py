@@ -26,7 +26,7 @@ from core.models.cards import ModelCard
 from core.models.preprocess import Preprocess
 from core.models.registry import resolve_model, weights_hash
 from core.settings import pin_settings
-from jobs.completeness import chunk_plan
+from jobs.completeness import Chunk, chunk_plan
 from jobs.config import ExtractConfig, ModelEntry, PipelineConfig
 from jobs.layout import RunDir, shard_names
 from jobs.stages.reduce import check_train_rows
@@ -93,21 +93,20 @@ def key_specs(cfg: PipelineConfig, run: RunDir | None = None,
     return specs
 
 
-def pending_chunks(run: RunDir, keys: list[KeySpec], chunk_patches: int) -> list[ChunkTask]:
-    """Chunks of every patch shard with the keys whose feature file is still missing."""
+def pending_chunks(plan: list[Chunk], keys: list[KeySpec]) -> list[ChunkTask]:
+    """Chunks of ``plan`` with the keys whose feature file is still missing."""
     done = [set(shard_names(k.folder)) for k in keys]
     tasks = []
-    for shard, index, start, stop in chunk_plan(run, chunk_patches, "extract"):
+    for shard, index, start, stop in plan:
         todo = tuple(k for k, names in enumerate(done) if chunk_file(shard, index) not in names)
         if todo:
             tasks.append(ChunkTask(shard, index, start, stop, todo))
     return tasks
 
 
-def train_patches(run: RunDir, chunk_patches: int) -> int:
+def train_patches(plan: list[Chunk]) -> int:
     """How many train patches the run has: one train descriptor each, for every key."""
-    return sum(stop - start for shard, _, start, stop in chunk_plan(run, chunk_patches, "extract")
-               if shard_split(shard) == "train")
+    return sum(stop - start for shard, _, start, stop in plan if shard_split(shard) == "train")
 
 
 def key_settings(cfg: PipelineConfig, entry: ModelEntry, key: KeySpec) -> dict:
@@ -129,11 +128,11 @@ def pin_keys(cfg: PipelineConfig, keys: list[KeySpec]) -> None:
 
 def run_extract(cfg: PipelineConfig, run: RunDir) -> None:
     keys = key_specs(cfg, run)
-    tasks = pending_chunks(run, keys, cfg.extract.chunk_patches)  # checks the patch shards first
-    train_rows = train_patches(run, cfg.extract.chunk_patches)
+    plan = chunk_plan(run, cfg.extract.chunk_patches, "extract")  # checks the patch shards first
+    tasks = pending_chunks(plan, keys)
+    train_rows = train_patches(plan)
     check_background(cfg, train_rows, "extract")
-    if cfg.reduce.active:
-        check_train_rows(cfg, train_rows, "extract")
+    check_train_rows(cfg.reduce, train_rows, "extract")
     pin_keys(cfg, keys)  # before any work: shards of other settings are refused, not resumed
     if not tasks:
         return

@@ -82,6 +82,7 @@ def fit_or_load(run: RunDir, keys: list[str], out_key: str, cfg: ReduceConfig) -
     if cfg.stretch:
         full = embeddings_from_arrow(pa.concat_tables([member_table(run, keys, s) for s in train_shards])
                                      .column("embedding"))
+        check_train_rows(cfg, len(full), f"reduce {out_key}")
     pca = None
     if cfg.dim:
         path = join(run.root, "reduce", f"{out_key}.safetensors")
@@ -90,18 +91,17 @@ def fit_or_load(run: RunDir, keys: list[str], out_key: str, cfg: ReduceConfig) -
             x = (full[::stride(len(full), cfg.fit_rows)] if full is not None
                  else train_sample(run, keys, train_shards, cfg.fit_rows))
             if x.shape[0] <= cfg.dim or x.shape[1] < cfg.dim:
-                raise ValueError(f"reduce {out_key}: reduce.dim={cfg.dim} needs more train descriptors than that, of "
-                                 f"at least that size; the sample (reduce.fit_rows={cfg.fit_rows}) has {x.shape[0]} "
-                                 f"of size {x.shape[1]}: lower reduce.dim or add train images")
+                raise ValueError(f"reduce {out_key}: reduce.dim={cfg.dim} needs more than {cfg.dim} train descriptors "
+                                 f"of at least {cfg.dim} values; the sample (reduce.fit_rows={cfg.fit_rows}) has "
+                                 f"{x.shape[0]} of {x.shape[1]}: lower reduce.dim or add train images")
             pca = replace(fit_pca(x, cfg.dim, cfg.whiten, key=out_key), fit_rows=cfg.fit_rows)
             save_pca(pca, path)
     return pca, (pca.apply(full) if pca and full is not None else full)
 
 
-def check_train_rows(cfg: PipelineConfig, train_rows: int, where: str) -> None:
+def check_train_rows(r: ReduceConfig, train_rows: int, where: str) -> None:
     """Refuse a PCA or stretching that the train descriptors cannot give (extract checks it from the
     patches, before its work): more dimensions, or more stretching neighbours, than descriptors."""
-    r = cfg.reduce
     if r.dim and 0 < min(train_rows, r.fit_rows) <= r.dim:
         raise ValueError(f"{where}: reduce.dim={r.dim} needs more than {r.dim} train descriptors; there are "
                          f"{train_rows} (one per train patch; reduce.fit_rows={r.fit_rows}): lower reduce.dim "
@@ -126,8 +126,6 @@ def run_reduce(cfg: PipelineConfig, run: RunDir) -> None:
         todo = [n for n in expected[0] if n not in done]
         if not todo:
             continue
-        check_train_rows(cfg, sum(num_rows(join(run.features(keys[0]), n)) for n in expected[0]
-                                  if n.startswith("train-")), f"reduce {out_key}")
         pca, train = fit_or_load(run, keys, out_key, cfg.reduce)
         shared = ray.put((pca, train))  # one copy in the object store for every task
         run_tasks(reduce_shard, [(run, keys, out_key, n, shared, cfg.reduce) for n in todo], f"reduce {out_key}")
