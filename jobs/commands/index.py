@@ -109,9 +109,12 @@ def info_lines(root: str) -> list[str]:
     for key, rel in m["cards"].items():
         lines.append(f"  model {key}: {Path(rel).stem[:12]}")
     blobs = idx.root / "blobs"
-    lines.append(f"model files: {folder_bytes(blobs) / 2**20:.1f} MiB" if blobs.is_dir() else "model files: none")
-    lines.append(f"on disk: {folder_bytes(idx.versions_dir, distinct=True) / 2**20:.1f} MiB for all versions "
-                 "(a file that versions share is counted once; `index prune` deletes old versions)")
+    model_bytes = folder_bytes(blobs) if blobs.is_dir() else 0
+    version_bytes = folder_bytes(idx.versions_dir, distinct=True)
+    lines.append(f"on disk: {(model_bytes + version_bytes) / 2**20:.1f} MiB in all: "
+                 f"model files {model_bytes / 2**20:.1f} MiB (blobs/, shared by every version), "
+                 f"versions {version_bytes / 2**20:.1f} MiB (a file that versions share is counted once; "
+                 "`index prune` deletes old versions)")
     if idx.stale():
         lines.append(f"unfinished writes (left by killed commands; removed by the next write): "
                      f"{[p.name for p in idx.stale()]}")
