@@ -145,8 +145,13 @@ def test_card_mistakes_are_named(tmp_path: Path) -> None:
     (tmp_path / "ok.json").write_text(json.dumps(bad))
     with pytest.raises(RegistryError, match="'ok': uint8 input is normalised inside the graph"):
         load_encoder("ok", 32, registry=str(tmp_path))
-    Path(card.weights).unlink()
     bad["mean"] = [0.0, 0.0, 0.0]
+    bad["build"]["layout"] = "nwhc"
+    (tmp_path / "ok.json").write_text(json.dumps(bad))
+    with pytest.raises(RegistryError, match=r"^model 'ok': invalid external settings in build: layout: [^\n]*$"):
+        load_encoder("ok", 32, registry=str(tmp_path))  # one line, not pydantic's dump
+    bad["build"]["layout"] = "nhwc"
+    Path(card.weights).unlink()
     (tmp_path / "ok.json").write_text(json.dumps(bad))
     with pytest.raises(RegistryError, match="ok.onnx does not exist"):
         load_encoder("ok", 32, registry=str(tmp_path))

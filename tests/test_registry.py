@@ -155,6 +155,11 @@ def test_resolve_checkpoint_path_uses_sidecar(tmp_path: Path) -> None:
         assert torch.equal(build_model(card).eval()(x), model(x))
     with pytest.raises(RegistryError, match="has dim 16; dim=8"):
         resolve_model(path, tmp_path, dim=8)
+    side = json.loads(Path(f"{path}.json").read_text())
+    side["meta"]["resize"] = "sideways"
+    Path(f"{path}.json").write_text(json.dumps(side))
+    with pytest.raises(RegistryError, match=r"sidecar gives an invalid card: resize: [^\n]*$"):
+        card_from_checkpoint(path)  # one line naming the field, not pydantic's dump
 
 
 def test_pool_override_reads_a_trained_model_out_by_regions(tmp_path: Path) -> None:

@@ -86,7 +86,7 @@ def input_spec(card: ModelCard) -> ExternalSpec:
     try:
         spec = ExternalSpec.model_validate(card.build)
     except ValidationError as e:
-        raise RegistryError(f"model {card.name!r}: invalid external settings in build:\n{e}") from e
+        raise RegistryError(f"model {card.name!r}: invalid external settings in build: {first_problem(e)}") from e
     if spec.dtype == "uint8" and (tuple(card.mean), tuple(card.std)) != IDENTITY:
         raise RegistryError(f"model {card.name!r}: uint8 input is normalised inside the graph; "
                             f"mean/std must be {IDENTITY[0]}/{IDENTITY[1]}, got {card.mean}/{card.std}")

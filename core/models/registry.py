@@ -184,7 +184,7 @@ def card_from_checkpoint(path: str | os.PathLike) -> ModelCard:
     try:
         return card_for_model(model, name=name, weights=str(path), **fields)
     except ValidationError as e:
-        raise RegistryError(f"{sidecar_path(path)}: sidecar gives an invalid card:\n{e}") from e
+        raise RegistryError(f"{sidecar_path(path)}: sidecar gives an invalid card: {first_problem(e)}") from e
 
 
 def backbone_card(name: str, *, dim: int | None = None) -> ModelCard:
