@@ -188,6 +188,17 @@ def test_add_remove_compact(built, tmp_path, monkeypatch):
     assert_same(served(Matcher(str(index)), data / "queries"), served(compacted, data / "queries"))
 
 
+def test_an_index_with_no_live_reference_answers_no_match(built, tmp_path):
+    data, _, _, built_index = built
+    index = tmp_path / "index"
+    shutil.copytree(built_index, index)
+    live = sorted(Matcher(str(index)).index.paths)
+    indexing.remove_ids(str(index), live)
+    for version in (None, indexing.compact(str(index))):  # tombstoned, then compacted to no rows
+        answer = Matcher(str(index), version).match([load_rgb(data / "queries" / "Q003.jpg")])[0]
+        assert (answer["matches"], answer["is_copy"]) == ([], False)
+
+
 def test_killed_add_leaves_previous_version(built, tmp_path):
     data, _, _, built_index = built
     index = tmp_path / "index"

@@ -90,7 +90,7 @@ class Matcher:
         fused = top_k_per_query(fuse(per_model, f.thresholds, f.rule, f.calibration), f.k)
         t1 = time.perf_counter()
         checked: dict[tuple[str, str], dict] = {}
-        if self.cfg.verify.enabled:
+        if self.cfg.verify.enabled and fused.num_rows:  # an index with no live reference has no pair to check
             checked = self.verify(fused, dict(named))
             tables = {name: pa.Table.from_pylist([{"query_id": q, "reference_id": r, **found[name]}
                                                   for (q, r), found in checked.items()])
