@@ -115,7 +115,39 @@ def test_bad_requests_get_4xx_and_the_server_keeps_answering(service):
     mixed = requests.post(f"{url}/v1/match:batch", timeout=60, files=[
         ("images", ("ok.jpg", good, "image/jpeg")), ("images", ("bad.jpg", b"nope", "image/jpeg"))]).json()
     assert "matches" in mixed["results"][0] and mixed["results"][1]["error"]["code"] == "not_an_image"
+    big = requests.post(f"{url}/v1/match:batch", timeout=60, files=[  # one file over the limit: its own 413
+        ("images", ("big.jpg", b"\xff" * 1_000_001, "image/jpeg")), ("images", ("ok.jpg", good, "image/jpeg"))])
+    assert big.status_code == 200, big.text
+    assert big.json()["results"][0]["error"]["code"] == "too_large" and "matches" in big.json()["results"][1]
+    for r, status, code in [(requests.get(f"{url}/v1/match", timeout=10), 405, "method_not_allowed"),
+                            (requests.get(f"{url}/nope", timeout=10), 404, "not_found")]:
+        assert r.status_code == status and r.json()["error"]["code"] == code, r.text  # the API's shape
     assert requests.get(f"{url}/healthz", timeout=10).json()["status"] == "ok"
+
+
+def test_health_names_a_published_version_that_does_not_load(tmp_path):
+    """The service keeps answering from the version it has, and says so, instead of reporting ok."""
+    import asyncio
+
+    from jobs.serve.app import CopyDetService
+    service = CopyDetService.func_or_class
+    (tmp_path / "versions" / "v000001").mkdir(parents=True)
+    (tmp_path / "CURRENT").write_text("v000002\n")  # published, but not there: it cannot load
+    index = type("Index", (), {"paths": {"R1": "r1.jpg"}, "keys": {"k": None}})
+    cfg = type("Cfg", (), {"copy_threshold": lambda self: 0.5})()
+    replica = type("Replica", (), {"root": str(tmp_path), "overrides": [], "load_error": None,
+                                   "matcher": type("M", (), {"version": "v000001", "index": index, "cfg": cfg})})()
+
+    replica.load_error = service.poll(replica)
+    health = asyncio.run(service.healthz(replica))
+    assert health["status"] == "stale" and health["version"] == "v000001" and "v000002" in health["load_error"]
+    (tmp_path / "CURRENT").write_text("v000001\n")  # the operator points CURRENT back
+    replica.load_error = service.poll(replica)
+    assert asyncio.run(service.healthz(replica))["status"] == "ok"
+    (tmp_path / "versions" / "v000002").mkdir()
+    (tmp_path / "CURRENT").write_text("v000002\n")  # published, not yet picked up
+    health = asyncio.run(service.healthz(replica))
+    assert (health["status"], health["published"], health["load_error"]) == ("loading", "v000002", None)
 
 
 def test_an_unexpected_error_answers_in_the_json_error_shape():
@@ -199,3 +231,28 @@ def test_new_version_is_picked_up_without_dropping_requests(service, tmp_path):
     answer = post(url, (QUERIES / "Q0003.jpg").read_bytes()).json()
     assert answer["version"] == gone and "RNEW" not in [m["reference_id"] for m in answer["matches"]]
     shutil.rmtree(new)
+
+
+def test_stop_answers_the_requests_in_flight(service):
+    """Stopping (SIGTERM, Ctrl-C) lets the replica finish what it holds and the proxy relay it.
+    Last in this module: it stops the module's service."""
+    from jobs.serve.app import stop
+    url, _, _ = service
+    answered: dict[str, tuple[object, float]] = {}
+
+    def ask(f: Path) -> None:
+        try:
+            answered[f.name] = (post(url, f.read_bytes()).status_code, time.monotonic())
+        except requests.RequestException as e:
+            answered[f.name] = (repr(e), time.monotonic())
+
+    threads = [threading.Thread(target=ask, args=(f,)) for f in sorted(QUERIES.glob("*.jpg"))[:8]]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    stopping = time.monotonic()
+    stop()
+    for t in threads:
+        t.join()
+    assert [status for status, _ in answered.values()] == [200] * 8, answered
+    assert any(t > stopping for _, t in answered.values())  # some were still in flight when the stop began

@@ -20,19 +20,18 @@ log = logging.getLogger(__name__)
          arg("--address", help="Ray cluster address (default: an embedded local Ray)"),
          uses_config=False)
 def serve_index(args: argparse.Namespace) -> None:
-    from ray import serve
-
-    from jobs.serve.app import start
+    from jobs.serve.app import start, stop
     overrides = list(args.set or [])
     version, cfg = index_config(args.index_dir, None, overrides)
     init_ray(cfg.ray, args.address)
-    url = start(args.index_dir, cfg, overrides)
-    log.info(f"serving {args.index_dir} (version {version}) at {url}  (page: {url}/, API docs: {url}/docs)")
     done = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    signal.signal(signal.SIGTERM, lambda *_: done.set())  # before start: a stop while starting is clean too
     try:
+        url = start(args.index_dir, cfg, overrides)
+        log.info(f"serving {args.index_dir} (version {version}) at {url}  (page: {url}/, API docs: {url}/docs)")
         done.wait()
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        log.info("serve: stopping; requests in flight are answered first")
+        stop()

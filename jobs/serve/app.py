@@ -22,10 +22,12 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from core.imageio import ImageDecodeError, decode_rgb, load_rgb
-from ensemble.index.layout import IndexDir
+from ensemble.index.layout import IndexDir, IndexFolderError
 from jobs.config import PipelineConfig
 from jobs.serve.engine import Matcher
 from jobs.serve.uploads import BadRequest, read_images, read_upload
@@ -58,6 +60,15 @@ def error(e: Exception) -> JSONResponse:
     return JSONResponse(error_body(bad), status_code=bad.status)
 
 
+@api.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    """Routing errors (unknown path, wrong method) in the API's error shape too."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+    return JSONResponse(error_body(BadRequest(e.status_code, code, f"{request.method} {request.url.path}: "
+                                                                   f"{e.detail}")),
+                        status_code=e.status_code, headers=getattr(e, "headers", None))
+
+
 @serve.deployment
 @serve.ingress(api)
 class CopyDetService:
@@ -70,19 +81,29 @@ class CopyDetService:
         self.limits = cfg
         self.match_batch.set_max_batch_size(cfg.max_batch_size)
         self.match_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.load_error: str | None = None
         self.stop = threading.Event()
         threading.Thread(target=self.watch, daemon=True, name="index-watcher").start()
 
     def watch(self) -> None:
         """Load each newly published version off the request path, then swap it in."""
         while not self.stop.wait(self.limits.poll_s):
-            try:
-                current = IndexDir(self.root).current()
-                if current and current != self.matcher.version:
-                    self.matcher = Matcher(self.root, current, self.overrides, reuse=self.matcher)
-                    log.info(f"serve: now answering from index version {current}")
-            except Exception:  # a bad version must not stop the service: keep answering from the old one
-                log.exception("serve: could not load the newly published index version; keeping the old one")
+            error = self.poll()
+            if error and error != self.load_error:
+                log.error(f"serve: {error}; still answering from {self.matcher.version}")
+            self.load_error = error
+
+    def poll(self) -> str | None:
+        """Swap in the published version if it is new; why it could not be loaded, if it could not
+        (a bad version must not stop the service: it keeps answering from the old one)."""
+        try:
+            current = IndexDir(self.root).current()
+            if current and current != self.matcher.version:
+                self.matcher = Matcher(self.root, current, self.overrides, reuse=self.matcher)
+                log.info(f"serve: now answering from index version {current}")
+        except Exception as e:
+            return f"the published index version does not load ({type(e).__name__}: {e})"
+        return None
 
     def __del__(self) -> None:
         self.stop.set()
@@ -125,18 +146,25 @@ class CopyDetService:
         except Exception as e:
             return error(e)
 
-        async def one(data: bytes, name: str) -> dict:
+        async def one(data: bytes | BadRequest, name: str) -> dict:
             try:
+                if isinstance(data, BadRequest):
+                    raise data
                 return {"name": name, **(await self.answer(data, name))}
             except Exception as e:
                 return {"name": name, **error_body(refusal(e))}
         return JSONResponse({"results": list(await asyncio.gather(*(one(d, n) for d, n in uploads)))})
 
-    @api.get("/healthz", summary="Liveness, and which index version answers")
+    @api.get("/healthz", summary="Liveness, which index version answers, and whether it is the published one")
     async def healthz(self) -> dict:
-        m = self.matcher
-        return {"status": "ok", "version": m.version, "references": len(m.index.paths),
-                "keys": sorted(m.index.keys), "threshold": m.cfg.copy_threshold()}
+        m, error = self.matcher, self.load_error
+        try:
+            published = IndexDir(self.root).current()
+        except IndexFolderError:  # CURRENT names no version: load_error says so
+            published = None
+        status = "ok" if published == m.version else "stale" if error else "loading"
+        return {"status": status, "version": m.version, "published": published, "load_error": error,
+                "references": len(m.index.paths), "keys": sorted(m.index.keys), "threshold": m.cfg.copy_threshold()}
 
     @api.get("/v1/references/{reference_id:path}/thumbnail", summary="A reference image, shrunk")
     async def thumbnail(self, reference_id: str) -> Response:
@@ -171,3 +199,13 @@ def start(root: str, cfg: PipelineConfig, overrides: Sequence[str] = ()) -> str:
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(application(root, cfg, overrides), name=APP_NAME, route_prefix="/", blocking=False)
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
+
+
+def stop() -> None:
+    """Stop serving: the app is deleted first, so replicas answer the requests they hold while the
+    proxy still relays them (Serve's graceful shutdown), then Serve itself."""
+    try:
+        serve.delete(APP_NAME)
+    except RayServeException:  # Serve never started (a stop while starting)
+        return
+    serve.shutdown()

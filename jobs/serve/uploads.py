@@ -76,11 +76,18 @@ async def read_upload(request: Request, limit: int) -> tuple[bytes, str]:
     return await _read(picked[0], limit), picked[0].filename or "upload"
 
 
-async def read_images(request: Request, limit: int) -> list[tuple[bytes, str]]:
-    """``(bytes, name)`` of every file of a ``/v1/match:batch`` request (multipart only)."""
+async def read_images(request: Request, limit: int) -> list[tuple[bytes | BadRequest, str]]:
+    """``(bytes, name)`` of every file of a ``/v1/match:batch`` request (multipart only); a file
+    over the size limit gives its refusal in place of its bytes, so the others are still answered."""
     if content_type(request) != MULTIPART:
         raise BadRequest(415, "unsupported_media_type", f"a batch is sent as {MULTIPART} with file fields 'images'")
     files = await _files(request, limit)
     if not files:
         raise BadRequest(400, "no_image", "multipart body has no file field; send the images as fields 'images'")
-    return [(await _read(u, limit), u.filename or f"image{i}") for i, (_, u) in enumerate(files)]
+    out: list[tuple[bytes | BadRequest, str]] = []
+    for i, (_, upload) in enumerate(files):
+        try:
+            out.append((await _read(upload, limit), upload.filename or f"image{i}"))
+        except BadRequest as e:
+            out.append((e, upload.filename or f"image{i}"))
+    return out
