@@ -130,10 +130,12 @@ def manifest_hashes(run: RunDir) -> dict[str, str]:
 
 
 def pin_inputs(run: RunDir, folders: dict[str, str]) -> pa.Table:
-    """Scan the folders and pin the file list in ``RUN/inputs.parquet``, or refuse if it changed;
-    files whose only change is their mtime are pinned again with it."""
+    """Scan the folders and pin the file list in ``RUN/inputs.parquet``, or refuse if it changed
+    once the manifest holds shards made from it; files whose only change is their mtime are
+    pinned again with it. Before the manifest's first shard (e.g. a run refused by its early
+    checks), nothing was made from the old list, so the new one replaces it."""
     new = scan_inputs(folders)
-    if not exists(run.inputs):
+    if not exists(run.inputs) or not list_shards(run.manifest):
         write_table(new, run.inputs)
         return new
     old = read_table(run.inputs)

@@ -92,7 +92,13 @@ def later(path: Path) -> None:
 def test_the_file_list_is_pinned_and_a_change_is_refused_naming_the_files(data, tmp_path):
     run = RunDir(str(tmp_path / "run"))
     folders = split_folders(DataConfig(root=str(data)))
-    first = pin_inputs(run, folders)
+    extra = touch(data / "queries" / "Q9.jpg")
+    pin_inputs(run, folders)  # a run refused by its early checks: nothing made from its list yet
+    extra.unlink()
+    first = pin_inputs(run, folders)  # so the fixed folder is pinned in its place
+    assert read_table(run.inputs).equals(first) and str(extra) not in first.column("path").to_pylist()
+    hashed = [{"path": p, "sha256": sha256_file(p)} for p in first.column("path").to_pylist()]
+    write_table(pa.Table.from_pylist(hashed), join(run.manifest, "all.parquet"))  # the manifest's first shard
     assert pin_inputs(run, folders).equals(first)  # unchanged: accepted
     touch(data / "queries" / "Q4.jpg")
     (data / "references" / "R2.jpg").unlink()
