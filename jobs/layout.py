@@ -58,6 +58,11 @@ class RunDir:
         return join(self.root, "predictions.csv")
 
     @property
+    def scores(self) -> str:
+        """Which stage's scores ``predictions.csv`` holds (fused or verified)."""
+        return join(self.root, "predictions.json")
+
+    @property
     def copies(self) -> str:
         return join(self.root, "copies.csv")
 

@@ -24,7 +24,7 @@ from jobs.preflight import preflight
 from jobs.runtime import init_ray
 from jobs.stages.evaluate import evaluate_run_files, format_metrics
 from jobs.stages.extract import run_extract
-from jobs.stages.fuse import run_fuse
+from jobs.stages.fuse import require_final, run_fuse
 from jobs.stages.manifest import run_manifest
 from jobs.stages.patch import run_patch
 from jobs.stages.reduce import run_reduce
@@ -92,6 +92,7 @@ def evaluate_run(cfg: PipelineConfig) -> Metrics | None:
     t = threshold_of(cfg, run)
     with locked(run):
         require_candidates(cfg, run, "evaluate")
+        require_final(cfg, run)
         pairs = run_ground_truth(gt, run)
         warn_undecoded(pairs, run)
         m = evaluate_run_files(run.predictions, pairs, run.metrics, run.pr_curve, label=cfg.name, threshold=t)

@@ -21,9 +21,10 @@ from ensemble.fuse import demote_others, top_k_per_query
 from ensemble.verify import verify_pairs
 from jobs.cli import main
 from jobs.config import load_config
+from jobs.completeness import IncompleteUpstream
 from jobs.inputs import InputError
 from jobs.layout import RunDir, image_paths
-from jobs.pipeline import run_pipeline, run_stages
+from jobs.pipeline import evaluate_run, run_pipeline, run_stages
 from jobs.stages import verify as verify_stage
 from jobs.stages.verify import (Pass, registry_dir, score_pairs, scorer_for, store_folder, unscored,
                                 verify_settings)
@@ -97,6 +98,9 @@ def test_end_to_end_with_bad_inputs_and_resume(ray_local, tiny_dataset, tmp_path
     fused_only = vcfg.model_copy(update={"verify": vcfg.verify.model_copy(update={"enabled": False})})
     run_stages(fused_only, ["fuse"])
     fused_preds = open(run.predictions).read()
+    with pytest.raises(IncompleteUpstream, match=r"holds the fused scores.*run `copydet verify --out"):
+        evaluate_run(vcfg)  # fuse run again after verify: a verifying config's figures would be the fused ones
+    assert evaluate_run(fused_only) is not None
     run_stages(vcfg, ["verify"])
     run_stages(fused_only, ["verify"])
     assert open(run.predictions).read() == fused_preds != once

@@ -9,6 +9,7 @@ and the threshold estimated from them (:mod:`jobs.threshold`).
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 
@@ -17,9 +18,9 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from core.metrics import write_predictions
-from core.store import exists, filesystem, join, read_table, write_table
+from core.store import exists, filesystem, join, read_table, read_text, write_table, write_text
 from ensemble.fuse import demote_others, fuse, max_over_patches, top_k_per_query
-from jobs.completeness import require_candidates
+from jobs.completeness import IncompleteUpstream, require_candidates
 from jobs.config import PipelineConfig
 from jobs.layout import RunDir, shard_names
 from jobs.threshold import estimate
@@ -56,6 +57,24 @@ def finish(scores: pa.Table, decoys: pa.Table | None, cfg: PipelineConfig, run: 
     threshold = (cfg.fuse.threshold if decoys is None
                  else estimate(final, demote_others(decoys, share, scores), cfg, run, kind))
     write_final(final, threshold, run)
+    write_text(run.scores, json.dumps({"scores": kind}))  # after the predictions: never names newer ones
+
+
+def final_kind(cfg: PipelineConfig) -> str:
+    """The scores a finished run's predictions hold under ``cfg``."""
+    return "verified" if cfg.verify.enabled else "fused"
+
+
+def require_final(cfg: PipelineConfig, run: RunDir) -> None:
+    """Refuse predictions of another stage than ``cfg``'s last (e.g. ``copydet fuse`` run again
+    after ``verify``): scoring them would report the wrong stage's figures."""
+    if not exists(run.scores):
+        return  # a run folder from before the record
+    made, want = json.loads(read_text(run.scores))["scores"], final_kind(cfg)
+    if made != want:
+        stage = "verify" if want == "verified" else "fuse"
+        raise IncompleteUpstream(f"{run.predictions} holds the {made} scores, but this config's predictions are "
+                                 f"the {want} ones: run `copydet {stage} --out {run.root}` first")
 
 
 def query_shards(run: RunDir, keys: list[str], folder: Callable[[str], str] | None = None) -> dict[str, list[str]]:
