@@ -224,6 +224,11 @@ def test_evaluate_scores_the_files_it_is_given(runs, tmp_path, capsys):
     assert format_metrics(m) in capsys.readouterr().out and len(firsts) < len(rows)
     assert main(["evaluate", "--predictions", str(best)]) == 2  # not the bundled sample's ground truth
     assert "give --ground-truth" in capsys.readouterr().err
+    unknown = tmp_path / "unknown.csv"
+    unknown.write_text("\n".join(lines) + "\nQ9999,R9999\n")
+    capsys.readouterr()  # a run folder given: the ground truth's ids are checked against its images
+    assert main(["evaluate", "--out", str(run), "--predictions", str(best), "--ground-truth", str(unknown)]) == 2
+    assert "query 'Q9999'" in capsys.readouterr().err
     plot = tmp_path / "pr.png"  # no CONFIG: the run folder's own config.yaml; --threshold and --plot are honoured
     assert main(["evaluate", "--out", str(run), "--threshold", "0.5", "--plot", str(plot)]) == 0
     assert "at fuse.threshold 0.5000" in capsys.readouterr().out and plot.is_file()

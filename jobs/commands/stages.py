@@ -10,6 +10,7 @@ from core.store import exists
 from jobs.commands.base import arg, command, config_from_args
 from jobs.commands.report import META_HELP, write_report
 from jobs.config import PipelineConfig
+from jobs.inputs import run_ground_truth
 from jobs.layout import RunDir
 from jobs.pipeline import evaluate_run, run_pipeline, run_stages
 from jobs.stages.evaluate import evaluate_run_files, format_metrics
@@ -92,7 +93,9 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.predictions:
         gt = args.ground_truth or _named_ground_truth(args)
         log.info(f"evaluate: {args.predictions} against {gt}")
-        m = evaluate_run_files(args.predictions, read_ground_truth(gt), pr_png=args.plot)
+        run = RunDir(args.out) if args.out else None  # its images: the ground truth's ids are checked against them
+        pairs = run_ground_truth(gt, run) if run and exists(run.inputs) else read_ground_truth(gt)
+        m = evaluate_run_files(args.predictions, pairs, pr_png=args.plot)
         print(format_metrics(m, args.threshold))
         if m.n_predictions and m.micro_ap == 0:  # not one true pair among them
             log.warning(f"evaluate: no predicted pair is a ground-truth pair of {gt}: are these predictions of "
