@@ -153,6 +153,13 @@ def pin_inputs(run: RunDir, folders: dict[str, str]) -> pa.Table:
     return new
 
 
+def recheck_inputs(run: RunDir) -> None:
+    """Refuse a run folder whose images changed since it pinned them (:func:`pin_inputs` against
+    the folders its manifest records); nothing to check before it pinned any."""
+    if exists(run.inputs):
+        pin_inputs(run, (read_settings(run.manifest) or {}).get("folders", {}))
+
+
 def check_ground_truth(path: str, inputs: pa.Table, limit: int | None = None) -> list[tuple[str, str]]:
     """The ground-truth pairs, if every id names an image of its split in ``inputs`` (and no pair
     repeats: :func:`core.metrics.read_ground_truth`); else an :class:`InputError` naming them.

@@ -16,12 +16,12 @@ from typing import TypeVar
 
 from core.models.cards import RegistryError
 from core.models.sscd import SSCD_MEMBERS
-from core.settings import check_settings, read_settings
-from core.store import exists, join
+from core.settings import check_settings
+from core.store import join
 from core.yamlconf import ConfigError, read_yaml
 from jobs.completeness import manifest_shards
 from jobs.config import PipelineConfig
-from jobs.inputs import InputError, check_ground_truth, pin_inputs, split_folders
+from jobs.inputs import InputError, check_ground_truth, pin_inputs, recheck_inputs, split_folders
 from jobs.layout import RunDir
 from jobs.stages.extract import key_settings, key_specs
 from jobs.stages.manifest import manifest_settings
@@ -136,8 +136,8 @@ def check_inputs(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]) -> Non
             raise InputError(f"{gt}: no (query, reference) pair to evaluate"
                              + (f" among the images data.limit {cfg.data.limit} keeps; raise it" if cfg.data.limit
                                 else ""))
-    elif IMAGE_STAGES & set(stages) and exists(run.inputs):
-        pin_inputs(run, (read_settings(run.manifest) or {}).get("folders", {}))
+    elif IMAGE_STAGES & set(stages):
+        recheck_inputs(run)
 
 
 def preflight(cfg: PipelineConfig, stages: Sequence[str]) -> None:

@@ -160,3 +160,18 @@ def test_compare_keeps_runs_with_one_folder_name_apart(run_dir, tmp_path, capsys
     assert out[0].split() == ["a/hard", "b/hard"]
     table = {line.split()[0]: line.split()[-2:] for line in out[1:] if line.strip()}
     assert table["crop"] == ["1.0000", "0.0000"]
+
+
+def test_report_refuses_a_run_whose_images_changed(run_dir, tmp_path, capsys):
+    """Its thumbnails would show other pictures beside the old scores."""
+    from core.settings import pin_settings
+    from jobs.inputs import pin_inputs
+    from jobs.layout import RunDir
+    folders = {"query": str(tmp_path / "images"), "reference": str(tmp_path / "images")}
+    pin_inputs(RunDir(str(run_dir)), folders)
+    pin_settings(str(run_dir / "manifest.parquet"), {"folders": folders}, "manifest")
+    assert main(["report", str(run_dir), "--ground-truth", str(tmp_path / "gt.csv")]) == 0
+    Image.new("RGB", (90, 60), (255, 0, 0)).save(tmp_path / "images" / "Q0.png")  # another picture under Q0
+    capsys.readouterr()
+    assert main(["report", str(run_dir), "--ground-truth", str(tmp_path / "gt.csv")]) != 0
+    assert re.search(r"input images changed .* changed \(.*Q0\.png", capsys.readouterr().err)

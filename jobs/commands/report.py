@@ -16,7 +16,7 @@ from ensemble.report import build_report
 from ensemble.report.analysis import Scored, family_recall, score
 from jobs.commands.base import arg, command, positive_int
 from jobs.config import ConfigError, validate
-from jobs.inputs import run_ground_truth
+from jobs.inputs import recheck_inputs, run_ground_truth
 from jobs.layout import RunDir, image_paths, shard_names
 from jobs.lock import locked
 
@@ -68,6 +68,7 @@ def write_report(run_dir: str, ground_truth: str | None = None, meta: str | None
     if not os.path.isdir(run.root):
         raise FileNotFoundError(f"{run.root}: no such run folder")
     with locked(run, hint=""):  # a report of the finished run: only waiting helps
+        recheck_inputs(run)  # its thumbnails are read from the images the scores were made from
         gt_path = ground_truth_path(run, ground_truth)
         preds = read_predictions(run.predictions) if os.path.isfile(run.predictions) else None
         if preds is None:
