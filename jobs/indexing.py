@@ -31,7 +31,7 @@ from ensemble.index.layout import IndexDir
 from ensemble.index.reader import read_cards, read_config
 from ensemble.reduce import load_pca
 from jobs.config import DataConfig, PipelineConfig, validate
-from jobs.inputs import InputError, check_unique_ids
+from jobs.inputs import InputError, check_unique_ids, some_of
 from jobs.layout import RunDir, shard_names
 from jobs.lock import locked
 from jobs.pipeline import run_stages
@@ -87,8 +87,11 @@ def served_threshold(cfg: PipelineConfig, run: RunDir) -> PipelineConfig:
     record = recorded(run)
     scores = "verified" if cfg.verify.enabled else "fused"
     if record.get("threshold") is None or record.get("scores") != scores:
-        log.warning(f"index: fuse.threshold auto, but {run.root} has no estimate on {scores} scores (an index "
-                    "built from folders has no queries to make one); the service's is_copy uses serve.threshold")
+        why = (f"its estimate is on {record['scores']} scores" if record.get("scores") not in (None, scores)
+               else f"no score of its predictions reaches an estimated precision of {record['target']:g}"
+               if "target" in record else "an index built from folders has no queries to make one")
+        log.warning(f"index: fuse.threshold auto, but {run.root} has no estimate on {scores} scores ({why}); "
+                    f"the service's is_copy uses serve.threshold ({cfg.serve.threshold})")
         return cfg
     log.info(f"index: fuse.threshold auto -> {record['threshold']:.4f}, estimated by the run at precision "
              f"{record.get('target')} ({run.threshold})")
@@ -175,7 +178,8 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
     idx = IndexDir(root)
     parent, cfg = index_config(root, None, overrides)
     meta = versions.read_manifest(idx.path(parent))
-    live = set(versions.live_images(idx.path(parent), meta).column("image_id").to_pylist())
+    known = versions.live_images(idx.path(parent), meta)
+    live = dict(zip(known.column("image_id").to_pylist(), known.column("sha256").to_pylist()))
     removed = set(versions.removed_table(idx.path(parent)).column("image_id").to_pylist())
     scan = scan_images(os.path.abspath(folder))  # the service opens them from its own folder
     check_unique_ids(scan, folder, "index add")
@@ -186,8 +190,7 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
         raise ValueError(f"{again[:5]}: removed since the last compaction; run `copydet index compact {root}` "
                          "before adding them again")
     todo = [(i, p) for i, p in files if i not in live]
-    if len(todo) < len(files):
-        log.info(f"index add: {len(files) - len(todo)} image(s) of {folder} are already in the index; skipped")
+    warn_skipped([(i, p) for i, p in files if i in live], live, folder)
     if not files:
         raise NothingAdded(f"{folder}: no image files to add ({len(failed)} other file(s))")
     if not todo:
@@ -213,6 +216,19 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
     return name, len(rows), [f["error"] for f in failed]
 
 
+def warn_skipped(skipped: list[tuple[str, str]], live: dict[str, str], folder: str) -> None:
+    """Name the ``(id, path)`` already live, and warn of those whose file is another picture than
+    the indexed one (``live``: id -> its SHA-256): an add never replaces a reference."""
+    if not skipped:
+        return
+    log.info(f"index add: {len(skipped)} image(s) of {folder} are already in the index; skipped: "
+             f"{some_of([i for i, _ in skipped])}")
+    other = [i for i, p in skipped if sha256_file(p) != live[i]]
+    if other:
+        log.warning(f"index add: {len(other)} of them are other pictures than the indexed ones, which are kept: "
+                    f"{some_of(other)}; to replace one, `copydet index remove` it, `compact`, then add it")
+
+
 def embed_new(todo: list[tuple[str, str]], cfg: PipelineConfig, embedder: ImageEmbedder, pcas: dict, train: dict,
               staging: Path, failed: list[dict]) -> tuple[list[dict], dict[str, list[str]]]:
     """Decode and embed ``todo`` (id, path) ``index.chunk_images`` at a time into feature files
@@ -235,7 +251,7 @@ def embed_new(todo: list[tuple[str, str]], cfg: PipelineConfig, embedder: ImageE
             sources = dict(todo[start:start + step])
             for key, table in derive_keys(cfg, embedder.embed(decoded, sources=sources), pcas, train).items():
                 staged[key].append(write_table(table, staging / key / f"part-{start:08d}.parquet"))
-        log.info(f"index add: {min(start + step, len(todo))}/{len(todo)} images embedded")
+        log.info(f"index add: {min(start + step, len(todo))}/{len(todo)} images read, {len(rows)} embedded")
     return rows, staged
 
 

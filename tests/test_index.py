@@ -2,6 +2,7 @@
 that answer like a rebuild, and a writer killed mid-add leaves the previous version whole."""
 import csv
 import json
+import logging
 import os
 import shutil
 import signal
@@ -100,7 +101,7 @@ def test_a_reference_file_gone_leaves_its_pairs_unverified(built, tmp_path):
     assert answers[1]["matches"]
 
 
-def test_add_remove_compact(built, tmp_path, monkeypatch):
+def test_add_remove_compact(built, tmp_path, monkeypatch, caplog, capsys):
     data, cfg, _, built_index = built
     index = tmp_path / "index"
     shutil.copytree(built_index, index)
@@ -118,12 +119,22 @@ def test_add_remove_compact(built, tmp_path, monkeypatch):
     (extra / "broken.jpg").write_bytes(b"not a jpeg")
     (extra / "notes.txt").write_text("not an image file extension")
     monkeypatch.chdir(tmp_path)  # a folder given relative is recorded absolute: the service opens the files
+    caplog.set_level(logging.INFO)
     name, added, errors = indexing.add_folder(str(index), "extra")
     assert (name, added) == ("v000002", 2) and len(errors) == 3
     recorded = pa.parquet.read_table(IndexDir(index).path(name) / "errors.parquet").to_pylist()
     assert sorted(Path(r["path"]).name for r in recorded) == ["bad:name.jpg", "broken.jpg", "notes.txt"]
+    assert "1 image(s) of extra are already in the index; skipped: R001" in caplog.text
+    assert "4/4 images read, 2 embedded" in caplog.text  # the unreadable ones are not counted as embedded
     assert indexing.add_folder(str(index), str(extra))[:2] == (name, 0)  # a retry: nothing new, nothing published
+    assert "already in the index; skipped: R001, R900, R901" in caplog.text
+    synthetic_photo(777).save(extra / "R001.jpg")  # another picture under an indexed id: kept, and said so
+    capsys.readouterr()
     assert copydet(["index", "add", str(index), str(extra)]) == 0 and IndexDir(index).current() == name
+    err = capsys.readouterr().err
+    assert "1 of them are other pictures than the indexed ones, which are kept: R001;" in err, err
+    assert "that reads is in v000002 already; the 3 file(s) above could not be read" in err
+    shutil.copy(data / "references" / "R001.jpg", extra / "R001.jpg")
     # the added image is found first by a copy of itself; R001 is there once
     m = Matcher(str(index))
     copy = synthetic_photo(900).crop((5, 5, 90, 70))
@@ -257,15 +268,21 @@ def test_writer_lock_and_missing_index(tmp_path):
         Matcher(str(tmp_path / "nothing"))
 
 
-def test_an_index_from_a_run_serves_the_threshold_the_run_estimated(tmp_path):
+def test_an_index_from_a_run_serves_the_threshold_the_run_estimated(tmp_path, caplog):
     """fuse.threshold auto is estimated per batch run; the index keeps that run's number, when it was
-    estimated on the scores the service gives (verified here), so is_copy is calibrated when served."""
+    estimated on the scores the service gives (verified here), so is_copy is calibrated when served;
+    the warning says why it was not."""
     run = RunDir(str(tmp_path))
     cfg = load_config(None, ["fuse.threshold=auto", "verify.enabled=true"])
     assert indexing.served_threshold(cfg, run).fuse.threshold == "auto"  # no estimate: serve.threshold
+    assert "an index built from folders has no queries" in caplog.text
     record = {"threshold": 0.1234, "target": 0.9, "scores": "fused"}
     write_text(run.threshold, json.dumps(record))
     assert indexing.served_threshold(cfg, run).fuse.threshold == "auto"  # not on the verified scores
+    assert "its estimate is on fused scores" in caplog.text
+    write_text(run.threshold, json.dumps({**record, "threshold": None, "scores": "verified"}))
+    assert indexing.served_threshold(cfg, run).fuse.threshold == "auto"
+    assert "no score of its predictions reaches an estimated precision of 0.9" in caplog.text
     write_text(run.threshold, json.dumps({**record, "scores": "verified"}))
     served = indexing.served_threshold(cfg, run)
     assert served.fuse.threshold == 0.1234 and served.copy_threshold() == 0.1234

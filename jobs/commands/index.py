@@ -55,7 +55,9 @@ def _add(args: argparse.Namespace) -> int:
     for line in errors:
         log.warning(f"index add: skipped {line}")
     if not added:
-        log.info(f"index add: every image of {args.rest[0]} is in {name} already; nothing published")
+        unread = f"; the {len(errors)} file(s) above could not be read" if errors else ""
+        log.info(f"index add: nothing published: every image of {args.rest[0]} that reads is in {name} already"
+                 + unread)
         return 0
     log.info(f"index add: published {name} with {added} new reference(s)"
              + (f"; {len(errors)} file(s) could not be read (listed in its errors.parquet)" if errors else ""))
