@@ -1,9 +1,9 @@
 """Decode any input photo to an upright 8-bit RGB image, or fail with a clear error.
 
 Every pipeline stage opens images through :func:`load_rgb`, so all of them agree on size
-(after EXIF orientation), colour (CMYK, 16-bit, palette and alpha handled the same way) and
-on which files are bad. Bad files raise :class:`ImageDecodeError` naming the file and the
-reason; the manifest stage records them in ``errors.parquet`` instead of crashing.
+(after EXIF orientation), colour (CMYK, 16-bit, 32-bit integer, float, palette and alpha handled
+the same way) and on which files are bad. Bad files raise :class:`ImageDecodeError` naming the
+file and the reason; the manifest stage records them in ``errors.parquet`` instead of crashing.
 
 Pixels are always fully decoded (``Image.load``) and PIL's ``LOAD_TRUNCATED_IMAGES`` is left
 as it is (False by default), so a truncated file fails here rather than yielding a grey
@@ -57,13 +57,20 @@ def _on_white(img: Image.Image) -> Image.Image:
     return Image.alpha_composite(Image.new("RGBA", rgba.size, WHITE + (255,)), rgba).convert("RGB")
 
 
-def _sixteen_bit(img: Image.Image) -> Image.Image:
-    """16-bit grayscale (0..65535) to 8-bit RGB by scaling; ``convert("L")`` would clip to white.
+def _grey(img: Image.Image) -> Image.Image:
+    """Integer or float grey (modes in :data:`GREY_RANGES`) to 8-bit RGB by a rule that fits the
+    data; ``convert("RGB")`` would clip floats in 0..1 to black and 16-bit values to white.
 
-    Pillow also reads 16-bit PNG/TIFF as mode ``I``, so ``I`` is taken as 16-bit too.
+    The first range 0..top of the mode that holds every pixel is scaled to 0..255; an image that
+    fits none is stretched from its own min to max (a constant one becomes black).
     """
-    arr = np.clip(np.asarray(img, dtype=np.float64), 0, 65535)
-    return Image.fromarray(np.rint(arr / 257.0).astype(np.uint8), "L").convert("RGB")
+    arr = np.asarray(img, dtype=np.float64)
+    arr = np.where(np.isfinite(arr), arr, 0.0)  # NaN / inf have no grey level
+    low, high = float(arr.min()), float(arr.max())
+    top = next((t for t in GREY_RANGES[img.mode] if low >= 0 and high <= t), None)
+    if top is None:
+        arr, top = arr - low, (high - low) or 1.0
+    return Image.fromarray(np.rint(arr * 255 / top).astype(np.uint8), "L").convert("RGB")
 
 
 def _convert(img: Image.Image) -> Image.Image:
@@ -71,9 +78,15 @@ def _convert(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+# Mode -> the ranges 0..top its pixels are read in, tried in order (see ``_grey``).
+GREY_RANGES: dict[str, tuple[float, ...]] = {
+    **dict.fromkeys(("I;16", "I;16L", "I;16B", "I;16N"), (65535.0,)),  # 16-bit PNG/TIFF: always / 257
+    "I": (255.0, 65535.0),  # 32-bit integers: 8-bit data as it is, else 16-bit data / 257
+    "F": (1.0, 255.0),  # floats: 0..1 (the usual) times 255, else 8-bit data as it is
+}
 # Mode -> converter to RGB for the modes Pillow's ``convert("RGB")`` gets wrong; others use ``_convert``.
 TO_RGB: dict[str, Callable[[Image.Image], Image.Image]] = {
-    **{mode: _sixteen_bit for mode in ("I;16", "I;16L", "I;16B", "I;16N", "I")},
+    **dict.fromkeys(GREY_RANGES, _grey),
     **{mode: _on_white for mode in ("RGBA", "RGBa", "LA", "La", "PA", "P")},
 }
 

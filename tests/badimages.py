@@ -17,6 +17,8 @@ Files (all small, content fixed, so repeated calls write identical bytes):
 | text         | bad_text.jpg      | a text file with a .jpg name              | error "not an image"     |
 | cmyk         | ok_cmyk.jpg       | CMYK JPEG, left half cyan, right white    | loads, 80x60             |
 | gray16       | ok_gray16.png     | 16-bit grey PNG, 0..65535 left to right   | loads, 128x32, 0..255    |
+| float01      | ok_float01.tif    | float TIFF (mode F), grey_ramp / 255      | loads, 64x16, the ramp   |
+| int32        | ok_int32.tif      | 32-bit integer TIFF (mode I), the ramp    | loads, 64x16, the ramp   |
 | exif_rotated | ok_exif_rot.jpg   | stored 80x48, red top-left, orientation 6 | loads, 48x80, red top-right |
 | good         | ok_plain.jpg      | ordinary RGB JPEG                         | loads, 96x72             |
 """
@@ -37,6 +39,8 @@ EXPECTED: dict[str, dict] = {
     "text": {"file": "bad_text.jpg", "error": True, "reason": "not an image", "size": None},
     "cmyk": {"file": "ok_cmyk.jpg", "error": False, "reason": None, "size": (80, 60)},
     "gray16": {"file": "ok_gray16.png", "error": False, "reason": None, "size": (128, 32)},
+    "float01": {"file": "ok_float01.tif", "error": False, "reason": None, "size": (64, 16)},
+    "int32": {"file": "ok_int32.tif", "error": False, "reason": None, "size": (64, 16)},
     "exif_rotated": {"file": "ok_exif_rot.jpg", "error": False, "reason": None, "size": (48, 80)},
     "good": {"file": "ok_plain.jpg", "error": False, "reason": None, "size": (96, 72)},
 }
@@ -74,6 +78,13 @@ def _gray16() -> Image.Image:
     return Image.fromarray(np.tile(ramp, (h, 1)))  # mode I;16
 
 
+def grey_ramp(size: tuple[int, int]) -> np.ndarray:
+    """The 8-bit grey ramp (0..255 left to right, ``size`` = width, height) that the float and
+    integer TIFFs hold in their own number format: each must decode to exactly this."""
+    w, h = size
+    return np.tile(np.rint(np.linspace(0, 255, w)).astype(np.uint8), (h, 1))
+
+
 def _exif_rotated() -> bytes:
     """Stored landscape 80x48 with a red top-left square; orientation 6 = display rotated 90° CW."""
     h, w = EXPECTED["exif_rotated"]["size"]  # stored size is the displayed size swapped
@@ -101,4 +112,6 @@ def make_bad_images(folder: Path) -> dict[str, Path]:
     for name, data in content.items():
         paths[name].write_bytes(data)
     _gray16().save(paths["gray16"], "PNG")
+    Image.fromarray(grey_ramp(EXPECTED["float01"]["size"]).astype(np.float32) / 255).save(paths["float01"])
+    Image.fromarray(grey_ramp(EXPECTED["int32"]["size"]).astype(np.int32)).save(paths["int32"])
     return paths

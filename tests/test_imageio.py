@@ -7,7 +7,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from core.imageio import ImageDecodeError, image_size, list_images, load_rgb, scan_images, sha256_file
-from tests.badimages import CORNER, EXPECTED, make_bad_images
+from tests.badimages import CORNER, EXPECTED, grey_ramp, make_bad_images
 
 BAD = sorted(name for name, spec in EXPECTED.items() if spec["error"])
 GOOD = sorted(name for name, spec in EXPECTED.items() if not spec["error"])
@@ -62,6 +62,35 @@ def test_sixteen_bit_gradient_keeps_its_range(files):
     expected = np.rint(np.linspace(0, 65535, row.size) / 257)  # brute force 16 -> 8 bit
     assert np.abs(row - expected).max() <= 1
     assert abs(np.median(row) - 127.5) < 3
+
+
+@pytest.mark.parametrize("name", ["float01", "int32"])
+def test_float_and_32_bit_tiffs_decode_to_their_grey_values(files, name):
+    arr = np.asarray(load_rgb(files[name]))
+    assert np.array_equal(arr, np.repeat(grey_ramp(EXPECTED[name]["size"])[..., None], 3, axis=2))
+    small = np.asarray(load_rgb(files[name], max_side=32), np.float64)  # the reduced decode agrees
+    assert small.shape == (8, 32, 3) and abs(small.mean() - arr.mean()) < 1
+
+
+@pytest.mark.parametrize(("pixels", "expected"), [
+    (np.array([[0, 1000, 65535]], np.int32), [0, 4, 255]),  # 16-bit data in a 32-bit image: / 257
+    (np.array([[-50, 0, 50]], np.int32), [0, 128, 255]),  # fits no range: its own min..max
+    (np.array([[7, 7, 7]], np.int32), [7, 7, 7]),
+    (np.array([[0, 127.5, 255]], np.float32), [0, 128, 255]),  # 8-bit data as floats
+    (np.array([[-1, 0, 3]], np.float32), [0, 64, 255]),
+    (np.array([[2e6, 2e6, 2e6]], np.float32), [0, 0, 0]),  # constant out of range: black, no 0 / 0
+    (np.array([[np.nan, 0.5, 1]], np.float32), [0, 128, 255]),
+])
+def test_wide_grey_values_map_by_their_range(tmp_path, pixels, expected):
+    path = tmp_path / "grey.tif"
+    Image.fromarray(pixels).save(path)
+    assert np.asarray(load_rgb(path))[0, :, 1].tolist() == expected
+
+
+def test_sixteen_bit_tiff_keeps_dividing_by_257(tmp_path):
+    path = tmp_path / "dark16.tif"
+    Image.fromarray(np.array([[0, 200, 1000, 65535]], np.uint16)).save(path)  # mode I;16, even when dark
+    assert np.asarray(load_rgb(path))[0, :, 0].tolist() == [0, 1, 4, 255]
 
 
 def test_exif_rotation_moves_the_red_corner(files):
