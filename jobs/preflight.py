@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from core.models.cards import RegistryError
+from core.models.checkpoint import CheckpointError
+from core.models.registry import check_card_weights
 from core.models.sscd import SSCD_MEMBERS
 from core.settings import check_settings
 from core.store import join
@@ -23,7 +25,7 @@ from jobs.completeness import manifest_shards
 from jobs.config import PipelineConfig
 from jobs.inputs import InputError, check_ground_truth, pin_inputs, recheck_inputs, split_folders
 from jobs.layout import RunDir
-from jobs.stages.extract import key_settings, key_specs
+from jobs.stages.extract import KeySpec, key_settings, key_specs
 from jobs.stages.manifest import manifest_settings
 from jobs.stages.patch import patch_settings, resolve_detector, side_views
 from jobs.stages.reduce import reduce_settings
@@ -69,11 +71,22 @@ def how_to_get(name: str) -> str:
 
 
 def resolved(what: str, name: str | None, fn: Callable[[], T]) -> T:
-    """``fn()``, or its RegistryError on one line with what to run to get ``name``."""
+    """``fn()``, or its RegistryError on one line with what to run to get ``name``; a CheckpointError
+    (the file is there but unusable: nothing to make) on one line as it is."""
     try:
         return fn()
     except RegistryError as e:
         raise RegistryError(f"{what}: {' '.join(str(e).split())}; {how_to_get(name or '')}") from None
+    except CheckpointError as e:
+        raise RegistryError(f"{what}: {' '.join(str(e).split())}") from None
+
+
+def checked_keys(one: PipelineConfig, run: RunDir) -> list[KeySpec]:
+    """The keys of a one-model config, its weights checked against its architecture (the file's
+    header only), so a checkpoint that does not fit fails here and not in an extract worker."""
+    keys = key_specs(one, run)
+    check_card_weights(keys[0].card)  # every scale of the one model shares its card
+    return keys
 
 
 def resolved_each(items: Sequence[tuple[str, str | None, Callable[[], T]]]) -> list[T]:
@@ -100,7 +113,7 @@ def check_stage_settings(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]
     found = resolved_each([
         *((f"patches.{side}.detector", views.detector,
            lambda views=views: resolve_detector(views.detector, cfg.registry)) for side, views in sides.items()),
-        *((f"models.{i}.name", one.models[0].name, lambda one=one: key_specs(one, run))
+        *((f"models.{i}.name", one.models[0].name, lambda one=one: checked_keys(one, run))
           for i, one in enumerate(members))])
     if "patch" in stages:
         check_settings(run.patches, patch_settings(cfg, dict(zip(sides, found[:len(sides)]))), "patch")

@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 from core.models.backbones import DescriptorModel, build_backbone
 from core.models.checkpoint import (
     CheckpointError,
+    check_weights,
     load_weights,
     read_sidecar,
     save_checkpoint,
@@ -165,6 +166,33 @@ def test_load_checkpoint_needs_a_valid_sidecar(tiny) -> None:
     _raises(path, "not valid JSON", load=load_checkpoint)
     side.unlink()
     _raises(path, "missing sidecar", load=load_checkpoint)
+
+
+def _checked_on_meta(path: Path) -> str:
+    with torch.device("meta"):
+        return check_weights(build_backbone("tiny_cnn"), path)
+
+
+def test_check_weights_reads_only_the_header_and_agrees_with_load_weights(tmp_path: Path) -> None:
+    model = build_backbone("tiny_cnn")
+    trunk = {k: v.contiguous() for k, v in model.trunk.state_dict().items()}
+    files = {"whole.safetensors": dict(model.state_dict()), "trunk.pt": {"state_dict": trunk},
+             "other.safetensors": {"encoder.foo": torch.zeros(2)},
+             "partial.safetensors": {k: v for k, v in trunk.items() if not k.startswith("layer4.")},
+             "shapes.pt": {**trunk, "conv1.0.weight": torch.zeros(3, 3, 3, 3)},
+             "vit.safetensors": dict(build_backbone("tiny_vit").state_dict())}
+    for name, state in files.items():
+        path = tmp_path / name
+        if path.suffix == ".pt":
+            torch.save(state, path)
+        else:
+            save_file(state, path)
+        try:
+            want = _into_tiny(path)
+        except CheckpointError as e:
+            _raises(path, re.escape(str(e)), load=_checked_on_meta)  # the same one-line message
+        else:
+            assert _checked_on_meta(path) == want, name
 
 
 def test_save_requires_safetensors_suffix(tmp_path: Path) -> None:

@@ -1,6 +1,7 @@
 """Model cards: round trip, listing, name resolution order and building models from cards."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 from pydantic import ValidationError
 
 from core.models.backbones import build_backbone
-from core.models.checkpoint import save_checkpoint
+from core.models.checkpoint import CheckpointError, save_checkpoint, sidecar_path
 from core.models.layers import gem
 from core.models.registry import (
     ModelCard,
@@ -160,6 +161,47 @@ def test_resolve_checkpoint_path_uses_sidecar(tmp_path: Path) -> None:
     Path(f"{path}.json").write_text(json.dumps(side))
     with pytest.raises(RegistryError, match=r"sidecar gives an invalid card: resize: [^\n]*$"):
         card_from_checkpoint(path)  # one line naming the field, not pydantic's dump
+
+
+def _vit_weights_with_cnn_sidecar(folder: Path) -> Path:
+    """``x.safetensors`` holding tiny_vit weights next to a tiny_cnn checkpoint's sidecar."""
+    vit = save_checkpoint(build_backbone("tiny_vit"), folder / "vit.safetensors")
+    cnn = save_checkpoint(build_backbone("tiny_cnn", dim=16), folder / "cnn.safetensors")
+    mixed = folder / "x.safetensors"
+    shutil.copy(vit, mixed)
+    shutil.copy(sidecar_path(cnn), sidecar_path(mixed))
+    return mixed
+
+
+def test_a_checkpoint_whose_weights_do_not_fit_its_sidecar_is_refused_at_resolve(tmp_path: Path) -> None:
+    mixed = _vit_weights_with_cnn_sidecar(tmp_path)
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(mixed))}: no key matches the model \(file: blocks\.0\.[^\n]*$"):
+        resolve_model(mixed, tmp_path)
+
+
+@pytest.mark.parametrize("registered", [False, True])
+def test_run_refuses_weights_that_do_not_fit_before_any_stage_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, registered: bool
+) -> None:
+    from jobs import pipeline
+
+    def no_stage(*args: object) -> None:
+        raise AssertionError("preflight passed: the stages would start")
+
+    monkeypatch.setattr(pipeline, "init_ray", no_stage)
+    mixed = _vit_weights_with_cnn_sidecar(tmp_path)
+    name = str(mixed)
+    if registered:  # a card whose weights file was swapped for another architecture's
+        card = card_from_checkpoint(tmp_path / "cnn.safetensors")
+        register(card.model_copy(update={"name": "swapped", "weights": str(tmp_path / "vit.safetensors")}), tmp_path)
+        name = "swapped"
+    out = tmp_path / "run"
+    args = ["--out", str(out), "--set", f"registry={tmp_path}", "--set", f"models.0.name={name}"]
+    assert main(["run", "configs/smoke.yaml", *args]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+    weights = tmp_path / ("vit.safetensors" if registered else "x.safetensors")
+    assert len(lines) == 1 and f"models.0.name: {weights}: no key matches the model (file: blocks.0." in lines[0]
+    assert not (out / "config.yaml").exists() and not (out / "manifest.parquet").exists()
 
 
 def test_pool_override_reads_a_trained_model_out_by_regions(tmp_path: Path) -> None:

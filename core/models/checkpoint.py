@@ -3,6 +3,8 @@
 Files are read with safetensors or ``torch.load(weights_only=True)`` only, so loading a
 checkpoint can never run code. ``load_weights`` also takes plain timm / torchvision state dicts
 for the trunk (prefixes such as ``module.`` or ``backbone.`` are stripped, classifiers dropped).
+``check_weights`` makes the same checks from the file's header alone (a meta-device model will do),
+so a checkpoint that does not fit its model is refused before a run starts.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save
 from torch import nn
 
@@ -29,6 +31,7 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")  # DDP, torch.compile, L
 _TRUNK_PREFIXES = ("backbone.", "trunk.")  # trunk of a backbone + head model; ours
 _CLASSIFIER_PREFIXES = ("fc.", "head.", "classifier.")
 _LISTED = 5  # keys quoted in an error message
+V = TypeVar("V")  # a state dict's values: tensors, or shapes when only the header is read
 
 
 class CheckpointError(ValueError):
@@ -83,21 +86,45 @@ def read_sidecar(path: str | os.PathLike) -> dict[str, Any]:
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a .safetensors or torch file (``weights_only``), unwrapped from a
     ``{"state_dict": ...}``-style training checkpoint; errors name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(path, "no such file")
+    path = _checked_path(path)
     if path.suffix == ".safetensors":
         try:
             return load_file(os.fspath(path))
         except SafetensorError as e:
             raise CheckpointError(path, f"not a valid safetensors file ({e})") from e
-    if path.suffix not in TORCH_SUFFIXES:
+    return _torch_state(path, "cpu")
+
+
+def read_shapes(path: str | os.PathLike) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of every tensor of checkpoint ``path``, without reading the tensors (the
+    safetensors header; a torch file loads on the meta device): to check a file cheaply."""
+    path = _checked_path(path)
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(os.fspath(path), framework="pt") as f:
+                return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except SafetensorError as e:
+            raise CheckpointError(path, f"not a valid safetensors file ({e})") from e
+    return {k: tuple(v.shape) for k, v in _torch_state(path, "meta").items()}
+
+
+def _checked_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, refused unless it is a file of a supported type."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(path, "no such file")
+    if path.suffix != ".safetensors" and path.suffix not in TORCH_SUFFIXES:
         raise CheckpointError(
             path,
             f"unsupported file type {path.suffix!r}; expected .safetensors or {TORCH_SUFFIXES}",
         )
+    return path
+
+
+def _torch_state(path: Path, device: str) -> dict[str, torch.Tensor]:
+    """The tensors of torch file ``path`` (``weights_only``) on ``device``, unwrapped."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         reason = re.search(r"WeightsUnpickler error: ([^\n]*?)(\. |\n|$)", str(e))
         why = reason.group(1) if reason else str(e).splitlines()[0]
@@ -141,15 +168,31 @@ def load_weights(model: nn.Module, path: str | os.PathLike) -> str:
     when present, and classifier keys (``fc.``, ``head.``, ``classifier.``) are dropped.
     Every trunk weight must be present with the right shape.
     """
-    state = _strip_wrappers(read_state_dict(path))
+    module, state, loaded = _match(model, read_state_dict(path))
+    _check_fit(module, {k: tuple(v.shape) for k, v in state.items()}, path)
+    module.load_state_dict(state, strict=False)
+    return loaded
+
+
+def check_weights(model: nn.Module, path: str | os.PathLike) -> str:
+    """:func:`load_weights` without loading: the same keys and shapes checks (same errors) on
+    the file's header only, so ``model`` may be on the meta device. Cheap enough to refuse a
+    checkpoint that does not fit its model before a run starts."""
+    module, shapes, loaded = _match(model, read_shapes(path))
+    _check_fit(module, shapes, path)
+    return loaded
+
+
+def _match(model: nn.Module, state: dict[str, V]) -> tuple[nn.Module, dict[str, V], str]:
+    """The part of ``model`` that ``state`` loads into (``"model"`` whole or its ``"trunk"``),
+    and the entries of ``state`` it takes (see :func:`load_weights`)."""
+    state = _strip_wrappers(state)
     if state.keys() == model.state_dict().keys():
-        _assign(model, state, path)
-        return "model"
-    _assign(model.trunk, _trunk_part(state, model.trunk), path)
-    return "trunk"
+        return model, state, "model"
+    return model.trunk, _trunk_part(state, model.trunk), "trunk"
 
 
-def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def _strip_wrappers(state: dict[str, V]) -> dict[str, V]:
     """Remove prefixes that every key carries (DDP ``module.``, ``_orig_mod.``, ``model.``)."""
     def common(prefix: str) -> bool:
         return all(k.startswith(prefix) for k in state)
@@ -159,7 +202,7 @@ def _strip_wrappers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def _trunk_part(state: dict[str, torch.Tensor], trunk: nn.Module) -> dict[str, torch.Tensor]:
+def _trunk_part(state: dict[str, V], trunk: nn.Module) -> dict[str, V]:
     prefix = next((p for p in _TRUNK_PREFIXES if any(k.startswith(p) for k in state)), None)
     if prefix is not None:
         state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
@@ -172,9 +215,10 @@ def _listed(items: list[str]) -> str:
     return ", ".join(items[:_LISTED]) + more
 
 
-def _assign(module: nn.Module, state: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Strictly load ``state`` into ``module`` after checking keys and shapes."""
-    own = module.state_dict()
+def _check_fit(module: nn.Module, state: dict[str, tuple[int, ...]], path: str | os.PathLike) -> None:
+    """Refuse ``state`` (name -> shape) unless it fills every weight of ``module`` with the right
+    shape and nothing else."""
+    own = {k: tuple(v.shape) for k, v in module.state_dict().items()}
     if not state.keys() & own.keys():
         raise CheckpointError(
             path,
@@ -182,9 +226,9 @@ def _assign(module: nn.Module, state: dict[str, torch.Tensor], path: str | os.Pa
             f"model: {_listed(sorted(own))})",
         )
     bad_shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        f"{k}: file {state[k]} vs model {own[k]}"
         for k in own
-        if k in state and state[k].shape != own[k].shape
+        if k in state and state[k] != own[k]
     ]
     if bad_shapes:
         raise CheckpointError(path, f"{len(bad_shapes)} shape mismatches: {_listed(bad_shapes)}")
@@ -195,4 +239,3 @@ def _assign(module: nn.Module, state: dict[str, torch.Tensor], path: str | os.Pa
         raise CheckpointError(path, f"{len(missing)} model weights missing: {_listed(missing)}")
     if unexpected:
         raise CheckpointError(path, f"{len(unexpected)} unexpected keys: {_listed(unexpected)}")
-    module.load_state_dict(state, strict=False)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from core.models.backbones import DescriptorModel, build_backbone, list_backbone
 from core.models.cards import NAME_PATTERN, ModelCard, RegistryError, first_problem
 from core.models.checkpoint import (
     CheckpointError,
+    check_weights,
     load_weights,
     read_sidecar,
     sidecar_path,
@@ -174,10 +176,12 @@ def load_checkpoint(path: str | os.PathLike) -> DescriptorModel:
 
 
 def card_from_checkpoint(path: str | os.PathLike) -> ModelCard:
-    """A card for a checkpoint written by ``save_checkpoint``, named after the file stem."""
+    """A card for a checkpoint written by ``save_checkpoint``, named after the file stem; its
+    tensors' names and shapes must fit the sidecar's model (read from the file's header)."""
     path = Path(path).resolve()
     with torch.device("meta"):  # architecture only: no weights allocated
         model = build_from_sidecar(path)
+    check_weights(model, path)
     meta = read_sidecar(path).get("meta") or {}
     fields = {k: meta[k] for k in _META_FIELDS if k in meta}
     name = re.sub(r"[^A-Za-z0-9_.-]", "_", path.name.removesuffix(".safetensors"))
@@ -185,6 +189,22 @@ def card_from_checkpoint(path: str | os.PathLike) -> ModelCard:
         return card_for_model(model, name=name, weights=str(path), **fields)
     except ValidationError as e:
         raise RegistryError(f"{sidecar_path(path)}: sidecar gives an invalid card: {first_problem(e)}") from e
+
+
+def weights_fit(weights: str | os.PathLike, build: Mapping[str, Any]) -> str:
+    """What of ``build_backbone(**build)`` checkpoint ``weights`` loads (``"model"``/``"trunk"``),
+    checked from the file's header on a meta-device model: the ``CheckpointError`` that loading
+    would raise, raised before a run starts and at the cost of reading a header."""
+    with torch.device("meta"):
+        model = build_backbone(**build)
+    return check_weights(model, weights)
+
+
+def check_card_weights(card: ModelCard) -> None:
+    """Refuse a backbone card whose weights file does not fit its architecture (see
+    :func:`weights_fit`), which :func:`build_model` would only find when a worker loads it."""
+    if card.kind == "backbone" and card.weights is not None:
+        weights_fit(card.weights, card.build)
 
 
 def backbone_card(name: str, *, dim: int | None = None) -> ModelCard:
