@@ -84,9 +84,10 @@ def test_ground_truth_comes_from_the_saved_config(run_dir, capsys):
     assert "no config.yaml" in capsys.readouterr().err
     config = {"models": [{"name": "resnet18"}], "data": {"ground_truth": str(run_dir.parent / "gt.csv")}}
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
-    assert main(["report", str(run_dir)]) == 0
+    assert main(["report", "--out", str(run_dir)]) == 0  # the run folder as the other commands take it
     page = (run_dir / "report.html").read_text()
     assert metric(page, "ensemble", "micro_ap") == "1.0000" and "Recall@1 per transform family" not in page
+    assert main(["report"]) == 2 and main(["report", str(run_dir), "--out", str(run_dir)]) == 2
 
 
 def test_report_without_ensemble_uses_the_last_member(run_dir):

@@ -86,13 +86,16 @@ META_HELP = "query metadata CSV with columns query_id,transforms (';'-separated 
 
 @command("report", "write RUN_DIR/report.html: metrics per member and ensemble, PR curves, "
          "per-family recall, score histogram, false-positive / missed-copy gallery",
-         arg("run_dir", help="run folder (local path)"),
+         arg("run_dir", nargs="?", help="run folder (local path)"),
+         arg("--out", help="the run folder, as the other commands take it (instead of RUN_DIR)"),
          arg("--meta", help=META_HELP),
          arg("--ground-truth", help="ground-truth CSV (default: the one in RUN_DIR/config.yaml)"),
          arg("--k", type=positive_int, default=10, help="references per query kept for each member (default 10)"),
          uses_config=False)
 def report(args: argparse.Namespace) -> None:
-    log.info(f"report: {write_report(args.run_dir, args.ground_truth, args.meta, args.k)}")
+    if bool(args.run_dir) == bool(args.out):
+        raise ValueError("report: give the run folder once, as RUN_DIR or --out")
+    log.info(f"report: {write_report(args.run_dir or args.out, args.ground_truth, args.meta, args.k)}")
 
 
 def run_labels(dirs: list[str]) -> list[str]:
