@@ -33,13 +33,13 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from core.imageio import ImageDecodeError, list_images, load_rgb
+from core.imageio import ImageDecodeError, image_size, list_images, load_rgb
 from pretrain.recipes.recipe import RecipeError
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 REPLACEMENT_TRIES = 64  # photos tried in place of one that does not decode before giving up
-MIN_SIDE = 32  # shorter side (after max_side) below which a photo is replaced: some recipe ops fail on less
+MIN_SIDE = 32  # decoded shorter side below which a photo is replaced: some recipe ops fail on less
 MAX_ASPECT = 10  # longer / shorter side above which a photo is replaced (a strip, not a photo)
 
 
@@ -131,11 +131,24 @@ class PhotoFiles:
 def usable(img: Image.Image, path: str) -> Image.Image:
     """``img``, or an :class:`ImageDecodeError` naming ``path`` when it is too small or too thin to
     train on: the recipes' edits (text, overlays, crops) fail on a few pixels, always alike."""
-    short, long = sorted(img.size)
-    if short < MIN_SIDE or long > MAX_ASPECT * short:
-        raise ImageDecodeError(path, f"{img.width} x {img.height} px is too small or too thin to train on "
-                               f"(shorter side >= {MIN_SIDE}, aspect <= {MAX_ASPECT}:1)")
+    check_size(img.size, path)
     return img
+
+
+def check_size(size: tuple[int, int], path: str) -> None:
+    """:class:`ImageDecodeError` naming ``path`` when a photo of ``size`` (width, height) is too small
+    or too thin to train on (see :func:`usable`)."""
+    short, long = sorted(size)
+    if short < MIN_SIDE or long > MAX_ASPECT * short:
+        raise ImageDecodeError(path, f"{size[0]} x {size[1]} px is too small or too thin to train on "
+                               f"(shorter side >= {MIN_SIDE}, aspect <= {MAX_ASPECT}:1)")
+
+
+def load_usable(path: str, max_side: int) -> Image.Image:
+    """Photo ``path`` shrunk to ``max_side``, judged :func:`usable` at its decoded size (read from
+    the header, before any decode): a small ``max_side`` must not make a good photo bad."""
+    check_size(image_size(path), path)
+    return load_rgb(path, max_side)
 
 
 class BadPhotos:
@@ -206,7 +219,7 @@ class LazyPhotos(Sequence[Image.Image]):
                 continue
             image_id, path = self.files[j]
             try:
-                return j, edit(j, Photo(image_id, usable(load_rgb(path, self.max_side), path)))
+                return j, edit(j, Photo(image_id, load_usable(path, self.max_side)))
             except (ImageDecodeError, RecipeError) as e:
                 self._bad.add(j)
                 reason = e.reason if isinstance(e, ImageDecodeError) else str(e)

@@ -5,14 +5,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
+from PIL import Image
 
 from core.models.backbones import build_backbone
 from core.models.checkpoint import save_checkpoint
-from core.models.registry import build_model, list_cards, load_card, load_checkpoint
+from core.models.registry import build_model, list_cards, load_card, load_checkpoint, register
 from jobs.cli import main as copydet
-from pretrain.train.common import RunChanged
-from pretrain.train.fanout import plan_finetune, plan_pretrain, run_all
+from pretrain.train.common import PIN, RunChanged, pinned_settings, record_source, register_model, run_card
+from pretrain.train.fanout import finished, plan_finetune, plan_pretrain, run_all
 from pretrain.train.finetune import train_local
 from pretrain.train_config import (
     DataSection,
@@ -156,6 +158,95 @@ def test_fanout_registers_one_model_per_set_and_backbone(ray_local, photo_dir, t
     assert gone.status == "skipped" and f"its run folder {specs[1].run_dir} is gone" in gone.note
     assert [e["event"] for e in log].count("registered") == 2
     assert [o.status for o in run_all(longer, cfg.ray)] == ["skipped"]
+    # retrained into a new output folder with other settings: the old folder's cards are refused, not kept
+    elsewhere = [a for s in [*sets[:2], f"output={tmp_path / 'other'}", "finetune.lr=0.01"] for a in ("--set", s)]
+    assert copydet(["finetune", str(CONFIGS / "tiny.yaml"), *elsewhere]) == 1
+    out = capsys.readouterr().out
+    assert out.count("failed") == 4 and f"registered from run folder {specs[0].run_dir}, not from" in out
+
+
+def registered_spec(tmp_path: Path, how: str = "final") -> RunSpec:
+    """A fine-tuning run registered from ``tmp_path/old`` (a folder not there): its final weights,
+    a best epoch's file, weights without a sidecar (as a verifier's), or a card recording no folder."""
+    spec = RunSpec(kind="finetune", name="t-tiny_cnn-basic", backbone="tiny_cnn", recipe="basic",
+                   run_dir=str(tmp_path / "old" / "t-tiny_cnn-basic"), registry=str(tmp_path / "registry"), seed=0,
+                   data=DataSection(train=str(tmp_path)), model=ModelSection(dim=16, img_size=32))
+    net = build_backbone("tiny_cnn", dim=16, img_size=32)
+    if how in ("final", "best"):
+        register_model(spec, net, run_card(spec, net), save_checkpoint(net, tmp_path / "b.safetensors")
+                       if how == "best" else None)
+        return spec
+    weights = tmp_path / "registry" / f"{spec.name}.safetensors"
+    weights.parent.mkdir()
+    if how == "no_sidecar":
+        weights.write_bytes(safetensors.torch.save(net.state_dict()))
+        record_source(spec, weights)
+    else:  # "unrecorded": as registered before runs recorded their folder
+        save_checkpoint(net, weights)
+    register(run_card(spec, net, weights=str(weights)), spec.registry)
+    return spec
+
+
+@pytest.mark.parametrize("how", ["final", "best", "no_sidecar"])
+def test_a_card_another_run_folder_registered_is_refused_not_skipped(tmp_path, how):
+    """Training into a new output folder finds the card the old folder registered: refused, naming the
+    card, the folder it came from and the ways out; the card of the run's own folder, deleted since
+    to save space, is skipped with a note."""
+    spec = registered_spec(tmp_path, how)
+    own = finished(spec)
+    assert own.status == "skipped" and f"its run folder {spec.run_dir} is gone" in own.note
+    new = finished(spec.model_copy(update={"run_dir": str(tmp_path / "new" / spec.name)}))
+    card = tmp_path / "registry" / f"{spec.name}.json"
+    assert new.status == "failed" and f"{card}: registered from run folder {spec.run_dir}, not from" in new.error
+    assert "another `registry:` or `name:`, or delete the card" in new.error
+
+
+def test_a_card_without_a_recorded_run_folder_is_tied_by_that_folder_only(tmp_path):
+    """A card that records no run folder (registered before runs recorded it) is this run's only when
+    the run's pinned folder is there: without it, it is refused rather than skipped unchecked."""
+    spec = registered_spec(tmp_path, "unrecorded")
+    gone = finished(spec)
+    assert gone.status == "failed" and f"records no run folder, and {spec.run_dir} is not there" in gone.error
+    pin = Path(spec.run_dir) / PIN
+    pin.parent.mkdir(parents=True)
+    pin.write_text(json.dumps({"settings": pinned_settings(spec)}))
+    assert finished(spec).status == "skipped"
+
+
+def test_an_empty_training_folder_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys):
+    """data.train without an image is named at start (like a missing folder), not by every run in Ray;
+    an image in a sub-folder counts."""
+    def no_ray(*_):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr("jobs.commands.train.init_ray", no_ray)
+    empty = tmp_path / "photos"
+    (empty / "sub").mkdir(parents=True)
+    (empty / "notes.txt").write_text("no photo")
+    argv = ["finetune", str(CONFIGS / "tiny.yaml"), "--set", f"data.train={empty}", "--set", f"output={tmp_path}",
+            "--set", f"registry={tmp_path / 'registry'}"]
+    assert copydet(argv) == 2
+    assert f"tiny.yaml: data.train {empty} holds no images (accepted extensions: .jpg" in capsys.readouterr().err
+    Image.new("RGB", (64, 48)).save(empty / "sub" / "a.jpg")
+    with pytest.raises(AssertionError, match="Ray started"):
+        copydet(argv)
+
+
+def test_a_fine_tuning_start_of_another_architecture_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys):
+    from core.models.checkpoint import save_checkpoint
+
+    def no_ray(*_):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr("jobs.commands.train.init_ray", no_ray)
+    vit = save_checkpoint(build_backbone("tiny_vit"), tmp_path / "vit.safetensors")
+    argv = ["finetune", str(CONFIGS / "tiny.yaml"), "--set", f"finetune.init={vit}", "--set", "backbones=[tiny_cnn]",
+            "--set", f"output={tmp_path}", "--set", f"registry={tmp_path / 'registry'}"]
+    assert copydet(argv) == 2
+    assert f"finetune.init for tiny-tiny_cnn-basic: {vit}: no key matches the model" in capsys.readouterr().err
+    cnn = save_checkpoint(build_backbone("tiny_cnn"), tmp_path / "cnn.safetensors")
+    with pytest.raises(AssertionError, match="Ray started"):  # a start that fits goes on
+        copydet([*argv[:3], f"finetune.init={cnn}", *argv[4:]])
 
 
 def test_models_command_lists_the_registry(tmp_path, capsys):

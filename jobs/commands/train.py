@@ -7,8 +7,10 @@ import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from core.imageio import IMAGE_SUFFIXES
 from core.models.cards import ModelCard, RegistryError
-from core.models.registry import default_registry_dir, load_card, scan_cards
+from core.models.checkpoint import CheckpointError
+from core.models.registry import default_registry_dir, load_card, scan_cards, weights_fit
 from jobs.commands.base import arg, command
 from jobs.config import RayConfig
 from jobs.runtime import init_ray
@@ -30,9 +32,10 @@ def _train(args: argparse.Namespace, plan: Callable[[TrainConfig], list[RunSpec]
     from pretrain.train.fanout import run_all
 
     cfg = load_train_config(args.config, args.set).anchored()
-    if not args.address and not cfg.ray.address and not os.path.isdir(cfg.data.train):
-        raise FileNotFoundError(f"{args.config}: data.train {cfg.data.train} is not a folder")  # before Ray starts
+    if not args.address and not cfg.ray.address:  # a local folder: refused before Ray starts
+        check_train_folder(args.config, cfg.data.train)
     specs = plan(cfg)
+    check_init_weights(cfg, specs)
     log.info(f"{len(specs)} runs: {', '.join(s.name for s in specs)}")
     init_ray(RayConfig(address=args.address or cfg.ray.address))
     outcomes = run_all(specs, cfg.ray)
@@ -40,6 +43,46 @@ def _train(args: argparse.Namespace, plan: Callable[[TrainConfig], list[RunSpec]
             for o in outcomes]
     print(format_table(["run", "status", "last loss", "val uAP (registered)", "error / note"], rows))
     return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def check_train_folder(config: str, folder: str) -> None:
+    """:class:`FileNotFoundError` naming ``config``'s data.train when ``folder`` is not a folder or
+    holds no image: refused at start, not by every run inside Ray."""
+    if not os.path.isdir(folder):
+        raise FileNotFoundError(f"{config}: data.train {folder} is not a folder")
+    if not has_image(folder):
+        raise FileNotFoundError(f"{config}: data.train {folder} holds no images "
+                                f"(accepted extensions: {' '.join(IMAGE_SUFFIXES)})")
+
+
+def check_init_weights(cfg: TrainConfig, specs: list[RunSpec]) -> None:
+    """Refuse, before Ray starts, weights fine-tuning would start from that do not fit the model
+    it trains (e.g. finetune.init naming another architecture's checkpoint), from the file's header."""
+    from pretrain.train.fanout import planned_cards
+
+    starts = [s for s in specs if s.kind == "finetune" and s.init_weights and os.path.isfile(s.init_weights)]
+    cards = planned_cards(cfg) if starts else {}
+    for spec in starts:
+        try:
+            weights_fit(spec.init_weights, cards[spec.name].build)
+        except CheckpointError as e:
+            raise ValueError(f"finetune.init for {spec.name}: {e}") from None
+
+
+def has_image(folder: str) -> bool:
+    """Whether ``folder`` holds an image file, in sub-folders too (as training lists them); stops at
+    the first, since a training folder may hold millions. A folder reached twice (symlinks) is skipped."""
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        if any(os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES and os.path.isfile(os.path.join(root, f))
+               for f in files):
+            return True
+    return False
 
 
 @command("pretrain", "BYOL-pretrain every backbone of a training config (Ray Train) and register them",

@@ -19,10 +19,10 @@ from torch import nn
 
 from core.logs import ProgressLines
 from core.models.backbones import DescriptorModel
-from core.models.cards import ModelCard
+from core.models.cards import ModelCard, RegistryError
 from core.models.checkpoint import save_checkpoint, sidecar_path
 from core.models.preprocess import Preprocess
-from core.models.registry import CARD_SUFFIX, card_for_model, file_hash, register
+from core.models.registry import CARD_SUFFIX, card_for_model, file_hash, load_card, register
 from core.store import copy_file, read_table, write_table, write_text
 from pretrain.data import set_loader_epoch
 from pretrain.photo_arrays import files_key
@@ -342,4 +342,30 @@ def register_model(spec: RunSpec, model: DescriptorModel, card: ModelCard, weigh
     else:
         copy_file(weights, target)
         copy_file(sidecar_path(weights), sidecar_path(target))
+    record_source(spec, target)
     return register(card.model_copy(update={"weights": str(target.resolve())}), registry)
+
+
+SOURCE = "run_dir"  # sidecar meta key of registered weights: the run folder that registered them
+VERIFIER_SIDECAR = "copydet.verifier-meta/1"  # a registered verifier's sidecar: meta only
+
+
+def record_source(spec: RunSpec, weights: Path) -> None:
+    """Write the run folder into the sidecar meta of the registered ``weights`` (a verifier's gets
+    a meta-only sidecar): a fan-out can then tell a card registered from its own run folder,
+    deleted since, from one another output folder registered (:func:`registered_from`)."""
+    side = sidecar_path(weights)
+    sidecar = json.loads(side.read_text()) if side.is_file() else {"format": VERIFIER_SIDECAR}
+    sidecar.setdefault("meta", {})[SOURCE] = os.path.abspath(spec.run_dir)
+    write_text(side, json.dumps(sidecar, indent=2) + "\n")
+
+
+def registered_from(spec: RunSpec) -> str | None:
+    """The run folder that registered the card of ``spec.name``, as its weights' sidecar records it
+    (None: no record, e.g. a card registered before runs recorded it, or imported)."""
+    try:
+        weights = load_card(spec.name, spec.registry).weights
+        meta = json.loads(sidecar_path(weights).read_text()).get("meta") if weights else None
+    except (RegistryError, OSError, ValueError, AttributeError):  # no card, no sidecar, not JSON, not an object
+        return None
+    return meta.get(SOURCE) if isinstance(meta, dict) else None

@@ -6,13 +6,15 @@ Ray tasks: with ``launcher: trainer`` each task fits its own ``TorchTrainer`` (t
 no CPU; the trainer's workers wait for theirs, so Ray runs as many at once as resources
 allow), with ``launcher: inline`` each task runs the loop in its own process on
 ``cpus_per_worker`` CPUs. A run whose model card already exists is skipped (so a fan-out
-resumes) unless its run folder pins other settings, or trained fewer epochs than the config asks
-(then it resumes), and a failed run is reported while the others go on.
+resumes) unless another run folder registered the card (it fails), its run folder pins other
+settings (it fails), or trained fewer epochs than the config asks (then it resumes), and a failed
+run is reported while the others go on.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -22,7 +24,8 @@ import torch
 from core.models.backbones import build_backbone
 from core.models.cards import ModelCard, RegistryError
 from core.models.registry import CARD_SUFFIX, card_for_model, load_card, resolve_model
-from pretrain.train.common import PIN, asked_epochs, pin_changes, pinned_settings, trained_epochs
+from pretrain.train.common import (PIN, asked_epochs, pin_changes, pinned_settings, registered_from,
+                                   trained_epochs)
 from pretrain.train_config import RaySection, RunSpec, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -118,26 +121,43 @@ def plan_verifier(cfg: TrainConfig) -> list[RunSpec]:
 
 
 def is_registered(spec: RunSpec) -> bool:
-    return (Path(spec.registry) / f"{spec.name}{CARD_SUFFIX}").is_file()
+    return _card_file(spec).is_file()
 
 
 def finished(spec: RunSpec) -> Outcome | None:
-    """A registered run: skipped, or failed when its run folder was trained with other settings
-    (the config changed since: skipping it would leave the old model under the new config);
-    None when the config asks for more epochs than its folder trained (it resumes, and registers again).
-    A run whose folder is gone is skipped with a note: neither can be checked."""
-    if not (Path(spec.run_dir) / PIN).is_file():
+    """A registered run: skipped, or failed when its card came from another run folder (or cannot be
+    tied to this one) or its run folder was trained with other settings (the config changed since:
+    skipping it would leave the old model under the new config); None when the config asks for more
+    epochs than its folder trained (it resumes, and registers again). A run whose own folder is gone
+    is skipped with a note: its settings and epochs cannot be checked."""
+    source, here = registered_from(spec), os.path.abspath(spec.run_dir)
+    pinned = (Path(spec.run_dir) / PIN).is_file()
+    if source != here and (source is not None or not pinned):  # a card without the record: its folder ties it
+        return Outcome(spec.name, "failed", error=_not_from_here(spec, source))
+    if not pinned:
         return Outcome(spec.name, "skipped", note=f"registered, but its run folder {spec.run_dir} is gone: settings "
                        "and epochs not checked (delete the card to train it again)")
     changed = pin_changes(spec, {"settings": pinned_settings(spec)})
     if changed:
         return Outcome(spec.name, "failed", error=f"registered from other settings ({'; '.join(changed[:5])}); "
-                       f"delete {Path(spec.registry) / (spec.name + CARD_SUFFIX)} and its run folder to train it again")
+                       f"delete {_card_file(spec)} and its run folder to train it again")
     trained, asked = trained_epochs(spec), asked_epochs(spec)
     if trained is not None and trained < asked:
         log.info("[fan-out] %s: registered after %d epoch(s), %d asked: resuming", spec.name, trained, asked)
         return None
     return Outcome(spec.name, "skipped")
+
+
+def _card_file(spec: RunSpec) -> Path:
+    return Path(spec.registry) / f"{spec.name}{CARD_SUFFIX}"
+
+
+def _not_from_here(spec: RunSpec, source: str | None) -> str:
+    """Why a card another run folder registered (``source``; None: unrecorded) is not this run's."""
+    origin = (f"registered from run folder {source}, not from {spec.run_dir}" if source else
+              f"records no run folder, and {spec.run_dir} is not there to tie it to this run")
+    return (f"{_card_file(spec)}: {origin}, so it may hold other settings or epochs; set another `registry:` or "
+            "`name:`, or delete the card to train it here")
 
 
 def _task(spec: RunSpec, ray_cfg: RaySection) -> dict[str, Any]:

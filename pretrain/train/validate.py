@@ -24,7 +24,7 @@ from core.knn import knn
 from core.metrics import Metrics, evaluate
 from core.models.backbones import DescriptorModel
 from core.models.preprocess import Preprocess
-from pretrain.photos import PhotoFiles, usable
+from pretrain.photos import PhotoFiles, load_usable, usable
 from pretrain.recipes import OpContext, Recipe, RecipeError
 
 FULL_INTENSITY_EPOCH = 10**6  # past any schedule's ramp
@@ -67,7 +67,7 @@ def make_validation_set(
         for image_id, path in files:
             try:
                 full = usable(load_rgb(path), path) if is_reference else None
-                small = usable(load_rgb(path, max_side), path)
+                small = load_usable(path, max_side)
                 copy = recipe(small, seed=VALIDATION_SEED, key=image_id, epoch=FULL_INTENSITY_EPOCH, ctx=ctx)
             except (ImageDecodeError, RecipeError) as e:
                 log.warning("skipping validation image %s: %s", path, e)

@@ -32,7 +32,8 @@ from pretrain.photo_arrays import files_key, photo_array
 from pretrain.photos import LazyPhotos, PhotoFiles
 from pretrain.recipes import get_recipe
 from pretrain.train.common import (best_file, check_photos, drop_other_bests, epochs, log_event, mean_loss,
-                                    run_photos, split_photos, start_or_resume, steps_of, unregister, unwrap)
+                                    record_source, run_photos, split_photos, start_or_resume, steps_of, unregister,
+                                    unwrap)
 from pretrain.train.session import LocalSession, RaySession, Session
 from pretrain.train.state import write_resume_state
 from pretrain.train_config import RunSpec
@@ -177,6 +178,7 @@ def _register(spec: RunSpec, arch: VerifierSpec, net: nn.Module, train_time: flo
         save_verifier(net, target)
     else:
         copy_file(best_file(spec, BEST, best), target)
+    record_source(spec, target)
     register(_card(spec, arch, str(target.resolve()), train_time, best), spec.registry)
     log_event(spec, 0, {"event": "registered", "name": spec.name, **(best or {})})
 
