@@ -90,6 +90,14 @@ def test_ground_truth_comes_from_the_saved_config(run_dir, capsys):
     assert main(["report"]) == 2 and main(["report", str(run_dir), "--out", str(run_dir)]) == 2
 
 
+def test_report_names_the_input_files_that_could_not_be_read(run_dir, tmp_path):
+    from core.contracts import ERRORS_SCHEMA
+    bad = [{"path": str(tmp_path / f"Q{i}.jpg"), "error": "not an image"} for i in (8, 9)]
+    write_table(pa.Table.from_pylist(bad, ERRORS_SCHEMA), run_dir / "errors.parquet" / "part-00000.parquet")
+    assert main(["report", str(run_dir), "--ground-truth", str(tmp_path / "gt.csv")]) == 0
+    assert f"2 input file(s) could not be read ({run_dir / 'errors.parquet'})" in (run_dir / "report.html").read_text()
+
+
 def test_report_without_ensemble_uses_the_last_member(run_dir):
     (run_dir / "predictions.csv").unlink()
     assert main(["report", str(run_dir), "--ground-truth", str(run_dir.parent / "gt.csv")]) == 0

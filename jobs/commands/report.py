@@ -78,7 +78,14 @@ def write_report(run_dir: str, ground_truth: str | None = None, meta: str | None
                             families=read_families(meta) if meta else None, k=k,
                             title=f"copydet report: {os.path.basename(run.root)}",
                             notes=[f"ground truth: {gt_path}",
-                                   *([f"no {run.predictions}: members only"] if preds is None else [])])
+                                   *([f"no {run.predictions}: members only"] if preds is None else []),
+                                   *filter(None, [unread_note(run)])])
+
+
+def unread_note(run: RunDir) -> str | None:
+    """``N input file(s) could not be read (RUN/errors.parquet)``, or None when every file read."""
+    n = read_table(run.errors).num_rows if exists(run.errors) else 0
+    return f"{n} input file(s) could not be read ({run.errors})" if n else None
 
 
 META_HELP = "query metadata CSV with columns query_id,transforms (';'-separated families)"

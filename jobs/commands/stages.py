@@ -8,7 +8,7 @@ import os
 from core.metrics import plot_pr, read_ground_truth
 from core.store import exists
 from jobs.commands.base import arg, command, config_from_args
-from jobs.commands.report import META_HELP, write_report
+from jobs.commands.report import META_HELP, unread_note, write_report
 from jobs.config import PipelineConfig
 from jobs.inputs import run_ground_truth
 from jobs.layout import RunDir
@@ -46,14 +46,16 @@ def config_with_folders(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     cfg = config_with_folders(args)
     metrics = run_pipeline(cfg, address=args.address)
+    unread = unread_note(RunDir(cfg.output))
     if metrics is None:
-        log.info(f"done: {cfg.output} (no ground truth: predictions only, {cfg.output}/predictions.csv)")
+        log.info(f"done: {cfg.output} (no ground truth: predictions only, {cfg.output}/predictions.csv)"
+                 + (f" | {unread}" if unread else ""))
         return 0
     report = None
     if args.report:
         report = write_report(cfg.output, cfg.data.ground_truth_path(), args.meta or root_meta(cfg))
     line = format_metrics(metrics, threshold_of(cfg, RunDir(cfg.output)))
-    log.info(f"done: {line}" + (f" | report: {report}" if report else ""))
+    log.info(f"done: {line}" + (f" | {unread}" if unread else "") + (f" | report: {report}" if report else ""))
     return 0
 
 
