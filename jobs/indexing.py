@@ -36,6 +36,7 @@ from jobs.layout import RunDir, shard_names
 from jobs.lock import locked
 from jobs.pipeline import run_stages
 from jobs.stages.extract import key_specs
+from jobs.stages.fuse import final_kind
 from jobs.stages.reduce import derive
 from jobs.threshold import recorded
 from patchers.embed import ImageEmbedder
@@ -85,17 +86,24 @@ def served_threshold(cfg: PipelineConfig, run: RunDir) -> PipelineConfig:
     if not cfg.decoys():
         return cfg
     record = recorded(run)
-    scores = "verified" if cfg.verify.enabled else "fused"
+    scores = final_kind(cfg)
     if record.get("threshold") is None or record.get("scores") != scores:
-        why = (f"its estimate is on {record['scores']} scores" if record.get("scores") not in (None, scores)
-               else f"no score of its predictions reaches an estimated precision of {record['target']:g}"
-               if "target" in record else "an index built from folders has no queries to make one")
-        log.warning(f"index: fuse.threshold auto, but {run.root} has no estimate on {scores} scores ({why}); "
+        log.warning(f"index: fuse.threshold auto, but {run.root} has no estimate on {scores} scores "
+                    f"({_no_estimate(record, scores)}); "
                     f"the service's is_copy uses serve.threshold ({cfg.serve.threshold})")
         return cfg
     log.info(f"index: fuse.threshold auto -> {record['threshold']:.4f}, estimated by the run at precision "
              f"{record.get('target')} ({run.threshold})")
     return cfg.model_copy(update={"fuse": cfg.fuse.model_copy(update={"threshold": float(record["threshold"])})})
+
+
+def _no_estimate(record: dict, scores: str) -> str:
+    """Why ``threshold.json``'s ``record`` gives no threshold on ``scores``."""
+    if record.get("scores") not in (None, scores):
+        return f"its estimate is on {record['scores']} scores"
+    if "target" in record:
+        return f"no score of its predictions reaches an estimated precision of {record['target']:g}"
+    return "an index built from folders has no queries to make one"
 
 
 def build_from_run(run_dir: str, root: str, cfg: PipelineConfig | None = None) -> str:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.exceptions import RayServeException
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.imageio import ImageDecodeError, decode_rgb, load_rgb
 from ensemble.index.layout import IndexDir, IndexFolderError

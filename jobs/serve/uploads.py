@@ -87,7 +87,8 @@ async def read_images(request: Request, limit: int) -> list[tuple[bytes | BadReq
     out: list[tuple[bytes | BadRequest, str]] = []
     for i, (_, upload) in enumerate(files):
         try:
-            out.append((await _read(upload, limit), upload.filename or f"image{i}"))
+            data: bytes | BadRequest = await _read(upload, limit)
         except BadRequest as e:
-            out.append((e, upload.filename or f"image{i}"))
+            data = e
+        out.append((data, upload.filename or f"image{i}"))
     return out
