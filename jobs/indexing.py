@@ -187,7 +187,7 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
     parent, cfg = index_config(root, None, overrides)
     meta = versions.read_manifest(idx.path(parent))
     known = versions.live_images(idx.path(parent), meta)
-    live = dict(zip(known.column("image_id").to_pylist(), known.column("sha256").to_pylist()))
+    live = {i: (p, h) for i, p, h in zip(*(known.column(c).to_pylist() for c in ("image_id", "path", "sha256")))}
     removed = set(versions.removed_table(idx.path(parent)).column("image_id").to_pylist())
     scan = scan_images(os.path.abspath(folder))  # the service opens them from its own folder
     check_unique_ids(scan, folder, "index add")
@@ -224,14 +224,15 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
     return name, len(rows), [f["error"] for f in failed]
 
 
-def warn_skipped(skipped: list[tuple[str, str]], live: dict[str, str], folder: str) -> None:
+def warn_skipped(skipped: list[tuple[str, str]], live: dict[str, tuple[str, str]], folder: str) -> None:
     """Name the ``(id, path)`` already live, and warn of those whose file is another picture than
-    the indexed one (``live``: id -> its SHA-256): an add never replaces a reference."""
+    the indexed one (``live``: id -> its path and SHA-256): an add never replaces a reference. Only
+    files elsewhere than the indexed one are hashed: re-adding the indexed folder reads no bytes."""
     if not skipped:
         return
     log.info(f"index add: {len(skipped)} image(s) of {folder} are already in the index; skipped: "
              f"{some_of([i for i, _ in skipped])}")
-    other = [i for i, p in skipped if sha256_file(p) != live[i]]
+    other = [i for i, p in skipped if p != live[i][0] and sha256_file(p) != live[i][1]]
     if other:
         log.warning(f"index add: {len(other)} of them are other pictures than the indexed ones, which are kept: "
                     f"{some_of(other)}; to replace one, `copydet index remove` it, `compact`, then add it")
