@@ -24,7 +24,9 @@ from core.knn import index_kind
 from core.models.cards import ModelCard, RegistryError
 from core.models.encoders import build_encoder
 from core.models.registry import repooled, resolve_model
-from jobs.config import PipelineConfig, SearchConfig
+from jobs.config import ModelEntry, PipelineConfig, SearchConfig
+from jobs.inputs import InputError, split_folders
+from jobs.preflight import resolved_each
 from patchers.views import ViewConfig, plan_views
 
 SIDES = {"query": "query", "reference": "reference", "train": "train"}  # split -> patches.<side>
@@ -76,15 +78,21 @@ def count_images(folder: str | None) -> int:
 
 
 def split_counts(cfg: PipelineConfig, images: int | None = None, **given: int | None) -> dict[str, int]:
-    """Images per split: ``given`` (references=, queries=, train=), else ``images``, else the folders."""
-    folders = cfg.data.folders()
+    """Images per split: ``given`` (references=, queries=, train=), else ``images``, else the folders.
+    A configured folder that does not exist, or references or queries counted as none, is an
+    :class:`InputError`: an all-zero plan would read as "costs nothing"."""
     names = {"reference": "references", "query": "queries", "train": "train"}
+    counted = [s for s, arg in names.items() if given.get(arg) is None and images is None]
+    folders = split_folders(cfg.data) if counted else {}
     out = {}
     for split, arg in names.items():
         n = given.get(arg)
         out[split] = n if n is not None else images if images is not None else count_images(folders.get(split))
         if cfg.data.limit:
             out[split] = min(out[split], cfg.data.limit)
+        if split in counted and split != "train" and out[split] == 0:
+            where = folders.get(split, "no folder configured")
+            raise InputError(f"data.{arg}: no images to plan for ({where}); give --{arg} N or --images N")
     return out
 
 
@@ -102,16 +110,17 @@ def index_bytes(rows: int, dim: int, cfg: SearchConfig) -> tuple[int, int, str]:
 
 def model_cards(cfg: PipelineConfig, planned: Mapping[str, ModelCard] = {}) -> dict[str, ModelCard]:
     """The card of every model entry: registered (or a backbone / checkpoint), else a model that a
-    training config will register (``planned``, see :func:`pretrain.train.fanout.planned_cards`)."""
-    out = {}
-    for m in cfg.models:
+    training config will register (``planned``, see :func:`pretrain.train.fanout.planned_cards`).
+    Every name that resolves to neither is named in one error, with what makes it."""
+    def card(m: ModelEntry) -> ModelCard:
         try:
-            out[m.name] = resolve_model(m.name, cfg.registry, dim=m.dim, pool=m.pool)
+            return resolve_model(m.name, cfg.registry, dim=m.dim, pool=m.pool)
         except RegistryError:
             if m.name not in planned:
                 raise
-            out[m.name] = repooled(planned[m.name], m.pool) if m.pool else planned[m.name]
-    return out
+            return repooled(planned[m.name], m.pool) if m.pool else planned[m.name]
+    cards = resolved_each([(f"models.{i}.name", m.name, lambda m=m: card(m)) for i, m in enumerate(cfg.models)])
+    return {m.name: c for m, c in zip(cfg.models, cards)}
 
 
 def measure(cfg: PipelineConfig, cards: Mapping[str, ModelCard], batch: int = 2) -> Throughput:
@@ -140,12 +149,15 @@ def measure(cfg: PipelineConfig, cards: Mapping[str, ModelCard], batch: int = 2)
 
 
 def read_bench(path: str) -> Throughput:
-    raw = json.loads(Path(path).read_text())
     try:
+        raw = json.loads(Path(path).read_text())
         return Throughput(raw.get("device", path), {k: float(v) for k, v in raw["images_per_s"].items()},
                           float(raw["search_pairs_per_s"]))
-    except (KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{path}: bench JSON needs images_per_s {{key: rate}} and search_pairs_per_s ({e})")
+    except OSError as e:
+        raise ValueError(f"--throughput {path}: cannot read it ({e.strerror or e})") from None
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"--throughput {path}: not a bench JSON with images_per_s {{key: rate}} and "
+                         f"search_pairs_per_s ({type(e).__name__}: {e})") from None
 
 
 def throughputs(cfg: PipelineConfig, cards: Mapping[str, ModelCard], bench: str | None = None) -> Throughput:

@@ -31,6 +31,7 @@ from jobs.stages.patch import patch_settings, resolve_detector, side_views
 from jobs.stages.reduce import reduce_settings
 from jobs.stages.search import decoy_settings, search_settings
 from jobs.stages.verify import verify_settings
+from patchers.plan import DetectorSpec
 from pretrain.train.fanout import byol_name, finetune_name, verifier_name
 from pretrain.train_config import load_train_config
 
@@ -103,20 +104,26 @@ def resolved_each(items: Sequence[tuple[str, str | None, Callable[[], T]]]) -> l
     return out
 
 
+def detector_checks(cfg: PipelineConfig) -> list[tuple[str, str | None, Callable[[], DetectorSpec | None]]]:
+    """``(what, name, resolve)`` of each side's detector, in :func:`side_views` order, for :func:`resolved_each`."""
+    return [(f"patches.{side}.detector", views.detector,
+             lambda views=views: resolve_detector(views.detector, cfg.registry))
+            for side, views in side_views(cfg).items()]
+
+
 def check_stage_settings(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]) -> None:
     """Resolve the models and detectors the stages use and refuse settings their folders did not record."""
     if "manifest" in stages:
         check_settings(run.manifest, manifest_settings(cfg), "manifest")
     # every detector and model of the run first, so one line names all that a fresh clone lacks
-    sides = side_views(cfg) if "patch" in stages else {}
+    sides = detector_checks(cfg) if "patch" in stages else []
     members = [cfg.model_copy(update={"models": [entry]}) for entry in cfg.models] if "extract" in stages else []
     found = resolved_each([
-        *((f"patches.{side}.detector", views.detector,
-           lambda views=views: resolve_detector(views.detector, cfg.registry)) for side, views in sides.items()),
+        *sides,
         *((f"models.{i}.name", one.models[0].name, lambda one=one: checked_keys(one, run))
           for i, one in enumerate(members))])
     if "patch" in stages:
-        check_settings(run.patches, patch_settings(cfg, dict(zip(sides, found[:len(sides)]))), "patch")
+        check_settings(run.patches, patch_settings(cfg, dict(zip(side_views(cfg), found[:len(sides)]))), "patch")
     if "extract" in stages:
         keys = [key for member in found[len(sides):] for key in member]
         for (entry, _, _), key in zip(cfg.model_keys(), keys):

@@ -78,8 +78,35 @@ def test_plan_command_reads_a_bench_file(tiny_dataset, tmp_path, capsys):
     assert main(["plan", *sets, "--references", "36000", "--throughput", str(bench), "--gpus", "1"]) == 0
     out = capsys.readouterr().out
     assert "A100" in out and "180,000" in out   # 36,000 references x 5 patches
-    bench.write_text("{}")
-    assert main(["plan", *sets, "--throughput", str(bench)]) == 2
+    for text in ("{}", '{"images_per_s": 3}', '{"x": 1'):
+        bench.write_text(text)
+        assert main(["plan", *sets, "--throughput", str(bench)]) == 2
+        assert f"--throughput {bench}: not a bench JSON" in capsys.readouterr().err
+    assert main(["plan", *sets, "--throughput", str(tmp_path / "none.json")]) == 2
+    assert "none.json: cannot read it" in capsys.readouterr().err
+
+
+def test_plan_refuses_what_the_stages_would_refuse(tiny_dataset, tmp_path, capsys):
+    """A missing folder, no references, an unregistered detector: an error naming the key, not a
+    plan of zeros or a plan the run could never follow."""
+    def err(*sets: str) -> str:
+        assert main(["plan", *sum((["--set", s] for s in [*SETS, *sets]), [])]) == 2
+        return capsys.readouterr().err
+    assert "data.root: /nonexistent is not a folder" in err("data.root=/nonexistent")
+    assert "data.references: no images to plan for" in err(f"data.queries={tiny_dataset}/queries")
+    assert "data.references: no images to plan for" in err(f"data.root={tmp_path}")
+    detector = err(f"data.root={tiny_dataset}", f"registry={tmp_path}", "patches.query.detector=nodet")
+    assert "patches.query.detector: no model 'nodet'" in detector
+    assert "models.0.name: cannot resolve model 'nosuch'" in err(f"data.root={tiny_dataset}", "models=[{name: nosuch}]")
+    # given counts need no folder
+    assert main(["plan", *sum((["--set", s] for s in [*SETS, "data.root=/nonexistent"]), []),
+                 "--images", "10", "--throughput", str(_bench(tmp_path))]) == 0
+
+
+def _bench(tmp_path) -> str:
+    path = tmp_path / "tp.json"
+    path.write_text(json.dumps({"images_per_s": {"tiny_cnn@64": 1.0, "tiny_cnn@96": 1.0}, "search_pairs_per_s": 1.0}))
+    return str(path)
 
 
 @pytest.mark.parametrize("sets, kind", [

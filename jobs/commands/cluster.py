@@ -66,9 +66,11 @@ def stop(args: argparse.Namespace) -> None:
              help="training config whose models are not registered yet (sized from their architecture)"))
 def plan(args: argparse.Namespace) -> None:
     from jobs.plan import build_plan, format_plan, model_cards, split_counts, throughputs
+    from jobs.preflight import detector_checks, resolved_each
     from pretrain.train.fanout import planned_cards
     from pretrain.train_config import load_train_config
     cfg = config_from_args(args)
+    resolved_each(detector_checks(cfg))  # the patch stage would stop on a missing detector
     counts = split_counts(cfg, images=args.images, references=args.references, queries=args.queries,
                           train=args.train)
     cards = model_cards(cfg, planned_cards(load_train_config(args.models_from)) if args.models_from else {})
