@@ -19,9 +19,20 @@ def settings_changes(folder: str, settings: dict[str, Any]) -> list[str] | None:
     old = read_settings(folder)
     if old is None:
         return None
-    new = json.loads(json.dumps(settings, sort_keys=True, default=str))
+    old, new = flat(old), flat(json.loads(json.dumps(settings, sort_keys=True, default=str)))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
             if old.get(k) != new.get(k)]
+
+
+def flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as dotted keys, so a change names the one key (``query.flip``) and not the section."""
+    out: dict[str, Any] = {}
+    for k, v in settings.items():
+        if isinstance(v, dict) and v:
+            out.update(flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 NEW_FOLDER = "run into a new folder (--out)"

@@ -14,9 +14,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigModel(BaseModel):
+    """Base of every config section: an unknown key, or a value of another type (``k: true`` or
+    ``k: 2.5`` for an integer, ``name: 7`` for a string), is an error rather than a coercion."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ConfigError(ValueError):

@@ -9,6 +9,7 @@ so a lost shard stops the run, named, instead of dropping images from the result
 """
 from __future__ import annotations
 
+from collections.abc import Collection
 from functools import lru_cache
 
 from core.contracts import shard_split
@@ -79,10 +80,11 @@ def require_manifest(run: RunDir, stage: str) -> None:
     require_complete(run.manifest, manifest_shards(run), stage, "manifest")
 
 
-def require_features(cfg: PipelineConfig, run: RunDir, key: str, stage: str) -> list[str]:
-    """Check ``features/<key>/`` and return its expected files."""
+def require_features(cfg: PipelineConfig, run: RunDir, key: str, stage: str,
+                     splits: Collection[str] | None = None) -> list[str]:
+    """Check ``features/<key>/`` (the files of ``splits`` only, when given) and return its expected files."""
     producer = "reduce" if cfg.reduce.active and key not in {k for _, _, k in cfg.model_keys()} else "extract"
-    expected = feature_files(cfg, run, key, stage)
+    expected = [n for n in feature_files(cfg, run, key, stage) if splits is None or shard_split(n) in splits]
     require_complete(run.features(key), expected, stage, producer)
     return expected
 

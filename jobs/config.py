@@ -9,11 +9,12 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from core.knn import IndexSpec
 from core.yamlconf import (
     ConfigError,
+    ConfigModel,
     apply_overrides,
     parse_overrides,
     read_yaml,
@@ -30,11 +31,7 @@ DEFAULT_SAMPLE = Path(__file__).resolve().parent.parent / "bench" / "sample"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "smoke.yaml"
 
 
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class DataConfig(Strict):
+class DataConfig(ConfigModel):
     """Where the images are: an ISC21-layout ``root`` and/or explicit folders."""
 
     root: str | None = Field(None, description="folder with train/, references/, queries/, ground_truth.csv")
@@ -64,19 +61,19 @@ class DataConfig(Strict):
         return None
 
 
-class RayConfig(Strict):
+class RayConfig(ConfigModel):
     address: str | None = Field(None, description="cluster address; None starts a local Ray")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (default: all)")
 
 
-class PatchSides(Strict):
+class PatchSides(ConfigModel):
     query: ViewConfig = ViewConfig()
     reference: ViewConfig = ViewConfig()
     train: ViewConfig = ViewConfig()
     shard_size: int = Field(1000, ge=1, description="images per manifest/patch shard")
 
 
-class ModelEntry(Strict):
+class ModelEntry(ConfigModel):
     name: str = Field(description="registry name, backbone name or checkpoint path")
     scales: list[int] = Field([224], min_length=1)
     dim: int | None = Field(None, ge=8, description="projection size for random-init backbones")
@@ -94,7 +91,7 @@ class ModelEntry(Strict):
         return self
 
 
-class ExtractConfig(Strict):
+class ExtractConfig(ConfigModel):
     min_actors: int = Field(1, ge=1, description="model actors kept up; the pool grows to max_actors under load")
     max_actors: int | None = Field(None, ge=1, description="None: one per GPU the cluster can have "
                                    "(its autoscaler's node types included), else 1 on the CPU")
@@ -112,13 +109,13 @@ class ExtractConfig(Strict):
                                "default retries it forever)")
 
 
-class NormalizeConfig(Strict):
+class NormalizeConfig(ConfigModel):
     enabled: bool = False
     beta: float = Field(1.0, ge=0)
     neighbours: int = Field(1, ge=1, description="mean of this many nearest train descriptors")
 
 
-class ReduceConfig(Strict):
+class ReduceConfig(ConfigModel):
     """Derived descriptors fit on train/: PCA/whitening, stretching, member concatenation."""
 
     dim: int | None = Field(None, ge=2, description="PCA output size (None: no PCA)")
@@ -139,7 +136,7 @@ class ReduceConfig(Strict):
         return "~".join(parts)
 
 
-class SearchConfig(Strict):
+class SearchConfig(ConfigModel):
     k: int = Field(10, ge=1, description="reference patches kept per query patch")
     pairs: Literal["all", "d2lv"] = Field(
         "all", description="all: every query patch x every reference patch; d2lv: the whole query x every "
@@ -167,7 +164,7 @@ class SearchConfig(Strict):
                          ef_search=self.ef_search)
 
 
-class FuseConfig(Strict):
+class FuseConfig(ConfigModel):
     rule: Literal["max", "mean", "confidence", "completeness"] = Field(
         "max", description="max over members; mean over members; or the max filtered by per-member thresholds")
     thresholds: dict[str, float] = {}
@@ -198,7 +195,7 @@ class FuseConfig(Strict):
         return self
 
 
-class LearnedVerifyConfig(Strict):
+class LearnedVerifyConfig(ConfigModel):
     """copydet's learned verifier (``copydet train-verifier``): its P(copy) adds a bonus. The
     defaults (and ``combine: max``) are the best rule on a synthetic split of train/ photos
     (``bench/verify_rule.py``)."""
@@ -208,7 +205,7 @@ class LearnedVerifyConfig(Strict):
     weight: float = Field(0.25, ge=0, description="bonus at P(copy) = 1, linear from the floor")
 
 
-class VerifyConfig(Strict):
+class VerifyConfig(ConfigModel):
     """Verification of each query's best candidates: keypoint inliers and/or the learned
     verifier's P(copy) add a bonus to the fused score (methods: jobs.stages.verify.METHODS)."""
 
@@ -238,7 +235,7 @@ class VerifyConfig(Strict):
     combine: Literal["max", "sum"] = Field("max", description="learned+<keypoints>: how the two bonuses combine")
 
 
-class IndexConfig(Strict):
+class IndexConfig(ConfigModel):
     """The living reference index (``copydet index``)."""
 
     chunk_images: int = Field(64, ge=1, description="images embedded and written per step of `index add`")
@@ -246,7 +243,7 @@ class IndexConfig(Strict):
                               "into one, so that a request searches few shards (below 2: never merges)")
 
 
-class ServeConfig(Strict):
+class ServeConfig(ConfigModel):
     """The query service (``copydet serve``): replicas, batching and request limits."""
 
     host: str = "127.0.0.1"
@@ -267,7 +264,7 @@ class ServeConfig(Strict):
     thumbnail_side: int = Field(256, ge=16, description="reference thumbnails on the match page")
 
 
-class PipelineConfig(Strict):
+class PipelineConfig(ConfigModel):
     name: str = "run"
     output: str = Field("runs/run", description="run folder (local path or pyarrow URI)")
     registry: str | None = Field(None, description="model registry folder (default: $COPYDET_REGISTRY or models/)")

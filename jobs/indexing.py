@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
-from core.contracts import ERRORS_SCHEMA
+from core.contracts import ERRORS_SCHEMA, shard_split
 from core.imageio import ImageDecodeError, load_rgb, scan_images, sha256_file
 from core.models.cards import ModelCard
 from core.models.registry import load_card, resolve_model
@@ -30,7 +30,8 @@ from ensemble.index import versions
 from ensemble.index.layout import IndexDir
 from ensemble.index.reader import read_cards, read_config
 from ensemble.reduce import load_pca
-from jobs.config import DataConfig, PipelineConfig, validate
+from jobs.completeness import require_features, require_manifest
+from jobs.config import DataConfig, PipelineConfig, load_config, validate
 from jobs.inputs import InputError, check_unique_ids, some_of
 from jobs.layout import RunDir, shard_names
 from jobs.lock import locked
@@ -53,13 +54,18 @@ def config_yaml(cfg: PipelineConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
 
 
-def index_config(root: str, version: str | None = None, overrides: Sequence[str] = ()) -> tuple[str, PipelineConfig]:
-    """``(version, config)`` an index was built with, plus ``overrides`` (``serve.*``, ``index.*`` and
-    ``ray.*`` only: everything else decides the answers and is fixed when the index is built)."""
+def check_mutable(overrides: Sequence[str], kept: str, rebuild: str) -> None:
+    """Refuse overrides outside ``serve.*``, ``index.*`` and ``ray.*``: the others decide the
+    answers, so they are fixed by what made the features (``kept``)."""
     fixed = [o for o in overrides if not o.split("=", 1)[0].startswith(MUTABLE)]
     if fixed:
-        raise ValueError(f"{fixed}: an index keeps the settings it was built with; only "
-                         f"{', '.join(m + '*' for m in MUTABLE)} can be changed here (rebuild for the others)")
+        raise ValueError(f"{fixed}: {kept}; only {', '.join(m + '*' for m in MUTABLE)} can be changed here "
+                         f"({rebuild} for the others)")
+
+
+def index_config(root: str, version: str | None = None, overrides: Sequence[str] = ()) -> tuple[str, PipelineConfig]:
+    """``(version, config)`` an index was built with, plus ``overrides`` (:func:`check_mutable`)."""
+    check_mutable(overrides, "an index keeps the settings it was built with", "rebuild")
     version, text = read_config(root, version)
     return version, validate(apply_overrides(yaml.safe_load(text), list(overrides)),
                              f"{root}/versions/{version}/config.yaml")
@@ -106,6 +112,14 @@ def _no_estimate(record: dict, scores: str) -> str:
     return "an index built from folders has no queries to make one"
 
 
+def run_config(run_dir: str, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """The config ``run_dir`` was made with, plus ``overrides`` (:func:`check_mutable`): its
+    features, scores and threshold estimate hold for that config only."""
+    check_mutable(overrides, f"an index built from {run_dir} answers as the run did",
+                  "run the pipeline again with them, or build from folders")
+    return load_config(Path(run_dir) / "config.yaml", list(overrides))
+
+
 def build_from_run(run_dir: str, root: str, cfg: PipelineConfig | None = None) -> str:
     """Publish a finished run's reference (and train) features as a new version of ``root``,
     holding the run folder's lock (a run still writing there would publish a mix of shards)."""
@@ -115,14 +129,18 @@ def build_from_run(run_dir: str, root: str, cfg: PipelineConfig | None = None) -
 
 
 def _publish_run(run: RunDir, root: str, cfg: PipelineConfig | None) -> str:
+    """Publish ``run``'s reference (and train) features, refusing a run whose features are not all
+    there: an index missing a shard would never answer with its references."""
     cfg = served_threshold(cfg or validate(yaml.safe_load(Path(run.config).read_text()), run.config), run)
+    require_manifest(run, "index build")
+    splits = ("reference", "train") if needs_train(cfg) else ("reference",)
     keys = {}
     for key in cfg.search_keys():
+        files = [join(run.features(key), n) for n in require_features(cfg, run, key, "index build", splits)]
         pca = join(run.root, "reduce", f"{key}.safetensors")
         keys[key] = versions.KeySource(
-            references=[join(run.features(key), n) for n in shard_names(run.features(key), "reference")],
-            train=[join(run.features(key), n) for n in shard_names(run.features(key), "train")]
-            if needs_train(cfg) else (),
+            references=[f for f in files if shard_split(f) == "reference"],
+            train=[f for f in files if shard_split(f) == "train"],
             pca=pca if cfg.reduce.dim and exists(pca) else None)
     manifest = read_table(run.manifest)
     refs = manifest.filter(pc.equal(manifest.column("split"), "reference"))

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import reduce
 from typing import Any
 
 import pyarrow as pa
@@ -237,16 +238,24 @@ def write_tuned_config(source: str, overrides: Sequence[str], values: Mapping[st
 
 
 def provenance(source: str, split: Split, result: TuneResult, overrides: Sequence[str],
-               threshold: Threshold | None = None) -> list[str]:
-    """The comment header of a tuned config: where it came from and what it scored."""
+               threshold: Threshold | None = None, given: PipelineConfig | None = None) -> list[str]:
+    """The comment header of a tuned config: where it came from, what it scored, whether the tuned
+    setting was adopted, and the keys written (those equal to ``given``'s marked unchanged)."""
     lines = [f"Tuned by `copydet tune` from {source} on {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}.",
              f"Validation split ({split.description}); the evaluation queries and ground truth were not used."]
     if overrides:
         lines.append("Overrides: " + " ".join(overrides))
-    given, tuned = result.held_out or (None, None)
-    keys = ", ".join(tuned_values(result, threshold)) or "none"
-    lines.append(f"Validation μAP: {_fmt(result.map_before)} (as given) -> {_fmt(result.map_after)} (tuned); "
-                 f"on queries held out of the tuning {_fmt(given)} -> {_fmt(tuned)}; tuned keys: {keys}")
+    held, tuned = result.held_out or (None, None)
+    held_out = f"on queries held out of the tuning {_fmt(held)} (as given) -> {_fmt(tuned)} (tuned)"
+    if result.adopted:
+        lines.append(f"Validation μAP: {_fmt(result.map_before)} (as given) -> {_fmt(result.map_after)} (tuned, "
+                     f"adopted); {held_out}")
+    else:
+        lines.append(f"Validation μAP: {_fmt(result.map_before)} with the given setting, kept (the tuned one: "
+                     f"{_fmt(result.map_after)} on the split; {held_out})")
+    values = tuned_values(result, threshold)
+    same = {k for k, v in values.items() if given is not None and reduce(getattr, k.split("."), given) == v}
+    lines.append("keys set: " + (", ".join(k + " (unchanged)" * (k in same) for k in values) or "none"))
     if threshold is not None:
         lines.append(format_threshold(threshold))
     return lines

@@ -12,7 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
+
+from core.yamlconf import ConfigModel
 
 Box = tuple[float, float, float, float]
 FULL: Box = (0.0, 0.0, 1.0, 1.0)
@@ -28,10 +30,8 @@ class View:
     score: float = 1.0
 
 
-class ViewConfig(BaseModel):
+class ViewConfig(ConfigModel):
     """Which views to cut from each image of one side (queries, references or train)."""
-
-    model_config = ConfigDict(extra="forbid")
 
     preset: str | None = Field(None, description="start from a named preset (PRESETS), then apply the keys given")
     rotations: list[Literal[90, 180, 270]] = []
@@ -82,14 +82,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     # FINDINGS.md: crop views carry most of the gain; rotations/flips are opt-in.
     "crops": {"center_crops": [0.7, 0.5], "corner_crops": [0.6]},
     # queries: full, 3 rotations, flip, 5 centre crops (10 patches)
-    "fast": {"rotations": [90, 180, 270], "flip": True, "center_crops": FIVE_CENTRES},
+    "fast": {"rotations": [90, 180, 270], "flip": True, "center_crops": list(FIVE_CENTRES)},
     # references: full + 2x2 grid (5 patches)
     "ref_fast": {"grids": [2]},
     # queries: full, 3 rotations, 5 centre crops, then detections and up to 100 proposals
-    "d2lv": {"rotations": [90, 180, 270], "center_crops": FIVE_CENTRES, "proposals": 100,
+    "d2lv": {"rotations": [90, 180, 270], "center_crops": list(FIVE_CENTRES), "proposals": 100,
              "max_patches": 128},
     # references, 19 patches: full, 2x2, 3x3 and 5 nested (overlapping) centre tiles
-    "ref_d2lv": {"grids": [2, 3], "center_tiles": FIVE_CENTRES},
+    "ref_d2lv": {"grids": [2, 3], "center_tiles": list(FIVE_CENTRES)},
 }
 
 ViewFn = Callable[[ViewConfig], list[View]]

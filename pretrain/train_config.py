@@ -14,18 +14,14 @@ from __future__ import annotations
 import os
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from core.models.backbones import list_backbones
 from core.models.registry import default_registry_dir
 from core.models.verifier import VerifierSpec
-from core.yamlconf import ConfigError, load_as
+from core.yamlconf import ConfigError, ConfigModel, load_as
 
 TrainConfigError = ConfigError
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 def absolute(path: str) -> str:
@@ -34,7 +30,7 @@ def absolute(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
-class DataSection(Strict):
+class DataSection(ConfigModel):
     train: str = Field(description="folder of unlabeled training photos")
     limit: int | None = Field(None, ge=4, description="use at most this many photos (sorted by name)")
     val_photos: int = Field(0, ge=0, description="photos held aside as validation references")
@@ -44,7 +40,7 @@ class DataSection(Strict):
                                     "this do not decode or edit (they are replaced until then)")
 
 
-class RaySection(Strict):
+class RaySection(ConfigModel):
     address: str | None = Field(None, description="cluster address; None = local Ray")
     num_workers: int = Field(1, ge=1, description="Ray Train workers (DDP ranks) per run")
     use_gpu: bool = False
@@ -56,7 +52,7 @@ class RaySection(Strict):
     max_concurrent: int | None = Field(None, ge=1, description="fan-out runs in flight (None: all)")
 
 
-class ModelSection(Strict):
+class ModelSection(ConfigModel):
     dim: int | None = Field(256, ge=8, description="descriptor size (null: the pooled trunk features, no projection)")
     img_size: int = Field(224, ge=16, le=1024, description="training input side in pixels")
     img_size_for: dict[str, int] = Field({}, description="per-backbone input side, overrides img_size")
@@ -67,20 +63,20 @@ class ModelSection(Strict):
         return self.model_copy(update={"img_size": self.img_size_for.get(backbone, self.img_size), "img_size_for": {}})
 
 
-class PretrainSection(Strict):
+class PretrainSection(ConfigModel):
     epochs: int = Field(1, ge=1)
     batch_size: int = Field(32, ge=2, description="photos per step per worker (2 views each)")
     steps_per_epoch: int | None = Field(None, ge=1, description="cap the steps of an epoch")
     lr: float = Field(0.05, gt=0)
     weight_decay: float = Field(1e-6, ge=0)
-    momentum: tuple[float, float] = Field((0.99, 1.0), description="target EMA: start, end (cosine)")
+    momentum: tuple[float, float] = Field((0.99, 1.0), strict=False, description="target EMA: start, end (cosine)")
     proj_hidden: int = Field(4096, ge=8)
     proj_dim: int = Field(256, ge=8)
     pred_hidden: int = Field(4096, ge=8)
     recipe: str = Field("byol_views", description="recipe that makes the two views")
 
 
-class LossSection(Strict):
+class LossSection(ConfigModel):
     name: str = Field("arcface", description="a key of pretrain.losses.LOSSES")
     params: dict[str, Any] = Field({}, description="keyword arguments of the loss")
 
@@ -101,7 +97,7 @@ class LossSection(Strict):
         return self
 
 
-class FinetuneSection(Strict):
+class FinetuneSection(ConfigModel):
     init: str = Field("random", description="random | byol | registry name | checkpoint path")
     pool: str | None = Field(None, description="pooling while fine-tuning (default: model.pool); "
                              "a GeM variant reads the same trunk, e.g. gem_grid2 after a gem BYOL")
@@ -130,7 +126,7 @@ class VerifierSection(VerifierSpec):
     weight_decay: float = Field(1e-2, ge=0)
 
 
-class TrainConfig(Strict):
+class TrainConfig(ConfigModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="model-name prefix")
     output: str = Field("runs/train", description="run folders and Ray Train storage")
     registry: str | None = Field(None, description="model registry folder (default: $COPYDET_REGISTRY or ./models)")
@@ -188,7 +184,7 @@ class TrainConfig(Strict):
         return str(self.registry or default_registry_dir())
 
 
-class RunSpec(Strict):
+class RunSpec(ConfigModel):
     """One training run as plain data: what ``train_loop_per_worker`` receives."""
 
     kind: Literal["byol", "finetune", "verifier"]

@@ -15,6 +15,12 @@ def test_shipped_configs_validate(path):
     assert cfg.models and cfg.output
 
 
+def test_numbers_read_as_numbers_and_lists_as_the_tuples_they_fill():
+    assert load_config(None, ["fuse.threshold=1"]).fuse.threshold == 1.0  # an integer is a number
+    from pretrain.train_config import load_train_config
+    assert load_train_config(CONFIG_DIR / "train" / "tiny.yaml", ["pretrain.momentum=[0.9, 1]"]).pretrain.momentum == (0.9, 1.0)
+
+
 def test_smoke_defaults_to_the_bundled_sample():
     cfg = load_config(None)
     assert Path(cfg.data.root).name == "sample"
@@ -33,6 +39,10 @@ def test_smoke_defaults_to_the_bundled_sample():
     ("models.x.name=x", "--set models.x.name: 'x' is not a list index"),
     ("name.first=x", "--set name.first: cannot set 'first' inside a str value"),
     ("reduce.concat=true", "reduce.concat joins two or more members"),  # smoke has one: it would derive nothing
+    ("search.k=true", "search.k: Input should be a valid integer"),  # was read as 1: values are not coerced
+    ("search.k=2.5", "search.k: Input should be a valid integer"),
+    ("models.0.scales=[224, true]", "models.0.scales.1: Input should be a valid integer"),
+    ("patches.query.flip=1", "patches.query.flip: Input should be a valid boolean"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:

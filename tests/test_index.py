@@ -243,6 +243,32 @@ def test_killed_add_leaves_previous_version(built, tmp_path):
     assert indexing.add_folder(str(index), str(many))[:2] == ("v000002", 1) and not idx.stale()
 
 
+def test_a_run_is_published_whole_and_as_it_was_made(built, tmp_path, capsys):
+    """`index build --from-run` refuses a run missing a reference feature file (the index would
+    never answer with those references) and settings that change the answers (the run's scores
+    and threshold estimate hold for its own config only); nothing is published."""
+    _, _, run, _ = built
+    index = tmp_path / "index"
+    shutil.copytree(run, tmp_path / "run")
+    assert copydet(["index", "build", "--from-run", str(tmp_path / "run"), "--out", str(index),
+                    "--set", "search.normalize.beta=3"]) == 2
+    assert "['search.normalize.beta=3']: an index built from" in capsys.readouterr().err
+    assert copydet(["index", "build", "configs/smoke.yaml", "--from-run", str(tmp_path / "run"),
+                    "--out", str(index)]) == 2
+    assert "give no CONFIG" in capsys.readouterr().err
+    features = tmp_path / "run" / "features" / "resnet18@64"
+    lost = sorted(features.glob("reference-*.parquet"))[-1]
+    lost.unlink()
+    assert copydet(["index", "build", "--from-run", str(tmp_path / "run"), "--out", str(index)]) == 2
+    err = capsys.readouterr().err
+    assert "index build: " in err and "is incomplete: 1 of" in err and lost.name in err
+    assert not (index / "CURRENT").exists()
+    # serve.* settings do not change the answers
+    shutil.copytree(run, tmp_path / "whole")
+    assert copydet(["index", "build", "--from-run", str(tmp_path / "whole"), "--out", str(index),
+                    "--set", "serve.threshold=0.5"]) == 0 and (index / "CURRENT").exists()
+
+
 def test_a_build_left_by_a_stopped_build_of_other_images_names_its_folder(ray_local, tmp_path):
     from jobs.pipeline import run_stages
     data = make_tiny_dataset(tmp_path)

@@ -10,7 +10,7 @@ def test_pin_settings_records_then_checks(tmp_path):
     pin_settings(folder, {"k": 10, "normalize": {"enabled": True}}, "search")
     assert (tmp_path / "candidates" / "m@64" / SETTINGS_FILE).is_file()
     pin_settings(folder, {"normalize": {"enabled": True}, "k": 10}, "search")  # same settings, any order
-    with pytest.raises(SettingsChanged, match=r"search shards .*\(normalize: \{'enabled': True\} -> \{'enabled': False\}"):
+    with pytest.raises(SettingsChanged, match=r"search shards .*\(normalize.enabled: True -> False\)"):
         pin_settings(folder, {"k": 10, "normalize": {"enabled": False}}, "search")
     with pytest.raises(SettingsChanged, match=r"beta: None -> 0.5.*delete"):
         pin_settings(folder, {"k": 10, "normalize": {"enabled": True}, "beta": 0.5}, "search")

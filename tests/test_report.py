@@ -184,3 +184,17 @@ def test_report_refuses_a_run_whose_images_changed(run_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["report", str(run_dir), "--ground-truth", str(tmp_path / "gt.csv")]) != 0
     assert re.search(r"input images changed .* changed \(.*Q0\.png", capsys.readouterr().err)
+
+
+def test_compare_and_report_refuse_predictions_of_another_stage_than_the_config_ends_with(run_dir, tmp_path, capsys):
+    """A verifying run whose predictions.csv was rewritten by `copydet fuse` (or stopped in
+    between) holds fused scores: `evaluate` refused them, compare and report scored them."""
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"models": [{"name": "resnet18"}],
+                                                         "verify": {"enabled": True}}))
+    (run_dir / "predictions.json").write_text('{"scores": "fused"}')
+    gt = ["--ground-truth", str(tmp_path / "gt.csv")]
+    for argv in (["compare", str(run_dir), *gt], ["report", str(run_dir), *gt]):
+        assert main(argv) == 2
+        assert "holds the fused scores, but this config's predictions are the verified ones" in capsys.readouterr().err
+    (run_dir / "predictions.json").write_text('{"scores": "verified"}')
+    assert main(["compare", str(run_dir), *gt]) == 0

@@ -63,9 +63,12 @@ def test_tune_writes_a_config_run_accepts(ray_local, tiny_dataset, tmp_path, mon
     assert text.startswith("# Tuned by `copydet tune`") and "evaluation queries and ground truth were not used" in text
     tuned = load_config(tuned_path)
     norm = tuned.search.normalize
-    keys = next(line for line in text.splitlines() if "tuned keys: " in line).split("tuned keys: ")[1]
+    keys = next(line for line in text.splitlines() if line.startswith("# keys set: ")).split(": ", 1)[1]
     adopted = "search.normalize.beta" in keys
-    assert keys in ("fuse.threshold", "fuse.threshold, search.normalize.enabled, search.normalize.beta")
+    assert adopted == ("(tuned, adopted)" in text) != (", kept (the tuned one" in text)
+    assert keys.replace(" (unchanged)", "") in ("fuse.threshold",
+                                                "fuse.threshold, search.normalize.enabled, search.normalize.beta")
+    assert ("search.normalize.beta (unchanged)" in keys) == (adopted and norm.beta == 0.3)
     assert (norm.beta in BETA_GRID and norm.enabled == (norm.beta > 0)) if adopted else norm.beta == 0.3
     assert [(m.name, m.scales) for m in tuned.models] == [("tiny_cnn", [64])]  # --set overrides kept
     assert tuned.fuse.thresholds == {} and tuned.fuse.rule == "max"  # one member: fusion is not tuned

@@ -35,8 +35,10 @@ def _build(args: argparse.Namespace) -> None:
     if not args.out:
         raise ValueError("index build: --out INDEX_DIR is required")
     if args.from_run:
-        cfg = load_config(args.target or Path(args.from_run) / "config.yaml", list(args.set or []))
-        indexing.build_from_run(args.from_run, args.out, cfg)
+        if args.target:
+            raise ValueError(f"index build --from-run: {args.target}: give no CONFIG, the run's own "
+                             f"{Path(args.from_run) / 'config.yaml'} is the one its features were made with")
+        indexing.build_from_run(args.from_run, args.out, indexing.run_config(args.from_run, args.set or []))
         return
     args.config, out, args.out = args.target, args.out, None
     cfg = config_with_folders(args)

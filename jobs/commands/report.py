@@ -15,10 +15,11 @@ from core.store import exists, read_table
 from ensemble.report import build_report
 from ensemble.report.analysis import Scored, family_recall, score
 from jobs.commands.base import arg, command, positive_int
-from jobs.config import ConfigError, validate
+from jobs.config import ConfigError, PipelineConfig, validate
 from jobs.inputs import recheck_inputs, run_ground_truth
 from jobs.layout import RunDir, image_paths, shard_names
 from jobs.lock import locked
+from jobs.stages.fuse import require_final
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +31,30 @@ def members(run: RunDir) -> dict[str, pa.Table]:
     return {k: read_table(run.candidates(k)) for k in keys}
 
 
+def saved_config(run: RunDir) -> PipelineConfig | None:
+    """The config the run saved (None: a folder without config.yaml, e.g. predictions copied in)."""
+    if not os.path.isfile(run.config):
+        return None
+    with open(run.config) as f:
+        return validate(yaml.safe_load(f) or {}, run.config)
+
+
+def final_predictions(run: RunDir) -> pa.Table:
+    """``run``'s predictions.csv, refused when it holds another stage's scores than its config's
+    last (fuse run again after verify, or a run stopped in between): see :func:`require_final`."""
+    cfg = saved_config(run)
+    if cfg is not None:
+        require_final(cfg, run)
+    return read_predictions(run.predictions)
+
+
 def ground_truth_path(run: RunDir, given: str | None) -> str:
     """``--ground-truth``, else the one named by the run's saved config.yaml."""
     if given:
         return given
-    if not os.path.isfile(run.config):
+    cfg = saved_config(run)
+    if cfg is None:
         raise ConfigError(f"{run.root}: no config.yaml to find the ground truth in; pass --ground-truth")
-    with open(run.config) as f:
-        cfg = validate(yaml.safe_load(f) or {}, run.config)
     path = cfg.data.ground_truth_path()
     if not path:
         raise ConfigError(f"{run.config}: data section names no ground truth; pass --ground-truth")
@@ -70,7 +87,7 @@ def write_report(run_dir: str, ground_truth: str | None = None, meta: str | None
     with locked(run, hint=""):  # a report of the finished run: only waiting helps
         recheck_inputs(run)  # its thumbnails are read from the images the scores were made from
         gt_path = ground_truth_path(run, ground_truth)
-        preds = read_predictions(run.predictions) if os.path.isfile(run.predictions) else None
+        preds = final_predictions(run) if os.path.isfile(run.predictions) else None
         if preds is None:
             log.warning(f"report: no {run.predictions}: the report shows the members only (run `copydet fuse`)")
         paths = image_paths(run) if exists(run.manifest) else {}
@@ -149,7 +166,7 @@ def compare(args: argparse.Namespace) -> None:
         path = ground_truth_path(r, args.ground_truth)
         gt = run_ground_truth(path, r)  # that run's images, within its data.limit, as its own metrics
         log.info(f"compare: {label} against {path} ({len(gt)} pairs)")
-        pred = read_predictions(r.predictions)
+        pred = final_predictions(r)
         scored.append(Scored(label, pred, pred, score(pred, gt)))
         truths.append(gt)
     first = set(truths[0])

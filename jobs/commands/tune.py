@@ -85,6 +85,6 @@ def tune(args: argparse.Namespace) -> None:
     print(format_threshold(threshold) if threshold else "fuse.threshold: auto (estimated in each run from its decoys)")
     out = args.write or os.path.join(run_dir, "tuned.yaml")
     write_tuned_config(args.config, overrides, tuned_values(result, threshold), out,
-                       provenance(args.config, split, result, overrides, threshold))
+                       provenance(args.config, split, result, overrides, threshold, cfg))
     again = " --out NEW_RUN_DIR" if os.path.exists(os.path.join(run_dir, "config.yaml")) else ""  # a run's folder
     log.info(f"tune: wrote {out}; run it with: copydet run {out}{again}")

@@ -22,14 +22,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 from torchvision.ops import box_iou
 
 from core.imageio import ImageDecodeError, list_images, load_rgb, sha256_file
 from core.models.cards import ModelCard, RegistryError
 from core.models.registry import file_hash, load_card, register
 from core.settings import SETTINGS_FILE, pin_settings
-from core.yamlconf import load_as
+from core.yamlconf import ConfigModel, load_as
 from patchers.detector.predict import check_detector, detect, export_onnx, offline_ultralytics
 from patchers.detector.synth import chunk_calls, generate_chunk, write_data_yaml
 
@@ -38,9 +38,7 @@ SPLITS = ("train", "val")
 log = logging.getLogger(__name__)
 
 
-class SynthConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
+class SynthConfig(ConfigModel):
     train: int = Field(2000, ge=1, description="synthetic training images")
     val: int = Field(200, ge=1, description="synthetic validation images (from held-aside photos)")
     side: int = Field(320, ge=32, description="long side of the written images")
@@ -48,10 +46,8 @@ class SynthConfig(BaseModel):
     chunk: int = Field(64, ge=1, description="images per generation task")
 
 
-class DetectorConfig(BaseModel):
+class DetectorConfig(ConfigModel):
     """``configs/detector/*.yaml``: what to train, on what, and where to put it."""
-
-    model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="registry name of the trained detector")
     photos: str = Field(description="folder of unlabeled training photos")
