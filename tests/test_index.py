@@ -197,6 +197,9 @@ def test_add_remove_compact(built, tmp_path, monkeypatch, caplog, capsys):
     assert not (idx.root / "blobs" / "unused.safetensors").exists()
     assert disk() < before  # the removed R007 and R900's rows lived only in the old shards
     assert_same(served(Matcher(str(index)), data / "queries"), served(compacted, data / "queries"))
+    # a takedown list with a typo: the known id goes, the exit status says the list was not all done
+    assert copydet(["index", "remove", str(index), "R001", "R00l"]) == 1
+    assert idx.current() == "v000005" and indexing.remove_ids(str(index), ["R001"]).already == ["R001"]
 
 
 def test_an_index_with_no_live_reference_answers_no_match(built, tmp_path):

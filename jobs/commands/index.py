@@ -76,11 +76,12 @@ def _remove(args: argparse.Namespace) -> int:
     done = indexing.remove_ids(root, ids)
     if done.already:
         log.info(f"index remove: removed before: {some_of(done.already)}")
-    if done.unknown:
-        log.warning(f"index remove: not references of {root}: {some_of(done.unknown)}")
     if done.removed:
         log.info(f"index remove: published {done.version} without {len(done.removed)} reference(s)")
-    return 0 if done.removed or not done.unknown else 1  # a retry of a remove that published succeeds
+    if done.unknown:  # a takedown list with a typo must not pass as done (a retry's "removed before" does)
+        log.error(f"index remove: not references of {root}, nothing removed for them: {some_of(done.unknown)}")
+        return 1
+    return 0
 
 
 def _compact(args: argparse.Namespace) -> None:
