@@ -132,6 +132,7 @@ def test_compare_scores_each_run_against_its_own_ground_truth(run_dir, tmp_path,
     captured = capsys.readouterr()
     table = {line.split()[0]: line.split()[-2:] for line in captured.out.splitlines()[1:] if line.strip()}
     assert table["μAP"] == ["1.0000", "0.5000"] and "crop" not in table
+    assert captured.out.splitlines()[-1].split() == ["GT", "pairs", "3", "2"]  # what each column was scored on
     assert "ground truths differ" in captured.err
 
 

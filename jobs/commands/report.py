@@ -134,7 +134,8 @@ def run_labels(dirs: list[str]) -> list[str]:
 
 
 def comparison_table(scored: list[Scored], recall: dict[str, dict[str, tuple[float, int]]]) -> str:
-    """Plain-text table: μAP, R@P90, R@1 per run, then R@1 per family (with its GT pair count)."""
+    """Plain-text table: μAP, R@P90, R@1 per run, then R@1 per family (with its GT pair count), and
+    the ground-truth pairs each run was scored on (runs of other data.limit differ)."""
     width = max(12, *(len(s.name) for s in scored)) + 2
     rows = [(label, [get(s.metrics) for s in scored]) for label, get in [
         ("μAP", lambda m: m.micro_ap), ("R@P90", lambda m: m.recall_at_p90),
@@ -147,6 +148,7 @@ def comparison_table(scored: list[Scored], recall: dict[str, dict[str, tuple[flo
     lines = [" " * label_width + "".join(f"{s.name:>{width}}" for s in scored)]
     lines += [(f"{label:<{label_width}}" + "".join(f"{v:>{width}.4f}" for v in values)).rstrip()
               for label, values in rows]
+    lines.append(f"{'GT pairs':<{label_width}}" + "".join(f"{s.metrics.n_positives:>{width},}" for s in scored))
     return "\n".join(lines)
 
 
