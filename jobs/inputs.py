@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -160,6 +160,21 @@ def recheck_inputs(run: RunDir) -> None:
         pin_inputs(run, (read_settings(run.manifest) or {}).get("folders", {}))
 
 
+def check_pair_ids(pairs: Iterable[tuple[str, str]], inputs: pa.Table, what: str) -> None:
+    """Refuse (query, reference) ``pairs`` naming ids that are no image of their split in
+    ``inputs``; the :class:`InputError` starts with ``what`` (``{n}``: how many ids)."""
+    ids = {s: {i for i, _ in files} for s, files in images(inputs).items()}
+    unknown: set[str] = set()
+    for q, r in pairs:
+        if q not in ids.get("query", ()):
+            unknown.add(f"query {q!r}")
+        if r not in ids.get("reference", ()):
+            unknown.add(f"reference {r!r}")
+    if unknown:
+        raise InputError(f"{what.format(n=len(unknown))} are not images of this run's queries/references (an id "
+                         f"is the file name without extension): {some_of(sorted(unknown))}")
+
+
 def check_ground_truth(path: str, inputs: pa.Table, limit: int | None = None) -> list[tuple[str, str]]:
     """The ground-truth pairs, if every id names an image of its split in ``inputs`` (and no pair
     repeats: :func:`core.metrics.read_ground_truth`); else an :class:`InputError` naming them.
@@ -167,12 +182,7 @@ def check_ground_truth(path: str, inputs: pa.Table, limit: int | None = None) ->
     With ``data.limit`` (``limit``) only pairs of the images taken are returned: a copy whose query
     or reference was left out cannot be found, and counting it as missed would understate recall."""
     pairs = read_ground_truth(path)
-    ids = {s: {i for i, _ in files} for s, files in images(inputs).items()}
-    unknown = sorted({f"query {q!r}" for q, _ in pairs if q not in ids.get("query", ())} |
-                     {f"reference {r!r}" for _, r in pairs if r not in ids.get("reference", ())})
-    if unknown:
-        raise InputError(f"{path}: {len(unknown)} id(s) of the ground truth are not images of this run's "
-                         f"queries/references (an id is the file name without extension): {some_of(unknown)}")
+    check_pair_ids(pairs, inputs, f"{path}: {{n}} id(s) of the ground truth")
     if not limit:
         return pairs
     taken = {s: {i for i, _ in files} for s, files in images(inputs, limit).items()}

@@ -229,6 +229,12 @@ def test_evaluate_scores_the_files_it_is_given(runs, tmp_path, capsys):
     capsys.readouterr()  # a run folder given: the ground truth's ids are checked against its images
     assert main(["evaluate", "--out", str(run), "--predictions", str(best), "--ground-truth", str(unknown)]) == 2
     assert "query 'Q9999'" in capsys.readouterr().err
+    foreign = tmp_path / "foreign.csv"  # predictions naming a reference the run does not have (were 0 lower μAP)
+    write_predictions(pa.Table.from_pylist([*firsts.values(), {"query_id": rows[0]["query_id"],
+                                            "reference_id": "RX999", "score": 9.0}]), str(foreign))
+    assert main(["evaluate", "--out", str(run), "--predictions", str(foreign), "--ground-truth",
+                 str(runs / "data" / "ground_truth.csv")]) == 2
+    assert f"{foreign}: 1 id(s) of the predictions are not images of this run" in capsys.readouterr().err
     plot = tmp_path / "pr.png"  # no CONFIG: the run folder's own config.yaml; --threshold and --plot are honoured
     assert main(["evaluate", "--out", str(run), "--threshold", "0.5", "--plot", str(plot)]) == 0
     assert "at fuse.threshold 0.5000" in capsys.readouterr().out and plot.is_file()

@@ -5,12 +5,12 @@ import argparse
 import logging
 import os
 
-from core.metrics import plot_pr, read_ground_truth
-from core.store import exists
+from core.metrics import plot_pr, read_ground_truth, read_predictions
+from core.store import exists, read_table
 from jobs.commands.base import arg, command, config_from_args
 from jobs.commands.report import META_HELP, unread_note, write_report
 from jobs.config import PipelineConfig
-from jobs.inputs import run_ground_truth
+from jobs.inputs import check_pair_ids, run_ground_truth
 from jobs.layout import RunDir
 from jobs.pipeline import evaluate_run, run_pipeline, run_stages
 from jobs.stages.evaluate import evaluate_run_files, format_metrics
@@ -95,9 +95,15 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.predictions:
         gt = args.ground_truth or _named_ground_truth(args)
         log.info(f"evaluate: {args.predictions} against {gt}")
-        run = RunDir(args.out) if args.out else None  # its images: the ground truth's ids are checked against them
-        pairs = run_ground_truth(gt, run) if run and exists(run.inputs) else read_ground_truth(gt)
-        m = evaluate_run_files(args.predictions, pairs, pr_png=args.plot)
+        run = RunDir(args.out) if args.out else None  # its images: every id is checked against them
+        preds = read_predictions(args.predictions)
+        if run and exists(run.inputs):
+            pairs = run_ground_truth(gt, run)
+            check_pair_ids(zip(preds["query_id"].to_pylist(), preds["reference_id"].to_pylist()),
+                           read_table(run.inputs), f"{args.predictions}: {{n}} id(s) of the predictions")
+        else:
+            pairs = read_ground_truth(gt)
+        m = evaluate_run_files(preds, pairs, pr_png=args.plot)
         print(format_metrics(m, args.threshold))
         if m.n_predictions and m.micro_ap == 0:  # not one true pair among them
             log.warning(f"evaluate: no predicted pair is a ground-truth pair of {gt}: are these predictions of "

@@ -5,6 +5,7 @@ import json
 from collections.abc import Sequence
 
 import numpy as np
+import pyarrow as pa
 
 from core.metrics import Metrics, evaluate_table, plot_pr, read_predictions
 from core.store import write_text
@@ -20,11 +21,13 @@ def at_threshold(m: Metrics, threshold: float) -> dict[str, float | int | None]:
             "recall_at_threshold": float(m.recalls[n - 1]) if n else 0.0}
 
 
-def evaluate_run_files(predictions: str, ground_truth: Sequence[tuple[str, str]], metrics_json: str | None = None,
-                       pr_png: str | None = None, label: str = "copydet", threshold: float | None = None) -> Metrics:
-    """Score a predictions CSV against ground-truth pairs and optionally save the metrics JSON (with
-    the operating point of ``threshold`` when given) and the PR-curve PNG."""
-    m = evaluate_table(ground_truth, read_predictions(predictions))
+def evaluate_run_files(predictions: str | pa.Table, ground_truth: Sequence[tuple[str, str]],
+                       metrics_json: str | None = None, pr_png: str | None = None, label: str = "copydet",
+                       threshold: float | None = None) -> Metrics:
+    """Score a predictions CSV (or its table) against ground-truth pairs and optionally save the
+    metrics JSON (with the operating point of ``threshold`` when given) and the PR-curve PNG."""
+    preds = read_predictions(predictions) if isinstance(predictions, str) else predictions
+    m = evaluate_table(ground_truth, preds)
     if metrics_json:
         extra = at_threshold(m, threshold) if threshold is not None else {}
         write_text(metrics_json, json.dumps({**m.summary(), **extra}, indent=2))
