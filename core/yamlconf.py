@@ -9,25 +9,50 @@ with a pydantic model, and report every problem by its dotted key:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 M = TypeVar("M", bound=BaseModel)
 
 
 class ConfigModel(BaseModel):
     """Base of every config section: an unknown key, or a value of another type (``k: true`` or
-    ``k: 2.5`` for an integer, ``name: 7`` for a string), is an error rather than a coercion."""
+    ``k: 2.5`` for an integer), is an error rather than a coercion. A number given for a text
+    key (``output: 2024``, a folder) is taken as its text."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _numbers_as_text(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        text = {name for name, f in cls.model_fields.items() if f.annotation in (str, str | None)}
+        return {k: str(v) if k in text and isinstance(v, (int, float)) and not isinstance(v, bool) else v
+                for k, v in data.items()}
 
 
 class ConfigError(ValueError):
     """A config file that is missing, unreadable or invalid; the message names file and key."""
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but ``1e-3`` is a number as in YAML 1.2 (YAML 1.1, which PyYAML
+    follows, wants ``1.0e-3``); strict configs would refuse the string ``'1e-3'`` for a rate."""
+
+
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                                   list("-+0123456789"))
+
+
+def load_yaml(text: str) -> Any:
+    """A YAML document with :class:`ConfigLoader`: every config file and ``--set`` value is read so."""
+    return yaml.load(text, Loader=ConfigLoader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
@@ -36,7 +61,7 @@ def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: no such config file" + (f" (extended by {_seen[-1]})" if _seen else ""))
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -93,7 +118,7 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
         try:
-            out.append((key.strip(), yaml.safe_load(value)))
+            out.append((key.strip(), load_yaml(value)))
         except yaml.YAMLError as e:
             raise ConfigError(f"--set {item!r}: the value of {key.strip()} is not valid YAML ({e.problem})") from None
     return out

@@ -25,7 +25,7 @@ from core.models.cards import ModelCard
 from core.models.registry import load_card, resolve_model
 from core.settings import SettingsChanged
 from core.store import embeddings_from_arrow, exists, join, read_table, write_table
-from core.yamlconf import apply_overrides
+from core.yamlconf import apply_overrides, load_yaml
 from ensemble.index import versions
 from ensemble.index.layout import IndexDir
 from ensemble.index.reader import read_cards, read_config
@@ -67,7 +67,7 @@ def index_config(root: str, version: str | None = None, overrides: Sequence[str]
     """``(version, config)`` an index was built with, plus ``overrides`` (:func:`check_mutable`)."""
     check_mutable(overrides, "an index keeps the settings it was built with", "rebuild")
     version, text = read_config(root, version)
-    return version, validate(apply_overrides(yaml.safe_load(text), list(overrides)),
+    return version, validate(apply_overrides(load_yaml(text), list(overrides)),
                              f"{root}/versions/{version}/config.yaml")
 
 
@@ -131,7 +131,7 @@ def build_from_run(run_dir: str, root: str, cfg: PipelineConfig | None = None) -
 def _publish_run(run: RunDir, root: str, cfg: PipelineConfig | None) -> str:
     """Publish ``run``'s reference (and train) features, refusing a run whose features are not all
     there: an index missing a shard would never answer with its references."""
-    cfg = served_threshold(cfg or validate(yaml.safe_load(Path(run.config).read_text()), run.config), run)
+    cfg = served_threshold(cfg or validate(load_yaml(Path(run.config).read_text()), run.config), run)
     require_manifest(run, "index build")
     splits = ("reference", "train") if needs_train(cfg) else ("reference",)
     keys = {}

@@ -15,6 +15,7 @@ import yaml
 from core.metrics import Metrics
 from core.models.sscd import ensure_sscd
 from core.store import exists, read_table, read_text, write_text
+from core.yamlconf import load_yaml
 from jobs.completeness import require_candidates
 from jobs.config import PipelineConfig
 from jobs.inputs import run_ground_truth
@@ -50,7 +51,7 @@ def save_config(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]) -> None
     folders (``report`` and ``index --from-run`` read the ground truth from it)."""
     raw = cfg.model_dump(mode="json")
     if "manifest" not in stages and exists(run.config):
-        raw["data"] = (yaml.safe_load(read_text(run.config)) or {}).get("data", raw["data"])
+        raw["data"] = (load_yaml(read_text(run.config)) or {}).get("data", raw["data"])
     else:  # absolute: commands run from another folder read it too
         raw["data"].update({k: os.path.abspath(v) for k, v in raw["data"].items()
                             if k in DATA_PATHS and v and "://" not in v})

@@ -17,8 +17,18 @@ def test_shipped_configs_validate(path):
 
 def test_numbers_read_as_numbers_and_lists_as_the_tuples_they_fill():
     assert load_config(None, ["fuse.threshold=1"]).fuse.threshold == 1.0  # an integer is a number
+    assert load_config(None, ["output=2024"]).output == "2024"  # a folder named by a number is a folder
     from pretrain.train_config import load_train_config
     assert load_train_config(CONFIG_DIR / "train" / "tiny.yaml", ["pretrain.momentum=[0.9, 1]"]).pretrain.momentum == (0.9, 1.0)
+    # 1e-3 is a number as people write it (PyYAML's YAML 1.1 read it as a string, which a strict field refuses)
+    assert load_train_config(CONFIG_DIR / "train" / "tiny.yaml", ["finetune.lr=1e-3"]).finetune.lr == 0.001
+
+
+def test_a_rate_written_1e_4_in_a_file_is_a_number(tmp_path):
+    from pretrain.train_config import load_train_config
+    path = tmp_path / "t.yaml"
+    path.write_text(f"extends: {CONFIG_DIR / 'train' / 'tiny.yaml'}\nfinetune:\n  lr: 1e-4\n")
+    assert load_train_config(path).finetune.lr == 1e-4
 
 
 def test_smoke_defaults_to_the_bundled_sample():

@@ -8,10 +8,10 @@ import os
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
-import yaml
 
 from core.metrics import read_predictions
 from core.store import exists, read_table
+from core.yamlconf import load_yaml
 from ensemble.report import build_report
 from ensemble.report.analysis import Scored, family_recall, score
 from jobs.commands.base import arg, command, positive_int
@@ -36,7 +36,7 @@ def saved_config(run: RunDir) -> PipelineConfig | None:
     if not os.path.isfile(run.config):
         return None
     with open(run.config) as f:
-        return validate(yaml.safe_load(f) or {}, run.config)
+        return validate(load_yaml(f.read()) or {}, run.config)
 
 
 def final_predictions(run: RunDir) -> pa.Table:
