@@ -33,7 +33,7 @@ from ensemble.reduce import load_pca
 from jobs.completeness import require_features, require_manifest
 from jobs.config import DataConfig, PipelineConfig, load_config, validate
 from jobs.inputs import InputError, check_unique_ids, some_of
-from jobs.layout import RunDir, shard_names
+from jobs.layout import RunDir
 from jobs.lock import locked
 from jobs.pipeline import run_stages
 from jobs.stages.extract import key_specs

@@ -19,7 +19,6 @@ from ensemble.index.versions import prune, read_manifest
 from jobs import indexing
 from jobs.commands.base import arg, command, positive_int
 from jobs.commands.stages import config_with_folders
-from jobs.config import load_config
 from jobs.inputs import some_of
 
 log = logging.getLogger(__name__)
