@@ -200,6 +200,10 @@ def test_add_remove_compact(built, tmp_path, monkeypatch, caplog, capsys):
     # a takedown list with a typo: the known id goes, the exit status says the list was not all done
     assert copydet(["index", "remove", str(index), "R001", "R00l"]) == 1
     assert idx.current() == "v000005" and indexing.remove_ids(str(index), ["R001"]).already == ["R001"]
+    ids = tmp_path / "takedown.csv"  # as a spreadsheet exports it: a BOM, CRLF line ends, a blank line
+    ids.write_bytes("\ufeffR002\r\n\r\nR003\r\n".encode())
+    assert copydet(["index", "remove", str(index), "--ids-file", str(ids)]) == 0
+    assert indexing.remove_ids(str(index), ["R002", "R003"]).already == ["R002", "R003"]
 
 
 def test_an_index_with_no_live_reference_answers_no_match(built, tmp_path):

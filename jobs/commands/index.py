@@ -69,7 +69,8 @@ def _remove(args: argparse.Namespace) -> int:
     root = _one(args, "INDEX_DIR")
     ids = list(args.rest)
     if args.ids_file:
-        ids += [line.strip() for line in Path(args.ids_file).read_text().splitlines() if line.strip()]
+        text = Path(args.ids_file).read_text(encoding="utf-8-sig")  # a spreadsheet's export starts with a BOM
+        ids += [line.strip() for line in text.splitlines() if line.strip()]
     if not ids:
         raise ValueError("index remove: give the reference ids to remove (or --ids-file)")
     done = indexing.remove_ids(root, ids)
