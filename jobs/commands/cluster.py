@@ -65,12 +65,16 @@ def stop(args: argparse.Namespace) -> None:
          arg("--models-from", metavar="TRAIN_CONFIG",
              help="training config whose models are not registered yet (sized from their architecture)"))
 def plan(args: argparse.Namespace) -> None:
+    from core.models.cards import RegistryError
     from jobs.plan import build_plan, format_plan, model_cards, split_counts, throughputs
     from jobs.preflight import detector_checks, resolved_each
     from pretrain.train.fanout import planned_cards
     from pretrain.train_config import load_train_config
     cfg = config_from_args(args)
-    resolved_each(detector_checks(cfg))  # the patch stage would stop on a missing detector
+    try:  # a detector is costed at its box budget; the patch stage needs it registered
+        resolved_each(detector_checks(cfg))
+    except RegistryError as e:
+        log.warning(f"plan: {e}; the run stops at its start until then (planned at max_patches boxes)")
     counts = split_counts(cfg, images=args.images, references=args.references, queries=args.queries,
                           train=args.train)
     cards = model_cards(cfg, planned_cards(load_train_config(args.models_from)) if args.models_from else {})
