@@ -248,3 +248,13 @@ def test_min_side_is_pinned_and_reaches_the_scorer():
 
     cfg = load_config(None, ["verify.min_side=128"])
     assert keypoint_settings("rootsift", cfg)["min_side"] == 128 and scorer_for("rootsift", cfg).min_side == 128
+
+
+def test_a_scorer_with_nothing_cached_is_named(tmp_path):
+    """The bench scripts read a scorer's cache of a run: one never verified with it was an
+    ArrowInvalid ("Must pass at least one table")."""
+    from jobs.layout import RunDir
+    from jobs.stages.verify import read_cache
+
+    with pytest.raises(FileNotFoundError, match=r"verify.parquet/learned: no pair scored by 'learned' yet"):
+        read_cache(RunDir(str(tmp_path)), "learned")

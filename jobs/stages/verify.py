@@ -196,7 +196,11 @@ def cache_folder(run: RunDir, name: str, decoys: bool = False) -> str:
 
 def read_cache(run: RunDir, name: str, decoys: bool = False) -> pa.Table:
     """Every pair scorer ``name`` has checked for ``run``'s predictions (``decoys``: its train decoys)."""
-    return pa.concat_tables([read_table(s) for s in list_shards(cache_folder(run, name, decoys))])
+    shards = list_shards(cache_folder(run, name, decoys))
+    if not shards:
+        raise FileNotFoundError(f"{cache_folder(run, name, decoys)}: no pair scored by {name!r} yet; run `copydet "
+                                f"verify` on {run.root} with a verify.method that uses it")
+    return pa.concat_tables([read_table(s) for s in shards])
 
 
 @dataclass(frozen=True)
