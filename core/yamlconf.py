@@ -46,8 +46,8 @@ class ConfigLoader(yaml.SafeLoader):
     follows, wants ``1.0e-3``); strict configs would refuse the string ``'1e-3'`` for a rate."""
 
 
-ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-                                   list("-+0123456789"))
+EXPONENT = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")  # 1e-3, 2.5E4
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT, list("-+0123456789"))
 
 
 def load_yaml(text: str) -> Any:

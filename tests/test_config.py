@@ -19,9 +19,10 @@ def test_numbers_read_as_numbers_and_lists_as_the_tuples_they_fill():
     assert load_config(None, ["fuse.threshold=1"]).fuse.threshold == 1.0  # an integer is a number
     assert load_config(None, ["output=2024"]).output == "2024"  # a folder named by a number is a folder
     from pretrain.train_config import load_train_config
-    assert load_train_config(CONFIG_DIR / "train" / "tiny.yaml", ["pretrain.momentum=[0.9, 1]"]).pretrain.momentum == (0.9, 1.0)
+    tiny = CONFIG_DIR / "train" / "tiny.yaml"
+    assert load_train_config(tiny, ["pretrain.momentum=[0.9, 1]"]).pretrain.momentum == (0.9, 1.0)
     # 1e-3 is a number as people write it (PyYAML's YAML 1.1 read it as a string, which a strict field refuses)
-    assert load_train_config(CONFIG_DIR / "train" / "tiny.yaml", ["finetune.lr=1e-3"]).finetune.lr == 0.001
+    assert load_train_config(tiny, ["finetune.lr=1e-3"]).finetune.lr == 0.001
 
 
 def test_a_rate_written_1e_4_in_a_file_is_a_number(tmp_path):
