@@ -1,6 +1,7 @@
 """``copydet index ACTION``: the living reference index.
 
-  copydet index build [CONFIG] --out INDEX_DIR [--references DIR --train DIR] [--from-run RUN_DIR]
+  copydet index build [CONFIG] --out INDEX_DIR [--references DIR --train DIR]
+  copydet index build --from-run RUN_DIR --out INDEX_DIR   # the run's own config and features
   copydet index add INDEX_DIR FOLDER        # embeds only the new images, publishes a version
   copydet index remove INDEX_DIR ID... [--ids-file FILE]
   copydet index compact INDEX_DIR           # rebuild shards without the removed references
@@ -141,7 +142,8 @@ ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
          arg("target", nargs="?", help="build: the pipeline YAML; otherwise INDEX_DIR"),
          arg("rest", nargs="*", help="add: FOLDER of images; remove: reference ids"),
          arg("--out", help="build: the index folder to create or publish a new version in"),
-         arg("--from-run", help="build: publish a finished run's features instead of extracting"),
+         arg("--from-run", help="build: publish a finished run's features instead of extracting (with the "
+             "run's own config: no CONFIG, --set serve.*, index.*, ray.* only)"),
          arg("--references", help="build: folder of reference images"),
          arg("--train", help="build: folder of train images (normalisation background, PCA)"),
          arg("--ids-file", help="remove: a file of reference ids, one a line"),
