@@ -8,6 +8,7 @@ with a pydantic model, and report every problem by its dotted key:
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Sequence
@@ -108,6 +109,12 @@ def set_key(tree: dict, dotted: str, value: Any) -> None:
             node.setdefault(slot, {})
         node = node[slot]
     node[_slot(node, last, dotted)] = value
+
+
+def text_override(key: str, value: str) -> str:
+    """``KEY=VALUE`` that sets ``key`` to ``value`` as given: a path from a command-line option is
+    text, not YAML (``runs/a #1`` would lose ``#1``, ``yes`` become true, ``[old] refs`` a list)."""
+    return f"{key}={json.dumps(value)}"  # a JSON string is a YAML double-quoted scalar
 
 
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:

@@ -165,3 +165,18 @@ def test_a_tuned_config_of_an_extending_config_stands_alone(tmp_path):
     cfg = load_config(out)
     assert (cfg.name, cfg.verify.top_k, cfg.patches.query.preset, cfg.search.k, cfg.search.normalize.beta) == \
         ("balanced", 5, "crops", 12, 1.5)
+
+
+@pytest.mark.parametrize("folder", ["runs/a #1", "yes", "[old] refs", "a: b", "#tmp", "2024", "null", "é/'q\""])
+def test_folders_given_as_options_are_taken_as_written(tmp_path, folder):
+    """--out and the folder options were passed on as --set text and read as YAML: `runs/a #1`
+    lost `#1`, `#tmp` and `null` became the default output, `yes` true, `[old] refs` a list."""
+    import argparse
+
+    from jobs.commands.stages import config_with_folders
+
+    args = argparse.Namespace(config=None, set=[], out=str(tmp_path / folder), references=folder, queries=None,
+                              train=None, ground_truth=f"{folder}.csv")
+    cfg = config_with_folders(args)
+    assert (cfg.output, cfg.data.references, cfg.data.ground_truth) == (str(tmp_path / folder), folder, f"{folder}.csv")
+    assert cfg.data.root is None

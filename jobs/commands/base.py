@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from core.store import exists
+from core.yamlconf import text_override
 from jobs.config import PipelineConfig, load_config
 from jobs.layout import RunDir
 
@@ -54,7 +55,7 @@ def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     overrides = list(args.set or [])
     path = args.config
     if getattr(args, "out", None):
-        overrides.append(f"output={args.out}")
+        overrides.append(text_override("output", args.out))
         saved = RunDir(args.out).config
         if path is None and exists(saved):
             path = saved

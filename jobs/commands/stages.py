@@ -7,6 +7,7 @@ import os
 
 from core.metrics import plot_pr, read_ground_truth, read_predictions
 from core.store import exists, read_table
+from core.yamlconf import text_override
 from jobs.commands.base import arg, command, config_from_args
 from jobs.commands.report import META_HELP, unread_note, write_report
 from jobs.config import PipelineConfig
@@ -30,7 +31,7 @@ def config_with_folders(args: argparse.Namespace):
     sets = list(args.set or [])
     for key in ("train", "references", "queries", "ground_truth"):
         if getattr(args, key, None):
-            sets.append(f"data.{key}={getattr(args, key)}")
+            sets.append(text_override(f"data.{key}", getattr(args, key)))
     if any(getattr(args, k, None) for k in ("train", "references", "queries")):
         sets.append("data.root=null")
     args.set = sets
@@ -110,7 +111,7 @@ def evaluate(args: argparse.Namespace) -> int:
                         "its queries and references?")
         return 0
     if args.ground_truth:
-        args.set = [*(args.set or []), f"data.ground_truth={args.ground_truth}"]
+        args.set = [*(args.set or []), text_override("data.ground_truth", args.ground_truth)]
     cfg = config_from_args(args)
     m = evaluate_run(cfg)
     if m is None:

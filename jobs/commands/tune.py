@@ -5,6 +5,7 @@ import argparse
 import logging
 import os
 
+from core.yamlconf import text_override
 from jobs.commands.base import arg, command
 from jobs.config import ConfigError, load_config
 from jobs.plan import count_images
@@ -56,7 +57,7 @@ def tune(args: argparse.Namespace) -> None:
         raise ConfigError("copydet tune: give the CONFIG to tune (the tuned file is written from it)")
     if bool(args.validation_queries) != bool(args.validation_ground_truth):
         raise ConfigError("copydet tune: give both --validation-queries and --validation-ground-truth, or neither")
-    overrides = [*(args.set or []), *([f"output={args.out}"] if args.out else [])]
+    overrides = [*(args.set or []), *([text_override("output", args.out)] if args.out else [])]
     cfg = load_config(args.config, overrides)
     run_dir = cfg.output
     if "://" in run_dir:
