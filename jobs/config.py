@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from core.knn import IndexSpec
 from core.yamlconf import (
@@ -107,6 +107,11 @@ class ExtractConfig(ConfigModel):
     chunk_retries: int = Field(3, ge=0, description="a chunk whose model actor dies (out of memory, a lost node) "
                                "runs again on a new actor at most this many times, then the stage fails (Ray Data's "
                                "default retries it forever)")
+
+    @field_validator("use_gpu", mode="before")
+    @classmethod
+    def _yes_no(cls, v: Any) -> Any:
+        return ("yes" if v else "no") if isinstance(v, bool) else v  # YAML 1.1 reads yes / no as booleans
 
 
 class NormalizeConfig(ConfigModel):

@@ -18,6 +18,8 @@ def test_shipped_configs_validate(path):
 def test_numbers_read_as_numbers_and_lists_as_the_tuples_they_fill():
     assert load_config(None, ["fuse.threshold=1"]).fuse.threshold == 1.0  # an integer is a number
     assert load_config(None, ["output=2024"]).output == "2024"  # a folder named by a number is a folder
+    assert [load_config(None, [f"extract.use_gpu={v}"]).extract.use_gpu for v in ("yes", "no", "auto")] == \
+        ["yes", "no", "auto"]  # YAML reads yes / no as booleans
     from pretrain.train_config import load_train_config
     tiny = CONFIG_DIR / "train" / "tiny.yaml"
     assert load_train_config(tiny, ["pretrain.momentum=[0.9, 1]"]).pretrain.momentum == (0.9, 1.0)
