@@ -131,7 +131,7 @@ def build_from_run(run_dir: str, root: str, cfg: PipelineConfig | None = None) -
 def _publish_run(run: RunDir, root: str, cfg: PipelineConfig | None) -> str:
     """Publish ``run``'s reference (and train) features, refusing a run whose features are not all
     there: an index missing a shard would never answer with its references."""
-    cfg = served_threshold(cfg or validate(load_yaml(Path(run.config).read_text()), run.config), run)
+    cfg = served_threshold(cfg or run_config(run.root), run)
     require_manifest(run, "index build")
     splits = ("reference", "train") if needs_train(cfg) else ("reference",)
     keys = {}

@@ -193,8 +193,10 @@ def check_ground_truth(path: str, inputs: pa.Table, limit: int | None = None) ->
     return kept
 
 
-def run_ground_truth(path: str, run: RunDir) -> list[tuple[str, str]]:
-    """The ground-truth pairs of ``run``'s images (its pinned inputs, within its ``data.limit``)."""
-    if not exists(run.inputs):
+def run_ground_truth(path: str, run: RunDir, inputs: pa.Table | None = None) -> list[tuple[str, str]]:
+    """The ground-truth pairs of ``run``'s images (its pinned ``inputs``, read when not given, within
+    its ``data.limit``)."""
+    if inputs is None and not exists(run.inputs):
         return read_ground_truth(path)
-    return check_ground_truth(path, read_table(run.inputs), (read_settings(run.manifest) or {}).get("limit"))
+    inputs = read_table(run.inputs) if inputs is None else inputs
+    return check_ground_truth(path, inputs, (read_settings(run.manifest) or {}).get("limit"))

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
@@ -36,6 +36,7 @@ from core.models.checkpoint import CheckpointError
 from core.models.encoders import Encoder, build_encoder
 from core.models.registry import resolve_model
 from core.store import write_bytes
+from core.yamlconf import ConfigModel
 
 
 def _grid_boxes() -> list[tuple[float, float, float, float]]:
@@ -53,10 +54,9 @@ REGION_SETS: dict[str, list[tuple[float, float, float, float]]] = {
 MATCH_FEATURES = 6  # best cosine, cosine to the other whole image, box of the best match
 
 
-class VerifierSpec(BaseModel):
-    """What builds a verifier (the card's ``build``): token source and transformer size."""
-
-    model_config = ConfigDict(extra="forbid")
+class VerifierSpec(ConfigModel):
+    """What builds a verifier (the card's ``build``, the training config's ``verifier:``): token
+    source and transformer size."""
 
     tokens: str = Field(description="descriptor model (registry name or backbone) that describes the regions")
     scale: int = Field(128, ge=32, description="region side in pixels for the token model")

@@ -11,11 +11,10 @@ import pyarrow.csv as pacsv
 
 from core.metrics import read_predictions
 from core.store import exists, read_table
-from core.yamlconf import load_yaml
 from ensemble.report import build_report
 from ensemble.report.analysis import Scored, family_recall, score
 from jobs.commands.base import arg, command, positive_int
-from jobs.config import ConfigError, PipelineConfig, validate
+from jobs.config import ConfigError, PipelineConfig, load_config
 from jobs.inputs import recheck_inputs, run_ground_truth
 from jobs.layout import RunDir, image_paths, shard_names
 from jobs.lock import locked
@@ -33,10 +32,7 @@ def members(run: RunDir) -> dict[str, pa.Table]:
 
 def saved_config(run: RunDir) -> PipelineConfig | None:
     """The config the run saved (None: a folder without config.yaml, e.g. predictions copied in)."""
-    if not os.path.isfile(run.config):
-        return None
-    with open(run.config) as f:
-        return validate(load_yaml(f.read()) or {}, run.config)
+    return load_config(run.config) if os.path.isfile(run.config) else None
 
 
 def final_predictions(run: RunDir) -> pa.Table:

@@ -99,9 +99,10 @@ def evaluate(args: argparse.Namespace) -> int:
         run = RunDir(args.out) if args.out else None  # its images: every id is checked against them
         preds = read_predictions(args.predictions)
         if run and exists(run.inputs):
-            pairs = run_ground_truth(gt, run)
-            check_pair_ids(zip(preds["query_id"].to_pylist(), preds["reference_id"].to_pylist()),
-                           read_table(run.inputs), f"{args.predictions}: {{n}} id(s) of the predictions")
+            inputs = read_table(run.inputs)
+            pairs = run_ground_truth(gt, run, inputs)
+            check_pair_ids(zip(preds["query_id"].to_pylist(), preds["reference_id"].to_pylist()), inputs,
+                           f"{args.predictions}: {{n}} id(s) of the predictions")
         else:
             pairs = read_ground_truth(gt)
         m = evaluate_run_files(preds, pairs, pr_png=args.plot)
