@@ -14,6 +14,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -204,8 +205,9 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
     idx = IndexDir(root)
     parent, cfg = index_config(root, None, overrides)
     meta = versions.read_manifest(idx.path(parent))
-    known = versions.live_images(idx.path(parent), meta)
-    live = {i: (p, h) for i, p, h in zip(*(known.column(c).to_pylist() for c in ("image_id", "path", "sha256")))}
+    known = versions.live_images(idx.path(parent), meta, written=True)
+    live = {i: Indexed(*row) for i, *row in zip(*(known.column(c).to_pylist()
+                                                  for c in ("image_id", "path", "sha256", "written_ns")))}
     removed = set(versions.removed_table(idx.path(parent)).column("image_id").to_pylist())
     scan = scan_images(os.path.abspath(folder))  # the service opens them from its own folder
     check_unique_ids(scan, folder, "index add")
@@ -242,15 +244,30 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
     return name, len(rows), [f["error"] for f in failed]
 
 
-def warn_skipped(skipped: list[tuple[str, str]], live: dict[str, tuple[str, str]], folder: str) -> None:
+class Indexed(NamedTuple):
+    """A live reference's file as the index recorded it."""
+
+    path: str
+    sha256: str
+    written_ns: int
+
+
+def changed_since(path: str, indexed: Indexed) -> bool:
+    """Whether ``path`` may hold another picture than ``indexed``: another file, or the same one
+    changed (ctime: edits and a file moved onto it) after the index recorded it. Only such files
+    are hashed: re-adding an unchanged indexed folder reads no bytes."""
+    maybe = path != indexed.path or os.stat(path).st_ctime_ns > indexed.written_ns
+    return maybe and sha256_file(path) != indexed.sha256
+
+
+def warn_skipped(skipped: list[tuple[str, str]], live: dict[str, Indexed], folder: str) -> None:
     """Name the ``(id, path)`` already live, and warn of those whose file is another picture than
-    the indexed one (``live``: id -> its path and SHA-256): an add never replaces a reference. Only
-    files elsewhere than the indexed one are hashed: re-adding the indexed folder reads no bytes."""
+    the indexed one: an add never replaces a reference."""
     if not skipped:
         return
     log.info(f"index add: {len(skipped)} image(s) of {folder} are already in the index; skipped: "
              f"{some_of([i for i, _ in skipped])}")
-    other = [i for i, p in skipped if p != live[i][0] and sha256_file(p) != live[i][1]]
+    other = [i for i, p in skipped if changed_since(p, live[i])]
     if other:
         log.warning(f"index add: {len(other)} of them are other pictures than the indexed ones, which are kept: "
                     f"{some_of(other)}; to replace one, `copydet index remove` it, `compact`, then add it")

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet
 import pytest
 
-from core.imageio import load_rgb
+from core.imageio import load_rgb, sha256_file
 from core.store import write_text
 from ensemble.index.layout import IndexDir, IndexFolderError, folder_bytes
 from ensemble.index.versions import prune
@@ -141,6 +141,15 @@ def test_add_remove_compact(built, tmp_path, monkeypatch, caplog, capsys):
     assert m.match([copy])[0]["matches"][0]["reference_id"] == "R900"
     assert list(m.index.paths).count("R001") == 1 and len(m.index.paths) == 10
     assert m.index.paths["R900"] == str(extra / "R900.jpg")
+    # re-adding the folder hashes only the files that may have changed; one replaced in place is named
+    hashed = []
+    monkeypatch.setattr(indexing, "sha256_file", lambda p: hashed.append(Path(p).name) or sha256_file(p))
+    synthetic_photo(778).save(extra / "R901.jpg")
+    capsys.readouterr()
+    assert copydet(["index", "add", str(index), str(extra)]) == 0 and IndexDir(index).current() == name
+    assert sorted(hashed) == ["R001.jpg", "R901.jpg"]  # R001: another path than the indexed one
+    assert "1 of them are other pictures than the indexed ones, which are kept: R901;" in capsys.readouterr().err
+    synthetic_photo(901).save(extra / "R901.jpg")
     # a service that served v1 takes over the shards and background the add kept, and answers the same
     first = Matcher(str(index), "v000001")
     swapped = Matcher(str(index), reuse=first)

@@ -288,9 +288,16 @@ def removed_table(folder: Path) -> pa.Table:
     return read_table(path) if path.is_file() else REMOVED_SCHEMA.empty_table()
 
 
-def live_images(folder: Path, meta: dict) -> pa.Table:
-    """The id map of a version without its tombstoned images."""
-    parts = [read_table(folder / "images" / p).cast(IMAGES_SCHEMA) for p in meta["images"]["parts"]]
+def live_images(folder: Path, meta: dict, written: bool = False) -> pa.Table:
+    """The id map of a version without its tombstoned images; with ``written``, also when each
+    row was recorded (``written_ns``: the st_mtime of its id-map part, kept by hard links)."""
+    parts = []
+    for p in meta["images"]["parts"]:
+        part = read_table(folder / "images" / p).cast(IMAGES_SCHEMA)
+        if written:
+            ns = (folder / "images" / p).stat().st_mtime_ns
+            part = part.append_column("written_ns", pa.array([ns] * part.num_rows, pa.int64()))
+        parts.append(part)
     table = pa.concat_tables(parts) if parts else IMAGES_SCHEMA.empty_table()
     removed = pa.array(removed_table(folder).column("image_id").to_pylist(), pa.string())
     return table.filter(pc.invert(pc.is_in(table.column("image_id"), removed)))
