@@ -37,12 +37,11 @@ def main() -> None:
     fused = read_table(run.fused)
     both = f"learned+{args.keypoints}"
     checked = {name: read_cache(run, name) for name in ("learned", args.keypoints)}
-    config = load_config(args.config, ["verify.enabled=true"])
-    base, share = config.verify, config.fuse.demote_others
+    share = load_config(args.config).fuse.demote_others
 
     def measure(method: str, **learned: object) -> tuple[float, float, float]:
-        cfg = base.model_copy(update={"method": method, "combine": learned.pop("combine", base.combine),
-                                      "learned": base.learned.model_copy(update=learned)})
+        sets = [f"verify.{'' if k == 'combine' else 'learned.'}{k}={v}" for k, v in learned.items()]
+        cfg = load_config(args.config, ["verify.enabled=true", f"verify.method={method}", *sets]).verify  # validated
         pred = rescore(fused, {k: v for k, v in checked.items() if k in method.split("+")}, cfg)
         m = evaluate_table(gt, demote_others(pred, share))
         return m.micro_ap, m.recall_at_p90, m.recall_at_1
