@@ -215,7 +215,7 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
     failed = [{"path": p, "error": f"{p}: {reason}"} for p, reason in scan.rejected]
     again = sorted(i for i, _ in files if i in removed)
     if again:
-        raise ValueError(f"{again[:5]}: removed since the last compaction; run `copydet index compact {root}` "
+        raise ValueError(f"{some_of(again)}: removed since the last compaction; run `copydet index compact {root}` "
                          "before adding them again")
     todo = [(i, p) for i, p in files if i not in live]
     warn_skipped([(i, p) for i, p in files if i in live], live, folder)
@@ -279,7 +279,7 @@ def embed_new(todo: list[tuple[str, str]], cfg: PipelineConfig, embedder: ImageE
     under ``staging``; returns the id-map rows of the images that decoded and each search key's
     files. The files that do not decode are appended to ``failed``."""
     rows, staged = [], {key: [] for key in cfg.search_keys()}
-    step = cfg.index.chunk_images
+    step, unreadable = cfg.index.chunk_images, len(failed)  # the files that are not images, counted apart
     for start in range(0, len(todo), step):
         decoded = []
         for image_id, path in todo[start:start + step]:
@@ -295,7 +295,8 @@ def embed_new(todo: list[tuple[str, str]], cfg: PipelineConfig, embedder: ImageE
             sources = dict(todo[start:start + step])
             for key, table in derive_keys(cfg, embedder.embed(decoded, sources=sources), pcas, train).items():
                 staged[key].append(write_table(table, staging / key / f"part-{start:08d}.parquet"))
-        log.info(f"index add: {min(start + step, len(todo))}/{len(todo)} images read, {len(rows)} embedded")
+        log.info(f"index add: {min(start + step, len(todo))}/{len(todo)} images done, {len(rows)} embedded"
+                 f"{f', {len(failed) - unreadable} unreadable' if len(failed) > unreadable else ''}")
     return rows, staged
 
 

@@ -125,7 +125,7 @@ def test_add_remove_compact(built, tmp_path, monkeypatch, caplog, capsys):
     recorded = pa.parquet.read_table(IndexDir(index).path(name) / "errors.parquet").to_pylist()
     assert sorted(Path(r["path"]).name for r in recorded) == ["bad:name.jpg", "broken.jpg", "notes.txt"]
     assert "1 image(s) of extra are already in the index; skipped: R001" in caplog.text
-    assert "4/4 images read, 2 embedded" in caplog.text  # the unreadable ones are not counted as embedded
+    assert "4/4 images done, 2 embedded, 2 unreadable" in caplog.text  # notes.txt is not counted as an image
     assert indexing.add_folder(str(index), str(extra))[:2] == (name, 0)  # a retry: nothing new, nothing published
     assert "already in the index; skipped: R001, R900, R901" in caplog.text
     synthetic_photo(777).save(extra / "R001.jpg")  # another picture under an indexed id: kept, and said so
@@ -175,7 +175,7 @@ def test_add_remove_compact(built, tmp_path, monkeypatch, caplog, capsys):
     assert shares(swapped, m) == (10, 10)
     for answer in m.match([copy, load_rgb(data / "queries" / "Q003.jpg")]):  # Q003 is a copy of R007
         assert {"R900", "R007"}.isdisjoint(x["reference_id"] for x in answer["matches"])
-    with pytest.raises(ValueError, match="compact"):
+    with pytest.raises(ValueError, match="^R900: removed since the last compaction"):
         indexing.add_folder(str(index), str(extra))  # R900 was removed: re-adding waits for compaction
     assert indexing.compact(str(index)) == "v000004"
     compacted = Matcher(str(index))
@@ -201,7 +201,9 @@ def test_add_remove_compact(built, tmp_path, monkeypatch, caplog, capsys):
     with pytest.raises(ValueError, match="keep"):
         prune(idx, 0)
     assert prune(idx, 2)[0] == ["v000001", "v000002"]
+    capsys.readouterr()
     assert copydet(["index", "prune", str(index), "--keep", "1"]) == 0
+    assert "deleted 1 version(s) (v000003)," in capsys.readouterr().err
     assert idx.versions() == ["v000004"] and shared.stat().st_nlink == 1 and not idx.stale()
     assert not (idx.root / "blobs" / "unused.safetensors").exists()
     assert disk() < before  # the removed R007 and R900's rows lived only in the old shards

@@ -92,8 +92,8 @@ def _compact(args: argparse.Namespace) -> None:
 
 def _prune(args: argparse.Namespace) -> None:
     dropped, freed = prune(IndexDir(_one(args, "INDEX_DIR")), args.keep)
-    log.info(f"index prune: deleted {len(dropped)} version(s){f' ({dropped[0]} to {dropped[-1]})' if dropped else ''}"
-             f", {freed / 2**20:.1f} MiB freed")
+    span = f" ({' to '.join(sorted({dropped[0], dropped[-1]}))})" if dropped else ""
+    log.info(f"index prune: deleted {len(dropped)} version(s){span}, {freed / 2**20:.1f} MiB freed")
 
 
 def info_lines(root: str) -> list[str]:
