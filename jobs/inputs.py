@@ -5,7 +5,8 @@ or a rejected path with its reason (:func:`core.imageio.scan_images`); two files
 stop the run. The list, with each file's size and mtime, is pinned in ``RUN/inputs.parquet`` the
 first time; a re-run whose files changed is refused, naming them, since the run's shards were
 made from the old files. A file with a new mtime whose bytes hash to the manifest's SHA-256 (a
-copied or restored dataset) is the same file: the pin takes its new mtime. The ground truth may
+copied or restored dataset), or that still does not decode when the manifest could not decode
+it, is the same file: the pin takes its new mtime. The ground truth may
 only name images of the inputs, once per pair.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from core.imageio import IMAGE_SUFFIXES, FolderScan, scan_images, sha256_file
+from core.imageio import IMAGE_SUFFIXES, FolderScan, ImageDecodeError, load_rgb, scan_images, sha256_file
 from core.metrics import read_ground_truth
 from core.settings import read_settings
 from core.store import exists, list_shards, read_table, write_table
@@ -34,6 +35,7 @@ INPUTS_SCHEMA = pa.schema([
 ])
 SHOWN = 8  # names quoted per kind of problem
 HASH_THREADS = 8
+UNDECODED = ""  # manifest_hashes' value for a file the manifest could not decode
 
 
 class InputError(ValueError):
@@ -105,23 +107,39 @@ def _stamps(inputs: pa.Table) -> dict[tuple[str, str], tuple[int, int]]:
     return {(s, os.path.abspath(p)): (n, t) for s, p, n, t in zip(*cols)}  # lists pinned before were relative
 
 
-def input_changes(old: pa.Table, new: pa.Table, sha256: Mapping[str, str] | None = None) -> list[str]:
+def as_made(path: str, sha256: str, max_pixels: int | None) -> bool:
+    """Whether ``path`` still is what the manifest made of it: bytes of hash ``sha256``, or, for a
+    file it could not decode (``sha256`` is :data:`UNDECODED`), a file that still does not."""
+    if sha256 != UNDECODED:
+        return sha256_file(path) == sha256
+    try:
+        load_rgb(path, max_pixels=max_pixels)
+    except ImageDecodeError:
+        return True
+    return False
+
+
+def input_changes(old: pa.Table, new: pa.Table, sha256: Mapping[str, str] | None = None,
+                  max_pixels: int | None = None) -> list[str]:
     """``added: ...``, ``removed: ...``, ``changed: ...`` between two file lists. A file of another
-    size is changed; one of another mtime is changed unless ``sha256`` (path -> the manifest's
-    hash) holds its bytes' hash, which it reads."""
+    size is changed; one of another mtime is changed unless it is as the manifest made it
+    (:func:`as_made`; ``sha256``: path -> the manifest's hash)."""
     a, b, sha256 = _stamps(old), _stamps(new), sha256 or {}
     moved = [k for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
     touched = [k[1] for k in moved if a[k][0] == b[k][0] and k[1] in sha256]
     with ThreadPoolExecutor(HASH_THREADS) as pool:  # hashlib releases the GIL: reads and hashes overlap
-        same = {p for p, h in zip(touched, pool.map(sha256_file, touched)) if h == sha256[p]}
+        kept = pool.map(lambda p: as_made(p, sha256[p], max_pixels), touched)
+        same = {p for p, ok in zip(touched, kept) if ok}
     kinds = {"added": sorted(b.keys() - a.keys()), "removed": sorted(a.keys() - b.keys()),
              "changed": [k for k in moved if k[1] not in same]}
     return [f"{len(keys)} {kind} ({some_of([p for _, p in keys])})" for kind, keys in kinds.items() if keys]
 
 
 def manifest_hashes(run: RunDir) -> dict[str, str]:
-    """path -> SHA-256 of the images the run's manifest holds so far."""
-    hashes: dict[str, str] = {}
+    """path -> SHA-256 of the images the run's manifest holds so far, :data:`UNDECODED` for the
+    files it could not decode."""
+    hashes = {os.path.abspath(p): UNDECODED for shard in list_shards(run.errors)
+              for p in read_table(shard, columns=["path"]).column("path").to_pylist()}
     for shard in list_shards(run.manifest):
         table = read_table(shard, columns=["path", "sha256"])
         hashes.update((os.path.abspath(p), h) for p, h in zip(table.column("path").to_pylist(),
@@ -142,7 +160,7 @@ def pin_inputs(run: RunDir, folders: dict[str, str]) -> pa.Table:
     a, b = _stamps(old), _stamps(new)
     if a == b:
         return new
-    changes = input_changes(old, new, manifest_hashes(run))
+    changes = input_changes(old, new, manifest_hashes(run), (read_settings(run.manifest) or {}).get("max_pixels"))
     if changes:
         raise InputError(f"{run.root}: the input images changed since this run folder was made from them "
                          f"({run.inputs}): {'; '.join(changes)}; its shards hold the old files, so run into a "

@@ -23,6 +23,7 @@ from jobs.inputs import (
     split_folders,
 )
 from jobs.layout import RunDir
+from tests.conftest import synthetic_photo
 
 
 def touch(path: Path, data: bytes = b"x") -> Path:
@@ -133,6 +134,25 @@ def test_new_mtimes_are_accepted_when_the_bytes_hash_to_the_manifest(data, tmp_p
     write_table(pa.Table.from_pylist(hashed[:1]), join(run.manifest, "all.parquet"))  # R1 not hashed yet
     later(r1)
     with pytest.raises(InputError, match=r"1 changed \(.*R1\.png\)"):
+        pin_inputs(run, folders)
+
+
+def test_a_file_the_manifest_could_not_decode_is_the_same_file_while_it_still_does_not(data, tmp_path):
+    """A restored dataset with a broken photo keeps its run folder; a file recorded as broken that
+    decodes now (same size, new mtime) is another file: the run's shards miss it."""
+    run = RunDir(str(tmp_path / "run"))
+    folders = split_folders(DataConfig(root=str(data)))
+    synthetic_photo(1).save(data / "references" / "R1.png")
+    first = pin_inputs(run, folders)
+    broken = [str(data / "queries" / "Q1.jpg"), str(data / "references" / "R1.png")]
+    decoded = [{"path": p, "sha256": sha256_file(p)} for p in first.column("path").to_pylist() if p not in broken]
+    write_table(pa.Table.from_pylist(decoded), join(run.manifest, "all.parquet"))
+    write_table(pa.Table.from_pylist([{"path": p, "error": f"{p}: not an image"} for p in broken]),
+                join(run.errors, "all.parquet"))  # R1.png as if its bytes were broken then
+    later(Path(broken[0]))
+    assert pin_inputs(run, folders).column("mtime_ns") != first.column("mtime_ns")  # still broken: accepted
+    later(Path(broken[1]))
+    with pytest.raises(InputError, match=r"1 changed \(.*R1\.png\)"):  # decodes now
         pin_inputs(run, folders)
 
 
