@@ -240,6 +240,14 @@ def _stat_reason(path: Path, err: OSError) -> str:
     return f"cannot read ({err.strerror or err})"
 
 
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8 come back from the OS as lone surrogates
+        return False
+    return True
+
+
 def _walk(folder: str, rel: str, ancestors: frozenset[str], scan: FolderScan) -> None:
     """Scan ``folder`` (``rel``: its path under the root, "" or ending in "/") into ``scan``. One
     stat per entry (DirEntry caches it); a file's resolved path is its resolved folder's plus its
@@ -252,6 +260,10 @@ def _walk(folder: str, rel: str, ancestors: frozenset[str], scan: FolderScan) ->
         return
     while entries:
         entry = entries.pop()  # in name order; let go once read: a DirEntry keeps its stat (~700 B a file)
+        if not _utf8(entry.name):  # Arrow tables, CSVs and ids hold text: name it as its bytes read
+            shown = os.fsencode(entry.path).decode("utf-8", "backslashreplace")
+            scan.rejected.append((shown, "the name is not UTF-8 text (rename it)"))
+            continue
         try:
             st = entry.stat()  # follows symlinks
         except OSError as e:

@@ -11,7 +11,8 @@ or config.yaml; the good images of the messy run score exactly as in the clean r
 | 2    | reference ``Q000`` next to query ``Q000``     | verification opens the query's own file            |
 | 3    | id with a comma, a quote and a line break     | quoted CSV, ``copydet evaluate`` round trip        |
 | 4    | .txt, broken symlink, symlink loop, unreadable| each in errors.parquet with its reason; .jfif and  |
-|      | folder, PNG over data.max_pixels; .jfif/.JPEG | .JPEG used; a JPEG over the cap decoded at 1/2     |
+|      | folder, PNG over data.max_pixels, a name that | .JPEG used; a JPEG over the cap decoded at 1/2     |
+|      | is not UTF-8; .jfif/.JPEG                     |                                                    |
 | 5    | data.root missing, queries/ empty             | refused at start, folder named                     |
 | 6    | ground truth: unknown ids, a repeated pair    | refused at start, ids and pair named               |
 | 8    | images added / changed after the run          | refused, files named, nothing rewritten            |
@@ -114,6 +115,7 @@ def make_messy(clean: Path, root: Path) -> Path:
     synthetic_photo(701).save(q / "locked" / "Q100.jpg")
     (q / "locked").chmod(0)
     synthetic_photo(702, (300, 200)).save(r / "huge.png")         #         a PNG over the pixel cap
+    synthetic_photo(703).save(os.fsdecode(os.fsencode(q) + b"/\xff\xfe.jpg"))  # a name that is not UTF-8
     write_gt(root / "ground_truth.csv", [(ODD if a == "Q006" else a, b) for a, b in GT])
     return root
 
@@ -244,7 +246,8 @@ def test_case4_every_file_is_in_the_manifest_or_in_errors(runs):
     out, q, r = runs / "messy-run", runs / "data" / "queries", runs / "data" / "references"
     errors = dict(zip(*(read_table(out / "errors.parquet").column(c).to_pylist() for c in ("path", "error"))))
     reasons = {q / "notes.txt": "not an image file extension", q / "broken.jpg": "broken symlink",
-               q / "loop": "symlink loop", q / "locked": "cannot read folder", r / "huge.png": "too many pixels"}
+               q / "loop": "symlink loop", q / "locked": "cannot read folder", r / "huge.png": "too many pixels",
+               q / "\\xff\\xfe.jpg": "the name is not UTF-8 text"}
     for path, reason in reasons.items():
         assert reason in errors[str(path)], (path, errors)
     assert "max_pixels" in errors[str(r / "huge.png")]
