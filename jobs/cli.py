@@ -50,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("copydet %s: error: %s", args.command, _message(e))
         log.debug("traceback", exc_info=True)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: every stage keeps its finished shards and skips them next time
+        log.error("copydet %s: interrupted; what it finished is kept (run it again to go on)", args.command)
+        log.debug("traceback", exc_info=True)
+        return 130
 
 
 def _message(e: Exception) -> Exception:

@@ -152,6 +152,19 @@ def test_a_ray_tasks_error_is_printed_without_the_remote_traceback():
     assert isinstance(wrapped, USER_ERRORS) and _message(wrapped) is cause
 
 
+def test_ctrl_c_ends_in_one_line_and_exit_130(monkeypatch, tmp_path, capsys):
+    """Not Ray's traceback: what was finished is kept, the same command goes on."""
+    import jobs.commands.stages
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(jobs.commands.stages, "run_pipeline", interrupted)
+    assert main(["run", "--out", str(tmp_path / "run")]) == 130
+    err = capsys.readouterr().err
+    assert "copydet run: interrupted; what it finished is kept (run it again to go on)" in err
+    assert "Traceback" not in err
+
+
 def test_cli_errors_are_clear(capsys):
     assert main(["fuse", "--set", "search.kk=1"]) == 2
     err = capsys.readouterr().err
