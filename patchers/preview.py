@@ -113,7 +113,7 @@ def write_preview(manifest: pa.Table, patches: Mapping[str, pa.Table], n: int,
     thumbs, sections = [], []
     for r in picked:
         try:
-            img = load_rgb(r["path"])
+            img = load_rgb(r["path"], max_side=THUMB)  # boxes are fractions: a JPEG decodes at 1/2-1/8 size
         except ImageDecodeError as e:
             sections.append(f"<h3>{html.escape(r['image_id'])}</h3><p>cannot decode: {html.escape(str(e))}</p>")
             continue
