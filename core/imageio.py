@@ -278,6 +278,8 @@ def _walk(folder: str, rel: str, ancestors: frozenset[str], scan: FolderScan) ->
                 _walk(entry.path, f"{rel}{entry.name}/", ancestors | {real}, scan)
         elif not stat.S_ISREG(st.st_mode):
             scan.rejected.append((entry.path, "not a regular file"))
+        elif entry.name.lower() in IMAGE_SUFFIXES:  # ".jpg": splitext reads it as a stem, no extension
+            scan.rejected.append((entry.path, "no name before the extension (its image id would be empty)"))
         elif suffix.lower() not in IMAGE_SUFFIXES:
             scan.rejected.append((entry.path, f"not an image file extension (accepted: {' '.join(IMAGE_SUFFIXES)})"))
         else:

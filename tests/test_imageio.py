@@ -187,11 +187,13 @@ def test_scan_lists_every_file_as_an_image_or_a_rejection(tmp_path):
     (root / "self.jpg").symlink_to(root / "self.jpg")
     (root / "sub" / "up").symlink_to(root, target_is_directory=True)
     (root / "alias.jpg").symlink_to(root / "A.jpg")
+    Image.new("RGB", (8, 8)).save(root / ".PNG", format="PNG")
     scan = scan_images(root)
     assert [f.image_id for f in scan.files] == ["A", "B", "C", "alias", "sub/D"]
     assert scan.files[3].path == str((root / "A.jpg").resolve()) and scan.files[0].size > 0
     reasons = {Path(p).name: r for p, r in scan.rejected}
-    assert reasons.keys() == {"notes.txt", "gone.jpg", "self.jpg", "up"}
+    assert reasons.keys() == {"notes.txt", "gone.jpg", "self.jpg", "up", ".PNG"}
+    assert reasons[".PNG"] == "no name before the extension (its image id would be empty)"
     assert reasons["notes.txt"].startswith("not an image file extension (accepted: .jpg .jpeg")
     assert reasons["gone.jpg"].startswith("broken symlink") and reasons["self.jpg"] == "symlink loop"
     assert reasons["up"].startswith("symlink loop (to ")
