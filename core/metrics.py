@@ -140,10 +140,27 @@ def evaluate_table(gt: Sequence[tuple[str, str]], preds: pa.Table) -> Metrics:
                     preds.column("reference_id").to_numpy(zero_copy_only=False), preds.column("score").to_numpy())
 
 
-def _read_csv(path: str | os.PathLike, columns: list[str], types: dict[str, pa.DataType]) -> pa.Table:
-    """Standard CSV: a value with a comma, quote or line break is quoted (as :func:`write_predictions` does)."""
+def _header_left_out(path: str | os.PathLike, columns: list[str]) -> int:
+    """How many columns the first row has when it is data, not a header (it names none of
+    ``columns``: ISC21's files may leave the header out); 0 when it is a header."""
     try:
-        table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(newlines_in_values=True),
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            first = next(csv.reader(f), [])
+    except (UnicodeDecodeError, csv.Error):
+        return 0  # the CSV reader names what is wrong
+    return 0 if not first or set(first) & set(columns) else len(first)
+
+
+def _read_csv(path: str | os.PathLike, columns: list[str], types: dict[str, pa.DataType]) -> pa.Table:
+    """Standard CSV: a value with a comma, quote or line break is quoted (as :func:`write_predictions`
+    does). The header line is optional; without one the columns are taken in ``columns``' order."""
+    n = _header_left_out(path, columns)
+    if 0 < n < len(columns):
+        raise ValueError(f"{path}: no header line, and {n} column(s) where {','.join(columns)} are expected")
+    names = [*columns, *(f"extra{i}" for i in range(n - len(columns)))] if n else None
+    try:
+        table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(column_names=names),
+                               parse_options=pacsv.ParseOptions(newlines_in_values=True),
                                convert_options=pacsv.ConvertOptions(column_types=types, strings_can_be_null=False))
     except pa.ArrowInvalid as e:
         raise ValueError(f"{path}: not a valid CSV with header {','.join(columns)}: {e}") from e
@@ -155,7 +172,7 @@ def _read_csv(path: str | os.PathLike, columns: list[str], types: dict[str, pa.D
 
 
 def read_ground_truth(path: str | os.PathLike) -> list[tuple[str, str]]:
-    """GT pairs from a CSV with header ``query_id,reference_id``; rows with no reference are skipped.
+    """GT pairs from a CSV ``query_id,reference_id`` (header optional); rows with no reference are skipped.
 
     A pair listed twice would count twice in recall: it is refused, naming the pairs."""
     table = _read_csv(path, ["query_id", "reference_id"],
@@ -170,9 +187,10 @@ def read_ground_truth(path: str | os.PathLike) -> list[tuple[str, str]]:
 
 
 def read_predictions(path: str | os.PathLike) -> pa.Table:
-    """An ISC21 prediction CSV (``query_id,reference_id,score``) as a PREDICTIONS_SCHEMA table."""
-    table = _read_csv(path, PREDICTIONS_SCHEMA.names, dict(zip(PREDICTIONS_SCHEMA.names, PREDICTIONS_SCHEMA.types)))
-    table = table.cast(PREDICTIONS_SCHEMA)
+    """An ISC21 prediction CSV (``query_id,reference_id,score``) with its scores as written (float64:
+    as float32, ``20.000002`` and ``20.000001`` would tie, and ties rank the false pair first)."""
+    table = _read_csv(path, PREDICTIONS_SCHEMA.names, {"query_id": pa.string(), "reference_id": pa.string(),
+                                                       "score": pa.float64()})
     check_predictions(table, str(path))
     return table
 

@@ -5,6 +5,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from core.contracts import PREDICTIONS_SCHEMA
 from core.metrics import (
     Metrics,
     evaluate,
@@ -149,7 +150,7 @@ def test_prediction_csv_round_trip(tmp_path):
     path = write_predictions(table, tmp_path / "out" / "predictions.csv")
     assert open(path).read().splitlines() == ["query_id,reference_id,score", "Q1,R9,0.1",
                                              "Q1,R3,-2.5", "Q2,R3,0.12345679"]
-    assert read_predictions(path).equals(table)
+    assert read_predictions(path).cast(PREDICTIONS_SCHEMA).equals(table)  # float32's shortest text: its value
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["predictions.csv"]  # no temp left
 
 
@@ -159,7 +160,7 @@ def test_ids_with_commas_quotes_and_line_breaks_round_trip(tmp_path):
                       "score": pa.array([0.5, 0.25, 0.125], pa.float32())})
     path = write_predictions(table, tmp_path / "p.csv")
     assert open(path).read().startswith('query_id,reference_id,score\n"Q,1",R1,0.5\n"Q ""2""","R,""x""",0.25\n')
-    assert read_predictions(path).equals(table)
+    assert read_predictions(path).cast(PREDICTIONS_SCHEMA).equals(table)
     gt = tmp_path / "gt.csv"
     gt.write_text('query_id,reference_id\n"Q,1",R1\n"Q\n3",R3\n')
     assert read_ground_truth(gt) == [("Q,1", "R1"), ("Q\n3", "R3")]
@@ -182,6 +183,26 @@ def test_ground_truth_csv_and_predictions_csv_scored(tmp_path):
                                         "score": [0.9, 0.8]}), tmp_path / "p.csv")
     m = evaluate_table(read_ground_truth(gt_csv), read_predictions(preds))
     assert m.micro_ap == pytest.approx(0.5) and m.recall_at_1 == 0.5  # Q1 found, Q3 wrong
+
+
+def test_scores_are_ranked_as_written_not_as_float32(tmp_path):
+    """As float32 both scores are 20.0: a tie, which ranks the false pair first (the ISC21 reader keeps them)."""
+    path = tmp_path / "p.csv"
+    path.write_text("query_id,reference_id,score\nQ1,R1,20.000002\nQ1,R2,20.000001\n")
+    m = evaluate_table([("Q1", "R1")], read_predictions(path))
+    assert (m.micro_ap, m.recall_at_p90, m.recall_at_1) == (1.0, 1.0, 1.0)
+
+
+def test_the_header_line_is_optional_as_in_isc21(tmp_path):
+    gt, preds = tmp_path / "gt.csv", tmp_path / "p.csv"
+    gt.write_text("\ufeffQ1,R1\nQ2,\nQ3,R3\n")  # a BOM too, as a spreadsheet writes it
+    preds.write_text("Q1,R1,0.9\nQ3,R0,0.8\n")
+    assert read_ground_truth(gt) == [("Q1", "R1"), ("Q3", "R3")]
+    assert read_predictions(preds).column("reference_id").to_pylist() == ["R1", "R0"]
+    preds.write_text("Q1,R1\n")
+    with pytest.raises(ValueError, match=r"p\.csv: no header line, and 2 column\(s\) where "
+                                         r"query_id,reference_id,score are expected"):
+        read_predictions(preds)
 
 
 def test_missing_columns_named(tmp_path):
