@@ -100,8 +100,18 @@ def test_saved_weights_round_trip_and_bad_cards_are_refused(trained, tmp_path):
         np.testing.assert_array_equal(net(q, q.flip(0)).numpy(), again(q, q.flip(0)).numpy())
     with pytest.raises(RegistryError, match="is a backbone, not a verifier"):
         load_verifier("tiny_cnn", spec.registry)
-    with pytest.raises(RegistryError, match="unknown region set"):
-        VerifierSpec(tokens="tiny_cnn", regions="nope").boxes()
+    with pytest.raises(ValueError, match="regions: unknown region set 'nope'"):
+        VerifierSpec(tokens="tiny_cnn", regions="nope")
+    with pytest.raises(ValueError, match=r"heads \(3\) must divide width \(16\)"):
+        VerifierSpec(tokens="tiny_cnn", width=16, heads=3)
+
+
+def test_a_token_or_miner_model_that_does_not_resolve_is_refused_before_training(trained):
+    spec, _ = trained
+    config = Path(spec.run_dir).parent.parent / "v.yaml"
+    for key in ("tokens", "miner"):
+        with pytest.raises(RegistryError, match=f"verifier.{key}: cannot resolve model 'nosuch'"):
+            plan_verifier(load_train_config(config, [f"verifier.{key}=nosuch"]))
 
 
 def test_validation_pairs_leave_out_photos_that_do_not_decode(tmp_path):

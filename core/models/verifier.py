@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import Field
+from pydantic import Field, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
@@ -67,9 +67,15 @@ class VerifierSpec(ConfigModel):
     ff: int = Field(256, ge=8)
     dropout: float = Field(0.1, ge=0, lt=1)
 
-    def boxes(self) -> np.ndarray:
+    @model_validator(mode="after")
+    def _fits(self) -> VerifierSpec:
         if self.regions not in REGION_SETS:
-            raise RegistryError(f"unknown region set {self.regions!r}; known: {sorted(REGION_SETS)}")
+            raise ValueError(f"regions: unknown region set {self.regions!r}; known: {sorted(REGION_SETS)}")
+        if self.width % self.heads:
+            raise ValueError(f"heads ({self.heads}) must divide width ({self.width}): each head takes width / heads")
+        return self
+
+    def boxes(self) -> np.ndarray:
         return np.asarray(REGION_SETS[self.regions], np.float32)
 
 

@@ -115,7 +115,13 @@ def verifier_name(cfg: TrainConfig) -> str:
 
 
 def plan_verifier(cfg: TrainConfig) -> list[RunSpec]:
-    """One verifier run over all set recipes, registered as ``<name>-verifier``."""
+    """One verifier run over all set recipes, registered as ``<name>-verifier``; its token and
+    miner models must resolve (refused here, naming the key, not inside Ray)."""
+    for key in ("tokens", "miner"):
+        try:
+            resolve_model(getattr(cfg.verifier, key), cfg.registry_dir())
+        except RegistryError as e:
+            raise RegistryError(f"verifier.{key}: {e}") from e
     return [_spec(cfg, kind="verifier", name=verifier_name(cfg), backbone=cfg.verifier.tokens,
                   recipe="+".join(cfg.set_recipes()))]
 
