@@ -38,23 +38,25 @@ def flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 NEW_FOLDER = "run into a new folder (--out)"
 
 
-def check_settings(folder: str, settings: dict[str, Any], what: str, advice: str = NEW_FOLDER) -> bool:
+def check_settings(folder: str, settings: dict[str, Any], what: str, advice: str = NEW_FOLDER,
+                   made: str = "shards") -> bool:
     """Refuse ``settings`` if ``folder`` records other ones (see :func:`pin_settings`), the error
-    ending in ``advice``; writes nothing. Returns whether there is a record."""
+    naming what was ``made`` and ending in ``advice``; writes nothing. Returns whether there is a record."""
     changed = settings_changes(folder, settings)
     if changed:
-        raise SettingsChanged(f"{folder}: {what} shards were made with other settings ({'; '.join(changed)}); "
+        raise SettingsChanged(f"{folder}: {what} {made} were made with other settings ({'; '.join(changed)}); "
                               f"{advice}, or delete {folder}")
     return changed is not None
 
 
-def pin_settings(folder: str, settings: dict[str, Any], what: str, advice: str = NEW_FOLDER) -> None:
+def pin_settings(folder: str, settings: dict[str, Any], what: str, advice: str = NEW_FOLDER,
+                 made: str = "shards") -> None:
     """Record the settings that make ``folder``'s shards, or check them against the record.
 
     Resuming skips finished shards, so a run folder re-run with, say, another ``search.k``
     would silently keep the old shards; this refuses instead, naming what changed.
     """
-    if not check_settings(folder, settings, what, advice):
+    if not check_settings(folder, settings, what, advice, made):
         write_text(join(folder, SETTINGS_FILE), json.dumps(settings, indent=2, sort_keys=True, default=str))
 
 

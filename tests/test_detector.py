@@ -203,12 +203,19 @@ def test_a_changed_config_is_refused(tiny, change, named):
     cfg, card, root = tiny
     before = _stamps(root)
     changed = _tiny_config(cfg.photos, root, **change)
-    with pytest.raises(ValueError, match="made with other settings") as e:
+    with pytest.raises(ValueError, match="detector training set and weights were made with other settings") as e:
         train_detector(changed)
     assert named in str(e.value) and f"set another output folder in the config, or delete {cfg.output}" in str(e.value)
     # settings that change neither data nor weights are no reason to refuse
     kept = train_detector(_tiny_config(cfg.photos, root, conf=0.2, synth={**cfg.synth.model_dump(), "chunk": 3}))
     assert kept.weights_sha256 == card.weights_sha256 and _stamps(root) == before
+
+
+def test_a_model_definition_that_does_not_exist_is_a_config_error(tmp_path):
+    """Found when the config is read, not after the synthetic set is built."""
+    with pytest.raises(ValueError, match="nosuch.yaml: no such model definition"):
+        _tiny_config(tmp_path, tmp_path, model="nosuch.yaml")
+    assert _tiny_config(tmp_path, tmp_path, model="yolov8s.yaml").model == "yolov8s.yaml"  # ultralytics' own
 
 
 def test_undecodable_photos_are_named_and_leave_nothing_done(tmp_path, monkeypatch, caplog):

@@ -69,6 +69,13 @@ class DetectorConfig(ConfigModel):
             raise ValueError(f"{v}: no such weights file (devices are offline: only local .pt files)")
         if not v.endswith((".pt", ".yaml", ".yml")):
             raise ValueError(f"{v}: expected an ultralytics model .yaml or a local .pt")
+        if not v.endswith(".pt"):  # found now, not after the synthetic set is built
+            from ultralytics.nn.tasks import yaml_model_load
+            try:
+                yaml_model_load(v)
+            except FileNotFoundError:
+                raise ValueError(f"{v}: no such model definition (a local .yaml, or one of ultralytics' own, "
+                                 "e.g. yolov8n.yaml)") from None
         return v
 
 
@@ -235,7 +242,8 @@ def train_detector(cfg: DetectorConfig, map_fn: MapFn = local_map) -> ModelCard:
     whose card is current returns that card untouched."""
     t0 = time.perf_counter()
     photos = list_photos(cfg)
-    pin_settings(cfg.output, run_settings(cfg, photos), "detector", "set another output folder in the config")
+    pin_settings(cfg.output, run_settings(cfg, photos), "detector", "set another output folder in the config",
+                 made="training set and weights")
     if card := registered_card(cfg, (Path(cfg.output) / "yolo").resolve()):
         log.info(f"detector {cfg.name}: {cfg.output} is trained and registered; kept as it is")
         return card
