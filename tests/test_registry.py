@@ -101,6 +101,8 @@ def test_cli_list_shows_valid_cards_and_warns_per_bad_file(tmp_path: Path, capsy
     assert "good" in out and "notes" not in out
     assert err.splitlines() == [f"skipped {tmp_path / 'notes.json'}: invalid model card: name: Field required "
                                 "(and 6 more)"]
+    assert main(["models", "list", str(tmp_path)]) == 2  # a folder given as PATH: not silently the default registry
+    assert f"models list: takes no PATH ({tmp_path}); a registry folder is --registry DIR" in capsys.readouterr().err
 
 
 def test_weights_inside_the_registry_are_stored_relative(tmp_path: Path) -> None:

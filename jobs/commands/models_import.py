@@ -88,4 +88,6 @@ ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
          arg("--only", action="append", choices=sorted(SSCD_MEMBERS), help="fetch-sscd: just this model"),
          uses_config=False)
 def models(args: argparse.Namespace) -> int | None:
+    if args.path and not args.action.startswith("import-"):
+        raise ValueError(f"models {args.action}: takes no PATH ({args.path}); a registry folder is --registry DIR")
     return ACTIONS[args.action](args)
