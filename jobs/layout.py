@@ -103,10 +103,6 @@ def next_shard_number(shards: list[str]) -> int:
     return 1 + max((int(s.rsplit("-", 1)[-1].split(".")[0]) for s in shards), default=-1)
 
 
-def shard_file(split: str, index: int) -> str:
-    return f"{split}-{index:05d}.parquet"
-
-
 def image_paths(run: RunDir) -> dict[str, dict[str, str]]:
     """split -> image id -> file, from the manifest: ids are unique within a split only, so
     every lookup of a file goes through its split."""

@@ -22,7 +22,7 @@ from core.imageio import ImageDecodeError, load_rgb
 from core.store import atomic_output, write_text
 
 KIND_COLOURS: dict[str, tuple[int, int, int]] = {
-    "full": (255, 255, 255), "scale": (200, 200, 200), "rotation": (255, 215, 0), "crop": (0, 200, 255),
+    "full": (255, 255, 255), "rotation": (255, 215, 0), "crop": (0, 200, 255),
     "tile": (80, 255, 80), "detection": (255, 40, 40), "proposal": (255, 0, 255),
 }
 THUMB = 256

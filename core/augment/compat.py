@@ -74,4 +74,4 @@ def apply() -> list[str]:
     return patched
 
 
-PATCHED = apply()
+apply()

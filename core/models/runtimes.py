@@ -79,7 +79,7 @@ def torchscript_forward(card: ModelCard, spec: ExternalSpec, device: str) -> For
 AUTOCAST = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def torch_forward(card: ModelCard, spec: ExternalSpec, device: str, precision: str = "float32") -> Forward:
+def torch_forward(card: ModelCard, device: str, precision: str = "float32") -> Forward:
     """A copydet backbone (weights from the card) as ``x -> rows``; on a GPU, ``float16`` /
     ``bfloat16`` run it under autocast (on the CPU it always runs in float32)."""
     from core.models.registry import build_model
@@ -102,7 +102,7 @@ def runtime(card: ModelCard, device: str = "cpu", precision: str = "float32") ->
     """The forward function of a descriptor card on ``device`` (``precision``: torch models only)."""
     spec = input_spec(card)
     if card.kind == "backbone":
-        return torch_forward(card, spec, device, precision)
+        return torch_forward(card, device, precision)
     if card.arch not in RUNTIMES:
         raise RegistryError(f"model {card.name!r}: unknown external runtime {card.arch!r}; known: {sorted(RUNTIMES)}")
     if not card.weights or not Path(card.weights).is_file():

@@ -12,12 +12,12 @@ import os
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from core.contracts import ERRORS_SCHEMA, MANIFEST_SCHEMA
+from core.contracts import ERRORS_SCHEMA, MANIFEST_SCHEMA, shard_file
 from core.settings import pin_settings
 from core.store import chunks, exists, join, read_table, write_table
 from jobs.config import SPLIT_FOLDERS, PipelineConfig
 from jobs.inputs import InputError, images, pin_inputs, split_folders
-from jobs.layout import RunDir, shard_file, shard_names
+from jobs.layout import RunDir, shard_names
 from jobs.runtime import run_tasks
 from patchers.manifest import describe
 

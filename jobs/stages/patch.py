@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
+from core.contracts import shard_split
 from core.models.cards import RegistryError
 from core.models.registry import default_registry_dir, load_card, weights_hash
 from core.settings import pin_settings
@@ -66,7 +67,7 @@ def patch_counts(run: RunDir) -> dict[str, tuple[int, float, int]]:
     for name in shard_names(run.patches):
         ids = read_table(join(run.patches, name), columns=["image_id"]).column("image_id")
         counts = pc.value_counts(ids).field("counts").to_pylist()
-        per_split.setdefault(name.split("-", 1)[0], []).extend(counts)
+        per_split.setdefault(shard_split(name), []).extend(counts)
     return {s: (len(c), sum(c) / len(c), max(c)) for s, c in per_split.items() if c}
 
 
@@ -91,7 +92,7 @@ def run_patch(cfg: PipelineConfig, run: RunDir) -> None:
     done = set(shard_names(run.patches))
     calls = []
     for n in shard_names(run.manifest):
-        split = n.split("-", 1)[0]
+        split = shard_split(n)
         if n not in done:
             calls.append((run, n, sides[split], detectors[split], cfg.data.max_pixels))
     failed = sum(run_tasks(patch_shard, calls, "patch"))

@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from core.contracts import shard_file
 from core.imageio import load_rgb
 from core.models.cards import RegistryError
 from core.models.registry import default_registry_dir, resolve_model, weights_hash
@@ -166,7 +167,7 @@ def describe_missing(name: str, settings: dict, registry: str, store: str, split
     index = index_described(store, split)
     todo = [(i, paths[i]) for i in sorted(ids - index.keys())]
     start = next_shard_number(list_shards(store, f"{split}-"))
-    calls = [(todo[a:b], split, settings, registry, join(store, f"{split}-{start + i:05d}.parquet"))
+    calls = [(todo[a:b], split, settings, registry, join(store, shard_file(split, start + i)))
              for i, a, b in chunks(len(todo), per_task)]
     run_tasks(describe_chunk, calls, f"describe {name} {split}{label}")
     index.update({image_id: call[-1] for call in calls for image_id, _ in call[0]})
