@@ -134,10 +134,19 @@ def evaluate(gt: Sequence[tuple[str, str]], query_ids: Sequence[str], reference_
     )
 
 
+def as_written(scores: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Scores as a predictions CSV holds them: float32 ones by their shortest text, which
+    :func:`write_predictions` writes and :func:`read_predictions` reads back as float64. The order
+    is float32's; a threshold taken from a table then admits the same rows in its CSV."""
+    if scores.type == pa.float32():
+        scores = pc.cast(pc.cast(scores, pa.string()), pa.float64())
+    return scores.to_numpy()
+
+
 def evaluate_table(gt: Sequence[tuple[str, str]], preds: pa.Table) -> Metrics:
-    """:func:`evaluate` of a ``query_id, reference_id, score`` table."""
+    """:func:`evaluate` of a ``query_id, reference_id, score`` table (scores :func:`as_written`)."""
     return evaluate(gt, preds.column("query_id").to_numpy(zero_copy_only=False),
-                    preds.column("reference_id").to_numpy(zero_copy_only=False), preds.column("score").to_numpy())
+                    preds.column("reference_id").to_numpy(zero_copy_only=False), as_written(preds.column("score")))
 
 
 def _header_left_out(path: str | os.PathLike, columns: list[str]) -> int:

@@ -49,3 +49,21 @@ def test_copies_csv_follows_the_threshold_and_is_removed_without_one(tmp_path):
     evaluate_run_files(run.predictions, read_ground_truth(gt), run.metrics, threshold=0.7)
     saved = json.loads(open(run.metrics).read())
     assert saved["threshold"] == 0.7 and saved["precision_at_threshold"] == pytest.approx(0.75)
+
+
+def test_every_score_as_the_threshold_counts_the_pairs_copies_csv_holds(tmp_path):
+    """An estimated threshold is one prediction's float32 score; read back from predictions.csv
+    (float64 of its text), that pair must still be at the threshold, in the table and in the file."""
+    from jobs.stages.fuse import copies
+    rng = np.random.default_rng(0)
+    scores = rng.normal(0, 0.01, 200).astype(np.float32)
+    preds = pa.table({"query_id": [f"q{i}" for i in range(200)], "reference_id": [f"r{i % 7}" for i in range(200)],
+                      "score": pa.array(scores, pa.float32())})
+    gt = [(f"q{i}", f"r{i % 7}") for i in range(0, 200, 3)]
+    run = RunDir(str(tmp_path / "run"))
+    for t in map(float, scores[:50]):
+        write_final(preds, t, run)
+        counted = [evaluate_run_files(p, gt, run.metrics, threshold=t) and json.loads(open(run.metrics).read())
+                   for p in (run.predictions, preds)]
+        assert [c["copies_at_threshold"] for c in counted] == [copies(preds, t).num_rows] * 2
+        assert read_predictions(run.copies).num_rows == copies(preds, t).num_rows
