@@ -226,6 +226,11 @@ def test_run_command_ends_with_the_metrics_and_the_report(ray_local, tiny_datase
     assert "Recall@1 per transform family" in report.read_text()
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("done: μAP") and last.endswith(f"report: {report}")
+    # the run started again with another member and stopped: its old predictions are not that config's
+    assert main(["manifest", "--out", str(tmp_path / "a"), *sets, "--set", "models.0.scales=[96]"]) == 0
+    for argv in (["report", str(tmp_path / "a")], ["compare", str(tmp_path / "a")]):
+        assert main(argv) == 2
+        assert f"{argv[0]}: {tmp_path / 'a' / 'candidates' / 'resnet18@96'} is incomplete" in capsys.readouterr().err
     assert main(["run", "--out", str(tmp_path / "b"), "--no-report", *sets]) == 0
     assert not (tmp_path / "b" / "report.html").exists()
 

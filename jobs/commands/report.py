@@ -14,6 +14,7 @@ from core.store import exists, read_table
 from ensemble.report import build_report
 from ensemble.report.analysis import Scored, family_recall, score
 from jobs.commands.base import arg, command, positive_int
+from jobs.completeness import require_candidates
 from jobs.config import ConfigError, PipelineConfig, load_config
 from jobs.inputs import recheck_inputs, run_ground_truth
 from jobs.layout import RunDir, image_paths, shard_names
@@ -24,10 +25,12 @@ log = logging.getLogger(__name__)
 
 
 def members(run: RunDir) -> dict[str, pa.Table]:
-    """Candidates of every member: each ``candidates/<key>`` folder with finished shards."""
+    """Candidates of every member: each ``candidates/<key>`` folder with finished shards, of the
+    run's config when it has one (not those a run with other models left there)."""
     root = os.path.join(run.root, "candidates")
     keys = sorted(k for k in os.listdir(root) if shard_names(run.candidates(k))) if os.path.isdir(root) else []
-    return {k: read_table(run.candidates(k)) for k in keys}
+    cfg = saved_config(run)
+    return {k: read_table(run.candidates(k)) for k in keys if cfg is None or k in cfg.search_keys()}
 
 
 def saved_config(run: RunDir) -> PipelineConfig | None:
@@ -35,11 +38,14 @@ def saved_config(run: RunDir) -> PipelineConfig | None:
     return load_config(run.config) if os.path.isfile(run.config) else None
 
 
-def final_predictions(run: RunDir) -> pa.Table:
+def final_predictions(run: RunDir, what: str) -> pa.Table:
     """``run``'s predictions.csv, refused when it holds another stage's scores than its config's
-    last (fuse run again after verify, or a run stopped in between): see :func:`require_final`."""
+    last (fuse run again after verify, or a run stopped in between: :func:`require_final`) or when
+    a member's candidates are unfinished (a run restarted with other models, stopped before fuse)."""
     cfg = saved_config(run)
     if cfg is not None:
+        if exists(run.inputs):  # a run copydet made, not predictions copied in beside a config
+            require_candidates(cfg, run, what)
         require_final(cfg, run)
     return read_predictions(run.predictions)
 
@@ -83,7 +89,7 @@ def write_report(run_dir: str, ground_truth: str | None = None, meta: str | None
     with locked(run, hint=""):  # a report of the finished run: only waiting helps
         recheck_inputs(run)  # its thumbnails are read from the images the scores were made from
         gt_path = ground_truth_path(run, ground_truth)
-        preds = final_predictions(run) if os.path.isfile(run.predictions) else None
+        preds = final_predictions(run, "report") if os.path.isfile(run.predictions) else None
         if preds is None:
             log.warning(f"report: no {run.predictions}: the report shows the members only (run `copydet fuse`)")
         paths = image_paths(run) if exists(run.manifest) else {}
@@ -164,7 +170,7 @@ def compare(args: argparse.Namespace) -> None:
         path = ground_truth_path(r, args.ground_truth)
         gt = run_ground_truth(path, r)  # that run's images, within its data.limit, as its own metrics
         log.info(f"compare: {label} against {path} ({len(gt)} pairs)")
-        pred = final_predictions(r)
+        pred = final_predictions(r, "compare")
         scored.append(Scored(label, pred, pred, score(pred, gt)))
         truths.append(gt)
     first = set(truths[0])
