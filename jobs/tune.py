@@ -89,6 +89,11 @@ def validation_config(cfg: PipelineConfig, split: Split, output: str) -> Pipelin
 
 # ---------------------------------------------------------------- tuning
 
+def background_needed(neighbours: int) -> int:
+    """Train descriptors a member needs to be normalised: its neighbours, and two for the tail scale."""
+    return max(neighbours, 2)
+
+
 def load_member(run: RunDir, key: str, neighbours: int) -> Member:
     """Candidates of ``key``, the bias of every query patch against the run's train features, and
     the tail scale of those background similarities (``ensemble.calibrate``)."""
@@ -96,8 +101,9 @@ def load_member(run: RunDir, key: str, neighbours: int) -> Member:
     cands = read_table(run.candidates(key))
     train = [read_table(join(folder, n), ["embedding"]) for n in shard_names(folder, "train")]
     rows = sum(t.num_rows for t in train)
-    if rows < max(neighbours, 2):
-        log.info(f"tune: {key}: {rows} train descriptors < search.normalize.neighbours={neighbours}; beta not tuned")
+    if rows < background_needed(neighbours):
+        log.info(f"tune: {key}: {rows} train descriptor(s), fewer than the {background_needed(neighbours)} "
+                 f"normalisation needs (search.normalize.neighbours={neighbours}; 2 at least); beta not tuned")
         return Member(key, cands, None)
     queries = pa.concat_tables(read_table(join(folder, n), ["image_id", "patch_id", "embedding"])
                                for n in shard_names(folder, "query"))
@@ -153,8 +159,9 @@ def tune_on_split(cfg: PipelineConfig, split: Split, run_dir: str, beta_grid: Se
     members = [load_member(run, key, cfg.search.normalize.neighbours) for key in vcfg.search_keys()]
     if cfg.search.normalize.enabled and "train" in cfg.data.folders() and not normalisable(members):
         raise ValueError(f"tune: the config normalises scores against its train photos, but the validation split's "
-                         f"background ({split.train or 'none'}) has fewer train descriptors than "
-                         f"search.normalize.neighbours={cfg.search.normalize.neighbours}: its scores would not be "
+                         f"background ({split.train or 'none'}) has fewer train descriptors than the "
+                         f"{background_needed(cfg.search.normalize.neighbours)} it needs (search.normalize."
+                         f"neighbours={cfg.search.normalize.neighbours}; 2 at least): its scores would not be "
                          "the run's; give the split more background photos (--background)")
     result = tune_members(members, gt, before_setting(cfg), beta_grid, Ranking(cfg.fuse.k, cfg.fuse.demote_others))
     return result, None if cfg.decoys() else calibrate_threshold(cfg, vcfg, members, gt, result.chosen)

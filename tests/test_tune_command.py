@@ -162,6 +162,16 @@ def test_user_split_refuses_the_evaluation_set(tiny_dataset, tmp_path):
         user_split(cfg, str(tmp_path / "queries"), str(tmp_path / "gt.csv"))
 
 
+def test_without_a_config_tune_takes_the_out_run_folders_own_as_its_help_says(tiny_dataset, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    data = {"references": str(tiny_dataset / "references"), "queries": str(tiny_dataset / "queries")}
+    (run / "config.yaml").write_text(yaml.safe_dump({"models": [{"name": "resnet18"}], "data": data}))
+    assert main(["tune", "--out", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"copydet tune: error: {run / 'config.yaml'}: no train folder to make a synthetic validation split" in err
+
+
 def test_a_split_without_background_is_refused_when_the_config_normalises(tiny_dataset, tmp_path, capsys):
     """Tuned on raw scores, the threshold would not fit the run's normalised ones (it flagged no copy)."""
     argv = ["tune", "--out", str(tmp_path / "run"), "--photos", "3", "--background", "0",
@@ -169,6 +179,23 @@ def test_a_split_without_background_is_refused_when_the_config_normalises(tiny_d
     assert main([argv[0], str(REPO / "configs" / "smoke.yaml"), *argv[1:]]) == 2
     assert "--background 0 leaves the split nothing to normalise against" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_member_with_too_little_background_is_not_normalised_and_says_how_much_it_needs(tmp_path, caplog):
+    import logging
+
+    import numpy as np
+
+    from core.store import features_table, write_table
+    from jobs.layout import RunDir
+    run = RunDir(str(tmp_path / "run"))
+    write_table(features_table(["T0"], [0], "m", 64, np.ones((1, 4), np.float32) / 2),
+                f"{run.features('m@64')}/train-00000.parquet")
+    write_table(CANDIDATES_SCHEMA.empty_table(), f"{run.candidates('m@64')}/query-00000.parquet")
+    caplog.set_level(logging.INFO)
+    assert jobs_tune.load_member(run, "m@64", 1).bias is None
+    assert "m@64: 1 train descriptor(s), fewer than the 2 normalisation needs (search.normalize.neighbours=1; " \
+           "2 at least); beta not tuned" in caplog.text
 
 
 def _member(key: str, rows: list[tuple[str, str, float]], bias: dict[str, float]) -> Member:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from core.store import exists
 from core.yamlconf import text_override
-from jobs.config import PipelineConfig, load_config
+from jobs.config import DEFAULT_CONFIG, PipelineConfig, load_config
 from jobs.layout import RunDir
 
 log = logging.getLogger(__name__)
@@ -49,15 +49,16 @@ def command(name: str, help: str, *arguments: tuple, uses_config: bool = True):
     return deco
 
 
+def config_path(args: argparse.Namespace) -> str:
+    """CONFIG, else the ``--out`` run folder's own ``config.yaml`` when it has one (a stage or
+    evaluate run again on a finished run), else the default config."""
+    if args.config is None and getattr(args, "out", None) and exists(RunDir(args.out).config):
+        log.info(f"config: {RunDir(args.out).config} (the run folder's own; name a CONFIG to use another)")
+        return RunDir(args.out).config
+    return args.config or str(DEFAULT_CONFIG)
+
+
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    """The command's config: CONFIG, else the ``--out`` run folder's own ``config.yaml`` when it has
-    one (a stage or evaluate run again on a finished run), else the default; ``--set`` on top."""
-    overrides = list(args.set or [])
-    path = args.config
-    if getattr(args, "out", None):
-        overrides.append(text_override("output", args.out))
-        saved = RunDir(args.out).config
-        if path is None and exists(saved):
-            path = saved
-            log.info(f"config: {saved} (the run folder's own; name a CONFIG to use another)")
-    return load_config(path, overrides)
+    """The command's config (:func:`config_path`), ``--out`` and ``--set`` on top."""
+    out = [text_override("output", args.out)] if getattr(args, "out", None) else []
+    return load_config(config_path(args), [*(args.set or []), *out])

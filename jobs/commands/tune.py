@@ -6,7 +6,7 @@ import logging
 import os
 
 from core.yamlconf import text_override
-from jobs.commands.base import arg, command
+from jobs.commands.base import arg, command, config_path
 from jobs.config import ConfigError, load_config
 from jobs.plan import count_images
 from jobs.tune import (
@@ -53,21 +53,20 @@ def beta_grid(text: str) -> list[float]:
              help=f"comma-separated betas to try (default {','.join(f'{b:g}' for b in BETA_GRID)})"),
          arg("--write", help="tuned config to write (default: RUN_DIR/tuned.yaml)"))
 def tune(args: argparse.Namespace) -> None:
-    if not args.config:
-        raise ConfigError("copydet tune: give the CONFIG to tune (the tuned file is written from it)")
+    config = config_path(args)  # the tuned file is written from it
     if bool(args.validation_queries) != bool(args.validation_ground_truth):
-        raise ConfigError("copydet tune: give both --validation-queries and --validation-ground-truth, or neither")
+        raise ConfigError("give both --validation-queries and --validation-ground-truth, or neither")
     overrides = [*(args.set or []), *([text_override("output", args.out)] if args.out else [])]
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(config, overrides)
     run_dir = cfg.output
     if "://" in run_dir:
-        raise ConfigError(f"copydet tune: the run folder must be a local path, got {run_dir}")
+        raise ConfigError(f"the run folder must be a local path, got {run_dir}")
     if args.validation_queries:
         split = user_split(cfg, args.validation_queries, args.validation_ground_truth)
     else:
         train = cfg.data.folders().get("train")
         if train is None:
-            raise ConfigError(f"{args.config}: no train folder to make a synthetic validation split from; "
+            raise ConfigError(f"{config}: no train folder to make a synthetic validation split from; "
                               "pass --validation-queries and --validation-ground-truth")
         photos, background = args.photos, args.background
         refs = cfg.data.folders().get("reference")
@@ -75,7 +74,7 @@ def tune(args: argparse.Namespace) -> None:
             photos, matched = matched_sizes(count_images(train), count_images(refs))  # counted, not listed
             background = matched if background is None else background
         if background == 0 and cfg.search.normalize.enabled:
-            raise ConfigError("copydet tune: --background 0 leaves the split nothing to normalise against, but the "
+            raise ConfigError("--background 0 leaves the split nothing to normalise against, but the "
                               "config normalises scores (search.normalize.enabled); keep some background photos")
         spec = SplitSpec(photos, args.recipe, args.seed, background)
         split = make_synthetic_split(train, os.path.join(run_dir, "tune", "data"), spec)
@@ -85,7 +84,7 @@ def tune(args: argparse.Namespace) -> None:
         print(format_subsets(result))
     print(format_threshold(threshold) if threshold else "fuse.threshold: auto (estimated in each run from its decoys)")
     out = args.write or os.path.join(run_dir, "tuned.yaml")
-    write_tuned_config(args.config, overrides, tuned_values(result, threshold), out,
-                       provenance(args.config, split, result, overrides, threshold, cfg))
+    write_tuned_config(config, overrides, tuned_values(result, threshold), out,
+                       provenance(config, split, result, overrides, threshold, cfg))
     again = " --out NEW_RUN_DIR" if os.path.exists(os.path.join(run_dir, "config.yaml")) else ""  # a run's folder
     log.info(f"tune: wrote {out}; run it with: copydet run {out}{again}")
