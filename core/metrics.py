@@ -143,6 +143,12 @@ def as_written(scores: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return scores.to_numpy()
 
 
+def written(score: float) -> float:
+    """One score as a predictions CSV holds it (:func:`as_written` of it as a float32): a threshold
+    given so compares with the file's scores as copydet's float32 comparisons do."""
+    return float(as_written(pa.array([score], pa.float32()))[0])
+
+
 def evaluate_table(gt: Sequence[tuple[str, str]], preds: pa.Table) -> Metrics:
     """:func:`evaluate` of a ``query_id, reference_id, score`` table (scores :func:`as_written`)."""
     return evaluate(gt, preds.column("query_id").to_numpy(zero_copy_only=False),

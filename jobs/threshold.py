@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from core.metrics import written
 from core.store import exists, read_table, read_text, write_text
 from ensemble.decoys import estimate_threshold, fold_factor
 from jobs.config import PipelineConfig
@@ -33,6 +34,8 @@ def estimate(preds: pa.Table, decoys: pa.Table, cfg: PipelineConfig, run: RunDir
     per_train = reference_ratio(run)
     est = estimate_threshold(preds.column("score").to_numpy(), decoys.column("score").to_numpy(),
                              per_train * fold_factor(cfg.fuse.decoy_folds), cfg.fuse.threshold_precision)
+    if est.threshold is not None:  # one prediction's score, as predictions.csv and copies.csv write it
+        est = replace(est, threshold=written(est.threshold))
     record = {**asdict(est), "scores": scores, "references_per_train": per_train, "folds": cfg.fuse.decoy_folds,
               "predictions": preds.num_rows, "decoy_predictions": decoys.num_rows}
     write_text(run.threshold, json.dumps(record, indent=2))

@@ -256,3 +256,18 @@ def test_stop_answers_the_requests_in_flight(service):
         t.join()
     assert [status for status, _ in answered.values()] == [200] * 8, answered
     assert any(t > stopping for _, t in answered.values())  # some were still in flight when the stop began
+
+
+def test_is_copy_compares_scores_as_copies_csv_does():
+    """A configured 0.7 admits a stored 0.7 (float32 0.69999999), as copies.csv does; the answer
+    shows scores and threshold as the CSVs write them."""
+    from types import SimpleNamespace
+
+    import pyarrow as pa
+
+    from jobs.serve.engine import Matcher
+    fused = pa.table({"query_id": ["q0"], "reference_id": ["R1"], "score": pa.array([0.7], pa.float32())})
+    served = SimpleNamespace(cfg=SimpleNamespace(copy_threshold=lambda: 0.7), scorers={}, version="v1",
+                             verified=lambda inliers, prob: None)
+    answer = Matcher.answer(served, fused, "q0", {}, {}, 1)
+    assert (answer["is_copy"], answer["matches"][0]["score"], answer["threshold"]) == (True, 0.7, 0.7)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +43,11 @@ def test_copies_csv_follows_the_threshold_and_is_removed_without_one(tmp_path):
     assert found.column("score").to_pylist() == pytest.approx([0.9, 0.8, 0.7, 0.7])
     write_final(table(PRED), None, run)
     assert not (tmp_path / "run" / "copies.csv").exists()  # no stale decisions from an older threshold
+    from jobs.config import load_config
+    from jobs.stages.fuse import finish
+    (tmp_path / "run" / "threshold.json").write_text('{"threshold": 0.2}')  # left by an `auto` run
+    finish(table(PRED), None, load_config(None, ["fuse.threshold=0.75"]), run, "fused")
+    assert not os.path.exists(run.threshold) and read_predictions(run.copies).num_rows == 2
 
     gt = tmp_path / "gt.csv"
     gt.write_text("query_id,reference_id\n" + "".join(f"{q},{r}\n" for q, r in GT))

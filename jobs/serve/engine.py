@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from core.imageio import ImageDecodeError, load_rgb
+from core.metrics import written
 from core.store import embeddings_from_arrow
 from ensemble.fuse import demote_others, fuse, max_over_patches, top_k_per_query
 from ensemble.index.reader import IndexVersion, KeyIndex
@@ -135,10 +136,10 @@ class Matcher:
             pairs = found.get("pairs")
             inliers = None if pairs is None else len(pairs)
             prob = next((found[n]["copy_prob"] for n in self.scorers if n in found and "copy_prob" in found[n]), None)
-            matches_.append({"reference_id": r["reference_id"], "score": float(r["score"]),
+            matches_.append({"reference_id": r["reference_id"], "score": written(r["score"]),  # as in the CSVs
                              "verified": self.verified(inliers, prob), "inliers": inliers, "copy_prob": prob,
                              "keypoints": [] if pairs is None else np.round(pairs, 4).tolist()})
-        threshold = self.cfg.copy_threshold()
+        threshold = written(self.cfg.copy_threshold())  # compared as copies.csv's float32 scores are
         return {"matches": matches_, "is_copy": bool(matches_ and matches_[0]["score"] >= threshold),
                 "threshold": threshold, "version": self.version, "batch_size": batch,
                 "timings": {k: round(v, 4) for k, v in timings.items()}}

@@ -7,14 +7,14 @@ from collections.abc import Sequence
 import numpy as np
 import pyarrow as pa
 
-from core.metrics import Metrics, as_written, evaluate_table, plot_pr, read_predictions
+from core.metrics import Metrics, evaluate_table, plot_pr, read_predictions, written
 from core.store import write_text
 
 
 def at_threshold(m: Metrics, threshold: float) -> dict[str, float | int | None]:
     """Precision and recall of the predictions scoring at or above ``threshold`` (the is-copy
     decisions of ``fuse.threshold``); precision is None when no prediction reaches it."""
-    at = as_written(pa.array([threshold], pa.float32()))[0]  # float32 scores: a configured 0.7 admits a stored 0.7
+    at = written(threshold)  # float32 scores: a configured 0.7 admits a stored 0.7
     n = int(np.searchsorted(-m.thresholds, -at, side="right"))  # thresholds run high to low
     return {"threshold": float(threshold), "copies_at_threshold": n,
             "precision_at_threshold": float(m.precisions[n - 1]) if n else None,

@@ -34,13 +34,17 @@ def copies(preds: pa.Table, threshold: float) -> pa.Table:
     return kept.take(pc.sort_indices(kept, [("score", "descending"), ("query_id", "ascending")]))
 
 
+def remove_stale(path: str) -> None:
+    if exists(path):
+        fs, local = filesystem(path)
+        fs.delete_file(local)
+
+
 def write_final(preds: pa.Table, threshold: float | None, run: RunDir) -> None:
     """``predictions.csv``, and ``copies.csv`` when there is a threshold (a stale one is removed)."""
     write_predictions(preds, run.predictions)
     if threshold is None:
-        if exists(run.copies):
-            fs, path = filesystem(run.copies)
-            fs.delete_file(path)
+        remove_stale(run.copies)
         return
     found = copies(preds, threshold)
     write_predictions(found, run.copies)
@@ -54,8 +58,11 @@ def finish(scores: pa.Table, decoys: pa.Table | None, cfg: PipelineConfig, run: 
     prediction as a non-copy reference in that query's list would be."""
     share = cfg.fuse.demote_others
     final = demote_others(scores, share)
-    threshold = (cfg.fuse.threshold if decoys is None
-                 else estimate(final, demote_others(decoys, share, scores), cfg, run, kind))
+    if decoys is None:
+        threshold = cfg.fuse.threshold
+        remove_stale(run.threshold)  # an estimate of an earlier `auto` run: not this config's threshold
+    else:
+        threshold = estimate(final, demote_others(decoys, share, scores), cfg, run, kind)
     write_final(final, threshold, run)
     write_text(run.scores, json.dumps({"scores": kind}))  # after the predictions: never names newer ones
 
