@@ -239,7 +239,7 @@ def test_evaluate_scores_the_files_it_is_given(runs, tmp_path, capsys):
     assert f"{foreign}: 1 id(s) of the predictions are not images of this run" in capsys.readouterr().err
     plot = tmp_path / "pr.png"  # no CONFIG: the run folder's own config.yaml; --threshold and --plot are honoured
     assert main(["evaluate", "--out", str(run), "--threshold", "0.5", "--plot", str(plot)]) == 0
-    assert "at fuse.threshold 0.5000" in capsys.readouterr().out and plot.is_file()
+    assert "at --threshold 0.5000" in capsys.readouterr().out and plot.is_file()  # not the config's number
 
 
 def test_case4_every_file_is_in_the_manifest_or_in_errors(runs):

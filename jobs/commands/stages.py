@@ -106,7 +106,7 @@ def evaluate(args: argparse.Namespace) -> int:
         else:
             pairs = read_ground_truth(gt)
         m = evaluate_run_files(preds, pairs, pr_png=args.plot)
-        print(format_metrics(m, args.threshold))
+        print(format_metrics(m, args.threshold, "--threshold"))
         if m.n_predictions and m.micro_ap == 0:  # not one true pair among them
             log.warning(f"evaluate: no predicted pair is a ground-truth pair of {gt}: are these predictions of "
                         "its queries and references?")
@@ -118,7 +118,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if m is None:
         return 1
     if args.threshold is not None:
-        print(format_metrics(m, args.threshold))
+        print(format_metrics(m, args.threshold, "--threshold"))
     if args.plot:
         plot_pr({cfg.name: m}, args.plot)
     return 0

@@ -36,13 +36,14 @@ def evaluate_run_files(predictions: str | pa.Table, ground_truth: Sequence[tuple
     return m
 
 
-def format_metrics(m: Metrics, threshold: float | None = None) -> str:
+def format_metrics(m: Metrics, threshold: float | None = None, source: str = "fuse.threshold") -> str:
+    """One line of metrics; with ``threshold`` (named by ``source``), its copies, precision and recall."""
     s = m.summary()
     line = (f"μAP {s['micro_ap']:.4f} | R@P90 {s['recall_at_p90']:.4f} | "
             f"R@1 {s['recall_at_1']:.4f} | R@10 {s['recall_at_10']:.4f}")
     if threshold is not None:
         t = at_threshold(m, threshold)
         p = "n/a" if t["precision_at_threshold"] is None else f"{t['precision_at_threshold']:.4f}"
-        line += (f" | at fuse.threshold {threshold:.4f}: {t['copies_at_threshold']} copies, precision {p}, "
+        line += (f" | at {source} {threshold:.4f}: {t['copies_at_threshold']} copies, precision {p}, "
                  f"recall {t['recall_at_threshold']:.4f}")
     return line
