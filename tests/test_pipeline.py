@@ -9,7 +9,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import yaml
-import ray
 
 from core.imageio import load_rgb
 from core.metrics import read_predictions, written
