@@ -253,9 +253,9 @@ class Indexed(NamedTuple):
 
 
 def changed_since(path: str, indexed: Indexed) -> bool:
-    """Whether ``path`` may hold another picture than ``indexed``: another file, or the same one
-    changed (ctime: edits and a file moved onto it) after the index recorded it. Only such files
-    are hashed: re-adding an unchanged indexed folder reads no bytes."""
+    """Whether ``path`` holds another picture than ``indexed``. Only a file that may (another path,
+    or the same one changed after the index recorded it: ctime, which edits and a file moved onto
+    it set) is hashed: re-adding an unchanged indexed folder reads no bytes."""
     maybe = path != indexed.path or os.stat(path).st_ctime_ns > indexed.written_ns
     return maybe and sha256_file(path) != indexed.sha256
 
