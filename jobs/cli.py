@@ -18,7 +18,8 @@ from jobs.config import ConfigError
 
 # Errors that are the user's to fix, printed as one message (COPYDET_DEBUG=1 adds the traceback);
 # AuthenticationError: a cluster's Jobs API refused the Ray token (README: Running on a Ray cluster).
-USER_ERRORS = (ConfigError, FileNotFoundError, ValueError, RuntimeError, ConnectionError, AuthenticationError)
+USER_ERRORS = (ConfigError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError,
+               RuntimeError, ConnectionError, AuthenticationError)
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", help="run folder (overrides `output`)")
             p.add_argument("--set", action="append", metavar="KEY=VALUE",
                            help="override a config key, e.g. --set search.k=20 (repeatable)")
-            p.add_argument("--address", help="Ray cluster address (default: local Ray)")
+            if c.address:
+                p.add_argument("--address", help=c.address)
         for flags, kwargs in c.arguments:
             p.add_argument(*flags, **kwargs)
         p.set_defaults(_command=c)

@@ -136,7 +136,7 @@ def submit(config: str | None, address: str | None, stage: str = "run", sets: Se
     overrides = [*sets, *([text_override("output", out)] if out else [])]
     if stage in TRAIN_STAGES:
         if out:
-            raise ConfigError(f"copydet submit --stage {stage}: set the training output with --set output=PATH")
+            raise ConfigError(f"--stage {stage}: set the training output with --set output=PATH, not --out")
         warnings = check_train_locations(load_train_config(config, overrides), config)
     else:
         warnings = check_locations(load_config(config, overrides), config)

@@ -172,6 +172,19 @@ def test_cli_errors_are_clear(capsys):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
         assert exit_.value.code == 2 and f"argument {argv[-2]}: " in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # evaluate starts no Ray: --address is not silently taken
+        main(["evaluate", "--address", "auto"])
+    assert "unrecognized arguments: --address" in capsys.readouterr().err
+
+
+def test_a_command_asked_what_it_cannot_do_says_so_in_one_line(tmp_path, capsys):
+    """Exit 2 and one line, not exit 1 with an info line or a traceback."""
+    assert main(["evaluate", "--set", f"data.root={tmp_path}", "--out", str(tmp_path / "run")]) == 2
+    assert "copydet evaluate: error: no ground truth to score against" in capsys.readouterr().err
+    assert main(["index", "remove", str(tmp_path), "--ids-file", str(tmp_path)]) == 2  # a folder, not a file
+    assert "Traceback" not in capsys.readouterr().err
+    assert main(["submit", "--stage", "pretrain"]) == 2
+    assert "copydet submit: error: --stage pretrain: give the training config" in capsys.readouterr().err
 
 
 def test_reduce_stage_pca_stretch_and_concat(ray_local, tiny_dataset, tmp_path):

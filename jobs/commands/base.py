@@ -21,6 +21,7 @@ class Command:
     fn: Callable[[argparse.Namespace], int | None]
     arguments: list[tuple[tuple[str, ...], dict]] = field(default_factory=list)
     uses_config: bool = True
+    address: str | None = None  # the help of its --address (with uses_config); None: it starts no Ray
 
 
 COMMANDS: dict[str, Command] = {}
@@ -41,10 +42,14 @@ def positive_int(text: str) -> int:
     return value
 
 
-def command(name: str, help: str, *arguments: tuple, uses_config: bool = True):
-    """Register ``fn(args)`` as ``copydet NAME``."""
+LOCAL_RAY = "Ray cluster address (default: the config's ray.address, else an embedded local Ray)"
+
+
+def command(name: str, help: str, *arguments: tuple, uses_config: bool = True, address: str | None = LOCAL_RAY):
+    """Register ``fn(args)`` as ``copydet NAME``; a config command takes CONFIG, --out, --set and,
+    unless ``address`` is None, --address (``address``: its help)."""
     def deco(fn):
-        COMMANDS[name] = Command(name, help, fn, list(arguments), uses_config)
+        COMMANDS[name] = Command(name, help, fn, list(arguments), uses_config, address)
         return fn
     return deco
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import logging
 
-from jobs.commands.base import arg, command, config_from_args, positive_int
+from jobs.commands.base import arg, command, config_from_args, config_path, positive_int
+from jobs.config import ConfigError
 from jobs.pipeline import STAGES
 from jobs.submit import TRAIN_STAGES
 
@@ -20,11 +21,15 @@ JOB_ARGS = (
          "Ray cluster as a Ray Job; prints the job id",
          arg("--stage", default="run", choices=["run", *STAGES, *TRAIN_STAGES],
              help="one stage instead of the whole run; pretrain / finetune take a training config"),
-         arg("--follow", action="store_true", help="stream the job's logs until it ends"))
+         arg("--follow", action="store_true", help="stream the job's logs until it ends"),
+         address=JOB_ARGS[1][1]["help"])
 def submit(args: argparse.Namespace) -> int:
     from jobs.submit import job_logs, job_status
     from jobs.submit import submit as submit_job
-    job_id = submit_job(args.config, args.address, args.stage, list(args.set or []), args.out, warn=log.warning)
+    if args.stage in TRAIN_STAGES and not args.config:
+        raise ConfigError(f"--stage {args.stage}: give the training config (e.g. configs/train/cluster.yaml)")
+    config = args.config if args.stage in TRAIN_STAGES else config_path(args)  # a run folder's own, as stages do
+    job_id = submit_job(config, args.address, args.stage, list(args.set or []), args.out, warn=log.warning)
     print(job_id, flush=True)
     if args.follow:
         job_logs(job_id, args.address, follow=True)
@@ -63,7 +68,8 @@ def stop(args: argparse.Namespace) -> None:
          arg("--throughput", help="bench JSON with images_per_s per model key (default: measure here)"),
          arg("--gpus", type=positive_int, default=8, help="GPUs the cluster runs on in parallel"),
          arg("--models-from", metavar="TRAIN_CONFIG",
-             help="training config whose models are not registered yet (sized from their architecture)"))
+             help="training config whose models are not registered yet (sized from their architecture)"),
+         address=None)
 def plan(args: argparse.Namespace) -> None:
     from core.models.cards import RegistryError
     from jobs.plan import build_plan, format_plan, model_cards, split_counts, throughputs

@@ -34,7 +34,7 @@ def preset_overrides(name: str) -> list[str]:
 
 @command("patch", "manifest (or image folders) -> patches.parquet: geometric views, region proposals, "
          "detector boxes", *FOLDER_ARGS,
-         arg("--preset", choices=SIDE_PRESETS, help="views for both sides (queries NAME, references ref_NAME)"),
+         arg("--preset", choices=SIDE_PRESETS, help="views for both sides (queries NAME, references ref_NAME where it exists, else NAME)"),
          arg("--preview", type=positive_int, metavar="N", help="write preview.png/.html of N images to the run folder"))
 def patch(args: argparse.Namespace) -> None:
     args.set = (preset_overrides(args.preset) if args.preset else []) + list(args.set or [])

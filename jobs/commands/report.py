@@ -120,7 +120,7 @@ META_HELP = "query metadata CSV with columns query_id,transforms (';'-separated 
          uses_config=False)
 def report(args: argparse.Namespace) -> None:
     if bool(args.run_dir) == bool(args.out):
-        raise ValueError("report: give the run folder once, as RUN_DIR or --out")
+        raise ValueError("give the run folder once, as RUN_DIR or --out")
     log.info(f"report: {write_report(args.run_dir or args.out, args.ground_truth, args.meta, args.k)}")
 
 

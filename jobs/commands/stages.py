@@ -10,7 +10,7 @@ from core.store import exists, read_table
 from core.yamlconf import text_override
 from jobs.commands.base import arg, command, config_from_args
 from jobs.commands.report import META_HELP, unread_note, write_report
-from jobs.config import PipelineConfig
+from jobs.config import ConfigError, PipelineConfig
 from jobs.inputs import check_pair_ids, run_ground_truth
 from jobs.layout import RunDir
 from jobs.pipeline import evaluate_run, run_pipeline, run_stages
@@ -89,7 +89,8 @@ stage_command("verify", "keypoint-verify each query's best candidates and re-sco
          arg("--predictions", help="predictions CSV (default: the run's predictions.csv)"),
          arg("--ground-truth", help="ground-truth CSV (default: the config's)"),
          arg("--plot", help="PR-curve PNG to write"),
-         arg("--threshold", type=float, help="also the precision and recall of the pairs scoring at or above this"))
+         arg("--threshold", type=float, help="also the precision and recall of the pairs scoring at or above this"),
+         address=None)
 def evaluate(args: argparse.Namespace) -> int:
     """A predictions file against a ground truth (given, or a named config's), or the run's own
     predictions (with ``--ground-truth``, against that file, checked against the run's images)."""
@@ -114,9 +115,10 @@ def evaluate(args: argparse.Namespace) -> int:
     if args.ground_truth:
         args.set = [*(args.set or []), text_override("data.ground_truth", args.ground_truth)]
     cfg = config_from_args(args)
+    if cfg.data.ground_truth_path() is None:
+        raise ConfigError("no ground truth to score against: the config names none (data.ground_truth, or "
+                          "ground_truth.csv under data.root); pass --ground-truth CSV")
     m = evaluate_run(cfg)
-    if m is None:
-        return 1
     if args.threshold is not None:
         print(format_metrics(m, args.threshold, "--threshold"))
     if args.plot:
