@@ -185,6 +185,11 @@ def test_a_command_asked_what_it_cannot_do_says_so_in_one_line(tmp_path, capsys)
     assert "Traceback" not in capsys.readouterr().err
     assert main(["submit", "--stage", "pretrain"]) == 2
     assert "copydet submit: error: --stage pretrain: give the training config" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("bogus_key: 1\n")  # submit checks the run folder's own, as the stages do
+    assert main(["submit", "--out", str(run), "--address", "http://127.0.0.1:1"]) == 2
+    assert "bogus_key: unknown key" in capsys.readouterr().err
 
 
 def test_reduce_stage_pca_stretch_and_concat(ray_local, tiny_dataset, tmp_path):
