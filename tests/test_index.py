@@ -312,6 +312,15 @@ def test_writer_lock_and_missing_index(tmp_path):
         Matcher(str(tmp_path / "nothing"))
 
 
+def test_an_option_of_another_action_is_refused_not_ignored(tmp_path, capsys):
+    argv = ["index", "info", str(tmp_path), "a", "b", "--keep", "7", "--references", "refs"]
+    assert copydet(argv) == 2
+    assert "index info: --references is for build; --keep is for prune; a b is for add and remove" in \
+        capsys.readouterr().err
+    assert copydet(["index", "prune", str(tmp_path), "--ids-file", "ids.txt"]) == 2
+    assert "index prune: --ids-file is for remove" in capsys.readouterr().err
+
+
 def test_an_index_from_a_run_serves_the_threshold_the_run_estimated(tmp_path, caplog):
     """fuse.threshold auto is estimated per batch run; the index keeps that run's number, when it was
     estimated on the scores the service gives (verified here), so is_copy is calibrated when served;

@@ -140,7 +140,7 @@ ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
          "atomically)",
          arg("action", choices=sorted(ACTIONS), help="what to do"),
          arg("target", nargs="?", help="build: the pipeline YAML; otherwise INDEX_DIR"),
-         arg("rest", nargs="*", help="add: FOLDER of images; remove: reference ids"),
+         arg("rest", nargs="*", default=[], metavar="ARG", help="add: FOLDER of images; remove: reference ids"),
          arg("--out", help="build: the index folder to create or publish a new version in"),
          arg("--from-run", help="build: publish a finished run's features instead of extracting (with the "
              "run's own config: no CONFIG, --set serve.*, index.*, ray.* only)"),
@@ -154,4 +154,20 @@ ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
          arg("--address", help="build: Ray cluster address (default: local Ray)"),
          uses_config=False)
 def index(args: argparse.Namespace) -> int | None:
+    check_options(args)
     return ACTIONS[args.action](args)
+
+
+OPTION_ACTIONS = {"out": "build", "from_run": "build", "references": "build", "train": "build", "address": "build",
+                  "set": "build add", "ids_file": "remove", "keep": "prune", "rest": "add remove"}
+OPTION_DEFAULTS = {"keep": 2, "rest": []}
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Refuse an option (or extra argument) of another action: given to this one, it would be ignored."""
+    stray = [k for k, actions in OPTION_ACTIONS.items()
+             if args.action not in actions.split() and getattr(args, k) not in (None, OPTION_DEFAULTS.get(k))]
+    if stray:
+        named = "; ".join(f"{' '.join(args.rest) if k == 'rest' else '--' + k.replace('_', '-')} is for "
+                          f"{' and '.join(OPTION_ACTIONS[k].split())}" for k in stray)
+        raise ValueError(f"index {args.action}: {named}")
