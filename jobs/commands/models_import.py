@@ -34,6 +34,10 @@ def spec_from_args(args: argparse.Namespace) -> dict:
     spec = {"layout": args.layout, "dtype": args.dtype, "input": args.input_name, "output": args.output_name,
             "interpolation": args.interpolation, "intra_op_threads": args.threads}
     if args.uint8_nhwc:
+        other = [f"--{k} {v}" for k, v, it in (("layout", args.layout, "nhwc"), ("dtype", args.dtype, "uint8"))
+                 if v not in (None, it)]
+        if other:
+            raise ValueError(f"--uint8-nhwc means --layout nhwc --dtype uint8; it contradicts {' '.join(other)}")
         spec.update(layout="nhwc", dtype="uint8")
     return {k: v for k, v in spec.items() if v is not None}
 
@@ -64,6 +68,10 @@ ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
 }
 
 
+IMPORT_ONLY = ("name", "input_size", "uint8_nhwc", "layout", "dtype", "mean", "std", "input_name", "output_name",
+               "interpolation", "threads", "no_copy", "force")
+
+
 @command("models", "model registry: import ONNX/TorchScript descriptor models, fetch SSCD, list cards",
          arg("action", nargs="?", default="list", choices=sorted(ACTIONS), help="what to do (default: list)"),
          arg("path", nargs="?", help="model file (import-*)"),
@@ -90,4 +98,10 @@ ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
 def models(args: argparse.Namespace) -> int | None:
     if args.path and not args.action.startswith("import-"):
         raise ValueError(f"models {args.action}: takes no PATH ({args.path}); a registry folder is --registry DIR")
+    wrong = [f"--{k.replace('_', '-')} is for import-*" for k in IMPORT_ONLY
+             if getattr(args, k) not in (None, False) and not args.action.startswith("import-")]
+    if args.only and args.action != "fetch-sscd":
+        wrong.append("--only is for fetch-sscd")
+    if wrong:  # given to another action, it would be ignored
+        raise ValueError(f"models {args.action}: {'; '.join(wrong)}")
     return ACTIONS[args.action](args)
