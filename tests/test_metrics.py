@@ -193,6 +193,15 @@ def test_scores_are_ranked_as_written_not_as_float32(tmp_path):
     assert (m.micro_ap, m.recall_at_p90, m.recall_at_1) == (1.0, 1.0, 1.0)
 
 
+def test_one_score_as_written_is_the_columns_text():
+    """The service writes one score at a time (numpy's text), the CSV a column (Arrow's): the same numbers."""
+    from core.metrics import as_written, written
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(0, 1, 3000), rng.normal(0, 1e-4, 3000), rng.uniform(-50, 50, 3000)]).astype(np.float32)
+    assert as_written(pa.array(x)).tolist() == [written(v) for v in x.tolist()]
+    assert written(0.7) == 0.7 and written(float(np.float32(0.7))) == 0.7
+
+
 def test_the_header_line_is_optional_as_in_isc21(tmp_path):
     gt, preds = tmp_path / "gt.csv", tmp_path / "p.csv"
     gt.write_text("\ufeffQ1,R1\nQ2,\nQ3,R3\n")  # a BOM too, as a spreadsheet writes it

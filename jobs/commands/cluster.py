@@ -11,9 +11,10 @@ from jobs.submit import TRAIN_STAGES
 
 log = logging.getLogger(__name__)
 
+JOBS_ADDRESS = "Ray dashboard address, e.g. http://HEAD:8265 (default: $RAY_ADDRESS or localhost)"
 JOB_ARGS = (
     arg("job_id", metavar="JOB", help="job id printed by `copydet submit`"),
-    arg("--address", help="Ray dashboard address, e.g. http://HEAD:8265 (default: $RAY_ADDRESS or localhost)"),
+    arg("--address", help=JOBS_ADDRESS),
 )
 
 
@@ -22,7 +23,7 @@ JOB_ARGS = (
          arg("--stage", default="run", choices=["run", *STAGES, *TRAIN_STAGES],
              help="one stage instead of the whole run; pretrain / finetune take a training config"),
          arg("--follow", action="store_true", help="stream the job's logs until it ends"),
-         address=JOB_ARGS[1][1]["help"])
+         address=JOBS_ADDRESS)
 def submit(args: argparse.Namespace) -> int:
     from jobs.submit import job_logs, job_status
     from jobs.submit import submit as submit_job

@@ -18,7 +18,7 @@ from pathlib import Path
 from ensemble.index.layout import IndexDir, folder_bytes
 from ensemble.index.versions import prune, read_manifest
 from jobs import indexing
-from jobs.commands.base import arg, command, positive_int
+from jobs.commands.base import LOCAL_RAY, arg, command, positive_int
 from jobs.commands.stages import config_with_folders
 from jobs.inputs import some_of
 
@@ -151,7 +151,7 @@ ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
              "one and the one replicas may still be swapping from)"),
          arg("--set", action="append", metavar="KEY=VALUE",
              help="override a config key (repeatable); add: serve.*, index.* and ray.* only"),
-         arg("--address", help="build: Ray cluster address (default: local Ray)"),
+         arg("--address", help=f"build: {LOCAL_RAY}"),
          uses_config=False)
 def index(args: argparse.Namespace) -> int | None:
     check_options(args)

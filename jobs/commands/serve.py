@@ -6,7 +6,7 @@ import logging
 import signal
 import threading
 
-from jobs.commands.base import arg, command
+from jobs.commands.base import LOCAL_RAY, arg, command
 from jobs.indexing import index_config
 from jobs.runtime import init_ray
 
@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
          arg("index_dir", help="index folder made by `copydet index build`"),
          arg("--set", action="append", metavar="KEY=VALUE",
              help="override serve.* / index.* / ray.* keys of the index's config, e.g. --set serve.port=8080"),
-         arg("--address", help="Ray cluster address (default: an embedded local Ray)"),
+         arg("--address", help=LOCAL_RAY),
          uses_config=False)
 def serve_index(args: argparse.Namespace) -> None:
     from jobs.serve.app import start, stop
