@@ -200,8 +200,9 @@ def test_add_remove_compact(built, tmp_path, monkeypatch, caplog, capsys):
     before = disk()
     with pytest.raises(ValueError, match="keep"):
         prune(idx, 0)
-    assert prune(idx, 2)[0] == ["v000001", "v000002"]
     capsys.readouterr()
+    assert copydet(["index", "prune", str(index)]) == 0  # keeps 2 by default
+    assert "deleted 2 version(s) (v000001 to v000002)," in capsys.readouterr().err
     assert copydet(["index", "prune", str(index), "--keep", "1"]) == 0
     assert "deleted 1 version(s) (v000003)," in capsys.readouterr().err
     assert idx.versions() == ["v000004"] and shared.stat().st_nlink == 1 and not idx.stale()
@@ -319,6 +320,8 @@ def test_an_option_of_another_action_is_refused_not_ignored(tmp_path, capsys):
         capsys.readouterr().err
     assert copydet(["index", "prune", str(tmp_path), "--ids-file", "ids.txt"]) == 2
     assert "index prune: --ids-file is for remove" in capsys.readouterr().err
+    assert copydet(["index", "info", str(tmp_path), "--keep", "2"]) == 2  # its default, given
+    assert "index info: --keep is for prune" in capsys.readouterr().err
 
 
 def test_an_index_from_a_run_serves_the_threshold_the_run_estimated(tmp_path, caplog):

@@ -105,6 +105,8 @@ def test_cli_list_shows_valid_cards_and_warns_per_bad_file(tmp_path: Path, capsy
     assert f"models list: takes no PATH ({tmp_path}); a registry folder is --registry DIR" in capsys.readouterr().err
     assert main(["models", "list", "--registry", str(tmp_path), "--name", "x", "--only", "sscd"]) == 2  # not ignored
     assert "models list: --name is for import-*; --only is for fetch-sscd" in capsys.readouterr().err
+    assert main(["models", "list", "--registry", str(tmp_path), "--resize", "square"]) == 2  # its default, given
+    assert "models list: --resize is for import-*" in capsys.readouterr().err
     assert main(["models", "import-onnx", "m.onnx", "--name", "n", "--input-size", "32", "--uint8-nhwc",
                  "--layout", "nchw", "--registry", str(tmp_path)]) == 2
     assert "--uint8-nhwc means --layout nhwc --dtype uint8; it contradicts --layout nchw" in capsys.readouterr().err

@@ -91,7 +91,7 @@ def _compact(args: argparse.Namespace) -> None:
 
 
 def _prune(args: argparse.Namespace) -> None:
-    dropped, freed = prune(IndexDir(_one(args, "INDEX_DIR")), args.keep)
+    dropped, freed = prune(IndexDir(_one(args, "INDEX_DIR")), args.keep or KEEP)
     span = f" ({' to '.join(sorted({dropped[0], dropped[-1]}))})" if dropped else ""
     log.info(f"index prune: deleted {len(dropped)} version(s){span}, {freed / 2**20:.1f} MiB freed")
 
@@ -131,6 +131,8 @@ def _info(args: argparse.Namespace) -> None:
     print("\n".join(info_lines(_one(args, "INDEX_DIR"))))
 
 
+KEEP = 2  # versions prune keeps by default
+
 ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "build": _build, "add": _add, "remove": _remove, "compact": _compact, "prune": _prune, "info": _info,
 }
@@ -147,7 +149,7 @@ ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
          arg("--references", help="build: folder of reference images"),
          arg("--train", help="build: folder of train images (normalisation background, PCA)"),
          arg("--ids-file", help="remove: a file of reference ids, one a line"),
-         arg("--keep", type=positive_int, default=2, help="prune: the newest versions kept (default 2: the published "
+         arg("--keep", type=positive_int, help=f"prune: the newest versions kept (default {KEEP}: the published "
              "one and the one replicas may still be swapping from)"),
          arg("--set", action="append", metavar="KEY=VALUE",
              help="override a config key (repeatable); add: serve.*, index.* and ray.* only"),
@@ -160,13 +162,12 @@ def index(args: argparse.Namespace) -> int | None:
 
 OPTION_ACTIONS = {"out": "build", "from_run": "build", "references": "build", "train": "build", "address": "build",
                   "set": "build add", "ids_file": "remove", "keep": "prune", "rest": "add remove"}
-OPTION_DEFAULTS = {"keep": 2, "rest": []}
 
 
 def check_options(args: argparse.Namespace) -> None:
     """Refuse an option (or extra argument) of another action: given to this one, it would be ignored."""
     stray = [k for k, actions in OPTION_ACTIONS.items()
-             if args.action not in actions.split() and getattr(args, k) not in (None, OPTION_DEFAULTS.get(k))]
+             if args.action not in actions.split() and getattr(args, k) not in (None, [])]
     if stray:
         named = "; ".join(f"{' '.join(args.rest) if k == 'rest' else '--' + k.replace('_', '-')} is for "
                           f"{' and '.join(OPTION_ACTIONS[k].split())}" for k in stray)

@@ -51,7 +51,7 @@ def _import(runtime: str) -> Callable[[argparse.Namespace], None]:
         if not args.force:
             refuse_registered(args.name, args.registry)
         card = import_external(args.path, args.name, registry=args.registry, runtime=runtime,
-                               input_size=args.input_size, resize=args.resize, mean=args.mean, std=args.std,
+                               input_size=args.input_size, resize=args.resize or "square", mean=args.mean, std=args.std,
                                copy=not args.no_copy, **spec_from_args(args))
         log.info(f"registered {describe(card)}")
     return run
@@ -68,7 +68,7 @@ ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
 }
 
 
-IMPORT_ONLY = ("name", "input_size", "uint8_nhwc", "layout", "dtype", "mean", "std", "input_name", "output_name",
+IMPORT_ONLY = ("name", "input_size", "resize", "uint8_nhwc", "layout", "dtype", "mean", "std", "input_name", "output_name",
                "interpolation", "threads", "no_copy", "force")
 
 
@@ -79,8 +79,8 @@ IMPORT_ONLY = ("name", "input_size", "uint8_nhwc", "layout", "dtype", "mean", "s
          arg("--registry", help="registry folder (default: $COPYDET_REGISTRY or models/)"),
          arg("--input-size", type=int, help="import-*: nominal input side in pixels, required (the config's scale "
              "overrides it)"),
-         arg("--resize", choices=["square", "short_side", "long_side"], default="square",
-             help="square: input-size x input-size; *_side: that side to input-size, aspect kept"),
+         arg("--resize", choices=["square", "short_side", "long_side"],
+             help="import-*: square (default): input-size x input-size; *_side: that side to input-size, aspect kept"),
          arg("--uint8-nhwc", action="store_true",
              help="raw 0-255 RGB pixels, channels last (normalisation inside the graph)"),
          arg("--layout", choices=["nhwc", "nchw"]), arg("--dtype", choices=["uint8", "float32"]),
