@@ -15,6 +15,7 @@ from ray.exceptions import AuthenticationError, RayTaskError
 from core.logs import setup_logging
 from jobs.commands import COMMANDS
 from jobs.config import ConfigError
+from jobs.runtime import Stopped
 
 # Errors that are the user's to fix, printed as one message (COPYDET_DEBUG=1 adds the traceback);
 # AuthenticationError: a cluster's Jobs API refused the Ray token (README: Running on a Ray cluster).
@@ -52,10 +53,12 @@ def main(argv: list[str] | None = None) -> int:
         log.error("copydet %s: error: %s", args.command, _message(e))
         log.debug("traceback", exc_info=True)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: every stage keeps its finished shards and skips them next time
-        log.error("copydet %s: interrupted; what it finished is kept (run it again to go on)", args.command)
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: every stage keeps its finished shards, skipped next time
+        stopped = isinstance(e, Stopped)
+        log.error("copydet %s: %s; what it finished is kept (run it again to go on)", args.command,
+                  "stopped (SIGTERM)" if stopped else "interrupted")
         log.debug("traceback", exc_info=True)
-        return 130
+        return 143 if stopped else 130
 
 
 def _message(e: Exception) -> Exception:

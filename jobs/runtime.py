@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +29,14 @@ def quiet_workers() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (a scheduler, a container's stop, `copydet stop`): the command ends as after Ctrl-C."""
+
+
+def _stopped(signum: int, frame: object) -> None:
+    raise Stopped
+
+
 def init_ray(cfg: RayConfig, address: str | None = None) -> None:
     """Connect to ``address`` (or the config's), or start an embedded local Ray."""
     for k, v in OFFLINE_ENV.items():
@@ -41,6 +51,8 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
         ray.init(address=address, num_cpus=None if address else cfg.num_cpus,
                  include_dashboard=False, logging_level="WARNING", log_to_driver=True,
                  runtime_env={"env_vars": OFFLINE_ENV, "worker_process_setup_hook": quiet_workers})
+        if threading.current_thread() is threading.main_thread():  # Ray's core worker's handler aborts (exit 134)
+            signal.signal(signal.SIGTERM, _stopped)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 

@@ -3,7 +3,11 @@ import csv
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from collections import Counter
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -28,6 +32,8 @@ from jobs.stages import verify as verify_stage
 from jobs.stages.verify import (Pass, registry_dir, score_pairs, scorer_for, store_folder, unscored,
                                 verify_settings)
 from tests.badimages import EXPECTED, make_bad_images
+
+REPO = Path(__file__).resolve().parent.parent
 
 TINY = ["models.0.name=resnet18", "models.0.scales=[64]", "models.0.batch_size=8", "patches.shard_size=5",
         "search.k=5", "fuse.k=3"]
@@ -162,6 +168,24 @@ def test_ctrl_c_ends_in_one_line_and_exit_130(monkeypatch, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "copydet run: interrupted; what it finished is kept (run it again to go on)" in err
     assert "Traceback" not in err
+
+
+def test_sigterm_ends_like_ctrl_c_and_the_same_command_goes_on(ray_local, tiny_dataset, tmp_path):
+    """A scheduler's or container's stop (SIGTERM) once Ray runs: not Ray's abort (exit 134) with a
+    native stack dump, but one line and exit 143; the run then resumes to the uninterrupted result."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    argv = ["run", "--out", str(tmp_path / "run"), *sum((["--set", s] for s in [f"data.root={tiny_dataset}", *TINY]), [])]
+    cmd = [sys.executable, "-m", "jobs.cli", *argv]
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    for line in proc.stderr:
+        if line.startswith("extract:"):  # Ray is up, its model actors start
+            proc.send_signal(signal.SIGTERM)
+            break
+    err = proc.stderr.read()
+    assert proc.wait(120) == 143, err[-2000:]
+    assert "copydet run: stopped (SIGTERM); what it finished is kept (run it again to go on)" in err
+    assert "SIGTERM received" not in err and "Traceback" not in err
+    assert main(argv) == 0
 
 
 def test_cli_errors_are_clear(capsys):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from collections.abc import Mapping
 
 import ray
@@ -146,12 +147,14 @@ def run_extract(cfg: PipelineConfig, run: RunDir) -> None:
                                          pres, cfg.data.max_pixels), num_cpus=cfg.extract.decode_cpus)
     # Ray Data restarts dead actors (max_restarts=-1: a lost node must not end the run), but a chunk
     # that kills every actor it meets (out of memory) must fail the stage, not loop.
-    ds = ds.map_batches(ChunkEmbedder, batch_size=1, batch_format="numpy",
-                        fn_constructor_kwargs={"keys": keys, "errors_dir": run.errors, "use_gpu": res["use_gpu"],
-                                               "num_threads": res["threads"]},
-                        compute=ActorPoolStrategy(min_size=res["min_size"], max_size=res["max_size"]),
-                        num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_restarts=-1,
-                        max_task_retries=cfg.extract.chunk_retries)
+    with warnings.catch_warnings():  # the retry limits have no named parameter before Ray 2.64 (pinned < 2.61)
+        warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
+        ds = ds.map_batches(ChunkEmbedder, batch_size=1, batch_format="numpy",
+                            fn_constructor_kwargs={"keys": keys, "errors_dir": run.errors, "use_gpu": res["use_gpu"],
+                                                   "num_threads": res["threads"]},
+                            compute=ActorPoolStrategy(min_size=res["min_size"], max_size=res["max_size"]),
+                            num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_restarts=-1,
+                            max_task_retries=cfg.extract.chunk_retries)
     total = sum(t.stop - t.start for t in tasks)
     bad = 0
     with tqdm(total=total, desc=f"extract {names}", unit="patch") as bar:
