@@ -8,12 +8,14 @@ with a pydantic model, and report every problem by its dotted key:
 """
 from __future__ import annotations
 
+import datetime
+import difflib
 import json
 import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
@@ -24,9 +26,10 @@ M = TypeVar("M", bound=BaseModel)
 class ConfigModel(BaseModel):
     """Base of every config section: an unknown key, or a value of another type (``k: true`` or
     ``k: 2.5`` for an integer), is an error rather than a coercion. A number given for a text
-    key (``output: 2024``, a folder) is taken as its text."""
+    key (``output: 2024``, a folder) is taken as its text. ``.inf`` and ``.nan`` are refused: no
+    setting means them, and a NaN threshold compares false with every score."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -43,12 +46,23 @@ class ConfigError(ValueError):
 
 
 class ConfigLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, but ``1e-3`` is a number as in YAML 1.2 (YAML 1.1, which PyYAML
-    follows, wants ``1.0e-3``); strict configs would refuse the string ``'1e-3'`` for a rate."""
+    """PyYAML's safe loader, but numbers read as in YAML 1.2: ``1e-3`` is a number (YAML 1.1, which
+    PyYAML follows, wants ``1.0e-3``; strict configs would refuse the string ``'1e-3'`` for a rate),
+    ``010`` is ten (not octal eight) and ``12:30`` is text (not the base-60 number 750)."""
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int | str:
+        text = str(self.construct_scalar(node)).replace("_", "")
+        if ":" in text:
+            return text
+        if DECIMAL.fullmatch(text):
+            return int(text, 10)
+        return super().construct_yaml_int(node)
 
 
 EXPONENT = re.compile(r"^[-+]?[0-9][0-9_]*(\.[0-9_]*)?[eE][-+]?[0-9]+$")  # 1e-3, 2.5E4
+DECIMAL = re.compile(r"[-+]?[0-9]+")
 ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:float", EXPONENT, list("-+0123456789"))
+ConfigLoader.add_constructor("tag:yaml.org,2002:int", ConfigLoader.construct_yaml_int)
 
 
 def load_yaml(text: str) -> Any:
@@ -60,11 +74,14 @@ def read_yaml(path: str | os.PathLike, _seen: tuple[Path, ...] = ()) -> dict:
     """The file's mapping, on top of the one it ``extends`` (if any)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: no such config file" + (f" (extended by {_seen[-1]})" if _seen else ""))
+        what = "a folder, not a config file" if path.is_dir() else "no such config file"
+        raise ConfigError(f"{path}: {what}" + (f" (extended by {_seen[-1]})" if _seen else ""))
     try:
         raw = load_yaml(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"{path}: not valid YAML{where}: {getattr(e, 'problem', None) or e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     base = raw.pop("extends", None)
@@ -124,6 +141,8 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
         key, value = item.split("=", 1)
+        if not key.strip():
+            raise ConfigError(f"--set {item!r}: no KEY before '='")
         try:
             out.append((key.strip(), load_yaml(value)))
         except yaml.YAMLError as e:
@@ -131,17 +150,52 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def apply_overrides(raw: dict, items: list[str]) -> dict:
-    for key, value in parse_overrides(list(items)):
+def apply_overrides(raw: dict, items: Sequence[str], model: type[BaseModel] | None = None) -> dict:
+    """``raw`` with each ``KEY=VALUE`` set. For a text key of ``model``, a value YAML would read as
+    something else is the text as typed: ``output=1.10`` is ``1.10``, not ``1.1``; ``name=no``, not false."""
+    for item, (key, value) in zip(items, parse_overrides(list(items))):
+        if model is not None and isinstance(value, (int, float, datetime.date)) and _is_text(model, key):
+            value = item.split("=", 1)[1].strip()
         set_key(raw, key, value)
     return raw
 
 
-def format_errors(source: str, err: ValidationError, what: str = "config") -> str:
+def _section(model: type[BaseModel], loc: Sequence[Any]) -> type[BaseModel] | None:
+    """The config section at ``loc`` (keys and list indices, as in ``models.0``), if it is one."""
+    node: type[BaseModel] | None = model
+    for part in loc:
+        if isinstance(part, int) or str(part).lstrip("-").isdigit():
+            continue
+        field = node.model_fields.get(part) if node is not None else None
+        if field is None:
+            return None
+        args = [field.annotation, *get_args(field.annotation)]  # X, Optional[X], list[X]
+        node = next((a for a in args if isinstance(a, type) and issubclass(a, BaseModel)), None)
+    return node
+
+
+def _is_text(model: type[BaseModel], dotted: str) -> bool:
+    *parents, last = dotted.split(".")
+    section = _section(model, parents)
+    field = section.model_fields.get(last) if section is not None else None
+    return field is not None and field.annotation in (str, str | None)
+
+
+def _problem(model: type[BaseModel], e: Any) -> str:
+    """One error's line: unknown keys with the nearest known one, a validator's own message as it is."""
+    *parent, last = e["loc"] or ("",)
+    if e["type"] == "extra_forbidden":
+        section = _section(model, parent)
+        near = difflib.get_close_matches(str(last), list(section.model_fields) if section else [], n=1)
+        return "unknown key" + (f" (did you mean {near[0]}?)" if near else "")
+    return e["msg"].removeprefix("Value error, ")
+
+
+def format_errors(source: str, err: ValidationError, model: type[BaseModel], what: str = "config") -> str:
     lines = [f"{source}: invalid {what}"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(top level)"
-        lines.append(f"  {key}: {'unknown key' if e['type'] == 'extra_forbidden' else e['msg']}")
+        key = ".".join(str(p) for p in e["loc"])
+        lines.append(f"  {key + ': ' if key else ''}{_problem(model, e)}")
     return "\n".join(lines)
 
 
@@ -149,13 +203,14 @@ def validate_as(model: type[M], raw: dict, source: str = "config", what: str = "
     try:
         return model.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(format_errors(source, e, what)) from None
+        raise ConfigError(format_errors(source, e, model, what)) from None
 
 
 def load_as(model: type[M], path: str | os.PathLike, overrides: list[str] = (), what: str = "config") -> M:
     """Read ``path``, apply ``overrides`` and validate it as ``model``; errors name the file and,
     when there are any, the overrides (a typo in ``--set`` is not the file's)."""
-    return validate_as(model, apply_overrides(read_yaml(path), list(overrides)), source_of(path, overrides), what)
+    return validate_as(model, apply_overrides(read_yaml(path), list(overrides), model), source_of(path, overrides),
+                       what)
 
 
 def source_of(path: str | os.PathLike, overrides: Sequence[str] = ()) -> str:

@@ -16,7 +16,6 @@ from core.yamlconf import (
     ConfigError,
     ConfigModel,
     apply_overrides,
-    parse_overrides,
     read_yaml,
     set_key,
     source_of,
@@ -24,7 +23,7 @@ from core.yamlconf import (
 )
 from patchers.views import ViewConfig
 
-__all__ = ["ConfigError", "PipelineConfig", "load_config", "parse_overrides", "set_key", "validate"]
+__all__ = ["ConfigError", "PipelineConfig", "apply_overrides", "load_config", "set_key", "validate"]
 
 SPLIT_FOLDERS = {"train": "train", "reference": "references", "query": "queries"}
 DEFAULT_SAMPLE = Path(__file__).resolve().parent.parent / "bench" / "sample"
@@ -194,6 +193,9 @@ class FuseConfig(ConfigModel):
     def _rule(self) -> "FuseConfig":
         if self.rule == "mean" and self.thresholds:
             raise ValueError("rule 'mean' takes no thresholds (they filter the max rules)")
+        if self.rule in ("confidence", "completeness") and not self.thresholds:
+            raise ValueError(f"rule {self.rule!r} keeps a pair by per-member thresholds: give fuse.thresholds "
+                             "(feature key -> score, e.g. from copydet tune), or use rule 'max'")
         bad = {k: v for k, v in self.calibration.items() if not v > 0}
         if bad:
             raise ValueError(f"calibration factors must be > 0, got {bad}")
@@ -297,6 +299,21 @@ class PipelineConfig(ConfigModel):
                              "it would derive nothing: drop reduce.concat or add a member")
         return self
 
+    @model_validator(mode="after")
+    def _members_apart(self) -> "PipelineConfig":
+        """Each member has its own feature folder, and fuse's per-member keys name members."""
+        keys = [k for _, _, k in self.model_keys()]
+        twice = sorted({k for k in keys if keys.count(k) > 1})
+        if twice:
+            raise ValueError(f"models: {', '.join(twice)} made twice (one feature folder each): give each entry "
+                             "another model, pool or scale")
+        for section in ("thresholds", "calibration"):
+            unknown = sorted(set(getattr(self.fuse, section)) - set(self.search_keys()))
+            if unknown:
+                raise ValueError(f"fuse.{section}: {', '.join(unknown)} is no member of this config (would be "
+                                 f"ignored); its members: {', '.join(self.search_keys())}")
+        return self
+
     def reduce_groups(self) -> list[tuple[list[str], str]]:
         """(source feature keys, derived key) per searched member when ``reduce`` is active."""
         keys = [k for _, _, k in self.model_keys()]
@@ -334,10 +351,20 @@ def model_label(name: str) -> str:
 def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()) -> PipelineConfig:
     """Read, override and validate a pipeline config (``None``: the smoke config)."""
     path = Path(path) if path else DEFAULT_CONFIG
-    return validate(apply_overrides(read_yaml(path), list(overrides)), source_of(path, overrides))
+    return validate(apply_overrides(read_yaml(path), list(overrides), PipelineConfig), source_of(path, overrides))
+
+
+# a key that only another command's config has -> what that config is
+OTHER_CONFIGS = {"pretrain": "a training config (copydet pretrain / finetune CONFIG)",
+                 "finetune": "a training config (copydet pretrain / finetune CONFIG)",
+                 "verifier": "a verifier training config (copydet train-verifier CONFIG)",
+                 "synth": "a detector training config (copydet detector train CONFIG)"}
 
 
 def validate(raw: dict, source: str = "config") -> PipelineConfig:
+    other = next((what for key, what in OTHER_CONFIGS.items() if key in raw and "models" not in raw), None)
+    if other:
+        raise ConfigError(f"{source}: {other}, not a pipeline config such as configs/smoke.yaml")
     cfg = validate_as(PipelineConfig, raw, source)
     if cfg.data.root is None and not any([cfg.data.train, cfg.data.references, cfg.data.queries]):
         cfg.data.root = str(DEFAULT_SAMPLE)

@@ -68,7 +68,7 @@ def index_config(root: str, version: str | None = None, overrides: Sequence[str]
     """``(version, config)`` an index was built with, plus ``overrides`` (:func:`check_mutable`)."""
     check_mutable(overrides, "an index keeps the settings it was built with", "rebuild")
     version, text = read_config(root, version)
-    return version, validate(apply_overrides(load_yaml(text), list(overrides)),
+    return version, validate(apply_overrides(load_yaml(text), list(overrides), PipelineConfig),
                              f"{root}/versions/{version}/config.yaml")
 
 

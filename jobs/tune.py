@@ -38,7 +38,7 @@ from ensemble.tune import (
     threshold_at_precision,
     tune_members,
 )
-from jobs.config import PipelineConfig, parse_overrides, read_yaml, set_key, validate
+from jobs.config import PipelineConfig, apply_overrides, read_yaml, set_key, validate
 from jobs.layout import RunDir, shard_names
 from jobs.pipeline import run_stages
 from jobs.stages.verify import run_verify
@@ -234,8 +234,8 @@ def write_tuned_config(source: str, overrides: Sequence[str], values: Mapping[st
 
     The result is validated before it is written, so ``copydet run path`` accepts it.
     """
-    raw = read_yaml(source)  # flat: any ``extends`` resolved, so the file stands alone
-    for key, value in [*parse_overrides(list(overrides)), *values.items()]:
+    raw = apply_overrides(read_yaml(source), list(overrides), PipelineConfig)  # flat: `extends` resolved
+    for key, value in values.items():
         set_key(raw, key, value)
     validate(raw, path)
     text = "".join(f"# {line}\n" for line in header) + yaml.safe_dump(raw, sort_keys=False, allow_unicode=True)

@@ -71,6 +71,24 @@ def test_bad_yaml_and_missing_file(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match=r"--set 'fuse.k=\[3': the value of fuse.k is not valid YAML"):
         load_config(None, ["fuse.k=[3"])
+    with pytest.raises(ConfigError) as e:
+        load_config(tmp_path / "bad.yaml")
+    assert str(e.value) == f"{tmp_path / 'bad.yaml'}: not valid YAML at line 2, column 1: expected the node content, " \
+        "but found '<stream end>'"  # one line, where PyYAML printed four
+    with pytest.raises(ConfigError, match="configs: a folder, not a config file"):
+        load_config(CONFIG_DIR)
+
+
+@pytest.mark.parametrize("path, kind", [
+    ("train/tiny.yaml", "a training config (copydet pretrain / finetune CONFIG)"),
+    ("train/verifier.yaml", "a verifier training config (copydet train-verifier CONFIG)"),
+    ("detector/cpu.yaml", "a detector training config (copydet detector train CONFIG)"),
+])
+def test_another_commands_config_is_named_as_such(path, kind):
+    """Given to a pipeline command, each printed a dozen 'unknown key' lines."""
+    with pytest.raises(ConfigError) as e:
+        load_config(CONFIG_DIR / path)
+    assert str(e.value) == f"{CONFIG_DIR / path}: {kind}, not a pipeline config such as configs/smoke.yaml"
 
 
 def test_overrides_reach_nested_keys():
@@ -112,7 +130,53 @@ def test_fuse_mean_takes_no_thresholds_and_calibration_factors_are_positive():
         load_config(None, ["fuse.rule=mean", "fuse.thresholds={a: 0.5}"])
     with pytest.raises(ConfigError, match="calibration factors must be > 0"):
         load_config(None, ["fuse.calibration={a: 0}"])
-    assert load_config(None, ["fuse.rule=mean", "fuse.calibration={a: 1.2}"]).fuse.calibration == {"a": 1.2}
+    assert load_config(None, ["fuse.rule=mean", "fuse.calibration={resnet18@224: 1.2}"]).fuse.calibration == \
+        {"resnet18@224": 1.2}
+
+
+@pytest.mark.parametrize("overrides, error", [
+    # both entries make features/resnet18@224: the run stopped after patch, saying a new --out would help
+    (["models=[{name: resnet18, dim: 64}, {name: resnet18, dim: 128}]"], "models: resnet18@224 made twice"),
+    (["models.0.scales=[224, 224]"], "models: resnet18@224 made twice"),
+    # the filtering rules without thresholds failed at fuse, after extraction and search
+    (["fuse.rule=confidence"], "rule 'confidence' keeps a pair by per-member thresholds: give fuse.thresholds"),
+    # a key that names no member: ignored by max, every pair dropped by completeness (μAP 0, exit 0)
+    (["fuse.rule=completeness", "fuse.thresholds={resnet18@22: 0.1}"],
+     "fuse.thresholds: resnet18@22 is no member of this config (would be ignored); its members: resnet18@224"),
+    (["fuse.calibration={resnet18: 1.1}"], "fuse.calibration: resnet18 is no member"),
+    # a NaN threshold counted every prediction a copy in metrics.json and none in copies.csv
+    (["fuse.threshold=.nan"], "fuse.threshold.float: Input should be a finite number"),
+    (["verify.weight=.inf"], "verify.weight: Input should be a finite number"),
+])
+def test_settings_a_run_would_fail_on_or_ignore_are_refused_when_read(overrides, error):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, overrides)
+    assert error in str(e.value) and "Value error" not in str(e.value)
+
+
+def test_a_set_text_key_is_the_text_as_typed_and_numbers_read_as_in_yaml_1_2():
+    """`--set output=1.10` made the folder `1.1`, `010` made `8`, `12:30` made `750`; `name=no` was refused."""
+    for value in ("1.10", "010", "0x1F", "1e3", "12:30", "no", "2024-01-01", "runs/1.10"):
+        cfg = load_config(None, [f"output={value}", f"name={value}", f"models.0.name={value}"])
+        assert (cfg.output, cfg.name, cfg.models[0].name) == (value, value, value)
+    assert load_config(None, ["registry=null"]).registry is None
+    assert load_config(None, ["search.k=010"]).search.k == 10  # YAML 1.1 read octal 8
+    with pytest.raises(ConfigError, match="search.k: Input should be a valid integer"):
+        load_config(None, ["search.k=12:30"])  # base 60 in YAML 1.1: 750
+
+
+@pytest.mark.parametrize("override, line", [
+    ("serch.k=5", "  serch: unknown key (did you mean search?)"),
+    ("search.normalize.neigbours=3", "  search.normalize.neigbours: unknown key (did you mean neighbours?)"),
+    ("models.0.scale=[3]", "  models.0.scale: unknown key (did you mean scales?)"),
+    ("zzz=1", "  zzz: unknown key"),
+])
+def test_an_unknown_key_names_the_nearest_known_one(override, line):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value).splitlines()[1:] == [line]
+    with pytest.raises(ConfigError, match="--set '=5': no KEY before '='"):
+        load_config(None, ["=5"])
 
 
 def test_the_service_threshold_with_an_auto_fuse_threshold():
