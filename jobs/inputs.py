@@ -64,7 +64,25 @@ def split_folders(data: DataConfig, required: Collection[str] = ()) -> dict[str,
             sub = SPLIT_FOLDERS[split]
             where = f"{Path(data.root) / sub} does not exist" if data.root else f"set data.{sub} or data.root"
             raise InputError(f"data.{sub}: no {sub} folder ({where})")
+    check_apart(folders)
     return folders
+
+
+# what a split's images would do inside another split's folder
+OVERLAPS = {("reference", "query"): "each query would find itself among the references",
+            ("train", "reference"): "normalisation would subtract each reference's similarity to itself",
+            ("train", "query"): "normalisation would subtract each query's similarity to itself"}
+
+
+def check_apart(folders: dict[str, str]) -> None:
+    """Refuse split folders that are one folder, or one inside another (folders are scanned whole)."""
+    real = {split: Path(folder).resolve() for split, folder in folders.items()}
+    for (a, b), why in OVERLAPS.items():
+        if a in real and b in real and (real[a] == real[b] or real[a] in real[b].parents
+                                        or real[b] in real[a].parents):
+            how = "the same folder" if real[a] == real[b] else "one inside the other"
+            raise InputError(f"data.{SPLIT_FOLDERS[a]} ({folders[a]}) and data.{SPLIT_FOLDERS[b]} ({folders[b]}) are "
+                             f"{how}: {why}; give each split its own folder")
 
 
 def check_unique_ids(scan: FolderScan, folder: str, what: str) -> None:

@@ -13,6 +13,7 @@ import pyarrow.compute as pc
 import yaml
 
 from core.metrics import Metrics
+from core.models.registry import default_registry_dir
 from core.models.sscd import ensure_sscd
 from core.store import exists, read_table, read_text, write_text
 from core.yamlconf import load_yaml
@@ -55,6 +56,8 @@ def save_config(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]) -> None
     else:  # absolute: commands run from another folder read it too
         raw["data"].update({k: os.path.abspath(v) for k, v in raw["data"].items()
                             if k in DATA_PATHS and v and "://" not in v})
+    if "://" not in (cfg.registry or ""):  # the models too: not a ./models of wherever it runs next
+        raw["registry"] = os.path.abspath(cfg.registry or default_registry_dir())
     write_text(run.config, yaml.safe_dump(raw, sort_keys=False))
 
 

@@ -285,6 +285,25 @@ def test_case5_missing_or_empty_folders_are_named_at_start(tree, tmp_path, capsy
     assert not any((tmp_path / d / "config.yaml").exists() for d in "abc")
 
 
+@pytest.mark.parametrize("folders, error", [
+    ({"queries": "references"}, "data.references ({r}) and data.queries ({r}) are the same folder: each query "
+                                "would find itself among the references"),
+    ({"train": "references"}, "data.train ({r}) and data.references ({r}) are the same folder: normalisation "
+                              "would subtract each reference's similarity to itself"),
+    ({"train": "."}, "data.train ({d}) and data.references ({r}) are one inside the other"),
+    ({"train": "queries"}, "data.train ({q}) and data.queries ({q}) are the same folder"),
+])
+def test_split_folders_that_overlap_are_refused_at_start(tree, tmp_path, capsys, folders, error):
+    """They passed every check: the run went on, and normalised scores against the images themselves."""
+    data = tree / "clean"
+    sets = [f"data.{split}={data / sub}" for split, sub in {"references": "references", "queries": "queries",
+                                                            **folders}.items()]
+    assert main(["run", "--out", str(tmp_path / "run"), *sum((["--set", s] for s in sets), [])]) == 2
+    names = {k: data / v for k, v in (("r", "references"), ("q", "queries"), ("d", "."))}
+    assert error.format(**names) in capsys.readouterr().err
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
 def test_a_split_of_which_no_image_decodes_stops_at_the_manifest(tree, tmp_path, capsys):
     data = tmp_path / "garbled"
     shutil.copytree(tree / "clean", data)

@@ -16,6 +16,7 @@ import yaml
 
 from core.imageio import load_rgb
 from core.metrics import read_predictions, written
+from core.models.registry import default_registry_dir
 from core.settings import SETTINGS_FILE, SettingsChanged
 from core.store import join, list_shards, read_table
 from ensemble.reduce import load_pca
@@ -144,6 +145,8 @@ def test_a_later_stage_keeps_the_data_section_the_manifest_was_made_from(ray_loc
     run_stages(load_config(None, [f"output={out}", *TINY, "patches.query.preset=global"]), ["patch"])
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["data"]["root"] == str(tiny_dataset) and saved["patches"]["query"]["preset"] == "global"
+    # the registry too: from another folder, sscd would be fetched again into that folder's ./models
+    assert saved["registry"] == os.path.abspath(default_registry_dir())
 
 
 def test_a_ray_tasks_error_is_printed_without_the_remote_traceback():
@@ -174,7 +177,8 @@ def test_sigterm_ends_like_ctrl_c_and_the_same_command_goes_on(ray_local, tiny_d
     """A scheduler's or container's stop (SIGTERM) once Ray runs: not Ray's abort (exit 134) with a
     native stack dump, but one line and exit 143; the run then resumes to the uninterrupted result."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    argv = ["run", "--out", str(tmp_path / "run"), *sum((["--set", s] for s in [f"data.root={tiny_dataset}", *TINY]), [])]
+    sets = sum((["--set", s] for s in [f"data.root={tiny_dataset}", *TINY]), [])
+    argv = ["run", "--out", str(tmp_path / "run"), *sets]
     cmd = [sys.executable, "-m", "jobs.cli", *argv]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     for line in proc.stderr:
