@@ -3,8 +3,8 @@
 Two processes writing one folder (a pipeline run, a training run) would interleave their files
 and leave one's settings beside the other's results; the second one is refused instead, naming
 the holder. The lock is re-entrant in its process (``copydet run`` holds it over every stage)
-and is released by the OS when the holder dies. Folders given as URIs (``s3://``) cannot be
-locked.
+and is released by the OS when the holder dies; the next holder deletes the temp files a killed
+writer left. Folders given as URIs (``s3://``) cannot be locked.
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
 from filelock import FileLock, Timeout
+
+from core.store import remove_temps
 
 log = logging.getLogger(__name__)
 LOCK_NAME = ".lock"
@@ -50,6 +52,10 @@ def folder_lock(folder: str, hint: str) -> Iterator[None]:
             holder = f.read().strip() or "another process"
         raise FolderBusy(f"{folder} is in use by {holder}; wait until it ends{hint and ' or ' + hint}") from None
     try:
+        if lock.lock_counter == 1:  # this process's first hold: no writer of the folder runs yet
+            left = remove_temps(folder, LOCK_NAME)
+            if left:
+                log.info(f"{folder}: removed {len(left)} unfinished file(s) that a killed run left")
         yield
     finally:
         lock.release()

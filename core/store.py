@@ -8,10 +8,11 @@ paths or URIs that pyarrow's filesystems understand (``s3://``, ``gs://``, ``fil
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
@@ -56,6 +57,34 @@ def remove_dir(path: str | os.PathLike) -> None:
         fs.delete_dir(p)
 
 
+def temp_name(name: str) -> str:
+    """The hidden name a file or folder is written under before it is renamed to ``name``."""
+    return f".{name}.{uuid.uuid4().hex[:8]}.tmp"
+
+
+TEMP = re.compile(r"^\..+\.[0-9a-f]{8}\.tmp$")  # what temp_name makes
+
+
+def remove_temps(folder: str, owned_by: str = ".lock") -> list[str]:
+    """Delete the temp files and folders that killed writers left under local ``folder`` (a
+    writer that dies by SIGKILL cannot clean up); sub-folders holding their own ``owned_by`` file
+    belong to another writer and are left alone. Call it only while no writer of ``folder`` runs."""
+    removed = []
+    for root, dirs, files in os.walk(folder):
+        if root != folder and owned_by in files:
+            dirs.clear()
+            continue
+        for name in [n for n in dirs if TEMP.match(n)]:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            dirs.remove(name)
+            removed.append(os.path.join(root, name))
+        for name in filter(TEMP.match, files):
+            with suppress(FileNotFoundError):
+                os.remove(os.path.join(root, name))
+            removed.append(os.path.join(root, name))
+    return removed
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
     """A binary stream to ``path`` that appears there only when the block completes:
@@ -63,7 +92,7 @@ def atomic_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
     fs, p = filesystem(path)
     folder = os.path.dirname(p)
     fs.create_dir(folder, recursive=True)
-    tmp = f"{folder}/.{os.path.basename(p)}.{uuid.uuid4().hex[:8]}.tmp"
+    tmp = f"{folder}/{temp_name(os.path.basename(p))}"
     try:
         with fs.open_output_stream(tmp) as f:
             yield f
@@ -81,7 +110,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     final = Path(path)
     if final.exists():
         raise FileExistsError(f"{final}: already exists")
-    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp = final.with_name(temp_name(final.name))
     tmp.mkdir(parents=True)
     try:
         yield tmp

@@ -39,6 +39,29 @@ def test_the_lock_is_reentrant_in_its_process_and_freed_after(tmp_path):
         pass
 
 
+def test_the_first_holder_deletes_what_killed_writers_left(tmp_path, caplog):
+    """A writer killed by SIGKILL leaves its hidden temp file; each kill added one more."""
+    caplog.set_level(logging.INFO)
+    run = RunDir(str(tmp_path / "run"))
+    shards = tmp_path / "run" / "features" / "m@64"
+    (shards / ".query-00000.parquet.0a1b2c3d.tmp").mkdir(parents=True)  # atomic_dir's
+    (shards / ".query-00000.parquet.0a1b2c3d.tmp" / "part").write_text("x")
+    (shards / ".query-00001.parquet.deadbeef.tmp").write_text("half a shard")  # atomic_output's
+    kept = [shards / "query-00002.parquet", shards / ".notes.tmp", tmp_path / "run" / "tune" / "run" / ".lock",
+            tmp_path / "run" / "tune" / "run" / ".fused.parquet.0a1b2c3d.tmp"]  # another lock's folder: its own
+    for f in kept:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        f.write_text("")
+    with locked(run):
+        assert sorted(p.name for p in shards.iterdir()) == [".notes.tmp", "query-00002.parquet"]
+        (shards / ".query-00003.parquet.0a1b2c3d.tmp").write_text("being written")
+        with locked(run):  # held again by its own process: a writer of this run may be at work
+            pass
+        assert (shards / ".query-00003.parquet.0a1b2c3d.tmp").exists()
+    assert all(f.exists() for f in kept)
+    assert f"{run.root}: removed 2 unfinished file(s) that a killed run left" in caplog.text
+
+
 def test_a_run_refused_before_it_writes_leaves_no_folder_behind(tmp_path, capsys):
     """The lock made the folder; a run refused by its early checks removes it again (a stale .lock was left)."""
     out = tmp_path / "run"
