@@ -107,7 +107,7 @@ def test_relative_paths_are_read_where_the_command_runs(tmp_path, monkeypatch):
      ("backbones=[resnet9]", "unknown ['resnet9']"),
      ("sets=3", "exactly one of sets"),
      ("finetune.loss.name=hinge", "finetune.loss.name"),
-     ("finetune.loss.params.scale=abc", "finetune.loss: Value error, loss 'arcface': bad parameters {'scale': 'abc'"),
+     ("finetune.loss.params.scale=abc", "finetune.loss: loss 'arcface': bad parameters {'scale': 'abc'"),
      ("pretrain.epochs=0", "pretrain.epochs")],
 )
 def test_config_errors_name_the_key(override, message):
