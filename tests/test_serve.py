@@ -165,11 +165,28 @@ def test_an_unexpected_error_answers_in_the_json_error_shape():
             raise OSError("connection reset")
 
     class Replica:
-        limits = type("Limits", (), {"max_upload_bytes": 1000})
+        limits = type("Limits", (), {"max_upload_bytes": 1000, "max_request_bytes": 2000})
 
     r = asyncio.run(CopyDetService.func_or_class.match(Replica(), Upload()))
     assert r.status_code == 500
-    assert json.loads(r.body) == {"error": {"code": "internal_error", "message": "OSError: connection reset"}}
+    assert json.loads(r.body) == {"error": {"code": "internal_error",  # what went wrong stays in the log
+                                            "message": "OSError (the service's log has the details)"}}
+
+
+def test_a_thumbnail_that_does_not_read_names_the_reference_not_the_servers_path(tmp_path):
+    import asyncio
+    import json
+
+    from jobs.serve.app import CopyDetService
+
+    class Replica:
+        limits = type("Limits", (), {"thumbnail_side": 64})
+        matcher = type("M", (), {"index": type("I", (), {"paths": {"R1": str(tmp_path / "private" / "R1.jpg")}})})
+
+    r = asyncio.run(CopyDetService.func_or_class.thumbnail(Replica(), "R1"))
+    assert r.status_code == 404
+    assert json.loads(r.body) == {"error": {"code": "reference_unreadable",
+                                            "message": "R1: its image does not read (file not found)"}}
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/install installs it)")
@@ -195,6 +212,36 @@ def test_match_page_in_a_real_browser(service):
             browser.close()
     assert shot.stat().st_size > 10_000
     print(f"screenshot: {shot}")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (.ci/install installs it)")
+def test_the_match_page_shows_a_reference_id_as_text_never_as_html(service):
+    """A reference id is a file name, which whoever adds references chooses: the page wrote it with
+    innerHTML, so `<img src=x onerror=...>.jpg` ran its script in every viewer's page."""
+    from playwright.sync_api import sync_playwright
+    url, _, _ = service
+    evil = '<img src=x onerror="document.body.dataset.pwned=1">'
+    answer = {"matches": [{"reference_id": evil, "score": 0.9, "verified": False, "inliers": 3, "copy_prob": None,
+                           "keypoints": []}], "is_copy": True, "threshold": 0.5, "version": "v000001",
+              "batch_size": 1, "timings": {"embed": 0.1}}
+    thumb = (QUERIES / "Q0014.jpg").read_bytes()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page()
+            page.route("**/v1/match", lambda route: route.fulfill(json=answer))
+            page.route("**/thumbnail", lambda route: route.fulfill(body=thumb, content_type="image/jpeg"))
+            page.goto(url + "/")
+            page.set_input_files("#file", str(QUERIES / "Q0014.jpg"))
+            page.wait_for_selector("body[data-state=done]", timeout=60_000)
+            page.wait_for_timeout(300)  # an injected image's onerror would have fired by now
+            assert page.evaluate("document.body.dataset.pwned") is None
+            assert page.locator("#verdict img, .match .meta img").count() == 0
+            assert f"copy of {evil}" in page.inner_text("#verdict")
+            assert f"#1 {evil}" in page.inner_text(".match .meta")
+            assert "not verified (3 inliers)" in page.inner_text(".match .meta")
+        finally:
+            browser.close()
 
 
 def test_new_version_is_picked_up_without_dropping_requests(service, tmp_path):

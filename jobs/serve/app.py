@@ -48,7 +48,7 @@ def refusal(e: Exception) -> BadRequest:
     if isinstance(e, BadRequest):
         return e
     log.error("serve: unexpected error", exc_info=e)
-    return BadRequest(500, "internal_error", f"{type(e).__name__}: {e}")
+    return BadRequest(500, "internal_error", f"{type(e).__name__} (the service's log has the details)")
 
 
 def error_body(bad: BadRequest) -> dict:
@@ -134,7 +134,7 @@ class CopyDetService:
     @api.post("/v1/match", summary="Is this image a copy of a reference? Top matches, scores, verification")
     async def match(self, request: Request) -> JSONResponse:
         try:
-            data, name = await read_upload(request, self.limits.max_upload_bytes)
+            data, name = await read_upload(request, self.limits.max_upload_bytes, self.limits.max_request_bytes)
             return JSONResponse(await self.answer(data, name))
         except Exception as e:
             return error(e)
@@ -142,7 +142,7 @@ class CopyDetService:
     @api.post("/v1/match:batch", summary="Several images (multipart fields `images`); one result or error each")
     async def match_many(self, request: Request) -> JSONResponse:
         try:
-            uploads = await read_images(request, self.limits.max_upload_bytes)
+            uploads = await read_images(request, self.limits.max_upload_bytes, self.limits.max_request_bytes)
         except Exception as e:
             return error(e)
 
@@ -173,8 +173,9 @@ class CopyDetService:
             return error(BadRequest(404, "unknown_reference", f"{reference_id}: not a live reference of this index"))
         try:
             img = await asyncio.to_thread(load_rgb, path, self.limits.thumbnail_side)
-        except ImageDecodeError as e:
-            return error(BadRequest(404, "reference_unreadable", str(e)))
+        except ImageDecodeError as e:  # the reason, not the server's path
+            log.warning(f"serve: thumbnail of {reference_id}: {e}")
+            return error(BadRequest(404, "reference_unreadable", f"{reference_id}: its image does not read ({e.reason})"))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85)
         return Response(buf.getvalue(), media_type="image/jpeg")
@@ -189,6 +190,7 @@ def application(root: str, cfg: PipelineConfig, overrides: Sequence[str] = ()):
     s = cfg.serve
     return CopyDetService.options(
         num_replicas=s.num_replicas, max_ongoing_requests=s.max_ongoing_requests,
+        max_queued_requests=s.max_queued_requests,
         ray_actor_options={"num_cpus": s.num_cpus, "num_gpus": s.num_gpus},
     ).bind(str(Path(root).resolve()), list(overrides))
 
