@@ -262,7 +262,11 @@ class ServeConfig(ConfigModel):
     max_batch_size: int = Field(8, ge=1, description="concurrent requests embedded as one batch")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="wait this long for a batch to fill")
     max_ongoing_requests: int = Field(64, ge=1, description="requests queued per replica")
-    max_upload_bytes: int = Field(20 * 2**20, ge=1, description="larger uploads get 413")
+    max_queued_requests: int = Field(256, ge=1, description="requests the HTTP proxy holds beyond what the "
+                                     "replicas take; more get 503 (a burst must not grow memory without bound)")
+    max_upload_bytes: int = Field(20 * 2**20, ge=1, description="larger uploads (each file of a batch) get 413")
+    max_request_bytes: int = Field(128 * 2**20, ge=1, description="a larger multipart request (a batch) gets 413, "
+                                   "counted as it arrives (a chunked body declares no length)")
     max_pixels: int = Field(50_000_000, ge=1, description="images declaring more pixels get 422 (bombs)")
     poll_s: float = Field(2.0, gt=0, description="how often replicas look for a newly published index version")
     threshold: float = Field(0.0, description="is_copy when the best score reaches this; used until the fuse "

@@ -161,3 +161,28 @@ def test_id_paths_look_up_every_live_id_and_nothing_else():
         with pytest.raises(KeyError):
             paths[absent]
     assert IdPaths(images.slice(0, 0)).get("R1") is None
+
+
+def test_an_index_naming_files_outside_itself_is_refused(tmp_path):
+    """An index copied from elsewhere: a card's weights named any file (`/etc/passwd` was handed to the
+    TorchScript loader) and shard names reached `unlink` when an add merged them."""
+    from ensemble.index.reader import read_cards
+    idx = IndexDir(tmp_path / "index")
+    feats = write_table(features_table(["R0"], [0], "m", 64, np.ones((1, 4), np.float32) / 2), tmp_path / "f.parquet")
+    images = pa.table({"image_id": ["R0"], "path": ["R0"], "sha256": ["s"], "width": [64], "height": [64]})
+    (tmp_path / "w.safetensors").write_bytes(b"w" * 10)
+    card = ModelCard(name="m", kind="external", arch="torchscript", weights=str(tmp_path / "w.safetensors"),
+                     input_size=64, mean=(0, 0, 0), std=(1, 1, 1), dim=4)
+    version = versions.build(idx, "", {"m": card}, {"m": versions.KeySource([feats])}, images, IndexSpec(), 10)
+    folder = idx.path(version)
+    assert read_cards(idx, version)["m"].weights.startswith(str(idx.root / "blobs"))
+    card_file = folder / versions.read_manifest(folder)["cards"]["m"]
+    for weights in ("/etc/passwd", "blobs/../../../etc/passwd", "cards/x.pt"):
+        card_file.write_text(card.model_copy(update={"weights": weights}).model_dump_json())
+        with pytest.raises(IndexFolderError, match=f"weights {weights} are not in the index's blobs/"):
+            read_cards(idx, version)
+    meta = json.loads((folder / "index.json").read_text())
+    meta["keys"]["m"]["shards"][0]["name"] = "../../../../victim"
+    (folder / "index.json").write_text(json.dumps(meta))
+    with pytest.raises(IndexFolderError, match="names files outside its version folder: keys/m/../../../../victim"):
+        versions.read_manifest(folder)

@@ -23,7 +23,7 @@ from core.knn import Hits, IndexSpec, build_index, index_kind, merge_topk
 from core.models.cards import ModelCard
 from core.store import embeddings_from_arrow, read_table
 from ensemble.index.layout import IndexDir, IndexFolderError
-from ensemble.index.versions import live_images, read_manifest, removed_table
+from ensemble.index.versions import is_inside, live_images, read_manifest, removed_table
 from ensemble.reduce import Pca, load_pca
 from ensemble.sharded import ShardIndex
 
@@ -199,6 +199,9 @@ def read_cards(idx: IndexDir, version: str) -> dict[str, ModelCard]:
     for key, rel in meta["cards"].items():
         card = ModelCard.model_validate_json((idx.path(version) / rel).read_text())
         if card.weights:
+            if not (is_inside(card.weights) and Path(card.weights).parts[0] == "blobs"):
+                raise IndexFolderError(f"{idx.path(version) / rel}: weights {card.weights} are not in the index's "
+                                       "blobs/ (an index's models run in the service: build it with copydet)")
             card = card.model_copy(update={"weights": str(idx.root / card.weights)})
         cards[key] = card
     return cards

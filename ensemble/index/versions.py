@@ -60,7 +60,17 @@ def read_manifest(folder: Path) -> dict:
     meta = json.loads(path.read_text())
     if meta.get("format") != FORMAT:
         raise IndexFolderError(f"{path}: index format {meta.get('format')!r}, this copydet reads {FORMAT}")
+    named = [*meta["cards"].values(), *meta["images"]["parts"], *(m["pca"] for m in meta["keys"].values() if m["pca"]),
+             *(f"keys/{key}/{s['name']}" for key, m in meta["keys"].items() for s in m["shards"])]
+    outside = [n for n in named if not is_inside(n)]
+    if outside:  # an index copied from elsewhere: its files are read (and merged shards deleted) by name
+        raise IndexFolderError(f"{path}: names files outside its version folder: {', '.join(map(str, outside))}")
     return meta
+
+
+def is_inside(rel: str | Path) -> bool:
+    """Whether ``rel`` is a path below the folder it is relative to (not absolute, no ``..``)."""
+    return not Path(rel).is_absolute() and ".." not in Path(rel).parts
 
 
 def write_shards(key_dir: Path, files: Sequence[str], first: int, kind: str | None, spec: IndexSpec,
