@@ -175,7 +175,8 @@ class CopyDetService:
             img = await asyncio.to_thread(load_rgb, path, self.limits.thumbnail_side)
         except ImageDecodeError as e:  # the reason, not the server's path
             log.warning(f"serve: thumbnail of {reference_id}: {e}")
-            return error(BadRequest(404, "reference_unreadable", f"{reference_id}: its image does not read ({e.reason})"))
+            return error(BadRequest(404, "reference_unreadable",
+                                    f"{reference_id}: its image does not read ({e.reason})"))
         buf = io.BytesIO()
         img.save(buf, "JPEG", quality=85)
         return Response(buf.getvalue(), media_type="image/jpeg")
