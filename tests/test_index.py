@@ -83,6 +83,24 @@ def test_served_answer_equals_batch_predictions(built):
     assert_same(served(Matcher(str(index)), data / "queries"), predictions(run / "predictions.csv"))
 
 
+def test_a_swapped_out_matcher_is_freed_at_the_swap(built):
+    """Its verification cache held the Matcher itself (a cycle): each old version, shards and
+    described references, stayed until the cycle collector ran, which native memory never triggers."""
+    import gc
+    import weakref
+    data, _, _, index = built
+    old = Matcher(str(index))
+    served(old, data / "queries")  # fills the described-references cache
+    was = weakref.ref(old)
+    gc.disable()
+    try:
+        new = Matcher(str(index), reuse=old)
+        del old
+        assert was() is None and new.version
+    finally:
+        gc.enable()
+
+
 def test_a_reference_file_gone_leaves_its_pairs_unverified(built, tmp_path):
     """The service reads reference images to verify; one deleted after `index add` must not fail the batch."""
     data, _, _, index = built

@@ -72,8 +72,9 @@ class Matcher:
         else:
             self.embedder = embedder_for(root, self.version, self.cfg, "query", self.cfg.serve.num_threads)
         self.scorers = {name: scorer_for(name, self.cfg) for name in METHODS[self.cfg.verify.method].scorers}
+        paths = self.index.paths  # not self: a cache that held its Matcher would keep a swapped-out version alive
         self.references = {name: lru_cache(REFERENCE_CACHE)(lambda image_id, sc=sc: sc.describe(
-            load_rgb(self.index.paths[image_id]))) for name, sc in self.scorers.items()}
+            load_rgb(paths[image_id]))) for name, sc in self.scorers.items()}
 
     def match(self, images: Sequence[Image.Image], sources: Sequence[str | bytes] | None = None) -> list[dict]:
         """One answer per image: ``matches`` (best first), ``is_copy``, ``threshold``, ``timings``;
