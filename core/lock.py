@@ -8,6 +8,7 @@ writer left. Folders given as URIs (``s3://``) cannot be locked.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -41,6 +42,8 @@ def folder_lock(folder: str, hint: str) -> Iterator[None]:
         log.warning(f"{folder}: a folder URI cannot be locked; make sure no other process writes to it")
         yield
         return
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise NotADirectoryError(errno.ENOTDIR, "a file, not a folder", folder)
     created = not os.path.isdir(folder)
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, LOCK_NAME)

@@ -17,10 +17,10 @@ from jobs.commands import COMMANDS
 from jobs.config import ConfigError
 from jobs.runtime import Stopped
 
-# Errors that are the user's to fix, printed as one message (COPYDET_DEBUG=1 adds the traceback);
-# AuthenticationError: a cluster's Jobs API refused the Ray token (README: Running on a Ray cluster).
-USER_ERRORS = (ConfigError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, ValueError,
-               RuntimeError, ConnectionError, AuthenticationError)
+# Errors that are the user's to fix, printed as one message (COPYDET_DEBUG=1 adds the traceback):
+# OSError covers a missing file, no permission, a read-only or full disk; AuthenticationError, a
+# cluster's Jobs API that refused the Ray token (README: Running on a Ray cluster).
+USER_ERRORS = (ConfigError, OSError, ValueError, RuntimeError, AuthenticationError)
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         return 143 if stopped else 130
 
 
-def _message(e: Exception) -> Exception:
-    """What to print of ``e``: a Ray task's own exception, without the remote traceback Ray wraps it in."""
+def _message(e: Exception) -> Exception | str:
+    """What to print of ``e``: a Ray task's own exception, without the remote traceback Ray wraps it
+    in; an OS error as ``path: what`` (``runs/x: Read-only file system``)."""
     cause = getattr(e, "cause", None) if isinstance(e, RayTaskError) else None
-    return cause if isinstance(cause, Exception) else e
+    e = cause if isinstance(cause, Exception) else e
+    if isinstance(e, OSError) and e.filename and e.strerror:
+        return f"{e.filename}: {e.strerror}" + (f" ({e.filename2})" if e.filename2 else "")
+    return e
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from core.imageio import ImageDecodeError, load_rgb
 from core.models.cards import ModelCard
 from core.models.encoders import Encoder
 from core.models.preprocess import Preprocess, resized_size
+from core.models.registry import weights_hash
 from core.models.runtimes import Forward, runtime
 from core.store import features_table, join, read_table, write_table
 
@@ -203,6 +204,7 @@ def build_encoders(keys: Sequence[KeySpec], device: str = "cpu") -> list[Encoder
         shared = (key.card.name, key.precision)
         if shared not in forwards:
             forwards[shared] = runtime(key.card, device, key.precision)
+            weights_hash(key.card)  # loaded what the run pinned: not a file replaced since (models import --force)
         encoders.append(Encoder(key.card.name, key.pre, forwards[shared], key.card.dim))
     return encoders
 

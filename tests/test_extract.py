@@ -179,3 +179,51 @@ def test_a_feature_folder_pins_the_precision_it_was_made_at():
     assert "precision" not in key_settings(cfg, cfg.models[0], key)  # float32 folders made before stay resumable
     bf16 = cfg.models[0].model_copy(update={"precision": "bfloat16"})
     assert key_settings(cfg, bf16, key)["precision"] == "bfloat16"
+
+
+def test_a_model_actor_refuses_weights_replaced_after_the_run_pinned_them(run_folders):
+    """`models import --force` while a run extracted: the actors loaded the new file, and its features
+    were written under the old weights' hash (exit 0, another model's results)."""
+    from core.models.backbones import build_backbone
+    from core.models.cards import RegistryError
+    from core.models.checkpoint import save_checkpoint
+    from core.models.registry import card_from_checkpoint, weights_hash
+    root, _ = run_folders
+    path = root / "w.safetensors"
+    save_checkpoint(build_backbone("tiny_cnn", dim=16, seed=1), path)
+    card = card_from_checkpoint(path)
+    pinned = card.model_copy(update={"weights_sha256": weights_hash(card)})  # as key_specs pins it
+    keys = [pe.KeySpec(pinned, Preprocess.for_card(pinned, 32), str(root / "f"), "w", 32)]
+    assert pe.build_encoders(keys)
+    save_checkpoint(build_backbone("tiny_cnn", dim=16, seed=2), path)  # the same name, other weights
+    with pytest.raises(RegistryError, match=f"{path} changed since the card was written"):
+        pe.build_encoders(keys)
+
+
+def test_a_failed_model_actor_is_one_line_naming_why(run_folders):
+    """The stage's error carried Ray's whole remote traceback; weights replaced under a running stage
+    are named as such."""
+    from core.models.backbones import build_backbone
+    from core.models.cards import RegistryError
+    from core.models.checkpoint import save_checkpoint
+    from core.models.registry import card_from_checkpoint, weights_hash
+    from jobs.stages.extract import actor_failure
+    root, _ = run_folders
+    path = root / "w.safetensors"
+    save_checkpoint(build_backbone("tiny_cnn", dim=16, seed=1), path)
+    card = card_from_checkpoint(path)
+    keys = [pe.KeySpec(card.model_copy(update={"weights_sha256": weights_hash(card)}),
+                       Preprocess.for_card(card, 32), str(root / "f"), "w", 32)]
+
+    class Died(Exception):
+        actor_init_failed = True
+    died = Died("The actor died because of an error raised in its creation task\nTraceback ...\n  File x\n"
+                "ImportError: no module named onnxruntime\n")
+    assert str(actor_failure(died, keys, 3)) == \
+        "extract: the model actor could not start (ImportError: no module named onnxruntime)"
+    Died.actor_init_failed = False
+    assert str(actor_failure(died, keys, 3)).startswith("extract: a chunk's model actor died 4 times (out of memory?")
+    Died.actor_init_failed = True
+    save_checkpoint(build_backbone("tiny_cnn", dim=16, seed=2), path)
+    with pytest.raises(RegistryError, match="changed since the card was written"):
+        actor_failure(died, keys, 3)

@@ -160,6 +160,24 @@ def test_a_ray_tasks_error_is_printed_without_the_remote_traceback():
     assert isinstance(wrapped, USER_ERRORS) and _message(wrapped) is cause
 
 
+def test_an_os_error_is_one_line_naming_the_path(tmp_path, capsys):
+    """A read-only or full disk, or a file where the run folder goes, ended in a traceback and exit 1;
+    in a Ray worker, in a traceback of Ray's."""
+    import errno
+
+    from ray.exceptions import RayTaskError
+
+    from jobs.cli import USER_ERRORS, _message
+    (tmp_path / "taken").write_text("")
+    assert main(["run", "--out", str(tmp_path / "taken")]) == 2
+    assert f"copydet run: error: {tmp_path / 'taken'}: a file, not a folder" in capsys.readouterr().err
+    full = OSError(errno.ENOSPC, "No space left on device", "/data/run/features/query-0.parquet")
+    wrapped = RayTaskError("embed", "Traceback ...", full).as_instanceof_cause()
+    assert isinstance(wrapped, USER_ERRORS)
+    assert _message(wrapped) == "/data/run/features/query-0.parquet: No space left on device"
+    assert _message(OSError(errno.EROFS, "Read-only file system", "runs/x")) == "runs/x: Read-only file system"
+
+
 def test_ctrl_c_ends_in_one_line_and_exit_130(monkeypatch, tmp_path, capsys):
     """Not Ray's traceback: what was finished is kept, the same command goes on."""
     import jobs.commands.stages

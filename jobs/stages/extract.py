@@ -88,6 +88,8 @@ def key_specs(cfg: PipelineConfig, run: RunDir | None = None,
     for entry, scale, key in cfg.model_keys():
         card = cards[key] if cards is not None else resolve_model(entry.name, cfg.registry, dim=entry.dim,
                                                                   pool=entry.pool)
+        if card.weights:  # the workers load the weights with this hash or stop (build_encoders)
+            card = card.model_copy(update={"weights_sha256": weights_hash(card)})
         bucket = cfg.extract.shape_bucket if card.resize != "square" else 0
         specs.append(KeySpec(card, Preprocess.for_card(card, scale, bucket), run.features(key) if run else "",
                              entry.name, scale, entry.dtype, entry.precision, entry.batch_size))
@@ -127,6 +129,19 @@ def pin_keys(cfg: PipelineConfig, keys: list[KeySpec]) -> None:
         pin_settings(k.folder, key_settings(cfg, entry, k), "extract")
 
 
+def actor_failure(e: Exception, keys: list[KeySpec], retries: int) -> Exception:
+    """Why the model actors died, in a line: weights replaced since the stage pinned them, an actor
+    that could not start, or one that died on a chunk (memory, most often)."""
+    last = next((line for line in reversed(str(e).splitlines()) if line.strip()), "")[-300:]
+    if getattr(e, "actor_init_failed", False):
+        for k in keys:
+            weights_hash(k.card)  # the usual cause: the weights changed under a running stage
+        return RuntimeError(f"extract: the model actor could not start ({last})")
+    return RuntimeError(f"extract: a chunk's model actor died {retries + 1} times (out of memory? see Ray's lines "
+                        "above); the chunks written are kept, so a re-run resumes: give each actor more memory "
+                        f"(fewer at once: extract.max_actors) or raise extract.chunk_retries ({last})")
+
+
 def run_extract(cfg: PipelineConfig, run: RunDir) -> None:
     keys = key_specs(cfg, run)
     plan = chunk_plan(run, cfg.extract.chunk_patches, "extract")  # checks the patch shards first
@@ -163,9 +178,6 @@ def run_extract(cfg: PipelineConfig, run: RunDir) -> None:
                 bad += int(row["errors"])
                 bar.update(int(row["planned"]))
         except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as e:
-            raise RuntimeError(f"extract: a chunk's model actor died {cfg.extract.chunk_retries + 1} times (out of "
-                               "memory? see Ray's lines above); the chunks written are kept, so a re-run resumes: "
-                               "give each actor more memory (fewer at once: extract.max_actors) or raise "
-                               f"extract.chunk_retries ({e})") from e
+            raise actor_failure(e, keys, cfg.extract.chunk_retries) from e
     if bad:
         log.warning(f"extract: {bad} image(s) no longer decode; listed in {run.errors}")
