@@ -329,3 +329,19 @@ def test_card_stores_imported_weights_relative_to_the_registry(tmp_path: Path) -
     assert json.loads((tmp_path / "reg" / "rel.json").read_text())["weights"] == "rel.onnx"
     (tmp_path / "reg").rename(tmp_path / "moved")
     assert load_encoder("rel", 32, registry=str(tmp_path / "moved")).embed(images()[:1]).shape == (1, 8)
+
+
+def test_an_import_whose_file_another_import_replaced_meanwhile_registers_nothing(tmp_path: Path, monkeypatch) -> None:
+    """Two `import-onnx --force` of one name at once: the card of one could be written with the other's
+    file and that file's hash, which every later check then accepted."""
+    export_onnx(tmp_path / "net.onnx")
+    real_copy = pext.copy_file
+
+    def copy_then_other_import(src, dest):  # the other import's copy lands right after this one's
+        real_copy(src, dest)
+        Path(dest).write_bytes(b"the other import's model")
+    monkeypatch.setattr(pext, "copy_file", copy_then_other_import)
+    with pytest.raises(RegistryError, match="another import of 'x' replaced it meanwhile"):
+        pext.import_external(tmp_path / "net.onnx", "x", registry=tmp_path / "reg", input_size=32, **UINT8_NHWC)
+    with pytest.raises(RegistryError):
+        load_card("x", tmp_path / "reg")

@@ -23,7 +23,7 @@ from core.models.cards import (
     RegistryError,
     first_problem,
 )
-from core.models.registry import CARD_SUFFIX, default_registry_dir, load_card, register, scan_cards
+from core.models.registry import CARD_SUFFIX, default_registry_dir, file_hash, load_card, register, scan_cards
 from core.models.runtimes import probe_dim
 from core.store import copy_file
 
@@ -71,6 +71,8 @@ def import_external(path: str | os.PathLike, name: str, *, registry: str | os.Pa
     dest = (reg / f"{name}{RUNTIME_SUFFIX[rt]}").resolve()
     if copy and dest != src.resolve():
         copy_file(src, dest)
+        if file_hash(dest) != file_hash(src):  # another import of this name copied its file since
+            raise RegistryError(f"{dest}: another import of {name!r} replaced it meanwhile; import one at a time")
         card.weights = str(dest)
     register(card, reg)
     if replaced is not None:
