@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from core.knn import IndexSpec
+from core.models.registry import default_registry_dir
 from core.yamlconf import (
     ConfigError,
     ConfigModel,
@@ -356,6 +357,20 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] = ()
     """Read, override and validate a pipeline config (``None``: the smoke config)."""
     path = Path(path) if path else DEFAULT_CONFIG
     return validate(apply_overrides(read_yaml(path), list(overrides), PipelineConfig), source_of(path, overrides))
+
+
+DATA_PATHS = ("root", "train", "references", "queries", "ground_truth")
+
+
+def pinned_paths(raw: dict) -> dict:
+    """A config mapping whose data folders and model registry are absolute paths, so that a command
+    run from another folder (a run folder's config.yaml, a tuned config) reads the same images and
+    models; the registry's default ($COPYDET_REGISTRY, else ./models) is resolved here."""
+    data = raw.setdefault("data", {})
+    data.update({k: os.path.abspath(v) for k, v in data.items() if k in DATA_PATHS and v and "://" not in v})
+    if "://" not in (raw.get("registry") or ""):
+        raw["registry"] = os.path.abspath(raw.get("registry") or default_registry_dir())
+    return raw
 
 
 # a key that only another command's config has -> what that config is

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -13,12 +12,11 @@ import pyarrow.compute as pc
 import yaml
 
 from core.metrics import Metrics
-from core.models.registry import default_registry_dir
 from core.models.sscd import ensure_sscd
 from core.store import exists, read_table, read_text, write_text
 from core.yamlconf import load_yaml
 from jobs.completeness import require_candidates
-from jobs.config import PipelineConfig
+from jobs.config import PipelineConfig, pinned_paths
 from jobs.inputs import run_ground_truth
 from jobs.layout import RunDir
 from jobs.lock import locked
@@ -43,21 +41,13 @@ STAGES: dict[str, Stage] = {
 }
 
 
-DATA_PATHS = ("root", "train", "references", "queries", "ground_truth")
-
-
 def save_config(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]) -> None:
     """Write ``RUN/config.yaml``. Its data section stays the one the manifest was made from when this
     command does not make the manifest: later stages read the run's images, not this config's
     folders (``report`` and ``index --from-run`` read the ground truth from it)."""
-    raw = cfg.model_dump(mode="json")
+    raw = pinned_paths(cfg.model_dump(mode="json"))
     if "manifest" not in stages and exists(run.config):
         raw["data"] = (load_yaml(read_text(run.config)) or {}).get("data", raw["data"])
-    else:  # absolute: commands run from another folder read it too
-        raw["data"].update({k: os.path.abspath(v) for k, v in raw["data"].items()
-                            if k in DATA_PATHS and v and "://" not in v})
-    if "://" not in (cfg.registry or ""):  # the models too: not a ./models of wherever it runs next
-        raw["registry"] = os.path.abspath(cfg.registry or default_registry_dir())
     write_text(run.config, yaml.safe_dump(raw, sort_keys=False))
 
 

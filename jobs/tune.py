@@ -38,7 +38,7 @@ from ensemble.tune import (
     threshold_at_precision,
     tune_members,
 )
-from jobs.config import PipelineConfig, apply_overrides, read_yaml, set_key, validate
+from jobs.config import PipelineConfig, apply_overrides, pinned_paths, read_yaml, set_key, validate
 from jobs.layout import RunDir, shard_names
 from jobs.pipeline import run_stages
 from jobs.stages.verify import run_verify
@@ -234,7 +234,7 @@ def write_tuned_config(source: str, overrides: Sequence[str], values: Mapping[st
 
     The result is validated before it is written, so ``copydet run path`` accepts it.
     """
-    raw = apply_overrides(read_yaml(source), list(overrides), PipelineConfig)  # flat: `extends` resolved
+    raw = pinned_paths(apply_overrides(read_yaml(source), list(overrides), PipelineConfig))  # flat, standalone
     for key, value in values.items():
         set_key(raw, key, value)
     validate(raw, path)

@@ -222,15 +222,22 @@ def test_a_shipped_config_is_its_base_with_what_it_sets(config, base, overrides)
     assert got == want.model_dump()
 
 
-def test_a_tuned_config_of_an_extending_config_stands_alone(tmp_path):
+def test_a_tuned_config_of_an_extending_config_stands_alone(tmp_path, monkeypatch):
+    """And names its folders and model registry absolutely: run from another folder (or without
+    $COPYDET_REGISTRY), it looked for its models in that folder's ./models."""
     from jobs.tune import write_tuned_config
-    out = write_tuned_config(str(CONFIG_DIR / "balanced.yaml"), ["search.k=12"], {"search.normalize.beta": 1.5},
-                             str(tmp_path / "tuned.yaml"), ["tuned here"])
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COPYDET_REGISTRY", "reg")
+    out = write_tuned_config(str(CONFIG_DIR / "balanced.yaml"), ["search.k=12", "data.train=photos"],
+                             {"search.normalize.beta": 1.5}, str(tmp_path / "tuned.yaml"), ["tuned here"])
     text = open(out).read()
     assert text.startswith("# tuned here\n") and "extends" not in text
+    monkeypatch.chdir(CONFIG_DIR)
+    monkeypatch.delenv("COPYDET_REGISTRY")
     cfg = load_config(out)
     assert (cfg.name, cfg.verify.top_k, cfg.patches.query.preset, cfg.search.k, cfg.search.normalize.beta) == \
         ("balanced", 5, "crops", 12, 1.5)
+    assert (cfg.registry, cfg.data.train) == (str(tmp_path / "reg"), str(tmp_path / "photos"))
 
 
 @pytest.mark.parametrize("folder", ["runs/a #1", "yes", "[old] refs", "a: b", "#tmp", "2024", "null", "é/'q\""])
