@@ -68,8 +68,8 @@ ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
 }
 
 
-IMPORT_ONLY = ("name", "input_size", "resize", "uint8_nhwc", "layout", "dtype", "mean", "std", "input_name", "output_name",
-               "interpolation", "threads", "no_copy", "force")
+IMPORT_ONLY = ("name", "input_size", "resize", "uint8_nhwc", "layout", "dtype", "mean", "std", "input_name",
+               "output_name", "interpolation", "threads", "no_copy", "force")
 
 
 @command("models", "model registry: import ONNX/TorchScript descriptor models, fetch SSCD, list cards",
