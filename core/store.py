@@ -57,6 +57,13 @@ def remove_dir(path: str | os.PathLike) -> None:
         fs.delete_dir(p)
 
 
+def remove_file(path: str | os.PathLike) -> None:
+    """Delete a file (nothing if it does not exist)."""
+    if exists(path):
+        fs, p = filesystem(path)
+        fs.delete_file(p)
+
+
 def temp_name(name: str) -> str:
     """The hidden name a file or folder is written under before it is renamed to ``name``."""
     return f".{name}.{uuid.uuid4().hex[:8]}.tmp"

@@ -134,6 +134,11 @@ def text_override(key: str, value: str) -> str:
     return f"{key}={json.dumps(value)}"  # a JSON string is a YAML double-quoted scalar
 
 
+def with_output(overrides: Sequence[str], out: str | None) -> list[str]:
+    """``overrides`` and, when given, ``--out`` as the ``output`` key (its text as written)."""
+    return [*overrides, *([text_override("output", out)] if out else [])]
+
+
 def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     """``["a.b=3", "c=[1,2]"]`` -> ``[("a.b", 3), ("c", [1, 2])]``."""
     out = []

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.models.backbones import list_backbones
-from core.yamlconf import text_override
+from core.yamlconf import with_output
 from jobs.config import ConfigError, PipelineConfig, load_config
 from pretrain.train_config import TrainConfig, load_train_config
 from jobs.runtime import OFFLINE_ENV
@@ -133,7 +133,7 @@ def submit(config: str | None, address: str | None, stage: str = "run", sets: Se
     from ray.job_submission import JobSubmissionClient
 
     config = config or str(REPO_ROOT / "configs" / "smoke.yaml")
-    overrides = [*sets, *([text_override("output", out)] if out else [])]
+    overrides = with_output(sets, out)
     if stage in TRAIN_STAGES:
         if out:
             raise ConfigError(f"--stage {stage}: set the training output with --set output=PATH, not --out")

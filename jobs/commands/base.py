@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from core.store import exists
-from core.yamlconf import text_override
+from core.yamlconf import with_output
 from jobs.config import DEFAULT_CONFIG, PipelineConfig, load_config
 from jobs.layout import RunDir
 
@@ -65,5 +65,4 @@ def config_path(args: argparse.Namespace) -> str:
 
 def config_from_args(args: argparse.Namespace) -> PipelineConfig:
     """The command's config (:func:`config_path`), ``--out`` and ``--set`` on top."""
-    out = [text_override("output", args.out)] if getattr(args, "out", None) else []
-    return load_config(config_path(args), [*(args.set or []), *out])
+    return load_config(config_path(args), with_output(args.set or [], getattr(args, "out", None)))

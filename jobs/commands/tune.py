@@ -5,7 +5,7 @@ import argparse
 import logging
 import os
 
-from core.yamlconf import text_override
+from core.yamlconf import with_output
 from jobs.commands.base import arg, command, config_path
 from jobs.config import ConfigError, load_config
 from jobs.plan import count_images
@@ -56,7 +56,7 @@ def tune(args: argparse.Namespace) -> None:
     config = config_path(args)  # the tuned file is written from it
     if bool(args.validation_queries) != bool(args.validation_ground_truth):
         raise ConfigError("give both --validation-queries and --validation-ground-truth, or neither")
-    overrides = [*(args.set or []), *([text_override("output", args.out)] if args.out else [])]
+    overrides = with_output(args.set or [], args.out)
     cfg = load_config(config, overrides)
     run_dir = cfg.output
     if "://" in run_dir:

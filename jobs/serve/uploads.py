@@ -40,33 +40,26 @@ def content_type(request: Request) -> str:
     return kind
 
 
-async def _body(request: Request, limit: int) -> bytes:
+async def _capped(request: Request, limit: int, key: str) -> AsyncGenerator[bytes, None]:
+    """The body's chunks, refused (naming the config ``key``) once more than ``limit`` bytes
+    arrived: a declared length is checked first, a chunked body as it arrives."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise too_large(int(declared), limit)
-    data = bytearray()
-    async for chunk in request.stream():
-        data += chunk
-        if len(data) > limit:
-            raise too_large(len(data), limit)
-    return bytes(data)
-
-
-async def _capped(request: Request, limit: int) -> AsyncGenerator[bytes, None]:
-    """The body's chunks, refused once more than ``limit`` bytes arrived (declared or not)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large(int(declared), limit, "serve.max_request_bytes")
+        raise too_large(int(declared), limit, key)
     seen = 0
     async for chunk in request.stream():
         seen += len(chunk)
         if seen > limit:
-            raise too_large(seen, limit, "serve.max_request_bytes")
+            raise too_large(seen, limit, key)
         yield chunk
 
 
+async def _body(request: Request, limit: int) -> bytes:
+    return b"".join([chunk async for chunk in _capped(request, limit, "serve.max_upload_bytes")])
+
+
 async def _files(request: Request, limit: int) -> list[tuple[str, UploadFile]]:
-    parser = MultiPartParser(request.headers, _capped(request, limit), max_files=MAX_FILES)
+    parser = MultiPartParser(request.headers, _capped(request, limit, "serve.max_request_bytes"), max_files=MAX_FILES)
     try:
         form = await parser.parse()
     except BadRequest:

@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from core.metrics import write_predictions
-from core.store import exists, filesystem, join, read_table, read_text, write_table, write_text
+from core.store import exists, join, read_table, read_text, remove_file, write_table, write_text
 from ensemble.fuse import demote_others, fuse, max_over_patches, top_k_per_query
 from jobs.completeness import IncompleteUpstream, require_candidates
 from jobs.config import PipelineConfig
@@ -34,17 +34,11 @@ def copies(preds: pa.Table, threshold: float) -> pa.Table:
     return kept.take(pc.sort_indices(kept, [("score", "descending"), ("query_id", "ascending")]))
 
 
-def remove_stale(path: str) -> None:
-    if exists(path):
-        fs, local = filesystem(path)
-        fs.delete_file(local)
-
-
 def write_final(preds: pa.Table, threshold: float | None, run: RunDir) -> None:
     """``predictions.csv``, and ``copies.csv`` when there is a threshold (a stale one is removed)."""
     write_predictions(preds, run.predictions)
     if threshold is None:
-        remove_stale(run.copies)
+        remove_file(run.copies)
         return
     found = copies(preds, threshold)
     write_predictions(found, run.copies)
@@ -60,7 +54,7 @@ def finish(scores: pa.Table, decoys: pa.Table | None, cfg: PipelineConfig, run: 
     final = demote_others(scores, share)
     if decoys is None:
         threshold = cfg.fuse.threshold
-        remove_stale(run.threshold)  # an estimate of an earlier `auto` run: not this config's threshold
+        remove_file(run.threshold)  # an estimate of an earlier `auto` run: not this config's threshold
     else:
         threshold = estimate(final, demote_others(decoys, share, scores), cfg, run, kind)
     write_final(final, threshold, run)
