@@ -63,21 +63,28 @@ def producers() -> dict[str, str]:
     return out
 
 
-def how_to_get(name: str) -> str:
+def how_to_get(name: str, detector: bool = False) -> str:
+    """What makes registry name ``name``: a known producer's command, else how such a model is registered
+    (a detector only by `copydet detector train`: an imported ONNX embedding model is not one)."""
     command = producers().get(name)
     if command:
         return f"to make {name!r}, run `{command}`"
+    if detector:
+        return (f"make the detector {name!r} with `copydet detector train CONFIG` (configs/detector/cpu.yaml "
+                "names it copy-detector-cpu; set `name:` in a copy for another name), which registers it")
     return (f"register {name!r} (`copydet models import-onnx PATH --name {name} ...`, or train it), or give a "
             "backbone name or a checkpoint path")
 
 
 def resolved(what: str, name: str | None, fn: Callable[[], T]) -> T:
-    """``fn()``, or its RegistryError on one line with what to run to get ``name``; a CheckpointError
-    (the file is there but unusable: nothing to make) on one line as it is."""
+    """``fn()``, or its RegistryError on one line with what to run to get ``name`` (a detector when
+    ``what`` is a ``patches.SIDE.detector`` key); a CheckpointError (the file is there but unusable:
+    nothing to make) on one line as it is."""
     try:
         return fn()
     except RegistryError as e:
-        raise RegistryError(f"{what}: {' '.join(str(e).split())}; {how_to_get(name or '')}") from None
+        hint = how_to_get(name or "", detector=what.endswith(".detector"))
+        raise RegistryError(f"{what}: {' '.join(str(e).split())}; {hint}") from None
     except CheckpointError as e:
         raise RegistryError(f"{what}: {' '.join(str(e).split())}") from None
 

@@ -74,6 +74,15 @@ class ViewConfig(ConfigModel):
             raise ValueError(f"grid sizes must be between 2 and 8, got {v}")
         return v
 
+    @model_validator(mode="after")
+    def _views_fit(self) -> ViewConfig:
+        """The cap trims proposals and detections; views asked for by name are never dropped silently."""
+        n = len(distinct_views(self))
+        if n > self.max_patches:
+            raise ValueError(f"the views asked for make {n} patches an image (the full image included), more "
+                             f"than max_patches {self.max_patches}: raise max_patches or ask for fewer views")
+        return self
+
 
 # D2LV-style budgets; every key can be overridden next to ``preset`` in the config.
 FIVE_CENTRES = (0.9, 0.8, 0.7, 0.6, 0.5)
@@ -143,13 +152,18 @@ def _center_tiles(cfg: ViewConfig) -> list[View]:
     return [View("tile", centred(s)) for s in cfg.center_tiles]
 
 
-def plan_views(cfg: ViewConfig, extra: list[View] = ()) -> list[View]:
+def distinct_views(cfg: ViewConfig, extra: list[View] = ()) -> list[View]:
     """Full image first, then each registered generator's views, then ``extra`` (e.g.
-    proposals); exact duplicates dropped, at most ``cfg.max_patches``."""
+    proposals); exact duplicates dropped."""
     out, seen = [], set()
     for v in [View("full"), *(v for fn in VIEWS.values() for v in fn(cfg)), *extra]:
         key = (tuple(round(c, 4) for c in v.box), v.rotation, v.flip)
         if key not in seen:
             seen.add(key)
             out.append(v)
-    return out[: cfg.max_patches]
+    return out
+
+
+def plan_views(cfg: ViewConfig, extra: list[View] = ()) -> list[View]:
+    """:func:`distinct_views`, at most ``cfg.max_patches`` (the config's own views always fit)."""
+    return distinct_views(cfg, extra)[: cfg.max_patches]

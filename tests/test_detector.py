@@ -304,3 +304,21 @@ def test_a_malicious_checkpoint_never_runs(malicious, tmp_path, capsys):
     with pytest.raises(TypeError, match="outside the supported Ultralytics checkpoint format"):
         ultralytics.YOLO(str(pt), task="detect")
     assert not marker.exists()
+
+
+def test_a_model_that_is_not_a_detector_is_told_how_a_detector_is_made(tmp_path, capsys):
+    from core.models.cards import ModelCard
+    from core.models.registry import register
+    from jobs.cli import main
+
+    registry = tmp_path / "models"
+    weights = tmp_path / "embedder.onnx"
+    weights.write_bytes(b"onnx")
+    register(ModelCard(name="mydet", kind="external", arch="onnx", weights=str(weights), input_size=64,
+                       mean=(0, 0, 0), std=(1, 1, 1)), registry)
+    for name in ("mydet", "nodet"):  # an imported embedding model, and no model at all
+        assert main(["patch", "--out", str(tmp_path / "run"), "--set", f"registry={registry}",
+                     "--set", f"patches.query.detector={name}"]) == 2
+        err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
+        assert len(err) == 1 and f"make the detector {name!r} with `copydet detector train CONFIG`" in err[0]
+        assert "import-onnx" not in err[0]  # that registers an embedding model, which is refused here

@@ -3,7 +3,7 @@ import pytest
 from pydantic import ValidationError
 
 from patchers.plan import plan_table
-from patchers.views import FULL, PRESETS, ViewConfig, plan_views
+from patchers.views import FULL, PRESETS, View, ViewConfig, plan_views
 
 
 def _check_boxes(views):
@@ -37,9 +37,13 @@ def test_counts_follow_the_config():
     assert {(round(b[0], 3), round(b[1], 3)) for b in corners} == {(0, 0), (0.4, 0), (0, 0.4), (0.4, 0.4)}
 
 
-def test_max_patches_caps_the_plan():
-    views = plan_views(ViewConfig(grids=[3, 4], max_patches=5))
-    assert len(views) == 5 and views[0].kind == "full"
+def test_max_patches_trims_extra_views_and_refuses_named_ones_that_do_not_fit():
+    cfg = ViewConfig(grids=[2], max_patches=7)
+    extra = [View("proposal", (0.1, 0.1, 0.2 + i / 10, 0.5)) for i in range(5)]
+    views = plan_views(cfg, extra)
+    assert len(views) == 7 and views[0].kind == "full" and [v.kind for v in views[5:]] == ["proposal"] * 2
+    with pytest.raises(ValueError, match="make 26 patches an image .* more than max_patches 25"):
+        ViewConfig(grids=[3, 4], max_patches=25)  # a 4 x 4 grid's last tile would be dropped unseen
 
 
 def test_preset_keys_can_be_overridden():
