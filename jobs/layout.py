@@ -1,6 +1,7 @@
 """Where each stage's files live inside a run folder (local path or URI)."""
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -12,7 +13,14 @@ from core.store import join, list_shards, read_table
 
 @dataclass(frozen=True)
 class RunDir:
+    """A run folder; a local one by its absolute path, since stages run as Ray tasks whose working
+    folder is not the driver's (a relative ``--out`` on a cluster would land in each worker's own)."""
+
     root: str
+
+    def __post_init__(self) -> None:
+        if "://" not in self.root:
+            object.__setattr__(self, "root", os.path.abspath(self.root))
 
     @property
     def manifest(self) -> str:

@@ -123,3 +123,19 @@ def test_job_commands_send_the_token_from_the_token_file(tmp_path):
         assert refused.returncode == 2 and "Authentication required" in refused.stderr
     finally:
         server.shutdown()
+
+
+def test_a_refused_connection_names_token_authentication(monkeypatch, capsys, tmp_path):
+    """Ray names a missing token only in warning lines; copydet's one error line says what to check."""
+    import ray
+
+    from jobs.cli import main
+
+    def refused(**kwargs):
+        raise ConnectionError(f"Failed to connect to Ray cluster at {kwargs['address']}")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refused)
+    assert main(["manifest", "--address", "127.0.0.1:1", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert "Failed to connect to Ray cluster at 127.0.0.1:1" in err and "RAY_AUTH_MODE=token" in err

@@ -98,3 +98,33 @@ def test_job_survives_a_lost_worker_node(ray_local, tiny_dataset, tmp_path):
             assert wait_job(url, job) == "SUCCEEDED"
     assert_complete(tmp_path / "cluster", "tiny_cnn@64")
     assert_same_predictions(tmp_path / "local", tmp_path / "cluster")
+
+
+def test_extract_goes_on_after_losing_the_node_of_its_model_actor(ray_local, tiny_dataset, tmp_path, monkeypatch):
+    """A chunk's retries can all go to the actor of a node Ray has not yet marked dead: the stage
+    goes on with the chunks not written once the node is gone, and fails as before when none is."""
+    from jobs.cli import main
+    from jobs.stages import extract
+    from tests.test_pipeline import TINY
+
+    real, calls, nodes = extract.embed_chunks, [], [{"head", "gpu-1"}, {"head"}]
+
+    def embed_once_on_a_lost_node(cfg, run, keys, tasks):
+        calls.append(len(tasks))
+        if len(calls) == 1:
+            real(cfg, run, keys, tasks[:1])  # a chunk written before the node was lost
+            raise ray.exceptions.ActorUnavailableError("failed to connect to all addresses", None)
+        real(cfg, run, keys, tasks)
+
+    monkeypatch.setattr(extract, "embed_chunks", embed_once_on_a_lost_node)
+    monkeypatch.setattr(extract, "alive_nodes", lambda: nodes.pop(0) if len(nodes) > 1 else nodes[0])
+    argv = ["run", "--out", str(tmp_path / "run"), "--set", f"data.root={tiny_dataset}",
+            "--set", "extract.chunk_patches=8", *sum((["--set", s] for s in TINY), [])]
+    assert main(argv) == 0
+    assert len(calls) == 2 and calls[1] == calls[0] - 1  # the second pass: the chunks not yet written
+    assert_complete(tmp_path / "run", "resnet18@64")
+
+    calls.clear()
+    nodes[:] = [{"head"}]  # one node: nothing was lost, an actor died (out of memory, most often)
+    argv[2] = str(tmp_path / "run2")
+    assert main(argv) == 2 and len(calls) == 1

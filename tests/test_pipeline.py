@@ -12,6 +12,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+import ray
 import yaml
 
 from core.imageio import load_rgb
@@ -120,6 +121,18 @@ def test_stage_commands_run_alone(ray_local, tiny_dataset, tmp_path):
     assert main(["patch", "--out", out, "--set", f"data.root={tiny_dataset}"]) == 0
     patches = read_table(RunDir(out).patches)
     assert set(pc.unique(patches.column("kind")).to_pylist()) == {"full", "crop"}
+
+
+def test_a_relative_out_is_the_drivers_folder_on_every_worker(ray_local, tiny_dataset, tmp_path, monkeypatch):
+    """Ray's workers keep the folder they started in (on a cluster, each node its own): a relative
+    run folder is the driver's, made absolute before any task sees it."""
+    workers_cwd = ray.get(ray.remote(lambda: os.getcwd()).remote())
+    monkeypatch.chdir(tmp_path)
+    assert os.getcwd() != workers_cwd
+    assert main(["manifest", "--references", str(tiny_dataset / "references"),
+                 "--queries", str(tiny_dataset / "queries"), "--out", "rel", *sum((["--set", s] for s in TINY), [])]) == 0
+    assert read_table(RunDir(str(tmp_path / "rel")).manifest).num_rows == 14
+    assert not os.path.exists(os.path.join(workers_cwd, "rel"))
 
 
 def test_a_stage_run_before_its_input_records_no_settings(ray_local, tmp_path, capsys):

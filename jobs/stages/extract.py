@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from collections.abc import Mapping
 
@@ -38,6 +39,8 @@ log = logging.getLogger(__name__)
 
 
 AUTOSCALING_CONFIGS = ("$COPYDET_AUTOSCALING_CONFIG", "~/ray_bootstrap_config.yaml")  # the head's copy of cluster.yaml
+NODE_LOSSES = 3  # lost nodes a stage goes on after (each time with the chunks not yet written)
+NODE_DEATH_S = 30.0  # Ray's health checks mark a lost node dead in ~15 s
 
 
 def autoscaler_gpus() -> float:
@@ -142,6 +145,21 @@ def actor_failure(e: Exception, keys: list[KeySpec], retries: int) -> Exception:
                         f"(fewer at once: extract.max_actors) or raise extract.chunk_retries ({last})")
 
 
+def alive_nodes() -> set[str]:
+    return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+
+
+def lost_nodes(before: set[str], wait_s: float = NODE_DEATH_S) -> set[str]:
+    """The nodes of ``before`` that Ray has marked dead, waiting up to ``wait_s`` for its health
+    checks to notice one; none when ``before`` is one node (losing it is losing the driver's)."""
+    if len(before) < 2:
+        return set()
+    deadline = time.monotonic() + wait_s
+    while not (lost := before - alive_nodes()) and time.monotonic() < deadline:
+        time.sleep(1)
+    return lost
+
+
 def run_extract(cfg: PipelineConfig, run: RunDir) -> None:
     keys = key_specs(cfg, run)
     plan = chunk_plan(run, cfg.extract.chunk_patches, "extract")  # checks the patch shards first
@@ -150,8 +168,24 @@ def run_extract(cfg: PipelineConfig, run: RunDir) -> None:
     check_background(cfg, train_rows, "extract")
     check_train_rows(cfg.reduce, train_rows, "extract")
     pin_keys(cfg, keys)  # before any work: shards of other settings are refused, not resumed
-    if not tasks:
-        return
+    for losses in range(NODE_LOSSES + 1):
+        if not tasks:
+            return
+        nodes = alive_nodes()
+        try:
+            embed_chunks(cfg, run, keys, tasks)
+            return
+        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as e:
+            # a chunk's retries can all go to an actor on a lost node before Ray marks the node dead
+            lost = lost_nodes(nodes) if losses < NODE_LOSSES else set()
+            if not lost:
+                raise actor_failure(e, keys, cfg.extract.chunk_retries) from e
+            log.warning(f"extract: lost {len(lost)} node(s) of the cluster; going on with the chunks not written")
+            tasks = pending_chunks(plan, keys)
+
+
+def embed_chunks(cfg: PipelineConfig, run: RunDir, keys: list[KeySpec], tasks: list[ChunkTask]) -> None:
+    """Decode and embed ``tasks`` in one Ray Data pipeline, each chunk's files written by its actor."""
     res = actor_resources(cfg.extract)
     names = ", ".join(os.path.basename(k.folder) for k in keys)
     log.info(f"extract: {len(tasks)} chunk(s) for {names}; {res['min_size']}..{res['max_size']} model actor(s) "
@@ -160,8 +194,8 @@ def run_extract(cfg: PipelineConfig, run: RunDir) -> None:
     ds = ray.data.from_items([vars(t) for t in tasks], override_num_blocks=len(tasks))
     ds = ds.map(lambda row: decode_chunk(ChunkTask(**{**row, "keys": tuple(row["keys"])}), run.patches, run.manifest,
                                          pres, cfg.data.max_pixels), num_cpus=cfg.extract.decode_cpus)
-    # Ray Data restarts dead actors (max_restarts=-1: a lost node must not end the run), but a chunk
-    # that kills every actor it meets (out of memory) must fail the stage, not loop.
+    # Ray Data restarts dead actors (max_restarts=-1), but a chunk that kills every actor it meets
+    # (out of memory) must fail the stage, not loop.
     with warnings.catch_warnings():  # the retry limits have no named parameter before Ray 2.64 (pinned < 2.61)
         warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated")
         ds = ds.map_batches(ChunkEmbedder, batch_size=1, batch_format="numpy",
@@ -170,14 +204,10 @@ def run_extract(cfg: PipelineConfig, run: RunDir) -> None:
                             compute=ActorPoolStrategy(min_size=res["min_size"], max_size=res["max_size"]),
                             num_cpus=res["num_cpus"], num_gpus=res["num_gpus"], max_restarts=-1,
                             max_task_retries=cfg.extract.chunk_retries)
-    total = sum(t.stop - t.start for t in tasks)
     bad = 0
-    with tqdm(total=total, desc=f"extract {names}", unit="patch") as bar:
-        try:
-            for row in ds.iter_rows():
-                bad += int(row["errors"])
-                bar.update(int(row["planned"]))
-        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as e:
-            raise actor_failure(e, keys, cfg.extract.chunk_retries) from e
+    with tqdm(total=sum(t.stop - t.start for t in tasks), desc=f"extract {names}", unit="patch") as bar:
+        for row in ds.iter_rows():
+            bad += int(row["errors"])
+            bar.update(int(row["planned"]))
     if bad:
         log.warning(f"extract: {bad} image(s) no longer decode; listed in {run.errors}")
