@@ -32,6 +32,12 @@ def filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
+def absolute(path: str) -> str:
+    """A local ``path`` against the current folder (``~`` expanded), a URI as it is: Ray's workers run
+    in their own folders, on a cluster on other machines, where a relative path names another place."""
+    return path if "://" in path else os.path.abspath(os.path.expanduser(path))
+
+
 def join(base: str | os.PathLike, *parts: str) -> str:
     """Join path parts for local paths and URIs alike."""
     base = str(base)

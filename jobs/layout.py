@@ -1,14 +1,13 @@
 """Where each stage's files live inside a run folder (local path or URI)."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import pyarrow as pa
 
 from core.contracts import shard_split
 from core.lock import LOCK_NAME
-from core.store import join, list_shards, read_table
+from core.store import absolute, join, list_shards, read_table
 
 
 @dataclass(frozen=True)
@@ -19,8 +18,7 @@ class RunDir:
     root: str
 
     def __post_init__(self) -> None:
-        if "://" not in self.root:
-            object.__setattr__(self, "root", os.path.abspath(self.root))
+        object.__setattr__(self, "root", absolute(self.root))
 
     @property
     def manifest(self) -> str:

@@ -54,7 +54,7 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
                      runtime_env={"env_vars": OFFLINE_ENV, "worker_process_setup_hook": quiet_workers})
         except ConnectionError as e:  # Ray says why (e.g. no token) only in the warnings above it
             raise ConnectionError(f"{e} (a cluster with token authentication answers only a client with "
-                                  f"RAY_AUTH_MODE=token and its token: README, Running on a Ray cluster)") from None
+                                  "RAY_AUTH_MODE=token and its token: README, Running on a Ray cluster)") from None
         if threading.current_thread() is threading.main_thread():  # Ray's core worker's handler aborts (exit 134)
             signal.signal(signal.SIGTERM, _stopped)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -19,15 +19,10 @@ from pydantic import Field, field_validator, model_validator
 from core.models.backbones import list_backbones
 from core.models.registry import default_registry_dir
 from core.models.verifier import VerifierSpec
+from core.store import absolute
 from core.yamlconf import ConfigError, ConfigModel, load_as
 
 TrainConfigError = ConfigError
-
-
-def absolute(path: str) -> str:
-    """``path`` against the current folder: a Ray Train worker runs in its own folder, so a
-    relative path in the YAML would name another place there."""
-    return os.path.abspath(os.path.expanduser(path))
 
 
 class DataSection(ConfigModel):

@@ -322,3 +322,37 @@ def test_a_model_that_is_not_a_detector_is_told_how_a_detector_is_made(tmp_path,
         err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
         assert len(err) == 1 and f"make the detector {name!r} with `copydet detector train CONFIG`" in err[0]
         assert "import-onnx" not in err[0]  # that registers an embedding model, which is refused here
+
+
+def test_the_command_gives_its_tasks_absolute_folders(photos, tmp_path, monkeypatch):
+    """Synthesis runs as Ray tasks, on a cluster in other folders: a relative `output:` was each
+    worker's own folder, where the driver never found the set."""
+    import yaml
+
+    from jobs.cli import main
+    from patchers.detector import train
+
+    seen = []
+
+    def seen_then_stopped(cfg, map_fn):
+        seen.append(cfg)
+        raise ValueError("stopped before any work")
+
+    monkeypatch.setattr("jobs.commands.detector.init_ray", lambda *a: None)
+    monkeypatch.setattr(train, "train_detector", seen_then_stopped)
+    monkeypatch.chdir(tmp_path)
+    assert photos == tmp_path / "photos"
+    (tmp_path / "det.yaml").write_text(yaml.safe_dump({"name": "d", "photos": "photos", "output": "runs/det",
+                                                       "registry": "~/models", "model": "yolov8n.yaml"}))
+    assert main(["detector", "train", "det.yaml"]) == 2
+    cfg, = seen
+    assert (cfg.output, cfg.photos) == (str(tmp_path / "runs" / "det"), str(tmp_path / "photos"))
+    assert cfg.registry == os.path.expanduser("~/models")
+
+
+def test_an_empty_set_of_decodable_photos_is_not_blamed_on_them(photos, tmp_path):
+    from patchers.detector.train import refuse_empty
+
+    paths = sorted(str(p) for p in photos.glob("*.jpg"))
+    with pytest.raises(ValueError, match="no synthetic train or val image found in .* although every photo decodes"):
+        refuse_empty(_tiny_config(photos, tmp_path), paths, {"train": 0, "val": 0})

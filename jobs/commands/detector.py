@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
          uses_config=False)
 def detector(args: argparse.Namespace) -> None:
     from patchers.detector.train import load_detector_config, train_detector
-    cfg = load_detector_config(args.config)
+    cfg = load_detector_config(args.config).anchored()
     init_ray(RayConfig(), args.address)
     card = train_detector(cfg, lambda fn, calls: run_tasks(fn, calls, "synth"))
     log.info(f"detector {card.name}: box recall@0.5 {card.metrics['box_recall50']:.3f}, "

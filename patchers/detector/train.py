@@ -29,6 +29,7 @@ from core.imageio import ImageDecodeError, list_images, load_rgb, sha256_file
 from core.models.cards import ModelCard, RegistryError
 from core.models.registry import file_hash, load_card, register
 from core.settings import SETTINGS_FILE, pin_settings
+from core.store import absolute
 from core.yamlconf import ConfigModel, load_as
 from patchers.detector.predict import check_detector, detect, export_onnx, offline_ultralytics
 from patchers.detector.synth import chunk_calls, generate_chunk, write_data_yaml
@@ -77,6 +78,12 @@ class DetectorConfig(ConfigModel):
                 raise ValueError(f"{v}: no such model definition (a local .yaml, or one of ultralytics' own, "
                                  "e.g. yolov8n.yaml)") from None
         return v
+
+    def anchored(self) -> DetectorConfig:
+        """This config with its folders as absolute paths, read where the command runs: the synthetic
+        set is written by Ray tasks, which on a cluster run in other folders."""
+        return self.model_copy(update={"photos": absolute(self.photos), "output": absolute(self.output),
+                                       "registry": self.registry and absolute(self.registry)})
 
 
 def load_detector_config(path: str, overrides: list[str] = ()) -> DetectorConfig:
@@ -128,6 +135,9 @@ def refuse_empty(cfg: DetectorConfig, photos: list[str], counts: dict[str, int])
         (Path(cfg.output) / SETTINGS_FILE).unlink(missing_ok=True)
     if len(bad) == len(photos):
         raise ValueError(f"none of the {len(photos)} photos in {cfg.photos} decode{first}; fix or replace them")
+    if not bad:  # every photo decodes: the images were made, but not where the driver counts them
+        raise ValueError(f"no synthetic {' or '.join(empty)} image found in {Path(cfg.output) / 'data'} although "
+                         f"every photo decodes; is that folder the same one on every Ray node?")
     why = " (validation draws on every 10th photo only)" if "val" in empty else ""
     raise ValueError(f"no synthetic {' or '.join(empty)} image could be made: {len(bad)} of {len(photos)} photos "
                      f"in {cfg.photos} do not decode{first}{why}")
