@@ -129,8 +129,8 @@ def test_a_relative_out_is_the_drivers_folder_on_every_worker(ray_local, tiny_da
     workers_cwd = ray.get(ray.remote(lambda: os.getcwd()).remote())
     monkeypatch.chdir(tmp_path)
     assert os.getcwd() != workers_cwd
-    assert main(["manifest", "--references", str(tiny_dataset / "references"),
-                 "--queries", str(tiny_dataset / "queries"), "--out", "rel", *sum((["--set", s] for s in TINY), [])]) == 0
+    assert main(["manifest", "--references", str(tiny_dataset / "references"), "--queries",
+                 str(tiny_dataset / "queries"), "--out", "rel", *sum((["--set", s] for s in TINY), [])]) == 0
     assert read_table(RunDir(str(tmp_path / "rel")).manifest).num_rows == 14
     assert not os.path.exists(os.path.join(workers_cwd, "rel"))
 
