@@ -48,8 +48,11 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     if not ray.is_initialized():
         address = address or cfg.address
+        # without one (or $RAY_ADDRESS), ray.init would join a `ray start` cluster of this machine (and
+        # refuse num_cpus for it): copydet's own embedded Ray instead
+        local = not address and "RAY_ADDRESS" not in os.environ
         try:
-            ray.init(address=address, num_cpus=None if address else cfg.num_cpus,
+            ray.init(address="local" if local else address, num_cpus=cfg.num_cpus if local else None,
                      include_dashboard=False, logging_level="WARNING", log_to_driver=True,
                      runtime_env={"env_vars": OFFLINE_ENV, "worker_process_setup_hook": quiet_workers})
         except ConnectionError as e:  # Ray says why (e.g. no token) only in the warnings above it

@@ -139,3 +139,17 @@ def test_a_refused_connection_names_token_authentication(monkeypatch, capsys, tm
     assert main(["manifest", "--address", "127.0.0.1:1", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.splitlines()[-1]
     assert "Failed to connect to Ray cluster at 127.0.0.1:1" in err and "RAY_AUTH_MODE=token" in err
+
+
+def test_without_an_address_copydet_starts_its_own_ray_beside_a_ray_start_cluster(tmp_path):
+    """ray.init() alone joins the cluster `ray start` left recorded on this machine (here a dead
+    one): copydet's commands without --address use their own embedded Ray, as README says."""
+    root = str(Path(__file__).parent.parent)
+    code = ("import sys, ray._private.services as s; s.find_bootstrap_address = lambda *a: '127.0.0.1:9'; "
+            "from jobs.cli import main; sys.exit(main(sys.argv[1:]))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    done = subprocess.run([sys.executable, "-c", code, "manifest", "--out", str(tmp_path / "run"),
+                           "--set", "ray.num_cpus=1"], capture_output=True, text=True, timeout=300, cwd=root,
+                          env={**env, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (tmp_path / "run" / "manifest.parquet").is_dir()
