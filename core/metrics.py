@@ -150,6 +150,16 @@ def written(score: float) -> float:
     return float(str(np.float32(score)))
 
 
+def at_threshold(m: Metrics, threshold: float) -> dict[str, float | int | None]:
+    """Precision and recall of the predictions scoring at or above ``threshold`` (the is-copy
+    decisions of ``fuse.threshold``); precision is None when no prediction reaches it."""
+    at = written(threshold)  # float32 scores: a configured 0.7 admits a stored 0.7
+    n = int(np.searchsorted(-m.thresholds, -at, side="right"))  # thresholds run high to low
+    return {"threshold": float(threshold), "copies_at_threshold": n,
+            "precision_at_threshold": float(m.precisions[n - 1]) if n else None,
+            "recall_at_threshold": float(m.recalls[n - 1]) if n else 0.0}
+
+
 def evaluate_table(gt: Sequence[tuple[str, str]], preds: pa.Table) -> Metrics:
     """:func:`evaluate` of a ``query_id, reference_id, score`` table (scores :func:`as_written`)."""
     return evaluate(gt, preds.column("query_id").to_numpy(zero_copy_only=False),
@@ -255,9 +265,9 @@ def plot_pr(curves: Mapping[str, Metrics], path: str | os.PathLike) -> str:
     for name, m in curves.items():
         ax.plot(m.recalls, m.precisions, label=f"{name} (μAP {m.micro_ap:.3f})")
     ax.axhline(0.9, color="grey", linestyle="--", linewidth=1, label="P = 0.9")
-    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="precision-recall")
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.02), ylim=(0, 1.02), title="precision-recall")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower left")
+    ax.legend(loc="best")  # a weak model's curve runs along the lower left
     with atomic_output(path) as f:
         fig.savefig(f, format="png")
     return str(path)

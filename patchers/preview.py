@@ -29,13 +29,17 @@ THUMB = 256
 PAD = 6
 
 
-def _tag(kind: str, rotation: int, flip: bool) -> str:
-    """Short label: the kind, or ``r90`` / ``flip`` for a rotated / mirrored view."""
-    return " ".join(filter(None, [f"r{rotation}" if rotation else "", "flip" if flip else ""])) or kind
+def _tag(kind: str, rotation: int, flip: bool, width: float) -> str:
+    """Short label: the kind (crops and tiles with their width, ``tile 0.33``), or ``r90`` / ``flip``
+    for a rotated / mirrored view."""
+    turned = " ".join(filter(None, [f"r{rotation}" if rotation else "", "flip" if flip else ""]))
+    return turned or (f"{kind} {width:.2g}" if kind in ("crop", "tile") else kind)
 
 
 def draw_patches(img: Image.Image, patches: list[dict], side: int = THUMB) -> Image.Image:
-    """A thumbnail (long side ``side``) with one labelled rectangle per distinct patch box."""
+    """A thumbnail (long side ``side``) with one labelled rectangle per distinct patch box: larger
+    boxes first and the full image's outline last, so none hides another; labels that would start at
+    one corner are stacked, not printed over each other."""
     f = side / max(img.size)
     thumb = img.convert("RGB").resize((max(1, round(img.width * f)), max(1, round(img.height * f))))
     draw = ImageDraw.Draw(thumb)
@@ -44,15 +48,21 @@ def draw_patches(img: Image.Image, patches: list[dict], side: int = THUMB) -> Im
     for p in patches:
         boxes[(round(p["x0"], 3), round(p["y0"], 3), round(p["x1"], 3), round(p["y1"], 3))].append(p)
     w, h = thumb.size
-    for (x0, y0, x1, y1), group in boxes.items():
+    labels_at: dict[tuple[int, int], int] = defaultdict(int)
+    order = sorted(boxes, key=lambda b: (b == (0, 0, 1, 1), -(b[2] - b[0]) * (b[3] - b[1])))
+    for x0, y0, x1, y1 in order:
+        group = boxes[(x0, y0, x1, y1)]
         colour = KIND_COLOURS.get(group[0]["kind"], (255, 128, 0))
         rect = [x0 * w, y0 * h, max(x0 * w, x1 * w - 1), max(y0 * h, y1 * h - 1)]
         if group[0]["kind"] == "proposal":  # up to hundreds: thin and unlabelled (the legend names them)
             draw.rectangle(rect, outline=colour, width=1)
             continue
         draw.rectangle(rect, outline=colour, width=2)
-        label = " ".join(_tag(p["kind"], p["rotation"], p["flip"]) for p in group)
-        draw.text((rect[0] + 2, rect[1] + 1), label, fill=colour, font=font, stroke_width=1, stroke_fill=(0, 0, 0))
+        label = " ".join(_tag(p["kind"], p["rotation"], p["flip"], x1 - x0) for p in group)
+        corner = (round(rect[0]), round(rect[1]))
+        draw.text((rect[0] + 2, rect[1] + 1 + 11 * labels_at[corner]), label, fill=colour, font=font,
+                  stroke_width=1, stroke_fill=(0, 0, 0))
+        labels_at[corner] += 1
     return thumb
 
 

@@ -39,6 +39,24 @@ def test_boxes_are_drawn_in_their_kind_colour():
     assert thumb.getpixel((60, 60)) == (0, 0, 0)
 
 
+def test_the_full_outline_and_every_label_stay_visible_where_boxes_share_a_corner():
+    img = Image.new("RGB", (200, 100), (0, 0, 0))
+    thumb = draw_patches(img, [_patch("a", 0, "full", (0, 0, 1, 1)), _patch("a", 1, "crop", (0, 0, 0.6, 0.6)),
+                               _patch("a", 2, "tile", (0, 0, 0.5, 0.5))])
+    assert thumb.getpixel((0, 40)) == KIND_COLOURS["full"]  # the left edge all three share
+
+    def tone(px: tuple[int, int, int]) -> str | None:  # the label text is anti-aliased: its hue, not its value
+        r, g, b = px
+        return ("crop" if b > g > r + 80 else "tile" if g > max(r, b) + 80 else
+                "full" if min(px) > 150 else None)
+
+    first_row = {}
+    for y in range(3, 40):  # below the top outline
+        for x in range(3, 60):
+            first_row.setdefault(tone(thumb.getpixel((x, y))), y)
+    assert first_row["crop"] < first_row["tile"] < first_row["full"]  # three labels, one under another
+
+
 def test_pick_images_alternates_splits():
     rows = [("Q1", "query"), ("Q2", "query"), ("Q3", "query"), ("R1", "reference"), ("T1", "train")]
     m = pa.Table.from_pylist([{"image_id": i, "path": "", "split": s, "width": 1, "height": 1, "sha256": ""}

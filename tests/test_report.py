@@ -104,8 +104,10 @@ def test_report_without_ensemble_uses_the_last_member(run_dir):
     page = (run_dir / "report.html").read_text()
     assert 'data-name="ensemble"' not in page and "Scores of b@224" in page
     assert "predictions.csv: members only" in page  # said, not silently left out
-    # missed copy of b: Q2-R2 was never predicted
+    # missed copy of b: Q2-R2 was never predicted (b never reaches precision 0.9: no P90 threshold)
     assert re.search(r"<b>Q2</b> → <b>R2</b><br>a@224 0\.700</div>", page)
+    assert "Missed copies of b@224 (not predicted or below the P90 threshold; the worst 1 of 1)" in page
+    assert "Is-copy threshold" not in page  # no predictions.csv: no decisions to count
 
 
 def test_compare_scores_runs_side_by_side(run_dir, tmp_path, capsys):
@@ -199,3 +201,15 @@ def test_compare_and_report_refuse_predictions_of_another_stage_than_the_config_
         assert "holds the fused scores, but this config's predictions are the verified ones" in capsys.readouterr().err
     (run_dir / "predictions.json").write_text('{"scores": "verified"}')
     assert main(["compare", str(run_dir), *gt]) == 0
+
+
+def test_report_shows_the_runs_is_copy_threshold(run_dir, tmp_path):
+    config = {"models": [{"name": "resnet18"}], "data": {"ground_truth": str(tmp_path / "gt.csv")},
+              "fuse": {"threshold": 0.8}}
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main(["report", str(run_dir)]) == 0
+    page = (run_dir / "report.html").read_text()
+    # the ensemble's 0.95 and 0.9 are copies, 0.7 (a copy) falls below: precision 1, recall 2/3
+    assert ("Is-copy threshold (fuse.threshold) 0.8000: 2 predictions at or above it (copies.csv), precision 1.0000, "
+            "recall 0.6667") in page
+    assert "Scores are on different scales from row to row." in page

@@ -8,9 +8,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from core.metrics import evaluate, read_ground_truth, read_predictions, write_predictions
+from core.metrics import at_threshold, evaluate, read_ground_truth, read_predictions, write_predictions
 from jobs.layout import RunDir
-from jobs.stages.evaluate import at_threshold, evaluate_run_files, format_metrics
+from jobs.stages.evaluate import evaluate_run_files, format_metrics
 from jobs.stages.fuse import write_final
 
 # scores high to low: T F T T F  (GT has 4 pairs: one never predicted)

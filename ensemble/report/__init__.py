@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 
 import pyarrow as pa
 
-from core.metrics import plot_pr
+from core.metrics import at_threshold, plot_pr
 from core.store import write_text
 from ensemble.report import figures, page
 from ensemble.report.analysis import (
@@ -27,19 +27,23 @@ from ensemble.report.analysis import (
 )
 
 ASSETS = "report"  # folder of PNGs / thumbnails, relative to the HTML
+SCORES = ("Each member row scores that model's own candidates (its best patch pair, its top k references a query); "
+          "the ensemble row scores predictions.csv: the members fused and, when the run verifies, re-scored by "
+          "verification. Scores are on different scales from row to row.")
 
 
 def build_report(out_dir: str, members: Mapping[str, pa.Table], predictions: pa.Table | None, gt: GT,
                  paths: Mapping[str, Mapping[str, str]] | None = None,
                  families: Mapping[str, Sequence[str]] | None = None, k: int = 10, gallery_size: int = 8,
                  title: str = "copydet run report",
-                 notes: Sequence[str] = ()) -> str:
+                 notes: Sequence[str] = (), threshold: tuple[str, float] | None = None) -> str:
     """Write ``out_dir/report.html`` and its figures; returns the HTML path.
 
     ``members`` maps a member name to its candidates table; ``predictions`` is the
     ensemble's ``(query_id, reference_id, score)`` table; ``paths`` maps split (``query``,
     ``reference``) -> image id -> file for the gallery thumbnails (a query and a reference may
-    share an id); ``families`` maps query ids to their transform families.
+    share an id); ``families`` maps query ids to their transform families; ``threshold`` is the
+    run's is-copy decision, ``(what set it, score)``: its copies, precision and recall are shown.
     """
     if not members and predictions is None:
         raise ValueError(f"report for {out_dir}: no member candidates and no ensemble predictions")
@@ -53,7 +57,16 @@ def build_report(out_dir: str, members: Mapping[str, pa.Table], predictions: pa.
         return page.image(None if path is None else os.path.relpath(path, out_dir), alt)
 
     pr = plot_pr({s.name: s.metrics for s in scored}, os.path.join(assets, "pr_curves.png"))
-    sections = [("Metrics", page.metrics_table(scored)), ("Precision-recall", img(pr, "PR curves"))]
+    decision = ""
+    if threshold and predictions is not None:
+        t = at_threshold(primary.metrics, threshold[1])
+        p = "–" if t["precision_at_threshold"] is None else f"{t['precision_at_threshold']:.4f}"
+        decision = page.paragraph(f"Is-copy threshold ({threshold[0]}) {threshold[1]:.4f}: "
+                                  f"{t['copies_at_threshold']} predictions at or above it (copies.csv), precision {p}, "
+                                  f"recall {t['recall_at_threshold']:.4f}. threshold@P90 is the one the ground truth "
+                                  "would pick.")
+    sections = [("Metrics", page.metrics_table(scored) + page.paragraph(SCORES) + decision),
+                ("Precision-recall", img(pr, "PR curves"))]
     recall = family_recall(scored, gt, families) if families else {}
     if recall:
         png = figures.family_heatmap(recall, os.path.join(assets, "families.png"))
@@ -61,14 +74,15 @@ def build_report(out_dir: str, members: Mapping[str, pa.Table], predictions: pa.
     pos = positive_mask(primary.predictions, gt)
     s = primary.predictions.column("score").to_numpy()
     png = figures.score_histogram(s[pos], s[~pos], primary.metrics.threshold_at_p90,
-                                  os.path.join(assets, "scores.png"), primary.name)
+                                  os.path.join(assets, "scores.png"), primary.name, threshold)
     sections.append((f"Scores of {primary.name}", img(png, "score histogram")))
 
     thumbs = os.path.join(assets, "thumbs")
+    missed = missed_copies(primary.predictions, gt, primary.metrics.threshold_at_p90)
     for heading, errors in [
         (f"Top false positives of {primary.name}", false_positives(primary.predictions, gt, gallery_size)),
-        (f"Missed copies of {primary.name} (not predicted or below the P90 threshold)",
-         missed_copies(primary.predictions, gt, primary.metrics.threshold_at_p90, gallery_size)),
+        (f"Missed copies of {primary.name} (not predicted or below the P90 threshold; the worst "
+         f"{min(gallery_size, len(missed))} of {len(missed)})", missed[:gallery_size]),
     ]:
         pairs = [(q, r) for q, r, _ in errors]
         scores = pair_scores(scored, pairs)

@@ -86,14 +86,13 @@ def false_positives(pred: pa.Table, gt: GT, n: int) -> list[tuple[str, str, floa
     return list(zip(_ids(neg, "query_id"), _ids(neg, "reference_id"), neg.column("score").to_pylist()))
 
 
-def missed_copies(pred: pa.Table, gt: GT, threshold: float | None,
-                  n: int) -> list[tuple[str, str, float | None]]:
-    """Up to ``n`` GT pairs not predicted (score None) or scored below ``threshold``, worst first."""
+def missed_copies(pred: pa.Table, gt: GT, threshold: float | None) -> list[tuple[str, str, float | None]]:
+    """The GT pairs not predicted (score None) or scored below ``threshold``, worst first."""
     scores = dict(zip(zip(_ids(pred, "query_id"), _ids(pred, "reference_id")), pred.column("score").to_pylist()))
     missed = [(q, r, scores.get((q, r))) for q, r in gt]
     missed = [m for m in missed if m[2] is None or (threshold is not None and m[2] < threshold)]
     missed.sort(key=lambda m: -np.inf if m[2] is None else m[2])
-    return missed[:n]
+    return missed
 
 
 def pair_scores(scored: Sequence[Scored],

@@ -26,8 +26,9 @@ def _figure(size: tuple[float, float]) -> Figure:
 
 
 def score_histogram(positives: np.ndarray, negatives: np.ndarray, threshold: float | None,
-                    path: str, title: str = "ensemble") -> str:
-    """Overlaid histograms of copy / non-copy prediction scores with the P90 threshold line."""
+                    path: str, title: str = "ensemble", decision: tuple[str, float] | None = None) -> str:
+    """Overlaid histograms of copy / non-copy prediction scores with the P90 threshold line and
+    the run's is-copy threshold (``decision``: what set it, score)."""
     fig = _figure((6, 4))
     ax = fig.add_subplot()
     both = np.concatenate([positives, negatives])
@@ -36,6 +37,9 @@ def score_histogram(positives: np.ndarray, negatives: np.ndarray, threshold: flo
     ax.hist(positives, bins=bins, alpha=0.6, color="tab:green", label=f"copies ({len(positives)})")
     if threshold is not None:
         ax.axvline(threshold, color="black", linestyle="--", label=f"P90 threshold {threshold:.3f}")
+    if decision is not None:
+        ax.axvline(decision[1], color="tab:blue", linestyle=":", linewidth=2,
+                   label=f"is-copy threshold {decision[1]:.3f}")
     ax.set(xlabel="score", ylabel="predictions", title=f"score distribution: {title}")
     ax.legend()
     return _save(fig, path)

@@ -59,6 +59,10 @@ def family_table(recall: Mapping[str, Mapping[str, tuple[float, int]]]) -> str:
     return f"<table class=\"families\"><tr><th>family</th><th>GT pairs</th>{head}</tr>{''.join(rows)}</table>"
 
 
+def paragraph(text: str) -> str:
+    return f"<p>{_e(text)}</p>"
+
+
 def image(src: str | None, alt: str) -> str:
     """An ``<img>`` for a path relative to the page (``/``-separated), or a placeholder without one."""
     if src is None:
@@ -80,6 +84,6 @@ def gallery(cards: Sequence[Card]) -> str:
 def render(title: str, notes: Sequence[str], sections: Sequence[tuple[str, str]]) -> str:
     """The whole page; ``sections`` are ``(heading, html body)`` pairs in order."""
     body = "".join(f"<h2>{_e(h)}</h2>{b}" for h, b in sections)
-    note = "".join(f"<p>{_e(n)}</p>" for n in notes)
+    note = "".join(paragraph(n) for n in notes)
     return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{_e(title)}</title>'
             f"<style>{CSS}</style></head><body><h1>{_e(title)}</h1>{note}{body}</body></html>\n")

@@ -20,6 +20,7 @@ from jobs.inputs import recheck_inputs, run_ground_truth
 from jobs.layout import RunDir, image_paths, shard_names
 from jobs.lock import locked
 from jobs.stages.fuse import require_final
+from jobs.threshold import threshold_of
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,16 @@ def write_report(run_dir: str, ground_truth: str | None = None, meta: str | None
                             title=f"copydet report: {os.path.basename(run.root)}",
                             notes=[f"ground truth: {gt_path}",
                                    *([f"no {run.predictions}: members only"] if preds is None else []),
-                                   *filter(None, [unread_note(run)])])
+                                   *filter(None, [unread_note(run)])], threshold=decision(run))
+
+
+def decision(run: RunDir) -> tuple[str, float] | None:
+    """The run's is-copy threshold (what set it, the score) as its saved config makes it, if any."""
+    cfg = saved_config(run)
+    t = None if cfg is None else threshold_of(cfg, run)
+    if t is None:
+        return None
+    return ("fuse.threshold, estimated from train/ decoys" if cfg.decoys() else "fuse.threshold"), t
 
 
 def unread_note(run: RunDir) -> str | None:

@@ -4,21 +4,10 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-import numpy as np
 import pyarrow as pa
 
-from core.metrics import Metrics, evaluate_table, plot_pr, read_predictions, written
+from core.metrics import Metrics, at_threshold, evaluate_table, plot_pr, read_predictions
 from core.store import write_text
-
-
-def at_threshold(m: Metrics, threshold: float) -> dict[str, float | int | None]:
-    """Precision and recall of the predictions scoring at or above ``threshold`` (the is-copy
-    decisions of ``fuse.threshold``); precision is None when no prediction reaches it."""
-    at = written(threshold)  # float32 scores: a configured 0.7 admits a stored 0.7
-    n = int(np.searchsorted(-m.thresholds, -at, side="right"))  # thresholds run high to low
-    return {"threshold": float(threshold), "copies_at_threshold": n,
-            "precision_at_threshold": float(m.precisions[n - 1]) if n else None,
-            "recall_at_threshold": float(m.recalls[n - 1]) if n else 0.0}
 
 
 def evaluate_run_files(predictions: str | pa.Table, ground_truth: Sequence[tuple[str, str]],
