@@ -222,7 +222,7 @@ def test_the_match_page_shows_a_reference_id_as_text_never_as_html(service):
     url, _, _ = service
     evil = '<img src=x onerror="document.body.dataset.pwned=1">'
     answer = {"matches": [{"reference_id": evil, "score": 0.9, "verified": False, "inliers": 3, "copy_prob": None,
-                           "keypoints": []}], "is_copy": True, "threshold": 0.5, "version": "v000001",
+                           "keypoints": []}], "is_copy": True, "threshold": 0.43807006, "version": "v000001",
               "batch_size": 1, "timings": {"embed": 0.1}}
     thumb = (QUERIES / "Q0014.jpg").read_bytes()
     with sync_playwright() as p:
@@ -238,6 +238,7 @@ def test_the_match_page_shows_a_reference_id_as_text_never_as_html(service):
             assert page.evaluate("document.body.dataset.pwned") is None
             assert page.locator("#verdict img, .match .meta img").count() == 0
             assert f"copy of {evil}" in page.inner_text("#verdict")
+            assert "threshold 0.438)" in page.inner_text("#verdict")  # rounded as the scores are
             assert f"#1 {evil}" in page.inner_text(".match .meta")
             assert "not verified (3 inliers)" in page.inner_text(".match .meta")
         finally:
