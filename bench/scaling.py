@@ -119,7 +119,7 @@ def main() -> None:
     p.add_argument("--out", help="bench JSON for `copydet plan --throughput`")
     args = p.parse_args()
     cores = os.cpu_count() or 1
-    ray.init(num_cpus=cores, include_dashboard=False, logging_level="ERROR",
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, logging_level="ERROR",
              runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1"}})
     # Alternate 1 and 2 actors and keep each one's best: the machine may be shared.
     one = two = 0.0

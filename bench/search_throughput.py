@@ -65,7 +65,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3, help="alternating runs; best search time of each")
     args = p.parse_args()
     cores = os.cpu_count() or 1
-    ray.init(num_cpus=cores, include_dashboard=False, logging_level="ERROR")
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, logging_level="ERROR")
     rng = np.random.default_rng(0)
     x = descriptors(args.references, args.dim, rng)
     q, source = copies(x, args.queries, rng)

@@ -25,7 +25,7 @@ def ray_local():
     """One embedded Ray (2 CPUs) shared by every test that needs it."""
     import ray
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR",
+        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR",  # not a `ray start` one
                  runtime_env={"env_vars": OFFLINE})
         ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
