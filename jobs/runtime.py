@@ -54,8 +54,11 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
         try:
             ray.init(address="local" if local else address, num_cpus=cfg.num_cpus if local else None,
                      include_dashboard=False, logging_level="WARNING", log_to_driver=True,
-                     runtime_env={"env_vars": OFFLINE_ENV, "worker_process_setup_hook": quiet_workers})
+                     runtime_env={"env_vars": OFFLINE_ENV,  # by name: Ray Client sends these as JSON
+                                  "worker_process_setup_hook": f"{__name__}.{quiet_workers.__name__}"})
         except ConnectionError as e:  # Ray says why (e.g. no token) only in the warnings above it
+            if os.environ.get("RAY_AUTH_MODE") == "token":
+                raise
             raise ConnectionError(f"{e} (a cluster with token authentication answers only a client with "
                                   "RAY_AUTH_MODE=token and its token: README, Running on a Ray cluster)") from None
         if threading.current_thread() is threading.main_thread():  # Ray's core worker's handler aborts (exit 134)

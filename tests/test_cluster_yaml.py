@@ -153,3 +153,25 @@ def test_without_an_address_copydet_starts_its_own_ray_beside_a_ray_start_cluste
                           env={**env, "PYTHONPATH": root})
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "run" / "manifest.parquet").is_dir()
+
+
+def test_ray_client_gets_json_init_arguments_and_stages_it_cannot_run_are_refused(monkeypatch, tmp_path, capsys):
+    """Ray Client (ray://) sends ray.init's arguments as JSON: a function as the workers' setup hook
+    failed every command at connect; and Ray Data (the extract stage) does not run through it."""
+    import json
+
+    import ray
+
+    from jobs.cli import main
+    from jobs.config import RayConfig
+    from jobs.runtime import init_ray
+
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr("jobs.runtime.signal.signal", lambda *a: None)
+    init_ray(RayConfig(), "ray://127.0.0.1:10001")
+    assert seen["address"] == "ray://127.0.0.1:10001" and json.dumps(seen["runtime_env"])
+    assert main(["run", "--address", "ray://127.0.0.1:10001", "--out", str(tmp_path / "run")]) == 2
+    assert "does not work through Ray Client (ray://)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

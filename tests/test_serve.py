@@ -29,30 +29,40 @@ QUERIES = DEFAULT_SAMPLE / "queries"
 
 
 
+def service_config(root: Path):
+    return load_config(None, [f"output={root / 'run'}", "models.0.scales=[128]", "patches.shard_size=16",
+                              "verify.enabled=true", "verify.top_k=3", "verify.min_inliers=8",
+                              f"serve.port={free_port()}", "serve.max_upload_bytes=1000000",
+                              "serve.max_pixels=4000000", "serve.poll_s=0.3", "serve.max_batch_size=4"])
+
+
 @pytest.fixture(scope="module")
 def service(ray_local, tmp_path_factory):
     from ray import serve
 
     from jobs.serve.app import start
     root = tmp_path_factory.mktemp("serve")
-    cfg = load_config(None, [f"output={root / 'run'}", "models.0.scales=[128]", "patches.shard_size=16",
-                             "verify.enabled=true", "verify.top_k=3", "verify.min_inliers=8",
-                             f"serve.port={free_port()}", "serve.max_upload_bytes=1000000",
-                             "serve.max_pixels=4000000", "serve.poll_s=0.3", "serve.max_batch_size=4"])
+    cfg = service_config(root)
     run_pipeline(cfg)
     index = root / "index"
     indexing.build_from_run(str(root / "run"), str(index), cfg)
     url = start(str(index), cfg)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if requests.get(f"{url}/healthz", timeout=5).ok:
-                break
-        except requests.ConnectionError:
-            pass
-        time.sleep(0.5)
+    wait_until(lambda: requests.get(f"{url}/healthz", timeout=5).ok, timeout=300)
     yield url, index, root
     serve.shutdown()
+
+
+def wait_until(ok, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while True:
+        try:
+            if ok():
+                return
+        except requests.ConnectionError:
+            pass
+        if time.time() > deadline:
+            raise TimeoutError("the service never answered as expected")
+        time.sleep(0.5)
 
 
 def post(url: str, data: bytes, kind: str = "image/jpeg") -> requests.Response:
@@ -281,6 +291,32 @@ def test_new_version_is_picked_up_without_dropping_requests(service, tmp_path):
     shutil.rmtree(new)
 
 
+def test_a_cluster_shared_with_other_serve_apps(service):
+    """Stopping copydet's service leaves other Serve apps of the cluster running; a second copydet
+    service is refused (it would replace the first unseen); one started where Serve already runs
+    names that Serve's port, not the config's. (It stops and restarts the app.)"""
+    from ray import serve
+
+    from jobs.serve.app import APP_NAME, start, stop
+    url, index, root = service
+    with pytest.raises(RuntimeError, match="a copydet service already runs on this Ray cluster"):
+        start(str(index), service_config(root))
+
+    @serve.deployment
+    class Other:
+        async def __call__(self, request) -> str:
+            return "other"
+
+    serve.run(Other.bind(), name="other", route_prefix="/other", blocking=False)
+    wait_until(lambda: requests.get(f"{url}/other", timeout=5).text == "other")
+    stop()
+    assert APP_NAME not in serve.status().applications
+    assert requests.get(f"{url}/other", timeout=5).text == "other"
+    assert start(str(index), service_config(root)) == url  # another serve.port: Serve's own is used
+    serve.delete("other")
+    wait_until(lambda: requests.get(f"{url}/healthz", timeout=5).ok)
+
+
 def test_stop_answers_the_requests_in_flight(service):
     """Stopping (SIGTERM, Ctrl-C) lets the replica finish what it holds and the proxy relay it.
     Last in this module: it stops the module's service."""
@@ -319,3 +355,4 @@ def test_is_copy_compares_scores_as_copies_csv_does():
                              verified=lambda inliers, prob: None)
     answer = Matcher.answer(served, fused, "q0", {}, {}, 1)
     assert (answer["is_copy"], answer["matches"][0]["score"], answer["threshold"]) == (True, 0.7, 0.7)
+

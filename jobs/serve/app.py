@@ -198,17 +198,29 @@ def application(root: str, cfg: PipelineConfig, overrides: Sequence[str] = ()):
 
 def start(root: str, cfg: PipelineConfig, overrides: Sequence[str] = ()) -> str:
     """Start Serve's HTTP proxy on ``serve.host:serve.port`` and deploy the app; returns its URL.
-    Ray must be initialised (``jobs.runtime.init_ray``)."""
+    Ray must be initialised (``jobs.runtime.init_ray``). On a cluster whose Serve already runs, the
+    app joins that Serve's proxy (its host and port, not the config's); a copydet app already
+    deployed there is refused: deploying would replace it unseen."""
+    running = serve.status()
+    if APP_NAME in running.applications:
+        raise RuntimeError(f"a copydet service already runs on this Ray cluster (Serve app {APP_NAME!r}); "
+                           "stop it first (SIGTERM or Ctrl-C to its `copydet serve`)")
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(application(root, cfg, overrides), name=APP_NAME, route_prefix="/", blocking=False)
+    if running.applications or running.proxies:
+        http = serve.context._get_global_client().http_config  # no public API names a running Serve's port
+        log.warning(f"Ray Serve already ran on this cluster: the service is on its proxy at {http.host}:{http.port} "
+                    f"(serve.host / serve.port apply to a Serve that copydet starts)")
+        return f"http://{http.host}:{http.port}"
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
 
 
 def stop() -> None:
     """Stop serving: the app is deleted first, so replicas answer the requests they hold while the
-    proxy still relays them (Serve's graceful shutdown), then Serve itself."""
+    proxy still relays them (Serve's graceful shutdown), then Serve itself unless other apps use it."""
     try:
         serve.delete(APP_NAME)
     except RayServeException:  # Serve never started (a stop while starting)
         return
-    serve.shutdown()
+    if not serve.status().applications:
+        serve.shutdown()
