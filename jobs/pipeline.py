@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -22,7 +21,7 @@ from jobs.inputs import run_ground_truth
 from jobs.layout import RunDir
 from jobs.lock import locked
 from jobs.preflight import preflight
-from jobs.runtime import init_ray
+from jobs.runtime import init_ray, target_address
 from jobs.stages.evaluate import evaluate_run_files, format_metrics
 from jobs.stages.extract import run_extract
 from jobs.stages.fuse import require_final, run_fuse
@@ -60,7 +59,7 @@ def run_stages(cfg: PipelineConfig, stages: Sequence[str] = tuple(STAGES), addre
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
-    if "extract" in stages and (address or cfg.ray.address or os.environ.get("RAY_ADDRESS", "")).startswith("ray://"):
+    if "extract" in stages and (target_address(cfg.ray, address) or "").startswith("ray://"):
         raise ConfigError("extract runs on Ray Data, which does not work through Ray Client (ray://): run it from a "
                           "machine of the cluster with the head's address (HOST:6379), or `copydet submit` it")
     run = RunDir(cfg.output)

@@ -37,6 +37,12 @@ def _stopped(signum: int, frame: object) -> None:
     raise Stopped
 
 
+def target_address(cfg: RayConfig, address: str | None = None) -> str | None:
+    """The Ray cluster to use: the one given, the config's, else $RAY_ADDRESS; None: copydet's own
+    embedded Ray."""
+    return address or cfg.address or os.environ.get("RAY_ADDRESS") or None
+
+
 def init_ray(cfg: RayConfig, address: str | None = None) -> None:
     """Connect to ``address`` (or the config's), or start an embedded local Ray."""
     for k, v in OFFLINE_ENV.items():
@@ -47,12 +53,9 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
     # copydet draws its own progress bars (shards / patches per stage).
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     if not ray.is_initialized():
-        address = address or cfg.address
-        # without one (or $RAY_ADDRESS), ray.init would join a `ray start` cluster of this machine (and
-        # refuse num_cpus for it): copydet's own embedded Ray instead
-        local = not address and "RAY_ADDRESS" not in os.environ
-        try:
-            ray.init(address="local" if local else address, num_cpus=cfg.num_cpus if local else None,
+        address = target_address(cfg, address)
+        try:  # "local": ray.init() alone would join a `ray start` cluster of this machine
+            ray.init(address=address or "local", num_cpus=None if address else cfg.num_cpus,
                      include_dashboard=False, logging_level="WARNING", log_to_driver=True,
                      runtime_env={"env_vars": OFFLINE_ENV,  # by name: Ray Client sends these as JSON
                                   "worker_process_setup_hook": f"{__name__}.{quiet_workers.__name__}"})

@@ -210,7 +210,7 @@ def start(root: str, cfg: PipelineConfig, overrides: Sequence[str] = ()) -> str:
     if running.applications or running.proxies:
         http = serve.context._get_global_client().http_config  # no public API names a running Serve's port
         log.warning(f"Ray Serve already ran on this cluster: the service is on its proxy at {http.host}:{http.port} "
-                    f"(serve.host / serve.port apply to a Serve that copydet starts)")
+                    "(serve.host / serve.port apply to a Serve that copydet starts)")
         return f"http://{http.host}:{http.port}"
     return f"http://{cfg.serve.host}:{cfg.serve.port}"
 
