@@ -20,6 +20,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from core.imageio import ImageDecodeError, load_rgb
 from core.store import atomic_output, write_text
+from patchers.views import FULL
 
 KIND_COLOURS: dict[str, tuple[int, int, int]] = {
     "full": (255, 255, 255), "rotation": (255, 215, 0), "crop": (0, 200, 255),
@@ -49,7 +50,7 @@ def draw_patches(img: Image.Image, patches: list[dict], side: int = THUMB) -> Im
         boxes[(round(p["x0"], 3), round(p["y0"], 3), round(p["x1"], 3), round(p["y1"], 3))].append(p)
     w, h = thumb.size
     labels_at: dict[tuple[int, int], int] = defaultdict(int)
-    order = sorted(boxes, key=lambda b: (b == (0, 0, 1, 1), -(b[2] - b[0]) * (b[3] - b[1])))
+    order = sorted(boxes, key=lambda b: (b == FULL, -(b[2] - b[0]) * (b[3] - b[1])))
     for x0, y0, x1, y1 in order:
         group = boxes[(x0, y0, x1, y1)]
         colour = KIND_COLOURS.get(group[0]["kind"], (255, 128, 0))

@@ -137,7 +137,7 @@ def refuse_empty(cfg: DetectorConfig, photos: list[str], counts: dict[str, int])
         raise ValueError(f"none of the {len(photos)} photos in {cfg.photos} decode{first}; fix or replace them")
     if not bad:  # every photo decodes: the images were made, but not where the driver counts them
         raise ValueError(f"no synthetic {' or '.join(empty)} image found in {Path(cfg.output) / 'data'} although "
-                         f"every photo decodes; is that folder the same one on every Ray node?")
+                         "every photo decodes; is that folder the same one on every Ray node?")
     why = " (validation draws on every 10th photo only)" if "val" in empty else ""
     raise ValueError(f"no synthetic {' or '.join(empty)} image could be made: {len(bad)} of {len(photos)} photos "
                      f"in {cfg.photos} do not decode{first}{why}")
