@@ -31,10 +31,7 @@ from core.models.encoders import Encoder
 from core.models.verifier import RegionTokens
 from pretrain.data import PhotoEpochs
 from pretrain.photos import LazyPhotos, Photo
-from pretrain.recipes import OpContext, Recipe
-
-FULL_INTENSITY_EPOCH = 10**6  # past any schedule's ramp
-VALIDATION_SEED = 7_919  # validation copies differ from every training copy
+from pretrain.recipes import FULL_STRENGTH_EPOCH, VALIDATION_SEED, OpContext, Recipe
 
 
 def describe_photos(photos: LazyPhotos, tokens: RegionTokens, rows: range | None = None) -> np.ndarray:
@@ -141,7 +138,7 @@ def make_pair_validation(references: LazyPhotos, distractors: LazyPhotos, recipe
 
     def copy_of(index: int, photo: Photo) -> tuple[Photo, Image.Image]:
         recipe = pick_recipe(recipes, VALIDATION_SEED, index, 0)
-        return photo, recipe(photo.image, seed=VALIDATION_SEED, key=photo.image_id, epoch=FULL_INTENSITY_EPOCH,
+        return photo, recipe(photo.image, seed=VALIDATION_SEED, key=photo.image_id, epoch=FULL_STRENGTH_EPOCH,
                              ctx=ctx)
 
     for source in (references, distractors):

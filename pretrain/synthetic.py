@@ -18,13 +18,12 @@ import numpy as np
 from core.imageio import ImageDecodeError, list_images, load_rgb
 from core.store import atomic_dir, join
 from pretrain.photos import usable
-from pretrain.recipes import RecipeError, get_recipe
+from pretrain.recipes import FULL_STRENGTH_EPOCH, RecipeError, get_recipe
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PHOTOS = 400  # held-out train photos when none is given (at most half of train/)
 MAX_MATCHED_PHOTOS = 1200  # cap of matched_sizes: a split big enough to tune on, small enough to run
-FULL_STRENGTH_EPOCH = 10**6  # past any recipe's ramp: edits at full strength
 QUERY_JPEG_QUALITY = 90
 
 

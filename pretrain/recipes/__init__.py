@@ -8,9 +8,17 @@ from pretrain.recipes.catalog import (
     recipe_names,
     register_recipe,
 )
-from pretrain.recipes.recipe import Recipe, RecipeError, Schedule, Step, image_key
+from pretrain.recipes.recipe import (
+    FULL_STRENGTH_EPOCH,
+    VALIDATION_SEED,
+    Recipe,
+    RecipeError,
+    Schedule,
+    Step,
+    image_key,
+)
 
 __all__ = [
-    "OPS", "RECIPES", "SET_RECIPES", "OpContext", "Recipe", "RecipeError", "Schedule", "Step", "get_recipe",
-    "image_key", "recipe_names", "register_op", "register_recipe",
+    "FULL_STRENGTH_EPOCH", "OPS", "RECIPES", "SET_RECIPES", "VALIDATION_SEED", "OpContext", "Recipe", "RecipeError",
+    "Schedule", "Step", "get_recipe", "image_key", "recipe_names", "register_op", "register_recipe",
 ]

@@ -22,6 +22,10 @@ from PIL import Image
 from core.augment import OPS, OpContext
 
 
+FULL_STRENGTH_EPOCH = 10**6  # past any schedule's ramp: edits at full strength
+VALIDATION_SEED = 7_919  # validation copies differ from every training copy (training uses spec.seed)
+
+
 class RecipeError(RuntimeError):
     """An op of a recipe failed on an image (the message names the recipe, op and image size)."""
 

@@ -25,10 +25,8 @@ from core.metrics import Metrics, evaluate
 from core.models.backbones import DescriptorModel
 from core.models.preprocess import Preprocess
 from pretrain.photos import PhotoFiles, load_usable, usable
-from pretrain.recipes import OpContext, Recipe, RecipeError
+from pretrain.recipes import FULL_STRENGTH_EPOCH, VALIDATION_SEED, OpContext, Recipe, RecipeError
 
-FULL_INTENSITY_EPOCH = 10**6  # past any schedule's ramp
-VALIDATION_SEED = 7_919  # queries differ from every training copy (training uses spec.seed)
 log = logging.getLogger(__name__)
 
 
@@ -68,7 +66,7 @@ def make_validation_set(
             try:
                 full = usable(load_rgb(path), path) if is_reference else None
                 small = load_usable(path, max_side)
-                copy = recipe(small, seed=VALIDATION_SEED, key=image_id, epoch=FULL_INTENSITY_EPOCH, ctx=ctx)
+                copy = recipe(small, seed=VALIDATION_SEED, key=image_id, epoch=FULL_STRENGTH_EPOCH, ctx=ctx)
             except (ImageDecodeError, RecipeError) as e:
                 log.warning("skipping validation image %s: %s", path, e)
                 continue
