@@ -12,7 +12,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from core.knn import IndexSpec
-from core.models.registry import default_registry_dir
+from core.models.registry import registry_path
 from core.yamlconf import (
     ConfigError,
     ConfigModel,
@@ -215,7 +215,7 @@ class LearnedVerifyConfig(ConfigModel):
 
 class VerifyConfig(ConfigModel):
     """Verification of each query's best candidates: keypoint inliers and/or the learned
-    verifier's P(copy) add a bonus to the fused score (methods: jobs.stages.verify.METHODS)."""
+    verifier's P(copy) add a bonus to the fused score (methods: jobs.stages.verify.VERIFY_METHODS)."""
 
     enabled: bool = False
     top_k: int = Field(3, ge=1, description="candidates verified per query")
@@ -369,7 +369,7 @@ def pinned_paths(raw: dict) -> dict:
     data = raw.setdefault("data", {})
     data.update({k: os.path.abspath(v) for k, v in data.items() if k in DATA_PATHS and v and "://" not in v})
     if "://" not in (raw.get("registry") or ""):
-        raw["registry"] = os.path.abspath(raw.get("registry") or default_registry_dir())
+        raw["registry"] = os.path.abspath(registry_path(raw.get("registry")))
     return raw
 
 

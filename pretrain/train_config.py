@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from core.models.backbones import list_backbones
-from core.models.registry import default_registry_dir
+from core.models.registry import registry_path
 from core.models.verifier import VerifierSpec
 from core.store import absolute
 from core.yamlconf import ConfigError, ConfigModel, load_as
@@ -176,7 +176,7 @@ class TrainConfig(ConfigModel):
             "data": self.data.model_copy(update={"train": absolute(self.data.train)})})
 
     def registry_dir(self) -> str:
-        return str(self.registry or default_registry_dir())
+        return str(registry_path(self.registry))
 
 
 class RunSpec(ConfigModel):

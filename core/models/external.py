@@ -23,7 +23,7 @@ from core.models.cards import (
     RegistryError,
     first_problem,
 )
-from core.models.registry import CARD_SUFFIX, default_registry_dir, file_hash, load_card, register, scan_cards
+from core.models.registry import CARD_SUFFIX, file_hash, load_card, register, registry_path, scan_cards
 from core.models.runtimes import probe_dim
 from core.store import copy_file
 
@@ -58,7 +58,7 @@ def import_external(path: str | os.PathLike, name: str, *, registry: str | os.Pa
     if not src.is_file():
         raise RegistryError(f"{src}: no such model file")
     rt = runtime_for(src, runtime)
-    reg = default_registry_dir() if registry is None else Path(registry)
+    reg = registry_path(registry)
     default = IDENTITY if spec.get("dtype") == "uint8" else IMAGENET
     try:
         card = ModelCard(name=name, kind="external", arch=rt, weights=str(src.resolve()), input_size=input_size,
@@ -83,7 +83,7 @@ def import_external(path: str | os.PathLike, name: str, *, registry: str | os.Pa
 def refuse_registered(name: str, registry: str | os.PathLike | None = None) -> None:
     """Refuse to import over the card registered as ``name`` (the error names it): a silent
     replacement would change what every config naming ``name`` runs."""
-    reg = default_registry_dir() if registry is None else Path(registry)
+    reg = registry_path(registry)
     path = reg / f"{name}{CARD_SUFFIX}"
     if not re.fullmatch(NAME_PATTERN, name) or not path.is_file():
         return  # an invalid name is the card's to report

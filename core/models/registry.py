@@ -39,8 +39,9 @@ def default_registry_dir() -> Path:
     return Path(os.environ.get("COPYDET_REGISTRY") or Path.cwd() / "models")
 
 
-def _dir(registry_dir: str | os.PathLike | None) -> Path:
-    return default_registry_dir() if registry_dir is None else Path(registry_dir)
+def registry_path(registry: str | os.PathLike | None) -> Path:
+    """The registry folder ``registry`` names, :func:`default_registry_dir` when it names none."""
+    return Path(registry) if registry else default_registry_dir()
 
 
 @lru_cache(maxsize=64)
@@ -72,7 +73,7 @@ def register(card: ModelCard, registry_dir: str | os.PathLike | None = None) -> 
     """Write ``card`` to ``<registry_dir>/<name>.json`` atomically (replacing an older card),
     with ``card.weights_sha256`` set to the content hash of its weights file. A weights file
     inside the registry folder is stored relative to it, so the folder can be copied or moved."""
-    reg = _dir(registry_dir)
+    reg = registry_path(registry_dir)
     if card.weights and Path(card.weights).is_file():
         card.weights_sha256 = file_hash(card.weights)
     stored = card.model_copy(update={"weights": _stored_weights(card.weights, reg)})
@@ -115,7 +116,7 @@ def _card_files(registry_dir: Path) -> list[Path]:
 def list_cards(registry_dir: str | os.PathLike | None = None) -> list[ModelCard]:
     """Every card in the registry, sorted by name (an empty list if the folder does not exist);
     strict: the first invalid card file raises (see :func:`scan_cards` for a lenient listing)."""
-    return [_read_card(p) for p in _card_files(_dir(registry_dir))]
+    return [_read_card(p) for p in _card_files(registry_path(registry_dir))]
 
 
 def scan_cards(registry_dir: str | os.PathLike | None = None) -> tuple[list[ModelCard], list[RegistryError]]:
@@ -123,7 +124,7 @@ def scan_cards(registry_dir: str | os.PathLike | None = None) -> tuple[list[Mode
     so that one bad file neither hides the other cards nor goes unnoticed."""
     cards: list[ModelCard] = []
     problems: list[RegistryError] = []
-    for path in _card_files(_dir(registry_dir)):
+    for path in _card_files(registry_path(registry_dir)):
         try:
             cards.append(_read_card(path))
         except RegistryError as e:
@@ -138,7 +139,7 @@ def _registered_names(registry_dir: Path) -> str:
 
 def load_card(name: str, registry_dir: str | os.PathLike | None = None) -> ModelCard:
     """The card registered as ``name``; the error lists the registered names."""
-    reg = _dir(registry_dir)
+    reg = registry_path(registry_dir)
     path = reg / f"{name}{CARD_SUFFIX}"
     if not re.fullmatch(NAME_PATTERN, name) or not path.is_file():
         raise RegistryError(
@@ -252,7 +253,7 @@ def resolve_model(
 
 def _resolve(name_or_path: str | os.PathLike, registry_dir: str | os.PathLike | None, *,
              dim: int | None) -> ModelCard:
-    reg = _dir(registry_dir)
+    reg = registry_path(registry_dir)
     key = os.fspath(name_or_path)
     if re.fullmatch(NAME_PATTERN, key) and (reg / f"{key}{CARD_SUFFIX}").is_file():
         card = load_card(key, reg)

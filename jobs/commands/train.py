@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from core.imageio import IMAGE_SUFFIXES
 from core.models.cards import ModelCard, RegistryError
 from core.models.checkpoint import CheckpointError
-from core.models.registry import default_registry_dir, load_card, scan_cards, weights_fit
+from core.models.registry import load_card, registry_path, scan_cards, weights_fit
 from jobs.commands.base import arg, command
 from jobs.config import RayConfig
 from jobs.runtime import init_ray
@@ -143,6 +143,6 @@ def models(args: argparse.Namespace) -> int:
     for problem in problems:
         log.warning(f"skipped {problem}")
     header = ["name", "kind", "arch", "dim", "input", "trained_on", "loss", "val uAP", "train s", "source"]
-    where = args.registry or default_registry_dir()
+    where = registry_path(args.registry)
     print(format_table(header, [card_row(c) for c in cards]) if cards else f"no models registered in {where}")
     return 0

@@ -13,7 +13,7 @@ import pyarrow.compute as pc
 
 from core.contracts import shard_split
 from core.models.cards import RegistryError
-from core.models.registry import default_registry_dir, load_card, weights_hash
+from core.models.registry import load_card, weights_hash
 from core.settings import pin_settings
 from core.store import join, read_table, write_table
 from jobs.completeness import require_manifest
@@ -32,7 +32,7 @@ def resolve_detector(name: str | None, registry: str | None) -> DetectorSpec | N
     checkpoint (``.pt``) is refused unopened: unpickling can run any code it names."""
     if name is None:
         return None
-    card = load_card(name, registry or default_registry_dir())
+    card = load_card(name, registry)
     if card.kind != "detector" or not card.weights or not Path(card.weights).is_file():
         raise RegistryError(f"model {name!r} is not a detector with local weights "
                             f"(kind {card.kind}, weights {card.weights})")
