@@ -20,7 +20,7 @@ from core.metrics import evaluate_table, read_ground_truth
 from core.store import join, read_table
 from jobs.config import load_config
 from jobs.layout import RunDir
-from jobs.stages.verify import METHODS, read_cache, rescore
+from jobs.stages.verify import VERIFY_METHODS, read_cache, rescore
 
 DEFAULT_GRID = {"penalty": [0.0, 0.05, 0.1, 0.2], "penalty_keypoints": [100, 200, 400, 800]}
 Point = tuple[float, ...]
@@ -54,7 +54,7 @@ def run_micro_ap(folder: str, ground_truth: str, grid: dict[str, list[float]]) -
     run, gt = RunDir(folder), read_ground_truth(ground_truth)
     fused = read_table(run.fused)
     base = load_config(join(folder, "config.yaml")).verify
-    checked = {name: read_cache(run, name) for name in METHODS[base.method].scorers}
+    checked = {name: read_cache(run, name) for name in VERIFY_METHODS[base.method].scorers}
     out = {}
     for point in grid_points(grid):
         pred = rescore(fused, checked, base.model_copy(update=dict(zip(grid, point))))

@@ -71,7 +71,8 @@ class IndexSpec:
     ef_search: int = 128
 
 
-INDEX_KINDS = ("flat", "ivfpq", "hnsw")
+APPROX_KINDS = ("ivfpq", "hnsw")  # what search.kind may name past search.exact_max
+INDEX_KINDS = ("flat", *APPROX_KINDS)
 REFINE_BYTES = {"none": 0, "sq8": 1, "fp16": 2, "flat": 4}  # bytes per dimension kept for re-ranking
 _REFINE_CODES = {"sq8": "QT_8bit", "fp16": "QT_fp16"}
 
@@ -81,8 +82,8 @@ def index_kind(total_rows: int, spec: IndexSpec) -> str:
 
     Decided once for the whole set, so shards never mix exact and approximate scores.
     """
-    if spec.kind not in INDEX_KINDS[1:]:
-        raise ValueError(f"unknown index kind {spec.kind!r}; known: {', '.join(INDEX_KINDS[1:])}")
+    if spec.kind not in APPROX_KINDS:
+        raise ValueError(f"unknown index kind {spec.kind!r}; known: {', '.join(APPROX_KINDS)}")
     return "flat" if total_rows < spec.exact_max else spec.kind
 
 

@@ -5,7 +5,7 @@ Global descriptors confuse images that share a layout; local evidence that agree
 :func:`inliers` counts the RANSAC inliers of the ratio-test matches of two images. Keypoint
 descriptors are not mirror-invariant, so a flipped copy matches only its original's mirror image:
 :func:`mirror_view` gives the features of the mirror image (for SIFT, a permutation of the plain
-ones). :data:`METHODS` names the keypoint methods.
+ones). :data:`KEYPOINT_METHODS` names the keypoint methods.
 """
 from __future__ import annotations
 
@@ -63,7 +63,7 @@ MIN_SIDE = 256  # thumbnails are enlarged to this longer side before detection (
 
 
 @dataclass(frozen=True)
-class Method:
+class KeypointMethod:
     create: Callable[[], cv2.Feature2D]
     match: Matcher  # mutual ratio-test matches
     mirror: np.ndarray | None = None  # descriptor permutation of the mirror image (None: describe it anew)
@@ -82,10 +82,10 @@ def _sift() -> cv2.Feature2D:
     return cv2.SIFT_create(nfeatures=1000)
 
 
-METHODS: dict[str, Method] = {
-    "sift": Method(_sift, l2_matches, SIFT_MIRROR),
-    "rootsift": Method(_sift, l2_matches, SIFT_MIRROR, root_sift),
-    "orb": Method(lambda: cv2.ORB_create(nfeatures=1000), hamming_matches, dtype=np.uint8),
+KEYPOINT_METHODS: dict[str, KeypointMethod] = {
+    "sift": KeypointMethod(_sift, l2_matches, SIFT_MIRROR),
+    "rootsift": KeypointMethod(_sift, l2_matches, SIFT_MIRROR, root_sift),
+    "orb": KeypointMethod(lambda: cv2.ORB_create(nfeatures=1000), hamming_matches, dtype=np.uint8),
 }
 
 
@@ -98,10 +98,10 @@ class Keypoints:
     codes: np.ndarray | None = None  # the detector's descriptors as uint8: ``descriptors`` in a quarter of the bytes
 
 
-def keypoint_method(name: str) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"unknown keypoint method {name!r}; known: {sorted(METHODS)}")
-    return METHODS[name]
+def keypoint_method(name: str) -> KeypointMethod:
+    if name not in KEYPOINT_METHODS:
+        raise ValueError(f"unknown keypoint method {name!r}; known: {sorted(KEYPOINT_METHODS)}")
+    return KEYPOINT_METHODS[name]
 
 
 def _gray(img: Image.Image | np.ndarray, max_side: int, min_side: int) -> np.ndarray:

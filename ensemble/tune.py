@@ -30,7 +30,7 @@ from ensemble.normalize import normalize_scores
 log = logging.getLogger(__name__)
 
 GT = Sequence[tuple[str, str]]
-RULES = ("completeness", "confidence")  # fusion rules with thresholds worth tuning
+THRESHOLD_RULES = ("completeness", "confidence")  # fusion rules with thresholds worth tuning
 DEFAULT_QUANTILES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 MAX_SUBSET_MEMBERS = 6  # every subset is scored up to this many members (63 subsets)
 HELD_OUT_FOLDS = 2
@@ -247,7 +247,7 @@ def tune_fusion(members: Sequence[Member], gt: GT, start: Setting, ranking: Rank
     for factors in calibrations:
         options = [("max", {}), ("mean", {})]
         calibrated = calibrate(per_model, factors)  # thresholds apply to calibrated scores
-        options += [(rule, tune_thresholds(calibrated, gt, rule, ranking=ranking)) for rule in RULES]
+        options += [(rule, tune_thresholds(calibrated, gt, rule, ranking=ranking)) for rule in THRESHOLD_RULES]
         for rule, th in options:
             score = fused_map(per_model, gt, th, rule, ranking, factors)
             if best is None or score > best[0]:

@@ -21,7 +21,15 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from core.models.verifier import load_verifier
-from ensemble.keypoints import METHODS, MIN_SIDE, Keypoints, best_matches, describe, keypoint_method, mirror_view
+from ensemble.keypoints import (
+    KEYPOINT_METHODS,
+    MIN_SIDE,
+    Keypoints,
+    best_matches,
+    describe,
+    keypoint_method,
+    mirror_view,
+)
 
 
 class PairScorer(Protocol):
@@ -141,7 +149,7 @@ def _keypoint_scorer(method: str) -> Callable[..., PairScorer]:
 # scorer name -> factory(max_side, mirror, min_side, model, registry; other keywords ignored); config
 # names select them: one keypoint scorer per keypoint method, and the learned verifier
 SCORERS: dict[str, Callable[..., PairScorer]] = {
-    **{name: _keypoint_scorer(name) for name in METHODS},
+    **{name: _keypoint_scorer(name) for name in KEYPOINT_METHODS},
     "learned": lambda model, registry=None, **_: LearnedScorer(model, registry),
 }
 

@@ -76,7 +76,7 @@ def needs_train(cfg: PipelineConfig) -> bool:
     return cfg.search.normalize.enabled or cfg.reduce.active
 
 
-def model_cards(cfg: PipelineConfig) -> dict[str, ModelCard]:
+def index_cards(cfg: PipelineConfig) -> dict[str, ModelCard]:
     """Feature key -> card of every member, and the cards of the detectors the views use."""
     cards = {key: resolve_model(e.name, cfg.registry, dim=e.dim, pool=e.pool) for e, _, key in cfg.model_keys()}
     for side in ("query", "reference"):
@@ -146,7 +146,7 @@ def _publish_run(run: RunDir, root: str, cfg: PipelineConfig | None) -> str:
     manifest = read_table(run.manifest)
     refs = manifest.filter(pc.equal(manifest.column("split"), "reference"))
     images = refs.select(["image_id", "path", "sha256", "width", "height"])
-    name = versions.build(IndexDir(root), config_yaml(cfg), model_cards(cfg), keys, images,
+    name = versions.build(IndexDir(root), config_yaml(cfg), index_cards(cfg), keys, images,
                           cfg.search.index_spec(), cfg.search.shard_size)
     log.info(f"index: published {name} with {images.num_rows} references ({', '.join(keys)}) -> {root}")
     return name

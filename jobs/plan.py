@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from core.imageio import IMAGE_SUFFIXES
-from core.knn import index_bytes as knn_index_bytes
+from core.knn import index_bytes
 from core.knn import index_kind
 from core.models.cards import ModelCard, RegistryError
 from core.models.encoders import build_encoder
@@ -96,7 +96,7 @@ def split_counts(cfg: PipelineConfig, images: int | None = None, **given: int | 
     return out
 
 
-def index_bytes(rows: int, dim: int, cfg: SearchConfig) -> tuple[int, int, str]:
+def reference_index_memory(rows: int, dim: int, cfg: SearchConfig) -> tuple[int, int, str]:
     """(all shards, largest shard, kind) of the reference index memory for ``rows`` vectors,
     with the kind the search stage builds (:func:`core.knn.index_kind` over all rows)."""
     if rows == 0:
@@ -104,8 +104,9 @@ def index_bytes(rows: int, dim: int, cfg: SearchConfig) -> tuple[int, int, str]:
     spec = cfg.index_spec()
     kind = index_kind(rows, spec)
     full, rest = divmod(rows, cfg.shard_size)  # the search stage fills shards in order (ensemble.sharded.plan_shards)
-    sizes = [knn_index_bytes(n, dim, kind, spec) for n in [cfg.shard_size] * min(full, 1) + [rest] * bool(rest)]
-    return full * (sizes[0] if full else 0) + (sizes[-1] if rest else 0), max(sizes), kind
+    full_bytes = index_bytes(cfg.shard_size, dim, kind, spec) if full else 0
+    rest_bytes = index_bytes(rest, dim, kind, spec) if rest else 0
+    return full * full_bytes + rest_bytes, max(full_bytes, rest_bytes), kind
 
 
 def model_cards(cfg: PipelineConfig, planned: Mapping[str, ModelCard] = {}) -> dict[str, ModelCard]:
@@ -185,11 +186,11 @@ def build_plan(cfg: PipelineConfig, images: dict[str, int], tp: Throughput, gpus
         if key not in tp.images_per_s:
             raise ValueError(f"no throughput for {key}; known: {sorted(tp.images_per_s)}")
         dim = dims[entry.name]
-        total, biggest, kind = index_bytes(plan.patches("reference"), dim, cfg.search)
+        total, biggest, kind = reference_index_memory(plan.patches("reference"), dim, cfg.search)
         if cfg.whole_reference_index():  # same shard plan, each shard keeping its whole-image rows only
             per_image = plan.patches_per_image["reference"]
             whole = cfg.search.model_copy(update={"shard_size": math.ceil(cfg.search.shard_size / per_image)})
-            w_total, w_biggest, _ = index_bytes(plan.images["reference"], dim, whole)
+            w_total, w_biggest, _ = reference_index_memory(plan.images["reference"], dim, whole)
             total, biggest = total + w_total, max(biggest, w_biggest)
         n_patches = sum(plan.patches(s) for s in SIDES)
         searched = searched_pairs(cfg, plan)

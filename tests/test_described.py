@@ -9,12 +9,12 @@ import pytest
 from PIL import Image
 
 from ensemble.described import from_blob, index_described, read_described, to_blob, write_described
-from ensemble.keypoints import METHODS
+from ensemble.keypoints import KEYPOINT_METHODS
 from ensemble.verify import KeypointScorer
 from tests.test_verify import rotated_crop, textured
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(KEYPOINT_METHODS))
 def test_packed_keypoints_compare_as_described_anew(method):
     scorer = KeypointScorer(method)
     ref, blank = textured(0), Image.new("RGB", (64, 64), (128, 128, 128))

@@ -30,7 +30,7 @@ from ensemble.verify import KEYPOINT_COLUMNS
 from jobs.config import VerifyConfig, load_config
 from jobs.layout import RunDir
 from jobs.pipeline import run_stages
-from jobs.stages.verify import METHODS, inlier_bonus
+from jobs.stages.verify import VERIFY_METHODS, inlier_bonus
 from pretrain.pairs import make_pair_validation, validate_pairs, whole_image_cosine
 from pretrain.train.fanout import plan_verifier
 from pretrain.train.launch import fit_local
@@ -142,7 +142,7 @@ def test_validation_pairs_leave_out_photos_that_do_not_decode(tmp_path):
 
 
 def test_config_methods_match_the_stage_registry():
-    assert set(typing.get_args(VerifyConfig.model_fields["method"].annotation)) == set(METHODS)
+    assert set(typing.get_args(VerifyConfig.model_fields["method"].annotation)) == set(VERIFY_METHODS)
 
 
 def test_learned_verification_in_a_tiny_pipeline(ray_local, trained, tiny_dataset, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 from jobs.cli import main
 from jobs.layout import RunDir
-from jobs.lock import RunFolderBusy, locked
+from jobs.lock import FolderBusy, locked
 
 ROOT = Path(__file__).parent.parent
 
@@ -78,7 +78,7 @@ def test_a_second_process_is_refused_at_once_naming_the_holder(tmp_path, capsys)
     holder = hold(out)
     try:
         busy = rf"{out} is in use by pid {holder.pid} on {socket.gethostname()}"
-        with pytest.raises(RunFolderBusy, match=busy), locked(RunDir(str(out))):
+        with pytest.raises(FolderBusy, match=busy), locked(RunDir(str(out))):
             pytest.fail("ran while another process held the folder")
         # the command line: exit 2, one line, nothing checked or written (no config.yaml)
         assert main(["run", "--out", str(out)]) == 2

@@ -48,7 +48,7 @@ from jobs.completeness import IncompleteUpstream
 from jobs.config import load_config
 from jobs.inputs import InputError
 from jobs.layout import RunDir
-from jobs.lock import RunFolderBusy
+from jobs.lock import FolderBusy
 from jobs.pipeline import evaluate_run, run_pipeline, run_stages
 from jobs.stages.evaluate import evaluate_run_files, format_metrics
 from tests.conftest import synthetic_photo
@@ -394,7 +394,7 @@ def test_case10_a_busy_run_folder_is_refused_and_config_kept(runs):
     try:
         assert holder.stdout.readline().strip() == "held"
         t0 = time.monotonic()
-        with pytest.raises(RunFolderBusy, match=rf"in use by pid {holder.pid} on "):
+        with pytest.raises(FolderBusy, match=rf"in use by pid {holder.pid} on "):
             run_pipeline(config(runs, "data", "messy-run", "fuse.k=5"))
         assert time.monotonic() - t0 < 30  # at once, not after waiting
     finally:

@@ -10,8 +10,8 @@ from jobs.plan import (
     Throughput,
     build_plan,
     format_plan,
-    index_bytes,
     patches_per_image,
+    reference_index_memory,
     split_counts,
 )
 from patchers.views import ViewConfig
@@ -28,20 +28,20 @@ def test_patches_per_image_counts_views_and_budgets():
     assert patches_per_image(ViewConfig(preset="d2lv", max_patches=50)) == 50
 
 
-def test_index_bytes_by_shard_kind():
+def test_reference_index_memory_by_shard_kind():
     sets = ["search.shard_size=100", "search.exact_max=60", "search.pq_m=8", "search.nlist=2"]
     cfg = load_config(None, [*sets, "search.refine=none"]).search
-    assert index_bytes(0, 16, cfg) == (0, 0, "-")
-    assert index_bytes(50, 16, cfg) == (50 * 16 * 4, 50 * 16 * 4, "flat")
+    assert reference_index_memory(0, 16, cfg) == (0, 0, "-")
+    assert reference_index_memory(50, 16, cfg) == (50 * 16 * 4, 50 * 16 * 4, "flat")
     # 250 rows -> shards of 100, 100, 50 rows, all IVF-PQ: codes + ids, 2 centroids, the PQ codebooks
     def ivfpq(n: int) -> int:  # nlist is capped at rows / 39
         return n * (8 + 8) + min(2, n // 39) * 16 * 4 + 256 * 16 * 4
-    assert index_bytes(250, 16, cfg) == (2 * ivfpq(100) + ivfpq(50), ivfpq(100), "ivfpq")
+    assert reference_index_memory(250, 16, cfg) == (2 * ivfpq(100) + ivfpq(50), ivfpq(100), "ivfpq")
     # the default re-ranks with SQ8 vectors: one byte per dim and row, plus the per-dim min and range
     cfg = load_config(None, [*sets, "search.refine=sq8"]).search
     def sq8(n: int) -> int:
         return ivfpq(n) + n * 16 + 2 * 16 * 4
-    assert index_bytes(250, 16, cfg) == (2 * sq8(100) + sq8(50), sq8(100), "ivfpq")
+    assert reference_index_memory(250, 16, cfg) == (2 * sq8(100) + sq8(50), sq8(100), "ivfpq")
 
 
 def test_plan_arithmetic(tiny_dataset):
@@ -130,7 +130,7 @@ def test_plan_equals_what_the_search_stage_builds(ray_local, tmp_path, sets, kin
     for i in range(0, 2600, 900):  # files and shards cut differently
         write_table(features_table([f"R{j}" for j in range(i, min(i + 900, 2600))], [0] * len(x[i:i + 900]),
                                    "m", 32, x[i:i + 900]), f"{run.features('m@32')}/reference-{i // 900:05d}-0000.parquet")
-    total, biggest, planned_kind = index_bytes(2600, 32, cfg.search)
+    total, biggest, planned_kind = reference_index_memory(2600, 32, cfg.search)
     index = open_split(run, "m@32", "reference", cfg.search, 10)
     try:
         infos = index.info()

@@ -6,7 +6,7 @@ import pyarrow as pa
 import pytest
 from PIL import Image, ImageDraw
 
-from ensemble.keypoints import METHODS, best_matches, describe, inliers, l2_matches, matches, mirror_view, \
+from ensemble.keypoints import KEYPOINT_METHODS, best_matches, describe, inliers, l2_matches, matches, mirror_view, \
     root_sift
 from ensemble.verify import KeypointScorer, verify_pairs
 
@@ -28,7 +28,7 @@ def rotated_crop(img: Image.Image) -> Image.Image:
     return img.rotate(20, resample=Image.Resampling.BICUBIC).crop((40, 30, 220, 230)).resize((150, 166))
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(KEYPOINT_METHODS))
 def test_rotated_crop_has_many_inliers_unrelated_few(method):
     a = textured(0)
     assert inliers(a, rotated_crop(a), method=method) >= 20
@@ -70,7 +70,7 @@ def test_l2_matches_are_opencvs_mutual_ratio_test_matches():
     assert len(want) >= 20 and set(zip(ia.tolist(), ib.tolist())) == want
 
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", sorted(KEYPOINT_METHODS))
 @pytest.mark.parametrize("flip", [Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM])
 def test_a_flipped_copy_verifies_only_through_the_querys_mirror(flip, method):
     """Keypoint descriptors are not mirror-invariant; a vertical flip is a mirror turned 180 degrees."""

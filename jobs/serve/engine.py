@@ -31,7 +31,7 @@ from ensemble.verify import KeypointScorer
 from jobs.config import PipelineConfig
 from jobs.indexing import derive_keys, embedder_for, index_config
 from jobs.stages.search import assemble, routes, with_bias
-from jobs.stages.verify import METHODS, rescore, scorer_for
+from jobs.stages.verify import VERIFY_METHODS, rescore, scorer_for
 from patchers.embed import ImageEmbedder
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class Matcher:
             self.embedder: ImageEmbedder = reuse.embedder  # same models and views: keep them loaded
         else:
             self.embedder = embedder_for(root, self.version, self.cfg, "query", self.cfg.serve.num_threads)
-        self.scorers = {name: scorer_for(name, self.cfg) for name in METHODS[self.cfg.verify.method].scorers}
+        self.scorers = {name: scorer_for(name, self.cfg) for name in VERIFY_METHODS[self.cfg.verify.method].scorers}
         paths = self.index.paths  # not self: a cache that held its Matcher would keep a swapped-out version alive
         self.references = {name: lru_cache(REFERENCE_CACHE)(lambda image_id, sc=sc: sc.describe(
             load_rgb(paths[image_id]))) for name, sc in self.scorers.items()}

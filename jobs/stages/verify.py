@@ -1,6 +1,6 @@
 """Stage 6 (optional): verification of each query's best candidates.
 
-A method (:data:`METHODS`) names the scorers it needs (``ensemble.verify.SCORERS``: keypoint
+A method (:data:`VERIFY_METHODS`) names the scorers it needs (``ensemble.verify.SCORERS``: keypoint
 inliers, the learned verifier's P(copy)) and the rule that turns their columns into a bonus on
 the fused score. Each scorer's results are cached in ``verify.parquet/<scorer>/`` by
 (query, reference) pair, its settings pinned there, so a re-run (or another method sharing a
@@ -29,12 +29,12 @@ import pyarrow.compute as pc
 from core.contracts import shard_file
 from core.imageio import load_rgb
 from core.models.cards import RegistryError
-from core.models.registry import default_registry_dir, resolve_model, weights_hash
+from core.models.registry import registry_path, resolve_model, weights_hash
 from core.settings import pin_settings, settings_changes
 from core.store import chunks, exists, folder_bytes, join, list_shards, num_rows, read_table, remove_dir, write_table
 from ensemble.described import index_described, read_described, to_blob, write_described
 from ensemble.fuse import top_k_per_query
-from ensemble.keypoints import METHODS as KEYPOINT_METHODS
+from ensemble.keypoints import KEYPOINT_METHODS
 from ensemble.verify import KEYPOINT_COLUMNS, PairScorer, compare_pairs, make_scorer
 from jobs.completeness import require_fused, require_manifest
 from jobs.config import PipelineConfig, VerifyConfig
@@ -74,7 +74,7 @@ COMBINE: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {"max": np.
 
 
 @dataclass(frozen=True)
-class Method:
+class VerifyMethod:
     """A verification method: the scorers it runs and its bonus rule."""
 
     scorers: tuple[str, ...]
@@ -86,10 +86,10 @@ def both_bonus(cols: Columns, cfg: VerifyConfig) -> np.ndarray:
     return COMBINE[cfg.combine](inlier_bonus(cols, cfg), learned_bonus(cols, cfg))
 
 
-METHODS: dict[str, Method] = {
-    **{name: Method((name,), inlier_bonus) for name in KEYPOINT_METHODS},  # sift, rootsift, orb
-    "learned": Method(("learned",), learned_bonus),
-    **{f"learned+{name}": Method(("learned", name), both_bonus) for name in KEYPOINT_METHODS},
+VERIFY_METHODS: dict[str, VerifyMethod] = {
+    **{name: VerifyMethod((name,), inlier_bonus) for name in KEYPOINT_METHODS},  # sift, rootsift, orb
+    "learned": VerifyMethod(("learned",), learned_bonus),
+    **{f"learned+{name}": VerifyMethod(("learned", name), both_bonus) for name in KEYPOINT_METHODS},
 }
 
 
@@ -122,7 +122,7 @@ SCORER_PLANS: dict[str, ScorerPlan] = {
 
 
 def registry_dir(cfg: PipelineConfig) -> str:
-    return str(cfg.registry or default_registry_dir())
+    return str(registry_path(cfg.registry))
 
 
 def scorer_for(name: str, cfg: PipelineConfig) -> PairScorer:
@@ -181,14 +181,14 @@ def rescore(fused: pa.Table, checked: dict[str, pa.Table], cfg: VerifyConfig) ->
         joined = joined.join(table, KEYS, join_type="left outer")
     cols = {c: np.asarray(joined.column(c).to_numpy(zero_copy_only=False), dtype=np.float64)
             for t in checked.values() for c in t.column_names if c not in KEYS}
-    score = joined.column("score").to_numpy() + METHODS[cfg.method].bonus(cols, cfg)
+    score = joined.column("score").to_numpy() + VERIFY_METHODS[cfg.method].bonus(cols, cfg)
     return pa.table({"query_id": joined.column("query_id"), "reference_id": joined.column("reference_id"),
                      "score": pa.array(score.astype(np.float32))})
 
 
 def verify_settings(cfg: PipelineConfig) -> dict[str, dict]:
     """Scorer folder name -> the settings its cached results depend on (resolves a learned model)."""
-    return {name: SCORER_PLANS[name].settings(name, cfg) for name in METHODS[cfg.verify.method].scorers}
+    return {name: SCORER_PLANS[name].settings(name, cfg) for name in VERIFY_METHODS[cfg.verify.method].scorers}
 
 
 def cache_folder(run: RunDir, name: str, decoys: bool = False) -> str:
@@ -331,7 +331,7 @@ def rescored(cfg: PipelineConfig, run: RunDir, p: Pass) -> pa.Table:
     a cache may hold pairs of an earlier, larger top_k or another fusion, which get no bonus now)."""
     wanted = p.todo.select(KEYS)
     checked = {name: read_cache(run, name, p.decoys).join(wanted, KEYS, join_type="left semi")
-               for name in METHODS[cfg.verify.method].scorers}
+               for name in VERIFY_METHODS[cfg.verify.method].scorers}
     counts = ", ".join(f"{name} {t.num_rows}" for name, t in checked.items())
     log.info(f"verify ({cfg.verify.method}){' decoys' if p.decoys else ''}: pairs scored: {counts}")
     return rescore(p.fused, checked, cfg.verify)
