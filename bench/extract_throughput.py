@@ -12,22 +12,20 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+import torch
+
+from core.store import read_table
+from jobs.config import load_config
+from jobs.layout import RunDir, shard_names
+from jobs.pipeline import run_stages
+from jobs.stages.extract import key_specs
+from patchers.extract import ChunkTask, decode_chunk, plan_chunks, unpack
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import torch  # noqa: E402
-
-from core.store import read_table  # noqa: E402
-from jobs.config import load_config  # noqa: E402
-from jobs.layout import RunDir, shard_names  # noqa: E402
-from jobs.pipeline import run_stages  # noqa: E402
-from jobs.stages.extract import key_specs  # noqa: E402
-from patchers.extract import ChunkTask, decode_chunk, plan_chunks, unpack  # noqa: E402
 
 
 def patches_in_memory(run: RunDir, pres: list, chunk: int) -> list[list]:

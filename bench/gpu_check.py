@@ -21,13 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from core.imageio import list_images, load_rgb
+from core.models.encoders import Encoder, build_encoder
+from core.models.registry import backbone_card
+from core.models.runtimes import runtime
 
-from core.imageio import list_images, load_rgb  # noqa: E402
-from core.models.encoders import Encoder, build_encoder  # noqa: E402
-from core.models.registry import backbone_card  # noqa: E402
-from core.models.runtimes import runtime  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 FAILED: list[str] = []
 

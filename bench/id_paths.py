@@ -10,17 +10,13 @@ built from the Arrow table an index version reads; printed: the Python heap it h
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 import tracemalloc
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from ensemble.index.reader import IdPaths  # noqa: E402
+from ensemble.index.reader import IdPaths
 
 
 def table(n: int) -> pa.Table:

@@ -22,10 +22,9 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from core.imageio import list_images, load_rgb
 
-from core.imageio import list_images, load_rgb  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 
 def cli(*args: str) -> float:

@@ -18,10 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from pretrain.photo_arrays import photo_array  # noqa: E402
+from pretrain.photo_arrays import photo_array
 
 
 def measure(mode: str, n: int, regions: int, dim: int) -> str:

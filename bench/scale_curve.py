@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 STAGES = ("manifest", "patch", "extract", "search", "fuse")
 DRIVER = """

@@ -10,15 +10,12 @@ manifest, ``index add``, training photo lists and synthetic splits all list fold
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 import tracemalloc
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from core.imageio import scan_images  # noqa: E402
+from core.imageio import scan_images
 
 
 def measure(folder: str) -> None:
