@@ -12,16 +12,20 @@ import os
 import shlex
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from core.models.backbones import list_backbones
 from core.yamlconf import with_output
 from jobs.config import ConfigError, PipelineConfig, load_config
-from pretrain.train_config import TrainConfig, load_train_config
 from jobs.runtime import OFFLINE_ENV
+from pretrain.train_config import TrainConfig, load_train_config
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # "/x": top level only
@@ -102,7 +106,7 @@ def entrypoint(stage: str, config_rel: str, sets: Sequence[str] = (), out: str |
 
 
 @contextmanager
-def staged_config(config: str, root: Path = REPO_ROOT):
+def staged_config(config: str, root: Path = REPO_ROOT) -> Iterator[str]:
     """Yield the config's path relative to ``root``, copying it in (then out) if it is outside."""
     path = Path(config).resolve()
     if path.is_relative_to(root):
@@ -149,7 +153,8 @@ def submit(config: str | None, address: str | None, stage: str = "run", sets: Se
                                  metadata=spec.metadata)
 
 
-def client(address: str | None):
+def client(address: str | None) -> JobSubmissionClient:
+    """Ray's Jobs client of the cluster at ``address`` (:func:`job_address`)."""
     from ray.job_submission import JobSubmissionClient
     return JobSubmissionClient(job_address(address))
 

@@ -14,11 +14,14 @@ from jobs.layout import RunDir
 log = logging.getLogger(__name__)
 
 
+CommandFn = Callable[[argparse.Namespace], "int | None"]  # a command's body: its exit status (None: 0)
+
+
 @dataclass
 class Command:
     name: str
     help: str
-    fn: Callable[[argparse.Namespace], int | None]
+    fn: CommandFn
     arguments: list[tuple[tuple[str, ...], dict]] = field(default_factory=list)
     uses_config: bool = True
     address: str | None = None  # the help of its --address (with uses_config); None: it starts no Ray
@@ -45,10 +48,11 @@ def positive_int(text: str) -> int:
 LOCAL_RAY = "Ray cluster address (default: the config's ray.address, else an embedded local Ray)"
 
 
-def command(name: str, help: str, *arguments: tuple, uses_config: bool = True, address: str | None = LOCAL_RAY):
+def command(name: str, help: str, *arguments: tuple, uses_config: bool = True,
+            address: str | None = LOCAL_RAY) -> Callable[[CommandFn], CommandFn]:
     """Register ``fn(args)`` as ``copydet NAME``; a config command takes CONFIG, --out, --set and,
     unless ``address`` is None, --address (``address``: its help)."""
-    def deco(fn):
+    def deco(fn: CommandFn) -> CommandFn:
         COMMANDS[name] = Command(name, help, fn, list(arguments), uses_config, address)
         return fn
     return deco
@@ -63,6 +67,7 @@ def config_path(args: argparse.Namespace) -> str:
     return args.config or str(DEFAULT_CONFIG)
 
 
-def config_from_args(args: argparse.Namespace) -> PipelineConfig:
-    """The command's config (:func:`config_path`), ``--out`` and ``--set`` on top."""
-    return load_config(config_path(args), with_output(args.set or [], getattr(args, "out", None)))
+def config_from_args(args: argparse.Namespace, sets: list[str] | None = None) -> PipelineConfig:
+    """The command's config (:func:`config_path`), ``--out`` and ``sets`` (default: ``--set``) on top."""
+    sets = (args.set or []) if sets is None else sets
+    return load_config(config_path(args), with_output(sets, getattr(args, "out", None)))

@@ -37,9 +37,9 @@ def preset_overrides(name: str) -> list[str]:
          arg("--preset", choices=SIDE_PRESETS, help="views for both sides (queries NAME, references ref_NAME where it exists, else NAME)"),
          arg("--preview", type=positive_int, metavar="N", help="write preview.png/.html of N images to the run folder"))
 def patch(args: argparse.Namespace) -> None:
-    args.set = (preset_overrides(args.preset) if args.preset else []) + list(args.set or [])
+    presets = preset_overrides(args.preset) if args.preset else []
     folders = any(getattr(args, k, None) for k in ("train", "references", "queries"))
-    cfg = config_with_folders(args)
+    cfg = config_with_folders(args, presets + list(args.set or []))
     run = RunDir(cfg.output)
     stages = ["manifest", "patch"] if folders or not exists(run.manifest) else ["patch"]
     run_stages(cfg, stages, address=args.address)

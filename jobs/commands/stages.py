@@ -27,15 +27,16 @@ FOLDER_ARGS = (
 )
 
 
-def config_with_folders(args: argparse.Namespace):
-    sets = list(args.set or [])
+def config_with_folders(args: argparse.Namespace, sets: list[str] | None = None) -> PipelineConfig:
+    """The command's config with the folder options (:data:`FOLDER_ARGS`) as ``data.*`` settings
+    after ``sets`` (default: ``--set``); a folder given replaces ``data.root``."""
+    sets = list((args.set or []) if sets is None else sets)
     for key in ("train", "references", "queries", "ground_truth"):
         if getattr(args, key, None):
             sets.append(text_override(f"data.{key}", getattr(args, key)))
     if any(getattr(args, k, None) for k in ("train", "references", "queries")):
         sets.append("data.root=null")
-    args.set = sets
-    return config_from_args(args)
+    return config_from_args(args, sets)
 
 
 @command("run", "run the whole pipeline (manifest, patch, extract, reduce, search, fuse, verify, evaluate) "
@@ -112,9 +113,8 @@ def evaluate(args: argparse.Namespace) -> int:
             log.warning(f"evaluate: no predicted pair is a ground-truth pair of {gt}: are these predictions of "
                         "its queries and references?")
         return 0
-    if args.ground_truth:
-        args.set = [*(args.set or []), text_override("data.ground_truth", args.ground_truth)]
-    cfg = config_from_args(args)
+    given = [text_override("data.ground_truth", args.ground_truth)] if args.ground_truth else []
+    cfg = config_from_args(args, [*(args.set or []), *given])
     if cfg.data.ground_truth_path() is None:
         raise ConfigError("no ground truth to score against: the config names none (data.ground_truth, or "
                           "ground_truth.csv under data.root); pass --ground-truth CSV")

@@ -186,7 +186,7 @@ class CopyDetService:
         return HTMLResponse(PAGE.read_text())
 
 
-def application(root: str, cfg: PipelineConfig, overrides: Sequence[str] = ()):
+def application(root: str, cfg: PipelineConfig, overrides: Sequence[str] = ()) -> serve.Application:
     """The bound Serve application, replicas and resources from ``cfg.serve``."""
     s = cfg.serve
     return CopyDetService.options(
