@@ -8,20 +8,19 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from core.models.backbones import DescriptorModel, build_backbone
-from core.models.cards import ModelCard
-from pretrain.data import CopyViews, make_loader
+from core.models.backbones import build_backbone
+from pretrain.data import CopyViews
 from pretrain.recipes import get_recipe
 from pretrain.ssl import BYOL, momentum_at
-from pretrain.train.common import (autocast, check_photos, epochs, log_event, mean_loss, preprocess_for, register_model,
-                                    run_card, run_photos, split_photos, start_or_resume, steps_of, unwrap)
-from pretrain.train.session import LocalSession, RaySession, Session
+from pretrain.train.common import (autocast, check_photos, epoch_loader, epochs, local_session, log_event, mean_loss,
+                                    preprocess_for, register_model, run_card, run_photos, seed_worker, split_photos,
+                                    start_or_resume, steps_of, unwrap)
+from pretrain.train.session import RaySession, Session
 from pretrain.train.state import write_checkpoint
 from pretrain.train_config import RunSpec
 
@@ -29,9 +28,7 @@ from pretrain.train_config import RunSpec
 def byol_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
     """Pretrain ``spec.backbone`` with BYOL on the training photos; returns the last metrics."""
     hp = spec.pretrain
-    torch.manual_seed(spec.seed + session.rank)
-    if spec.torch_threads:
-        torch.set_num_threads(spec.torch_threads)
+    seed_worker(spec, session)
     backbone = build_backbone(
         spec.backbone, dim=spec.model.dim, img_size=spec.model.img_size, pool=spec.model.pool, seed=spec.seed
     )
@@ -40,9 +37,7 @@ def byol_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
     photos = run_photos(spec, files)
     views = CopyViews(photos, get_recipe(hp.recipe), views=2,
                       pre=preprocess_for(spec, backbone), seed=spec.seed)
-    loader = make_loader(views, hp.batch_size, num_workers=spec.loader_workers, rank=session.rank,
-                         world_size=session.world_size, seed=spec.seed)
-    steps = min(len(loader), hp.steps_per_epoch or len(loader))
+    loader, steps = epoch_loader(spec, session, views, hp.batch_size, hp.steps_per_epoch)
 
     begin = start_or_resume(spec, session, byol, "byol", lambda m: torch.optim.SGD(
         unwrap(m).trainable_parameters(), lr=hp.lr, momentum=0.9, weight_decay=hp.weight_decay), photos)
@@ -63,7 +58,7 @@ def byol_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
         progress = {"epoch": epoch, "train_time_s": train_time, "metrics": metrics}
         card = run_card(spec, backbone, loss="byol", train_time_s=train_time)
         state = {"byol": unwrap(model).state_dict(), "optimizer": opt.state_dict()}
-        session.report(metrics, partial(_write, backbone=backbone, card=card, state=state, progress=progress))
+        session.report(metrics, partial(write_checkpoint, model=backbone, card=card, state=state, progress=progress))
 
     if session.rank == 0:
         register_model(spec, backbone, run_card(spec, backbone, loss="byol", train_time_s=train_time))
@@ -84,11 +79,6 @@ def byol_step(model: nn.Module, batch: torch.Tensor, opt: torch.optim.Optimizer,
     return float(loss.detach())
 
 
-def _write(folder: Path, *, backbone: DescriptorModel, card: ModelCard, state: dict[str, Any],
-           progress: dict[str, Any]) -> None:
-    write_checkpoint(folder, model=backbone, card=card, state=state, progress=progress)
-
-
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point: ``config`` is a :class:`RunSpec` as a dict."""
     byol_loop(RunSpec.model_validate(config), RaySession())
@@ -96,4 +86,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def train_local(spec: RunSpec) -> dict[str, Any]:
     """Run the loop in this process (tests, benchmarks, inline fan-out members)."""
-    return byol_loop(spec, LocalSession(spec.run_dir, "cuda" if spec.use_gpu else "cpu"))
+    return byol_loop(spec, local_session(spec))

@@ -1,5 +1,5 @@
-"""Pieces both training loops share: photos split, preprocessing, mixed precision, events log,
-registration."""
+"""Pieces the training loops (BYOL, fine-tuning, the verifier) share: seeding, photos split,
+loaders, preprocessing, mixed precision, best epochs, events log, registration."""
 
 from __future__ import annotations
 
@@ -18,16 +18,17 @@ import torch
 from torch import nn
 
 from core.logs import ProgressLines
+from core.metrics import Metrics
 from core.models.backbones import DescriptorModel
 from core.models.cards import ModelCard, RegistryError
 from core.models.checkpoint import save_checkpoint, sidecar_path
 from core.models.preprocess import Preprocess
 from core.models.registry import CARD_SUFFIX, card_for_model, file_hash, load_card, register
 from core.store import copy_file, read_table, write_table, write_text
-from pretrain.data import set_loader_epoch
+from pretrain.data import make_loader, set_loader_epoch
 from pretrain.photo_arrays import files_key
 from pretrain.photos import BadPhotos, LazyPhotos, PhotoFiles
-from pretrain.train.session import Session
+from pretrain.train.session import LocalSession, Session
 from pretrain.train.state import read_checkpoint
 from pretrain.train_config import RunSpec
 
@@ -88,6 +89,26 @@ def check_photos(spec: RunSpec, epoch: int, photos: LazyPhotos) -> int:
             f"not decode or edit (more than data.max_bad_fraction={spec.data.max_bad_fraction}), e.g. {path}: "
             f"{reason}; all are listed in {photos.record.folder}")
     return len(bad)
+
+
+def seed_worker(spec: RunSpec, session: Session) -> None:
+    """Seed torch for this rank and cap its threads (``spec.torch_threads``), before anything is built."""
+    torch.manual_seed(spec.seed + session.rank)
+    if spec.torch_threads:
+        torch.set_num_threads(spec.torch_threads)
+
+
+def local_session(spec: RunSpec) -> LocalSession:
+    """This process as the run's one worker (tests, benchmarks, inline fan-out members)."""
+    return LocalSession(spec.run_dir, "cuda" if spec.use_gpu else "cpu")
+
+
+def epoch_loader(spec: RunSpec, session: Session, dataset: Any, batch_size: int,
+                 steps_per_epoch: int | None) -> tuple[Any, int]:
+    """This rank's loader of ``dataset`` and the steps an epoch takes (at most ``steps_per_epoch``)."""
+    loader = make_loader(dataset, batch_size, num_workers=spec.loader_workers, rank=session.rank,
+                         world_size=session.world_size, seed=spec.seed)
+    return loader, min(len(loader), steps_per_epoch or len(loader))
 
 
 def preprocess_for(spec: RunSpec, model: DescriptorModel) -> Preprocess:
@@ -266,6 +287,18 @@ def best_file(spec: RunSpec, stem: str, best: dict[str, Any]) -> Path:
     best lives in the checkpoint's progress, so a run killed after writing a new best file but
     before its checkpoint resumes with the file its progress names."""
     return Path(spec.run_dir) / f"{stem}-{best['epoch']:05d}.safetensors"
+
+
+def new_best(best: dict[str, Any] | None, epoch: int, found: Metrics) -> dict[str, Any] | None:
+    """The best-epoch record of ``epoch`` when its validation ``found`` beats ``best`` (μAP), else None."""
+    if best is not None and found.micro_ap <= best["micro_ap"]:
+        return None
+    return {"epoch": epoch, "micro_ap": found.micro_ap, "recall_at_p90": found.recall_at_p90}
+
+
+def best_metrics(best: dict[str, Any] | None) -> dict[str, float]:
+    """A best-epoch record's figures, as the registered card holds them (none without validation)."""
+    return {} if best is None else {k: float(v) for k, v in best.items() if k != "epoch"}
 
 
 def drop_other_bests(spec: RunSpec, stem: str, *keep: dict[str, Any] | None) -> None:

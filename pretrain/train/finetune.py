@@ -11,22 +11,21 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from core.models.backbones import DescriptorModel, build_backbone
-from core.models.cards import ModelCard
 from core.models.checkpoint import save_checkpoint
-from pretrain.data import CopyViews, make_loader
+from pretrain.data import CopyViews
 from pretrain.losses import build_loss
 from pretrain.recipes import get_recipe
-from pretrain.train.common import (autocast, best_file, check_photos, drop_other_bests, epochs, log_event, mean_loss,
-                                    preprocess_for, register_model, run_card, run_photos, split_photos,
-                                    start_or_resume, steps_of, unwrap)
-from pretrain.train.session import LocalSession, RaySession, Session
+from pretrain.train.common import (autocast, best_file, best_metrics, check_photos, drop_other_bests, epoch_loader,
+                                    epochs, local_session, log_event, mean_loss, new_best, preprocess_for,
+                                    register_model, run_card, run_photos, seed_worker, split_photos, start_or_resume,
+                                    steps_of, unwrap)
+from pretrain.train.session import RaySession, Session
 from pretrain.train.state import write_checkpoint
 from pretrain.train.validate import make_validation_set, validate
 from pretrain.train_config import RunSpec
@@ -49,9 +48,7 @@ class InstanceModel(nn.Module):
 def finetune_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
     """Fine-tune ``spec.backbone`` on ``spec.recipe`` copies; returns the last metrics."""
     hp = spec.finetune
-    torch.manual_seed(spec.seed + session.rank)
-    if spec.torch_threads:
-        torch.set_num_threads(spec.torch_threads)
+    seed_worker(spec, session)
     backbone = build_backbone(spec.backbone, dim=spec.model.dim, img_size=spec.model.img_size,
                               pool=hp.pool or spec.model.pool, seed=spec.seed, checkpoint=spec.init_weights)
     train, val_refs, distractors = split_photos(spec, session)
@@ -60,9 +57,7 @@ def finetune_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
                                              params=hp.loss.params))
     photos, pre = run_photos(spec, train), preprocess_for(spec, backbone)
     copies = CopyViews(photos, recipe, views=hp.copies, pre=pre, seed=spec.seed)
-    loader = make_loader(copies, hp.photos_per_batch, num_workers=spec.loader_workers, rank=session.rank,
-                         world_size=session.world_size, seed=spec.seed)
-    steps = min(len(loader), hp.steps_per_epoch or len(loader))
+    loader, steps = epoch_loader(spec, session, copies, hp.photos_per_batch, hp.steps_per_epoch)
     val = None
     if val_refs and session.rank == 0:
         val = make_validation_set(val_refs, distractors, recipe, pre=pre, max_side=spec.data.max_side,
@@ -88,15 +83,15 @@ def finetune_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
         if val is not None:
             found = validate(backbone, val)
             metrics.update(micro_ap=found.micro_ap, recall_at_p90=found.recall_at_p90)
-            if best is None or found.micro_ap > best["micro_ap"]:
-                best = {"epoch": epoch, "micro_ap": found.micro_ap, "recall_at_p90": found.recall_at_p90}
+            if improved := new_best(best, epoch, found):
+                best = improved
                 save_checkpoint(backbone, best_file(spec, BEST, best), meta={"best": best})
         log_event(spec, session.rank, {"event": "epoch", **metrics})
         progress = {"epoch": epoch, "train_time_s": train_time, "metrics": metrics, "best": best}
         card = run_card(spec, backbone, loss=hp.loss.name, train_time_s=train_time,
                         source_checkpoint=spec.init_weights)
         state = {"net": unwrap(model).state_dict(), "optimizer": opt.state_dict()}
-        session.report(metrics, partial(_write, backbone=backbone, card=card, state=state, progress=progress))
+        session.report(metrics, partial(write_checkpoint, model=backbone, card=card, state=state, progress=progress))
         if session.rank == 0:
             drop_other_bests(spec, BEST, best, before)
 
@@ -118,14 +113,9 @@ def instance_step(model: nn.Module, batch: torch.Tensor, labels: torch.Tensor, o
     return float(loss.detach())
 
 
-def _write(folder: Path, *, backbone: DescriptorModel, card: ModelCard, state: dict[str, Any],
-           progress: dict[str, Any]) -> None:
-    write_checkpoint(folder, model=backbone, card=card, state=state, progress=progress)
-
-
 def _register(spec: RunSpec, backbone: DescriptorModel, train_time: float, best: dict[str, Any] | None) -> None:
     """Register the best validated weights (the final ones when there is no validation)."""
-    metrics = {} if best is None else {k: float(v) for k, v in best.items() if k != "epoch"}
+    metrics = best_metrics(best)
     card = run_card(spec, backbone, loss=spec.finetune.loss.name, train_time_s=train_time,
                     source_checkpoint=spec.init_weights, metrics=metrics)
     weights = None if best is None else best_file(spec, BEST, best)
@@ -140,4 +130,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def train_local(spec: RunSpec) -> dict[str, Any]:
     """Run the loop in this process (tests, benchmarks, inline fan-out members)."""
-    return finetune_loop(spec, LocalSession(spec.run_dir, "cuda" if spec.use_gpu else "cpu"))
+    return finetune_loop(spec, local_session(spec))

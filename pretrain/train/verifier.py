@@ -25,16 +25,15 @@ from core.models.encoders import Encoder, load_encoder
 from core.models.registry import register, resolve_model
 from core.models.verifier import RegionTokens, VerifierSpec, build_net, region_tokens, save_verifier, verifier_card
 from core.store import copy_file
-from pretrain.data import make_loader
 from pretrain.pairs import CopyTokens, describe_photos, embed_photos, make_pair_validation, nearest_others, \
     training_pairs, validate_pairs, whole_image_cosine
 from pretrain.photo_arrays import files_key, photo_array
 from pretrain.photos import LazyPhotos, PhotoFiles
 from pretrain.recipes import get_recipe
-from pretrain.train.common import (best_file, check_photos, drop_other_bests, epochs, log_event, mean_loss,
-                                    record_source, run_photos, split_photos, start_or_resume, steps_of, unregister,
-                                    unwrap)
-from pretrain.train.session import LocalSession, RaySession, Session
+from pretrain.train.common import (best_file, best_metrics, check_photos, drop_other_bests, epoch_loader, epochs,
+                                    local_session, log_event, mean_loss, new_best, record_source, run_photos,
+                                    seed_worker, split_photos, start_or_resume, steps_of, unregister, unwrap)
+from pretrain.train.session import RaySession, Session
 from pretrain.train.state import write_resume_state
 from pretrain.train_config import RunSpec
 
@@ -51,9 +50,7 @@ def net_spec(spec: RunSpec) -> VerifierSpec:
 def verifier_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
     """Train the verifier of ``spec``; returns the last metrics."""
     hp, arch = spec.verifier, net_spec(spec)
-    torch.manual_seed(spec.seed + session.rank)
-    if spec.torch_threads:
-        torch.set_num_threads(spec.torch_threads)
+    seed_worker(spec, session)
     recipes = [get_recipe(r) for r in spec.recipe.split("+")]
     train, val_refs, distractors = split_photos(spec, session)
     photos = run_photos(spec, train)
@@ -70,9 +67,7 @@ def verifier_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
         described["val_whole_image_micro_ap"] = validate_pairs(val, whole_image_cosine).micro_ap
     log_event(spec, session.rank, described)
     copies = CopyTokens(photos, recipes, partial(region_tokens, arch, spec.registry), seed=spec.seed)
-    loader = make_loader(copies, hp.photos_per_batch, num_workers=spec.loader_workers, rank=session.rank,
-                         world_size=session.world_size, seed=spec.seed)
-    steps = min(len(loader), hp.steps_per_epoch or len(loader))
+    loader, steps = epoch_loader(spec, session, copies, hp.photos_per_batch, hp.steps_per_epoch)
     net = build_net(arch, tokens.dim, seed=spec.seed)
     begin = start_or_resume(spec, session, net, "net",
                             lambda m: torch.optim.AdamW(m.parameters(), lr=hp.lr, weight_decay=hp.weight_decay),
@@ -96,8 +91,8 @@ def verifier_loop(spec: RunSpec, session: Session) -> dict[str, Any]:
         if val is not None:
             found = validate_pairs(val, partial(_score, unwrap(model)))
             metrics.update(micro_ap=found.micro_ap, recall_at_p90=found.recall_at_p90)
-            if best is None or found.micro_ap > best["micro_ap"]:
-                best = {"epoch": epoch, "micro_ap": found.micro_ap, "recall_at_p90": found.recall_at_p90}
+            if improved := new_best(best, epoch, found):
+                best = improved
                 save_verifier(unwrap(model), best_file(spec, BEST, best))
         log_event(spec, session.rank, {"event": "epoch", **metrics})
         progress = {"epoch": epoch, "train_time_s": train_time, "metrics": metrics, "best": best}
@@ -158,7 +153,7 @@ def _score(net: nn.Module, queries: np.ndarray, candidates: np.ndarray, batch: i
 
 def _card(spec: RunSpec, arch: VerifierSpec, weights: str | None, train_time: float,
           best: dict[str, Any] | None) -> ModelCard:
-    metrics = {} if best is None else {k: float(v) for k, v in best.items() if k != "epoch"}
+    metrics = best_metrics(best)
     return verifier_card(spec.name, arch, resolve_model(arch.tokens, spec.registry), weights,
                          trained_on=spec.recipe, loss="bce", train_time_s=round(train_time, 1), metrics=metrics)
 
@@ -190,4 +185,4 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 def train_local(spec: RunSpec) -> dict[str, Any]:
     """Run the loop in this process (tests, inline fan-out members)."""
-    return verifier_loop(spec, LocalSession(spec.run_dir, "cuda" if spec.use_gpu else "cpu"))
+    return verifier_loop(spec, local_session(spec))
