@@ -12,13 +12,14 @@ import os
 import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from core.imageio import ImageDecodeError, list_images, load_rgb
 from core.store import atomic_dir, join
 from pretrain.photos import usable
-from pretrain.recipes import FULL_STRENGTH_EPOCH, RecipeError, get_recipe
+from pretrain.recipes import FULL_STRENGTH_EPOCH, Recipe, RecipeError, get_recipe
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def matched_sizes(train_photos: int, references: int, cap: int = MAX_MATCHED_PHO
     return photos, background
 
 
-def _spec_record(spec: SplitSpec, train_folder: str) -> dict:
+def _spec_record(spec: SplitSpec, train_folder: str) -> dict[str, Any]:
     return {**asdict(spec), "train": os.path.realpath(train_folder)}
 
 
@@ -77,7 +78,7 @@ def _paths(out_dir: str, record: dict) -> Split:
     desc = (f"synthetic: {record['photos']} held-out photos of {record['train']} "
             f"(recipe {record['recipe']}, seed {record['seed']}) in {out_dir}")
     return Split(join(out_dir, "queries"), join(out_dir, "ground_truth.csv"), join(out_dir, "references"),
-                           train if os.listdir(train) else None, desc)
+                 train if os.listdir(train) else None, desc)
 
 
 def make_synthetic_split(train_folder: str, out_dir: str, spec: SplitSpec) -> Split:
@@ -97,6 +98,27 @@ def make_synthetic_split(train_folder: str, out_dir: str, spec: SplitSpec) -> Sp
         raise ValueError(f"synthetic split: --photos must be in [2, {len(photos) - 1}] for the {len(photos)} "
                          f"photos of {train_folder}, got {n}")
     record = _spec_record(replace(spec, photos=n), train_folder)
+    if _made_before(out_dir, record):
+        log.info(f"synthetic split: reusing the validation split in {out_dir}")
+        return _paths(out_dir, record)
+
+    recipes = [get_recipe(name) for name in spec.recipe.split("+")]  # an unknown name fails before any decoding
+    rng = np.random.default_rng(spec.seed)
+    order = rng.permutation(len(photos))
+    held, used = _hold_out(photos, order, n, train_folder)
+    rest = order[used:] if spec.background is None else order[used:used + spec.background]
+    background = [photos[i] for i in rest]
+    with atomic_dir(out_dir) as tmp:
+        gt = _write_split(tmp, held, background, recipes, spec.seed, rng)
+        Path(tmp, "split.json").write_text(json.dumps(record, indent=2))
+    copies = sum(not row.endswith(",") for row in gt[1:])
+    log.info(f"synthetic split: {n // 2} references, {len(gt) - 1} queries ({copies} copies), "
+             f"{len(background)} background photos -> {out_dir}")
+    return _paths(out_dir, record)
+
+
+def _made_before(out_dir: str, record: dict) -> bool:
+    """Whether ``out_dir`` holds the split ``record`` describes; an error if it holds anything else."""
     marker = join(out_dir, "split.json")
     if os.path.isfile(marker):
         with open(marker) as f:
@@ -104,15 +126,17 @@ def make_synthetic_split(train_folder: str, out_dir: str, spec: SplitSpec) -> Sp
         if old != record:
             raise ValueError(f"{out_dir} holds a split made with {old}, not {record}; "
                              f"remove it or use another folder")
-        log.info(f"synthetic split: reusing the validation split in {out_dir}")
-        return _paths(out_dir, record)
+        return True
     if os.path.exists(out_dir):
         raise ValueError(f"{out_dir} exists but has no split.json; remove it or use another folder")
+    return False
 
-    recipes = [get_recipe(name) for name in spec.recipe.split("+")]
-    rng = np.random.default_rng(spec.seed)
-    order = rng.permutation(len(photos))
-    held, used = [], 0  # usable photos only; decoded again when edited, to keep memory flat
+
+def _hold_out(photos: list[tuple[str, str]], order: np.ndarray, n: int,
+              train_folder: str) -> tuple[list[tuple[str, str]], int]:
+    """The first ``n`` usable photos in ``order``, and how many of ``order`` that took. Only
+    checked here; decoded again when edited, to keep memory flat."""
+    held, used = [], 0
     for i in order:
         if len(held) == n:
             break
@@ -125,38 +149,37 @@ def make_synthetic_split(train_folder: str, out_dir: str, spec: SplitSpec) -> Sp
     if len(held) < n:
         raise ValueError(f"synthetic split: only {len(held)} of the photos in {train_folder} decode at a usable "
                          f"size; need {n}")
-    rest = order[used:] if spec.background is None else order[used:used + spec.background]
-    background = [photos[i] for i in rest]
+    return held, used
 
-    with atomic_dir(out_dir) as tmp:
-        for sub in ("references", "queries", "train"):
-            os.makedirs(join(tmp, sub))
-        n_refs = n // 2
-        queries = []  # (source image id, path, reference id or "" for a negative)
-        for j, (image_id, path) in enumerate(held[:n_refs]):
-            ref_id = f"R{j:05d}"
-            shutil.copyfile(path, join(tmp, "references", ref_id + Path(path).suffix.lower()))
-            if j < (n_refs + 1) // 2:
-                queries.append((image_id, path, ref_id))
-        queries += [(image_id, path, "") for image_id, path in held[n_refs:]]
-        gt = ["query_id,reference_id"]
-        for q, at in enumerate(rng.permutation(len(queries))):
-            image_id, path, ref_id = queries[at]
-            recipe = recipes[at % len(recipes)]  # in turn over copies and negatives alike
-            try:
-                copy = recipe(load_rgb(path), seed=spec.seed, key=image_id, epoch=FULL_STRENGTH_EPOCH)
-            except RecipeError as e:
-                log.warning(f"synthetic split: no query from train photo {path}: {e}")
-                continue
-            copy.save(join(tmp, "queries", f"Q{q:05d}.jpg"), quality=QUERY_JPEG_QUALITY)
-            gt.append(f"Q{q:05d},{ref_id}")
-        for image_id, path in background:
-            link = Path(tmp, "train", image_id + Path(path).suffix)
-            link.parent.mkdir(parents=True, exist_ok=True)
-            link.symlink_to(os.path.realpath(path))
-        Path(tmp, "ground_truth.csv").write_text("\n".join(gt) + "\n")
-        Path(tmp, "split.json").write_text(json.dumps(record, indent=2))
-    copies = sum(not row.endswith(",") for row in gt[1:])
-    log.info(f"synthetic split: {n_refs} references, {len(gt) - 1} queries ({copies} copies), "
-             f"{len(background)} background photos -> {out_dir}")
-    return _paths(out_dir, record)
+
+def _write_split(tmp: str, held: list[tuple[str, str]], background: list[tuple[str, str]], recipes: list[Recipe],
+                 seed: int, rng: np.random.Generator) -> list[str]:
+    """Write references, queries and background links of the split into ``tmp``; the ground-truth
+    rows (also written), header first."""
+    for sub in ("references", "queries", "train"):
+        os.makedirs(join(tmp, sub))
+    n_refs = len(held) // 2
+    queries = []  # (source image id, path, reference id or "" for a negative)
+    for j, (image_id, path) in enumerate(held[:n_refs]):
+        ref_id = f"R{j:05d}"
+        shutil.copyfile(path, join(tmp, "references", ref_id + Path(path).suffix.lower()))
+        if j < (n_refs + 1) // 2:
+            queries.append((image_id, path, ref_id))
+    queries += [(image_id, path, "") for image_id, path in held[n_refs:]]
+    gt = ["query_id,reference_id"]
+    for q, at in enumerate(rng.permutation(len(queries))):
+        image_id, path, ref_id = queries[at]
+        recipe = recipes[at % len(recipes)]  # in turn over copies and negatives alike
+        try:
+            copy = recipe(load_rgb(path), seed=seed, key=image_id, epoch=FULL_STRENGTH_EPOCH)
+        except RecipeError as e:
+            log.warning(f"synthetic split: no query from train photo {path}: {e}")
+            continue
+        copy.save(join(tmp, "queries", f"Q{q:05d}.jpg"), quality=QUERY_JPEG_QUALITY)
+        gt.append(f"Q{q:05d},{ref_id}")
+    for image_id, path in background:
+        link = Path(tmp, "train", image_id + Path(path).suffix)
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.realpath(path))
+    Path(tmp, "ground_truth.csv").write_text("\n".join(gt) + "\n")
+    return gt
