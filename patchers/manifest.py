@@ -4,8 +4,9 @@ from __future__ import annotations
 from core.imageio import ImageDecodeError, image_size, load_rgb, sha256_file
 
 
-def describe(image_id: str, path: str, split: str, max_pixels: int | None = None) -> tuple[dict | None, dict | None]:
-    """Decode one file fully: ``(manifest_row, None)`` or ``(None, error_row)``.
+def manifest_row(image_id: str, path: str, split: str,
+                 max_pixels: int | None = None) -> tuple[dict | None, dict | None]:
+    """Decode one file fully: ``(row, None)`` or ``(None, error_row)``.
 
     A JPEG over ``max_pixels`` is checked at reduced size (draft); its row keeps its full size.
     """

@@ -19,7 +19,7 @@ from jobs.config import SPLIT_FOLDERS, PipelineConfig
 from jobs.inputs import InputError, images, pin_inputs, split_folders
 from jobs.layout import RunDir, shard_names
 from jobs.runtime import run_tasks
-from patchers.manifest import describe
+from patchers.manifest import manifest_row
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ def manifest_shard(split: str, files: list[tuple[str, str]], run: RunDir, name: 
     existence marks the block done."""
     rows, errors = [], []
     for image_id, path in files:
-        row, err = describe(image_id, path, split, max_pixels)
+        row, err = manifest_row(image_id, path, split, max_pixels)
         (rows if row else errors).append(row or err)
     write_table(pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA), join(run.errors, name))
     write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA), join(run.manifest, name))
