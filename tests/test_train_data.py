@@ -156,7 +156,8 @@ def test_validation_input_equals_extraction_input(tmp_path):
     from core.imageio import ImageDecodeError
     from pretrain.photos import PhotoFiles, usable
     from pretrain.recipes import get_recipe
-    from pretrain.train.common import preprocess_for, run_card
+    from pretrain.train.common import preprocess_for
+    from pretrain.train.registration import run_card
     from pretrain.train.validate import make_validation_set
 
     files = make_bad_images(tmp_path / "odd")

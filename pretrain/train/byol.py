@@ -18,8 +18,9 @@ from pretrain.data import CopyViews
 from pretrain.recipes import get_recipe
 from pretrain.ssl import BYOL, momentum_at
 from pretrain.train.common import (autocast, check_photos, epoch_loader, epochs, local_session, log_event, mean_loss,
-                                    preprocess_for, register_model, run_card, run_photos, seed_worker, split_photos,
-                                    start_or_resume, steps_of, unwrap)
+                                    preprocess_for, run_photos, seed_worker, split_photos, start_or_resume, steps_of,
+                                    unwrap)
+from pretrain.train.registration import register_model, run_card
 from pretrain.train.session import RaySession, Session
 from pretrain.train.state import write_checkpoint
 from pretrain.train_config import RunSpec

@@ -22,9 +22,9 @@ from pretrain.data import CopyViews
 from pretrain.losses import build_loss
 from pretrain.recipes import get_recipe
 from pretrain.train.common import (autocast, best_file, best_metrics, check_photos, drop_other_bests, epoch_loader,
-                                    epochs, local_session, log_event, mean_loss, new_best, preprocess_for,
-                                    register_model, run_card, run_photos, seed_worker, split_photos, start_or_resume,
-                                    steps_of, unwrap)
+                                    epochs, local_session, log_event, mean_loss, new_best, preprocess_for, run_photos,
+                                    seed_worker, split_photos, start_or_resume, steps_of, unwrap)
+from pretrain.train.registration import register_model, run_card
 from pretrain.train.session import RaySession, Session
 from pretrain.train.state import write_checkpoint
 from pretrain.train.validate import make_validation_set, validate

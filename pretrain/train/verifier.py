@@ -31,8 +31,9 @@ from pretrain.photo_arrays import files_key, photo_array
 from pretrain.photos import LazyPhotos, PhotoFiles
 from pretrain.recipes import get_recipe
 from pretrain.train.common import (best_file, best_metrics, check_photos, drop_other_bests, epoch_loader, epochs,
-                                    local_session, log_event, mean_loss, new_best, record_source, run_photos,
-                                    seed_worker, split_photos, start_or_resume, steps_of, unregister, unwrap)
+                                    local_session, log_event, mean_loss, new_best, run_photos, seed_worker,
+                                    split_photos, start_or_resume, steps_of, unwrap)
+from pretrain.train.registration import record_source, unregister
 from pretrain.train.session import RaySession, Session
 from pretrain.train.state import write_resume_state
 from pretrain.train_config import RunSpec
