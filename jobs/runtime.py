@@ -39,8 +39,15 @@ def _stopped(signum: int, frame: object) -> None:
 
 def target_address(cfg: RayConfig, address: str | None = None) -> str | None:
     """The Ray cluster to use: the one given, the config's, else $RAY_ADDRESS; None: copydet's own
-    embedded Ray."""
-    return address or cfg.address or os.environ.get("RAY_ADDRESS") or None
+    embedded Ray. A Jobs API address (``http://HEAD:8265``, what the job commands take) is refused."""
+    found = address or cfg.address or os.environ.get("RAY_ADDRESS") or None
+    if found and found.startswith(("http://", "https://")):
+        where = "--address" if address else "ray.address" if cfg.address else "$RAY_ADDRESS"
+        raise ValueError(f"{where} {found} is a cluster's Jobs API, which `copydet submit`, `status`, `logs` and "
+                         "`stop` use; to run this command there, `copydet submit` it, or give the head's "
+                         "HOST:6379 from a machine of the cluster (ray://HOST:10001 for serve); to run it on this "
+                         "machine, unset RAY_ADDRESS")
+    return found
 
 
 def init_ray(cfg: RayConfig, address: str | None = None) -> None:

@@ -175,3 +175,23 @@ def test_ray_client_gets_json_init_arguments_and_stages_it_cannot_run_are_refuse
     assert main(["run", "--address", "ray://127.0.0.1:10001", "--out", str(tmp_path / "run")]) == 2
     assert "does not work through Ray Client (ray://)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_jobs_api_address_in_ray_address_is_named_not_passed_to_ray(monkeypatch, tmp_path, capsys):
+    """README's cluster recipe exports RAY_ADDRESS=http://...:8265 for the job commands; a command that
+    runs on Ray then says what that address is for, instead of Ray's "Invalid Ray address"."""
+    import ray
+
+    from jobs.cli import main
+
+    def no_ray(**kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", no_ray)
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
+    assert main(["manifest", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "$RAY_ADDRESS http://127.0.0.1:8265 is a cluster's Jobs API" in err and "unset RAY_ADDRESS" in err
+    assert main(["manifest", "--out", str(tmp_path / "run"), "--address", "http://head:8265"]) == 2
+    assert "--address http://head:8265 is a cluster's Jobs API" in capsys.readouterr().err
