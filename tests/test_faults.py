@@ -19,7 +19,6 @@ from tests.test_submit import (
     JOB_SETS,
     TIMEOUT_S,
     assert_same_predictions,
-    local_run,
     ray_cluster,
     submit_when_ready,
     wait_job,
@@ -79,9 +78,9 @@ def assert_complete(out, key: str) -> None:
 
 
 @pytest.mark.slow
-def test_job_survives_a_lost_worker_node(ray_local, tiny_dataset, tmp_path):
-    cfg_path = write_config(tmp_path, tiny_dataset, tmp_path / "cluster")
-    local_run(cfg_path, tmp_path / "local")
+def test_job_survives_a_lost_worker_node(job_local_run, tmp_path):
+    data, local = job_local_run
+    cfg_path = write_config(tmp_path, data, tmp_path / "cluster")
     feats = tmp_path / "cluster" / "features" / "tiny_cnn@64"
     with ray_cluster() as cluster:
         url = cluster.url
@@ -97,7 +96,7 @@ def test_job_survives_a_lost_worker_node(ray_local, tiny_dataset, tmp_path):
             job = submit_when_ready(url, str(cfg_path), "run", JOB_SETS, None)
             assert wait_job(url, job) == "SUCCEEDED"
     assert_complete(tmp_path / "cluster", "tiny_cnn@64")
-    assert_same_predictions(tmp_path / "local", tmp_path / "cluster")
+    assert_same_predictions(local, tmp_path / "cluster")
 
 
 def test_extract_goes_on_after_losing_the_node_of_its_model_actor(ray_local, tiny_dataset, tmp_path, monkeypatch):

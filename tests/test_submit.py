@@ -280,9 +280,9 @@ def assert_same_predictions(a: Path, b: Path) -> None:
 
 
 @pytest.mark.slow
-def test_submit_to_a_three_node_cluster_matches_a_local_run(ray_local, tiny_dataset, tmp_path):
-    cfg_path = write_config(tmp_path, tiny_dataset, tmp_path / "cluster")
-    local_run(cfg_path, tmp_path / "local")
+def test_submit_to_a_three_node_cluster_matches_a_local_run(job_local_run, tmp_path):
+    data, local = job_local_run
+    cfg_path = write_config(tmp_path, data, tmp_path / "cluster")
     with ray_cluster() as cluster:
         url = cluster.url
         job = submit_when_ready(url, str(cfg_path), "run", JOB_SETS, None)
@@ -297,6 +297,6 @@ def test_submit_to_a_three_node_cluster_matches_a_local_run(ray_local, tiny_data
     used = set(re.findall(r"node ([0-9a-f]{12})", text))
     assert used and used <= nodes, "the job's shard actors must run on the submitted-to cluster"
     assert "[search tiny_cnn@64] 2/2 query shards" in text and "shard 1:" in text  # 2 reference shards
-    assert_same_predictions(tmp_path / "local", tmp_path / "cluster")
+    assert_same_predictions(local, tmp_path / "cluster")
     manifest = read_table(tmp_path / "cluster" / "manifest.parquet")
     assert pc.count_distinct(manifest.column("image_id")).as_py() == manifest.num_rows == 20
