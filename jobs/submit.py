@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import os
 import shlex
-import shutil
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -18,8 +17,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import yaml
+
 from core.models.backbones import list_backbones
-from core.yamlconf import with_output
+from core.yamlconf import read_yaml, with_output
 from jobs.config import ConfigError, PipelineConfig, load_config
 from jobs.runtime import OFFLINE_ENV
 from pretrain.train_config import TrainConfig, load_train_config
@@ -34,7 +35,7 @@ STAGING = ".submit"  # configs from outside the repo are copied here while the j
 # The driver's ray.init repeats the offline env vars; let the job's copy win instead of failing.
 JOB_ENV = {**OFFLINE_ENV, "RAY_OVERRIDE_JOB_RUNTIME_ENV": "1", "COPYDET_DEBUG": "1"}
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
-TRAIN_STAGES = ("pretrain", "finetune")  # `copydet pretrain|finetune TRAINING_CONFIG` as a job
+TRAIN_STAGES = ("pretrain", "finetune", "train-verifier")  # `copydet STAGE TRAINING_CONFIG` as a job
 CLI_MAIN = "import sys; from jobs.cli import main; sys.exit(main())"  # works without the console script
 
 
@@ -79,8 +80,9 @@ def check_locations(cfg: PipelineConfig, source: str) -> list[str]:
     for key in ("root", "train", "references", "queries", "ground_truth"):
         value = getattr(cfg.data, key)
         if value and "://" not in value and not os.path.isabs(value):
-            warnings.append(f"{source}: data.{key} {value!r} is relative; it resolves inside the job's "
-                            "working dir on the cluster")
+            warnings.append(f"{source}: data.{key} {value!r} is relative; it resolves inside the job's temporary "
+                            "working dir on the cluster, and the run folder records that copy, gone after the job: "
+                            "use an absolute path on shared storage")
     if cfg.ray.num_cpus is not None:
         warnings.append(f"{source}: ray.num_cpus is ignored when the job connects to a cluster")
     return warnings
@@ -88,7 +90,10 @@ def check_locations(cfg: PipelineConfig, source: str) -> list[str]:
 
 def check_train_locations(cfg: TrainConfig, source: str) -> list[str]:
     """A training job's run folders, registry and photos must be on storage every node shares."""
-    for key, value in (("output", cfg.output), ("registry", cfg.registry), ("data.train", cfg.data.train)):
+    init = cfg.finetune.init  # random | byol | a registry name (no "/") | a checkpoint path
+    checkpoint = init if "/" in init or os.path.isfile(init) else None
+    for key, value in (("output", cfg.output), ("registry", cfg.registry), ("data.train", cfg.data.train),
+                       ("finetune.init", checkpoint)):
         if not _shared(value):
             raise ConfigError(f"{source}: {key} {value!r} is a relative local path; a submitted training job "
                               "runs on several nodes, so use an absolute path on shared storage")
@@ -107,14 +112,15 @@ def entrypoint(stage: str, config_rel: str, sets: Sequence[str] = (), out: str |
 
 @contextmanager
 def staged_config(config: str, root: Path = REPO_ROOT) -> Iterator[str]:
-    """Yield the config's path relative to ``root``, copying it in (then out) if it is outside."""
+    """Yield the config's path relative to ``root``; a config outside it is copied in (and removed
+    after), the configs it ``extends`` merged into the copy."""
     path = Path(config).resolve()
     if path.is_relative_to(root):
         yield path.relative_to(root).as_posix()
         return
     staged = root / STAGING / f"{uuid.uuid4().hex[:8]}-{path.name}"
     staged.parent.mkdir(exist_ok=True)
-    shutil.copyfile(path, staged)
+    staged.write_text(yaml.safe_dump(read_yaml(path), sort_keys=False))  # what it extends is not uploaded: merged in
     try:
         yield staged.relative_to(root).as_posix()
     finally:

@@ -78,6 +78,16 @@ def test_submit_builds_the_job_and_stages_an_outside_config(tmp_path, tiny_datas
     assert env["env_vars"]["HF_HUB_OFFLINE"] == "1" and env["env_vars"]["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "1"
 
 
+def test_an_outside_config_is_staged_with_what_it_extends_merged_in(tmp_path):
+    """Only the staged copy is uploaded: the config it extends, beside it outside the repo, is not."""
+    root = Path(__file__).parent.parent
+    (tmp_path / "base.yaml").write_text((root / "configs" / "smoke.yaml").read_text())
+    (tmp_path / "my.yaml").write_text("extends: base.yaml\nsearch:\n  k: 5\n")
+    with staged_config(str(tmp_path / "my.yaml")) as rel:
+        staged = load_config(root / rel)
+    assert staged.search.k == 5 and staged == load_config(tmp_path / "my.yaml")
+
+
 def test_config_inside_the_repo_is_passed_by_relative_path():
     root = Path(__file__).parent.parent
     with staged_config(str(root / "configs" / "smoke.yaml")) as rel:
@@ -105,7 +115,7 @@ def test_training_is_submitted_as_a_job_too():
     made = []
     factory = lambda a: made.append(FakeClient(a)) or made[-1]  # noqa: E731
     train = str(Path(__file__).parent.parent / "configs" / "train" / "cluster.yaml")
-    for stage in ("pretrain", "finetune"):
+    for stage in ("pretrain", "finetune", "train-verifier"):
         assert submit(train, "http://head:8265", stage, ["pretrain.epochs=1"], None, client_factory=factory,
                       warn=lambda s: None) == "raysubmit_123"
         argv = shlex.split(made[-1].calls[0]["entrypoint"])
@@ -114,6 +124,10 @@ def test_training_is_submitted_as_a_job_too():
         submit(train, "http://head:8265", "pretrain", ["output=runs/train"], None, client_factory=factory)
     with pytest.raises(ConfigError, match="--set output=PATH"):
         submit(train, "http://head:8265", "finetune", [], "/shared/x", client_factory=factory)
+    with pytest.raises(ConfigError, match=r"finetune.init '\.\./ck.safetensors' is a relative local path"):
+        submit(train, "http://head:8265", "finetune", ["finetune.init=../ck.safetensors"], None, client_factory=factory)
+    assert submit(train, "http://head:8265", "finetune", ["finetune.init=/shared/ck.safetensors"], None,
+                  client_factory=factory, warn=lambda s: None) == "raysubmit_123"
 
 
 def test_status_logs_and_stop_commands_wrap_the_sdk(monkeypatch, capsys):

@@ -228,6 +228,10 @@ def test_an_empty_training_folder_is_refused_before_ray_starts(tmp_path, monkeyp
             "--set", f"registry={tmp_path / 'registry'}"]
     assert copydet(argv) == 2
     assert f"tiny.yaml: data.train {empty} holds no images (accepted extensions: .jpg" in capsys.readouterr().err
+    assert copydet([*argv, "--address", "auto"]) == 2  # a driver on a node of the cluster (a submitted job's)
+    assert f"data.train {empty} holds no images" in capsys.readouterr().err
+    with pytest.raises(AssertionError, match="Ray started"):  # Ray Client: the folder is the cluster's, not here
+        copydet([*argv, "--address", "ray://head:10001"])
     Image.new("RGB", (64, 48)).save(empty / "sub" / "a.jpg")
     with pytest.raises(AssertionError, match="Ray started"):
         copydet(argv)

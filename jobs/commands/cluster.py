@@ -18,10 +18,10 @@ JOB_ARGS = (
 )
 
 
-@command("submit", "submit the pipeline, one stage, or training (pretrain/finetune with a training config) to a "
-         "Ray cluster as a Ray Job; prints the job id",
+@command("submit", "submit the pipeline, one stage, or training (pretrain/finetune/train-verifier with a training "
+         "config) to a Ray cluster as a Ray Job; prints the job id",
          arg("--stage", default="run", choices=["run", *STAGES, *TRAIN_STAGES],
-             help="one stage instead of the whole run; pretrain / finetune take a training config"),
+             help="one stage instead of the whole run; pretrain / finetune / train-verifier take a training config"),
          arg("--follow", action="store_true", help="stream the job's logs until it ends"),
          address=JOBS_ADDRESS)
 def submit(args: argparse.Namespace) -> int:

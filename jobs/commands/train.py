@@ -32,8 +32,8 @@ def _train(args: argparse.Namespace, plan: Callable[[TrainConfig], list[RunSpec]
     from pretrain.train.fanout import run_all
 
     cfg = load_train_config(args.config, args.set).anchored()
-    if not args.address and not cfg.ray.address:  # a local folder: refused before Ray starts
-        check_train_folder(args.config, cfg.data.train)
+    if "://" not in (args.address or cfg.ray.address or "") + cfg.data.train:  # not Ray Client's: the driver's folder
+        check_train_folder(args.config, cfg.data.train)  # refused before Ray starts
     specs = plan(cfg)
     check_init_weights(cfg, specs)
     log.info(f"{len(specs)} runs: {', '.join(s.name for s in specs)}")
