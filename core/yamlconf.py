@@ -134,6 +134,9 @@ def text_override(key: str, value: str) -> str:
     return f"{key}={json.dumps(value)}"  # a JSON string is a YAML double-quoted scalar
 
 
+OUT_PREFIX = 'output="'  # how with_output writes --out (text_override's JSON string)
+
+
 def with_output(overrides: Sequence[str], out: str | None) -> list[str]:
     """``overrides`` and, when given, ``--out`` as the ``output`` key (its text as written)."""
     return [*overrides, *([text_override("output", out)] if out else [])]
@@ -219,5 +222,9 @@ def load_as(model: type[M], path: str | os.PathLike, overrides: list[str] = (), 
 
 
 def source_of(path: str | os.PathLike, overrides: Sequence[str] = ()) -> str:
-    """What a config's errors name: the file, and the ``--set`` overrides applied to it."""
-    return f"{path} with --set {' '.join(overrides)}" if overrides else str(path)
+    """What a config's errors name: the file, and the ``--set`` overrides applied to it (``--out``
+    as the user wrote it, not as the ``output`` override :func:`with_output` made of it)."""
+    outs = [o for o in overrides if o.startswith(OUT_PREFIX)]
+    sets = [o for o in overrides if not o.startswith(OUT_PREFIX)]
+    given = ([f"--set {' '.join(sets)}"] if sets else []) + [f"--out {json.loads(o[len('output='):])}" for o in outs]
+    return f"{path} with {' '.join(given)}" if given else str(path)

@@ -227,6 +227,8 @@ def test_cli_errors_are_clear(capsys):
     assert main(["fuse", "--set", "search.kk=1"]) == 2
     err = capsys.readouterr().err
     assert "smoke.yaml with --set search.kk=1: invalid config" in err and "search.kk: unknown key" in err
+    assert main(["fuse", "--set", "search.k=x", "--out", "runs/a b"]) == 2  # --out named as given
+    assert "smoke.yaml with --set search.k=x --out runs/a b: invalid config" in capsys.readouterr().err
     for argv in (["patch", "--preview", "-2"], ["report", "run", "--k", "0"], ["plan", "--images", "x"]):
         with pytest.raises(SystemExit) as exit_:
             main(argv)
