@@ -32,7 +32,8 @@ def _train(args: argparse.Namespace, plan: Callable[[TrainConfig], list[RunSpec]
     from pretrain.train.fanout import run_all
 
     cfg = load_train_config(args.config, args.set).anchored()
-    if "://" not in (args.address or cfg.ray.address or "") + cfg.data.train:  # not Ray Client's: the driver's folder
+    client = "://" in (args.address or cfg.ray.address or "")  # Ray Client: the folder is the cluster's, not here
+    if not client and "://" not in cfg.data.train:
         check_train_folder(args.config, cfg.data.train)  # refused before Ray starts
     specs = plan(cfg)
     check_init_weights(cfg, specs)
