@@ -28,6 +28,7 @@ KIND_COLOURS: dict[str, tuple[int, int, int]] = {
 }
 THUMB = 256
 PAD = 6
+CAPTION = 14  # height of the line under each thumbnail that names its image
 
 
 def _tag(kind: str, rotation: int, flip: bool, width: float) -> str:
@@ -67,14 +68,19 @@ def draw_patches(img: Image.Image, patches: list[dict], side: int = THUMB) -> Im
     return thumb
 
 
-def contact_sheet(thumbs: list[Image.Image], cols: int = 4, side: int = THUMB) -> Image.Image:
-    """Thumbnails on a grid of ``side`` cells, with a colour legend of the patch kinds below."""
+def contact_sheet(thumbs: list[Image.Image], captions: list[str] | None = None, cols: int = 4,
+                  side: int = THUMB) -> Image.Image:
+    """Thumbnails on a grid of ``side`` cells, each captioned (its image id), with a colour legend
+    of the patch kinds below."""
     rows = max(1, -(-len(thumbs) // cols))
-    cell = side + PAD
-    sheet = Image.new("RGB", (cols * cell + PAD, rows * cell + PAD + 18), (32, 32, 32))
-    for i, t in enumerate(thumbs):
-        sheet.paste(t, (PAD + (i % cols) * cell, PAD + (i // cols) * cell))
-    draw, x = ImageDraw.Draw(sheet), PAD
+    width, height = side + PAD, side + CAPTION + PAD
+    sheet = Image.new("RGB", (cols * width + PAD, rows * height + PAD + 18), (32, 32, 32))
+    draw = ImageDraw.Draw(sheet)
+    for i, (t, caption) in enumerate(zip(thumbs, captions or [""] * len(thumbs))):
+        x, y = PAD + (i % cols) * width, PAD + (i // cols) * height
+        sheet.paste(t, (x, y))
+        draw.text((x, y + side + 1), caption, fill=(230, 230, 230))
+    x = PAD
     for kind, colour in KIND_COLOURS.items():
         draw.rectangle([x, sheet.height - 14, x + 10, sheet.height - 4], fill=colour)
         draw.text((x + 14, sheet.height - 16), kind, fill=colour)
@@ -121,7 +127,7 @@ def write_preview(manifest: pa.Table, patches: Mapping[str, pa.Table], n: int,
         for r in sorted(table.filter(pc.is_in(table.column("image_id"), value_set=ids)).to_pylist(),
                         key=lambda r: r["patch_id"]):
             by_image[(split, r["image_id"])].append(r)
-    thumbs, sections = [], []
+    thumbs, captions, sections = [], [], []
     for r in picked:
         try:
             img = load_rgb(r["path"], max_side=THUMB)  # boxes are fractions: a JPEG decodes at 1/2-1/8 size
@@ -131,12 +137,13 @@ def write_preview(manifest: pa.Table, patches: Mapping[str, pa.Table], n: int,
         rows = by_image[(r["split"], r["image_id"])]
         thumb = draw_patches(img, rows)
         thumbs.append(thumb)
+        captions.append(f"{r['image_id']} ({r['split']})")
         sections.append(f"<h3>{html.escape(r['image_id'])} ({r['split']}, {len(rows)} patches)"
                         f"</h3><img src='{_data_uri(thumb)}'>{_table_html(rows)}")
     out = Path(out_dir)
     png, page = out / "preview.png", out / "preview.html"
     with atomic_output(png) as f:
-        contact_sheet(thumbs).save(f, format="PNG")
+        contact_sheet(thumbs, captions).save(f, format="PNG")
     write_text(page, "<!doctype html><html><head><meta charset='utf-8'><title>copydet patch preview</title>"
                     "<style>body{font-family:sans-serif;background:#222;color:#eee}table{border-collapse:collapse;"
                     "font-size:12px}td,th{border:1px solid #555;padding:2px 6px}</style></head><body>"

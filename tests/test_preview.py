@@ -1,10 +1,13 @@
 """The patch preview: a contact sheet with coloured, labelled boxes and an HTML table."""
+import numpy as np
 import pyarrow as pa
 from PIL import Image
 
 from core.contracts import MANIFEST_SCHEMA, PATCHES_SCHEMA
 from patchers.preview import (
+    CAPTION,
     KIND_COLOURS,
+    PAD,
     THUMB,
     contact_sheet,
     draw_patches,
@@ -74,8 +77,10 @@ def test_write_preview_makes_png_and_html(tmp_path):
         "reference": pa.Table.from_pylist(
         [_patch("R1", 0, "full", (0, 0, 1, 1)), _patch("R1", 1, "tile", (0, 0, 0.5, 0.5))], schema=PATCHES_SCHEMA)}
     png, page = write_preview(manifest, patches, 2, tmp_path / "run")
-    sheet = Image.open(png)
+    sheet = Image.open(png).convert("RGB")
     assert sheet.size == contact_sheet([Image.new("RGB", (1, 1))] * 2).size
+    below = np.asarray(sheet)[PAD + THUMB:PAD + THUMB + CAPTION, PAD:PAD + THUMB]  # under the first thumbnail
+    assert (below > 200).all(axis=-1).any(), "each thumbnail is captioned with its image id"
     text = page.read_text()
     assert "Q1 (query, 3 patches)" in text and "R1 (reference, 2 patches)" in text and "<h3>R2" not in text
     assert text.count("<tr>") == 3 + 2 + 2  # header + rows per image
