@@ -120,15 +120,18 @@ def test_edit_is_the_augly_call_with_assets_resolved(name, photo):
     assert same(EDITS[name](photo, **EXAMPLES[name]), direct)
 
 
-@pytest.mark.parametrize("name", sorted(EDITS))
+def defaults(name: str) -> dict:
+    """The parameters of edit ``name`` (after the image) that have a default, with it."""
+    params = list(inspect.signature(EDITS[name]).parameters.items())[1:]
+    return {key: p.default for key, p in params if p.default is not inspect.Parameter.empty}
+
+
+@pytest.mark.parametrize("name", sorted(n for n in EDITS if defaults(n)))
 def test_edit_defaults_are_augly_defaults(name):
     """Callers that leave a parameter out (detector synthesis does) get what AugLy would use."""
-    ours = inspect.signature(EDITS[name]).parameters
     theirs = inspect.signature(getattr(augf, name)).parameters
-    for key, p in list(ours.items())[1:]:
-        if p.default is inspect.Parameter.empty:
-            continue
-        [(augly_key, augly_default)] = augly_kwargs({key: p.default}).items()
+    for key, default in defaults(name).items():
+        [(augly_key, augly_default)] = augly_kwargs({key: default}).items()
         expected = theirs[augly_key].default
         assert (list(augly_default) == list(expected)) if isinstance(expected, list | tuple) \
             else augly_default == expected, (name, key)

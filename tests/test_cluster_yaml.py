@@ -35,7 +35,7 @@ def test_cluster_yaml_passes_rays_schema():
 def test_missing_head_node_type_is_rejected():
     cfg = yaml.safe_load(CLUSTER_YAML.read_text())
     del cfg["available_node_types"]["head"]
-    with pytest.raises(Exception, match="head"):
+    with pytest.raises(ValueError, match="`head_node_type` must be one of `available_node_types`"):
         ray_validate(cfg)
 
 
