@@ -51,7 +51,7 @@ def served(matcher: Matcher, folder: Path) -> dict[str, list[tuple[str, float]]]
 
 
 def assert_same(a: dict, b: dict, tol: float = 1e-4) -> None:
-    assert set(a) == set(b)
+    assert set(a) == set(b) and any(a.values()), "the same matches, and some to compare"
     for q in a:
         assert [r for r, _ in a[q]] == [r for r, _ in b[q]], q
         assert all(abs(x - y) <= tol for (_, x), (_, y) in zip(a[q], b[q])), (q, a[q], b[q])
