@@ -125,7 +125,7 @@ def _made_before(out_dir: str, record: dict) -> bool:
             old = json.load(f)
         if old != record:
             raise ValueError(f"{out_dir} holds a split made with {old}, not {record}; "
-                             f"remove it or use another folder")
+                             "remove it or use another folder")
         return True
     if os.path.exists(out_dir):
         raise ValueError(f"{out_dir} exists but has no split.json; remove it or use another folder")
