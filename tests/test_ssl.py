@@ -86,14 +86,14 @@ def test_loop_checkpoints_registers_and_resumes(photo_dir, tmp_path):
 def test_a_run_killed_while_it_registers_again_is_left_unregistered(photo_dir, tmp_path, monkeypatch):
     """More epochs on a registered run replace its weights: a kill before the new card is written
     must not leave the old card, whose hash the new weights no longer match, marking the run done."""
-    import pretrain.train.common as common
+    import pretrain.train.registration as registration
     from core.models.registry import weights_hash
     train_local(byol_spec(photo_dir, tmp_path, epochs=1))
     spec = byol_spec(photo_dir, tmp_path, epochs=2)
 
     def dies(*args, **kwargs):  # the process dies once the new weights are written
         raise KeyboardInterrupt
-    monkeypatch.setattr(common, "register", dies)
+    monkeypatch.setattr(registration, "register", dies)
     with pytest.raises(KeyboardInterrupt):
         train_local(spec)
     assert not (tmp_path / "registry" / "tiny-byol.json").exists()
