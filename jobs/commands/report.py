@@ -25,12 +25,11 @@ from jobs.threshold import threshold_of
 log = logging.getLogger(__name__)
 
 
-def members(run: RunDir) -> dict[str, pa.Table]:
+def members(run: RunDir, cfg: PipelineConfig | None) -> dict[str, pa.Table]:
     """Candidates of every member: each ``candidates/<key>`` folder with finished shards, of the
-    run's config when it has one (not those a run with other models left there)."""
+    run's config ``cfg`` when it has one (not those a run with other models left there)."""
     root = os.path.join(run.root, "candidates")
     keys = sorted(k for k in os.listdir(root) if shard_names(run.candidates(k))) if os.path.isdir(root) else []
-    cfg = saved_config(run)
     return {k: read_table(run.candidates(k)) for k in keys if cfg is None or k in cfg.search_keys()}
 
 
@@ -39,11 +38,10 @@ def saved_config(run: RunDir) -> PipelineConfig | None:
     return load_config(run.config) if os.path.isfile(run.config) else None
 
 
-def final_predictions(run: RunDir, what: str) -> pa.Table:
+def final_predictions(run: RunDir, cfg: PipelineConfig | None, what: str) -> pa.Table:
     """``run``'s predictions.csv, refused when it holds another stage's scores than its config's
-    last (fuse run again after verify, or a run stopped in between: :func:`require_final`) or when
-    a member's candidates are unfinished (a run restarted with other models, stopped before fuse)."""
-    cfg = saved_config(run)
+    (``cfg``) last (fuse run again after verify, or a run stopped in between: :func:`require_final`)
+    or when a member's candidates are unfinished (a run restarted with other models, stopped before fuse)."""
     if cfg is not None:
         if exists(run.inputs):  # a run copydet made, not predictions copied in beside a config
             require_candidates(cfg, run, what)
@@ -51,11 +49,10 @@ def final_predictions(run: RunDir, what: str) -> pa.Table:
     return read_predictions(run.predictions)
 
 
-def ground_truth_path(run: RunDir, given: str | None) -> str:
-    """``--ground-truth``, else the one named by the run's saved config.yaml."""
+def ground_truth_path(run: RunDir, cfg: PipelineConfig | None, given: str | None) -> str:
+    """``--ground-truth``, else the one named by the run's saved config ``cfg``."""
     if given:
         return given
-    cfg = saved_config(run)
     if cfg is None:
         raise ConfigError(f"{run.root}: no config.yaml to find the ground truth in; pass --ground-truth")
     path = cfg.data.ground_truth_path()
@@ -89,22 +86,22 @@ def write_report(run_dir: str, ground_truth: str | None = None, meta: str | None
         raise FileNotFoundError(f"{run.root}: no such run folder")
     with locked(run, hint=""):  # a report of the finished run: only waiting helps
         recheck_inputs(run)  # its thumbnails are read from the images the scores were made from
-        gt_path = ground_truth_path(run, ground_truth)
-        preds = final_predictions(run, "report") if os.path.isfile(run.predictions) else None
+        cfg = saved_config(run)
+        gt_path = ground_truth_path(run, cfg, ground_truth)
+        preds = final_predictions(run, cfg, "report") if os.path.isfile(run.predictions) else None
         if preds is None:
             log.warning(f"report: no {run.predictions}: the report shows the members only (run `copydet fuse`)")
         paths = image_paths(run) if exists(run.manifest) else {}
-        return build_report(run.root, members(run), preds, run_ground_truth(gt_path, run), paths=paths,
+        return build_report(run.root, members(run, cfg), preds, run_ground_truth(gt_path, run), paths=paths,
                             families=read_families(meta) if meta else None, k=k,
                             title=f"copydet report: {os.path.basename(run.root)}",
                             notes=[f"ground truth: {gt_path}",
                                    *([f"no {run.predictions}: members only"] if preds is None else []),
-                                   *filter(None, [unread_note(run)])], threshold=decision(run))
+                                   *filter(None, [unread_note(run)])], threshold=decision(run, cfg))
 
 
-def decision(run: RunDir) -> tuple[str, float] | None:
-    """The run's is-copy threshold (what set it, the score) as its saved config makes it, if any."""
-    cfg = saved_config(run)
+def decision(run: RunDir, cfg: PipelineConfig | None) -> tuple[str, float] | None:
+    """The run's is-copy threshold (what set it, the score) as its saved config ``cfg`` makes it, if any."""
     t = None if cfg is None else threshold_of(cfg, run)
     if t is None:
         return None
@@ -177,10 +174,11 @@ def compare(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"no predictions.csv in: {', '.join(missing)}")
     scored, truths = [], []
     for label, r in zip(run_labels(args.run_dirs), runs):
-        path = ground_truth_path(r, args.ground_truth)
+        cfg = saved_config(r)
+        path = ground_truth_path(r, cfg, args.ground_truth)
         gt = run_ground_truth(path, r)  # that run's images, within its data.limit, as its own metrics
         log.info(f"compare: {label} against {path} ({len(gt)} pairs)")
-        pred = final_predictions(r, "compare")
+        pred = final_predictions(r, cfg, "compare")
         scored.append(Scored(label, pred, pred, score(pred, gt)))
         truths.append(gt)
     first = set(truths[0])
