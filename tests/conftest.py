@@ -94,17 +94,6 @@ def make_tiny_dataset(tmp_path: Path) -> Path:
     return root
 
 
-@pytest.fixture(scope="session")
-def job_local_run(ray_local, tmp_path_factory) -> tuple[Path, Path]:
-    """(data root, run folder): the tiny dataset and its local run of the cluster tests' job config
-    (``tests.test_submit.JOB_SETS``), made once for every test that compares a cluster run with it."""
-    from tests.test_submit import local_run, write_config
-    tmp = tmp_path_factory.mktemp("job")
-    data = make_tiny_dataset(tmp)
-    local_run(write_config(tmp, data, tmp / "local"), tmp / "local")
-    return data, tmp / "local"
-
-
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models train faster on one thread (and far faster on a busy shared CPU)."""

@@ -1,29 +1,19 @@
-"""Faults: retried tasks, restarted shard actors, and a worker node lost in the middle of a job."""
+"""Faults: retried tasks, restarted shard actors, and extract losing the node of its model actor.
+
+A whole job losing a worker node: ``tests/test_submit.py`` (its three-node cluster job).
+"""
 import os
-import time
 
 import numpy as np
 import pyarrow.compute as pc
-import pytest
 import ray
 
-from core.knn import knn
+from core.knn import IndexSpec, knn
 from core.store import read_table
 from ensemble.sharded import ShardedIndex
-from core.knn import IndexSpec
 from jobs.layout import RunDir, shard_names
 from jobs.runtime import run_tasks
-from jobs.submit import client
 from tests.test_sharded import unit, write_refs
-from tests.test_submit import (
-    JOB_SETS,
-    TIMEOUT_S,
-    assert_same_predictions,
-    ray_cluster,
-    submit_when_ready,
-    wait_job,
-    write_config,
-)
 
 
 def test_run_tasks_retries_a_dead_worker(ray_local, tmp_path):
@@ -55,14 +45,6 @@ def test_killed_shard_actor_restarts_and_answers(ray_local, tmp_path):
     np.testing.assert_array_equal(before[1], after[1])
 
 
-def wait_for(predicate, what: str, timeout: float = TIMEOUT_S) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.2)
-
-
 def assert_complete(out, key: str) -> None:
     """Every patch has exactly one feature row, every query patch exactly k candidates."""
     run = RunDir(str(out))
@@ -75,30 +57,6 @@ def assert_complete(out, key: str) -> None:
     queries = feats.filter(pc.is_in(feats.column("image_id"), cands.column("query_id").unique()))
     assert cands.num_rows == 5 * queries.num_rows   # search.k=5, 8 reference rows
     assert len(shard_names(run.candidates(key))) == len(shard_names(run.features(key), "query"))
-
-
-@pytest.mark.slow
-def test_a_job_that_loses_a_worker_node_completes_in_place_or_when_submitted_again(job_local_run, tmp_path):
-    """Ray retries the lost node's tasks (and extract restarts its model actors) so the job most often
-    succeeds as it is; if not, submitting it again on the same output folder finishes the run."""
-    data, local = job_local_run
-    cfg_path = write_config(tmp_path, data, tmp_path / "cluster")
-    feats = tmp_path / "cluster" / "features" / "tiny_cnn@64"
-    with ray_cluster() as cluster:
-        url = cluster.url
-        job = submit_when_ready(url, str(cfg_path), "run", JOB_SETS, None)
-        # Kill worker 1 as soon as extraction has written its first shard.
-        wait_for(lambda: feats.is_dir() and any(p.suffix == ".parquet" for p in feats.iterdir()),
-                 "the first feature shard")
-        cluster.remove_worker(0)
-        assert not client(url).get_job_status(job).is_terminal(), "the node must die while the job runs"
-        first = wait_job(url, job)
-        print(f"job after losing worker 1: {first}")
-        if first != "SUCCEEDED":   # not recovered in place: resubmit on the same output folder
-            job = submit_when_ready(url, str(cfg_path), "run", JOB_SETS, None)
-            assert wait_job(url, job) == "SUCCEEDED"
-    assert_complete(tmp_path / "cluster", "tiny_cnn@64")
-    assert_same_predictions(local, tmp_path / "cluster")
 
 
 def test_extract_goes_on_after_losing_the_node_of_its_model_actor(ray_local, tiny_dataset, tmp_path, monkeypatch):
