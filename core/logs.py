@@ -12,6 +12,9 @@ import time
 from tqdm.auto import tqdm
 
 PACKAGES = ("core", "pretrain", "patchers", "ensemble", "jobs")
+# Ray Train's placement-group cleaner polls the state API, which needs the dashboard that copydet
+# does not start: it would warn of that every few seconds of a training run (../shared/DEPS.md).
+QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
 
 
 class TqdmHandler(logging.StreamHandler):
@@ -53,3 +56,11 @@ def setup_logging(level: int = logging.INFO) -> None:
         logger.handlers = [h for h in logger.handlers if not isinstance(h, TqdmHandler)] + [handler]
         logger.setLevel(level)
         logger.propagate = False
+
+
+def quiet_workers() -> None:
+    """Ray's ``worker_process_setup_hook``, run by every new worker process before its first task:
+    errors only from :data:`QUIET_LOGGERS`. It lives here, not in ``jobs``, so that importing it
+    stays cheap (``jobs.runtime`` pulls in timm and torch: seconds per actor)."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -11,6 +11,7 @@ from typing import Any
 import ray
 from tqdm.auto import tqdm
 
+from core.logs import quiet_workers
 from core.models.registry import default_registry_dir
 from jobs.config import RayConfig
 from patchers.detector.predict import ULTRALYTICS_ENV
@@ -18,16 +19,6 @@ from patchers.detector.predict import ULTRALYTICS_ENV
 # Devices are offline: hub look-ups must fail at once instead of retrying for a minute; ultralytics
 # never installs packages and unpickles weights only (patchers.detector.predict).
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **ULTRALYTICS_ENV}
-# Ray Train's placement-group cleaner polls the state API, which needs the dashboard that copydet
-# does not start: it would warn of that every few seconds of a training run (../shared/DEPS.md).
-QUIET_LOGGERS = ("ray.train.v2._internal.execution.controller.placement_group_cleaner",)
-
-
-def quiet_workers() -> None:
-    """Ray's ``worker_process_setup_hook``: errors only from :data:`QUIET_LOGGERS`."""
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.ERROR)
-
 
 class Stopped(KeyboardInterrupt):
     """SIGTERM (a scheduler, a container's stop, `copydet stop`): the command ends as after Ctrl-C."""
@@ -65,7 +56,7 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
             ray.init(address=address or "local", num_cpus=None if address else cfg.num_cpus,
                      include_dashboard=False, logging_level="WARNING", log_to_driver=True,
                      runtime_env={"env_vars": OFFLINE_ENV,  # by name: Ray Client sends these as JSON
-                                  "worker_process_setup_hook": f"{__name__}.{quiet_workers.__name__}"})
+                                  "worker_process_setup_hook": f"{quiet_workers.__module__}.{quiet_workers.__name__}"})
         except ConnectionError as e:  # Ray says why (e.g. no token) only in the warnings above it
             if os.environ.get("RAY_AUTH_MODE") == "token":
                 raise

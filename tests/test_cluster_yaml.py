@@ -177,6 +177,29 @@ def test_ray_client_gets_json_init_arguments_and_stages_it_cannot_run_are_refuse
     assert not (tmp_path / "run").exists()
 
 
+def test_the_workers_setup_hook_imports_neither_torch_nor_copydets_jobs(monkeypatch):
+    """Every new Ray worker process, so every actor, imports the setup hook's module before its first
+    call. In ``jobs.runtime`` it pulled in timm and torch: ~5 s per shard actor here."""
+    import ray
+
+    from jobs.config import RayConfig
+    from jobs.runtime import init_ray
+
+    seen = {}
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
+    monkeypatch.setattr("jobs.runtime.signal.signal", lambda *a: None)
+    init_ray(RayConfig())
+    module, _, name = seen["runtime_env"]["worker_process_setup_hook"].rpartition(".")
+    code = (f"import importlib, sys; getattr(importlib.import_module({module!r}), {name!r})(); "
+            "print(sorted(m for m in ('torch', 'timm', 'faiss', 'jobs') if m in sys.modules))")
+    root = str(Path(__file__).resolve().parent.parent)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root,
+                          env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "[]"
+
+
 def test_a_jobs_api_address_in_ray_address_is_named_not_passed_to_ray(monkeypatch, tmp_path, capsys):
     """README's cluster recipe exports RAY_ADDRESS=http://...:8265 for the job commands; a command that
     runs on Ray then says what that address is for, instead of Ray's "Invalid Ray address"."""
