@@ -75,6 +75,26 @@ def test_d2lv_pairs_keep_one_whole_side(ray_local, run_with_tiles):
     assert pc.all(pc.is_finite(c.column("score"))).as_py() and c.num_rows == 4 + 2
 
 
+def test_the_splits_shard_actors_load_at_once(ray_local, run_with_tiles, monkeypatch):
+    """Every index the stage needs (here the reference patches and the whole references) is asked for
+    before it waits on any: at scale each takes minutes to load, and they overlap."""
+    import jobs.stages.search as search
+    events = []
+
+    class Recorded(search.ShardedIndex):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            events.append("start")
+
+        def info(self) -> list[dict]:
+            events.append("wait")
+            return super().info()
+
+    monkeypatch.setattr(search, "ShardedIndex", Recorded)
+    run_search(config(run_with_tiles, "d2lv"), run_with_tiles)
+    assert events.count("start") == 2 and events.index("wait") == 2, events
+
+
 def test_more_neighbours_than_train_descriptors_is_refused_before_extraction(tmp_path):
     """Two train patches cannot give three normalisation neighbours, a 2-d PCA or three stretching
     neighbours: extract refuses from the patch shards before it embeds anything, search from the features."""

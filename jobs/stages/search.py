@@ -39,14 +39,13 @@ IN_FLIGHT = 2  # query files searched ahead while the previous one is merged and
 
 def open_split(run: RunDir, key: str, split: str, cfg: SearchConfig, k_max: int,
                whole_only: bool = False) -> ShardedIndex | None:
-    """Shard actors over one split's feature files (None when the split has none)."""
+    """Shard actors over one split's feature files (None when the split has none). They load their
+    rows in the background: every split opened before the first call loads at once."""
     files = [join(run.features(key), n) for n in shard_names(run.features(key), split)]
     if not files:
         return None
-    index = ShardedIndex(files, cfg.index_spec(), cfg.shard_size, k_max,
-                         {"num_cpus": cfg.cpus_per_shard, "num_gpus": cfg.gpus_per_shard}, whole_only=whole_only)
-    log.info(format_info(f"search {key} {split}{' (whole images)' if whole_only else ''}", index.info()))
-    return index
+    return ShardedIndex(files, cfg.index_spec(), cfg.shard_size, k_max,
+                        {"num_cpus": cfg.cpus_per_shard, "num_gpus": cfg.gpus_per_shard}, whole_only=whole_only)
 
 
 def routes(patch_ids: np.ndarray, d2lv: bool) -> list[tuple[np.ndarray, bool]]:
@@ -187,14 +186,17 @@ def search_key(cfg: PipelineConfig, run: RunDir, key: str) -> None:
     refs = References(everything, whole)
     k_train = train_k(cfg)
     train = open_split(run, key, "train", scfg, k_train) if scfg.normalize.enabled or cfg.decoys() else None
-    if cfg.decoys() and train is None:
-        raise ValueError(f"search {key}: fuse.threshold auto needs train/ images (the decoys); there are no "
-                         f"train features in {run.features(key)}")
-    if scfg.normalize.enabled and train is None:
-        log.info(f"search {key}: normalisation is on but there are no train features; scores are raw")
-    if train is not None:
-        check_background(cfg, train.rows, f"search {key}")
     try:
+        if cfg.decoys() and train is None:
+            raise ValueError(f"search {key}: fuse.threshold auto needs train/ images (the decoys); there are no "
+                             f"train features in {run.features(key)}")
+        for split, index in (("reference", everything), ("reference (whole images)", whole), ("train", train)):
+            if index is not None:  # waits for its actors to load
+                log.info(format_info(f"search {key} {split}", index.info()))
+        if scfg.normalize.enabled and train is None:
+            log.info(f"search {key}: normalisation is on but there are no train features; scores are raw")
+        if train is not None:
+            check_background(cfg, train.rows, f"search {key}")
         flight: deque[QueryFile] = deque()
         finished = len(names) - len(todo)
         for i, name in enumerate(todo):
