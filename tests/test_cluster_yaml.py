@@ -155,14 +155,10 @@ def test_without_an_address_copydet_starts_its_own_ray_beside_a_ray_start_cluste
     assert (tmp_path / "run" / "manifest.parquet").is_dir()
 
 
-def test_ray_client_gets_json_init_arguments_and_stages_it_cannot_run_are_refused(monkeypatch, tmp_path, capsys):
-    """Ray Client (ray://) sends ray.init's arguments as JSON: a function as the workers' setup hook
-    failed every command at connect; and Ray Data (the extract stage) does not run through it."""
-    import json
-
+def init_arguments(monkeypatch, address: str | None = None) -> dict:
+    """The keyword arguments ``jobs.runtime.init_ray`` gives ``ray.init`` (no Ray is started)."""
     import ray
 
-    from jobs.cli import main
     from jobs.config import RayConfig
     from jobs.runtime import init_ray
 
@@ -170,7 +166,18 @@ def test_ray_client_gets_json_init_arguments_and_stages_it_cannot_run_are_refuse
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
     monkeypatch.setattr("jobs.runtime.signal.signal", lambda *a: None)
-    init_ray(RayConfig(), "ray://127.0.0.1:10001")
+    init_ray(RayConfig(), address)
+    return seen
+
+
+def test_ray_client_gets_json_init_arguments_and_stages_it_cannot_run_are_refused(monkeypatch, tmp_path, capsys):
+    """Ray Client (ray://) sends ray.init's arguments as JSON: a function as the workers' setup hook
+    failed every command at connect; and Ray Data (the extract stage) does not run through it."""
+    import json
+
+    from jobs.cli import main
+
+    seen = init_arguments(monkeypatch, "ray://127.0.0.1:10001")
     assert seen["address"] == "ray://127.0.0.1:10001" and json.dumps(seen["runtime_env"])
     assert main(["run", "--address", "ray://127.0.0.1:10001", "--out", str(tmp_path / "run")]) == 2
     assert "does not work through Ray Client (ray://)" in capsys.readouterr().err
@@ -180,16 +187,7 @@ def test_ray_client_gets_json_init_arguments_and_stages_it_cannot_run_are_refuse
 def test_the_workers_setup_hook_imports_neither_torch_nor_copydets_jobs(monkeypatch):
     """Every new Ray worker process, so every actor, imports the setup hook's module before its first
     call. In ``jobs.runtime`` it pulled in timm and torch: ~5 s per shard actor here."""
-    import ray
-
-    from jobs.config import RayConfig
-    from jobs.runtime import init_ray
-
-    seen = {}
-    monkeypatch.setattr(ray, "is_initialized", lambda: False)
-    monkeypatch.setattr(ray, "init", lambda **kwargs: seen.update(kwargs))
-    monkeypatch.setattr("jobs.runtime.signal.signal", lambda *a: None)
-    init_ray(RayConfig())
+    seen = init_arguments(monkeypatch)
     module, _, name = seen["runtime_env"]["worker_process_setup_hook"].rpartition(".")
     code = (f"import importlib, sys; getattr(importlib.import_module({module!r}), {name!r})(); "
             "print(sorted(m for m in ('torch', 'timm', 'faiss', 'jobs') if m in sys.modules))")
