@@ -59,7 +59,8 @@ def run_stages(cfg: PipelineConfig, stages: Sequence[str] = tuple(STAGES), addre
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
-    if "extract" in stages and (target_address(cfg.ray, address) or "").startswith("ray://"):
+    target = target_address(cfg.ray, address)  # refused before anything is written when nothing answers there
+    if "extract" in stages and (target or "").startswith("ray://"):
         raise ConfigError("extract runs on Ray Data, which does not work through Ray Client (ray://): run it from a "
                           "machine of the cluster with the head's address (HOST:6379), or `copydet submit` it")
     run = RunDir(cfg.output)

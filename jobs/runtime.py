@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,6 +20,8 @@ from patchers.detector.predict import ULTRALYTICS_ENV
 # Devices are offline: hub look-ups must fail at once instead of retrying for a minute; ultralytics
 # never installs packages and unpickles weights only (patchers.detector.predict).
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **ULTRALYTICS_ENV}
+CONNECT_TIMEOUT_S = 10.0  # a cluster address's first TCP connection
+
 
 class Stopped(KeyboardInterrupt):
     """SIGTERM (a scheduler, a container's stop, `copydet stop`): the command ends as after Ctrl-C."""
@@ -30,15 +33,32 @@ def _stopped(signum: int, frame: object) -> None:
 
 def target_address(cfg: RayConfig, address: str | None = None) -> str | None:
     """The Ray cluster to use: the one given, the config's, else $RAY_ADDRESS; None: copydet's own
-    embedded Ray. A Jobs API address (``http://HEAD:8265``, what the job commands take) is refused."""
+    embedded Ray. A Jobs API address (``http://HEAD:8265``, what the job commands take) is refused,
+    and so is one where nothing answers."""
     found = address or cfg.address or os.environ.get("RAY_ADDRESS") or None
-    if found and found.startswith(("http://", "https://")):
-        where = "--address" if address else "ray.address" if cfg.address else "$RAY_ADDRESS"
+    if not found:
+        return None
+    where = "--address" if address else "ray.address" if cfg.address else "$RAY_ADDRESS"
+    if found.startswith(("http://", "https://")):
         raise ValueError(f"{where} {found} is a cluster's Jobs API, which `copydet submit`, `status`, `logs` and "
                          "`stop` use; to run this command there, `copydet submit` it, or give the head's "
                          "HOST:6379 from a machine of the cluster (ray://HOST:10001 for serve); to run it on this "
                          "machine, unset RAY_ADDRESS")
+    check_answers(found, where)
     return found
+
+
+def check_answers(address: str, where: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse a ``HOST:PORT`` or ``ray://HOST:PORT`` address that takes no connection, at once:
+    ray.init would retry it for minutes, printing only warnings. Other forms (``auto``) are Ray's."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(f"{where} {address}: no Ray cluster answers there ({e.strerror or e}); check the "
+                              "address, or start the cluster (`ray start --head`)") from None
 
 
 def init_ray(cfg: RayConfig, address: str | None = None) -> None:

@@ -125,6 +125,11 @@ def test_job_commands_send_the_token_from_the_token_file(tmp_path):
         server.shutdown()
 
 
+def pretend_a_cluster_listens(monkeypatch) -> None:
+    """Every cluster address takes connections (copydet's check, not Ray's, is skipped)."""
+    monkeypatch.setattr("jobs.runtime.check_answers", lambda address, where: None)
+
+
 def test_a_refused_connection_names_token_authentication(monkeypatch, capsys, tmp_path):
     """Ray names a missing token only in warning lines; copydet's one error line says what to check."""
     import ray
@@ -134,6 +139,7 @@ def test_a_refused_connection_names_token_authentication(monkeypatch, capsys, tm
     def refused(**kwargs):
         raise ConnectionError(f"Failed to connect to Ray cluster at {kwargs['address']}")
 
+    pretend_a_cluster_listens(monkeypatch)
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", refused)
     assert main(["manifest", "--address", "127.0.0.1:1", "--out", str(tmp_path / "run")]) == 2
@@ -177,6 +183,7 @@ def test_ray_client_gets_json_init_arguments_and_stages_it_cannot_run_are_refuse
 
     from jobs.cli import main
 
+    pretend_a_cluster_listens(monkeypatch)
     seen = init_arguments(monkeypatch, "ray://127.0.0.1:10001")
     assert seen["address"] == "ray://127.0.0.1:10001" and json.dumps(seen["runtime_env"])
     assert main(["run", "--address", "ray://127.0.0.1:10001", "--out", str(tmp_path / "run")]) == 2
@@ -198,21 +205,41 @@ def test_the_workers_setup_hook_imports_neither_torch_nor_copydets_jobs(monkeypa
     assert done.stdout.strip() == "[]"
 
 
-def test_a_jobs_api_address_in_ray_address_is_named_not_passed_to_ray(monkeypatch, tmp_path, capsys):
-    """README's cluster recipe exports RAY_ADDRESS=http://...:8265 for the job commands; a command that
-    runs on Ray then says what that address is for, instead of Ray's "Invalid Ray address"."""
+def forbid_ray(monkeypatch) -> None:
+    """No Ray is running, and starting one fails the test."""
     import ray
-
-    from jobs.cli import main
 
     def no_ray(**kwargs):
         raise AssertionError("Ray started")
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", no_ray)
+
+
+def test_a_jobs_api_address_in_ray_address_is_named_not_passed_to_ray(monkeypatch, tmp_path, capsys):
+    """README's cluster recipe exports RAY_ADDRESS=http://...:8265 for the job commands; a command that
+    runs on Ray then says what that address is for, instead of Ray's "Invalid Ray address"."""
+    from jobs.cli import main
+
+    forbid_ray(monkeypatch)
     monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")
     assert main(["manifest", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "$RAY_ADDRESS http://127.0.0.1:8265 is a cluster's Jobs API" in err and "unset RAY_ADDRESS" in err
     assert main(["manifest", "--out", str(tmp_path / "run"), "--address", "http://head:8265"]) == 2
     assert "--address http://head:8265 is a cluster's Jobs API" in capsys.readouterr().err
+
+
+def test_an_address_where_nothing_answers_is_refused_before_anything_is_written(monkeypatch, tmp_path, capsys):
+    """ray.init retries such an address for minutes, printing only Ray's warnings."""
+    from jobs.cli import main
+    from tests.conftest import free_port
+
+    forbid_ray(monkeypatch)
+    address = f"127.0.0.1:{free_port()}"
+    assert main(["run", "--out", str(tmp_path / "run"), "--address", address]) == 2
+    assert f"--address {address}: no Ray cluster answers there (Connection refused)" in capsys.readouterr().err
+    monkeypatch.setenv("RAY_ADDRESS", f"ray://{address}")
+    assert main(["manifest", "--out", str(tmp_path / "run")]) == 2
+    assert f"$RAY_ADDRESS ray://{address}: no Ray cluster answers there" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
