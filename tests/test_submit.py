@@ -30,7 +30,10 @@ from jobs.submit import (
     CLI_MAIN,
     EXCLUDES,
     check_locations,
+    client,
+    job_logs,
     job_spec,
+    job_status,
     staged_config,
     submit,
 )
@@ -249,7 +252,6 @@ def ray_cluster():
 
 def stop_jobs(url: str) -> None:
     """Stop the cluster's unfinished jobs so no entrypoint process outlives it."""
-    from jobs.submit import client
     c = client(url)
     for job in c.list_jobs():
         if not job.status.is_terminal():
@@ -258,11 +260,10 @@ def stop_jobs(url: str) -> None:
 
 def submit_when_ready(url: str, *argv: str) -> str:
     """``copydet submit`` retried while the head's job agent is still starting."""
-    from jobs.submit import submit as submit_job
     deadline = time.monotonic() + TIMEOUT_S
     while True:
         try:
-            return submit_job(*argv[:1], url, *argv[1:], warn=lambda s: None)
+            return submit(*argv[:1], url, *argv[1:], warn=lambda s: None)
         except (RuntimeError, ConnectionError) as e:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"cluster at {url} never accepted the job: {e}") from e
@@ -270,7 +271,6 @@ def submit_when_ready(url: str, *argv: str) -> str:
 
 
 def wait_job(url: str, job_id: str, timeout: float = TIMEOUT_S) -> str:
-    from jobs.submit import client, job_logs
     c = client(url)
     deadline = time.monotonic() + timeout
     while not (status := c.get_job_status(job_id)).is_terminal():
@@ -318,7 +318,6 @@ def test_a_job_submitted_to_a_three_node_cluster_survives_losing_a_worker_and_ma
     """The job's actors run on the cluster's nodes. Ray retries the lost node's tasks (and extract
     restarts its model actors), so the job most often succeeds as it is; if not, submitting it again
     on the same output folder finishes the run. One cluster job covers both: each costs ~80 s here."""
-    from jobs.submit import client, job_logs, job_status
     data, local = job_local_run
     cfg_path = write_config(tmp_path, data, tmp_path / "cluster")
     feats = tmp_path / "cluster" / "features" / "tiny_cnn@64"

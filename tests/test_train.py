@@ -14,9 +14,9 @@ from core.models.checkpoint import save_checkpoint
 from core.models.registry import build_model, list_cards, load_card, load_checkpoint, register
 from jobs.cli import main as copydet
 from pretrain.train.common import PIN, RunChanged, pinned_settings
-from pretrain.train.registration import record_source, register_model, run_card
 from pretrain.train.fanout import finished, plan_finetune, plan_pretrain, run_all
 from pretrain.train.finetune import train_local
+from pretrain.train.registration import record_source, register_model, run_card
 from pretrain.train_config import (
     DataSection,
     FinetuneSection,

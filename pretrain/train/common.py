@@ -1,5 +1,6 @@
 """Pieces the training loops (BYOL, fine-tuning, the verifier) share: seeding, photos split,
-loaders, preprocessing, mixed precision, best epochs, events log, registration."""
+loaders, preprocessing, mixed precision, resume, best epochs, events log (registration:
+:mod:`pretrain.train.registration`)."""
 
 from __future__ import annotations
 
