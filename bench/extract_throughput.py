@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
+from core.contracts import plan_chunks
 from core.store import read_table
 from jobs.config import load_config
 from jobs.layout import RunDir, shard_names
 from jobs.pipeline import run_stages
 from jobs.stages.extract import key_specs
-from patchers.extract import ChunkTask, decode_chunk, plan_chunks, unpack
+from patchers.extract import ChunkTask, decode_chunk, unpack
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -23,7 +23,7 @@ import torch
 
 from core.imageio import list_images, load_rgb
 from core.models.encoders import Encoder, build_encoder
-from core.models.registry import backbone_card
+from core.models.resolve import backbone_card
 from core.models.runtimes import runtime
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,7 +92,7 @@ def onnx_cuda(tmp: Path) -> None:
     import onnxruntime as ort
 
     from core.models.external import import_external
-    from core.models.registry import build_model
+    from core.models.resolve import build_model
     card = backbone_card("resnet18")
     model = build_model(card).eval()
     x = torch.randn(4, 3, 224, 224)

@@ -10,7 +10,8 @@ scans every pending result for each one that finishes grows ~16x.
 
 Every actor gets a new worker process, which runs copydet's worker setup hook before anything
 else. The actors part starts ``--actors`` empty actors one at a time and times each to its first
-answer, then as many that import ``jobs.runtime`` first (what the hook cost when it lived there).
+answer, then as many that import timm (and so torch) first: what each actor paid while the hook's
+module imported them.
 """
 from __future__ import annotations
 
@@ -68,8 +69,8 @@ def main() -> None:
         print(f"{n:>7} tasks: {seconds:7.2f} s, {1e3 * seconds / n:.2f} ms per task{ratio}", flush=True)
         last = (n, seconds)
     if args.actors:
-        empty, heavy = actor_seconds(args.actors), actor_seconds(args.actors, "jobs.runtime")
-        print(f"actor start-up: {empty:.2f} s; importing jobs.runtime first: {heavy:.2f} s (x{heavy / empty:.1f})")
+        empty, heavy = actor_seconds(args.actors), actor_seconds(args.actors, "timm")
+        print(f"actor start-up: {empty:.2f} s; importing timm and torch first: {heavy:.2f} s (x{heavy / empty:.1f})")
     ray.shutdown()
 
 

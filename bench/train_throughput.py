@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from core.models.backbones import build_backbone  # noqa: E402
 from core.models.preprocess import Preprocess  # noqa: E402
-from core.models.registry import card_for_model  # noqa: E402
+from core.models.resolve import card_for_model  # noqa: E402
 from pretrain.data import CopyViews, make_loader, set_loader_epoch  # noqa: E402
 from pretrain.losses import build_loss  # noqa: E402
 from pretrain.photos import LazyPhotos, PhotoFiles  # noqa: E402

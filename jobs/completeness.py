@@ -12,13 +12,12 @@ from __future__ import annotations
 from collections.abc import Collection
 from functools import lru_cache
 
-from core.contracts import shard_file, shard_split
+from core.contracts import chunk_file, plan_chunks, shard_file, shard_split
 from core.settings import read_settings
 from core.store import chunks, exists, join, read_table, version
 from jobs.config import PipelineConfig
 from jobs.inputs import images
 from jobs.layout import RunDir, shard_names
-from patchers.extract import chunk_file, plan_chunks
 
 SHOWN = 8
 Chunk = tuple[str, int, int, int]  # (patch shard, chunk index, first row, end row) of a feature file

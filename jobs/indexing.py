@@ -23,7 +23,8 @@ import yaml
 from core.contracts import ERRORS_SCHEMA, shard_split
 from core.imageio import ImageDecodeError, load_rgb, scan_images, sha256_file
 from core.models.cards import ModelCard
-from core.models.registry import load_card, resolve_model
+from core.models.registry import load_card
+from core.models.resolve import resolve_model
 from core.settings import SettingsChanged
 from core.store import embeddings_from_arrow, exists, join, read_table, write_table
 from core.yamlconf import apply_overrides, load_yaml

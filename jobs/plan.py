@@ -23,7 +23,7 @@ from core.knn import index_bytes
 from core.knn import index_kind
 from core.models.cards import ModelCard, RegistryError
 from core.models.encoders import build_encoder
-from core.models.registry import repooled, resolve_model
+from core.models.resolve import repooled, resolve_model
 from jobs.config import ModelEntry, PipelineConfig, SearchConfig
 from jobs.inputs import InputError, split_folders
 from jobs.preflight import resolved_each

@@ -16,7 +16,7 @@ from typing import TypeVar
 
 from core.models.cards import RegistryError
 from core.models.checkpoint import CheckpointError
-from core.models.registry import check_card_weights
+from core.models.resolve import check_card_weights
 from core.models.sscd import SSCD_MEMBERS
 from core.settings import check_settings
 from core.store import join

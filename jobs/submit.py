@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from core.models.backbones import list_backbones
 from core.yamlconf import read_yaml, with_output
 from jobs.config import ConfigError, PipelineConfig, load_config
 from jobs.runtime import OFFLINE_ENV
-from pretrain.train_config import TrainConfig, load_train_config
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch-free at import: `copydet status`, `logs` and `stop` start in a second
     from ray.job_submission import JobSubmissionClient
+
+    from pretrain.train_config import TrainConfig
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # "/x": top level only
@@ -72,6 +72,8 @@ def check_locations(cfg: PipelineConfig, source: str) -> list[str]:
         raise ConfigError(f"{source}: registry {cfg.registry!r} is a relative local path; the job resolves it in its "
                           "temporary working dir on the cluster (models/ is not uploaded): use an absolute path on "
                           "shared storage")
+    from core.models.backbones import list_backbones
+
     warnings = []
     registered = [m.name for m in cfg.models if m.name not in list_backbones() and not os.path.isabs(m.name)]
     if cfg.registry is None and registered:
@@ -141,6 +143,8 @@ def submit(config: str | None, address: str | None, stage: str = "run", sets: Se
            warn: Callable[[str], None] = print) -> str:
     """Validate the config locally, upload the repo + config and start the job; returns its id."""
     from ray.job_submission import JobSubmissionClient
+
+    from pretrain.train_config import load_train_config
 
     config = config or str(REPO_ROOT / "configs" / "smoke.yaml")
     overrides = with_output(sets, out)

@@ -47,7 +47,6 @@ from pretrain.synthetic import Split
 log = logging.getLogger(__name__)
 
 TUNE_STAGES = ("manifest", "patch", "extract", "search")
-BETA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)
 
 
 # ---------------------------------------------------------------- validation split

@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 from PIL import Image
 
-from core.contracts import ERRORS_SCHEMA
+from core.contracts import ERRORS_SCHEMA, chunk_file
 from core.imageio import ImageDecodeError, load_rgb
 from core.models.cards import ModelCard
 from core.models.encoders import Encoder
@@ -47,29 +47,6 @@ def cut_patch(img: Image.Image, box: tuple[float, float, float, float], rotation
     if rotation:
         patch = patch.transpose(ROTATIONS[int(rotation)])
     return patch
-
-
-def plan_chunks(image_ids: Sequence[str], chunk_patches: int) -> list[tuple[int, int]]:
-    """Row ranges ``[start, stop)`` of a patch table (rows grouped by image) that hold whole
-    images and at most ``chunk_patches`` rows each (an image with more rows gets a chunk alone)."""
-    if chunk_patches < 1:
-        raise ValueError(f"chunk_patches must be >= 1, got {chunk_patches}")
-    ids = np.asarray(image_ids, dtype=object)
-    starts = np.flatnonzero(np.r_[True, ids[1:] != ids[:-1]]) if len(ids) else np.zeros(0, int)
-    bounds = [*starts.tolist(), len(ids)]
-    out, start = [], 0
-    for image_start, image_stop in zip(bounds[:-1], bounds[1:]):
-        if image_stop - start > chunk_patches and image_start > start:
-            out.append((start, image_start))
-            start = image_start
-    if len(ids):
-        out.append((start, len(ids)))
-    return out
-
-
-def chunk_file(shard: str, index: int) -> str:
-    """Feature file of chunk ``index`` of patch shard ``shard`` (``query-00002-0003.parquet``)."""
-    return f"{shard.removesuffix('.parquet')}-{index:04d}.parquet"
 
 
 def pack(arrays: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,6 @@ from pretrain.recipes import FULL_STRENGTH_EPOCH, Recipe, RecipeError, get_recip
 log = logging.getLogger(__name__)
 
 DEFAULT_PHOTOS = 400  # held-out train photos when none is given (at most half of train/)
-MAX_MATCHED_PHOTOS = 1200  # cap of matched_sizes: a split big enough to tune on, small enough to run
 QUERY_JPEG_QUALITY = 90
 
 
@@ -49,24 +48,6 @@ class Split:
     train: str | None
     description: str
     limit: int | None = None
-
-
-def matched_sizes(train_photos: int, references: int, cap: int = MAX_MATCHED_PHOTOS) -> tuple[int, int]:
-    """``(photos, background)`` for a split whose references : background ratio is the evaluated
-    set's references : train ratio.
-
-    Normalised scores subtract a query's best train similarity from its best reference one, so
-    the score of a non-copy depends on how many references compete with how many background
-    photos; a split with that ratio scores non-copies as the real run will, and a threshold
-    calibrated on it carries over. Half of the held-out photos become references.
-    """
-    if train_photos < 3 or references < 1:
-        raise ValueError(f"matched_sizes: need >= 3 train photos and >= 1 reference, got {train_photos}, {references}")
-    ratio = references / train_photos
-    photos = min(cap, int(train_photos * 2 * ratio / (2 * ratio + 1)))
-    photos = max(2, min(photos, train_photos - 1))
-    background = max(1, min(train_photos - photos, round(photos / (2 * ratio))))
-    return photos, background
 
 
 def _spec_record(spec: SplitSpec, train_folder: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from core.models.checkpoint import (
     save_checkpoint,
     sidecar_path,
 )
-from core.models.registry import load_checkpoint
+from core.models.resolve import load_checkpoint
 
 
 def _randomise_bn_and_gem(model: torch.nn.Module) -> None:

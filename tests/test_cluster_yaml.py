@@ -140,6 +140,7 @@ def test_a_refused_connection_names_token_authentication(monkeypatch, capsys, tm
         raise ConnectionError(f"Failed to connect to Ray cluster at {kwargs['address']}")
 
     pretend_a_cluster_listens(monkeypatch)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)  # an embedded Ray started earlier in this process sets it
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", refused)
     assert main(["manifest", "--address", "127.0.0.1:1", "--out", str(tmp_path / "run")]) == 2

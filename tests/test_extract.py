@@ -9,10 +9,11 @@ import pyarrow as pa
 import pytest
 
 import patchers.extract as pe
+from core.contracts import chunk_file, plan_chunks
 from core.imageio import load_rgb
 from core.models.encoders import build_encoder
 from core.models.preprocess import Preprocess, resized_size
-from core.models.registry import backbone_card
+from core.models.resolve import backbone_card
 from core.store import read_table, write_table
 from patchers.plan import plan_table
 from patchers.views import ViewConfig
@@ -21,10 +22,10 @@ from tests.conftest import synthetic_photo
 
 def test_plan_chunks_holds_whole_images():
     ids = ["a"] * 3 + ["b"] * 3 + ["c"] * 5 + ["d"]
-    assert pe.plan_chunks(ids, 6) == [(0, 6), (6, 12)]
-    assert pe.plan_chunks(ids, 4) == [(0, 3), (3, 6), (6, 11), (11, 12)]  # "c" alone, over the size
-    assert pe.plan_chunks([], 4) == []
-    assert pe.chunk_file("query-00002.parquet", 3) == "query-00002-0003.parquet"
+    assert plan_chunks(ids, 6) == [(0, 6), (6, 12)]
+    assert plan_chunks(ids, 4) == [(0, 3), (3, 6), (6, 11), (11, 12)]  # "c" alone, over the size
+    assert plan_chunks([], 4) == []
+    assert chunk_file("query-00002.parquet", 3) == "query-00002-0003.parquet"
 
 
 def test_pack_round_trips_ragged_patches():
@@ -187,7 +188,8 @@ def test_a_model_actor_refuses_weights_replaced_after_the_run_pinned_them(run_fo
     from core.models.backbones import build_backbone
     from core.models.cards import RegistryError
     from core.models.checkpoint import save_checkpoint
-    from core.models.registry import card_from_checkpoint, weights_hash
+    from core.models.registry import weights_hash
+    from core.models.resolve import card_from_checkpoint
     root, _ = run_folders
     path = root / "w.safetensors"
     save_checkpoint(build_backbone("tiny_cnn", dim=16, seed=1), path)
@@ -206,7 +208,8 @@ def test_a_failed_model_actor_is_one_line_naming_why(run_folders):
     from core.models.backbones import build_backbone
     from core.models.cards import RegistryError
     from core.models.checkpoint import save_checkpoint
-    from core.models.registry import card_from_checkpoint, weights_hash
+    from core.models.registry import weights_hash
+    from core.models.resolve import card_from_checkpoint
     from jobs.stages.extract import actor_failure
     root, _ = run_folders
     path = root / "w.safetensors"

@@ -40,7 +40,8 @@ from core.metrics import read_ground_truth, read_predictions, write_predictions
 from core.models.backbones import build_backbone
 from core.models.cards import RegistryError
 from core.models.checkpoint import save_checkpoint
-from core.models.registry import card_from_checkpoint, register
+from core.models.registry import register
+from core.models.resolve import card_from_checkpoint
 from core.settings import SettingsChanged
 from core.store import read_table
 from jobs.cli import main

@@ -191,13 +191,19 @@ def test_an_os_error_is_one_line_naming_the_path(tmp_path, capsys):
     assert _message(OSError(errno.EROFS, "Read-only file system", "runs/x")) == "runs/x: Read-only file system"
 
 
+def test_the_stages_the_command_line_offers_are_the_pipelines_in_order():
+    """`copydet submit --stage` offers :data:`jobs.stages.NAMES` without importing the runners."""
+    from jobs.pipeline import STAGES
+    from jobs.stages import NAMES
+
+    assert tuple(STAGES) == NAMES
+
+
 def test_ctrl_c_ends_in_one_line_and_exit_130(monkeypatch, tmp_path, capsys):
     """Not Ray's traceback: what was finished is kept, the same command goes on."""
-    import jobs.commands.stages
-
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
-    monkeypatch.setattr(jobs.commands.stages, "run_pipeline", interrupted)
+    monkeypatch.setattr("jobs.pipeline.run_pipeline", interrupted)
     assert main(["run", "--out", str(tmp_path / "run")]) == 130
     err = capsys.readouterr().err
     assert "copydet run: interrupted; what it finished is kept (run it again to go on)" in err

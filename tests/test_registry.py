@@ -12,19 +12,9 @@ from pydantic import ValidationError
 from core.models.backbones import build_backbone
 from core.models.checkpoint import CheckpointError, save_checkpoint, sidecar_path
 from core.models.layers import gem
-from core.models.registry import (
-    ModelCard,
-    RegistryError,
-    build_model,
-    card_from_checkpoint,
-    default_registry_dir,
-    list_cards,
-    load_card,
-    register,
-    resolve_model,
-    scan_cards,
-    weights_hash,
-)
+from core.models.cards import ModelCard, RegistryError
+from core.models.registry import default_registry_dir, list_cards, load_card, register, scan_cards, weights_hash
+from core.models.resolve import build_model, card_from_checkpoint, resolve_model
 from jobs.cli import main
 
 

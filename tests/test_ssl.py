@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from core.models.backbones import build_backbone
-from core.models.registry import build_model, load_card
+from core.models.registry import load_card
+from core.models.resolve import build_model
 from pretrain.ssl import BYOL, momentum_at
 from pretrain.train.byol import train_local
 from pretrain.train.state import read_checkpoint
@@ -78,7 +79,7 @@ def test_loop_checkpoints_registers_and_resumes(photo_dir, tmp_path):
     card = load_card("tiny-byol", tmp_path / "registry")
     assert card.loss == "byol" and card.dim == 32 and card.train_time_s > 0
     x = torch.randn(4, 3, 32, 32)
-    from core.models.registry import load_checkpoint
+    from core.models.resolve import load_checkpoint
     registered, final = build_model(card).eval(), load_checkpoint(last / "model.safetensors").eval()
     assert torch.equal(registered(x), final(x))
 

@@ -11,7 +11,8 @@ from PIL import Image
 
 from core.models.backbones import build_backbone
 from core.models.checkpoint import save_checkpoint
-from core.models.registry import build_model, list_cards, load_card, load_checkpoint, register
+from core.models.registry import list_cards, load_card, register
+from core.models.resolve import build_model, load_checkpoint
 from jobs.cli import main as copydet
 from pretrain.train.common import PIN, RunChanged, pinned_settings
 from pretrain.train.fanout import finished, plan_finetune, plan_pretrain, run_all
@@ -255,7 +256,8 @@ def test_a_fine_tuning_start_of_another_architecture_is_refused_before_ray_start
 
 
 def test_models_command_lists_the_registry(tmp_path, capsys):
-    from core.models.registry import card_for_model, register
+    from core.models.registry import register
+    from core.models.resolve import card_for_model
 
     model = build_backbone("tiny_cnn", dim=16)
     register(card_for_model(model, name="m-one", trained_on="basic", loss="triplet",
@@ -272,7 +274,7 @@ def test_loader_workers_follow_the_epoch(photo_dir):
     """Persistent loader workers see each new epoch (shared memory), so their copies equal the
     ones made in this process for that epoch."""
     from core.models.preprocess import Preprocess
-    from core.models.registry import card_for_model
+    from core.models.resolve import card_for_model
     from pretrain.data import CopyViews, make_loader, set_loader_epoch
     from pretrain.photos import LazyPhotos, PhotoFiles
     from pretrain.recipes import get_recipe

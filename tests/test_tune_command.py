@@ -25,8 +25,9 @@ from ensemble.tune import (
 )
 from jobs import tune as jobs_tune
 from jobs.cli import main
+from jobs.commands.tune import BETA_GRID
 from jobs.config import load_config
-from jobs.tune import BETA_GRID, format_subsets, format_table, tuned_values, user_split
+from jobs.tune import format_subsets, format_table, tuned_values, user_split
 from pretrain.synthetic import SplitSpec, make_synthetic_split
 from tests.conftest import synthetic_photo
 
@@ -261,7 +262,7 @@ def test_held_out_maps_score_each_fold_with_the_setting_tuned_on_the_other():
 
 
 def test_matched_split_sizes_keep_the_reference_to_background_ratio():
-    from pretrain.synthetic import matched_sizes
+    from jobs.commands.tune import matched_sizes
 
     photos, background = matched_sizes(920, 925)  # minidisc: references ~ train
     assert (photos, background) == (614, 305)

@@ -3,7 +3,7 @@
 A card is plain data: its kind, where the weights are, how pixels are prepared for it
 (``input_size``, ``resize``, ``mean``/``std`` and, for external models, the input ``layout``
 and ``dtype`` in :class:`ExternalSpec`) and where it came from. Building a model from a card
-lives in :mod:`core.models.registry` (torch backbones) and :mod:`core.models.runtimes`.
+lives in :mod:`core.models.resolve` (torch backbones) and :mod:`core.models.runtimes`.
 """
 from __future__ import annotations
 

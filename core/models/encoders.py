@@ -21,7 +21,7 @@ from PIL import Image
 from core.knn import l2_normalize
 from core.models.cards import ModelCard, RegistryError
 from core.models.preprocess import Preprocess
-from core.models.registry import resolve_model
+from core.models.resolve import resolve_model
 from core.models.runtimes import Forward, runtime
 
 

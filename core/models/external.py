@@ -24,7 +24,6 @@ from core.models.cards import (
     first_problem,
 )
 from core.models.registry import CARD_SUFFIX, file_hash, load_card, register, registry_path, scan_cards
-from core.models.runtimes import probe_dim
 from core.store import copy_file
 
 log = logging.getLogger(__name__)
@@ -54,6 +53,8 @@ def import_external(path: str | os.PathLike, name: str, *, registry: str | os.Pa
     ``spec`` holds :class:`ExternalSpec` fields; mean/std default to identity for uint8
     input and to ImageNet's for float input.
     """
+    from core.models.runtimes import probe_dim  # torch or onnxruntime: loaded to import, not to list
+
     src = Path(path)
     if not src.is_file():
         raise RegistryError(f"{src}: no such model file")

@@ -1,6 +1,6 @@
 """Model runtimes: a card -> ``forward(input array) -> (B, dim) array``.
 
-``torch`` runs a copydet backbone (built from its card by :func:`core.models.registry.build_model`);
+``torch`` runs a copydet backbone (built from its card by :func:`core.models.resolve.build_model`);
 ``onnx`` (onnxruntime) and ``torchscript`` run external models users already have, named by the
 card's ``arch``. Inputs are what :meth:`core.models.preprocess.Preprocess.to_input` makes.
 """
@@ -82,7 +82,7 @@ AUTOCAST = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 def torch_forward(card: ModelCard, device: str, precision: str = "float32") -> Forward:
     """A copydet backbone (weights from the card) as ``x -> rows``; on a GPU, ``float16`` /
     ``bfloat16`` run it under autocast (on the CPU it always runs in float32)."""
-    from core.models.registry import build_model
+    from core.models.resolve import build_model
 
     model = build_model(card).eval().to(device)
     dtype = AUTOCAST.get(precision) if device.startswith("cuda") else None

@@ -34,7 +34,7 @@ from torch import nn
 from core.models.cards import ModelCard, RegistryError
 from core.models.checkpoint import CheckpointError
 from core.models.encoders import Encoder, build_encoder
-from core.models.registry import resolve_model
+from core.models.resolve import resolve_model
 from core.store import write_bytes
 from core.yamlconf import ConfigModel
 

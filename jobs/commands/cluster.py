@@ -6,7 +6,7 @@ import logging
 
 from jobs.commands.base import arg, command, config_from_args, config_path, positive_int
 from jobs.config import ConfigError
-from jobs.pipeline import STAGES
+from jobs.stages import NAMES as STAGES
 from jobs.submit import TRAIN_STAGES
 
 log = logging.getLogger(__name__)

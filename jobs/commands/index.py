@@ -7,6 +7,9 @@
   copydet index compact INDEX_DIR           # rebuild shards without the removed references
   copydet index prune INDEX_DIR [--keep 2]  # delete old versions and the files only they use
   copydet index info INDEX_DIR              # versions, counts, models, sizes
+
+The actions that change an index import :mod:`jobs.indexing` (torch, the stage runners) when
+they run; ``info`` and ``prune`` start in about a second.
 """
 from __future__ import annotations
 
@@ -17,7 +20,6 @@ from pathlib import Path
 
 from ensemble.index.layout import IndexDir, folder_bytes
 from ensemble.index.versions import prune, read_manifest
-from jobs import indexing
 from jobs.commands.base import LOCAL_RAY, arg, command, positive_int
 from jobs.commands.stages import config_with_folders
 from jobs.inputs import some_of
@@ -32,6 +34,8 @@ def _one(args: argparse.Namespace, what: str) -> str:
 
 
 def _build(args: argparse.Namespace) -> None:
+    from jobs import indexing
+
     if not args.out:
         raise ValueError("index build: --out INDEX_DIR is required")
     if args.from_run:
@@ -46,6 +50,8 @@ def _build(args: argparse.Namespace) -> None:
 
 
 def _add(args: argparse.Namespace) -> int:
+    from jobs import indexing
+
     root = _one(args, "INDEX_DIR")
     if len(args.rest) != 1:
         raise ValueError("index add: give one FOLDER of images to add")
@@ -67,6 +73,8 @@ def _add(args: argparse.Namespace) -> int:
 
 
 def _remove(args: argparse.Namespace) -> int:
+    from jobs import indexing
+
     root = _one(args, "INDEX_DIR")
     ids = list(args.rest)
     if args.ids_file:
@@ -86,6 +94,8 @@ def _remove(args: argparse.Namespace) -> int:
 
 
 def _compact(args: argparse.Namespace) -> None:
+    from jobs import indexing
+
     name = indexing.compact(_one(args, "INDEX_DIR"))
     log.info(f"index compact: published {name}")
 

@@ -15,7 +15,6 @@ from core.store import exists, read_table
 from jobs.commands.base import arg, command, positive_int
 from jobs.commands.stages import FOLDER_ARGS, config_with_folders
 from jobs.layout import RunDir, split_tables
-from jobs.pipeline import run_stages
 from patchers.preview import write_preview
 from patchers.views import PRESETS
 
@@ -37,6 +36,8 @@ def preset_overrides(name: str) -> list[str]:
          arg("--preset", choices=SIDE_PRESETS, help="views for both sides (queries NAME, references ref_NAME where it exists, else NAME)"),
          arg("--preview", type=positive_int, metavar="N", help="write preview.png/.html of N images to the run folder"))
 def patch(args: argparse.Namespace) -> None:
+    from jobs.pipeline import run_stages
+
     presets = preset_overrides(args.preset) if args.preset else []
     folders = any(getattr(args, k, None) for k in ("train", "references", "queries"))
     cfg = config_with_folders(args, presets + list(args.set or []))

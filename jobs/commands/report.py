@@ -11,7 +11,6 @@ import pyarrow.csv as pacsv
 
 from core.metrics import read_predictions
 from core.store import exists, read_table
-from ensemble.report import build_report
 from ensemble.report.analysis import Scored, family_recall, score
 from jobs.commands.base import arg, command, positive_int
 from jobs.completeness import require_candidates
@@ -81,6 +80,8 @@ def write_report(run_dir: str, ground_truth: str | None = None, meta: str | None
 
     Holds the run folder's lock: a run still writing there would mix old and new files into one page.
     """
+    from ensemble.report.build import build_report  # matplotlib: loaded to draw, not with the command line
+
     run = RunDir(os.path.abspath(run_dir))
     if not os.path.isdir(run.root):
         raise FileNotFoundError(f"{run.root}: no such run folder")

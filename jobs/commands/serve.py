@@ -7,7 +7,6 @@ import signal
 import threading
 
 from jobs.commands.base import LOCAL_RAY, arg, command
-from jobs.indexing import index_config
 from jobs.runtime import init_ray
 
 log = logging.getLogger(__name__)
@@ -20,7 +19,9 @@ log = logging.getLogger(__name__)
          arg("--address", help=LOCAL_RAY),
          uses_config=False)
 def serve_index(args: argparse.Namespace) -> None:
+    from jobs.indexing import index_config
     from jobs.serve.app import start, stop
+
     overrides = list(args.set or [])
     version, cfg = index_config(args.index_dir, None, overrides)
     init_ray(cfg.ray, args.address)

@@ -1,4 +1,8 @@
-"""``copydet run`` and one command per pipeline stage."""
+"""``copydet run`` and one command per pipeline stage.
+
+Command bodies import :mod:`jobs.pipeline` (torch, the stage runners) when they run, so the
+command line starts in about a second (``bench/task_overhead.py --cli``).
+"""
 from __future__ import annotations
 
 import argparse
@@ -13,7 +17,6 @@ from jobs.commands.report import META_HELP, unread_note, write_report
 from jobs.config import ConfigError, PipelineConfig
 from jobs.inputs import check_pair_ids, run_ground_truth
 from jobs.layout import RunDir
-from jobs.pipeline import evaluate_run, run_pipeline, run_stages
 from jobs.stages.evaluate import evaluate_run_files, format_metrics
 from jobs.threshold import threshold_of
 
@@ -46,6 +49,8 @@ def config_with_folders(args: argparse.Namespace, sets: list[str] | None = None)
              help="then write RUN_DIR/report.html when there is a ground truth (default: on)"),
          arg("--meta", help=f"report: {META_HELP} (default: queries_meta.csv in data.root, if there)"))
 def run(args: argparse.Namespace) -> int:
+    from jobs.pipeline import run_pipeline
+
     cfg = config_with_folders(args)
     metrics = run_pipeline(cfg, address=args.address)
     unread = unread_note(RunDir(cfg.output))
@@ -75,6 +80,8 @@ def stage_command(name: str, help: str, *extra: tuple) -> None:
     """Register `copydet NAME` as a run of that one stage."""
     @command(name, help, *extra)
     def fn(args: argparse.Namespace) -> None:
+        from jobs.pipeline import run_stages
+
         run_stages(config_with_folders(args), [name], address=args.address)
 
 
@@ -118,6 +125,8 @@ def evaluate(args: argparse.Namespace) -> int:
     if cfg.data.ground_truth_path() is None:
         raise ConfigError("no ground truth to score against: the config names none (data.ground_truth, or "
                           "ground_truth.csv under data.root); pass --ground-truth CSV")
+    from jobs.pipeline import evaluate_run
+
     m = evaluate_run(cfg)
     if args.threshold is not None:
         print(format_metrics(m, args.threshold, "--threshold"))

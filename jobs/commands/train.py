@@ -9,15 +9,14 @@ from typing import TYPE_CHECKING
 
 from core.imageio import IMAGE_SUFFIXES
 from core.models.cards import ModelCard, RegistryError
-from core.models.checkpoint import CheckpointError
-from core.models.registry import load_card, registry_path, scan_cards, weights_fit
+from core.models.registry import load_card, registry_path, scan_cards
 from jobs.commands.base import arg, command
 from jobs.config import RayConfig
 from jobs.runtime import init_ray
-from pretrain.train_config import RunSpec, TrainConfig, load_train_config
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch and timm load when a command trains, not with the command line
     from pretrain.train.fanout import Outcome
+    from pretrain.train_config import RunSpec, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +29,7 @@ TRAIN_ARGS = (
 
 def _train(args: argparse.Namespace, plan: Callable[[TrainConfig], list[RunSpec]]) -> int:
     from pretrain.train.fanout import run_all
+    from pretrain.train_config import load_train_config
 
     cfg = load_train_config(args.config, args.set).anchored()
     client = "://" in (args.address or cfg.ray.address or "")  # Ray Client: the folder is the cluster's, not here
@@ -59,6 +59,8 @@ def check_train_folder(config: str, folder: str) -> None:
 def check_init_weights(cfg: TrainConfig, specs: list[RunSpec]) -> None:
     """Refuse, before Ray starts, weights fine-tuning would start from that do not fit the model
     it trains (e.g. finetune.init naming another architecture's checkpoint), from the file's header."""
+    from core.models.checkpoint import CheckpointError
+    from core.models.resolve import weights_fit
     from pretrain.train.fanout import planned_cards
 
     starts = [s for s in specs if s.kind == "finetune" and s.init_weights and os.path.isfile(s.init_weights)]

@@ -1,4 +1,6 @@
-"""``copydet tune CONFIG``: tune beta and fusion on a validation split, write a config ``copydet run`` uses."""
+"""``copydet tune CONFIG``: tune beta and fusion on a validation split, write a config ``copydet run`` uses.
+
+The body imports the tuning code (torch, AugLy) when it runs, not with the command line."""
 from __future__ import annotations
 
 import argparse
@@ -8,21 +10,30 @@ import os
 from core.yamlconf import with_output
 from jobs.commands.base import arg, command, config_path
 from jobs.config import ConfigError, load_config
-from jobs.plan import count_images
-from jobs.tune import (
-    BETA_GRID,
-    format_subsets,
-    format_table,
-    format_threshold,
-    provenance,
-    tune_on_split,
-    tuned_values,
-    user_split,
-    write_tuned_config,
-)
-from pretrain.synthetic import MAX_MATCHED_PHOTOS, SplitSpec, make_synthetic_split, matched_sizes
 
 log = logging.getLogger(__name__)
+
+BETA_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # the betas tried unless --beta-grid names others
+MAX_MATCHED_PHOTOS = 1200  # cap of matched_sizes: a split big enough to tune on, small enough to run
+
+
+def matched_sizes(train_photos: int, references: int, cap: int = MAX_MATCHED_PHOTOS) -> tuple[int, int]:
+    """``(photos, background)`` for a split whose references : background ratio is the evaluated
+    set's references : train ratio.
+
+    Normalised scores subtract a query's best train similarity from its best reference one, so
+    the score of a non-copy depends on how many references compete with how many background
+    photos; a split with that ratio scores non-copies as the real run will, and a threshold
+    calibrated on it carries over. Half of the held-out photos become references.
+    """
+    if train_photos < 3 or references < 1:
+        raise ValueError(f"matched_sizes: need >= 3 train photos and >= 1 reference, got {train_photos}, {references}")
+    ratio = references / train_photos
+    photos = min(cap, int(train_photos * 2 * ratio / (2 * ratio + 1)))
+    photos = max(2, min(photos, train_photos - 1))
+    background = max(1, min(train_photos - photos, round(photos / (2 * ratio))))
+    return photos, background
+
 
 
 def beta_grid(text: str) -> list[float]:
@@ -53,6 +64,19 @@ def beta_grid(text: str) -> list[float]:
              help=f"comma-separated betas to try (default {','.join(f'{b:g}' for b in BETA_GRID)})"),
          arg("--write", help="tuned config to write (default: RUN_DIR/tuned.yaml)"))
 def tune(args: argparse.Namespace) -> None:
+    from jobs.plan import count_images
+    from jobs.tune import (
+        format_subsets,
+        format_table,
+        format_threshold,
+        provenance,
+        tune_on_split,
+        tuned_values,
+        user_split,
+        write_tuned_config,
+    )
+    from pretrain.synthetic import SplitSpec, make_synthetic_split
+
     config = config_path(args)  # the tuned file is written from it
     if bool(args.validation_queries) != bool(args.validation_ground_truth):
         raise ConfigError("give both --validation-queries and --validation-ground-truth, or neither")

@@ -23,17 +23,18 @@ import yaml
 from ray.data import ActorPoolStrategy
 from tqdm.auto import tqdm
 
-from core.contracts import shard_split
+from core.contracts import chunk_file, shard_split
 from core.models.cards import ModelCard
 from core.models.preprocess import Preprocess
-from core.models.registry import resolve_model, weights_hash
+from core.models.registry import weights_hash
+from core.models.resolve import resolve_model
 from core.settings import pin_settings
 from jobs.completeness import Chunk, chunk_plan
 from jobs.config import ExtractConfig, ModelEntry, PipelineConfig
 from jobs.layout import RunDir, shard_names
 from jobs.stages.reduce import check_train_rows
 from jobs.stages.search import check_background
-from patchers.extract import ChunkEmbedder, ChunkTask, KeySpec, chunk_file, decode_chunk
+from patchers.extract import ChunkEmbedder, ChunkTask, KeySpec, decode_chunk
 
 log = logging.getLogger(__name__)
 

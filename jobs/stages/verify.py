@@ -29,7 +29,8 @@ import pyarrow.compute as pc
 from core.contracts import shard_file
 from core.imageio import load_rgb
 from core.models.cards import RegistryError
-from core.models.registry import registry_path, resolve_model, weights_hash
+from core.models.registry import registry_path, weights_hash
+from core.models.resolve import resolve_model
 from core.settings import pin_settings, settings_changes
 from core.store import chunks, exists, folder_bytes, join, list_shards, num_rows, read_table, remove_dir, write_table
 from ensemble.described import index_described, read_described, to_blob, write_described

@@ -23,7 +23,8 @@ import torch
 
 from core.models.backbones import build_backbone
 from core.models.cards import ModelCard, RegistryError
-from core.models.registry import CARD_SUFFIX, card_for_model, load_card, resolve_model
+from core.models.registry import CARD_SUFFIX, load_card
+from core.models.resolve import card_for_model, resolve_model
 from pretrain.train.common import PIN, asked_epochs, pin_changes, pinned_settings, trained_epochs
 from pretrain.train.registration import registered_from
 from pretrain.train_config import RaySection, RunSpec, TrainConfig

@@ -11,7 +11,8 @@ from typing import Any
 from core.models.backbones import DescriptorModel
 from core.models.cards import ModelCard, RegistryError
 from core.models.checkpoint import save_checkpoint, sidecar_path
-from core.models.registry import CARD_SUFFIX, card_for_model, load_card, register
+from core.models.registry import CARD_SUFFIX, load_card, register
+from core.models.resolve import card_for_model
 from core.store import copy_file, write_text
 from pretrain.train_config import RunSpec
 

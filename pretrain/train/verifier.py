@@ -22,7 +22,8 @@ from torch import nn
 
 from core.models.cards import ModelCard
 from core.models.encoders import Encoder, load_encoder
-from core.models.registry import register, resolve_model
+from core.models.registry import register
+from core.models.resolve import resolve_model
 from core.models.verifier import RegionTokens, VerifierSpec, build_net, region_tokens, save_verifier, verifier_card
 from core.store import copy_file
 from pretrain.pairs import CopyTokens, describe_photos, embed_photos, make_pair_validation, nearest_others, \
