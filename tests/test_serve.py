@@ -183,6 +183,47 @@ def test_an_unexpected_error_answers_in_the_json_error_shape():
                                             "message": "OSError (the service's log has the details)"}}
 
 
+def test_a_replica_holds_a_bounded_number_of_uploads_decoded():
+    """A batch request of 64 images, or 64 requests at once, must not sit decoded in one replica
+    together (at serve.max_pixels an upload decodes to 150 MB): the rest wait as bytes."""
+    import asyncio
+    import io
+
+    from PIL import Image
+
+    from jobs.serve.app import CopyDetService
+    service = CopyDetService.func_or_class
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    held = peak = 0
+
+    class Replica:
+        limits = type("Limits", (), {"max_pixels": 10**6})
+
+        def __init__(self) -> None:
+            self.decoded = asyncio.Semaphore(8)  # as __init__ sizes it for serve.max_batch_size 4
+
+        async def decode(self, data: bytes, name: str):
+            nonlocal held, peak
+            held += 1
+            peak = max(peak, held)
+            return await service.decode(self, data, name)
+
+        async def match_batch(self, upload):
+            nonlocal held
+            await asyncio.sleep(0.02)  # embedding the batch
+            held -= 1
+            return {"matches": [], "timings": {"embed": 0.02}}
+
+    async def many() -> list[dict]:
+        replica = Replica()
+        return await asyncio.gather(*(service.answer(replica, png.getvalue(), f"u{i}.png") for i in range(40)))
+
+    answers = asyncio.run(many())
+    assert len(answers) == 40 and all(a["timings"]["embed"] == 0.02 for a in answers)
+    assert peak == 8 and held == 0
+
+
 def test_a_thumbnail_that_does_not_read_names_the_reference_not_the_servers_path(tmp_path):
     import asyncio
     import json

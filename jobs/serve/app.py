@@ -81,6 +81,9 @@ class CopyDetService:
         self.limits = cfg
         self.match_batch.set_max_batch_size(cfg.max_batch_size)
         self.match_batch.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        # Uploads held decoded at once, from decoding to their answer: the batch being embedded and
+        # the next. The other requests wait as bytes (at serve.max_pixels, one decodes to 150 MB).
+        self.decoded = asyncio.Semaphore(2 * cfg.max_batch_size)
         self.load_error: str | None = None
         self.stop = threading.Event()
         threading.Thread(target=self.watch, daemon=True, name="index-watcher").start()
@@ -125,8 +128,9 @@ class CopyDetService:
         return img, loop.time() - t0
 
     async def answer(self, data: bytes, name: str) -> dict:
-        img, seconds = await self.decode(data, name)
-        result = await self.match_batch((img, data))
+        async with self.decoded:
+            img, seconds = await self.decode(data, name)
+            result = await self.match_batch((img, data))
         result = {**result, "timings": {"decode": round(seconds, 4), **result["timings"]}}
         result["timings"]["total"] = round(sum(v for k, v in result["timings"].items() if k != "total"), 4)
         return result
