@@ -61,6 +61,6 @@ def setup_logging(level: int = logging.INFO) -> None:
 def quiet_workers() -> None:
     """Ray's ``worker_process_setup_hook``, run by every new worker process before its first task:
     errors only from :data:`QUIET_LOGGERS`. It lives here, not in ``jobs``, so that importing it
-    stays cheap (``jobs.runtime`` pulls in timm and torch: seconds per actor)."""
+    stays cheap (most of ``jobs`` pulls in timm and torch: seconds per actor)."""
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -21,6 +21,7 @@ from patchers.detector.predict import ULTRALYTICS_ENV
 # never installs packages and unpickles weights only (patchers.detector.predict).
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **ULTRALYTICS_ENV}
 CONNECT_TIMEOUT_S = 10.0  # a cluster address's first TCP connection
+TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 
 class Stopped(KeyboardInterrupt):
@@ -70,6 +71,8 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
     os.environ.setdefault("COPYDET_REGISTRY", str(default_registry_dir()))
     # copydet draws its own progress bars (shards / patches per stage).
     logging.getLogger("ray.data").setLevel(logging.ERROR)
+    # An embedded Ray turns token authentication on and says so as a WARNING, every command's first line.
+    logging.getLogger(TOKEN_SETUP_LOGGER).setLevel(logging.ERROR)
     if not ray.is_initialized():
         address = target_address(cfg, address)
         try:  # "local": ray.init() alone would join a `ray start` cluster of this machine
