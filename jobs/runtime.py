@@ -23,6 +23,8 @@ OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **ULTRA
 CONNECT_TIMEOUT_S = 10.0  # a cluster address's first TCP connection
 TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 
+log = logging.getLogger(__name__)
+
 
 class Stopped(KeyboardInterrupt):
     """SIGTERM (a scheduler, a container's stop, `copydet stop`): the command ends as after Ctrl-C."""
@@ -75,6 +77,8 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
     logging.getLogger(TOKEN_SETUP_LOGGER).setLevel(logging.ERROR)
     if not ray.is_initialized():
         address = target_address(cfg, address)
+        log.info(f"ray: connecting to {address}" if address else
+                 f"ray: starting a local Ray, num_cpus={cfg.num_cpus or os.cpu_count()}")  # seconds of silence else
         try:  # "local": ray.init() alone would join a `ray start` cluster of this machine
             ray.init(address=address or "local", num_cpus=None if address else cfg.num_cpus,
                      include_dashboard=False, logging_level="WARNING", log_to_driver=True,

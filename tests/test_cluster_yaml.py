@@ -161,6 +161,7 @@ def test_without_an_address_copydet_starts_its_own_ray_beside_a_ray_start_cluste
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "run" / "manifest.parquet").is_dir()
     assert "Token authentication is enabled" not in done.stderr  # Ray's WARNING, no news to a user
+    assert "ray: starting a local Ray, num_cpus=1" in done.stderr  # said before the seconds it takes
 
 
 def init_arguments(monkeypatch, address: str | None = None) -> dict:
