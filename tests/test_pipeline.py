@@ -332,7 +332,7 @@ def test_auto_threshold_from_train_decoys(ray_local, tiny_dataset, tmp_path):
     decoys = read_table(run.fused_decoys)
     assert decoys.num_rows and set(decoys.column("reference_id").to_pylist()) <= {f"T{i:03d}" for i in range(6)}
 
-    def check(scores: str) -> None:
+    def check(scores: str, precision: float = 0.5) -> None:
         record = json.loads(open(run.threshold).read())
         preds = read_predictions(run.predictions)
         assert record["scores"] == scores and record["references_per_train"] == pytest.approx(8 / 6)
@@ -341,7 +341,7 @@ def test_auto_threshold_from_train_decoys(ray_local, tiny_dataset, tmp_path):
             lowered = demote_others(decoys, 0.1, read_table(run.fused))  # below the query's best prediction
             want = estimate_threshold(preds.column("score").cast(pa.float32()).to_numpy(),  # the fused scores
                                       lowered.column("score").to_numpy(),
-                                      record["ratio"], 0.5)
+                                      record["ratio"], precision)
             assert record["pairs"] == want.pairs
             assert record["threshold"] == (None if want.threshold is None else written(want.threshold))
         t = record["threshold"]
@@ -353,6 +353,12 @@ def test_auto_threshold_from_train_decoys(ray_local, tiny_dataset, tmp_path):
 
     check("fused")
     assert json.loads(open(run.metrics).read()).get("threshold") == json.loads(open(run.threshold).read())["threshold"]
+    assert os.path.exists(run.copies)
+    # Unreachable with this run's few pairs: one decoy more than found is always counted.
+    run_stages(load_config(None, [*sets, "fuse.threshold_precision=0.999"]), ["fuse"])
+    assert json.loads(open(run.threshold).read())["threshold"] is None
+    check("fused", 0.999)
+    run_stages(load_config(None, sets), ["fuse"])
     vcfg = load_config(None, [*sets, "verify.enabled=true", "verify.top_k=2", "verify.decoy_top_k=1",
                               "verify.min_inliers=0", "verify.saturate=10"])
     run_stages(vcfg, ["fuse", "verify"])
