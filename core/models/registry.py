@@ -20,7 +20,8 @@ from core.models.cards import NAME_PATTERN, ModelCard, RegistryError, first_prob
 from core.store import write_text
 
 CARD_SUFFIX = ".json"
-# Fields a checkpoint's sidecar "meta" may fill in on the card made from it.
+
+
 def default_registry_dir() -> Path:
     """``$COPYDET_REGISTRY`` if set, else ``./models``."""
     return Path(os.environ.get("COPYDET_REGISTRY") or Path.cwd() / "models")

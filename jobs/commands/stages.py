@@ -1,7 +1,7 @@
 """``copydet run`` and one command per pipeline stage.
 
 Command bodies import :mod:`jobs.pipeline` (torch, the stage runners) when they run, so the
-command line starts in about a second (``bench/task_overhead.py --cli``).
+command line starts in about a second (``bench/cli_start.py``).
 """
 from __future__ import annotations
 

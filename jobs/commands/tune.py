@@ -35,7 +35,6 @@ def matched_sizes(train_photos: int, references: int, cap: int = MAX_MATCHED_PHO
     return photos, background
 
 
-
 def beta_grid(text: str) -> list[float]:
     """``"0,0.5,1"`` -> ``[0.0, 0.5, 1.0]`` (argparse type; betas must be >= 0)."""
     try:
