@@ -95,12 +95,13 @@ HEAVY = ("torch", "timm", "torchvision", "sklearn", "ultralytics", "augly", "lig
 def test_the_command_line_starts_without_torch(tmp_path):
     """Every command's module is imported to build the parser, so one that imports torch at its top
     made each `copydet --help`, `status` or `models list` wait for torch and timm: 8-16 s here, now
-    about 1.5 s. Commands import their heavy code when they run it."""
+    about 1.5 s. Commands import their heavy code when they run it, and `run` after its config passed."""
     code = ("import sys; from jobs.cli import main; main(['models', 'list', '--registry', sys.argv[1]]); "
+            "print(main(['run', '--set', 'search.nosuch=1'])); "
             f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "no models registered in" in done.stdout
-    assert done.stdout.strip().splitlines()[-1] == "[]"
+    assert "no models registered in" in done.stdout and "search.nosuch" in done.stderr
+    assert done.stdout.strip().splitlines()[-2:] == ["2", "[]"]

@@ -49,9 +49,9 @@ def config_with_folders(args: argparse.Namespace, sets: list[str] | None = None)
              help="then write RUN_DIR/report.html when there is a ground truth (default: on)"),
          arg("--meta", help=f"report: {META_HELP} (default: queries_meta.csv in data.root, if there)"))
 def run(args: argparse.Namespace) -> int:
+    cfg = config_with_folders(args)  # a bad config is refused before the pipeline's imports take seconds
     from jobs.pipeline import run_pipeline
 
-    cfg = config_with_folders(args)
     metrics = run_pipeline(cfg, address=args.address)
     unread = unread_note(RunDir(cfg.output))
     if metrics is None:
@@ -80,9 +80,10 @@ def stage_command(name: str, help: str, *extra: tuple) -> None:
     """Register `copydet NAME` as a run of that one stage."""
     @command(name, help, *extra)
     def fn(args: argparse.Namespace) -> None:
+        cfg = config_with_folders(args)  # refused, if bad, before the imports below
         from jobs.pipeline import run_stages
 
-        run_stages(config_with_folders(args), [name], address=args.address)
+        run_stages(cfg, [name], address=args.address)
 
 
 stage_command("manifest", "image folders -> manifest.parquet (+ errors.parquet)", *FOLDER_ARGS)
