@@ -2,8 +2,11 @@
 import atexit
 import os
 import random
+import ast
 import shutil
 import socket
+import subprocess
+import sys
 import tempfile
 
 if "YOLO_CONFIG_DIR" not in os.environ:  # ultralytics writes its settings there; removed when the session ends
@@ -13,6 +16,7 @@ if "YOLO_CONFIG_DIR" not in os.environ:  # ultralytics writes its settings there
 OFFLINE = {"HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "false", "ULTRALYTICS_SAFE_LOAD": "1"}
 os.environ.update(OFFLINE)
 
+from collections.abc import Sequence  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -46,6 +50,18 @@ def free_port() -> int:
                 continue
             return port
     raise RuntimeError(f"no free port in {PORTS}")
+
+
+def imported_by(code: str, modules: Sequence[str], *argv: str) -> tuple[str, str, list[str]]:
+    """Run ``code`` (with ``argv``) in a new interpreter that finds the repo: its stdout, its
+    stderr, and which of ``modules`` it had imported by the end. A failing run fails the test."""
+    root = str(Path(__file__).resolve().parent.parent)
+    probe = f"{code}\nimport sys\nprint(sorted(m for m in {tuple(modules)!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", probe, *argv], cwd=root, env={**os.environ, "PYTHONPATH": root},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    *out, loaded = done.stdout.strip().splitlines()
+    return "\n".join(out), done.stderr, ast.literal_eval(loaded)
 
 
 def synthetic_photo(seed: int, size=(96, 72)) -> Image.Image:
