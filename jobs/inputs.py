@@ -62,7 +62,7 @@ def split_folders(data: DataConfig, required: Collection[str] = ()) -> dict[str,
     for split in required:
         if split not in folders:
             sub = SPLIT_FOLDERS[split]
-            where = f"{Path(data.root) / sub} does not exist" if data.root else f"set data.{sub} or data.root"
+            where = f"{Path(data.root) / sub} does not exist" if data.root else f"set data.{sub} (--{sub}) or data.root"
             raise InputError(f"data.{sub}: no {sub} folder ({where})")
     check_apart(folders)
     return folders

@@ -155,7 +155,7 @@ def check_inputs(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]) -> Non
         both = BOTH_SIDES & set(stages)
         if both and cfg.decoys() and "train" not in cfg.data.folders():
             raise InputError("fuse.threshold: auto estimates the threshold from train/ photos (the decoys), but "
-                             "the config has no train folder; set data.train or a number for fuse.threshold")
+                             "the config has no train folder; set data.train (--train) or a number for fuse.threshold")
         folders = split_folders(cfg.data, ("query", "reference") if both else ())
         inputs = pin_inputs(run, folders)
         gt = cfg.data.ground_truth_path()

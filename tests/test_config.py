@@ -253,3 +253,20 @@ def test_folders_given_as_options_are_taken_as_written(tmp_path, folder):
     cfg = config_with_folders(args)
     assert (cfg.output, cfg.data.references, cfg.data.ground_truth) == (str(tmp_path / folder), folder, f"{folder}.csv")
     assert cfg.data.root is None
+
+
+def test_a_root_set_on_the_command_line_gives_the_splits_the_folder_options_do_not(tmp_path):
+    """minidisc-hard has queries/ and ground_truth.csv, and takes references and train from
+    minidisc-dev: `--set data.root=hard --references dev/references --train dev/train` lost the
+    root (a folder option replaced it) and was refused for having no queries folder."""
+    import argparse
+
+    from jobs.commands.stages import config_with_folders
+
+    hard, refs = tmp_path / "hard", tmp_path / "dev" / "references"
+    args = argparse.Namespace(config=None, set=[f"data.root={hard}"], out=str(tmp_path / "run"),
+                              references=str(refs), queries=None, train=None, ground_truth=None)
+    cfg = config_with_folders(args)
+    assert (cfg.data.root, cfg.data.references) == (str(hard), str(refs))
+    args.set = []
+    assert config_with_folders(args).data.root is None  # the config's own root is still replaced

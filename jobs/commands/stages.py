@@ -22,22 +22,26 @@ from jobs.threshold import threshold_of
 
 log = logging.getLogger(__name__)
 
+ROOT_NOTE = "; replaces the config's data.root, unless --set data.root= is given too"
 FOLDER_ARGS = (
-    arg("--train", help="folder of unlabeled training images"),
-    arg("--references", help="folder of reference images"),
-    arg("--queries", help="folder of query images"),
+    arg("--train", help="folder of unlabeled training images" + ROOT_NOTE),
+    arg("--references", help="folder of reference images" + ROOT_NOTE),
+    arg("--queries", help="folder of query images" + ROOT_NOTE),
     arg("--ground-truth", help="ISC21 ground-truth CSV (query_id,reference_id)"),
 )
 
 
 def config_with_folders(args: argparse.Namespace, sets: list[str] | None = None) -> PipelineConfig:
     """The command's config with the folder options (:data:`FOLDER_ARGS`) as ``data.*`` settings
-    after ``sets`` (default: ``--set``); a folder given replaces ``data.root``."""
+    after ``sets`` (default: ``--set``). A folder given replaces the config's ``data.root``; a
+    ``data.root`` in ``sets`` stays and gives the splits not given (minidisc-hard's queries with
+    minidisc-dev's references and train)."""
     sets = list((args.set or []) if sets is None else sets)
     for key in ("train", "references", "queries", "ground_truth"):
         if getattr(args, key, None):
             sets.append(text_override(f"data.{key}", getattr(args, key)))
-    if any(getattr(args, k, None) for k in ("train", "references", "queries")):
+    root_given = any(s.split("=", 1)[0].strip() == "data.root" for s in sets)
+    if any(getattr(args, k, None) for k in ("train", "references", "queries")) and not root_given:
         sets.append("data.root=null")
     return config_from_args(args, sets)
 
