@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+from tqdm.auto import tqdm
 
 from core.contracts import WHOLE_PATCH
 from core.knn import Hits
@@ -167,7 +168,7 @@ def decoy_settings(cfg: PipelineConfig) -> dict:
 
 
 def search_key(cfg: PipelineConfig, run: RunDir, key: str) -> None:
-    """Search every pending query file of one model key; prints ``done/total`` as files finish."""
+    """Search every pending query file of one model key, with a progress bar of query files."""
     scfg = cfg.search
     require_features(cfg, run, key, "search")
     pin_settings(run.candidates(key), search_settings(cfg), "search")
@@ -198,17 +199,18 @@ def search_key(cfg: PipelineConfig, run: RunDir, key: str) -> None:
         if train is not None:
             check_background(cfg, train.rows, f"search {key}")
         flight: deque[QueryFile] = deque()
-        finished = len(names) - len(todo)
-        for i, name in enumerate(todo):
-            flight.append(QueryFile(run, key, name, refs, train, scfg, k_train))
-            while flight and (len(flight) > IN_FLIGHT or i == len(todo) - 1):
-                q = flight.popleft()
-                if cfg.decoys() and q.name not in decoys_done:
-                    write_table(q.decoys(train, key, cfg.fuse.decoy_folds), join(run.decoys(key), q.name))
-                if q.name not in done:
-                    write_table(q.candidates(train, key), join(run.candidates(key), q.name))
-                finished += 1
-                log.info(f"[search {key}] {finished}/{len(names)} query shards")
+        with tqdm(total=len(names), initial=len(names) - len(todo), desc=f"search {key}", unit="shard") as bar:
+            for i, name in enumerate(todo):
+                flight.append(QueryFile(run, key, name, refs, train, scfg, k_train))
+                while flight and (len(flight) > IN_FLIGHT or i == len(todo) - 1):
+                    q = flight.popleft()
+                    if cfg.decoys() and q.name not in decoys_done:
+                        write_table(q.decoys(train, key, cfg.fuse.decoy_folds), join(run.decoys(key), q.name))
+                    if q.name not in done:
+                        write_table(q.candidates(train, key), join(run.candidates(key), q.name))
+                    bar.update()
+        log.info(f"search {key}: {len(names)} query shard(s) searched ({len(todo)} in this run) -> "
+                 f"{run.candidates(key)}")
     finally:
         refs.close()
         if train is not None:
