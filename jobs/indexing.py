@@ -34,7 +34,7 @@ from ensemble.index.reader import read_cards, read_config
 from ensemble.reduce import load_pca
 from jobs.completeness import require_features, require_manifest
 from jobs.config import DataConfig, PipelineConfig, load_config, validate
-from jobs.inputs import InputError, check_unique_ids, some_of
+from jobs.inputs import InputError, check_unique_ids, some_of, split_folders
 from jobs.layout import RunDir
 from jobs.lock import locked
 from jobs.pipeline import run_stages
@@ -156,9 +156,7 @@ def _publish_run(run: RunDir, root: str, cfg: PipelineConfig | None) -> str:
 def build_from_folders(cfg: PipelineConfig, root: str, address: str | None = None) -> str:
     """Run the extraction stages over the config's references (and train/) in a staging run
     folder inside ``root`` (resumable), then publish it."""
-    folders = cfg.data.folders()
-    if "reference" not in folders:
-        raise FileNotFoundError(f"index build: no references folder in the config's data ({cfg.data})")
+    folders = split_folders(cfg.data, ("reference",))
     staging = Path(root) / ".staging"
     data = DataConfig(references=folders["reference"], limit=cfg.data.limit,
                       train=folders.get("train") if needs_train(cfg) else None)

@@ -22,7 +22,7 @@ from ensemble.index.layout import IndexDir, folder_bytes
 from ensemble.index.versions import prune, read_manifest
 from jobs.commands.base import LOCAL_RAY, arg, command, positive_int
 from jobs.commands.stages import config_with_folders
-from jobs.inputs import some_of
+from jobs.inputs import some_of, split_folders
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,11 @@ def _one(args: argparse.Namespace, what: str) -> str:
 
 
 def _build(args: argparse.Namespace) -> None:
-    from jobs import indexing
-
     if not args.out:
         raise ValueError("index build: --out INDEX_DIR is required")
     if args.from_run:
+        from jobs import indexing
+
         if args.target:
             raise ValueError(f"index build --from-run: {args.target}: give no CONFIG, the run's own "
                              f"{Path(args.from_run) / 'config.yaml'} is the one its features were made with")
@@ -46,6 +46,9 @@ def _build(args: argparse.Namespace) -> None:
         return
     args.config, out, args.out = args.target, args.out, None
     cfg = config_with_folders(args)
+    split_folders(cfg.data, ("reference",))  # a missing folder is refused before the imports below take seconds
+    from jobs import indexing
+
     indexing.build_from_folders(cfg, out, args.address)
 
 
