@@ -6,6 +6,7 @@ an import cycle between its modules. ``lint-imports`` (import-linter) checks all
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -103,3 +104,25 @@ def test_the_command_line_starts_without_torch(tmp_path):
     out, err, loaded = imported_by(code, HEAVY, str(tmp_path))
     assert "no models registered in" in out and "search.nosuch" in err
     assert out.splitlines()[-1] == "2" and loaded == []
+
+
+REFUSED = [  # argv (TMP: a fresh folder) -> the error; each took 7-14 s of imports to say it
+    (["index", "build", "--out", "TMP/index", "--train", "TMP"],
+     "data.references: no references folder (set data.references (--references) or data.root)"),
+    (["index", "add", "TMP", "TMP"], "TMP: not an index (no CURRENT)"),
+    (["serve", "TMP"], "TMP: not an index (no CURRENT)"),
+    (["verify", "--out", "TMP"], "TMP: no pinned inputs or manifest settings; run `copydet manifest` first"),
+    (["evaluate", "--out", "TMP"], "TMP: no pinned inputs or manifest settings; run `copydet manifest` first"),
+    (["tune", "TMP/x.yaml"], "TMP/x.yaml: no such config file"),
+    (["train-verifier", "TMP/x.yaml"], "TMP/x.yaml: no such config file"),
+    (["detector", "train", "TMP/x.yaml"], "TMP/x.yaml: no such config file"),
+]
+
+
+@pytest.mark.parametrize("argv, error", REFUSED, ids=[" ".join(a[:2]) for a, _ in REFUSED])
+def test_a_command_refuses_a_mistake_before_it_imports_torch(tmp_path, argv, error):
+    code = "import json, sys; from jobs.cli import main; print(main(json.loads(sys.argv[1])))"
+    argv = [a.replace("TMP", str(tmp_path)) for a in argv]
+    out, err, loaded = imported_by(code, HEAVY, json.dumps(argv))
+    assert out.splitlines()[-1] == "2" and error.replace("TMP", str(tmp_path)) in err and loaded == [], err
+    assert not (tmp_path / "index").exists()

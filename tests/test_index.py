@@ -22,7 +22,6 @@ from ensemble.index.versions import prune
 from jobs import indexing
 from jobs.commands.index import info_lines
 from jobs.cli import main as copydet
-from tests.conftest import imported_by
 from jobs.config import load_config
 from jobs.layout import RunDir
 from jobs.pipeline import run_pipeline
@@ -320,16 +319,6 @@ def test_a_build_left_by_a_stopped_build_of_other_images_names_its_folder(ray_lo
     with pytest.raises(ValueError, match=r"(?s)other settings.*index/\.staging holds a build .* delete it to build this one"):
         indexing.build_from_folders(cfg.model_copy(update={"data": cfg.data.model_copy(
             update={"root": None, "references": str(data / "references")})}), str(index))
-
-
-def test_a_build_without_references_names_the_option_before_loading_the_pipeline(tmp_path):
-    """`index build --train X` alone printed the DataConfig's repr after ~12 s of imports."""
-    code = ("import sys; from jobs.cli import main; rc = main(['index', 'build', '--out', sys.argv[1], "
-            "'--train', sys.argv[2]]); print(rc)")
-    out, err, loaded = imported_by(code, ["torch"], str(tmp_path / "index"), str(tmp_path))
-    assert out.split()[0] == "2" and not loaded, (out, err)
-    assert "data.references: no references folder (set data.references (--references) or data.root)" in err
-    assert not (tmp_path / "index").exists()
 
 
 def test_writer_lock_and_missing_index(tmp_path):

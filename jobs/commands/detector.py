@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from core.yamlconf import read_yaml
 from jobs.commands.base import arg, command
 from jobs.config import RayConfig
 from jobs.runtime import init_ray, run_tasks
@@ -17,7 +18,9 @@ log = logging.getLogger(__name__)
          arg("--address", help="Ray cluster address (default: local Ray)"),
          uses_config=False)
 def detector(args: argparse.Namespace) -> None:
+    read_yaml(args.config)  # a missing or broken file is refused before the imports below take seconds
     from patchers.detector.train import load_detector_config, train_detector
+
     cfg = load_detector_config(args.config).anchored()
     init_ray(RayConfig(), args.address)
     card = train_detector(cfg, lambda fn, calls: run_tasks(fn, calls, "synth"))

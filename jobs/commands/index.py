@@ -53,11 +53,12 @@ def _build(args: argparse.Namespace) -> None:
 
 
 def _add(args: argparse.Namespace) -> int:
-    from jobs import indexing
-
     root = _one(args, "INDEX_DIR")
     if len(args.rest) != 1:
         raise ValueError("index add: give one FOLDER of images to add")
+    IndexDir(root).require_current()  # not an index: refused before the imports below take seconds
+    from jobs import indexing
+
     try:
         name, added, errors = indexing.add_folder(root, args.rest[0], list(args.set or []))
     except indexing.NothingAdded as e:

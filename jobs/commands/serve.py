@@ -6,6 +6,7 @@ import logging
 import signal
 import threading
 
+from ensemble.index.layout import IndexDir
 from jobs.commands.base import LOCAL_RAY, arg, command
 from jobs.runtime import init_ray
 
@@ -19,6 +20,7 @@ log = logging.getLogger(__name__)
          arg("--address", help=LOCAL_RAY),
          uses_config=False)
 def serve_index(args: argparse.Namespace) -> None:
+    IndexDir(args.index_dir).require_current()  # not an index: refused before the imports below take seconds
     from jobs.indexing import index_config
     from jobs.serve.app import start, stop
 

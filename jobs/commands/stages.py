@@ -14,6 +14,7 @@ from core.store import exists, read_table
 from core.yamlconf import text_override
 from jobs.commands.base import arg, command, config_from_args
 from jobs.commands.report import META_HELP, unread_note, write_report
+from jobs.completeness import manifest_shards
 from jobs.config import ConfigError, PipelineConfig
 from jobs.inputs import check_pair_ids, run_ground_truth
 from jobs.layout import RunDir
@@ -85,6 +86,8 @@ def stage_command(name: str, help: str, *extra: tuple) -> None:
     @command(name, help, *extra)
     def fn(args: argparse.Namespace) -> None:
         cfg = config_with_folders(args)  # refused, if bad, before the imports below
+        if name != "manifest":
+            manifest_shards(RunDir(cfg.output))  # so is a run folder with no manifest
         from jobs.pipeline import run_stages
 
         run_stages(cfg, [name], address=args.address)
@@ -130,6 +133,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if cfg.data.ground_truth_path() is None:
         raise ConfigError("no ground truth to score against: the config names none (data.ground_truth, or "
                           "ground_truth.csv under data.root); pass --ground-truth CSV")
+    manifest_shards(RunDir(cfg.output))  # a run folder with no manifest is refused before the import below
     from jobs.pipeline import evaluate_run
 
     m = evaluate_run(cfg)

@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from core.imageio import IMAGE_SUFFIXES
 from core.models.cards import ModelCard, RegistryError
 from core.models.registry import load_card, registry_path, scan_cards
+from core.yamlconf import read_yaml
 from jobs.commands.base import arg, command
 from jobs.config import RayConfig
 from jobs.runtime import init_ray
@@ -27,19 +27,21 @@ TRAIN_ARGS = (
 )
 
 
-def _train(args: argparse.Namespace, plan: Callable[[TrainConfig], list[RunSpec]]) -> int:
-    from pretrain.train.fanout import run_all
+def _train(args: argparse.Namespace, plan: str) -> int:
+    """Run the training config's runs that ``plan`` (a :mod:`pretrain.train.fanout` planner) lists."""
+    read_yaml(args.config)  # a missing or broken file is refused before the imports below take seconds
+    from pretrain.train import fanout
     from pretrain.train_config import load_train_config
 
     cfg = load_train_config(args.config, args.set).anchored()
     client = "://" in (args.address or cfg.ray.address or "")  # Ray Client: the folder is the cluster's, not here
     if not client and "://" not in cfg.data.train:
         check_train_folder(args.config, cfg.data.train)  # refused before Ray starts
-    specs = plan(cfg)
+    specs: list[RunSpec] = getattr(fanout, plan)(cfg)
     check_init_weights(cfg, specs)
     log.info(f"{len(specs)} runs: {', '.join(s.name for s in specs)}")
     init_ray(RayConfig(address=args.address or cfg.ray.address))
-    outcomes = run_all(specs, cfg.ray)
+    outcomes = fanout.run_all(specs, cfg.ray)
     rows = [[o.name, o.status, _fmt(o.metrics.get("loss")), _fmt(_registered_micro_ap(o, cfg)), o.error or o.note or ""]
             for o in outcomes]
     print(format_table(["run", "status", "last loss", "val uAP (registered)", "error / note"], rows))
@@ -91,25 +93,19 @@ def has_image(folder: str) -> bool:
 @command("pretrain", "BYOL-pretrain every backbone of a training config (Ray Train) and register them",
          *TRAIN_ARGS, uses_config=False)
 def pretrain(args: argparse.Namespace) -> int:
-    from pretrain.train.fanout import plan_pretrain
-
-    return _train(args, plan_pretrain)
+    return _train(args, "plan_pretrain")
 
 
 @command("finetune", "fine-tune sets x backbones (Ray Train fan-out); each finished model is registered",
          *TRAIN_ARGS, uses_config=False)
 def finetune(args: argparse.Namespace) -> int:
-    from pretrain.train.fanout import plan_finetune
-
-    return _train(args, plan_finetune)
+    return _train(args, "plan_finetune")
 
 
 @command("train-verifier", "train copydet's learned verifier (Ray Train) and register it (verify.method: learned)",
          *TRAIN_ARGS, uses_config=False)
 def train_verifier(args: argparse.Namespace) -> int:
-    from pretrain.train.fanout import plan_verifier
-
-    return _train(args, plan_verifier)
+    return _train(args, "plan_verifier")
 
 
 def _registered_micro_ap(outcome: Outcome, cfg: TrainConfig) -> float | None:

@@ -63,6 +63,11 @@ def beta_grid(text: str) -> list[float]:
              help=f"comma-separated betas to try (default {','.join(f'{b:g}' for b in BETA_GRID)})"),
          arg("--write", help="tuned config to write (default: RUN_DIR/tuned.yaml)"))
 def tune(args: argparse.Namespace) -> None:
+    config = config_path(args)  # the tuned file is written from it
+    if bool(args.validation_queries) != bool(args.validation_ground_truth):
+        raise ConfigError("give both --validation-queries and --validation-ground-truth, or neither")
+    overrides = with_output(args.set or [], args.out)
+    cfg = load_config(config, overrides)  # a bad config is refused before the imports below take seconds
     from jobs.plan import count_images
     from jobs.tune import (
         format_subsets,
@@ -76,11 +81,6 @@ def tune(args: argparse.Namespace) -> None:
     )
     from pretrain.synthetic import SplitSpec, make_synthetic_split
 
-    config = config_path(args)  # the tuned file is written from it
-    if bool(args.validation_queries) != bool(args.validation_ground_truth):
-        raise ConfigError("give both --validation-queries and --validation-ground-truth, or neither")
-    overrides = with_output(args.set or [], args.out)
-    cfg = load_config(config, overrides)
     run_dir = cfg.output
     if "://" in run_dir:
         raise ConfigError(f"the run folder must be a local path, got {run_dir}")
