@@ -110,6 +110,10 @@ REFUSED = [  # argv (TMP: a fresh folder) -> the error; each took 7-14 s of impo
     (["index", "build", "--out", "TMP/index", "--train", "TMP"],
      "data.references: no references folder (set data.references (--references) or data.root)"),
     (["index", "add", "TMP", "TMP"], "TMP: not an index (no CURRENT)"),
+    (["index", "remove", "TMP", "R1"], "TMP: not an index (no CURRENT)"),
+    (["index", "compact", "TMP"], "TMP: not an index (no CURRENT)"),
+    (["plan", "TMP/x.yaml"], "TMP/x.yaml: no such config file"),
+    (["submit", "TMP/x.yaml", "--address", "http://127.0.0.1:1"], "TMP/x.yaml: no such config file"),
     (["serve", "TMP"], "TMP: not an index (no CURRENT)"),
     (["verify", "--out", "TMP"], "TMP: no pinned inputs or manifest settings; run `copydet manifest` first"),
     (["evaluate", "--out", "TMP"], "TMP: no pinned inputs or manifest settings; run `copydet manifest` first"),
@@ -119,7 +123,7 @@ REFUSED = [  # argv (TMP: a fresh folder) -> the error; each took 7-14 s of impo
 ]
 
 
-@pytest.mark.parametrize("argv, error", REFUSED, ids=[" ".join(a[:2]) for a, _ in REFUSED])
+@pytest.mark.parametrize("argv, error", REFUSED, ids=[" ".join(a[:2]).replace("TMP", "") for a, _ in REFUSED])
 def test_a_command_refuses_a_mistake_before_it_imports_torch(tmp_path, argv, error):
     code = "import json, sys; from jobs.cli import main; print(main(json.loads(sys.argv[1])))"
     argv = [a.replace("TMP", str(tmp_path)) for a in argv]

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from core.yamlconf import read_yaml
 from jobs.commands.base import arg, command, config_from_args, config_path, positive_int
 from jobs.config import ConfigError
 from jobs.stages import NAMES as STAGES
@@ -25,11 +26,14 @@ JOB_ARGS = (
          arg("--follow", action="store_true", help="stream the job's logs until it ends"),
          address=JOBS_ADDRESS)
 def submit(args: argparse.Namespace) -> int:
-    from jobs.submit import job_logs, job_status
-    from jobs.submit import submit as submit_job
     if args.stage in TRAIN_STAGES and not args.config:
         raise ConfigError(f"--stage {args.stage}: give the training config (e.g. configs/train/cluster.yaml)")
     config = args.config if args.stage in TRAIN_STAGES else config_path(args)  # a run folder's own, as stages do
+    if config:
+        read_yaml(config)  # a missing or broken file is refused before the imports below take seconds
+    from jobs.submit import job_logs, job_status
+    from jobs.submit import submit as submit_job
+
     job_id = submit_job(config, args.address, args.stage, list(args.set or []), args.out, warn=log.warning)
     print(job_id, flush=True)
     if args.follow:
@@ -72,12 +76,13 @@ def stop(args: argparse.Namespace) -> None:
              help="training config whose models are not registered yet (sized from their architecture)"),
          address=None)
 def plan(args: argparse.Namespace) -> None:
+    cfg = config_from_args(args)  # a bad config is refused before the imports below take seconds
     from core.models.cards import RegistryError
     from jobs.plan import build_plan, format_plan, model_cards, split_counts, throughputs
     from jobs.preflight import detector_checks, resolved_each
     from pretrain.train.fanout import planned_cards
     from pretrain.train_config import load_train_config
-    cfg = config_from_args(args)
+
     try:  # a detector is costed at its box budget; the patch stage needs it registered
         resolved_each(detector_checks(cfg))
     except RegistryError as e:

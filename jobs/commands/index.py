@@ -33,6 +33,13 @@ def _one(args: argparse.Namespace, what: str) -> str:
     return args.target
 
 
+def _existing(args: argparse.Namespace) -> str:
+    """INDEX_DIR, refused when it is not an index before the indexing imports take seconds."""
+    root = _one(args, "INDEX_DIR")
+    IndexDir(root).require_current()
+    return root
+
+
 def _build(args: argparse.Namespace) -> None:
     if not args.out:
         raise ValueError("index build: --out INDEX_DIR is required")
@@ -53,10 +60,9 @@ def _build(args: argparse.Namespace) -> None:
 
 
 def _add(args: argparse.Namespace) -> int:
-    root = _one(args, "INDEX_DIR")
     if len(args.rest) != 1:
         raise ValueError("index add: give one FOLDER of images to add")
-    IndexDir(root).require_current()  # not an index: refused before the imports below take seconds
+    root = _existing(args)
     from jobs import indexing
 
     try:
@@ -77,9 +83,9 @@ def _add(args: argparse.Namespace) -> int:
 
 
 def _remove(args: argparse.Namespace) -> int:
+    root = _existing(args)
     from jobs import indexing
 
-    root = _one(args, "INDEX_DIR")
     ids = list(args.rest)
     if args.ids_file:
         text = Path(args.ids_file).read_text(encoding="utf-8-sig")  # a spreadsheet's export starts with a BOM
@@ -98,9 +104,10 @@ def _remove(args: argparse.Namespace) -> int:
 
 
 def _compact(args: argparse.Namespace) -> None:
+    root = _existing(args)
     from jobs import indexing
 
-    name = indexing.compact(_one(args, "INDEX_DIR"))
+    name = indexing.compact(root)
     log.info(f"index compact: published {name}")
 
 
