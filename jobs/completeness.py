@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Collection
 from functools import lru_cache
+from typing import Any
 
 from core.contracts import chunk_file, plan_chunks, shard_file, shard_split
 from core.settings import read_settings
@@ -27,11 +28,18 @@ class IncompleteUpstream(RuntimeError):
     """A stage's input folder lacks files its settings imply; the message names them."""
 
 
-def manifest_shards(run: RunDir) -> list[str]:
-    """Manifest shards (= patch shards) of the pinned inputs: ``patches.shard_size`` images each."""
+def require_pinned(run: RunDir) -> dict[str, Any]:
+    """The manifest's recorded settings, if the run folder has pinned inputs and a manifest: the
+    cheap check (two small files) that every stage after the manifest starts from."""
     settings = read_settings(run.manifest)
     if not exists(run.inputs) or settings is None:
         raise IncompleteUpstream(f"{run.root}: no pinned inputs or manifest settings; run `copydet manifest` first")
+    return settings
+
+
+def manifest_shards(run: RunDir) -> list[str]:
+    """Manifest shards (= patch shards) of the pinned inputs: ``patches.shard_size`` images each."""
+    settings = require_pinned(run)
     per_split = images(read_table(run.inputs), settings.get("limit"))
     return [shard_file(split, i) for split, files in sorted(per_split.items())
             for i, _, _ in chunks(len(files), settings["shard_size"])]

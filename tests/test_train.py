@@ -238,6 +238,17 @@ def test_an_empty_training_folder_is_refused_before_ray_starts(tmp_path, monkeyp
         copydet(argv)
 
 
+def test_each_training_command_names_a_planner_of_the_fanout():
+    """The commands name their planner (imported when they run): each name is one of fanout's."""
+    from typing import get_args
+
+    from jobs.commands.train import Planner
+    from pretrain.train import fanout
+
+    assert {name: callable(getattr(fanout, name, None)) for name in get_args(Planner)} == {
+        "plan_pretrain": True, "plan_finetune": True, "plan_verifier": True}
+
+
 def test_a_fine_tuning_start_of_another_architecture_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys):
     from core.models.checkpoint import save_checkpoint
 

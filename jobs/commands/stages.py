@@ -11,10 +11,10 @@ import os
 
 from core.metrics import plot_pr, read_ground_truth, read_predictions
 from core.store import exists, read_table
-from core.yamlconf import text_override
+from core.yamlconf import parse_overrides, text_override
 from jobs.commands.base import arg, command, config_from_args
 from jobs.commands.report import META_HELP, unread_note, write_report
-from jobs.completeness import manifest_shards
+from jobs.completeness import require_pinned
 from jobs.config import ConfigError, PipelineConfig
 from jobs.inputs import check_pair_ids, run_ground_truth
 from jobs.layout import RunDir
@@ -41,7 +41,7 @@ def config_with_folders(args: argparse.Namespace, sets: list[str] | None = None)
     for key in ("train", "references", "queries", "ground_truth"):
         if getattr(args, key, None):
             sets.append(text_override(f"data.{key}", getattr(args, key)))
-    root_given = any(s.split("=", 1)[0].strip() == "data.root" for s in sets)
+    root_given = any(key == "data.root" for key, _ in parse_overrides(sets))
     if any(getattr(args, k, None) for k in ("train", "references", "queries")) and not root_given:
         sets.append("data.root=null")
     return config_from_args(args, sets)
@@ -87,7 +87,7 @@ def stage_command(name: str, help: str, *extra: tuple) -> None:
     def fn(args: argparse.Namespace) -> None:
         cfg = config_with_folders(args)  # refused, if bad, before the imports below
         if name != "manifest":
-            manifest_shards(RunDir(cfg.output))  # so is a run folder with no manifest
+            require_pinned(RunDir(cfg.output))  # so is a run folder with no manifest
         from jobs.pipeline import run_stages
 
         run_stages(cfg, [name], address=args.address)
@@ -133,7 +133,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if cfg.data.ground_truth_path() is None:
         raise ConfigError("no ground truth to score against: the config names none (data.ground_truth, or "
                           "ground_truth.csv under data.root); pass --ground-truth CSV")
-    manifest_shards(RunDir(cfg.output))  # a run folder with no manifest is refused before the import below
+    require_pinned(RunDir(cfg.output))  # a run folder with no manifest is refused before the import below
     from jobs.pipeline import evaluate_run
 
     m = evaluate_run(cfg)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from core.imageio import IMAGE_SUFFIXES
 from core.models.cards import ModelCard, RegistryError
@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # torch and timm load when a command trains, not with the com
     from pretrain.train_config import RunSpec, TrainConfig
 
 log = logging.getLogger(__name__)
+Planner = Literal["plan_pretrain", "plan_finetune", "plan_verifier"]  # of pretrain.train.fanout, imported when run
 
 TRAIN_ARGS = (
     arg("config", help="training YAML (see configs/train/)"),
@@ -27,7 +28,7 @@ TRAIN_ARGS = (
 )
 
 
-def _train(args: argparse.Namespace, plan: str) -> int:
+def _train(args: argparse.Namespace, plan: Planner) -> int:
     """Run the training config's runs that ``plan`` (a :mod:`pretrain.train.fanout` planner) lists."""
     read_yaml(args.config)  # a missing or broken file is refused before the imports below take seconds
     from pretrain.train import fanout
