@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -22,6 +23,8 @@ import pyarrow.csv as pacsv
 
 from core.contracts import PREDICTIONS_SCHEMA
 from core.store import atomic_output
+
+log = logging.getLogger(__name__)
 
 _NOT_FOUND = np.iinfo(np.int64).max  # rank of a ground-truth pair that was not predicted
 
@@ -194,7 +197,19 @@ def _read_csv(path: str | os.PathLike, columns: list[str], types: dict[str, pa.D
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; found {table.column_names} "
                          f"(expected a header line {','.join(columns)})")
+    for name in (c for c in columns if types[c] == pa.string()):
+        _warn_spaced(path, name, table.column(name))
     return table.select(columns)
+
+
+def _warn_spaced(path: str | os.PathLike, name: str, ids: pa.ChunkedArray) -> None:
+    """Ids are matched as written: ``Q1, R1`` (a space after the comma) names the reference `` R1``,
+    which matches no image. Said once per column, with the first such id."""
+    spaced = pc.not_equal(ids, pc.utf8_trim_whitespace(ids))
+    if pc.any(spaced).as_py():
+        first = ids[pc.index(spaced, True).as_py()].as_py()
+        log.warning(f"{path}: {pc.sum(spaced).as_py()} {name} value(s) have spaces around them (e.g. {first!r}); "
+                    "ids are matched as written: write the CSV without spaces after the commas")
 
 
 def read_ground_truth(path: str | os.PathLike) -> list[tuple[str, str]]:

@@ -1,6 +1,8 @@
 """ISC21 metrics: hand-computed cases, a loop-based reference on random data, CSV I/O, PR plot."""
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -212,6 +214,21 @@ def test_the_header_line_is_optional_as_in_isc21(tmp_path):
     with pytest.raises(ValueError, match=r"p\.csv: no header line, and 2 column\(s\) where "
                                          r"query_id,reference_id,score are expected"):
         read_predictions(preds)
+
+
+def test_ids_with_spaces_around_them_are_kept_and_named(tmp_path, caplog):
+    """``Q1, R1`` names reference `` R1``: kept as written (a file may be named so), with a warning
+    naming the file, the column and an example, instead of a silent μAP of 0."""
+    caplog.set_level(logging.WARNING)
+    preds = tmp_path / "p.csv"
+    preds.write_text("Q1, R1, 0.9\nQ3,R0,0.8\n")
+    assert read_predictions(preds).column("reference_id").to_pylist() == [" R1", "R0"]
+    assert caplog.messages == [f"{preds}: 1 reference_id value(s) have spaces around them (e.g. ' R1'); ids are "
+                               "matched as written: write the CSV without spaces after the commas"]
+    caplog.clear()
+    preds.write_text("Q1,R1,0.9\nQ3,R0,0.8\n")
+    read_predictions(preds)
+    assert caplog.messages == []
 
 
 def test_missing_columns_named(tmp_path):

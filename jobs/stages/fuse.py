@@ -103,7 +103,7 @@ def fuse_all(cfg: PipelineConfig, run: RunDir, folder: Callable[[str], str], des
     """Image-level top k of every query from every key's files in ``folder(key)``; one patch shard
     at a time, so the driver holds one shard's candidates and the (small) image-level top k."""
     groups = query_shards(run, cfg.search_keys(), folder)
-    parts = [fuse_group(files, cfg) for files in tqdm(groups.values(), desc=desc, unit="shard", leave=False)]
+    parts = [fuse_group(files, cfg) for files in tqdm(groups.values(), desc=desc, unit="shard")]
     preds = pa.concat_tables(parts).combine_chunks()
     return preds.take(pc.sort_indices(preds, [("query_id", "ascending"), ("score", "descending")]))
 
