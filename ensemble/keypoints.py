@@ -96,6 +96,7 @@ class Keypoints:
     size: tuple[int, int] = (0, 0)  # (width, height) of the grey image the points are in
     mirrored: bool = False  # points and descriptors are of the image flipped left to right
     codes: np.ndarray | None = None  # the detector's descriptors as uint8: ``descriptors`` in a quarter of the bytes
+    coarse: Keypoints | None = None  # of the image shrunk (:func:`shrink`), when the scorer matches that too
 
 
 def keypoint_method(name: str) -> KeypointMethod:
@@ -118,6 +119,12 @@ def _gray(img: Image.Image | np.ndarray, max_side: int, min_side: int) -> np.nda
     return np.ascontiguousarray(arr, dtype=np.uint8)
 
 
+def shrink(img: Image.Image | np.ndarray, side: int) -> np.ndarray:
+    """The grey image shrunk (area) to longer side ``side``, if longer: blur, pixelation and
+    downscaling leave a copy's coarse structure, which this keeps and finer detail does not."""
+    return _gray(img, side, 0)
+
+
 def describe(img: Image.Image | np.ndarray, method: str = "sift", max_side: int = 512,
              mirrored: bool = False, min_side: int = MIN_SIDE) -> Keypoints:
     """Keypoints and descriptors of an RGB (PIL or HxWx3 uint8) or grey image (of its mirror
@@ -136,7 +143,7 @@ def mirror_view(plain: Keypoints, img: Image.Image | np.ndarray | None, method: 
                 max_side: int = 512, min_side: int = MIN_SIDE) -> Keypoints:
     """The features of ``img``'s mirror image: ``plain``'s, mirrored, where the method's
     descriptor layout allows (SIFT: the same numbers as describing the flipped image, at no
-    cost; ``img`` is not needed), else described anew."""
+    cost; ``img`` is not needed; its coarse view too), else described anew (without one)."""
     permutation = keypoint_method(method).mirror
     if permutation is None:
         if img is None:
@@ -146,7 +153,8 @@ def mirror_view(plain: Keypoints, img: Image.Image | np.ndarray | None, method: 
     points[:, 0] = plain.size[0] - 1 - points[:, 0]
     desc, codes = (None if a is None else np.ascontiguousarray(a[:, permutation])
                    for a in (plain.descriptors, plain.codes))
-    return Keypoints(points, desc, plain.size, True, codes)
+    coarse = None if plain.coarse is None else mirror_view(plain.coarse, None, method)
+    return Keypoints(points, desc, plain.size, True, codes, coarse)
 
 
 def matches(a: Keypoints, b: Keypoints, method: str = "sift", ratio: float = 0.75,

@@ -24,11 +24,13 @@ from core.models.verifier import load_verifier
 from ensemble.keypoints import (
     KEYPOINT_METHODS,
     MIN_SIDE,
+    KeypointMethod,
     Keypoints,
     best_matches,
     describe,
     keypoint_method,
     mirror_view,
+    shrink,
 )
 
 
@@ -59,60 +61,86 @@ KEYPOINT_COLUMNS = {"inliers": pa.int32(), "keypoints": pa.int32()}
 class KeypointScorer:
     """RANSAC inliers of SIFT / ORB keypoints (``method``), images shrunk to ``max_side`` and
     thumbnails enlarged to ``min_side``; with ``mirror`` the query's mirror image is matched too and
-    the better view counts. ``keypoints`` is the smaller image's keypoint count: how many inliers a
-    copy had room for."""
+    the better view counts; with ``coarse_side`` both images shrunk to it (then enlarged as
+    thumbnails are) are matched too and the better of the two counts. ``keypoints`` is the smaller
+    image's keypoint count (as described, not shrunk): how many inliers a copy had room for."""
 
     method: str = "sift"
     max_side: int = 512
     mirror: bool = True
     min_side: int = MIN_SIDE
+    coarse_side: int = 0
     columns: dict[str, pa.DataType] = field(default_factory=lambda: dict(KEYPOINT_COLUMNS))
     cache_size: int = 256
 
     def __post_init__(self) -> None:
         keypoint_method(self.method)
 
-    def describe(self, img: Image.Image) -> Keypoints:
-        return describe(img, self.method, self.max_side, min_side=self.min_side)
+    def describe(self, img: Image.Image, mirrored: bool = False) -> Keypoints:
+        kp = describe(img, self.method, self.max_side, mirrored, self.min_side)
+        if self.coarse_side:
+            kp.coarse = describe(shrink(img, self.coarse_side), self.method, self.max_side, mirrored, self.min_side)
+        return kp
 
     def describe_query(self, img: Image.Image) -> list[Keypoints]:
         """The query's views: as it is, and its mirror image when ``mirror``."""
         plain = self.describe(img)
         if not self.mirror:
             return [plain]
-        return [plain, mirror_view(plain, img, self.method, self.max_side, self.min_side)]
+        if keypoint_method(self.method).mirror is None:  # ORB: described anew
+            return [plain, self.describe(img, mirrored=True)]
+        return [plain, mirror_view(plain, None, self.method)]
 
     def check(self, query: Sequence[Keypoints], candidate: Keypoints) -> tuple[np.ndarray, tuple[int, int]]:
-        """The inlier pairs of :func:`best_matches` and the row of ``columns``."""
-        found = best_matches(query, candidate, self.method)[1]
-        return found, (len(found), min(len(query[0].points), len(candidate.points)))
+        """The inlier pairs of :func:`best_matches` (of the better level, with ``coarse_side``) in
+        fractions of each image's width and height, and the row of ``columns``."""
+        levels = [(query, candidate)]
+        if candidate.coarse is not None and all(v.coarse is not None for v in query):
+            levels.append(([v.coarse for v in query], candidate.coarse))
+        found, (a, b) = max(((best_matches(views, c, self.method)[1], (views[0], c)) for views, c in levels),
+                            key=lambda level: len(level[0]))
+        return found / np.array([*a.size, *b.size], np.float32), \
+            (len(found), min(len(query[0].points), len(candidate.points)))
 
     def compare(self, query: Sequence[Keypoints], candidates: Sequence[Keypoints]) -> list[tuple[int, int]]:
         return [self.check(query, c)[1] for c in candidates]
 
     def pack(self, described: Keypoints | list[Keypoints]) -> dict[str, np.ndarray]:
-        """Points, uint8 codes and frame (width, height, mirrored) of each view; a mirror view that
-        is a permutation of the plain one (SIFT) is only flagged, and made again on unpacking."""
+        """Points, uint8 codes and frame (width, height, mirrored) of each view and of its coarse
+        view; a mirror view that is a permutation of the plain one (SIFT) is only flagged, and made
+        again on unpacking."""
         views = described if isinstance(described, list) else [described]
         derived = len(views) == 2 and keypoint_method(self.method).mirror is not None
         out = {"query": np.array(isinstance(described, list)), "mirror": np.array(derived)}
         for i, kp in enumerate(views[:1] if derived else views):
-            out[f"points{i}"] = kp.points
-            if kp.codes is not None:
-                out[f"codes{i}"] = kp.codes
-            out[f"frame{i}"] = np.array([*kp.size, kp.mirrored], np.int32)
+            for tag, level in ((f"{i}", kp), (f"c{i}", kp.coarse)):
+                if level is not None:
+                    out |= _pack_level(level, tag)
         return out
 
     def unpack(self, arrays: Mapping[str, np.ndarray]) -> Keypoints | list[Keypoints]:
         spec, views = keypoint_method(self.method), []
         while f"points{len(views)}" in arrays:
             i = len(views)
-            codes = arrays.get(f"codes{i}")
-            w, h, mirrored = (int(v) for v in arrays[f"frame{i}"])
-            views.append(Keypoints(arrays[f"points{i}"], spec.decode(codes), (w, h), bool(mirrored), codes))
+            views.append(_unpack_level(arrays, f"{i}", spec))
+            if f"pointsc{i}" in arrays:
+                views[i].coarse = _unpack_level(arrays, f"c{i}", spec)
         if bool(arrays["mirror"]):
             views.append(mirror_view(views[0], None, self.method))
         return views if bool(arrays["query"]) else views[0]
+
+
+def _pack_level(kp: Keypoints, tag: str) -> dict[str, np.ndarray]:
+    out = {f"points{tag}": kp.points, f"frame{tag}": np.array([*kp.size, kp.mirrored], np.int32)}
+    if kp.codes is not None:
+        out[f"codes{tag}"] = kp.codes
+    return out
+
+
+def _unpack_level(arrays: Mapping[str, np.ndarray], tag: str, spec: KeypointMethod) -> Keypoints:
+    codes = arrays.get(f"codes{tag}")
+    w, h, mirrored = (int(v) for v in arrays[f"frame{tag}"])
+    return Keypoints(arrays[f"points{tag}"], spec.decode(codes), (w, h), bool(mirrored), codes)
 
 
 @dataclass
@@ -143,10 +171,11 @@ class LearnedScorer:
 
 
 def _keypoint_scorer(method: str) -> Callable[..., PairScorer]:
-    return lambda max_side=512, mirror=True, min_side=MIN_SIDE, **_: KeypointScorer(method, max_side, mirror, min_side)
+    return lambda max_side=512, mirror=True, min_side=MIN_SIDE, coarse_side=0, **_: \
+        KeypointScorer(method, max_side, mirror, min_side, coarse_side)
 
 
-# scorer name -> factory(max_side, mirror, min_side, model, registry; other keywords ignored); config
+# scorer name -> factory(max_side, mirror, min_side, coarse_side, model, registry; other keywords ignored); config
 # names select them: one keypoint scorer per keypoint method, and the learned verifier
 SCORERS: dict[str, Callable[..., PairScorer]] = {
     **{name: _keypoint_scorer(name) for name in KEYPOINT_METHODS},

@@ -14,9 +14,10 @@ from ensemble.verify import KeypointScorer
 from tests.test_verify import rotated_crop, textured
 
 
+@pytest.mark.parametrize("coarse_side", [0, 96])
 @pytest.mark.parametrize("method", sorted(KEYPOINT_METHODS))
-def test_packed_keypoints_compare_as_described_anew(method):
-    scorer = KeypointScorer(method)
+def test_packed_keypoints_compare_as_described_anew(method, coarse_side):
+    scorer = KeypointScorer(method, coarse_side=coarse_side)
     ref, blank = textured(0), Image.new("RGB", (64, 64), (128, 128, 128))
     query = rotated_crop(ref).transpose(Image.Transpose.FLIP_LEFT_RIGHT)  # matches through the mirror view
     fresh = scorer.describe_query(query), [scorer.describe(ref), scorer.describe(textured(1)), scorer.describe(blank)]
@@ -27,8 +28,11 @@ def test_packed_keypoints_compare_as_described_anew(method):
     assert stored[1][2].descriptors is None and len(stored[1][2].points) == 0
     got = scorer.compare(*stored)
     assert got == scorer.compare(*fresh) and got[0][0] >= 20
-    for a, b in zip(fresh[0] + fresh[1], stored[0] + stored[1]):
-        assert a.size == b.size and np.array_equal(a.points, b.points)
+    assert ("pointsc0" in scorer.pack(fresh[0])) == bool(coarse_side)
+    levels = [(a, b) for a, b in zip(fresh[0] + fresh[1], stored[0] + stored[1])]
+    levels += [(a.coarse, b.coarse) for a, b in levels if coarse_side]
+    for a, b in levels:
+        assert a.size == b.size and a.mirrored == b.mirrored and np.array_equal(a.points, b.points)
         for x, y in ((a.descriptors, b.descriptors), (a.codes, b.codes)):
             assert (x is None and y is None) or np.array_equal(x, y)
 

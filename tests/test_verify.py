@@ -57,6 +57,38 @@ def test_min_side_enlarges_thumbnails_until_their_copies_verify():
     assert enlarged.compare(enlarged.describe_query(unrelated), [enlarged.describe(ref)])[0][0] < 8
 
 
+def grainy_shapes(seed: int, size: int = 512) -> Image.Image:
+    """Large shapes under strong grain: the grain's keypoints fill the detector's budget (1000)."""
+    rng = np.random.default_rng(seed)
+    img = Image.new("RGB", (size, size), (120, 120, 120))
+    d = ImageDraw.Draw(img)
+    for _ in range(40):
+        x, y = rng.integers(0, size - 40, 2)
+        w, h = rng.integers(32, 140, 2)
+        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
+        (d.rectangle if rng.random() < 0.5 else d.ellipse)([int(x), int(y), int(x + w), int(y + h)], fill=colour)
+    grain = rng.normal(0, 60, (size, size, 1))
+    return Image.fromarray(np.clip(np.asarray(img, np.float32) + grain, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("method", sorted(KEYPOINT_METHODS))
+def test_a_blurred_copy_matches_better_at_the_coarse_side(method):
+    """Blurred, a copy keeps the shapes and loses the grain whose keypoints crowd the original's
+    budget: with both images also shrunk to ``coarse_side`` the better level has many more inliers;
+    an unrelated image still none. Inlier pairs come in fractions of the images' sides."""
+    from PIL import ImageFilter
+
+    ref = grainy_shapes(7)
+    copy, unrelated = (im.filter(ImageFilter.GaussianBlur(5)) for im in (ref, grainy_shapes(8)))
+    fine, both = KeypointScorer(method, mirror=False), KeypointScorer(method, mirror=False, coarse_side=96)
+    plain = fine.compare(fine.describe_query(copy), [fine.describe(ref)])[0][0]
+    pairs, (n, room) = both.check(both.describe_query(copy), both.describe(ref))
+    assert n >= plain + 8 and room == min(len(describe(im, method).points) for im in (copy, ref))
+    assert len(pairs) == n and 0 <= pairs.min() and pairs.max() <= 1
+    assert np.abs(pairs[:, :2] - pairs[:, 2:]).max() < 0.02  # a copy in place: the same spots of both
+    assert both.compare(both.describe_query(unrelated), [both.describe(ref)])[0][0] < 8
+
+
 def test_l2_matches_are_opencvs_mutual_ratio_test_matches():
     """One distance matrix gives the pairs of two OpenCV brute-force passes (knn a->b, nn b->a)."""
     import cv2
@@ -242,12 +274,15 @@ def test_decoys_are_never_verified_deeper_than_the_predictions():
     assert decoy_depth(VerifyConfig(top_k=1, decoy_top_k=2)) == 1
 
 
-def test_min_side_is_pinned_and_reaches_the_scorer():
+def test_min_side_and_coarse_side_are_pinned_and_reach_the_scorer():
     from jobs.config import load_config
     from jobs.stages.verify import keypoint_settings, scorer_for
 
     cfg = load_config(None, ["verify.min_side=128"])
     assert keypoint_settings("rootsift", cfg)["min_side"] == 128 and scorer_for("rootsift", cfg).min_side == 128
+    assert "coarse_side" not in keypoint_settings("rootsift", cfg)  # off: caches made before it stay valid
+    cfg = load_config(None, ["verify.coarse_side=128"])
+    assert keypoint_settings("rootsift", cfg)["coarse_side"] == 128 and scorer_for("rootsift", cfg).coarse_side == 128
 
 
 def test_a_scorer_with_nothing_cached_is_named(tmp_path):

@@ -122,7 +122,7 @@ class Matcher:
                 a = queries[q]
                 if isinstance(scorer, KeypointScorer):
                     found, row = scorer.check(a, b)
-                    out[(q, r)]["pairs"] = found / np.array([*a[0].size, *b.size], np.float32) if len(found) else found
+                    out[(q, r)]["pairs"] = found
                 else:
                     row = scorer.compare(a, [b])[0]
                 out[(q, r)][name] = dict(zip(scorer.columns, row))

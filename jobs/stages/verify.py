@@ -95,8 +95,9 @@ VERIFY_METHODS: dict[str, VerifyMethod] = {
 
 
 def keypoint_settings(name: str, cfg: PipelineConfig) -> dict:
-    return {"scorer": name, "max_side": cfg.verify.max_side, "min_side": cfg.verify.min_side,
-            "mirror": cfg.verify.mirror, "columns": list(KEYPOINT_COLUMNS)}
+    v = cfg.verify  # coarse_side only when on: caches made before it existed stay valid
+    return {"scorer": name, "max_side": v.max_side, "min_side": v.min_side, "mirror": v.mirror,
+            **({"coarse_side": v.coarse_side} if v.coarse_side else {}), "columns": list(KEYPOINT_COLUMNS)}
 
 
 def learned_settings(name: str, cfg: PipelineConfig) -> dict:
