@@ -229,7 +229,7 @@ class VerifyConfig(ConfigModel):
                           "enlarged to it, never past max_side (a thumbnail has too few keypoints; 0: never)")
     coarse_side: int = Field(0, ge=0, description="keypoint methods: also match both images shrunk to this longer "
                              "side (then enlarged to min_side) and keep the better count: blurred, pixelated or "
-                             "shrunk copies keep their coarse structure (0: off; 128 costs 1.5 x the time per pair, README)")
+                             "shrunk copies keep their coarse structure (0: off; 128: 1.5 x the time per pair)")
     window: int = Field(4096, ge=1, description="queries verified at a time: the scratch store of described "
                         "images holds one window's queries and candidates (keypoints: ~80 kB an image at 384 px), "
                         "emptied before the next window; a candidate of two windows is described in both")

@@ -11,17 +11,22 @@ from ensemble.keypoints import KEYPOINT_METHODS, best_matches, describe, inliers
 from ensemble.verify import KeypointScorer, verify_pairs
 
 
-def textured(seed: int, size: int = 256) -> Image.Image:
-    """Many random shapes on a noisy background: lots of distinctive corners."""
-    rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(0, 40, (size, size, 3), dtype=np.uint8) + np.uint8(100))
+def draw_shapes(img: Image.Image, rng: np.random.Generator, n: int, sides: tuple[int, int], margin: int) -> Image.Image:
+    """``n`` random rectangles and ellipses of ``sides`` (low, high) px drawn on ``img``."""
     d = ImageDraw.Draw(img)
-    for _ in range(60):
-        x, y = rng.integers(0, size - 20, 2)
-        w, h = rng.integers(6, 40, 2)
+    for _ in range(n):
+        x, y = rng.integers(0, img.width - margin, 2)
+        w, h = rng.integers(*sides, 2)
         colour = tuple(int(c) for c in rng.integers(0, 255, 3))
         (d.rectangle if rng.random() < 0.5 else d.ellipse)([int(x), int(y), int(x + w), int(y + h)], fill=colour)
     return img
+
+
+def textured(seed: int, size: int = 256) -> Image.Image:
+    """Many random shapes on a noisy background: lots of distinctive corners."""
+    rng = np.random.default_rng(seed)
+    return draw_shapes(Image.fromarray(rng.integers(0, 40, (size, size, 3), dtype=np.uint8) + np.uint8(100)),
+                       rng, 60, (6, 40), 20)
 
 
 def rotated_crop(img: Image.Image) -> Image.Image:
@@ -60,13 +65,7 @@ def test_min_side_enlarges_thumbnails_until_their_copies_verify():
 def grainy_shapes(seed: int, size: int = 512) -> Image.Image:
     """Large shapes under strong grain: the grain's keypoints fill the detector's budget (1000)."""
     rng = np.random.default_rng(seed)
-    img = Image.new("RGB", (size, size), (120, 120, 120))
-    d = ImageDraw.Draw(img)
-    for _ in range(40):
-        x, y = rng.integers(0, size - 40, 2)
-        w, h = rng.integers(32, 140, 2)
-        colour = tuple(int(c) for c in rng.integers(0, 255, 3))
-        (d.rectangle if rng.random() < 0.5 else d.ellipse)([int(x), int(y), int(x + w), int(y + h)], fill=colour)
+    img = draw_shapes(Image.new("RGB", (size, size), (120, 120, 120)), rng, 40, (32, 140), 40)
     grain = rng.normal(0, 60, (size, size, 1))
     return Image.fromarray(np.clip(np.asarray(img, np.float32) + grain, 0, 255).astype(np.uint8))
 
