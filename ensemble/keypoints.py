@@ -4,8 +4,8 @@
 Global descriptors confuse images that share a layout; local evidence that agrees does not.
 :func:`inliers` counts the RANSAC inliers of the ratio-test matches of two images. Keypoint
 descriptors are not mirror-invariant, so a flipped copy matches only its original's mirror image:
-:func:`mirror_view` gives the features of the mirror image (for SIFT, a permutation of the plain
-ones). :data:`KEYPOINT_METHODS` names the keypoint methods.
+:func:`mirror_view` gives the features of the mirror image for SIFT (a permutation of the plain
+ones; ORB describes the flipped image). :data:`KEYPOINT_METHODS` names the keypoint methods.
 """
 from __future__ import annotations
 
@@ -139,21 +139,19 @@ def describe(img: Image.Image | np.ndarray, method: str = "sift", max_side: int 
                      (gray.shape[1], gray.shape[0]), mirrored, codes)
 
 
-def mirror_view(plain: Keypoints, img: Image.Image | np.ndarray | None, method: str = "sift",
-                max_side: int = 512, min_side: int = MIN_SIDE) -> Keypoints:
-    """The features of ``img``'s mirror image: ``plain``'s, mirrored, where the method's
-    descriptor layout allows (SIFT: the same numbers as describing the flipped image, at no
-    cost; ``img`` is not needed; its coarse view too), else described anew (without one)."""
+def mirror_view(plain: Keypoints, method: str = "sift") -> Keypoints:
+    """The features of the mirror image, from ``plain``'s where the method's descriptor layout
+    allows (SIFT: the same numbers as describing the flipped image, at no cost; its coarse level
+    too). A method without that permutation (ORB) describes the flipped image instead
+    (``describe(..., mirrored=True)``)."""
     permutation = keypoint_method(method).mirror
     if permutation is None:
-        if img is None:
-            raise ValueError(f"{method}: the mirror view is described anew from the image; none was given")
-        return describe(img, method, max_side, mirrored=True, min_side=min_side)
+        raise ValueError(f"{method}: no mirror permutation; describe the image with mirrored=True")
     points = plain.points.copy()
     points[:, 0] = plain.size[0] - 1 - points[:, 0]
     desc, codes = (None if a is None else np.ascontiguousarray(a[:, permutation])
                    for a in (plain.descriptors, plain.codes))
-    coarse = None if plain.coarse is None else mirror_view(plain.coarse, None, method)
+    coarse = None if plain.coarse is None else mirror_view(plain.coarse, method)
     return Keypoints(points, desc, plain.size, True, codes, coarse)
 
 

@@ -89,7 +89,7 @@ class KeypointScorer:
             return [plain]
         if keypoint_method(self.method).mirror is None:  # ORB: described anew
             return [plain, self.describe(img, mirrored=True)]
-        return [plain, mirror_view(plain, None, self.method)]
+        return [plain, mirror_view(plain, self.method)]
 
     def check(self, query: Sequence[Keypoints], candidate: Keypoints) -> tuple[np.ndarray, tuple[int, int]]:
         """The inlier pairs of :func:`best_matches` (of the better level, with ``coarse_side``) in
@@ -126,7 +126,7 @@ class KeypointScorer:
             if f"pointsc{i}" in arrays:
                 views[i].coarse = _unpack_level(arrays, f"c{i}", spec)
         if bool(arrays["mirror"]):
-            views.append(mirror_view(views[0], None, self.method))
+            views.append(mirror_view(views[0], self.method))
         return views if bool(arrays["query"]) else views[0]
 
 

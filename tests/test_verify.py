@@ -119,12 +119,20 @@ def test_sift_mirror_view_matches_the_description_of_the_flipped_image(method):
     """Permuted descriptors at mirrored points stand in for describing the flipped image: most
     of them match its keypoints, at the same places (an identity homography)."""
     img = textured(12)
-    view = mirror_view(describe(img, method), img, method)
+    view = mirror_view(describe(img, method), method)
     h, pairs = matches(view, describe(img, method, mirrored=True), method)
     assert view.mirrored and len(pairs) >= 0.5 * len(view.points)
     h = h / h[2, 2]
     np.testing.assert_allclose(h[:, :2], np.eye(3)[:, :2], atol=0.02)
     np.testing.assert_allclose(h[:2, 2], 0, atol=1.0)  # SIFT's doubled first octave: half-pixel shifts
+
+
+def test_orb_has_no_mirror_permutation_and_describes_the_flipped_image():
+    img = textured(12)
+    with pytest.raises(ValueError, match="orb: no mirror permutation"):
+        mirror_view(describe(img, "orb"), "orb")
+    views = KeypointScorer("orb").describe_query(img)
+    assert views[1].mirrored and np.array_equal(views[1].codes, describe(img, "orb", mirrored=True).codes)
 
 
 def test_rootsift_is_the_square_root_of_the_l1_normalised_sift_descriptor():
