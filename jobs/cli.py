@@ -9,6 +9,7 @@ import argparse
 import logging
 import os
 import sys
+from importlib.metadata import PackageNotFoundError, version
 
 from ray.exceptions import AuthenticationError, RayTaskError
 
@@ -27,6 +28,7 @@ log = logging.getLogger(__name__)
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="copydet", description="Image copy detection on Ray (ISC21 style).")
+    parser.add_argument("--version", action="version", version=f"copydet {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for c in COMMANDS.values():
         p = sub.add_parser(c.name, help=c.help, description=c.help)
@@ -59,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
                   "stopped (SIGTERM)" if stopped else "interrupted")
         log.debug("traceback", exc_info=True)
         return 143 if stopped else 130
+
+
+def _version() -> str:
+    """The installed package's version; a source tree run without installing says so."""
+    try:
+        return version("copydet")
+    except PackageNotFoundError:
+        return "(not installed: run `bash .ci/install`)"
 
 
 def _message(e: Exception) -> Exception | str:

@@ -6,6 +6,7 @@ an import cycle between its modules. ``lint-imports`` (import-linter) checks all
 """
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import os
 import shutil
@@ -104,6 +105,12 @@ def test_the_command_line_starts_without_torch(tmp_path):
     out, err, loaded = imported_by(code, HEAVY, str(tmp_path))
     assert "no models registered in" in out and "search.nosuch" in err
     assert out.splitlines()[-1] == "2" and loaded == []
+
+
+def test_version_names_the_installed_package_without_torch():
+    code = "from jobs.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit as e:\n    assert e.code == 0"
+    out, err, loaded = imported_by(code, HEAVY)
+    assert out.strip() == f"copydet {importlib.metadata.version('copydet')}" and loaded == [], err
 
 
 REFUSED = [  # argv (TMP: a fresh folder) -> the error; each took 7-14 s of imports to say it
