@@ -85,6 +85,11 @@ class RunDir:
         return join(self.root, "timings.json")
 
     @property
+    def environment(self) -> str:
+        """What each command that ran stages here was made with (``jobs.environment``)."""
+        return join(self.root, "environment.json")
+
+    @property
     def config(self) -> str:
         return join(self.root, "config.yaml")
 

@@ -15,6 +15,7 @@ from core.metrics import Metrics
 from core.models.sscd import ensure_sscd
 from core.store import exists, read_table, read_text, write_text
 from core.yamlconf import load_yaml
+from jobs import environment
 from jobs.completeness import require_candidates
 from jobs.config import ConfigError, PipelineConfig, pinned_paths
 from jobs.inputs import run_ground_truth
@@ -70,6 +71,7 @@ def run_stages(cfg: PipelineConfig, stages: Sequence[str] = tuple(STAGES), addre
         preflight(cfg, stages)
         save_config(cfg, run, stages)
         init_ray(cfg.ray, address)
+        environment.record(run, stages)
         timings = {}
         for name in stages:
             t0 = time.perf_counter()

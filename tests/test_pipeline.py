@@ -1,5 +1,6 @@
 """End to end on local Ray: a handful of images, bad files among them, then a resume."""
 import csv
+import importlib.metadata
 import json
 import os
 import shutil
@@ -29,7 +30,7 @@ from jobs.config import load_config
 from jobs.completeness import IncompleteUpstream
 from jobs.inputs import InputError
 from jobs.layout import RunDir, image_paths
-from jobs.pipeline import evaluate_run, run_pipeline, run_stages
+from jobs.pipeline import STAGES, evaluate_run, run_pipeline, run_stages
 from jobs.stages import verify as verify_stage
 from jobs.stages.verify import (Pass, registry_dir, score_pairs, scorer_for, store_folder, unscored,
                                 verify_settings)
@@ -73,6 +74,9 @@ def test_end_to_end_with_bad_inputs_and_resume(ray_local, tiny_dataset, tmp_path
     assert all(len(s) <= 3 for s in per_query.values())
     assert {r["reference_id"] for r in rows} <= {f"R{i:03d}" for i in range(8)}
     assert 0.0 <= m.micro_ap <= 1.0 and os.path.getsize(run.pr_curve) > 0
+    made = json.loads(open(run.environment).read())
+    assert [r["stages"] for r in made] == [list(STAGES)] and made[0]["ray_cluster"]["CPU"] >= 1
+    assert made[0]["packages"]["copydet"] == importlib.metadata.version("copydet") and "torch" in made[0]["packages"]
     def scores(table):
         return {(r["query_id"], r["reference_id"]): r["score"] for r in table.to_pylist()}
     fused, final = scores(read_table(run.fused)), scores(demote_others(read_table(run.fused), 0.1))
@@ -97,6 +101,7 @@ def test_end_to_end_with_bad_inputs_and_resume(ray_local, tiny_dataset, tmp_path
     verified = {(r["query_id"], r["reference_id"]): float(r["score"]) for r in csv.DictReader(open(run.predictions))}
     fused = read_table(run.fused).to_pylist()
     assert all(verified[(f["query_id"], f["reference_id"])] >= f["score"] - 1e-6 for f in fused)
+    assert [r["stages"] for r in json.loads(open(run.environment).read())] == [list(STAGES)] * 2 + [["fuse", "verify"]]
     once = open(run.predictions).read()
     run_stages(vcfg, ["verify"])
     assert open(run.predictions).read() == once

@@ -1,6 +1,8 @@
 """`copydet report` on a tiny hand-made run folder whose metrics are computed by hand."""
 from __future__ import annotations
 
+import json
+import logging
 import re
 from pathlib import Path
 
@@ -213,3 +215,19 @@ def test_report_shows_the_runs_is_copy_threshold(run_dir, tmp_path):
     assert ("Is-copy threshold (fuse.threshold) 0.8000: 2 predictions at or above it (copies.csv), precision 1.0000, "
             "recall 0.6667") in page
     assert "Scores are on different scales from row to row." in page
+
+
+def test_report_names_what_the_run_was_made_with(run_dir, tmp_path, caplog):
+    gt = ["--ground-truth", str(tmp_path / "gt.csv")]
+    record = {"started": "2026-12-07T01:00:00+00:00", "stages": ["manifest"], "packages": {
+        "copydet": "0.1.0", "torch": "2.5.0", "timm": "1.0", "faiss-gpu": "1.9", "ray": "2.60.0"},
+        "ray_cluster": {"nodes": 2, "CPU": 32.0, "GPU": 2.0, "accelerators": ["H100"]}}
+    (run_dir / "environment.json").write_text(json.dumps([{**record, "stages": ["manifest"]}, record]))
+    assert main(["report", str(run_dir), *gt]) == 0
+    page = (run_dir / "report.html").read_text()
+    assert ("made with copydet 0.1.0, torch 2.5.0, faiss-gpu 1.9, ray 2.60.0 on 2 node(s), 32 CPUs, 2 GPUs (H100), "
+            "2026-12-07T01:00:00+00:00; 2 commands made this run (environment.json)") in page
+    (run_dir / "environment.json").write_text("{not json")
+    caplog.set_level(logging.WARNING)
+    assert main(["report", str(run_dir), *gt]) == 0  # a damaged record list is named, not a failed report
+    assert "environment.json: not JSON" in caplog.text and "made with" not in (run_dir / "report.html").read_text()

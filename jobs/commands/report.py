@@ -12,6 +12,7 @@ import pyarrow.csv as pacsv
 from core.metrics import read_predictions
 from core.store import exists, read_table
 from ensemble.report.analysis import Scored, family_recall, score
+from jobs import environment
 from jobs.commands.base import arg, command, positive_int
 from jobs.completeness import require_candidates
 from jobs.config import ConfigError, PipelineConfig, load_config
@@ -98,7 +99,8 @@ def write_report(run_dir: str, ground_truth: str | None = None, meta: str | None
                             title=f"copydet report: {os.path.basename(run.root)}",
                             notes=[f"ground truth: {gt_path}",
                                    *([f"no {run.predictions}: members only"] if preds is None else []),
-                                   *filter(None, [unread_note(run)])], threshold=decision(run, cfg))
+                                   *filter(None, [unread_note(run), environment.summary(run)])],
+                            threshold=decision(run, cfg))
 
 
 def decision(run: RunDir, cfg: PipelineConfig | None) -> tuple[str, float] | None:
