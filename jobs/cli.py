@@ -17,6 +17,7 @@ from core.logs import setup_logging
 from jobs.commands import COMMANDS
 from jobs.config import ConfigError
 from jobs.runtime import Stopped
+from jobs.stages import NAMES as STAGE_NAMES
 
 # Errors that are the user's to fix, printed as one message (COPYDET_DEBUG=1 adds the traceback):
 # OSError covers a missing file, no permission, a read-only or full disk; AuthenticationError, a
@@ -24,13 +25,16 @@ from jobs.runtime import Stopped
 USER_ERRORS = (ConfigError, OSError, ValueError, RuntimeError, AuthenticationError)
 
 log = logging.getLogger(__name__)
+# `copydet --help` lists the commands in the order a user meets them; one not named here comes last.
+HELP_ORDER = ("run", *STAGE_NAMES, "evaluate", "report", "compare", "tune", "plan", "index", "serve", "models",
+              "pretrain", "finetune", "train-verifier", "detector", "submit", "status", "logs", "stop")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="copydet", description="Image copy detection on Ray (ISC21 style).")
     parser.add_argument("--version", action="version", version=f"copydet {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for c in COMMANDS.values():
+    for c in sorted(COMMANDS.values(), key=lambda c: HELP_ORDER.index(c.name) if c.name in HELP_ORDER else 99):
         p = sub.add_parser(c.name, help=c.help, description=c.help)
         if c.uses_config:
             p.add_argument("config", nargs="?", help="pipeline YAML (default: the --out run folder's config.yaml "

@@ -6,6 +6,7 @@ an import cycle between its modules. ``lint-imports`` (import-linter) checks all
 """
 from __future__ import annotations
 
+import argparse
 import importlib.metadata
 import json
 import os
@@ -111,6 +112,14 @@ def test_version_names_the_installed_package_without_torch():
     code = "from jobs.cli import main\ntry:\n    main(['--version'])\nexcept SystemExit as e:\n    assert e.code == 0"
     out, err, loaded = imported_by(code, HEAVY)
     assert out.strip() == f"copydet {importlib.metadata.version('copydet')}" and loaded == [], err
+
+
+def test_the_help_lists_every_command_once_in_the_order_a_user_meets_them():
+    from jobs.cli import HELP_ORDER, build_parser
+    from jobs.commands import COMMANDS
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert sorted(HELP_ORDER) == sorted(COMMANDS) and list(sub.choices) == list(HELP_ORDER)
 
 
 REFUSED = [  # argv (TMP: a fresh folder) -> the error; each took 7-14 s of imports to say it
