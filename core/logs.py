@@ -7,7 +7,13 @@ Command output proper (tables, job ids) is printed to stdout, not logged.
 from __future__ import annotations
 
 import logging
+import os
+import shlex
+import socket
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from tqdm.auto import tqdm
 
@@ -56,6 +62,45 @@ def setup_logging(level: int = logging.INFO) -> None:
         logger.handlers = [h for h in logger.handlers if not isinstance(h, TqdmHandler)] + [handler]
         logger.setLevel(level)
         logger.propagate = False
+
+
+class RunLog(logging.FileHandler):
+    """Appends records, timestamped, to a folder's log file. The file is opened, and a header naming
+    the command written, with the first record: a command refused before it logged leaves no file."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, mode="a", encoding="utf-8", delay=True)
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+
+    def _open(self):  # noqa: ANN202 (logging's own signature)
+        stream = super()._open()
+        stream.write(f"--- pid {os.getpid()} on {socket.gethostname()}: {shlex.join(sys.argv)}\n")
+        return stream
+
+
+@contextmanager
+def log_to(path: str) -> Iterator[None]:
+    """Also append the copydet packages' records to ``path`` (a local file) for the block, and the error
+    that ends it once it has logged; nested blocks on one path log once. A URI gets no file."""
+    loggers = [logging.getLogger(name) for name in PACKAGES]
+    if "://" in path or any(isinstance(h, RunLog) and h.baseFilename == os.path.abspath(path)
+                            for h in loggers[0].handlers):
+        yield
+        return
+    handler = RunLog(path)
+    for logger in loggers:
+        logger.addHandler(handler)
+    try:
+        yield
+    except BaseException as e:
+        if handler.stream is not None:  # refused before it logged: no file, as a lock leaves no folder
+            handler.handle(logging.makeLogRecord({"levelno": logging.ERROR, "levelname": "ERROR",
+                                                  "msg": f"ended by {type(e).__name__}: {e}"}))
+        raise
+    finally:
+        for logger in loggers:
+            logger.removeHandler(handler)
+        handler.close()
 
 
 def quiet_workers() -> None:

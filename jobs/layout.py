@@ -85,6 +85,11 @@ class RunDir:
         return join(self.root, "timings.json")
 
     @property
+    def log(self) -> str:
+        """The log lines of every command that held the folder, appended (``jobs.lock.locked``)."""
+        return join(self.root, "copydet.log")
+
+    @property
     def environment(self) -> str:
         """What each command that ran stages here was made with (``jobs.environment``)."""
         return join(self.root, "environment.json")

@@ -232,6 +232,8 @@ def test_sigterm_ends_like_ctrl_c_and_the_same_command_goes_on(ray_local, tiny_d
     assert "copydet run: stopped (SIGTERM); what it finished is kept (run it again to go on)" in err
     assert "SIGTERM received" not in err and "Traceback" not in err
     assert main(argv) == 0
+    log = (tmp_path / "run" / "copydet.log").read_text()
+    assert log.count("--- pid ") == 2 and log.index("ERROR ended by Stopped") < log.rindex("--- pid ")
 
 
 def test_cli_errors_are_clear(capsys):
@@ -315,6 +317,9 @@ def test_run_command_ends_with_the_metrics_and_the_report(ray_local, tiny_datase
     assert "Recall@1 per transform family" in report.read_text()
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("done: μAP") and last.endswith(f"report: {report}")
+    log = (tmp_path / "a" / "copydet.log").read_text().splitlines()  # the run folder keeps the lines, timed
+    assert log[0].startswith("--- pid ") and log[-1].endswith(last) and any("[extract] done in" in x for x in log)
+    assert "made with copydet " in report.read_text()
     # the run started again with another member and stopped: its old predictions are not that config's
     assert main(["manifest", "--out", str(tmp_path / "a"), *sets, "--set", "models.0.scales=[96]"]) == 0
     for argv in (["report", str(tmp_path / "a")], ["compare", str(tmp_path / "a")]):

@@ -18,6 +18,7 @@ from jobs.completeness import require_pinned
 from jobs.config import ConfigError, PipelineConfig
 from jobs.inputs import check_pair_ids, run_ground_truth
 from jobs.layout import RunDir
+from jobs.lock import locked
 from jobs.stages.evaluate import evaluate_run_files, format_metrics
 from jobs.threshold import threshold_of
 
@@ -57,17 +58,19 @@ def run(args: argparse.Namespace) -> int:
     cfg = config_with_folders(args)  # a bad config is refused before the pipeline's imports take seconds
     from jobs.pipeline import run_pipeline
 
-    metrics = run_pipeline(cfg, address=args.address)
-    unread = unread_note(RunDir(cfg.output))
-    if metrics is None:
-        log.info(f"done: {cfg.output} (no ground truth: predictions only, {cfg.output}/predictions.csv)"
-                 + (f" | {unread}" if unread else ""))
-        return 0
-    report = None
-    if args.report:
-        report = write_report(cfg.output, cfg.data.ground_truth_path(), args.meta or root_meta(cfg))
-    line = format_metrics(metrics, threshold_of(cfg, RunDir(cfg.output)))
-    log.info(f"done: {line}" + (f" | {unread}" if unread else "") + (f" | report: {report}" if report else ""))
+    run = RunDir(cfg.output)
+    with locked(run):  # the report's lines and the last line go to RUN/copydet.log too
+        metrics = run_pipeline(cfg, address=args.address)
+        unread = unread_note(run)
+        if metrics is None:
+            log.info(f"done: {cfg.output} (no ground truth: predictions only, {run.predictions})"
+                     + (f" | {unread}" if unread else ""))
+            return 0
+        report = None
+        if args.report:
+            report = write_report(cfg.output, cfg.data.ground_truth_path(), args.meta or root_meta(cfg))
+        line = format_metrics(metrics, threshold_of(cfg, run))
+        log.info(f"done: {line}" + (f" | {unread}" if unread else "") + (f" | report: {report}" if report else ""))
     return 0
 
 
