@@ -84,6 +84,25 @@ class Estimate:
     ratio: float  # false references per decoy: references / train images x fold_factor
 
 
+def _sorted_q(real: np.ndarray, fake: np.ndarray, ratio: float) -> np.ndarray:
+    """q-values of ``real`` (scores best first) against ``fake`` (decoy scores best first): the
+    estimated false share of the predictions at or above each score, at best over lower cuts."""
+    above = np.searchsorted(-fake, -real, side="right")  # decoys >= each prediction's score
+    fdr = (above + 1) * ratio / np.arange(1, len(real) + 1)
+    return np.minimum(np.minimum.accumulate(fdr[::-1])[::-1], 1.0)
+
+
+def q_values(predictions: np.ndarray, decoys: np.ndarray, ratio: float) -> np.ndarray:
+    """Each prediction's q-value (in the order given): the estimated false share of the list of
+    predictions cut at its score, the lowest over the cuts that keep it; ``1 - q`` is the precision
+    of acting on every pair that scores at least as high."""
+    scores = np.asarray(predictions, np.float64)
+    order = np.argsort(-scores, kind="stable")
+    q = np.empty(len(scores))
+    q[order] = _sorted_q(scores[order], np.sort(np.asarray(decoys, np.float64))[::-1], ratio)
+    return q
+
+
 def estimate_threshold(predictions: np.ndarray, decoys: np.ndarray, ratio: float, target: float) -> Estimate:
     """The lowest prediction score from which the estimated precision stays >= ``target``."""
     if not 0 < target < 1:
@@ -92,10 +111,7 @@ def estimate_threshold(predictions: np.ndarray, decoys: np.ndarray, ratio: float
         raise ValueError(f"references / train ratio must be > 0, got {ratio}")
     real = np.sort(np.asarray(predictions, np.float64))[::-1]
     fake = np.sort(np.asarray(decoys, np.float64))[::-1]
-    above = np.searchsorted(-fake, -real, side="right")  # decoys >= each prediction's score
-    fdr = (above + 1) * ratio / np.arange(1, len(real) + 1)
-    fdr = np.minimum.accumulate(fdr[::-1])[::-1]  # q-values: the best FDR from this score down
-    ok = np.flatnonzero(fdr <= 1 - target + 1e-12)  # 1 - 0.9 is 0.0999...: 1 in 10 must pass
+    ok = np.flatnonzero(_sorted_q(real, fake, ratio) <= 1 - target + 1e-12)  # 1 - 0.9 is 0.0999...: 1 in 10 passes
     if not len(ok):
         return Estimate(None, target, None, 0, 0, ratio)
     t = real[int(ok.max())]

@@ -6,12 +6,13 @@ import json
 import logging
 from dataclasses import asdict, replace
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from core.metrics import written
 from core.store import exists, read_table, read_text, write_text
-from ensemble.decoys import estimate_threshold, fold_factor
+from ensemble.decoys import estimate_threshold, fold_factor, q_values
 from jobs.config import PipelineConfig
 from jobs.layout import RunDir
 
@@ -28,12 +29,15 @@ def reference_ratio(run: RunDir) -> float:
     return n_ref / n_train
 
 
-def estimate(preds: pa.Table, decoys: pa.Table, cfg: PipelineConfig, run: RunDir, scores: str) -> float | None:
+def estimate(preds: pa.Table, decoys: pa.Table, cfg: PipelineConfig, run: RunDir,
+             scores: str) -> tuple[float | None, np.ndarray]:
     """Estimate the threshold of ``fuse.threshold_precision`` from ``decoys`` (predictions of the
-    train photos, scored as ``preds`` were), write ``threshold.json`` and return the threshold."""
+    train photos, scored as ``preds`` were) and write ``threshold.json``; returns the threshold and
+    each prediction's q-value (:func:`ensemble.decoys.q_values`)."""
     per_train = reference_ratio(run)
-    est = estimate_threshold(preds.column("score").to_numpy(), decoys.column("score").to_numpy(),
-                             per_train * fold_factor(cfg.fuse.decoy_folds), cfg.fuse.threshold_precision)
+    real, fake = preds.column("score").to_numpy(), decoys.column("score").to_numpy()
+    ratio = per_train * fold_factor(cfg.fuse.decoy_folds)
+    est = estimate_threshold(real, fake, ratio, cfg.fuse.threshold_precision)
     if est.threshold is not None:  # one prediction's score, as predictions.csv and copies.csv write it
         est = replace(est, threshold=written(est.threshold))
     record = {**asdict(est), "scores": scores, "references_per_train": per_train, "folds": cfg.fuse.decoy_folds,
@@ -46,7 +50,7 @@ def estimate(preds: pa.Table, decoys: pa.Table, cfg: PipelineConfig, run: RunDir
         log.info(f"threshold: {est.threshold:.4f} on {scores} scores: {est.pairs} pair(s) at or above it, "
                  f"{est.decoys} decoy(s) x {est.ratio:.3f} -> estimated precision {est.precision:.3f} "
                  f"(target {est.target:g}) ({run.threshold})")
-    return est.threshold
+    return est.threshold, q_values(real, fake, ratio)
 
 
 def recorded(run: RunDir) -> dict:

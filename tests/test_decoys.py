@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ensemble.decoys import decoy_hits, estimate_threshold, fold_factor, fold_of
+from ensemble.decoys import decoy_hits, estimate_threshold, fold_factor, fold_of, q_values
 
 
 def test_folds_are_stable_and_in_range():
@@ -45,6 +45,18 @@ def test_threshold_by_hand():
     assert estimate_threshold([0.1, 0.2], [0.9, 0.8], 1.0, 0.9).threshold is None
     with pytest.raises(ValueError, match="target precision"):
         estimate_threshold(real, decoys, 1.0, 1.0)
+
+
+def test_q_values_by_hand_in_the_order_given():
+    real, decoys = [0.3, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.4, 0.1], [0.45, 0.25]
+    # best first: FDR 1/1 .. 1/6 down to 0.5, 2/7 and 2/8 at the tied 0.4s, 2/9 at 0.3, 3/10 at 0.1;
+    # each takes the lowest FDR of the cuts that keep it
+    q = q_values(real, decoys, ratio=1.0)
+    np.testing.assert_allclose(q, [2 / 9, 1 / 6, 1 / 6, 1 / 6, 1 / 6, 1 / 6, 1 / 6, 2 / 9, 2 / 9, 3 / 10])
+    assert q_values([0.1, 0.2], [0.9, 0.8], ratio=2.0).tolist() == [1.0, 1.0]  # a share, never above 1
+    for target in (0.7, 0.75, 0.8):  # the threshold keeps exactly the pairs whose q reaches the target
+        t = estimate_threshold(real, decoys, 1.0, target).threshold
+        assert ((np.array(real) >= t) == (q <= 1 - target + 1e-12)).all()
 
 
 def test_the_estimate_finds_the_precision_it_aims_at():

@@ -360,6 +360,10 @@ def test_auto_threshold_from_train_decoys(ray_local, tiny_dataset, tmp_path):
         else:
             kept = pc.greater_equal(preds.column("score"), t)  # the CSV's scores against the recorded number
             assert read_predictions(run.copies).num_rows == pc.sum(kept).as_py() == record["pairs"]
+            rows = list(csv.DictReader(open(run.copies)))  # each copy's estimated false share of those above it
+            q = [float(r["q_value"]) for r in rows]
+            assert q == sorted(q) and 0 < q[-1] <= 1 - precision + 1e-9
+            assert abs(q[-1] - (1 - record["precision"])) < 1e-3  # the last copy's: the threshold's estimate
 
     check("fused")
     assert json.loads(open(run.metrics).read()).get("threshold") == json.loads(open(run.threshold).read())["threshold"]

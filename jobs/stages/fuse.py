@@ -5,7 +5,8 @@ re-scored ones, each query's candidates below its best lowered by ``fuse.demote_
 are written by :func:`write_final`: ``predictions.csv`` in the ISC21 format, and with an is-copy threshold
 ``copies.csv``, the same columns for the pairs scoring at or above it (the is-copy decisions).
 With ``fuse.threshold: auto`` the train decoys are fused the same way (``fused_decoys.parquet``)
-and the threshold estimated from them (:mod:`jobs.threshold`).
+and the threshold estimated from them (:mod:`jobs.threshold`); copies.csv then adds each pair's
+``q_value``: the estimated false share of the copies scoring at least as high.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import json
 import logging
 from collections.abc import Callable
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm.auto import tqdm
@@ -34,14 +36,15 @@ def copies(preds: pa.Table, threshold: float) -> pa.Table:
     return kept.take(pc.sort_indices(kept, [("score", "descending"), ("query_id", "ascending")]))
 
 
-def write_final(preds: pa.Table, threshold: float | None, run: RunDir) -> None:
-    """``predictions.csv``, and ``copies.csv`` when there is a threshold (a stale one is removed)."""
+def write_final(preds: pa.Table, threshold: float | None, run: RunDir, q: np.ndarray | None = None) -> None:
+    """``predictions.csv``, and ``copies.csv`` when there is a threshold (a stale one is removed);
+    with ``q`` (each prediction's q-value, from the decoys) copies.csv has a ``q_value`` column."""
     write_predictions(preds, run.predictions)
     if threshold is None:
         remove_file(run.copies)
         return
-    found = copies(preds, threshold)
-    write_predictions(found, run.copies)
+    found = copies(preds if q is None else preds.append_column("q_value", pa.array(q, pa.float64())), threshold)
+    write_predictions(found, run.copies, extra=["q_value"] if q is not None else [])
     log.info(f"fuse: {found.num_rows} pair(s) at or above the is-copy threshold {threshold:.4f} -> {run.copies}")
 
 
@@ -52,12 +55,13 @@ def finish(scores: pa.Table, decoys: pa.Table | None, cfg: PipelineConfig, run: 
     prediction as a non-copy reference in that query's list would be."""
     share = cfg.fuse.demote_others
     final = demote_others(scores, share)
+    q = None
     if decoys is None:
         threshold = cfg.fuse.threshold
         remove_file(run.threshold)  # an estimate of an earlier `auto` run: not this config's threshold
     else:
-        threshold = estimate(final, demote_others(decoys, share, scores), cfg, run, kind)
-    write_final(final, threshold, run)
+        threshold, q = estimate(final, demote_others(decoys, share, scores), cfg, run, kind)
+    write_final(final, threshold, run, q)
     write_text(run.scores, json.dumps({"scores": kind}))  # after the predictions: never names newer ones
 
 
