@@ -231,3 +231,18 @@ def test_report_names_what_the_run_was_made_with(run_dir, tmp_path, caplog):
     caplog.set_level(logging.WARNING)
     assert main(["report", str(run_dir), *gt]) == 0  # a damaged record list is named, not a failed report
     assert "environment.json: not JSON" in caplog.text and "made with" not in (run_dir / "report.html").read_text()
+
+
+def test_report_checks_the_q_values_of_copies_csv_against_the_ground_truth(run_dir, tmp_path):
+    (run_dir / "copies.csv").write_text("query_id,reference_id,score,q_value\n"
+                                        "Q0,R0,0.95,0.01\nQ1,R1,0.9,0.01\nQ2,R2,0.7,0.2\nQ3,R3,0.6,0.25\n")
+    assert main(["report", str(run_dir), "--ground-truth", str(tmp_path / "gt.csv")]) == 0
+    table = re.search(r'<table class="calibration">(.*?)</table>', (run_dir / "report.html").read_text()).group(1)
+    rows = [re.findall(r"<td>([^<]*)</td>", r) for r in table.split("</tr>")[1:-1]]
+    # cuts below the deepest q listed (0.3 is past it: pairs with q in (0.25, 0.3] may be unlisted), then that one
+    assert rows == [["0.01", "2", "0.9900", "1.0000"], ["0.02", "2", "0.9800", "1.0000"],
+                    ["0.05", "2", "0.9500", "1.0000"], ["0.1", "2", "0.9000", "1.0000"],
+                    ["0.2", "3", "0.8000", "1.0000"], ["0.25", "4", "0.7500", "0.7500"]]
+    (run_dir / "copies.csv").write_text("query_id,reference_id,score\nQ0,R0,0.95\n")  # a configured threshold's
+    assert main(["report", str(run_dir), "--ground-truth", str(tmp_path / "gt.csv")]) == 0
+    assert "calibration" not in (run_dir / "report.html").read_text()

@@ -79,6 +79,18 @@ def positive_mask(pred: pa.Table, gt: GT) -> np.ndarray:
     return np.array([p in truth for p in zip(_ids(pred, "query_id"), _ids(pred, "reference_id"))], dtype=bool)
 
 
+def q_calibration(copies: pa.Table, gt: GT,
+                  cuts: Sequence[float] = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3)) -> list[tuple[float, int, float]]:
+    """``(cut, pairs with q_value <= cut, their true precision)`` for each cut below the deepest
+    q_value listed, then that one (past it the list is not complete)."""
+    q = copies.column("q_value").to_numpy()
+    if not len(q):
+        return []
+    truth = positive_mask(copies, gt)
+    return [(c, int(kept.sum()), float(truth[kept].mean()))
+            for c in [*(c for c in cuts if c < q.max()), float(q.max())] if (kept := q <= c).any()]
+
+
 def false_positives(pred: pa.Table, gt: GT, n: int) -> list[tuple[str, str, float]]:
     """The ``n`` highest-scoring predictions that are not copies."""
     neg = pred.filter(pa.array(~positive_mask(pred, gt)))

@@ -18,6 +18,7 @@ from ensemble.report.analysis import (
     missed_copies,
     pair_scores,
     positive_mask,
+    q_calibration,
     score_members,
 )
 
@@ -26,19 +27,24 @@ SCORES = ("Each member row scores that model's own candidates (its best patch pa
           "the ensemble row scores predictions.csv: the members fused and, when the run verifies, re-scored by "
           "verification. Scores are on different scales from row to row.")
 
+CALIBRATION = ("copies.csv's q_value is the decoys' estimate of the false share among the pairs scoring at least as "
+               "high; with the ground truth, the precision those pairs actually reach:")
+
 
 def build_report(out_dir: str, members: Mapping[str, pa.Table], predictions: pa.Table | None, gt: GT,
                  paths: Mapping[str, Mapping[str, str]] | None = None,
                  families: Mapping[str, Sequence[str]] | None = None, k: int = 10, gallery_size: int = 8,
                  title: str = "copydet run report",
-                 notes: Sequence[str] = (), threshold: tuple[str, float] | None = None) -> str:
+                 notes: Sequence[str] = (), threshold: tuple[str, float] | None = None,
+                 copies: pa.Table | None = None) -> str:
     """Write ``out_dir/report.html`` and its figures; returns the HTML path.
 
     ``members`` maps a member name to its candidates table; ``predictions`` is the
     ensemble's ``(query_id, reference_id, score)`` table; ``paths`` maps split (``query``,
     ``reference``) -> image id -> file for the gallery thumbnails (a query and a reference may
     share an id); ``families`` maps query ids to their transform families; ``threshold`` is the
-    run's is-copy decision, ``(what set it, score)``: its copies, precision and recall are shown.
+    run's is-copy decision, ``(what set it, score)``: its copies, precision and recall are shown;
+    ``copies`` (copies.csv with its ``q_value``) gives the table of estimated against true precision.
     """
     if not members and predictions is None:
         raise ValueError(f"report for {out_dir}: no member candidates and no ensemble predictions")
@@ -53,6 +59,8 @@ def build_report(out_dir: str, members: Mapping[str, pa.Table], predictions: pa.
 
     pr = plot_pr({s.name: s.metrics for s in scored}, os.path.join(assets, "pr_curves.png"))
     decision = decision_paragraph(primary, threshold) if threshold and predictions is not None else ""
+    if copies is not None and "q_value" in copies.column_names:
+        decision += page.paragraph(CALIBRATION) + page.calibration_table(q_calibration(copies, gt))
     sections = [("Metrics", page.metrics_table(scored) + page.paragraph(SCORES) + decision),
                 ("Precision-recall", img(pr, "PR curves"))]
     recall = family_recall(scored, gt, families) if families else {}

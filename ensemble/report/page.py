@@ -59,6 +59,14 @@ def family_table(recall: Mapping[str, Mapping[str, tuple[float, int]]]) -> str:
     return f"<table class=\"families\"><tr><th>family</th><th>GT pairs</th>{head}</tr>{''.join(rows)}</table>"
 
 
+def calibration_table(rows: Sequence[tuple[float, int, float]]) -> str:
+    """copies.csv's q_value against the ground truth: estimated and true precision at each cut."""
+    body = "".join(f"<tr><td>{cut:.4g}</td><td>{n}</td><td>{_fmt(1 - cut)}</td><td>{_fmt(p)}</td></tr>"
+                   for cut, n, p in rows)
+    return ("<table class=\"calibration\"><tr><th>q_value at most</th><th>pairs</th><th>estimated precision</th>"
+            f"<th>true precision</th></tr>{body}</table>")
+
+
 def paragraph(text: str) -> str:
     return f"<p>{_e(text)}</p>"
 

@@ -100,7 +100,15 @@ def write_report(run_dir: str, ground_truth: str | None = None, meta: str | None
                             notes=[f"ground truth: {gt_path}",
                                    *([f"no {run.predictions}: members only"] if preds is None else []),
                                    *filter(None, [unread_note(run), environment.summary(run)])],
-                            threshold=decision(run, cfg))
+                            threshold=decision(run, cfg), copies=read_copies(run) if preds is not None else None)
+
+
+def read_copies(run: RunDir) -> pa.Table | None:
+    """The run's copies.csv (with ``q_value`` when its threshold was estimated), if it has one."""
+    if not exists(run.copies):
+        return None
+    types = {"query_id": pa.string(), "reference_id": pa.string(), "score": pa.float64(), "q_value": pa.float64()}
+    return pacsv.read_csv(run.copies, convert_options=pacsv.ConvertOptions(column_types=types))
 
 
 def decision(run: RunDir, cfg: PipelineConfig | None) -> tuple[str, float] | None:
