@@ -103,6 +103,22 @@ def q_values(predictions: np.ndarray, decoys: np.ndarray, ratio: float) -> np.nd
     return q
 
 
+def q_curve(predictions: np.ndarray, q: np.ndarray, decimals: int = 3) -> list[tuple[float, float]]:
+    """The predictions' score -> q-value step function, small enough to keep with an index:
+    ``(lowest score, q)`` per q level, best first, q rounded up to ``decimals`` (conservative)."""
+    order = np.argsort(-np.asarray(predictions, np.float64), kind="stable")
+    scores, levels = np.asarray(predictions, np.float64)[order], np.ceil(np.asarray(q)[order] * 10**decimals - 1e-9)
+    last = np.r_[levels[1:] != levels[:-1], True]  # each level's lowest score
+    return list(zip(scores[last].tolist(), (levels[last] / 10**decimals).tolist()))
+
+
+def q_at(curve: Sequence[tuple[float, float]], score: float) -> float:
+    """A new score's q-value on a :func:`q_curve`: that of the best prediction scoring at most as
+    high (conservative between predictions); the deepest q below the curve's lowest score."""
+    bottoms = -np.array([s for s, _ in curve])
+    return curve[min(int(np.searchsorted(bottoms, -score, side="left")), len(curve) - 1)][1]
+
+
 def estimate_threshold(predictions: np.ndarray, decoys: np.ndarray, ratio: float, target: float) -> Estimate:
     """The lowest prediction score from which the estimated precision stays >= ``target``."""
     if not 0 < target < 1:

@@ -133,7 +133,9 @@ def build_from_run(run_dir: str, root: str, cfg: PipelineConfig | None = None) -
 def _publish_run(run: RunDir, root: str, cfg: PipelineConfig | None) -> str:
     """Publish ``run``'s reference (and train) features, refusing a run whose features are not all
     there: an index missing a shard would never answer with its references."""
-    cfg = served_threshold(cfg or run_config(run.root), run)
+    asked = cfg or run_config(run.root)
+    cfg = served_threshold(asked, run)
+    curve = recorded(run).get("q_curve") if cfg is not asked else None  # with the run's threshold, its q-values
     require_manifest(run, "index build")
     splits = ("reference", "train") if needs_train(cfg) else ("reference",)
     keys = {}
@@ -148,7 +150,7 @@ def _publish_run(run: RunDir, root: str, cfg: PipelineConfig | None) -> str:
     refs = manifest.filter(pc.equal(manifest.column("split"), "reference"))
     images = refs.select(["image_id", "path", "sha256", "width", "height"])
     name = versions.build(IndexDir(root), config_yaml(cfg), index_cards(cfg), keys, images,
-                          cfg.search.index_spec(), cfg.search.shard_size)
+                          cfg.search.index_spec(), cfg.search.shard_size, curve)
     log.info(f"index: published {name} with {images.num_rows} references ({', '.join(keys)}) -> {root}")
     return name
 

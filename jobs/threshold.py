@@ -12,7 +12,7 @@ import pyarrow.compute as pc
 
 from core.metrics import written
 from core.store import exists, read_table, read_text, write_text
-from ensemble.decoys import estimate_threshold, fold_factor, q_values
+from ensemble.decoys import estimate_threshold, fold_factor, q_curve, q_values
 from jobs.config import PipelineConfig
 from jobs.layout import RunDir
 
@@ -40,8 +40,10 @@ def estimate(preds: pa.Table, decoys: pa.Table, cfg: PipelineConfig, run: RunDir
     est = estimate_threshold(real, fake, ratio, cfg.fuse.threshold_precision)
     if est.threshold is not None:  # one prediction's score, as predictions.csv and copies.csv write it
         est = replace(est, threshold=written(est.threshold))
+    q = q_values(real, fake, ratio)
+    curve = [(written(s), level) for s, level in q_curve(real, q)]  # scores as the CSVs and the service give them
     record = {**asdict(est), "scores": scores, "references_per_train": per_train, "folds": cfg.fuse.decoy_folds,
-              "predictions": preds.num_rows, "decoy_predictions": decoys.num_rows}
+              "predictions": preds.num_rows, "decoy_predictions": decoys.num_rows, "q_curve": curve}
     write_text(run.threshold, json.dumps(record, indent=2))
     if est.threshold is None:
         log.info(f"threshold: no score of the {scores} predictions reaches an estimated precision of "
@@ -50,7 +52,7 @@ def estimate(preds: pa.Table, decoys: pa.Table, cfg: PipelineConfig, run: RunDir
         log.info(f"threshold: {est.threshold:.4f} on {scores} scores: {est.pairs} pair(s) at or above it, "
                  f"{est.decoys} decoy(s) x {est.ratio:.3f} -> estimated precision {est.precision:.3f} "
                  f"(target {est.target:g}) ({run.threshold})")
-    return est.threshold, q_values(real, fake, ratio)
+    return est.threshold, q
 
 
 def recorded(run: RunDir) -> dict:

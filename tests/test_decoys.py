@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from ensemble.decoys import decoy_hits, estimate_threshold, fold_factor, fold_of, q_values
+from ensemble.decoys import decoy_hits, estimate_threshold, fold_factor, fold_of, q_at, q_curve, q_values
 
 
 def test_folds_are_stable_and_in_range():
@@ -57,6 +57,15 @@ def test_q_values_by_hand_in_the_order_given():
     for target in (0.7, 0.75, 0.8):  # the threshold keeps exactly the pairs whose q reaches the target
         t = estimate_threshold(real, decoys, 1.0, target).threshold
         assert ((np.array(real) >= t) == (q <= 1 - target + 1e-12)).all()
+
+
+def test_the_q_curve_gives_each_prediction_its_q_value_rounded_up_and_new_scores_the_one_below():
+    real = np.array([0.3, 1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.4, 0.1])
+    curve = q_curve(real, q_values(real, [0.45, 0.25], ratio=1.0))  # q: 1/6 down to 0.5, 2/9 to 0.3, 3/10
+    assert curve == [(0.5, 0.167), (0.3, 0.223), (0.1, 0.3)]
+    assert [q_at(curve, s) for s in real] == [0.223, *[0.167] * 6, 0.223, 0.223, 0.3]
+    # between predictions: the q of the best one scoring at most as high; past either end, the end's
+    assert [q_at(curve, s) for s in (2.0, 0.45, 0.35, 0.05)] == [0.167, 0.223, 0.223, 0.3]
 
 
 def test_the_estimate_finds_the_precision_it_aims_at():

@@ -26,6 +26,7 @@ from jobs.config import load_config
 from jobs.layout import RunDir
 from jobs.pipeline import run_pipeline
 from jobs.serve.engine import Matcher
+from jobs.stages.fuse import final_kind
 from tests.conftest import make_tiny_dataset, synthetic_photo
 
 # crop views on queries, a centre tile on references with the D2LV pair rule, normalisation, verification
@@ -234,6 +235,26 @@ def test_add_remove_compact(built, tmp_path, monkeypatch, caplog, capsys):
     ids.write_bytes("\ufeffR002\r\n\r\nR003\r\n".encode())
     assert copydet(["index", "remove", str(index), "--ids-file", str(ids)]) == 0
     assert indexing.remove_ids(str(index), ["R002", "R003"]).already == ["R002", "R003"]
+
+
+def test_each_served_match_has_the_q_value_of_the_run_the_index_was_built_from(built, tmp_path):
+    """With the threshold a run estimated, the index keeps its score -> q-value curve (threshold.json's
+    q_curve) through removes and compaction; each match gets q_at(curve, score); an index without one, null."""
+    data, cfg, run_dir, built_index = built
+    queries = [load_rgb(f) for f in sorted((data / "queries").glob("*.jpg"))]
+    assert Matcher(str(built_index)).match(queries[:1])[0]["matches"][0]["q_value"] is None
+    run, index = tmp_path / "run", tmp_path / "index"
+    shutil.copytree(run_dir, run)
+    scores = sorted(s for v in predictions(run / "predictions.csv").values() for _, s in v)
+    curve = [[scores[len(scores) // 2], 0.05], [scores[0] - 1, 0.5]]
+    auto = cfg.model_copy(update={"fuse": cfg.fuse.model_copy(update={"threshold": "auto"}), "output": str(run)})
+    write_text(str(run / "threshold.json"), json.dumps({"threshold": curve[0][0], "target": 0.95,
+                                                        "scores": final_kind(auto), "q_curve": curve}))
+    indexing.build_from_run(str(run), str(index), auto)
+    for version in (None, indexing.remove_ids(str(index), ["R001"]).version, indexing.compact(str(index))):
+        matches = [m for a in Matcher(str(index), version).match(queries) for m in a["matches"]]
+        assert {m["q_value"] for m in matches} == {0.05, 0.5}, version
+        assert all(m["q_value"] == (0.05 if m["score"] >= curve[0][0] else 0.5) for m in matches)
 
 
 def test_an_index_with_no_live_reference_answers_no_match(built, tmp_path):

@@ -22,7 +22,7 @@ from core.models.registry import default_registry_dir
 from core.settings import SETTINGS_FILE, SettingsChanged
 from core.store import join, list_shards, read_table
 from ensemble.reduce import load_pca
-from ensemble.decoys import estimate_threshold
+from ensemble.decoys import estimate_threshold, q_at
 from ensemble.fuse import demote_others, top_k_per_query
 from ensemble.verify import verify_pairs
 from jobs.cli import main
@@ -364,6 +364,8 @@ def test_auto_threshold_from_train_decoys(ray_local, tiny_dataset, tmp_path):
             q = [float(r["q_value"]) for r in rows]
             assert q == sorted(q) and 0 < q[-1] <= 1 - precision + 1e-9
             assert abs(q[-1] - (1 - record["precision"])) < 1e-3  # the last copy's: the threshold's estimate
+            served = [q_at(record["q_curve"], float(r["score"])) for r in rows]  # what an index built here answers
+            assert all(0 <= a - b < 1.01e-3 for a, b in zip(served, q))  # rounded up to 0.001
 
     check("fused")
     assert json.loads(open(run.metrics).read()).get("threshold") == json.loads(open(run.threshold).read())["threshold"]

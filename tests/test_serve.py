@@ -272,8 +272,9 @@ def test_the_match_page_shows_a_reference_id_as_text_never_as_html(service):
     from playwright.sync_api import sync_playwright
     url, _, _ = service
     evil = '<img src=x onerror="document.body.dataset.pwned=1">'
-    answer = {"matches": [{"reference_id": evil, "score": 0.9, "verified": False, "inliers": 3, "copy_prob": None,
-                           "keypoints": []}], "is_copy": True, "threshold": 0.43807006, "version": "v000001",
+    answer = {"matches": [{"reference_id": evil, "score": 0.9, "q_value": 0.05, "verified": False, "inliers": 3,
+                           "copy_prob": None, "keypoints": []}],
+              "is_copy": True, "threshold": 0.43807006, "version": "v000001",
               "batch_size": 1, "timings": {"embed": 0.1}}
     thumb = (QUERIES / "Q0014.jpg").read_bytes()
     with sync_playwright() as p:
@@ -292,6 +293,7 @@ def test_the_match_page_shows_a_reference_id_as_text_never_as_html(service):
             assert "threshold 0.438)" in page.inner_text("#verdict")  # rounded as the scores are
             assert f"#1 {evil}" in page.inner_text(".match .meta")
             assert "not verified (3 inliers)" in page.inner_text(".match .meta")
+            assert "score 0.9000 (q-value 0.050)" in page.inner_text(".match .meta")
         finally:
             browser.close()
 
@@ -393,7 +395,7 @@ def test_is_copy_compares_scores_as_copies_csv_does():
     from jobs.serve.engine import Matcher
     fused = pa.table({"query_id": ["q0"], "reference_id": ["R1"], "score": pa.array([0.7], pa.float32())})
     served = SimpleNamespace(cfg=SimpleNamespace(copy_threshold=lambda: 0.7), scorers={}, version="v1",
-                             verified=lambda inliers, prob: None)
+                             verified=lambda inliers, prob: None, q_value=lambda score: None)
     answer = Matcher.answer(served, fused, "q0", {}, {}, 1)
     assert (answer["is_copy"], answer["matches"][0]["score"], answer["threshold"]) == (True, 0.7, 0.7)
 

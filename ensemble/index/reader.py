@@ -7,6 +7,7 @@ pair rule (``search.pairs: d2lv``) without a second copy of the vectors.
 """
 from __future__ import annotations
 
+import json
 import os
 from bisect import bisect_left
 from collections.abc import Iterator
@@ -23,7 +24,7 @@ from core.knn import Hits, IndexSpec, build_index, index_kind, merge_topk
 from core.models.cards import ModelCard
 from core.store import embeddings_from_arrow, read_table
 from ensemble.index.layout import IndexDir, IndexFolderError
-from ensemble.index.versions import is_inside, live_images, read_manifest, removed_table
+from ensemble.index.versions import Q_CURVE, is_inside, live_images, read_manifest, removed_table
 from ensemble.reduce import Pca, load_pca
 from ensemble.sharded import ShardIndex
 
@@ -183,6 +184,8 @@ class IndexVersion:
         self.pca: dict[str, Pca] = {key: load_pca(folder / m["pca"]) for key, m in self.meta["keys"].items()
                                     if m.get("pca")}
         self.cards = read_cards(idx, self.version)
+        curve = folder / Q_CURVE  # [(lowest score, q) per level], best first (ensemble.decoys.q_curve)
+        self.q_curve: list[tuple[float, float]] | None = json.loads(curve.read_text()) if curve.is_file() else None
 
 
 def read_config(root: str | os.PathLike, version: str | None = None) -> tuple[str, str]:

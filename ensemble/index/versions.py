@@ -41,6 +41,7 @@ IMAGES_SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("s
                            ("width", pa.int32()), ("height", pa.int32())])
 REMOVED_SCHEMA = pa.schema([("image_id", pa.string()), ("version", pa.string())])
 ERRORS = "errors.parquet"  # the files an add could not read (its own: not linked into the next version)
+Q_CURVE = "q_curve.json"  # the score -> q-value curve of the run it was built from, if it estimated one
 
 
 @dataclass(frozen=True)
@@ -156,10 +157,13 @@ def _finish(out: Path, meta: dict) -> None:
 
 
 def build(idx: IndexDir, config_yaml: str, cards: Mapping[str, ModelCard], keys: Mapping[str, KeySource],
-          images: pa.Table, spec: IndexSpec, shard_size: int) -> str:
-    """Publish a version made from feature files (a run's, or a staging run of the build)."""
+          images: pa.Table, spec: IndexSpec, shard_size: int, q_curve: Sequence | None = None) -> str:
+    """Publish a version made from feature files (a run's, or a staging run of the build); ``q_curve``:
+    the run's score -> q-value curve (``ensemble.decoys.q_curve``), kept as ``q_curve.json``."""
     with idx.publish() as (name, out):
         write_text(out / "config.yaml", config_yaml)
+        if q_curve:
+            write_text(out / Q_CURVE, json.dumps(q_curve))
         key_meta = {}
         for key, src in keys.items():
             if not src.references:
@@ -246,7 +250,7 @@ def compact(idx: IndexDir, parent: str, spec: IndexSpec, shard_size: int) -> str
     meta = read_manifest(src)
     removed = pa.array(removed_table(src).column("image_id").to_pylist(), pa.string())
     with idx.publish(parent) as (name, out):
-        keep = ("config.yaml", "cards", "reduce")
+        keep = ("config.yaml", Q_CURVE, "cards", "reduce")
         for f in src.rglob("*"):
             rel = f.relative_to(src)
             if f.is_file() and (rel.parts[0] in keep or rel.name == "train.parquet"):

@@ -24,6 +24,7 @@ from PIL import Image
 from core.imageio import ImageDecodeError, load_rgb
 from core.metrics import written
 from core.store import embeddings_from_arrow
+from ensemble.decoys import q_at
 from ensemble.fuse import demote_others, fuse, max_over_patches, top_k_per_query
 from ensemble.index.reader import IndexVersion, KeyIndex
 from ensemble.sharded import hits_table
@@ -137,13 +138,19 @@ class Matcher:
             pairs = found.get("pairs")
             inliers = None if pairs is None else len(pairs)
             prob = next((found[n]["copy_prob"] for n in self.scorers if n in found and "copy_prob" in found[n]), None)
-            matches_.append({"reference_id": r["reference_id"], "score": written(r["score"]),  # as in the CSVs
+            score = written(r["score"])  # as in the CSVs
+            matches_.append({"reference_id": r["reference_id"], "score": score, "q_value": self.q_value(score),
                              "verified": self.verified(inliers, prob), "inliers": inliers, "copy_prob": prob,
                              "keypoints": [] if pairs is None else np.round(pairs, 4).tolist()})
         threshold = written(self.cfg.copy_threshold())  # compared as copies.csv's float32 scores are
         return {"matches": matches_, "is_copy": bool(matches_ and matches_[0]["score"] >= threshold),
                 "threshold": threshold, "version": self.version, "batch_size": batch,
                 "timings": {k: round(v, 4) for k, v in timings.items()}}
+
+    def q_value(self, score: float) -> float | None:
+        """The score's q-value on the curve of the run the index was built from (None without one)."""
+        curve = self.index.q_curve
+        return None if not curve else q_at(curve, score)
 
     def verified(self, inliers: int | None, prob: float | None) -> bool | None:
         """Whether a checked pair passed verification: enough inliers, or P(copy) above the floor
