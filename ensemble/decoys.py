@@ -84,22 +84,17 @@ class Estimate:
     ratio: float  # false references per decoy: references / train images x fold_factor
 
 
-def _sorted_q(real: np.ndarray, fake: np.ndarray, ratio: float) -> np.ndarray:
-    """q-values of ``real`` (scores best first) against ``fake`` (decoy scores best first): the
-    estimated false share of the predictions at or above each score, at best over lower cuts."""
-    above = np.searchsorted(-fake, -real, side="right")  # decoys >= each prediction's score
-    fdr = (above + 1) * ratio / np.arange(1, len(real) + 1)
-    return np.minimum(np.minimum.accumulate(fdr[::-1])[::-1], 1.0)
-
-
 def q_values(predictions: np.ndarray, decoys: np.ndarray, ratio: float) -> np.ndarray:
     """Each prediction's q-value (in the order given): the estimated false share of the list of
     predictions cut at its score, the lowest over the cuts that keep it; ``1 - q`` is the precision
     of acting on every pair that scores at least as high."""
     scores = np.asarray(predictions, np.float64)
     order = np.argsort(-scores, kind="stable")
+    fake = np.sort(np.asarray(decoys, np.float64))[::-1]
+    above = np.searchsorted(-fake, -scores[order], side="right")  # decoys >= each prediction's score
+    fdr = (above + 1) * ratio / np.arange(1, len(scores) + 1)
     q = np.empty(len(scores))
-    q[order] = _sorted_q(scores[order], np.sort(np.asarray(decoys, np.float64))[::-1], ratio)
+    q[order] = np.minimum(np.minimum.accumulate(fdr[::-1])[::-1], 1.0)
     return q
 
 
@@ -119,18 +114,18 @@ def q_at(curve: Sequence[tuple[float, float]], score: float) -> float:
     return curve[min(int(np.searchsorted(bottoms, -score, side="left")), len(curve) - 1)][1]
 
 
-def estimate_threshold(predictions: np.ndarray, decoys: np.ndarray, ratio: float, target: float) -> Estimate:
-    """The lowest prediction score from which the estimated precision stays >= ``target``."""
+def estimate_threshold(predictions: np.ndarray, decoys: np.ndarray, ratio: float, target: float,
+                       q: np.ndarray | None = None) -> Estimate:
+    """The lowest prediction score from which the estimated precision stays >= ``target``; ``q``:
+    the predictions' :func:`q_values`, when the caller has them already."""
     if not 0 < target < 1:
         raise ValueError(f"target precision must be in (0, 1), got {target}")
     if not ratio > 0:
         raise ValueError(f"references / train ratio must be > 0, got {ratio}")
-    real = np.sort(np.asarray(predictions, np.float64))[::-1]
-    fake = np.sort(np.asarray(decoys, np.float64))[::-1]
-    ok = np.flatnonzero(_sorted_q(real, fake, ratio) <= 1 - target + 1e-12)  # 1 - 0.9 is 0.0999...: 1 in 10 passes
-    if not len(ok):
+    real, fake = np.asarray(predictions, np.float64), np.asarray(decoys, np.float64)
+    ok = (q_values(real, fake, ratio) if q is None else q) <= 1 - target + 1e-12  # 1 - 0.9 is 0.0999...
+    if not ok.any():
         return Estimate(None, target, None, 0, 0, ratio)
-    t = real[int(ok.max())]
-    pairs = int(np.searchsorted(-real, -t, side="right"))  # ties with t are kept too
-    found = int(np.searchsorted(-fake, -t, side="right"))
+    t = real[ok].min()  # q rises down the list: the kept pairs are the best ones
+    pairs, found = int(np.count_nonzero(real >= t)), int(np.count_nonzero(fake >= t))  # ties with t are kept too
     return Estimate(float(t), target, float(1 - (found + 1) * ratio / pairs), pairs, found, ratio)

@@ -37,10 +37,10 @@ def estimate(preds: pa.Table, decoys: pa.Table, cfg: PipelineConfig, run: RunDir
     per_train = reference_ratio(run)
     real, fake = preds.column("score").to_numpy(), decoys.column("score").to_numpy()
     ratio = per_train * fold_factor(cfg.fuse.decoy_folds)
-    est = estimate_threshold(real, fake, ratio, cfg.fuse.threshold_precision)
+    q = q_values(real, fake, ratio)
+    est = estimate_threshold(real, fake, ratio, cfg.fuse.threshold_precision, q)
     if est.threshold is not None:  # one prediction's score, as predictions.csv and copies.csv write it
         est = replace(est, threshold=written(est.threshold))
-    q = q_values(real, fake, ratio)
     curve = [(written(s), level) for s, level in q_curve(real, q)]  # scores as the CSVs and the service give them
     record = {**asdict(est), "scores": scores, "references_per_train": per_train, "folds": cfg.fuse.decoy_folds,
               "predictions": preds.num_rows, "decoy_predictions": decoys.num_rows, "q_curve": curve}
