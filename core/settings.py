@@ -17,11 +17,19 @@ class SettingsChanged(ValueError):
 def settings_changes(folder: str, settings: dict[str, Any]) -> list[str] | None:
     """``key: old -> new`` for every setting that differs from ``folder``'s record (None: no record)."""
     old = read_settings(folder)
-    if old is None:
-        return None
-    old, new = flat(old), flat(json.loads(json.dumps(settings, sort_keys=True, default=str)))
+    return None if old is None else changes(old, as_recorded(settings))
+
+
+def changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every (dotted) key whose value differs between two recorded settings."""
+    old, new = flat(old), flat(new)
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
             if old.get(k) != new.get(k)]
+
+
+def as_recorded(settings: dict[str, Any]) -> dict[str, Any]:
+    """``settings`` as ``_settings.json`` gives them back (JSON types; paths and enums as text)."""
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
 
 
 def flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:

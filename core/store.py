@@ -175,6 +175,17 @@ def copy_file(src: str | os.PathLike, dest: str | os.PathLike) -> str:
     return str(dest)
 
 
+def link_file(src: str | os.PathLike, dest: str | os.PathLike) -> str:
+    """``dest`` as a hard link to the local file ``src``, which is never rewritten (a finished
+    shard); an atomic copy across file systems."""
+    Path(dest).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dest)
+    except OSError:
+        copy_file(src, dest)
+    return str(dest)
+
+
 def read_text(path: str | os.PathLike) -> str:
     fs, p = filesystem(path)
     with fs.open_input_stream(p) as f:

@@ -141,7 +141,7 @@ def _publish_run(run: RunDir, root: str, cfg: PipelineConfig | None) -> str:
     keys = {}
     for key in cfg.search_keys():
         files = [join(run.features(key), n) for n in require_features(cfg, run, key, "index build", splits)]
-        pca = join(run.root, "reduce", f"{key}.safetensors")
+        pca = run.pca(key)
         keys[key] = versions.KeySource(
             references=[f for f in files if shard_split(f) == "reference"],
             train=[f for f in files if shard_split(f) == "train"],

@@ -35,6 +35,10 @@ class RunDir:
     def features(self, key: str) -> str:
         return join(self.root, "features", key)
 
+    def pca(self, key: str) -> str:
+        """The reduce stage's PCA of search key ``key``, fit on train/ once."""
+        return join(self.root, "reduce", f"{key}.safetensors")
+
     def candidates(self, key: str) -> str:
         return join(self.root, "candidates", key)
 

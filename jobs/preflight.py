@@ -9,7 +9,7 @@ pinned input list of a new run.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import TypeVar
@@ -39,6 +39,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 IMAGE_STAGES = {"manifest", "patch", "extract", "verify"}  # stages that open the image files
 BOTH_SIDES = {"search", "fuse"}  # stages that need queries and references
 T = TypeVar("T")
+Folder = tuple[str, str, dict, str]  # (stage, folder, the settings it records, what to call it)
 
 
 @lru_cache(maxsize=1)
@@ -118,10 +119,11 @@ def detector_checks(cfg: PipelineConfig) -> list[tuple[str, str | None, Callable
             for side, views in side_views(cfg).items()]
 
 
-def check_stage_settings(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]) -> None:
-    """Resolve the models and detectors the stages use and refuse settings their folders did not record."""
+def stage_folders(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]) -> Iterator[Folder]:
+    """``(stage, folder, settings, what)`` of each folder ``stages`` write, with the settings it must
+    record; resolves the models and detectors the stages use (one error names every one missing)."""
     if "manifest" in stages:
-        check_settings(run.manifest, manifest_settings(cfg), "manifest")
+        yield "manifest", run.manifest, manifest_settings(cfg), "manifest"
     # every detector and model of the run first, so one line names all that a fresh clone lacks
     sides = detector_checks(cfg) if "patch" in stages else []
     members = [cfg.model_copy(update={"models": [entry]}) for entry in cfg.models] if "extract" in stages else []
@@ -130,23 +132,29 @@ def check_stage_settings(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]
         *((f"models.{i}.name", one.models[0].name, lambda one=one: checked_keys(one, run))
           for i, one in enumerate(members))])
     if "patch" in stages:
-        check_settings(run.patches, patch_settings(cfg, dict(zip(side_views(cfg), found[:len(sides)]))), "patch")
+        yield "patch", run.patches, patch_settings(cfg, dict(zip(side_views(cfg), found[:len(sides)]))), "patch"
     if "extract" in stages:
         keys = [key for member in found[len(sides):] for key in member]
         for (entry, _, _), key in zip(cfg.model_keys(), keys):
-            check_settings(key.folder, key_settings(cfg, entry, key), "extract")
+            yield "extract", key.folder, key_settings(cfg, entry, key), "extract"
     if "reduce" in stages and cfg.reduce.active:
         for _, out_key in cfg.reduce_groups():
-            check_settings(run.features(out_key), reduce_settings(cfg), f"reduce {out_key}")
+            yield "reduce", run.features(out_key), reduce_settings(cfg), f"reduce {out_key}"
     if "search" in stages:
         for key in cfg.search_keys():
-            check_settings(run.candidates(key), search_settings(cfg), "search")
+            yield "search", run.candidates(key), search_settings(cfg), "search"
             if cfg.decoys():
-                check_settings(run.decoys(key), decoy_settings(cfg), "search (decoys)")
+                yield "search", run.decoys(key), decoy_settings(cfg), "search (decoys)"
     if "verify" in stages and cfg.verify.enabled:
         scorers = resolved("verify.learned.model", cfg.verify.learned.model, lambda: verify_settings(cfg))
         for name, settings in scorers.items():
-            check_settings(join(run.verify, name), settings, f"verify ({name})")
+            yield "verify", join(run.verify, name), settings, f"verify ({name})"
+
+
+def check_stage_settings(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]) -> None:
+    """Resolve the models and detectors the stages use and refuse settings their folders did not record."""
+    for _, folder, settings, what in stage_folders(cfg, run, stages):
+        check_settings(folder, settings, what)
 
 
 def check_inputs(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]) -> None:

@@ -57,3 +57,18 @@ def test_concat_tables_writes_the_inputs_rows_in_order_one_file_at_a_time(tmp_pa
     with pytest.raises(ValueError, match="no input"):
         store.concat_tables([], tmp_path / "none.parquet")
     assert not (tmp_path / "none.parquet").exists() and not list(tmp_path.glob(".none*"))
+
+
+def test_link_file_shares_the_file_or_copies_it_whole(tmp_path, monkeypatch):
+    src = tmp_path / "a.parquet"
+    src.write_bytes(b"shard")
+    store.link_file(src, tmp_path / "run" / "a.parquet")
+    assert (tmp_path / "run" / "a.parquet").samefile(src)
+
+    def no_links(*_):
+        raise OSError(18, "Invalid cross-device link")
+    monkeypatch.setattr(store.os, "link", no_links)  # another file system
+    store.link_file(src, tmp_path / "other" / "a.parquet")
+    copied = tmp_path / "other" / "a.parquet"
+    assert copied.read_bytes() == b"shard" and not copied.samefile(src)
+    assert [p.name for p in copied.parent.iterdir()] == ["a.parquet"]  # no temp file left

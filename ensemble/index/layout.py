@@ -124,15 +124,6 @@ class IndexDir:
         return rel
 
 
-def link(src: Path, dest: Path) -> None:
-    """``dest`` as a hard link to the immutable file ``src`` (a copy across file systems)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dest)
-    except OSError:
-        shutil.copy2(src, dest)
-
-
 def folder_bytes(path: Path, distinct: bool = False) -> int:
     """Bytes of the files under ``path``, a file that several versions link counted in each of them;
     with ``distinct``, once (what the folder takes on disk)."""

@@ -32,8 +32,8 @@ import pyarrow.compute as pc
 
 from core.knn import IndexSpec, build_index, index_kind
 from core.models.cards import ModelCard
-from core.store import concat_tables, embeddings_to_arrow, read_table, write_table, write_text
-from ensemble.index.layout import IndexDir, IndexFolderError, link
+from core.store import concat_tables, embeddings_to_arrow, link_file, read_table, write_table, write_text
+from ensemble.index.layout import IndexDir, IndexFolderError
 from ensemble.sharded import count_rows, load_rows, plan_shards
 
 FORMAT = 1
@@ -176,7 +176,7 @@ def build(idx: IndexDir, config_yaml: str, cards: Mapping[str, ModelCard], keys:
             pca = None
             if src.pca:
                 pca = f"reduce/{key}.safetensors"
-                link(Path(src.pca), out / pca)
+                link_file(src.pca, out / pca)
             dim = faiss.read_index(str(out / "keys" / key / f"{shards[0]['name']}.faiss")).d
             key_meta[key] = {"dim": dim, "kind": kind, "train_rows": train_rows, "pca": pca, "shards": shards}
         write_table(images.cast(IMAGES_SCHEMA), out / "images" / "part-00000.parquet")
@@ -189,7 +189,7 @@ def _link_version(src: Path, out: Path, skip: tuple[str, ...] = ("index.json", E
     """Hard-link every file of version ``src`` into ``out`` (but ``skip``)."""
     for f in src.rglob("*"):
         if f.is_file() and str(f.relative_to(src)) not in skip:
-            link(f, out / f.relative_to(src))
+            link_file(f, out / f.relative_to(src))
 
 
 def add(idx: IndexDir, parent: str, out: Path, name: str, added: Mapping[str, Sequence[str]], images: pa.Table,
@@ -254,7 +254,7 @@ def compact(idx: IndexDir, parent: str, spec: IndexSpec, shard_size: int) -> str
         for f in src.rglob("*"):
             rel = f.relative_to(src)
             if f.is_file() and (rel.parts[0] in keep or rel.name == "train.parquet"):
-                link(f, out / rel)
+                link_file(f, out / rel)
         keys = json.loads(json.dumps(meta["keys"]))
         for key, k in keys.items():
             staged = []

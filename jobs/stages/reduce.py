@@ -85,7 +85,7 @@ def fit_or_load(run: RunDir, keys: list[str], out_key: str, cfg: ReduceConfig) -
         check_train_rows(cfg, len(full), f"reduce {out_key}")
     pca = None
     if cfg.dim:
-        path = join(run.root, "reduce", f"{out_key}.safetensors")
+        path = run.pca(out_key)
         pca = load_pca(path) if exists(path) else None
         if pca is None or pca.fit_rows not in (None, cfg.fit_rows):  # a file left by a folder fit otherwise
             x = (full[::stride(len(full), cfg.fit_rows)] if full is not None
