@@ -64,9 +64,10 @@ def read_records(run: RunDir) -> list[dict]:
     return records
 
 
-def record(run: RunDir, stages: Sequence[str]) -> dict:
-    """Append this command's record to ``RUN/environment.json`` (written whole, atomically)."""
-    rec = describe(stages)
+def record(run: RunDir, stages: Sequence[str], reused_from: str | None = None) -> dict:
+    """Append this command's record to ``RUN/environment.json`` (written whole, atomically);
+    ``reused_from``: the run folder whose shards this command started from (``run --reuse``)."""
+    rec = {**describe(stages), **({"reused_from": reused_from} if reused_from else {})}
     write_text(run.environment, json.dumps([*read_records(run), rec], indent=2))
     return rec
 
@@ -82,4 +83,6 @@ def summary(run: RunDir) -> str | None:
     kinds = f" ({', '.join(c['accelerators'])})" if c.get("accelerators") else ""
     where = f"{c.get('nodes', '?')} node(s), {c.get('CPU', 0):g} CPUs, {c.get('GPU', 0):g} GPUs{kinds}"
     more = f"; {len(records)} commands made this run (environment.json)" if len(records) > 1 else ""
+    lent = sorted({r["reused_from"] for r in records if r.get("reused_from")})
+    more += f"; reference and train shards from {', '.join(lent)}" if lent else ""
     return f"made with {pkgs} on {where}, {last.get('started', '?')}{more}"

@@ -182,7 +182,8 @@ def pin_inputs(run: RunDir, folders: dict[str, str]) -> pa.Table:
     if changes:
         raise InputError(f"{run.root}: the input images changed since this run folder was made from them "
                          f"({run.inputs}): {'; '.join(changes)}; its shards hold the old files, so run into a "
-                         "new folder (--out)")
+                         f"new folder (--out; `copydet run --reuse {run.root}` starts it from this run's reference and "
+                         "train shards, where their files are the same)")
     log.info("%s: %d input file(s) have new mtimes but the bytes the manifest hashed; pinned again",
              run.root, sum(a[k] != v for k, v in b.items()))
     write_table(new, run.inputs)

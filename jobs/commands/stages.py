@@ -53,14 +53,17 @@ def config_with_folders(args: argparse.Namespace, sets: list[str] | None = None)
          *FOLDER_ARGS,
          arg("--report", action=argparse.BooleanOptionalAction, default=True,
              help="then write RUN_DIR/report.html when there is a ground truth (default: on)"),
-         arg("--meta", help=f"report: {META_HELP} (default: queries_meta.csv in data.root, if there)"))
+         arg("--meta", help=f"report: {META_HELP} (default: queries_meta.csv in data.root, if there)"),
+         arg("--reuse", metavar="RUN", help="start from run folder RUN's reference and train shards (manifest, "
+             "patches, features) where RUN made them from the same files with the same settings: new queries "
+             "against the same references do not describe them again"))
 def run(args: argparse.Namespace) -> int:
     cfg = config_with_folders(args)  # a bad config is refused before the pipeline's imports take seconds
     from jobs.pipeline import run_pipeline
 
     run = RunDir(cfg.output)
     with locked(run):  # the report's lines and the last line go to RUN/copydet.log too
-        metrics = run_pipeline(cfg, address=args.address)
+        metrics = run_pipeline(cfg, address=args.address, reuse=args.reuse)
         unread = unread_note(run)
         if metrics is None:
             log.info(f"done: {cfg.output} (no ground truth: predictions only, {run.predictions})"
