@@ -102,13 +102,14 @@ def check_train_locations(cfg: TrainConfig, source: str) -> list[str]:
     return [] if cfg.registry else [f"{source}: no registry set; models land in the job's temporary working dir"]
 
 
-def entrypoint(stage: str, config_rel: str, sets: Sequence[str] = (), out: str | None = None) -> str:
+def entrypoint(stage: str, config_rel: str, sets: Sequence[str] = (), out: str | None = None,
+               reuse: str | None = None) -> str:
     """The shell command the job runs, with every argument quoted."""
     argv = ["python", "-c", CLI_MAIN, stage, config_rel, "--address", "auto"]
     for s in sets:
         argv += ["--set", s]
-    if out:
-        argv += ["--out", out]
+    argv += ["--out", out] if out else []
+    argv += ["--reuse", reuse] if reuse else []
     return shlex.join(argv)
 
 
@@ -130,9 +131,9 @@ def staged_config(config: str, root: Path = REPO_ROOT) -> Iterator[str]:
 
 
 def job_spec(config_rel: str, stage: str, sets: Sequence[str], out: str | None,
-             root: Path = REPO_ROOT) -> JobSpec:
+             root: Path = REPO_ROOT, reuse: str | None = None) -> JobSpec:
     return JobSpec(
-        entrypoint=entrypoint(stage, config_rel, sets, out),
+        entrypoint=entrypoint(stage, config_rel, sets, out, reuse),
         runtime_env={"working_dir": str(root), "excludes": list(EXCLUDES), "env_vars": dict(JOB_ENV)},
         metadata={"copydet_stage": stage, "copydet_config": config_rel},
     )
@@ -140,15 +141,19 @@ def job_spec(config_rel: str, stage: str, sets: Sequence[str], out: str | None,
 
 def submit(config: str | None, address: str | None, stage: str = "run", sets: Sequence[str] = (),
            out: str | None = None, client_factory: Callable | None = None,
-           warn: Callable[[str], None] = print) -> str:
-    """Validate the config locally, upload the repo + config and start the job; returns its id."""
+           warn: Callable[[str], None] = print, reuse: str | None = None) -> str:
+    """Validate the config locally, upload the repo + config and start the job; returns its id.
+    ``reuse``: the run folder whose shards the run starts from (``copydet run --reuse``)."""
     from ray.job_submission import JobSubmissionClient
-
-    from pretrain.train_config import load_train_config
 
     config = config or str(REPO_ROOT / "configs" / "smoke.yaml")
     overrides = with_output(sets, out)
+    if reuse and (stage != "run" or not _shared(reuse) or "://" in reuse):
+        raise ConfigError(f"--reuse {reuse}: the whole run (--stage run) starts from a run folder's shards, given "
+                          "as an absolute path on storage the cluster's nodes share")
     if stage in TRAIN_STAGES:
+        from pretrain.train_config import load_train_config  # torch and timm: only a training job's config needs them
+
         if out:
             raise ConfigError(f"--stage {stage}: set the training output with --set output=PATH, not --out")
         warnings = check_train_locations(load_train_config(config, overrides), config)
@@ -158,7 +163,7 @@ def submit(config: str | None, address: str | None, stage: str = "run", sets: Se
         warn(f"warning: {w}")
     client = (client_factory or JobSubmissionClient)(job_address(address))
     with staged_config(config) as rel:
-        spec = job_spec(rel, stage, sets, out)
+        spec = job_spec(rel, stage, sets, out, reuse=reuse)
         return client.submit_job(entrypoint=spec.entrypoint, runtime_env=spec.runtime_env,
                                  metadata=spec.metadata)
 

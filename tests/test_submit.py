@@ -96,9 +96,10 @@ def test_config_inside_the_repo_is_passed_by_relative_path():
     root = Path(__file__).parent.parent
     with staged_config(str(root / "configs" / "smoke.yaml")) as rel:
         assert rel == "configs/smoke.yaml"
-    spec = job_spec(rel, "run", ["a.b=1 2"], "/shared/out")
+    spec = job_spec(rel, "run", ["a.b=1 2"], "/shared/out", reuse="/shared/phase 1")
     assert CLI_MAIN in spec.entrypoint and spec.entrypoint.endswith("run configs/smoke.yaml --address auto "
-                                                                    "--set 'a.b=1 2' --out /shared/out")
+                                                                    "--set 'a.b=1 2' --out /shared/out "
+                                                                    "--reuse '/shared/phase 1'")
 
 
 def test_relative_output_is_refused_and_relative_data_warned():
@@ -112,6 +113,9 @@ def test_relative_output_is_refused_and_relative_data_warned():
     unset = check_locations(load_config(None, ["output=/shared/run", "models.0.name=mymodel"]), "c")
     assert len(unset) == 1 and "no registry set; ['mymodel']" in unset[0]
     assert main(["submit", "--out", "runs/rel", "--address", "http://127.0.0.1:1"]) == 2
+    for stage, reuse in (("run", "runs/phase1"), ("run", "s3://bucket/phase1"), ("extract", "/shared/phase1")):
+        with pytest.raises(ConfigError, match="--reuse .*absolute path on storage the cluster's nodes share"):
+            submit(None, "http://127.0.0.1:1", stage, [], "/shared/out", reuse=reuse)
 
 
 def test_training_is_submitted_as_a_job_too():

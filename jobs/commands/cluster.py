@@ -24,6 +24,8 @@ JOB_ARGS = (
          arg("--stage", default="run", choices=["run", *STAGES, *TRAIN_STAGES],
              help="one stage instead of the whole run; pretrain / finetune / train-verifier take a training config"),
          arg("--follow", action="store_true", help="stream the job's logs until it ends"),
+         arg("--reuse", metavar="RUN", help="the run starts from run folder RUN's reference and train shards "
+             "(`copydet run --reuse`; an absolute path the cluster's nodes share)"),
          address=JOBS_ADDRESS)
 def submit(args: argparse.Namespace) -> int:
     if args.stage in TRAIN_STAGES and not args.config:
@@ -34,7 +36,8 @@ def submit(args: argparse.Namespace) -> int:
     from jobs.submit import job_logs, job_status
     from jobs.submit import submit as submit_job
 
-    job_id = submit_job(config, args.address, args.stage, list(args.set or []), args.out, warn=log.warning)
+    job_id = submit_job(config, args.address, args.stage, list(args.set or []), args.out, warn=log.warning,
+                        reuse=args.reuse)
     print(job_id, flush=True)
     if args.follow:
         job_logs(job_id, args.address, follow=True)
