@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import asdict, replace
 
 import numpy as np
@@ -17,6 +18,7 @@ from jobs.config import PipelineConfig
 from jobs.layout import RunDir
 
 log = logging.getLogger(__name__)
+POINT = re.compile(r"\[\s+([^\s,\]]+),\s+([^\s,\]]+)\s+\]")  # a q_curve point, written on one line
 
 
 def reference_ratio(run: RunDir) -> float:
@@ -44,7 +46,7 @@ def estimate(preds: pa.Table, decoys: pa.Table, cfg: PipelineConfig, run: RunDir
     curve = [(written(s), level) for s, level in q_curve(real, q)]  # scores as the CSVs and the service give them
     record = {**asdict(est), "scores": scores, "references_per_train": per_train, "folds": cfg.fuse.decoy_folds,
               "predictions": preds.num_rows, "decoy_predictions": decoys.num_rows, "q_curve": curve}
-    write_text(run.threshold, json.dumps(record, indent=2))
+    write_text(run.threshold, POINT.sub(r"[\1, \2]", json.dumps(record, indent=2)))
     if est.threshold is None:
         log.info(f"threshold: no score of the {scores} predictions reaches an estimated precision of "
                  f"{est.target:g}; no copies.csv ({run.threshold})")

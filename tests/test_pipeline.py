@@ -366,6 +366,8 @@ def test_auto_threshold_from_train_decoys(ray_local, tiny_dataset, tmp_path):
             assert abs(q[-1] - (1 - record["precision"])) < 1e-3  # the last copy's: the threshold's estimate
             served = [q_at(record["q_curve"], float(r["score"])) for r in rows]  # what an index built here answers
             assert all(0 <= a - b < 1.01e-3 for a, b in zip(served, q))  # rounded up to 0.001
+            text = open(run.threshold).read()  # one line per curve point
+            assert text.count("\n") == len(record) + 1 + len(record["q_curve"]) + 1
 
     check("fused")
     assert json.loads(open(run.metrics).read()).get("threshold") == json.loads(open(run.threshold).read())["threshold"]
