@@ -41,7 +41,8 @@ def predictions(run: RunDir) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_new_queries_reuse_the_reference_and_train_shards_of_a_run(ray_local, tiny_dataset, tmp_path, caplog):
+def test_new_queries_reuse_the_reference_and_train_shards_of_a_run(ray_local, tiny_dataset, tmp_path, caplog,
+                                                                    capsys):
     caplog.set_level(logging.INFO, logger="jobs.reuse")
     a = RunDir(str(tmp_path / "a"))
     run_pipeline(load_config(None, [f"data.root={tiny_dataset}", f"output={a.root}", *TINY, *PCA]))
@@ -69,11 +70,6 @@ def test_new_queries_reuse_the_reference_and_train_shards_of_a_run(ray_local, ti
     assert [r.get("reused_from") for r in json.loads(open(b.environment).read())] == [a.root]
     assert f"reference and train shards from {a.root}" in environment.summary(b)
 
-    # again: nothing new to lend
-    caplog.clear()
-    run_stages(cfg, ["manifest"], reuse=a.root)
-    assert "reuse: nothing new to take from" in caplog.text
-
     # a split whose files differ, or a folder of other settings, is not lent; the rest is
     caplog.clear()
     refs = tmp_path / "more_references"
@@ -88,6 +84,11 @@ def test_new_queries_reuse_the_reference_and_train_shards_of_a_run(ray_local, ti
     assert "reuse: reference not lent: its files are not those" in caplog.text and "9 added" in caplog.text
     assert f"{a.features('resnet18@64')} not lent for train: made with other settings" in caplog.text
     assert not os.path.exists(c.pca(key))  # reduce is not lent without its members' train features
+
+    # again, stage by stage (the command line, last: it sets up its own log handlers): nothing new to lend
+    capsys.readouterr()
+    assert main(["manifest", "--out", b.root, "--reuse", a.root]) == 0
+    assert f"reuse: nothing new to take from {a.root}" in capsys.readouterr().err
 
 
 def test_reuse_names_a_folder_it_cannot_lend_from(tiny_dataset, tmp_path, capsys):

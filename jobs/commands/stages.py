@@ -31,6 +31,9 @@ FOLDER_ARGS = (
     arg("--queries", help="folder of query images" + ROOT_NOTE),
     arg("--ground-truth", help="ISC21 ground-truth CSV (query_id,reference_id)"),
 )
+REUSE_ARG = arg("--reuse", metavar="RUN", help="start from run folder RUN's reference and train shards (manifest, "
+                "patches, features) where RUN made them from the same files with the same settings: new queries "
+                "against the same references do not describe them again")
 
 
 def config_with_folders(args: argparse.Namespace, sets: list[str] | None = None) -> PipelineConfig:
@@ -54,9 +57,7 @@ def config_with_folders(args: argparse.Namespace, sets: list[str] | None = None)
          arg("--report", action=argparse.BooleanOptionalAction, default=True,
              help="then write RUN_DIR/report.html when there is a ground truth (default: on)"),
          arg("--meta", help=f"report: {META_HELP} (default: queries_meta.csv in data.root, if there)"),
-         arg("--reuse", metavar="RUN", help="start from run folder RUN's reference and train shards (manifest, "
-             "patches, features) where RUN made them from the same files with the same settings: new queries "
-             "against the same references do not describe them again"))
+         REUSE_ARG)
 def run(args: argparse.Namespace) -> int:
     cfg = config_with_folders(args)  # a bad config is refused before the pipeline's imports take seconds
     from jobs.pipeline import run_pipeline
@@ -96,10 +97,10 @@ def stage_command(name: str, help: str, *extra: tuple) -> None:
             require_pinned(RunDir(cfg.output))  # so is a run folder with no manifest
         from jobs.pipeline import run_stages
 
-        run_stages(cfg, [name], address=args.address)
+        run_stages(cfg, [name], address=args.address, reuse=getattr(args, "reuse", None))
 
 
-stage_command("manifest", "image folders -> manifest.parquet (+ errors.parquet)", *FOLDER_ARGS)
+stage_command("manifest", "image folders -> manifest.parquet (+ errors.parquet)", *FOLDER_ARGS, REUSE_ARG)
 stage_command("extract", "patches x (model, scale) -> sharded feature Parquet (Ray Data actors)")
 stage_command("reduce", "PCA/whitening, descriptor stretching or member concatenation fit on train/ (reduce.*)")
 stage_command("search", "faiss kNN of query patches against reference patches -> candidates")
