@@ -256,11 +256,11 @@ def check_predictions(table: pa.Table, where: str) -> None:
 
 def write_predictions(table: pa.Table, path: str | os.PathLike, extra: Sequence[str] = ()) -> str:
     """Write ``query_id,reference_id,score`` (the ISC21 CSV) atomically: temp name, then rename;
-    ``extra`` numeric columns follow (4 significant digits), which ISC21 readers ignore.
+    ``extra`` numeric columns follow (4 significant digits; empty where null), which ISC21 readers ignore.
 
     Ids are written bare unless they hold a comma, quote or line break; those are quoted as
     standard CSV (RFC 4180), which :func:`read_predictions` reads back to the same ids."""
-    more = [[f"{v:.4g}" for v in table.column(c).to_pylist()] for c in extra]
+    more = [["" if v is None else f"{v:.4g}" for v in table.column(c).to_pylist()] for c in extra]
     table = table.select(PREDICTIONS_SCHEMA.names).cast(PREDICTIONS_SCHEMA)
     scores = pc.cast(table.column("score"), pa.string())  # arrow's shortest float32 text, as its CSV writer
     with atomic_output(path) as f, io.TextIOWrapper(f, encoding="utf-8", newline="") as text:

@@ -19,7 +19,7 @@ from core.imageio import load_rgb, sha256_file
 from core.store import write_text
 from ensemble.index.layout import IndexDir, IndexFolderError, folder_bytes
 from ensemble.index.versions import prune
-from jobs import indexing
+from jobs import indexing, matching
 from jobs.commands.index import info_lines
 from jobs.cli import main as copydet
 from jobs.config import load_config
@@ -82,6 +82,44 @@ def shares(old: Matcher, new: Matcher) -> tuple[int, int]:
 def test_served_answer_equals_batch_predictions(built):
     data, _, run, index = built
     assert_same(served(Matcher(str(index)), data / "queries"), predictions(run / "predictions.csv"))
+
+
+def test_a_folder_matched_offline_answers_as_the_batch_run_and_goes_on_where_it_stopped(built, tmp_path,
+                                                                                        monkeypatch, capsys):
+    data, _, run, index = built
+    uploads = tmp_path / "uploads"
+    shutil.copytree(data / "queries", uploads)
+    (uploads / "broken.jpg").write_bytes(b"not an image")
+    (uploads / "notes.txt").write_text("not an image file")
+    monkeypatch.setattr(matching, "WINDOW", 3)  # 7 images: 3 windows
+    out = tmp_path / "answers"
+    argv = ["index", "match", str(index), str(uploads), "--out", str(out)]
+    assert copydet(argv) == 0
+    assert_same(predictions(out / "matches.csv"), predictions(run / "predictions.csv"))
+    rows = list(csv.DictReader(open(out / "matches.csv")))
+    assert set(rows[0]) == {"query_id", "reference_id", "score", "q_value", "verified", "inliers"}
+    assert {r["verified"] for r in rows} >= {"", "1"}  # beyond verify.top_k a pair is not checked
+    copied = {(r["query_id"], r["reference_id"]) for r in csv.DictReader(open(out / "copies.csv"))}
+    at_zero = {(r["query_id"], r["reference_id"]) for r in csv.DictReader(open(run / "predictions.csv"))
+               if float(r["score"]) >= 0}  # the run has no threshold: the service's serve.threshold, 0
+    assert copied == at_zero != set() and len(at_zero) < len(rows)
+    unread = pa.parquet.read_table(out / "errors.parquet").column("path").to_pylist()
+    assert sorted(map(os.path.basename, unread)) == ["broken.jpg", "notes.txt"]
+    assert "threshold 0.0000; 2 file(s) could not be read" in capsys.readouterr().err
+
+    # a lost window is answered again, the rest is not; the same files come out
+    before = {name: (out / name).read_bytes() for name in ("matches.csv", "copies.csv")}
+    sorted((out / "parts").iterdir())[-1].unlink()
+    windows = []
+    monkeypatch.setattr(matching, "match_window", lambda m, files, bar: windows.append(files) or answer(m, files, bar))
+    assert copydet(argv) == 0
+    assert [len(w) for w in windows] == [1] and {n: (out / n).read_bytes() for n in before} == before
+    # other files in the folder would shift the windows: refused, naming what changed
+    (uploads / "Q000.jpg").unlink()
+    assert copydet(argv) == 2 and "files: 7 -> 6" in capsys.readouterr().err
+
+
+answer = matching.match_window
 
 
 def test_a_swapped_out_matcher_is_freed_at_the_swap(built):

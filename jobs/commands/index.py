@@ -7,6 +7,7 @@
   copydet index compact INDEX_DIR           # rebuild shards without the removed references
   copydet index prune INDEX_DIR [--keep 2]  # delete old versions and the files only they use
   copydet index info INDEX_DIR              # versions, counts, models, sizes
+  copydet index match INDEX_DIR FOLDER --out OUT_DIR   # every image of FOLDER answered, offline
 
 The actions that change an index import :mod:`jobs.indexing` (torch, the stage runners) when
 they run; ``info`` and ``prune`` start in about a second.
@@ -148,6 +149,21 @@ def info_lines(root: str) -> list[str]:
     return lines
 
 
+def _match(args: argparse.Namespace) -> None:
+    if len(args.rest) != 1 or not args.out:
+        raise ValueError("index match: give one FOLDER of images and --out OUT_DIR (the answers' folder)")
+    root, folder, out = _existing(args), args.rest[0], args.out
+    from jobs.layout import RunDir
+    from jobs.lock import locked
+    from jobs.matching import match_folder
+
+    with locked(RunDir(out), "use another --out"):
+        m = match_folder(root, folder, out, list(args.set or []))
+        unread = f"; {m.errors} file(s) could not be read ({out}/errors.parquet)" if m.errors else ""
+        log.info(f"index match: {m.images} image(s) of {folder} against {root} ({m.version}): {m.copies} pair(s) at "
+                 f"or above the is-copy threshold {m.threshold:.4f}{unread} -> {out}/matches.csv, {out}/copies.csv")
+
+
 def _info(args: argparse.Namespace) -> None:
     print("\n".join(info_lines(_one(args, "INDEX_DIR"))))
 
@@ -156,15 +172,18 @@ KEEP = 2  # versions prune keeps by default
 
 ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
     "build": _build, "add": _add, "remove": _remove, "compact": _compact, "prune": _prune, "info": _info,
+    "match": _match,
 }
 
 
 @command("index", "the living reference index: build, add, remove, compact, prune, info (versions switch "
-         "atomically)",
+         "atomically); match a folder of images against it",
          arg("action", choices=sorted(ACTIONS), help="what to do"),
          arg("target", nargs="?", help="build: the pipeline YAML; otherwise INDEX_DIR"),
-         arg("rest", nargs="*", default=[], metavar="ARG", help="add: FOLDER of images; remove: reference ids"),
-         arg("--out", help="build: the index folder to create or publish a new version in"),
+         arg("rest", nargs="*", default=[], metavar="ARG",
+             help="add, match: FOLDER of images; remove: reference ids"),
+         arg("--out", help="build: the index folder to create or publish a new version in; match: the folder of "
+             "answers (matches.csv, copies.csv; a re-run goes on where it stopped)"),
          arg("--from-run", help="build: publish a finished run's features instead of extracting (with the "
              "run's own config: no CONFIG, --set serve.*, index.*, ray.* only)"),
          arg("--references", help="build: folder of reference images"),
@@ -173,7 +192,7 @@ ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
          arg("--keep", type=positive_int, help=f"prune: the newest versions kept (default {KEEP}: the published "
              "one and the one replicas may still be swapping from)"),
          arg("--set", action="append", metavar="KEY=VALUE",
-             help="override a config key (repeatable); add: serve.*, index.* and ray.* only"),
+             help="override a config key (repeatable); add, match: serve.*, index.* and ray.* only"),
          arg("--address", help=f"build: {LOCAL_RAY}"),
          uses_config=False)
 def index(args: argparse.Namespace) -> int | None:
@@ -181,8 +200,9 @@ def index(args: argparse.Namespace) -> int | None:
     return ACTIONS[args.action](args)
 
 
-OPTION_ACTIONS = {"out": "build", "from_run": "build", "references": "build", "train": "build", "address": "build",
-                  "set": "build add", "ids_file": "remove", "keep": "prune", "rest": "add remove"}
+OPTION_ACTIONS = {"out": "build match", "from_run": "build", "references": "build", "train": "build",
+                  "address": "build", "set": "build add match", "ids_file": "remove", "keep": "prune",
+                  "rest": "add remove match"}
 
 
 def check_options(args: argparse.Namespace) -> None:

@@ -1,0 +1,123 @@
+"""``copydet index match INDEX FOLDER --out OUT``: every image of a folder against the living index.
+
+A day's uploads, checked in one command and without a server: each image gets the service's
+answer (:class:`jobs.serve.engine.Matcher`: the pipeline's views, models, search, fusion and
+verification over one index version, takedowns included). The version, the folder and its file
+list are pinned in ``OUT/_settings.json``, so a re-run goes on from the last window of images
+written (``OUT/parts/``) and answers as the first did; then ``OUT/matches.csv`` (ISC21
+``query_id,reference_id,score`` with ``q_value``, ``verified`` and ``inliers``), ``OUT/copies.csv``
+(the pairs at or above the index's is-copy threshold) and ``OUT/errors.parquet`` (files that do not
+read) are written whole from the parts.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+
+import pyarrow as pa
+from tqdm import tqdm
+
+from core.contracts import ERRORS_SCHEMA
+from core.imageio import ImageDecodeError, ImageFile, load_rgb, scan_images
+from core.metrics import write_predictions, written
+from core.settings import pin_settings, read_settings
+from core.store import join, list_shards, read_table, write_table
+from ensemble.index.layout import IndexDir
+from jobs.indexing import index_config
+from jobs.inputs import InputError, check_unique_ids
+from jobs.serve.engine import Matcher
+from jobs.stages.fuse import copies
+
+log = logging.getLogger(__name__)
+
+WINDOW = 256  # images per part file: what a re-run does again at most
+MATCHES_SCHEMA = pa.schema([("query_id", pa.string()), ("reference_id", pa.string()), ("score", pa.float32()),
+                            ("q_value", pa.float64()), ("verified", pa.float64()), ("inliers", pa.float64())])
+EXTRA = ["q_value", "verified", "inliers"]  # matches.csv's columns after the ISC21 three (empty: not known)
+
+
+@dataclass
+class Matched:
+    images: int
+    copies: int
+    errors: int
+    threshold: float
+    version: str
+
+
+def file_list_hash(files: list[ImageFile]) -> str:
+    """SHA-256 of the sorted file list (paths, sizes, mtimes): the windows a resumed match goes on from."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.path}\0{f.size}\0{f.mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def pin_answers(out: str, root: str, folder: str, version: str, files: list[ImageFile]) -> None:
+    """Record what ``out``'s answers come from, or refuse an ``out`` started on another index,
+    version, folder or file list (its windows would mix them)."""
+    settings = {"index": os.path.abspath(root), "version": version, "folder": os.path.abspath(folder),
+                "files": len(files), "files_sha256": file_list_hash(files)}
+    pin_settings(out, settings, "index match", advice="use another --out", made="answers")
+
+
+def answer_rows(f: ImageFile, answer: dict) -> list[dict]:
+    return [{"query_id": f.image_id, "reference_id": m["reference_id"], "score": m["score"], "q_value": m["q_value"],
+             "verified": None if m["verified"] is None else float(m["verified"]), "inliers": m["inliers"]}
+            for m in answer["matches"]]
+
+
+def match_window(matcher: Matcher, files: list[ImageFile], bar: tqdm) -> tuple[pa.Table, pa.Table]:
+    """One window's answers and the files of it that do not read."""
+    rows, errors = [], []
+    batch = matcher.cfg.serve.max_batch_size
+    for start in range(0, len(files), batch):
+        images, ok = [], []
+        for f in files[start:start + batch]:
+            try:
+                images.append(load_rgb(f.path, max_pixels=matcher.cfg.data.max_pixels))
+                ok.append(f)
+            except ImageDecodeError as e:
+                errors.append({"path": f.path, "error": str(e)})
+        for f, answer in zip(ok, matcher.match(images, [f.path for f in ok]) if ok else []):
+            rows += answer_rows(f, answer)
+        bar.update(min(batch, len(files) - start))
+    return (pa.Table.from_pylist(rows, schema=MATCHES_SCHEMA),
+            pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
+
+
+def match_folder(root: str, folder: str, out: str, overrides: list[str] | None = None) -> Matched:
+    """Answer every image of ``folder`` from index ``root`` into ``out`` (see the module docstring)."""
+    scan = scan_images(os.path.abspath(folder))
+    check_unique_ids(scan, folder, "index match")
+    if not scan.files:
+        raise InputError(f"index match: {folder} has no image files ({len(scan.rejected)} other file(s))")
+    started = read_settings(out)  # a re-run answers from the version the first one pinned
+    version = started["version"] if started else IndexDir(root).require_current()
+    _, cfg = index_config(root, version, overrides or [])  # bad overrides are refused before anything is written
+    pin_answers(out, root, folder, version, scan.files)
+    if started:
+        log.info(f"index match: going on in {out} with version {version}, pinned when it was started")
+    parts, errors = join(out, "parts"), join(out, "errors")
+    windows = [(f"part-{i // WINDOW:05d}.parquet", scan.files[i:i + WINDOW]) for i in range(0, len(scan.files), WINDOW)]
+    done = {os.path.basename(p) for p in list_shards(parts)}
+    todo = [(name, files) for name, files in windows if name not in done]
+    if todo:
+        matcher = Matcher(root, version, overrides or [])
+        with tqdm(total=sum(len(files) for _, files in todo), desc="index match", unit="image") as bar:
+            for name, files in todo:
+                answers, unread = match_window(matcher, files, bar)
+                write_table(unread, join(errors, name))  # first: a part marks its window done
+                write_table(answers, join(parts, name))
+    answers = read_table(parts)
+    listing = pa.Table.from_pylist([{"path": p, "error": f"{p}: {why}"} for p, why in scan.rejected],
+                                   schema=ERRORS_SCHEMA)
+    unread = pa.concat_tables([read_table(errors).cast(ERRORS_SCHEMA), listing])
+    write_table(unread, join(out, "errors.parquet"))
+    threshold = written(cfg.copy_threshold())
+    found = copies(answers, threshold)
+    write_predictions(answers, join(out, "matches.csv"), EXTRA)
+    write_predictions(found, join(out, "copies.csv"), EXTRA)
+    return Matched(len(scan.files), found.num_rows, unread.num_rows, threshold, version)
