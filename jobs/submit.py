@@ -148,7 +148,7 @@ def submit(config: str | None, address: str | None, stage: str = "run", sets: Se
 
     config = config or str(REPO_ROOT / "configs" / "smoke.yaml")
     overrides = with_output(sets, out)
-    if reuse and (stage != "run" or not _shared(reuse) or "://" in reuse):
+    if reuse and (stage != "run" or not os.path.isabs(reuse)):  # hard links: no URI
         raise ConfigError(f"--reuse {reuse}: the whole run (--stage run) starts from a run folder's shards, given "
                           "as an absolute path on storage the cluster's nodes share")
     if stage in TRAIN_STAGES:

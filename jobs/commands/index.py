@@ -24,6 +24,8 @@ from ensemble.index.versions import prune, read_manifest
 from jobs.commands.base import LOCAL_RAY, arg, command, positive_int
 from jobs.commands.stages import config_with_folders
 from jobs.inputs import some_of, split_folders
+from jobs.layout import RunDir
+from jobs.lock import locked
 
 log = logging.getLogger(__name__)
 
@@ -153,8 +155,6 @@ def _match(args: argparse.Namespace) -> None:
     if len(args.rest) != 1 or not args.out:
         raise ValueError("index match: give one FOLDER of images and --out OUT_DIR (the answers' folder)")
     root, folder, out = _existing(args), args.rest[0], args.out
-    from jobs.layout import RunDir
-    from jobs.lock import locked
     from jobs.matching import match_folder
 
     with locked(RunDir(out), "use another --out"):
