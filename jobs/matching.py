@@ -8,31 +8,43 @@ written (``OUT/parts/``) and answers as the first did; then ``OUT/matches.csv`` 
 ``query_id,reference_id,score`` with ``q_value``, ``verified`` and ``inliers``), ``OUT/copies.csv``
 (the pairs at or above the index's is-copy threshold) and ``OUT/errors.parquet`` (files that do not
 read) are written whole from the parts.
+
+Windows are answered by ``serve.num_replicas`` workers, each a :class:`WindowWorker` that loads the
+models and the index once and writes its own parts: one in this process (no Ray), more as Ray
+actors with the service's per-replica resources, on the embedded local Ray or the cluster at
+``--address`` (whose nodes must see the index, the folder and OUT at the same paths).
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import pyarrow as pa
+import ray
+from ray.util import ActorPool
 from tqdm import tqdm
 
 from core.contracts import ERRORS_SCHEMA
 from core.imageio import ImageDecodeError, ImageFile, load_rgb, scan_images
 from core.metrics import write_predictions, written
 from core.settings import pin_settings, read_settings
-from core.store import join, list_shards, read_table, write_table
+from core.store import absolute, join, list_shards, read_table, write_table
 from ensemble.index.layout import IndexDir
+from jobs.config import PipelineConfig
 from jobs.indexing import index_config
 from jobs.inputs import InputError, check_unique_ids
+from jobs.runtime import init_ray, target_address
 from jobs.serve.engine import Matcher
 from jobs.stages.fuse import copies
 
 log = logging.getLogger(__name__)
 
-WINDOW = 256  # images per part file: what a re-run does again at most
+WINDOW = 64  # images per part file: what a re-run does again at most, and the replicas' unit of work
+PARTS, ERRORS = "parts", "errors"  # OUT's folders of the windows' answers and unread files
 MATCHES_SCHEMA = pa.schema([("query_id", pa.string()), ("reference_id", pa.string()), ("score", pa.float32()),
                             ("q_value", pa.float64()), ("verified", pa.float64()), ("inliers", pa.float64())])
 EXTRA = ["q_value", "verified", "inliers"]  # matches.csv's columns after the ISC21 three (empty: not known)
@@ -57,9 +69,9 @@ def file_list_hash(files: list[ImageFile]) -> str:
 
 def pin_answers(out: str, root: str, folder: str, version: str, files: list[ImageFile]) -> None:
     """Record what ``out``'s answers come from, or refuse an ``out`` started on another index,
-    version, folder or file list (its windows would mix them)."""
+    version, folder, file list or window size (its windows would mix them)."""
     settings = {"index": os.path.abspath(root), "version": version, "folder": os.path.abspath(folder),
-                "files": len(files), "files_sha256": file_list_hash(files)}
+                "files": len(files), "files_sha256": file_list_hash(files), "window": WINDOW}
     pin_settings(out, settings, "index match", advice="use another --out", made="answers")
 
 
@@ -69,8 +81,9 @@ def answer_rows(f: ImageFile, answer: dict) -> list[dict]:
             for m in answer["matches"]]
 
 
-def match_window(matcher: Matcher, files: list[ImageFile], bar: tqdm) -> tuple[pa.Table, pa.Table]:
-    """One window's answers and the files of it that do not read."""
+def match_window(matcher: Matcher, files: list[ImageFile],
+                 progress: Callable[[int], object] | None = None) -> tuple[pa.Table, pa.Table]:
+    """One window's answers and the files of it that do not read; ``progress`` counts images done."""
     rows, errors = [], []
     batch = matcher.cfg.serve.max_batch_size
     for start in range(0, len(files), batch):
@@ -83,12 +96,50 @@ def match_window(matcher: Matcher, files: list[ImageFile], bar: tqdm) -> tuple[p
                 errors.append({"path": f.path, "error": str(e)})
         for f, answer in zip(ok, matcher.match(images, [f.path for f in ok]) if ok else []):
             rows += answer_rows(f, answer)
-        bar.update(min(batch, len(files) - start))
+        if progress:
+            progress(min(batch, len(files) - start))
     return (pa.Table.from_pylist(rows, schema=MATCHES_SCHEMA),
             pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
 
 
-def match_folder(root: str, folder: str, out: str, overrides: list[str] | None = None) -> Matched:
+class WindowWorker:
+    """One replica of the service's :class:`Matcher` that answers windows of images into ``out``."""
+
+    def __init__(self, root: str, version: str, overrides: Sequence[str], out: str) -> None:
+        self.matcher = Matcher(root, version, overrides)
+        self.out = out
+
+    def answer(self, name: str, files: list[ImageFile], progress: Callable[[int], object] | None = None) -> int:
+        """Write window ``name``'s part and its unread files; the number of images it had."""
+        answers, unread = match_window(self.matcher, files, progress)
+        write_table(unread, join(self.out, ERRORS, name))  # first: a part marks its window done
+        write_table(answers, join(self.out, PARTS, name))
+        return len(files)
+
+
+def answer_windows(todo: list[tuple[str, list[ImageFile]]], root: str, version: str, overrides: Sequence[str],
+                   out: str, cfg: PipelineConfig, address: str | None = None) -> None:
+    """Answer the windows ``todo`` on ``serve.num_replicas`` workers (see the module docstring)."""
+    replicas = min(cfg.serve.num_replicas, len(todo))
+    progress = partial(tqdm, total=sum(len(files) for _, files in todo), desc="index match", unit="image")
+    if replicas <= 1 and target_address(cfg.ray, address) is None:
+        worker = WindowWorker(root, version, overrides, out)
+        with progress() as bar:
+            for name, files in todo:
+                worker.answer(name, files, bar.update)
+        return
+    init_ray(cfg.ray, address)
+    actor = ray.remote(WindowWorker).options(num_cpus=cfg.serve.num_cpus, num_gpus=cfg.serve.num_gpus,
+                                             max_restarts=3, max_task_retries=3)  # a window's rewrite is safe
+    pool = ActorPool([actor.remote(os.path.abspath(root), version, list(overrides), absolute(out))
+                      for _ in range(replicas)])
+    with progress() as bar:
+        for images in pool.map_unordered(lambda a, window: a.answer.remote(*window), todo):
+            bar.update(images)
+
+
+def match_folder(root: str, folder: str, out: str, overrides: list[str] | None = None,
+                 address: str | None = None) -> Matched:
     """Answer every image of ``folder`` from index ``root`` into ``out`` (see the module docstring)."""
     scan = scan_images(os.path.abspath(folder))
     check_unique_ids(scan, folder, "index match")
@@ -100,17 +151,12 @@ def match_folder(root: str, folder: str, out: str, overrides: list[str] | None =
     pin_answers(out, root, folder, version, scan.files)
     if started:
         log.info(f"index match: going on in {out} with version {version}, pinned when it was started")
-    parts, errors = join(out, "parts"), join(out, "errors")
+    parts, errors = join(out, PARTS), join(out, ERRORS)
     windows = [(f"part-{i // WINDOW:05d}.parquet", scan.files[i:i + WINDOW]) for i in range(0, len(scan.files), WINDOW)]
     done = {os.path.basename(p) for p in list_shards(parts)}
     todo = [(name, files) for name, files in windows if name not in done]
     if todo:
-        matcher = Matcher(root, version, overrides or [])
-        with tqdm(total=sum(len(files) for _, files in todo), desc="index match", unit="image") as bar:
-            for name, files in todo:
-                answers, unread = match_window(matcher, files, bar)
-                write_table(unread, join(errors, name))  # first: a part marks its window done
-                write_table(answers, join(parts, name))
+        answer_windows(todo, root, version, overrides or [], out, cfg, address)
     answers = read_table(parts)
     listing = pa.Table.from_pylist([{"path": p, "error": f"{p}: {why}"} for p, why in scan.rejected],
                                    schema=ERRORS_SCHEMA)

@@ -122,6 +122,18 @@ def test_a_folder_matched_offline_answers_as_the_batch_run_and_goes_on_where_it_
 answer = matching.match_window
 
 
+def test_a_folder_matched_by_replicas_answers_as_one_process(built, tmp_path, monkeypatch):
+    """With serve.num_replicas > 1 the windows go to Ray actors, which write the parts themselves."""
+    data, _, run, index = built
+    monkeypatch.setattr(matching, "WINDOW", 2)  # 6 images: 3 windows for 2 replicas
+    monkeypatch.setattr(matching, "match_window", lambda *a: pytest.fail("answered in the driver"))
+    out = tmp_path / "answers"
+    assert copydet(["index", "match", str(index), str(data / "queries"), "--out", str(out),
+                    "--set", "serve.num_replicas=2"]) == 0
+    assert len(list((out / "parts").iterdir())) == 3
+    assert_same(predictions(out / "matches.csv"), predictions(run / "predictions.csv"))
+
+
 def test_a_swapped_out_matcher_is_freed_at_the_swap(built):
     """Its verification cache held the Matcher itself (a cycle): each old version, shards and
     described references, stayed until the cycle collector ran, which native memory never triggers."""

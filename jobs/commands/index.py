@@ -8,6 +8,7 @@
   copydet index prune INDEX_DIR [--keep 2]  # delete old versions and the files only they use
   copydet index info INDEX_DIR              # versions, counts, models, sizes
   copydet index match INDEX_DIR FOLDER --out OUT_DIR   # every image of FOLDER answered, offline
+                                             # (on serve.num_replicas workers: --set serve.num_replicas=4)
 
 The actions that change an index import :mod:`jobs.indexing` (torch, the stage runners) when
 they run; ``info`` and ``prune`` start in about a second.
@@ -158,7 +159,7 @@ def _match(args: argparse.Namespace) -> None:
     from jobs.matching import match_folder
 
     with locked(RunDir(out), "use another --out"):
-        m = match_folder(root, folder, out, list(args.set or []))
+        m = match_folder(root, folder, out, list(args.set or []), args.address)
         unread = f"; {m.errors} file(s) could not be read ({out}/errors.parquet)" if m.errors else ""
         log.info(f"index match: {m.images} image(s) of {folder} against {root} ({m.version}): {m.copies} pair(s) at "
                  f"or above the is-copy threshold {m.threshold:.4f}{unread} -> {out}/matches.csv, {out}/copies.csv")
@@ -193,7 +194,7 @@ ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
              "one and the one replicas may still be swapping from)"),
          arg("--set", action="append", metavar="KEY=VALUE",
              help="override a config key (repeatable); add, match: serve.*, index.* and ray.* only"),
-         arg("--address", help=f"build: {LOCAL_RAY}"),
+         arg("--address", help=f"build, match (with serve.num_replicas workers): {LOCAL_RAY}"),
          uses_config=False)
 def index(args: argparse.Namespace) -> int | None:
     check_options(args)
@@ -201,7 +202,7 @@ def index(args: argparse.Namespace) -> int | None:
 
 
 OPTION_ACTIONS = {"out": "build match", "from_run": "build", "references": "build", "train": "build",
-                  "address": "build", "set": "build add match", "ids_file": "remove", "keep": "prune",
+                  "address": "build match", "set": "build add match", "ids_file": "remove", "keep": "prune",
                   "rest": "add remove match"}
 
 
