@@ -66,13 +66,15 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 class RunLog(logging.FileHandler):
     """Appends records, timestamped, to a folder's log file. The file is opened, and a header naming
-    the command written, with the first record: a command refused before it logged leaves no file."""
+    the command written, with the first record: a command refused before it logged leaves no file
+    (nor the folder, made then)."""
 
     def __init__(self, path: str) -> None:
         super().__init__(path, mode="a", encoding="utf-8", delay=True)
         self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
 
     def _open(self):  # noqa: ANN202 (logging's own signature)
+        os.makedirs(os.path.dirname(self.baseFilename), exist_ok=True)
         stream = super()._open()
         stream.write(f"--- pid {os.getpid()} on {socket.gethostname()}: {shlex.join(sys.argv)}\n")
         return stream

@@ -141,6 +141,8 @@ def test_fanout_registers_one_model_per_set_and_backbone(ray_local, photo_dir, t
     assert copydet(["finetune", str(CONFIGS / "tiny.yaml"), *[a for s in sets for a in ("--set", s)]]) == 0
     out = capsys.readouterr().out
     assert out.count("skipped") == 4 and all(f"{c.metrics['micro_ap']:.4g}" in out for c in cards)  # best epoch's
+    logged = (tmp_path / "runs" / "copydet.log").read_text()  # the fan-out's lines, beside its run folders
+    assert all(f"[fan-out] {s.name}: skipped" in logged for s in specs)
     # with another learning rate the registered models are not the config's: refused, not skipped
     again = run_all(plan_finetune(load_train_config(CONFIGS / "tiny.yaml", [*sets, "finetune.lr=0.5"])), cfg.ray)
     assert {o.status for o in again} == {"failed"} and all("finetune.lr: 0.001 -> 0.5" in o.error for o in again)

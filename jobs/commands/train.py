@@ -4,11 +4,14 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Literal
 
 from core.imageio import IMAGE_SUFFIXES
+from core.logs import log_to
 from core.models.cards import ModelCard, RegistryError
 from core.models.registry import load_card, registry_path, scan_cards
+from core.store import join
 from core.yamlconf import read_yaml
 from jobs.commands.base import arg, command
 from jobs.config import RayConfig
@@ -40,9 +43,11 @@ def _train(args: argparse.Namespace, plan: Planner) -> int:
         check_train_folder(args.config, cfg.data.train)  # refused before Ray starts
     specs: list[RunSpec] = getattr(fanout, plan)(cfg)
     check_init_weights(cfg, specs)
-    log.info(f"{len(specs)} runs: {', '.join(s.name for s in specs)}")
-    init_ray(RayConfig(address=args.address or cfg.ray.address))
-    outcomes = fanout.run_all(specs, cfg.ray)
+    # the fan-out's lines, beside its run folders (with Ray Client those are the cluster's)
+    with nullcontext() if client else log_to(join(cfg.output, "copydet.log")):
+        log.info(f"{len(specs)} runs: {', '.join(s.name for s in specs)}")
+        init_ray(RayConfig(address=args.address or cfg.ray.address))
+        outcomes = fanout.run_all(specs, cfg.ray)
     rows = [[o.name, o.status, _fmt(o.metrics.get("loss")), _fmt(_registered_micro_ap(o, cfg)), o.error or o.note or ""]
             for o in outcomes]
     print(format_table(["run", "status", "last loss", "val uAP (registered)", "error / note"], rows))

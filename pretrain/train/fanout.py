@@ -194,6 +194,8 @@ def run_all(specs: list[RunSpec], ray_cfg: RaySection) -> list[Outcome]:
     import ray
 
     outcomes = {s.name: done for s in specs if is_registered(s) and (done := finished(s)) is not None}
+    for name, o in outcomes.items():
+        log.info("[fan-out] %s: %s (%s)", name, o.status, o.error or o.note or "registered already")
     todo = [s for s in specs if s.name not in outcomes]
     remote = ray.remote(_task)
     limit = ray_cfg.max_concurrent or len(todo) or 1
