@@ -53,6 +53,13 @@ class ProgressLines:
         print(f"{self.what} {done}/{self.total}{extra}, {left / 60:.1f} min left", flush=True)
 
 
+def last_line(e: BaseException) -> str:
+    """The last non-empty line of ``e``'s message, where Ray and TorchScript put the cause after
+    their tracebacks; the exception's type name when it has no message."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[-1] if lines else type(e).__name__
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Send the copydet packages' records at ``level`` and above to stderr (idempotent)."""
     handler = TqdmHandler()

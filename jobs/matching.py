@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from core.contracts import ERRORS_SCHEMA
 from core.imageio import ImageDecodeError, ImageFile, load_rgb, scan_images
+from core.logs import last_line
 from core.metrics import write_predictions, written
 from core.settings import pin_settings, read_settings
 from core.store import absolute, join, list_shards, read_table, write_table
@@ -133,9 +134,13 @@ def answer_windows(todo: list[tuple[str, list[ImageFile]]], root: str, version: 
                                              max_restarts=3, max_task_retries=3)  # a window's rewrite is safe
     pool = ActorPool([actor.remote(os.path.abspath(root), version, list(overrides), absolute(out))
                       for _ in range(replicas)])
-    with progress() as bar:
-        for images in pool.map_unordered(lambda a, window: a.answer.remote(*window), todo):
-            bar.update(images)
+    try:
+        with progress() as bar:
+            for images in pool.map_unordered(lambda a, window: a.answer.remote(*window), todo):
+                bar.update(images)
+    except ray.exceptions.RayError as e:  # Ray's traceback is above; the cause, in a line
+        raise RuntimeError(f"index match: a replica failed ({last_line(e)[-300:]}); the windows written are kept "
+                           f"in {join(out, PARTS)}, so a re-run goes on from them") from None
 
 
 def match_folder(root: str, folder: str, out: str, overrides: list[str] | None = None,

@@ -122,7 +122,7 @@ def test_a_folder_matched_offline_answers_as_the_batch_run_and_goes_on_where_it_
 answer = matching.match_window
 
 
-def test_a_folder_matched_by_replicas_answers_as_one_process(built, tmp_path, monkeypatch):
+def test_a_folder_matched_by_replicas_answers_as_one_process(built, tmp_path, monkeypatch, capsys):
     """With serve.num_replicas > 1 the windows go to Ray actors, which write the parts themselves."""
     data, _, run, index = built
     monkeypatch.setattr(matching, "WINDOW", 2)  # 6 images: 3 windows for 2 replicas
@@ -132,6 +132,15 @@ def test_a_folder_matched_by_replicas_answers_as_one_process(built, tmp_path, mo
                     "--set", "serve.num_replicas=2"]) == 0
     assert len(list((out / "parts").iterdir())) == 3
     assert_same(predictions(out / "matches.csv"), predictions(run / "predictions.csv"))
+    # a replica that cannot start (its model's card broken) ends the command with the cause in a line
+    broken = tmp_path / "broken"
+    shutil.copytree(index, broken, copy_function=os.link)
+    for card in (broken / "versions" / "v000001" / "cards").iterdir():
+        card.unlink()  # a hard link: the built index keeps its card
+        card.write_text("{not json")
+    assert copydet(["index", "match", str(broken), str(data / "queries"), "--out", str(tmp_path / "again"),
+                    "--set", "serve.num_replicas=2"]) == 2
+    assert "a replica failed (" in capsys.readouterr().err
 
 
 def test_a_swapped_out_matcher_is_freed_at_the_swap(built):

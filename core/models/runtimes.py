@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.logs import last_line
 from core.models.cards import ExternalSpec, ModelCard, RegistryError, input_spec
 from core.models.preprocess import Preprocess
 
@@ -138,14 +139,9 @@ def _probe(card: ModelCard, forward: Forward, batch: int, size: tuple[int, int],
         raise
     except Exception as e:  # whatever the runtime raises for a wrong input
         raise RegistryError(f"model {card.name!r}: {card.weights} rejects a {pre.spec.layout} {pre.spec.dtype} "
-                            f"input of shape {x.shape}: {_last_line(e)}{advice}") from e
+                            f"input of shape {x.shape}: {last_line(e)}{advice}") from e
     if y.ndim != 2 or y.shape[0] != batch:
         raise RegistryError(f"model {card.name!r}: {card.weights} gives output shape {y.shape} for input shape "
                             f"{x.shape}; expected ({batch}, dim){advice}")
     return y
 
-
-def _last_line(e: Exception) -> str:
-    """The last non-empty line of ``e``'s message: TorchScript puts its traceback first."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return lines[-1] if lines else type(e).__name__

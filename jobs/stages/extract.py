@@ -24,6 +24,7 @@ from ray.data import ActorPoolStrategy
 from tqdm.auto import tqdm
 
 from core.contracts import chunk_file, shard_split
+from core.logs import last_line
 from core.models.cards import ModelCard
 from core.models.preprocess import Preprocess
 from core.models.registry import weights_hash
@@ -136,7 +137,7 @@ def pin_keys(cfg: PipelineConfig, keys: list[KeySpec]) -> None:
 def actor_failure(e: Exception, keys: list[KeySpec], retries: int) -> Exception:
     """Why the model actors died, in a line: weights replaced since the stage pinned them, an actor
     that could not start, or one that died on a chunk (memory, most often)."""
-    last = next((line for line in reversed(str(e).splitlines()) if line.strip()), "")[-300:]
+    last = last_line(e)[-300:]
     if getattr(e, "actor_init_failed", False):
         for k in keys:
             weights_hash(k.card)  # the usual cause: the weights changed under a running stage

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import torch
 
+from core.logs import last_line
 from core.models.backbones import build_backbone
 from core.models.cards import ModelCard, RegistryError
 from core.models.registry import CARD_SUFFIX, load_card
@@ -182,11 +183,6 @@ def _task_options(spec: RunSpec, ray_cfg: RaySection) -> dict[str, Any]:
             "max_retries": ray_cfg.max_failures, "retry_exceptions": False}
 
 
-def _last_line(e: Exception) -> str:
-    """The informative line of a (Ray-wrapped) exception: Ray puts the cause's last."""
-    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-    return f"{type(e).__name__}: {lines[-1] if lines else ''}"
-
 
 def run_all(specs: list[RunSpec], ray_cfg: RaySection) -> list[Outcome]:
     """Run every spec that is not registered yet as a Ray task (Ray must be initialised);
@@ -209,6 +205,6 @@ def run_all(specs: list[RunSpec], ray_cfg: RaySection) -> list[Outcome]:
         try:
             outcomes[spec.name] = Outcome(spec.name, "done", metrics=ray.get(done[0]))
         except Exception as e:  # a failed run is reported; the others go on
-            outcomes[spec.name] = Outcome(spec.name, "failed", error=_last_line(e))
+            outcomes[spec.name] = Outcome(spec.name, "failed", error=f"{type(e).__name__}: {last_line(e)}")
         log.info("[fan-out] %s: %s", spec.name, outcomes[spec.name].status)
     return [outcomes[s.name] for s in specs]
