@@ -10,9 +10,10 @@ written (``OUT/parts/``) and answers as the first did; then ``OUT/matches.csv`` 
 read) are written whole from the parts.
 
 Windows are answered by ``serve.num_replicas`` workers, each a :class:`WindowWorker` that loads the
-models and the index once and writes its own parts: one in this process (no Ray), more as Ray
-actors with the service's per-replica resources, on the embedded local Ray or the cluster at
-``--address`` (whose nodes must see the index, the folder and OUT at the same paths).
+models and the index once and writes its own parts: one in this process (no Ray), more (or any
+number, given ``--address`` or ``ray.address``) as Ray actors with the service's per-replica
+resources, on the embedded local Ray or that cluster (whose nodes must see the index, the folder
+and OUT at the same paths).
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from ensemble.index.layout import IndexDir
 from jobs.config import PipelineConfig
 from jobs.indexing import index_config
 from jobs.inputs import InputError, check_unique_ids
-from jobs.runtime import init_ray, target_address
+from jobs.runtime import init_ray
 from jobs.serve.engine import Matcher
 from jobs.stages.fuse import copies
 
@@ -123,7 +124,7 @@ def answer_windows(todo: list[tuple[str, list[ImageFile]]], root: str, version: 
     """Answer the windows ``todo`` on ``serve.num_replicas`` workers (see the module docstring)."""
     replicas = min(cfg.serve.num_replicas, len(todo))
     progress = partial(tqdm, total=sum(len(files) for _, files in todo), desc="index match", unit="image")
-    if replicas <= 1 and target_address(cfg.ray, address) is None:
+    if replicas <= 1 and not (address or cfg.ray.address):  # not $RAY_ADDRESS alone: often the Jobs API's, for submit
         worker = WindowWorker(root, version, overrides, out)
         with progress() as bar:
             for name, files in todo:

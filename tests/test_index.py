@@ -92,6 +92,7 @@ def test_a_folder_matched_offline_answers_as_the_batch_run_and_goes_on_where_it_
     (uploads / "broken.jpg").write_bytes(b"not an image")
     (uploads / "notes.txt").write_text("not an image file")
     monkeypatch.setattr(matching, "WINDOW", 3)  # 7 images: 3 windows
+    monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")  # set for `copydet submit`: one replica runs here anyway
     out = tmp_path / "answers"
     argv = ["index", "match", str(index), str(uploads), "--out", str(out)]
     assert copydet(argv) == 0
