@@ -228,21 +228,34 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
     pcas = {k: load_pca(idx.path(parent) / m["pca"]) for k, m in meta["keys"].items() if m.get("pca")}
     train = stretch_background(idx, parent, cfg)
     try:
-        with idx.publish(parent) as (name, out):
-            rows, staged = embed_new(todo, cfg, embedder, pcas, train, out / "staging", failed)
+        with idx.staging() as staging:  # embedded without the writer's lock: takedowns publish meanwhile
+            rows, staged = embed_new(todo, cfg, embedder, pcas, train, staging, failed)
             if not rows:
                 raise NothingAdded(f"{folder}: none of {len(todo)} new image(s) decodes: "
                                    f"{[f['error'] for f in failed][:3]}")
-            versions.add(idx, parent, out, name, staged, pa.Table.from_pylist(rows, schema=versions.IMAGES_SCHEMA),
-                         cfg.search.index_spec(), cfg.search.shard_size, cfg.index.merge_fanout)
-            if failed:
-                write_table(pa.Table.from_pylist(failed, schema=ERRORS_SCHEMA), out / versions.ERRORS)
-            shutil.rmtree(out / "staging")
+            with idx.publish(parent, accept=lambda now: takedowns_only(idx, parent, now)) as (name, out):
+                base = idx.current()  # the parent, or the takedowns published on it since
+                versions.add(idx, base, out, name, staged, pa.Table.from_pylist(rows, schema=versions.IMAGES_SCHEMA),
+                             cfg.search.index_spec(), cfg.search.shard_size, cfg.index.merge_fanout)
+                if failed:
+                    write_table(pa.Table.from_pylist(failed, schema=ERRORS_SCHEMA), out / versions.ERRORS)
     except NothingAdded:
         if len(todo) < len(files):  # the rest is in already (a retry): the unreadable ones are named, not fatal
             return parent, 0, [f["error"] for f in failed]
         raise
     return name, len(rows), [f["error"] for f in failed]
+
+
+def takedowns_only(idx: IndexDir, parent: str, now: str) -> bool:
+    """Whether ``now`` descends from ``parent`` by takedowns only (each version between still there
+    to show it): then references embedded against ``parent`` (same models, PCA, background) join ``now``."""
+    kept = set(idx.versions())
+    while now != parent:
+        meta = versions.read_manifest(idx.path(now)) if now in kept else {}
+        if meta.get("op") != "remove":
+            return False
+        now = meta["parent"]
+    return True
 
 
 class Indexed(NamedTuple):

@@ -17,6 +17,7 @@ import pytest
 
 from core.imageio import load_rgb, sha256_file
 from core.store import write_text
+from ensemble.index import versions
 from ensemble.index.layout import IndexDir, IndexFolderError, folder_bytes
 from ensemble.index.versions import prune
 from jobs import indexing, matching
@@ -338,13 +339,13 @@ def test_killed_add_leaves_previous_version(built, tmp_path):
     for i in range(60):
         synthetic_photo(2000 + i, (320, 240)).save(many / f"N{i:03d}.jpg")
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    # two images per step, so the kill lands while the new version is being written
+    # two images per step, so the kill lands while the new references are being embedded
     cmd = [sys.executable, "-m", "jobs.cli", "index", "add", str(index), str(many), "--set", "index.chunk_images=2"]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     staged = None
     while time.time() < deadline and proc.poll() is None:
-        staged = next((p for p in IndexDir(index).stale() if any(p.rglob("part-*.parquet"))), None)
+        staged = next(index.glob("staging/add-*/*/part-*.parquet"), None)
         if staged:
             proc.send_signal(signal.SIGKILL)
             break
@@ -352,13 +353,42 @@ def test_killed_add_leaves_previous_version(built, tmp_path):
     assert proc.wait(60) == -signal.SIGKILL, f"add finished before it could be killed: {proc.stderr.read()[-500:]}"
     assert staged is not None
     idx = IndexDir(index)
-    assert idx.current() == "v000001" and idx.versions() == ["v000001"] and idx.stale()
+    assert idx.current() == "v000001" and idx.versions() == ["v000001"] and staged.exists()
+    assert any(line.startswith("adds embedding, or killed") for line in info_lines(str(index)))
     assert served(Matcher(str(index)), data / "queries") == before  # the previous version loads and answers
-    # the next writer clears the leftovers and publishes normally
+    # the next add clears the leftovers and publishes normally
     shutil.rmtree(many)
     many.mkdir()
     synthetic_photo(3000).save(many / "N999.jpg")
-    assert indexing.add_folder(str(index), str(many))[:2] == ("v000002", 1) and not idx.stale()
+    assert indexing.add_folder(str(index), str(many))[:2] == ("v000002", 1)
+    assert not idx.stale() and not any((index / "staging").iterdir())
+
+
+def live_ids(index: Path) -> set[str]:
+    idx = IndexDir(index)
+    path = idx.path(idx.require_current())
+    return set(versions.live_images(path, versions.read_manifest(path)).column("image_id").to_pylist())
+
+
+def test_a_takedown_publishes_while_an_add_embeds_and_the_add_lands_on_it(built, tmp_path, monkeypatch):
+    """An add embeds without the writer's lock: a takedown meanwhile is not refused, and the add then
+    publishes on top of it; on top of another add (which could hold the same ids) it is refused."""
+    _, _, _, built_index = built
+    index = tmp_path / "index"
+    shutil.copytree(built_index, index)
+    new, other, more = tmp_path / "new", tmp_path / "other", tmp_path / "more"
+    for i, folder in enumerate((new, other, more)):
+        folder.mkdir()
+        synthetic_photo(4000 + i).save(folder / f"N{i:03d}.jpg")
+    embed, meanwhile = indexing.embed_new, []
+    monkeypatch.setattr(indexing, "embed_new", lambda *a: (embed(*a), meanwhile and meanwhile.pop()())[0])
+    meanwhile.append(lambda: indexing.remove_ids(str(index), ["R001"]))
+    assert indexing.add_folder(str(index), str(new))[:2] == ("v000003", 1)
+    assert "N000" in live_ids(index) and "R001" not in live_ids(index)
+    meanwhile.append(lambda: indexing.add_folder(str(index), str(other)))
+    with pytest.raises(IndexFolderError, match="published v000004 after this one read v000003"):
+        indexing.add_folder(str(index), str(more))
+    assert "N001" in live_ids(index) and "N002" not in live_ids(index) and not any((index / "staging").iterdir())
 
 
 def test_a_run_is_published_whole_and_as_it_was_made(built, tmp_path, capsys):

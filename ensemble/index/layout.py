@@ -4,6 +4,7 @@
 
     INDEX_DIR/
       CURRENT                    the published version's name (replaced by one atomic rename)
+      staging/add-*/             the new references an `index add` embeds before it publishes
       blobs/<sha256><suffix>     model weight files by content hash, shared by every version
       versions/v000001/          one immutable version; it appears whole or not at all
         index.json               what it holds (see ensemble.index.versions)
@@ -19,7 +20,8 @@
 A writer builds its version under a hidden temp name (``core.store.atomic_dir``) and then
 rewrites ``CURRENT``: a writer killed at any point leaves the previous version published and
 whole. Unchanged files of the parent version are hard links, so adding or removing costs
-what changes, not the size of the index.
+what changes, not the size of the index. An add embeds its images in ``staging/`` without the
+writer's lock, so takedowns publish meanwhile; it then publishes on top of them.
 """
 from __future__ import annotations
 
@@ -27,7 +29,9 @@ import fcntl
 import os
 import re
 import shutil
-from collections.abc import Iterator
+import uuid
+from collections.abc import Callable, Iterator
+from typing import IO
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -39,6 +43,16 @@ VERSION = re.compile(r"^v(\d{6})$")
 
 class IndexFolderError(ValueError):
     """A missing, locked or inconsistent index folder (the message names it)."""
+
+
+def _locked(f: IO) -> bool:
+    """Take ``f``'s flock (held until it is closed), or False when another open file holds it:
+    unlike ``core.lock``'s, a second hold in the same process is refused too."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 class IndexDir:
@@ -87,25 +101,25 @@ class IndexDir:
         """The one-writer lock (``INDEX_DIR/.lock``); a second writer fails at once, naming it."""
         self.root.mkdir(parents=True, exist_ok=True)
         with open(self.root / ".lock", "w") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise IndexFolderError(f"{self.root}: another `copydet index` command is writing it (.lock)") from None
+            if not _locked(f):
+                raise IndexFolderError(f"{self.root}: another `copydet index` command is writing it (.lock)")
             try:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
     @contextmanager
-    def publish(self, parent: str | None = None) -> Iterator[tuple[str, Path]]:
+    def publish(self, parent: str | None = None,
+                accept: Callable[[str], bool] | None = None) -> Iterator[tuple[str, Path]]:
         """``(name, folder)`` of the next version to fill; when the block ends without error the
         folder is renamed into place and ``CURRENT`` switched to it, under the writer's lock.
 
         ``parent``: the version the new one is made from, read before the lock was taken. If another
-        writer published since, the new version would drop its change: refused, nothing written."""
+        writer published since, the new version would drop its change: refused, nothing written,
+        unless ``accept(now)`` says the writer can make it from the version ``now`` published."""
         with self.lock():
             now = self.current()
-            if parent is not None and now != parent:
+            if parent is not None and now != parent and not (accept and accept(now)):
                 raise IndexFolderError(f"{self.root}: another `copydet index` command published {now} after this one "
                                        f"read {parent}; nothing was written, run this command again")
             for tmp in self.stale():  # we hold the lock: no writer owns these any more
@@ -115,6 +129,27 @@ class IndexDir:
             with atomic_dir(self.path(name)) as tmp:
                 yield name, tmp
             write_text(self.root / "CURRENT", name + "\n")
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """A folder of this writer's own under ``staging/``, removed after the block; those of
+        writers that were killed (their lock is free) are removed first."""
+        base = self.root / "staging"
+        base.mkdir(parents=True, exist_ok=True)
+        for left in sorted(base.glob("add-*")):
+            with open(left / ".lock", "a") as f:
+                if _locked(f):
+                    shutil.rmtree(left, ignore_errors=True)
+        new = base / f".new-{uuid.uuid4().hex}"  # locked before its name can be seen
+        new.mkdir()
+        folder = base / new.name.replace(".new-", "add-")
+        with open(new / ".lock", "w") as f:
+            _locked(f)
+            new.rename(folder)
+            try:
+                yield folder
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
 
     def store_blob(self, path: str | os.PathLike) -> str:
         """Copy a weights file into ``blobs/`` by content hash (once); its path relative to the root."""
