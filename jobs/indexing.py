@@ -233,7 +233,7 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
             if not rows:
                 raise NothingAdded(f"{folder}: none of {len(todo)} new image(s) decodes: "
                                    f"{[f['error'] for f in failed][:3]}")
-            with idx.publish(parent, accept=lambda now: takedowns_only(idx, parent, now)) as (name, out):
+            with idx.publish(parent, accept=lambda now: versions.takedowns_only(idx, parent, now)) as (name, out):
                 base = idx.current()  # the parent, or the takedowns published on it since
                 versions.add(idx, base, out, name, staged, pa.Table.from_pylist(rows, schema=versions.IMAGES_SCHEMA),
                              cfg.search.index_spec(), cfg.search.shard_size, cfg.index.merge_fanout)
@@ -244,18 +244,6 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
             return parent, 0, [f["error"] for f in failed]
         raise
     return name, len(rows), [f["error"] for f in failed]
-
-
-def takedowns_only(idx: IndexDir, parent: str, now: str) -> bool:
-    """Whether ``now`` descends from ``parent`` by takedowns only (each version between still there
-    to show it): then references embedded against ``parent`` (same models, PCA, background) join ``now``."""
-    kept = set(idx.versions())
-    while now != parent:
-        meta = versions.read_manifest(idx.path(now)) if now in kept else {}
-        if meta.get("op") != "remove":
-            return False
-        now = meta["parent"]
-    return True
 
 
 class Indexed(NamedTuple):

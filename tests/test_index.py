@@ -345,7 +345,7 @@ def test_killed_add_leaves_previous_version(built, tmp_path):
     deadline = time.time() + 120
     staged = None
     while time.time() < deadline and proc.poll() is None:
-        staged = next(index.glob("staging/add-*/*/part-*.parquet"), None)
+        staged = next(index.glob("staging/job-*/*/part-*.parquet"), None)
         if staged:
             proc.send_signal(signal.SIGKILL)
             break
@@ -354,7 +354,7 @@ def test_killed_add_leaves_previous_version(built, tmp_path):
     assert staged is not None
     idx = IndexDir(index)
     assert idx.current() == "v000001" and idx.versions() == ["v000001"] and staged.exists()
-    assert any(line.startswith("adds embedding, or killed") for line in info_lines(str(index)))
+    assert any(line.startswith("adds or compactions at work") for line in info_lines(str(index)))
     assert served(Matcher(str(index)), data / "queries") == before  # the previous version loads and answers
     # the next add clears the leftovers and publishes normally
     shutil.rmtree(many)

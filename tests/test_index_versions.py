@@ -9,7 +9,7 @@ import pytest
 
 from core.knn import IndexSpec, build_index, l2_normalize
 from core.models.cards import ModelCard
-from core.store import features_table, write_table
+from core.store import features_table, read_table, write_table
 from ensemble.index import versions
 from ensemble.index.layout import IndexDir, IndexFolderError
 from ensemble.index.reader import NOTHING, IdPaths, KeyIndex, search_params
@@ -106,8 +106,7 @@ def test_a_writer_that_read_an_older_version_publishes_nothing(tmp_path):
     rows = SyntheticRows(tmp_path, 30)
     first = rows.build(20)
     removed = versions.remove(rows.idx, first, ["R000"]).version
-    stale = [lambda: rows.add(first, 20, 30), lambda: versions.remove(rows.idx, first, ["R001"]),
-             lambda: versions.compact(rows.idx, first, rows.spec, 128)]
+    stale = [lambda: rows.add(first, 20, 30), lambda: versions.remove(rows.idx, first, ["R001"])]
     for write in stale:
         with pytest.raises(IndexFolderError, match=f"published {removed} after this one read {first}"):
             write()
@@ -115,6 +114,26 @@ def test_a_writer_that_read_an_older_version_publishes_nothing(tmp_path):
     live = versions.live_images(rows.idx.path(removed), versions.read_manifest(rows.idx.path(removed)))
     assert "R000" not in live.column("image_id").to_pylist()
     assert rows.idx.current() != rows.add(removed, 20, 30)  # from the published version: fine
+
+
+def test_a_compaction_publishes_on_top_of_the_takedowns_made_while_it_rebuilt(tmp_path):
+    """A compaction rebuilds without the writer's lock: takedowns published after it read its version
+    stay tombstones of the compacted one; after an add (other rows) it is refused."""
+    rows = SyntheticRows(tmp_path, 30)
+    read = versions.remove(rows.idx, rows.build(20), ["R000"]).version
+    versions.remove(rows.idx, read, ["R001"])  # while the compaction of `read` rebuilt
+    compacted = versions.compact(rows.idx, read, rows.spec, 128)
+    path = rows.idx.path(compacted)
+    meta = versions.read_manifest(path)
+    assert set(versions.live_images(path, meta).column("image_id").to_pylist()) == set(rows.ids[2:20])
+    assert versions.removed_table(path).column("image_id").to_pylist() == ["R001"]
+    assert (meta["op"], meta["images"]["live"], meta["images"]["removed"]) == ("compact", 18, 1)
+    shard_ids = {i for f in (path / "keys" / "m").glob("ref-*.parquet") for i in read_table(f)["image_id"].to_pylist()}
+    assert "R000" not in shard_ids and "R001" in shard_ids  # dropped; tombstoned until the next compaction
+    added = rows.add(compacted, 20, 25)
+    with pytest.raises(IndexFolderError, match=f"published {added} after this one read {compacted}"):
+        versions.compact(rows.idx, compacted, rows.spec, 128)
+    assert rows.idx.current() == added and not any((rows.idx.root / "staging").iterdir())
 
 
 def test_an_index_compacted_to_nothing_takes_new_references(tmp_path):

@@ -4,7 +4,7 @@
 
     INDEX_DIR/
       CURRENT                    the published version's name (replaced by one atomic rename)
-      staging/add-*/             the new references an `index add` embeds before it publishes
+      staging/job-*/             what `index add` / `compact` make before they take the lock to publish
       blobs/<sha256><suffix>     model weight files by content hash, shared by every version
       versions/v000001/          one immutable version; it appears whole or not at all
         index.json               what it holds (see ensemble.index.versions)
@@ -20,8 +20,9 @@
 A writer builds its version under a hidden temp name (``core.store.atomic_dir``) and then
 rewrites ``CURRENT``: a writer killed at any point leaves the previous version published and
 whole. Unchanged files of the parent version are hard links, so adding or removing costs
-what changes, not the size of the index. An add embeds its images in ``staging/`` without the
-writer's lock, so takedowns publish meanwhile; it then publishes on top of them.
+what changes, not the size of the index. An add embeds its images, and a compaction rebuilds its
+shards, in ``staging/`` without the writer's lock, so takedowns publish meanwhile; it then
+publishes on top of them.
 """
 from __future__ import annotations
 
@@ -136,13 +137,13 @@ class IndexDir:
         writers that were killed (their lock is free) are removed first."""
         base = self.root / "staging"
         base.mkdir(parents=True, exist_ok=True)
-        for left in sorted(base.glob("add-*")):
+        for left in sorted(base.glob("job-*")):
             with open(left / ".lock", "a") as f:
                 if _locked(f):
                     shutil.rmtree(left, ignore_errors=True)
         new = base / f".new-{uuid.uuid4().hex}"  # locked before its name can be seen
         new.mkdir()
-        folder = base / new.name.replace(".new-", "add-")
+        folder = base / new.name.replace(".new-", "job-")
         with open(new / ".lock", "w") as f:
             _locked(f)
             new.rename(folder)

@@ -245,30 +245,52 @@ def remove(idx: IndexDir, parent: str, ids: Sequence[str]) -> Removal:
 
 def compact(idx: IndexDir, parent: str, spec: IndexSpec, shard_size: int) -> str:
     """Publish ``parent`` rebuilt from its live rows: tombstones dropped, shards refilled, the
-    index kind decided again for the live row count."""
+    index kind decided again for the live row count. The shards are rebuilt in ``staging/``
+    without the writer's lock; takedowns published meanwhile stay tombstones of the new version."""
     src = idx.path(parent)
     meta = read_manifest(src)
-    removed = pa.array(removed_table(src).column("image_id").to_pylist(), pa.string())
-    with idx.publish(parent) as (name, out):
-        keep = ("config.yaml", Q_CURVE, "cards", "reduce")
-        for f in src.rglob("*"):
-            rel = f.relative_to(src)
-            if f.is_file() and (rel.parts[0] in keep or rel.name == "train.parquet"):
-                link_file(f, out / rel)
-        keys = json.loads(json.dumps(meta["keys"]))
+    before = removed_table(src)
+    removed = pa.array(before.column("image_id").to_pylist(), pa.string())
+    keys = json.loads(json.dumps(meta["keys"]))
+    with idx.staging() as staging:
         for key, k in keys.items():
             staged = []
             for s in k["shards"]:
                 t = read_table(src / "keys" / key / f"{s['name']}.parquet")
                 t = t.filter(pc.invert(pc.is_in(t.column("image_id"), removed)))
-                staged.append(write_table(t, out / "staging" / key / f"{s['name']}.parquet"))
-            k["kind"], k["shards"] = write_shards(out / "keys" / key, staged, 0, None, spec, shard_size)
-        live = live_images(src, meta)
-        write_table(live, out / "images" / "part-00000.parquet")
-        shutil.rmtree(out / "staging", ignore_errors=True)
-        _finish(out, _meta(name, meta, "compact", keys=keys,
-                           images={"parts": ["part-00000.parquet"], "live": live.num_rows, "removed": 0}))
+                staged.append(write_table(t, staging / "rows" / key / f"{s['name']}.parquet"))
+            k["kind"], k["shards"] = write_shards(staging / "keys" / key, staged, 0, None, spec, shard_size)
+        with idx.publish(parent, accept=lambda now: takedowns_only(idx, parent, now)) as (name, out):
+            keep = ("config.yaml", Q_CURVE, "cards", "reduce")
+            for f in src.rglob("*"):
+                rel = f.relative_to(src)
+                if f.is_file() and (rel.parts[0] in keep or rel.name == "train.parquet"):
+                    link_file(f, out / rel)
+            for f in (staging / "keys").rglob("*"):
+                if f.is_file():
+                    link_file(f, out / f.relative_to(staging))
+            live = live_images(src, meta)
+            write_table(live, out / "images" / "part-00000.parquet")
+            later = removed_table(idx.path(idx.current()))  # takedowns published since it read parent
+            later = later.filter(pc.invert(pc.is_in(later.column("image_id"), removed)))
+            if later.num_rows:
+                write_table(later, out / "removed.parquet")
+            _finish(out, _meta(name, meta, "compact", keys=keys, images={
+                "parts": ["part-00000.parquet"], "live": live.num_rows - later.num_rows, "removed": later.num_rows}))
     return name
+
+
+def takedowns_only(idx: IndexDir, parent: str, now: str) -> bool:
+    """Whether ``now`` descends from ``parent`` by takedowns only (each version between still there
+    to show it): then what a writer made from ``parent`` without the lock (references embedded with
+    its models, PCA and background; its shards compacted) can be published on top of ``now``."""
+    kept = set(idx.versions())
+    while now != parent:
+        meta = read_manifest(idx.path(now)) if now in kept else {}
+        if meta.get("op") != "remove":
+            return False
+        now = meta["parent"]
+    return True
 
 
 def prune(idx: IndexDir, keep: int) -> tuple[list[str], int]:

@@ -149,9 +149,9 @@ def info_lines(root: str) -> list[str]:
     if idx.stale():
         lines.append(f"unfinished writes (left by killed commands; removed by the next write): "
                      f"{[p.name for p in idx.stale()]}")
-    adding = sorted(p.name for p in (idx.root / "staging").glob("add-*"))
-    if adding:
-        lines.append(f"adds embedding, or killed while they did (removed by the next add): {adding}")
+    staged = sorted(p.name for p in (idx.root / "staging").glob("job-*"))
+    if staged:
+        lines.append(f"adds or compactions at work, or killed at it (removed by the next one): {staged}")
     return lines
 
 
