@@ -32,9 +32,9 @@ import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
-from typing import IO
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import IO
 
 from core.imageio import sha256_file
 from core.store import atomic_dir, copy_file, read_text, write_text
@@ -138,7 +138,7 @@ class IndexDir:
         base = self.root / "staging"
         base.mkdir(parents=True, exist_ok=True)
         for left in sorted(base.glob("job-*")):
-            with open(left / ".lock", "a") as f:
+            with suppress(FileNotFoundError), open(left / ".lock", "a") as f:  # gone: its writer just ended
                 if _locked(f):
                     shutil.rmtree(left, ignore_errors=True)
         new = base / f".new-{uuid.uuid4().hex}"  # locked before its name can be seen
