@@ -18,7 +18,7 @@ import io
 import math
 import os
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
@@ -216,6 +216,15 @@ class ImageFile:
     path: str
     size: int
     mtime_ns: int
+
+
+def file_list_hash(files: Sequence[ImageFile], more: str = "") -> str:
+    """SHA-256 of a file list (paths, sizes, mtimes) and ``more``: what a resumed command's saved
+    work was made from, so that it goes on only from the same files."""
+    h = hashlib.sha256(more.encode())
+    for f in files:
+        h.update(f"{f.path}\0{f.size}\0{f.mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 @dataclass

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 import yaml
 
 from core.contracts import ERRORS_SCHEMA, shard_split
-from core.imageio import ImageDecodeError, load_rgb, scan_images, sha256_file
+from core.imageio import ImageDecodeError, ImageFile, file_list_hash, load_rgb, scan_images, sha256_file
 from core.models.cards import ModelCard
 from core.models.registry import load_card
 from core.models.resolve import resolve_model
@@ -218,7 +218,7 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
     if again:
         raise ValueError(f"{some_of(again)}: removed since the last compaction; run `copydet index compact {root}` "
                          "before adding them again")
-    todo = [(i, p) for i, p in files if i not in live]
+    todo = [f for f in scan.files if f.image_id not in live]
     warn_skipped([(i, p) for i, p in files if i in live], live, folder)
     if not files:
         raise NothingAdded(f"{folder}: no image files to add ({len(failed)} other file(s))")
@@ -227,9 +227,9 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
     embedder = embedder_for(root, parent, cfg, "reference")
     pcas = {k: load_pca(idx.path(parent) / m["pca"]) for k, m in meta["keys"].items() if m.get("pca")}
     train = stretch_background(idx, parent, cfg)
-    try:
-        with idx.staging() as staging:  # embedded without the writer's lock: takedowns publish meanwhile
-            rows, staged = embed_new(todo, cfg, embedder, pcas, train, staging, failed)
+    try:  # embedded without the writer's lock (takedowns publish meanwhile), where a re-run goes on from
+        with idx.staging(staging_name(idx, parent, todo, cfg.index.chunk_images)) as staging:
+            rows, staged = embed_new([(f.image_id, f.path) for f in todo], cfg, embedder, pcas, train, staging, failed)
             if not rows:
                 raise NothingAdded(f"{folder}: none of {len(todo)} new image(s) decodes: "
                                    f"{[f['error'] for f in failed][:3]}")
@@ -275,28 +275,52 @@ def warn_skipped(skipped: list[tuple[str, str]], live: dict[str, Indexed], folde
                     f"{some_of(other)}; to replace one, `copydet index remove` it, `compact`, then add it")
 
 
+def staging_name(idx: IndexDir, version: str, todo: Sequence[ImageFile], chunk: int) -> str:
+    """What an add's staged chunks are made from: the files (paths, sizes, mtimes), the chunk size,
+    and the version's config, model cards, PCA and background files (by inode: the versions after
+    it link them). A re-run of a killed or refused add finds them under this name."""
+    folder = idx.path(version)
+    made_from = [folder / "config.yaml", *folder.glob("cards/*"), *folder.glob("reduce/*"),
+                 *folder.glob("keys/*/train.parquet")]
+    stats = [(str(p.relative_to(folder)), p.stat()) for p in sorted(made_from)]
+    return file_list_hash(todo, f"{chunk}\n" + "".join(f"{rel}\0{st.st_ino}\0{st.st_size}\0{st.st_mtime_ns}\n"
+                                                    for rel, st in stats))[:32]
+
+
 def embed_new(todo: list[tuple[str, str]], cfg: PipelineConfig, embedder: ImageEmbedder, pcas: dict, train: dict,
               staging: Path, failed: list[dict]) -> tuple[list[dict], dict[str, list[str]]]:
     """Decode and embed ``todo`` (id, path) ``index.chunk_images`` at a time into feature files
-    under ``staging``; returns the id-map rows of the images that decoded and each search key's
-    files. The files that do not decode are appended to ``failed``."""
+    under ``staging/keys/``; returns the id-map rows of the images that decoded and each search
+    key's files. The files that do not decode are appended to ``failed``. A chunk's id-map rows
+    (``staging/images/``, written last) mark it done: a re-run in the same folder reads it back."""
     rows, staged = [], {key: [] for key in cfg.search_keys()}
     step, unreadable = cfg.index.chunk_images, len(failed)  # the files that are not images, counted apart
     for start in range(0, len(todo), step):
-        decoded = []
-        for image_id, path in todo[start:start + step]:
-            try:
-                img = load_rgb(path, max_pixels=cfg.data.max_pixels)
-            except ImageDecodeError as e:
-                failed.append({"path": e.path, "error": str(e)})
-                continue
-            decoded.append((image_id, img))
-            rows.append({"image_id": image_id, "path": path, "sha256": sha256_file(path),
-                         "width": img.width, "height": img.height})
-        if decoded:
-            sources = dict(todo[start:start + step])
-            for key, table in derive_keys(cfg, embedder.embed(decoded, sources=sources), pcas, train).items():
-                staged[key].append(write_table(table, staging / key / f"part-{start:08d}.parquet"))
+        name, chunk_rows, chunk_failed = f"part-{start:08d}.parquet", [], []
+        if (staging / "images" / name).exists():  # embedded before the command was killed
+            chunk_rows = read_table(staging / "images" / name).to_pylist()
+            chunk_failed = read_table(staging / "errors" / name).to_pylist()
+            files = {key: str(staging / "keys" / key / name) for key in staged} if chunk_rows else {}
+        else:
+            decoded = []
+            for image_id, path in todo[start:start + step]:
+                try:
+                    img = load_rgb(path, max_pixels=cfg.data.max_pixels)
+                except ImageDecodeError as e:
+                    chunk_failed.append({"path": e.path, "error": str(e)})
+                    continue
+                decoded.append((image_id, img))
+                chunk_rows.append({"image_id": image_id, "path": path, "sha256": sha256_file(path),
+                                   "width": img.width, "height": img.height})
+            embedded = derive_keys(cfg, embedder.embed(decoded, sources=dict(todo[start:start + step])), pcas,
+                                   train) if decoded else {}
+            files = {key: write_table(table, staging / "keys" / key / name) for key, table in embedded.items()}
+            write_table(pa.Table.from_pylist(chunk_failed, schema=ERRORS_SCHEMA), staging / "errors" / name)
+            write_table(pa.Table.from_pylist(chunk_rows, schema=versions.IMAGES_SCHEMA), staging / "images" / name)
+        rows += chunk_rows
+        failed += chunk_failed
+        for key, path in files.items():
+            staged[key].append(path)
         log.info(f"index add: {min(start + step, len(todo))}/{len(todo)} images done, {len(rows)} embedded"
                  f"{f', {len(failed) - unreadable} unreadable' if len(failed) > unreadable else ''}")
     return rows, staged

@@ -17,7 +17,6 @@ and OUT at the same paths).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -30,7 +29,7 @@ from ray.util import ActorPool
 from tqdm import tqdm
 
 from core.contracts import ERRORS_SCHEMA
-from core.imageio import ImageDecodeError, ImageFile, load_rgb, scan_images
+from core.imageio import ImageDecodeError, ImageFile, file_list_hash, load_rgb, scan_images
 from core.logs import last_line
 from core.metrics import write_predictions, written
 from core.settings import pin_settings, read_settings
@@ -61,12 +60,6 @@ class Matched:
     version: str
 
 
-def file_list_hash(files: list[ImageFile]) -> str:
-    """SHA-256 of the sorted file list (paths, sizes, mtimes): the windows a resumed match goes on from."""
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f"{f.path}\0{f.size}\0{f.mtime_ns}\n".encode())
-    return h.hexdigest()
 
 
 def pin_answers(out: str, root: str, folder: str, version: str, files: list[ImageFile]) -> None:

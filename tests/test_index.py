@@ -364,6 +364,43 @@ def test_killed_add_leaves_previous_version(built, tmp_path):
     assert not idx.stale() and not any((index / "staging").iterdir())
 
 
+def test_an_add_stopped_half_way_goes_on_from_its_staged_chunks(built, tmp_path, monkeypatch):
+    data, _, _, built_index = built
+    index = tmp_path / "index"
+    shutil.copytree(built_index, index)
+    new = tmp_path / "new"
+    new.mkdir()
+    for i in range(6):
+        synthetic_photo(5000 + i).save(new / f"N{i:03d}.jpg")
+    (new / "broken.jpg").write_bytes(b"not an image")  # sorted last: a chunk of its own
+    derive, calls = indexing.derive_keys, []
+
+    def stopped_at_the_third(*args):
+        calls.append(args)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return derive(*args)
+
+    monkeypatch.setattr(indexing, "derive_keys", stopped_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        indexing.add_folder(str(index), str(new), ["index.chunk_images=2"])
+    assert len(list(index.glob("staging/job-*/images/part-*.parquet"))) == 2 and IndexDir(index).current() == "v000001"
+    calls.clear()
+    version, added, errors = indexing.add_folder(str(index), str(new), ["index.chunk_images=2"])
+    assert (version, added, len(calls)) == ("v000002", 6, 1)  # the third chunk only (the fourth does not decode)
+    assert len(errors) == 1 and "broken.jpg" in errors[0] and not any((index / "staging").iterdir())
+    assert {f"N{i:03d}" for i in range(6)} <= live_ids(index)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(built_index, fresh)
+    monkeypatch.setattr(indexing, "derive_keys", derive)
+    indexing.add_folder(str(fresh), str(new), ["index.chunk_images=2"])
+    ask = tmp_path / "ask"  # the queries and the new references: answered as after an add that was not stopped
+    shutil.copytree(data / "queries", ask)
+    for image in new.glob("N*.jpg"):
+        shutil.copy(image, ask)
+    assert served(Matcher(str(index)), ask) == served(Matcher(str(fresh)), ask)
+
+
 def live_ids(index: Path) -> set[str]:
     idx = IndexDir(index)
     path = idx.path(idx.require_current())
@@ -388,7 +425,9 @@ def test_a_takedown_publishes_while_an_add_embeds_and_the_add_lands_on_it(built,
     meanwhile.append(lambda: indexing.add_folder(str(index), str(other)))
     with pytest.raises(IndexFolderError, match="published v000004 after this one read v000003"):
         indexing.add_folder(str(index), str(more))
-    assert "N001" in live_ids(index) and "N002" not in live_ids(index) and not any((index / "staging").iterdir())
+    assert "N001" in live_ids(index) and "N002" not in live_ids(index)
+    assert len(list((index / "staging").iterdir())) == 1  # the refused add's chunks, which its re-run takes
+    assert indexing.add_folder(str(index), str(more))[:2] == ("v000005", 1) and not any((index / "staging").iterdir())
 
 
 def test_a_run_is_published_whole_and_as_it_was_made(built, tmp_path, capsys):

@@ -132,25 +132,40 @@ class IndexDir:
             write_text(self.root / "CURRENT", name + "\n")
 
     @contextmanager
-    def staging(self) -> Iterator[Path]:
-        """A folder of this writer's own under ``staging/``, removed after the block; those of
-        writers that were killed (their lock is free) are removed first."""
+    def staging(self, name: str | None = None) -> Iterator[Path]:
+        """A folder of this writer's own under ``staging/``, removed when the block ends without
+        error. Named (``job-<name>``, what its work is made from), it is kept otherwise, so a re-run
+        goes on from it; unnamed, it is new and always removed. Other folders whose writer is gone
+        are removed first."""
         base = self.root / "staging"
         base.mkdir(parents=True, exist_ok=True)
+        folder = base / f"job-{name or uuid.uuid4().hex}"
         for left in sorted(base.glob("job-*")):
             with suppress(FileNotFoundError), open(left / ".lock", "a") as f:  # gone: its writer just ended
-                if _locked(f):
+                if left != folder and _locked(f):
                     shutil.rmtree(left, ignore_errors=True)
-        new = base / f".new-{uuid.uuid4().hex}"  # locked before its name can be seen
-        new.mkdir()
-        folder = base / new.name.replace(".new-", "job-")
-        with open(new / ".lock", "w") as f:
-            _locked(f)
-            new.rename(folder)
+        if not folder.is_dir():
+            new = base / f".new-{uuid.uuid4().hex}"  # with its lock file before its name can be seen
+            new.mkdir()
+            (new / ".lock").touch()
+            with suppress(OSError):  # another writer of the same name made it first
+                new.rename(folder)
+            shutil.rmtree(new, ignore_errors=True)
+        try:
+            f = open(folder / ".lock", "a")
+        except FileNotFoundError:  # a starting writer took it for a dead one's
+            raise IndexFolderError(f"{folder}: removed by another `copydet index` command as this one started; "
+                                   "run it again") from None
+        with f:
+            if not _locked(f):
+                raise IndexFolderError(f"{folder}: another `copydet index` command works there (the same add?)")
             try:
                 yield folder
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
+            except BaseException:
+                if name is None:
+                    shutil.rmtree(folder, ignore_errors=True)
+                raise
+            shutil.rmtree(folder, ignore_errors=True)
 
     def store_blob(self, path: str | os.PathLike) -> str:
         """Copy a weights file into ``blobs/`` by content hash (once); its path relative to the root."""
