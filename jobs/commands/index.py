@@ -151,7 +151,8 @@ def info_lines(root: str) -> list[str]:
                      f"{[p.name for p in idx.stale()]}")
     staged = sorted(p.name for p in (idx.root / "staging").glob("job-*"))
     if staged:
-        lines.append(f"adds or compactions at work, or killed at it (removed by the next one): {staged}")
+        lines.append(f"adds or compactions at work, or stopped (an add run again goes on from its folder; "
+                     f"other writers remove stopped ones): {staged}")
     return lines
 
 
