@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -229,7 +229,7 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
     train = stretch_background(idx, parent, cfg)
     try:  # embedded without the writer's lock (takedowns publish meanwhile), where a re-run goes on from
         with idx.staging(staging_name(idx, parent, todo, cfg.index.chunk_images)) as staging:
-            rows, staged = embed_new([(f.image_id, f.path) for f in todo], cfg, embedder, pcas, train, staging, failed)
+            rows, staged = embed_new(todo, cfg, embedder, pcas, train, staging, failed)
             if not rows:
                 raise NothingAdded(f"{folder}: none of {len(todo)} new image(s) decodes: "
                                    f"{[f['error'] for f in failed][:3]}")
@@ -287,36 +287,20 @@ def staging_name(idx: IndexDir, version: str, todo: Sequence[ImageFile], chunk: 
                                                     for rel, st in stats))[:32]
 
 
-def embed_new(todo: list[tuple[str, str]], cfg: PipelineConfig, embedder: ImageEmbedder, pcas: dict, train: dict,
+def embed_new(todo: Sequence[ImageFile], cfg: PipelineConfig, embedder: ImageEmbedder, pcas: dict, train: dict,
               staging: Path, failed: list[dict]) -> tuple[list[dict], dict[str, list[str]]]:
-    """Decode and embed ``todo`` (id, path) ``index.chunk_images`` at a time into feature files
-    under ``staging/keys/``; returns the id-map rows of the images that decoded and each search
-    key's files. The files that do not decode are appended to ``failed``. A chunk's id-map rows
-    (``staging/images/``, written last) mark it done: a re-run in the same folder reads it back."""
+    """Decode and embed ``todo`` ``index.chunk_images`` at a time into ``staging``, or read back the
+    chunks a stopped run of the same add left there; returns the id-map rows of the images that
+    decoded and each search key's files. The files that do not decode are appended to ``failed``."""
     rows, staged = [], {key: [] for key in cfg.search_keys()}
     step, unreadable = cfg.index.chunk_images, len(failed)  # the files that are not images, counted apart
     for start in range(0, len(todo), step):
-        name, chunk_rows, chunk_failed = f"part-{start:08d}.parquet", [], []
-        if (staging / "images" / name).exists():  # embedded before the command was killed
-            chunk_rows = read_table(staging / "images" / name).to_pylist()
-            chunk_failed = read_table(staging / "errors" / name).to_pylist()
-            files = {key: str(staging / "keys" / key / name) for key in staged} if chunk_rows else {}
+        name = f"part-{start:08d}.parquet"
+        if (staging / "images" / name).exists():  # embedded before the command was stopped
+            chunk_rows, chunk_failed, files = staged_chunk(staging, name, staged)
         else:
-            decoded = []
-            for image_id, path in todo[start:start + step]:
-                try:
-                    img = load_rgb(path, max_pixels=cfg.data.max_pixels)
-                except ImageDecodeError as e:
-                    chunk_failed.append({"path": e.path, "error": str(e)})
-                    continue
-                decoded.append((image_id, img))
-                chunk_rows.append({"image_id": image_id, "path": path, "sha256": sha256_file(path),
-                                   "width": img.width, "height": img.height})
-            embedded = derive_keys(cfg, embedder.embed(decoded, sources=dict(todo[start:start + step])), pcas,
-                                   train) if decoded else {}
-            files = {key: write_table(table, staging / "keys" / key / name) for key, table in embedded.items()}
-            write_table(pa.Table.from_pylist(chunk_failed, schema=ERRORS_SCHEMA), staging / "errors" / name)
-            write_table(pa.Table.from_pylist(chunk_rows, schema=versions.IMAGES_SCHEMA), staging / "images" / name)
+            chunk_rows, chunk_failed, files = embed_chunk(todo[start:start + step], cfg, embedder, pcas, train,
+                                                          staging, name)
         rows += chunk_rows
         failed += chunk_failed
         for key, path in files.items():
@@ -324,6 +308,38 @@ def embed_new(todo: list[tuple[str, str]], cfg: PipelineConfig, embedder: ImageE
         log.info(f"index add: {min(start + step, len(todo))}/{len(todo)} images done, {len(rows)} embedded"
                  f"{f', {len(failed) - unreadable} unreadable' if len(failed) > unreadable else ''}")
     return rows, staged
+
+
+Chunk = tuple[list[dict], list[dict], dict[str, str]]  # id-map rows, unread files, feature file per search key
+
+
+def embed_chunk(chunk: Sequence[ImageFile], cfg: PipelineConfig, embedder: ImageEmbedder, pcas: dict, train: dict,
+                staging: Path, name: str) -> Chunk:
+    """Decode and embed one chunk into ``staging/keys/<key>/name``; its id-map rows, written last
+    (``staging/images/name``), mark it done."""
+    rows, failed, decoded = [], [], []
+    for f in chunk:
+        try:
+            img = load_rgb(f.path, max_pixels=cfg.data.max_pixels)
+        except ImageDecodeError as e:
+            failed.append({"path": e.path, "error": str(e)})
+            continue
+        decoded.append((f.image_id, img))
+        rows.append({"image_id": f.image_id, "path": f.path, "sha256": sha256_file(f.path),
+                     "width": img.width, "height": img.height})
+    embedded = derive_keys(cfg, embedder.embed(decoded, sources={f.image_id: f.path for f in chunk}), pcas,
+                           train) if decoded else {}
+    files = {key: write_table(table, staging / "keys" / key / name) for key, table in embedded.items()}
+    write_table(pa.Table.from_pylist(failed, schema=ERRORS_SCHEMA), staging / "errors" / name)
+    write_table(pa.Table.from_pylist(rows, schema=versions.IMAGES_SCHEMA), staging / "images" / name)
+    return rows, failed, files
+
+
+def staged_chunk(staging: Path, name: str, keys: Iterable[str]) -> Chunk:
+    """A chunk :func:`embed_chunk` finished before, read back."""
+    rows = read_table(staging / "images" / name).to_pylist()
+    files = {key: str(staging / "keys" / key / name) for key in keys} if rows else {}
+    return rows, read_table(staging / "errors" / name).to_pylist(), files
 
 
 def stretch_background(idx: IndexDir, version: str, cfg: PipelineConfig) -> dict:

@@ -60,8 +60,6 @@ class Matched:
     version: str
 
 
-
-
 def pin_answers(out: str, root: str, folder: str, version: str, files: list[ImageFile]) -> None:
     """Record what ``out``'s answers come from, or refuse an ``out`` started on another index,
     version, folder, file list or window size (its windows would mix them)."""

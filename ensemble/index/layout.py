@@ -140,17 +140,11 @@ class IndexDir:
         base = self.root / "staging"
         base.mkdir(parents=True, exist_ok=True)
         folder = base / f"job-{name or uuid.uuid4().hex}"
-        for left in sorted(base.glob("job-*")):
+        for left in sorted(set(base.glob("job-*")) - {folder}):
             with suppress(FileNotFoundError), open(left / ".lock", "a") as f:  # gone: its writer just ended
-                if left != folder and _locked(f):
+                if _locked(f):
                     shutil.rmtree(left, ignore_errors=True)
-        if not folder.is_dir():
-            new = base / f".new-{uuid.uuid4().hex}"  # with its lock file before its name can be seen
-            new.mkdir()
-            (new / ".lock").touch()
-            with suppress(OSError):  # another writer of the same name made it first
-                new.rename(folder)
-            shutil.rmtree(new, ignore_errors=True)
+        folder.mkdir(exist_ok=True)
         try:
             f = open(folder / ".lock", "a")
         except FileNotFoundError:  # a starting writer took it for a dead one's

@@ -249,8 +249,7 @@ def compact(idx: IndexDir, parent: str, spec: IndexSpec, shard_size: int) -> str
     without the writer's lock; takedowns published meanwhile stay tombstones of the new version."""
     src = idx.path(parent)
     meta = read_manifest(src)
-    before = removed_table(src)
-    removed = pa.array(before.column("image_id").to_pylist(), pa.string())
+    removed = pa.array(removed_table(src).column("image_id").to_pylist(), pa.string())
     keys = json.loads(json.dumps(meta["keys"]))
     with idx.staging() as staging:
         for key, k in keys.items():
