@@ -77,20 +77,24 @@ def main() -> None:
           f"full rebuild of {len(refs)}: {rebuild:.1f} s")
     print(f"ratio add/rebuild: {add / rebuild:.3f} and {add2 / rebuild:.3f} (mean {(add + add2) / 2 / rebuild:.3f})")
 
-    from jobs.serve.engine import Matcher
-    queries = list_images(root / "queries")[: args.compare]
-    a, b = Matcher(str(work / "added")), Matcher(str(work / "rebuilt"))
-    same, worst, compared = 0, 0.0, 0
-    for start in range(0, len(queries), 16):
-        images = [load_rgb(path) for _, path in queries[start:start + 16]]
-        for x, y in zip(a.match(images), b.match(images)):
-            ids_x, ids_y = [m["reference_id"] for m in x["matches"]], [m["reference_id"] for m in y["matches"]]
-            same += ids_x == ids_y
-            worst = max([worst, *(abs(m["score"] - n["score"]) for m, n in zip(x["matches"], y["matches"]))])
-            compared += 1
-    print(f"answers: {same}/{compared} queries with identical top-{a.cfg.fuse.k} reference lists; "
+    queries = [path for _, path in list_images(root / "queries")[: args.compare]]
+    same, worst, k = compare_answers(work / "added", work / "rebuilt", queries)
+    print(f"answers: {same}/{len(queries)} queries with identical top-{k} reference lists; "
           f"largest score difference {worst:.2e}")
 
+
+def compare_answers(a_root: Path, b_root: Path, images: list[str]) -> tuple[int, float, int]:
+    """``images`` answered from two indexes: how many identical reference lists, the largest score
+    difference, and the lists' length (fuse.k)."""
+    from jobs.serve.engine import Matcher
+    a, b = Matcher(str(a_root)), Matcher(str(b_root))
+    same, worst = 0, 0.0
+    for start in range(0, len(images), 16):
+        batch = [load_rgb(path) for path in images[start:start + 16]]
+        for x, y in zip(a.match(batch), b.match(batch)):
+            same += [m["reference_id"] for m in x["matches"]] == [m["reference_id"] for m in y["matches"]]
+            worst = max([worst, *(abs(m["score"] - n["score"]) for m, n in zip(x["matches"], y["matches"]))])
+    return same, worst, a.cfg.fuse.k
 
 if __name__ == "__main__":
     main()

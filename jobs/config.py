@@ -252,6 +252,10 @@ class IndexConfig(ConfigModel):
     chunk_images: int = Field(64, ge=1, description="images embedded and written per step of `index add`")
     merge_fanout: int = Field(4, ge=0, description="`index add` merges this many small shards of one size tier "
                               "into one, so that a request searches few shards (below 2: never merges)")
+    num_workers: int = Field(1, ge=1, description="`index add` embeds its chunks on this many workers: one in the "
+                             "command's process, more as Ray actors (the embedded local Ray, or --address)")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each `index add` worker on Ray")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per `index add` worker on Ray (0: CPU)")
 
 
 class ServeConfig(ConfigModel):

@@ -1,11 +1,12 @@
-"""The living reference index, composed: build (pipeline stages), add (in-process), remove, compact.
+"""The living reference index, composed: build (pipeline stages), add (chunk workers), remove, compact.
 
 ``build`` runs the pipeline's own manifest, patch, extract and reduce stages over references
 (and train/, for normalisation and PCA) into a staging run folder, or takes a finished run's
 features, and publishes them as a version (:mod:`ensemble.index.versions`). ``add`` embeds only
-the new images, in this process, with :class:`patchers.embed.ImageEmbedder` (the extraction
-pieces, per image) and publishes the parent version plus their shards, so its cost follows
-what is added. Every command writes a whole new version and switches ``CURRENT`` last.
+the new images, a chunk at a time with :class:`patchers.embed.ImageEmbedder` (the extraction
+pieces, per image) in this process or on ``index.num_workers`` Ray actors, and publishes the
+parent version plus their shards, so its cost follows what is added. Every command writes a
+whole new version and switches ``CURRENT`` last.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from jobs.inputs import InputError, check_unique_ids, some_of, split_folders
 from jobs.layout import RunDir
 from jobs.lock import locked
 from jobs.pipeline import run_stages
+from jobs.runtime import WorkerFailed, on_workers
 from jobs.stages.extract import key_specs
 from jobs.stages.fuse import final_kind
 from jobs.stages.reduce import derive
@@ -198,7 +200,8 @@ def derive_keys(cfg: PipelineConfig, tables: list, pcas: dict, train: dict) -> d
             for group, out in cfg.reduce_groups()}
 
 
-def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[str, int, list[str]]:
+def add_folder(root: str, folder: str, overrides: Sequence[str] = (),
+               address: str | None = None) -> tuple[str, int, list[str]]:
     """Embed the images of ``folder`` not yet in the index and publish them; returns
     ``(version, images added, error lines)``: the version is the published one, unchanged, when
     every image is live already. Ids already live are skipped, ids removed since the last
@@ -224,12 +227,14 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = ()) -> tuple[s
         raise NothingAdded(f"{folder}: no image files to add ({len(failed)} other file(s))")
     if not todo:
         return parent, 0, [f["error"] for f in failed]
-    embedder = embedder_for(root, parent, cfg, "reference")
-    pcas = {k: load_pca(idx.path(parent) / m["pca"]) for k, m in meta["keys"].items() if m.get("pca")}
-    train = stretch_background(idx, parent, cfg)
     try:  # embedded without the writer's lock (takedowns publish meanwhile), where a re-run goes on from
         with idx.staging(staging_name(idx, parent, todo, cfg.index.chunk_images)) as staging:
-            rows, staged = embed_new(todo, cfg, embedder, pcas, train, staging, failed)
+            worker = (os.path.abspath(root), parent, list(overrides), str(staging.resolve()))
+            try:
+                rows, staged = embed_new(todo, cfg, worker, staging, failed, address)
+            except WorkerFailed as e:
+                raise RuntimeError(f"index add: a worker failed ({e}); the chunks embedded are kept in {staging}, "
+                                   "so a re-run of this add goes on from them") from None
             if not rows:
                 raise NothingAdded(f"{folder}: none of {len(todo)} new image(s) decodes: "
                                    f"{[f['error'] for f in failed][:3]}")
@@ -287,25 +292,28 @@ def staging_name(idx: IndexDir, version: str, todo: Sequence[ImageFile], chunk: 
                                                     for rel, st in stats))[:32]
 
 
-def embed_new(todo: Sequence[ImageFile], cfg: PipelineConfig, embedder: ImageEmbedder, pcas: dict, train: dict,
-              staging: Path, failed: list[dict]) -> tuple[list[dict], dict[str, list[str]]]:
-    """Decode and embed ``todo`` ``index.chunk_images`` at a time into ``staging``, or read back the
-    chunks a stopped run of the same add left there; returns the id-map rows of the images that
-    decoded and each search key's files. The files that do not decode are appended to ``failed``."""
+def embed_new(todo: Sequence[ImageFile], cfg: PipelineConfig, worker: tuple, staging: Path, failed: list[dict],
+              address: str | None = None) -> tuple[list[dict], dict[str, list[str]]]:
+    """Decode and embed ``todo`` ``index.chunk_images`` at a time into ``staging`` on
+    ``index.num_workers`` :class:`ChunkEmbedder` (built from ``worker``), or read back the chunks a
+    stopped run of the same add left there; returns the id-map rows of the images that decoded and
+    each search key's files. The files that do not decode are appended to ``failed``."""
     rows, staged = [], {key: [] for key in cfg.search_keys()}
     step, unreadable = cfg.index.chunk_images, len(failed)  # the files that are not images, counted apart
-    for start in range(0, len(todo), step):
-        name = f"part-{start:08d}.parquet"
-        if (staging / "images" / name).exists():  # embedded before the command was stopped
-            chunk_rows, chunk_failed, files = staged_chunk(staging, name, staged)
-        else:
-            chunk_rows, chunk_failed, files = embed_chunk(todo[start:start + step], cfg, embedder, pcas, train,
-                                                          staging, name)
+    chunks = [(f"part-{start:08d}.parquet", todo[start:start + step]) for start in range(0, len(todo), step)]
+    done = {name for name, _ in chunks if (staging / "images" / name).exists()}  # before the command was stopped
+    resources = {"num_cpus": cfg.index.num_cpus, "num_gpus": cfg.index.num_gpus}
+    embedded = on_workers(ChunkEmbedder, worker, "embed", [c for c in chunks if c[0] not in done],
+                          cfg.index.num_workers, resources, cfg.ray, address, ordered=True)
+    images = 0
+    for name, chunk in chunks:
+        chunk_rows, chunk_failed, files = staged_chunk(staging, name, staged) if name in done else next(embedded)
         rows += chunk_rows
         failed += chunk_failed
+        images += len(chunk)
         for key, path in files.items():
             staged[key].append(path)
-        log.info(f"index add: {min(start + step, len(todo))}/{len(todo)} images done, {len(rows)} embedded"
+        log.info(f"index add: {images}/{len(todo)} images done, {len(rows)} embedded"
                  f"{f', {len(failed) - unreadable} unreadable' if len(failed) > unreadable else ''}")
     return rows, staged
 
@@ -340,6 +348,23 @@ def staged_chunk(staging: Path, name: str, keys: Iterable[str]) -> Chunk:
     rows = read_table(staging / "images" / name).to_pylist()
     files = {key: str(staging / "keys" / key / name) for key in keys} if rows else {}
     return rows, read_table(staging / "errors" / name).to_pylist(), files
+
+
+class ChunkEmbedder:
+    """An index version's reference embedding (its models, views, PCA and stretch background), built
+    once, that writes chunks into a staging folder with :func:`embed_chunk`."""
+
+    def __init__(self, root: str, version: str, overrides: Sequence[str], staging: str) -> None:
+        idx = IndexDir(root)
+        _, self.cfg = index_config(root, version, overrides)
+        meta = versions.read_manifest(idx.path(version))
+        self.embedder = embedder_for(root, version, self.cfg, "reference")
+        self.pcas = {k: load_pca(idx.path(version) / m["pca"]) for k, m in meta["keys"].items() if m.get("pca")}
+        self.train = stretch_background(idx, version, self.cfg)
+        self.staging = Path(staging)
+
+    def embed(self, name: str, chunk: Sequence[ImageFile]) -> Chunk:
+        return embed_chunk(chunk, self.cfg, self.embedder, self.pcas, self.train, self.staging, name)
 
 
 def stretch_background(idx: IndexDir, version: str, cfg: PipelineConfig) -> dict:

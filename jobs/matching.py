@@ -21,16 +21,12 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import pyarrow as pa
-import ray
-from ray.util import ActorPool
 from tqdm import tqdm
 
 from core.contracts import ERRORS_SCHEMA
 from core.imageio import ImageDecodeError, ImageFile, file_list_hash, load_rgb, scan_images
-from core.logs import last_line
 from core.metrics import write_predictions, written
 from core.settings import pin_settings, read_settings
 from core.store import absolute, join, list_shards, read_table, write_table
@@ -38,7 +34,7 @@ from ensemble.index.layout import IndexDir
 from jobs.config import PipelineConfig
 from jobs.indexing import index_config
 from jobs.inputs import InputError, check_unique_ids
-from jobs.runtime import init_ray
+from jobs.runtime import WorkerFailed, on_workers
 from jobs.serve.engine import Matcher
 from jobs.stages.fuse import copies
 
@@ -103,36 +99,26 @@ class WindowWorker:
         self.out = out
 
     def answer(self, name: str, files: list[ImageFile], progress: Callable[[int], object] | None = None) -> int:
-        """Write window ``name``'s part and its unread files; the number of images it had."""
+        """Write window ``name``'s part and its unread files; returns its images less those counted by ``progress``."""
         answers, unread = match_window(self.matcher, files, progress)
         write_table(unread, join(self.out, ERRORS, name))  # first: a part marks its window done
         write_table(answers, join(self.out, PARTS, name))
-        return len(files)
+        return 0 if progress else len(files)
 
 
 def answer_windows(todo: list[tuple[str, list[ImageFile]]], root: str, version: str, overrides: Sequence[str],
                    out: str, cfg: PipelineConfig, address: str | None = None) -> None:
     """Answer the windows ``todo`` on ``serve.num_replicas`` workers (see the module docstring)."""
-    replicas = min(cfg.serve.num_replicas, len(todo))
-    progress = partial(tqdm, total=sum(len(files) for _, files in todo), desc="index match", unit="image")
-    if replicas <= 1 and not (address or cfg.ray.address):  # not $RAY_ADDRESS alone: often the Jobs API's, for submit
-        worker = WindowWorker(root, version, overrides, out)
-        with progress() as bar:
-            for name, files in todo:
-                worker.answer(name, files, bar.update)
-        return
-    init_ray(cfg.ray, address)
-    actor = ray.remote(WindowWorker).options(num_cpus=cfg.serve.num_cpus, num_gpus=cfg.serve.num_gpus,
-                                             max_restarts=3, max_task_retries=3)  # a window's rewrite is safe
-    pool = ActorPool([actor.remote(os.path.abspath(root), version, list(overrides), absolute(out))
-                      for _ in range(replicas)])
-    try:
-        with progress() as bar:
-            for images in pool.map_unordered(lambda a, window: a.answer.remote(*window), todo):
+    resources = {"num_cpus": cfg.serve.num_cpus, "num_gpus": cfg.serve.num_gpus}
+    args = (os.path.abspath(root), version, list(overrides), absolute(out))
+    with tqdm(total=sum(len(files) for _, files in todo), desc="index match", unit="image") as bar:
+        try:
+            for images in on_workers(WindowWorker, args, "answer", todo, cfg.serve.num_replicas, resources, cfg.ray,
+                                     address, progress=bar.update):
                 bar.update(images)
-    except ray.exceptions.RayError as e:  # Ray's traceback is above; the cause, in a line
-        raise RuntimeError(f"index match: a replica failed ({last_line(e)[-300:]}); the windows written are kept "
-                           f"in {join(out, PARTS)}, so a re-run goes on from them") from None
+        except WorkerFailed as e:
+            raise RuntimeError(f"index match: a replica failed ({e}); the windows written are kept in "
+                               f"{join(out, PARTS)}, so a re-run goes on from them") from None
 
 
 def match_folder(root: str, folder: str, out: str, overrides: list[str] | None = None,

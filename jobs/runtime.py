@@ -6,13 +6,14 @@ import os
 import signal
 import socket
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ray
+from ray.util import ActorPool
 from tqdm.auto import tqdm
 
-from core.logs import quiet_workers
+from core.logs import last_line, quiet_workers
 from core.models.registry import default_registry_dir
 from jobs.config import RayConfig
 from patchers.detector.predict import ULTRALYTICS_ENV
@@ -24,6 +25,10 @@ CONNECT_TIMEOUT_S = 10.0  # a cluster address's first TCP connection
 TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
 
 log = logging.getLogger(__name__)
+
+
+class WorkerFailed(RuntimeError):
+    """A Ray actor of :func:`on_workers` failed; the message is its cause in one line (Ray's traceback is above)."""
 
 
 class Stopped(KeyboardInterrupt):
@@ -112,3 +117,29 @@ def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], desc: str,
             results.extend(ray.get(done))
             bar.update(len(done))
     return results
+
+
+def on_workers(cls: type, args: tuple, method: str, items: Sequence[tuple], count: int, resources: dict[str, float],
+               cfg: RayConfig, address: str | None = None, ordered: bool = False, **local: Any) -> Iterator[Any]:
+    """``cls(*args).<method>(*item)`` for each of ``items`` on ``count`` workers, each built once.
+    One worker runs in this process (no Ray; ``local`` keyword arguments, e.g. a progress callback,
+    go to its calls) unless a cluster is named (``address``, ``ray.address``; not ``$RAY_ADDRESS``
+    alone: often the Jobs API's, set for submit); more are Ray actors with ``resources``. Results
+    come as they finish (``ordered``: in the items' order); a method re-run must be harmless (a
+    restarted actor retries it). A failed actor raises :class:`WorkerFailed`."""
+    if not items:
+        return
+    count = min(count, len(items))
+    if count <= 1 and not (address or cfg.address):
+        worker = cls(*args)
+        for item in items:
+            yield getattr(worker, method)(*item, **local)
+        return
+    init_ray(cfg, address)
+    actor = ray.remote(cls).options(**resources, max_restarts=3, max_task_retries=3)
+    pool = ActorPool([actor.remote(*args) for _ in range(count)])
+    try:
+        yield from (pool.map if ordered else pool.map_unordered)(lambda a, item: getattr(a, method).remote(*item),
+                                                                  items)
+    except ray.exceptions.RayError as e:
+        raise WorkerFailed(last_line(e)[-300:]) from None

@@ -6,13 +6,15 @@ import os
 
 import numpy as np
 import pyarrow.compute as pc
+import pytest
 import ray
 
 from core.knn import IndexSpec, knn
 from core.store import read_table
 from ensemble.sharded import ShardedIndex
+from jobs.config import RayConfig
 from jobs.layout import RunDir, shard_names
-from jobs.runtime import run_tasks
+from jobs.runtime import WorkerFailed, on_workers, run_tasks
 from tests.test_sharded import unit, write_refs
 
 
@@ -27,6 +29,24 @@ def test_run_tasks_retries_a_dead_worker(ray_local, tmp_path):
     marker = str(tmp_path / "died")
     assert sorted(run_tasks(die_once, [(marker, 1), (marker, 2)], "retry")) == [2, 4]
     assert os.path.exists(marker)
+
+
+def test_on_workers_answers_in_order_and_names_a_failed_worker(ray_local):
+    class Doubler:
+        def __init__(self, fail: str = "") -> None:
+            if fail:
+                raise ValueError(fail)
+
+        def double(self, x: int) -> tuple[int, int]:
+            return 2 * x, os.getpid()
+
+    items, options = [(i,) for i in range(6)], {"num_cpus": 0.5}
+    on_actors = list(on_workers(Doubler, (), "double", items, 2, options, RayConfig(), ordered=True))
+    assert [y for y, _ in on_actors] == [0, 2, 4, 6, 8, 10]
+    assert len({pid for _, pid in on_actors}) == 2 and os.getpid() not in {pid for _, pid in on_actors}
+    assert {pid for _, pid in on_workers(Doubler, (), "double", items, 1, options, RayConfig())} == {os.getpid()}
+    with pytest.raises(WorkerFailed, match="ValueError: no model here"):
+        list(on_workers(Doubler, ("no model here",), "double", items, 2, options, RayConfig()))
 
 
 def test_killed_shard_actor_restarts_and_answers(ray_local, tmp_path):

@@ -368,11 +368,7 @@ def test_an_add_stopped_half_way_goes_on_from_its_staged_chunks(built, tmp_path,
     data, _, _, built_index = built
     index = tmp_path / "index"
     shutil.copytree(built_index, index)
-    new = tmp_path / "new"
-    new.mkdir()
-    for i in range(6):
-        synthetic_photo(5000 + i).save(new / f"N{i:03d}.jpg")
-    (new / "broken.jpg").write_bytes(b"not an image")  # sorted last: a chunk of its own
+    new = new_photos(tmp_path / "new")
     derive, calls = indexing.derive_keys, []
 
     def stopped_at_the_third(*args):
@@ -394,11 +390,42 @@ def test_an_add_stopped_half_way_goes_on_from_its_staged_chunks(built, tmp_path,
     shutil.copytree(built_index, fresh)
     monkeypatch.setattr(indexing, "derive_keys", derive)
     indexing.add_folder(str(fresh), str(new), ["index.chunk_images=2"])
-    ask = tmp_path / "ask"  # the queries and the new references: answered as after an add that was not stopped
-    shutil.copytree(data / "queries", ask)
-    for image in new.glob("N*.jpg"):
-        shutil.copy(image, ask)
+    ask = asked(tmp_path / "ask", data / "queries", new)  # answered as after an add that was not stopped
     assert served(Matcher(str(index)), ask) == served(Matcher(str(fresh)), ask)
+
+
+def new_photos(folder: Path) -> Path:
+    """Six new references and a file that does not decode (sorted last)."""
+    folder.mkdir()
+    for i in range(6):
+        synthetic_photo(5000 + i).save(folder / f"N{i:03d}.jpg")
+    (folder / "broken.jpg").write_bytes(b"not an image")
+    return folder
+
+
+def asked(folder: Path, queries: Path, new: Path) -> Path:
+    """The queries and the new references, to ask an index that holds them."""
+    shutil.copytree(queries, folder)
+    for image in new.glob("N*.jpg"):
+        shutil.copy(image, folder)
+    return folder
+
+
+def test_an_add_on_workers_embeds_in_ray_actors_as_one_process(built, tmp_path, monkeypatch, capsys):
+    """With index.num_workers > 1 the chunks go to Ray actors, which write them into the staging folder."""
+    data, _, _, built_index = built
+    new = new_photos(tmp_path / "new")
+    index, alone = tmp_path / "index", tmp_path / "alone"
+    for folder in (index, alone):
+        shutil.copytree(built_index, folder)
+    assert indexing.add_folder(str(alone), str(new), ["index.chunk_images=2"])[:2] == ("v000002", 6)
+    monkeypatch.setattr(indexing, "embed_chunk", lambda *a: pytest.fail("embedded in the driver"))
+    assert copydet(["index", "add", str(index), str(new), "--set", "index.chunk_images=2",
+                    "--set", "index.num_workers=2", "--set", "index.num_cpus=0.5"]) == 0
+    assert "broken.jpg" in capsys.readouterr().err and not any((index / "staging").iterdir())
+    assert live_ids(index) == live_ids(alone)
+    ask = asked(tmp_path / "ask", data / "queries", new)
+    assert_same(served(Matcher(str(index)), ask), served(Matcher(str(alone)), ask))
 
 
 def live_ids(index: Path) -> set[str]:

@@ -70,7 +70,7 @@ def _add(args: argparse.Namespace) -> int:
     from jobs import indexing
 
     try:
-        name, added, errors = indexing.add_folder(root, args.rest[0], list(args.set or []))
+        name, added, errors = indexing.add_folder(root, args.rest[0], list(args.set or []), args.address)
     except indexing.NothingAdded as e:
         log.error(f"index add: {e}")
         return 1
@@ -198,7 +198,7 @@ ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
              "one and the one replicas may still be swapping from)"),
          arg("--set", action="append", metavar="KEY=VALUE",
              help="override a config key (repeatable); add, match: serve.*, index.* and ray.* only"),
-         arg("--address", help=f"build, match (with serve.num_replicas workers): {LOCAL_RAY}"),
+         arg("--address", help=f"build, add (index.num_workers), match (serve.num_replicas): {LOCAL_RAY}"),
          uses_config=False)
 def index(args: argparse.Namespace) -> int | None:
     check_options(args)
@@ -206,7 +206,7 @@ def index(args: argparse.Namespace) -> int | None:
 
 
 OPTION_ACTIONS = {"out": "build match", "from_run": "build", "references": "build", "train": "build",
-                  "address": "build match", "set": "build add match", "ids_file": "remove", "keep": "prune",
+                  "address": "build add match", "set": "build add match", "ids_file": "remove", "keep": "prune",
                   "rest": "add remove match"}
 
 
