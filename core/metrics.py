@@ -26,6 +26,7 @@ from core.store import atomic_output
 
 log = logging.getLogger(__name__)
 
+WRITE_ROWS = 65536  # predictions turned into CSV lines at a time (DISC21's are 10M rows)
 _NOT_FOUND = np.iinfo(np.int64).max  # rank of a ground-truth pair that was not predicted
 
 
@@ -260,14 +261,17 @@ def write_predictions(table: pa.Table, path: str | os.PathLike, extra: Sequence[
 
     Ids are written bare unless they hold a comma, quote or line break; those are quoted as
     standard CSV (RFC 4180), which :func:`read_predictions` reads back to the same ids."""
-    more = [["" if v is None else f"{v:.4g}" for v in table.column(c).to_pylist()] for c in extra]
-    table = table.select(PREDICTIONS_SCHEMA.names).cast(PREDICTIONS_SCHEMA)
-    scores = pc.cast(table.column("score"), pa.string())  # arrow's shortest float32 text, as its CSV writer
+    columns = table.select([*PREDICTIONS_SCHEMA.names, *extra])
     with atomic_output(path) as f, io.TextIOWrapper(f, encoding="utf-8", newline="") as text:
         out = csv.writer(text, lineterminator="\n")  # quotes only the values that need it
-        out.writerow([*PREDICTIONS_SCHEMA.names, *extra])
-        out.writerows(zip(table.column("query_id").to_pylist(), table.column("reference_id").to_pylist(),
-                          scores.to_pylist(), *more))
+        out.writerow(columns.column_names)
+        for start in range(0, columns.num_rows, WRITE_ROWS):  # Python objects for a slice at a time
+            part = columns.slice(start, WRITE_ROWS)
+            ids = part.select(PREDICTIONS_SCHEMA.names).cast(PREDICTIONS_SCHEMA)
+            scores = pc.cast(ids.column("score"), pa.string())  # arrow's shortest float32 text, as its CSV writer
+            more = [["" if v is None else f"{v:.4g}" for v in part.column(c).to_pylist()] for c in extra]
+            out.writerows(zip(ids.column("query_id").to_pylist(), ids.column("reference_id").to_pylist(),
+                              scores.to_pylist(), *more))
     return str(path)
 
 

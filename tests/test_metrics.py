@@ -7,6 +7,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from core import metrics
 from core.contracts import PREDICTIONS_SCHEMA
 from core.metrics import (
     Metrics,
@@ -146,14 +147,18 @@ def test_matches_slow_reference(seed):
         assert got[key] == pytest.approx(value), key
 
 
-def test_prediction_csv_round_trip(tmp_path):
+def test_prediction_csv_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setattr(metrics, "WRITE_ROWS", 2)  # written in slices: the rows of each, in order
     table = pa.table({"query_id": ["Q1", "Q1", "Q2"], "reference_id": ["R9", "R3", "R3"],
-                      "score": pa.array([0.1, -2.5, 0.123456789], pa.float32())})
+                      "score": pa.array([0.1, -2.5, 0.123456789], pa.float32()), "q_value": [0.5, None, 0.25]})
     path = write_predictions(table, tmp_path / "out" / "predictions.csv")
     assert open(path).read().splitlines() == ["query_id,reference_id,score", "Q1,R9,0.1",
                                              "Q1,R3,-2.5", "Q2,R3,0.12345679"]
-    assert read_predictions(path).cast(PREDICTIONS_SCHEMA).equals(table)  # float32's shortest text: its value
+    assert read_predictions(path).cast(PREDICTIONS_SCHEMA).equals(table.drop(["q_value"]))  # float32's shortest text
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["predictions.csv"]  # no temp left
+    with_extra = write_predictions(table, tmp_path / "copies.csv", ["q_value"])
+    assert open(with_extra).read().splitlines() == ["query_id,reference_id,score,q_value", "Q1,R9,0.1,0.5",
+                                                   "Q1,R3,-2.5,", "Q2,R3,0.12345679,0.25"]
 
 
 def test_ids_with_commas_quotes_and_line_breaks_round_trip(tmp_path):
