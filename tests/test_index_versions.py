@@ -1,6 +1,7 @@
 """Index versions without the pipeline: shards merged by tier, removed rows never answered,
 stale writers refused, prune keeping what kept versions use, the service's id -> path map."""
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -133,7 +134,42 @@ def test_a_compaction_publishes_on_top_of_the_takedowns_made_while_it_rebuilt(tm
     added = rows.add(compacted, 20, 25)
     with pytest.raises(IndexFolderError, match=f"published {added} after this one read {compacted}"):
         versions.compact(rows.idx, compacted, rows.spec, 128)
-    assert rows.idx.current() == added and not any((rows.idx.root / "staging").iterdir())
+    assert rows.idx.current() == added
+    versions.compact(rows.idx, added, rows.spec, 128)  # run again: of the new version, its folder of the old removed
+    assert not any((rows.idx.root / "staging").iterdir())
+
+
+def test_a_stopped_compaction_goes_on_from_its_finished_shards(tmp_path, monkeypatch, caplog):
+    rows = SyntheticRows(tmp_path, 40)
+    read = versions.remove(rows.idx, rows.build(40), ["R000", "R017"]).version
+    build, built = versions.build_index, []
+
+    def stopped_at_the_third(x, kind, spec):
+        built.append(len(x))
+        if len(built) == 3:
+            raise KeyboardInterrupt
+        return build(x, kind, spec)
+
+    monkeypatch.setattr(versions, "build_index", stopped_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        versions.compact(rows.idx, read, rows.spec, 10)  # 38 live rows: 4 shards
+    assert rows.idx.current() == read and len(list(rows.idx.root.glob("staging/job-compact-*/done/m/*.json"))) == 2
+    built.clear()
+    caplog.set_level(logging.INFO, logger=versions.__name__)
+    compacted = versions.compact(rows.idx, read, rows.spec, 10)
+    assert f"going on from the 2 shard(s) a stopped compaction of {read} built" in caplog.text
+    assert built == [10, 8] and not any((rows.idx.root / "staging").iterdir())  # the third and fourth shards only
+    monkeypatch.setattr(versions, "build_index", build)
+    other = SyntheticRows(tmp_path / "other", 40)  # the same rows, compacted without a stop
+    whole = versions.compact(other.idx, versions.remove(other.idx, other.build(40), ["R000", "R017"]).version,
+                             other.spec, 10)
+    manifest = lambda r, v: versions.read_manifest(r.idx.path(v))  # noqa: E731
+    assert manifest(rows, compacted)["keys"] == manifest(other, whole)["keys"]
+    assert sorted(p.name for p in (rows.idx.path(compacted) / "keys" / "m").iterdir()) == \
+        sorted(p.name for p in (other.idx.path(whole) / "keys" / "m").iterdir())
+    live = [n for n, i in enumerate(rows.ids) if i not in ("R000", "R017")]
+    _, found, _ = rows.key(compacted).search(rows.x[live], 1)
+    assert found[:, 0].tolist() == [rows.ids[n] for n in live]
 
 
 def test_an_index_compacted_to_nothing_takes_new_references(tmp_path):

@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import logging
 import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ from core.models.cards import ModelCard
 from core.store import concat_tables, embeddings_to_arrow, link_file, read_table, write_table, write_text
 from ensemble.index.layout import IndexDir, IndexFolderError
 from ensemble.sharded import count_rows, load_rows, plan_shards
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 IMAGES_SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("sha256", pa.string()),
@@ -75,21 +78,29 @@ def is_inside(rel: str | Path) -> bool:
 
 
 def write_shards(key_dir: Path, files: Sequence[str], first: int, kind: str | None, spec: IndexSpec,
-                 shard_size: int) -> tuple[str, list[dict]]:
+                 shard_size: int, done: Path | None = None) -> tuple[str, list[dict]]:
     """Shards ``ref-<first>``, ``ref-<first+1>``... of the rows of ``files`` (Parquet and faiss);
-    ``kind`` None decides it from their row count. One shard is in memory at a time."""
+    ``kind`` None decides it from their row count. One shard is in memory at a time. With ``done``
+    (a folder outside ``key_dir``) each shard is marked there once written, and a marked one is not
+    written again: a stopped writer goes on from its last shard."""
     counts = count_rows(files)
     kind = kind or index_kind(sum(counts), spec)
     shards = []
     for i, slices in enumerate(plan_shards(list(zip(files, counts)), shard_size), start=first):
-        ids, x = load_rows(slices)
         name = f"ref-{i:05d}"
+        mark = done / f"{name}.json" if done else None
+        if mark and mark.is_file():
+            shards.append(json.loads(mark.read_text()))
+            continue
+        ids, x = load_rows(slices)
         write_table(ids.append_column("embedding", embeddings_to_arrow(x)), key_dir / f"{name}.parquet")
         index = build_index(x, kind, spec)
         if faiss.get_num_gpus():
             index = faiss.index_gpu_to_cpu(index)
         faiss.write_index(index, str(key_dir / f"{name}.faiss"))
         shards.append({"name": name, "rows": int(len(x))})
+        if mark:
+            write_text(mark, json.dumps(shards[-1]))
     return kind, shards
 
 
@@ -246,28 +257,38 @@ def remove(idx: IndexDir, parent: str, ids: Sequence[str]) -> Removal:
 def compact(idx: IndexDir, parent: str, spec: IndexSpec, shard_size: int) -> str:
     """Publish ``parent`` rebuilt from its live rows: tombstones dropped, shards refilled, the
     index kind decided again for the live row count. The shards are rebuilt in ``staging/``
-    without the writer's lock; takedowns published meanwhile stay tombstones of the new version."""
+    without the writer's lock; takedowns published meanwhile stay tombstones of the new version.
+    The staging folder is named by what the rows are made from, so a compaction of the same
+    version killed or refused goes on from its finished shards."""
     src = idx.path(parent)
     meta = read_manifest(src)
     removed = pa.array(removed_table(src).column("image_id").to_pylist(), pa.string())
     keys = json.loads(json.dumps(meta["keys"]))
-    with idx.staging() as staging:
+    made_of = json.dumps([parent, meta["keys"], sorted(removed.to_pylist()), repr(spec), shard_size])
+    with idx.staging(f"compact-{hashlib.sha256(made_of.encode()).hexdigest()[:24]}") as staging:
+        finished = len(list(staging.glob("done/*/*.json")))
+        if finished:
+            log.info(f"index compact: going on from the {finished} shard(s) a stopped compaction of {parent} built")
         for key, k in keys.items():
             staged = []
             for s in k["shards"]:
-                t = read_table(src / "keys" / key / f"{s['name']}.parquet")
-                t = t.filter(pc.invert(pc.is_in(t.column("image_id"), removed)))
-                staged.append(write_table(t, staging / "rows" / key / f"{s['name']}.parquet"))
-            k["kind"], k["shards"] = write_shards(staging / "keys" / key, staged, 0, None, spec, shard_size)
+                rows = staging / "rows" / key / f"{s['name']}.parquet"
+                if not rows.is_file():
+                    t = read_table(src / "keys" / key / f"{s['name']}.parquet")
+                    write_table(t.filter(pc.invert(pc.is_in(t.column("image_id"), removed))), rows)
+                staged.append(str(rows))
+            k["kind"], k["shards"] = write_shards(staging / "keys" / key, staged, 0, None, spec, shard_size,
+                                                  done=staging / "done" / key)
         with idx.publish(parent, accept=lambda now: takedowns_only(idx, parent, now)) as (name, out):
             keep = ("config.yaml", Q_CURVE, "cards", "reduce")
             for f in src.rglob("*"):
                 rel = f.relative_to(src)
                 if f.is_file() and (rel.parts[0] in keep or rel.name == "train.parquet"):
                     link_file(f, out / rel)
-            for f in (staging / "keys").rglob("*"):
-                if f.is_file():
-                    link_file(f, out / f.relative_to(staging))
+            for key, k in keys.items():  # the shards only: not a temp file a killed run left beside them
+                for shard in k["shards"]:
+                    for f in (f"{shard['name']}.parquet", f"{shard['name']}.faiss"):
+                        link_file(staging / "keys" / key / f, out / "keys" / key / f)
             live = live_images(src, meta)
             write_table(live, out / "images" / "part-00000.parquet")
             later = removed_table(idx.path(idx.current()))  # takedowns published since it read parent

@@ -151,8 +151,8 @@ def info_lines(root: str) -> list[str]:
                      f"{[p.name for p in idx.stale()]}")
     staged = sorted(p.name for p in (idx.root / "staging").glob("job-*"))
     if staged:
-        lines.append(f"adds or compactions at work, or stopped (an add run again goes on from its folder; "
-                     f"other writers remove stopped ones): {staged}")
+        lines.append(f"adds or compactions at work, or stopped (run again on the same version, one goes on from "
+                     f"its folder; other writers remove stopped ones): {staged}")
     return lines
 
 
