@@ -12,7 +12,7 @@ import io
 import logging
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -255,24 +255,27 @@ def check_predictions(table: pa.Table, where: str) -> None:
                          f"({twice['query_id'][0]}, {twice['reference_id'][0]})")
 
 
-def write_predictions(table: pa.Table, path: str | os.PathLike, extra: Sequence[str] = ()) -> str:
+def write_predictions(tables: pa.Table | Iterable[pa.Table], path: str | os.PathLike, extra: Sequence[str] = ()) -> str:
     """Write ``query_id,reference_id,score`` (the ISC21 CSV) atomically: temp name, then rename;
     ``extra`` numeric columns follow (4 significant digits; empty where null), which ISC21 readers ignore.
+    ``tables``: one table, or several written one after another (read one at a time, e.g. shards).
 
     Ids are written bare unless they hold a comma, quote or line break; those are quoted as
     standard CSV (RFC 4180), which :func:`read_predictions` reads back to the same ids."""
-    columns = table.select([*PREDICTIONS_SCHEMA.names, *extra])
     with atomic_output(path) as f, io.TextIOWrapper(f, encoding="utf-8", newline="") as text:
         out = csv.writer(text, lineterminator="\n")  # quotes only the values that need it
-        out.writerow(columns.column_names)
-        for start in range(0, columns.num_rows, WRITE_ROWS):  # Python objects for a slice at a time
-            part = columns.slice(start, WRITE_ROWS)
-            ids = part.select(PREDICTIONS_SCHEMA.names).cast(PREDICTIONS_SCHEMA)
-            scores = pc.cast(ids.column("score"), pa.string())  # arrow's shortest float32 text, as its CSV writer
-            more = [["" if v is None else f"{v:.4g}" for v in part.column(c).to_pylist()] for c in extra]
-            out.writerows(zip(ids.column("query_id").to_pylist(), ids.column("reference_id").to_pylist(),
-                              scores.to_pylist(), *more))
+        out.writerow([*PREDICTIONS_SCHEMA.names, *extra])
+        for table in [tables] if isinstance(tables, pa.Table) else tables:
+            for start in range(0, table.num_rows, WRITE_ROWS):  # Python objects for a slice at a time
+                out.writerows(_csv_rows(table.slice(start, WRITE_ROWS), extra))
     return str(path)
+
+
+def _csv_rows(table: pa.Table, extra: Sequence[str]) -> Iterator[tuple]:
+    ids = table.select(PREDICTIONS_SCHEMA.names).cast(PREDICTIONS_SCHEMA)
+    scores = pc.cast(ids.column("score"), pa.string())  # arrow's shortest float32 text, as its CSV writer
+    more = [["" if v is None else f"{v:.4g}" for v in table.column(c).to_pylist()] for c in extra]
+    return zip(ids.column("query_id").to_pylist(), ids.column("reference_id").to_pylist(), scores.to_pylist(), *more)
 
 
 def plot_pr(curves: Mapping[str, Metrics], path: str | os.PathLike) -> str:

@@ -7,7 +7,7 @@ list are pinned in ``OUT/_settings.json``, so a re-run goes on from the last win
 written (``OUT/parts/``) and answers as the first did; then ``OUT/matches.csv`` (ISC21
 ``query_id,reference_id,score`` with ``q_value``, ``verified`` and ``inliers``), ``OUT/copies.csv``
 (the pairs at or above the index's is-copy threshold) and ``OUT/errors.parquet`` (files that do not
-read) are written whole from the parts.
+read) are written from the parts, one part in memory at a time.
 
 Windows are answered by ``serve.num_replicas`` workers, each a :class:`WindowWorker` that loads the
 models and the index once and writes its own parts: one in this process (no Ray), more (or any
@@ -140,13 +140,13 @@ def match_folder(root: str, folder: str, out: str, overrides: list[str] | None =
     todo = [(name, files) for name, files in windows if name not in done]
     if todo:
         answer_windows(todo, root, version, overrides or [], out, cfg, address)
-    answers = read_table(parts)
     listing = pa.Table.from_pylist([{"path": p, "error": f"{p}: {why}"} for p, why in scan.rejected],
                                    schema=ERRORS_SCHEMA)
     unread = pa.concat_tables([read_table(errors).cast(ERRORS_SCHEMA), listing])
     write_table(unread, join(out, "errors.parquet"))
     threshold = written(cfg.copy_threshold())
-    found = copies(answers, threshold)
-    write_predictions(answers, join(out, "matches.csv"), EXTRA)
+    shards = list_shards(parts)  # a window at a time: the driver never holds every answer
+    write_predictions(map(read_table, shards), join(out, "matches.csv"), EXTRA)
+    found = copies(pa.concat_tables([copies(read_table(s), threshold) for s in shards]), threshold)
     write_predictions(found, join(out, "copies.csv"), EXTRA)
     return Matched(len(scan.files), found.num_rows, unread.num_rows, threshold, version)

@@ -159,6 +159,9 @@ def test_prediction_csv_round_trip(tmp_path, monkeypatch):
     with_extra = write_predictions(table, tmp_path / "copies.csv", ["q_value"])
     assert open(with_extra).read().splitlines() == ["query_id,reference_id,score,q_value", "Q1,R9,0.1,0.5",
                                                    "Q1,R3,-2.5,", "Q2,R3,0.12345679,0.25"]
+    shards = write_predictions(iter([table.slice(0, 1), table.slice(1, 0), table.slice(1)]), tmp_path / "s.csv",
+                               ["q_value"])  # tables one after another (shards read one at a time)
+    assert open(shards).read() == open(with_extra).read()
 
 
 def test_ids_with_commas_quotes_and_line_breaks_round_trip(tmp_path):
