@@ -20,7 +20,7 @@ from core.store import write_text
 from ensemble.index import versions
 from ensemble.index.layout import IndexDir, IndexFolderError, folder_bytes
 from ensemble.index.versions import prune
-from jobs import indexing, matching
+from jobs import adding, indexing, matching
 from jobs.commands.index import info_lines
 from jobs.cli import main as copydet
 from jobs.config import load_config
@@ -193,20 +193,20 @@ def test_add_remove_compact(built, tmp_path, monkeypatch, caplog, capsys):
     (extra / "R902.jpg").write_bytes(b"")
     synthetic_photo(902).save(extra / "R902.png")
     with pytest.raises(ValueError, match=r"'R902' \(.*R902.jpg and .*R902.png\)"):  # which one is R902?
-        indexing.add_folder(str(index), str(extra))
+        adding.add_folder(str(index), str(extra))
     (extra / "R902.png").unlink()
     (extra / "R902.jpg").rename(extra / "bad:name.jpg")  # empty
     (extra / "broken.jpg").write_bytes(b"not a jpeg")
     (extra / "notes.txt").write_text("not an image file extension")
     monkeypatch.chdir(tmp_path)  # a folder given relative is recorded absolute: the service opens the files
     caplog.set_level(logging.INFO)
-    name, added, errors = indexing.add_folder(str(index), "extra")
+    name, added, errors = adding.add_folder(str(index), "extra")
     assert (name, added) == ("v000002", 2) and len(errors) == 3
     recorded = pa.parquet.read_table(IndexDir(index).path(name) / "errors.parquet").to_pylist()
     assert sorted(Path(r["path"]).name for r in recorded) == ["bad:name.jpg", "broken.jpg", "notes.txt"]
     assert "1 image(s) of extra are already in the index; skipped: R001" in caplog.text
     assert "4/4 images done, 2 embedded, 2 unreadable" in caplog.text  # notes.txt is not counted as an image
-    assert indexing.add_folder(str(index), str(extra))[:2] == (name, 0)  # a retry: nothing new, nothing published
+    assert adding.add_folder(str(index), str(extra))[:2] == (name, 0)  # a retry: nothing new, nothing published
     assert "already in the index; skipped: R001, R900, R901" in caplog.text
     synthetic_photo(777).save(extra / "R001.jpg")  # another picture under an indexed id: kept, and said so
     capsys.readouterr()
@@ -223,7 +223,7 @@ def test_add_remove_compact(built, tmp_path, monkeypatch, caplog, capsys):
     assert m.index.paths["R900"] == str(extra / "R900.jpg")
     # re-adding the folder hashes only the files that may have changed; one replaced in place is named
     hashed = []
-    monkeypatch.setattr(indexing, "sha256_file", lambda p: hashed.append(Path(p).name) or sha256_file(p))
+    monkeypatch.setattr(adding, "sha256_file", lambda p: hashed.append(Path(p).name) or sha256_file(p))
     synthetic_photo(778).save(extra / "R901.jpg")
     capsys.readouterr()
     assert copydet(["index", "add", str(index), str(extra)]) == 0 and IndexDir(index).current() == name
@@ -256,7 +256,7 @@ def test_add_remove_compact(built, tmp_path, monkeypatch, caplog, capsys):
     for answer in m.match([copy, load_rgb(data / "queries" / "Q003.jpg")]):  # Q003 is a copy of R007
         assert {"R900", "R007"}.isdisjoint(x["reference_id"] for x in answer["matches"])
     with pytest.raises(ValueError, match="^R900: removed since the last compaction"):
-        indexing.add_folder(str(index), str(extra))  # R900 was removed: re-adding waits for compaction
+        adding.add_folder(str(index), str(extra))  # R900 was removed: re-adding waits for compaction
     assert indexing.compact(str(index)) == "v000004"
     compacted = Matcher(str(index))
     assert_same(served(compacted, data / "queries"), served(m, data / "queries"))
@@ -360,7 +360,7 @@ def test_killed_add_leaves_previous_version(built, tmp_path):
     shutil.rmtree(many)
     many.mkdir()
     synthetic_photo(3000).save(many / "N999.jpg")
-    assert indexing.add_folder(str(index), str(many))[:2] == ("v000002", 1)
+    assert adding.add_folder(str(index), str(many))[:2] == ("v000002", 1)
     assert not idx.stale() and not any((index / "staging").iterdir())
 
 
@@ -369,7 +369,7 @@ def test_an_add_stopped_half_way_goes_on_from_its_staged_chunks(built, tmp_path,
     index = tmp_path / "index"
     shutil.copytree(built_index, index)
     new = new_photos(tmp_path / "new")
-    derive, calls = indexing.derive_keys, []
+    derive, calls = adding.derive_keys, []
 
     def stopped_at_the_third(*args):
         calls.append(args)
@@ -377,19 +377,19 @@ def test_an_add_stopped_half_way_goes_on_from_its_staged_chunks(built, tmp_path,
             raise KeyboardInterrupt
         return derive(*args)
 
-    monkeypatch.setattr(indexing, "derive_keys", stopped_at_the_third)
+    monkeypatch.setattr(adding, "derive_keys", stopped_at_the_third)
     with pytest.raises(KeyboardInterrupt):
-        indexing.add_folder(str(index), str(new), ["index.chunk_images=2"])
+        adding.add_folder(str(index), str(new), ["index.chunk_images=2"])
     assert len(list(index.glob("staging/job-*/images/part-*.parquet"))) == 2 and IndexDir(index).current() == "v000001"
     calls.clear()
-    version, added, errors = indexing.add_folder(str(index), str(new), ["index.chunk_images=2"])
+    version, added, errors = adding.add_folder(str(index), str(new), ["index.chunk_images=2"])
     assert (version, added, len(calls)) == ("v000002", 6, 1)  # the third chunk only (the fourth does not decode)
     assert len(errors) == 1 and "broken.jpg" in errors[0] and not any((index / "staging").iterdir())
     assert {f"N{i:03d}" for i in range(6)} <= live_ids(index)
     fresh = tmp_path / "fresh"
     shutil.copytree(built_index, fresh)
-    monkeypatch.setattr(indexing, "derive_keys", derive)
-    indexing.add_folder(str(fresh), str(new), ["index.chunk_images=2"])
+    monkeypatch.setattr(adding, "derive_keys", derive)
+    adding.add_folder(str(fresh), str(new), ["index.chunk_images=2"])
     ask = asked(tmp_path / "ask", data / "queries", new)  # answered as after an add that was not stopped
     assert served(Matcher(str(index)), ask) == served(Matcher(str(fresh)), ask)
 
@@ -418,8 +418,8 @@ def test_an_add_on_workers_embeds_in_ray_actors_as_one_process(built, tmp_path, 
     index, alone = tmp_path / "index", tmp_path / "alone"
     for folder in (index, alone):
         shutil.copytree(built_index, folder)
-    assert indexing.add_folder(str(alone), str(new), ["index.chunk_images=2"])[:2] == ("v000002", 6)
-    monkeypatch.setattr(indexing, "embed_chunk", lambda *a: pytest.fail("embedded in the driver"))
+    assert adding.add_folder(str(alone), str(new), ["index.chunk_images=2"])[:2] == ("v000002", 6)
+    monkeypatch.setattr(adding, "embed_chunk", lambda *a: pytest.fail("embedded in the driver"))
     assert copydet(["index", "add", str(index), str(new), "--set", "index.chunk_images=2",
                     "--set", "index.num_workers=2", "--set", "index.num_cpus=0.5"]) == 0
     assert "broken.jpg" in capsys.readouterr().err and not any((index / "staging").iterdir())
@@ -444,17 +444,17 @@ def test_a_takedown_publishes_while_an_add_embeds_and_the_add_lands_on_it(built,
     for i, folder in enumerate((new, other, more)):
         folder.mkdir()
         synthetic_photo(4000 + i).save(folder / f"N{i:03d}.jpg")
-    embed, meanwhile = indexing.embed_new, []
-    monkeypatch.setattr(indexing, "embed_new", lambda *a: (embed(*a), meanwhile and meanwhile.pop()())[0])
+    embed, meanwhile = adding.embed_new, []
+    monkeypatch.setattr(adding, "embed_new", lambda *a: (embed(*a), meanwhile and meanwhile.pop()())[0])
     meanwhile.append(lambda: indexing.remove_ids(str(index), ["R001"]))
-    assert indexing.add_folder(str(index), str(new))[:2] == ("v000003", 1)
+    assert adding.add_folder(str(index), str(new))[:2] == ("v000003", 1)
     assert "N000" in live_ids(index) and "R001" not in live_ids(index)
-    meanwhile.append(lambda: indexing.add_folder(str(index), str(other)))
+    meanwhile.append(lambda: adding.add_folder(str(index), str(other)))
     with pytest.raises(IndexFolderError, match="published v000004 after this one read v000003"):
-        indexing.add_folder(str(index), str(more))
+        adding.add_folder(str(index), str(more))
     assert "N001" in live_ids(index) and "N002" not in live_ids(index)
     assert len(list((index / "staging").iterdir())) == 1  # the refused add's chunks, which its re-run takes
-    assert indexing.add_folder(str(index), str(more))[:2] == ("v000005", 1) and not any((index / "staging").iterdir())
+    assert adding.add_folder(str(index), str(more))[:2] == ("v000005", 1) and not any((index / "staging").iterdir())
 
 
 def test_a_run_is_published_whole_and_as_it_was_made(built, tmp_path, capsys):

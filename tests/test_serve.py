@@ -15,7 +15,7 @@ import pytest
 import requests
 from PIL import Image
 
-from jobs import indexing
+from jobs import adding, indexing
 from jobs.config import DEFAULT_SAMPLE, load_config
 from jobs.pipeline import run_pipeline
 from tests.conftest import free_port
@@ -314,7 +314,7 @@ def test_new_version_is_picked_up_without_dropping_requests(service, tmp_path):
     t = threading.Thread(target=hammer)
     t.start()
     try:
-        version = indexing.add_folder(str(index), str(new))[0]
+        version = adding.add_folder(str(index), str(new))[0]
         deadline = time.time() + 60
         while requests.get(f"{url}/healthz", timeout=10).json()["version"] != version and time.time() < deadline:
             time.sleep(0.2)

@@ -67,11 +67,11 @@ def _add(args: argparse.Namespace) -> int:
     if len(args.rest) != 1:
         raise ValueError("index add: give one FOLDER of images to add")
     root = _existing(args)
-    from jobs import indexing
+    from jobs import adding
 
     try:
-        name, added, errors = indexing.add_folder(root, args.rest[0], list(args.set or []), args.address)
-    except indexing.NothingAdded as e:
+        name, added, errors = adding.add_folder(root, args.rest[0], list(args.set or []), args.address)
+    except adding.NothingAdded as e:
         log.error(f"index add: {e}")
         return 1
     for line in errors:
