@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pyarrow as pa
+from tqdm import tqdm
 
 from core.contracts import ERRORS_SCHEMA
 from core.imageio import ImageDecodeError, ImageFile, file_list_hash, load_rgb, scan_images, sha256_file
@@ -140,16 +141,16 @@ def embed_new(todo: Sequence[ImageFile], cfg: PipelineConfig, worker: tuple, sta
     resources = {"num_cpus": cfg.index.num_cpus, "num_gpus": cfg.index.num_gpus}
     embedded = on_workers(ChunkEmbedder, worker, "embed", [c for c in chunks if c[0] not in done],
                           cfg.index.num_workers, resources, cfg.ray, address, ordered=True)
-    images = 0
-    for name, chunk in chunks:
-        chunk_rows, chunk_failed, files = staged_chunk(staging, name, staged) if name in done else next(embedded)
-        rows += chunk_rows
-        failed += chunk_failed
-        images += len(chunk)
-        for key, path in files.items():
-            staged[key].append(path)
-        log.info(f"index add: {images}/{len(todo)} images done, {len(rows)} embedded"
-                 f"{f', {len(failed) - unreadable} unreadable' if len(failed) > unreadable else ''}")
+    with tqdm(total=len(todo), desc="index add", unit="image") as bar:
+        for name, chunk in chunks:
+            chunk_rows, chunk_failed, files = staged_chunk(staging, name, staged) if name in done else next(embedded)
+            rows += chunk_rows
+            failed += chunk_failed
+            for key, path in files.items():
+                staged[key].append(path)
+            bar.update(len(chunk))
+    again = f" ({sum(len(c) for n, c in chunks if n in done)} read back from a stopped run's chunks)" if done else ""
+    log.info(f"index add: {len(todo)} new images: {len(rows)} embedded, {len(failed) - unreadable} unreadable{again}")
     return rows, staged
 
 

@@ -205,7 +205,7 @@ def test_add_remove_compact(built, tmp_path, monkeypatch, caplog, capsys):
     recorded = pa.parquet.read_table(IndexDir(index).path(name) / "errors.parquet").to_pylist()
     assert sorted(Path(r["path"]).name for r in recorded) == ["bad:name.jpg", "broken.jpg", "notes.txt"]
     assert "1 image(s) of extra are already in the index; skipped: R001" in caplog.text
-    assert "4/4 images done, 2 embedded, 2 unreadable" in caplog.text  # notes.txt is not counted as an image
+    assert "4 new images: 2 embedded, 2 unreadable" in caplog.text  # notes.txt is not counted as an image
     assert adding.add_folder(str(index), str(extra))[:2] == (name, 0)  # a retry: nothing new, nothing published
     assert "already in the index; skipped: R001, R900, R901" in caplog.text
     synthetic_photo(777).save(extra / "R001.jpg")  # another picture under an indexed id: kept, and said so
@@ -364,7 +364,7 @@ def test_killed_add_leaves_previous_version(built, tmp_path):
     assert not idx.stale() and not any((index / "staging").iterdir())
 
 
-def test_an_add_stopped_half_way_goes_on_from_its_staged_chunks(built, tmp_path, monkeypatch):
+def test_an_add_stopped_half_way_goes_on_from_its_staged_chunks(built, tmp_path, monkeypatch, caplog):
     data, _, _, built_index = built
     index = tmp_path / "index"
     shutil.copytree(built_index, index)
@@ -382,8 +382,10 @@ def test_an_add_stopped_half_way_goes_on_from_its_staged_chunks(built, tmp_path,
         adding.add_folder(str(index), str(new), ["index.chunk_images=2"])
     assert len(list(index.glob("staging/job-*/images/part-*.parquet"))) == 2 and IndexDir(index).current() == "v000001"
     calls.clear()
+    caplog.set_level(logging.INFO, logger=adding.__name__)
     version, added, errors = adding.add_folder(str(index), str(new), ["index.chunk_images=2"])
     assert (version, added, len(calls)) == ("v000002", 6, 1)  # the third chunk only (the fourth does not decode)
+    assert "7 new images: 6 embedded, 1 unreadable (4 read back from a stopped run's chunks)" in caplog.text
     assert len(errors) == 1 and "broken.jpg" in errors[0] and not any((index / "staging").iterdir())
     assert {f"N{i:03d}" for i in range(6)} <= live_ids(index)
     fresh = tmp_path / "fresh"
