@@ -2,6 +2,7 @@
 stale writers refused, prune keeping what kept versions use, the service's id -> path map."""
 import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from core.knn import IndexSpec, build_index, l2_normalize
 from core.models.cards import ModelCard
 from core.store import features_table, read_table, write_table
-from ensemble.index import versions
+from ensemble.index import layout, versions
 from ensemble.index.layout import IndexDir, IndexFolderError
 from ensemble.index.reader import NOTHING, IdPaths, KeyIndex, search_params
 from ensemble.index.versions import prune, tier, tier_to_merge
@@ -170,6 +171,37 @@ def test_a_stopped_compaction_goes_on_from_its_finished_shards(tmp_path, monkeyp
     live = [n for n, i in enumerate(rows.ids) if i not in ("R000", "R017")]
     _, found, _ = rows.key(compacted).search(rows.x[live], 1)
     assert found[:, 0].tolist() == [rows.ids[n] for n in live]
+
+
+def test_a_writer_starting_beside_another_never_takes_its_new_staging_folder_for_a_dead_ones(tmp_path, monkeypatch):
+    """Writer B clears the staging folders of dead writers as A has made its own but not locked it yet."""
+    import threading
+    idx, locked = IndexDir(tmp_path / "index"), layout._locked
+    made, cleared, seen = threading.Event(), threading.Event(), {}
+
+    def slow_to_lock(f) -> bool:
+        if threading.current_thread().name == "A" and Path(f.name).parent.name == "job-a":
+            made.set()
+            cleared.wait(timeout=1)  # B's clearing runs now, unless it waits for A to claim its folder
+        return locked(f)
+
+    def writer(name: str, wait: threading.Event | None = None) -> None:
+        if wait:
+            wait.wait(timeout=10)
+        with idx.staging(name) as folder:
+            if name == "b":
+                cleared.set()
+            time.sleep(0.2)
+            seen[name] = folder.is_dir()
+
+    monkeypatch.setattr(layout, "_locked", slow_to_lock)
+    threads = [threading.Thread(target=writer, args=("a",), name="A"),
+               threading.Thread(target=writer, args=("b", made), name="B")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert seen == {"a": True, "b": True}
 
 
 def test_an_index_compacted_to_nothing_takes_new_references(tmp_path):

@@ -140,19 +140,18 @@ class IndexDir:
         base = self.root / "staging"
         base.mkdir(parents=True, exist_ok=True)
         folder = base / f"job-{name or uuid.uuid4().hex}"
-        for left in sorted(set(base.glob("job-*")) - {folder}):
-            with suppress(FileNotFoundError), open(left / ".lock", "a") as f:  # gone: its writer just ended
-                if _locked(f):
-                    shutil.rmtree(left, ignore_errors=True)
-        folder.mkdir(exist_ok=True)
-        try:
+        with open(self.root / ".staging.lock", "a") as claim:  # writers clear and claim one at a time: none
+            fcntl.flock(claim, fcntl.LOCK_EX)                     # takes another's new folder for a dead one's
+            for left in sorted(set(base.glob("job-*")) - {folder}):
+                with suppress(FileNotFoundError), open(left / ".lock", "a") as f:  # gone: its writer just ended
+                    if _locked(f):
+                        shutil.rmtree(left, ignore_errors=True)
+            folder.mkdir(exist_ok=True)
             f = open(folder / ".lock", "a")
-        except FileNotFoundError:  # a starting writer took it for a dead one's
-            raise IndexFolderError(f"{folder}: removed by another `copydet index` command as this one started; "
-                                   "run it again") from None
-        with f:
             if not _locked(f):
+                f.close()
                 raise IndexFolderError(f"{folder}: another `copydet index` command works there (the same add?)")
+        with f:
             try:
                 yield folder
             except BaseException:
