@@ -194,7 +194,7 @@ class ChunkEmbedder:
         idx = IndexDir(root)
         _, self.cfg = index_config(root, version, overrides)
         meta = versions.read_manifest(idx.path(version))
-        self.embedder = embedder_for(root, version, self.cfg, "reference")
+        self.embedder = embedder_for(root, version, self.cfg, "reference", use_gpu=self.cfg.index.num_gpus > 0)
         self.pcas = {k: load_pca(idx.path(version) / m["pca"]) for k, m in meta["keys"].items() if m.get("pca")}
         self.train = stretch_background(idx, version, self.cfg)
         self.staging = Path(staging)

@@ -255,7 +255,8 @@ class IndexConfig(ConfigModel):
     num_workers: int = Field(1, ge=1, description="`index add` embeds its chunks on this many workers: one in the "
                              "command's process, more as Ray actors (the embedded local Ray, or --address)")
     num_cpus: float = Field(1.0, gt=0, description="CPUs reserved by each `index add` worker on Ray")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per `index add` worker on Ray (0: CPU)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per `index add` worker (0: CPU; above 0 its models run on "
+                            "the GPU, in the command's own process too)")
 
 
 class ServeConfig(ConfigModel):
@@ -265,7 +266,7 @@ class ServeConfig(ConfigModel):
     port: int = Field(8000, ge=1, le=65535)
     num_replicas: int = Field(1, ge=1, description="model replicas (each holds the models and the index)")
     num_cpus: float = Field(0.5, gt=0, description="CPUs reserved by each replica")
-    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (0: CPU)")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per replica (0: CPU; above 0 its models run on the GPU)")
     num_threads: int | None = Field(None, ge=1, description="torch threads per replica (None: torch's default)")
     max_batch_size: int = Field(8, ge=1, description="concurrent requests embedded as one batch")
     batch_wait_timeout_s: float = Field(0.01, ge=0, description="wait this long for a batch to fill")

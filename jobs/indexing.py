@@ -174,12 +174,13 @@ def detector_of(cards: dict[str, ModelCard], side: str) -> DetectorSpec | None:
     return DetectorSpec(card.weights, card.input_size) if card else None
 
 
-def embedder_for(root: str, version: str, cfg: PipelineConfig, side: str,
-                 num_threads: int | None = None) -> ImageEmbedder:
-    """The models and ``side``'s views of an index version, from the index's own cards."""
+def embedder_for(root: str, version: str, cfg: PipelineConfig, side: str, num_threads: int | None = None,
+                 use_gpu: bool = False) -> ImageEmbedder:
+    """The models and ``side``'s views of an index version, from the index's own cards (on the GPU
+    with ``use_gpu`` when torch sees one)."""
     cards = read_cards(IndexDir(root), version)
     return ImageEmbedder(key_specs(cfg, None, cards), getattr(cfg.patches, side), detector_of(cards, side),
-                         num_threads=num_threads)
+                         use_gpu=use_gpu, num_threads=num_threads)
 
 
 def derive_keys(cfg: PipelineConfig, tables: list, pcas: dict, train: dict) -> dict[str, pa.Table]:

@@ -145,6 +145,20 @@ def test_a_folder_matched_by_replicas_answers_as_one_process(built, tmp_path, mo
     assert "a replica failed (" in capsys.readouterr().err
 
 
+def test_replicas_and_adds_given_a_gpu_run_their_models_there(built, tmp_path, monkeypatch):
+    """serve.num_gpus / index.num_gpus above 0 put the embedder's models on the GPU (here asked for; none seen)."""
+    from patchers import embed
+    asked = []
+    monkeypatch.setattr(embed, "pick_device", lambda use_gpu: asked.append(use_gpu) or "cpu")
+    _, _, _, built_index = built
+    Matcher(str(built_index))
+    Matcher(str(built_index), overrides=["serve.num_gpus=1"])
+    index = tmp_path / "index"
+    shutil.copytree(built_index, index)
+    adding.add_folder(str(index), str(new_photos(tmp_path / "new")), ["index.num_gpus=1"])
+    assert asked == [False, True, True]
+
+
 def test_a_swapped_out_matcher_is_freed_at_the_swap(built):
     """Its verification cache held the Matcher itself (a cycle): each old version, shards and
     described references, stayed until the cycle collector ran, which native memory never triggers."""
