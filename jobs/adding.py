@@ -26,7 +26,7 @@ from ensemble.reduce import load_pca
 from jobs.config import PipelineConfig
 from jobs.indexing import derive_keys, embedder_for, index_config
 from jobs.inputs import check_unique_ids, some_of
-from jobs.runtime import WorkerFailed, on_workers
+from jobs.runtime import BAR_DELAY, WorkerFailed, on_workers
 from patchers.embed import ImageEmbedder
 
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ def embed_new(todo: Sequence[ImageFile], cfg: PipelineConfig, worker: tuple, sta
     resources = {"num_cpus": cfg.index.num_cpus, "num_gpus": cfg.index.num_gpus}
     embedded = on_workers(ChunkEmbedder, worker, "embed", [c for c in chunks if c[0] not in done],
                           cfg.index.num_workers, resources, cfg.ray, address, ordered=True)
-    with tqdm(total=len(todo), desc="index add", unit="image") as bar:
+    with tqdm(total=len(todo), desc="index add", unit="image", delay=BAR_DELAY) as bar:
         for name, chunk in chunks:
             chunk_rows, chunk_failed, files = staged_chunk(staging, name, staged) if name in done else next(embedded)
             rows += chunk_rows

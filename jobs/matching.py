@@ -34,7 +34,7 @@ from ensemble.index.layout import IndexDir
 from jobs.config import PipelineConfig
 from jobs.indexing import index_config
 from jobs.inputs import InputError, check_unique_ids
-from jobs.runtime import WorkerFailed, on_workers
+from jobs.runtime import BAR_DELAY, WorkerFailed, on_workers
 from jobs.serve.engine import Matcher
 from jobs.stages.fuse import copies
 
@@ -111,7 +111,7 @@ def answer_windows(todo: list[tuple[str, list[ImageFile]]], root: str, version: 
     """Answer the windows ``todo`` on ``serve.num_replicas`` workers (see the module docstring)."""
     resources = {"num_cpus": cfg.serve.num_cpus, "num_gpus": cfg.serve.num_gpus}
     args = (os.path.abspath(root), version, list(overrides), absolute(out))
-    with tqdm(total=sum(len(files) for _, files in todo), desc="index match", unit="image") as bar:
+    with tqdm(total=sum(len(files) for _, files in todo), desc="index match", unit="image", delay=BAR_DELAY) as bar:
         try:
             for images in on_workers(WindowWorker, args, "answer", todo, cfg.serve.num_replicas, resources, cfg.ray,
                                      address, progress=bar.update):

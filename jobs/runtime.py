@@ -23,6 +23,7 @@ from patchers.detector.predict import ULTRALYTICS_ENV
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **ULTRALYTICS_ENV}
 CONNECT_TIMEOUT_S = 10.0  # a cluster address's first TCP connection
 TOKEN_SETUP_LOGGER = "ray._private.authentication.authentication_token_setup"
+BAR_DELAY = 1e-6  # a progress bar of on_workers' results is drawn from its first update: after Ray's start-up lines
 
 log = logging.getLogger(__name__)
 
