@@ -181,9 +181,11 @@ def _header_left_out(path: str | os.PathLike, columns: list[str]) -> int:
     return 0 if not first or set(first) & set(columns) else len(first)
 
 
-def _read_csv(path: str | os.PathLike, columns: list[str], types: dict[str, pa.DataType]) -> pa.Table:
+def _read_csv(path: str | os.PathLike, columns: list[str], types: dict[str, pa.DataType],
+              optional: Sequence[str] = ()) -> pa.Table:
     """Standard CSV: a value with a comma, quote or line break is quoted (as :func:`write_predictions`
-    does). The header line is optional; without one the columns are taken in ``columns``' order."""
+    does). The header line is optional; without one the columns are taken in ``columns``' order.
+    ``optional`` columns follow them where the file has them."""
     n = _header_left_out(path, columns)
     if 0 < n < len(columns):
         raise ValueError(f"{path}: no header line, and {n} column(s) where {','.join(columns)} are expected")
@@ -200,7 +202,7 @@ def _read_csv(path: str | os.PathLike, columns: list[str], types: dict[str, pa.D
                          f"(expected a header line {','.join(columns)})")
     for name in (c for c in columns if types[c] == pa.string()):
         _warn_spaced(path, name, table.column(name))
-    return table.select(columns)
+    return table.select([*columns, *(c for c in optional if c in table.column_names)])
 
 
 def _warn_spaced(path: str | os.PathLike, name: str, ids: pa.ChunkedArray) -> None:
@@ -228,11 +230,13 @@ def read_ground_truth(path: str | os.PathLike) -> list[tuple[str, str]]:
     return pairs
 
 
-def read_predictions(path: str | os.PathLike) -> pa.Table:
+def read_predictions(path: str | os.PathLike, extra: Sequence[str] = ()) -> pa.Table:
     """An ISC21 prediction CSV (``query_id,reference_id,score``) with its scores as written (float64:
-    as float32, ``20.000002`` and ``20.000001`` would tie, and ties rank the false pair first)."""
+    as float32, ``20.000002`` and ``20.000001`` would tie, and ties rank the false pair first), and
+    the numeric ``extra`` columns :func:`write_predictions` adds (e.g. ``q_value``) where it has them."""
     table = _read_csv(path, PREDICTIONS_SCHEMA.names, {"query_id": pa.string(), "reference_id": pa.string(),
-                                                       "score": pa.float64()})
+                                                       "score": pa.float64(), **{c: pa.float64() for c in extra}},
+                      extra)
     check_predictions(table, str(path))
     return table
 

@@ -246,3 +246,16 @@ def test_report_checks_the_q_values_of_copies_csv_against_the_ground_truth(run_d
     (run_dir / "copies.csv").write_text("query_id,reference_id,score\nQ0,R0,0.95\n")  # a configured threshold's
     assert main(["report", str(run_dir), "--ground-truth", str(tmp_path / "gt.csv")]) == 0
     assert "calibration" not in (run_dir / "report.html").read_text()
+
+
+def test_copies_are_read_as_written_ids_with_line_breaks_included(tmp_path):
+    from jobs.commands.report import read_copies
+    from jobs.layout import RunDir
+    table = pa.table({"query_id": ["Q\n1", "Q2"], "reference_id": ["R,1", "R2"], "score": [0.9, 0.8],
+                      "q_value": [0.01, None]})
+    write_predictions(table, tmp_path / "copies.csv", ["q_value"])
+    got = read_copies(RunDir(str(tmp_path)))
+    assert got.column_names == ["query_id", "reference_id", "score", "q_value"]
+    assert got.column("query_id").to_pylist() == ["Q\n1", "Q2"] and got.column("q_value").to_pylist() == [0.01, None]
+    write_predictions(table, tmp_path / "copies.csv")  # a threshold not estimated: no q_value column
+    assert read_copies(RunDir(str(tmp_path))).column_names == ["query_id", "reference_id", "score"]

@@ -105,10 +105,7 @@ def write_report(run_dir: str, ground_truth: str | None = None, meta: str | None
 
 def read_copies(run: RunDir) -> pa.Table | None:
     """The run's copies.csv (with ``q_value`` when its threshold was estimated), if it has one."""
-    if not exists(run.copies):
-        return None
-    types = {"query_id": pa.string(), "reference_id": pa.string(), "score": pa.float64(), "q_value": pa.float64()}
-    return pacsv.read_csv(run.copies, convert_options=pacsv.ConvertOptions(column_types=types))
+    return read_predictions(run.copies, ["q_value"]) if exists(run.copies) else None
 
 
 def decision(run: RunDir, cfg: PipelineConfig | None) -> tuple[str, float] | None:
