@@ -27,7 +27,6 @@ from jobs.config import PipelineConfig
 from jobs.indexing import derive_keys, embedder_for, index_config
 from jobs.inputs import check_unique_ids, some_of
 from jobs.runtime import BAR_DELAY, WorkerFailed, on_workers
-from patchers.embed import ImageEmbedder
 
 log = logging.getLogger(__name__)
 
@@ -157,30 +156,8 @@ def embed_new(todo: Sequence[ImageFile], cfg: PipelineConfig, worker: tuple, sta
 Chunk = tuple[list[dict], list[dict], dict[str, str]]  # id-map rows, unread files, feature file per search key
 
 
-def embed_chunk(chunk: Sequence[ImageFile], cfg: PipelineConfig, embedder: ImageEmbedder, pcas: dict, train: dict,
-                staging: Path, name: str) -> Chunk:
-    """Decode and embed one chunk into ``staging/keys/<key>/name``; its id-map rows, written last
-    (``staging/images/name``), mark it done."""
-    rows, failed, decoded = [], [], []
-    for f in chunk:
-        try:
-            img = load_rgb(f.path, max_pixels=cfg.data.max_pixels)
-        except ImageDecodeError as e:
-            failed.append({"path": e.path, "error": str(e)})
-            continue
-        decoded.append((f.image_id, img))
-        rows.append({"image_id": f.image_id, "path": f.path, "sha256": sha256_file(f.path),
-                     "width": img.width, "height": img.height})
-    embedded = derive_keys(cfg, embedder.embed(decoded, sources={f.image_id: f.path for f in chunk}), pcas,
-                           train) if decoded else {}
-    files = {key: write_table(table, staging / "keys" / key / name) for key, table in embedded.items()}
-    write_table(pa.Table.from_pylist(failed, schema=ERRORS_SCHEMA), staging / "errors" / name)
-    write_table(pa.Table.from_pylist(rows, schema=versions.IMAGES_SCHEMA), staging / "images" / name)
-    return rows, failed, files
-
-
 def staged_chunk(staging: Path, name: str, keys: Iterable[str]) -> Chunk:
-    """A chunk :func:`embed_chunk` finished before, read back."""
+    """A chunk :meth:`ChunkEmbedder.embed` finished before, read back."""
     rows = read_table(staging / "images" / name).to_pylist()
     files = {key: str(staging / "keys" / key / name) for key in keys} if rows else {}
     return rows, read_table(staging / "errors" / name).to_pylist(), files
@@ -188,7 +165,7 @@ def staged_chunk(staging: Path, name: str, keys: Iterable[str]) -> Chunk:
 
 class ChunkEmbedder:
     """An index version's reference embedding (its models, views, PCA and stretch background), built
-    once, that writes chunks into a staging folder with :func:`embed_chunk`."""
+    once, that writes chunks into a staging folder."""
 
     def __init__(self, root: str, version: str, overrides: Sequence[str], staging: str) -> None:
         idx = IndexDir(root)
@@ -200,7 +177,24 @@ class ChunkEmbedder:
         self.staging = Path(staging)
 
     def embed(self, name: str, chunk: Sequence[ImageFile]) -> Chunk:
-        return embed_chunk(chunk, self.cfg, self.embedder, self.pcas, self.train, self.staging, name)
+        """Decode and embed one chunk into ``staging/keys/<key>/name``; its id-map rows, written last
+        (``staging/images/name``), mark it done."""
+        rows, failed, decoded = [], [], []
+        for f in chunk:
+            try:
+                img = load_rgb(f.path, max_pixels=self.cfg.data.max_pixels)
+            except ImageDecodeError as e:
+                failed.append({"path": e.path, "error": str(e)})
+                continue
+            decoded.append((f.image_id, img))
+            rows.append({"image_id": f.image_id, "path": f.path, "sha256": sha256_file(f.path),
+                         "width": img.width, "height": img.height})
+        embedded = derive_keys(self.cfg, self.embedder.embed(decoded, sources={f.image_id: f.path for f in chunk}),
+                               self.pcas, self.train) if decoded else {}
+        files = {key: write_table(table, self.staging / "keys" / key / name) for key, table in embedded.items()}
+        write_table(pa.Table.from_pylist(failed, schema=ERRORS_SCHEMA), self.staging / "errors" / name)
+        write_table(pa.Table.from_pylist(rows, schema=versions.IMAGES_SCHEMA), self.staging / "images" / name)
+        return rows, failed, files
 
 
 def stretch_background(idx: IndexDir, version: str, cfg: PipelineConfig) -> dict:

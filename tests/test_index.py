@@ -435,7 +435,7 @@ def test_an_add_on_workers_embeds_in_ray_actors_as_one_process(built, tmp_path, 
     for folder in (index, alone):
         shutil.copytree(built_index, folder)
     assert adding.add_folder(str(alone), str(new), ["index.chunk_images=2"])[:2] == ("v000002", 6)
-    monkeypatch.setattr(adding, "embed_chunk", lambda *a: pytest.fail("embedded in the driver"))
+    monkeypatch.setattr(adding, "derive_keys", lambda *a: pytest.fail("embedded in the driver"))
     assert copydet(["index", "add", str(index), str(new), "--set", "index.chunk_images=2",
                     "--set", "index.num_workers=2", "--set", "index.num_cpus=0.5"]) == 0
     assert "broken.jpg" in capsys.readouterr().err and not any((index / "staging").iterdir())
