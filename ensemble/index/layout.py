@@ -4,6 +4,8 @@
 
     INDEX_DIR/
       CURRENT                    the published version's name (replaced by one atomic rename)
+      .lock                      the one writer's lock, held while it publishes
+      .staging.lock              held while a writer clears dead staging folders and claims its own
       staging/job-*/             what `index add` / `compact` make before they take the lock to publish
       blobs/<sha256><suffix>     model weight files by content hash, shared by every version
       versions/v000001/          one immutable version; it appears whole or not at all
