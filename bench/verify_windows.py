@@ -7,16 +7,20 @@ scores) is verified ``--window`` queries at a time by the stage's own ``check_pa
 the Ray tasks replaced by an in-process stand-in that writes each task's cache shard with
 made-up columns and describes nothing. What is timed is what the driver does, the stand-in's
 writes (the workers' part) left out: picking each window's pairs, finding the pairs still to
-score, cutting tasks, naming shards. Each size is timed twice: a fresh run, then a resumed one
-with everything cached. At a fixed
-window, a 4x larger run has 4x the windows, so linear bookkeeping costs ~4x; a cost that
-reads what earlier windows wrote grows ~16x.
+score, looking up each window's files in the run's manifest (which lists every query, reference
+and train image), cutting tasks, naming shards. Each size is timed twice: a fresh run, then a
+resumed one with everything cached. At a fixed window, a 4x larger run has 4x the windows, so
+linear bookkeeping costs ~4x; a cost that reads what earlier windows wrote grows ~16x (the
+manifest lookups are such a cost: each window reads the manifest, filtered to its ids).
+Also printed: the Python heap of the whole id -> file map (what the driver held before its
+lookups went to the manifest) and of one window's lookup of its references.
 """
 from __future__ import annotations
 
 import argparse
 import tempfile
 import time
+import tracemalloc
 from unittest import mock
 
 import numpy as np
@@ -24,7 +28,7 @@ import pyarrow as pa
 
 from core.store import write_table
 from jobs.config import load_config
-from jobs.layout import RunDir
+from jobs.layout import RunDir, image_paths, paths_of
 from jobs.stages import verify
 from jobs.stages.verify import Pass, check_passes
 
@@ -40,12 +44,12 @@ def predictions(n: int, k: int, refs: str, seed: int) -> pa.Table:
 WORKERS = [0.0]  # seconds the stand-in spent writing
 
 
-def stand_in(fn, calls, desc: str) -> list:
+def stand_in(fn, calls, desc: str, options: dict | None = None) -> list:
     """``run_tasks`` without Ray or scoring: a verify task's shard gets constant columns."""
     if fn is not verify.verify_chunk:
         return [0] * len(calls)
     start = time.perf_counter()
-    for part, _shards, _settings, _registry, _top_k, out in calls:
+    for part, _shards, _job, _top_k, out in calls:
         n = part.num_rows
         write_table(part.select(verify.KEYS).append_column("inliers", pa.array(np.zeros(n, np.int32)))
                     .append_column("keypoints", pa.array(np.zeros(n, np.int32))), out)
@@ -53,18 +57,28 @@ def stand_in(fn, calls, desc: str) -> list:
     return [c[0].num_rows for c in calls]
 
 
-class IdsAsPaths(dict):
-    """Every image's "path" is its id: the stand-in describes nothing, but the driver names each file."""
+def manifest(n: int) -> pa.Table:
+    """The run's images: ``n`` queries, ``10 n`` references and ``10 n`` train photos."""
+    ids = {"query": [f"Q{i:07d}" for i in range(n)], "reference": [f"R{j:07d}" for j in range(10 * n)],
+           "train": [f"T{j:07d}" for j in range(10 * n)]}
+    rows = [(i, f"/data/{split}/{i}.jpg", split) for split, names in ids.items() for i in names]
+    return pa.table(dict(zip(("image_id", "path", "split"), map(list, zip(*rows)))))
 
-    def __missing__(self, image_id: str) -> str:
-        return image_id
+
+def heap_mb(fn, *args) -> float:
+    """Peak Python heap (MB) while ``fn(*args)`` runs and holds its result."""
+    tracemalloc.start()
+    fn(*args)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak / 1e6
 
 
 def timed(cfg, run: RunDir, passes: list[Pass]) -> float:
     """The driver's seconds in ``check_passes``."""
     WORKERS[0] = 0.0
     start = time.perf_counter()
-    check_passes(cfg, run, passes, paths={split: IdsAsPaths() for split in ("query", "reference", "train")})
+    check_passes(cfg, run, passes)
     return time.perf_counter() - start - WORKERS[0]
 
 
@@ -76,7 +90,8 @@ def main() -> None:
     ap.add_argument("--decoy-top-k", type=int, default=2)
     args = ap.parse_args()
     print(f"window {args.window} queries, top-k {args.top_k}, decoys {args.decoy_top_k}")
-    print(f"{'queries':>8} {'windows':>8} {'fresh s':>9} {'x prev':>7} {'resumed s':>10} {'x prev':>7}")
+    print(f"{'queries':>8} {'windows':>8} {'fresh s':>9} {'x prev':>7} {'resumed s':>10} {'x prev':>7} "
+          f"{'map MB':>8} {'window MB':>10}")
     prev = None
     with mock.patch.object(verify, "run_tasks", stand_in):
         for n in args.queries:
@@ -86,10 +101,13 @@ def main() -> None:
                 passes = [Pass(predictions(n, args.top_k, "R", 0), args.top_k),
                           Pass(predictions(n, args.decoy_top_k, "T", 1), args.decoy_top_k, decoys=True)]
                 run = RunDir(tmp)
+                write_table(manifest(n), run.manifest)
                 fresh, resumed = timed(cfg, run, passes), timed(cfg, run, passes)
+                window = passes[0].fused.slice(0, args.window * args.top_k).column("reference_id").to_pylist()
+                memory = heap_mb(image_paths, run), heap_mb(paths_of, run, "reference", window)
             ratios = ("", "") if prev is None else (f"{fresh / prev[0]:.1f}", f"{resumed / prev[1]:.1f}")
-            print(f"{n:>8} {-(-n // args.window):>8} {fresh:>9.2f} {ratios[0]:>7} {resumed:>10.2f} {ratios[1]:>7}",
-                  flush=True)
+            print(f"{n:>8} {-(-n // args.window):>8} {fresh:>9.2f} {ratios[0]:>7} {resumed:>10.2f} {ratios[1]:>7} "
+                  f"{memory[0]:>8.0f} {memory[1]:>10.1f}", flush=True)
             prev = (fresh, resumed)
 
 

@@ -18,6 +18,7 @@ from typing import BinaryIO
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -192,12 +193,14 @@ def read_text(path: str | os.PathLike) -> str:
         return f.read().decode()
 
 
-def read_table(path: str | os.PathLike, columns: list[str] | None = None) -> pa.Table:
-    """Read one Parquet file or a folder of shards (hidden temp files are ignored)."""
+def read_table(path: str | os.PathLike, columns: list[str] | None = None,
+               where: pc.Expression | None = None) -> pa.Table:
+    """Read one Parquet file or a folder of shards (hidden temp files are ignored); with ``where``,
+    only the rows it keeps (filtered batch by batch: the whole table is never in memory)."""
     fs, p = filesystem(path)
     if fs.get_file_info(p).type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{path}: no such table (has the previous stage run?)")
-    return pq.read_table(p, filesystem=fs, columns=columns)
+    return pq.read_table(p, filesystem=fs, columns=columns, filters=where)
 
 
 def version(path: str | os.PathLike) -> tuple[int, int]:

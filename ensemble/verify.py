@@ -145,15 +145,16 @@ def _unpack_level(arrays: Mapping[str, np.ndarray], tag: str, spec: KeypointMeth
 
 @dataclass
 class LearnedScorer:
-    """P(copy) from copydet's learned verifier ``model`` (a registered ``verifier`` card)."""
+    """P(copy) from copydet's learned verifier ``model`` (a registered ``verifier`` card), run on ``device``."""
 
     model: str
     registry: str | None = None
+    device: str = "cpu"
     columns: dict[str, pa.DataType] = field(default_factory=lambda: {"copy_prob": pa.float32()})
     cache_size: int = 2048  # region tokens are small (~30 kB an image)
 
     def __post_init__(self) -> None:
-        self.verifier = load_verifier(self.model, self.registry)
+        self.verifier = load_verifier(self.model, self.registry, self.device)
 
     def describe(self, img: Image.Image) -> np.ndarray:
         return self.verifier.describe(img)
@@ -175,16 +176,16 @@ def _keypoint_scorer(method: str) -> Callable[..., PairScorer]:
         KeypointScorer(method, max_side, mirror, min_side, coarse_side)
 
 
-# scorer name -> factory(max_side, mirror, min_side, coarse_side, model, registry; other keywords ignored); config
-# names select them: one keypoint scorer per keypoint method, and the learned verifier
+# scorer name -> factory(max_side, mirror, min_side, coarse_side, model, registry, device; other keywords ignored);
+# config names select them: one keypoint scorer per keypoint method (CPU only), and the learned verifier
 SCORERS: dict[str, Callable[..., PairScorer]] = {
     **{name: _keypoint_scorer(name) for name in KEYPOINT_METHODS},
-    "learned": lambda model, registry=None, **_: LearnedScorer(model, registry),
+    "learned": lambda model, registry=None, device="cpu", **_: LearnedScorer(model, registry, device),
 }
 
 
 def make_scorer(name: str, **settings: Any) -> PairScorer:
-    """The scorer ``name`` built with ``settings`` (max_side, mirror, model, registry)."""
+    """The scorer ``name`` built with ``settings`` (max_side, mirror, model, registry, device)."""
     if name not in SCORERS:
         raise ValueError(f"unknown verification scorer {name!r}; known: {sorted(SCORERS)}")
     return SCORERS[name](**settings)

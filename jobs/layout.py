@@ -1,9 +1,11 @@
 """Where each stage's files live inside a run folder (local path or URI)."""
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from core.contracts import shard_split
 from core.lock import LOCK_NAME
@@ -131,6 +133,22 @@ def image_paths(run: RunDir) -> dict[str, dict[str, str]]:
     for i, p, s in zip(*(manifest.column(c).to_pylist() for c in ("image_id", "path", "split"))):
         paths.setdefault(s, {})[i] = p
     return paths
+
+
+def paths_of(run: RunDir, split: str, ids: Iterable[str]) -> dict[str, str]:
+    """image id -> file for ``ids`` of ``split``: only those rows of the manifest are read (it
+    lists every image of the run, millions at DISC21 scale). An id it lacks is an error."""
+    wanted = pa.array(sorted(set(ids)), pa.string())
+    if not len(wanted):
+        return {}
+    rows = read_table(run.manifest, ["image_id", "path"],
+                      where=(pc.field("split") == split) & pc.field("image_id").isin(wanted))
+    found = dict(zip(*(rows.column(c).to_pylist() for c in ("image_id", "path"))))
+    if len(found) < len(wanted):
+        missing = sorted(set(wanted.to_pylist()) - found.keys())
+        raise ValueError(f"{run.manifest}: no {split} image with id(s) {missing[:5]}"
+                         f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}")
+    return found
 
 
 def split_tables(folder: str) -> dict[str, pa.Table]:

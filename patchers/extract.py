@@ -169,7 +169,7 @@ def pick_device(use_gpu: bool) -> str:
     if use_gpu and torch.cuda.is_available():
         return "cuda"
     if use_gpu:
-        log.warning("extract: a GPU was requested but torch sees none; this actor runs on the CPU")
+        log.warning("a GPU was requested but torch sees none; this actor runs on the CPU")
     return "cpu"
 
 

@@ -146,17 +146,20 @@ def test_a_folder_matched_by_replicas_answers_as_one_process(built, tmp_path, mo
 
 
 def test_replicas_and_adds_given_a_gpu_run_their_models_there(built, tmp_path, monkeypatch):
-    """serve.num_gpus / index.num_gpus above 0 put the embedder's models on the GPU (here asked for; none seen)."""
+    """serve.num_gpus / index.num_gpus above 0 put the embedder's models on the GPU, and a replica's
+    verifier's (here asked for; none seen)."""
+    from jobs.stages import verify
     from patchers import embed
-    asked = []
+    asked, verifying = [], []
     monkeypatch.setattr(embed, "pick_device", lambda use_gpu: asked.append(use_gpu) or "cpu")
+    monkeypatch.setattr(verify, "pick_device", lambda use_gpu: verifying.append(use_gpu) or "cpu")
     _, _, _, built_index = built
     Matcher(str(built_index))
     Matcher(str(built_index), overrides=["serve.num_gpus=1"])
     index = tmp_path / "index"
     shutil.copytree(built_index, index)
     adding.add_folder(str(index), str(new_photos(tmp_path / "new")), ["index.num_gpus=1"])
-    assert asked == [False, True, True]
+    assert asked == [False, True, True] and verifying == [False, True]
 
 
 def test_a_swapped_out_matcher_is_freed_at_the_swap(built):

@@ -1,8 +1,11 @@
-"""Run-folder settings records: a resumed stage never mixes shards made with other settings."""
+"""Run-folder settings records: a resumed stage never mixes shards made with other settings; files
+looked up in the manifest by split."""
+import pyarrow as pa
 import pytest
 
 from core.settings import check_settings, pin_settings, SETTINGS_FILE, SettingsChanged
-from jobs.layout import next_shard_number
+from core.store import write_table
+from jobs.layout import RunDir, next_shard_number, paths_of
 
 
 def test_pin_settings_records_then_checks(tmp_path):
@@ -31,3 +34,15 @@ def test_a_resumed_stage_numbers_new_shards_past_a_gap():
     assert next_shard_number(["/r/verify.parquet/rootsift/part-00000.parquet",
                               "/r/verify.parquet/rootsift/part-00002.parquet"]) == 3
     assert next_shard_number(["/r/verify.parquet/rootsift-described/reference-00011.parquet"]) == 12
+
+
+def test_paths_of_reads_the_asked_ids_of_one_split_and_names_those_missing(tmp_path):
+    """A query and a reference may share an id: each lookup goes through its split."""
+    run = RunDir(str(tmp_path))
+    write_table(pa.table({"image_id": ["a", "b", "c", "a", "d"], "path": ["q/a", "q/b", "q/c", "r/a", "r/d"],
+                          "split": ["query"] * 3 + ["reference"] * 2}), run.manifest)
+    assert paths_of(run, "query", ["c", "a", "a"]) == {"a": "q/a", "c": "q/c"}
+    assert paths_of(run, "reference", {"a"}) == {"a": "r/a"}
+    assert paths_of(run, "train", []) == {}
+    with pytest.raises(ValueError, match=r"manifest.parquet: no reference image with id\(s\) \['b', 'c'\]"):
+        paths_of(run, "reference", ["a", "b", "c"])

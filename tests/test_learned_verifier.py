@@ -10,6 +10,7 @@ import typing
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import yaml
@@ -25,7 +26,7 @@ from core.models.verifier import (
     save_verifier,
 )
 from core.settings import SettingsChanged
-from core.store import join, read_table
+from core.store import join, read_table, write_table
 from ensemble.verify import KEYPOINT_COLUMNS
 from jobs.config import VerifyConfig, load_config
 from jobs.layout import RunDir
@@ -143,6 +144,28 @@ def test_validation_pairs_leave_out_photos_that_do_not_decode(tmp_path):
 
 def test_config_methods_match_the_stage_registry():
     assert set(typing.get_args(VerifyConfig.model_fields["method"].annotation)) == set(VERIFY_METHODS)
+
+
+def test_the_learned_verifier_given_gpus_asks_each_task_for_them_and_runs_there(trained, tmp_path, monkeypatch):
+    """verify.learned.num_gpus above 0: its describe tasks ask Ray for the GPU and build the verifier
+    on it (here asked for; none seen), with the cache's settings unchanged; keypoint tasks stay on
+    the CPU."""
+    from jobs.stages import verify as stage
+    spec, _ = trained
+    asked, sent = [], []
+    monkeypatch.setattr(stage, "pick_device", lambda use_gpu: asked.append(use_gpu) or "cpu")
+    monkeypatch.setattr(stage, "run_tasks", lambda fn, calls, desc, options=None:
+                        sent.append(options) or [fn(*call) for call in calls])
+    base = [f"output={tmp_path}", f"registry={spec.registry}", "verify.method=learned+rootsift",
+            "verify.learned.model=tiny-verifier"]
+    cpu, gpu = (stage.scorer_jobs(load_config(None, [*base, *more])) for more in ([], ["verify.learned.num_gpus=1"]))
+    assert {n: j.settings for n, j in cpu.items()} == {n: j.settings for n, j in gpu.items()}
+    run = RunDir(str(tmp_path))
+    synthetic_photo(1).save(tmp_path / "q.jpg")
+    write_table(pa.table({"image_id": ["q"], "path": [str(tmp_path / "q.jpg")], "split": ["query"]}), run.manifest)
+    for name in ("learned", "rootsift"):
+        stage.describe_missing(name, gpu[name], run, "query", {"q"}, per_task=4)
+    assert sent == [{"num_gpus": 1.0}, {}] and asked == [True, False]
 
 
 def test_learned_verification_in_a_tiny_pipeline(ray_local, trained, tiny_dataset, tmp_path):

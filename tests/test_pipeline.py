@@ -32,8 +32,7 @@ from jobs.inputs import InputError
 from jobs.layout import RunDir, image_paths
 from jobs.pipeline import STAGES, evaluate_run, run_pipeline, run_stages
 from jobs.stages import verify as verify_stage
-from jobs.stages.verify import (Pass, registry_dir, score_pairs, scorer_for, store_folder, unscored,
-                                verify_settings)
+from jobs.stages.verify import Pass, score_pairs, scorer_for, scorer_jobs, store_folder, unscored
 from tests.badimages import EXPECTED, make_bad_images
 
 REPO = Path(__file__).resolve().parent.parent
@@ -405,9 +404,8 @@ def test_each_image_is_described_once_per_run(ray_local, tiny_dataset, tmp_path,
     monkeypatch.setattr(verify_stage, "run_tasks", recorded)
     preds, decoys = Pass(read_table(run.fused), 3), Pass(read_table(run.fused_decoys), 2, decoys=True)
     def score(config, p):
-        settings = verify_settings(config)["rootsift"]
-        return score_pairs("rootsift", settings, registry_dir(config), run, unscored(run, "rootsift", settings, p).pairs,
-                           paths, p.top_k, p.decoys)
+        job = scorer_jobs(config)["rootsift"]
+        return score_pairs("rootsift", job, run, unscored(run, "rootsift", job.settings, p).pairs, p.top_k, p.decoys)
     for p in (preds, decoys):
         score(cfg, p)
     stored = {split: Counter(i for shard in list_shards(store_folder(run, "rootsift"), f"{split}-")

@@ -236,7 +236,7 @@ def test_a_smaller_top_k_reuses_the_cache_and_gives_no_bonus_past_it(tmp_path):
                 join(folder, "part-00000.parquet"))
     fused = pa.table({"query_id": ["q0", "q0"], "reference_id": ["r0", "r1"],
                       "score": pa.array([0.5, 0.4], pa.float32())})
-    check_passes(cfg, run, [Pass(fused, 1)], paths={})  # all cached: no Ray task runs
+    check_passes(cfg, run, [Pass(fused, 1)])  # all cached: no Ray task runs
     out = rescored(cfg, run, Pass(fused, 1))
     scores = dict(zip(out.column("reference_id").to_pylist(), out.column("score").to_pylist()))
     assert scores == {"r0": pytest.approx(0.5 + cfg.verify.confirm + cfg.verify.weight), "r1": pytest.approx(0.4)}

@@ -148,9 +148,10 @@ class Verifier:
         """P(copy) of the query against each candidate (token arrays from :meth:`describe`)."""
         if not len(candidates):
             return np.zeros(0, np.float32)
-        r = torch.from_numpy(np.stack(candidates))
-        q = torch.from_numpy(query)[None].expand(len(r), -1, -1)
-        return torch.sigmoid(self.net(q, r)).numpy().astype(np.float32)
+        device = next(self.net.parameters()).device
+        r = torch.from_numpy(np.stack(candidates)).to(device)
+        q = torch.from_numpy(query).to(device)[None].expand(len(r), -1, -1)
+        return torch.sigmoid(self.net(q, r)).float().cpu().numpy()
 
 
 def build_net(spec: VerifierSpec, dim_in: int, seed: int = 0) -> PairTransformer:

@@ -73,7 +73,8 @@ class Matcher:
         else:
             self.embedder = embedder_for(root, self.version, self.cfg, "query", self.cfg.serve.num_threads,
                                          use_gpu=self.cfg.serve.num_gpus > 0)
-        self.scorers = {name: scorer_for(name, self.cfg) for name in VERIFY_METHODS[self.cfg.verify.method].scorers}
+        self.scorers = {name: scorer_for(name, self.cfg, use_gpu=self.cfg.serve.num_gpus > 0)
+                        for name in VERIFY_METHODS[self.cfg.verify.method].scorers}
         paths = self.index.paths  # not self: a cache that held its Matcher would keep a swapped-out version alive
         self.references = {name: lru_cache(REFERENCE_CACHE)(lambda image_id, sc=sc: sc.describe(
             load_rgb(paths[image_id]))) for name, sc in self.scorers.items()}

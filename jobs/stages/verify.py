@@ -37,9 +37,10 @@ from ensemble.described import index_described, read_described, to_blob, write_d
 from ensemble.fuse import top_k_per_query
 from ensemble.keypoints import KEYPOINT_METHODS
 from ensemble.verify import KEYPOINT_COLUMNS, PairScorer, compare_pairs, make_scorer
+from patchers.extract import pick_device
 from jobs.completeness import require_fused, require_manifest
 from jobs.config import PipelineConfig, VerifyConfig
-from jobs.layout import RunDir, image_paths, next_shard_number
+from jobs.layout import RunDir, next_shard_number, paths_of
 from jobs.runtime import run_tasks
 from jobs.stages.fuse import finish
 
@@ -110,16 +111,18 @@ def learned_settings(name: str, cfg: PipelineConfig) -> dict:
 @dataclass(frozen=True)
 class ScorerPlan:
     """How the stage runs a scorer: what its cached results depend on (pinned in its folder and
-    passed to its tasks) and how many queries a task takes (a task describes each image once)."""
+    passed to its tasks), how many queries a task takes (a task describes each image once) and
+    the GPUs a task asks for (a model's scorer: the learned verifier)."""
 
     settings: Callable[[str, PipelineConfig], dict]
     queries_per_task: int
+    num_gpus: Callable[[PipelineConfig], float] = lambda cfg: 0.0
 
 
 SCORER_PLANS: dict[str, ScorerPlan] = {
     **{name: ScorerPlan(keypoint_settings, QUERIES_PER_TASK) for name in KEYPOINT_METHODS},
     # region tokens are ~30 kB an image (keypoints ~300 kB): bigger tasks share more references
-    "learned": ScorerPlan(learned_settings, 4 * QUERIES_PER_TASK),
+    "learned": ScorerPlan(learned_settings, 4 * QUERIES_PER_TASK, lambda cfg: cfg.verify.learned.num_gpus),
 }
 
 
@@ -127,24 +130,51 @@ def registry_dir(cfg: PipelineConfig) -> str:
     return str(registry_path(cfg.registry))
 
 
-def scorer_for(name: str, cfg: PipelineConfig) -> PairScorer:
+@dataclass(frozen=True)
+class ScorerJob:
+    """What a task builds its scorer from: the ``settings`` the stage pins (their ``scorer`` names
+    it) and the registry; ``num_gpus`` above 0 is asked of Ray per task and puts the scorer's model
+    on the GPU (not pinned: a pair scores alike on either)."""
+
+    settings: dict
+    registry: str
+    num_gpus: float = 0.0
+
+    def scorer(self) -> PairScorer:
+        return make_scorer(self.settings["scorer"], registry=self.registry, device=pick_device(self.num_gpus > 0),
+                           **self.settings)
+
+    @property
+    def options(self) -> dict:
+        """The Ray task options."""
+        return {"num_gpus": self.num_gpus} if self.num_gpus else {}
+
+
+def scorer_jobs(cfg: PipelineConfig) -> dict[str, ScorerJob]:
+    """Scorer folder name -> how its tasks build it, for the method's scorers (resolves a learned model)."""
+    registry = registry_dir(cfg)
+    return {name: ScorerJob(settings, registry, SCORER_PLANS[name].num_gpus(cfg))
+            for name, settings in verify_settings(cfg).items()}
+
+
+def scorer_for(name: str, cfg: PipelineConfig, use_gpu: bool = False) -> PairScorer:
     """Scorer ``name`` built from the settings the stage pins, as its tasks build it (the
-    service uses this too, so both score a pair alike)."""
-    return make_scorer(name, registry=registry_dir(cfg), **SCORER_PLANS[name].settings(name, cfg))
+    service uses this too, so both score a pair alike); ``use_gpu``: its model on the GPU."""
+    return ScorerJob(SCORER_PLANS[name].settings(name, cfg), registry_dir(cfg), float(use_gpu)).scorer()
 
 
-def describe_chunk(images: list[tuple[str, str]], split: str, settings: dict, registry: str, out: str) -> int:
+def describe_chunk(images: list[tuple[str, str]], split: str, job: ScorerJob, out: str) -> int:
     """Describe ``images`` (id, file) of ``split`` (queries with all their views) into one store shard.
     A task gets its own files only: the whole paths dict would be unpickled by every task."""
-    scorer = make_scorer(settings["scorer"], registry=registry, **settings)  # the pinned settings build it
+    scorer = job.scorer()
     describe = scorer.describe_query if split == "query" else scorer.describe
     return write_described(((i, to_blob(scorer.pack(describe(load_rgb(path))))) for i, path in images), out)
 
 
-def verify_chunk(pairs: pa.Table, shards: tuple[dict[str, str], dict[str, str]], settings: dict, registry: str,
-                 top_k: int, out: str) -> int:
+def verify_chunk(pairs: pa.Table, shards: tuple[dict[str, str], dict[str, str]], job: ScorerJob, top_k: int,
+                 out: str) -> int:
     """Score ``pairs`` from the store (``shards``: query and candidate id -> store shard)."""
-    scorer = make_scorer(settings["scorer"], registry=registry, **settings)
+    scorer = job.scorer()
     packed = [read_described(side) for side in shards]  # compact (uint8 codes); unpacked as they are met
 
     @lru_cache(maxsize=scorer.cache_size)
@@ -162,16 +192,19 @@ def store_folder(run: RunDir, name: str) -> str:
     return join(run.verify, f"{name}-described")
 
 
-def describe_missing(name: str, settings: dict, registry: str, store: str, split: str, ids: set[str],
-                     paths: dict[str, str], per_task: int, label: str = "") -> dict[str, str]:
-    """image id -> store shard for ``ids`` of ``split`` (``paths``: that split's id -> file),
-    describing those the store lacks."""
+def describe_missing(name: str, job: ScorerJob, run: RunDir, split: str, ids: set[str], per_task: int,
+                     label: str = "") -> dict[str, str]:
+    """image id -> store shard for ``ids`` of ``split``, describing those the store lacks (their
+    files looked up in ``run``'s manifest)."""
+    store = store_folder(run, name)
     index = index_described(store, split)
-    todo = [(i, paths[i]) for i in sorted(ids - index.keys())]
+    missing = sorted(ids - index.keys())
+    files = paths_of(run, split, missing)
+    todo = [(i, files[i]) for i in missing]
     start = next_shard_number(list_shards(store, f"{split}-"))
-    calls = [(todo[a:b], split, settings, registry, join(store, shard_file(split, start + i)))
+    calls = [(todo[a:b], split, job, join(store, shard_file(split, start + i)))
              for i, a, b in chunks(len(todo), per_task)]
-    run_tasks(describe_chunk, calls, f"describe {name} {split}{label}")
+    run_tasks(describe_chunk, calls, f"describe {name} {split}{label}", job.options)
     index.update({image_id: call[-1] for call in calls for image_id, _ in call[0]})
     return {i: index[i] for i in ids}
 
@@ -267,27 +300,25 @@ def unscored(run: RunDir, name: str, settings: dict, p: Pass) -> Unscored:
     return Unscored(ByQuery.of(todo), itertools.count(next_shard_number(shards)))
 
 
-def score_pairs(name: str, settings: dict, registry: str, run: RunDir, todo: ByQuery,
-                paths: dict[str, dict[str, str]], top_k: int, decoys: bool = False, label: str = "",
-                shard_numbers: Iterator[int] | None = None) -> int:
-    """Cache scorer ``name``'s columns (under ``settings``, :func:`verify_settings`) for the pairs of
-    ``todo``, none of them cached yet (:func:`unscored`), with Ray tasks (``paths``: :func:`image_paths`;
-    ``decoys``: pairs of queries and train photos, cached apart in ``<scorer>-decoys``); returns how
-    many pairs that was.
+def score_pairs(name: str, job: ScorerJob, run: RunDir, todo: ByQuery, top_k: int, decoys: bool = False,
+                label: str = "", shard_numbers: Iterator[int] | None = None) -> int:
+    """Cache scorer ``name``'s columns (built by ``job``, :func:`scorer_jobs`) for the pairs of
+    ``todo``, none of them cached yet (:func:`unscored`), with Ray tasks (``decoys``: pairs of
+    queries and train photos, cached apart in ``<scorer>-decoys``); returns how many pairs that was.
     The shards take ``shard_numbers`` (by default, on from those in the folder)."""
     pairs = todo.table
     if not pairs.num_rows:
         return 0
     folder = cache_folder(run, name, decoys)
     plan = SCORER_PLANS[name]
-    pin_settings(folder, settings, f"verify ({name})")
+    pin_settings(folder, job.settings, f"verify ({name})")
     queries = todo.queries()
     store = store_folder(run, name)
-    if settings_changes(store, settings):  # scratch left by a run with other settings
+    if settings_changes(store, job.settings):  # scratch left by a run with other settings
         remove_dir(store)
-    pin_settings(store, settings, f"verify ({name}) descriptions")
-    where = [describe_missing(name, settings, registry, store, split, set(pairs.column(col).to_pylist()),
-                              paths[split], plan.queries_per_task, label)
+    pin_settings(store, job.settings, f"verify ({name}) descriptions")
+    where = [describe_missing(name, job, run, split, set(pairs.column(col).to_pylist()), plan.queries_per_task,
+                              label)
              for split, col in (("query", "query_id"), ("train" if decoys else "reference", "reference_id"))]
     numbers = shard_numbers or itertools.count(next_shard_number(list_shards(folder)))
     calls = []
@@ -295,27 +326,26 @@ def score_pairs(name: str, settings: dict, registry: str, run: RunDir, todo: ByQ
         part = todo.between(queries[a], queries[b - 1]).table
         shards = tuple({k: index[k] for k in part.column(col).to_pylist()}
                        for index, col in zip(where, ("query_id", "reference_id")))
-        calls.append((part, shards, settings, registry, top_k, join(folder, f"part-{next(numbers):05d}.parquet")))
-    run_tasks(verify_chunk, calls, f"verify {name}{' decoys' if decoys else ''}{label}")
+        calls.append((part, shards, job, top_k, join(folder, f"part-{next(numbers):05d}.parquet")))
+    run_tasks(verify_chunk, calls, f"verify {name}{' decoys' if decoys else ''}{label}", job.options)
     return pairs.num_rows
 
 
-def check_passes(cfg: PipelineConfig, run: RunDir, passes: list[Pass], paths: dict[str, dict[str, str]]) -> None:
+def check_passes(cfg: PipelineConfig, run: RunDir, passes: list[Pass]) -> None:
     """Score the pairs of ``passes`` that the method's scorers have not cached, ``verify.window``
     queries at a time: each image of a window is described once into the scratch store (a query
     serves its references and its decoys), and the store is emptied before the next window. Windows
     are cut from the queries with pairs left to score, so a resumed run starts where it stopped
     (and keeps the scratch of the window it stopped in)."""
-    settings, registry = verify_settings(cfg), registry_dir(cfg)  # once: a learned model's weights are hashed
-    todo = {name: [unscored(run, name, settings[name], p) for p in passes] for name in settings}
+    jobs = scorer_jobs(cfg)  # once: a learned model's weights are hashed
+    todo = {name: [unscored(run, name, job.settings, p) for p in passes] for name, job in jobs.items()}
     queries = sorted(set().union(*(t.pairs.queries() for ts in todo.values() for t in ts)))
     windows = list(chunks(len(queries), cfg.verify.window))
     for n, a, b in windows:
         label = f" ({n + 1}/{len(windows)})" if len(windows) > 1 else ""
-        for name in settings:
-            scored = sum(score_pairs(name, settings[name], registry, run,
-                                     left.pairs.between(queries[a], queries[b - 1]), paths, p.top_k, p.decoys,
-                                     label, left.shard_numbers)
+        for name, job in jobs.items():
+            scored = sum(score_pairs(name, job, run, left.pairs.between(queries[a], queries[b - 1]), p.top_k,
+                                     p.decoys, label, left.shard_numbers)
                          for p, left in zip(passes, todo[name]))
             if not scored:
                 continue
@@ -324,7 +354,7 @@ def check_passes(cfg: PipelineConfig, run: RunDir, passes: list[Pass], paths: di
             log.info(f"verify ({name}){label}: {described} images described, "
                      f"{folder_bytes(store) / 1e6:.0f} MB of scratch emptied")
             remove_dir(store)  # every pair of the window is cached by now
-    for name in settings:  # scratch a stopped run left after its last pair
+    for name in jobs:  # scratch a stopped run left after its last pair
         remove_dir(store_folder(run, name))
 
 
@@ -353,7 +383,7 @@ def run_verify(cfg: PipelineConfig, run: RunDir) -> None:
     passes = [Pass(read_table(run.fused), cfg.verify.top_k)]
     if cfg.decoys():  # the decoys are verified as the predictions are, so the threshold holds on final scores
         passes.append(Pass(read_table(run.fused_decoys), decoy_depth(cfg.verify), decoys=True))
-    check_passes(cfg, run, passes, image_paths(run))
+    check_passes(cfg, run, passes)
     verified, *decoys = (rescored(cfg, run, p) for p in passes)
     finish(verified, decoys[0] if decoys else None, cfg, run, "verified")
     log.info(f"verify ({cfg.verify.method}) -> {run.predictions}")
