@@ -28,7 +28,7 @@ from ensemble.fuse import top_k_per_query
 from ensemble.verify import verify_pairs
 from jobs.config import load_config
 from jobs.layout import RunDir
-from jobs.layout import image_paths
+from jobs.layout import paths_of
 from jobs.stages.verify import SCORER_PLANS, scorer_for
 
 
@@ -51,7 +51,8 @@ def main() -> None:
     fused = read_table(run.fused)
     queries = sorted(set(fused.column("query_id").to_pylist()))[: args.queries]
     pairs = top_k_per_query(fused.filter(pc.is_in(fused.column("query_id"), pa.array(queries))), args.top_k)
-    paths = image_paths(run)
+    paths = {split: paths_of(run, split, pairs.column(col).to_pylist())
+             for split, col in (("query", "query_id"), ("reference", "reference_id"))}
     seconds = dict.fromkeys(args.scorers.split(","), 0.0)
     for _ in range(args.rounds):
         for name in seconds:

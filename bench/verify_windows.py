@@ -26,9 +26,9 @@ from unittest import mock
 import numpy as np
 import pyarrow as pa
 
-from core.store import write_table
+from core.store import read_table, write_table
 from jobs.config import load_config
-from jobs.layout import RunDir, image_paths, paths_of
+from jobs.layout import RunDir, paths_of
 from jobs.stages import verify
 from jobs.stages.verify import Pass, check_passes
 
@@ -63,6 +63,15 @@ def manifest(n: int) -> pa.Table:
            "train": [f"T{j:07d}" for j in range(10 * n)]}
     rows = [(i, f"/data/{split}/{i}.jpg", split) for split, names in ids.items() for i in names]
     return pa.table(dict(zip(("image_id", "path", "split"), map(list, zip(*rows)))))
+
+
+def whole_map(run: RunDir) -> dict[str, dict[str, str]]:
+    """split -> id -> file of every image: what the driver held before its lookups went to the manifest."""
+    rows = read_table(run.manifest)
+    paths: dict[str, dict[str, str]] = {}
+    for i, p, s in zip(*(rows.column(c).to_pylist() for c in ("image_id", "path", "split"))):
+        paths.setdefault(s, {})[i] = p
+    return paths
 
 
 def heap_mb(fn, *args) -> float:
@@ -104,7 +113,7 @@ def main() -> None:
                 write_table(manifest(n), run.manifest)
                 fresh, resumed = timed(cfg, run, passes), timed(cfg, run, passes)
                 window = passes[0].fused.slice(0, args.window * args.top_k).column("reference_id").to_pylist()
-                memory = heap_mb(image_paths, run), heap_mb(paths_of, run, "reference", window)
+                memory = heap_mb(whole_map, run), heap_mb(paths_of, run, "reference", window)
             ratios = ("", "") if prev is None else (f"{fresh / prev[0]:.1f}", f"{resumed / prev[1]:.1f}")
             print(f"{n:>8} {-(-n // args.window):>8} {fresh:>9.2f} {ratios[0]:>7} {resumed:>10.2f} {ratios[1]:>7} "
                   f"{memory[0]:>8.0f} {memory[1]:>10.1f}", flush=True)

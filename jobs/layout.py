@@ -125,26 +125,17 @@ def next_shard_number(shards: list[str]) -> int:
     return 1 + max((int(s.rsplit("-", 1)[-1].split(".")[0]) for s in shards), default=-1)
 
 
-def image_paths(run: RunDir) -> dict[str, dict[str, str]]:
-    """split -> image id -> file, from the manifest: ids are unique within a split only, so
-    every lookup of a file goes through its split."""
-    manifest = read_table(run.manifest, columns=["image_id", "path", "split"])
-    paths: dict[str, dict[str, str]] = {}
-    for i, p, s in zip(*(manifest.column(c).to_pylist() for c in ("image_id", "path", "split"))):
-        paths.setdefault(s, {})[i] = p
-    return paths
-
-
-def paths_of(run: RunDir, split: str, ids: Iterable[str]) -> dict[str, str]:
-    """image id -> file for ``ids`` of ``split``: only those rows of the manifest are read (it
-    lists every image of the run, millions at DISC21 scale). An id it lacks is an error."""
+def paths_of(run: RunDir, split: str, ids: Iterable[str], required: bool = True) -> dict[str, str]:
+    """image id -> file for ``ids`` of ``split`` (ids are unique within a split only): only those
+    rows of the manifest are read (it lists every image of the run, millions at DISC21 scale). An
+    id it lacks is an error, or left out when not ``required``."""
     wanted = pa.array(sorted(set(ids)), pa.string())
     if not len(wanted):
         return {}
     rows = read_table(run.manifest, ["image_id", "path"],
                       where=(pc.field("split") == split) & pc.field("image_id").isin(wanted))
     found = dict(zip(*(rows.column(c).to_pylist() for c in ("image_id", "path"))))
-    if len(found) < len(wanted):
+    if required and len(found) < len(wanted):
         missing = sorted(set(wanted.to_pylist()) - found.keys())
         raise ValueError(f"{run.manifest}: no {split} image with id(s) {missing[:5]}"
                          f"{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}")

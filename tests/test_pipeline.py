@@ -29,7 +29,7 @@ from jobs.cli import main
 from jobs.config import load_config
 from jobs.completeness import IncompleteUpstream
 from jobs.inputs import InputError
-from jobs.layout import RunDir, image_paths
+from jobs.layout import RunDir
 from jobs.pipeline import STAGES, evaluate_run, run_pipeline, run_stages
 from jobs.stages import verify as verify_stage
 from jobs.stages.verify import Pass, score_pairs, scorer_for, scorer_jobs, store_folder, unscored
@@ -395,7 +395,9 @@ def test_each_image_is_described_once_per_run(ray_local, tiny_dataset, tmp_path,
     cfg = load_config(None, [f"data.root={tiny_dataset}", f"output={out}", *TINY, "fuse.threshold=auto",
                              "fuse.decoy_folds=2", "verify.enabled=true", "verify.top_k=3", "verify.decoy_top_k=2"])
     run_stages(cfg, ["manifest", "patch", "extract", "search", "fuse"])
-    run, paths = RunDir(str(out)), image_paths(RunDir(str(out)))
+    run = RunDir(str(out))
+    paths = {split: {r["image_id"]: r["path"] for r in read_table(run.manifest).to_pylist() if r["split"] == split}
+             for split in ("query", "reference", "train")}
     sent, run_tasks = [], verify_stage.run_tasks
 
     def recorded(fn, calls, *args):

@@ -27,12 +27,13 @@ SCORES = ("Each member row scores that model's own candidates (its best patch pa
           "the ensemble row scores predictions.csv: the members fused and, when the run verifies, re-scored by "
           "verification. Scores are on different scales from row to row.")
 
+SIDES = ("query", "reference")  # the manifest splits of a pair's two images
 CALIBRATION = ("copies.csv's q_value is the decoys' estimate of the false share among the pairs scoring at least as "
                "high; with the ground truth, the precision those pairs actually reach:")
 
 
 def build_report(out_dir: str, members: Mapping[str, pa.Table], predictions: pa.Table | None, gt: GT,
-                 paths: Mapping[str, Mapping[str, str]] | None = None,
+                 paths: Callable[[str, list[str]], Mapping[str, str]] | None = None,
                  families: Mapping[str, Sequence[str]] | None = None, k: int = 10, gallery_size: int = 8,
                  title: str = "copydet run report",
                  notes: Sequence[str] = (), threshold: tuple[str, float] | None = None,
@@ -40,9 +41,9 @@ def build_report(out_dir: str, members: Mapping[str, pa.Table], predictions: pa.
     """Write ``out_dir/report.html`` and its figures; returns the HTML path.
 
     ``members`` maps a member name to its candidates table; ``predictions`` is the
-    ensemble's ``(query_id, reference_id, score)`` table; ``paths`` maps split (``query``,
-    ``reference``) -> image id -> file for the gallery thumbnails (a query and a reference may
-    share an id); ``families`` maps query ids to their transform families; ``threshold`` is the
+    ensemble's ``(query_id, reference_id, score)`` table; ``paths(split, ids)`` gives the files
+    of the gallery's ``ids`` of ``split`` (``query``, ``reference``: a query and a reference may
+    share an id) that it knows, for the thumbnails; ``families`` maps query ids to their transform families; ``threshold`` is the
     run's is-copy decision, ``(what set it, score)``: its copies, precision and recall are shown;
     ``copies`` (copies.csv with its ``q_value``) gives the table of estimated against true precision.
     """
@@ -50,7 +51,7 @@ def build_report(out_dir: str, members: Mapping[str, pa.Table], predictions: pa.
         raise ValueError(f"report for {out_dir}: no member candidates and no ensemble predictions")
     if not gt:
         raise ValueError(f"report for {out_dir}: the ground truth is empty")
-    assets, paths = os.path.join(out_dir, ASSETS), paths or {}
+    assets = os.path.join(out_dir, ASSETS)
     scored = score_members(members, predictions, gt, k)
     primary = scored[-1]  # the ensemble when there is one
 
@@ -87,8 +88,8 @@ def decision_paragraph(primary: Scored, threshold: tuple[str, float]) -> str:
                           "would pick.")
 
 
-def galleries(primary: Scored, scored: Sequence[Scored], gt: GT, paths: Mapping[str, Mapping[str, str]],
-              size: int, img: Callable[[str | None, str], str], thumbs: str) -> list[tuple[str, str]]:
+def galleries(primary: Scored, scored: Sequence[Scored], gt: GT,
+              paths: Callable[[str, list[str]], Mapping[str, str]] | None, size: int, img: Callable[[str | None, str], str], thumbs: str) -> list[tuple[str, str]]:
     """The gallery sections of ``primary``'s worst false positives and missed copies, each pair's
     thumbnails written to ``thumbs`` and its score under every row of ``scored``."""
     missed = missed_copies(primary.predictions, gt, primary.metrics.threshold_at_p90)
@@ -100,8 +101,9 @@ def galleries(primary: Scored, scored: Sequence[Scored], gt: GT, paths: Mapping[
     ]:
         pairs = [(q, r) for q, r, _ in errors]
         scores = pair_scores(scored, pairs)
-        cards = [page.Card(q, r, img(figures.thumbnail(paths.get("query", {}).get(q), thumbs, f"query/{q}"), q),
-                           img(figures.thumbnail(paths.get("reference", {}).get(r), thumbs, f"reference/{r}"), r),
+        files = [paths(split, list(ids)) if paths and ids else {} for split, ids in zip(SIDES, zip(*pairs))]
+        cards = [page.Card(q, r, img(figures.thumbnail(files[0].get(q), thumbs, f"query/{q}"), q),
+                           img(figures.thumbnail(files[1].get(r), thumbs, f"reference/{r}"), r),
                            scores[(q, r)])
                  for q, r in pairs]
         sections.append((heading, page.gallery(cards)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from functools import partial
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -17,7 +18,7 @@ from jobs.commands.base import arg, command, positive_int
 from jobs.completeness import require_candidates
 from jobs.config import ConfigError, PipelineConfig, load_config
 from jobs.inputs import recheck_inputs, run_ground_truth
-from jobs.layout import RunDir, image_paths, shard_names
+from jobs.layout import RunDir, paths_of, shard_names
 from jobs.lock import locked
 from jobs.stages.fuse import require_final
 from jobs.threshold import threshold_of
@@ -93,7 +94,7 @@ def write_report(run_dir: str, ground_truth: str | None = None, meta: str | None
         preds = final_predictions(run, cfg, "report") if os.path.isfile(run.predictions) else None
         if preds is None:
             log.warning(f"report: no {run.predictions}: the report shows the members only (run `copydet fuse`)")
-        paths = image_paths(run) if exists(run.manifest) else {}
+        paths = partial(paths_of, run, required=False) if exists(run.manifest) else None
         return build_report(run.root, members(run, cfg), preds, run_ground_truth(gt_path, run), paths=paths,
                             families=read_families(meta) if meta else None, k=k,
                             title=f"copydet report: {os.path.basename(run.root)}",
