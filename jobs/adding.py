@@ -43,14 +43,14 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = (),
     compaction are refused (their rows still sit in the shards), and so is an id two files give."""
     idx = IndexDir(root)
     parent, cfg = index_config(root, None, overrides)
-    meta = versions.read_manifest(idx.path(parent))
-    known = versions.live_images(idx.path(parent), meta, written=True)
-    live = {i: Indexed(*row) for i, *row in zip(*(known.column(c).to_pylist()
-                                                  for c in ("image_id", "path", "sha256", "written_ns")))}
-    removed = set(versions.removed_table(idx.path(parent)).column("image_id").to_pylist())
     scan = scan_images(os.path.abspath(folder))  # the service opens them from its own folder
     check_unique_ids(scan, folder, "index add")
     files = [(f.image_id, f.path) for f in scan.files]
+    ids = pa.array([i for i, _ in files], pa.string())  # the id map's rows of these only: it may hold millions
+    known = versions.live_images(idx.path(parent), versions.read_manifest(idx.path(parent)), written=True, among=ids)
+    live = {i: Indexed(*row) for i, *row in zip(*(known.column(c).to_pylist()
+                                                  for c in ("image_id", "path", "sha256", "written_ns")))}
+    removed = set(versions.removed_table(idx.path(parent)).column("image_id").to_pylist())
     failed = [{"path": p, "error": f"{p}: {reason}"} for p, reason in scan.rejected]
     again = sorted(i for i, _ in files if i in removed)
     if again:
@@ -70,20 +70,20 @@ def add_folder(root: str, folder: str, overrides: Sequence[str] = (),
             except WorkerFailed as e:
                 raise RuntimeError(f"index add: a worker failed ({e}); the chunks embedded are kept in {staging}, "
                                    "so a re-run of this add goes on from them") from None
-            if not rows:
+            if not rows.num_rows:
                 raise NothingAdded(f"{folder}: none of {len(todo)} new image(s) decodes: "
                                    f"{[f['error'] for f in failed][:3]}")
             with idx.publish(parent, accept=lambda now: versions.takedowns_only(idx, parent, now)) as (name, out):
                 base = idx.current()  # the parent, or the takedowns published on it since
-                versions.add(idx, base, out, name, staged, pa.Table.from_pylist(rows, schema=versions.IMAGES_SCHEMA),
-                             cfg.search.index_spec(), cfg.search.shard_size, cfg.index.merge_fanout)
+                versions.add(idx, base, out, name, staged, rows, cfg.search.index_spec(), cfg.search.shard_size,
+                             cfg.index.merge_fanout)
                 if failed:
                     write_table(pa.Table.from_pylist(failed, schema=ERRORS_SCHEMA), out / versions.ERRORS)
     except NothingAdded:
         if len(todo) < len(files):  # the rest is in already (a retry): the unreadable ones are named, not fatal
             return parent, 0, [f["error"] for f in failed]
         raise
-    return name, len(rows), [f["error"] for f in failed]
+    return name, rows.num_rows, [f["error"] for f in failed]
 
 
 class Indexed(NamedTuple):
@@ -128,39 +128,49 @@ def staging_name(idx: IndexDir, version: str, todo: Sequence[ImageFile], chunk: 
 
 
 def embed_new(todo: Sequence[ImageFile], cfg: PipelineConfig, worker: tuple, staging: Path, failed: list[dict],
-              address: str | None = None) -> tuple[list[dict], dict[str, list[str]]]:
+              address: str | None = None) -> tuple[pa.Table, dict[str, list[str]]]:
     """Decode and embed ``todo`` ``index.chunk_images`` at a time into ``staging`` on
     ``index.num_workers`` :class:`ChunkEmbedder` (built from ``worker``), or read back the chunks a
     stopped run of the same add left there; returns the id-map rows of the images that decoded and
-    each search key's files. The files that do not decode are appended to ``failed``."""
-    rows, staged = [], {key: [] for key in cfg.search_keys()}
+    each search key's files, both in chunk order. The files that do not decode are appended to ``failed``."""
     step, unreadable = cfg.index.chunk_images, len(failed)  # the files that are not images, counted apart
     chunks = [(f"part-{start:08d}.parquet", todo[start:start + step]) for start in range(0, len(todo), step)]
-    done = {name for name, _ in chunks if (staging / "images" / name).exists()}  # before the command was stopped
+    keys = cfg.search_keys()
+    finished = {name: staged_chunk(staging, name, keys) for name, _ in chunks
+                if (staging / "images" / name).exists()}  # before the command was stopped
     resources = {"num_cpus": cfg.index.num_cpus, "num_gpus": cfg.index.num_gpus}
-    embedded = on_workers(ChunkEmbedder, worker, "embed", [c for c in chunks if c[0] not in done],
-                          cfg.index.num_workers, resources, cfg.ray, address, ordered=True)
-    with tqdm(total=len(todo), desc="index add", unit="image", delay=BAR_DELAY) as bar:
-        for name, chunk in chunks:
-            chunk_rows, chunk_failed, files = staged_chunk(staging, name, staged) if name in done else next(embedded)
-            rows += chunk_rows
-            failed += chunk_failed
-            for key, path in files.items():
-                staged[key].append(path)
-            bar.update(len(chunk))
-    again = f" ({sum(len(c) for n, c in chunks if n in done)} read back from a stopped run's chunks)" if done else ""
-    log.info(f"index add: {len(todo)} new images: {len(rows)} embedded, {len(failed) - unreadable} unreadable{again}")
+    embedded = on_workers(ChunkEmbedder, worker, "embed", [c for c in chunks if c[0] not in finished],
+                          cfg.index.num_workers, resources, cfg.ray, address)
+    again = sum(len(c) for n, c in chunks if n in finished)
+    with tqdm(total=len(todo), initial=again, desc="index add", unit="image", delay=BAR_DELAY) as bar:
+        for chunk in embedded:  # as they finish
+            finished[chunk.name] = chunk
+            bar.update(chunk.images.num_rows + len(chunk.failed))
+    done = [finished[name] for name, _ in chunks]
+    rows = pa.concat_tables([c.images for c in done])
+    failed += [f for c in done for f in c.failed]
+    staged = {key: [c.files[key] for c in done if key in c.files] for key in keys}
+    resumed = f" ({again} read back from a stopped run's chunks)" if again else ""
+    log.info(f"index add: {len(todo)} new images: {rows.num_rows} embedded, {len(failed) - unreadable} unreadable"
+             f"{resumed}")
     return rows, staged
 
 
-Chunk = tuple[list[dict], list[dict], dict[str, str]]  # id-map rows, unread files, feature file per search key
+class Chunk(NamedTuple):
+    """What :meth:`ChunkEmbedder.embed` made of one chunk: the id-map rows of its images that
+    decoded, the files that did not, and its feature file per search key."""
+
+    name: str
+    images: pa.Table
+    failed: list[dict]
+    files: dict[str, str]
 
 
 def staged_chunk(staging: Path, name: str, keys: Iterable[str]) -> Chunk:
     """A chunk :meth:`ChunkEmbedder.embed` finished before, read back."""
-    rows = read_table(staging / "images" / name).to_pylist()
-    files = {key: str(staging / "keys" / key / name) for key in keys} if rows else {}
-    return rows, read_table(staging / "errors" / name).to_pylist(), files
+    images = read_table(staging / "images" / name).cast(versions.IMAGES_SCHEMA)
+    files = {key: str(staging / "keys" / key / name) for key in keys} if images.num_rows else {}
+    return Chunk(name, images, read_table(staging / "errors" / name).to_pylist(), files)
 
 
 class ChunkEmbedder:
@@ -193,8 +203,9 @@ class ChunkEmbedder:
                                self.pcas, self.train) if decoded else {}
         files = {key: write_table(table, self.staging / "keys" / key / name) for key, table in embedded.items()}
         write_table(pa.Table.from_pylist(failed, schema=ERRORS_SCHEMA), self.staging / "errors" / name)
-        write_table(pa.Table.from_pylist(rows, schema=versions.IMAGES_SCHEMA), self.staging / "images" / name)
-        return rows, failed, files
+        images = pa.Table.from_pylist(rows, schema=versions.IMAGES_SCHEMA)
+        write_table(images, self.staging / "images" / name)
+        return Chunk(name, images, failed, files)
 
 
 def stretch_background(idx: IndexDir, version: str, cfg: PipelineConfig) -> dict:

@@ -16,7 +16,7 @@ import pyarrow.parquet
 import pytest
 
 from core.imageio import load_rgb, sha256_file
-from core.store import write_text
+from core.store import read_table, write_text
 from ensemble.index import versions
 from ensemble.index.layout import IndexDir, IndexFolderError, folder_bytes
 from ensemble.index.versions import prune
@@ -445,6 +445,30 @@ def test_an_add_on_workers_embeds_in_ray_actors_as_one_process(built, tmp_path, 
     assert live_ids(index) == live_ids(alone)
     ask = asked(tmp_path / "ask", data / "queries", new)
     assert_same(served(Matcher(str(index)), ask), served(Matcher(str(alone)), ask))
+
+
+def test_chunks_finishing_out_of_order_are_published_in_the_folders_order(built, tmp_path, monkeypatch):
+    """Workers finish chunks in any order (the bar counts each as it finishes); the new id-map rows
+    and features still follow the folder's order, as one process writes them."""
+    _, _, _, built_index = built
+    index, alone = tmp_path / "index", tmp_path / "alone"
+    for folder in (index, alone):
+        shutil.copytree(built_index, folder)
+    new = new_photos(tmp_path / "new")
+    adding.add_folder(str(alone), str(new), ["index.chunk_images=2"])
+    on_workers = adding.on_workers
+    monkeypatch.setattr(adding, "on_workers", lambda *a, **k: reversed(list(on_workers(*a, **k))))
+    version, added, _ = adding.add_folder(str(index), str(new), ["index.chunk_images=2"])
+
+    def new_rows(root: Path, key: str | None = None) -> list[str]:
+        path = IndexDir(root).path(version)
+        meta = versions.read_manifest(path)
+        tables = [read_table(path / "keys" / key / f"{s['name']}.parquet", ["image_id"])
+                  for s in meta["keys"][key]["shards"]] if key else [versions.live_images(path, meta)]
+        return [i for t in tables for i in t.column("image_id").to_pylist() if i.startswith("N")]
+    assert added == 6 and new_rows(index) == [f"N{i:03d}" for i in range(6)] == new_rows(alone)
+    key = next(iter(versions.read_manifest(IndexDir(index).path(version))["keys"]))
+    assert new_rows(index, key) == new_rows(alone, key)
 
 
 def live_ids(index: Path) -> set[str]:

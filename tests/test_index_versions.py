@@ -118,6 +118,17 @@ def test_a_writer_that_read_an_older_version_publishes_nothing(tmp_path):
     assert rows.idx.current() != rows.add(removed, 20, 30)  # from the published version: fine
 
 
+def test_live_images_among_some_ids_reads_those_live_across_parts(tmp_path):
+    """An add asks the id map about its folder's ids only (the map may hold millions)."""
+    rows = SyntheticRows(tmp_path, 30)
+    version = versions.remove(rows.idx, rows.add(rows.build(20), 20, 30), ["R021"]).version
+    path = rows.idx.path(version)
+    meta = versions.read_manifest(path)
+    some = versions.live_images(path, meta, written=True, among=pa.array(["R003", "R021", "R025", "X"]))
+    assert some.column("image_id").to_pylist() == ["R003", "R025"] and "written_ns" in some.column_names
+    assert versions.live_images(path, meta, among=pa.array([], pa.string())).num_rows == 0
+
+
 def test_a_compaction_publishes_on_top_of_the_takedowns_made_while_it_rebuilt(tmp_path):
     """A compaction rebuilds without the writer's lock: takedowns published after it read its version
     stay tombstones of the compacted one; after an add (other rows) it is refused."""

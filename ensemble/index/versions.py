@@ -344,12 +344,14 @@ def removed_table(folder: Path) -> pa.Table:
     return read_table(path) if path.is_file() else REMOVED_SCHEMA.empty_table()
 
 
-def live_images(folder: Path, meta: dict, written: bool = False) -> pa.Table:
+def live_images(folder: Path, meta: dict, written: bool = False, among: pa.Array | None = None) -> pa.Table:
     """The id map of a version without its tombstoned images; with ``written``, also when each
-    row was recorded (``written_ns``: the st_mtime of its id-map part, kept by hard links)."""
+    row was recorded (``written_ns``: the st_mtime of its id-map part, kept by hard links); with
+    ``among``, only the rows of those ids are read."""
     parts = []
+    where = None if among is None else pc.field("image_id").isin(among)
     for p in meta["images"]["parts"]:
-        part = read_table(folder / "images" / p).cast(IMAGES_SCHEMA)
+        part = read_table(folder / "images" / p, where=where).cast(IMAGES_SCHEMA)
         if written:
             ns = (folder / "images" / p).stat().st_mtime_ns
             part = part.append_column("written_ns", pa.array([ns] * part.num_rows, pa.int64()))
