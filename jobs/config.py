@@ -212,7 +212,7 @@ class LearnedVerifyConfig(ConfigModel):
     floor: float = Field(0.9, ge=0, lt=1, description="no bonus at or below this P(copy)")
     weight: float = Field(0.25, ge=0, description="bonus at P(copy) = 1, linear from the floor")
     num_gpus: float = Field(0.0, ge=0, description="GPUs per verify task of the learned verifier (0: CPU; above 0 "
-                            "its models run on the GPU; the service's follow serve.num_gpus)")
+                            "its models run on the GPU; the service's verifier follows serve.num_gpus)")
 
 
 class VerifyConfig(ConfigModel):

@@ -43,9 +43,10 @@ def build_report(out_dir: str, members: Mapping[str, pa.Table], predictions: pa.
     ``members`` maps a member name to its candidates table; ``predictions`` is the
     ensemble's ``(query_id, reference_id, score)`` table; ``paths(split, ids)`` gives the files
     of the gallery's ``ids`` of ``split`` (``query``, ``reference``: a query and a reference may
-    share an id) that it knows, for the thumbnails; ``families`` maps query ids to their transform families; ``threshold`` is the
-    run's is-copy decision, ``(what set it, score)``: its copies, precision and recall are shown;
-    ``copies`` (copies.csv with its ``q_value``) gives the table of estimated against true precision.
+    share an id) that it knows, for the thumbnails; ``families`` maps query ids to their transform
+    families; ``threshold`` is the run's is-copy decision, ``(what set it, score)``: its copies,
+    precision and recall are shown; ``copies`` (copies.csv with its ``q_value``) gives the table of
+    estimated against true precision.
     """
     if not members and predictions is None:
         raise ValueError(f"report for {out_dir}: no member candidates and no ensemble predictions")
@@ -89,7 +90,8 @@ def decision_paragraph(primary: Scored, threshold: tuple[str, float]) -> str:
 
 
 def galleries(primary: Scored, scored: Sequence[Scored], gt: GT,
-              paths: Callable[[str, list[str]], Mapping[str, str]] | None, size: int, img: Callable[[str | None, str], str], thumbs: str) -> list[tuple[str, str]]:
+              paths: Callable[[str, list[str]], Mapping[str, str]] | None, size: int,
+              img: Callable[[str | None, str], str], thumbs: str) -> list[tuple[str, str]]:
     """The gallery sections of ``primary``'s worst false positives and missed copies, each pair's
     thumbnails written to ``thumbs`` and its score under every row of ``scored``."""
     missed = missed_copies(primary.predictions, gt, primary.metrics.threshold_at_p90)

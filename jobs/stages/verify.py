@@ -37,12 +37,12 @@ from ensemble.described import index_described, read_described, to_blob, write_d
 from ensemble.fuse import top_k_per_query
 from ensemble.keypoints import KEYPOINT_METHODS
 from ensemble.verify import KEYPOINT_COLUMNS, PairScorer, compare_pairs, make_scorer
-from patchers.extract import pick_device
 from jobs.completeness import require_fused, require_manifest
 from jobs.config import PipelineConfig, VerifyConfig
 from jobs.layout import RunDir, next_shard_number, paths_of
 from jobs.runtime import run_tasks
 from jobs.stages.fuse import finish
+from patchers.extract import pick_device
 
 log = logging.getLogger(__name__)
 
