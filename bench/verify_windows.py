@@ -26,7 +26,8 @@ from unittest import mock
 import numpy as np
 import pyarrow as pa
 
-from core.store import read_table, write_table
+from core.contracts import shard_file
+from core.store import chunks, join, read_table, write_table
 from jobs.config import load_config
 from jobs.layout import RunDir, paths_of
 from jobs.stages import verify
@@ -57,12 +58,15 @@ def stand_in(fn, calls, desc: str, options: dict | None = None) -> list:
     return [c[0].num_rows for c in calls]
 
 
-def manifest(n: int) -> pa.Table:
-    """The run's images: ``n`` queries, ``10 n`` references and ``10 n`` train photos."""
+def write_manifest(n: int, run: RunDir, shard_size: int = 1000) -> None:
+    """The run's images, ``n`` queries, ``10 n`` references and ``10 n`` train photos, in shards of
+    ``shard_size`` named by split, as the manifest stage writes them (patches.shard_size)."""
     ids = {"query": [f"Q{i:07d}" for i in range(n)], "reference": [f"R{j:07d}" for j in range(10 * n)],
            "train": [f"T{j:07d}" for j in range(10 * n)]}
-    rows = [(i, f"/data/{split}/{i}.jpg", split) for split, names in ids.items() for i in names]
-    return pa.table(dict(zip(("image_id", "path", "split"), map(list, zip(*rows)))))
+    for split, names in ids.items():
+        for i, a, b in chunks(len(names), shard_size):
+            write_table(pa.table({"image_id": names[a:b], "path": [f"/data/{split}/{x}.jpg" for x in names[a:b]],
+                                  "split": [split] * (b - a)}), join(run.manifest, shard_file(split, i)))
 
 
 def whole_map(run: RunDir) -> dict[str, dict[str, str]]:
@@ -110,7 +114,7 @@ def main() -> None:
                 passes = [Pass(predictions(n, args.top_k, "R", 0), args.top_k),
                           Pass(predictions(n, args.decoy_top_k, "T", 1), args.decoy_top_k, decoys=True)]
                 run = RunDir(tmp)
-                write_table(manifest(n), run.manifest)
+                write_manifest(n, run)
                 fresh, resumed = timed(cfg, run, passes), timed(cfg, run, passes)
                 window = passes[0].fused.slice(0, args.window * args.top_k).column("reference_id").to_pylist()
                 memory = heap_mb(whole_map, run), heap_mb(paths_of, run, "reference", window)

@@ -11,7 +11,7 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
@@ -201,6 +201,14 @@ def read_table(path: str | os.PathLike, columns: list[str] | None = None,
     if fs.get_file_info(p).type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"{path}: no such table (has the previous stage run?)")
     return pq.read_table(p, filesystem=fs, columns=columns, filters=where)
+
+
+def read_shards(files: Sequence[str], columns: list[str] | None = None,
+                where: pc.Expression | None = None) -> pa.Table:
+    """Several shard files of one folder (e.g. one split's) as one table, read in parallel; ``where``
+    as in :func:`read_table`."""
+    fs, _ = filesystem(files[0])
+    return pq.read_table([filesystem(f)[1] for f in files], filesystem=fs, columns=columns, filters=where)
 
 
 def version(path: str | os.PathLike) -> tuple[int, int]:

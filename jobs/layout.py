@@ -9,7 +9,7 @@ import pyarrow.compute as pc
 
 from core.contracts import shard_split
 from core.lock import LOCK_NAME
-from core.store import absolute, join, list_shards, read_table
+from core.store import absolute, join, list_shards, read_shards, read_table
 
 
 @dataclass(frozen=True)
@@ -127,14 +127,15 @@ def next_shard_number(shards: list[str]) -> int:
 
 def paths_of(run: RunDir, split: str, ids: Iterable[str], required: bool = True) -> dict[str, str]:
     """image id -> file for ``ids`` of ``split`` (ids are unique within a split only): only those
-    rows of the manifest are read (it lists every image of the run, millions at DISC21 scale). An
-    id it lacks is an error, or left out when not ``required``."""
+    rows of the manifest are read, from the split's shards (it lists every image of the run,
+    millions at DISC21 scale). An id it lacks is an error, or left out when not ``required``."""
     wanted = pa.array(sorted(set(ids)), pa.string())
-    if not len(wanted):
-        return {}
-    rows = read_table(run.manifest, ["image_id", "path"],
-                      where=(pc.field("split") == split) & pc.field("image_id").isin(wanted))
-    found = dict(zip(*(rows.column(c).to_pylist() for c in ("image_id", "path"))))
+    found: dict[str, str] = {}
+    if len(wanted):
+        where, columns = (pc.field("split") == split) & pc.field("image_id").isin(wanted), ["image_id", "path"]
+        shards = list_shards(run.manifest, f"{split}-")  # as the manifest stage names them; else read it all
+        rows = read_shards(shards, columns, where) if shards else read_table(run.manifest, columns, where)
+        found = dict(zip(*(rows.column(c).to_pylist() for c in ("image_id", "path"))))
     if required and len(found) < len(wanted):
         missing = sorted(set(wanted.to_pylist()) - found.keys())
         raise ValueError(f"{run.manifest}: no {split} image with id(s) {missing[:5]}"

@@ -4,7 +4,7 @@ import pyarrow as pa
 import pytest
 
 from core.settings import check_settings, pin_settings, SETTINGS_FILE, SettingsChanged
-from core.store import write_table
+from core.store import join, read_table, write_table
 from jobs.layout import RunDir, next_shard_number, paths_of
 
 
@@ -39,10 +39,15 @@ def test_a_resumed_stage_numbers_new_shards_past_a_gap():
 def test_paths_of_reads_the_asked_ids_of_one_split_and_names_those_missing(tmp_path):
     """A query and a reference may share an id: each lookup goes through its split."""
     run = RunDir(str(tmp_path))
-    write_table(pa.table({"image_id": ["a", "b", "c", "a", "d"], "path": ["q/a", "q/b", "q/c", "r/a", "r/d"],
-                          "split": ["query"] * 3 + ["reference"] * 2}), run.manifest)
+    for name, ids in (("query-00000", "ab"), ("query-00001", "c"), ("reference-00000", "ad")):
+        split = name.split("-")[0]
+        table = pa.table({"image_id": list(ids), "path": [f"{split[0]}/{i}" for i in ids], "split": [split] * len(ids)})
+        write_table(table, join(run.manifest, f"{name}.parquet"))
     assert paths_of(run, "query", ["c", "a", "a"]) == {"a": "q/a", "c": "q/c"}
     assert paths_of(run, "reference", {"a"}) == {"a": "r/a"}
     assert paths_of(run, "train", []) == {}
+    other = RunDir(str(tmp_path / "other"))  # a manifest of other shard names is read whole
+    write_table(read_table(run.manifest), join(other.manifest, "part-00000.parquet"))
+    assert paths_of(other, "reference", ["a", "d"]) == {"a": "r/a", "d": "r/d"}
     with pytest.raises(ValueError, match=r"manifest.parquet: no reference image with id\(s\) \['b', 'c'\]"):
         paths_of(run, "reference", ["a", "b", "c"])

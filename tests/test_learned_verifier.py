@@ -162,7 +162,8 @@ def test_the_learned_verifier_given_gpus_asks_each_task_for_them_and_runs_there(
     assert {n: j.settings for n, j in cpu.items()} == {n: j.settings for n, j in gpu.items()}
     run = RunDir(str(tmp_path))
     synthetic_photo(1).save(tmp_path / "q.jpg")
-    write_table(pa.table({"image_id": ["q"], "path": [str(tmp_path / "q.jpg")], "split": ["query"]}), run.manifest)
+    write_table(pa.table({"image_id": ["q"], "path": [str(tmp_path / "q.jpg")], "split": ["query"]}),
+                join(run.manifest, "query-00000.parquet"))
     for name in ("learned", "rootsift"):
         stage.describe_missing(name, gpu[name], run, "query", {"q"}, per_task=4)
     assert sent == [{"num_gpus": 1.0}, {}] and asked == [True, False]

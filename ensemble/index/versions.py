@@ -238,7 +238,8 @@ class Removal:
 def remove(idx: IndexDir, parent: str, ids: Sequence[str]) -> Removal:
     """Publish ``parent`` with the live ``ids`` tombstoned. Nothing is published when no id is live."""
     meta = read_manifest(idx.path(parent))
-    live = set(live_images(idx.path(parent), meta).column("image_id").to_pylist())
+    asked = pa.array(sorted(set(ids)), pa.string())
+    live = set(live_images(idx.path(parent), meta, among=asked).column("image_id").to_pylist())  # of these only
     gone = set(removed_table(idx.path(parent)).column("image_id").to_pylist())
     hit, other = sorted(set(ids) & live), set(ids) - live
     already, unknown = sorted(other & gone), sorted(other - gone)
