@@ -147,7 +147,8 @@ def test_a_compaction_publishes_on_top_of_the_takedowns_made_while_it_rebuilt(tm
     with pytest.raises(IndexFolderError, match=f"published {added} after this one read {compacted}"):
         versions.compact(rows.idx, compacted, rows.spec, 128)
     assert rows.idx.current() == added
-    versions.compact(rows.idx, added, rows.spec, 128)  # run again: of the new version, its folder of the old removed
+    assert not any((rows.idx.root / "staging").iterdir())  # its rebuild is of a version no longer current
+    versions.compact(rows.idx, added, rows.spec, 128)  # run again: of the new version
     assert not any((rows.idx.root / "staging").iterdir())
 
 

@@ -48,6 +48,10 @@ class IndexFolderError(ValueError):
     """A missing, locked or inconsistent index folder (the message names it)."""
 
 
+class Superseded(IndexFolderError):
+    """Another writer published since this one read its version: its work is refused."""
+
+
 def _locked(f: IO) -> bool:
     """Take ``f``'s flock (held until it is closed), or False when another open file holds it:
     unlike ``core.lock``'s, a second hold in the same process is refused too."""
@@ -123,8 +127,8 @@ class IndexDir:
         with self.lock():
             now = self.current()
             if parent is not None and now != parent and not (accept and accept(now)):
-                raise IndexFolderError(f"{self.root}: another `copydet index` command published {now} after this one "
-                                       f"read {parent}; nothing was written, run this command again")
+                raise Superseded(f"{self.root}: another `copydet index` command published {now} after this one "
+                                 f"read {parent}; nothing was written, run this command again")
             for tmp in self.stale():  # we hold the lock: no writer owns these any more
                 shutil.rmtree(tmp, ignore_errors=True)
             done = self.versions()
@@ -134,11 +138,13 @@ class IndexDir:
             write_text(self.root / "CURRENT", name + "\n")
 
     @contextmanager
-    def staging(self, name: str | None = None) -> Iterator[Path]:
+    def staging(self, name: str | None = None, of_version: bool = False) -> Iterator[Path]:
         """A folder of this writer's own under ``staging/``, removed when the block ends without
         error. Named (``job-<name>``, what its work is made from), it is kept otherwise, so a re-run
-        goes on from it; unnamed, it is new and always removed. Other folders whose writer is gone
-        are removed first."""
+        goes on from it, unless ``of_version`` (the name says which version it was made from) and a
+        newer one was published (:class:`Superseded`): a re-run works from that one, under another
+        name. Unnamed, it is new and always removed. Other folders whose writer is gone are removed
+        first."""
         base = self.root / "staging"
         base.mkdir(parents=True, exist_ok=True)
         folder = base / f"job-{name or uuid.uuid4().hex}"
@@ -156,8 +162,8 @@ class IndexDir:
         with f:
             try:
                 yield folder
-            except BaseException:
-                if name is None:
+            except BaseException as e:
+                if name is None or (of_version and isinstance(e, Superseded)):
                     shutil.rmtree(folder, ignore_errors=True)
                 raise
             shutil.rmtree(folder, ignore_errors=True)

@@ -259,14 +259,15 @@ def compact(idx: IndexDir, parent: str, spec: IndexSpec, shard_size: int) -> str
     """Publish ``parent`` rebuilt from its live rows: tombstones dropped, shards refilled, the
     index kind decided again for the live row count. The shards are rebuilt in ``staging/``
     without the writer's lock; takedowns published meanwhile stay tombstones of the new version.
-    The staging folder is named by what the rows are made from, so a compaction of the same
-    version killed or refused goes on from its finished shards."""
+    The staging folder is named by what the rows are made from, so a killed compaction of the same
+    version goes on from its finished shards (one refused at publish is removed: a re-run compacts the
+    version published since)."""
     src = idx.path(parent)
     meta = read_manifest(src)
     removed = pa.array(removed_table(src).column("image_id").to_pylist(), pa.string())
     keys = json.loads(json.dumps(meta["keys"]))
     made_of = json.dumps([parent, meta["keys"], sorted(removed.to_pylist()), repr(spec), shard_size])
-    with idx.staging(f"compact-{hashlib.sha256(made_of.encode()).hexdigest()[:24]}") as staging:
+    with idx.staging(f"compact-{hashlib.sha256(made_of.encode()).hexdigest()[:24]}", of_version=True) as staging:
         finished = len(list(staging.glob("done/*/*.json")))
         if finished:
             log.info(f"index compact: going on from the {finished} shard(s) a stopped compaction of {parent} built")
