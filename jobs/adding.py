@@ -140,7 +140,7 @@ def embed_new(todo: Sequence[ImageFile], cfg: PipelineConfig, worker: tuple, sta
                 if (staging / "images" / name).exists()}  # before the command was stopped
     resources = {"num_cpus": cfg.index.num_cpus, "num_gpus": cfg.index.num_gpus}
     embedded = on_workers(ChunkEmbedder, worker, "embed", [c for c in chunks if c[0] not in finished],
-                          cfg.index.num_workers, resources, cfg.ray, address)
+                          cfg.index.num_workers, resources, cfg.ray, address, gpus_setting="index.num_gpus")
     again = sum(len(c) for n, c in chunks if n in finished)
     with tqdm(total=len(todo), initial=again, desc="index add", unit="image", delay=BAR_DELAY) as bar:
         for chunk in embedded:  # as they finish

@@ -114,7 +114,7 @@ def answer_windows(todo: list[tuple[str, list[ImageFile]]], root: str, version: 
     with tqdm(total=sum(len(files) for _, files in todo), desc="index match", unit="image", delay=BAR_DELAY) as bar:
         try:
             for images in on_workers(WindowWorker, args, "answer", todo, cfg.serve.num_replicas, resources, cfg.ray,
-                                     address, progress=bar.update):
+                                     address, gpus_setting="serve.num_gpus", progress=bar.update):
                 bar.update(images)
         except WorkerFailed as e:
             raise RuntimeError(f"index match: a replica failed ({e}); the windows written are kept in "

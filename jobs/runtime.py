@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ray
+import yaml
 from ray.util import ActorPool
 from tqdm.auto import tqdm
 
@@ -100,6 +101,41 @@ def init_ray(cfg: RayConfig, address: str | None = None) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
 
 
+AUTOSCALING_CONFIGS = ("$COPYDET_AUTOSCALING_CONFIG", "~/ray_bootstrap_config.yaml")  # the head's copy of cluster.yaml
+
+
+def autoscaler_gpus() -> float:
+    """GPUs the cluster's autoscaler can add: its node types' ``GPU`` x ``max_workers``, from the
+    config Ray's v2 autoscaler publishes, else the cluster launcher's copy on the head node."""
+    try:
+        from ray._private.state import state  # private API: ray is pinned (<2.61) in pyproject.toml
+
+        published = state.get_max_resources_from_cluster_config()
+    except Exception:  # not connected to a cluster with a published config
+        published = None
+    if published:
+        return float(published.get("GPU", 0))
+    for path in (os.path.expanduser(os.path.expandvars(p)) for p in AUTOSCALING_CONFIGS):
+        if path and os.path.isfile(path):
+            with open(path) as f:
+                types = (yaml.safe_load(f) or {}).get("available_node_types", {})
+            return float(sum(t.get("resources", {}).get("GPU", 0) * t.get("max_workers", 0) for t in types.values()))
+    return 0.0
+
+
+def gpus_possible() -> float:
+    """GPUs the cluster has now or can have (``extract.use_gpu: auto`` uses GPUs when > 0)."""
+    return max(float(ray.cluster_resources().get("GPU", 0)), autoscaler_gpus())
+
+
+def require_gpus(asked: float, setting: str) -> None:
+    """Refuse work that asks for GPUs (``setting`` names where) on a cluster that has none and
+    cannot add any: Ray would keep it waiting for them, silently, for ever."""
+    if asked and not gpus_possible():
+        raise RuntimeError(f"{setting} is {asked:g} but the Ray cluster has no GPUs and cannot add any "
+                           f"(set it to 0 to run on the CPU)")
+
+
 def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], desc: str,
               options: dict | None = None) -> list[Any]:
     """Run ``fn(*args)`` as Ray tasks for each args tuple, with a progress bar of finished
@@ -121,7 +157,8 @@ def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], desc: str,
 
 
 def on_workers(cls: type, args: tuple, method: str, items: Sequence[tuple], count: int, resources: dict[str, float],
-               cfg: RayConfig, address: str | None = None, ordered: bool = False, **local: Any) -> Iterator[Any]:
+               cfg: RayConfig, address: str | None = None, ordered: bool = False, gpus_setting: str = "num_gpus",
+               **local: Any) -> Iterator[Any]:
     """``cls(*args).<method>(*item)`` for each of ``items`` on ``count`` workers, each built once.
     One worker runs in this process (no Ray; ``local`` keyword arguments, e.g. a progress callback,
     go to its calls) unless a cluster is named (``address``, ``ray.address``; not ``$RAY_ADDRESS``
@@ -137,6 +174,7 @@ def on_workers(cls: type, args: tuple, method: str, items: Sequence[tuple], coun
             yield getattr(worker, method)(*item, **local)
         return
     init_ray(cfg, address)
+    require_gpus(resources.get("num_gpus", 0), gpus_setting)
     actor = ray.remote(cls).options(**resources, max_restarts=3, max_task_retries=3)
     pool = ActorPool([actor.remote(*args) for _ in range(count)])
     try:

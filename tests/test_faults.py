@@ -14,7 +14,7 @@ from core.store import read_table
 from ensemble.sharded import ShardedIndex
 from jobs.config import RayConfig
 from jobs.layout import RunDir, shard_names
-from jobs.runtime import WorkerFailed, on_workers, run_tasks
+from jobs.runtime import WorkerFailed, on_workers, require_gpus, run_tasks
 from tests.test_sharded import unit, write_refs
 
 
@@ -47,6 +47,17 @@ def test_on_workers_answers_in_order_and_names_a_failed_worker(ray_local):
     assert {pid for _, pid in on_workers(Doubler, (), "double", items, 1, options, RayConfig())} == {os.getpid()}
     with pytest.raises(WorkerFailed, match="ValueError: no model here"):
         list(on_workers(Doubler, ("no model here",), "double", items, 2, options, RayConfig()))
+
+
+def test_gpus_asked_of_a_cluster_without_any_are_refused_not_waited_for(ray_local):
+    """Ray would keep GPU workers pending for ever on this 0-GPU cluster: a setting that asks for
+    GPUs is refused, named, before any worker is started (the verify stage: test_learned_verifier)."""
+    with pytest.raises(RuntimeError, match="index.num_gpus is 0.5 but the Ray cluster has no GPUs"):
+        list(on_workers(dict, (), "get", [("a",), ("b",)], 2, {"num_gpus": 0.5}, RayConfig(),
+                        gpus_setting="index.num_gpus"))
+    with pytest.raises(RuntimeError, match="serve.num_gpus is 1 but .* no GPUs and cannot add any"):
+        require_gpus(1, "serve.num_gpus")
+    require_gpus(0, "serve.num_gpus")
 
 
 def test_killed_shard_actor_restarts_and_answers(ray_local, tmp_path):

@@ -146,10 +146,11 @@ def test_config_methods_match_the_stage_registry():
     assert set(typing.get_args(VerifyConfig.model_fields["method"].annotation)) == set(VERIFY_METHODS)
 
 
-def test_the_learned_verifier_given_gpus_asks_each_task_for_them_and_runs_there(trained, tmp_path, monkeypatch):
+def test_the_learned_verifier_given_gpus_asks_each_task_for_them_and_runs_there(ray_local, trained, tmp_path,
+                                                                                monkeypatch):
     """verify.learned.num_gpus above 0: its describe tasks ask Ray for the GPU and build the verifier
     on it (here asked for; none seen), with the cache's settings unchanged; keypoint tasks stay on
-    the CPU."""
+    the CPU. The stage refuses it on a cluster without GPUs (tasks would wait for ever)."""
     from jobs.stages import verify as stage
     spec, _ = trained
     asked, sent = [], []
@@ -167,6 +168,9 @@ def test_the_learned_verifier_given_gpus_asks_each_task_for_them_and_runs_there(
     for name in ("learned", "rootsift"):
         stage.describe_missing(name, gpu[name], run, "query", {"q"}, per_task=4)
     assert sent == [{"num_gpus": 1.0}, {}] and asked == [True, False]
+    with pytest.raises(RuntimeError, match="verify.learned.num_gpus is 1 but the Ray cluster has no GPUs"):
+        stage.check_passes(load_config(None, [*base, "verify.learned.num_gpus=1"]), run, [])
+    stage.check_passes(load_config(None, base), run, [])  # on the CPU: nothing to do, nothing refused
 
 
 def test_learned_verification_in_a_tiny_pipeline(ray_local, trained, tiny_dataset, tmp_path):

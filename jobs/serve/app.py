@@ -29,6 +29,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from core.imageio import ImageDecodeError, decode_rgb, load_rgb
 from ensemble.index.layout import IndexDir, IndexFolderError
 from jobs.config import PipelineConfig
+from jobs.runtime import require_gpus
 from jobs.serve.engine import Matcher
 from jobs.serve.uploads import BadRequest, read_images, read_upload
 
@@ -209,6 +210,7 @@ def start(root: str, cfg: PipelineConfig, overrides: Sequence[str] = ()) -> str:
     if APP_NAME in running.applications:
         raise RuntimeError(f"a copydet service already runs on this Ray cluster (Serve app {APP_NAME!r}); "
                            "stop it first (SIGTERM or Ctrl-C to its `copydet serve`)")
+    require_gpus(cfg.serve.num_gpus, "serve.num_gpus")
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     serve.run(application(root, cfg, overrides), name=APP_NAME, route_prefix="/", blocking=False)
     if running.applications or running.proxies:

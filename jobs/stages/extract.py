@@ -19,7 +19,6 @@ import warnings
 from collections.abc import Mapping
 
 import ray
-import yaml
 from ray.data import ActorPoolStrategy
 from tqdm.auto import tqdm
 
@@ -33,6 +32,7 @@ from core.settings import pin_settings
 from jobs.completeness import Chunk, chunk_plan
 from jobs.config import ExtractConfig, ModelEntry, PipelineConfig
 from jobs.layout import RunDir, shard_names
+from jobs.runtime import gpus_possible
 from jobs.stages.reduce import check_train_rows
 from jobs.stages.search import check_background
 from patchers.extract import ChunkEmbedder, ChunkTask, KeySpec, decode_chunk
@@ -40,33 +40,8 @@ from patchers.extract import ChunkEmbedder, ChunkTask, KeySpec, decode_chunk
 log = logging.getLogger(__name__)
 
 
-AUTOSCALING_CONFIGS = ("$COPYDET_AUTOSCALING_CONFIG", "~/ray_bootstrap_config.yaml")  # the head's copy of cluster.yaml
 NODE_LOSSES = 3  # lost nodes a stage goes on after (each time with the chunks not yet written)
 NODE_DEATH_S = 30.0  # Ray's health checks mark a lost node dead in ~15 s
-
-
-def autoscaler_gpus() -> float:
-    """GPUs the cluster's autoscaler can add: its node types' ``GPU`` x ``max_workers``, from the
-    config Ray's v2 autoscaler publishes, else the cluster launcher's copy on the head node."""
-    try:
-        from ray._private.state import state  # private API: ray is pinned (<2.61) in pyproject.toml
-
-        published = state.get_max_resources_from_cluster_config()
-    except Exception:  # not connected to a cluster with a published config
-        published = None
-    if published:
-        return float(published.get("GPU", 0))
-    for path in (os.path.expanduser(os.path.expandvars(p)) for p in AUTOSCALING_CONFIGS):
-        if path and os.path.isfile(path):
-            with open(path) as f:
-                types = (yaml.safe_load(f) or {}).get("available_node_types", {})
-            return float(sum(t.get("resources", {}).get("GPU", 0) * t.get("max_workers", 0) for t in types.values()))
-    return 0.0
-
-
-def gpus_possible() -> float:
-    """GPUs the cluster has now or can have (``extract.use_gpu: auto`` uses GPUs when > 0)."""
-    return max(float(ray.cluster_resources().get("GPU", 0)), autoscaler_gpus())
 
 
 def actor_resources(cfg: ExtractConfig) -> dict:

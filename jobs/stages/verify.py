@@ -40,7 +40,7 @@ from ensemble.verify import KEYPOINT_COLUMNS, PairScorer, compare_pairs, make_sc
 from jobs.completeness import require_fused, require_manifest
 from jobs.config import PipelineConfig, VerifyConfig
 from jobs.layout import RunDir, next_shard_number, paths_of
-from jobs.runtime import run_tasks
+from jobs.runtime import require_gpus, run_tasks
 from jobs.stages.fuse import finish
 from patchers.extract import pick_device
 
@@ -338,6 +338,7 @@ def check_passes(cfg: PipelineConfig, run: RunDir, passes: list[Pass]) -> None:
     are cut from the queries with pairs left to score, so a resumed run starts where it stopped
     (and keeps the scratch of the window it stopped in)."""
     jobs = scorer_jobs(cfg)  # once: a learned model's weights are hashed
+    require_gpus(max(job.num_gpus for job in jobs.values()), "verify.learned.num_gpus")
     todo = {name: [unscored(run, name, job.settings, p) for p in passes] for name, job in jobs.items()}
     queries = sorted(set().union(*(t.pairs.queries() for ts in todo.values() for t in ts)))
     windows = list(chunks(len(queries), cfg.verify.window))
