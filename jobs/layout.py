@@ -127,14 +127,13 @@ def next_shard_number(shards: list[str]) -> int:
 
 def paths_of(run: RunDir, split: str, ids: Iterable[str], required: bool = True) -> dict[str, str]:
     """image id -> file for ``ids`` of ``split`` (ids are unique within a split only): only those
-    rows of the manifest are read, from the split's shards (it lists every image of the run,
+    rows of the split's manifest shards are read (the manifest lists every image of the run,
     millions at DISC21 scale). An id it lacks is an error, or left out when not ``required``."""
     wanted = pa.array(sorted(set(ids)), pa.string())
+    shards = list_shards(run.manifest, f"{split}-")  # the manifest stage names its shards by split
     found: dict[str, str] = {}
-    if len(wanted):
-        where, columns = (pc.field("split") == split) & pc.field("image_id").isin(wanted), ["image_id", "path"]
-        shards = list_shards(run.manifest, f"{split}-")  # as the manifest stage names them; else read it all
-        rows = read_shards(shards, columns, where) if shards else read_table(run.manifest, columns, where)
+    if len(wanted) and shards:
+        rows = read_shards(shards, ["image_id", "path"], pc.field("image_id").isin(wanted))
         found = dict(zip(*(rows.column(c).to_pylist() for c in ("image_id", "path"))))
     if required and len(found) < len(wanted):
         missing = sorted(set(wanted.to_pylist()) - found.keys())

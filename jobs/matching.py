@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -145,8 +145,14 @@ def match_folder(root: str, folder: str, out: str, overrides: list[str] | None =
     unread = pa.concat_tables([read_table(errors).cast(ERRORS_SCHEMA), listing])
     write_table(unread, join(out, "errors.parquet"))
     threshold = written(cfg.copy_threshold())
-    shards = list_shards(parts)  # a window at a time: the driver never holds every answer
-    write_predictions(map(read_table, shards), join(out, "matches.csv"), EXTRA)
-    found = copies(pa.concat_tables([copies(read_table(s), threshold) for s in shards]), threshold)
+    kept: list[pa.Table] = []  # each part's copies, taken as matches.csv is written
+
+    def answers() -> Iterator[pa.Table]:  # a window at a time: the driver never holds every answer
+        for shard in list_shards(parts):
+            part = read_table(shard)
+            kept.append(copies(part, threshold))
+            yield part
+    write_predictions(answers(), join(out, "matches.csv"), EXTRA)
+    found = copies(pa.concat_tables(kept), threshold)
     write_predictions(found, join(out, "copies.csv"), EXTRA)
     return Matched(len(scan.files), found.num_rows, unread.num_rows, threshold, version)

@@ -157,14 +157,14 @@ def run_tasks(fn: Callable[..., Any], calls: Sequence[tuple], desc: str,
 
 
 def on_workers(cls: type, args: tuple, method: str, items: Sequence[tuple], count: int, resources: dict[str, float],
-               cfg: RayConfig, address: str | None = None, ordered: bool = False, gpus_setting: str = "num_gpus",
+               cfg: RayConfig, address: str | None = None, gpus_setting: str = "num_gpus",
                **local: Any) -> Iterator[Any]:
     """``cls(*args).<method>(*item)`` for each of ``items`` on ``count`` workers, each built once.
     One worker runs in this process (no Ray; ``local`` keyword arguments, e.g. a progress callback,
     go to its calls) unless a cluster is named (``address``, ``ray.address``; not ``$RAY_ADDRESS``
-    alone: often the Jobs API's, set for submit); more are Ray actors with ``resources``. Results
-    come as they finish (``ordered``: in the items' order); a method re-run must be harmless (a
-    restarted actor retries it). A failed actor raises :class:`WorkerFailed`."""
+    alone: often the Jobs API's, set for submit); more are Ray actors with ``resources`` (GPUs the
+    cluster cannot give are refused, naming ``gpus_setting``). Results come as they finish; a method
+    re-run must be harmless (a restarted actor retries it). A failed actor raises :class:`WorkerFailed`."""
     if not items:
         return
     count = min(count, len(items))
@@ -178,7 +178,6 @@ def on_workers(cls: type, args: tuple, method: str, items: Sequence[tuple], coun
     actor = ray.remote(cls).options(**resources, max_restarts=3, max_task_retries=3)
     pool = ActorPool([actor.remote(*args) for _ in range(count)])
     try:
-        yield from (pool.map if ordered else pool.map_unordered)(lambda a, item: getattr(a, method).remote(*item),
-                                                                  items)
+        yield from pool.map_unordered(lambda a, item: getattr(a, method).remote(*item), items)
     except ray.exceptions.RayError as e:
         raise WorkerFailed(last_line(e)[-300:]) from None

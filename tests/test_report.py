@@ -47,7 +47,9 @@ def run_dir(tmp_path) -> Path:
         Image.new("RGB", (64, 48), (30 * i, 200 - 20 * i, 90)).save(path)
         manifest.append({"image_id": image_id, "path": str(path), "split": "query" if image_id[0] == "Q" else
                          "reference", "width": 64, "height": 48, "sha256": "x"})
-    write_table(pa.Table.from_pylist(manifest, MANIFEST_SCHEMA), run / "manifest.parquet" / "part-00000.parquet")
+    for split in ("query", "reference"):  # shards named by split, as the manifest stage writes them
+        rows = [r for r in manifest if r["split"] == split]
+        write_table(pa.Table.from_pylist(rows, MANIFEST_SCHEMA), run / "manifest.parquet" / f"{split}-00000.parquet")
     write_table(candidates(MEMBER_A, "a"), run / "candidates" / "a@224" / "query-00000.parquet")
     write_table(candidates(MEMBER_B, "b"), run / "candidates" / "b@224" / "query-00000.parquet")
     write_predictions(predictions(ENSEMBLE), run / "predictions.csv")
