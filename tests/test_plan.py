@@ -86,6 +86,19 @@ def test_plan_command_reads_a_bench_file(tiny_dataset, tmp_path, capsys):
     assert "none.json: cannot read it" in capsys.readouterr().err
 
 
+def test_plan_takes_each_split_as_a_count_or_a_folder_as_run_does(tiny_dataset, tmp_path, capsys):
+    """``--references FOLDER`` (what ``copydet run`` takes) is counted; ``--queries 100`` is a count."""
+    sets = sum((["--set", s] for s in SETS), [])
+    assert main(["plan", *sets, "--references", str(tiny_dataset / "references"), "--queries", "100",
+                 "--train", str(tiny_dataset / "train"), "--throughput", _bench(tmp_path)]) == 0
+    rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:4]}
+    assert rows == {"query": "100", "reference": "8", "train": "6"}
+    with pytest.raises(SystemExit) as refused:
+        main(["plan", *sets, "--references", str(tmp_path / "none")])
+    assert refused.value.code == 2
+    assert f"expected a number of images or a folder, got '{tmp_path / 'none'}'" in capsys.readouterr().err
+
+
 def test_plan_refuses_what_the_stages_would_refuse(tiny_dataset, tmp_path, capsys):
     """A missing folder, no references, an unregistered model: an error naming the key, not a plan
     of zeros or of a model that is not there."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -43,6 +44,15 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
     return value
+
+
+def count_or_folder(text: str) -> int | str:
+    """argparse type of an image count that may be given as the images' folder instead (counted)."""
+    if text.strip().lstrip("+-").isdigit():
+        return positive_int(text)
+    if os.path.isdir(text):
+        return text
+    raise argparse.ArgumentTypeError(f"expected a number of images or a folder, got {text!r} (not a folder)")
 
 
 LOCAL_RAY = "Ray cluster address (default: the config's ray.address, else an embedded local Ray)"

@@ -5,7 +5,8 @@ import argparse
 import logging
 
 from core.yamlconf import read_yaml
-from jobs.commands.base import arg, command, config_from_args, config_path, positive_int
+from jobs.commands.base import arg, command, config_path, count_or_folder, positive_int
+from jobs.commands.stages import config_with_folders
 from jobs.config import ConfigError
 from jobs.stages import NAMES as STAGES
 from jobs.submit import TRAIN_STAGES
@@ -70,16 +71,17 @@ def stop(args: argparse.Namespace) -> None:
 
 @command("plan", "patches, feature bytes, index memory and GPU-hours per stage for a config",
          arg("--images", type=positive_int, help="images per split (overrides counting the folders)"),
-         arg("--references", type=positive_int, help="reference images (DISC21: 1000000)"),
-         arg("--queries", type=positive_int, help="query images (DISC21: 50000)"),
-         arg("--train", type=positive_int, help="train images (DISC21: 1000000)"),
+         arg("--references", type=count_or_folder, metavar="N|FOLDER",
+             help="reference images: how many (DISC21: 1000000), or their folder, counted (as for `copydet run`)"),
+         arg("--queries", type=count_or_folder, metavar="N|FOLDER", help="query images (DISC21: 50000), or their folder"),
+         arg("--train", type=count_or_folder, metavar="N|FOLDER", help="train images (DISC21: 1000000), or their folder"),
          arg("--throughput", help="bench JSON with images_per_s per model key (default: measure here)"),
          arg("--gpus", type=positive_int, default=8, help="GPUs the cluster runs on in parallel"),
          arg("--models-from", metavar="TRAIN_CONFIG",
              help="training config whose models are not registered yet (sized from their architecture)"),
          address=None)
 def plan(args: argparse.Namespace) -> None:
-    cfg = config_from_args(args)  # a bad config is refused before the imports below take seconds
+    cfg = config_with_folders(args)  # a bad config is refused before the imports below take seconds
     from core.models.cards import RegistryError
     from jobs.plan import build_plan, format_plan, model_cards, split_counts, throughputs
     from jobs.preflight import detector_checks, resolved_each
@@ -90,8 +92,8 @@ def plan(args: argparse.Namespace) -> None:
         resolved_each(detector_checks(cfg))
     except RegistryError as e:
         log.warning(f"plan: {e}; the run stops at its start until then (planned at max_patches boxes)")
-    counts = split_counts(cfg, images=args.images, references=args.references, queries=args.queries,
-                          train=args.train)
+    given = {key: n for key in ("references", "queries", "train") if isinstance(n := getattr(args, key), int)}
+    counts = split_counts(cfg, images=args.images, **given)
     cards = model_cards(cfg, planned_cards(load_train_config(args.models_from)) if args.models_from else {})
     dims = {name: int(card.dim) for name, card in cards.items()}
     print(format_plan(build_plan(cfg, counts, throughputs(cfg, cards, args.throughput), gpus=args.gpus, dims=dims)))

@@ -42,11 +42,11 @@ def config_with_folders(args: argparse.Namespace, sets: list[str] | None = None)
     ``data.root`` in ``sets`` stays and gives the splits not given (minidisc-hard's queries with
     minidisc-dev's references and train)."""
     sets = list((args.set or []) if sets is None else sets)
-    for key in ("train", "references", "queries", "ground_truth"):
-        if getattr(args, key, None):
-            sets.append(text_override(f"data.{key}", getattr(args, key)))
+    folders = {key: value for key in ("train", "references", "queries", "ground_truth")
+               if isinstance(value := getattr(args, key, None), str) and value}  # `plan` takes counts too
+    sets += [text_override(f"data.{key}", value) for key, value in folders.items()]
     root_given = any(key == "data.root" for key, _ in parse_overrides(sets))
-    if any(getattr(args, k, None) for k in ("train", "references", "queries")) and not root_given:
+    if folders.keys() - {"ground_truth"} and not root_given:
         sets.append("data.root=null")
     return config_from_args(args, sets)
 
