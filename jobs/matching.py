@@ -7,7 +7,8 @@ list are pinned in ``OUT/_settings.json``, so a re-run goes on from the last win
 written (``OUT/parts/``) and answers as the first did; then ``OUT/matches.csv`` (ISC21
 ``query_id,reference_id,score`` with ``q_value``, ``verified`` and ``inliers``), ``OUT/copies.csv``
 (the pairs at or above the index's is-copy threshold) and ``OUT/errors.parquet`` (files that do not
-read) are written from the parts, one part in memory at a time.
+read) are written from the parts, one part in memory at a time. Given image files instead of a
+folder, the command prints each one's answer (:func:`answer_lines`): a few uploads checked from a shell.
 
 Windows are answered by ``serve.num_replicas`` workers, each a :class:`WindowWorker` that loads the
 models and the index once and writes its own parts: one in this process (no Ray), more (or any
@@ -70,25 +71,55 @@ def answer_rows(f: ImageFile, answer: dict) -> list[dict]:
             for m in answer["matches"]]
 
 
+def answers(matcher: Matcher, paths: Sequence[str]) -> Iterator[dict | ImageDecodeError]:
+    """Each image file's answer (:meth:`Matcher.match`), or why it does not read, in the order
+    given; embedded ``serve.max_batch_size`` at a time, as the service batches requests."""
+    batch = matcher.cfg.serve.max_batch_size
+    for start in range(0, len(paths), batch):
+        got: list[dict | ImageDecodeError] = []
+        for path in paths[start:start + batch]:
+            try:
+                got.append(load_rgb(path, max_pixels=matcher.cfg.data.max_pixels))
+            except ImageDecodeError as e:
+                got.append(e)
+        read = [i for i, x in enumerate(got) if not isinstance(x, ImageDecodeError)]
+        if read:
+            for i, answer in zip(read, matcher.match([got[i] for i in read], [paths[start + i] for i in read])):
+                got[i] = answer
+        yield from got
+
+
 def match_window(matcher: Matcher, files: list[ImageFile],
                  progress: Callable[[int], object] | None = None) -> tuple[pa.Table, pa.Table]:
     """One window's answers and the files of it that do not read; ``progress`` counts images done."""
     rows, errors = [], []
-    batch = matcher.cfg.serve.max_batch_size
-    for start in range(0, len(files), batch):
-        images, ok = [], []
-        for f in files[start:start + batch]:
-            try:
-                images.append(load_rgb(f.path, max_pixels=matcher.cfg.data.max_pixels))
-                ok.append(f)
-            except ImageDecodeError as e:
-                errors.append({"path": f.path, "error": str(e)})
-        for f, answer in zip(ok, matcher.match(images, [f.path for f in ok]) if ok else []):
+    for f, answer in zip(files, answers(matcher, [f.path for f in files])):
+        if isinstance(answer, ImageDecodeError):
+            errors.append({"path": f.path, "error": str(answer)})
+        else:
             rows += answer_rows(f, answer)
         if progress:
-            progress(min(batch, len(files) - start))
+            progress(1)
     return (pa.Table.from_pylist(rows, schema=MATCHES_SCHEMA),
             pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
+
+
+def answer_lines(path: str, answer: dict | ImageDecodeError) -> list[str]:
+    """A person's reading of one answer: is it a copy, of which references (each at or above the
+    threshold; else the best one), how sure (q-value) and what verification found."""
+    if isinstance(answer, ImageDecodeError):
+        return [f"{path}: not read: {answer.reason}"]
+    found = answer["matches"]
+    copies = [m for m in found if m["score"] >= answer["threshold"]]
+    verdict = "copy" if answer["is_copy"] else "not a copy" if found else "not a copy (the index has no reference)"
+    lines = [f"{path}: {verdict} ({answer['version']}, is-copy threshold {answer['threshold']:.4f})"
+             + ("" if copies or not found else "; best match:")]
+    for m in copies or found[:1]:
+        q = "-" if m["q_value"] is None else f"{m['q_value']:.3f}"
+        checked = {True: "verified", False: "not verified", None: "not checked"}[m["verified"]]
+        inliers = f", {m['inliers']} inliers" if m["inliers"] is not None else ""
+        lines.append(f"  {m['reference_id']}  score {m['score']:.4f}  q-value {q}  {checked}{inliers}")
+    return lines
 
 
 class WindowWorker:

@@ -124,6 +124,42 @@ def test_a_folder_matched_offline_answers_as_the_batch_run_and_goes_on_where_it_
 answer = matching.match_window
 
 
+def test_image_files_matched_from_the_command_line_are_printed_in_order_with_the_services_answers(built, tmp_path,
+                                                                                               capsys):
+    """`index match INDEX FILE...`: each file's verdict, its copies (at or above the threshold; else
+    its best match) as the batch run ranks them; a file that does not read is named, the others
+    answered, exit 1."""
+    data, _, run, index = built
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    files = [data / "queries" / "Q004.jpg", broken, data / "queries" / "Q000.jpg"]
+    expected = predictions(run / "predictions.csv")
+    best = [expected[f.stem][0][1] for f in files[::2]]
+    assert best[0] < best[1]  # an unrelated photo and a copy: a threshold between tells them apart
+    threshold = sum(best) / 2
+    assert copydet(["index", "match", str(index), *map(str, files), "--set", f"serve.threshold={threshold}"]) == 1
+    blocks: list[tuple[str, list[tuple[str, float]]]] = []  # (file's line, its reference lines)
+    for line in capsys.readouterr().out.splitlines():
+        if line.startswith("  "):
+            words = line.split()
+            blocks[-1][1].append((words[0], float(words[2])))
+        else:
+            blocks.append((line, []))
+    assert [head.split(": ")[0] for head, _ in blocks] == list(map(str, files))
+    assert blocks[1] == (f"{broken}: not read: not an image (cannot identify image file)", [])
+    for (head, shown), path in zip(blocks[::2], files[::2]):
+        ranked = expected[path.stem]
+        copies = [(r, x) for r, x in ranked if x >= threshold]
+        assert head.split(": ")[1].startswith(f"{'copy' if copies else 'not a copy'} (v000001, is-copy threshold "
+                                              f"{threshold:.4f})")
+        assert_same({path.stem: shown}, {path.stem: copies or ranked[:1]})
+    assert [head.split(": ")[1].split(" (")[0] for head, _ in blocks[::2]] == ["not a copy", "copy"]
+    assert copydet(["index", "match", str(index), str(files[0]), "--out", str(tmp_path / "o")]) == 2
+    assert "--out is for a FOLDER of images" in capsys.readouterr().err
+    assert copydet(["index", "match", str(index), str(tmp_path / "none.jpg")]) == 2
+    assert "not files or folders: " in capsys.readouterr().err
+
+
 def test_a_folder_matched_by_replicas_answers_as_one_process(built, tmp_path, monkeypatch, capsys):
     """With serve.num_replicas > 1 the windows go to Ray actors, which write the parts themselves."""
     data, _, run, index = built

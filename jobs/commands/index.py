@@ -9,6 +9,7 @@
   copydet index info INDEX_DIR              # versions, counts, models, sizes
   copydet index match INDEX_DIR FOLDER --out OUT_DIR   # every image of FOLDER answered, offline
                                              # (on serve.num_replicas workers: --set serve.num_replicas=4)
+  copydet index match INDEX_DIR FILE...    # a few images answered and printed: copy of what, how sure
 
 The actions that change an index import :mod:`jobs.indexing` (torch, the stage runners) when
 they run; ``info`` and ``prune`` start in about a second.
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -156,9 +158,12 @@ def info_lines(root: str) -> list[str]:
     return lines
 
 
-def _match(args: argparse.Namespace) -> None:
+def _match(args: argparse.Namespace) -> int | None:
+    if args.rest and not any(os.path.isdir(p) for p in args.rest):
+        return _match_files(args)
     if len(args.rest) != 1 or not args.out:
-        raise ValueError("index match: give one FOLDER of images and --out OUT_DIR (the answers' folder)")
+        raise ValueError("index match: give one FOLDER of images and --out OUT_DIR (the answers' folder), "
+                         "or image FILEs (answered here)")
     root, folder, out = _existing(args), args.rest[0], args.out
     from jobs.matching import match_folder
 
@@ -167,6 +172,24 @@ def _match(args: argparse.Namespace) -> None:
         unread = f"; {m.errors} file(s) could not be read ({out}/errors.parquet)" if m.errors else ""
         log.info(f"index match: {m.images} image(s) of {folder} against {root} ({m.version}): {m.copies} pair(s) at "
                  f"or above the is-copy threshold {m.threshold:.4f}{unread} -> {out}/matches.csv, {out}/copies.csv")
+
+
+def _match_files(args: argparse.Namespace) -> int:
+    """A few image files answered in this process, printed for a person; 1 when one does not read."""
+    if args.out:
+        raise ValueError("index match: --out is for a FOLDER of images; image FILEs are answered here")
+    missing = [p for p in args.rest if not os.path.isfile(p)]
+    if missing:
+        raise ValueError(f"index match: not files or folders: {some_of(missing)}")
+    root = _existing(args)
+    from jobs.matching import answer_lines, answers
+    from jobs.serve.engine import Matcher
+
+    unread = 0
+    for path, answer in zip(args.rest, answers(Matcher(root, None, list(args.set or [])), args.rest)):
+        print("\n".join(answer_lines(path, answer)), flush=True)
+        unread += not isinstance(answer, dict)
+    return 1 if unread else 0
 
 
 def _info(args: argparse.Namespace) -> None:
@@ -182,11 +205,11 @@ ACTIONS: dict[str, Callable[[argparse.Namespace], int | None]] = {
 
 
 @command("index", "the living reference index: build, add, remove, compact, prune, info (versions switch "
-         "atomically); match a folder of images against it",
+         "atomically); match a folder of images, or image files, against it",
          arg("action", choices=sorted(ACTIONS), help="what to do"),
          arg("target", nargs="?", help="build: the pipeline YAML; otherwise INDEX_DIR"),
          arg("rest", nargs="*", default=[], metavar="ARG",
-             help="add, match: FOLDER of images; remove: reference ids"),
+             help="add: FOLDER of images; match: FOLDER, or image FILEs; remove: reference ids"),
          arg("--out", help="build: the index folder to create or publish a new version in; match: the folder of "
              "answers (matches.csv, copies.csv; a re-run goes on where it stopped)"),
          arg("--from-run", help="build: publish a finished run's features instead of extracting (with the "
