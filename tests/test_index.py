@@ -156,6 +156,8 @@ def test_image_files_matched_from_the_command_line_are_printed_in_order_with_the
     assert [head.split(": ")[1].split(" (")[0] for head, _ in blocks[::2]] == ["not a copy", "copy"]
     assert copydet(["index", "match", str(index), str(files[0]), "--out", str(tmp_path / "o")]) == 2
     assert "--out is for a FOLDER of images" in capsys.readouterr().err
+    assert copydet(["index", "match", str(index), str(files[0]), "--address", "ray://head:10001"]) == 2
+    assert "--address is for a FOLDER of images" in capsys.readouterr().err
     assert copydet(["index", "match", str(index), str(tmp_path / "none.jpg")]) == 2
     assert "not files or folders: " in capsys.readouterr().err
 

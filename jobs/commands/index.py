@@ -176,8 +176,9 @@ def _match(args: argparse.Namespace) -> int | None:
 
 def _match_files(args: argparse.Namespace) -> int:
     """A few image files answered in this process, printed for a person; 1 when one does not read."""
-    if args.out:
-        raise ValueError("index match: --out is for a FOLDER of images; image FILEs are answered here")
+    if args.out or args.address:
+        given = "--out" if args.out else "--address"
+        raise ValueError(f"index match: {given} is for a FOLDER of images; image FILEs are answered in this process")
     missing = [p for p in args.rest if not os.path.isfile(p)]
     if missing:
         raise ValueError(f"index match: not files or folders: {some_of(missing)}")
