@@ -91,8 +91,10 @@ def test_plan_takes_each_split_as_a_count_or_a_folder_as_run_does(tiny_dataset, 
     sets = sum((["--set", s] for s in SETS), [])
     assert main(["plan", *sets, "--references", str(tiny_dataset / "references"), "--queries", "100",
                  "--train", str(tiny_dataset / "train"), "--throughput", _bench(tmp_path)]) == 0
-    rows = {line.split()[0]: line.split()[1] for line in capsys.readouterr().out.splitlines()[1:4]}
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[1:4]}
     assert rows == {"query": "100", "reference": "8", "train": "6"}
+    assert "wall hours on 8 device(s)" in out  # a bench file's device: a cluster of them by default
     with pytest.raises(SystemExit) as refused:
         main(["plan", *sets, "--references", str(tmp_path / "none")])
     assert refused.value.code == 2
@@ -167,5 +169,7 @@ def test_plan_times_an_external_member_through_its_runtime(tiny_dataset, tmp_pat
     sets = [f"data.root={tiny_dataset}", f"registry={tmp_path / 'reg'}", *SETS,
             "models=[{name: tiny_onnx, scales: [32]}, {name: tiny_cnn, scales: [64]}]"]
     assert main(["plan", *sum((["--set", s] for s in sets), []), "--images", "100"]) == 0
-    rows = {line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()}
+    out = capsys.readouterr().out
+    rows = {line.split()[0] for line in out.splitlines() if line.strip()}
     assert {"tiny_onnx@32", "tiny_cnn@64"} <= rows
+    assert "(this machine); wall hours on 1 device(s)" in out  # measured here: this machine's wall time

@@ -76,7 +76,8 @@ def stop(args: argparse.Namespace) -> None:
          arg("--queries", type=count_or_folder, metavar="N|FOLDER", help="query images (DISC21: 50000), or their folder"),
          arg("--train", type=count_or_folder, metavar="N|FOLDER", help="train images (DISC21: 1000000), or their folder"),
          arg("--throughput", help="bench JSON with images_per_s per model key (default: measure here)"),
-         arg("--gpus", type=positive_int, default=8, help="GPUs the cluster runs on in parallel"),
+         arg("--gpus", type=positive_int, help="GPUs the cluster runs on in parallel (default: 8 with --throughput; "
+             "1, this machine, when measured here)"),
          arg("--models-from", metavar="TRAIN_CONFIG",
              help="training config whose models are not registered yet (sized from their architecture)"),
          address=None)
@@ -96,4 +97,5 @@ def plan(args: argparse.Namespace) -> None:
     counts = split_counts(cfg, images=args.images, **given)
     cards = model_cards(cfg, planned_cards(load_train_config(args.models_from)) if args.models_from else {})
     dims = {name: int(card.dim) for name, card in cards.items()}
-    print(format_plan(build_plan(cfg, counts, throughputs(cfg, cards, args.throughput), gpus=args.gpus, dims=dims)))
+    print(format_plan(build_plan(cfg, counts, throughputs(cfg, cards, args.throughput),
+                                 gpus=args.gpus or (8 if args.throughput else 1), dims=dims)))
