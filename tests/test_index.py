@@ -371,6 +371,11 @@ def test_each_served_match_has_the_q_value_of_the_run_the_index_was_built_from(b
         matches = [m for a in Matcher(str(index), version).match(queries) for m in a["matches"]]
         assert {m["q_value"] for m in matches} == {0.05, 0.5}, version
         assert all(m["q_value"] == (0.05 if m["score"] >= curve[0][0] else 0.5) for m in matches)
+    # `index info` says which threshold answers and whether it is calibrated
+    assert (f"is-copy threshold: {curve[0][0]:.4f} (estimated by the run it was built from; q-values from that "
+            "run's curve)") in info_lines(str(index))
+    assert "is-copy threshold: 0.0000 (serve.threshold, not calibrated: no run's estimate (index build --from-run " \
+           "gives one); no q-values)" in info_lines(str(built_index))
 
 
 def test_an_index_with_no_live_reference_answers_no_match(built, tmp_path):

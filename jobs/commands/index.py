@@ -6,7 +6,7 @@
   copydet index remove INDEX_DIR ID... [--ids-file FILE]
   copydet index compact INDEX_DIR           # rebuild shards without the removed references
   copydet index prune INDEX_DIR [--keep 2]  # delete old versions and the files only they use
-  copydet index info INDEX_DIR              # versions, counts, models, sizes
+  copydet index info INDEX_DIR              # versions, counts, models, sizes, is-copy threshold
   copydet index match INDEX_DIR FOLDER --out OUT_DIR   # every image of FOLDER answered, offline
                                              # (on serve.num_replicas workers: --set serve.num_replicas=4)
   copydet index match INDEX_DIR FILE...    # a few images answered and printed: copy of what, how sure
@@ -23,9 +23,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ensemble.index.layout import IndexDir, folder_bytes
-from ensemble.index.versions import prune, read_manifest
+from core.yamlconf import load_yaml
+from ensemble.index.versions import Q_CURVE, prune, read_manifest
 from jobs.commands.base import LOCAL_RAY, arg, command, positive_int
 from jobs.commands.stages import config_with_folders
+from jobs.config import validate
 from jobs.inputs import some_of, split_folders
 from jobs.layout import RunDir
 from jobs.lock import locked
@@ -141,6 +143,7 @@ def info_lines(root: str) -> list[str]:
                      f"dim {k['dim']}, {k['train_rows']} train descriptors{', PCA' if k.get('pca') else ''}")
     for key, rel in m["cards"].items():
         lines.append(f"  model {key}: {Path(rel).stem[:12]}")
+    lines.append(threshold_line(idx, current))
     blobs = idx.root / "blobs"
     model_bytes = folder_bytes(blobs) if blobs.is_dir() else 0
     version_bytes = folder_bytes(idx.versions_dir, distinct=True)
@@ -156,6 +159,19 @@ def info_lines(root: str) -> list[str]:
         lines.append(f"adds or compactions at work, or stopped (run again on the same version, one goes on from "
                      f"its folder; other writers remove stopped ones): {staged}")
     return lines
+
+
+def threshold_line(idx: IndexDir, version: str) -> str:
+    """The is-copy threshold ``version`` answers with, and whether it is calibrated (q-values)."""
+    config = idx.path(version) / "config.yaml"
+    cfg = validate(load_yaml(config.read_text()), str(config))
+    if (idx.path(version) / Q_CURVE).is_file():
+        how = "estimated by the run it was built from; q-values from that run's curve"
+    elif isinstance(cfg.fuse.threshold, float):
+        how = "the config's fuse.threshold; no q-values"
+    else:
+        how = "serve.threshold, not calibrated: no run's estimate (index build --from-run gives one); no q-values"
+    return f"is-copy threshold: {cfg.copy_threshold():.4f} ({how})"
 
 
 def _match(args: argparse.Namespace) -> int | None:
