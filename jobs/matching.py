@@ -76,17 +76,18 @@ def answers(matcher: Matcher, paths: Sequence[str]) -> Iterator[dict | ImageDeco
     given; embedded ``serve.max_batch_size`` at a time, as the service batches requests."""
     batch = matcher.cfg.serve.max_batch_size
     for start in range(0, len(paths), batch):
-        got: list[dict | ImageDecodeError] = []
-        for path in paths[start:start + batch]:
+        chunk = paths[start:start + batch]
+        out: list[dict | ImageDecodeError | None] = [None] * len(chunk)
+        images, read = [], []
+        for i, path in enumerate(chunk):
             try:
-                got.append(load_rgb(path, max_pixels=matcher.cfg.data.max_pixels))
+                images.append(load_rgb(path, max_pixels=matcher.cfg.data.max_pixels))
+                read.append(i)
             except ImageDecodeError as e:
-                got.append(e)
-        read = [i for i, x in enumerate(got) if not isinstance(x, ImageDecodeError)]
-        if read:
-            for i, answer in zip(read, matcher.match([got[i] for i in read], [paths[start + i] for i in read])):
-                got[i] = answer
-        yield from got
+                out[i] = e
+        for i, answer in zip(read, matcher.match(images, [chunk[i] for i in read]) if images else []):
+            out[i] = answer
+        yield from out
 
 
 def match_window(matcher: Matcher, files: list[ImageFile],
@@ -111,9 +112,9 @@ def answer_lines(path: str, answer: dict | ImageDecodeError) -> list[str]:
         return [f"{path}: not read: {answer.reason}"]
     found = answer["matches"]
     copies = [m for m in found if m["score"] >= answer["threshold"]]
-    verdict = "copy" if answer["is_copy"] else "not a copy" if found else "not a copy (the index has no reference)"
-    lines = [f"{path}: {verdict} ({answer['version']}, is-copy threshold {answer['threshold']:.4f})"
-             + ("" if copies or not found else "; best match:")]
+    then = "" if copies else "; best match:" if found else "; the index has no live reference"
+    lines = [f"{path}: {'copy' if answer['is_copy'] else 'not a copy'} ({answer['version']}, is-copy threshold "
+             f"{answer['threshold']:.4f}){then}"]
     for m in copies or found[:1]:
         q = "-" if m["q_value"] is None else f"{m['q_value']:.3f}"
         checked = {True: "verified", False: "not verified", None: "not checked"}[m["verified"]]

@@ -387,6 +387,8 @@ def test_an_index_with_no_live_reference_answers_no_match(built, tmp_path):
     for version in (None, indexing.compact(str(index))):  # tombstoned, then compacted to no rows
         answer = Matcher(str(index), version).match([load_rgb(data / "queries" / "Q003.jpg")])[0]
         assert (answer["matches"], answer["is_copy"]) == ([], False)
+        assert matching.answer_lines("q.jpg", answer) == [f"q.jpg: not a copy ({answer['version']}, is-copy "
+                                                          "threshold 0.0000); the index has no live reference"]
 
 
 def test_killed_add_leaves_previous_version(built, tmp_path):

@@ -22,8 +22,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from ensemble.index.layout import IndexDir, folder_bytes
 from core.yamlconf import load_yaml
+from ensemble.index.layout import IndexDir, folder_bytes
 from ensemble.index.versions import Q_CURVE, prune, read_manifest
 from jobs.commands.base import LOCAL_RAY, arg, command, positive_int
 from jobs.commands.stages import config_with_folders
