@@ -73,8 +73,10 @@ def stop(args: argparse.Namespace) -> None:
          arg("--images", type=positive_int, help="images per split (overrides counting the folders)"),
          arg("--references", type=count_or_folder, metavar="N|FOLDER",
              help="reference images: how many (DISC21: 1000000), or their folder, counted (as for `copydet run`)"),
-         arg("--queries", type=count_or_folder, metavar="N|FOLDER", help="query images (DISC21: 50000), or their folder"),
-         arg("--train", type=count_or_folder, metavar="N|FOLDER", help="train images (DISC21: 1000000), or their folder"),
+         arg("--queries", type=count_or_folder, metavar="N|FOLDER",
+             help="query images (DISC21: 50000), or their folder"),
+         arg("--train", type=count_or_folder, metavar="N|FOLDER",
+             help="train images (DISC21: 1000000), or their folder"),
          arg("--throughput", help="bench JSON with images_per_s per model key (default: measure here)"),
          arg("--gpus", type=positive_int, help="GPUs the cluster runs on in parallel (default: 8 with --throughput; "
              "1, this machine, when measured here)"),
