@@ -376,6 +376,11 @@ def test_each_served_match_has_the_q_value_of_the_run_the_index_was_built_from(b
             "run's curve)") in info_lines(str(index))
     assert "is-copy threshold: 0.0000 (serve.threshold, not calibrated: no run's estimate (index build --from-run " \
            "gives one); no q-values)" in info_lines(str(built_index))
+    numbered = tmp_path / "numbered"  # a config's own number: used, but no curve to give q-values
+    shutil.copytree(built_index, numbered)
+    config = numbered / "versions" / "v000001" / "config.yaml"
+    config.write_text(config.read_text().replace("  threshold: null\n", "  threshold: 0.3\n", 1))
+    assert "is-copy threshold: 0.3000 (the config's fuse.threshold; no q-values)" in info_lines(str(numbered))
 
 
 def test_an_index_with_no_live_reference_answers_no_match(built, tmp_path):
