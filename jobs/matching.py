@@ -105,9 +105,11 @@ def match_window(matcher: Matcher, files: list[ImageFile],
             pa.Table.from_pylist(errors, schema=ERRORS_SCHEMA))
 
 
-def answer_lines(path: str, answer: dict | ImageDecodeError) -> list[str]:
+def answer_lines(path: str, answer: dict | ImageDecodeError,
+                 where: Callable[[str], str | None] = lambda reference_id: None) -> list[str]:
     """A person's reading of one answer: is it a copy, of which references (each at or above the
-    threshold; else the best one), how sure (q-value) and what verification found."""
+    threshold; else the best one; ``where`` gives a reference's file), how sure (q-value) and what
+    verification found."""
     if isinstance(answer, ImageDecodeError):
         return [f"{path}: not read: {answer.reason}"]
     found = answer["matches"]
@@ -119,7 +121,9 @@ def answer_lines(path: str, answer: dict | ImageDecodeError) -> list[str]:
         q = "-" if m["q_value"] is None else f"{m['q_value']:.3f}"
         checked = {True: "verified", False: "not verified", None: "not checked"}[m["verified"]]
         inliers = f", {m['inliers']} inliers" if m["inliers"] is not None else ""
-        lines.append(f"  {m['reference_id']}  score {m['score']:.4f}  q-value {q}  {checked}{inliers}")
+        file = where(m["reference_id"])
+        lines.append(f"  {m['reference_id']}  score {m['score']:.4f}  q-value {q}  {checked}{inliers}"
+                     + (f"  {file}" if file else ""))
     return lines
 
 

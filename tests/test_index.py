@@ -143,6 +143,7 @@ def test_image_files_matched_from_the_command_line_are_printed_in_order_with_the
         if line.startswith("  "):
             words = line.split()
             blocks[-1][1].append((words[0], float(words[2])))
+            assert words[-1] == str(data / "references" / f"{words[0]}.jpg")  # the reference's file
         else:
             blocks.append((line, []))
     assert [head.split(": ")[0] for head, _ in blocks] == list(map(str, files))

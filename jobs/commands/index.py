@@ -202,9 +202,9 @@ def _match_files(args: argparse.Namespace) -> int:
     from jobs.matching import answer_lines, answers
     from jobs.serve.engine import Matcher
 
-    unread = 0
-    for path, answer in zip(args.rest, answers(Matcher(root, None, list(args.set or [])), args.rest)):
-        print("\n".join(answer_lines(path, answer)), flush=True)
+    matcher, unread = Matcher(root, None, list(args.set or [])), 0
+    for path, answer in zip(args.rest, answers(matcher, args.rest)):
+        print("\n".join(answer_lines(path, answer, matcher.index.paths.get)), flush=True)
         unread += not isinstance(answer, dict)
     return 1 if unread else 0
 
