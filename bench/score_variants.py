@@ -28,6 +28,7 @@ from PIL import Image, ImageFilter
 from core.imageio import load_rgb
 from core.metrics import evaluate, read_ground_truth
 from core.store import embeddings_from_arrow, join, list_shards, read_shards
+from ensemble.normalize import neighbour_similarity
 from ensemble.reduce import fit_pca
 from jobs.config import load_config
 from jobs.layout import RunDir, paths_of
@@ -72,10 +73,10 @@ def report(label: str, scores: np.ndarray, q: Side, r: Side, gt: list[tuple[str,
 
 
 def normalised(qx: np.ndarray, rx: np.ndarray, tx: np.ndarray, gamma: float = 0.0) -> np.ndarray:
-    """View-pair similarities less the query view's best train similarity (and ``gamma`` x the
-    reference view's)."""
-    out = qx @ rx.T - (qx @ tx.T).max(axis=1, keepdims=True)
-    return out - gamma * (rx @ tx.T).max(axis=1)[None, :] if gamma else out
+    """View-pair similarities less the query view's best train similarity (the search stage's
+    :func:`~ensemble.normalize.neighbour_similarity`), and ``gamma`` x the reference view's."""
+    out = qx @ rx.T - neighbour_similarity(qx, tx)[:, None]
+    return out - gamma * neighbour_similarity(rx, tx)[None, :] if gamma else out
 
 
 def smoothed_views(run: RunDir, key: str, images: np.ndarray, smooth: Callable) -> np.ndarray:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from core.yamlconf import load_yaml
 from ensemble.index.layout import IndexDir, folder_bytes
+from ensemble.index.reader import read_config
 from ensemble.index.versions import Q_CURVE, prune, read_manifest
 from jobs.commands.base import LOCAL_RAY, arg, command, positive_int
 from jobs.commands.stages import config_with_folders
@@ -163,8 +164,8 @@ def info_lines(root: str) -> list[str]:
 
 def threshold_line(idx: IndexDir, version: str) -> str:
     """The is-copy threshold ``version`` answers with, and whether it is calibrated (q-values)."""
-    config = idx.path(version) / "config.yaml"
-    cfg = validate(load_yaml(config.read_text()), str(config))
+    _, text = read_config(idx.root, version)
+    cfg = validate(load_yaml(text), f"{idx.path(version)}/config.yaml")
     if (idx.path(version) / Q_CURVE).is_file():
         how = "estimated by the run it was built from; q-values from that run's curve"
     elif isinstance(cfg.fuse.threshold, float):
